@@ -1,0 +1,195 @@
+"""The public types a channel plugin works with: the channel base class, outbound messages and
+delivery results, and the errors that tell the outbox whether to retry.
+
+A channel has an input side (its HTTP routes and long-running services, which hand canonical
+inbound messages to ``ChannelContext.ingest``) and an output side (``Channel.send``), as in
+Rasa's connectors. Everything here is re-exported by ``router.hookspecs`` for plugin authors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .context import ChannelContext
+
+
+class InvalidMessage(Exception):
+    """A plugin handed over a message that does not match the canonical schema.
+
+    ``path`` names the failing field (``sender.address``); HTTP handlers answer it as a 400.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+class DeliveryError(Exception):
+    """Base class of the errors ``Channel.send`` raises."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class RetryableDeliveryError(DeliveryError):
+    """The provider may accept the message later (timeout, 5xx, rate limit).
+
+    ``retry_after`` (seconds) overrides the outbox's exponential backoff when the provider says.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The message can never be delivered to this address (invalid recipient, blocked, refused).
+
+    The outbox stops retrying and tries the contact's other identities, else it flags the
+    conversation for a call-back.
+    """
+
+
+class ResendAsDeliveryError(DeliveryError):
+    """The provider refused this form of the message but another form will do.
+
+    WhatsApp's 131047 (outside the 24-hour window) is the example: the outbox queues the same
+    message again at once with ``OutboundMessage.hint`` set to ``hint``.
+    """
+
+    def __init__(self, message: str, *, hint: str, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.hint = hint
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a channel can do; the core reads it to decide where replies go.
+
+    ``identity_kinds``: the sender kinds this channel can send to (``("phone",)`` for SMS).
+    ``push``: False for channels where the resident has to come and look (the web form's
+    status page): replies are then also offered to ``reply_copies`` implementations.
+    ``reply_window``: how long after the contact's last inbound message free text may be sent.
+    """
+
+    can_reply: bool = True
+    identity_kinds: tuple[str, ...] = ()
+    push: bool = True
+    reply_window: timedelta | None = None
+    max_text_length: int | None = None
+    media: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """One message the outbox asks a channel to deliver.
+
+    ``kind`` is ``ack`` (the automatic acknowledgement), ``reply`` (a staff answer),
+    ``notification`` (to a unit about a new owner) or ``callback_sms``.
+    ``idempotency_key`` is stable across retries of the same outbox row: pass it to providers
+    that deduplicate on it. ``hint`` is set when the message is re-queued after a
+    ``ResendAsDeliveryError`` or a failed status asking for another form (``"template"``).
+    ``last_inbound_at`` is the contact's last inbound message on this channel (reply windows).
+    """
+
+    outbox_id: int
+    channel: str
+    kind: str
+    to_kind: str
+    to: str
+    text: str
+    language: str
+    idempotency_key: str
+    conversation_id: int | None = None
+    case_reference: str | None = None
+    subject: str | None = None
+    status_url: str | None = None
+    unit_id: str | None = None
+    unit_name: str | None = None
+    unit_email: str | None = None
+    recipient: str | None = None
+    thread_refs: tuple[str, ...] = ()
+    last_inbound_at: datetime | None = None
+    hint: str | None = None
+    attempt: int = 1
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendResult:
+    """What a channel returns after the provider accepted a message.
+
+    ``status`` is ``sent`` unless the channel knows more (the web form's status page is
+    ``delivered`` at once). ``thread_key``: an id later inbound messages may refer to (an
+    e-mail Message-ID) when it differs from ``provider_id``.
+    """
+
+    provider_id: str
+    status: str = "sent"
+    thread_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeliveryUpdate:
+    """A provider's status callback for one of our outbound messages.
+
+    ``status`` is one of ``sent``, ``delivered``, ``read``, ``failed``. For ``failed``,
+    ``permanent`` says whether other identities should be tried; ``resend_hint`` asks the
+    outbox to send the same message again in another form (WhatsApp 131047 -> ``template``).
+    """
+
+    provider_id: str
+    status: str
+    at: datetime | None = None
+    error_code: str | None = None
+    error_title: str | None = None
+    error_detail: str | None = None
+    permanent: bool = True
+    resend_hint: str | None = None
+    raw: Mapping[str, Any] | None = None
+
+
+Service = Callable[[], AsyncIterator[None]]
+"""An async generator function: code before ``yield`` starts the service, after it stops it."""
+
+
+class Channel:
+    """Base class of a channel plugin's channel. Subclass it and return an instance from the
+    ``register_channels`` hook.
+
+    The host calls ``setup(context)`` once, mounts ``routes()`` under ``/channels/<name>/``,
+    runs each of ``services()`` for the app's lifetime, and calls ``send()`` from the outbox.
+    """
+
+    name: str = ""
+    capabilities: Capabilities = Capabilities()
+
+    context: ChannelContext
+
+    def setup(self, context: ChannelContext) -> None:
+        """Keep the core's context; called once before routes and services are used."""
+        self.context = context
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        """aiohttp route definitions, with paths relative to ``/channels/<name>``."""
+        return []
+
+    def services(self) -> list[Service]:
+        """Long-running services (an SMTP listener, a poller) as async generator functions."""
+        return []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Deliver one message; raise a ``DeliveryError`` subclass when it fails."""
+        raise PermanentDeliveryError(f"channel {self.name!r} cannot send messages")
+
+
+MaybeAwaitable = Any | Awaitable[Any]

@@ -1,0 +1,211 @@
+"""The plugin contract: every hook contact-router calls, documented for plugin authors.
+
+A plugin is a module (or object) with functions marked ``@hookimpl`` and named like the specs
+below, registered through the entry-point group ``contact_router``::
+
+    [project.entry-points.contact_router]
+    my_channel = "my_package.my_channel"
+
+Hooks are called with keyword arguments only; an implementation may accept fewer arguments
+than the spec names, so a spec can grow without breaking old plugins. Any hook may return an
+awaitable instead of a value: the host awaits it. "First result wins" hooks are resolved by
+the host awaiting implementations in order (pluggy's own ``firstresult`` would stop at the
+first coroutine, answered or not).
+
+The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabilities``,
+``OutboundMessage``, ``SendResult``, ``DeliveryUpdate``, the ``DeliveryError`` family,
+``InvalidMessage``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer`` and
+``RoutingDecision``. The full guide is ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pluggy
+
+from .channel import (
+    Capabilities,
+    Channel,
+    DeliveryError,
+    DeliveryUpdate,
+    InvalidMessage,
+    OutboundMessage,
+    PermanentDeliveryError,
+    ResendAsDeliveryError,
+    RetryableDeliveryError,
+    SendResult,
+)
+from .context import ChannelContext, IngestResult
+from .models import Customer, CustomerClaim, RoutingDecision
+
+PROJECT = "contact_router"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = [
+    "PROJECT",
+    "hookspec",
+    "hookimpl",
+    "Capabilities",
+    "Channel",
+    "ChannelContext",
+    "Customer",
+    "CustomerClaim",
+    "DeliveryError",
+    "DeliveryUpdate",
+    "IngestResult",
+    "InvalidMessage",
+    "OutboundMessage",
+    "PermanentDeliveryError",
+    "ResendAsDeliveryError",
+    "RetryableDeliveryError",
+    "RoutingDecision",
+    "SendResult",
+]
+
+
+# -------------------------------------------------------------------------------------------
+# Channels
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_channels(settings: Mapping[str, Any], env: Mapping[str, str]) -> Sequence[Channel] | None:
+    """Return the channels this plugin provides.
+
+    :param settings: The ``channels`` table of the configuration, every ``{"$env": NAME}``
+        already resolved. A plugin reads its own section (``settings.get("whatsapp", {})``).
+    :param env: The process environment, for credentials the configuration does not name.
+
+    :return: A list of ``Channel`` instances, or ``None`` (or an empty list) when the channel
+        is switched off, for example because its credentials are not set. Each channel's
+        ``name`` must be unique; its routes are mounted under ``/channels/<name>/``.
+
+    Called once at start, not per message. All results are collected.
+
+    Implemented by channel plugins.
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Sender resolution and routing
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def lookup_customer(claim: CustomerClaim) -> Customer | None:
+    """Find the customer record that a sender's stated customer number belongs to.
+
+    :param claim: What the sender stated: ``customer_number`` and whatever they gave beside it
+        (``name``, ``email``, ``phone``, ``street``, ``postcode``, ``city``).
+
+    :return: A ``Customer`` when the number exists **and** matches the sender by name, e-mail,
+        phone or address; otherwise ``None``. A number alone is never proof: return ``None``
+        and the core keeps it as an unverified claim.
+
+    Called before the message is stored, only for messages that state a customer number.
+    The first non-None result wins; the built-in customer directory (filled by
+    ``contact-router import-customers``) is a ``trylast`` implementation, so a CRM plugin goes
+    first. May return an awaitable (an HTTP lookup); give it a timeout.
+
+    Implemented by CRM integrations.
+    """
+
+
+@hookspec
+def route_message(message: Mapping[str, Any], is_customer: bool) -> RoutingDecision | None:
+    """Choose the responsible unit for a message that opens a new conversation.
+
+    :param message: The canonical inbound message (``router/schemas/inbound_message.schema.json``).
+    :param is_customer: Whether the sender was resolved to a confirmed customer.
+
+    :return: A ``RoutingDecision`` (``unit``, ``rule``, ``reason``) to override the configured
+        rules, or ``None`` to let them decide. An unknown unit id is ignored with a warning.
+
+    Called only when a plugin implements it, before the message is stored. The first
+    non-None result wins.
+
+    Implemented by routing-policy plugins.
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Replies
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def reply_copies(
+    conversation: Mapping[str, Any], reply: Mapping[str, Any], identities: Sequence[Mapping[str, str]]
+) -> Sequence[Mapping[str, str]] | None:
+    """Name further recipients of a staff reply, beside the conversation's own channel.
+
+    :param conversation: ``id``, ``case_reference``, ``channel``, ``unit``, ``status_url``.
+    :param reply: ``text``, ``language``, ``kind`` of the reply being queued.
+    :param identities: The contact's identities, each ``{"kind": ..., "address": ...}``.
+
+    :return: A list of ``{"channel": ..., "to_kind": ..., "to": ...}``; each becomes an
+        outbox row of its own. Unknown channels are ignored.
+
+    Called when a staff reply is queued (not per inbound message). All results are collected.
+
+    Implemented, for example, by the e-mail plugin: a resident who used the web form and left
+    an e-mail address also gets each answer by mail, with the status link.
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Events (after commit)
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def message_received(message: Mapping[str, Any], result: IngestResult) -> None:
+    """An inbound message was committed (and acknowledged to its provider).
+
+    :param message: The canonical inbound message.
+    :param result: Where it went: conversation, case reference, unit, whether it was a duplicate.
+
+    Called after the commit, only when a plugin implements it. Errors are logged and counted
+    in ``/metrics``; they never undo the message. Use it for audit logs and CRM sync.
+    """
+
+
+@hookspec
+def conversation_routed(conversation: Mapping[str, Any], rule: str, reason: str) -> None:
+    """A conversation got a responsible unit: on opening or by a staff transfer.
+
+    :param conversation: ``id``, ``case_reference``, ``unit``, ``channel``, ``deadline``.
+    :param rule: The rule id (``transfer`` for a staff transfer).
+    :param reason: The readable reason stored with the decision.
+
+    Called after the commit, only when a plugin implements it. Errors are logged.
+    """
+
+
+@hookspec
+def conversation_escalated(conversation: Mapping[str, Any], from_unit: str, to_unit: str, level: int) -> None:
+    """An overdue conversation moved up its unit's escalation chain.
+
+    :param conversation: ``id``, ``case_reference``, ``unit`` (the new one), ``deadline``.
+    :param from_unit: The unit that missed its deadline.
+    :param to_unit: The new owner.
+    :param level: How many escalations the conversation has had, this one included.
+
+    Called after the commit, only when a plugin implements it. Errors are logged.
+    """
+
+
+@hookspec
+def conversation_answered(conversation: Mapping[str, Any], message: Mapping[str, Any]) -> None:
+    """A human answer reached the person: a staff reply was delivered, or a logged call-back
+    reached them.
+
+    :param conversation: ``id``, ``case_reference``, ``unit``, ``channel``.
+    :param message: ``id``, ``text``, ``channel``, ``kind`` of the answer.
+
+    Called after the commit, only when a plugin implements it. Errors are logged.
+    """
