@@ -79,6 +79,9 @@ class Capabilities:
     ``push``: False for channels where the resident has to come and look (the web form's
     status page): replies are then also offered to ``reply_copies`` implementations.
     ``reply_window``: how long after the contact's last inbound message free text may be sent.
+    ``delivery_receipts``: the provider reports ``delivered``; without them, a reply the
+    provider accepted counts as delivered (e-mail). ``threads_by_sender``: messages without
+    thread ids join the sender's open conversation on this channel (chats: WhatsApp, SMS).
     """
 
     can_reply: bool = True
@@ -87,6 +90,8 @@ class Capabilities:
     reply_window: timedelta | None = None
     max_text_length: int | None = None
     media: bool = False
+    delivery_receipts: bool = False
+    threads_by_sender: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -102,6 +102,6 @@ class ChannelContext:
         """The public status page link for a conversation's status token."""
         return f"{self.public_base_url}/channels/webform/status/{token}"
 
-    def render(self, template: str, language: str, **values: Any) -> str:
+    def render(self, template: str, language: str, /, **values: Any) -> str:
         """Render a text template from the configuration (``templates.<name>.<language>``)."""
         return self._render(template, language, **values)

@@ -36,6 +36,7 @@ from .channel import (
     ResendAsDeliveryError,
     RetryableDeliveryError,
     SendResult,
+    Service,
 )
 from .context import ChannelContext, IngestResult
 from .models import Customer, CustomerClaim, RoutingDecision
@@ -64,6 +65,7 @@ __all__ = [
     "RetryableDeliveryError",
     "RoutingDecision",
     "SendResult",
+    "Service",
 ]
 
 
@@ -73,12 +75,16 @@ __all__ = [
 
 
 @hookspec
-def register_channels(settings: Mapping[str, Any], env: Mapping[str, str]) -> Sequence[Channel] | None:
+def register_channels(
+    settings: Mapping[str, Any], env: Mapping[str, str], topics: Mapping[str, Mapping[str, str]]
+) -> Sequence[Channel] | None:
     """Return the channels this plugin provides.
 
     :param settings: The ``channels`` table of the configuration, every ``{"$env": NAME}``
         already resolved. A plugin reads its own section (``settings.get("whatsapp", {})``).
     :param env: The process environment, for credentials the configuration does not name.
+    :param topics: The configured topics, ``{topic id: {language: name}}``, for channels
+        that let the sender choose one (a form's select, a phone menu).
 
     :return: A list of ``Channel`` instances, or ``None`` (or an empty list) when the channel
         is switched off, for example because its credentials are not set. Each channel's

@@ -1,0 +1,277 @@
+"""The e-mail channel: an SMTP listener and an HTTP route for raw mail in, a relay out.
+
+Every inbound path (SMTP, HTTP, later IMAP) goes through ``EmailChannel.receive``: parse, keep
+the original bytes, hand the message to the core, and only then answer the sender, so what was
+accepted is committed. Bounces also mark the outbound message they report as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import uuid
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+from aiohttp import web
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from router.hookspecs import (
+    Capabilities,
+    Channel,
+    DeliveryUpdate,
+    IngestResult,
+    InvalidMessage,
+    OutboundMessage,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    SendResult,
+)
+
+from .compose import build_mail
+from .loops import AckRateLimiter
+from .parse import attachments, read_message, to_inbound
+from .settings import EmailSettings
+
+
+class EmailChannel(Channel):
+    """Mail in over SMTP (and ``POST /channels/email/inbound``), out through a relay."""
+
+    name = "email"
+    capabilities = Capabilities(identity_kinds=("email",), push=True)
+
+    def __init__(self, settings: EmailSettings) -> None:
+        self.settings = settings
+        self.limiter = AckRateLimiter(settings.ack_per_hour) if settings.ack_per_hour > 0 else None
+        self.smtp_port: int | None = None
+
+    # -- inbound --------------------------------------------------------------------------
+
+    async def receive(self, raw: bytes, *, envelope_from: str | None, envelope_to: list[str] | None) -> IngestResult:
+        """Hand one raw mail to the core; returns after the commit.
+
+        Raises ``InvalidMessage`` when the core refuses the message; other errors mean "try
+        again later" to the caller.
+        """
+        msg = read_message(raw)
+        inbound = to_inbound(
+            msg, raw, envelope_from=envelope_from, envelope_to=envelope_to,
+            addresses=self.settings.addresses, own_domain=self.settings.domain,
+        )
+        sender = inbound["sender"]["address"]
+        now = self.context.clock.now()
+        if not inbound["ack_suppressed"] and self.limiter and not self.limiter.allowed(sender, now):
+            inbound["ack_suppressed"] = "rate-limit"
+        if self.settings.store_files:
+            await asyncio.to_thread(self._store_files, msg, raw, inbound)
+        result = await self.context.ingest(inbound)
+        if result.acknowledged and not result.duplicate and self.limiter:
+            self.limiter.record(sender, now)
+        bounce = inbound["meta"].get("bounce")
+        if bounce and bounce.get("original_message_id"):
+            await self.context.record_delivery(
+                DeliveryUpdate(
+                    provider_id=bounce["original_message_id"],
+                    status="failed",
+                    at=now,
+                    error_code=bounce.get("status"),
+                    error_detail=bounce.get("reason"),
+                    permanent=bool(bounce.get("permanent", True)),
+                    raw={"recipient": bounce.get("recipient"), "bounce_message_id": inbound["channel_message_id"]},
+                )
+            )
+        return result
+
+    def _store_files(self, msg: Any, raw: bytes, inbound: dict[str, Any]) -> None:
+        """Keep the original mail and the attachments under the data folder, named by content
+        hash (so names from the mail never become paths, and a retry writes nothing new)."""
+        base = Path(self.context.data_dir)
+        raw_rel = f"email/raw/{hashlib.sha256(raw).hexdigest()}.eml"
+        _write_once(base / raw_rel, raw)
+        inbound["raw"]["path"] = raw_rel
+        by_hash = {a.sha256: a for a in attachments(msg)}
+        for described in inbound["attachments"]:
+            found = by_hash.get(described["sha256"])
+            if found is not None:
+                rel = f"email/attachments/{found.sha256}"
+                _write_once(base / rel, found.data)
+                described["path"] = rel
+
+    # -- SMTP listener ---------------------------------------------------------------------
+
+    def services(self) -> list[Any]:
+        return [self._smtp_service] if self.settings.listen else []
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not (self.settings.tls_cert and self.settings.tls_key):
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        return context
+
+    def smtp_factory(self) -> SMTP:
+        """One aiosmtpd protocol instance per connection, on the running loop."""
+        return SMTP(
+            SMTPHandler(self),
+            data_size_limit=self.settings.max_message_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.settings.hostname or self.settings.domain,
+            tls_context=self._tls_context(),
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def _smtp_service(self) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self.smtp_factory, self.settings.listen_host, self.settings.listen_port)
+        self.smtp_port = server.sockets[0].getsockname()[1]
+        self.context.log.info("SMTP listener on %s:%s", self.settings.listen_host, self.smtp_port)
+        try:
+            yield
+        finally:
+            server.close()
+            try:
+                await asyncio.wait_for(server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                self.context.log.warning("SMTP listener: sessions still open at shutdown")
+
+    # -- HTTP route ------------------------------------------------------------------------
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [web.post("/inbound", self._inbound)]
+
+    async def _inbound(self, request: web.Request) -> web.Response:
+        """Raw RFC 5322 from a gateway, authenticated by ``Authorization: Bearer <secret>``.
+
+        Optional ``X-Envelope-From`` / ``X-Envelope-To`` headers carry the gateway's envelope.
+        """
+        secret = self.settings.inbound_secret
+        if not secret:
+            raise _error(web.HTTPNotFound, "not_enabled", "inbound mail over HTTP is not configured")
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {secret}".encode()):
+            raise _error(web.HTTPUnauthorized, "unauthorized", "missing or wrong bearer token",
+                         headers={"WWW-Authenticate": "Bearer"})
+        limit = self.settings.max_message_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _error(web.HTTPRequestEntityTooLarge, "too_large", f"mail larger than {limit} bytes",
+                         max_size=limit, actual_size=request.content_length)
+        raw = bytearray()
+        async for chunk in request.content.iter_chunked(65536):
+            raw += chunk
+            if len(raw) > limit:
+                raise _error(web.HTTPRequestEntityTooLarge, "too_large", f"mail larger than {limit} bytes",
+                             max_size=limit, actual_size=len(raw))
+        if not raw.strip():
+            raise _error(web.HTTPBadRequest, "empty", "the body must be a raw RFC 5322 message")
+        envelope_to = [a.strip() for a in request.headers.get("X-Envelope-To", "").split(",") if a.strip()]
+        try:
+            result = await self.receive(
+                bytes(raw), envelope_from=request.headers.get("X-Envelope-From"), envelope_to=envelope_to or None
+            )
+        except InvalidMessage as exc:
+            raise _error(web.HTTPBadRequest, "invalid_message", f"{exc.path}: {exc.message}" if exc.path else exc.message)
+        return web.json_response(
+            {
+                "message_id": result.message_id,
+                "conversation_id": result.conversation_id,
+                "case_reference": result.case_reference,
+                "duplicate": result.duplicate,
+            },
+            status=200 if result.duplicate else 202,
+        )
+
+    # -- outbound --------------------------------------------------------------------------
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Deliver through the relay. 4xx, timeouts and connection errors are retryable; 5xx
+        refusals are permanent. Without a relay the mail stays queued."""
+        settings = self.settings
+        if not settings.relay_host:
+            raise RetryableDeliveryError("no relay configured", code="no_relay")
+        mail = build_mail(
+            message,
+            from_addr=message.unit_email or settings.from_address,
+            from_name=message.unit_name or settings.from_name,
+            domain=settings.domain,
+            now=self.context.clock.now(),
+        )
+        message_id = str(mail["Message-ID"])
+        try:
+            await asyncio.wait_for(
+                aiosmtplib.send(
+                    mail,
+                    hostname=settings.relay_host,
+                    port=settings.relay_port,
+                    username=settings.relay_user,
+                    password=settings.relay_password,
+                    use_tls=settings.relay_tls == "tls",
+                    start_tls=True if settings.relay_tls == "starttls" else False,
+                    timeout=settings.relay_timeout,
+                ),
+                timeout=settings.relay_timeout * 4,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            if codes and all(400 <= c < 500 for c in codes):
+                raise RetryableDeliveryError(detail, code=str(codes[0])) from exc
+            raise PermanentDeliveryError(detail, code=str(codes[0]) if codes else None) from exc
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            # Our credentials are wrong: not the recipient's fault, so keep the mail queued.
+            raise RetryableDeliveryError(f"relay authentication failed: {exc.code} {exc.message}", code="relay_auth") from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if 400 <= exc.code < 500:
+                raise RetryableDeliveryError(f"{exc.code} {exc.message}", code=str(exc.code)) from exc
+            if exc.code >= 500:
+                raise PermanentDeliveryError(f"{exc.code} {exc.message}", code=str(exc.code)) from exc
+            raise RetryableDeliveryError(f"{exc.code} {exc.message}", code=str(exc.code)) from exc
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise RetryableDeliveryError(f"relay unreachable: {exc}", code="relay_unreachable") from exc
+        return SendResult(provider_id=message_id, thread_key=message_id)
+
+
+class SMTPHandler:
+    """aiosmtpd handler: refuse unknown recipients at RCPT, answer 250 only after the commit."""
+
+    def __init__(self, channel: EmailChannel) -> None:
+        self.channel = channel
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
+        if address.strip().lower() not in self.channel.settings.addresses:
+            return f"550 5.1.1 <{address}>: recipient unknown here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or envelope.content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        try:
+            await self.channel.receive(raw, envelope_from=envelope.mail_from or "", envelope_to=list(envelope.rcpt_tos))
+        except InvalidMessage as exc:
+            self.channel.context.log.warning("refused mail: %s %s", exc.path, exc.message)
+            return "554 5.6.0 message refused: " + " ".join(exc.message.split())[:200]
+        except Exception:  # noqa: BLE001 - the sender keeps the mail and retries; we log the cause
+            self.channel.context.log.exception("could not store mail; answered 451")
+            return "451 4.3.0 temporary failure, please try again later"
+        return "250 OK"
+
+
+def _error(cls: type[web.HTTPException], code: str, message: str, **kwargs: Any) -> web.HTTPException:
+    return cls(text=json.dumps({"error": {"code": code, "message": message}}), content_type="application/json", **kwargs)
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

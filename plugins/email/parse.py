@@ -1,0 +1,359 @@
+"""Raw RFC 5322 bytes -> the canonical inbound message (channel ``email``).
+
+Pure functions: no I/O, and no exception for any input. Malformed mail becomes best-effort
+text, because a resident's message that cannot be parsed exactly must still reach a person.
+The attachments' bytes are not part of the message; ``attachments()`` returns them so the
+channel can store them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Mapping
+from datetime import UTC
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import getaddresses, parsedate_to_datetime
+from typing import Any
+
+from .bounces import parse_bounce
+from .loops import classify
+from .text import decode_bytes, fix_surrogates, html_to_text, part_text, split_reply
+
+CHANNEL = "email"
+MAX_TEXT = 200_000
+MAX_META_TEXT = 50_000
+MAX_ATTACHMENTS = 50
+MAX_REFS = 100
+SELECTED_HEADERS = (
+    "From", "Sender", "Reply-To", "To", "Cc", "Delivered-To", "Subject", "Date", "Message-ID",
+    "In-Reply-To", "References", "Return-Path", "Auto-Submitted", "Precedence", "List-Id",
+    "X-Auto-Response-Suppress", "Content-Type", "Content-Language", "User-Agent", "X-Mailer",
+)
+
+_MSGID = re.compile(r"<[^<>\s]+>")
+_LANG = re.compile(r"^\s*([a-zA-Z]{2})(?:[-_][a-zA-Z0-9]+)*\s*(?:,|$)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attachment:
+    """One attachment's bytes and what the canonical message says about it."""
+
+    name: str | None
+    content_type: str
+    data: bytes = dataclasses.field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "content_type": self.content_type[:200], "size": len(self.data), "sha256": self.sha256}
+
+
+def read_message(raw: bytes) -> EmailMessage:
+    """Parse raw bytes with ``email.policy.default``; the parser itself never raises."""
+    return BytesParser(policy=policy.default).parsebytes(raw)
+
+
+def header(msg: Message, name: str) -> str | None:
+    """A header's decoded text (RFC 2047 words, stray 8-bit bytes repaired), or None."""
+    raw = next((str(v) for k, v in msg.raw_items() if k.lower() == name.lower()), None)
+    if raw is None:
+        return None
+    if any("\udc80" <= ch <= "\udcff" for ch in raw):
+        # Unencoded 8-bit bytes: the stdlib would turn them into U+FFFD; decode them instead.
+        return " ".join(fix_surrogates(raw).split())
+    try:
+        text = str(msg.get(name))
+    except Exception:  # noqa: BLE001 - fall back to the raw value of a header the stdlib cannot parse
+        text = raw
+    return " ".join(text.split())
+
+
+def _addresses(msg: Message, name: str) -> list[tuple[str, str]]:
+    """(display name, lower-cased address) pairs of an address header."""
+    try:
+        value = msg.get(name)
+        if value is not None and hasattr(value, "addresses"):
+            found = [(fix_surrogates(a.display_name or ""), a.addr_spec.lower()) for a in value.addresses]
+            return [(n, a) for n, a in found if "@" in a]
+    except Exception:  # noqa: BLE001
+        pass
+    text = header(msg, name)
+    if not text:
+        return []
+    return [(n, a.lower()) for n, a in getaddresses([text]) if "@" in a]
+
+
+def message_ids(value: str | None) -> list[str]:
+    """Message-IDs in a header value, in order; bare ids without brackets are wrapped."""
+    if not value:
+        return []
+    found = _MSGID.findall(value)
+    if not found:
+        found = [f"<{token.strip('<>')}>" for token in value.split() if "@" in token]
+    return [mid for mid in found if len(mid) <= 998]
+
+
+def _walk_leaves(part: Message):
+    """Leaf parts, treating message/* parts (forwarded mail, delivery reports) as leaves."""
+    if part.get_content_maintype() == "message" or not part.is_multipart():
+        yield part
+        return
+    payload = part.get_payload()
+    if not isinstance(payload, list):
+        yield part
+        return
+    for sub in payload:
+        if isinstance(sub, Message):
+            yield from _walk_leaves(sub)
+
+
+def _leaf_bytes(part: Message) -> bytes:
+    if part.get_content_maintype() == "message":
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            return b"\n".join(p.as_bytes() for p in payload if isinstance(p, Message))
+        return str(payload).encode("utf-8", "surrogateescape")
+    data = part.get_payload(decode=True)
+    return data if isinstance(data, bytes) else b""
+
+
+def _is_attachment(part: Message) -> bool:
+    try:
+        disposition = part.get_content_disposition()
+        filename = part.get_filename()
+    except Exception:  # noqa: BLE001
+        disposition, filename = None, None
+    if disposition == "attachment" or filename:
+        return True
+    return part.get_content_type() not in ("text/plain", "text/html")
+
+
+def attachments(msg: Message | bytes) -> list[Attachment]:
+    """Every attachment's name, type and bytes (inline images included), best-effort."""
+    if isinstance(msg, (bytes, bytearray)):
+        msg = read_message(bytes(msg))
+    found: list[Attachment] = []
+    for part in _walk_leaves(msg):
+        if part is msg and msg.get_content_maintype() in ("text", "multipart"):
+            continue
+        try:
+            if not _is_attachment(part):
+                continue
+            name = part.get_filename()
+            if name is None and part.get_content_type() == "message/rfc822":
+                name = "message.eml"
+            found.append(Attachment(name=fix_surrogates(name)[:500] if name else None,
+                                    content_type=part.get_content_type(), data=_leaf_bytes(part)))
+        except Exception:  # noqa: BLE001 - skip a part we cannot read, keep the others
+            continue
+    return found
+
+
+def _body(msg: Message) -> tuple[str, bool]:
+    """The body as text and whether it came from HTML."""
+    plain = html = None
+    try:
+        for part in _walk_leaves(msg):
+            if _is_attachment(part) and part is not msg:
+                continue
+            ctype = part.get_content_type()
+            if ctype == "text/plain" and plain is None:
+                plain = part_text(part)
+            elif ctype == "text/html" and html is None:
+                html = part_text(part)
+    except Exception:  # noqa: BLE001
+        pass
+    if plain is not None and (plain.strip() or html is None):
+        return plain, False
+    if html is not None:
+        return html_to_text(html), True
+    if not msg.is_multipart() and msg.get_content_maintype() in ("text", "multipart"):
+        return part_text(msg), False
+    return "", False
+
+
+def _raw_body_text(raw: bytes) -> str:
+    """Best-effort text of a mail whose MIME structure could not be used: the bytes after the
+    header block, decoded."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        if sep in raw:
+            raw = raw.split(sep, 1)[1]
+            break
+    return decode_bytes(raw[:MAX_TEXT * 2], None).replace("\r\n", "\n")
+
+
+def _sent_at(msg: Message) -> str | None:
+    value = header(msg, "Date")
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC).isoformat()
+    except (ValueError, OverflowError):
+        return None
+
+
+def _language(msg: Message) -> str | None:
+    match = _LANG.match(header(msg, "Content-Language") or "")
+    return match.group(1).lower() if match else None
+
+
+def _recipient(
+    msg: Message, envelope_to: list[str] | None, addresses: Mapping[str, Mapping[str, Any]]
+) -> str | None:
+    ours = {a.lower() for a in addresses}
+    candidates = [a.strip().strip("<>").lower() for a in envelope_to or []]
+    for name in ("Delivered-To", "X-Original-To", "To", "Cc"):
+        candidates.extend(a for _, a in _addresses(msg, name))
+    return next((a for a in candidates if a in ours), None)
+
+
+def _valid_address(address: str) -> bool:
+    try:
+        Address(addr_spec=address)
+    except Exception:  # noqa: BLE001
+        return False
+    return 0 < len(address) <= 320
+
+
+def _clip(value: str | None, limit: int) -> str | None:
+    return None if value is None else value[:limit]
+
+
+def parse_message(
+    raw: bytes,
+    *,
+    envelope_from: str | None,
+    envelope_to: list[str] | None,
+    addresses: Mapping[str, Mapping[str, Any]],
+    own_domain: str,
+) -> dict[str, Any]:
+    """The canonical inbound message for one raw mail (see ``to_inbound``)."""
+    return to_inbound(
+        read_message(raw), raw, envelope_from=envelope_from, envelope_to=envelope_to,
+        addresses=addresses, own_domain=own_domain,
+    )
+
+
+def to_inbound(
+    msg: Message,
+    raw: bytes,
+    *,
+    envelope_from: str | None,
+    envelope_to: list[str] | None,
+    addresses: Mapping[str, Mapping[str, Any]],
+    own_domain: str,
+) -> dict[str, Any]:
+    """The canonical inbound message for a parsed mail.
+
+    ``addresses`` maps our lower-cased addresses to ``{"unit": ..., "language": ...}``; the
+    first of them found in the envelope, Delivered-To, To or Cc is the recipient and gives the
+    unit hint. ``envelope_from`` is the SMTP MAIL FROM (``""`` for a null return path) or None
+    when unknown. ``meta.bounce`` is set when the mail is a bounce of one of our messages.
+    """
+    flags: list[str] = []
+    message_id = next(iter(message_ids(header(msg, "Message-ID"))), None)
+    if message_id and len(message_id) <= 512:
+        channel_message_id = message_id
+    else:
+        channel_message_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+
+    senders = _addresses(msg, "From")
+    display_name, address = senders[0] if senders else ("", "")
+    if not _valid_address(address):
+        fallback = (envelope_from or "").strip().strip("<>").lower()
+        address = fallback if _valid_address(fallback) else ""
+    if not address:
+        address = "unknown@invalid"
+        flags.append("no_sender")
+
+    recipient = _recipient(msg, envelope_to, addresses)
+    entry = addresses.get(recipient, {}) if recipient else {}
+    language = entry.get("language") or _language(msg)
+
+    try:
+        body, from_html = _body(msg)
+    except Exception:  # noqa: BLE001
+        body, from_html = "", False
+    defects = len(getattr(msg, "defects", []) or [])
+    found_attachments = attachments_safe(msg)
+    if not body.strip() and not found_attachments and raw:
+        body = _raw_body_text(raw)
+        flags.append("malformed")
+    text, quoted, signature = split_reply(body)
+
+    refs: list[str] = []
+    for name in ("In-Reply-To", "References"):
+        for mid in message_ids(header(msg, name)):
+            if mid not in refs and mid != message_id:
+                refs.append(mid)
+
+    meta: dict[str, Any] = {}
+    if quoted:
+        meta["quoted"] = quoted[:MAX_META_TEXT]
+    if signature:
+        meta["signature"] = signature[:MAX_META_TEXT]
+    if from_html:
+        meta["html"] = True
+    if len(found_attachments) > MAX_ATTACHMENTS:
+        meta["attachments_omitted"] = len(found_attachments) - MAX_ATTACHMENTS
+    reply_to = _addresses(msg, "Reply-To")
+    if reply_to and reply_to[0][1] != address:
+        meta["reply_to"] = reply_to[0][1]
+    if defects:
+        meta["mime_defects"] = defects
+
+    suppressed = classify(msg, envelope_from=envelope_from, own_domain=own_domain)
+    bounce = parse_bounce(msg)
+    if bounce is not None:
+        meta["bounce"] = bounce.as_dict()
+        suppressed = ("bounce", f"bounce for {bounce.original_message_id or 'an unknown message'}")
+    if suppressed:
+        meta["ack_suppressed_detail"] = suppressed[1][:500]
+
+    selected = {}
+    for name in SELECTED_HEADERS:
+        value = header(msg, name)
+        if value is not None:
+            selected[name] = value[:2000]
+
+    inbound: dict[str, Any] = {
+        "channel": CHANNEL,
+        "channel_message_id": channel_message_id,
+        "kind": "message",
+        "sender": {"kind": "email", "address": address[:320], "display_name": _clip(display_name or None, 200)},
+        "recipient": recipient,
+        "sent_at": _sent_at(msg),
+        "subject": _clip(header(msg, "Subject"), 1000),
+        "text": text[:MAX_TEXT] if text else None,
+        "language": language if language and re.fullmatch(r"[a-z]{2}", language) else None,
+        "unit_hint": entry.get("unit"),
+        "thread": {"refs": refs[:MAX_REFS]},
+        "thread_keys": [message_id] if message_id else [],
+        "ack_suppressed": suppressed[0] if suppressed else None,
+        "flags": flags,
+        "attachments": [a.describe() for a in found_attachments[:MAX_ATTACHMENTS]],
+        "meta": meta,
+        "raw": {"message_id": message_id, "size": len(raw), "headers": selected},
+    }
+    return inbound
+
+
+def attachments_safe(msg: Message) -> list[Attachment]:
+    """``attachments`` that returns an empty list instead of raising on a broken structure."""
+    try:
+        return attachments(msg)
+    except Exception:  # noqa: BLE001
+        return []

@@ -1,0 +1,118 @@
+"""The e-mail channel's configuration section, checked once at start.
+
+Values may come from environment variables through the configuration (``{"$env": ...}``), so
+ports arrive as strings and unset variables as ``None`` or ``""``: both mean "use the default".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+RELAY_TLS_MODES = ("starttls", "tls", "none")
+_DEFAULT_RELAY_PORT = {"starttls": 587, "tls": 465, "none": 25}
+
+
+class EmailSettingsError(ValueError):
+    """A setting of the ``email`` channel is wrong; the message names the key."""
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _int(section: Mapping[str, Any], key: str, default: int | None) -> int | None:
+    value = section.get(key)
+    if _blank(value):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise EmailSettingsError(f"channels.email.{key}: expected a number, got {value!r}") from None
+    if number < 0:
+        raise EmailSettingsError(f"channels.email.{key}: must not be negative")
+    return number
+
+
+def _str(section: Mapping[str, Any], key: str, default: str | None = None) -> str | None:
+    value = section.get(key)
+    return default if _blank(value) else str(value).strip()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EmailSettings:
+    """Resolved settings. ``addresses`` maps our lower-cased addresses to unit and language."""
+
+    addresses: Mapping[str, Mapping[str, Any]]
+    domain: str
+    from_address: str
+    from_name: str | None = None
+    listen: bool = True
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2525
+    hostname: str | None = None
+    max_message_bytes: int = 25 * 1024 * 1024
+    ack_per_hour: int = 3
+    relay_host: str | None = None
+    relay_port: int = 587
+    relay_user: str | None = None
+    relay_password: str | None = dataclasses.field(default=None, repr=False)
+    relay_tls: str = "starttls"
+    relay_timeout: float = 30.0
+    inbound_secret: str | None = dataclasses.field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    store_files: bool = True
+    imap: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any]) -> EmailSettings:
+        """Check and resolve the ``channels.email`` section; raise ``EmailSettingsError``."""
+        raw_addresses = section.get("addresses") or {}
+        if not isinstance(raw_addresses, Mapping) or not raw_addresses:
+            raise EmailSettingsError("channels.email.addresses: expected a table of address -> {unit, language}")
+        addresses: dict[str, dict[str, Any]] = {}
+        for address, entry in raw_addresses.items():
+            if "@" not in str(address):
+                raise EmailSettingsError(f"channels.email.addresses: {address!r} is not an e-mail address")
+            if isinstance(entry, str):
+                entry = {"unit": entry}
+            if not isinstance(entry, Mapping) or not entry.get("unit"):
+                raise EmailSettingsError(f"channels.email.addresses.{address}: needs a unit")
+            addresses[str(address).strip().lower()] = {"unit": entry["unit"], "language": entry.get("language")}
+        first = next(iter(addresses))
+        relay_tls = (_str(section, "relay_tls", "starttls") or "starttls").lower()
+        if relay_tls not in RELAY_TLS_MODES:
+            raise EmailSettingsError(f"channels.email.relay_tls: one of {', '.join(RELAY_TLS_MODES)}, got {relay_tls!r}")
+        tls_cert, tls_key = _str(section, "tls_cert"), _str(section, "tls_key")
+        if bool(tls_cert) != bool(tls_key):
+            raise EmailSettingsError("channels.email.tls_cert and tls_key: set both or neither")
+        try:
+            timeout = float(section.get("relay_timeout") or 30.0)
+        except (TypeError, ValueError):
+            raise EmailSettingsError("channels.email.relay_timeout: expected seconds") from None
+        listen = section.get("listen", True)
+        return cls(
+            addresses=addresses,
+            domain=_str(section, "domain") or first.rsplit("@", 1)[1],
+            from_address=(_str(section, "from_address") or first).lower(),
+            from_name=_str(section, "from_name"),
+            listen=listen not in (False, "false", "no", "0", "off"),
+            listen_host=_str(section, "listen_host", "127.0.0.1") or "127.0.0.1",
+            listen_port=_int(section, "listen_port", 2525) or 0,
+            hostname=_str(section, "hostname"),
+            max_message_bytes=_int(section, "max_message_bytes", 25 * 1024 * 1024) or 25 * 1024 * 1024,
+            ack_per_hour=_int(section, "ack_per_hour", 3) or 0,
+            relay_host=_str(section, "relay_host"),
+            relay_port=_int(section, "relay_port", _DEFAULT_RELAY_PORT[relay_tls]) or _DEFAULT_RELAY_PORT[relay_tls],
+            relay_user=_str(section, "relay_user"),
+            relay_password=_str(section, "relay_password"),
+            relay_tls=relay_tls,
+            relay_timeout=timeout,
+            inbound_secret=_str(section, "inbound_secret"),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            store_files=section.get("store_files", True) is not False,
+            imap=section.get("imap") or None,
+        )

@@ -1,0 +1,70 @@
+"""What happened so far in each call in progress, so the call's end can tell a missed call.
+
+Twilio's call status callback says only that a call ended, not whether a forward was answered or a
+voicemail left, so the channel notes those outcomes here. The log lives in memory, bounded in
+size and age. A call whose notes are lost (a restart, another instance) ends as a missed call: a
+needless call-back is better than a lost one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from datetime import datetime, timedelta
+
+
+@dataclasses.dataclass(slots=True)
+class CallState:
+    """One call's menu choice and outcome (``answered``, ``voicemail`` or None yet)."""
+
+    topic: str | None = None
+    language: str | None = None
+    outcome: str | None = None
+    updated: datetime | None = None
+
+
+class CallLog:
+    """Notes per CallSid; the oldest are dropped beyond ``max_calls`` or after ``max_age``."""
+
+    def __init__(self, max_calls: int = 10_000, max_age: timedelta = timedelta(hours=6)) -> None:
+        self._calls: OrderedDict[str, CallState] = OrderedDict()
+        self._max_calls = max_calls
+        self._max_age = max_age
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def note(
+        self,
+        call_sid: str,
+        now: datetime,
+        *,
+        topic: str | None = None,
+        language: str | None = None,
+        outcome: str | None = None,
+    ) -> CallState:
+        """Record what is known now; values given replace earlier ones, None keeps them."""
+        state = self._calls.pop(call_sid, None) or CallState()
+        if topic is not None:
+            state.topic = topic
+        if language is not None:
+            state.language = language
+        if outcome is not None:
+            state.outcome = outcome
+        state.updated = now
+        self._calls[call_sid] = state
+        self._prune(now)
+        return state
+
+    def finish(self, call_sid: str) -> CallState | None:
+        """The call ended: its notes, forgotten from now on (None when there are none)."""
+        return self._calls.pop(call_sid, None)
+
+    def _prune(self, now: datetime) -> None:
+        while len(self._calls) > self._max_calls:
+            self._calls.popitem(last=False)
+        while self._calls:
+            oldest = next(iter(self._calls.values()))
+            if oldest.updated is not None and now - oldest.updated <= self._max_age:
+                break
+            self._calls.popitem(last=False)

@@ -1,0 +1,365 @@
+"""The phone channel: Twilio voice webhooks (menu, forward, voicemail, missed calls), SMS in and
+out, and vendor-neutral CTI events from any PBX.
+
+Each handler verifies the request, parses it with the pure functions in ``parse``, hands the
+message to the core and answers with TwiML. A call is ingested once the caller chose a topic, so
+the case reference and the responsible unit are known before the caller is forwarded or asked
+for a voicemail.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from aiohttp import web
+
+from router.hookspecs import (
+    Capabilities,
+    Channel,
+    IngestResult,
+    InvalidMessage,
+    OutboundMessage,
+    PermanentDeliveryError,
+    SendResult,
+)
+
+from . import parse, twiml
+from .calls import CallLog
+from .numbers import is_mobile, to_e164
+from .settings import PhoneSettings
+from .signature import HEADER, verify
+from .sms import send_sms, shorten_sms
+
+MOBILE_ONLY_KINDS = frozenset({"ack", "callback_sms"})
+"""Outbound kinds that go by SMS to mobile numbers only (a landline cannot show them)."""
+
+
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def _stamp(when: datetime | None) -> str | None:
+    """A deadline for a URL query: UTC, nothing that needs quoting."""
+    return when.astimezone(UTC).strftime(_STAMP) if when else None
+
+
+def _unstamp(text: str | None) -> datetime | None:
+    try:
+        return datetime.strptime(text or "", _STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _twiml(document: str) -> web.Response:
+    return web.Response(text=document, content_type="text/xml", charset="utf-8")
+
+
+class PhoneChannel(Channel):
+    """Calls and SMS through Twilio, missed calls from a PBX; see ``docs/channels/phone.md``."""
+
+    name = "phone"
+
+    def __init__(self, settings: PhoneSettings) -> None:
+        self.settings = settings
+        self.capabilities = Capabilities(
+            can_reply=settings.twilio_enabled,
+            identity_kinds=("phone",) if settings.twilio_enabled else (),
+            push=True,
+            max_text_length=settings.sms_max_length,
+            delivery_receipts=True,  # Twilio's status callbacks report delivered
+            threads_by_sender=True,  # SMS and calls carry no thread ids of their own
+        )
+        self.calls = CallLog()
+        try:
+            self.zone: tzinfo = ZoneInfo(settings.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.zone = ZoneInfo("UTC")
+
+    # -- wiring -------------------------------------------------------------------------------
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        routes: list[web.AbstractRouteDef] = []
+        if self.settings.twilio_enabled:
+            routes += [
+                web.post("/twilio/voice", self.voice),
+                web.post("/twilio/menu", self.menu),
+                web.post("/twilio/dial-result", self.dial_result),
+                web.post("/twilio/recording", self.recording),
+                web.post("/twilio/transcription", self.transcription),
+                web.post("/twilio/call-status", self.call_status),
+                web.post("/twilio/sms", self.sms),
+                web.post("/twilio/status", self.sms_status),
+            ]
+        if self.settings.cti_enabled:
+            routes.append(web.post("/cti/{secret}", self.cti))
+        return routes
+
+    @property
+    def base_url(self) -> str:
+        """The public URL Twilio calls: configured, else the core's."""
+        return (self.settings.public_base_url or self.context.public_base_url).rstrip("/")
+
+    def url(self, action: str, **query: str | None) -> str:
+        """Absolute URL of one of our Twilio routes, with the call's state in the query."""
+        values = {key: value for key, value in query.items() if value}
+        suffix = f"?{urlencode(values)}" if values else ""
+        return f"{self.base_url}/channels/{self.name}/twilio/{action}{suffix}"
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _verified(self, request: web.Request) -> dict[str, str]:
+        """The POST parameters of a genuine Twilio request; 403 for a wrong or missing signature."""
+        try:
+            form = await request.post()
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text="unreadable form body") from exc
+        params: dict[str, list[str]] = {}
+        for key, value in form.items():
+            if isinstance(value, str):
+                params.setdefault(key, []).append(value)
+        # The raw request target, byte for byte as Twilio requested it: a re-quoted query
+        # (``%3A`` -> ``:``) would no longer match what Twilio signed.
+        url = self.base_url + request.raw_path
+        if not verify(self.settings.auth_token or "", url, params, request.headers.get(HEADER)):
+            self.context.log.warning("refused a Twilio request with a bad signature: %s", request.path)
+            raise web.HTTPForbidden(text="invalid signature")
+        return {key: values[0] for key, values in params.items()}
+
+    async def _ingest(self, message: dict[str, Any]) -> IngestResult | None:
+        """Hand a message to the core; a message the core refuses is logged, not fatal to a call."""
+        try:
+            return await self.context.ingest(message)
+        except InvalidMessage as exc:
+            self.context.log.error("the core refused a %s message at %s: %s", message.get("kind"), exc.path, exc)
+            return None
+
+    async def _is_open(self, unit: str, now: datetime) -> bool:
+        """Whether the unit takes calls now. Without an ``is_open`` hook, a unit with a forward
+        number is taken to be open."""
+        if self.settings.is_open is None:
+            return True
+        answer = self.settings.is_open(unit, now)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return bool(answer)
+
+    @staticmethod
+    def _language(request: web.Request) -> str:
+        return "en" if request.query.get("lang") == "en" else "de"
+
+    def _menu_answer(self, language: str, withheld: bool) -> web.Response:
+        return _twiml(
+            twiml.greeting_menu(
+                action_url=self.url("menu", lang=language),
+                menu=sorted(self.settings.menu.items(), key=lambda item: (item[0] == "0", item[0])),
+                language=language,
+                english_digit=self.settings.english_digit,
+                company=self.settings.company_name,
+                withheld=withheld,
+                labels=self.settings.menu_labels,
+                voice=self.settings.voice,
+            )
+        )
+
+    def _voicemail_answer(
+        self, *, language: str, topic: str | None, reference: str | None, deadline: datetime | None,
+        withheld: bool,
+    ) -> web.Response:
+        callback_by = (
+            twiml.format_callback_time(deadline, language, self.zone, self.context.clock.now()) if deadline else None
+        )
+        return _twiml(
+            twiml.voicemail(
+                action_url=self.url("recording", lang=language, topic=topic),
+                transcribe_callback_url=self.url("transcription"),
+                case_reference=reference,
+                callback_by=callback_by,
+                max_length=self.settings.voicemail_max_length,
+                language=language,
+                withheld=withheld,
+                other_channels=self.settings.other_channels.get(language),
+                voice=self.settings.voice,
+            )
+        )
+
+    def _withheld(self, params: dict[str, str]) -> bool:
+        return to_e164(params.get("From"), self.settings.region) is None
+
+    # -- Twilio voice -------------------------------------------------------------------------
+
+    async def voice(self, request: web.Request) -> web.Response:
+        """An incoming call: greeting and menu. Nothing is stored until the caller chooses."""
+        params = await self._verified(request)
+        return self._menu_answer("de", self._withheld(params))
+
+    async def menu(self, request: web.Request) -> web.Response:
+        """The caller pressed a key (or none): store the call, then forward or take a voicemail."""
+        params = await self._verified(request)
+        language = self._language(request)
+        digits = params.get("Digits", "")
+        withheld = self._withheld(params)
+        if digits and digits == self.settings.english_digit and language != "en":
+            return self._menu_answer("en", withheld)
+        topic = self.settings.menu.get(digits)
+        try:
+            message = parse.call_message(params, topic=topic, language=language, region=self.settings.region)
+        except parse.PayloadError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        now = self.context.clock.now()
+        self.calls.note(message["meta"]["call_sid"], now, topic=topic, language=language)
+        result = await self._ingest(message)
+        unit = result.unit if result else None
+        number = self.settings.forward_numbers.get(unit) if unit else None
+        reference = result.case_reference if result else None
+        deadline = result.deadline if result else None
+        if number and await self._is_open(unit, now):  # type: ignore[arg-type]
+            action = self.url(
+                "dial-result", lang=language, topic=topic, ref=reference,
+                by=_stamp(deadline),
+            )
+            return _twiml(
+                twiml.forward(
+                    number, action_url=action, timeout=self.settings.forward_timeout, language=language,
+                    voice=self.settings.voice,
+                )
+            )
+        return self._voicemail_answer(
+            language=language, topic=topic, reference=reference, deadline=deadline, withheld=withheld
+        )
+
+    async def dial_result(self, request: web.Request) -> web.Response:
+        """The forward ended: done when answered, else the voicemail."""
+        params = await self._verified(request)
+        language = self._language(request)
+        call_sid = params.get("CallSid")
+        if parse.is_answered_dial(params):
+            if call_sid:
+                self.calls.note(call_sid, self.context.clock.now(), outcome="answered")
+            return _twiml(twiml.hangup(language, self.settings.voice))
+        return self._voicemail_answer(
+            language=language, topic=request.query.get("topic") or None, reference=request.query.get("ref") or None,
+            deadline=_unstamp(request.query.get("by")), withheld=self._withheld(params),
+        )
+
+    async def recording(self, request: web.Request) -> web.Response:
+        """The ``<Record>`` ended: store the voicemail (if anything was said) and say goodbye."""
+        params = await self._verified(request)
+        language = self._language(request)
+        try:
+            message = parse.voicemail_message(
+                params, topic=request.query.get("topic") or None, language=language, region=self.settings.region
+            )
+        except parse.PayloadError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        if message is not None:
+            await self._ingest(message)
+            self.calls.note(message["meta"]["call_sid"], self.context.clock.now(), outcome="voicemail")
+        return _twiml(twiml.goodbye(language, thanks=message is not None, voice=self.settings.voice))
+
+    async def transcription(self, request: web.Request) -> web.Response:
+        """A voicemail's transcript (or its failure) arrived: an edit of the voicemail."""
+        params = await self._verified(request)
+        try:
+            update = parse.transcript_update(params)
+        except parse.PayloadError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        await self._ingest(parse.transcript_message(update, region=self.settings.region))
+        return _twiml(twiml.empty())
+
+    async def call_status(self, request: web.Request) -> web.Response:
+        """The call ended: without an answered forward or a voicemail it is a missed call."""
+        params = await self._verified(request)
+        call_sid = params.get("CallSid")
+        if call_sid and parse.is_call_over(params):
+            state = self.calls.finish(call_sid)
+            if state is None or state.outcome is None:
+                message = parse.missed_call_message(
+                    params,
+                    topic=state.topic if state else None,
+                    language=state.language if state else None,
+                    region=self.settings.region,
+                )
+                await self._ingest(message)
+        return _twiml(twiml.empty())
+
+    # -- Twilio messaging ---------------------------------------------------------------------
+
+    async def sms(self, request: web.Request) -> web.Response:
+        """An incoming SMS; the acknowledgement goes out through the outbox, not in the answer."""
+        params = await self._verified(request)
+        try:
+            message = parse.sms_message(params, region=self.settings.region)
+        except parse.PayloadError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        await self._ingest(message)
+        return _twiml(twiml.empty())
+
+    async def sms_status(self, request: web.Request) -> web.Response:
+        """A status callback for one of our SMS."""
+        params = await self._verified(request)
+        update = parse.delivery_update(params, at=self.context.clock.now())
+        if update is not None:
+            await self.context.record_delivery(update)
+        return _twiml(twiml.empty())
+
+    # -- CTI ----------------------------------------------------------------------------------
+
+    async def cti(self, request: web.Request) -> web.Response:
+        """A PBX event (JSON or form): a missed inbound call becomes a call-back duty.
+
+        The secret in the path is the only credential, so a wrong one looks like no route at all.
+        """
+        given = request.match_info.get("secret", "").encode("utf-8")
+        expected = (self.settings.cti_secret or "").encode("utf-8")
+        if not expected or not hmac.compare_digest(given, expected):
+            raise web.HTTPNotFound()
+        try:
+            if request.content_type == "application/json":
+                event: Any = await request.json()
+            else:
+                event = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text="unreadable event") from exc
+        try:
+            message = parse.cti_missed_call(event, region=self.settings.region)
+        except parse.PayloadError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        if message is None:
+            return web.json_response({"stored": False})
+        try:
+            result = await self.context.ingest(message)
+        except InvalidMessage as exc:
+            raise web.HTTPBadRequest(text=f"{exc.path}: {exc.message}") from exc
+        return web.json_response(
+            {"stored": True, "duplicate": result.duplicate, "case_reference": result.case_reference}
+        )
+
+    # -- SMS out ------------------------------------------------------------------------------
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Send one SMS. Acknowledgements and call-back texts go to mobile numbers only."""
+        if not self.settings.twilio_enabled:
+            raise PermanentDeliveryError("SMS is not configured for the phone channel", code="not_configured")
+        if message.to_kind != "phone":
+            raise PermanentDeliveryError(f"cannot send an SMS to a {message.to_kind}", code="unsupported_identity")
+        to = to_e164(message.to, self.settings.region)
+        if to is None:
+            raise PermanentDeliveryError(f"not a phone number: {message.to!r}", code="invalid_number")
+        if message.kind in MOBILE_ONLY_KINDS and not is_mobile(to):
+            raise PermanentDeliveryError("the number is not a mobile number", code="not_mobile")
+        sid = await send_sms(
+            self.context.http,
+            api_url=self.settings.api_url,
+            account_sid=self.settings.account_sid or "",
+            auth_token=self.settings.auth_token or "",
+            to=to,
+            from_=self.settings.phone_number or "",
+            body=shorten_sms(message.text, message.status_url, self.settings.sms_max_length),
+            status_callback=self.url("status"),
+            timeout=self.settings.send_timeout,
+        )
+        return SendResult(provider_id=sid)

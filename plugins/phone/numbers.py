@@ -1,0 +1,76 @@
+"""Phone numbers as the core wants them: E.164, one identity shared by calls, SMS and WhatsApp.
+
+Withheld numbers arrive in many spellings (Twilio's ``+266696687`` spells ANONYMOUS on a keypad,
+PBXs send ``anonymous`` or nothing); they all become "no number" instead of a bogus identity.
+"""
+
+from __future__ import annotations
+
+import phonenumbers
+
+WITHHELD = frozenset(
+    {
+        "",
+        "anonymous",
+        "restricted",
+        "unknown",
+        "private",
+        "unavailable",
+        "withheld",
+        "blocked",
+        "+266696687",  # ANONYMOUS
+        "266696687",
+        "+7378742833",  # RESTRICTED
+        "7378742833",
+        "+2562533",  # BLOCKED
+        "+8656696",  # UNKNOWN
+        "+86282452253",  # UNAVAILABLE
+    }
+)
+
+MOBILE_TYPES = frozenset(
+    {phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE}
+)
+
+
+def is_withheld(raw: str | None) -> bool:
+    """True for a caller id that says the number was withheld."""
+    return (raw or "").strip().lower() in WITHHELD
+
+
+def to_e164(raw: str | None, region: str = "DE") -> str | None:
+    """``raw`` (national like ``030 12345678`` or international) as E.164, or None.
+
+    None for withheld numbers and for anything that is no phone number (a SIP URI, an
+    alphanumeric SMS sender, a short code).
+    """
+    if raw is None or is_withheld(raw):
+        return None
+    text = raw.strip()
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        # Metadata lags behind new number ranges: an international number of plausible
+        # length is kept; a short national string ("12") is no identity.
+        digits = sum(char.isdigit() for char in text)
+        if not (text.startswith("+") and digits >= 8 and phonenumbers.is_possible_number(number)):
+            return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def is_mobile(e164: str | None) -> bool:
+    """True when the number can take an SMS: phonenumbers says MOBILE or FIXED_LINE_OR_MOBILE.
+
+    Landlines, service numbers and anything unreadable are False.
+    """
+    if not e164:
+        return False
+    try:
+        number = phonenumbers.parse(e164, None)
+    except phonenumbers.NumberParseException:
+        return False
+    return phonenumbers.number_type(number) in MOBILE_TYPES

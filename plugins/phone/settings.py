@@ -1,0 +1,132 @@
+"""The phone channel's configuration: the ``channels.phone`` section, with Twilio's credentials
+falling back to the environment variables the example configuration names.
+
+Twilio (voice and SMS) needs ``account_sid``, ``auth_token`` and ``phone_number``; CTI events need
+only ``cti_secret``. With neither, the channel is off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+DEFAULT_MENU = {"1": "construction", "2": "contract", "3": "fault", "0": "other"}
+
+ENV_FALLBACKS = {
+    "account_sid": "TWILIO_ACCOUNT_SID",
+    "auth_token": "TWILIO_AUTH_TOKEN",
+    "phone_number": "TWILIO_PHONE_NUMBER",
+    "api_url": "TWILIO_API_URL",
+    "public_base_url": "PUBLIC_BASE_URL",
+}
+
+_DIGIT = re.compile(r"^[0-9*#]$")
+_TOPIC = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class SettingsError(ValueError):
+    """A value in ``channels.phone`` is unusable; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PhoneSettings:
+    """Everything the phone channel reads from its configuration, checked once at start."""
+
+    account_sid: str | None = None
+    auth_token: str | None = dataclasses.field(default=None, repr=False)
+    phone_number: str | None = None
+    api_url: str = "https://api.twilio.com"
+    public_base_url: str | None = None
+    cti_secret: str | None = dataclasses.field(default=None, repr=False)
+    menu: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MENU))
+    menu_labels: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    english_digit: str | None = "9"
+    forward_numbers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    forward_timeout: int = 20
+    voicemail_max_length: int = 120
+    is_open: Callable[[str, Any], Any] | None = None
+    region: str = "DE"
+    timezone: str = "Europe/Berlin"
+    company_name: str | None = None
+    voice: str | None = None
+    other_channels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    sms_max_length: int = 1600
+    send_timeout: float = 15.0
+
+    @property
+    def twilio_enabled(self) -> bool:
+        """True when voice webhooks and SMS can work: all three Twilio credentials are set."""
+        return bool(self.account_sid and self.auth_token and self.phone_number)
+
+    @property
+    def cti_enabled(self) -> bool:
+        return bool(self.cti_secret)
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> PhoneSettings:
+        """Read and check ``section``; Twilio values missing there come from ``env``.
+
+        Raises ``SettingsError`` naming the key for a value of the wrong shape.
+        """
+        section = dict(section or {})
+        env = env or {}
+        for key, variable in ENV_FALLBACKS.items():
+            if not section.get(key) and env.get(variable):
+                section[key] = env[variable]
+        values: dict[str, Any] = {}
+        for key in ("account_sid", "auth_token", "phone_number", "api_url", "public_base_url", "cti_secret",
+                    "region", "timezone", "company_name", "voice"):
+            value = section.get(key)
+            if value is None or value == "":
+                continue
+            if not isinstance(value, str):
+                raise SettingsError(f"channels.phone.{key}: expected a string")
+            values[key] = value.strip()
+        for key in ("forward_timeout", "voicemail_max_length", "sms_max_length"):
+            if key in section:
+                value = section[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise SettingsError(f"channels.phone.{key}: expected a positive whole number")
+                values[key] = value
+        if "send_timeout" in section:
+            value = section["send_timeout"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise SettingsError("channels.phone.send_timeout: expected a positive number of seconds")
+            values["send_timeout"] = float(value)
+        if "menu" in section:
+            menu = section["menu"]
+            if not isinstance(menu, Mapping) or not menu:
+                raise SettingsError("channels.phone.menu: expected a table of digit = topic")
+            for digit, topic in menu.items():
+                if not (isinstance(digit, str) and _DIGIT.match(digit)):
+                    raise SettingsError(f"channels.phone.menu.{digit}: a menu key is one digit")
+                if not (isinstance(topic, str) and _TOPIC.match(topic)):
+                    raise SettingsError(f"channels.phone.menu.{digit}: not a topic id: {topic!r}")
+            values["menu"] = dict(menu)
+        if "english_digit" in section:
+            digit = section["english_digit"]
+            if digit is not None and not (isinstance(digit, str) and _DIGIT.match(digit)):
+                raise SettingsError("channels.phone.english_digit: expected one digit or null")
+            values["english_digit"] = digit
+        if values.get("english_digit", "9") in values.get("menu", DEFAULT_MENU):
+            raise SettingsError("channels.phone.english_digit: the digit is already a menu choice")
+        for key in ("forward_numbers", "other_channels"):
+            if key in section:
+                table = section[key]
+                if not isinstance(table, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in table.items()
+                ):
+                    raise SettingsError(f"channels.phone.{key}: expected a table of strings")
+                values[key] = dict(table)
+        if "menu_labels" in section:
+            labels = section["menu_labels"]
+            if not isinstance(labels, Mapping) or not all(isinstance(v, Mapping) for v in labels.values()):
+                raise SettingsError("channels.phone.menu_labels: expected topic = {language = label}")
+            values["menu_labels"] = {k: dict(v) for k, v in labels.items()}
+        if "is_open" in section and section["is_open"] is not None:
+            if not callable(section["is_open"]):
+                raise SettingsError("channels.phone.is_open: expected a callable (unit_id, now) -> bool")
+            values["is_open"] = section["is_open"]
+        return cls(**values)

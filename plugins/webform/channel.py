@@ -1,0 +1,269 @@
+"""The web form channel: the public form, its JSON twin, and the private status page, which is
+also where staff replies are delivered (a resident without e-mail or phone still gets them)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections import defaultdict, deque
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from router.hookspecs import Capabilities, Channel, InvalidMessage, OutboundMessage, SendResult
+
+from . import fields, pages, tokens
+
+JSON_TYPE = "application/json"
+
+
+class RateLimiter:
+    """At most ``limit`` submissions per client address in a sliding minute, kept in memory."""
+
+    def __init__(self, limit: int, window: float = 60.0, max_clients: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._hits: dict[str, deque[float]] = defaultdict(deque)
+
+    def allow(self, client: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if len(self._hits) > self.max_clients:
+            self._hits.clear()  # bounded memory beats a perfect count under a flood
+        hits = self._hits[client]
+        while hits and hits[0] <= now - self.window:
+            hits.popleft()
+        if len(hits) >= self.limit:
+            return False
+        hits.append(now)
+        return True
+
+
+def _language(request: web.Request) -> str:
+    lang = request.query.get("lang")
+    if lang in pages.TEXT:
+        return lang
+    accept = request.headers.get("Accept-Language", "")
+    for part in accept.split(","):
+        code = part.split(";")[0].strip().lower()[:2]
+        if code in pages.TEXT:
+            return code
+    return "de"
+
+
+class WebFormChannel(Channel):
+    name = "webform"
+    capabilities = Capabilities(
+        can_reply=True, identity_kinds=("webform", "email", "phone"), push=False, delivery_receipts=True
+    )
+
+    def __init__(self, settings: Mapping[str, Any], topics: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        secret = settings.get("secret") or ""
+        # Without a configured secret, tokens are signed with a per-process key: forms handed
+        # out before a restart then need a reload, which is acceptable for a demo.
+        self.secret = (secret or secrets.token_hex(32)).encode()
+        self.min_fill = float(settings.get("min_fill_seconds", 3))
+        self.max_age = float(settings.get("max_token_age_seconds", 86400))
+        self.max_body = int(settings.get("max_body_bytes", 64 * 1024))
+        self.limiter = RateLimiter(int(settings.get("rate_limit_per_minute", 10)))
+        self.trust_forwarded = bool(settings.get("trust_forwarded_for", False))
+        self._topics = topics
+
+    @property
+    def topics(self) -> Mapping[str, Mapping[str, str]]:
+        return self._topics or {
+            "construction": {"de": "Baustelle", "en": "Construction works"},
+            "contract": {"de": "Vertrag", "en": "Contract"},
+            "fault": {"de": "Störung", "en": "Fault"},
+            "other": {"de": "Sonstiges", "en": "Other"},
+        }
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/", self.form),
+            web.post("/", self.submit),
+            web.get("/token", self.token),
+            web.get("/status/{token}", self.status),
+            web.post("/status/{token}", self.status_reply),
+        ]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _client(self, request: web.Request) -> str:
+        if self.trust_forwarded and request.headers.get("X-Forwarded-For"):
+            return request.headers["X-Forwarded-For"].split(",")[0].strip()
+        return request.remote or "unknown"
+
+    def _now(self) -> Any:
+        return self.context.clock.now()
+
+    async def _read(self, request: web.Request) -> tuple[dict[str, Any], bool]:
+        """The submitted fields and whether they came as JSON. Size-limited; bad JSON is a 400."""
+        is_json = request.content_type == JSON_TYPE
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes")
+        body = await request.content.read(self.max_body + 1)
+        if len(body) > self.max_body:
+            raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes")
+        if is_json:
+            try:
+                data = json.loads(body.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise self._error(True, 400, "invalid_json", "the body is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise self._error(True, 400, "invalid_json", "the body must be a JSON object")
+            return data, True
+        if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data", ""):
+            raise self._error(False, 415, "unsupported_media_type", "send the form as a form post or JSON")
+        from urllib.parse import parse_qsl
+
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
+        except (UnicodeDecodeError, ValueError):
+            raise self._error(False, 400, "invalid_form", "the form data could not be read") from None
+        return dict(pairs), False
+
+    @staticmethod
+    def _error(is_json: bool, status: int, code: str, message: str, **extra: Any) -> web.HTTPException:
+        cls = web.HTTPException
+        for candidate in (web.HTTPBadRequest, web.HTTPRequestEntityTooLarge, web.HTTPUnsupportedMediaType,
+                          web.HTTPTooManyRequests, web.HTTPNotFound):
+            if candidate.status_code == status:
+                cls = candidate
+        if is_json:
+            body = json.dumps({"error": {"code": code, "message": message, **extra}})
+            if cls is web.HTTPRequestEntityTooLarge:
+                return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=body, content_type=JSON_TYPE)
+            return cls(text=body, content_type=JSON_TYPE)
+        text = f"<!doctype html><html lang=\"de\"><meta charset=\"utf-8\"><title>{status}</title><p>{message}</p></html>"
+        if cls is web.HTTPRequestEntityTooLarge:
+            return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=text, content_type="text/html")
+        return cls(text=text, content_type="text/html")
+
+    # ------------------------------------------------------------------ the form
+
+    async def form(self, request: web.Request) -> web.Response:
+        language = _language(request)
+        token = tokens.issue(self.secret, self._now())
+        html = pages.form_page(language=language, token=token, topics=self.topics)
+        return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def token(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"form_token": tokens.issue(self.secret, self._now()), "min_fill_seconds": self.min_fill,
+             "max_age_seconds": self.max_age},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def submit(self, request: web.Request) -> web.StreamResponse:
+        data, is_json = await self._read(request)
+        language = _language(request)
+        if isinstance(data.get("language"), str) and data["language"] in pages.TEXT:
+            language = data["language"]
+        if data.get("website"):
+            raise self._error(is_json, 400, "rejected", "the submission was rejected", field="website")
+        try:
+            token = tokens.check(self.secret, str(data.get("form_token") or ""), self._now(),
+                                 min_age=self.min_fill, max_age=self.max_age)
+        except tokens.TokenError as exc:
+            raise self._error(is_json, 400, exc.code, exc.message, field="form_token") from None
+        values, errors = fields.clean(data, topics=self.topics.keys(), language=language)
+        if errors:
+            if is_json:
+                first = next(iter(errors))
+                raise self._error(True, 400, "invalid_fields", f"{first}: {errors[first]}", field=first, fields=errors)
+            html = pages.form_page(language=language, token=tokens.issue(self.secret, self._now()), topics=self.topics,
+                                   values=values, errors=errors)
+            return web.Response(text=html, content_type="text/html", status=400)
+        if not self.limiter.allow(self._client(request)):
+            raise self._error(is_json, 429, "rate_limited", "too many submissions; please try again in a minute")
+        message = fields.to_message(values, nonce=token.nonce, language=language)
+        try:
+            result = await self.context.ingest(message)
+        except InvalidMessage as exc:
+            raise self._error(is_json, 400, "invalid_message", exc.message, field=exc.path) from None
+        status_path = f"/channels/webform/status/{result.status_token}"
+        if is_json:
+            return web.json_response(
+                {"case_reference": result.case_reference, "status_url": self.context.status_url(result.status_token),
+                 "conversation_id": result.conversation_id, "unit": result.unit, "unit_name": result.unit_name,
+                 "deadline": result.deadline.isoformat().replace("+00:00", "Z") if result.deadline else None,
+                 "duplicate": result.duplicate},
+                status=200 if result.duplicate else 201,
+            )
+        raise web.HTTPSeeOther(f"{status_path}?lang={language}")
+
+    # ------------------------------------------------------------------ the status page
+
+    async def _view(self, request: web.Request) -> dict[str, Any]:
+        token = request.match_info["token"]
+        view = await self.context.conversation_by_status_token(token) if 10 <= len(token) <= 128 else None
+        if view is None:
+            language = _language(request)
+            raise web.HTTPNotFound(text=pages.not_found_page(language), content_type="text/html")
+        return view
+
+    def _scope(self, status_token: str) -> str:
+        return "status:" + hashlib.sha256(status_token.encode()).hexdigest()[:16]
+
+    async def status(self, request: web.Request) -> web.Response:
+        view = await self._view(request)
+        language = request.query.get("lang") if request.query.get("lang") in pages.TEXT else (
+            view["language"] if view["language"] in pages.TEXT else _language(request))
+        token = request.match_info["token"]
+        html = pages.status_page(
+            language=language, view=view, token=tokens.issue(self.secret, self._now(), self._scope(token)),
+            timezone=self.context.settings.get("timezone", "Europe/Berlin"), action=request.path,
+        )
+        return web.Response(text=html, content_type="text/html",
+                            headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"})
+
+    async def status_reply(self, request: web.Request) -> web.StreamResponse:
+        """The resident writes back on the status page; the message joins the conversation."""
+        view = await self._view(request)
+        data, is_json = await self._read(request)
+        language = _language(request)
+        status_token = request.match_info["token"]
+        if data.get("website"):
+            raise self._error(is_json, 400, "rejected", "the submission was rejected", field="website")
+        try:
+            token = tokens.check(self.secret, str(data.get("form_token") or ""), self._now(),
+                                 min_age=min(self.min_fill, 1.0), max_age=self.max_age, scope=self._scope(status_token))
+        except tokens.TokenError as exc:
+            raise self._error(is_json, 400, exc.code, exc.message, field="form_token") from None
+        text = data.get("message")
+        if not isinstance(text, str) or not text.strip() or len(text) > fields.LIMITS["message"]:
+            message = fields.MESSAGES[language]["required" if not isinstance(text, str) or not text.strip() else "too_long"].format(limit=fields.LIMITS["message"])
+            if is_json:
+                raise self._error(True, 400, "invalid_fields", f"message: {message}", field="message")
+            html = pages.status_page(language=language, view=view,
+                                     token=tokens.issue(self.secret, self._now(), self._scope(status_token)),
+                                     timezone=self.context.settings.get("timezone", "Europe/Berlin"),
+                                     action=request.path, error=message)
+            return web.Response(text=html, content_type="text/html", status=400)
+        if not self.limiter.allow(self._client(request)):
+            raise self._error(is_json, 429, "rate_limited", "too many submissions; please try again in a minute")
+        sender = view["sender"]
+        result = await self.context.ingest({
+            "channel": "webform",
+            "channel_message_id": f"status:{token.nonce}",
+            "kind": "message",
+            "sender": {"kind": sender["kind"], "address": sender["address"]},
+            "text": text.strip(),
+            "language": view["language"] if view["language"] in pages.TEXT else language,
+            "thread": {"status_token": status_token},
+        })
+        if is_json:
+            return web.json_response({"case_reference": result.case_reference, "conversation_id": result.conversation_id,
+                                      "duplicate": result.duplicate}, status=200 if result.duplicate else 201)
+        raise web.HTTPSeeOther(f"{request.path}?lang={language}")
+
+    # ------------------------------------------------------------------ delivery
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """The status page shows every outbound message of its conversation: storing it was
+        the delivery."""
+        return SendResult(provider_id=f"status-page:{message.outbox_id}", status="delivered")

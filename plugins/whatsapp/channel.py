@@ -1,0 +1,215 @@
+"""The WhatsApp channel: webhook routes in, Graph API messages out.
+
+The POST handler only verifies, parses, hands over and answers: the signature is checked on the
+raw body before anything is parsed, and 200 goes back only after every message and status of
+the body has been committed by the core, because Meta redelivers anything not answered 200.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from router.hookspecs import (
+    Capabilities,
+    Channel,
+    InvalidMessage,
+    OutboundMessage,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    SendResult,
+)
+
+from . import graph
+from .parse import parse_webhook
+from .settings import BusinessNumber, WhatsAppSettings
+from .signature import verify_signature
+
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+
+
+def json_error(status: type[web.HTTPException], code: str, message: str, **kwargs: Any) -> web.HTTPException:
+    """An HTTP error with the project's JSON error body."""
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return status(text=body, content_type="application/json", **kwargs)
+
+
+class WhatsAppChannel(Channel):
+    """WhatsApp Business Cloud API: any WhatsApp user can write to any configured number."""
+
+    name = "whatsapp"
+    capabilities = Capabilities(
+        can_reply=True,
+        identity_kinds=("phone",),
+        push=True,
+        reply_window=timedelta(hours=24),
+        max_text_length=graph.MAX_TEXT_LENGTH,
+    )
+
+    def __init__(self, settings: WhatsAppSettings) -> None:
+        self.settings = settings
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [
+            web.get("/webhook", self.verify_subscription, allow_head=False),
+            web.post("/webhook", self.receive),
+        ]
+
+    # ---------------------------------------------------------------------------------------
+    # Inbound
+    # ---------------------------------------------------------------------------------------
+
+    async def verify_subscription(self, request: web.Request) -> web.Response:
+        """Meta's subscription check: echo ``hub.challenge`` when the verify token matches."""
+        query = request.query
+        token = query.get("hub.verify_token", "")
+        challenge = query.get("hub.challenge")
+        if (
+            query.get("hub.mode") == "subscribe"
+            and challenge is not None
+            and hmac.compare_digest(token.encode(), self.settings.verify_token.encode())
+        ):
+            return web.Response(text=challenge, content_type="text/plain")
+        raise json_error(web.HTTPForbidden, "forbidden", "verification token does not match")
+
+    async def receive(self, request: web.Request) -> web.Response:
+        """A webhook body: verify, parse, ingest every message and status, then answer 200."""
+        body = await self._read_body(request)
+        if not verify_signature(body, request.headers.get(SIGNATURE_HEADER), self.settings.app_secret):
+            raise json_error(
+                web.HTTPUnauthorized, "invalid_signature", f"missing or wrong {SIGNATURE_HEADER} header"
+            )
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise json_error(web.HTTPBadRequest, "invalid_json", "body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise json_error(web.HTTPBadRequest, "invalid_json", "body is not a JSON object")
+
+        parsed = parse_webhook(data)
+        for note in parsed.notes:
+            self.context.log.info("webhook: %s", note)
+        for error in parsed.errors:
+            self.context.log.warning("webhook error entry: %s", error)
+        for message in parsed.messages:
+            self._apply_number_defaults(message)
+            try:
+                await self.context.ingest(message)
+            except InvalidMessage as exc:
+                field = exc.path or "message"
+                raise json_error(web.HTTPBadRequest, "invalid_message", f"{field}: {exc.message}") from None
+        for update in parsed.statuses:
+            await self.context.record_delivery(update)
+        return web.json_response({"messages": len(parsed.messages), "statuses": len(parsed.statuses)})
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The raw body, refused with 413 beyond ``max_body_bytes`` (checked while reading)."""
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit, request.content_length)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _apply_number_defaults(self, message: dict[str, Any]) -> None:
+        """The business number written to supplies unit hint and language the message lacks."""
+        number = self.settings.number(message.get("recipient"))
+        if number is None:
+            return
+        if number.unit and not message.get("unit_hint"):
+            message["unit_hint"] = number.unit
+        if number.language and not message.get("language"):
+            message["language"] = number.language
+
+    # ---------------------------------------------------------------------------------------
+    # Outbound
+    # ---------------------------------------------------------------------------------------
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Free text inside the 24-hour window, else the approved template; typed errors."""
+        if message.to_kind != "phone":
+            raise PermanentDeliveryError(f"cannot send WhatsApp messages to a {message.to_kind!r} address")
+        number = self.settings.number(message.recipient) or self.settings.numbers[0]
+        use_template = message.hint == "template" or not graph.within_window(
+            message.last_inbound_at, self.context.clock.now()
+        )
+        if use_template:
+            payloads = [self._template_payload(message, number)]
+        else:
+            payloads = graph.text_payloads(message.to, message.text)
+            if not payloads:
+                raise PermanentDeliveryError("the message has no text", code="empty_text")
+        provider_ids = []
+        for payload in payloads:
+            payload["biz_opaque_callback_data"] = message.idempotency_key[:512]
+            provider_ids.append(await self._post(number.phone_number_id, payload))
+        return SendResult(provider_id=provider_ids[0])
+
+    def _template_payload(self, message: OutboundMessage, number: BusinessNumber) -> dict[str, Any]:
+        template = self.settings.template
+        if template is None:
+            raise PermanentDeliveryError(
+                "outside the 24-hour window and no WhatsApp template is configured", code="no_template"
+            )
+        return graph.template_payload(
+            message.to,
+            name=template.name,
+            language_code=template.language_code(message.language, number.language),
+            case_reference=message.case_reference,
+            answer=message.text,
+            prompt=template.prompt(message.language),
+            max_parameter_chars=template.max_parameter_chars,
+        )
+
+    async def _post(self, phone_number_id: str, payload: dict[str, Any]) -> str:
+        """POST one message payload; its provider id, or the typed error for the answer."""
+        settings = self.settings
+        url = f"{settings.graph_url}/{settings.api_version}/{phone_number_id}/messages"
+        headers = {"Authorization": f"Bearer {settings.access_token}"}
+        try:
+            async with self.context.http.post(
+                url, json=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=settings.timeout)
+            ) as response:
+                status = response.status
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+                try:
+                    body = await response.json(content_type=None)
+                except (ValueError, aiohttp.ContentTypeError):
+                    body = None
+        except TimeoutError:
+            raise RetryableDeliveryError("Graph API did not answer in time", code="timeout") from None
+        except aiohttp.ClientError as exc:
+            raise RetryableDeliveryError(f"Graph API unreachable: {exc}", code="connection") from None
+        provider_id = graph.provider_message_id(body) if 200 <= status < 300 else None
+        if provider_id:
+            return provider_id
+        raise graph.classify_error(status, body if isinstance(body, dict) else None, retry_after=retry_after)
+
+
+def _too_large(limit: int, size: int) -> web.HTTPException:
+    return json_error(
+        web.HTTPRequestEntityTooLarge,
+        "body_too_large",
+        f"body exceeds {limit} bytes",
+        max_size=limit,
+        actual_size=size,
+    )
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        seconds = float(value) if value else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds <= 86400 else None
+

@@ -1,0 +1,174 @@
+"""Outbound Graph API: request payloads for free text and templates, and what an error means.
+
+Pure functions, no I/O. ``WhatsAppChannel.send`` builds a payload here, posts it and hands a
+failed answer to ``classify_error``, which turns it into the typed error the outbox acts on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from router.hookspecs import (
+    DeliveryError,
+    PermanentDeliveryError,
+    ResendAsDeliveryError,
+    RetryableDeliveryError,
+)
+
+from .errors import outcome_for_code
+
+MAX_TEXT_LENGTH = 4096
+"""Longest ``text.body`` the Cloud API accepts."""
+
+MAX_TEMPLATE_PARAMETER = 700
+"""Default budget for the answer parameter: an approved body may be 1024 characters in all,
+fixed text included, so the answer gets what the template's own words leave over."""
+
+_SPACE_RUN = re.compile(r"\s+")
+
+
+def to_address(phone: str) -> str:
+    """The ``to`` field: the phone number in international form without ``+``, as WhatsApp ids are."""
+    return phone.strip().removeprefix("+")
+
+
+def split_text(text: str, limit: int = MAX_TEXT_LENGTH) -> list[str]:
+    """Split a text into parts of at most ``limit`` characters, at a paragraph, line or word
+    break where one is near the end, so a long answer arrives whole and readable."""
+    parts: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        cut = limit
+        for separator in ("\n\n", "\n", " "):
+            index = rest.rfind(separator, limit // 2, limit)
+            if index > 0:
+                cut = index
+                break
+        part = rest[:cut].rstrip()
+        parts.append(part or rest[:limit])
+        rest = rest[len(part) if part else limit :].lstrip()
+    if rest.strip():
+        parts.append(rest)
+    return parts
+
+
+def text_payloads(to: str, text: str, *, limit: int = MAX_TEXT_LENGTH) -> list[dict[str, Any]]:
+    """Free-text message payloads for ``text``: one, or several when it exceeds ``limit``."""
+    return [
+        {
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to_address(to),
+            "type": "text",
+            "text": {"body": part, "preview_url": False},
+        }
+        for part in split_text(text, limit)
+    ]
+
+
+def template_parameter(text: str, limit: int) -> str:
+    """A text as a template body parameter: WhatsApp refuses new lines, tabs and runs of more
+    than four spaces there, so all white space collapses to single spaces; clipped to ``limit``
+    with an ellipsis."""
+    flat = _SPACE_RUN.sub(" ", text).strip()
+    if len(flat) > limit:
+        flat = flat[: max(limit - 1, 0)].rstrip() + "…"
+    return flat
+
+
+def template_payload(
+    to: str,
+    *,
+    name: str,
+    language_code: str,
+    case_reference: str | None,
+    answer: str,
+    prompt: str,
+    max_parameter_chars: int = MAX_TEMPLATE_PARAMETER,
+) -> dict[str, Any]:
+    """A template message with two body parameters: ``{{1}}`` the case reference and ``{{2}}``
+    the answer, or, when the answer does not fit, its beginning followed by ``prompt`` (asking
+    the person to reply, which opens the window for the full text)."""
+    flat_answer = _SPACE_RUN.sub(" ", answer).strip()
+    flat_prompt = template_parameter(prompt, max_parameter_chars)
+    if flat_answer and len(flat_answer) <= max_parameter_chars:
+        second = flat_answer
+    else:
+        room = max_parameter_chars - len(flat_prompt) - 1
+        preview = template_parameter(flat_answer, room) if room > 20 and flat_answer else ""
+        second = f"{preview} {flat_prompt}".strip()
+    return {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to_address(to),
+        "type": "template",
+        "template": {
+            "name": name,
+            "language": {"code": language_code},
+            "components": [
+                {
+                    "type": "body",
+                    "parameters": [
+                        {"type": "text", "text": template_parameter(case_reference or "-", 60)},
+                        {"type": "text", "text": second},
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def provider_message_id(body: Any) -> str | None:
+    """``messages[0].id`` of a successful send answer, or None."""
+    if not isinstance(body, Mapping):
+        return None
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], Mapping):
+        message_id = messages[0].get("id")
+        if isinstance(message_id, str) and message_id:
+            return message_id
+    return None
+
+
+def classify_error(
+    http_status: int, body: Mapping[str, Any] | None, *, retry_after: float | None = None
+) -> DeliveryError:
+    """The typed delivery error for a failed Graph API answer.
+
+    131047 (outside the 24-hour window) asks for the template; rate limits (130429, 131056 and
+    the others in ``errors.RETRYABLE_CODES``), 429, 5xx and ``http_status`` 0 (no answer: a
+    timeout or connection error) are retried; everything else, an invalid recipient (131026,
+    131030), a bad parameter (100, 131008, 131009) or a template problem, is permanent.
+    """
+    error = body.get("error") if isinstance(body, Mapping) else None
+    error = error if isinstance(error, Mapping) else {}
+    code = error.get("code")
+    error_data = error.get("error_data") if isinstance(error.get("error_data"), Mapping) else {}
+    details = error_data.get("details")
+    text = str(error.get("message") or (f"HTTP {http_status}" if http_status else "no answer"))
+    if details:
+        text = f"{text}: {details}"
+    code_text = str(code) if code is not None and not isinstance(code, bool) else None
+    outcome = outcome_for_code(code) if code_text else None
+    if outcome == "template":
+        return ResendAsDeliveryError(text, hint="template", code=code_text)
+    if outcome == "retry" or http_status == 0 or http_status == 429 or http_status >= 500:
+        return RetryableDeliveryError(text, code=code_text or str(http_status), retry_after=retry_after)
+    return PermanentDeliveryError(text, code=code_text or str(http_status))
+
+
+def within_window(last_inbound_at: datetime | None, now: datetime, hours: float = 24) -> bool:
+    """True while free text may be sent: less than ``hours`` since the person last wrote.
+
+    Naive datetimes are taken as UTC. No inbound message at all means outside the window.
+    """
+    if last_inbound_at is None:
+        return False
+    if last_inbound_at.tzinfo is None:
+        last_inbound_at = last_inbound_at.replace(tzinfo=UTC)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    return now - last_inbound_at < timedelta(hours=hours)

@@ -1,0 +1,196 @@
+"""The aiohttp application factory: configuration, store, plugins and channels wired together;
+every resource with a lifetime lives in a ``cleanup_ctx``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import keys
+from .channel import Channel, InvalidMessage
+from .clock import Clock
+from .config import Config
+from .context import ChannelContext
+from .core import ActionError, Core, DirectoryPlugin
+from .inbox.api import setup_inbox
+from .metrics import Metrics
+from .outbox import OutboxPolicy, OutboxWorker
+from .plugins import create_plugin_manager
+from .store.sqlite import SQLiteStore
+
+log = logging.getLogger("contact_router.app")
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    """The one error shape of the HTTP API: ``{"error": {"code": ..., "message": ...}}``."""
+    return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+               409: "conflict", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Domain errors become JSON responses; nothing unexpected leaks out as an HTML 500."""
+    try:
+        return await handler(request)
+    except InvalidMessage as exc:
+        return json_error(400, "invalid_message", exc.message, field=exc.path)
+    except ActionError as exc:
+        return json_error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json" and not request.path.startswith("/channels/webform/"):
+            return json_error(exc.status, _HTTP_CODES.get(exc.status, "error"), exc.reason)
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_error(500, "internal_error", "internal error; it has been logged")
+
+
+def _channel_routes(channel: Channel) -> list[web.RouteDef]:
+    prefix = f"/channels/{channel.name}"
+    routes = []
+    for route in channel.routes():
+        if not isinstance(route, web.RouteDef):
+            raise TypeError(f"channel {channel.name!r}: routes() must return aiohttp RouteDefs")
+        path = route.path if route.path.startswith("/") else "/" + route.path
+        routes.append(web.RouteDef(route.method, prefix + path, route.handler, route.kwargs))
+    return routes
+
+
+def create_app(
+    config: Config,
+    *,
+    data_dir: Path,
+    clock: Clock | None = None,
+    entrypoints: bool | Iterable[str] = True,
+    extra_plugins: Iterable[Any] = (),
+    outbox_policy: OutboxPolicy | None = None,
+    run_workers: bool = True,
+    env: dict[str, str] | None = None,
+) -> web.Application:
+    """Build the application. ``run_workers=False`` leaves the outbox worker and the escalation
+    scheduler to the caller (tests drive them step by step)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    clock = clock or Clock()
+    metrics = Metrics()
+    store = SQLiteStore(data_dir / "contact-router.sqlite3")
+    pm = create_plugin_manager(entrypoints)
+    pm.register(DirectoryPlugin(store), name="builtin-directory")
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    core = Core(config=config, store=store, pm=pm, clock=clock, data_dir=data_dir, metrics=metrics)
+
+    app[keys.CONFIG] = config
+    app[keys.DATA_DIR] = data_dir
+    app[keys.CLOCK] = clock
+    app[keys.PLUGINS] = pm
+    app[keys.STORE] = store
+    app[keys.CORE] = core
+    app[keys.METRICS] = metrics
+    app[keys.OUTBOX_POLICY] = outbox_policy or OutboxPolicy()
+    app[keys.RUN_WORKERS] = run_workers
+
+    channels: list[Channel] = []
+    for result in pm.hook.register_channels(
+        settings=config.channels, env=dict(os.environ if env is None else env), topics=config.topics
+    ):
+        channels.extend(result or ())
+    core.add_channels(channels)
+
+    def http() -> aiohttp.ClientSession:
+        return app[keys.HTTP]
+
+    for channel in channels:
+        channel.setup(
+            ChannelContext(
+                name=channel.name,
+                settings=config.channels.get(channel.name, {}) or {},
+                data_dir=data_dir,
+                public_base_url=config.public_base_url,
+                clock=clock,
+                ingest=core.ingest,
+                record_delivery=core.record_delivery,
+                conversation_view=partial_view(core),
+                http=http,
+                render=core.templates.render,
+                units={u.id: u.public() for u in config.units.values()},
+            )
+        )
+        app.router.add_routes(_channel_routes(channel))
+
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_http_ctx)
+    app.cleanup_ctx.append(_services_ctx)
+    app.cleanup_ctx.append(_workers_ctx)
+    setup_inbox(app)
+    return app
+
+
+def partial_view(core: Core) -> Callable[..., Awaitable[dict[str, Any] | None]]:
+    from .inbox.queries import resident_view
+
+    async def view(*, status_token: str) -> dict[str, Any] | None:
+        return await resident_view(core, status_token)
+
+    return view
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = app[keys.STORE]
+    await store.open()
+    yield
+    await app[keys.CORE].drain_background()
+    await store.close()
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, connect=10))
+    app[keys.HTTP] = session
+    yield
+    await session.close()
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start every channel's long-running services; stop them in reverse order."""
+    async with contextlib.AsyncExitStack() as stack:
+        for channel in app[keys.CORE].channels.values():
+            for service in channel.services():
+                await stack.enter_async_context(contextlib.asynccontextmanager(service)())
+        yield
+
+
+async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    core = app[keys.CORE]
+    core.outbox = OutboxWorker(
+        store=app[keys.STORE],
+        config=app[keys.CONFIG],
+        channels=core.channels,
+        clock=app[keys.CLOCK],
+        policy=app[keys.OUTBOX_POLICY],
+        status_url=core.status_url,
+        on_answered=core.on_answered,
+    )
+    tasks = []
+    if app[keys.RUN_WORKERS]:
+        tasks.append(asyncio.create_task(core.outbox.run(), name="outbox"))
+        tasks.append(asyncio.create_task(core.run_scheduler(), name="escalation-scheduler"))
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,145 @@
+"""The ``contact-router`` command: ``serve``, ``check-config``, ``import-customers``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import DEFAULT_CONFIG, ConfigError, load_config
+
+log = logging.getLogger("contact_router")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("CONTACT_ROUTER_DATA_DIR", "data"))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .inbox.api import ALLOW_DEMO, STAFF
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    loopback = _is_loopback(args.host)
+    demo = [m.name for m in config.staff if m.demo]
+    if demo and loopback:
+        log.warning("demo staff tokens in use (%s): set CONTACT_ROUTER_TOKEN_* before exposing the service", ", ".join(demo))
+    elif demo:
+        log.warning("refusing demo staff tokens (%s) on a non-loopback address", ", ".join(demo))
+    try:
+        import uvloop  # optional: the faster event loop when installed
+
+        uvloop.install()
+    except ImportError:
+        pass
+    app = create_app(config, data_dir=Path(args.data_dir))
+    app[ALLOW_DEMO] = loopback
+    app[STAFF] = tuple(m for m in config.staff if loopback or not m.demo)
+    log.info("contact-router on http://%s:%s (config %s, data %s)", args.host, args.port, config.file, args.data_dir)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        for path, message in exc.errors:
+            print(f"{exc.file}: {path or '(top level)'}: {message}", file=sys.stderr)
+        return 1
+    print(f"{config.file}: OK ({len(config.units)} units, {len(config.rules)} rules, {len(config.areas)} areas)")
+    return 0
+
+
+def cmd_import_customers(args: argparse.Namespace) -> int:
+    from .clock import Clock
+    from .core import Core
+    from .metrics import Metrics
+    from .plugins import create_plugin_manager
+    from .store.sqlite import SQLiteStore
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        with open(args.csv, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, delimiter=args.delimiter)
+            if reader.fieldnames is None or "customer_number" not in reader.fieldnames:
+                print(f"{args.csv}: the header must name a customer_number column", file=sys.stderr)
+                return 1
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        print(f"{args.csv}: {exc}", file=sys.stderr)
+        return 1
+
+    async def run() -> int:
+        data_dir = Path(args.data_dir)
+        store = SQLiteStore(data_dir / "contact-router.sqlite3")
+        await store.open()
+        try:
+            core = Core(config=config, store=store, pm=create_plugin_manager(False), clock=Clock(),
+                        data_dir=data_dir, metrics=Metrics())
+            return await core.import_customers(rows)
+        finally:
+            await store.close()
+
+    count = asyncio.run(run())
+    print(f"imported {count} customers into {args.data_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="contact-router", description="Every contact gets an answer from the unit responsible.")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="configuration file (default: the example organisation)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--data-dir", default=str(_default_data_dir()), help="folder for the SQLite database and files")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+    imp = sub.add_parser("import-customers", help="fill the built-in customer directory from a CSV file")
+    imp.add_argument("csv", help="CSV with columns customer_number,name,email,phone,street,postcode,city")
+    imp.add_argument("--config", default=str(DEFAULT_CONFIG))
+    imp.add_argument("--data-dir", default=str(_default_data_dir()))
+    imp.add_argument("--delimiter", default=",")
+    imp.set_defaults(func=cmd_import_customers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("CONTACT_ROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

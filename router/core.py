@@ -1,0 +1,438 @@
+"""The core service: the one object channels and the inbox API act through.
+
+It ties configuration, store, plugins and channels together: ``ingest`` for inbound messages,
+``record_delivery`` for provider statuses, and the staff actions (reply, note, assign,
+transfer, close, reopen, call-backs, merge). Each write is one unit of work in the store's
+group commit; plugin event hooks run after the commit and never undo it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from . import identity, tracking
+from .channel import Channel, DeliveryUpdate
+from .clock import Clock
+from .config import Config
+from .context import IngestResult
+from .hookspecs import hookimpl
+from .ingest import Prepared, ingest_tx, prepare
+from .metrics import Metrics
+from .models import Customer, CustomerClaim, RoutingDecision
+from .outbox import OutboxWorker, apply_delivery_update
+from .plugins import call_all, call_first, has_implementations
+from .store.sqlite import SQLiteStore, iso
+from .templates import Templates
+
+log = logging.getLogger("contact_router.core")
+
+
+class ActionError(Exception):
+    """A staff action that cannot be done in the conversation's current state (409/400)."""
+
+    def __init__(self, code: str, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class DirectoryPlugin:
+    """The built-in customer directory as a ``trylast`` ``lookup_customer`` implementation."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    @hookimpl(trylast=True)
+    async def lookup_customer(self, claim: CustomerClaim) -> Customer | None:
+        return await self.store.write(lambda conn: identity.directory_lookup(conn, claim))
+
+
+class Core:
+    """Everything the service does, independent of HTTP."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: SQLiteStore,
+        pm: pluggy.PluginManager,
+        clock: Clock,
+        data_dir: Path,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pm = pm
+        self.clock = clock
+        self.data_dir = data_dir
+        self.metrics = metrics
+        self.templates = Templates(config.templates, config.default_language)
+        self.channels: dict[str, Channel] = {}
+        self.outbox: OutboxWorker | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._threads_by_sender: frozenset[str] = frozenset()
+        self._refresh_hook_flags()
+
+    def _refresh_hook_flags(self) -> None:
+        """Which optional hooks have implementations: the ingest path skips the others."""
+        self._route_hook = has_implementations(self.pm, "route_message")
+        self._received_hook = has_implementations(self.pm, "message_received")
+        self._answered_hook = has_implementations(self.pm, "conversation_answered")
+        self._escalated_hook = has_implementations(self.pm, "conversation_escalated")
+        self._routed_hook = has_implementations(self.pm, "conversation_routed")
+
+    def add_channels(self, channels: list[Channel]) -> None:
+        for channel in channels:
+            if channel.name in self.channels:
+                raise ValueError(f"two plugins provide a channel named {channel.name!r}")
+            self.channels[channel.name] = channel
+        self._threads_by_sender = frozenset(n for n, c in self.channels.items() if c.capabilities.threads_by_sender)
+        self._refresh_hook_flags()
+
+    def status_url(self, token: str) -> str:
+        return f"{self.config.public_base_url}/channels/webform/status/{token}"
+
+    def wake_outbox(self) -> None:
+        if self.outbox is not None:
+            self.outbox.wake.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fire(self, hook: str, **kwargs: Any) -> None:
+        try:
+            await call_all(self.pm, hook, **kwargs)
+        except Exception:
+            self.metrics.inc("contact_router_hook_errors_total", hook=hook)
+            log.exception("plugin hook %s failed", hook)
+
+    async def drain_background(self) -> None:
+        """Wait for event hooks still running (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # ------------------------------------------------------------------ inbound
+
+    async def ingest(self, message: dict[str, Any]) -> IngestResult:
+        """Validate, store, route and acknowledge one inbound message in one commit."""
+        now = self.clock.now()
+        msg, identities, language = prepare(message, config=self.config, now=now)
+        customer = None
+        if msg.get("customer_number"):
+            customer = await self._lookup_customer(msg, identities)
+        override = None
+        if self._route_hook and msg["kind"] not in ("reaction", "edit", "deletion"):
+            override = await call_first(self.pm, "route_message", message=msg, is_customer=customer is not None)
+            if override is not None and override.unit not in self.config.units:
+                log.warning("route_message returned unknown unit %r; ignored", override.unit)
+                override = None
+        prep = Prepared(msg, identities, language, customer, override, msg["channel"] in self._threads_by_sender, now)
+        result = await self.store.write(
+            partial(ingest_tx, config=self.config, templates=self.templates, prep=prep, status_url=self.status_url)
+        )
+        self.metrics.inc(
+            "contact_router_messages_received_total", channel=msg["channel"], duplicate=str(result.duplicate).lower()
+        )
+        if result.acknowledged:
+            self.metrics.inc("contact_router_acknowledgements_queued_total", channel=msg["channel"])
+            self.wake_outbox()
+        if not result.duplicate:
+            if self._received_hook:
+                self._spawn(self._fire("message_received", message=msg, result=result))
+            if self._routed_hook and result.acknowledged and result.conversation_id is not None:
+                conv = {"id": result.conversation_id, "case_reference": result.case_reference, "unit": result.unit,
+                        "channel": msg["channel"], "deadline": iso(result.deadline)}
+                self._spawn(self._fire("conversation_routed", conversation=conv, rule="ingest", reason=""))
+        return result
+
+    async def _lookup_customer(self, msg: Mapping[str, Any], identities: list[tuple[str, str]]) -> Customer | None:
+        address = msg.get("address") or {}
+        email = next((a for k, a in identities if k == "email"), None)
+        phone = next((a for k, a in identities if k == "phone"), None)
+        claim = CustomerClaim(
+            customer_number=msg["customer_number"].strip(),
+            name=msg["sender"].get("display_name"),
+            email=email,
+            phone=phone,
+            street=address.get("street"),
+            postcode=address.get("postcode"),
+            city=address.get("city"),
+        )
+        try:
+            return await asyncio.wait_for(call_first(self.pm, "lookup_customer", claim=claim), 10)
+        except Exception:  # a CRM that fails must not cost the message: the number stays a claim
+            log.exception("lookup_customer failed; keeping the number as a claim")
+            self.metrics.inc("contact_router_hook_errors_total", hook="lookup_customer")
+            return None
+
+    async def record_delivery(self, channel: str, update: DeliveryUpdate) -> bool:
+        """Apply a provider status callback; False when the provider id is not ours."""
+        answered_on = self.outbox.answered_on_sent if self.outbox else frozenset()
+        known, answered = await self.store.write(
+            lambda conn: apply_delivery_update(conn, channel, update, answered_on, self.channels, self.clock.now())
+        )
+        self.metrics.inc("contact_router_delivery_updates_total", channel=channel, status=update.status)
+        if update.resend_hint or update.status == "failed":
+            self.wake_outbox()
+        if answered:
+            await self.on_answered(answered)
+        return known
+
+    async def on_answered(self, answered: dict[str, Any]) -> None:
+        self.metrics.inc("contact_router_conversations_answered_total")
+        if self._answered_hook:
+            self._spawn(self._fire("conversation_answered", conversation=answered["conversation"], message=answered["message"]))
+
+    # ------------------------------------------------------------------ scheduler
+
+    async def escalate_due(self) -> list[dict[str, Any]]:
+        """One pass of the escalation scheduler."""
+        now = self.clock.now()
+        done = await self.store.write(lambda conn: tracking.escalate_due(conn, self.config, self.templates, now))
+        if done:
+            self.metrics.inc("contact_router_escalations_total", value=len(done))
+            self.wake_outbox()
+            if self._escalated_hook:
+                for e in done:
+                    self._spawn(self._fire("conversation_escalated", conversation=e["conversation"],
+                                           from_unit=e["from_unit"], to_unit=e["to_unit"], level=e["level"]))
+        return done
+
+    async def run_scheduler(self) -> None:
+        while True:
+            try:
+                await self.escalate_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("escalation pass failed")
+            await asyncio.sleep(self.config.escalation_check_seconds)
+
+    # ------------------------------------------------------------------ staff actions
+
+    def _conversation(self, conn: sqlite3.Connection, conversation_id: int) -> sqlite3.Row:
+        row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            raise ActionError("not_found", "conversation not found", 404)
+        return row
+
+    async def reply(self, conversation_id: int, text: str, staff: str) -> dict[str, Any]:
+        """Queue a staff reply on the conversation's channel (and any ``reply_copies``)."""
+        now = self.clock.now()
+        stamp = iso(now)
+
+        def target(conn: sqlite3.Connection) -> tuple[sqlite3.Row, list[dict[str, str]]]:
+            conv = self._conversation(conn, conversation_id)
+            idents = [dict(r) for r in conn.execute(
+                "SELECT kind, address, failed_at, last_inbound_at FROM identities WHERE contact_id = ?"
+                " ORDER BY last_inbound_at DESC", (conv["contact_id"],))]
+            return conv, idents
+
+        conv, idents = await self.store.write(target)
+        channel = self.channels.get(conv["channel"])
+        kinds = channel.capabilities.identity_kinds if channel else ()
+        to = next((i for i in idents if i["kind"] in kinds and not i["failed_at"]), None) or next(
+            (i for i in idents if i["kind"] in kinds), None
+        )
+        copies: list[Mapping[str, str]] = []
+        if has_implementations(self.pm, "reply_copies"):
+            conv_view = {"id": conv["id"], "case_reference": conv["case_reference"], "channel": conv["channel"],
+                         "unit": conv["unit"], "status_url": self.status_url(conv["status_token"])}
+            for result in await call_all(
+                self.pm, "reply_copies", conversation=conv_view,
+                reply={"text": text, "language": conv["language"], "kind": "reply"},
+                identities=[{"kind": i["kind"], "address": i["address"]} for i in idents],
+            ):
+                copies.extend(r for r in result if r.get("channel") in self.channels and r.get("channel") != conv["channel"])
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any]:
+            current = self._conversation(conn, conversation_id)
+            message_id = conn.execute(
+                "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, subject, text,"
+                " language, delivery_status, created_at) VALUES (?, ?, 'out', 'reply', ?, ?, ?, ?, ?, 'queued', ?)",
+                (conversation_id, current["contact_id"], current["channel"], staff,
+                 f"[#{current['case_reference']}] {current['subject'] or ''}".strip(), text, current["language"], stamp),
+            ).lastrowid
+            if to is not None:
+                tracking.add_outbox_row(conn, message_id=message_id, conversation_id=conversation_id, kind="reply",
+                                        channel=current["channel"], to_kind=to["kind"], to=to["address"], now=stamp)
+            else:
+                conn.execute("UPDATE messages SET delivery_status = 'failed' WHERE id = ?", (message_id,))
+                tracking.add_flags(conn, conversation_id, ["undeliverable", "callback_required"], stamp)
+                tracking.record_event(conn, conversation_id, "undeliverable", stamp, reason="no address to reply to on this channel")
+            for copy in copies:
+                tracking.add_outbox_row(conn, message_id=message_id, conversation_id=conversation_id, kind="reply",
+                                        channel=copy["channel"], to_kind=copy.get("to_kind", copy["channel"]),
+                                        to=copy["to"], now=stamp, primary=False)
+            tracking.record_event(conn, conversation_id, "reply_queued", stamp, actor=staff, message_id=message_id)
+            return {"id": message_id, "conversation_id": conversation_id, "direction": "out", "kind": "reply",
+                    "channel": current["channel"], "text": text, "author": staff, "created_at": stamp,
+                    "delivery_status": "queued" if to is not None else "failed"}
+
+        result = await self.store.write(work)
+        self.wake_outbox()
+        return result
+
+    async def note(self, conversation_id: int, text: str, staff: str) -> dict[str, Any]:
+        stamp = iso(self.clock.now())
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any]:
+            current = self._conversation(conn, conversation_id)
+            message_id = conn.execute(
+                "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, text, created_at)"
+                " VALUES (?, ?, 'internal', 'note', 'internal', ?, ?, ?)",
+                (conversation_id, current["contact_id"], staff, text, stamp),
+            ).lastrowid
+            return {"id": message_id, "direction": "internal", "kind": "note", "text": text, "author": staff, "created_at": stamp}
+
+        return await self.store.write(work)
+
+    async def assign(self, conversation_id: int, assignee: str | None, staff: str) -> None:
+        stamp = iso(self.clock.now())
+
+        def work(conn: sqlite3.Connection) -> None:
+            self._conversation(conn, conversation_id)
+            conn.execute("UPDATE conversations SET assignee = ?, updated_at = ? WHERE id = ?", (assignee, stamp, conversation_id))
+            tracking.record_event(conn, conversation_id, "assigned", stamp, actor=staff, assignee=assignee)
+
+        await self.store.write(work)
+
+    async def transfer(self, conversation_id: int, unit: str, reason: str, staff: str) -> None:
+        """Give the conversation to another unit: new deadline, new owner notified, history kept."""
+        if unit not in self.config.units:
+            raise ActionError("unknown_unit", f"unknown unit {unit!r}", 400)
+        now = self.clock.now()
+        stamp = iso(now)
+        why = reason or f"Transferred by {staff}."
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any]:
+            conv = self._conversation(conn, conversation_id)
+            if conv["unit"] == unit:
+                raise ActionError("same_unit", "the conversation already belongs to that unit")
+            waiting = conv["state"] in tracking.AWAITING_ANSWER
+            deadline = iso(tracking.deadline_for(self.config, unit, now)) if waiting else None
+            conn.execute(
+                "UPDATE conversations SET unit = ?, routing_rule = 'transfer', routing_reason = ?, assignee = NULL,"
+                " deadline = COALESCE(?, deadline), escalate_at = COALESCE(?, escalate_at), updated_at = ? WHERE id = ?",
+                (unit, why, deadline, deadline, stamp, conversation_id),
+            )
+            tracking.record_event(conn, conversation_id, "transferred", stamp, actor=staff, from_unit=conv["unit"], to_unit=unit, reason=why)
+            updated = self._conversation(conn, conversation_id)
+            tracking.queue_unit_notification(conn, self.config, self.templates, conversation=updated, unit_id=unit,
+                                             template="new_owner" if self.templates.has("new_owner") else "ack", now=now)
+            return dict(updated)
+
+        updated = await self.store.write(work)
+        self.wake_outbox()
+        if self._routed_hook:
+            self._spawn(self._fire("conversation_routed", conversation=updated, rule="transfer", reason=why))
+
+    async def set_state(self, conversation_id: int, action: str, staff: str) -> None:
+        """close, reopen, or wait (for the resident: no deadline while waiting)."""
+        now = self.clock.now()
+        stamp = iso(now)
+
+        def work(conn: sqlite3.Connection) -> None:
+            conv = self._conversation(conn, conversation_id)
+            if action == "close":
+                if conv["state"] == "closed":
+                    raise ActionError("already_closed", "the conversation is closed already")
+                conn.execute(
+                    "UPDATE conversations SET state = 'closed', closed_at = ?, deadline = NULL, escalate_at = NULL,"
+                    " updated_at = ? WHERE id = ?", (stamp, stamp, conversation_id))
+            elif action == "reopen":
+                if conv["state"] != "closed":
+                    raise ActionError("not_closed", "only a closed conversation can be reopened")
+                tracking.renew_deadline(conn, self.config, conv, now)
+            elif action == "wait":
+                if conv["state"] == "closed":
+                    raise ActionError("closed", "reopen the conversation first")
+                conn.execute(
+                    "UPDATE conversations SET state = 'waiting', deadline = NULL, escalate_at = NULL, updated_at = ?"
+                    " WHERE id = ?", (stamp, conversation_id))
+            tracking.record_event(conn, conversation_id, {"close": "closed", "reopen": "reopened", "wait": "waiting"}[action], stamp, actor=staff)
+
+        await self.store.write(work)
+
+    async def log_callback(self, conversation_id: int, outcome: str, note: str | None, staff: str) -> dict[str, Any]:
+        """A call-back attempt. ``reached`` answers the conversation; after too many failed
+        attempts the duty escalates."""
+        now = self.clock.now()
+        stamp = iso(now)
+        limit = int(self.config.channels.get("phone", {}).get("callback_attempts", 3) or 3)
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any]:
+            conv = self._conversation(conn, conversation_id)
+            conn.execute(
+                "INSERT INTO callback_attempts (conversation_id, outcome, note, staff, at) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, outcome, note, staff, stamp),
+            )
+            tracking.record_event(conn, conversation_id, "callback", stamp, actor=staff, outcome=outcome, note=note)
+            answered = None
+            escalated = None
+            if outcome == "reached":
+                message_id = conn.execute(
+                    "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, text,"
+                    " delivery_status, created_at) VALUES (?, ?, 'out', 'callback', 'phone', ?, ?, 'delivered', ?)",
+                    (conversation_id, conv["contact_id"], staff, note or "Call-back: reached", stamp),
+                ).lastrowid
+                tracking.remove_flags(conn, conversation_id, ["callback_required", "undeliverable"], stamp)
+                if tracking.mark_answered(conn, conversation_id, stamp):
+                    answered = {"conversation": dict(self._conversation(conn, conversation_id)),
+                                "message": {"id": message_id, "text": note, "channel": "phone", "kind": "callback"}}
+            else:
+                failed = conn.execute(
+                    "SELECT COUNT(*) FROM callback_attempts WHERE conversation_id = ? AND outcome != 'reached'",
+                    (conversation_id,),
+                ).fetchone()[0]
+                if outcome == "wrong_number" or failed >= limit:
+                    tracking.add_flags(conn, conversation_id, ["callback_failed"], stamp)
+                    if conv["state"] in tracking.AWAITING_ANSWER:
+                        escalated = tracking.escalate(conn, self.config, self.templates, conv, now)
+            return {"attempt": {"outcome": outcome, "note": note, "staff": staff, "at": stamp},
+                    "answered": answered, "escalated": escalated}
+
+        result = await self.store.write(work)
+        if result["answered"]:
+            await self.on_answered(result["answered"])
+        if result["escalated"]:
+            self.wake_outbox()
+        return result
+
+    async def merge_contacts(self, survivor: int, other: int, staff: str) -> None:
+        stamp = iso(self.clock.now())
+
+        def work(conn: sqlite3.Connection) -> None:
+            for cid in (survivor, other):
+                row = conn.execute("SELECT merged_into FROM contacts WHERE id = ?", (cid,)).fetchone()
+                if row is None:
+                    raise ActionError("not_found", f"contact {cid} not found", 404)
+                if row[0] is not None:
+                    raise ActionError("merged", f"contact {cid} was merged into {row[0]} already")
+            identity.merge_contacts(conn, survivor, other, stamp)
+            tracking.record_event(conn, None, "contacts_merged", stamp, actor=staff, survivor=survivor, merged=other)
+
+        await self.store.write(work)
+
+    async def import_customers(self, rows: list[Mapping[str, str]]) -> int:
+        stamp = iso(self.clock.now())
+        return await self.store.write(lambda conn: identity.import_customers(conn, rows, stamp))
+
+
+def json_loads(value: str | None) -> Any:
+    return json.loads(value) if value else None
+
+
+__all__ = ["ActionError", "Core", "DirectoryPlugin", "RoutingDecision"]

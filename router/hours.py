@@ -1,0 +1,86 @@
+"""Business hours: whether a unit is open, and when a deadline of N working hours falls.
+
+Deadlines count only the unit's opening hours in its timezone (Europe/Berlin by default), so a
+message on Friday evening to a unit with four working hours is due on Monday morning, and
+daylight-saving changes are handled by ``zoneinfo``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclasses.dataclass(frozen=True)
+class BusinessHours:
+    """Weekly opening intervals plus holidays, in one timezone. An empty week means always open."""
+
+    timezone: ZoneInfo
+    week: tuple[tuple[tuple[time, time | None], ...], ...]  # per weekday; None end = midnight
+    holidays: frozenset[date] = frozenset()
+
+    @classmethod
+    def from_config(cls, spec: Mapping[str, Sequence[str]] | None, timezone: str) -> BusinessHours:
+        """Build from ``{"mon": ["08:00-18:00"], ..., "holidays": ["2026-12-24"]}``."""
+        spec = spec or {}
+        week = []
+        for day in DAYS:
+            intervals = []
+            for item in spec.get(day, ()):
+                start_s, end_s = item.split("-")
+                start = time.fromisoformat(start_s)
+                end = None if end_s == "24:00" else time.fromisoformat(end_s)
+                if end is not None and end <= start:
+                    raise ValueError(f"{day}: interval {item!r} ends before it starts")
+                intervals.append((start, end))
+            week.append(tuple(sorted(intervals, key=lambda i: i[0])))
+        holidays = frozenset(date.fromisoformat(d) for d in spec.get("holidays", ()))
+        return cls(ZoneInfo(timezone), tuple(week), holidays)
+
+    @property
+    def always_open(self) -> bool:
+        return not any(self.week)
+
+    def _intervals_on(self, day: date) -> list[tuple[datetime, datetime]]:
+        if day in self.holidays:
+            return []
+        result = []
+        for start, end in self.week[day.weekday()]:
+            begin = datetime.combine(day, start, self.timezone)
+            finish = (
+                datetime.combine(day + timedelta(days=1), time(0), self.timezone)
+                if end is None
+                else datetime.combine(day, end, self.timezone)
+            )
+            result.append((begin.astimezone(UTC), finish.astimezone(UTC)))
+        return result
+
+    def is_open(self, when: datetime) -> bool:
+        """Whether ``when`` (aware) falls inside an opening interval."""
+        if self.always_open:
+            return True
+        local = when.astimezone(self.timezone)
+        return any(start <= when < end for start, end in self._intervals_on(local.date()))
+
+    def add(self, start: datetime, hours: float) -> datetime:
+        """The moment when ``hours`` working hours have passed after ``start`` (aware, UTC)."""
+        start = start.astimezone(UTC)
+        remaining = timedelta(hours=hours)
+        if self.always_open:
+            return start + remaining
+        day = start.astimezone(self.timezone).date()
+        for _ in range(400):  # a year and a bit: enough for any sane calendar
+            for begin, end in self._intervals_on(day):
+                if end <= start:
+                    continue
+                begin = max(begin, start)
+                available = end - begin
+                if available >= remaining:
+                    return begin + remaining
+                remaining -= available
+            day += timedelta(days=1)
+        raise ValueError("business hours have no opening time within a year")

@@ -1,0 +1,212 @@
+"""Sender resolution: channel addresses normalised into identities, identities into contacts.
+
+An unknown sender becomes a new contact (not a customer), never a refusal. Phone numbers are
+E.164 through ``phonenumbers``, so a WhatsApp message, an SMS and a call from one number are
+one contact; e-mail addresses are lower-cased. Merged contacts point to the survivor.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import phonenumbers
+
+from .models import Customer
+
+
+class InvalidAddress(ValueError):
+    """A channel address that cannot be normalised (a phone number that is not one)."""
+
+
+def normalize_phone(raw: str, region: str = "DE") -> str:
+    """E.164 form of a phone number written nationally or internationally."""
+    text = raw.strip()
+    if text.isdigit() and len(text) > 10 and not text.startswith("0"):
+        text = "+" + text  # WhatsApp ids and Twilio "From" without a plus
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidAddress(f"not a phone number: {raw!r}") from exc
+    if not phonenumbers.is_possible_number(number):
+        raise InvalidAddress(f"not a possible phone number: {raw!r}")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalize_address(kind: str, address: str) -> str:
+    """The canonical form of a channel address of the given kind."""
+    address = address.strip()
+    if kind == "phone":
+        return normalize_phone(address)
+    if kind == "email":
+        if "@" not in address or len(address) > 320:
+            raise InvalidAddress(f"not an e-mail address: {address!r}")
+        return address.lower()
+    if not address:
+        raise InvalidAddress("empty address")
+    return address
+
+
+def identities_of(message: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """All (kind, normalised address) pairs a message names for its sender, primary first."""
+    sender = message["sender"]
+    pairs = [(sender["kind"], normalize_address(sender["kind"], sender["address"]))]
+    for other in sender.get("other_identities") or ():
+        try:
+            pair = (other["kind"], normalize_address(other["kind"], other["address"]))
+        except InvalidAddress:
+            continue  # a secondary address that is wrong must not cost the message
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def _survivor(conn: sqlite3.Connection, contact_id: int) -> int:
+    for _ in range(20):
+        row = conn.execute("SELECT merged_into FROM contacts WHERE id = ?", (contact_id,)).fetchone()
+        if row is None or row[0] is None:
+            return contact_id
+        contact_id = row[0]
+    return contact_id
+
+
+def resolve_contact(
+    conn: sqlite3.Connection,
+    identities: list[tuple[str, str]],
+    *,
+    display_name: str | None,
+    language: str | None,
+    customer: Customer | None,
+    claim: str | None,
+    channel: str,
+    now: str,
+) -> tuple[int, bool]:
+    """Find or create the contact for these identities; returns (contact id, is_customer).
+
+    Identities not yet known are attached to the contact; an identity that belongs to another
+    contact stays where it is (staff can merge contacts).
+    """
+    contact_id: int | None = None
+    known: set[tuple[str, str]] = set()
+    for kind, address in identities:
+        row = conn.execute(
+            "SELECT contact_id FROM identities WHERE kind = ? AND address = ?", (kind, address)
+        ).fetchone()
+        if row is not None:
+            known.add((kind, address))
+            if contact_id is None:
+                contact_id = _survivor(conn, row[0])
+    if contact_id is None:
+        contact_id = conn.execute(
+            "INSERT INTO contacts (display_name, language, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            (display_name, language, now, now),
+        ).lastrowid
+    for kind, address in identities:
+        if (kind, address) not in known:
+            conn.execute(
+                "INSERT INTO identities (contact_id, kind, address, created_at) VALUES (?, ?, ?, ?)",
+                (contact_id, kind, address, now),
+            )
+    primary_kind, primary_address = identities[0]
+    conn.execute(
+        "UPDATE identities SET last_inbound_at = ?, last_inbound_channel = ?, failed_at = NULL WHERE kind = ? AND address = ?",
+        (now, channel, primary_kind, primary_address),
+    )
+    if customer is not None:
+        conn.execute(
+            "UPDATE contacts SET is_customer = 1, customer_number = ?, customer_claim = NULL,"
+            " display_name = COALESCE(display_name, ?), updated_at = ? WHERE id = ?",
+            (customer.customer_number, customer.name or display_name, now, contact_id),
+        )
+        return contact_id, True
+    row = conn.execute("SELECT is_customer, display_name, language FROM contacts WHERE id = ?", (contact_id,)).fetchone()
+    updates = []
+    params: list[Any] = []
+    if claim and not row["is_customer"]:
+        updates.append("customer_claim = ?")
+        params.append(claim)
+    if display_name and not row["display_name"]:
+        updates.append("display_name = ?")
+        params.append(display_name)
+    if language and row["language"] != language:
+        updates.append("language = ?")
+        params.append(language)
+    if updates:
+        conn.execute(
+            f"UPDATE contacts SET {', '.join(updates)}, updated_at = ? WHERE id = ?", (*params, now, contact_id)
+        )
+    return contact_id, bool(row["is_customer"])
+
+
+def merge_contacts(conn: sqlite3.Connection, survivor: int, other: int, now: str) -> None:
+    """Merge ``other`` into ``survivor``: identities, conversations and messages follow."""
+    if survivor == other:
+        raise ValueError("cannot merge a contact with itself")
+    conn.execute("UPDATE identities SET contact_id = ? WHERE contact_id = ?", (survivor, other))
+    conn.execute("UPDATE conversations SET contact_id = ? WHERE contact_id = ?", (survivor, other))
+    conn.execute("UPDATE messages SET contact_id = ? WHERE contact_id = ?", (survivor, other))
+    conn.execute("UPDATE contacts SET merged_into = ?, updated_at = ? WHERE id = ?", (survivor, now, other))
+    row = conn.execute("SELECT * FROM contacts WHERE id = ?", (other,)).fetchone()
+    conn.execute(
+        "UPDATE contacts SET display_name = COALESCE(display_name, ?), language = COALESCE(language, ?),"
+        " is_customer = MAX(is_customer, ?), customer_number = COALESCE(customer_number, ?),"
+        " customer_claim = COALESCE(customer_claim, ?), updated_at = ? WHERE id = ?",
+        (row["display_name"], row["language"], row["is_customer"], row["customer_number"], row["customer_claim"], now, survivor),
+    )
+
+
+def directory_lookup(conn: sqlite3.Connection, claim: Any) -> Customer | None:
+    """The built-in customer directory's check: the number must exist and match the sender by
+    name, e-mail, phone or postal address; a number alone proves nothing."""
+    row = conn.execute(
+        "SELECT * FROM customers WHERE customer_number = ?", (claim.customer_number.strip().upper(),)
+    ).fetchone()
+    if row is None:
+        return None
+    from .text import normalize
+
+    def same(a: str | None, b: str | None) -> bool:
+        return bool(a and b) and normalize(a).split() == normalize(b).split()
+
+    matches = (
+        same(claim.name, row["name"])
+        or (claim.email and row["email"] and claim.email.strip().lower() == row["email"].lower())
+        or (claim.phone and row["phone"] and _same_phone(claim.phone, row["phone"]))
+        or (same(claim.street, row["street"]) and (claim.postcode or "").strip() == (row["postcode"] or ""))
+    )
+    if not matches:
+        return None
+    return Customer(customer_number=row["customer_number"], name=row["name"], email=row["email"], phone=row["phone"])
+
+
+def _same_phone(a: str, b: str) -> bool:
+    try:
+        return normalize_phone(a) == normalize_phone(b)
+    except InvalidAddress:
+        return False
+
+
+def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]], now: str) -> int:
+    """Insert or replace directory entries; returns how many rows were written."""
+    count = 0
+    for row in rows:
+        number = (row.get("customer_number") or "").strip().upper()
+        if not number:
+            continue
+        conn.execute(
+            "INSERT OR REPLACE INTO customers (customer_number, name, email, phone, street, postcode, city, imported_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                number,
+                row.get("name") or None,
+                (row.get("email") or "").strip().lower() or None,
+                row.get("phone") or None,
+                row.get("street") or None,
+                (row.get("postcode") or "").strip() or None,
+                row.get("city") or None,
+                now,
+            ),
+        )
+        count += 1
+    return count

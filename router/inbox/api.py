@@ -1,0 +1,311 @@
+"""The shared inbox HTTP API under ``/api/v1``: bearer tokens per staff member, each scoped to
+units (plus the units those oversee); a conversation outside the caller's scope answers 404 as
+if it did not exist. Also ``/healthz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .. import keys
+from ..config import Config, StaffMember
+from . import queries
+from .openapi import openapi_document
+
+STAFF = web.AppKey("staff", tuple)
+ALLOW_DEMO = web.AppKey("allow_demo_tokens", bool)
+
+MAX_TEXT = 20_000
+STATES = ("open", "acknowledged", "answered", "waiting", "closed")
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> web.HTTPException:
+    body = json.dumps({"error": {"code": code, "message": message, **extra}})
+    cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound, 409: web.HTTPConflict}[status]
+    headers = {"WWW-Authenticate": 'Bearer realm="contact-router"'} if status == 401 else None
+    return cls(text=body, content_type="application/json", headers=headers)
+
+
+def visible_units(config: Config, member: StaffMember) -> frozenset[str]:
+    """The units a staff member may read and act on: their own and those their units oversee."""
+    if "*" in member.units:
+        return frozenset(config.units)
+    units = set(member.units)
+    for uid in member.units:
+        unit = config.units.get(uid)
+        if unit:
+            units.update(unit.oversees)
+    return frozenset(units)
+
+
+def authenticate(request: web.Request) -> tuple[StaffMember, frozenset[str]]:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _error(401, "unauthorized", "a bearer token is required")
+    token = token.strip()
+    found = None
+    for member in request.app[STAFF]:
+        if hmac.compare_digest(member.token.encode(), token.encode()):
+            found = member
+    if found is None:
+        raise _error(401, "unauthorized", "unknown token")
+    return found, visible_units(request.app[keys.CONFIG], found)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise _error(400, "invalid_body", "send a JSON object with Content-Type: application/json")
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _error(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _error(400, "invalid_body", "the body must be a JSON object")
+    return data
+
+
+def _text(data: dict[str, Any], field: str, *, required: bool = True, max_len: int = MAX_TEXT) -> str | None:
+    value = data.get(field)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _error(400, "invalid_field", f"{field} must be a non-empty string", field=field)
+    if len(value) > max_len:
+        raise _error(400, "invalid_field", f"{field} is longer than {max_len} characters", field=field)
+    return value.strip()
+
+
+def _int_param(value: str, field: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise _error(400, "invalid_parameter", f"{field} must be an integer", field=field) from None
+    if number < 1 or number > 2**62:
+        raise _error(400, "invalid_parameter", f"{field} is out of range", field=field)
+    return number
+
+
+async def _scoped_conversation(request: web.Request) -> tuple[StaffMember, int]:
+    member, units = authenticate(request)
+    conversation_id = _int_param(request.match_info["id"], "id")
+    unit = await queries.conversation_unit(request.app[keys.CORE], conversation_id)
+    if unit is None or unit not in units:
+        raise _error(404, "not_found", "conversation not found")
+    return member, conversation_id
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/v1/conversations")
+async def list_conversations(request: web.Request) -> web.Response:
+    member, units = authenticate(request)
+    q = request.query
+    unit = q.get("unit")
+    if unit is not None:
+        if unit not in request.app[keys.CONFIG].units:
+            raise _error(400, "invalid_parameter", f"unknown unit {unit!r}", field="unit")
+        units = units & {unit}
+    state = q.get("state")
+    if state is not None and state not in STATES:
+        raise _error(400, "invalid_parameter", f"state must be one of {', '.join(STATES)}", field="state")
+    overdue = None
+    if "overdue" in q:
+        if q["overdue"] not in ("true", "false"):
+            raise _error(400, "invalid_parameter", "overdue must be true or false", field="overdue")
+        overdue = q["overdue"] == "true"
+    limit = _int_param(q.get("limit", "50"), "limit")
+    if limit > 200:
+        raise _error(400, "invalid_parameter", "limit is at most 200", field="limit")
+    before = None
+    if q.get("cursor"):
+        try:
+            before = queries.decode_cursor(q["cursor"])
+        except (ValueError, UnicodeDecodeError):
+            raise _error(400, "invalid_parameter", "cursor is not valid", field="cursor") from None
+    contact = _int_param(q["contact"], "contact") if "contact" in q else None
+    search = q.get("q")
+    if search is not None and len(search) > 200:
+        raise _error(400, "invalid_parameter", "q is longer than 200 characters", field="q")
+    if not units:
+        return web.json_response({"items": [], "next_cursor": None})
+    items, cursor = await queries.list_conversations(
+        request.app[keys.CORE], units=units, state=state, channel=q.get("channel"), overdue=overdue,
+        q=search, contact_id=contact, before_id=before, limit=limit,
+    )
+    return web.json_response({"items": items, "next_cursor": cursor})
+
+
+@routes.get("/api/v1/conversations/{id}")
+async def get_conversation(request: web.Request) -> web.Response:
+    _, conversation_id = await _scoped_conversation(request)
+    detail = await queries.conversation_detail(request.app[keys.CORE], conversation_id)
+    if detail is None:
+        raise _error(404, "not_found", "conversation not found")
+    return web.json_response(detail)
+
+
+@routes.post("/api/v1/conversations/{id}/replies")
+async def post_reply(request: web.Request) -> web.Response:
+    member, conversation_id = await _scoped_conversation(request)
+    data = await _body(request)
+    text = _text(data, "text")
+    message = await request.app[keys.CORE].reply(conversation_id, text, member.name)
+    return web.json_response(message, status=201)
+
+
+@routes.post("/api/v1/conversations/{id}/notes")
+async def post_note(request: web.Request) -> web.Response:
+    member, conversation_id = await _scoped_conversation(request)
+    data = await _body(request)
+    note = await request.app[keys.CORE].note(conversation_id, _text(data, "text"), member.name)
+    return web.json_response(note, status=201)
+
+
+@routes.post("/api/v1/conversations/{id}/assign")
+async def post_assign(request: web.Request) -> web.Response:
+    member, conversation_id = await _scoped_conversation(request)
+    data = await _body(request)
+    assignee = data.get("assignee")
+    if assignee is not None and (not isinstance(assignee, str) or not assignee.strip() or len(assignee) > 100):
+        raise _error(400, "invalid_field", "assignee must be a name or null", field="assignee")
+    await request.app[keys.CORE].assign(conversation_id, assignee, member.name)
+    return web.json_response(await queries.conversation_detail(request.app[keys.CORE], conversation_id))
+
+
+@routes.post("/api/v1/conversations/{id}/transfer")
+async def post_transfer(request: web.Request) -> web.Response:
+    member, conversation_id = await _scoped_conversation(request)
+    data = await _body(request)
+    unit = _text(data, "unit", max_len=64)
+    if unit not in request.app[keys.CONFIG].units:
+        raise _error(400, "invalid_field", f"unknown unit {unit!r}", field="unit")
+    reason = _text(data, "reason", required=False, max_len=2000) or ""
+    await request.app[keys.CORE].transfer(conversation_id, unit, reason, member.name)
+    _, units = authenticate(request)
+    if unit not in units:
+        return web.json_response({"id": conversation_id, "unit": unit, "transferred": True})
+    return web.json_response(await queries.conversation_detail(request.app[keys.CORE], conversation_id))
+
+
+async def _state_action(request: web.Request, action: str) -> web.Response:
+    member, conversation_id = await _scoped_conversation(request)
+    await request.app[keys.CORE].set_state(conversation_id, action, member.name)
+    return web.json_response(await queries.conversation_detail(request.app[keys.CORE], conversation_id))
+
+
+@routes.post("/api/v1/conversations/{id}/close")
+async def post_close(request: web.Request) -> web.Response:
+    return await _state_action(request, "close")
+
+
+@routes.post("/api/v1/conversations/{id}/reopen")
+async def post_reopen(request: web.Request) -> web.Response:
+    return await _state_action(request, "reopen")
+
+
+@routes.post("/api/v1/conversations/{id}/wait")
+async def post_wait(request: web.Request) -> web.Response:
+    return await _state_action(request, "wait")
+
+
+@routes.post("/api/v1/conversations/{id}/callbacks")
+async def post_callback(request: web.Request) -> web.Response:
+    member, conversation_id = await _scoped_conversation(request)
+    data = await _body(request)
+    outcome = data.get("outcome")
+    if outcome not in ("reached", "not_reached", "wrong_number"):
+        raise _error(400, "invalid_field", "outcome must be reached, not_reached or wrong_number", field="outcome")
+    note = _text(data, "note", required=False, max_len=5000)
+    result = await request.app[keys.CORE].log_callback(conversation_id, outcome, note, member.name)
+    return web.json_response(
+        {"attempt": result["attempt"], "answered": bool(result["answered"]), "escalated": bool(result["escalated"])},
+        status=201,
+    )
+
+
+async def _scoped_contact(request: web.Request, contact_id: int, units: frozenset[str]) -> dict[str, Any]:
+    core = request.app[keys.CORE]
+    contact = await queries.contact_detail(core, contact_id)
+    if contact is None or not (await queries.contact_units(core, contact_id)) & units:
+        raise _error(404, "not_found", "contact not found")
+    return contact
+
+
+@routes.get("/api/v1/contacts/{id}")
+async def get_contact(request: web.Request) -> web.Response:
+    _, units = authenticate(request)
+    contact = await _scoped_contact(request, _int_param(request.match_info["id"], "id"), units)
+    return web.json_response(contact)
+
+
+@routes.post("/api/v1/contacts/{id}/merge")
+async def post_merge(request: web.Request) -> web.Response:
+    member, units = authenticate(request)
+    survivor = _int_param(request.match_info["id"], "id")
+    data = await _body(request)
+    other = data.get("other_contact_id")
+    if not isinstance(other, int) or isinstance(other, bool) or other < 1:
+        raise _error(400, "invalid_field", "other_contact_id must be a contact id", field="other_contact_id")
+    await _scoped_contact(request, survivor, units)
+    await _scoped_contact(request, other, units)
+    await request.app[keys.CORE].merge_contacts(survivor, other, member.name)
+    return web.json_response(await queries.contact_detail(request.app[keys.CORE], survivor))
+
+
+@routes.get("/api/v1/units")
+async def get_units(request: web.Request) -> web.Response:
+    _, units = authenticate(request)
+    config = request.app[keys.CONFIG]
+    return web.json_response({"items": [config.units[u].public() for u in config.units if u in units]})
+
+
+@routes.get("/api/v1/stats")
+async def get_stats(request: web.Request) -> web.Response:
+    _, units = authenticate(request)
+    return web.json_response({"items": await queries.stats(request.app[keys.CORE], units)})
+
+
+@routes.get("/api/v1/me")
+async def get_me(request: web.Request) -> web.Response:
+    member, units = authenticate(request)
+    return web.json_response({"name": member.name, "units": sorted(units)})
+
+
+@routes.get("/api/v1/openapi.json")
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    store = request.app[keys.STORE]
+    try:
+        await store.fetchone("SELECT 1")
+    except Exception as exc:  # report, do not crash the probe
+        return web.json_response({"status": "error", "detail": str(exc)}, status=503)
+    return web.json_response({"status": "ok", "channels": sorted(request.app[keys.CORE].channels)})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    core = request.app[keys.CORE]
+    rows = await core.store.fetchall("SELECT state, channel, COUNT(*) AS n FROM outbox WHERE state IN ('pending', 'sending', 'failed') GROUP BY state, channel")
+    extra = {
+        "contact_router_outbox_rows": [({"state": r["state"], "channel": r["channel"]}, r["n"]) for r in rows],
+        "contact_router_group_commits": [({}, core.store.commits)],
+        "contact_router_group_commit_units": [({}, core.store.units_committed)],
+    }
+    return web.Response(text=request.app[keys.METRICS].render(extra), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+def setup_inbox(app: web.Application, *, allow_demo_tokens: bool = True) -> None:
+    config = app[keys.CONFIG]
+    app[ALLOW_DEMO] = allow_demo_tokens
+    app[STAFF] = tuple(m for m in config.staff if allow_demo_tokens or not m.demo)
+    app.router.add_routes(routes)

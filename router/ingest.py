@@ -1,0 +1,349 @@
+"""One inbound message in: validate, deduplicate, resolve the sender, thread, route, set the
+deadline and queue the acknowledgement, all committed in one transaction before the caller
+(and so the provider) gets an answer.
+
+The transaction body (``ingest_tx``) is a synchronous unit of work for the store's group
+commit; everything that may wait (customer lookups by plugins, routing plugins) happens before
+it, and only when a message or a plugin needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from .channel import InvalidMessage
+from .config import Config
+from .context import IngestResult
+from .identity import InvalidAddress, identities_of, resolve_contact
+from .models import Customer, RoutingDecision
+from .routing import decide, find_area
+from .store.sqlite import iso, parse_iso
+from .templates import Templates, format_deadline
+from .text import find_case_reference, guess_language, normalize
+from .tracking import (
+    add_flags,
+    open_conversation,
+    queue_outbound,
+    record_event,
+    renew_deadline,
+    reopen_window,
+)
+from .validation import validate_inbound
+
+ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
+ACK_KINDS = frozenset({"message", "call", "missed_call", "voicemail"})
+UNREACHABLE_KINDS = frozenset({"anonymous"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated message and what was worked out before the transaction."""
+
+    message: dict[str, Any]
+    identities: list[tuple[str, str]]
+    language: str
+    customer: Customer | None
+    override: RoutingDecision | None
+    threads_by_sender: bool
+    now: datetime
+
+
+def prepare(message: Any, *, config: Config, now: datetime) -> tuple[dict[str, Any], list[tuple[str, str]], str]:
+    """Validate and normalise; raises ``InvalidMessage`` naming the field."""
+    msg = validate_inbound(message)
+    try:
+        identities = identities_of(msg)
+    except InvalidAddress as exc:
+        raise InvalidMessage(str(exc), "sender.address") from None
+    language = msg.get("language") or guess_language(
+        " ".join(filter(None, (msg.get("subject"), msg.get("text")))), config.default_language
+    )
+    return msg, identities, language
+
+
+def _result_for_existing(conn: sqlite3.Connection, config: Config, row: sqlite3.Row, status_url: Callable[[str], str]) -> IngestResult:
+    conv = None
+    if row["conversation_id"] is not None:
+        conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
+    return _result(config, row["id"], conv, row["language"] or config.default_language, False, status_url, duplicate=True)
+
+
+def _result(
+    config: Config,
+    message_id: int,
+    conv: sqlite3.Row | None,
+    language: str,
+    acknowledged: bool,
+    status_url: Callable[[str], str],
+    *,
+    duplicate: bool = False,
+    ack_text: str | None = None,
+) -> IngestResult:
+    if conv is None:
+        return IngestResult(message_id, None, None, None, None, None, None, None, language, acknowledged, duplicate)
+    unit = config.units.get(conv["unit"])
+    return IngestResult(
+        message_id=message_id,
+        conversation_id=conv["id"],
+        case_reference=conv["case_reference"],
+        status_token=conv["status_token"],
+        status_url=status_url(conv["status_token"]),
+        unit=conv["unit"],
+        unit_name=unit.name if unit else conv["unit"],
+        deadline=parse_iso(conv["deadline"]),
+        language=conv["language"] or language,
+        acknowledged=acknowledged,
+        duplicate=duplicate,
+        ack_text=ack_text,
+    )
+
+
+def _find_thread(
+    conn: sqlite3.Connection, msg: Mapping[str, Any], contact_id: int, threads_by_sender: bool
+) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
+    """(conversation to join, conversation merely referred to by another sender)."""
+    thread = msg.get("thread") or {}
+    if thread.get("conversation_id") is not None:
+        row = conn.execute("SELECT * FROM conversations WHERE id = ?", (thread["conversation_id"],)).fetchone()
+        if row is not None:
+            return row, None
+    if thread.get("status_token"):
+        row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
+        if row is not None:
+            return row, None
+    for ref in thread.get("refs") or ():
+        key = conn.execute(
+            "SELECT conversation_id FROM thread_keys WHERE channel = ? AND key = ?", (msg["channel"], ref)
+        ).fetchone()
+        if key is not None:
+            row = conn.execute("SELECT * FROM conversations WHERE id = ?", (key[0],)).fetchone()
+            if row is not None:
+                return row, None
+    referred = None
+    reference = find_case_reference(msg.get("subject"), msg.get("text"))
+    if reference:
+        row = conn.execute("SELECT * FROM conversations WHERE case_reference = ?", (reference,)).fetchone()
+        if row is not None:
+            if row["contact_id"] == contact_id:
+                return row, None
+            referred = row  # a case reference is not proof of identity: link, don't join
+    if threads_by_sender:
+        row = conn.execute(
+            "SELECT * FROM conversations WHERE contact_id = ? AND channel = ? AND state != 'closed'"
+            " ORDER BY id DESC LIMIT 1",
+            (contact_id, msg["channel"]),
+        ).fetchone()
+        if row is not None:
+            return row, referred
+    return None, referred
+
+
+def _annotate(
+    conn: sqlite3.Connection, config: Config, prep: Prepared, contact_id: int, status_url: Callable[[str], str]
+) -> IngestResult:
+    """Reactions, edits and deletions: kept against the message they refer to; never a new
+    conversation, never an acknowledgement."""
+    msg, stamp = prep.message, iso(prep.now)
+    target = None
+    if msg.get("target_message_id"):
+        target = conn.execute(
+            "SELECT * FROM messages WHERE channel = ? AND (channel_message_id = ? OR provider_id = ?) LIMIT 1",
+            (msg["channel"], msg["target_message_id"], msg["target_message_id"]),
+        ).fetchone()
+    conversation_id = target["conversation_id"] if target is not None else None
+    meta = msg.get("meta") or {}
+    payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments") if msg.get(k)}
+    if target is not None and msg["kind"] == "edit":
+        payload["previous_text"] = target["text"]
+        conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (msg.get("text"), stamp, target["id"]))
+    if target is not None and msg["kind"] == "deletion":
+        conn.execute("UPDATE messages SET deleted_at = ? WHERE id = ?", (stamp, target["id"]))
+    if target is not None and msg["kind"] == "reaction":
+        # One reaction per sender and message: a new one replaces, a removed one removes.
+        conn.execute(
+            "DELETE FROM messages WHERE kind = 'reaction' AND target_message_id = ? AND contact_id = ?",
+            (target["id"], contact_id),
+        )
+    message_id = conn.execute(
+        "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, channel_message_id,"
+        " target_message_id, text, language, payload, created_at) VALUES (?, ?, 'in', ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            conversation_id,
+            contact_id,
+            msg["kind"],
+            msg["channel"],
+            msg["channel_message_id"],
+            target["id"] if target is not None else None,
+            msg.get("text") if msg["kind"] != "reaction" else meta.get("emoji"),
+            prep.language,
+            json.dumps(payload, ensure_ascii=False) if payload else None,
+            stamp,
+        ),
+    ).lastrowid
+    if msg["kind"] == "reaction" and meta.get("removed") and target is not None:
+        # Keep the removal itself only as the dedupe key, not as a visible reaction.
+        conn.execute("UPDATE messages SET text = NULL WHERE id = ?", (message_id,))
+    conv = None
+    if conversation_id is not None:
+        conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    return _result(config, message_id, conv, prep.language, False, status_url)
+
+
+def ingest_tx(
+    conn: sqlite3.Connection,
+    *,
+    config: Config,
+    templates: Templates,
+    prep: Prepared,
+    status_url: Callable[[str], str],
+) -> IngestResult:
+    """The whole inbound path as one unit of work in the group transaction."""
+    msg = prep.message
+    now = prep.now
+    stamp = iso(now)
+
+    existing = conn.execute(
+        "SELECT id, conversation_id, language FROM messages WHERE channel = ? AND channel_message_id = ?",
+        (msg["channel"], msg["channel_message_id"]),
+    ).fetchone()
+    if existing is not None:
+        return _result_for_existing(conn, config, existing, status_url)
+
+    sender = msg["sender"]
+    contact_id, is_customer = resolve_contact(
+        conn,
+        prep.identities,
+        display_name=sender.get("display_name"),
+        language=msg.get("language"),
+        customer=prep.customer,
+        claim=(msg.get("customer_number") or "").strip() or None,
+        channel=msg["channel"],
+        now=stamp,
+    )
+
+    if msg["kind"] in ANNOTATIONS:
+        return _annotate(conn, config, prep, contact_id, status_url)
+
+    conv, referred = _find_thread(conn, msg, contact_id, prep.threads_by_sender)
+    needs_ack = False
+    if conv is not None and conv["state"] == "closed":
+        closed_at = parse_iso(conv["closed_at"])
+        if closed_at is not None and now - closed_at > reopen_window(config):
+            referred, conv = conv, None  # too old: a new conversation, linked to the old one
+        else:
+            renew_deadline(conn, config, conv, now)
+            record_event(conn, conv["id"], "reopened", stamp, reason="new message from the contact")
+            needs_ack = True
+    elif conv is not None and conv["state"] in ("answered", "waiting"):
+        renew_deadline(conn, config, conv, now)
+        record_event(conn, conv["id"], "awaiting_answer", stamp, reason="new message from the contact")
+
+    if conv is None:
+        text_norm = normalize(" ".join(filter(None, (msg.get("subject"), msg.get("text")))))
+        if prep.override is not None:
+            decision = prep.override
+        elif referred is not None:
+            decision = RoutingDecision(
+                unit=referred["unit"],
+                rule="case-reference",
+                reason=f"The message names case {referred['case_reference']}, which {config.units[referred['unit']].name} owns.",
+            )
+        else:
+            decision = decide(config, msg, is_customer=is_customer, language=prep.language)
+        area = find_area(config, msg, text_norm)
+        conv = open_conversation(
+            conn,
+            config,
+            contact_id=contact_id,
+            channel=msg["channel"],
+            recipient=msg.get("recipient"),
+            unit=decision.unit,
+            rule=decision.rule,
+            reason=decision.reason,
+            topic=msg.get("topic"),
+            language=prep.language,
+            subject=msg.get("subject"),
+            area=area[0].id if area else None,
+            linked_to=referred["id"] if referred is not None else None,
+            now=now,
+        )
+        needs_ack = True
+    else:
+        conn.execute(
+            "UPDATE conversations SET last_inbound_at = ?, updated_at = ? WHERE id = ?", (stamp, stamp, conv["id"])
+        )
+        conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (conv["id"],)).fetchone()
+
+    payload = {
+        k: msg[k]
+        for k in ("attachments", "location", "address", "meta", "raw", "flags", "recipient", "topic", "customer_number", "sent_at")
+        if msg.get(k)
+    }
+    message_id = conn.execute(
+        "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, channel_message_id, subject, text,"
+        " language, payload, created_at) VALUES (?, ?, 'in', ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            conv["id"],
+            contact_id,
+            msg["kind"],
+            msg["channel"],
+            msg["channel_message_id"],
+            msg.get("subject"),
+            msg.get("text"),
+            prep.language,
+            json.dumps(payload, ensure_ascii=False) if payload else None,
+            stamp,
+        ),
+    ).lastrowid
+    keys = {msg["channel_message_id"], *(msg.get("thread_keys") or ())}
+    conn.executemany(
+        "INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
+        [(msg["channel"], k, conv["id"]) for k in keys],
+    )
+    flags = [f for f in msg.get("flags") or () if f in ("callback_required", "no_number", "unsupported", "provider_error")]
+    if msg["kind"] in ("missed_call", "voicemail") and "callback_required" not in flags:
+        flags.append("callback_required")
+    if sender["kind"] in UNREACHABLE_KINDS and "no_number" not in flags:
+        flags.append("no_number")
+    if flags:
+        add_flags(conn, conv["id"], flags, stamp)
+
+    acknowledged = False
+    ack_text = None
+    if needs_ack and msg["kind"] in ACK_KINDS and not msg.get("ack_suppressed") and sender["kind"] not in UNREACHABLE_KINDS:
+        language = templates.language_for("ack", prep.language)
+        unit = config.units[conv["unit"]]
+        name = sender.get("display_name")
+        ack_text = templates.render(
+            "ack",
+            language,
+            case_reference=conv["case_reference"],
+            unit_name=unit.name,
+            deadline=format_deadline(parse_iso(conv["deadline"]), language, config.timezone),
+            status_url=status_url(conv["status_token"]),
+            name=name or "",
+            name_suffix=f" {name}" if name else "",
+        )
+        kind, address = prep.identities[0]
+        queue_outbound(
+            conn,
+            conversation_id=conv["id"],
+            contact_id=contact_id,
+            kind="ack",
+            channel=msg["channel"],
+            to_kind=kind,
+            to=address,
+            text=ack_text,
+            language=language,
+            subject=f"[#{conv['case_reference']}] {msg.get('subject') or unit.name}",
+            now=stamp,
+        )
+        acknowledged = True
+    elif needs_ack and msg.get("ack_suppressed"):
+        record_event(conn, conv["id"], "ack_suppressed", stamp, reason=msg["ack_suppressed"])
+    return _result(config, message_id, conv, prep.language, acknowledged, status_url, ack_text=ack_text)

@@ -1,0 +1,27 @@
+"""Every piece of application state, under typed ``web.AppKey``s declared in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pluggy
+from aiohttp import web
+
+from .clock import Clock
+from .config import Config
+from .core import Core
+from .metrics import Metrics
+from .outbox import OutboxPolicy
+from .store.sqlite import SQLiteStore
+
+CONFIG = web.AppKey("config", Config)
+DATA_DIR = web.AppKey("data_dir", Path)
+CLOCK = web.AppKey("clock", Clock)
+PLUGINS = web.AppKey("plugins", pluggy.PluginManager)
+STORE = web.AppKey("store", SQLiteStore)
+CORE = web.AppKey("core", Core)
+METRICS = web.AppKey("metrics", Metrics)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+OUTBOX_POLICY = web.AppKey("outbox_policy", OutboxPolicy)
+RUN_WORKERS = web.AppKey("run_workers", bool)

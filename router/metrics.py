@@ -1,0 +1,47 @@
+"""Counters and gauges in the Prometheus text exposition format, without a client library:
+the service needs a handful of counters, not a framework."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in sorted(labels.items()))
+    return "{" + inner + "}"
+
+
+class Metrics:
+    """Counters keyed by name and labels; gauges computed when scraped."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+        self._gauges: dict[str, Callable[[], list[tuple[dict[str, str], float]]]] = {}
+
+    def inc(self, name: str, value: float = 1, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        series = self._counters[name]
+        series[key] = series.get(key, 0) + value
+
+    def value(self, name: str, **labels: str) -> float:
+        return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0)
+
+    def gauge(self, name: str, collect: Callable[[], list[tuple[dict[str, str], float]]]) -> None:
+        self._gauges[name] = collect
+
+    def render(self, extra: dict[str, list[tuple[dict[str, str], float]]] | None = None) -> str:
+        lines = []
+        for name in sorted(self._counters):
+            lines.append(f"# TYPE {name} counter")
+            for key, value in sorted(self._counters[name].items()):
+                lines.append(f"{name}{_labels(dict(key))} {value:g}")
+        gauges = {name: collect() for name, collect in self._gauges.items()}
+        gauges.update(extra or {})
+        for name in sorted(gauges):
+            lines.append(f"# TYPE {name} gauge")
+            for labels, value in gauges[name]:
+                lines.append(f"{name}{_labels(labels)} {value:g}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,403 @@
+"""The outbox: delivers queued acknowledgements, replies and notifications through their
+channel's plugin, with retries and backoff, delivery statuses, and fallbacks.
+
+A row is claimed (state ``sending`` with a lease) in one commit before the provider is called,
+and its outcome recorded in another. A worker that dies mid-send leaves the lease to expire,
+and the row is sent again: at least once, with the same idempotency key each time, so a
+provider that deduplicates on it sends it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+import sqlite3
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from .channel import (
+    Channel,
+    DeliveryError,
+    DeliveryUpdate,
+    OutboundMessage,
+    PermanentDeliveryError,
+    ResendAsDeliveryError,
+    RetryableDeliveryError,
+)
+from .clock import Clock
+from .config import Config
+from .store.sqlite import SQLiteStore, iso, parse_iso
+from .tracking import add_flags, add_outbox_row, mark_answered, record_event
+
+log = logging.getLogger("contact_router.outbox")
+
+STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
+
+
+@dataclasses.dataclass
+class OutboxPolicy:
+    """Retry behaviour: exponential backoff with jitter, capped, then give up as permanent."""
+
+    max_attempts: int = 8
+    base_delay: float = 2.0
+    max_delay: float = 900.0
+    lease_seconds: float = 120.0
+    send_timeout: float = 30.0
+    batch_size: int = 50
+    concurrency: int = 16
+    poll_seconds: float = 1.0
+
+    def delay(self, attempts: int) -> float:
+        raw = min(self.max_delay, self.base_delay * (2 ** max(0, attempts - 1)))
+        return raw * random.uniform(0.5, 1.0)
+
+
+def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> list[dict[str, Any]]:
+    """Claim due rows (and rows whose lease expired) for sending; returns what to send."""
+    stamp = iso(now)
+    rows = conn.execute(
+        "SELECT id FROM outbox WHERE (state = 'pending' AND next_attempt_at <= ?)"
+        " OR (state = 'sending' AND claimed_until <= ?) ORDER BY next_attempt_at LIMIT ?",
+        (stamp, stamp, policy.batch_size),
+    ).fetchall()
+    if not rows:
+        return []
+    ids = [r[0] for r in rows]
+    marks = ",".join("?" * len(ids))
+    conn.execute(
+        f"UPDATE outbox SET state = 'sending', attempts = attempts + 1, claimed_until = ?, updated_at = ?"
+        f" WHERE id IN ({marks})",
+        (iso(now + timedelta(seconds=policy.lease_seconds)), stamp, *ids),
+    )
+    claimed = conn.execute(
+        f"SELECT o.*, m.text, m.subject, m.language, m.kind AS message_kind, c.case_reference, c.status_token,"
+        f" c.unit, c.recipient, c.contact_id FROM outbox o JOIN messages m ON m.id = o.message_id"
+        f" LEFT JOIN conversations c ON c.id = o.conversation_id WHERE o.id IN ({marks})",
+        ids,
+    ).fetchall()
+    result = []
+    for row in claimed:
+        item = dict(row)
+        item["thread_refs"] = []
+        item["last_inbound_at"] = None
+        if row["conversation_id"] is not None:
+            item["thread_refs"] = _thread_refs(conn, row["conversation_id"], row["channel"])
+            ident = conn.execute(
+                "SELECT last_inbound_at FROM identities WHERE kind = ? AND address = ?",
+                (row["to_kind"], row["to_address"]),
+            ).fetchone()
+            item["last_inbound_at"] = ident[0] if ident else None
+        result.append(item)
+    return result
+
+
+def _thread_refs(conn: sqlite3.Connection, conversation_id: int, channel: str) -> list[str]:
+    """Ids of the conversation's earlier messages on this channel, oldest first (for e-mail
+    In-Reply-To and References)."""
+    rows = conn.execute(
+        "SELECT COALESCE(channel_message_id, provider_id) FROM messages WHERE conversation_id = ? AND channel = ?"
+        " AND COALESCE(channel_message_id, provider_id) IS NOT NULL ORDER BY id",
+        (conversation_id, channel),
+    ).fetchall()
+    return [r[0] for r in rows][-20:]
+
+
+def record_sent(
+    conn: sqlite3.Connection, outbox_id: int, provider_id: str, status: str, thread_key: str | None, answered_on: bool, now: datetime
+) -> dict[str, Any] | None:
+    """The provider accepted a message. Returns the answered conversation when this delivery
+    made it answered."""
+    stamp = iso(now)
+    row = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        "UPDATE outbox SET state = 'sent', provider_id = ?, delivery_status = ?, claimed_until = NULL,"
+        " last_error = NULL, updated_at = ? WHERE id = ?",
+        (provider_id, status, stamp, outbox_id),
+    )
+    conn.execute(
+        "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, at) VALUES (?, ?, ?, ?, ?)",
+        (row["channel"], provider_id, outbox_id, status, stamp),
+    )
+    if row["primary_delivery"]:
+        conn.execute(
+            "UPDATE messages SET provider_id = ?, delivery_status = ? WHERE id = ?", (provider_id, status, row["message_id"])
+        )
+    if row["conversation_id"] is not None:
+        for key in {provider_id, thread_key} - {None}:
+            conn.execute(
+                "INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
+                (row["channel"], key, row["conversation_id"]),
+            )
+    return _after_status(conn, row, status, answered_on, stamp)
+
+
+def _after_status(conn: sqlite3.Connection, row: sqlite3.Row, status: str, answered_on: bool, stamp: str) -> dict[str, Any] | None:
+    """State changes that follow a delivery status: acknowledged, answered."""
+    if row["conversation_id"] is None:
+        return None
+    if row["kind"] == "ack" and status in STATUS_RANK:
+        conn.execute(
+            "UPDATE conversations SET state = 'acknowledged', updated_at = ? WHERE id = ? AND state = 'open'",
+            (stamp, row["conversation_id"]),
+        )
+    if row["kind"] == "reply" and answered_on:
+        if mark_answered(conn, row["conversation_id"], stamp):
+            conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
+            msg = conn.execute("SELECT id, text, channel, kind FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
+            return {"conversation": dict(conv), "message": dict(msg)}
+    return None
+
+
+def record_retry(conn: sqlite3.Connection, outbox_id: int, error: str, delay: float, hint: str | None, now: datetime) -> None:
+    conn.execute(
+        "UPDATE outbox SET state = 'pending', next_attempt_at = ?, last_error = ?, hint = COALESCE(?, hint),"
+        " claimed_until = NULL, updated_at = ? WHERE id = ?",
+        (iso(now + timedelta(seconds=delay)), error[:1000], hint, iso(now), outbox_id),
+    )
+
+
+def record_failure(
+    conn: sqlite3.Connection, outbox_id: int, error: str, code: str | None, channels: Mapping[str, Channel], now: datetime
+) -> None:
+    """A permanent failure: mark it, then try the contact's other identities on channels that
+    can reach them; if none is left, flag the conversation for a call-back."""
+    stamp = iso(now)
+    row = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+    if row is None:
+        return
+    conn.execute(
+        "UPDATE outbox SET state = 'failed', last_error = ?, delivery_status = 'failed', claimed_until = NULL,"
+        " updated_at = ? WHERE id = ?",
+        (error[:1000], stamp, outbox_id),
+    )
+    conn.execute(
+        "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, error_code, error_detail, at)"
+        " VALUES (?, ?, ?, 'failed', ?, ?, ?)",
+        (row["channel"], row["provider_id"] or "", outbox_id, code, error[:1000], stamp),
+    )
+    if row["primary_delivery"]:
+        conn.execute("UPDATE messages SET delivery_status = 'failed' WHERE id = ?", (row["message_id"],))
+    conn.execute(
+        "UPDATE identities SET failed_at = ? WHERE kind = ? AND address = ?", (stamp, row["to_kind"], row["to_address"])
+    )
+    if row["conversation_id"] is None or row["kind"] == "notification":
+        return
+    tried = {
+        (r["to_kind"], r["to_address"])
+        for r in conn.execute("SELECT to_kind, to_address FROM outbox WHERE message_id = ?", (row["message_id"],))
+    }
+    conv = conn.execute("SELECT contact_id FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
+    identities = conn.execute(
+        "SELECT kind, address FROM identities WHERE contact_id = ? AND failed_at IS NULL ORDER BY last_inbound_at DESC",
+        (conv["contact_id"],),
+    ).fetchall()
+    for ident in identities:
+        if (ident["kind"], ident["address"]) in tried:
+            continue
+        for channel in channels.values():
+            caps = channel.capabilities
+            if caps.can_reply and caps.push and ident["kind"] in caps.identity_kinds and channel.name != row["channel"]:
+                add_outbox_row(
+                    conn,
+                    message_id=row["message_id"],
+                    conversation_id=row["conversation_id"],
+                    kind=row["kind"],
+                    channel=channel.name,
+                    to_kind=ident["kind"],
+                    to=ident["address"],
+                    now=stamp,
+                    primary=bool(row["primary_delivery"]),
+                )
+                record_event(
+                    conn, row["conversation_id"], "delivery_fallback", stamp,
+                    failed=f"{row['channel']}:{row['to_address']}", next=f"{channel.name}:{ident['address']}",
+                )
+                return
+    if row["primary_delivery"] or row["kind"] == "ack":
+        add_flags(conn, row["conversation_id"], ["undeliverable", "callback_required"], stamp)
+        record_event(conn, row["conversation_id"], "undeliverable", stamp, reason=error[:500])
+
+
+def apply_delivery_update(
+    conn: sqlite3.Connection, channel: str, update: DeliveryUpdate, answered_on: frozenset[str], channels: Mapping[str, Channel], now: datetime
+) -> tuple[bool, dict[str, Any] | None]:
+    """A provider status callback: record it, advance the message's status (never backwards),
+    and act on failures. Returns (known, answered conversation if this made it answered)."""
+    stamp = iso(now)
+    at = iso(update.at) if update.at else stamp
+    row = conn.execute(
+        "SELECT * FROM outbox WHERE channel = ? AND provider_id = ? ORDER BY id DESC LIMIT 1", (channel, update.provider_id)
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, error_code, error_detail, at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (channel, update.provider_id, row["id"] if row else None, update.status, update.error_code,
+         " ".join(filter(None, (update.error_title, update.error_detail))) or None, at),
+    )
+    if row is None:
+        return False, None
+    if update.status == "failed":
+        if row["state"] == "failed":
+            return True, None
+        detail = " ".join(filter(None, (update.error_code, update.error_title, update.error_detail))) or "failed"
+        if update.resend_hint:
+            conn.execute(
+                "UPDATE outbox SET state = 'pending', hint = ?, next_attempt_at = ?, last_error = ?, provider_id = NULL,"
+                " claimed_until = NULL, updated_at = ? WHERE id = ?",
+                (update.resend_hint, stamp, detail[:1000], stamp, row["id"]),
+            )
+            if row["primary_delivery"]:
+                conn.execute("UPDATE messages SET delivery_status = 'queued' WHERE id = ?", (row["message_id"],))
+            return True, None
+        if not update.permanent:
+            record_retry(conn, row["id"], detail, 30.0, None, now)
+            return True, None
+        record_failure(conn, row["id"], detail, update.error_code, channels, now)
+        return True, None
+    current = row["delivery_status"] or "queued"
+    if STATUS_RANK.get(update.status, 0) <= STATUS_RANK.get(current, 0):
+        return True, None
+    conn.execute("UPDATE outbox SET delivery_status = ?, updated_at = ? WHERE id = ?", (update.status, stamp, row["id"]))
+    if row["primary_delivery"]:
+        conn.execute("UPDATE messages SET delivery_status = ? WHERE id = ?", (update.status, row["message_id"]))
+    answered = update.status in ("delivered", "read") or (update.status == "sent" and channel in answered_on)
+    return True, _after_status(conn, row, update.status, answered, stamp)
+
+
+class OutboxWorker:
+    """Claims due rows, sends them concurrently through their channels, records outcomes."""
+
+    def __init__(
+        self,
+        *,
+        store: SQLiteStore,
+        config: Config,
+        channels: Mapping[str, Channel],
+        clock: Clock,
+        policy: OutboxPolicy | None = None,
+        status_url: Callable[[str], str],
+        on_answered: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.channels = channels
+        self.clock = clock
+        self.policy = policy or OutboxPolicy()
+        self.status_url = status_url
+        self.on_answered = on_answered
+        self.wake = asyncio.Event()
+        self.sent = 0
+        self.failed = 0
+        self.retried = 0
+
+    @property
+    def answered_on_sent(self) -> frozenset[str]:
+        """Channels without delivery receipts: accepted by the provider counts as delivered."""
+        return frozenset(n for n, c in self.channels.items() if not c.capabilities.delivery_receipts)
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        while True:
+            try:
+                count = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep delivering: one bad batch must not stop the outbox
+                log.exception("outbox batch failed")
+                count = 0
+            if count == 0:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self.policy.poll_seconds)
+                except TimeoutError:
+                    pass
+                self.wake.clear()
+
+    async def run_once(self) -> int:
+        """Send everything due now; returns how many rows were attempted."""
+        now = self.clock.now()
+        items = await self.store.write(lambda conn: claim_due(conn, now, self.policy))
+        if not items:
+            return 0
+        semaphore = asyncio.Semaphore(self.policy.concurrency)
+
+        async def one(item: dict[str, Any]) -> None:
+            async with semaphore:
+                await self._deliver(item)
+
+        await asyncio.gather(*(one(i) for i in items))
+        return len(items)
+
+    def _outbound(self, item: Mapping[str, Any]) -> OutboundMessage:
+        unit = self.config.units.get(item.get("unit") or "")
+        token = item.get("status_token")
+        return OutboundMessage(
+            outbox_id=item["id"],
+            channel=item["channel"],
+            kind=item["kind"],
+            to_kind=item["to_kind"],
+            to=item["to_address"],
+            text=item["text"] or "",
+            language=item["language"] or self.config.default_language,
+            idempotency_key=item["idempotency_key"],
+            conversation_id=item["conversation_id"],
+            case_reference=item.get("case_reference"),
+            subject=item.get("subject"),
+            status_url=self.status_url(token) if token else None,
+            unit_id=unit.id if unit else None,
+            unit_name=unit.name if unit else None,
+            unit_email=unit.email if unit else None,
+            recipient=item.get("recipient"),
+            thread_refs=tuple(item.get("thread_refs") or ()),
+            last_inbound_at=parse_iso(item.get("last_inbound_at")),
+            hint=item.get("hint"),
+            attempt=item["attempts"],
+        )
+
+    async def _deliver(self, item: dict[str, Any]) -> None:
+        channel = self.channels.get(item["channel"])
+        if channel is None:
+            delay = self.policy.delay(min(item["attempts"], 10))
+            await self.store.write(
+                lambda conn: record_retry(conn, item["id"], f"channel {item['channel']!r} is not configured", delay, None, self.clock.now())
+            )
+            return
+        try:
+            result = await asyncio.wait_for(channel.send(self._outbound(item)), self.policy.send_timeout)
+        except ResendAsDeliveryError as exc:
+            self.retried += 1
+            await self.store.write(lambda conn: record_retry(conn, item["id"], exc.message, 0, exc.hint, self.clock.now()))
+            return
+        except (RetryableDeliveryError, TimeoutError) as exc:
+            message = exc.message if isinstance(exc, DeliveryError) else "timed out"
+            if item["attempts"] >= self.policy.max_attempts:
+                self.failed += 1
+                await self.store.write(
+                    lambda conn: record_failure(conn, item["id"], f"gave up after {item['attempts']} attempts: {message}", None, self.channels, self.clock.now())
+                )
+                return
+            self.retried += 1
+            delay = exc.retry_after if isinstance(exc, RetryableDeliveryError) and exc.retry_after else self.policy.delay(item["attempts"])
+            await self.store.write(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
+            return
+        except PermanentDeliveryError as exc:
+            self.failed += 1
+            await self.store.write(lambda conn: record_failure(conn, item["id"], exc.message, exc.code, self.channels, self.clock.now()))
+            return
+        except Exception as exc:  # a plugin bug: keep the row, retry later, make it visible
+            log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])
+            delay = self.policy.delay(item["attempts"])
+            await self.store.write(lambda conn: record_retry(conn, item["id"], f"{type(exc).__name__}: {exc}", delay, None, self.clock.now()))
+            return
+        self.sent += 1
+        answered_on = result.status in ("delivered", "read") or item["channel"] in self.answered_on_sent
+        answered = await self.store.write(
+            lambda conn: record_sent(conn, item["id"], result.provider_id, result.status, result.thread_key, answered_on, self.clock.now())
+        )
+        if answered and self.on_answered is not None:
+            await self.on_answered(answered)

@@ -1,0 +1,76 @@
+"""The plugin manager: the hook specification, the built-in plugins, and third-party plugins
+from the entry-point group ``contact_router`` (the built-in channels come in the same way).
+
+pluggy is synchronous; hooks here may return awaitables, which ``call_first`` and ``call_all``
+await in order, as datasette's ``await_me_maybe`` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+
+log = logging.getLogger("contact_router.plugins")
+
+
+def create_plugin_manager(entrypoints: bool | Iterable[str] = True) -> pluggy.PluginManager:
+    """A plugin manager with the hook specification registered.
+
+    ``entrypoints``: True loads every plugin of the ``contact_router`` group; an iterable of
+    names loads only those (tests use it so that unrelated installed packages never leak
+    in); False loads none.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    if entrypoints is True:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    elif entrypoints:
+        wanted = set(entrypoints)
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=hookspecs.PROJECT):
+            if ep.name in wanted and pm.get_plugin(ep.name) is None:
+                pm.register(ep.load(), name=ep.name)
+    return pm
+
+
+async def await_me_maybe(value: Any) -> Any:
+    """A hook result may be a value, a callable or an awaitable; resolve it to a value."""
+    if callable(value) and not inspect.isawaitable(value):
+        value = value()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+def has_implementations(pm: pluggy.PluginManager, hook: str) -> bool:
+    """Whether any plugin implements ``hook`` (so the host can skip calling it per message)."""
+    return bool(getattr(pm.hook, hook).get_hookimpls())
+
+
+async def call_first(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> Any:
+    """Call implementations in pluggy's order (tryfirst first, trylast last), awaiting each,
+    and return the first non-None result."""
+    caller = getattr(pm.hook, hook)
+    for impl in reversed(caller.get_hookimpls()):
+        args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+        result = await await_me_maybe(impl.function(**args))
+        if result is not None:
+            return result
+    return None
+
+
+async def call_all(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[Any]:
+    """Call every implementation, awaiting each result; ``None`` results are dropped."""
+    results = []
+    for result in getattr(pm.hook, hook)(**kwargs):
+        value = await await_me_maybe(result)
+        if value is not None:
+            results.append(value)
+    return results

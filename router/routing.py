@@ -1,0 +1,105 @@
+"""Routing: ordered rules over channel, topic, keywords, area, language and customer status
+choose exactly one responsible unit, and say why in words staff can read.
+
+Pure functions over the configuration; no I/O, so the ingest transaction can call them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .config import Area, Config, Rule, normalize_street
+from .models import RoutingDecision
+from .text import keyword_in, normalize
+
+
+def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) -> tuple[Area, str] | None:
+    """The first configured area the message places itself in, with how we know."""
+    if not config.areas:
+        return None
+    location = message.get("location")
+    address = message.get("address") or {}
+    postcode = (address.get("postcode") or "").replace(" ", "")
+    street = normalize_street(address.get("street") or "") if address.get("street") else ""
+    for area in config.areas.values():
+        if location and area.contains_point(location["lat"], location["lon"]):
+            return area, f"location within {area.point[2]:.0f} m of the area's centre" if area.point else "location"
+        if postcode and postcode in area.postcodes:
+            return area, f"postcode {postcode}"
+        if street and street in area.streets:
+            return area, f"street {address.get('street')}"
+    if normalized_text:
+        squashed = normalized_text.replace("-", "").replace(" ", "")
+        for area in config.areas.values():
+            for s in area.streets:
+                if s in squashed:
+                    return area, f"street {s} named in the text"
+    return None
+
+
+def _about(rule: Rule, topic: str | None, normalized_text: str) -> str | None:
+    """Whether the message is about the rule's topics/keywords; returns the reason part."""
+    if not rule.topics and not rule.keywords:
+        return ""
+    if topic and topic in rule.topics:
+        return f"topic {topic}"
+    for kw in rule.keywords:
+        if keyword_in(kw, normalized_text):
+            return f"keyword {kw!r}"
+    return None
+
+
+def decide(
+    config: Config,
+    message: Mapping[str, Any],
+    *,
+    is_customer: bool,
+    language: str,
+) -> RoutingDecision:
+    """Apply the rules in order; the first match decides, else the entry point's unit, else the
+    fallback unit. Never fails: every message gets an owner."""
+    text = " ".join(filter(None, (message.get("subject"), message.get("text"))))
+    normalized_text = normalize(text)
+    topic = message.get("topic")
+    has_topic = bool(topic) and topic != "other"
+    channel = message["channel"]
+    recipient = (message.get("recipient") or "").lower()
+    area_hit = find_area(config, message, normalized_text)
+
+    for rule in config.rules:
+        if rule.channels and channel not in rule.channels:
+            continue
+        if rule.languages and language not in rule.languages:
+            continue
+        if rule.customer is not None and rule.customer != is_customer:
+            continue
+        if rule.has_topic is not None and rule.has_topic != has_topic:
+            continue
+        if rule.recipients and recipient not in rule.recipients:
+            continue
+        about = _about(rule, topic, normalized_text)
+        if about is None:
+            continue
+        parts = [about] if about else []
+        unit = rule.unit
+        if rule.area is not None:
+            if area_hit is None or (rule.area != "*" and area_hit[0].id != rule.area):
+                continue
+            parts.append(f"in area {area_hit[0].name} ({area_hit[1]})")
+            unit = unit or area_hit[0].unit
+        if unit not in config.units:
+            continue
+        reason = f"{rule.description} Matched: {', '.join(parts) or 'all messages'}."
+        return RoutingDecision(unit=unit, rule=rule.id, reason=reason)
+
+    hint = message.get("unit_hint")
+    if hint and hint in config.units:
+        via = f" ({message.get('recipient')})" if message.get("recipient") else ""
+        return RoutingDecision(
+            unit=hint, rule="entry-point", reason=f"No rule matched; the message came in through {channel}{via}, which belongs to {config.units[hint].name}."
+        )
+    return RoutingDecision(
+        unit=config.fallback_unit,
+        rule="fallback",
+        reason=f"No rule matched; {config.units[config.fallback_unit].name} is the fallback unit.",
+    )

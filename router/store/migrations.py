@@ -1,0 +1,184 @@
+"""Versioned schema migrations, applied in order at start; each runs once, in its own
+transaction, and is recorded in ``schema_migrations``."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "initial schema",
+        """
+CREATE TABLE contacts (
+    id INTEGER PRIMARY KEY,
+    display_name TEXT,
+    language TEXT,
+    is_customer INTEGER NOT NULL DEFAULT 0,
+    customer_number TEXT,
+    customer_claim TEXT,
+    merged_into INTEGER REFERENCES contacts(id),
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+
+CREATE TABLE identities (
+    id INTEGER PRIMARY KEY,
+    contact_id INTEGER NOT NULL REFERENCES contacts(id),
+    kind TEXT NOT NULL,
+    address TEXT NOT NULL,
+    last_inbound_at TEXT,
+    last_inbound_channel TEXT,
+    failed_at TEXT,
+    created_at TEXT NOT NULL,
+    UNIQUE (kind, address)
+);
+CREATE INDEX identities_contact ON identities(contact_id);
+
+CREATE TABLE customers (
+    customer_number TEXT PRIMARY KEY,
+    name TEXT,
+    email TEXT,
+    phone TEXT,
+    street TEXT,
+    postcode TEXT,
+    city TEXT,
+    imported_at TEXT NOT NULL
+);
+
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY,
+    case_reference TEXT NOT NULL UNIQUE,
+    status_token TEXT NOT NULL UNIQUE,
+    contact_id INTEGER NOT NULL REFERENCES contacts(id),
+    channel TEXT NOT NULL,
+    recipient TEXT,
+    unit TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'answered', 'waiting', 'closed')),
+    topic TEXT,
+    language TEXT NOT NULL,
+    subject TEXT,
+    area TEXT,
+    routing_rule TEXT NOT NULL,
+    routing_reason TEXT NOT NULL,
+    deadline TEXT,
+    escalate_at TEXT,
+    escalation_level INTEGER NOT NULL DEFAULT 0,
+    assignee TEXT,
+    flags TEXT NOT NULL DEFAULT '[]',
+    linked_to INTEGER REFERENCES conversations(id),
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    last_inbound_at TEXT,
+    first_answered_at TEXT,
+    answered_at TEXT,
+    closed_at TEXT
+);
+CREATE INDEX conversations_contact ON conversations(contact_id, state);
+CREATE INDEX conversations_unit ON conversations(unit, id);
+CREATE INDEX conversations_state ON conversations(state, id);
+CREATE INDEX conversations_channel ON conversations(channel, id);
+CREATE INDEX conversations_deadline ON conversations(deadline) WHERE deadline IS NOT NULL;
+CREATE INDEX conversations_escalate ON conversations(escalate_at) WHERE escalate_at IS NOT NULL;
+
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER REFERENCES conversations(id),
+    contact_id INTEGER REFERENCES contacts(id),
+    direction TEXT NOT NULL CHECK (direction IN ('in', 'out', 'internal')),
+    kind TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    channel_message_id TEXT,
+    target_message_id INTEGER REFERENCES messages(id),
+    author TEXT,
+    subject TEXT,
+    text TEXT,
+    language TEXT,
+    payload TEXT,
+    delivery_status TEXT,
+    provider_id TEXT,
+    created_at TEXT NOT NULL,
+    edited_at TEXT,
+    deleted_at TEXT
+);
+CREATE UNIQUE INDEX messages_dedupe ON messages(channel, channel_message_id) WHERE channel_message_id IS NOT NULL;
+CREATE INDEX messages_conversation ON messages(conversation_id, id);
+CREATE INDEX messages_contact ON messages(contact_id, id);
+CREATE INDEX messages_target ON messages(target_message_id) WHERE target_message_id IS NOT NULL;
+CREATE INDEX messages_provider ON messages(channel, provider_id) WHERE provider_id IS NOT NULL;
+
+CREATE TABLE thread_keys (
+    channel TEXT NOT NULL,
+    key TEXT NOT NULL,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+    PRIMARY KEY (channel, key)
+) WITHOUT ROWID;
+
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id),
+    conversation_id INTEGER REFERENCES conversations(id),
+    channel TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    to_kind TEXT NOT NULL,
+    to_address TEXT NOT NULL,
+    primary_delivery INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'sent', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT NOT NULL,
+    claimed_until TEXT,
+    hint TEXT,
+    last_error TEXT,
+    provider_id TEXT,
+    delivery_status TEXT,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
+CREATE INDEX outbox_message ON outbox(message_id);
+CREATE INDEX outbox_provider ON outbox(channel, provider_id) WHERE provider_id IS NOT NULL;
+
+CREATE TABLE delivery_events (
+    id INTEGER PRIMARY KEY,
+    channel TEXT NOT NULL,
+    provider_id TEXT NOT NULL,
+    outbox_id INTEGER REFERENCES outbox(id),
+    status TEXT NOT NULL,
+    error_code TEXT,
+    error_detail TEXT,
+    at TEXT NOT NULL
+);
+CREATE INDEX delivery_events_outbox ON delivery_events(outbox_id);
+
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER REFERENCES conversations(id),
+    kind TEXT NOT NULL,
+    actor TEXT,
+    data TEXT,
+    at TEXT NOT NULL
+);
+CREATE INDEX events_conversation ON events(conversation_id, id);
+
+CREATE TABLE escalations (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+    level INTEGER NOT NULL,
+    from_unit TEXT NOT NULL,
+    to_unit TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX escalations_conversation ON escalations(conversation_id, id);
+
+CREATE TABLE callback_attempts (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+    outcome TEXT NOT NULL CHECK (outcome IN ('reached', 'not_reached', 'wrong_number')),
+    note TEXT,
+    staff TEXT,
+    at TEXT NOT NULL
+);
+CREATE INDEX callback_attempts_conversation ON callback_attempts(conversation_id, id);
+""",
+    ),
+]

@@ -1,0 +1,210 @@
+"""SQLite storage: one writer that commits whatever is queued as one transaction (group
+commit), and an aiosqlite connection for reads.
+
+Every write is a unit of work: a synchronous function that gets the writer's connection. The
+writer runs all queued units in one transaction, each inside its own savepoint, so one failing
+unit rolls back only itself; then it commits once (WAL, synchronous=FULL) and answers each
+caller. A caller's ``await store.write(fn)`` returns only after its unit is durable, which is
+what lets an HTTP handler give a provider its 2xx only after the commit.
+
+The writer uses its own thread and the standard ``sqlite3`` module because a batch must run in
+one thread call to share one transaction; aiosqlite offers no public way to run a callable in
+its thread. Reads (the inbox) go through aiosqlite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from .migrations import MIGRATIONS
+
+T = TypeVar("T")
+log = logging.getLogger("contact_router.store")
+
+Work = Callable[[sqlite3.Connection], Any]
+
+
+def iso(dt: datetime | None) -> str | None:
+    """Fixed-width UTC timestamp, so that text order is time order."""
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def apply_migrations(conn: sqlite3.Connection) -> list[int]:
+    """Apply the migrations not yet recorded; returns the versions applied now."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, name, sql in MIGRATIONS:
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in sql.split(";\n"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, iso(datetime.now(UTC))),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied
+
+
+class SQLiteStore:
+    """The database: ``write`` for units of work (group-committed), ``db`` for reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.db: aiosqlite.Connection | None = None
+        self.commits = 0
+        self.units_committed = 0
+        self.commit_seconds = 0.0
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._writer = await loop.run_in_executor(self._executor, _connect, self.path)
+        applied = await loop.run_in_executor(self._executor, apply_migrations, self._writer)
+        if applied:
+            log.info("applied migrations %s to %s", applied, self.path)
+        self.db = await aiosqlite.connect(self.path)
+        self.db.row_factory = sqlite3.Row
+        await self.db.execute("PRAGMA foreign_keys=ON")
+        await self.db.execute("PRAGMA busy_timeout=30000")
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._write_loop(), name="sqlite-group-commit")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            # Let queued units finish before closing.
+            while self._queue:
+                await asyncio.sleep(0.001)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+        if self._writer is not None:
+            writer = self._writer
+            self._writer = None
+            await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
+        self._executor.shutdown(wait=True)
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in the next group transaction and return its result once committed.
+
+        An exception raised by ``work`` rolls back that unit only and is raised here.
+        """
+        if self._wakeup is None:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((work, future))
+        self._wakeup.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._queue:
+                continue
+            batch, self._queue = self._queue, []
+            started = time.perf_counter()
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._run_batch, [w for w, _ in batch])
+            except BaseException as exc:  # the commit itself failed: nobody's unit is durable
+                log.exception("group commit failed")
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("commit failed"))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            self.commits += 1
+            self.units_committed += len(batch)
+            self.commit_seconds += time.perf_counter() - started
+            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    def _run_batch(self, works: list[Work]) -> list[tuple[bool, Any]]:
+        conn = self._writer
+        assert conn is not None
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for work in works:
+                conn.execute("SAVEPOINT unit")
+                try:
+                    value = work(conn)
+                except Exception as exc:  # this unit only
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    outcomes.append((False, exc))
+                else:
+                    conn.execute("RELEASE unit")
+                    outcomes.append((True, value))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    async def fetchall(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run a read query on the reader connection."""
+        assert self.db is not None
+        return list(await self.db.execute_fetchall(sql, params))
+
+    async def fetchone(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Row | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None

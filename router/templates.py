@@ -1,0 +1,56 @@
+"""Texts sent to people: templates from the configuration in their language, and dates
+written the way a German or English reader expects, in the organisation's timezone."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+_DE_DAYS = ("Mo.", "Di.", "Mi.", "Do.", "Fr.", "Sa.", "So.")
+_EN_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_EN_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def format_deadline(when: datetime | None, language: str, timezone: str) -> str:
+    """``Mo., 30.11.2026, 11:00 Uhr`` or ``Mon 30 Nov 2026, 11:00`` in local time."""
+    if when is None:
+        return "-"
+    local = when.astimezone(ZoneInfo(timezone))
+    if language == "de":
+        return f"{_DE_DAYS[local.weekday()]}, {local:%d.%m.%Y}, {local:%H:%M} Uhr"
+    return f"{_EN_DAYS[local.weekday()]} {local.day} {_EN_MONTHS[local.month - 1]} {local.year}, {local:%H:%M}"
+
+
+class _Values(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+class Templates:
+    """The configured templates; ``render`` picks the language, then the default language."""
+
+    def __init__(self, templates: Mapping[str, Mapping[str, str]], default_language: str) -> None:
+        self._templates = templates
+        self.default_language = default_language
+
+    def has(self, name: str) -> bool:
+        return bool(self._templates.get(name))
+
+    def language_for(self, name: str, language: str | None) -> str:
+        variants = self._templates.get(name, {})
+        if language and language in variants:
+            return language
+        if self.default_language in variants:
+            return self.default_language
+        return next(iter(variants), self.default_language)
+
+    def render(self, name: str, language: str | None, /, **values: Any) -> str:
+        """Fill ``templates.<name>.<language>``; unknown placeholders stay as written."""
+        variants = self._templates.get(name)
+        if not variants:
+            raise KeyError(f"no template {name!r}")
+        text = variants[self.language_for(name, language)]
+        return string.Formatter().vformat(text, (), _Values(values))

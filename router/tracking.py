@@ -1,0 +1,313 @@
+"""Conversations and the reply guarantee: states, deadlines in business hours, queued
+acknowledgements and notifications, escalation along the unit's chain.
+
+States: ``open`` (waiting for its acknowledgement), ``acknowledged`` (waiting for a human
+answer), ``answered`` (a human answer reached the person), ``waiting`` (staff wait for the
+resident; no deadline), ``closed``. A new inbound message reopens. Every function here runs
+inside the caller's transaction on the writer connection.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from .config import Config
+from .store.sqlite import iso, parse_iso
+from .templates import Templates, format_deadline
+from .text import new_case_reference
+
+AWAITING_ANSWER = ("open", "acknowledged")
+
+
+def deadline_for(config: Config, unit_id: str, start: datetime) -> datetime:
+    """When the unit's first response is due: its response time in its business hours."""
+    unit = config.units[unit_id]
+    return unit.hours.add(start, unit.first_response_hours)
+
+
+def record_event(
+    conn: sqlite3.Connection, conversation_id: int | None, kind: str, now: str, actor: str | None = None, **data: Any
+) -> None:
+    conn.execute(
+        "INSERT INTO events (conversation_id, kind, actor, data, at) VALUES (?, ?, ?, ?, ?)",
+        (conversation_id, kind, actor, json.dumps(data, ensure_ascii=False) if data else None, now),
+    )
+
+
+def add_flags(conn: sqlite3.Connection, conversation_id: int, flags: Iterable[str], now: str) -> None:
+    row = conn.execute("SELECT flags FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    current = json.loads(row[0]) if row else []
+    new = [f for f in flags if f not in current]
+    if new:
+        conn.execute(
+            "UPDATE conversations SET flags = ?, updated_at = ? WHERE id = ?",
+            (json.dumps(sorted(current + new)), now, conversation_id),
+        )
+
+
+def remove_flags(conn: sqlite3.Connection, conversation_id: int, flags: Iterable[str], now: str) -> None:
+    row = conn.execute("SELECT flags FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    current = json.loads(row[0]) if row else []
+    kept = [f for f in current if f not in set(flags)]
+    if kept != current:
+        conn.execute(
+            "UPDATE conversations SET flags = ?, updated_at = ? WHERE id = ?", (json.dumps(kept), now, conversation_id)
+        )
+
+
+def open_conversation(
+    conn: sqlite3.Connection,
+    config: Config,
+    *,
+    contact_id: int,
+    channel: str,
+    recipient: str | None,
+    unit: str,
+    rule: str,
+    reason: str,
+    topic: str | None,
+    language: str,
+    subject: str | None,
+    area: str | None,
+    linked_to: int | None,
+    now: datetime,
+) -> sqlite3.Row:
+    """Create a conversation with a fresh case reference, status token and deadline."""
+    stamp = iso(now)
+    deadline = iso(deadline_for(config, unit, now))
+    for _ in range(10):
+        reference = new_case_reference()
+        try:
+            conversation_id = conn.execute(
+                "INSERT INTO conversations (case_reference, status_token, contact_id, channel, recipient, unit, state,"
+                " topic, language, subject, area, routing_rule, routing_reason, deadline, escalate_at, linked_to,"
+                " created_at, updated_at, last_inbound_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    reference,
+                    secrets.token_urlsafe(24),
+                    contact_id,
+                    channel,
+                    recipient,
+                    unit,
+                    topic,
+                    language,
+                    subject,
+                    area,
+                    rule,
+                    reason,
+                    deadline,
+                    deadline,
+                    linked_to,
+                    stamp,
+                    stamp,
+                    stamp,
+                ),
+            ).lastrowid
+            break
+        except sqlite3.IntegrityError as exc:
+            if "case_reference" not in str(exc) and "status_token" not in str(exc):
+                raise
+    else:  # pragma: no cover - 32^6 references make this practically impossible
+        raise RuntimeError("could not allocate a case reference")
+    record_event(conn, conversation_id, "routed", stamp, unit=unit, rule=rule, reason=reason)
+    return conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+
+
+def renew_deadline(conn: sqlite3.Connection, config: Config, conversation: sqlite3.Row, now: datetime) -> None:
+    """A new inbound message on a conversation that no longer waits for an answer: it waits again."""
+    deadline = iso(deadline_for(config, conversation["unit"], now))
+    conn.execute(
+        "UPDATE conversations SET state = 'acknowledged', deadline = ?, escalate_at = ?, closed_at = NULL,"
+        " updated_at = ? WHERE id = ?",
+        (deadline, deadline, iso(now), conversation["id"]),
+    )
+
+
+def queue_outbound(
+    conn: sqlite3.Connection,
+    *,
+    conversation_id: int | None,
+    contact_id: int | None,
+    kind: str,
+    channel: str,
+    to_kind: str,
+    to: str,
+    text: str,
+    language: str,
+    now: str,
+    author: str | None = None,
+    subject: str | None = None,
+    direction: str = "out",
+) -> int:
+    """Store an outbound message and its outbox row; returns the message id."""
+    message_id = conn.execute(
+        "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, subject, text, language,"
+        " delivery_status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+        (conversation_id, contact_id, direction, kind, channel, author, subject, text, language, now),
+    ).lastrowid
+    add_outbox_row(conn, message_id=message_id, conversation_id=conversation_id, kind=kind, channel=channel,
+                   to_kind=to_kind, to=to, now=now)
+    return message_id
+
+
+def add_outbox_row(
+    conn: sqlite3.Connection,
+    *,
+    message_id: int,
+    conversation_id: int | None,
+    kind: str,
+    channel: str,
+    to_kind: str,
+    to: str,
+    now: str,
+    primary: bool = True,
+) -> int:
+    return conn.execute(
+        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
+        " next_attempt_at, idempotency_key, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+        (message_id, conversation_id, channel, kind, to_kind, to, int(primary), now, secrets.token_hex(16), now, now),
+    ).lastrowid
+
+
+def queue_unit_notification(
+    conn: sqlite3.Connection,
+    config: Config,
+    templates: Templates,
+    *,
+    conversation: sqlite3.Row,
+    unit_id: str,
+    template: str,
+    now: datetime,
+    **values: Any,
+) -> int | None:
+    """Tell a unit it owns a conversation now, by mail to its notification address."""
+    unit = config.units[unit_id]
+    if not unit.notify:
+        return None
+    language = templates.language_for(template, unit.languages[0] if unit.languages else None)
+    deadline = parse_iso(conversation["deadline"])
+    text = templates.render(
+        template,
+        language,
+        case_reference=conversation["case_reference"],
+        unit_name=unit.name,
+        deadline=format_deadline(deadline, language, config.timezone),
+        **values,
+    )
+    return queue_outbound(
+        conn,
+        conversation_id=conversation["id"],
+        contact_id=None,
+        kind="notification",
+        channel="email",
+        to_kind="email",
+        to=unit.notify,
+        text=text,
+        language=language,
+        subject=f"[#{conversation['case_reference']}] {unit.name}",
+        now=iso(now),
+        direction="internal",
+    )
+
+
+def escalate(
+    conn: sqlite3.Connection, config: Config, templates: Templates, conversation: sqlite3.Row, now: datetime
+) -> dict[str, Any]:
+    """Move an overdue conversation to the next unit of its chain and notify the new owner.
+
+    At the end of the chain the owner stays, is reminded, and the next reminder is scheduled:
+    ownership never lapses and the conversation stays visibly overdue.
+    """
+    from_unit = conversation["unit"]
+    level = conversation["escalation_level"] + 1
+    to_unit = config.units[from_unit].escalate_to or from_unit
+    stamp = iso(now)
+    old_deadline = parse_iso(conversation["deadline"])
+    new_deadline = deadline_for(config, to_unit, now)
+    if to_unit != from_unit:
+        reason = f"{config.units[from_unit].name} did not answer by the deadline; escalated to {config.units[to_unit].name}."
+        conn.execute(
+            "UPDATE conversations SET unit = ?, escalation_level = ?, deadline = ?, escalate_at = ?, assignee = NULL,"
+            " updated_at = ? WHERE id = ?",
+            (to_unit, level, iso(new_deadline), iso(new_deadline), stamp, conversation["id"]),
+        )
+    else:
+        reason = f"{config.units[from_unit].name} is the end of the escalation chain and is overdue; reminded."
+        # Keep the promised deadline (the conversation stays overdue); remind again later.
+        conn.execute(
+            "UPDATE conversations SET escalation_level = ?, escalate_at = ?, updated_at = ? WHERE id = ?",
+            (level, iso(new_deadline), stamp, conversation["id"]),
+        )
+    conn.execute(
+        "INSERT INTO escalations (conversation_id, level, from_unit, to_unit, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
+        (conversation["id"], level, from_unit, to_unit, reason, stamp),
+    )
+    record_event(conn, conversation["id"], "escalated", stamp, from_unit=from_unit, to_unit=to_unit, level=level)
+    updated = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation["id"],)).fetchone()
+    language = templates.language_for("escalation", None)
+    queue_unit_notification(
+        conn,
+        config,
+        templates,
+        conversation=updated,
+        unit_id=to_unit,
+        template="escalation" if templates.has("escalation") else "ack",
+        now=now,
+        level=level,
+        old_deadline=format_deadline(old_deadline, language, config.timezone),
+    )
+    return {
+        "conversation": dict(updated),
+        "from_unit": from_unit,
+        "to_unit": to_unit,
+        "level": level,
+    }
+
+
+def escalate_due(
+    conn: sqlite3.Connection, config: Config, templates: Templates, now: datetime, limit: int = 200
+) -> list[dict[str, Any]]:
+    """Escalate every conversation whose escalation time has passed and that still waits."""
+    rows = conn.execute(
+        "SELECT * FROM conversations WHERE escalate_at IS NOT NULL AND escalate_at <= ?"
+        " AND state IN ('open', 'acknowledged') ORDER BY escalate_at LIMIT ?",
+        (iso(now), limit),
+    ).fetchall()
+    results = []
+    for row in rows:
+        if row["escalation_level"] >= config.max_escalation_level:
+            conn.execute("UPDATE conversations SET escalate_at = NULL WHERE id = ?", (row["id"],))
+            continue
+        results.append(escalate(conn, config, templates, row, now))
+    return results
+
+
+def mark_answered(conn: sqlite3.Connection, conversation_id: int, now: str) -> bool:
+    """A human answer reached the person. Returns True when this changed the state."""
+    row = conn.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    if row is None or row["state"] in ("answered", "closed", "waiting"):
+        if row is not None and row["state"] != "answered":
+            conn.execute(
+                "UPDATE conversations SET answered_at = ?, first_answered_at = COALESCE(first_answered_at, ?)"
+                " WHERE id = ?",
+                (now, now, conversation_id),
+            )
+        return False
+    conn.execute(
+        "UPDATE conversations SET state = 'answered', deadline = NULL, escalate_at = NULL, answered_at = ?,"
+        " first_answered_at = COALESCE(first_answered_at, ?), updated_at = ? WHERE id = ?",
+        (now, now, now, conversation_id),
+    )
+    record_event(conn, conversation_id, "answered", now)
+    return True
+
+
+def reopen_window(config: Config) -> timedelta:
+    return timedelta(days=config.reopen_days)

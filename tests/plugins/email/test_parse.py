@@ -1,0 +1,416 @@
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plugins.email.parse import attachments, message_ids, parse_message, read_message
+
+from .conftest import ADDRESSES
+
+
+def parse(raw: bytes, *, envelope_from: str | None = "max@example.com", envelope_to=("bau@example.org",)):
+    return parse_message(
+        raw,
+        envelope_from=envelope_from,
+        envelope_to=list(envelope_to) if envelope_to is not None else None,
+        addresses=ADDRESSES,
+        own_domain="example.org",
+    )
+
+
+def crlf(text: str, encoding: str = "ascii") -> bytes:
+    return text.replace("\n", "\r\n").encode(encoding)
+
+
+LATIN1 = crlf(
+    """Return-Path: <max@example.com>
+From: =?ISO-8859-1?Q?J=FCrgen_M=FCller?= <Juergen.Mueller@Example.COM>
+To: Bauhotline <bau@example.org>
+Subject: =?ISO-8859-1?Q?Baustelle_vor_meinem_Haus_in_der_Musterstra=DFe?=
+Date: Fri, 03 May 2024 10:12:00 +0200
+Message-ID: <20240503101200.1234@mail.example.com>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=ISO-8859-1
+Content-Transfer-Encoding: 8bit
+
+Guten Tag,
+
+seit Montag ist die Einfahrt gesperrt. Wann wird die Grube geschlossen?
+Gr\xfc\xdfe aus der M\xfchlenstra\xdfe
+
+-- 
+J\xfcrgen M\xfcller
+Tel. 0123 456789
+""",
+    "latin-1",
+)
+
+
+def test_latin1_mail_with_umlauts(valid):
+    msg = valid(parse(LATIN1))
+    assert msg["channel"] == "email"
+    assert msg["channel_message_id"] == "<20240503101200.1234@mail.example.com>"
+    assert msg["thread_keys"] == ["<20240503101200.1234@mail.example.com>"]
+    assert msg["sender"] == {"kind": "email", "address": "juergen.mueller@example.com", "display_name": "Jürgen Müller"}
+    assert msg["recipient"] == "bau@example.org"
+    assert msg["unit_hint"] == "bauhotline"
+    assert msg["language"] == "de"
+    assert msg["subject"] == "Baustelle vor meinem Haus in der Musterstraße"
+    assert "Grüße aus der Mühlenstraße" in msg["text"]
+    assert "Jürgen" not in msg["text"]
+    assert msg["meta"]["signature"] == "Jürgen Müller\nTel. 0123 456789"
+    assert msg["sent_at"] == "2024-05-03T08:12:00+00:00"
+    assert msg["ack_suppressed"] is None
+    assert msg["raw"]["message_id"] == "<20240503101200.1234@mail.example.com>"
+    assert msg["raw"]["headers"]["Subject"] == msg["subject"]
+
+
+def test_windows_1252_labelled_as_latin1():
+    raw = crlf(
+        """From: anna@example.com
+To: service@example.org
+Subject: Rechnung
+Message-ID: <a1@example.com>
+Content-Type: text/plain; charset=iso-8859-1
+
+Die Rechnung \x96 \x84viel zu hoch\x93 \x80 120
+""",
+        "latin-1",
+    )
+    msg = parse(raw, envelope_to=["service@example.org"])
+    assert msg["text"] == "Die Rechnung – „viel zu hoch“ € 120"
+    assert msg["unit_hint"] == "kundenservice"
+    assert msg["language"] is None
+
+
+def test_utf8_labelled_as_latin1_is_recognised():
+    body = "Schöne Grüße".encode()
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <x@example.com>\n"
+               "Content-Type: text/plain; charset=iso-8859-1\n\n") + body
+    assert parse(raw)["text"] == "Schöne Grüße"
+
+
+def test_utf8_quoted_printable(valid):
+    raw = crlf(
+        """From: =?UTF-8?Q?=C3=96mer_Y=C4=B1lmaz?= <oemer@example.com>
+To: bau@example.org
+Subject: =?UTF-8?B?U3TDtnJ1bmcgaW0gR2Vsw6RuZGU=?=
+Message-ID: <qp@example.com>
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: quoted-printable
+
+Die Stra=C3=9Fe ist seit heute gesperrt, kein Zugang zur Gr=C3=BCnfl=C3=A4=
+che.
+"""
+    )
+    msg = valid(parse(raw))
+    assert msg["subject"] == "Störung im Gelände"
+    assert msg["sender"]["display_name"] == "Ömer Yılmaz"
+    assert msg["text"] == "Die Straße ist seit heute gesperrt, kein Zugang zur Grünfläche."
+
+
+def test_format_flowed_joined():
+    raw = crlf(
+        """From: a@example.com
+To: bau@example.org
+Message-ID: <ff@example.com>
+Content-Type: text/plain; charset=utf-8; format=flowed; delsp=no
+
+Das ist ein langer Satz, der vom Programm umbrochen 
+wurde und wieder zusammengehört.
+ From here on it is stuffed.
+Neue Zeile.
+""",
+        "utf-8",
+    )
+    assert parse(raw)["text"] == (
+        "Das ist ein langer Satz, der vom Programm umbrochen wurde und wieder zusammengehört.\n"
+        "From here on it is stuffed.\nNeue Zeile."
+    )
+
+
+def test_format_flowed_delsp():
+    raw = crlf(
+        "From: a@example.com\nTo: bau@example.org\nMessage-ID: <ds@example.com>\n"
+        "Content-Type: text/plain; charset=utf-8; format=flowed; delsp=yes\n\nzusammen \ngeschrieben\n"
+    )
+    assert parse(raw)["text"] == "zusammengeschrieben"
+
+
+def test_html_only_with_script_and_style(valid):
+    raw = crlf(
+        """From: web@example.com
+To: bau@example.org
+Message-ID: <html@example.com>
+Content-Type: text/html; charset=utf-8
+
+<html><head><title>Titel</title><style>p { color: red }</style></head>
+<body><script>alert("x")</script><p>Hallo&nbsp;Team,</p><p>der Bagger steht <b>vor</b> Haus&nbsp;5 &amp; 7.</p>
+<ul><li>Einfahrt</li><li>Gehweg</li></ul>
+<div class="gmail_quote">Am 02.05.2024 um 09:00 schrieb Bauhotline &lt;bau@example.org&gt;:
+<blockquote>Ihre Anfrage ist eingegangen.</blockquote></div></body></html>
+"""
+    )
+    msg = valid(parse(raw))
+    assert msg["text"] == "Hallo\xa0Team,\n\nder Bagger steht vor Haus\xa05 & 7.\n\n- Einfahrt\n- Gehweg"
+    assert "alert" not in msg["text"] and "color" not in msg["text"] and "Titel" not in msg["text"]
+    assert msg["meta"]["html"] is True
+    assert "> Ihre Anfrage ist eingegangen." in msg["meta"]["quoted"]
+
+
+def test_plain_preferred_over_html():
+    raw = crlf(
+        """From: a@example.com
+To: bau@example.org
+Message-ID: <alt@example.com>
+MIME-Version: 1.0
+Content-Type: multipart/alternative; boundary="b1"
+
+--b1
+Content-Type: text/plain; charset=utf-8
+
+Nur Text.
+--b1
+Content-Type: text/html; charset=utf-8
+
+<p>Nur <i>HTML</i>.</p>
+--b1--
+"""
+    )
+    msg = parse(raw)
+    assert msg["text"] == "Nur Text."
+    assert "html" not in msg["meta"]
+    assert msg["attachments"] == []
+
+
+def test_multipart_with_attachment(valid):
+    pdf = b"%PDF-1.4 fake plan of the site\n" * 20
+    raw = crlf(
+        f"""From: a@example.com
+To: bau@example.org
+Message-ID: <att@example.com>
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="outer"
+
+--outer
+Content-Type: text/plain; charset=utf-8
+
+Anbei der Plan.
+--outer
+Content-Type: application/pdf; name="Lageplan.pdf"
+Content-Disposition: attachment; filename*=UTF-8''Lagepl%C3%A4n%20Nord.pdf
+Content-Transfer-Encoding: base64
+
+{base64.encodebytes(pdf).decode()}
+--outer--
+"""
+    )
+    msg = valid(parse(raw))
+    assert msg["text"] == "Anbei der Plan."
+    assert msg["attachments"] == [
+        {"name": "Lageplän Nord.pdf", "content_type": "application/pdf",
+         "size": len(pdf), "sha256": hashlib.sha256(pdf).hexdigest()}
+    ]
+    payloads = attachments(raw)
+    assert [(a.name, a.data) for a in payloads] == [("Lageplän Nord.pdf", pdf)]
+
+
+def test_quoted_history_german_outlook():
+    raw = crlf(
+        """From: a@example.com
+To: bau@example.org
+Message-ID: <ol@example.com>
+In-Reply-To: <ack-2@example.org>
+References: <first@example.com> <ack-1@example.org> <ack-2@example.org>
+Subject: AW: Ihre Anfrage [#K-7F3QX2]
+Content-Type: text/plain; charset=utf-8
+
+Danke, aber die Grube ist immer noch offen.
+
+-----Ursprüngliche Nachricht-----
+Von: Bauhotline <bau@example.org>
+Gesendet: Freitag, 3. Mai 2024 10:15
+Betreff: Ihre Anfrage [#K-7F3QX2]
+
+Wir haben Ihre Anfrage erhalten.
+""",
+        "utf-8",
+    )
+    msg = parse(raw)
+    assert msg["text"] == "Danke, aber die Grube ist immer noch offen."
+    assert msg["meta"]["quoted"].startswith("-----Ursprüngliche Nachricht-----")
+    assert "Wir haben Ihre Anfrage erhalten." in msg["meta"]["quoted"]
+    assert msg["subject"] == "AW: Ihre Anfrage [#K-7F3QX2]"
+    assert msg["thread"]["refs"] == ["<ack-2@example.org>", "<first@example.com>", "<ack-1@example.org>"]
+
+
+def test_quoted_history_german_attribution_wrapped():
+    raw = crlf(
+        """From: a@example.com
+To: bau@example.org
+Message-ID: <de@example.com>
+Content-Type: text/plain; charset=utf-8
+
+Das Loch ist wieder da.
+
+Am 03.05.2024 um 10:15 schrieb Bauhotline
+<bau@example.org>:
+> Ihre Anfrage ist eingegangen.
+""",
+        "utf-8",
+    )
+    msg = parse(raw)
+    assert msg["text"] == "Das Loch ist wieder da."
+    assert msg["meta"]["quoted"].startswith("Am 03.05.2024 um 10:15 schrieb Bauhotline")
+
+
+def test_quoted_history_english_and_mobile_signature():
+    raw = crlf(
+        """From: a@example.com
+To: service@example.org
+Message-ID: <en@example.com>
+Content-Type: text/plain; charset=utf-8
+
+The crew left the road open overnight.
+
+Sent from my iPhone
+
+On Fri, May 3, 2024 at 10:15 AM Customer Care <service@example.org> wrote:
+> We received your request.
+"""
+    )
+    msg = parse(raw, envelope_to=["service@example.org"])
+    assert msg["text"] == "The crew left the road open overnight."
+    assert msg["meta"]["signature"] == "Sent from my iPhone"
+    assert msg["meta"]["quoted"].endswith("> We received your request.")
+
+
+def test_bottom_posted_reply_keeps_own_text():
+    raw = crlf(
+        "From: a@example.com\nTo: bau@example.org\nMessage-ID: <bp@example.com>\n\n"
+        "> Wann ist die Baustelle fertig?\n> Gruss\n\nIn zwei Wochen, sagt der Polier.\n"
+    )
+    msg = parse(raw)
+    assert msg["text"] == "In zwei Wochen, sagt der Polier."
+    assert msg["meta"]["quoted"] == "> Wann ist die Baustelle fertig?\n> Gruss"
+
+
+def test_interleaved_reply_is_kept_whole():
+    body = "> Frage eins?\nAntwort eins.\n> Frage zwei?\nAntwort zwei."
+    raw = crlf(f"From: a@example.com\nTo: bau@example.org\nMessage-ID: <il@example.com>\n\n{body}\n")
+    msg = parse(raw)
+    assert msg["text"] == body
+    assert "quoted" not in msg["meta"]
+
+
+def test_forward_without_own_text_keeps_everything():
+    body = "-----Original Message-----\nFrom: neighbour@example.com\nSent: Monday\n\nThe road is flooded."
+    raw = crlf(f"From: a@example.com\nTo: bau@example.org\nMessage-ID: <fw@example.com>\n\n{body}\n")
+    assert parse(raw)["text"] == body
+
+
+def test_case_reference_stays_in_subject_and_text():
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <cr@example.com>\n"
+               "Subject: Re: [#K-7F3QX2] Baustelle\n\nZu K-7F3QX2: noch offen.\n")
+    msg = parse(raw)
+    assert "[#K-7F3QX2]" in msg["subject"]
+    assert "K-7F3QX2" in msg["text"]
+
+
+def test_recipient_from_cc_when_envelope_unknown():
+    raw = crlf("From: a@example.com\nTo: someone@example.net\nCc: Service <Service@Example.org>, bau@example.org\n"
+               "Message-ID: <cc@example.com>\n\nHallo\n")
+    msg = parse(raw, envelope_to=None, envelope_from=None)
+    assert msg["recipient"] == "service@example.org"
+    assert msg["unit_hint"] == "kundenservice"
+
+
+def test_missing_message_id_gets_stable_hash_id(valid):
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nSubject: ohne ID\n\nText\n")
+    msg = valid(parse(raw))
+    assert msg["channel_message_id"] == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert parse(raw)["channel_message_id"] == msg["channel_message_id"]
+    assert msg["thread_keys"] == []
+
+
+def test_auto_reply_is_marked_not_acknowledged(valid):
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <oof@example.com>\n"
+               "Auto-Submitted: auto-replied\nSubject: Abwesenheitsnotiz\n\nIch bin bis Montag nicht im Haus.\n")
+    msg = valid(parse(raw))
+    assert msg["ack_suppressed"] == "auto-reply"
+    assert msg["text"] == "Ich bin bis Montag nicht im Haus."
+
+
+def test_bounce_is_marked(valid):
+    raw = crlf(
+        """From: Mail Delivery System <MAILER-DAEMON@mx.example.net>
+To: bau@example.org
+Subject: Undelivered Mail Returned to Sender
+Message-ID: <b@mx.example.net>
+
+<nobody@example.net>: host mx.example.net said: 550 5.1.1 User unknown
+
+Message-ID: <abc.cr@example.org>
+"""
+    )
+    msg = valid(parse(raw, envelope_from=""))
+    assert msg["ack_suppressed"] == "bounce"
+    assert msg["meta"]["bounce"]["original_message_id"] == "<abc.cr@example.org>"
+
+
+MALFORMED = [
+    # multipart without its boundary
+    b"From: a@example.com\r\nTo: bau@example.org\r\nMessage-ID: <m1@example.com>\r\n"
+    b"Content-Type: multipart/mixed; boundary=\"nowhere\"\r\n\r\nHallo, die Grube ist offen.\r\n",
+    # broken base64 and an unknown charset
+    b"From: a@example.com\r\nTo: bau@example.org\r\nMessage-ID: <m2@example.com>\r\n"
+    b"Content-Type: text/plain; charset=x-unknown-42\r\nContent-Transfer-Encoding: base64\r\n\r\nSGFsbG8gV2VsdA=!!\r\n",
+    # 8-bit garbage in headers, no From, no header/body separator
+    b"Subject: Gr\xfc\xdfe \xff\r\nTo: <<<bau@example.org\r\nContent-Type: text/plain; charset=\"\r\nText ohne Trenner\r\n",
+    # nonsense
+    b"\x00\x01\x02 not a mail at all",
+    b"",
+]
+
+
+@pytest.mark.parametrize("raw", MALFORMED)
+def test_malformed_mail_never_raises(raw, valid):
+    valid(parse(raw, envelope_from=None, envelope_to=None))
+
+
+def test_malformed_multipart_keeps_text():
+    msg = parse(MALFORMED[0])
+    assert "die Grube ist offen" in msg["text"]
+
+
+def test_8bit_header_is_repaired():
+    assert parse(MALFORMED[2], envelope_from=None)["subject"].startswith("Grüße")
+
+
+def test_text_is_limited():
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <big@example.com>\n\n") + b"x" * 250_000
+    assert len(parse(raw)["text"]) == 200_000
+
+
+def test_message_ids_accept_bare_ids():
+    assert message_ids("<a@b> <c@d>") == ["<a@b>", "<c@d>"]
+    assert message_ids("a@b") == ["<a@b>"]
+    assert message_ids(None) == []
+
+
+def test_read_message_does_not_raise_on_nonsense():
+    assert read_message(b"\xff\xfe") is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes_give_a_valid_message(raw):
+    from .conftest import VALIDATOR
+
+    msg = parse(b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n" + raw,
+                envelope_from=None, envelope_to=None)
+    assert not list(VALIDATOR.iter_errors(msg))

@@ -1,0 +1,295 @@
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+from aiohttp import web
+from twilio.request_validator import RequestValidator
+
+from plugins.phone import PhoneChannel, PhoneSettings
+from router.clock import FrozenClock
+from router.hookspecs import ChannelContext, IngestResult, OutboundMessage, PermanentDeliveryError
+
+PUBLIC = "https://contact.example.org"
+TOKEN = "twilio-auth-token"
+NOW = datetime(2025, 5, 13, 8, 0, tzinfo=UTC)
+CALLER = {"CallSid": "CA" + "1" * 32, "AccountSid": "AC1", "From": "+4915112345678", "To": "+4930999999"}
+UNITS = {"construction": "tiefbau-muster", "fault": "stoerung"}
+
+
+class FakeCore:
+    """Stands in for the core: stores messages, deduplicates, routes by topic."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.deliveries: list = []
+        self.http: aiohttp.ClientSession | None = None
+
+    async def ingest(self, message: dict) -> IngestResult:
+        duplicate = any(m["channel_message_id"] == message["channel_message_id"] for m in self.messages)
+        if not duplicate:
+            self.messages.append(message)
+        return IngestResult(
+            message_id=len(self.messages), conversation_id=1, case_reference="K-7F3QX2", status_token="tok",
+            status_url=None, unit=UNITS.get(message.get("topic"), "kundenservice"), unit_name=None,
+            deadline=NOW + timedelta(hours=4), language="de", acknowledged=True, duplicate=duplicate,
+        )
+
+    async def record_delivery(self, channel: str, update) -> bool:
+        self.deliveries.append(update)
+        return True
+
+    def kinds(self) -> list[str]:
+        return [m["kind"] for m in self.messages]
+
+
+def make_channel(core: FakeCore, **overrides) -> PhoneChannel:
+    settings = PhoneSettings.from_config(
+        {
+            "account_sid": "AC1", "auth_token": TOKEN, "phone_number": "+4930999999", "public_base_url": PUBLIC,
+            "cti_secret": "cti-secret", "forward_numbers": {"tiefbau-muster": "+4930111111"}, **overrides,
+        }
+    )
+    channel = PhoneChannel(settings)
+    channel.setup(
+        ChannelContext(
+            name="phone", settings={}, data_dir=Path("."), public_base_url="http://127.0.0.1:8080",
+            clock=FrozenClock(NOW), ingest=core.ingest, record_delivery=core.record_delivery,
+            conversation_view=None, http=lambda: core.http, render=lambda *a, **k: "", units={},
+        )
+    )
+    return channel
+
+
+@pytest.fixture
+def core() -> FakeCore:
+    return FakeCore()
+
+
+@pytest.fixture
+async def client_for(aiohttp_client):
+    async def build(channel: PhoneChannel):
+        app = web.Application()
+        sub = web.Application()
+        sub.add_routes(channel.routes())
+        app.add_subapp("/channels/phone", sub)
+        return await aiohttp_client(app)
+
+    return build
+
+
+@pytest.fixture
+async def client(core, client_for):
+    return await client_for(make_channel(core))
+
+
+async def twilio_post(client, path_qs: str, params: dict, *, token: str = TOKEN, signature: str | None = "sign"):
+    """POST as Twilio would, signed by Twilio's own validator over the public URL."""
+    if not path_qs.startswith("http"):
+        path_qs = f"{PUBLIC}/channels/phone/twilio/{path_qs}"
+    headers = {}
+    if signature == "sign":
+        headers["X-Twilio-Signature"] = RequestValidator(token).compute_signature(path_qs, params)
+    elif signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    parts = urlsplit(path_qs)
+    return await client.post(parts.path + (f"?{parts.query}" if parts.query else ""), data=params, headers=headers)
+
+
+async def twiml_of(response) -> ET.Element:
+    assert response.status == 200, await response.text()
+    assert response.content_type == "text/xml"
+    return ET.fromstring(await response.text())
+
+
+# -- signatures -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signature", [None, "forged", "token"])
+async def test_unsigned_or_forged_requests_are_refused_and_store_nothing(client, core, signature):
+    token = "wrong-token" if signature == "token" else TOKEN
+    for path in ("voice", "menu", "recording", "sms", "call-status"):
+        response = await twilio_post(
+            client, path, {**CALLER, "Digits": "1", "Body": "x", "MessageSid": "SM1", "CallStatus": "completed"},
+            token=token, signature="sign" if signature == "token" else signature,
+        )
+        assert response.status == 403
+    assert core.messages == []
+
+
+async def test_signature_covers_the_query(client, core):
+    signed_for = f"{PUBLIC}/channels/phone/twilio/menu?lang=de"
+    headers = {"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(signed_for, {**CALLER, "Digits": "1"})}
+    response = await client.post("/channels/phone/twilio/menu?lang=en", data={**CALLER, "Digits": "1"}, headers=headers)
+    assert response.status == 403
+
+
+# -- calls ------------------------------------------------------------------------------------
+
+
+async def test_whole_call_forward_not_answered_voicemail_and_transcript(client, core):
+    greeting = await twiml_of(await twilio_post(client, "voice", CALLER))
+    assert greeting.find("Gather/Say").get("language") == "de-DE"
+    menu_url = greeting.find("Gather").get("action")
+
+    forward = await twiml_of(await twilio_post(client, menu_url, {**CALLER, "Digits": "1"}))
+    assert core.kinds() == ["call"]
+    assert core.messages[0]["topic"] == "construction"
+    assert forward.find("Dial/Number").text == "+4930111111"
+    assert forward.find("Dial").get("timeout") == "20"
+
+    voicemail = await twiml_of(
+        await twilio_post(client, forward.find("Dial").get("action"), {**CALLER, "DialCallStatus": "no-answer"})
+    )
+    assert "K, 7, F, 3, Q, X, 2" in voicemail.find("Say").text
+    assert "heute um 14:00 Uhr" in voicemail.find("Say").text  # deadline 12:00 UTC, Berlin summer time
+    record = voicemail.find("Record")
+    assert record.get("transcribe") == "true"
+
+    recording = {**CALLER, "RecordingSid": "RE" + "2" * 32, "RecordingUrl": "https://api.twilio.com/rec", "RecordingDuration": "31"}
+    bye = await twiml_of(await twilio_post(client, record.get("action"), recording))
+    assert bye.find("Hangup") is not None
+    transcript = {**recording, "TranscriptionSid": "TR1", "TranscriptionStatus": "completed", "TranscriptionText": "Baugrube offen"}
+    await twiml_of(await twilio_post(client, record.get("transcribeCallback"), transcript))
+    await twiml_of(await twilio_post(client, "call-status", {**CALLER, "CallStatus": "completed"}))
+
+    assert core.kinds() == ["call", "voicemail", "edit"]
+    voicemail_message, edit = core.messages[1:]
+    assert voicemail_message["topic"] == "construction"
+    assert voicemail_message["attachments"][0]["url"] == "https://api.twilio.com/rec"
+    assert edit["target_message_id"] == voicemail_message["channel_message_id"]
+    assert edit["text"] == "Baugrube offen"
+
+
+async def test_hang_up_before_the_menu_is_a_missed_call(client, core):
+    await twiml_of(await twilio_post(client, "voice", CALLER))
+    await twiml_of(await twilio_post(client, "call-status", {**CALLER, "CallStatus": "completed"}))
+    assert core.kinds() == ["missed_call"]
+    assert core.messages[0]["flags"] == ["callback_required"]
+
+
+async def test_hang_up_at_the_voicemail_prompt_is_a_missed_call_with_the_topic(client, core):
+    await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "3"}))  # fault: no forward number
+    await twiml_of(await twilio_post(client, "recording?lang=de&topic=fault", {**CALLER, "RecordingDuration": "0"}))
+    await twiml_of(await twilio_post(client, "call-status", {**CALLER, "CallStatus": "completed"}))
+    assert core.kinds() == ["call", "missed_call"]
+    assert core.messages[1]["topic"] == "fault"
+
+
+async def test_answered_forward_is_not_a_missed_call(client, core):
+    await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "1"})
+    answer = await twiml_of(await twilio_post(client, "dial-result?lang=de", {**CALLER, "DialCallStatus": "completed"}))
+    assert answer.find("Hangup") is not None
+    await twilio_post(client, "call-status", {**CALLER, "CallStatus": "completed"})
+    assert core.kinds() == ["call"]
+
+
+async def test_closed_unit_goes_straight_to_voicemail(core, client_for):
+    asked = []
+
+    def is_open(unit, now):
+        asked.append((unit, now))
+        return False
+
+    client = await client_for(make_channel(core, is_open=is_open))
+    answer = await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "1"}))
+    assert answer.find("Dial") is None and answer.find("Record") is not None
+    assert asked == [("tiefbau-muster", NOW)]
+
+
+async def test_english_on_nine(client, core):
+    menu = await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "9"}))
+    assert {say.get("language") for say in menu.iter("Say")} == {"en-GB"}
+    assert core.messages == []
+    answer = await twiml_of(await twilio_post(client, menu.find("Gather").get("action"), {**CALLER, "Digits": "3"}))
+    assert core.messages[0]["language"] == "en"
+    assert answer.find("Say").get("language") == "en-GB"
+
+
+async def test_withheld_caller_is_asked_for_a_number(client, core):
+    anonymous = {**CALLER, "From": "+266696687"}
+    greeting = await twiml_of(await twilio_post(client, "voice", anonymous))
+    assert "nicht übertragen" in greeting.find("Gather/Say").text
+    answer = await twiml_of(await twilio_post(client, "menu?lang=de", {**anonymous, "Digits": "3"}))
+    assert "WhatsApp" in answer.find("Say").text
+    assert core.messages[0]["sender"]["kind"] == "anonymous"
+    assert core.messages[0]["flags"] == ["no_number"]
+
+
+# -- SMS --------------------------------------------------------------------------------------
+
+
+async def test_sms_in_and_status_callback(client, core):
+    sms = {"MessageSid": "SM1", "From": "+4915112345678", "To": "+4930999999", "Body": "Hallo"}
+    answer = await twiml_of(await twilio_post(client, "sms", sms))
+    assert len(answer) == 0
+    assert core.messages[0]["sender"]["address"] == CALLER["From"]
+    await twilio_post(client, "status", {"MessageSid": "SM9", "MessageStatus": "undelivered", "ErrorCode": "30005"})
+    (update,) = core.deliveries
+    assert (update.provider_id, update.status, update.permanent) == ("SM9", "failed", True)
+
+
+def outbound(kind: str, to: str, text: str = "Ihr Anliegen K-7F3QX2 ist bei uns.") -> OutboundMessage:
+    return OutboundMessage(
+        outbox_id=1, channel="phone", kind=kind, to_kind="phone", to=to, text=text, language="de",
+        idempotency_key="k1", status_url="https://contact.example.org/channels/webform/status/t",
+    )
+
+
+async def test_call_acknowledgement_to_a_landline_is_not_sent(core):
+    with pytest.raises(PermanentDeliveryError) as caught:
+        await make_channel(core).send(outbound("ack", "+493012345678"))
+    assert caught.value.code == "not_mobile"
+
+
+async def test_sms_out_through_the_rest_api(core, aiohttp_server):
+    received = []
+
+    async def messages(request):
+        received.append(dict(await request.post()))
+        return web.json_response({"sid": "SMabc"}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/AC1/Messages.json", messages)
+    server = await aiohttp_server(app)
+    channel = make_channel(core, api_url=str(server.make_url("")))
+    async with aiohttp.ClientSession() as core.http:
+        result = await channel.send(outbound("ack", "0151 12345678", text="x " * 1000))
+    assert result.provider_id == "SMabc"
+    (form,) = received
+    assert form["To"] == "+4915112345678" and form["From"] == "+4930999999"
+    assert len(form["Body"]) <= 1600 and form["Body"].endswith("/channels/webform/status/t")
+    assert form["StatusCallback"] == f"{PUBLIC}/channels/phone/twilio/status"
+
+
+# -- CTI --------------------------------------------------------------------------------------
+
+
+async def test_cti_wrong_secret_is_not_found(client, core):
+    response = await client.post("/channels/phone/cti/guess", json={"event": "hangup", "cause": "noAnswer"})
+    assert response.status == 404
+    assert core.messages == []
+
+
+async def test_cti_missed_and_answered_calls(client, core):
+    missed = {"event": "hangup", "cause": "noAnswer", "from": "030 12345678", "to": "030 999999", "direction": "in", "callId": "c1"}
+    response = await client.post("/channels/phone/cti/cti-secret", json=missed)
+    assert (await response.json())["stored"] is True
+    answered = {**missed, "cause": "normalClearing", "callId": "c2"}
+    response = await client.post("/channels/phone/cti/cti-secret", data=answered)  # form-encoded, as sipgate posts
+    assert (await response.json())["stored"] is False
+    assert core.kinds() == ["missed_call"]
+    assert core.messages[0]["sender"]["address"] == "+493012345678"
+
+
+async def test_cti_garbage_is_a_bad_request(client, core):
+    response = await client.post(
+        "/channels/phone/cti/cti-secret", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    response = await client.post("/channels/phone/cti/cti-secret", json=["hangup"])
+    assert response.status == 400

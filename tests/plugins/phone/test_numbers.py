@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+
+from plugins.phone.numbers import is_mobile, is_withheld, to_e164
+
+
+@pytest.mark.parametrize(
+    ("raw", "e164"),
+    [
+        ("030 12345678", "+493012345678"),
+        ("+49 30 12345678", "+493012345678"),
+        ("0049 30 12345678", "+493012345678"),
+        ("0151 12345678", "+4915112345678"),
+        ("+14158675309", "+14158675309"),
+    ],
+)
+def test_numbers_become_e164(raw, e164):
+    assert to_e164(raw) == e164
+
+
+@pytest.mark.parametrize("raw", [None, "", "anonymous", "+266696687", "RESTRICTED", "Vodafone", "sip:a@b", "12"])
+def test_withheld_and_unreadable_numbers_are_none(raw):
+    assert to_e164(raw) is None
+
+
+def test_withheld_spellings():
+    assert is_withheld("Anonymous") and is_withheld(" ") and is_withheld(None)
+    assert not is_withheld("+4930123456")
+
+
+@pytest.mark.parametrize(
+    ("number", "mobile"),
+    [("+4915112345678", True), ("+491701234567", True), ("+493012345678", False), ("+14158675309", True),
+     ("", False), (None, False), ("garbage", False)],
+)
+def test_is_mobile(number, mobile):
+    # US numbers are FIXED_LINE_OR_MOBILE in phonenumbers: they can take an SMS.
+    assert is_mobile(number) is mobile

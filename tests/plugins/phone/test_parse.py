@@ -1,0 +1,288 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plugins.phone import parse
+
+CALL = {
+    "AccountSid": "AC00000000000000000000000000000000",
+    "CallSid": "CA1111111111111111111111111111111a",
+    "From": "+4930123456789",
+    "To": "+4930999999",
+    "CallStatus": "in-progress",
+    "Direction": "inbound",
+    "ApiVersion": "2010-04-01",
+}
+
+
+def with_(base: dict, **changes: str) -> dict:
+    return {**base, **changes}
+
+
+# -- calls -----------------------------------------------------------------------------------
+
+
+def test_call_is_a_call_from_the_e164_number(assert_canonical):
+    message = assert_canonical(parse.call_message(with_(CALL, Digits="1"), topic="construction", language="de"))
+    assert message["kind"] == "call"
+    assert message["channel"] == "phone"
+    assert message["channel_message_id"] == CALL["CallSid"]
+    assert message["sender"] == {"kind": "phone", "address": "+4930123456789"}
+    assert message["recipient"] == "+4930999999"
+    assert message["topic"] == "construction"
+    assert message["language"] == "de"
+    assert message["flags"] == []
+    assert message["meta"]["digits"] == "1"
+
+
+def test_national_number_is_normalised_with_the_default_region(assert_canonical):
+    message = assert_canonical(parse.call_message(with_(CALL, From="0151 12345678")))
+    assert message["sender"]["address"] == "+4915112345678"
+
+
+def test_topic_and_language_outside_the_schema_are_dropped(assert_canonical):
+    message = assert_canonical(parse.call_message(CALL, topic="Not A Topic", language="deutsch"))
+    assert message["topic"] is None
+    assert message["language"] is None
+
+
+@pytest.mark.parametrize("caller", ["anonymous", "+266696687", "", "restricted", "Restricted", "sip:alice@pbx"])
+def test_withheld_numbers_are_anonymous_with_no_number(caller, assert_canonical):
+    message = assert_canonical(parse.call_message(with_(CALL, From=caller)))
+    assert message["sender"] == {"kind": "anonymous", "address": f"anonymous:{CALL['CallSid']}"}
+    assert "no_number" in message["flags"]
+
+
+def test_missed_call_is_a_call_back_duty_in_the_calls_thread(assert_canonical):
+    message = assert_canonical(
+        parse.missed_call_message(with_(CALL, CallStatus="completed", CallDuration="7"), topic="fault")
+    )
+    assert message["kind"] == "missed_call"
+    assert message["channel_message_id"] == f"{CALL['CallSid']}:missed"
+    assert message["flags"] == ["callback_required"]
+    assert message["thread"] == {"refs": [CALL["CallSid"]]}
+    assert message["meta"]["call_duration"] == 7
+    assert message["topic"] == "fault"
+
+
+def test_missed_call_from_withheld_number_has_both_flags(assert_canonical):
+    message = assert_canonical(parse.missed_call_message(with_(CALL, From="anonymous")))
+    assert message["flags"] == ["callback_required", "no_number"]
+
+
+def test_call_without_call_sid_is_a_payload_error():
+    with pytest.raises(parse.PayloadError):
+        parse.call_message({"From": "+4930123456789"})
+
+
+# -- voicemail and transcripts ----------------------------------------------------------------
+
+RECORDING = with_(
+    CALL,
+    RecordingSid="RE2222222222222222222222222222222b",
+    RecordingUrl="https://api.twilio.com/2010-04-01/Accounts/AC0/Recordings/RE2222222222222222222222222222222b",
+    RecordingDuration="42",
+)
+
+
+def test_voicemail_carries_the_recording(assert_canonical):
+    message = assert_canonical(parse.voicemail_message(RECORDING, topic="construction", language="de"))
+    assert message["kind"] == "voicemail"
+    assert message["channel_message_id"] == RECORDING["RecordingSid"]
+    assert message["flags"] == ["callback_required"]
+    assert message["attachments"][0]["url"] == RECORDING["RecordingUrl"]
+    assert message["attachments"][0]["media_id"] == RECORDING["RecordingSid"]
+    assert message["meta"]["recording_duration"] == 42
+    assert message["thread"] == {"refs": [CALL["CallSid"]]}
+
+
+@pytest.mark.parametrize("changes", [{"RecordingDuration": "0"}, {"RecordingUrl": ""}])
+def test_nothing_recorded_is_no_voicemail(changes):
+    assert parse.voicemail_message(with_(RECORDING, **changes)) is None
+
+
+def test_transcript_is_an_edit_of_the_voicemail(assert_canonical):
+    params = with_(
+        RECORDING, TranscriptionSid="TR3333333333333333333333333333333c", TranscriptionStatus="completed",
+        TranscriptionText="Hallo, die Baugrube vor meinem Haus ist seit Wochen offen.",
+    )
+    update = parse.transcript_update(params)
+    voicemail = parse.voicemail_message(RECORDING)
+    assert update.target_message_id == voicemail["channel_message_id"]
+    message = assert_canonical(parse.transcript_message(update))
+    assert message["kind"] == "edit"
+    assert message["target_message_id"] == RECORDING["RecordingSid"]
+    assert message["channel_message_id"] == "TR3333333333333333333333333333333c"
+    assert message["text"].startswith("Hallo, die Baugrube")
+    assert message["sender"] == voicemail["sender"]
+    assert "transcription_failed" not in message["flags"]
+
+
+def test_failed_transcription_is_flagged_without_text(assert_canonical):
+    params = with_(RECORDING, TranscriptionSid="TR4", TranscriptionStatus="failed", TranscriptionText="")
+    message = assert_canonical(parse.transcript_message(parse.transcript_update(params)))
+    assert message["text"] is None
+    assert message["flags"] == ["transcription_failed"]
+    assert message["meta"]["transcription_status"] == "failed"
+
+
+def test_transcript_of_withheld_caller_keeps_the_calls_anonymous_address(assert_canonical):
+    params = with_(RECORDING, From="anonymous", TranscriptionStatus="completed", TranscriptionText="Hallo")
+    message = assert_canonical(parse.transcript_message(parse.transcript_update(params)))
+    voicemail = parse.voicemail_message(with_(RECORDING, From="anonymous"))
+    assert message["sender"] == voicemail["sender"]
+    assert message["channel_message_id"] == f"{RECORDING['RecordingSid']}:transcript:completed"
+
+
+# -- SMS --------------------------------------------------------------------------------------
+
+SMS = {
+    "MessageSid": "SM5555555555555555555555555555555e",
+    "SmsSid": "SM5555555555555555555555555555555e",
+    "AccountSid": "AC0",
+    "From": "+4915112345678",
+    "To": "+4930999999",
+    "Body": "Wann wird mein Anschluss fertig?",
+    "NumMedia": "0",
+}
+
+
+def test_sms_is_a_message(assert_canonical):
+    message = assert_canonical(parse.sms_message(SMS))
+    assert message["kind"] == "message"
+    assert message["channel_message_id"] == SMS["MessageSid"]
+    assert message["sender"] == {"kind": "phone", "address": "+4915112345678"}
+    assert message["text"] == SMS["Body"]
+    assert "ack_suppressed" not in message
+
+
+def test_sms_media_become_attachments(assert_canonical):
+    params = with_(SMS, NumMedia="2", MediaUrl0="https://m/0", MediaContentType0="image/jpeg", MediaUrl1="https://m/1")
+    message = assert_canonical(parse.sms_message(params))
+    assert message["attachments"] == [
+        {"url": "https://m/0", "content_type": "image/jpeg"},
+        {"url": "https://m/1", "content_type": None},
+    ]
+
+
+def test_sms_opt_out_is_never_acknowledged(assert_canonical):
+    assert assert_canonical(parse.sms_message(with_(SMS, Body=" Stop ")))["ack_suppressed"] == "opt-out"
+
+
+def test_sms_from_alphanumeric_sender_has_no_number(assert_canonical):
+    message = assert_canonical(parse.sms_message(with_(SMS, From="Vodafone")))
+    assert message["sender"]["kind"] == "anonymous"
+    assert message["flags"] == ["no_number"]
+
+
+# -- SMS statuses -----------------------------------------------------------------------------
+
+AT = datetime(2025, 5, 13, 10, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("twilio", "ours"),
+    [("sent", "sent"), ("delivered", "delivered"), ("read", "read"), ("undelivered", "failed"), ("failed", "failed")],
+)
+def test_status_mapping(twilio, ours):
+    update = parse.delivery_update({"MessageSid": "SM1", "MessageStatus": twilio}, at=AT)
+    assert update.provider_id == "SM1"
+    assert update.status == ours
+    assert update.at == AT
+
+
+@pytest.mark.parametrize("twilio", ["queued", "accepted", "sending", "scheduled", "", "bogus"])
+def test_statuses_that_say_nothing_new_are_dropped(twilio):
+    assert parse.delivery_update({"MessageSid": "SM1", "MessageStatus": twilio}) is None
+
+
+@pytest.mark.parametrize(("code", "permanent"), [("30003", True), ("30005", True), ("30006", True), ("30008", False)])
+def test_failed_status_says_whether_to_try_elsewhere(code, permanent):
+    update = parse.delivery_update({"MessageSid": "SM1", "MessageStatus": "undelivered", "ErrorCode": code})
+    assert update.error_code == code
+    assert update.permanent is permanent
+
+
+def test_old_style_sms_status_is_understood():
+    assert parse.delivery_update({"SmsSid": "SM1", "SmsStatus": "delivered"}).status == "delivered"
+
+
+# -- CTI --------------------------------------------------------------------------------------
+
+
+def cti(**fields):
+    return {"event": "hangup", "direction": "in", "callId": "abc-123", "to": "030 9999999", **fields}
+
+
+def test_cti_no_answer_from_national_number_is_a_missed_call(assert_canonical):
+    message = assert_canonical(parse.cti_missed_call(cti(**{"from": "030 12345678", "cause": "noAnswer"})))
+    assert message["kind"] == "missed_call"
+    assert message["channel_message_id"] == "cti:abc-123:missed"
+    assert message["sender"] == {"kind": "phone", "address": "+493012345678"}
+    assert message["recipient"] == "+49309999999"
+    assert message["flags"] == ["callback_required"]
+    assert message["meta"]["cause"] == "noAnswer"
+
+
+def test_cti_no_answer_from_anonymous_has_no_number(assert_canonical):
+    message = assert_canonical(parse.cti_missed_call(cti(**{"from": "anonymous", "cause": "noAnswer"})))
+    assert message["sender"] == {"kind": "anonymous", "address": "anonymous:cti:abc-123"}
+    assert message["flags"] == ["callback_required", "no_number"]
+
+
+@pytest.mark.parametrize("cause", ["busy", "cancel", "no_answer"])
+def test_cti_other_missed_causes(cause, assert_canonical):
+    assert assert_canonical(parse.cti_missed_call(cti(**{"from": "+4915112345678", "cause": cause})))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        cti(**{"from": "030 12345678", "cause": "normalClearing"}),
+        cti(**{"from": "030 12345678", "cause": "noAnswer", "direction": "out"}),
+        {"event": "newCall", "from": "030 12345678", "callId": "x", "direction": "in"},
+        {"event": "answer", "from": "030 12345678", "callId": "x", "direction": "in"},
+    ],
+)
+def test_cti_answered_and_outbound_calls_give_nothing(event):
+    assert parse.cti_missed_call(event) is None
+
+
+def test_cti_missed_call_without_call_id_is_a_payload_error():
+    with pytest.raises(parse.PayloadError):
+        parse.cti_missed_call({"event": "hangup", "cause": "noAnswer", "from": "anonymous"})
+
+
+def test_cti_event_that_is_not_an_object_is_a_payload_error():
+    with pytest.raises(parse.PayloadError):
+        parse.cti_missed_call(["hangup"])
+
+
+# -- malformed input --------------------------------------------------------------------------
+
+KEYS = st.sampled_from(
+    ["CallSid", "From", "To", "Digits", "RecordingUrl", "RecordingDuration", "RecordingSid", "TranscriptionText",
+     "TranscriptionStatus", "MessageSid", "Body", "NumMedia", "MediaUrl0", "MessageStatus", "ErrorCode",
+     "CallStatus", "CallDuration", "event", "cause", "callId", "from", "direction"]
+)
+VALUES = st.one_of(st.text(max_size=40), st.sampled_from(["hangup", "noAnswer", "anonymous", "+4915112345678", "3"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(params=st.dictionaries(KEYS, VALUES))
+def test_malformed_payloads_give_valid_messages_or_payload_errors(params, inbound_validator):
+    for build in (
+        parse.call_message, parse.missed_call_message, parse.voicemail_message, parse.sms_message,
+        lambda p: parse.transcript_message(parse.transcript_update(p)), parse.cti_missed_call,
+    ):
+        try:
+            message = build(params)
+        except parse.PayloadError:
+            continue
+        if message is not None:
+            assert list(inbound_validator.iter_errors(message)) == []
+    parse.delivery_update(params)

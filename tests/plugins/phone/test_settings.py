@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from plugins.phone import register_channels
+from plugins.phone.settings import DEFAULT_MENU, PhoneSettings, SettingsError
+
+TWILIO = {"account_sid": "AC1", "auth_token": "tok", "phone_number": "+4930999999"}
+
+
+def test_defaults():
+    settings = PhoneSettings.from_config(TWILIO)
+    assert settings.twilio_enabled and not settings.cti_enabled
+    assert dict(settings.menu) == DEFAULT_MENU
+    assert (settings.api_url, settings.forward_timeout, settings.voicemail_max_length) == ("https://api.twilio.com", 20, 120)
+    assert "tok" not in repr(settings)
+
+
+def test_twilio_credentials_fall_back_to_the_environment():
+    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+49301", "TWILIO_API_URL": "http://127.0.0.1:9"}
+    settings = PhoneSettings.from_config({}, env)
+    assert settings.twilio_enabled and settings.api_url == "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"menu": {"12": "fault"}}, "menu.12"),
+        ({"menu": {"1": "Bad Topic"}}, "menu.1"),
+        ({"english_digit": "1"}, "english_digit"),
+        ({"forward_timeout": "20"}, "forward_timeout"),
+        ({"forward_numbers": {"bauhotline": 4930}}, "forward_numbers"),
+        ({"is_open": "yes"}, "is_open"),
+    ],
+)
+def test_bad_values_name_their_key(section, key):
+    with pytest.raises(SettingsError, match=f"channels.phone.{key}"):
+        PhoneSettings.from_config({**TWILIO, **section})
+
+
+def test_channel_is_off_without_credentials_or_cti_secret():
+    assert register_channels(settings={}, env={}) is None
+    assert register_channels(settings={"phone": {"account_sid": "AC1"}}, env={}) is None
+
+
+def test_channel_runs_for_twilio_or_cti_alone():
+    (twilio,) = register_channels(settings={"phone": TWILIO}, env={})
+    assert twilio.name == "phone" and twilio.capabilities.identity_kinds == ("phone",)
+    assert twilio.capabilities.max_text_length == 1600
+    assert twilio.capabilities.delivery_receipts and twilio.capabilities.threads_by_sender
+    (cti,) = register_channels(settings={"phone": {"cti_secret": "s3cret"}}, env={})
+    assert not cti.capabilities.can_reply
+    assert [route.path for route in cti.routes()] == ["/cti/{secret}"]

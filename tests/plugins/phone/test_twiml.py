@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from plugins.phone import twiml
+
+MENU = [("1", "construction"), ("2", "contract"), ("3", "fault"), ("0", "other")]
+ACTION = "https://example.org/channels/phone/twilio/menu?lang=de&topic=a&b"
+
+
+def parsed(document: str) -> ET.Element:
+    assert document.startswith('<?xml version="1.0" encoding="UTF-8"?>')
+    root = ET.fromstring(document)
+    assert root.tag == "Response"
+    return root
+
+
+SPOKEN = {
+    "greeting_menu": lambda **kw: twiml.greeting_menu(action_url=ACTION, menu=MENU, **kw),
+    "forward": lambda **kw: twiml.forward("+4930111111", action_url=ACTION, **kw),
+    "voicemail": lambda **kw: twiml.voicemail(action_url=ACTION, transcribe_callback_url=ACTION, **kw),
+    "goodbye": lambda **kw: twiml.goodbye(**kw),
+    "hangup": lambda **kw: twiml.hangup(**kw),
+}
+
+
+@pytest.mark.parametrize("name", SPOKEN)
+def test_every_spoken_answer_parses_and_speaks_german_by_default(name):
+    root = parsed(SPOKEN[name]())
+    says = root.iter("Say")
+    first = next(says)
+    assert first.get("language") == "de-DE"
+    assert first.text
+
+
+@pytest.mark.parametrize("name", SPOKEN)
+def test_every_spoken_answer_speaks_english_when_asked(name):
+    root = parsed(SPOKEN[name](language="en"))
+    assert {say.get("language") for say in root.iter("Say")} == {"en-GB"}
+
+
+def test_menu_gathers_one_digit_names_each_topic_and_offers_english_in_english():
+    root = parsed(twiml.greeting_menu(action_url=ACTION, menu=MENU, company="Stadtwerke Muster"))
+    gather = root.find("Gather")
+    assert gather.get("numDigits") == "1"
+    assert gather.get("action") == ACTION  # the ampersands were escaped and survive
+    german, english = gather.findall("Say")
+    assert "Stadtwerke Muster" in german.text
+    for digit in ("1", "2", "3", "0"):
+        assert f"die {digit}." in german.text
+    assert "Bauarbeiten" in german.text and "Störung" in german.text
+    assert english.get("language") == "en-GB" and "9" in english.text
+    assert root.find("Redirect").text == ACTION
+
+
+def test_english_menu_has_no_english_hint_and_configured_labels_win():
+    labels = {"construction": {"en": "digging in your street"}}
+    root = parsed(twiml.greeting_menu(action_url=ACTION, menu=MENU, language="en", labels=labels))
+    says = root.find("Gather").findall("Say")
+    assert len(says) == 1
+    assert "For digging in your street, press 1." in says[0].text
+
+
+def test_withheld_greeting_asks_for_a_number():
+    text = parsed(twiml.greeting_menu(action_url=ACTION, menu=MENU, withheld=True)).find("Gather/Say").text
+    assert "Rufnummer wird nicht übertragen" in text
+
+
+def test_forward_dials_the_number_with_timeout_and_action():
+    root = parsed(twiml.forward("+4930111111", action_url=ACTION, timeout=25))
+    dial = root.find("Dial")
+    assert dial.get("timeout") == "25"
+    assert dial.get("action") == ACTION
+    assert dial.find("Number").text == "+4930111111"
+
+
+def test_voicemail_tells_reference_and_time_then_records_with_transcription():
+    root = parsed(
+        twiml.voicemail(
+            action_url=ACTION, transcribe_callback_url="https://example.org/t", case_reference="K-7F3QX2",
+            callback_by="heute um 16:30 Uhr", max_length=90,
+        )
+    )
+    text = root.find("Say").text
+    assert "K, 7, F, 3, Q, X, 2" in text
+    assert "bis heute um 16:30 Uhr zurück" in text
+    record = root.find("Record")
+    assert record.get("maxLength") == "90"
+    assert record.get("transcribe") == "true"
+    assert record.get("transcribeCallback") == "https://example.org/t"
+    assert record.get("action") == ACTION
+    assert "WhatsApp" not in text
+
+
+def test_voicemail_without_reference_or_deadline_still_promises_a_call_back():
+    text = parsed(twiml.voicemail(action_url=ACTION, transcribe_callback_url=ACTION)).find("Say").text
+    assert "so bald wie möglich" in text
+    assert "Vorgangsnummer" not in text
+
+
+def test_withheld_voicemail_asks_for_a_number_and_names_other_channels():
+    text = parsed(
+        twiml.voicemail(action_url=ACTION, transcribe_callback_url=ACTION, withheld=True)
+    ).find("Say").text
+    assert "Nummer, unter der wir Sie zurückrufen können" in text
+    assert "WhatsApp" in text and "E-Mail" in text and "Kontaktformular" in text
+
+
+def test_hangup_ends_the_call():
+    assert parsed(twiml.hangup()).find("Hangup") is not None
+
+
+def test_empty_answer_does_nothing():
+    assert len(parsed(twiml.empty())) == 0
+
+
+def test_spell_reference():
+    assert twiml.spell_reference("K-7F3QX2") == "K, 7, F, 3, Q, X, 2"
+
+
+BERLIN = ZoneInfo("Europe/Berlin")
+NOW = datetime(2025, 5, 13, 8, 0, tzinfo=UTC)  # a Tuesday, 10:00 in Berlin
+
+
+@pytest.mark.parametrize(
+    ("deadline", "language", "spoken"),
+    [
+        (datetime(2025, 5, 13, 14, 30, tzinfo=UTC), "de", "heute um 16:30 Uhr"),
+        (datetime(2025, 5, 14, 7, 0, tzinfo=UTC), "de", "morgen um 09:00 Uhr"),
+        (datetime(2025, 5, 16, 7, 0, tzinfo=UTC), "de", "Freitag, den 16. Mai, um 09:00 Uhr"),
+        (datetime(2025, 5, 16, 7, 0, tzinfo=UTC), "en", "Friday 16 May at 09:00"),
+        (datetime(2025, 5, 13, 22, 30, tzinfo=UTC), "de", "morgen um 00:30 Uhr"),  # local date counts
+    ],
+)
+def test_callback_time_in_local_words(deadline, language, spoken):
+    assert twiml.format_callback_time(deadline, language, BERLIN, NOW) == spoken

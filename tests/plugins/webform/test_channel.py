@@ -1,0 +1,217 @@
+"""The web form end to end: a resident's form becomes a routed, acknowledged, tracked case."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from router.testing import CoreHarness, check_channel_contract
+
+FORM = {
+    "name": "Erika Mustermann",
+    "email": "",
+    "phone": "",
+    "street": "Lindenweg 3",
+    "postcode": "12345",
+    "city": "Musterstadt",
+    "customer_number": "",
+    "topic": "construction",
+    "message": "Baustelle vor unserem Haus, Gehweg gesperrt. Seit Tagen kommt niemand.",
+    "website": "",
+}
+
+
+async def get_token(harness: CoreHarness) -> str:
+    response = await harness.client.get("/channels/webform/token")
+    assert response.status == 200
+    token = (await response.json())["form_token"]
+    harness.clock.advance(timedelta(seconds=5))
+    return token
+
+
+async def submit_json(harness: CoreHarness, **changes: str) -> tuple[int, dict]:
+    body = {**FORM, "form_token": await get_token(harness), **changes}
+    response = await harness.client.post("/channels/webform/", json=body)
+    return response.status, await response.json()
+
+
+async def test_form_page_is_german_with_token_and_honeypot(harness):
+    response = await harness.client.get("/channels/webform/")
+    assert response.status == 200
+    html = await response.text()
+    assert '<html lang="de">' in html
+    assert 'name="form_token"' in html and 'name="website"' in html
+    assert "Kundennummer (falls vorhanden)" in html
+    english = await (await harness.client.get("/channels/webform/", headers={"Accept-Language": "en-GB,en;q=0.8"})).text()
+    assert '<html lang="en">' in english and "Customer number (if you have one)" in english
+    assert '<html lang="en">' in await (await harness.client.get("/channels/webform/?lang=en")).text()
+
+
+async def test_non_customer_form_is_routed_to_contractor_and_acknowledged_on_status_page(harness):
+    token = await get_token(harness)
+    response = await harness.client.post(
+        "/channels/webform/", data={**FORM, "form_token": token}, allow_redirects=False
+    )
+    assert response.status == 303
+    location = response.headers["Location"]
+    assert location.startswith("/channels/webform/status/")
+
+    status, listing = await harness.api("GET", "/api/v1/conversations")
+    assert status == 200 and len(listing["items"]) == 1
+    item = listing["items"][0]
+    assert item["unit"] == "tiefbau-muster"
+    assert item["contact"]["is_customer"] is False
+    assert item["state"] == "open"
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{item['id']}")
+    assert detail["routing"]["rule"] == "construction-in-area"
+    assert "Musterstadt Nord" in detail["routing"]["reason"]
+
+    await harness.run_outbox()
+    page = await (await harness.client.get(location)).text()
+    assert item["case_reference"] in page
+    assert "Tiefbau Muster GmbH" in page
+    assert "Ihre Fallnummer ist " + item["case_reference"] in page  # the acknowledgement itself
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{item['id']}")
+    assert detail["state"] == "acknowledged"
+    ack = [m for m in detail["messages"] if m["kind"] == "ack"]
+    assert len(ack) == 1 and ack[0]["delivery_status"] == "delivered"
+
+
+async def test_json_submission_answers_201_with_case(harness):
+    status, body = await submit_json(harness)
+    assert status == 201
+    assert body["case_reference"].startswith("K-") and len(body["case_reference"]) == 8
+    assert body["status_url"].endswith(f"/channels/webform/status/{body['status_url'].rsplit('/', 1)[1]}")
+    assert body["unit"] == "tiefbau-muster"
+
+
+async def test_double_submit_gives_one_conversation(harness):
+    token = await get_token(harness)
+    first = await harness.client.post("/channels/webform/", json={**FORM, "form_token": token})
+    second = await harness.client.post("/channels/webform/", json={**FORM, "form_token": token})
+    a, b = await first.json(), await second.json()
+    assert first.status == 201 and second.status == 200
+    assert a["case_reference"] == b["case_reference"] and b["duplicate"] is True
+    assert await harness.count("conversations") == 1
+    assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_staff_reply_shows_on_status_page_and_resident_writes_back(harness):
+    status, body = await submit_json(harness)
+    conversation_id = body["conversation_id"]
+    await harness.run_outbox()
+    status, reply = await harness.api(
+        "POST", f"/api/v1/conversations/{conversation_id}/replies", token="contractor",
+        json={"text": "Wir räumen den Gehweg bis Freitag frei."},
+    )
+    assert status == 201
+    await harness.run_outbox()
+    path = "/channels/webform/status/" + body["status_url"].rsplit("/", 1)[1]
+    page = await (await harness.client.get(path)).text()
+    assert "Wir räumen den Gehweg bis Freitag frei." in page
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{conversation_id}")
+    assert detail["state"] == "answered"
+    status, stats = await harness.api("GET", "/api/v1/stats")
+    row = next(s for s in stats["items"] if s["unit"] == "tiefbau-muster" and s["channel"] == "webform")
+    assert row["answered"] == 1 and row["received"] == 1 and row["median_first_answer_seconds"] is not None
+
+    import re
+
+    token = re.search(r'name="form_token" value="([^"]+)"', page).group(1)
+    harness.clock.advance(timedelta(seconds=5))
+    response = await harness.client.post(path, data={"form_token": token, "message": "Danke, und wann kommt der Bagger zurück?", "website": ""}, allow_redirects=False)
+    assert response.status == 303
+    assert await harness.count("conversations") == 1
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{conversation_id}")
+    inbound = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert inbound[-1]["text"] == "Danke, und wann kommt der Bagger zurück?"
+    assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+
+
+async def test_customer_number_matching_directory_is_recognised_and_wrong_one_stays_claim(harness):
+    await harness.core.import_customers([
+        {"customer_number": "KD-100200", "name": "Erika Mustermann", "email": "erika@example.net", "street": "Lindenweg 3", "postcode": "12345"}
+    ])
+    status, body = await submit_json(harness, customer_number="KD-100200", email="erika@example.net", topic="contract",
+                                     message="Frage zu meinem Tarif")
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{body['conversation_id']}")
+    assert detail["contact"]["is_customer"] is True and detail["contact"]["customer_number"] == "KD-100200"
+    assert detail["unit"] == "vertrieb"
+
+    status, body = await submit_json(harness, customer_number="KD-100200", name="Max Fremd", email="max@example.net",
+                                     street="Hauptstraße 1", postcode="54321", topic="contract", message="Tarif?")
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{body['conversation_id']}")
+    assert detail["contact"]["is_customer"] is False
+    assert detail["contact"]["customer_claim"] == "KD-100200" and detail["contact"]["customer_number"] is None
+
+
+async def test_bad_input_gets_4xx_and_stores_nothing(harness):
+    cases = [
+        ({"message": ""}, 400, "message"),
+        ({"topic": "nonsense"}, 400, "topic"),
+        ({"email": "not-an-address"}, 400, "email"),
+        ({"postcode": "12"}, 400, "postcode"),
+        ({"website": "http://spam.example"}, 400, "website"),
+        ({"message": "x" * 5001}, 400, "message"),
+    ]
+    for changes, expected, field in cases:
+        status, body = await submit_json(harness, **changes)
+        assert status == expected, (changes, body)
+        assert body["error"]["field"] == field, (changes, body)
+    # too fast: no waiting after taking the token
+    token = (await (await harness.client.get("/channels/webform/token")).json())["form_token"]
+    response = await harness.client.post("/channels/webform/", json={**FORM, "form_token": token})
+    assert response.status == 400 and (await response.json())["error"]["code"] == "too_fast"
+    # expired
+    token = await get_token(harness)
+    harness.clock.advance(timedelta(days=2))
+    response = await harness.client.post("/channels/webform/", json={**FORM, "form_token": token})
+    assert (await response.json())["error"]["code"] == "token_expired"
+    # forged
+    response = await harness.client.post("/channels/webform/", json={**FORM, "form_token": "1700000000.abc.def"})
+    assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_token"
+    # malformed JSON and oversized bodies
+    response = await harness.client.post("/channels/webform/", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_json"
+    response = await harness.client.post("/channels/webform/", data=b"x" * 70_000, headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    # HTML form errors come back as the form with the field marked
+    token = await get_token(harness)
+    response = await harness.client.post("/channels/webform/", data={**FORM, "email": "kaputt", "form_token": token})
+    assert response.status == 400
+    html = await response.text()
+    assert 'id="email-error"' in html and 'aria-invalid="true"' in html
+    for table in ("messages", "conversations", "contacts", "outbox"):
+        assert await harness.count(table) == 0, table
+
+
+async def test_output_is_escaped(harness):
+    status, body = await submit_json(harness, name="<script>alert(1)</script>", message="<b>fett</b> & <img src=x onerror=alert(1)>")
+    assert status == 201
+    path = "/channels/webform/status/" + body["status_url"].rsplit("/", 1)[1]
+    page = await (await harness.client.get(path)).text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+async def test_unknown_status_token_is_404(harness):
+    response = await harness.client.get("/channels/webform/status/doesnotexist123")
+    assert response.status == 404
+
+
+async def test_rate_limit_per_client(tmp_path):
+    async with CoreHarness(tmp_path / "d", settings={"webform": {"rate_limit_per_minute": 2}}) as harness:
+        statuses = [(await submit_json(harness, message=f"Nachricht {i}"))[0] for i in range(3)]
+        assert statuses == [201, 201, 429]
+        assert await harness.count("conversations") == 2
+
+
+async def test_contract_kit_passes_for_the_web_form(harness):
+    tokens: dict[str, str] = {}
+
+    async def deliver(h: CoreHarness, key: str) -> None:
+        if key not in tokens:
+            tokens[key] = await get_token(h)
+        response = await h.client.post("/channels/webform/", json={**FORM, "email": "anwohner@example.net", "form_token": tokens[key]})
+        assert response.status in (200, 201), await response.text()
+
+    conv = await check_channel_contract(harness, "webform", deliver, sender=("email", "anwohner@example.net"))
+    assert conv["state"] == "answered"

@@ -1,0 +1,411 @@
+"""The channel's HTTP side on its own: webhook routes on a bare app, sends to a fake Graph API.
+
+The core is stood in for by a small recorder that validates messages against the canonical
+schema, as the real ``ingest`` does; the Graph API is a real aiohttp server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from plugins.whatsapp import WhatsAppChannel, register_channels
+from plugins.whatsapp.settings import WhatsAppSettings
+from plugins.whatsapp.signature import sign
+from router.clock import FrozenClock
+from router.hookspecs import (
+    ChannelContext,
+    DeliveryUpdate,
+    IngestResult,
+    InvalidMessage,
+    OutboundMessage,
+    PermanentDeliveryError,
+    ResendAsDeliveryError,
+    RetryableDeliveryError,
+)
+
+from .conftest import fixture_cases, schema_errors
+
+NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+SECRET = "app-secret"
+
+SETTINGS: dict[str, Any] = {
+    "app_secret": SECRET,
+    "verify_token": "verify-me",
+    "access_token": "token-123",
+    "api_version": "v21.0",
+    "numbers": [
+        {"phone_number_id": "1122334455667", "unit": "bauhotline", "language": "de"},
+        {"phone_number_id": "106540352242922", "unit": "kundenservice", "language": "en"},
+    ],
+    "template": {"name": "case_update", "languages": {"de": "de", "en": "en_US"}},
+    "max_body_bytes": 64 * 1024,
+    "timeout": 0.5,
+}
+
+
+class RecordingCore:
+    """What the channel hands to the core, validated the way the core validates it."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.updates: list[DeliveryUpdate] = []
+        self.refusal: InvalidMessage | None = None
+
+    async def ingest(self, message: dict[str, Any]) -> IngestResult:
+        if self.refusal:
+            raise self.refusal
+        errors = schema_errors(message)
+        if errors:
+            raise InvalidMessage(errors[0], path=errors[0].split(":")[0])
+        self.messages.append(message)
+        return IngestResult(
+            message_id=len(self.messages),
+            conversation_id=1,
+            case_reference="K-7F3QX2",
+            status_token=None,
+            status_url=None,
+            unit=message.get("unit_hint"),
+            unit_name=None,
+            deadline=None,
+            language=message.get("language") or "de",
+            acknowledged=True,
+        )
+
+    async def record_delivery(self, channel: str, update: DeliveryUpdate) -> bool:
+        self.updates.append(update)
+        return True
+
+
+class FakeGraph:
+    """A Graph API stand-in: records each request and answers from a queue (default: accepted)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.answers: list[tuple[int, Any]] = []
+        self.delay = 0.0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(
+            {
+                "path": request.path,
+                "authorization": request.headers.get("Authorization"),
+                "json": await request.json(),
+            }
+        )
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        status, body = self.answers.pop(0) if self.answers else (200, None)
+        if body is None and status == 200:
+            body = {"messaging_product": "whatsapp", "messages": [{"id": f"wamid.out{len(self.requests)}"}]}
+        return web.json_response(body, status=status)
+
+
+@pytest.fixture
+def core() -> RecordingCore:
+    return RecordingCore()
+
+
+@pytest.fixture
+async def graph(aiohttp_server: Any) -> tuple[FakeGraph, str]:
+    fake = FakeGraph()
+    app = web.Application()
+    app.router.add_post("/{version}/{phone_number_id}/messages", fake.handle)
+    server = await aiohttp_server(app)
+    return fake, str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+def make_channel(
+    core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path, **overrides: Any
+) -> WhatsAppChannel:
+    section = {**SETTINGS, **overrides}
+    settings = WhatsAppSettings.from_mapping(section)
+    assert settings is not None
+    channel = WhatsAppChannel(settings)
+    channel.setup(
+        ChannelContext(
+            name="whatsapp",
+            settings=section,
+            data_dir=tmp_path,
+            public_base_url="http://127.0.0.1:8080",
+            clock=FrozenClock(NOW),
+            ingest=core.ingest,
+            record_delivery=core.record_delivery,
+            conversation_view=_no_conversation,
+            http=lambda: session,
+            render=lambda template, language, **values: template,
+            units={},
+        )
+    )
+    return channel
+
+
+async def _no_conversation(**_: Any) -> None:
+    return None
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path) -> Any:
+    channel = make_channel(core, session, tmp_path)
+    routes = web.Application()
+    routes.add_routes(channel.routes())
+    app = web.Application()
+    app.add_subapp("/channels/whatsapp", routes)
+    return await aiohttp_client(app)
+
+
+def _signed(body: bytes, secret: str = SECRET) -> dict[str, str]:
+    return {"X-Hub-Signature-256": sign(body, secret), "Content-Type": "application/json"}
+
+
+# -------------------------------------------------------------------------------------------
+# Subscription check
+# -------------------------------------------------------------------------------------------
+
+
+async def test_subscription_check_echoes_the_challenge(client: Any) -> None:
+    params = {"hub.mode": "subscribe", "hub.verify_token": "verify-me", "hub.challenge": "1158201444"}
+    response = await client.get("/channels/whatsapp/webhook", params=params)
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    assert await response.text() == "1158201444"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"},
+        {"hub.mode": "unsubscribe", "hub.verify_token": "verify-me", "hub.challenge": "1"},
+        {"hub.verify_token": "verify-me", "hub.challenge": "1"},
+        {"hub.mode": "subscribe", "hub.challenge": "1"},
+        {"hub.mode": "subscribe", "hub.verify_token": "verify-me"},
+    ],
+)
+async def test_subscription_check_refuses_anything_else(client: Any, params: dict[str, str]) -> None:
+    response = await client.get("/channels/whatsapp/webhook", params=params)
+    assert response.status == 403
+    assert (await response.json())["error"]["code"] == "forbidden"
+
+
+# -------------------------------------------------------------------------------------------
+# Webhook bodies
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file, case, body", fixture_cases())
+async def test_recorded_case_is_accepted_signed_and_refused_unsigned(
+    client: Any, core: RecordingCore, file: str, case: str, body: dict
+) -> None:
+    raw = json.dumps(body).encode()
+    for headers in ({"Content-Type": "application/json"}, _signed(raw, "not-the-secret")):
+        response = await client.post("/channels/whatsapp/webhook", data=raw, headers=headers)
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "invalid_signature"
+    assert core.messages == [] and core.updates == []
+
+    response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
+    assert response.status == 200
+    values = [c["value"] for e in body["entry"] for c in e["changes"]]
+    assert len(core.messages) == sum(len(v.get("messages", [])) for v in values)
+    assert len(core.updates) == sum(len(v.get("statuses", [])) for v in values)
+    for message in core.messages:
+        number = {n["phone_number_id"]: n for n in SETTINGS["numbers"]}.get(message["recipient"])
+        if number:
+            assert (message["unit_hint"], message["language"]) == (number["unit"], number["language"])
+        else:
+            assert "unit_hint" not in message and "language" not in message
+
+
+async def test_signature_is_checked_on_the_raw_bytes(client: Any, core: RecordingCore) -> None:
+    raw = b'{"object": "whatsapp_business_account", "entry": []}'
+    reformatted = json.dumps(json.loads(raw), separators=(",", ":")).encode()  # same JSON, other bytes
+    assert reformatted != raw
+    response = await client.post("/channels/whatsapp/webhook", data=reformatted, headers=_signed(raw))
+    assert response.status == 401
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+async def test_signed_body_that_is_not_a_json_object_is_a_400(client: Any, raw: bytes) -> None:
+    response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_json"
+
+
+async def test_body_over_the_size_limit_is_refused(client: Any, core: RecordingCore) -> None:
+    raw = json.dumps({"object": "whatsapp_business_account", "pad": "x" * 70_000}).encode()
+    response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
+    assert response.status == 413
+
+
+async def test_message_the_core_refuses_is_a_400_naming_the_field(client: Any, core: RecordingCore) -> None:
+    core.refusal = InvalidMessage("too long", path="sender.address")
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [{"changes": [{"field": "messages", "value": {"messages": [
+            {"from": "491701234567", "id": "m1", "timestamp": "1700000000", "type": "text", "text": {"body": "x"}}
+        ]}}]}],
+    }  # fmt: skip
+    raw = json.dumps(body).encode()
+    response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_message" and "sender.address" in error["message"]
+
+
+# -------------------------------------------------------------------------------------------
+# Sending
+# -------------------------------------------------------------------------------------------
+
+
+def outbound(**overrides: Any) -> OutboundMessage:
+    values: dict[str, Any] = {
+        "outbox_id": 1,
+        "channel": "whatsapp",
+        "kind": "reply",
+        "to_kind": "phone",
+        "to": "+491701234567",
+        "text": "Die Baustelle ist am Freitag fertig.",
+        "language": "en",
+        "idempotency_key": "outbox-1",
+        "case_reference": "K-7F3QX2",
+        "recipient": "106540352242922",
+        "last_inbound_at": NOW - timedelta(hours=2),
+    }
+    values.update(overrides)
+    return OutboundMessage(**values)
+
+
+@pytest.fixture
+def sender(
+    core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path, graph: tuple[FakeGraph, str]
+) -> WhatsAppChannel:
+    return make_channel(core, session, tmp_path, graph_url=graph[1])
+
+
+async def test_inside_the_window_free_text_goes_to_the_number_written_to(
+    sender: WhatsAppChannel, graph: tuple[FakeGraph, str]
+) -> None:
+    fake, _ = graph
+    result = await sender.send(outbound())
+    assert result.provider_id == "wamid.out1"
+    (request,) = fake.requests
+    assert request["path"] == "/v21.0/106540352242922/messages"
+    assert request["authorization"] == "Bearer token-123"
+    assert request["json"]["type"] == "text"
+    assert request["json"]["to"] == "491701234567"
+    assert request["json"]["text"]["body"] == "Die Baustelle ist am Freitag fertig."
+
+
+async def test_after_25_hours_the_template_goes_out_in_the_contacts_language(
+    sender: WhatsAppChannel, graph: tuple[FakeGraph, str]
+) -> None:
+    fake, _ = graph
+    await sender.send(outbound(last_inbound_at=NOW - timedelta(hours=25)))
+    payload = fake.requests[0]["json"]
+    assert payload["type"] == "template"
+    assert payload["template"]["name"] == "case_update"
+    assert payload["template"]["language"] == {"code": "en_US"}
+    assert [p["text"] for p in payload["template"]["components"][0]["parameters"]] == [
+        "K-7F3QX2",
+        "Die Baustelle ist am Freitag fertig.",
+    ]
+
+
+async def test_template_hint_forces_the_template_and_unknown_recipient_uses_the_first_number(
+    sender: WhatsAppChannel, graph: tuple[FakeGraph, str]
+) -> None:
+    fake, _ = graph
+    await sender.send(outbound(hint="template", recipient=None, language="fr"))
+    request = fake.requests[0]
+    assert request["path"] == "/v21.0/1122334455667/messages"
+    assert request["json"]["type"] == "template"
+    assert request["json"]["template"]["language"] == {"code": "de"}  # the first number's language
+
+
+@pytest.mark.parametrize(
+    "status, body, error_type",
+    [
+        (400, {"error": {"code": 131047, "message": "Re-engagement message"}}, ResendAsDeliveryError),
+        (500, {"error": {"code": 1, "message": "Unknown"}}, RetryableDeliveryError),
+        (400, {"error": {"code": 130429, "message": "Rate limit hit"}}, RetryableDeliveryError),
+        (400, {"error": {"code": 131026, "message": "Message undeliverable"}}, PermanentDeliveryError),
+    ],
+)
+async def test_graph_errors_become_typed_delivery_errors(
+    sender: WhatsAppChannel, graph: tuple[FakeGraph, str], status: int, body: Any, error_type: type
+) -> None:
+    graph[0].answers.append((status, body))
+    with pytest.raises(error_type):
+        await sender.send(outbound())
+
+
+async def test_a_500_then_success_is_retryable_then_sent(sender: WhatsAppChannel, graph: tuple[FakeGraph, str]) -> None:
+    graph[0].answers.append((500, {"error": {"code": 2, "message": "Service"}}))
+    with pytest.raises(RetryableDeliveryError):
+        await sender.send(outbound())
+    assert (await sender.send(outbound())).provider_id == "wamid.out2"
+
+
+async def test_timeout_is_retryable(sender: WhatsAppChannel, graph: tuple[FakeGraph, str]) -> None:
+    graph[0].delay = 2
+    with pytest.raises(RetryableDeliveryError) as caught:
+        await sender.send(outbound())
+    assert caught.value.code == "timeout"
+
+
+async def test_unreachable_graph_is_retryable(
+    core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path, unused_tcp_port: int
+) -> None:
+    channel = make_channel(core, session, tmp_path, graph_url=f"http://127.0.0.1:{unused_tcp_port}")
+    with pytest.raises(RetryableDeliveryError) as caught:
+        await channel.send(outbound())
+    assert caught.value.code == "connection"
+
+
+async def test_outside_the_window_without_a_template_is_permanent(
+    core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path, graph: tuple[FakeGraph, str]
+) -> None:
+    channel = make_channel(core, session, tmp_path, graph_url=graph[1], template=None)
+    with pytest.raises(PermanentDeliveryError):
+        await channel.send(outbound(last_inbound_at=None))
+    assert graph[0].requests == []
+
+
+# -------------------------------------------------------------------------------------------
+# Registration
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["app_secret", "verify_token", "access_token", "numbers"])
+def test_channel_is_off_without_credentials(missing: str) -> None:
+    section = {**SETTINGS, missing: None}
+    assert register_channels(settings={"whatsapp": section}, env={}) is None
+
+
+def test_channel_is_off_when_a_number_has_no_id() -> None:
+    numbers = [*SETTINGS["numbers"], {"phone_number_id": None, "unit": "vertrieb"}]
+    assert register_channels(settings={"whatsapp": {**SETTINGS, "numbers": numbers}}, env={}) is None
+    assert register_channels(settings={}, env={}) is None
+
+
+def test_channel_is_on_with_complete_settings() -> None:
+    (channel,) = register_channels(settings={"whatsapp": SETTINGS}, env={})
+    assert channel.name == "whatsapp"
+    assert channel.capabilities.identity_kinds == ("phone",)
+    assert channel.capabilities.reply_window == timedelta(hours=24)
+    assert channel.settings.graph_url == "https://graph.facebook.com"
+    assert "app-secret" not in repr(channel.settings) and "token-123" not in repr(channel.settings)
