@@ -128,6 +128,7 @@ def create_app(
                 http=http,
                 render=core.templates.render,
                 units={u.id: u.public() for u in config.units.values()},
+                is_open=lambda unit_id, when: unit_id in config.units and config.units[unit_id].hours.is_open(when),
             )
         )
         app.router.add_routes(_channel_routes(channel))

@@ -58,6 +58,7 @@ class ChannelContext:
         http: Callable[[], aiohttp.ClientSession],
         render: Callable[..., str],
         units: Mapping[str, Mapping[str, Any]],
+        is_open: Callable[[str, datetime], bool] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -70,6 +71,7 @@ class ChannelContext:
         self._http = http
         self._render = render
         self.units = units
+        self._is_open = is_open
         self.log = logging.getLogger(f"contact_router.channel.{name}")
 
     @property
@@ -101,6 +103,12 @@ class ChannelContext:
     def status_url(self, token: str) -> str:
         """The public status page link for a conversation's status token."""
         return f"{self.public_base_url}/channels/webform/status/{token}"
+
+    def is_open(self, unit_id: str, when: datetime | None = None) -> bool:
+        """Whether the unit is inside its business hours at ``when`` (default: now)."""
+        if self._is_open is None:
+            return True
+        return self._is_open(unit_id, when or self.clock.now())
 
     def render(self, template: str, language: str, /, **values: Any) -> str:
         """Render a text template from the configuration (``templates.<name>.<language>``)."""
