@@ -413,6 +413,8 @@ class Core:
 
     async def merge_contacts(self, survivor: int, other: int, staff: str) -> None:
         stamp = iso(self.clock.now())
+        if survivor == other:
+            raise ActionError("same_contact", "a contact cannot be merged with itself", 409)
 
         def work(conn: sqlite3.Connection) -> None:
             for cid in (survivor, other):

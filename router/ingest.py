@@ -36,6 +36,8 @@ from .tracking import (
 from .validation import validate_inbound
 
 ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
+# Message flags that concern the whole conversation and are copied onto it.
+CONVERSATION_FLAGS = frozenset({"callback_required", "no_number", "unsupported", "provider_error", "transcription_failed"})
 ACK_KINDS = frozenset({"message", "call", "missed_call", "voicemail"})
 UNREACHABLE_KINDS = frozenset({"anonymous"})
 
@@ -158,9 +160,12 @@ def _annotate(
     conversation_id = target["conversation_id"] if target is not None else None
     meta = msg.get("meta") or {}
     payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments") if msg.get(k)}
-    if target is not None and msg["kind"] == "edit":
+    if target is not None and msg["kind"] == "edit" and msg.get("text") is not None:
+        # An edit without text (a failed transcription) keeps what the target says.
         payload["previous_text"] = target["text"]
         conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (msg.get("text"), stamp, target["id"]))
+    if target is not None and msg.get("flags") and target["conversation_id"] is not None:
+        add_flags(conn, target["conversation_id"], [f for f in msg["flags"] if f in CONVERSATION_FLAGS], stamp)
     if target is not None and msg["kind"] == "deletion":
         conn.execute("UPDATE messages SET deleted_at = ? WHERE id = ?", (stamp, target["id"]))
     if target is not None and msg["kind"] == "reaction":
@@ -305,7 +310,7 @@ def ingest_tx(
         "INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
         [(msg["channel"], k, conv["id"]) for k in keys],
     )
-    flags = [f for f in msg.get("flags") or () if f in ("callback_required", "no_number", "unsupported", "provider_error")]
+    flags = [f for f in msg.get("flags") or () if f in CONVERSATION_FLAGS]
     if msg["kind"] in ("missed_call", "voicemail") and "callback_required" not in flags:
         flags.append("callback_required")
     if sender["kind"] in UNREACHABLE_KINDS and "no_number" not in flags:

@@ -1,0 +1,90 @@
+"""Configuration: the example organisation loads; broken files name the file and the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.cli import main
+from router.config import DEFAULT_CONFIG, ConfigError, load_config
+from router.testing import load_raw_config
+
+
+def test_example_organisation_matches_the_design():
+    config = load_config(DEFAULT_CONFIG, env={})
+    assert set(config.units) == {"kundenservice", "vertrieb", "bauhotline", "stoerung", "tiefbau-muster"}
+    assert config.fallback_unit == "kundenservice"
+    assert config.units["tiefbau-muster"].escalate_to == "bauhotline"
+    assert config.units["bauhotline"].escalate_to == "kundenservice"
+    assert config.units["bauhotline"].oversees == ("tiefbau-muster",)
+    area = config.areas["musterstadt-nord"]
+    assert area.unit == "tiefbau-muster" and "12345" in area.postcodes
+    assert area.point == (52.52, 13.405, 800)
+    assert {s.name: s.token for s in config.staff} == {"admin": "demo-admin", "hotline": "demo-hotline", "contractor": "demo-contractor"}
+    assert all(s.demo for s in config.staff)
+    assert config.channels["email"]["addresses"]["bau@example.org"]["unit"] == "bauhotline"
+
+
+def test_environment_overrides_demo_tokens():
+    config = load_config(DEFAULT_CONFIG, env={"CONTACT_ROUTER_TOKEN_ADMIN": "a-real-secret-token"})
+    admin = next(s for s in config.staff if s.name == "admin")
+    assert admin.token == "a-real-secret-token" and not admin.demo
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda d: d["units"]["vertrieb"].__setitem__("escalate_to", "nirgendwo"), "units.vertrieb.escalate_to"),
+        (lambda d: d["units"]["vertrieb"].__setitem__("first_response_hours", "acht"), "units.vertrieb.first_response_hours"),
+        (lambda d: d["service"].__setitem__("fallback_unit", "nobody"), "service.fallback_unit"),
+        (lambda d: d["rules"][0].__setitem__("unit", "ghost"), "rules.0.unit"),
+        (lambda d: d["areas"]["musterstadt-nord"]["point"].__setitem__("lat", 123), "areas.musterstadt-nord.point.lat"),
+        (lambda d: d["units"]["kundenservice"].__setitem__("escalate_to", "vertrieb"), "units.kundenservice.escalate_to"),
+        (lambda d: d["units"]["vertrieb"].__setitem__("colour", "blue"), "units.vertrieb"),
+    ],
+)
+def test_broken_config_names_file_and_key(tmp_path, change, key):
+    data = load_raw_config()
+    change(data)
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert any(p == key for p, _ in info.value.errors), info.value.errors
+    assert str(info.value).startswith(path)
+
+
+def test_check_config_command(tmp_path, capsys):
+    assert main(["check-config", str(DEFAULT_CONFIG)]) == 0
+    assert "OK" in capsys.readouterr().out
+    data = load_raw_config()
+    data["units"]["vertrieb"]["escalate_to"] = "nirgendwo"
+    path = _write(tmp_path, data)
+    assert main(["check-config", path]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: units.vertrieb.escalate_to: unknown unit 'nirgendwo'" in err
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[units\nname=")
+    assert main(["check-config", str(bad_toml)]) == 1
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["check-config", str(tmp_path / "missing.toml")]) == 1
+
+
+def test_import_customers_command(tmp_path, capsys):
+    csv_path = tmp_path / "customers.csv"
+    csv_path.write_text("customer_number,name,email,phone,street,postcode,city\nKD-1,Erika Müller,erika@example.net,,Lindenweg 3,12345,Musterstadt\n", encoding="utf-8")
+    assert main(["import-customers", str(csv_path), "--data-dir", str(tmp_path / "data")]) == 0
+    assert "imported 1 customers" in capsys.readouterr().out
+    import sqlite3
+
+    rows = sqlite3.connect(tmp_path / "data" / "contact-router.sqlite3").execute("SELECT customer_number, name FROM customers").fetchall()
+    assert rows == [("KD-1", "Erika Müller")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("nummer,name\n1,x\n")
+    assert main(["import-customers", str(bad), "--data-dir", str(tmp_path / "data")]) == 1

@@ -1,0 +1,42 @@
+"""Sender resolution: normalised identities, one contact across channels, never a refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.identity import InvalidAddress, normalize_address, normalize_phone
+
+
+@pytest.mark.parametrize("raw", ["030 12345678", "+49 30 12345678", "0049 30 12345678", "493012345678"])
+def test_phone_numbers_become_e164(raw):
+    assert normalize_phone(raw) == "+493012345678"
+
+
+def test_email_lower_cased_and_bad_addresses_refused():
+    assert normalize_address("email", " Erika@Example.NET ") == "erika@example.net"
+    with pytest.raises(InvalidAddress):
+        normalize_address("phone", "not a number")
+    with pytest.raises(InvalidAddress):
+        normalize_address("email", "nobody")
+
+
+async def test_same_number_on_two_channels_is_one_contact(harness):
+    a = await harness.core.ingest({"channel": "webform", "channel_message_id": "p1", "text": "Hallo",
+                                   "sender": {"kind": "phone", "address": "0151 23456789"}})
+    b = await harness.core.ingest({"channel": "webform", "channel_message_id": "p2", "text": "Hallo nochmal",
+                                   "sender": {"kind": "phone", "address": "+4915123456789"}})
+    rows = await harness.rows("SELECT DISTINCT contact_id FROM messages WHERE id IN (?, ?)", (a.message_id, b.message_id))
+    assert len(rows) == 1
+    assert await harness.count("contacts") == 1
+
+
+async def test_invalid_sender_is_a_typed_error_and_stores_nothing(harness):
+    from router.channel import InvalidMessage
+
+    with pytest.raises(InvalidMessage) as info:
+        await harness.core.ingest({"channel": "webform", "channel_message_id": "x", "sender": {"kind": "phone", "address": "abc"}})
+    assert info.value.path == "sender.address"
+    with pytest.raises(InvalidMessage) as info:
+        await harness.core.ingest({"channel": "webform", "channel_message_id": "x", "sender": {"kind": "email"}})
+    assert "address" in info.value.message
+    assert await harness.count("messages") == 0 and await harness.count("contacts") == 0

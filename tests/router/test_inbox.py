@@ -1,0 +1,179 @@
+"""The shared inbox API: scopes, filters, pagination, actions, errors."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from .helpers import webform_message
+
+
+async def _case(harness, **kwargs):
+    result = await harness.core.ingest(webform_message(**kwargs))
+    return result.conversation_id
+
+
+async def test_scopes_contractor_hotline_sales_and_bad_tokens(harness):
+    contractor_case = await _case(harness)
+    sales_case = await _case(harness, text="Frage zu meinem Tarif", topic="contract", postcode="99999")
+    status, listing = await harness.api("GET", "/api/v1/conversations", token="contractor")
+    assert status == 200 and [i["id"] for i in listing["items"]] == [contractor_case]
+    status, _ = await harness.api("GET", f"/api/v1/conversations/{sales_case}", token="contractor")
+    assert status == 404
+    status, body = await harness.api("POST", f"/api/v1/conversations/{sales_case}/replies", token="contractor", json={"text": "x"})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    # the hotline oversees its contractor
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{contractor_case}", token="hotline")
+    assert status == 200 and detail["unit"] == "tiefbau-muster"
+    status, listing = await harness.api("GET", "/api/v1/conversations", token="hotline")
+    assert contractor_case in [i["id"] for i in listing["items"]] and sales_case not in [i["id"] for i in listing["items"]]
+    # a token of an unrelated unit (sales) gets 404
+    status, body = await harness.api("GET", "/api/v1/conversations", token=None)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    status, body = await harness.api("GET", "/api/v1/conversations", token="wrong-token-value")
+    assert status == 401
+    status, body = await harness.api("GET", f"/api/v1/conversations/{contractor_case}", token="admin")
+    assert status == 200
+
+
+async def test_sales_token_does_not_see_contractor_case(tmp_path):
+    from router.testing import CoreHarness, load_raw_config
+
+    raw = load_raw_config()
+    raw["staff"].append({"name": "sales", "token": "sales-token-123", "units": ["vertrieb"]})
+    from router.testing import example_config
+
+    async with CoreHarness(tmp_path / "d", config=example_config(raw)) as harness:
+        case = await _case(harness)
+        status, body = await harness.api("GET", f"/api/v1/conversations/{case}", token="sales-token-123")
+        assert status == 404
+        status, listing = await harness.api("GET", "/api/v1/conversations", token="sales-token-123")
+        assert listing["items"] == []
+
+
+async def test_filters_and_cursor_pagination(harness):
+    ids = [await _case(harness, text=f"Baustelle Nummer {i}") for i in range(5)]
+    status, page = await harness.api("GET", "/api/v1/conversations?limit=2")
+    assert [i["id"] for i in page["items"]] == ids[::-1][:2] and page["next_cursor"]
+    status, page2 = await harness.api("GET", f"/api/v1/conversations?limit=2&cursor={page['next_cursor']}")
+    assert [i["id"] for i in page2["items"]] == ids[::-1][2:4]
+    status, page3 = await harness.api("GET", f"/api/v1/conversations?limit=2&cursor={page2['next_cursor']}")
+    assert [i["id"] for i in page3["items"]] == ids[:1] and page3["next_cursor"] is None
+    status, by_unit = await harness.api("GET", "/api/v1/conversations?unit=tiefbau-muster&state=open&channel=webform")
+    assert len(by_unit["items"]) == 5
+    status, none = await harness.api("GET", "/api/v1/conversations?channel=whatsapp")
+    assert none["items"] == []
+    ref = by_unit["items"][0]["case_reference"]
+    status, found = await harness.api("GET", f"/api/v1/conversations?q={ref.lower()}")
+    assert [i["case_reference"] for i in found["items"]] == [ref]
+    status, overdue = await harness.api("GET", "/api/v1/conversations?overdue=true")
+    assert overdue["items"] == []
+    harness.clock.advance(timedelta(days=3))
+    status, overdue = await harness.api("GET", "/api/v1/conversations?overdue=true")
+    assert len(overdue["items"]) == 5 and all(i["overdue"] for i in overdue["items"])
+
+
+async def test_bad_parameters_and_bodies_are_400_with_field(harness):
+    case = await _case(harness)
+    for query, field in (("state=weird", "state"), ("overdue=yes", "overdue"), ("limit=0", "limit"), ("limit=abc", "limit"),
+                         ("cursor=!!!", "cursor"), ("unit=nope", "unit")):
+        status, body = await harness.api("GET", f"/api/v1/conversations?{query}")
+        assert status == 400 and body["error"]["field"] == field, (query, body)
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/replies", data=b"{", headers={"Content-Type": "application/json"})
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": ""})
+    assert status == 400 and body["error"]["field"] == "text"
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/replies", json=["text"])
+    assert status == 400
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/transfer", json={"unit": "nope"})
+    assert status == 400 and body["error"]["field"] == "unit"
+    status, body = await harness.api("GET", "/api/v1/conversations/abc")
+    assert status == 400
+    status, body = await harness.api("GET", "/api/v1/conversations/999999")
+    assert status == 404
+    assert await harness.count("messages", "direction = 'out' AND kind = 'reply'") == 0
+
+
+async def test_notes_assign_transfer_close_reopen(harness):
+    case = await _case(harness)
+    status, note = await harness.api("POST", f"/api/v1/conversations/{case}/notes", token="contractor", json={"text": "Kolonne informiert"})
+    assert status == 201 and note["direction"] == "internal"
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/assign", token="contractor", json={"assignee": "Polier Schmidt"})
+    assert status == 200 and detail["assignee"] == "Polier Schmidt"
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/transfer", token="hotline", json={"unit": "bauhotline", "reason": "Betrifft mehrere Baustellen"})
+    assert status == 200 and detail["unit"] == "bauhotline" and detail["routing"] == {"rule": "transfer", "reason": "Betrifft mehrere Baustellen"}
+    assert any(e["kind"] == "transferred" and e["data"]["from_unit"] == "tiefbau-muster" for e in detail["events"])
+    notifications = await harness.rows("SELECT to_address FROM outbox WHERE kind = 'notification'")
+    assert notifications == [{"to_address": "bau@example.org"}]
+    # the contractor lost it
+    status, _ = await harness.api("GET", f"/api/v1/conversations/{case}", token="contractor")
+    assert status == 404
+    # notes are not shown to the resident
+    view = await harness.core.store.fetchone("SELECT status_token FROM conversations WHERE id = ?", (case,))
+    page = await (await harness.client.get(f"/channels/webform/status/{view['status_token']}")).text()
+    assert "Kolonne informiert" not in page
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/close")
+    assert detail["state"] == "closed" and detail["deadline"] is None
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/close")
+    assert status == 409
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/reopen")
+    assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+
+
+async def test_message_to_closed_conversation_reopens_within_window_else_links(harness):
+    case = await _case(harness)
+    await harness.api("POST", f"/api/v1/conversations/{case}/close")
+    row = await harness.core.store.fetchone("SELECT status_token, case_reference FROM conversations WHERE id = ?", (case,))
+    again = await harness.core.ingest(webform_message("Noch eine Frage", thread={"status_token": row["status_token"]}))
+    assert again.conversation_id == case and again.acknowledged
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+    assert detail["state"] in ("open", "acknowledged") and any(e["kind"] == "reopened" for e in detail["events"])
+    await harness.api("POST", f"/api/v1/conversations/{case}/close")
+    harness.clock.advance(timedelta(days=30))
+    later = await harness.core.ingest(webform_message(f"Wieder da, Fall {row['case_reference']}"))
+    assert later.conversation_id != case
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{later.conversation_id}")
+    assert detail["linked_to"] == case
+
+
+async def test_contacts_get_and_merge_history_follows(harness):
+    a = await harness.core.ingest(webform_message(email="a@example.net"))
+    b = await harness.core.ingest(webform_message("Noch ein Anliegen", email="b@example.net"))
+    status, ca = await harness.api("GET", f"/api/v1/conversations/{a.conversation_id}")
+    status, cb = await harness.api("GET", f"/api/v1/conversations/{b.conversation_id}")
+    assert ca["contact"]["id"] != cb["contact"]["id"]
+    status, merged = await harness.api("POST", f"/api/v1/contacts/{ca['contact']['id']}/merge", json={"other_contact_id": cb["contact"]["id"]})
+    assert status == 200
+    assert {i["address"] for i in merged["identities"]} == {"a@example.net", "b@example.net"}
+    status, cb = await harness.api("GET", f"/api/v1/conversations/{b.conversation_id}")
+    assert cb["contact"]["id"] == ca["contact"]["id"]
+    # a new message from b's address lands on the survivor
+    c = await harness.core.ingest(webform_message("Drittes Anliegen", email="b@example.net"))
+    status, cc = await harness.api("GET", f"/api/v1/conversations/{c.conversation_id}")
+    assert cc["contact"]["id"] == ca["contact"]["id"]
+    status, body = await harness.api("POST", f"/api/v1/contacts/{ca['contact']['id']}/merge", json={"other_contact_id": cb["contact"]["id"]})
+    assert status in (404, 409)
+    status, body = await harness.api("POST", f"/api/v1/contacts/{ca['contact']['id']}/merge", json={"other_contact_id": "x"})
+    assert status == 400
+
+
+async def test_units_me_health_metrics(harness):
+    status, units = await harness.api("GET", "/api/v1/units", token="contractor")
+    assert [u["id"] for u in units["items"]] == ["tiefbau-muster"]
+    status, me = await harness.api("GET", "/api/v1/me", token="hotline")
+    assert me["units"] == ["bauhotline", "kundenservice", "tiefbau-muster"]
+    await _case(harness)
+    response = await harness.client.get("/healthz")
+    assert response.status == 200 and (await response.json())["status"] == "ok"
+    text = await (await harness.client.get("/metrics")).text()
+    assert 'contact_router_messages_received_total{channel="webform",duplicate="false"} 1' in text
+    assert "# TYPE contact_router_outbox_rows gauge" in text
+
+
+async def test_callback_reached_answers_the_conversation(harness):
+    case = await _case(harness)
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "maybe"})
+    assert status == 400 and body["error"]["field"] == "outcome"
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "reached", "note": "Rückruf erledigt"})
+    assert status == 201 and body["answered"] is True
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+    assert detail["state"] == "answered" and detail["callbacks"][0]["outcome"] == "reached"

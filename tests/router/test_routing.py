@@ -1,0 +1,52 @@
+"""Routing rules over topic, keywords, area, entry point and fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import load_config
+from router.routing import decide
+
+CONFIG = load_config(env={})
+
+
+def route(text="", **extra):
+    message = {"channel": extra.pop("channel", "webform"), "text": text, **extra}
+    return decide(CONFIG, message, is_customer=False, language="de")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "unit", "rule"),
+    [
+        ({"text": "Baustelle, Gehweg gesperrt", "address": {"postcode": "12345"}}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Bagger vor der Tür", "address": {"street": "Muster-Strasse 4"}}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Die Baustelle in der Musterstrasse 12 ist laut"}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Baustelle vor dem Haus", "address": {"postcode": "99999"}}, "bauhotline", "construction-outside-area"),
+        ({"text": "the ROADWORKS block our driveway"}, "bauhotline", "construction-outside-area"),
+        ({"text": "Seit gestern STÖRUNG, kein Internet"}, "stoerung", "fault"),
+        ({"text": "Seit gestern Stoerung"}, "stoerung", "fault"),
+        ({"text": "Ich möchte meinen Vertrag ändern"}, "vertrieb", "contract"),
+        ({"text": "Hallo", "topic": "contract"}, "vertrieb", "contract"),
+        ({"text": "", "location": {"lat": 52.5230, "lon": 13.4090}, "channel": "whatsapp"}, "tiefbau-muster", "area-without-topic"),
+        ({"text": "", "location": {"lat": 52.60, "lon": 13.40}, "channel": "whatsapp"}, "kundenservice", "fallback"),
+        ({"text": "Guten Tag", "unit_hint": "bauhotline", "recipient": "bau@example.org", "channel": "email"}, "bauhotline", "entry-point"),
+        ({"text": "Guten Tag"}, "kundenservice", "fallback"),
+    ],
+)
+def test_rules(kwargs, unit, rule):
+    decision = route(**kwargs)
+    assert (decision.unit, decision.rule) == (unit, rule), decision.reason
+    assert decision.reason
+
+
+def test_reason_names_what_matched():
+    decision = route("Baustelle, Gehweg gesperrt", address={"postcode": "12345"})
+    assert "Musterstadt Nord" in decision.reason and "postcode 12345" in decision.reason
+
+
+def test_umlaut_and_case_insensitive_keywords():
+    from router.text import keyword_in, normalize
+
+    assert normalize("Straße") == normalize("STRASSE") == "strasse"
+    assert keyword_in(normalize("Straßensperrung"), normalize("Die STRASSENSPERRUNG nervt"))
+    assert not keyword_in(normalize("Tarif"), normalize("Hauptarifa"))

@@ -1,0 +1,71 @@
+"""Storage: migrations, restarts, group commit, and units of work that fail alone."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from router.store.migrations import MIGRATIONS
+from router.store.sqlite import SQLiteStore, apply_migrations
+from router.testing import CoreHarness
+
+from .helpers import webform_message
+
+
+def test_migrations_applied_twice_are_harmless(tmp_path):
+    conn = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    assert apply_migrations(conn) == [v for v, _, _ in MIGRATIONS]
+    assert apply_migrations(conn) == []
+    versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+    assert versions == [v for v, _, _ in MIGRATIONS]
+
+
+async def test_restart_keeps_everything(tmp_path):
+    data = tmp_path / "data"
+    async with CoreHarness(data) as first:
+        result = await first.core.ingest(webform_message())
+        await first.run_outbox()
+        status, before = await first.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+    async with CoreHarness(data) as second:
+        status, after = await second.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert status == 200
+        assert after["case_reference"] == before["case_reference"]
+        assert [m["text"] for m in after["messages"]] == [m["text"] for m in before["messages"]]
+        assert after["state"] == "acknowledged"
+        # the same provider message again, after the restart: still deduplicated
+        again = await second.core.ingest({**webform_message(), "channel_message_id": "restart-check"})
+        dup = await second.core.ingest({**webform_message(), "channel_message_id": "restart-check"})
+        assert dup.duplicate and dup.conversation_id == again.conversation_id
+
+
+async def test_group_commit_shares_transactions_and_isolates_failures(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        def good(i: int):
+            def work(conn):
+                conn.execute("INSERT INTO events (kind, at) VALUES (?, ?)", (f"ok-{i}", "2026-01-01T00:00:00.000000Z"))
+                return i
+            return work
+
+        def bad(conn):
+            conn.execute("INSERT INTO events (kind, at) VALUES ('half-written', '2026-01-01T00:00:00.000000Z')")
+            raise RuntimeError("boom")
+
+        works = [store.write(good(i)) for i in range(50)] + [store.write(bad)]
+        results = await asyncio.gather(*works, return_exceptions=True)
+        assert results[:50] == list(range(50))
+        assert isinstance(results[50], RuntimeError)
+        rows = await store.fetchall("SELECT kind FROM events")
+        assert len(rows) == 50 and all(r["kind"].startswith("ok-") for r in rows)
+        assert store.commits < 50  # concurrent units shared commits
+    finally:
+        await store.close()
+
+
+async def test_write_before_open_is_an_error(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    with pytest.raises(RuntimeError):
+        await store.write(lambda conn: None)

@@ -1,0 +1,80 @@
+"""Deadlines, escalation along the chain, and what counts as answered."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from .helpers import webform_message
+
+
+async def test_unanswered_case_escalates_contractor_to_hotline_to_customer_care(harness):
+    result = await harness.core.ingest(webform_message())
+    assert result.unit == "tiefbau-muster"
+    assert await harness.escalate() == []  # nothing overdue yet
+    # Monday 09:00 Berlin + 4 site hours: due 13:00 Berlin. One minute later it escalates.
+    assert result.deadline.isoformat() == "2026-11-30T12:00:00+00:00"
+    harness.clock.set(result.deadline + timedelta(minutes=1))
+    done = await harness.escalate()
+    assert [(e["from_unit"], e["to_unit"], e["level"]) for e in done] == [("tiefbau-muster", "bauhotline", 1)]
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}", token="hotline")
+    assert detail["unit"] == "bauhotline" and detail["escalation_level"] == 1
+    assert detail["escalations"][0]["to_unit"] == "bauhotline"
+    notes = await harness.rows("SELECT to_address, text FROM outbox o JOIN messages m ON m.id = o.message_id WHERE o.kind = 'notification'")
+    assert notes[0]["to_address"] == "bau@example.org" and result.case_reference in notes[0]["text"]
+    status, listing = await harness.api("GET", "/api/v1/conversations?overdue=false", token="hotline")
+    assert result.conversation_id in [i["id"] for i in listing["items"]]
+    # The contractor no longer owns it.
+    status, _ = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}", token="contractor")
+    assert status == 404
+    # Still no answer: on to customer care, the end of the chain.
+    harness.clock.advance(timedelta(days=1))
+    done = await harness.escalate()
+    assert [(e["from_unit"], e["to_unit"], e["level"]) for e in done] == [("bauhotline", "kundenservice", 2)]
+    # At the end of the chain the owner stays, is reminded, and the case stays overdue.
+    harness.clock.advance(timedelta(days=2))
+    done = await harness.escalate()
+    assert [(e["from_unit"], e["to_unit"]) for e in done] == [("kundenservice", "kundenservice")]
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+    assert detail["unit"] == "kundenservice" and detail["overdue"] is True and detail["escalation_level"] == 3
+    assert await harness.count("outbox", "kind = 'notification'") == 3
+
+
+async def test_answered_case_does_not_escalate(harness):
+    result = await harness.core.ingest(webform_message())
+    await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Erledigt."})
+    await harness.run_outbox()
+    harness.clock.advance(timedelta(days=5))
+    assert await harness.escalate() == []
+
+
+async def test_acknowledgement_is_not_an_answer(harness):
+    result = await harness.core.ingest(webform_message())
+    await harness.run_outbox()
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+    assert detail["state"] == "acknowledged" and detail["first_answered_at"] is None
+
+
+async def test_deadline_follows_business_hours_over_the_weekend(tmp_path):
+    from datetime import UTC, datetime
+
+    from router.testing import CoreHarness
+
+    # Friday 2026-11-27 15:00 Berlin: the contractor's site closes at 14:00 on Fridays.
+    async with CoreHarness(tmp_path / "d", start=datetime(2026, 11, 27, 14, 0, tzinfo=UTC)) as harness:
+        result = await harness.core.ingest(webform_message())
+        # Monday 07:00 + 4 hours = 11:00 Berlin = 10:00 UTC
+        assert result.deadline == datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+
+
+async def test_acknowledgement_language_follows_the_message(harness):
+    english = await harness.core.ingest(webform_message("The pavement in front of our house is blocked by construction", language="en"))
+    assert english.ack_text.startswith("Hello Erika Mustermann, thank you")
+    german = await harness.core.ingest(webform_message("Baustelle", email="x@example.net"))
+    assert german.ack_text.startswith("Guten Tag Erika Mustermann") and "Mo., 30.11.2026" in german.ack_text
+
+
+async def test_follow_up_joins_and_is_not_acknowledged_twice(harness):
+    first = await harness.core.ingest(webform_message())
+    second = await harness.core.ingest(webform_message(f"Nachtrag zu {first.case_reference}"))
+    assert second.conversation_id == first.conversation_id and not second.acknowledged
+    assert await harness.count("outbox", "kind = 'ack'") == 1

@@ -1,0 +1,53 @@
+"""The compiled validator and jsonschema agree on the canonical inbound schema."""
+
+from __future__ import annotations
+
+import jsonschema
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.channel import InvalidMessage
+from router.validation import inbound_schema, validate_inbound
+
+REFERENCE = jsonschema.Draft202012Validator(inbound_schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+VALID = {"channel": "webform", "channel_message_id": "x1", "sender": {"kind": "email", "address": "a@b.de"}, "text": "Hallo"}
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False, width=32) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+keys = st.sampled_from(["channel", "channel_message_id", "kind", "sender", "text", "language", "topic", "location",
+                        "thread", "attachments", "flags", "sent_at", "address", "unknown"])
+
+
+def _agree(message) -> None:
+    reference_ok = REFERENCE.is_valid(message)
+    try:
+        validate_inbound(message)
+        fast_ok = True
+    except InvalidMessage:
+        fast_ok = False
+    assert fast_ok == reference_ok, message
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(keys, values, max_size=5))
+def test_engines_agree_on_mutations(changes):
+    _agree({**VALID, **changes})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["kind", "sender", "location", "thread", "language"]), values)
+def test_engines_agree_on_nested_values(key, value):
+    _agree({**VALID, key: value})
+
+
+def test_error_names_the_field():
+    try:
+        validate_inbound({**VALID, "language": "Deutsch"})
+    except InvalidMessage as exc:
+        assert exc.path == "language"
+    else:
+        raise AssertionError("expected InvalidMessage")
