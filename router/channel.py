@@ -44,6 +44,8 @@ class RetryableDeliveryError(DeliveryError):
     """The provider may accept the message later (timeout, 5xx, rate limit).
 
     ``retry_after`` (seconds) overrides the outbox's exponential backoff when the provider says.
+    With ``code="not_configured"`` (the channel cannot send at all yet, e.g. no mail relay) the
+    message stays queued and is never given up.
     """
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:

@@ -35,6 +35,10 @@ from .tracking import add_flags, add_outbox_row, mark_answered, record_event
 
 log = logging.getLogger("contact_router.outbox")
 
+# A RetryableDeliveryError with this code means the channel cannot send at all until it is
+# configured (no mail relay): the row stays queued, visible in the inbox, and is never given up.
+NOT_CONFIGURED = "not_configured"
+
 STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 
 
@@ -375,14 +379,15 @@ class OutboxWorker:
             return
         except (RetryableDeliveryError, TimeoutError) as exc:
             message = exc.message if isinstance(exc, DeliveryError) else "timed out"
-            if item["attempts"] >= self.policy.max_attempts:
+            not_configured = isinstance(exc, DeliveryError) and exc.code == NOT_CONFIGURED
+            if item["attempts"] >= self.policy.max_attempts and not not_configured:
                 self.failed += 1
                 await self.store.write(
                     lambda conn: record_failure(conn, item["id"], f"gave up after {item['attempts']} attempts: {message}", None, self.channels, self.clock.now())
                 )
                 return
             self.retried += 1
-            delay = exc.retry_after if isinstance(exc, RetryableDeliveryError) and exc.retry_after else self.policy.delay(item["attempts"])
+            delay = exc.retry_after if isinstance(exc, RetryableDeliveryError) and exc.retry_after else self.policy.delay(min(item["attempts"], 12))
             await self.store.write(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
             return
         except PermanentDeliveryError as exc:
