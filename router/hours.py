@@ -8,9 +8,16 @@ daylight-saving changes are handled by ``zoneinfo``.
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
+
+@lru_cache(maxsize=8192)
+def _intervals_on(hours: BusinessHours, day: date) -> list[tuple[datetime, datetime]]:
+    """Opening intervals of one day in UTC, cached: deadlines are computed per message."""
+    return hours._compute_intervals(day)
+
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -46,6 +53,9 @@ class BusinessHours:
         return not any(self.week)
 
     def _intervals_on(self, day: date) -> list[tuple[datetime, datetime]]:
+        return _intervals_on(self, day)
+
+    def _compute_intervals(self, day: date) -> list[tuple[datetime, datetime]]:
         if day in self.holidays:
             return []
         result = []

@@ -63,7 +63,7 @@ def prepare(message: Any, *, config: Config, now: datetime) -> tuple[dict[str, A
     except InvalidAddress as exc:
         raise InvalidMessage(str(exc), "sender.address") from None
     language = msg.get("language") or guess_language(
-        " ".join(filter(None, (msg.get("subject"), msg.get("text")))), config.default_language
+        " ".join(filter(None, (msg.get("subject"), msg.get("text")))), msg.get("default_language") or config.default_language
     )
     return msg, identities, language
 

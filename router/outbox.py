@@ -90,11 +90,13 @@ def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> 
         item["last_inbound_at"] = None
         if row["conversation_id"] is not None:
             item["thread_refs"] = _thread_refs(conn, row["conversation_id"], row["channel"])
-            ident = conn.execute(
-                "SELECT last_inbound_at FROM identities WHERE kind = ? AND address = ?",
-                (row["to_kind"], row["to_address"]),
-            ).fetchone()
-            item["last_inbound_at"] = ident[0] if ident else None
+            # Reply windows (WhatsApp's 24 hours) count inbound messages on this channel only.
+            last = conn.execute(
+                "SELECT created_at FROM messages WHERE contact_id = ? AND channel = ? AND direction = 'in'"
+                " ORDER BY id DESC LIMIT 1",
+                (row["contact_id"], row["channel"]),
+            ).fetchone() if row["contact_id"] is not None else None
+            item["last_inbound_at"] = last[0] if last else None
         result.append(item)
     return result
 
@@ -193,36 +195,39 @@ def record_failure(
     if row["conversation_id"] is None or row["kind"] == "notification":
         return
     tried = {
-        (r["to_kind"], r["to_address"])
-        for r in conn.execute("SELECT to_kind, to_address FROM outbox WHERE message_id = ?", (row["message_id"],))
+        (r["channel"], r["to_kind"], r["to_address"])
+        for r in conn.execute("SELECT channel, to_kind, to_address FROM outbox WHERE message_id = ?", (row["message_id"],))
     }
     conv = conn.execute("SELECT contact_id FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
     identities = conn.execute(
-        "SELECT kind, address FROM identities WHERE contact_id = ? AND failed_at IS NULL ORDER BY last_inbound_at DESC",
+        "SELECT kind, address FROM identities WHERE contact_id = ? ORDER BY last_inbound_at DESC",
         (conv["contact_id"],),
     ).fetchall()
+    # Same address on another channel (a number not on WhatsApp still takes SMS), or another
+    # address; each (channel, address) is tried once per message.
     for ident in identities:
-        if (ident["kind"], ident["address"]) in tried:
-            continue
         for channel in channels.values():
             caps = channel.capabilities
-            if caps.can_reply and caps.push and ident["kind"] in caps.identity_kinds and channel.name != row["channel"]:
-                add_outbox_row(
-                    conn,
-                    message_id=row["message_id"],
-                    conversation_id=row["conversation_id"],
-                    kind=row["kind"],
-                    channel=channel.name,
-                    to_kind=ident["kind"],
-                    to=ident["address"],
-                    now=stamp,
-                    primary=bool(row["primary_delivery"]),
-                )
-                record_event(
-                    conn, row["conversation_id"], "delivery_fallback", stamp,
-                    failed=f"{row['channel']}:{row['to_address']}", next=f"{channel.name}:{ident['address']}",
-                )
-                return
+            if not (caps.can_reply and caps.push and ident["kind"] in caps.identity_kinds):
+                continue
+            if (channel.name, ident["kind"], ident["address"]) in tried:
+                continue
+            add_outbox_row(
+                conn,
+                message_id=row["message_id"],
+                conversation_id=row["conversation_id"],
+                kind=row["kind"],
+                channel=channel.name,
+                to_kind=ident["kind"],
+                to=ident["address"],
+                now=stamp,
+                primary=bool(row["primary_delivery"]),
+            )
+            record_event(
+                conn, row["conversation_id"], "delivery_fallback", stamp,
+                failed=f"{row['channel']}:{row['to_address']}", next=f"{channel.name}:{ident['address']}",
+            )
+            return
     if row["primary_delivery"] or row["kind"] == "ack":
         add_flags(conn, row["conversation_id"], ["undeliverable", "callback_required"], stamp)
         record_event(conn, row["conversation_id"], "undeliverable", stamp, reason=error[:500])

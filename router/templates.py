@@ -3,7 +3,6 @@ written the way a German or English reader expects, in the organisation's timezo
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -53,4 +52,4 @@ class Templates:
         if not variants:
             raise KeyError(f"no template {name!r}")
         text = variants[self.language_for(name, language)]
-        return string.Formatter().vformat(text, (), _Values(values))
+        return text.format_map(_Values(values))

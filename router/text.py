@@ -16,7 +16,11 @@ CASE_REFERENCE_RE = re.compile(r"\bK-([2-9A-HJ-NP-Z]{6})\b")
 
 def normalize(text: str) -> str:
     """Case-fold, write umlauts as ae/oe/ue/ss and drop other accents: "Straße" -> "strasse"."""
+    if text.isascii():
+        return text.lower()
     folded = text.casefold().translate(_FOLD)
+    if folded.isascii():
+        return folded
     decomposed = unicodedata.normalize("NFKD", folded)
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
@@ -62,7 +66,8 @@ def guess_language(text: str | None, default: str) -> str:
 
 def new_case_reference() -> str:
     """A fresh random case reference like ``K-7F3QX2``."""
-    return "K-" + "".join(secrets.choice(CASE_ALPHABET) for _ in range(6))
+    # 256 is a multiple of the alphabet's 32 characters, so every character is equally likely.
+    return "K-" + "".join(CASE_ALPHABET[b % 32] for b in secrets.token_bytes(6))
 
 
 def find_case_reference(*texts: str | None) -> str | None:

@@ -115,7 +115,8 @@ def open_conversation(
                 raise
     else:  # pragma: no cover - 32^6 references make this practically impossible
         raise RuntimeError("could not allocate a case reference")
-    record_event(conn, conversation_id, "routed", stamp, unit=unit, rule=rule, reason=reason)
+    # The routing decision lives on the conversation row (routing_rule, routing_reason); later
+    # changes of owner are events.
     return conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
 
 

@@ -25,7 +25,7 @@ from router.hookspecs import (
     SendResult,
 )
 
-from . import graph
+from . import graph, media
 from .parse import parse_webhook
 from .settings import BusinessNumber, WhatsAppSettings
 from .signature import verify_signature
@@ -49,6 +49,8 @@ class WhatsAppChannel(Channel):
         push=True,
         reply_window=timedelta(hours=24),
         max_text_length=graph.MAX_TEXT_LENGTH,
+        delivery_receipts=True,
+        threads_by_sender=True,
     )
 
     def __init__(self, settings: WhatsAppSettings) -> None:
@@ -96,6 +98,10 @@ class WhatsAppChannel(Channel):
             self.context.log.info("webhook: %s", note)
         for error in parsed.errors:
             self.context.log.warning("webhook error entry: %s", error)
+        if self.settings.download_media:
+            await media.attach_downloads(
+                self.context.http, self.settings, self.context.data_dir, parsed.messages, self.context.log
+            )
         for message in parsed.messages:
             self._apply_number_defaults(message)
             try:
@@ -122,13 +128,19 @@ class WhatsAppChannel(Channel):
         return b"".join(chunks)
 
     def _apply_number_defaults(self, message: dict[str, Any]) -> None:
-        """The business number written to supplies unit hint and language the message lacks."""
+        """The business number written to supplies the unit hint, and the language when the
+        message has no text to tell it from (a location, a photo without caption).
+
+        A message with text is left to the core's language guess, so an English text to a
+        German number is acknowledged in English: the acknowledgement goes out in the sender's
+        language, and the number's language is only the default.
+        """
         number = self.settings.number(message.get("recipient"))
         if number is None:
             return
         if number.unit and not message.get("unit_hint"):
             message["unit_hint"] = number.unit
-        if number.language and not message.get("language"):
+        if number.language and not message.get("language") and not message.get("text"):
             message["language"] = number.language
 
     # ---------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ DEFAULT_API_VERSION = "v21.0"
 DEFAULT_MAX_BODY_BYTES = 3 * 1024 * 1024
 """Meta's webhook bodies stay below 3 MB."""
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_MEDIA_BYTES = 25 * 1024 * 1024
+"""Largest media item ``download_media`` fetches; larger ones keep only their media id."""
 
 DEFAULT_PROMPTS = {
     "de": "Antworten Sie auf diese Nachricht, um die vollständige Antwort zu lesen.",
@@ -74,6 +76,8 @@ class WhatsAppSettings:
     template: TemplateSettings | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     timeout: float = DEFAULT_TIMEOUT
+    download_media: bool = False
+    max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any] | None) -> WhatsAppSettings | None:
@@ -109,6 +113,8 @@ class WhatsAppSettings:
             template=_template(section.get("template")),
             max_body_bytes=_positive_int(section.get("max_body_bytes"), DEFAULT_MAX_BODY_BYTES),
             timeout=_positive_float(section.get("timeout"), DEFAULT_TIMEOUT),
+            download_media=_flag(section.get("download_media")),
+            max_media_bytes=_positive_int(section.get("max_media_bytes"), DEFAULT_MAX_MEDIA_BYTES),
         )
 
     def number(self, phone_number_id: str | None) -> BusinessNumber | None:
@@ -138,6 +144,13 @@ def _text(value: Any) -> str | None:
     if isinstance(value, str) and value.strip():
         return value.strip()
     return None
+
+
+def _flag(value: Any) -> bool:
+    """A switch: true, or a string such as "true", "1", "yes", "on" (from the environment)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return value is True
 
 
 def _positive_int(value: Any, default: int) -> int:

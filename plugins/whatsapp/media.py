@@ -1,0 +1,131 @@
+"""Optional media download: the bytes of an image, voice message or document, fetched through
+the Graph media endpoint into the data folder (``download_media = true``, off by default).
+
+WhatsApp keeps media for a limited time and only hands it out with the business's token, so
+an installation that wants to keep what residents sent fetches it as it arrives. Two requests:
+``GET {graph_url}/{version}/{media_id}`` answers a short-lived URL, and a ``GET`` on that URL,
+with the same bearer token, answers the bytes. A failed download never costs the message: it is
+stored with its media id, and the failure is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import mimetypes
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .settings import WhatsAppSettings
+
+MEDIA_FOLDER = "media/whatsapp"
+"""Where downloads go, relative to the data folder."""
+
+_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_EXTENSIONS = {"audio/ogg": ".ogg", "image/jpeg": ".jpg", "image/webp": ".webp", "video/mp4": ".mp4", "audio/mpeg": ".mp3"}
+
+
+class MediaError(Exception):
+    """A download that did not work out; the message is kept without the bytes."""
+
+
+def relative_path(media_id: str, mime_type: str | None) -> str:
+    """The file a media id is kept in, relative to the data folder: the id itself when it is
+    a plain token (so a redelivery finds the file), else its hash; the extension from the type."""
+    stem = media_id if _SAFE.match(media_id) else hashlib.sha256(media_id.encode()).hexdigest()[:40]
+    base = (mime_type or "").split(";")[0].strip().lower()
+    extension = _EXTENSIONS.get(base) or (mimetypes.guess_extension(base) if base else None) or ".bin"
+    return f"{MEDIA_FOLDER}/{stem}{extension}"
+
+
+async def download(
+    http: aiohttp.ClientSession, settings: WhatsAppSettings, data_dir: Path, media_id: str, mime_type: str | None
+) -> str:
+    """Fetch one media item into the data folder; its path relative to the data folder.
+
+    An item already on disk is not fetched again. Raises ``MediaError`` when the Graph API
+    refuses, the item is larger than ``max_media_bytes``, its bytes do not match the sha256 the
+    Graph API gives, or no answer comes within the channel's timeout.
+    """
+    relative = relative_path(media_id, mime_type)
+    target = data_dir / relative
+    if target.is_file():
+        return relative
+    headers = {"Authorization": f"Bearer {settings.access_token}"}
+    timeout = aiohttp.ClientTimeout(total=settings.timeout)
+    limit = settings.max_media_bytes
+    try:
+        url = f"{settings.graph_url}/{settings.api_version}/{media_id}"
+        async with http.get(url, headers=headers, timeout=timeout) as response:
+            if response.status != 200:
+                raise MediaError(f"media endpoint answered HTTP {response.status} for {media_id}")
+            info: Any = await response.json(content_type=None)
+        if not isinstance(info, dict) or not isinstance(info.get("url"), str):
+            raise MediaError(f"media endpoint gave no download URL for {media_id}")
+        size = info.get("file_size")
+        if isinstance(size, int) and size > limit:
+            raise MediaError(f"media {media_id} has {size} bytes, more than max_media_bytes ({limit})")
+        digest = hashlib.sha256()
+        chunks: list[bytes] = []
+        received = 0
+        async with http.get(info["url"], headers=headers, timeout=timeout) as response:
+            if response.status != 200:
+                raise MediaError(f"media download answered HTTP {response.status} for {media_id}")
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                received += len(chunk)
+                if received > limit:
+                    raise MediaError(f"media {media_id} exceeds max_media_bytes ({limit})")
+                digest.update(chunk)
+                chunks.append(chunk)
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        raise MediaError(f"media {media_id} could not be fetched: {type(exc).__name__}: {exc}") from None
+    expected = info.get("sha256")
+    if isinstance(expected, str) and _HEX64.match(expected) and expected.lower() != digest.hexdigest():
+        raise MediaError(f"media {media_id} does not match its sha256")
+    await asyncio.to_thread(_write, target, b"".join(chunks))
+    return relative
+
+
+def _write(target: Path, data: bytes) -> None:
+    """Write through a temporary file, so a file under the final name is always complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+    temporary.write_bytes(data)
+    os.replace(temporary, target)
+
+
+async def attach_downloads(
+    http: aiohttp.ClientSession,
+    settings: WhatsAppSettings,
+    data_dir: Path,
+    messages: list[dict[str, Any]],
+    log: logging.Logger,
+) -> None:
+    """Download every attachment of ``messages`` that has a media id, concurrently, and set
+    each one's ``path``; failures are logged and leave the attachment as it was."""
+    jobs = [
+        attachment
+        for message in messages
+        for attachment in message.get("attachments") or ()
+        if isinstance(attachment.get("media_id"), str) and attachment["media_id"]
+    ]
+    if not jobs:
+        return
+    results = await asyncio.gather(
+        *(download(http, settings, data_dir, a["media_id"], a.get("content_type")) for a in jobs),
+        return_exceptions=True,
+    )
+    for attachment, result in zip(jobs, results, strict=True):
+        if isinstance(result, str):
+            attachment["path"] = result
+        elif isinstance(result, MediaError):
+            log.warning("%s", result)
+        elif isinstance(result, BaseException):
+            log.error("media download failed", exc_info=result)

@@ -1,0 +1,789 @@
+"""The WhatsApp channel against the real core: webhooks in through the service's own HTTP
+server, messages out to a fake Graph API.
+
+The fake Graph API is a real aiohttp server on 127.0.0.1 that records every request, answers
+like the Cloud API does, and can be told to fail (an HTTP status with a Cloud API error body,
+or no answer in time). The core runs on a real SQLite file with a frozen clock; the tests drive
+the outbox (``harness.run_outbox``) and move time (``harness.clock.advance``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from plugins.whatsapp.parse import parse_webhook
+from plugins.whatsapp.signature import sign
+from router.testing import DEFAULT_START, CoreHarness, check_channel_contract
+
+from .conftest import fixture_cases
+
+SECRET = "integration-app-secret"
+ACCESS_TOKEN = "integration-access-token"
+VERIFY_TOKEN = "integration-verify-token"
+PHONE_NUMBER_ID = "1122334455667"  # the business number the recorded payloads were sent to
+WEBHOOK = "/channels/whatsapp/webhook"
+SENDER = "4917612345678"
+SENDER_E164 = "+4917612345678"
+TIMESTAMP = str(int(DEFAULT_START.timestamp()))
+
+
+class FakeGraph:
+    """A Graph API stand-in: ``POST /{version}/{phone_number_id}/messages`` and the media
+    endpoints, each request recorded.
+
+    ``fail(...)`` queues answers for the next send requests; without one a send is accepted
+    with a fresh ``wamid``, as the Cloud API answers.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.media_requests: list[dict[str, Any]] = []
+        self.answers: list[tuple[int, dict[str, Any] | None, float]] = []
+        self.media: dict[str, tuple[bytes, str]] = {}
+        self.wrong_checksum: set[str] = set()
+        self.base_url = ""
+        self._count = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/{version}/{phone_number_id}/messages", self.send)
+        app.router.add_get("/{version}/{media_id}", self.media_info)
+        app.router.add_get("/download/{media_id}", self.media_bytes)
+        return app
+
+    def fail(self, status: int, code: int | None = None, *, delay: float = 0.0, message: str = "error") -> None:
+        """Answer the next send with ``status`` and a Cloud API error ``code`` (or, with a
+        ``delay`` beyond the channel's timeout, not in time)."""
+        body = None
+        if code is not None or status >= 400:
+            body = {
+                "error": {
+                    "message": message,
+                    "type": "OAuthException",
+                    "code": code if code is not None else status,
+                    "error_data": {"messaging_product": "whatsapp", "details": message},
+                    "fbtrace_id": "AbCdEf",
+                }
+            }
+        self.answers.append((status, body, delay))
+
+    def hang(self, seconds: float) -> None:
+        """Let the next send wait ``seconds`` before it is accepted."""
+        self.answers.append((200, None, seconds))
+
+    async def send(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        self.requests.append(
+            {
+                "version": request.match_info["version"],
+                "phone_number_id": request.match_info["phone_number_id"],
+                "authorization": request.headers.get("Authorization"),
+                "json": payload,
+            }
+        )
+        status, body, delay = self.answers.pop(0) if self.answers else (200, None, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        if status == 200 and body is None:
+            self._count += 1
+            to = payload.get("to", "")
+            body = {
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": to, "wa_id": to}],
+                "messages": [{"id": f"wamid.OUT{self._count:04d}"}],
+            }
+        return web.json_response(body, status=status)
+
+    async def media_info(self, request: web.Request) -> web.Response:
+        media_id = request.match_info["media_id"]
+        self.media_requests.append({"path": request.path, "authorization": request.headers.get("Authorization")})
+        if request.headers.get("Authorization") != f"Bearer {ACCESS_TOKEN}":
+            return web.json_response({"error": {"code": 190, "message": "Invalid OAuth access token"}}, status=401)
+        if media_id not in self.media:
+            return web.json_response({"error": {"code": 100, "message": "Unsupported get request"}}, status=400)
+        data, mime_type = self.media[media_id]
+        return web.json_response(
+            {
+                "messaging_product": "whatsapp",
+                "url": f"{self.base_url}/download/{media_id}",
+                "mime_type": mime_type,
+                "sha256": hashlib.sha256(data if media_id not in self.wrong_checksum else b"other").hexdigest(),
+                "file_size": len(data),
+                "id": media_id,
+            }
+        )
+
+    async def media_bytes(self, request: web.Request) -> web.Response:
+        media_id = request.match_info["media_id"]
+        self.media_requests.append({"path": request.path, "authorization": request.headers.get("Authorization")})
+        if request.headers.get("Authorization") != f"Bearer {ACCESS_TOKEN}" or media_id not in self.media:
+            raise web.HTTPNotFound()
+        data, mime_type = self.media[media_id]
+        return web.Response(body=data, content_type=mime_type)
+
+    @property
+    def sent(self) -> list[dict[str, Any]]:
+        """The message payloads posted so far."""
+        return [r["json"] for r in self.requests]
+
+
+@pytest.fixture
+async def graph(aiohttp_server: Any) -> FakeGraph:
+    fake = FakeGraph()
+    server = await aiohttp_server(fake.app(), host="127.0.0.1")
+    fake.base_url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+def make_harness(tmp_path: Path, graph: FakeGraph, **settings: Any) -> CoreHarness:
+    """The service with the web form and WhatsApp, configured through the example config's
+    environment variables, sending to the fake Graph API."""
+    env = {
+        "WHATSAPP_APP_SECRET": SECRET,
+        "WHATSAPP_VERIFY_TOKEN": VERIFY_TOKEN,
+        "WHATSAPP_ACCESS_TOKEN": ACCESS_TOKEN,
+        "WHATSAPP_PHONE_NUMBER_ID": PHONE_NUMBER_ID,
+        "WHATSAPP_GRAPH_URL": graph.base_url,
+    }
+    return CoreHarness(
+        tmp_path / "data",
+        entrypoints=("webform", "whatsapp"),
+        settings={"whatsapp": {"timeout": 0.3, **settings}},
+        env=env,
+    )
+
+
+@pytest.fixture
+async def wa(tmp_path: Path, graph: FakeGraph) -> AsyncIterator[CoreHarness]:
+    async with make_harness(tmp_path, graph) as harness:
+        yield harness
+
+
+# -------------------------------------------------------------------------------------------
+# Webhook bodies
+# -------------------------------------------------------------------------------------------
+
+
+def envelope(value: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "102290129340398", "changes": [{"field": "messages", "value": value}]}],
+    }
+
+
+def inbound(message: dict[str, Any], *, sender: str = SENDER, name: str = "Erika Mustermann") -> dict[str, Any]:
+    """A webhook body carrying one message from ``sender``."""
+    return envelope(
+        {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "4930123456", "phone_number_id": PHONE_NUMBER_ID},
+            "contacts": [{"profile": {"name": name}, "wa_id": sender}],
+            "messages": [{"from": sender, "timestamp": TIMESTAMP, **message}],
+        }
+    )
+
+
+def text_body(message_id: str, text: str, *, sender: str = SENDER, **extra: Any) -> dict[str, Any]:
+    return inbound({"id": message_id, "type": "text", "text": {"body": text}, **extra}, sender=sender)
+
+
+def status_body(provider_id: str, status: str, *, code: int | None = None, recipient: str = SENDER) -> dict[str, Any]:
+    """A webhook body with one delivery status for one of our outbound messages."""
+    entry: dict[str, Any] = {"id": provider_id, "status": status, "timestamp": TIMESTAMP, "recipient_id": recipient}
+    if code is not None:
+        entry["errors"] = [
+            {"code": code, "title": f"error {code}", "message": f"error {code}", "error_data": {"details": f"details {code}"}}
+        ]
+    return envelope(
+        {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "4930123456", "phone_number_id": PHONE_NUMBER_ID},
+            "statuses": [entry],
+        }
+    )
+
+
+async def post(harness: CoreHarness, body: dict[str, Any], *, secret: str | None = SECRET) -> tuple[int, Any]:
+    """POST a webhook body the way Meta does: raw JSON bytes, signed with ``secret`` (unsigned
+    when None)."""
+    raw = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers["X-Hub-Signature-256"] = sign(raw, secret)
+    response = await harness.client.post(WEBHOOK, data=raw, headers=headers)
+    answer = await response.json() if response.content_type == "application/json" else await response.text()
+    return response.status, answer
+
+
+async def only_conversation(harness: CoreHarness) -> dict[str, Any]:
+    """The one conversation there is, as the inbox API shows it in detail."""
+    status, listing = await harness.api("GET", "/api/v1/conversations")
+    assert status == 200
+    assert len(listing["items"]) == 1, listing
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{listing['items'][0]['id']}")
+    assert status == 200
+    return detail
+
+
+async def reply(harness: CoreHarness, conversation_id: int, text: str) -> None:
+    status, body = await harness.api("POST", f"/api/v1/conversations/{conversation_id}/replies", json={"text": text})
+    assert status == 201, body
+
+
+def messages_of(detail: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [m for m in detail["messages"] if m["kind"] == kind]
+
+
+# -------------------------------------------------------------------------------------------
+# Recorded provider payloads
+# -------------------------------------------------------------------------------------------
+
+
+def with_own_ids(file: str, case: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The recorded body with message and status ids of its own (the recordings share ids)."""
+    body = copy.deepcopy(body)
+    n = 0
+    for entry in body["entry"]:
+        for change in entry["changes"]:
+            for item in change["value"].get("messages", []) + change["value"].get("statuses", []):
+                n += 1
+                item["id"] = f"wamid.{file}.{case}.{n}"
+    return body
+
+
+STORED_KIND = {"reaction": "reaction", "edit": "edit", "revoke": "deletion", "deleted": "deletion"}
+MEDIA = {"image", "video", "audio", "voice", "document", "sticker"}
+
+
+@pytest.mark.parametrize("file, case, recorded", fixture_cases())
+async def test_recorded_case_is_refused_unsigned_and_stored_as_what_it_is_when_signed(
+    tmp_path: Path, graph: FakeGraph, file: str, case: str, recorded: dict[str, Any]
+) -> None:
+    body = with_own_ids(file, case, recorded)
+    values = [c["value"] for e in body["entry"] for c in e["changes"]]
+    raw_messages = [m for v in values for m in v.get("messages", [])]
+    raw_statuses = [s for v in values for s in v.get("statuses", [])]
+    async with make_harness(tmp_path, graph) as harness:
+        raw = json.dumps(body).encode()
+        for headers in (
+            {},  # no signature at all
+            {"X-Hub-Signature-256": sign(raw, "not-the-app-secret")},
+            {"X-Hub-Signature-256": sign(raw + b" ", SECRET)},  # signed other bytes
+            {"X-Hub-Signature-256": "sha256="},
+        ):
+            response = await harness.client.post(WEBHOOK, data=raw, headers={"Content-Type": "application/json", **headers})
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "invalid_signature"
+        for table in ("messages", "delivery_events", "contacts", "conversations", "outbox"):
+            assert await harness.count(table) == 0, f"a refused body stored something in {table}"
+
+        status, answer = await post(harness, body)
+        assert status == 200, answer
+        assert answer == {"messages": len(raw_messages), "statuses": len(raw_statuses)}
+
+        parsed = parse_webhook(body)
+        rows = await harness.rows("SELECT * FROM messages WHERE direction = 'in' ORDER BY id")
+        assert [r["channel_message_id"] for r in rows] == [m["id"] for m in raw_messages]
+        ack_expected = 0
+        for row, raw_message, message in zip(rows, raw_messages, parsed.messages, strict=True):
+            assert row["channel"] == "whatsapp"
+            assert row["kind"] == STORED_KIND.get(raw_message["type"], "message")
+            payload = json.loads(row["payload"]) if row["payload"] else {}
+            if row["kind"] == "reaction":
+                emoji = raw_message["reaction"].get("emoji") or None
+                assert row["text"] == emoji
+                assert payload["meta"]["removed"] is (emoji is None)
+            else:
+                assert row["text"] == message.get("text")
+            if raw_message["type"] in MEDIA:
+                part = raw_message[raw_message["type"]]
+                (attachment,) = payload["attachments"]
+                assert attachment.get("media_id") == part.get("id")
+                assert attachment["content_type"] == part["mime_type"]
+            if raw_message["type"] == "location":
+                location = raw_message["location"]
+                assert (payload["location"]["lat"], payload["location"]["lon"]) == (
+                    float(location["latitude"]),
+                    float(location["longitude"]),
+                )
+            assert payload.get("flags", []) == message.get("flags", [])
+            assert payload.get("raw") == raw_message
+            if row["kind"] == "message":
+                ack_expected += 1
+                assert row["conversation_id"] is not None
+            else:  # annotations of messages this installation never saw: kept, no conversation
+                assert row["conversation_id"] is None
+        acks = await harness.rows("SELECT to_kind, to_address, channel FROM outbox WHERE kind = 'ack'")
+        assert len(acks) == ack_expected
+        for ack in acks:
+            assert ack == {"to_kind": "phone", "to_address": "+972987654321", "channel": "whatsapp"}
+        if any("unsupported" in (m.get("flags") or []) for m in parsed.messages):
+            (conversation,) = await harness.rows("SELECT flags FROM conversations")
+            assert "unsupported" in json.loads(conversation["flags"])
+
+        events = await harness.rows("SELECT provider_id, status, outbox_id, error_code FROM delivery_events ORDER BY id")
+        expected_status = {"played": "read"}
+        assert [(e["provider_id"], e["status"]) for e in events] == [
+            (s["id"], expected_status.get(s["status"], s["status"])) for s in raw_statuses
+        ]
+        # statuses for messages this installation never sent: recorded, nothing else
+        assert all(e["outbox_id"] is None for e in events)
+        for event, raw_status in zip(events, raw_statuses, strict=True):
+            errors = raw_status.get("errors") or [{}]
+            assert event["error_code"] == (str(errors[0]["code"]) if "code" in errors[0] else None)
+
+        # the provider redelivers: still 200, nothing new
+        status, _ = await post(harness, body)
+        assert status == 200
+        assert await harness.count("messages", "direction = 'in'") == len(raw_messages)
+
+
+async def test_subscription_check_through_the_service(wa: CoreHarness) -> None:
+    params = {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "1158201444"}
+    response = await wa.client.get(WEBHOOK, params=params)
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    assert await response.text() == "1158201444"
+    response = await wa.client.get(WEBHOOK, params={**params, "hub.verify_token": "guess"})
+    assert response.status == 403
+
+
+# -------------------------------------------------------------------------------------------
+# Anyone can write: acknowledgement and routing
+# -------------------------------------------------------------------------------------------
+
+
+async def test_text_from_an_unknown_number_is_acknowledged_on_whatsapp_and_routed(wa: CoreHarness, graph: FakeGraph) -> None:
+    text = "Vor unserem Haus in der Hauptstraße 7 ist seit zwei Wochen eine Baustelle und niemand sagt uns etwas."
+    status, _ = await post(wa, text_body("wamid.IN1", text))
+    assert status == 200
+
+    detail = await only_conversation(wa)
+    assert detail["channel"] == "whatsapp"
+    assert detail["unit"] == "bauhotline"  # construction, outside the contractor's area
+    assert detail["routing"]["rule"] == "construction-outside-area"
+    assert detail["contact"]["is_customer"] is False
+    assert detail["contact"]["display_name"] == "Erika Mustermann"
+    assert {"kind": "phone", "address": SENDER_E164} in [
+        {"kind": i["kind"], "address": i["address"]} for i in detail["contact"]["identities"]
+    ]
+    assert detail["deadline"] is not None
+    (incoming,) = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert incoming["text"] == text
+
+    assert await wa.run_outbox() == 1
+    (request,) = graph.requests
+    assert request["phone_number_id"] == PHONE_NUMBER_ID
+    assert request["version"] == "v21.0"
+    assert request["authorization"] == f"Bearer {ACCESS_TOKEN}"
+    payload = request["json"]
+    assert payload["messaging_product"] == "whatsapp"
+    assert payload["to"] == SENDER  # WhatsApp ids: the number without "+"
+    assert payload["type"] == "text"
+    assert detail["case_reference"] in payload["text"]["body"]
+    assert "Bau-Hotline" in payload["text"]["body"]
+    assert "Fallnummer" in payload["text"]["body"]  # German text, German acknowledgement
+
+    detail = await only_conversation(wa)
+    assert detail["state"] == "acknowledged"
+    (ack,) = messages_of(detail, "ack")
+    assert ack["direction"] == "out" and ack["channel"] == "whatsapp"
+    assert ack["delivery_status"] == "sent"
+
+
+async def test_the_acknowledgement_is_in_the_senders_language(wa: CoreHarness, graph: FakeGraph) -> None:
+    text = "Hello, there is a construction site in front of my house and nobody answers the phone. Can you help me?"
+    await post(wa, text_body("wamid.EN1", text))
+    await wa.run_outbox()
+    (payload,) = graph.sent
+    assert "Your case reference is" in payload["text"]["body"]
+
+
+@pytest.mark.parametrize(
+    "latitude, longitude, unit, rule",
+    [
+        (52.5230, 13.4080, "tiefbau-muster", "area-without-topic"),  # about 390 m from the point
+        (52.5500, 13.4500, "kundenservice", "entry-point"),  # about 4.5 km away: the number's unit
+    ],
+)
+async def test_a_shared_location_routes_by_area(
+    wa: CoreHarness, graph: FakeGraph, latitude: float, longitude: float, unit: str, rule: str
+) -> None:
+    location = {"latitude": latitude, "longitude": longitude, "name": "Baugrube", "address": "Musterstadt"}
+    status, _ = await post(wa, inbound({"id": "wamid.LOC1", "type": "location", "location": location}))
+    assert status == 200
+    detail = await only_conversation(wa)
+    assert detail["unit"] == unit
+    assert detail["routing"]["rule"] == rule
+    (incoming,) = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert incoming["location"]["lat"] == latitude and incoming["location"]["lon"] == longitude
+    await wa.run_outbox()
+    (payload,) = graph.sent
+    assert payload["to"] == SENDER and detail["case_reference"] in payload["text"]["body"]
+
+
+async def test_the_same_body_three_times_is_one_message_and_one_acknowledgement(wa: CoreHarness, graph: FakeGraph) -> None:
+    body = text_body("wamid.TWICE", "Wann wird bei uns der Gehweg wieder geöffnet?")
+    for _ in range(3):
+        status, _ = await post(wa, body)
+        assert status == 200
+    assert await wa.count("messages", "direction = 'in'") == 1
+    assert await wa.count("conversations") == 1
+    assert await wa.count("outbox", "kind = 'ack'") == 1
+    await wa.run_outbox()
+    for _ in range(3):
+        await post(wa, body)
+    await wa.run_outbox()
+    assert len(graph.requests) == 1
+
+
+async def test_later_messages_from_the_same_number_join_its_conversation(wa: CoreHarness, graph: FakeGraph) -> None:
+    await post(wa, text_body("wamid.A", "Bei uns ist seit gestern der Gehweg aufgegraben."))
+    await wa.run_outbox()
+    wa.clock.advance(timedelta(hours=2))
+    await post(wa, text_body("wamid.B", "Und heute steht auch noch der Bagger vor der Einfahrt."))
+    await post(wa, inbound({"id": "wamid.C", "type": "image", "image": {"id": "998877", "mime_type": "image/jpeg", "sha256": "abc"}}))
+    await wa.run_outbox()
+
+    detail = await only_conversation(wa)
+    incoming = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert [m["text"] for m in incoming[:2]] == [
+        "Bei uns ist seit gestern der Gehweg aufgegraben.",
+        "Und heute steht auch noch der Bagger vor der Einfahrt.",
+    ]
+    assert incoming[2]["attachments"][0]["media_id"] == "998877"
+    assert len(messages_of(detail, "ack")) == 1  # one case, one acknowledgement
+    assert len(graph.requests) == 1
+
+    # another number is another person: a conversation of its own
+    await post(wa, text_body("wamid.D", "Auch bei mir ist der Gehweg aufgegraben.", sender="4915112345678"))
+    assert await wa.count("conversations") == 2
+
+
+async def test_reactions_edits_and_deletions_are_kept_against_their_message(wa: CoreHarness, graph: FakeGraph) -> None:
+    await post(wa, text_body("wamid.ORIG", "Die Baustelle ist seit Montag offen."))
+    await post(wa, inbound({"id": "wamid.R1", "type": "reaction", "reaction": {"message_id": "wamid.ORIG", "emoji": "\U0001f44d"}}))
+    await post(
+        wa,
+        inbound(
+            {
+                "id": "wamid.E1",
+                "type": "edit",
+                "edit": {
+                    "original_message_id": "wamid.ORIG",
+                    "message": {"type": "text", "text": {"body": "Die Baustelle ist seit Dienstag offen."}},
+                },
+            }
+        ),
+    )
+    detail = await only_conversation(wa)
+    (original,) = [m for m in detail["messages"] if m["kind"] == "message"]
+    assert original["text"] == "Die Baustelle ist seit Dienstag offen." and original["edited_at"] is not None
+    (edit,) = messages_of(detail, "edit")
+    assert edit["previous_text"] == "Die Baustelle ist seit Montag offen."
+    (reaction,) = messages_of(detail, "reaction")
+    assert reaction["text"] == "\U0001f44d" and reaction["target_message_id"] == original["id"]
+    assert len(messages_of(detail, "ack")) == 1
+
+    await post(wa, inbound({"id": "wamid.R2", "type": "reaction", "reaction": {"message_id": "wamid.ORIG", "emoji": ""}}))
+    await post(wa, inbound({"id": "wamid.D1", "type": "revoke", "revoke": {"original_message_id": "wamid.ORIG"}}))
+    detail = await only_conversation(wa)
+    assert [m["text"] for m in messages_of(detail, "reaction")] == [None]  # the reaction was taken back
+    (original,) = [m for m in detail["messages"] if m["kind"] == "message"]
+    assert original["deleted_at"] is not None
+    assert len(messages_of(detail, "ack")) == 1
+    await wa.run_outbox()
+    assert len(graph.requests) == 1
+
+
+# -------------------------------------------------------------------------------------------
+# Replies: the 24-hour window and templates
+# -------------------------------------------------------------------------------------------
+
+
+async def open_case(harness: CoreHarness, text: str = "Der Gehweg vor unserem Haus ist seit Tagen gesperrt.") -> dict[str, Any]:
+    """A conversation opened by WhatsApp with its acknowledgement delivered."""
+    await post(harness, text_body("wamid.OPEN", text))
+    await harness.run_outbox()
+    return await only_conversation(harness)
+
+
+def template_parameters(payload: dict[str, Any]) -> list[str]:
+    (component,) = payload["template"]["components"]
+    assert component["type"] == "body"
+    return [p["text"] for p in component["parameters"]]
+
+
+async def test_a_reply_inside_the_window_is_free_text_and_after_25_hours_the_template(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    case = await open_case(wa)
+    wa.clock.advance(timedelta(hours=23))
+    await reply(wa, case["id"], "Wir sind morgen früh vor Ort.")
+    await wa.run_outbox()
+    payload = graph.sent[-1]
+    assert payload["type"] == "text" and payload["text"]["body"] == "Wir sind morgen früh vor Ort."
+
+    wa.clock.advance(timedelta(hours=2))  # 25 hours after the person last wrote
+    await reply(wa, case["id"], "Der Gehweg ist wieder frei.")
+    await wa.run_outbox()
+    payload = graph.sent[-1]
+    assert payload["type"] == "template"
+    assert payload["to"] == SENDER
+    assert payload["template"]["name"] == "case_update"
+    assert payload["template"]["language"] == {"code": "de"}
+    assert template_parameters(payload) == [case["case_reference"], "Der Gehweg ist wieder frei."]
+    assert len(graph.requests) == 3  # acknowledgement, free text, template: nothing tried twice
+    detail = await only_conversation(wa)
+    assert [m["delivery_status"] for m in messages_of(detail, "reply")] == ["sent", "sent"]
+
+
+async def test_a_131047_failed_status_for_free_text_sends_the_template(wa: CoreHarness, graph: FakeGraph) -> None:
+    case = await open_case(wa)
+    await reply(wa, case["id"], "Wir melden uns morgen.")
+    await wa.run_outbox()
+    first = graph.requests[-1]
+    assert first["json"]["type"] == "text"
+    (row,) = await wa.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+    free_text_id = row["provider_id"]
+
+    status, _ = await post(wa, status_body(free_text_id, "failed", code=131047))
+    assert status == 200
+    await wa.run_outbox()
+    payload = graph.sent[-1]
+    assert payload["type"] == "template"
+    assert template_parameters(payload) == [case["case_reference"], "Wir melden uns morgen."]
+    assert len(graph.requests) == 3
+    (row,) = await wa.rows("SELECT provider_id, state, hint FROM outbox WHERE kind = 'reply'")
+    assert row["state"] == "sent" and row["hint"] == "template" and row["provider_id"] != free_text_id
+    detail = await only_conversation(wa)
+    assert "undeliverable" not in detail["flags"]
+
+
+async def test_a_131047_answer_to_the_send_request_sends_the_template(wa: CoreHarness, graph: FakeGraph) -> None:
+    case = await open_case(wa)
+    graph.fail(400, 131047, message="Re-engagement message")
+    await reply(wa, case["id"], "Wir melden uns morgen.")
+    await wa.run_outbox()
+    assert [p["type"] for p in graph.sent] == ["text", "text", "template"]
+    detail = await only_conversation(wa)
+    assert messages_of(detail, "reply")[0]["delivery_status"] == "sent"
+
+
+# -------------------------------------------------------------------------------------------
+# Errors: retries, permanent failures
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param(lambda g: g.fail(500), id="http-500"),
+        pytest.param(lambda g: g.fail(503, 131016, message="Service unavailable"), id="service-unavailable"),
+        pytest.param(lambda g: g.fail(400, 130429, message="Rate limit hit"), id="throughput-130429"),
+        pytest.param(lambda g: g.fail(400, 131056, message="Pair rate limit hit"), id="pair-rate-limit-131056"),
+        pytest.param(lambda g: g.hang(1.0), id="timeout"),
+    ],
+)
+async def test_a_passing_failure_is_retried_and_then_succeeds(wa: CoreHarness, graph: FakeGraph, failure: Any) -> None:
+    failure(graph)
+    await post(wa, text_body("wamid.RETRY", "Seit heute früh wird vor unserem Haus gebaggert."))
+    await wa.run_outbox()
+    assert len(graph.requests) == 1
+    (row,) = await wa.rows("SELECT state, attempts, last_error FROM outbox WHERE kind = 'ack'")
+    assert row["state"] == "pending" and row["attempts"] == 1 and row["last_error"]
+
+    wa.clock.advance(timedelta(seconds=5))  # past the backoff
+    await wa.run_outbox()
+    assert len(graph.requests) == 2
+    assert graph.requests[0]["json"] == graph.requests[1]["json"]  # the same message again
+    (row,) = await wa.rows("SELECT state, attempts, provider_id FROM outbox WHERE kind = 'ack'")
+    assert row["state"] == "sent" and row["attempts"] == 2 and row["provider_id"].startswith("wamid.OUT")
+    detail = await only_conversation(wa)
+    assert detail["state"] == "acknowledged"
+    assert not {"undeliverable", "callback_required"} & set(detail["flags"])
+
+
+async def assert_flagged_for_callback(harness: CoreHarness) -> dict[str, Any]:
+    status, listing = await harness.api("GET", "/api/v1/conversations")
+    assert status == 200
+    (item,) = listing["items"]
+    assert {"undeliverable", "callback_required"} <= set(item["flags"])
+    detail = await only_conversation(harness)
+    assert "undeliverable" in [e["kind"] for e in detail["events"]]
+    return detail
+
+
+@pytest.mark.parametrize(
+    "status, code",
+    [(400, 131026), (400, 131030), (400, 100)],
+    ids=["undeliverable-131026", "not-allowed-recipient-131030", "invalid-parameter-100"],
+)
+async def test_a_permanent_error_flags_the_conversation_for_a_callback(
+    wa: CoreHarness, graph: FakeGraph, status: int, code: int
+) -> None:
+    graph.fail(status, code, message="Message undeliverable")
+    await post(wa, text_body("wamid.PERM", "Bitte rufen Sie mich wegen der Baustelle zurück."))
+    await wa.run_outbox()
+    wa.clock.advance(timedelta(minutes=5))
+    await wa.run_outbox()
+    assert len(graph.requests) == 1  # permanent: never retried
+    detail = await assert_flagged_for_callback(wa)
+    (ack,) = messages_of(detail, "ack")
+    assert ack["delivery_status"] == "failed"
+    assert ack["deliveries"][0]["state"] == "failed" and "Message undeliverable" in ack["deliveries"][0]["last_error"]
+
+
+async def test_a_permanent_failed_status_after_sending_flags_the_conversation(wa: CoreHarness, graph: FakeGraph) -> None:
+    case = await open_case(wa)
+    await reply(wa, case["id"], "Bitte schicken Sie uns ein Foto.")
+    await wa.run_outbox()
+    (row,) = await wa.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+    status, _ = await post(wa, status_body(row["provider_id"], "failed", code=131026))
+    assert status == 200
+    await wa.run_outbox()
+    assert len(graph.requests) == 2  # acknowledgement and reply, no resend
+    detail = await assert_flagged_for_callback(wa)
+    assert messages_of(detail, "reply")[0]["delivery_status"] == "failed"
+    assert detail["state"] != "answered"
+
+
+# -------------------------------------------------------------------------------------------
+# Delivery statuses
+# -------------------------------------------------------------------------------------------
+
+
+async def test_delivered_and_read_statuses_show_on_the_conversation(wa: CoreHarness, graph: FakeGraph) -> None:
+    case = await open_case(wa)
+    (ack_row,) = await wa.rows("SELECT provider_id FROM outbox WHERE kind = 'ack'")
+    for status in ("delivered", "read"):
+        code, _ = await post(wa, status_body(ack_row["provider_id"], status))
+        assert code == 200
+        detail = await only_conversation(wa)
+        assert messages_of(detail, "ack")[0]["delivery_status"] == status
+    # a late "delivered" never takes a message back from "read"
+    await post(wa, status_body(ack_row["provider_id"], "delivered"))
+    assert messages_of(await only_conversation(wa), "ack")[0]["delivery_status"] == "read"
+
+    await reply(wa, case["id"], "Die Absperrung wird heute abgebaut.")
+    await wa.run_outbox()
+    detail = await only_conversation(wa)
+    assert messages_of(detail, "reply")[0]["delivery_status"] == "sent"
+    # WhatsApp reports delivery: accepted by the provider is not yet answered
+    assert detail["state"] != "answered" and detail["first_answered_at"] is None
+
+    (reply_row,) = await wa.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+    await post(wa, status_body(reply_row["provider_id"], "delivered"))
+    detail = await only_conversation(wa)
+    assert messages_of(detail, "reply")[0]["delivery_status"] == "delivered"
+    assert detail["state"] == "answered" and detail["first_answered_at"] is not None
+    await post(wa, status_body(reply_row["provider_id"], "read"))
+    assert messages_of(await only_conversation(wa), "reply")[0]["delivery_status"] == "read"
+
+
+async def test_a_status_for_an_unknown_message_is_recorded_and_ignored(wa: CoreHarness) -> None:
+    status, answer = await post(wa, status_body("wamid.NOT_OURS", "delivered"))
+    assert status == 200 and answer == {"messages": 0, "statuses": 1}
+    (event,) = await wa.rows("SELECT provider_id, status, outbox_id FROM delivery_events")
+    assert event == {"provider_id": "wamid.NOT_OURS", "status": "delivered", "outbox_id": None}
+    assert await wa.count("messages") == 0 and await wa.count("conversations") == 0
+
+
+# -------------------------------------------------------------------------------------------
+# The contract test kit
+# -------------------------------------------------------------------------------------------
+
+
+async def test_the_channel_keeps_the_contract(wa: CoreHarness, graph: FakeGraph) -> None:
+    async def deliver(harness: CoreHarness, key: str) -> None:
+        status, answer = await post(harness, text_body(f"wamid.{key}", "Hallo, ich habe eine Frage zur Baustelle."))
+        assert status == 200, answer
+
+    capabilities = wa.core.channels["whatsapp"].capabilities
+    assert capabilities.threads_by_sender is True and capabilities.delivery_receipts is True
+    conversation = await check_channel_contract(wa, "whatsapp", deliver, sender=("phone", SENDER_E164))
+    assert conversation["channel"] == "whatsapp"
+    assert [p["to"] for p in graph.sent] == [SENDER, SENDER]  # the acknowledgement and the reply
+    assert graph.sent[-1]["text"]["body"] == "Antwort vom Team"
+
+
+# -------------------------------------------------------------------------------------------
+# Media download (an option, off by default)
+# -------------------------------------------------------------------------------------------
+
+PHOTO = b"\xff\xd8\xff\xe0" + b"a photo of the trench" * 50
+
+
+def image_body(message_id: str, media_id: str, caption: str = "So sieht es vor unserem Haus aus") -> dict[str, Any]:
+    image = {"id": media_id, "mime_type": "image/jpeg", "sha256": "base64+hash=", "caption": caption}
+    return inbound({"id": message_id, "type": "image", "image": image})
+
+
+async def test_media_is_not_downloaded_by_default(wa: CoreHarness, graph: FakeGraph) -> None:
+    graph.media["4711"] = (PHOTO, "image/jpeg")
+    status, _ = await post(wa, image_body("wamid.IMG", "4711"))
+    assert status == 200
+    assert graph.media_requests == []
+    (incoming,) = [m for m in (await only_conversation(wa))["messages"] if m["direction"] == "in"]
+    assert incoming["attachments"] == [
+        {"media_id": "4711", "content_type": "image/jpeg", "sha256": "base64+hash=", "caption": "So sieht es vor unserem Haus aus"}
+    ]
+    assert not (wa.data_dir / "media").exists()
+
+
+async def test_media_download_fetches_through_the_graph_media_endpoint_into_the_data_folder(
+    tmp_path: Path, graph: FakeGraph
+) -> None:
+    graph.media["4711"] = (PHOTO, "image/jpeg")
+    async with make_harness(tmp_path, graph, download_media=True) as harness:
+        status, _ = await post(harness, image_body("wamid.IMG", "4711"))
+        assert status == 200
+        assert [r["path"] for r in graph.media_requests] == ["/v21.0/4711", "/download/4711"]
+        assert all(r["authorization"] == f"Bearer {ACCESS_TOKEN}" for r in graph.media_requests)
+        (incoming,) = [m for m in (await only_conversation(harness))["messages"] if m["direction"] == "in"]
+        (attachment,) = incoming["attachments"]
+        assert attachment["media_id"] == "4711" and attachment["caption"] == "So sieht es vor unserem Haus aus"
+        assert attachment["path"] == "media/whatsapp/4711.jpg"
+        assert (harness.data_dir / attachment["path"]).read_bytes() == PHOTO
+
+        # a redelivery neither stores the message again nor fetches the file again
+        await post(harness, image_body("wamid.IMG", "4711"))
+        assert len(graph.media_requests) == 2
+        assert await harness.count("messages", "direction = 'in'") == 1
+
+
+@pytest.mark.parametrize(
+    "prepare, settings",
+    [
+        pytest.param(lambda g: None, {}, id="unknown-media-id"),
+        pytest.param(lambda g: g.media.update({"4711": (PHOTO, "image/jpeg")}), {"max_media_bytes": 100}, id="too-large"),
+        pytest.param(lambda g: g.media.update({"4711": (PHOTO, "image/jpeg")}), {"access_token": "revoked"}, id="refused"),
+        pytest.param(
+            lambda g: (g.media.update({"4711": (PHOTO, "image/jpeg")}), g.wrong_checksum.add("4711")), {}, id="checksum-mismatch"
+        ),
+    ],
+)
+async def test_a_failed_media_download_keeps_the_message(
+    tmp_path: Path, graph: FakeGraph, prepare: Any, settings: dict[str, Any]
+) -> None:
+    prepare(graph)
+    async with make_harness(tmp_path, graph, download_media=True, **settings) as harness:
+        status, _ = await post(harness, image_body("wamid.IMG", "4711"))
+        assert status == 200
+        assert graph.media_requests, "the download should have been tried"
+        detail = await only_conversation(harness)
+        (incoming,) = [m for m in detail["messages"] if m["direction"] == "in"]
+        (attachment,) = incoming["attachments"]
+        assert attachment["media_id"] == "4711" and "path" not in attachment
+        assert [p for p in (harness.data_dir / "media").rglob("*") if p.is_file()] == []
+        assert await harness.count("outbox", "kind = 'ack'") == 1
