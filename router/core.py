@@ -382,6 +382,7 @@ class Core:
             tracking.record_event(conn, conversation_id, "callback", stamp, actor=staff, outcome=outcome, note=note)
             answered = None
             escalated = None
+            sms_queued = False
             if outcome == "reached":
                 message_id = conn.execute(
                     "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, text,"
@@ -401,15 +402,37 @@ class Core:
                     tracking.add_flags(conn, conversation_id, ["callback_failed"], stamp)
                     if conv["state"] in tracking.AWAITING_ANSWER:
                         escalated = tracking.escalate(conn, self.config, self.templates, conv, now)
+                if outcome != "wrong_number" and failed == limit:
+                    sms_queued = self._queue_callback_sms(conn, conv, stamp)
             return {"attempt": {"outcome": outcome, "note": note, "staff": staff, "at": stamp},
-                    "answered": answered, "escalated": escalated}
+                    "answered": answered, "escalated": escalated, "sms_queued": sms_queued}
 
         result = await self.store.write(work)
         if result["answered"]:
             await self.on_answered(result["answered"])
-        if result["escalated"]:
+        if result["escalated"] or result["sms_queued"]:
             self.wake_outbox()
         return result
+
+    def _queue_callback_sms(self, conn: sqlite3.Connection, conv: sqlite3.Row, stamp: str) -> bool:
+        """After the last failed call-back attempt, tell the person by SMS how to reach us."""
+        if "phone" not in self.channels or not self.templates.has("callback_failed"):
+            return False
+        phone = conn.execute(
+            "SELECT address FROM identities WHERE contact_id = ? AND kind = 'phone' ORDER BY last_inbound_at DESC LIMIT 1",
+            (conv["contact_id"],),
+        ).fetchone()
+        if phone is None:
+            return False
+        language = self.templates.language_for("callback_failed", conv["language"])
+        text = self.templates.render(
+            "callback_failed", language, case_reference=conv["case_reference"], status_url=self.status_url(conv["status_token"])
+        )
+        tracking.queue_outbound(
+            conn, conversation_id=conv["id"], contact_id=conv["contact_id"], kind="callback_sms", channel="phone",
+            to_kind="phone", to=phone["address"], text=text, language=language, now=stamp,
+        )
+        return True
 
     async def merge_contacts(self, survivor: int, other: int, staff: str) -> None:
         stamp = iso(self.clock.now())

@@ -40,6 +40,8 @@ ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
 CONVERSATION_FLAGS = frozenset({"callback_required", "no_number", "unsupported", "provider_error", "transcription_failed"})
 ACK_KINDS = frozenset({"message", "call", "missed_call", "voicemail"})
 UNREACHABLE_KINDS = frozenset({"anonymous"})
+# ack_suppressed reasons that mark a message as sent by a machine: it opens no deadline.
+AUTOMATED = frozenset({"auto-reply", "list", "bulk", "bounce", "loop"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -278,6 +280,12 @@ def ingest_tx(
             now=now,
         )
         needs_ack = True
+        if msg.get("ack_suppressed") in AUTOMATED:
+            # A newsletter or an out-of-office note is kept for staff, but nobody is escalated over it.
+            conn.execute(
+                "UPDATE conversations SET state = 'waiting', deadline = NULL, escalate_at = NULL WHERE id = ?", (conv["id"],)
+            )
+            conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (conv["id"],)).fetchone()
     else:
         conn.execute(
             "UPDATE conversations SET last_inbound_at = ?, updated_at = ? WHERE id = ?", (stamp, stamp, conv["id"])

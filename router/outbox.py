@@ -105,11 +105,17 @@ def _thread_refs(conn: sqlite3.Connection, conversation_id: int, channel: str) -
     """Ids of the conversation's earlier messages on this channel, oldest first (for e-mail
     In-Reply-To and References)."""
     rows = conn.execute(
-        "SELECT COALESCE(channel_message_id, provider_id) FROM messages WHERE conversation_id = ? AND channel = ?"
-        " AND COALESCE(channel_message_id, provider_id) IS NOT NULL ORDER BY id",
+        "SELECT COALESCE(channel_message_id, provider_id), direction FROM messages WHERE conversation_id = ?"
+        " AND channel = ? AND COALESCE(channel_message_id, provider_id) IS NOT NULL ORDER BY id",
         (conversation_id, channel),
     ).fetchall()
-    return [r[0] for r in rows][-20:]
+    refs = [r[0] for r in rows][-20:]
+    # The last reference becomes In-Reply-To: the person's latest message, not our own.
+    inbound = [r[0] for r in rows if r[1] == "in"]
+    if inbound and inbound[-1] in refs:
+        refs.remove(inbound[-1])
+        refs.append(inbound[-1])
+    return refs
 
 
 def record_sent(
@@ -169,7 +175,14 @@ def record_retry(conn: sqlite3.Connection, outbox_id: int, error: str, delay: fl
 
 
 def record_failure(
-    conn: sqlite3.Connection, outbox_id: int, error: str, code: str | None, channels: Mapping[str, Channel], now: datetime
+    conn: sqlite3.Connection,
+    outbox_id: int,
+    error: str,
+    code: str | None,
+    channels: Mapping[str, Channel],
+    now: datetime,
+    *,
+    log_event: bool = True,
 ) -> None:
     """A permanent failure: mark it, then try the contact's other identities on channels that
     can reach them; if none is left, flag the conversation for a call-back."""
@@ -182,11 +195,12 @@ def record_failure(
         " updated_at = ? WHERE id = ?",
         (error[:1000], stamp, outbox_id),
     )
-    conn.execute(
-        "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, error_code, error_detail, at)"
-        " VALUES (?, ?, ?, 'failed', ?, ?, ?)",
-        (row["channel"], row["provider_id"] or "", outbox_id, code, error[:1000], stamp),
-    )
+    if log_event:  # a provider's failed status was logged by apply_delivery_update already
+        conn.execute(
+            "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, error_code, error_detail, at)"
+            " VALUES (?, ?, ?, 'failed', ?, ?, ?)",
+            (row["channel"], row["provider_id"] or "", outbox_id, code, error[:1000], stamp),
+        )
     if row["primary_delivery"]:
         conn.execute("UPDATE messages SET delivery_status = 'failed' WHERE id = ?", (row["message_id"],))
     conn.execute(
@@ -267,7 +281,7 @@ def apply_delivery_update(
         if not update.permanent:
             record_retry(conn, row["id"], detail, 30.0, None, now)
             return True, None
-        record_failure(conn, row["id"], detail, update.error_code, channels, now)
+        record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False)
         return True, None
     current = row["delivery_status"] or "queued"
     if STATUS_RANK.get(update.status, 0) <= STATUS_RANK.get(current, 0):

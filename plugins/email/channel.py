@@ -1,6 +1,6 @@
 """The e-mail channel: an SMTP listener and an HTTP route for raw mail in, a relay out.
 
-Every inbound path (SMTP, HTTP, later IMAP) goes through ``EmailChannel.receive``: parse, keep
+Every inbound path (SMTP, HTTP, IMAP) goes through ``EmailChannel.receive``: parse, keep
 the original bytes, hand the message to the core, and only then answer the sender, so what was
 accepted is committed. Bounces also mark the outbound message they report as failed.
 """
@@ -35,6 +35,7 @@ from router.hookspecs import (
 )
 
 from .compose import build_mail
+from .imap import ImapPoller, imap_mailboxes
 from .loops import AckRateLimiter
 from .parse import attachments, read_message, to_inbound
 from .settings import EmailSettings
@@ -50,6 +51,8 @@ class EmailChannel(Channel):
         self.settings = settings
         self.limiter = AckRateLimiter(settings.ack_per_hour) if settings.ack_per_hour > 0 else None
         self.smtp_port: int | None = None
+        self.imap_mailboxes = imap_mailboxes(settings.imap)
+        self.imap_pollers: list[ImapPoller] = []
 
     # -- inbound --------------------------------------------------------------------------
 
@@ -106,7 +109,22 @@ class EmailChannel(Channel):
     # -- SMTP listener ---------------------------------------------------------------------
 
     def services(self) -> list[Any]:
-        return [self._smtp_service] if self.settings.listen else []
+        """The SMTP listener (unless ``listen = false``) and one poller per IMAP mailbox."""
+        found: list[Any] = [self._smtp_service] if self.settings.listen else []
+        state_dir = Path(self.context.data_dir) / "email" / "imap"
+        self.imap_pollers = [
+            ImapPoller(box, self._receive_imported, state_dir, self.context.log) for box in self.imap_mailboxes
+        ]
+        found.extend(poller.service for poller in self.imap_pollers)
+        return found
+
+    async def _receive_imported(self, raw: bytes, envelope_to: list[str] | None) -> None:
+        """A mail from an IMAP mailbox. One the core refuses is logged and skipped (it would
+        be refused again on every poll); other errors stop the import until the next try."""
+        try:
+            await self.receive(raw, envelope_from=None, envelope_to=envelope_to)
+        except InvalidMessage as exc:
+            self.context.log.warning("IMAP: skipped a mail the core refused: %s %s", exc.path, exc.message)
 
     def _tls_context(self) -> ssl.SSLContext | None:
         if not (self.settings.tls_cert and self.settings.tls_key):
@@ -194,7 +212,7 @@ class EmailChannel(Channel):
         refusals are permanent. Without a relay the mail stays queued."""
         settings = self.settings
         if not settings.relay_host:
-            raise RetryableDeliveryError("no relay configured", code="no_relay")
+            raise RetryableDeliveryError("no relay configured", code="not_configured")
         mail = build_mail(
             message,
             from_addr=message.unit_email or settings.from_address,

@@ -319,6 +319,10 @@ def to_inbound(
     bounce = parse_bounce(msg)
     if bounce is not None:
         meta["bounce"] = bounce.as_dict()
+        # The bounce belongs with the message it reports, not in a case of its own.
+        reported = bounce.original_message_id
+        if reported and reported != message_id:
+            refs = [reported, *(r for r in refs if r != reported)]
         suppressed = ("bounce", f"bounce for {bounce.original_message_id or 'an unknown message'}")
     if suppressed:
         meta["ack_suppressed_detail"] = suppressed[1][:500]

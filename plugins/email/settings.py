@@ -64,7 +64,7 @@ class EmailSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     store_files: bool = True
-    imap: Mapping[str, Any] | None = None
+    imap: Any = None  # one table or a list of tables; checked by imap.imap_mailboxes
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> EmailSettings:

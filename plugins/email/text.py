@@ -59,16 +59,31 @@ def fix_surrogates(value: str) -> str:
     return decode_bytes(value.encode("utf-8", "surrogateescape"), None)
 
 
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=\s]")
+
+
+def _declared_base64_but_plain(part: Message) -> bool:
+    """Whether a part claims base64 but holds text that cannot be base64 (broken senders and
+    broken multiparts): decoding it would turn readable text into noise."""
+    try:
+        if str(part.get("Content-Transfer-Encoding", "")).strip().lower() != "base64":
+            return False
+        raw = part.get_payload()
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(raw, str) and bool(_NOT_BASE64.search(raw))
+
+
 def part_text(part: Message) -> str:
     """The decoded text of one leaf part, with format=flowed joined; never raises."""
     try:
-        payload = part.get_payload(decode=True)
+        payload = None if _declared_base64_but_plain(part) else part.get_payload(decode=True)
     except Exception:  # noqa: BLE001 - malformed transfer encodings must not stop parsing
         payload = None
     if payload is None:
         raw = part.get_payload()
         if isinstance(raw, str):
-            return fix_surrogates(raw)
+            return fix_surrogates(raw).replace("\r\n", "\n").replace("\r", "\n")
         return ""
     if isinstance(payload, str):
         payload = payload.encode("utf-8", "surrogateescape")

@@ -10,7 +10,6 @@ for a voicemail.
 from __future__ import annotations
 
 import hmac
-import inspect
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from urllib.parse import urlencode
@@ -137,15 +136,9 @@ class PhoneChannel(Channel):
             self.context.log.error("the core refused a %s message at %s: %s", message.get("kind"), exc.path, exc)
             return None
 
-    async def _is_open(self, unit: str, now: datetime) -> bool:
-        """Whether the unit takes calls now. Without an ``is_open`` hook, a unit with a forward
-        number is taken to be open."""
-        if self.settings.is_open is None:
-            return True
-        answer = self.settings.is_open(unit, now)
-        if inspect.isawaitable(answer):
-            answer = await answer
-        return bool(answer)
+    def _is_open(self, unit: str, now: datetime) -> bool:
+        """Whether the unit takes calls now: inside its configured business hours."""
+        return self.context.is_open(unit, now)
 
     @staticmethod
     def _language(request: web.Request) -> str:
@@ -216,7 +209,7 @@ class PhoneChannel(Channel):
         number = self.settings.forward_numbers.get(unit) if unit else None
         reference = result.case_reference if result else None
         deadline = result.deadline if result else None
-        if number and await self._is_open(unit, now):  # type: ignore[arg-type]
+        if unit and number and self._is_open(unit, now):
             action = self.url(
                 "dial-result", lang=language, topic=topic, ref=reference,
                 by=_stamp(deadline),

@@ -23,7 +23,7 @@ from typing import Any
 
 from router.hookspecs import DeliveryUpdate
 
-from .numbers import to_e164
+from .numbers import is_mobile, to_e164
 
 CHANNEL = "phone"
 
@@ -58,6 +58,12 @@ handset, 30004 blocked, 30005 unknown handset, 30006 landline, 30007 filtered, 2
 
 ANSWERED_DIAL_STATUSES = frozenset({"completed", "answered"})
 TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+
+
+LANDLINE_ACK = "landline: no SMS can reach this number"
+"""Why a call from a number that takes no SMS is not acknowledged automatically: the
+acknowledgement of a call goes by SMS, to mobile numbers only. The conversation shows the
+reason; a caller who reaches the voicemail hears the case reference instead."""
 
 
 class PayloadError(ValueError):
@@ -130,6 +136,15 @@ def sender_for(raw: str | None, event_id: str, region: str = "DE") -> tuple[dict
     return {"kind": "anonymous", "address": f"anonymous:{event_id}"[:320]}, ["no_number"]
 
 
+def _ack_by_sms_only_to_mobiles(message: dict[str, Any]) -> dict[str, Any]:
+    """Mark a call from a landline (or any number that takes no SMS) as not to be acknowledged,
+    so no SMS is queued that cannot arrive and no failed delivery turns into a call-back duty."""
+    sender = message["sender"]
+    if sender["kind"] == "phone" and not is_mobile(sender["address"]):
+        message["ack_suppressed"] = LANDLINE_ACK
+    return message
+
+
 def _voice_message(
     params: Mapping[str, Any],
     *,
@@ -166,7 +181,7 @@ def _voice_message(
         message["recipient"] = message["recipient"][:320]
     if channel_message_id != call_sid:
         message["thread"] = {"refs": [call_sid]}
-    return message
+    return _ack_by_sms_only_to_mobiles(message)
 
 
 def call_message(
@@ -369,7 +384,7 @@ def cti_missed_call(event: Any, *, region: str = "DE") -> dict[str, Any] | None:
     meta: dict[str, Any] = {"source": "cti", "call_id": call_id, "cause": _text(event, "cause")[:40]}
     if sender["kind"] != "phone" and raw_from:
         meta["from"] = raw_from[:200]
-    return {
+    return _ack_by_sms_only_to_mobiles({
         "channel": CHANNEL,
         "channel_message_id": f"cti:{call_id}:missed",
         "kind": "missed_call",
@@ -379,4 +394,4 @@ def cti_missed_call(event: Any, *, region: str = "DE") -> dict[str, Any] | None:
         "flags": ["callback_required", *flags],
         "meta": meta,
         "raw": {key: value for key, value in event.items() if isinstance(key, str)},
-    }
+    })

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_MENU = {"1": "construction", "2": "contract", "3": "fault", "0": "other"}
@@ -46,7 +46,7 @@ class PhoneSettings:
     forward_numbers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     forward_timeout: int = 20
     voicemail_max_length: int = 120
-    is_open: Callable[[str, Any], Any] | None = None
+    callback_attempts: int = 3  # read by the core's call-back log; checked here so a bad value stops the start
     region: str = "DE"
     timezone: str = "Europe/Berlin"
     company_name: str | None = None
@@ -84,7 +84,7 @@ class PhoneSettings:
             if not isinstance(value, str):
                 raise SettingsError(f"channels.phone.{key}: expected a string")
             values[key] = value.strip()
-        for key in ("forward_timeout", "voicemail_max_length", "sms_max_length"):
+        for key in ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts"):
             if key in section:
                 value = section[key]
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -125,8 +125,4 @@ class PhoneSettings:
             if not isinstance(labels, Mapping) or not all(isinstance(v, Mapping) for v in labels.values()):
                 raise SettingsError("channels.phone.menu_labels: expected topic = {language = label}")
             values["menu_labels"] = {k: dict(v) for k, v in labels.items()}
-        if "is_open" in section and section["is_open"] is not None:
-            if not callable(section["is_open"]):
-                raise SettingsError("channels.phone.is_open: expected a callable (unit_id, now) -> bool")
-            values["is_open"] = section["is_open"]
         return cls(**values)

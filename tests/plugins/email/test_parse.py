@@ -414,3 +414,37 @@ def test_arbitrary_bytes_give_a_valid_message(raw):
     msg = parse(b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n" + raw,
                 envelope_from=None, envelope_to=None)
     assert not list(VALIDATOR.iter_errors(msg))
+
+
+def test_text_declared_base64_but_plain_is_kept_readable(valid):
+    raw = crlf(
+        """From: max@example.com
+To: bau@example.org
+Subject: Kaputt
+Message-ID: <b64-plain@example.com>
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="never-used"
+Content-Transfer-Encoding: base64
+
+Baustelle am Lindenweg, bitte melden!
+"""
+    )
+    msg = valid(parse(raw))
+    assert msg["text"] == "Baustelle am Lindenweg, bitte melden!"
+
+
+def test_real_base64_body_is_still_decoded(valid):
+    body = base64.encodebytes("Grüße aus der Mühlenstraße\n".encode()).decode()
+    raw = crlf(
+        "From: max@example.com\nTo: bau@example.org\nSubject: B64\nMessage-ID: <b64@example.com>\nMIME-Version: 1.0\n"
+        "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64\n\n" + body
+    )
+    assert valid(parse(raw))["text"] == "Grüße aus der Mühlenstraße"
+
+
+def test_bounce_refers_to_the_message_it_reports(valid):
+    from .test_bounces import POSTFIX_DSN
+
+    msg = valid(parse(POSTFIX_DSN, envelope_from=""))
+    assert msg["thread"]["refs"][0] == "<9f2c41d7a0b3e5c8.cr@example.org>"
+    assert msg["ack_suppressed"] == "bounce"

@@ -47,7 +47,7 @@ class FakeCore:
         return [m["kind"] for m in self.messages]
 
 
-def make_channel(core: FakeCore, **overrides) -> PhoneChannel:
+def make_channel(core: FakeCore, *, is_open=None, **overrides) -> PhoneChannel:
     settings = PhoneSettings.from_config(
         {
             "account_sid": "AC1", "auth_token": TOKEN, "phone_number": "+4930999999", "public_base_url": PUBLIC,
@@ -60,6 +60,7 @@ def make_channel(core: FakeCore, **overrides) -> PhoneChannel:
             name="phone", settings={}, data_dir=Path("."), public_base_url="http://127.0.0.1:8080",
             clock=FrozenClock(NOW), ingest=core.ingest, record_delivery=core.record_delivery,
             conversation_view=None, http=lambda: core.http, render=lambda *a, **k: "", units={},
+            is_open=is_open,
         )
     )
     return channel

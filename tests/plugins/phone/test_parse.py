@@ -214,6 +214,23 @@ def test_old_style_sms_status_is_understood():
 # -- CTI --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("build", "caller", "suppressed"),
+    [
+        (lambda params: parse.call_message(params), "+4930123456789", True),
+        (lambda params: parse.call_message(params), "+4915112345678", False),
+        (lambda params: parse.missed_call_message(params), "+4930123456789", True),
+        (lambda params: parse.voicemail_message(
+            {**params, "RecordingUrl": "https://api.twilio.com/r", "RecordingDuration": "5"}), "+4930123456789", True),
+        (lambda params: parse.call_message(params), "+266696687", False),  # withheld: the core skips the ack
+    ],
+    ids=["call-landline", "call-mobile", "missed-landline", "voicemail-landline", "call-withheld"],
+)
+def test_calls_from_landlines_ask_for_no_sms_acknowledgement(build, caller, suppressed, assert_canonical):
+    message = assert_canonical(build(with_(CALL, From=caller)))
+    assert (message.get("ack_suppressed") == parse.LANDLINE_ACK) is suppressed
+
+
 def cti(**fields):
     return {"event": "hangup", "direction": "in", "callId": "abc-123", "to": "030 9999999", **fields}
 
@@ -226,6 +243,7 @@ def test_cti_no_answer_from_national_number_is_a_missed_call(assert_canonical):
     assert message["recipient"] == "+49309999999"
     assert message["flags"] == ["callback_required"]
     assert message["meta"]["cause"] == "noAnswer"
+    assert message["ack_suppressed"] == parse.LANDLINE_ACK
 
 
 def test_cti_no_answer_from_anonymous_has_no_number(assert_canonical):

@@ -30,7 +30,7 @@ def test_twilio_credentials_fall_back_to_the_environment():
         ({"english_digit": "1"}, "english_digit"),
         ({"forward_timeout": "20"}, "forward_timeout"),
         ({"forward_numbers": {"bauhotline": 4930}}, "forward_numbers"),
-        ({"is_open": "yes"}, "is_open"),
+        ({"callback_attempts": 0}, "callback_attempts"),
     ],
 )
 def test_bad_values_name_their_key(section, key):

@@ -1,0 +1,280 @@
+"""IMAP polling: import mail from existing mailboxes (aioimaplib), IDLE where the server
+offers it, else at an interval.
+
+Every message goes through ``EmailChannel.receive`` like SMTP mail, so it is committed before
+it counts as imported. What was imported is remembered twice: a UID high-water mark per
+mailbox in a small JSON file under the data folder (``email/imap/<id>.json``, together with the
+mailbox's UIDVALIDITY), and the keyword ``$ContactRouter`` set on the message on the server, so
+people looking at the mailbox see what the router took. A restart searches only above the
+mark; when the server's UIDVALIDITY changes (the mailbox was rebuilt) everything is looked at
+again, and the core's de-duplication on Message-ID keeps anything from being stored twice.
+
+Messages are fetched with ``BODY.PEEK[]``: the router never marks them read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aioimaplib
+
+from .settings import EmailSettingsError
+
+IMPORTED_KEYWORD = "$ContactRouter"
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
+_FETCH_UID = re.compile(rb"\bUID (\d+)\b", re.IGNORECASE)
+_TLS_MODES = ("tls", "none")
+_DEFAULT_PORT = {"tls": 993, "none": 143}
+
+Receive = Callable[[bytes, list[str] | None], Awaitable[Any]]
+
+
+class ImapError(Exception):
+    """The IMAP server refused a command; the poller reconnects after a pause."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImapMailbox:
+    """One mailbox to import from.
+
+    ``address`` is our address the mailbox receives for (it picks the unit, like the SMTP
+    envelope recipient); without it the mail's own To/Cc headers decide.
+    """
+
+    host: str
+    user: str
+    password: str = dataclasses.field(repr=False)
+    port: int = 993
+    tls: str = "tls"
+    mailbox: str = "INBOX"
+    address: str | None = None
+    idle: bool = True
+    poll_seconds: float = 60.0
+    idle_seconds: float = 25 * 60.0
+    timeout: float = 30.0
+    retry_seconds: float = 30.0
+
+    @property
+    def key(self) -> str:
+        """A stable id for this mailbox's state file, revealing no credentials."""
+        ident = f"{self.host.lower()}:{self.port}:{self.user}:{self.mailbox}"
+        return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:16]
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any], where: str) -> ImapMailbox:
+        """Check one ``imap`` table; raises ``EmailSettingsError`` naming the key."""
+        if not isinstance(section, Mapping):
+            raise EmailSettingsError(f"{where}: expected a table with host, user and password")
+        missing = [k for k in ("host", "user", "password") if not str(section.get(k) or "").strip()]
+        if missing:
+            raise EmailSettingsError(f"{where}.{missing[0]}: required")
+        tls = str(section.get("tls") or "tls").strip().lower()
+        if tls not in _TLS_MODES:
+            raise EmailSettingsError(f"{where}.tls: one of {', '.join(_TLS_MODES)}, got {tls!r}")
+
+        def number(key: str, default: float) -> float:
+            value = section.get(key)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return default
+            try:
+                result = float(value)
+            except (TypeError, ValueError):
+                raise EmailSettingsError(f"{where}.{key}: expected a number, got {value!r}") from None
+            if result <= 0:
+                raise EmailSettingsError(f"{where}.{key}: must be positive")
+            return result
+
+        address = str(section.get("address") or "").strip().lower() or None
+        if address is not None and "@" not in address:
+            raise EmailSettingsError(f"{where}.address: {address!r} is not an e-mail address")
+        return cls(
+            host=str(section["host"]).strip(),
+            user=str(section["user"]).strip(),
+            password=str(section["password"]),
+            port=int(number("port", _DEFAULT_PORT[tls])),
+            tls=tls,
+            mailbox=str(section.get("mailbox") or "INBOX"),
+            address=address,
+            idle=section.get("idle", True) not in (False, "false", "no", "0", "off"),
+            poll_seconds=number("poll_seconds", 60.0),
+            idle_seconds=number("idle_seconds", 25 * 60.0),
+            timeout=number("timeout", 30.0),
+            retry_seconds=number("retry_seconds", 30.0),
+        )
+
+
+def imap_mailboxes(value: Any) -> list[ImapMailbox]:
+    """The ``channels.email.imap`` setting: one table or a list of tables (``[[...imap]]``)."""
+    if not value:
+        return []
+    if isinstance(value, Mapping):
+        return [ImapMailbox.from_mapping(value, "channels.email.imap")]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [ImapMailbox.from_mapping(v, f"channels.email.imap[{i}]") for i, v in enumerate(value)]
+    raise EmailSettingsError("channels.email.imap: expected a table or a list of tables")
+
+
+@dataclasses.dataclass(slots=True)
+class UidMark:
+    """The high-water mark of one mailbox: everything up to ``last_uid`` was imported while
+    the mailbox had ``uidvalidity``."""
+
+    uidvalidity: int = 0
+    last_uid: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> UidMark:
+        try:
+            data = json.loads(path.read_text("utf-8"))
+            return cls(int(data["uidvalidity"]), int(data["last_uid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls()
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a crash leaves the old mark or the new one, never half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({"uidvalidity": self.uidvalidity, "last_uid": self.last_uid}), "utf-8")
+        os.replace(tmp, path)
+
+
+def _lines(response: Any) -> list[bytes]:
+    return [bytes(line) for line in response.lines]
+
+
+def _check(response: Any, what: str) -> list[bytes]:
+    if response.result != "OK":
+        detail = b" ".join(_lines(response)).decode("utf-8", "replace")[:300]
+        raise ImapError(f"{what}: {response.result} {detail}")
+    return _lines(response)
+
+
+def _imap_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ImapPoller:
+    """Imports one mailbox for the app's lifetime; reconnects after errors."""
+
+    def __init__(self, mailbox: ImapMailbox, receive: Receive, state_dir: Path, log: logging.Logger) -> None:
+        self.mailbox = mailbox
+        self.receive = receive
+        self.state_path = Path(state_dir) / f"{mailbox.key}.json"
+        self.log = log
+        self.imported = 0
+
+    async def service(self) -> AsyncIterator[None]:
+        """A channel service: the poller runs as a task between start and stop."""
+        task = asyncio.create_task(self.run(), name=f"imap:{self.mailbox.host}:{self.mailbox.mailbox}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def run(self) -> None:
+        """Poll until cancelled; a failed session is retried after ``retry_seconds``."""
+        while True:
+            try:
+                await self.session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep polling; the cause is logged
+                self.log.warning("IMAP %s@%s/%s: %s; retrying in %.0f s", self.mailbox.user, self.mailbox.host,
+                                 self.mailbox.mailbox, exc or type(exc).__name__, self.mailbox.retry_seconds)
+            await asyncio.sleep(self.mailbox.retry_seconds)
+
+    def _client(self) -> aioimaplib.IMAP4:
+        box = self.mailbox
+        if box.tls == "tls":
+            return aioimaplib.IMAP4_SSL(host=box.host, port=box.port, timeout=box.timeout,
+                                        ssl_context=ssl.create_default_context())
+        return aioimaplib.IMAP4(host=box.host, port=box.port, timeout=box.timeout)
+
+    async def session(self) -> None:
+        """One connection: log in, select, import, then wait for news (IDLE or interval)."""
+        box = self.mailbox
+        client = self._client()
+        try:
+            await client.wait_hello_from_server()
+            _check(await client.login(box.user, box.password), "LOGIN")
+            lines = _check(await client.select(_imap_quote(box.mailbox)), "SELECT")
+            uidvalidity = next((int(m.group(1)) for line in lines if (m := _UIDVALIDITY.search(line))), 0)
+            use_idle = box.idle and client.has_capability("IDLE")
+            self.log.info("IMAP %s@%s/%s selected (%s)", box.user, box.host, box.mailbox,
+                          "IDLE" if use_idle else f"every {box.poll_seconds:g} s")
+            while True:
+                await self.import_new(client, uidvalidity)
+                if use_idle:
+                    await self._idle(client)
+                else:
+                    await asyncio.sleep(box.poll_seconds)
+        finally:
+            try:
+                await asyncio.wait_for(client.logout(), 2)
+            except Exception:  # noqa: BLE001 - the connection may be gone already
+                pass
+
+    async def _idle(self, client: aioimaplib.IMAP4) -> None:
+        """Wait in IDLE until the server reports something or ``idle_seconds`` pass."""
+        idle = await client.idle_start(timeout=self.mailbox.idle_seconds)
+        try:
+            await client.wait_server_push(timeout=self.mailbox.idle_seconds + 5)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            client.idle_done()
+            await asyncio.wait_for(idle, self.mailbox.timeout)
+
+    async def import_new(self, client: aioimaplib.IMAP4, uidvalidity: int) -> int:
+        """Import every message above the mark, oldest first; returns how many."""
+        mark = UidMark.load(self.state_path)
+        if mark.uidvalidity != uidvalidity:
+            if mark.uidvalidity:
+                self.log.warning("IMAP %s/%s: UIDVALIDITY changed; looking at every message again (duplicates are skipped)",
+                                 self.mailbox.host, self.mailbox.mailbox)
+            mark = UidMark(uidvalidity=uidvalidity, last_uid=0)
+        lines = _check(await client.uid_search(f"UID {mark.last_uid + 1}:*", charset=None), "UID SEARCH")
+        uids = sorted({int(tok) for line in lines for tok in line.split() if tok.isdigit()})
+        # "n:*" always matches the highest UID, even when it is below n
+        uids = [u for u in uids if u > mark.last_uid]
+        count = 0
+        for uid in uids:
+            raw = await self._fetch(client, uid)
+            if raw is not None:
+                envelope_to = [self.mailbox.address] if self.mailbox.address else None
+                await self.receive(raw, envelope_to)  # returns after the commit
+                count += 1
+                try:
+                    await client.uid("store", str(uid), "+FLAGS", f"({IMPORTED_KEYWORD})")
+                except Exception as exc:  # noqa: BLE001 - the mark below is what counts
+                    self.log.info("IMAP: could not flag UID %s: %s", uid, exc)
+            mark.last_uid = uid
+            await asyncio.to_thread(mark.save, self.state_path)
+        if not uids and mark.uidvalidity and not self.state_path.exists():
+            await asyncio.to_thread(mark.save, self.state_path)
+        self.imported += count
+        return count
+
+    async def _fetch(self, client: aioimaplib.IMAP4, uid: int) -> bytes | None:
+        """The raw message with this UID, or None when it vanished (expunged meanwhile)."""
+        lines = _check(await client.uid("fetch", str(uid), "(BODY.PEEK[])"), "UID FETCH")
+        for i, line in enumerate(lines[:-1]):
+            found = _FETCH_UID.search(line)
+            if b"FETCH" in line.upper() and found and int(found.group(1)) == uid and line.rstrip().endswith(b"}"):
+                return lines[i + 1]
+        return None

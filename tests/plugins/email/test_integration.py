@@ -1,0 +1,591 @@
+"""The e-mail channel end to end: a real SMTP client talks to the channel's listener inside the
+whole service (``CoreHarness``), and outbound mail is caught by an aiosmtpd sink on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import make_msgid
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from router.testing import CoreHarness, check_channel_contract
+
+MAX_BYTES = 100_000
+
+
+def crlf(text: str, charset: str = "utf-8") -> bytes:
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode(charset)
+
+
+# A German resident's mail, written by an old client: ISO-8859-1 8-bit body, RFC 2047 subject.
+LATIN1_MAIL = crlf(
+    """From: =?ISO-8859-1?Q?J=FCrgen_M=FCller?= <Juergen.Mueller@Example.COM>
+To: Bau-Hotline <bau@example.org>
+Subject: =?ISO-8859-1?Q?Baustelle_vor_meinem_Haus_in_der_Musterstra=DFe?=
+Date: Mon, 30 Nov 2026 08:55:00 +0100
+Message-ID: <20261130085500.4711@mail.example.com>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=ISO-8859-1
+Content-Transfer-Encoding: 8bit
+
+Guten Tag,
+
+seit Montag ist unsere Einfahrt gesperrt und der Bagger steht vor der T\xfcr.
+Wann wird die Grube geschlossen? Gr\xfc\xdfe, auch an die Stra\xdfenbauer.
+
+-- 
+J\xfcrgen M\xfcller
+Tel. 0123 456789
+""",
+    "latin-1",
+)
+
+
+class Sink:
+    """An aiosmtpd relay stand-in on 127.0.0.1 that keeps every mail it accepts."""
+
+    def __init__(self) -> None:
+        self.mails: list[tuple[Envelope, EmailMessage]] = []
+        self.refuse: dict[str, str] = {}
+        self.port = 0
+        self.arrived = asyncio.Event()
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        if address.lower() in self.refuse:
+            return self.refuse[address.lower()]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or envelope.content
+        assert isinstance(raw, bytes)
+        self.mails.append((envelope, BytesParser(policy=policy.default).parsebytes(raw)))
+        self.arrived.set()
+        return "250 OK"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        """The mails whose envelope went to ``address``."""
+        return [m for env, m in self.mails if address in [r.lower() for r in env.rcpt_tos]]
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    catcher = Sink()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(catcher, decode_data=False, loop=loop), "127.0.0.1", 0)
+    catcher.port = server.sockets[0].getsockname()[1]
+    try:
+        yield catcher
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def email_settings(sink: Sink, **changes: Any) -> dict[str, Any]:
+    return {
+        "listen_host": "127.0.0.1",
+        "listen_port": 0,
+        "relay_host": "127.0.0.1",
+        "relay_port": sink.port,
+        "relay_tls": "none",
+        "relay_timeout": 5,
+        "max_message_bytes": MAX_BYTES,
+        **changes,
+    }
+
+
+@pytest.fixture
+async def harness(tmp_path, sink: Sink) -> AsyncIterator[CoreHarness]:
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "email"), settings={"email": email_settings(sink)}) as h:
+        yield h
+
+
+def smtp_port(harness: CoreHarness) -> int:
+    port = harness.core.channels["email"].smtp_port  # type: ignore[attr-defined]
+    assert port
+    return port
+
+
+async def send(harness: CoreHarness, raw: bytes, *, sender: str = "juergen.mueller@example.com",
+               to: tuple[str, ...] = ("bau@example.org",)) -> None:
+    """Deliver one mail to the listener with a real SMTP client; raises on any refusal."""
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+        refused, _ = await client.sendmail(sender, list(to), raw)
+    assert refused == {}
+
+
+def compose(*, sender: str, to: str = "bau@example.org", subject: str, text: str, headers: dict[str, str] | None = None,
+            message_id: str | None = None) -> bytes:
+    mail = EmailMessage()
+    mail["From"] = sender
+    mail["To"] = to
+    mail["Subject"] = subject
+    mail["Date"] = "Mon, 30 Nov 2026 09:30:00 +0100"
+    mail["Message-ID"] = message_id or make_msgid(domain="client.example.net")
+    for name, value in (headers or {}).items():
+        mail[name] = value
+    mail.set_content(text)
+    return bytes(mail)
+
+
+async def conversation_of(harness: CoreHarness, channel_message_id: str) -> dict[str, Any]:
+    [row] = await harness.rows("SELECT conversation_id FROM messages WHERE channel_message_id = ?", (channel_message_id,))
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{row['conversation_id']}")
+    assert status == 200, detail
+    return detail
+
+
+async def ack_of(harness: CoreHarness, sink: Sink, resident: str) -> EmailMessage:
+    """Deliver what is queued and return the one acknowledgement the resident got."""
+    await harness.run_outbox()
+    [ack] = sink.to(resident)
+    return ack
+
+
+# -------------------------------------------------------------------------- inbound and ack
+
+
+async def test_latin1_mail_is_stored_routed_and_acknowledged_once(harness, sink):
+    await send(harness, LATIN1_MAIL)
+    detail = await conversation_of(harness, "<20261130085500.4711@mail.example.com>")
+    [inbound] = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert inbound["subject"] == "Baustelle vor meinem Haus in der Musterstraße"
+    assert "Bagger steht vor der Tür." in inbound["text"]
+    assert "Grüße, auch an die Straßenbauer." in inbound["text"]
+    assert "Jürgen Müller" in inbound["meta"]["signature"] and "Jürgen Müller" not in inbound["text"]
+    assert detail["contact"]["display_name"] == "Jürgen Müller"
+    assert detail["contact"]["identities"][0]["address"] == "juergen.mueller@example.com"
+    # "Baustelle" + "Musterstraße": the contractor's area, whatever address it was sent to
+    assert detail["unit"] == "tiefbau-muster"
+    assert detail["routing"]["rule"] == "construction-in-area"
+
+    ack = await ack_of(harness, sink, "juergen.mueller@example.com")
+    assert ack["Auto-Submitted"] == "auto-replied"
+    assert ack["X-Auto-Response-Suppress"] == "All"
+    assert ack["Message-ID"].endswith(".cr@example.org>")
+    assert ack["In-Reply-To"] == "<20261130085500.4711@mail.example.com>"
+    assert f"[#{detail['case_reference']}]" in ack["Subject"]
+    assert "Musterstraße" in ack["Subject"]
+    body = ack.get_body(("plain",)).get_content()
+    assert detail["case_reference"] in body and "Tiefbau Muster GmbH" in body
+    assert ack.get_content_type() == "text/plain"  # no HTML alternative for automatic mail
+
+    # the sink's copy is what the outbox recorded as sent; a second outbox pass sends nothing
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{detail['id']}")
+    [ack_row] = [m for m in detail["messages"] if m["kind"] == "ack"]
+    assert ack_row["delivery_status"] == "sent" and detail["state"] == "acknowledged"
+    assert await harness.run_outbox() == 0
+    assert len(sink.mails) == 1
+
+
+async def test_mail_without_keywords_is_routed_by_the_address_it_was_sent_to(harness, sink):
+    for to, unit in (("bau@example.org", "bauhotline"), ("service@example.org", "kundenservice")):
+        raw = compose(sender="anna@example.net", to=to, subject="Eine Frage", text="Wer ist hier zuständig?",
+                      message_id=f"<frage-{unit}@example.net>")
+        await send(harness, raw, sender="anna@example.net", to=(to,))
+        detail = await conversation_of(harness, f"<frage-{unit}@example.net>")
+        assert (detail["unit"], detail["routing"]["rule"]) == (unit, "entry-point")
+        assert to in detail["routing"]["reason"]
+    # a keyword beats the address: a fault sent to the construction hotline goes to the fault desk
+    raw = compose(sender="anna@example.net", subject="Störung", text="Seit heute kein Internet.", message_id="<stoerung@example.net>")
+    await send(harness, raw, sender="anna@example.net")
+    assert (await conversation_of(harness, "<stoerung@example.net>"))["unit"] == "stoerung"
+
+
+async def test_250_after_data_comes_only_after_the_commit(harness):
+    """The client's sendmail returns only when the mail is in the database (a slow commit
+    delays the 250), and a failed commit answers 451 so the sending server retries."""
+    store = harness.core.store
+    original = store.write
+
+    async def slow_write(work: Callable[..., Any]) -> Any:
+        await asyncio.sleep(0.3)
+        return await original(work)
+
+    store.write = slow_write  # type: ignore[method-assign]
+
+    def blocking_send(raw: bytes) -> dict[str, Any]:
+        with smtplib.SMTP("127.0.0.1", smtp_port(harness), timeout=5) as client:
+            return client.sendmail("juergen.mueller@example.com", ["bau@example.org"], raw)
+
+    try:
+        assert await asyncio.to_thread(blocking_send, LATIN1_MAIL) == {}
+        assert await harness.count("messages", "channel_message_id = ?", ("<20261130085500.4711@mail.example.com>",)) == 1
+
+        async def failing_write(work: Callable[..., Any]) -> Any:
+            raise OSError("disk full")
+
+        store.write = failing_write  # type: ignore[method-assign]
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await asyncio.to_thread(blocking_send, compose(sender="juergen.mueller@example.com", subject="Noch was",
+                                                           text="Zweite Mail", message_id="<zwei@example.com>"))
+        assert refused.value.smtp_code == 451
+    finally:
+        del store.write
+    assert await harness.count("messages", "channel_message_id = ?", ("<zwei@example.com>",)) == 0
+
+
+async def test_redelivered_mail_is_stored_and_acknowledged_once(harness, sink):
+    await send(harness, LATIN1_MAIL)
+    await send(harness, LATIN1_MAIL)
+    assert await harness.count("messages", "direction = 'in'") == 1
+    await harness.run_outbox()
+    assert len(sink.to("juergen.mueller@example.com")) == 1
+
+
+# -------------------------------------------------------------------------- threading
+
+
+async def test_reply_to_the_acknowledgement_joins_the_conversation(harness, sink):
+    await send(harness, LATIN1_MAIL)
+    first = await conversation_of(harness, "<20261130085500.4711@mail.example.com>")
+    ack = await ack_of(harness, sink, "juergen.mueller@example.com")
+
+    # a client that keeps the headers: In-Reply-To our acknowledgement
+    answer = compose(sender="Jürgen Müller <juergen.mueller@example.com>", subject="Re: " + ack["Subject"],
+                     text="Danke! Die Grube ist übrigens 2 m tief.", message_id="<antwort-1@mail.example.com>",
+                     headers={"In-Reply-To": ack["Message-ID"], "References": f"{ack['References']} {ack['Message-ID']}"})
+    await send(harness, answer)
+    # a client that drops the headers but keeps the reference in the subject
+    bare = compose(sender="juergen.mueller@example.com", subject=f"AW: Baustelle [#{first['case_reference']}]",
+                   text="Und wann kommt jemand?", message_id="<antwort-2@mail.example.com>")
+    await send(harness, bare)
+
+    assert (await conversation_of(harness, "<antwort-1@mail.example.com>"))["id"] == first["id"]
+    detail = await conversation_of(harness, "<antwort-2@mail.example.com>")
+    assert detail["id"] == first["id"]
+    assert [m["text"] for m in detail["messages"] if m["direction"] == "in"][1:] == [
+        "Danke! Die Grube ist übrigens 2 m tief.", "Und wann kommt jemand?"]
+    assert await harness.count("conversations") == 1
+    # follow-ups in an open conversation are not acknowledged again
+    await harness.run_outbox()
+    assert len(sink.to("juergen.mueller@example.com")) == 1
+
+
+async def test_case_reference_from_another_sender_links_but_does_not_join(harness, sink):
+    await send(harness, LATIN1_MAIL)
+    first = await conversation_of(harness, "<20261130085500.4711@mail.example.com>")
+    raw = compose(sender="fremd@example.net", subject=f"Re: [#{first['case_reference']}]", text="Ich bin der Nachbar.",
+                  message_id="<nachbar@example.net>")
+    await send(harness, raw, sender="fremd@example.net")
+    other = await conversation_of(harness, "<nachbar@example.net>")
+    assert other["id"] != first["id"]
+    assert other["unit"] == first["unit"] and other["routing"]["rule"] == "case-reference"
+
+
+# -------------------------------------------------------------------------- never answer a machine
+
+
+OUT_OF_OFFICE = crlf(
+    """From: Petra Abwesend <petra@example.net>
+To: bau@example.org
+Subject: Abwesenheitsnotiz: Ihre Baustelle
+Auto-Submitted: auto-replied
+X-Autoreply: yes
+Message-ID: <ooo-1@example.net>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+
+Ich bin bis 7. Dezember nicht im Büro.
+"""
+)
+
+LIST_MAIL = crlf(
+    """From: Verein Musterstadt <news@verein.example>
+To: bau@example.org
+Subject: Newsletter Dezember
+List-Id: Vereinsnachrichten <news.verein.example>
+List-Unsubscribe: <mailto:leave@verein.example>
+Precedence: list
+Message-ID: <newsletter-12@verein.example>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+
+Die Baustelle am Marktplatz ist fertig.
+"""
+)
+
+
+async def test_out_of_office_and_list_mail_are_stored_but_not_acknowledged(harness, sink):
+    await send(harness, OUT_OF_OFFICE, sender="petra@example.net")
+    await send(harness, LIST_MAIL, sender="bounces@verein.example")
+    for message_id, reason in (("<ooo-1@example.net>", "auto-reply"), ("<newsletter-12@verein.example>", "list")):
+        detail = await conversation_of(harness, message_id)
+        [inbound] = [m for m in detail["messages"] if m["direction"] == "in"]
+        assert inbound["text"]
+        assert detail["unit"]  # still owned: a person reads it
+        assert [e["data"]["reason"] for e in detail["events"] if e["kind"] == "ack_suppressed"] == [reason]
+        # kept and owned, but a machine's mail starts no deadline and escalates nobody
+        assert detail["state"] == "waiting" and detail["deadline"] is None
+    assert await harness.count("outbox", "kind = 'ack'") == 0
+    assert await harness.run_outbox() == 0
+    assert sink.mails == []
+
+
+def dsn_for(message_id: str, recipient: str, case_reference: str) -> bytes:
+    return crlf(
+        f"""Return-Path: <>
+From: MAILER-DAEMON@mx.example.net (Mail Delivery System)
+To: bau@example.org
+Subject: Undelivered Mail Returned to Sender
+Auto-Submitted: auto-replied
+Message-ID: <dsn-1@mx.example.net>
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain; charset=us-ascii
+
+Your message could not be delivered to {recipient}: 550 5.1.1 User unknown
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.net
+
+Final-Recipient: rfc822; {recipient}
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 <{recipient}>: Recipient address rejected: User unknown
+
+--B
+Content-Type: text/rfc822-headers
+
+From: Bau-Hotline <bau@example.org>
+To: {recipient}
+Subject: Ihre Anfrage [#{case_reference}]
+Message-ID: {message_id}
+Auto-Submitted: auto-replied
+
+--B--
+"""
+    )
+
+
+async def test_bounce_is_stored_unacknowledged_and_marks_the_outbound_message_failed(harness, sink):
+    raw = compose(sender="tippfehler@example.net", subject="Bagger vor der Tür", text="Wann ist die Baustelle fertig?",
+                  message_id="<tippfehler-1@example.net>")
+    await send(harness, raw, sender="tippfehler@example.net")
+    ack = await ack_of(harness, sink, "tippfehler@example.net")
+    conversation = await conversation_of(harness, "<tippfehler-1@example.net>")
+
+    await send(harness, dsn_for(ack["Message-ID"], "tippfehler@example.net", conversation["case_reference"]), sender="")
+    # stored with the conversation of the mail it reports, not as a case of its own
+    assert (await conversation_of(harness, "<dsn-1@mx.example.net>"))["id"] == conversation["id"]
+    assert await harness.count("conversations") == 1
+    assert await harness.count("outbox", "kind = 'ack'") == 1  # none for the bounce
+    await harness.run_outbox()
+    assert len(sink.mails) == 1
+
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{conversation['id']}")
+    [ack_row] = [m for m in detail["messages"] if m["kind"] == "ack"]
+    assert ack_row["delivery_status"] == "failed"
+    assert "5.1.1" in (ack_row["deliveries"][0]["last_error"] or "")
+    # no other way to reach the resident: the address is marked failed, the case asks for a call-back
+    assert {"undeliverable", "callback_required"} <= set(detail["flags"])
+    [identity] = await harness.rows("SELECT failed_at FROM identities WHERE address = 'tippfehler@example.net'")
+    assert identity["failed_at"] is not None
+
+
+class AutoResponder:
+    """A mailbox that answers every mail it gets, as badly behaved responders do: ``polite``
+    ones mark their answer (RFC 3834), rude ones send a plain mail with a fresh subject."""
+
+    def __init__(self, address: str, *, polite: bool, keep_thread: bool) -> None:
+        self.address = address
+        self.polite = polite
+        self.keep_thread = keep_thread
+        self.answered = 0
+
+    def answers(self, sink: Sink) -> list[bytes]:
+        mails = sink.to(self.address)[self.answered:]
+        self.answered += len(mails)
+        out = []
+        for mail in mails:
+            headers = {"Auto-Submitted": "auto-replied", "X-Autoreply": "yes"} if self.polite else {}
+            if self.keep_thread:
+                headers["In-Reply-To"] = mail["Message-ID"]
+            subject = f"Abwesend: {mail['Subject']}" if self.keep_thread else f"Ich bin nicht da ({self.answered})"
+            out.append(compose(sender=self.address, subject=subject, text="Ich bin im Urlaub.", headers=headers))
+        return out
+
+
+@pytest.mark.parametrize(
+    ("polite", "keep_thread", "acks"),
+    [
+        (True, True, 1),  # RFC 3834 responder: its answers are never acknowledged
+        (False, True, 1),  # unmarked, but In-Reply-To our mail: joins the conversation, no new ack
+        (False, False, 3),  # unmarked and unthreaded: a new case each time, until the hourly cap
+    ],
+)
+async def test_two_auto_responders_facing_each_other_do_not_loop(harness, sink, polite, keep_thread, acks):
+    responder = AutoResponder("robot@example.net", polite=polite, keep_thread=keep_thread)
+    await send(harness, compose(sender=responder.address, subject="Anfrage", text="Hallo?", message_id="<robot-0@example.net>"),
+               sender=responder.address)
+    for _ in range(10):
+        await harness.run_outbox()
+        answers = responder.answers(sink)
+        for raw in answers:
+            await send(harness, raw, sender=responder.address)
+        harness.clock.advance(timedelta(minutes=1))
+    assert len(sink.to(responder.address)) == acks
+    # every answer of the responder was stored; none acknowledged beyond the first ``acks``
+    assert await harness.count("messages", "direction = 'in'") == acks + 1
+    assert await harness.count("outbox", "kind = 'ack'") == acks
+
+
+# -------------------------------------------------------------------------- refusals and broken mail
+
+
+async def test_unknown_recipient_is_refused_at_rcpt_with_550(harness):
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+        await client.mail("juergen.mueller@example.com")
+        response = await client.rcpt("bau@example.org")
+        assert response.code == 250
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+            await client.rcpt("niemand@example.org")
+    assert refused.value.code == 550
+    assert await harness.count("messages") == 0
+
+
+async def test_oversized_mail_is_refused_with_552(harness):
+    big = LATIN1_MAIL + b"x" * 76 + b"\r\n"
+    big += (b"y" * 76 + b"\r\n") * (MAX_BYTES // 78 + 10)
+    with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+        await send(harness, big)
+    assert refused.value.code == 552
+    assert await harness.count("messages") == 0
+
+
+MALFORMED = crlf(
+    """From: =?utf-8?B?broken <kaputt@example.net
+To: bau@example.org
+Subject: =?iso-8859-1?q?Kaputte_Mail_=E4
+Message-ID: <kaputt-1@example.net>
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="never-used"
+Content-Transfer-Encoding: base64
+
+Dies ist keine MIME-Struktur, aber trotzdem eine Nachricht: Baustelle am Lindenweg!
+--falsch
+Content-Type: text/plain; charset=nonexistent-charset
+
+=?=?= kaputt
+""",
+)
+
+
+async def test_malformed_mime_is_stored_as_best_effort_text(harness, sink):
+    await send(harness, MALFORMED, sender="kaputt@example.net")
+    detail = await conversation_of(harness, "<kaputt-1@example.net>")
+    [inbound] = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert inbound["text"].startswith("Dies ist keine MIME-Struktur, aber trotzdem eine Nachricht: Baustelle am Lindenweg!\n")
+    assert inbound["meta"]["mime_defects"] >= 1
+    assert detail["unit"]
+    # and the listener keeps working afterwards
+    await send(harness, LATIN1_MAIL)
+    assert await harness.count("messages", "direction = 'in'") == 2
+
+
+# -------------------------------------------------------------------------- answers by mail
+
+
+async def test_staff_reply_through_the_inbox_api_reaches_the_resident_threaded(harness, sink):
+    raw = compose(sender="Anna Weg <anna@example.net>", subject="Frage zum Ausbau", text="Wann wird unsere Straße angeschlossen?",
+                  message_id="<anna-1@example.net>")
+    await send(harness, raw, sender="anna@example.net")
+    conv = await conversation_of(harness, "<anna-1@example.net>")
+    assert conv["unit"] == "bauhotline"
+    ack = await ack_of(harness, sink, "anna@example.net")
+
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", token="hotline",
+                                      json={"text": "Guten Tag Frau Weg,\n\nim März 2027.\n\nIhre Bau-Hotline"})
+    assert status == 201, reply
+    await harness.run_outbox()
+    [_, answer] = sink.to("anna@example.net")
+
+    assert answer["From"].addresses[0].addr_spec == "bau@example.org"
+    assert answer["From"].addresses[0].display_name == "Bau-Hotline"
+    assert f"[#{conv['case_reference']}]" in answer["Subject"] and answer["Subject"].startswith("Re: ")
+    references = answer["References"].split()
+    assert set(references) == {"<anna-1@example.net>", ack["Message-ID"]}
+    # In-Reply-To names the resident's own mail, the last of the references
+    assert answer["In-Reply-To"] == references[-1] == "<anna-1@example.net>"
+    assert "Auto-Submitted" not in answer
+    assert answer.get_content_type() == "multipart/alternative"
+    plain = answer.get_body(("plain",)).get_content()
+    html = answer.get_body(("html",)).get_content()
+    assert "im März 2027." in plain and "im März 2027." in html and "<p>" in html
+
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{conv['id']}")
+    assert detail["state"] == "answered"
+    [out] = [m for m in detail["messages"] if m["kind"] == "reply"]
+    assert out["delivery_status"] == "sent"
+
+    # the resident answers the staff reply: same conversation, waiting for an answer again
+    raw = compose(sender="anna@example.net", subject="Re: " + answer["Subject"], text="Danke!",
+                  message_id="<anna-2@example.net>", headers={"In-Reply-To": answer["Message-ID"]})
+    await send(harness, raw, sender="anna@example.net")
+    assert (await conversation_of(harness, "<anna-2@example.net>"))["id"] == conv["id"]
+
+
+async def test_relay_refusal_is_permanent_and_visible(harness, sink):
+    sink.refuse["gibtsnicht@example.net"] = "550 5.1.1 no such user"
+    raw = compose(sender="gibtsnicht@example.net", subject="Baustelle", text="Hallo", message_id="<gibtsnicht@example.net>")
+    await send(harness, raw, sender="gibtsnicht@example.net")
+    await harness.run_outbox()
+    conv = await conversation_of(harness, "<gibtsnicht@example.net>")
+    [ack_row] = [m for m in conv["messages"] if m["kind"] == "ack"]
+    assert ack_row["delivery_status"] == "failed" and "550" in ack_row["deliveries"][0]["last_error"]
+    assert "callback_required" in conv["flags"]
+
+
+async def test_webform_resident_with_email_gets_the_answer_by_mail_with_status_link(harness, sink):
+    token = (await (await harness.client.get("/channels/webform/token")).json())["form_token"]
+    harness.clock.advance(timedelta(seconds=5))
+    response = await harness.client.post("/channels/webform/", json={
+        "name": "Erika Mustermann", "email": "Erika@Example.NET", "phone": "", "street": "Lindenweg 3",
+        "postcode": "12345", "city": "Musterstadt", "customer_number": "", "topic": "construction",
+        "message": "Gehweg gesperrt, seit Tagen kommt niemand.", "form_token": token, "website": "",
+    })
+    assert response.status == 201
+    form = await response.json()
+    await harness.run_outbox()
+    assert sink.mails == []  # the acknowledgement is on the status page
+
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{form['conversation_id']}/replies", token="contractor",
+                                  json={"text": "Wir räumen den Gehweg bis Freitag frei."})
+    assert status == 201
+    await harness.run_outbox()
+    [mail] = sink.to("erika@example.net")
+    assert mail["From"].addresses[0].addr_spec == "dispo@tiefbau-muster.example"
+    assert f"[#{form['case_reference']}]" in mail["Subject"]
+    plain = mail.get_body(("plain",)).get_content()
+    assert "Wir räumen den Gehweg bis Freitag frei." in plain
+    assert form["status_url"] in plain
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{form['conversation_id']}")
+    assert detail["state"] == "answered"
+
+
+# -------------------------------------------------------------------------- contract kit
+
+
+async def test_contract_kit_passes_over_smtp(harness, sink):
+    async def deliver(h: CoreHarness, key: str) -> None:
+        raw = compose(sender="Kit Tester <kit@example.net>", subject="Kontrakt", text="Hallo, eine Frage.",
+                      message_id=f"<{key}@kit.example.net>")
+        await send(h, raw, sender="kit@example.net")
+
+    conv = await check_channel_contract(harness, "email", deliver, sender=("email", "kit@example.net"))
+    assert conv["channel"] == "email"
+    # the kit's acknowledgement and staff reply really went through the relay
+    assert [m["Auto-Submitted"] for m in sink.to("kit@example.net")] == ["auto-replied", None]

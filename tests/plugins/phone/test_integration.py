@@ -1,0 +1,679 @@
+"""The phone channel against the real core: the whole service on SQLite and a loopback HTTP
+server (``CoreHarness``), Twilio's webhooks signed by the ``twilio`` package's own
+``RequestValidator``, and a fake Twilio REST API as a real aiohttp server on 127.0.0.1.
+
+Twilio signs the URL it calls: the public one, in front of any proxy. So the service is
+configured with ``PUBLIC_BASE_URL`` = ``PUBLIC`` and the tests sign for that URL while the
+requests travel to the harness's loopback port, as they would through a reverse proxy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from twilio.request_validator import RequestValidator
+
+from router.testing import CoreHarness, check_channel_contract
+
+PUBLIC = "https://kontakt.example.org"
+ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
+AUTH_TOKEN = "twilio-auth-token-for-tests"
+OUR_NUMBER = "+493099999999"
+CTI_SECRET = "cti-secret-for-tests"
+MOBILE = "+4915112345678"
+LANDLINE = "+493012345678"
+BAUHOTLINE_FORWARD = "+493012345670"  # config/contact-router.toml, channels.phone.forward_numbers
+
+
+# -- fake Twilio REST API -----------------------------------------------------------------------
+
+
+class FakeTwilio:
+    """Twilio's Messages resource: checks HTTP basic auth, records each SMS, answers a SID."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, str]] = []
+        self.refused = 0
+        self.server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def create_message(self, request: web.Request) -> web.Response:
+        try:
+            auth = aiohttp.BasicAuth.decode(request.headers.get("Authorization", ""))
+        except ValueError:
+            auth = None
+        if (
+            auth is None
+            or request.match_info["sid"] != ACCOUNT_SID
+            or (auth.login, auth.password) != (ACCOUNT_SID, AUTH_TOKEN)
+        ):
+            self.refused += 1
+            return web.json_response({"code": 20003, "message": "Authenticate", "status": 401}, status=401)
+        form = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+        sid = f"SM{len(self.messages) + 1:032x}"
+        self.messages.append({**form, "sid": sid})
+        return web.json_response({"sid": sid, "status": "queued", "to": form.get("To")}, status=201)
+
+    def to(self, number: str) -> list[dict[str, str]]:
+        return [m for m in self.messages if m["To"] == number]
+
+
+@pytest.fixture
+async def twilio(aiohttp_server: Any) -> FakeTwilio:
+    fake = FakeTwilio()
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", fake.create_message)
+    fake.server = await aiohttp_server(app, host="127.0.0.1")
+    return fake
+
+
+def phone_env(twilio: FakeTwilio, **extra: str) -> dict[str, str]:
+    """The environment the example configuration reads for the phone channel."""
+    return {
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_PHONE_NUMBER": OUR_NUMBER,
+        "TWILIO_API_URL": twilio.url,
+        "PUBLIC_BASE_URL": PUBLIC,
+        "PHONE_CTI_SECRET": CTI_SECRET,
+        **extra,
+    }
+
+
+CALLBACK_ATTEMPTS = 2
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, twilio: FakeTwilio) -> AsyncIterator[CoreHarness]:
+    async with CoreHarness(
+        tmp_path,
+        entrypoints=("webform", "phone"),
+        env=phone_env(twilio),
+        settings={"phone": {"callback_attempts": CALLBACK_ATTEMPTS}},
+    ) as started:
+        yield started
+
+
+# -- Twilio's side of the webhooks --------------------------------------------------------------
+
+
+def sign(url: str, params: Mapping[str, str], token: str = AUTH_TOKEN) -> str:
+    """``X-Twilio-Signature`` as Twilio's own library computes it."""
+    return RequestValidator(token).compute_signature(url, dict(params))
+
+
+async def twilio_post(
+    harness: CoreHarness, target: str, params: Mapping[str, str], *, signature: str | None = "sign",
+    token: str = AUTH_TOKEN,
+) -> aiohttp.ClientResponse:
+    """POST ``params`` as Twilio does: to ``target`` (a route name like ``voice`` or a full URL
+    taken from our TwiML), signed over the public URL."""
+    url = target if target.startswith("http") else f"{PUBLIC}/channels/phone/twilio/{target}"
+    headers = {}
+    if signature == "sign":
+        headers["X-Twilio-Signature"] = sign(url, params, token)
+    elif signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return await harness.client.post(path, data=dict(params), headers=headers)
+
+
+async def twiml(response: aiohttp.ClientResponse, language: str = "de-DE") -> ET.Element:
+    """The TwiML answer: 200, XML, a ``<Response>``, every ``<Say>`` in ``language`` (German
+    unless the caller chose English)."""
+    body = await response.text()
+    assert response.status == 200, body
+    assert response.content_type == "text/xml"
+    root = ET.fromstring(body)
+    assert root.tag == "Response"
+    # The German menu's one English sentence is the hint how to switch to English.
+    spoken = [
+        say for say in root.iter("Say")
+        if not (say.get("language") == "en-GB" and (say.text or "").startswith("For English"))
+    ]
+    assert {say.get("language") for say in spoken} <= {language}, body
+    return root
+
+
+async def say(harness: CoreHarness, target: str, params: Mapping[str, str]) -> ET.Element:
+    return await twiml(await twilio_post(harness, target, params))
+
+
+def call(sid: str, caller: str = MOBILE, **extra: str) -> dict[str, str]:
+    """The parameters Twilio posts for an inbound call."""
+    return {
+        "AccountSid": ACCOUNT_SID, "CallSid": sid, "From": caller, "Caller": caller, "To": OUR_NUMBER,
+        "Called": OUR_NUMBER, "Direction": "inbound", "CallStatus": "in-progress", "ApiVersion": "2010-04-01",
+        **extra,
+    }
+
+
+def sms(sid: str, body: str, sender: str = MOBILE) -> dict[str, str]:
+    """The parameters Twilio posts for an inbound SMS."""
+    return {
+        "AccountSid": ACCOUNT_SID, "MessageSid": sid, "SmsSid": sid, "From": sender, "To": OUR_NUMBER,
+        "Body": body, "NumMedia": "0", "NumSegments": "1", "ApiVersion": "2010-04-01",
+    }
+
+
+async def conversation(harness: CoreHarness, conversation_id: int) -> dict[str, Any]:
+    status, body = await harness.api("GET", f"/api/v1/conversations/{conversation_id}")
+    assert status == 200, body
+    return body
+
+
+async def only_conversation(harness: CoreHarness) -> dict[str, Any]:
+    rows = await harness.rows("SELECT id FROM conversations")
+    assert len(rows) == 1, rows
+    return await conversation(harness, rows[0]["id"])
+
+
+def inbound(conv: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in conv["messages"] if m["direction"] == "in"]
+
+
+def outbound(conv: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [m for m in conv["messages"] if m["direction"] == "out" and m["kind"] == kind]
+
+
+# -- signatures -------------------------------------------------------------------------------
+
+
+FORGERIES = {
+    "unsigned": {"signature": None},
+    "forged": {"signature": "bm90IGEgc2lnbmF0dXJlIGF0IGFsbA=="},
+    "wrong token": {"token": "another-accounts-token"},
+    "loopback url": {"url": "loopback"},
+}
+
+
+@pytest.mark.parametrize("forgery", FORGERIES.values(), ids=FORGERIES.keys())
+async def test_unsigned_or_forged_requests_are_refused_and_nothing_is_stored(harness, forgery):
+    sid = "CA" + "f" * 32
+    requests = [
+        ("voice", call(sid)),
+        ("menu?lang=de", call(sid, Digits="1")),
+        ("dial-result?lang=de", call(sid, DialCallStatus="no-answer")),
+        ("recording?lang=de", call(sid, RecordingSid="RE" + "f" * 32, RecordingUrl="https://api.twilio.com/r",
+                                   RecordingDuration="12")),
+        ("transcription", call(sid, RecordingSid="RE" + "f" * 32, TranscriptionSid="TR1",
+                               TranscriptionStatus="completed", TranscriptionText="Hallo")),
+        ("call-status", call(sid, CallStatus="completed")),
+        ("sms", sms("SM" + "f" * 32, "Hallo")),
+        ("status", {"MessageSid": "SM" + "e" * 32, "MessageStatus": "delivered"}),
+    ]
+    for route, params in requests:
+        target = route
+        if forgery.get("url") == "loopback":  # signed, but for a URL Twilio would not call
+            loopback = f"{harness.base_url}/channels/phone/twilio/{route}"
+            response = await twilio_post(harness, route, params, signature=sign(loopback, params))
+        else:
+            response = await twilio_post(
+                harness, target, params, signature=forgery.get("signature", "sign"),
+                token=forgery.get("token", AUTH_TOKEN),
+            )
+        assert response.status == 403, route
+    for table in ("messages", "contacts", "identities", "conversations", "outbox", "delivery_events"):
+        assert await harness.count(table) == 0, table
+
+
+async def test_a_tampered_parameter_breaks_the_signature(harness):
+    params = sms("SM" + "1" * 32, "Hallo")
+    signature = sign(f"{PUBLIC}/channels/phone/twilio/sms", params)
+    response = await twilio_post(harness, "sms", {**params, "Body": "Hallo, geändert"}, signature=signature)
+    assert response.status == 403
+    assert await harness.count("messages") == 0
+    response = await twilio_post(harness, "sms", params, signature=signature)
+    assert response.status == 200
+    assert await harness.count("messages", "direction = 'in'") == 1
+
+
+# -- a whole call ------------------------------------------------------------------------------
+
+
+async def test_whole_call_ends_as_one_conversation_with_the_transcript_and_an_sms_ack(harness, twilio):
+    sid = "CA" + "1" * 32
+    greeting = await say(harness, "voice", call(sid, CallStatus="ringing"))
+    gather = greeting.find("Gather")
+    assert gather is not None and gather.get("numDigits") == "1"
+    assert "Für Fragen zu Bauarbeiten drücken Sie die 1." in gather.find("Say").text
+    assert await harness.count("messages") == 0  # nothing stored before the caller chose
+
+    forward = await say(harness, gather.get("action"), call(sid, Digits="1"))
+    dial = forward.find("Dial")
+    assert dial is not None and dial.find("Number").text == BAUHOTLINE_FORWARD  # Monday 09:00: open
+    conv = await only_conversation(harness)
+    assert conv["unit"] == "bauhotline"
+    assert conv["routing"]["rule"] == "construction-outside-area"
+
+    voicemail = await say(harness, dial.get("action"), call(sid, DialCallStatus="no-answer"))
+    prompt = voicemail.find("Say").text
+    reference = conv["case_reference"]
+    assert ", ".join(char for char in reference if char.isalnum()) in prompt
+    assert "Wir rufen Sie bis heute um 13:00 Uhr zurück." in prompt  # 09:00 Berlin + 4 office hours
+    record = voicemail.find("Record")
+    assert record.get("transcribe") == "true" and record.get("maxLength") == "120"
+
+    recording = {"RecordingSid": "RE" + "2" * 32, "RecordingUrl": "https://api.twilio.com/rec/RE2",
+                 "RecordingDuration": "31"}
+    goodbye = await say(harness, record.get("action"), call(sid, **recording))
+    assert goodbye.find("Hangup") is not None
+    await say(harness, record.get("transcribeCallback"), call(
+        sid, **recording, TranscriptionSid="TR" + "3" * 32, TranscriptionStatus="completed",
+        TranscriptionText="Vor meinem Haus ist seit einer Woche die Baugrube offen.",
+    ))
+    await say(harness, "call-status", call(sid, CallStatus="completed", CallDuration="95"))
+
+    assert await harness.run_outbox() >= 1
+    (ack,) = twilio.messages
+    assert twilio.refused == 0  # basic auth as Twilio wants it
+    assert (ack["To"], ack["From"]) == (MOBILE, OUR_NUMBER)
+    assert reference in ack["Body"] and "Bau-Hotline" in ack["Body"]
+    assert ack["StatusCallback"] == f"{PUBLIC}/channels/phone/twilio/status"
+
+    conv = await only_conversation(harness)
+    assert [m["kind"] for m in inbound(conv)] == ["call", "voicemail", "edit"]
+    voicemail_message = inbound(conv)[1]
+    assert voicemail_message["text"] == "Vor meinem Haus ist seit einer Woche die Baugrube offen."
+    assert voicemail_message["attachments"][0]["url"] == "https://api.twilio.com/rec/RE2"
+    assert "callback_required" in conv["flags"]
+    assert conv["contact"]["identities"][0]["address"] == MOBILE
+    assert [m["delivery_status"] for m in outbound(conv, "ack")] == ["sent"]
+
+
+async def test_a_failed_transcript_keeps_the_recording_for_staff(harness):
+    sid = "CA" + "4" * 32
+    await say(harness, "menu?lang=de", call(sid, Digits="3"))  # fault desk: no forward number
+    recording = {"RecordingSid": "RE" + "4" * 32, "RecordingUrl": "https://api.twilio.com/rec/RE4",
+                 "RecordingDuration": "20"}
+    await say(harness, "recording?lang=de&topic=fault", call(sid, **recording))
+    await say(harness, "transcription", call(sid, **recording, TranscriptionSid="TR" + "4" * 32,
+                                               TranscriptionStatus="failed"))
+    conv = await only_conversation(harness)
+    assert conv["unit"] == "stoerung"
+    voicemail, edit = inbound(conv)[1:]
+    assert voicemail["kind"] == "voicemail"
+    assert voicemail["attachments"][0]["url"] == "https://api.twilio.com/rec/RE4"
+    assert edit["kind"] == "edit" and "transcription_failed" in edit["flags"]
+    assert {"callback_required", "transcription_failed"} <= set(conv["flags"])
+
+
+async def test_a_late_failed_transcript_does_not_erase_the_transcript(harness):
+    sid = "CA" + "5" * 32
+    recording = {"RecordingSid": "RE" + "5" * 32, "RecordingUrl": "https://api.twilio.com/rec/RE5",
+                 "RecordingDuration": "20"}
+    await say(harness, "menu?lang=de", call(sid, Digits="3"))
+    await say(harness, "recording?lang=de&topic=fault", call(sid, **recording))
+    await say(harness, "transcription", call(sid, **recording, TranscriptionSid="TR" + "5" * 32,
+                                               TranscriptionStatus="completed", TranscriptionText="Kein Internet"))
+    await say(harness, "transcription", call(sid, **recording, TranscriptionSid="TR" + "6" * 32,
+                                               TranscriptionStatus="failed"))
+    voicemail = inbound(await only_conversation(harness))[1]
+    assert voicemail["text"] == "Kein Internet"
+
+
+async def test_outside_business_hours_the_call_goes_straight_to_the_voicemail(harness):
+    harness.clock.advance(timedelta(hours=12))  # Monday 21:00 in Berlin
+    answer = await say(harness, "menu?lang=de", call("CA" + "7" * 32, Digits="1"))
+    assert answer.find("Dial") is None and answer.find("Record") is not None
+    assert "morgen um" in answer.find("Say").text  # the bauhotline's deadline falls tomorrow
+
+
+# -- missed calls and call-back duty -----------------------------------------------------------
+
+
+async def test_hang_up_before_the_menu_is_a_call_back_duty_that_escalates_and_a_reached_call_back_answers_it(
+    harness, twilio,
+):
+    sid = "CA" + "8" * 32
+    await say(harness, "voice", call(sid, CallStatus="ringing"))
+    await say(harness, "call-status", call(sid, CallStatus="completed", CallDuration="4"))
+
+    conv = await only_conversation(harness)
+    assert [m["kind"] for m in inbound(conv)] == ["missed_call"]
+    assert "callback_required" in conv["flags"]
+    assert conv["deadline"] and not conv["overdue"]
+    await harness.run_outbox()
+    assert len(twilio.to(MOBILE)) == 1  # the caller learns the case reference by SMS
+
+    assert await harness.escalate() == []  # not yet due
+    harness.clock.set(datetime.fromisoformat(conv["deadline"]) + timedelta(minutes=1))
+    escalated = await harness.escalate()
+    assert [e["conversation"]["id"] for e in escalated] == [conv["id"]]
+    conv = await conversation(harness, conv["id"])
+    assert conv["overdue"] and conv["escalation_level"] == 1 and len(conv["escalations"]) == 1
+
+    status, body = await harness.api(
+        "POST", f"/api/v1/conversations/{conv['id']}/callbacks", json={"outcome": "reached", "note": "Termin vereinbart"}
+    )
+    assert status == 201 and body["answered"] is True
+    conv = await conversation(harness, conv["id"])
+    assert conv["state"] == "answered" and not conv["overdue"]
+    assert "callback_required" not in conv["flags"]
+    assert [c["outcome"] for c in conv["callbacks"]] == ["reached"]
+
+
+async def test_forward_not_answered_and_no_voicemail_is_a_missed_call_that_escalates_along_the_chain(harness):
+    sid = "CA" + "9" * 32
+    forward = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+    await say(harness, forward.find("Dial").get("action"), call(sid, DialCallStatus="busy"))
+    await say(harness, "call-status", call(sid, CallStatus="completed"))  # hung up at the prompt
+
+    conv = await only_conversation(harness)
+    assert [m["kind"] for m in inbound(conv)] == ["call", "missed_call"]
+    assert conv["unit"] == "bauhotline" and "callback_required" in conv["flags"]
+    harness.clock.set(datetime.fromisoformat(conv["deadline"]) + timedelta(seconds=1))
+    await harness.escalate()
+    conv = await conversation(harness, conv["id"])
+    assert conv["unit"] == "kundenservice"
+    assert conv["escalations"][0]["from_unit"] == "bauhotline"
+
+
+async def test_answered_forward_leaves_no_call_back_duty(harness):
+    sid = "CA" + "a" * 32
+    forward = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+    await say(harness, forward.find("Dial").get("action"), call(sid, DialCallStatus="completed"))
+    await say(harness, "call-status", call(sid, CallStatus="completed"))
+    conv = await only_conversation(harness)
+    assert [m["kind"] for m in inbound(conv)] == ["call"]
+    assert "callback_required" not in conv["flags"]
+
+
+async def missed_call_from(harness: CoreHarness, caller: str, sid: str) -> dict[str, Any]:
+    await say(harness, "voice", call(sid, caller=caller))
+    await say(harness, "call-status", call(sid, caller=caller, CallStatus="completed"))
+    await harness.run_outbox()
+    return await only_conversation(harness)
+
+
+async def log_callback(harness: CoreHarness, conversation_id: int, outcome: str) -> dict[str, Any]:
+    status, body = await harness.api(
+        "POST", f"/api/v1/conversations/{conversation_id}/callbacks", json={"outcome": outcome}
+    )
+    assert status == 201, body
+    return body
+
+
+async def test_after_the_configured_failed_call_backs_the_duty_escalates(harness):
+    conv = await missed_call_from(harness, MOBILE, "CA" + "b" * 32)
+    assert conv["unit"] == "kundenservice"
+    for attempt in range(1, CALLBACK_ATTEMPTS):
+        assert (await log_callback(harness, conv["id"], "not_reached"))["escalated"] is False, attempt
+    assert (await log_callback(harness, conv["id"], "not_reached"))["escalated"] is True
+    conv = await conversation(harness, conv["id"])
+    assert len(conv["escalations"]) == 1 and "callback_failed" in conv["flags"]
+    assert [c["outcome"] for c in conv["callbacks"]] == ["not_reached"] * CALLBACK_ATTEMPTS
+
+
+async def test_after_the_configured_failed_call_backs_an_sms_goes_to_the_mobile_number(harness, twilio):
+    conv = await missed_call_from(harness, MOBILE, "CA" + "c" * 32)
+    assert len(twilio.to(MOBILE)) == 1  # the acknowledgement
+    for _ in range(1, CALLBACK_ATTEMPTS):
+        await log_callback(harness, conv["id"], "not_reached")
+        await harness.run_outbox()
+    assert len(twilio.to(MOBILE)) == 1  # nothing before the last attempt
+    await log_callback(harness, conv["id"], "not_reached")
+    await harness.run_outbox()
+    assert len(twilio.to(MOBILE)) == 2
+    assert conv["case_reference"] in twilio.to(MOBILE)[-1]["Body"]
+
+
+# -- landlines ---------------------------------------------------------------------------------
+
+
+def suppressed_acks(conv: Mapping[str, Any]) -> list[str]:
+    return [e["data"].get("reason", "") for e in conv["events"] if e["kind"] == "ack_suppressed"]
+
+
+async def test_a_landline_caller_gets_no_sms_ack_and_the_conversation_shows_it(harness, twilio):
+    sid = "CA" + "d" * 32
+    voicemail = await say(harness, "menu?lang=de", call(sid, caller=LANDLINE, Digits="3"))  # fault desk
+    await say(harness, voicemail.find("Record").get("action"), call(
+        sid, caller=LANDLINE, RecordingSid="RE" + "d" * 32, RecordingUrl="https://api.twilio.com/rec/REd",
+        RecordingDuration="15",
+    ))
+    await harness.run_outbox()
+    assert twilio.messages == []
+
+    conv = await only_conversation(harness)
+    spelled = ", ".join(char for char in conv["case_reference"] if char.isalnum())
+    assert spelled in voicemail.find("Say").text  # the caller heard the case reference instead
+    assert [m["kind"] for m in inbound(conv)] == ["call", "voicemail"]
+    assert outbound(conv, "ack") == []
+    assert [reason for reason in suppressed_acks(conv) if "landline" in reason]
+    assert "callback_required" in conv["flags"] and "undeliverable" not in conv["flags"]
+    assert conv["contact"]["identities"] == [
+        {"kind": "phone", "address": LANDLINE, "last_inbound_at": conv["contact"]["identities"][0]["last_inbound_at"],
+         "failed": False}
+    ]
+
+
+async def test_an_answered_call_from_a_landline_leaves_no_call_back_duty(harness, twilio):
+    sid = "CA" + "e" * 31 + "1"
+    forward = await say(harness, "menu?lang=de", call(sid, caller=LANDLINE, Digits="1"))
+    await say(harness, forward.find("Dial").get("action"), call(sid, caller=LANDLINE, DialCallStatus="completed"))
+    await say(harness, "call-status", call(sid, caller=LANDLINE, CallStatus="completed"))
+    await harness.run_outbox()
+    assert twilio.messages == []
+    conv = await only_conversation(harness)
+    assert conv["flags"] == []
+    assert suppressed_acks(conv)
+
+
+# -- CTI events --------------------------------------------------------------------------------
+
+
+async def cti(harness: CoreHarness, event: Mapping[str, str], secret: str = CTI_SECRET) -> aiohttp.ClientResponse:
+    return await harness.client.post(f"/channels/phone/cti/{secret}", json=dict(event))
+
+
+async def test_cti_hangups_with_no_answer_become_call_back_duties(harness, twilio):
+    base = {"direction": "in", "to": "030 99999999"}
+    for event in ("newCall", "answer"):
+        response = await cti(harness, {**base, "event": event, "from": "030 12345678", "callId": "pbx-1"})
+        assert response.status == 200 and (await response.json())["stored"] is False
+    response = await cti(harness, {**base, "event": "hangup", "cause": "noAnswer", "from": "030 12345678", "callId": "pbx-1"})
+    assert (await response.json())["stored"] is True
+    response = await cti(harness, {**base, "event": "hangup", "cause": "noAnswer", "from": "anonymous", "callId": "pbx-2"})
+    answer = await response.json()
+    assert answer["stored"] is True
+    again = await cti(harness, {**base, "event": "hangup", "cause": "noAnswer", "from": "anonymous", "callId": "pbx-2"})
+    assert (await again.json())["duplicate"] is True
+
+    rows = await harness.rows("SELECT id FROM conversations ORDER BY id")
+    assert len(rows) == 2
+    landline, withheld = [await conversation(harness, row["id"]) for row in rows]
+    assert [m["kind"] for m in inbound(landline)] == ["missed_call"]
+    assert landline["contact"]["identities"][0]["address"] == LANDLINE
+    assert "callback_required" in landline["flags"] and landline["deadline"]
+    assert withheld["case_reference"] == answer["case_reference"]
+    assert {"callback_required", "no_number"} <= set(withheld["flags"]) and withheld["deadline"]
+    assert outbound(withheld, "ack") == []  # nobody to send it to
+    assert outbound(landline, "ack") == [] and suppressed_acks(landline)  # a landline takes no SMS
+
+    await harness.run_outbox()
+    assert twilio.messages == []
+
+
+async def test_cti_with_a_wrong_secret_stores_nothing(harness):
+    response = await cti(harness, {"event": "hangup", "cause": "noAnswer", "from": "030 12345678", "callId": "x"},
+                         secret="guessed")
+    assert response.status == 404
+    assert await harness.count("messages") == 0
+
+
+# -- one contact across channels ---------------------------------------------------------------
+
+
+def whatsapp_webhook(sender: str, message_id: str, text: str, phone_number_id: str) -> dict[str, Any]:
+    """A WhatsApp Cloud API webhook body with one text message."""
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA1", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": OUR_NUMBER.lstrip("+"), "phone_number_id": phone_number_id},
+            "contacts": [{"profile": {"name": "Erika Muster"}, "wa_id": sender.lstrip("+")}],
+            "messages": [{"from": sender.lstrip("+"), "id": message_id, "timestamp": "1764489600",
+                          "type": "text", "text": {"body": text}}],
+        }}]}],
+    }
+
+
+async def test_the_same_number_by_sms_call_cti_and_whatsapp_is_one_contact(tmp_path, twilio):
+    app_secret = "whatsapp-app-secret"
+    env = phone_env(
+        twilio, WHATSAPP_APP_SECRET=app_secret, WHATSAPP_VERIFY_TOKEN="verify", WHATSAPP_ACCESS_TOKEN="access",
+        WHATSAPP_PHONE_NUMBER_ID="1122334455", WHATSAPP_GRAPH_URL=twilio.url,
+    )
+    async with CoreHarness(tmp_path, entrypoints=("webform", "phone", "whatsapp"), env=env) as harness:
+        assert "whatsapp" in harness.core.channels
+        assert (await twilio_post(harness, "sms", sms("SM" + "1" * 32, "Wann wird die Straße wieder zu?"))).status == 200
+        await say(harness, "menu?lang=de", call("CA" + "e" * 32, Digits="2"))
+        response = await cti(harness, {"event": "hangup", "cause": "busy", "direction": "in",
+                                       "from": "0151 12345678", "callId": "pbx-9"})
+        assert response.status == 200
+        body = json.dumps(whatsapp_webhook(MOBILE, "wamid.HBgM1", "Hallo, ich habe noch eine Frage", "1122334455"))
+        digest = hmac.new(app_secret.encode(), body.encode(), hashlib.sha256).hexdigest()
+        response = await harness.client.post(
+            "/channels/whatsapp/webhook", data=body,
+            headers={"Content-Type": "application/json", "X-Hub-Signature-256": f"sha256={digest}"},
+        )
+        assert response.status == 200, await response.text()
+
+        rows = await harness.rows("SELECT channel, kind, contact_id FROM messages WHERE direction = 'in' ORDER BY id")
+        assert [(r["channel"], r["kind"]) for r in rows] == [
+            ("phone", "message"), ("phone", "call"), ("phone", "missed_call"), ("whatsapp", "message"),
+        ]
+        assert len({r["contact_id"] for r in rows}) == 1
+        phones = await harness.rows("SELECT address FROM identities WHERE kind = 'phone'")
+        assert phones == [{"address": MOBILE}]
+
+
+# -- TwiML -------------------------------------------------------------------------------------
+
+
+async def test_every_twiml_answer_parses_as_xml_and_speaks_german_by_default(harness):
+    sid = "CA" + "2" * 32
+    recording = {"RecordingSid": "RE" + "6" * 32, "RecordingUrl": "https://api.twilio.com/rec/RE6",
+                 "RecordingDuration": "9"}
+    spoken_routes = {
+        "voice": call(sid, CallStatus="ringing"),
+        "voice (withheld)": call("CA" + "3" * 32, caller="+266696687", CallStatus="ringing"),
+        "menu?lang=de": call(sid, Digits="1"),
+        "menu?lang=de (no key)": call("CA" + "5" * 32),
+        "dial-result?lang=de": call(sid, DialCallStatus="no-answer"),
+        "dial-result?lang=de (answered)": call("CA" + "6" * 32, DialCallStatus="completed"),
+        "recording?lang=de&topic=construction": call(sid, **recording),
+        "recording?lang=de (nothing said)": call("CA" + "5" * 32, RecordingDuration="0"),
+    }
+    for route, params in spoken_routes.items():
+        answer = await say(harness, route.split(" ")[0], params)
+        says = list(answer.iter("Say"))
+        assert says, route
+        assert says[0].get("language") == "de-DE", route
+    silent_routes = {
+        "transcription": call(sid, **recording, TranscriptionSid="TR9", TranscriptionStatus="completed",
+                              TranscriptionText="Hallo"),
+        "call-status": call(sid, CallStatus="completed"),
+        "sms": sms("SM" + "9" * 32, "Hallo"),
+        "status": {"MessageSid": "SM" + "8" * 32, "MessageStatus": "sent"},
+    }
+    for route, params in silent_routes.items():
+        answer = await say(harness, route, params)
+        assert list(answer) == [], route
+
+
+async def test_the_english_key_switches_the_whole_call_to_english(harness):
+    sid = "CA" + "f" * 31 + "0"
+    menu = await twiml(await twilio_post(harness, "menu?lang=de", call(sid, Digits="9")), "en-GB")
+    voicemail = await twiml(
+        await twilio_post(harness, menu.find("Gather").get("action"), call(sid, Digits="3")), "en-GB"
+    )
+    assert "Your case reference is" in voicemail.find("Say").text
+
+
+# -- SMS out and delivery statuses -------------------------------------------------------------
+
+
+async def test_sms_status_callbacks_become_delivery_statuses_in_the_inbox(harness, twilio):
+    assert (await twilio_post(harness, "sms", sms("SM" + "a" * 32, "Hallo, wer repariert den Gehweg?"))).status == 200
+    await harness.run_outbox()
+    (ack,) = twilio.messages
+    conv = await only_conversation(harness)
+    assert outbound(conv, "ack")[0]["delivery_status"] == "sent"
+
+    for status in ("delivered", "sent"):  # a late "sent" does not undo "delivered"
+        await say(harness, "status", {"MessageSid": ack["sid"], "MessageStatus": status, "To": MOBILE})
+    conv = await conversation(harness, conv["id"])
+    assert outbound(conv, "ack")[0]["delivery_status"] == "delivered"
+
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Wir kümmern uns."})
+    assert status == 201
+    await harness.run_outbox()
+    reply_sid = twilio.messages[-1]["sid"]
+    await say(harness, "status", {"MessageSid": reply_sid, "MessageStatus": "undelivered", "ErrorCode": "30005",
+                                  "ErrorMessage": "Unknown destination handset"})
+    conv = await conversation(harness, conv["id"])
+    (reply,) = outbound(conv, "reply")
+    assert reply["delivery_status"] == "failed"
+    assert conv["state"] != "answered"  # an undelivered answer is no answer
+    assert "callback_required" in conv["flags"]
+
+    assert "30005" in reply["deliveries"][0]["last_error"]
+
+
+async def test_a_delivered_staff_reply_answers_the_conversation(harness, twilio):
+    await twilio_post(harness, "sms", sms("SM" + "b" * 32, "Hallo"))
+    conv = await only_conversation(harness)
+    await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Erledigt."})
+    await harness.run_outbox()
+    await say(harness, "status", {"MessageSid": twilio.messages[-1]["sid"], "MessageStatus": "delivered"})
+    conv = await conversation(harness, conv["id"])
+    assert conv["state"] == "answered"
+
+
+async def test_long_sms_texts_are_shortened_with_the_status_link(harness, twilio):
+    await twilio_post(harness, "sms", sms("SM" + "c" * 32, "Hallo"))
+    conv = await only_conversation(harness)
+    text = "Sehr geehrte Frau Muster, " + " ".join(["wir haben Ihr Anliegen geprüft und die Baustelle besichtigt."] * 40)
+    assert len(text) > 1600
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": text})
+    assert status == 201
+    await harness.run_outbox()
+    body = twilio.messages[-1]["Body"]
+    assert len(body) <= 1600
+    assert body.endswith(conv["status_url"]) and conv["status_url"].startswith(f"{PUBLIC}/channels/webform/status/")
+    assert body.startswith("Sehr geehrte Frau Muster, wir haben Ihr Anliegen geprüft")
+    conv = await conversation(harness, conv["id"])
+    assert outbound(conv, "reply")[0]["text"] == text  # the inbox keeps the whole answer
+
+
+# -- the contract test kit ---------------------------------------------------------------------
+
+
+async def test_the_phone_channel_keeps_the_channel_contract(harness, twilio):
+    async def deliver(harness: CoreHarness, key: str) -> None:
+        response = await twilio_post(harness, "sms", sms(f"SM{key}", "Hallo, bitte um Rückruf"))
+        assert response.status == 200
+
+    conv = await check_channel_contract(harness, "phone", deliver, sender=("phone", MOBILE))
+    assert [m["To"] for m in twilio.messages] == [MOBILE, MOBILE]  # the acknowledgement and the reply
+    assert conv["channel"] == "phone"
+
