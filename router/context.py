@@ -59,6 +59,7 @@ class ChannelContext:
         render: Callable[..., str],
         units: Mapping[str, Mapping[str, Any]],
         is_open: Callable[[str, datetime], bool] | None = None,
+        record_event: Callable[[str, str, Mapping[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -72,6 +73,7 @@ class ChannelContext:
         self._render = render
         self.units = units
         self._is_open = is_open
+        self._record_event = record_event
         self.log = logging.getLogger(f"contact_router.channel.{name}")
 
     @property
@@ -94,6 +96,12 @@ class ChannelContext:
         recorded, for staff).
         """
         return await self._record_delivery(self.name, update)
+
+    async def record_event(self, kind: str, data: Mapping[str, Any]) -> None:
+        """Keep a provider event that belongs to no message (a webhook-level error entry), for
+        staff and ``/metrics``; it is stored as ``<channel>:<kind>``."""
+        if self._record_event is not None:
+            await self._record_event(self.name, kind, data)
 
     async def conversation_by_status_token(self, token: str) -> dict[str, Any] | None:
         """The resident's view of a conversation (messages without internal notes), found by

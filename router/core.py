@@ -190,6 +190,13 @@ class Core:
             await self.on_answered(answered)
         return known
 
+    async def record_channel_event(self, channel: str, kind: str, data: Mapping[str, Any]) -> None:
+        """A provider event outside any conversation (an error entry), kept in ``events``."""
+        stamp = iso(self.clock.now())
+        payload = json.loads(json.dumps(data, default=str))
+        await self.store.write(lambda conn: tracking.record_event(conn, None, f"{channel}:{kind}", stamp, **{"data": payload}))
+        self.metrics.inc("contact_router_channel_events_total", channel=channel, kind=kind)
+
     async def on_answered(self, answered: dict[str, Any]) -> None:
         self.metrics.inc("contact_router_conversations_answered_total")
         if self._answered_hook:

@@ -98,6 +98,7 @@ class WhatsAppChannel(Channel):
             self.context.log.info("webhook: %s", note)
         for error in parsed.errors:
             self.context.log.warning("webhook error entry: %s", error)
+            await self.context.record_event("provider_error", error)
         if self.settings.download_media:
             await media.attach_downloads(
                 self.context.http, self.settings, self.context.data_dir, parsed.messages, self.context.log

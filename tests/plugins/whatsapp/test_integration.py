@@ -787,3 +787,19 @@ async def test_a_failed_media_download_keeps_the_message(
         assert attachment["media_id"] == "4711" and "path" not in attachment
         assert [p for p in (harness.data_dir / "media").rglob("*") if p.is_file()] == []
         assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_error_entry_without_message_is_kept_for_staff(wa):
+    harness = wa
+    body = envelope(
+        {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "4930123456", "phone_number_id": PHONE_NUMBER_ID},
+            "errors": [{"code": 131000, "title": "Something went wrong", "message": "Something went wrong"}],
+        }
+    )
+    status, _ = await post(harness, body)
+    assert status == 200
+    events = await harness.rows("SELECT kind, data FROM events WHERE kind = 'whatsapp:provider_error'")
+    assert len(events) == 1 and "131000" in events[0]["data"]
+    assert await harness.count("messages") == 0
