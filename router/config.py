@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from functools import cache
@@ -83,6 +84,7 @@ class Rule:
     channels: frozenset[str]
     topics: frozenset[str]
     keywords: tuple[str, ...]  # normalised
+    keyword_re: re.Pattern[str] | None  # all keywords, each at the start of a word
     area: str | None
     languages: frozenset[str]
     customer: bool | None
@@ -231,6 +233,7 @@ def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> C
             channels=frozenset(r.get("channels", ())),
             topics=frozenset(r.get("topics", ())),
             keywords=tuple(normalize(k) for k in r.get("keywords", ())),
+            keyword_re=_keyword_pattern(normalize(k) for k in r.get("keywords", ())),
             area=r.get("area"),
             languages=frozenset(r.get("languages", ())),
             customer=r.get("customer"),
@@ -269,6 +272,14 @@ def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> C
         staff=tuple(staff),
         channels=resolved.get("channels", {}),
     )
+
+
+def _keyword_pattern(keywords: Any) -> re.Pattern[str] | None:
+    """One compiled search for all of a rule's keywords (longest first), each at a word start."""
+    words = sorted(set(keywords), key=len, reverse=True)
+    if not words:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + ")")
 
 
 def normalize_street(street: str) -> str:

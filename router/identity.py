@@ -113,17 +113,21 @@ def resolve_contact(
             "INSERT INTO contacts (display_name, language, customer_claim, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
             (display_name, language, claim if customer is None else None, now, now),
         ).lastrowid
+    primary = identities[0]
     for kind, address in identities:
         if (kind, address) not in known:
+            inbound = (kind, address) == primary
             conn.execute(
-                "INSERT INTO identities (contact_id, kind, address, created_at) VALUES (?, ?, ?, ?)",
-                (contact_id, kind, address, now),
+                "INSERT INTO identities (contact_id, kind, address, last_inbound_at, last_inbound_channel, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (contact_id, kind, address, now if inbound else None, channel if inbound else None, now),
             )
-    primary_kind, primary_address = identities[0]
-    conn.execute(
-        "UPDATE identities SET last_inbound_at = ?, last_inbound_channel = ?, failed_at = NULL WHERE kind = ? AND address = ?",
-        (now, channel, primary_kind, primary_address),
-    )
+    if primary in known:
+        conn.execute(
+            "UPDATE identities SET last_inbound_at = ?, last_inbound_channel = ?, failed_at = NULL"
+            " WHERE kind = ? AND address = ?",
+            (now, channel, *primary),
+        )
     if customer is not None:
         conn.execute(
             "UPDATE contacts SET is_customer = 1, customer_number = ?, customer_claim = NULL,"

@@ -121,10 +121,16 @@ def _find_thread(
         if row is not None:
             return row, None
     for ref in thread.get("refs") or ():
+        # An earlier inbound message's own id, else a key our outbound messages or extra
+        # thread_keys left (an e-mail Message-ID we generated, a WhatsApp id we sent).
         key = conn.execute(
-            "SELECT conversation_id FROM thread_keys WHERE channel = ? AND key = ?", (msg["channel"], ref)
+            "SELECT conversation_id FROM messages WHERE channel = ? AND channel_message_id = ?", (msg["channel"], ref)
         ).fetchone()
-        if key is not None:
+        if key is None or key[0] is None:
+            key = conn.execute(
+                "SELECT conversation_id FROM thread_keys WHERE channel = ? AND key = ?", (msg["channel"], ref)
+            ).fetchone()
+        if key is not None and key[0] is not None:
             row = conn.execute("SELECT * FROM conversations WHERE id = ?", (key[0],)).fetchone()
             if row is not None:
                 return row, None
@@ -313,11 +319,13 @@ def ingest_tx(
             stamp,
         ),
     ).lastrowid
-    keys = {msg["channel_message_id"], *(msg.get("thread_keys") or ())}
-    conn.executemany(
-        "INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
-        [(msg["channel"], k, conv["id"]) for k in keys],
-    )
+    # The message's own id is found through the messages table; only extra keys need a row.
+    keys = set(msg.get("thread_keys") or ()) - {msg["channel_message_id"]}
+    if keys:
+        conn.executemany(
+            "INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
+            [(msg["channel"], k, conv["id"]) for k in keys],
+        )
     flags = [f for f in msg.get("flags") or () if f in CONVERSATION_FLAGS]
     if msg["kind"] in ("missed_call", "voicemail") and "callback_required" not in flags:
         flags.append("callback_required")

@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import Area, Config, Rule, normalize_street
 from .models import RoutingDecision
-from .text import keyword_in, normalize
+from .text import normalize
 
 
 def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) -> tuple[Area, str] | None:
@@ -43,9 +43,10 @@ def _about(rule: Rule, topic: str | None, normalized_text: str) -> str | None:
         return ""
     if topic and topic in rule.topics:
         return f"topic {topic}"
-    for kw in rule.keywords:
-        if keyword_in(kw, normalized_text):
-            return f"keyword {kw!r}"
+    if rule.keyword_re is not None:
+        match = rule.keyword_re.search(normalized_text)
+        if match:
+            return f"keyword {match.group(0)!r}"
     return None
 
 

@@ -25,19 +25,6 @@ def normalize(text: str) -> str:
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
 
-def keyword_in(keyword: str, normalized_text: str) -> bool:
-    """Whether a normalised keyword starts a word in normalised text ("baustelle" matches
-    "baustellen", not "hauptbaustelle"... unless written as its own word)."""
-    start = 0
-    while True:
-        i = normalized_text.find(keyword, start)
-        if i < 0:
-            return False
-        if i == 0 or not normalized_text[i - 1].isalnum():
-            return True
-        start = i + 1
-
-
 _GERMAN = frozenset(
     "und der die das ist nicht ich sie wir bitte danke mit auf fuer vor bei eine einen ein "
     "unser unsere meine mein haus strasse seit wann warum hallo guten tag gehweg baustelle "

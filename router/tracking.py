@@ -76,38 +76,24 @@ def open_conversation(
     area: str | None,
     linked_to: int | None,
     now: datetime,
-) -> sqlite3.Row:
+) -> dict[str, Any]:
     """Create a conversation with a fresh case reference, status token and deadline."""
     stamp = iso(now)
     deadline = iso(deadline_for(config, unit, now))
+    row: dict[str, Any] = {
+        "contact_id": contact_id, "channel": channel, "recipient": recipient, "unit": unit, "state": "open",
+        "topic": topic, "language": language, "subject": subject, "area": area, "routing_rule": rule,
+        "routing_reason": reason, "deadline": deadline, "escalate_at": deadline, "escalation_level": 0,
+        "assignee": None, "flags": "[]", "linked_to": linked_to, "created_at": stamp, "updated_at": stamp,
+        "last_inbound_at": stamp, "first_answered_at": None, "answered_at": None, "closed_at": None,
+    }
+    columns = ", ".join(["case_reference", "status_token", *row])
+    marks = ", ".join("?" * (len(row) + 2))
     for _ in range(10):
-        reference = new_case_reference()
+        reference, token = new_case_reference(), secrets.token_urlsafe(24)
         try:
             conversation_id = conn.execute(
-                "INSERT INTO conversations (case_reference, status_token, contact_id, channel, recipient, unit, state,"
-                " topic, language, subject, area, routing_rule, routing_reason, deadline, escalate_at, linked_to,"
-                " created_at, updated_at, last_inbound_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    reference,
-                    secrets.token_urlsafe(24),
-                    contact_id,
-                    channel,
-                    recipient,
-                    unit,
-                    topic,
-                    language,
-                    subject,
-                    area,
-                    rule,
-                    reason,
-                    deadline,
-                    deadline,
-                    linked_to,
-                    stamp,
-                    stamp,
-                    stamp,
-                ),
+                f"INSERT INTO conversations ({columns}) VALUES ({marks})", (reference, token, *row.values())
             ).lastrowid
             break
         except sqlite3.IntegrityError as exc:
@@ -116,8 +102,8 @@ def open_conversation(
     else:  # pragma: no cover - 32^6 references make this practically impossible
         raise RuntimeError("could not allocate a case reference")
     # The routing decision lives on the conversation row (routing_rule, routing_reason); later
-    # changes of owner are events.
-    return conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    # changes of owner are events. The row is returned as written, without reading it back.
+    return {"id": conversation_id, "case_reference": reference, "status_token": token, **row}
 
 
 def renew_deadline(conn: sqlite3.Connection, config: Config, conversation: sqlite3.Row, now: datetime) -> None:
