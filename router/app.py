@@ -81,9 +81,11 @@ def create_app(
     outbox_policy: OutboxPolicy | None = None,
     run_workers: bool = True,
     env: dict[str, str] | None = None,
+    allow_demo_tokens: bool = True,
 ) -> web.Application:
     """Build the application. ``run_workers=False`` leaves the outbox worker and the escalation
-    scheduler to the caller (tests drive them step by step)."""
+    scheduler to the caller (tests drive them step by step). ``allow_demo_tokens=False`` refuses
+    staff tokens that come from the configuration's demo defaults."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     clock = clock or Clock()
     metrics = Metrics()
@@ -138,7 +140,7 @@ def create_app(
     app.cleanup_ctx.append(_http_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(_workers_ctx)
-    setup_inbox(app)
+    setup_inbox(app, allow_demo_tokens=allow_demo_tokens)
     return app
 
 

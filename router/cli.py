@@ -33,7 +33,6 @@ def _default_data_dir() -> Path:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
-    from .inbox.api import ALLOW_DEMO, STAFF
 
     try:
         config = load_config(args.config)
@@ -52,9 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    app = create_app(config, data_dir=Path(args.data_dir))
-    app[ALLOW_DEMO] = loopback
-    app[STAFF] = tuple(m for m in config.staff if loopback or not m.demo)
+    app = create_app(config, data_dir=Path(args.data_dir), allow_demo_tokens=loopback)
     log.info("contact-router on http://%s:%s (config %s, data %s)", args.host, args.port, config.file, args.data_dir)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0

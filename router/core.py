@@ -27,7 +27,7 @@ from .context import IngestResult
 from .hookspecs import hookimpl
 from .ingest import Prepared, ingest_tx, prepare
 from .metrics import Metrics
-from .models import Customer, CustomerClaim, RoutingDecision
+from .models import Customer, CustomerClaim
 from .outbox import OutboxWorker, apply_delivery_update
 from .plugins import call_all, call_first, has_implementations
 from .store.sqlite import SQLiteStore, iso
@@ -461,10 +461,3 @@ class Core:
     async def import_customers(self, rows: list[Mapping[str, str]]) -> int:
         stamp = iso(self.clock.now())
         return await self.store.write(lambda conn: identity.import_customers(conn, rows, stamp))
-
-
-def json_loads(value: str | None) -> Any:
-    return json.loads(value) if value else None
-
-
-__all__ = ["ActionError", "Core", "DirectoryPlugin", "RoutingDecision"]

@@ -25,3 +25,4 @@ METRICS = web.AppKey("metrics", Metrics)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 OUTBOX_POLICY = web.AppKey("outbox_policy", OutboxPolicy)
 RUN_WORKERS = web.AppKey("run_workers", bool)
+STAFF = web.AppKey("staff", tuple)  # the StaffMembers whose tokens the inbox API accepts

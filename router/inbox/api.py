@@ -15,8 +15,6 @@ from ..config import Config, StaffMember
 from . import queries
 from .openapi import openapi_document
 
-STAFF = web.AppKey("staff", tuple)
-ALLOW_DEMO = web.AppKey("allow_demo_tokens", bool)
 
 MAX_TEXT = 20_000
 STATES = ("open", "acknowledged", "answered", "waiting", "closed")
@@ -48,7 +46,7 @@ def authenticate(request: web.Request) -> tuple[StaffMember, frozenset[str]]:
         raise _error(401, "unauthorized", "a bearer token is required")
     token = token.strip()
     found = None
-    for member in request.app[STAFF]:
+    for member in request.app[keys.STAFF]:
         if hmac.compare_digest(member.token.encode(), token.encode()):
             found = member
     if found is None:
@@ -305,7 +303,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def setup_inbox(app: web.Application, *, allow_demo_tokens: bool = True) -> None:
+    """Mount the API; demo tokens (from the configuration's defaults) only when allowed."""
     config = app[keys.CONFIG]
-    app[ALLOW_DEMO] = allow_demo_tokens
-    app[STAFF] = tuple(m for m in config.staff if allow_demo_tokens or not m.demo)
+    app[keys.STAFF] = tuple(m for m in config.staff if allow_demo_tokens or not m.demo)
     app.router.add_routes(routes)

@@ -177,3 +177,15 @@ async def test_callback_reached_answers_the_conversation(harness):
     assert status == 201 and body["answered"] is True
     status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
     assert detail["state"] == "answered" and detail["callbacks"][0]["outcome"] == "reached"
+
+
+async def test_demo_tokens_are_refused_when_not_allowed(tmp_path):
+    from router.app import create_app
+    from router.config import load_config
+    from aiohttp.test_utils import TestClient, TestServer
+
+    app = create_app(load_config(env={}), data_dir=tmp_path / "d", entrypoints=("webform",), run_workers=False,
+                     allow_demo_tokens=False)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        response = await client.get("/api/v1/conversations", headers={"Authorization": "Bearer demo-admin"})
+        assert response.status == 401
