@@ -144,8 +144,8 @@ def _find_thread(
             referred = row  # a case reference is not proof of identity: link, don't join
     if threads_by_sender:
         row = conn.execute(
-            "SELECT * FROM conversations WHERE contact_id = ? AND channel = ? AND state != 'closed'"
-            " ORDER BY id DESC LIMIT 1",
+            "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
+            " WHERE contact_id = ? AND channel = ? AND state != 'closed' ORDER BY id DESC LIMIT 1",
             (contact_id, msg["channel"]),
         ).fetchone()
         if row is not None:

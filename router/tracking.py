@@ -263,7 +263,7 @@ def escalate_due(
 ) -> list[dict[str, Any]]:
     """Escalate every conversation whose escalation time has passed and that still waits."""
     rows = conn.execute(
-        "SELECT * FROM conversations WHERE escalate_at IS NOT NULL AND escalate_at <= ?"
+        "SELECT * FROM conversations INDEXED BY conversations_escalate WHERE escalate_at IS NOT NULL AND escalate_at <= ?"
         " AND state IN ('open', 'acknowledged') ORDER BY escalate_at LIMIT ?",
         (iso(now), limit),
     ).fetchall()

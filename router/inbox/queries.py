@@ -92,7 +92,10 @@ async def list_conversations(
     where = []
     params: list[Any] = []
     unit_list = sorted(set(units))
-    where.append(f"c.unit IN ({','.join('?' * len(unit_list))})")
+    # One unit: walk its (unit, id) index. Several: walk the primary key newest first and
+    # filter; "+" keeps SQLite from choosing the unit index and sorting everything (2 s at 1M).
+    column = "c.unit" if len(unit_list) == 1 else "+c.unit"
+    where.append(f"{column} IN ({','.join('?' * len(unit_list))})")
     params.extend(unit_list)
     if state:
         where.append("c.state = ?")
@@ -101,7 +104,7 @@ async def list_conversations(
         where.append("c.channel = ?")
         params.append(channel)
     if overdue is True:
-        where.append("c.deadline IS NOT NULL AND c.deadline < ? AND c.state IN ('open', 'acknowledged')")
+        where.append("+c.deadline IS NOT NULL AND +c.deadline < ? AND +c.state IN ('open', 'acknowledged')")
         params.append(iso(now))
     elif overdue is False:
         where.append("NOT (c.deadline IS NOT NULL AND c.deadline < ? AND c.state IN ('open', 'acknowledged'))")

@@ -181,4 +181,12 @@ CREATE TABLE callback_attempts (
 CREATE INDEX callback_attempts_conversation ON callback_attempts(conversation_id, id);
 """,
     ),
+    (
+        2,
+        "indexes for threading by sender and the conversation view",
+        """
+CREATE INDEX conversations_contact_channel ON conversations(contact_id, channel, id);
+CREATE INDEX outbox_conversation ON outbox(conversation_id, id);
+""",
+    ),
 ]

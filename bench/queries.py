@@ -1,0 +1,112 @@
+"""Time the inbox queries on a seeded database and show their query plans.
+
+    python bench/queries.py --db /tmp/seed/contact-router.sqlite3 --repeat 20
+
+Runs the real ``router/inbox/queries.py`` functions (inbox list with each filter, the next page,
+one conversation's view) and the escalation scheduler's overdue scan (the same SQL as
+``router.tracking.escalate_due``), prints the median and worst time of each and the
+``EXPLAIN QUERY PLAN`` of every statement they ran. Read-only apart from migrations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sqlite3
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from router.clock import Clock
+from router.inbox.queries import conversation_detail, list_conversations
+from router.store.sqlite import SQLiteStore, iso
+
+OVERDUE_SCAN = ("SELECT * FROM conversations WHERE escalate_at IS NOT NULL AND escalate_at <= ?"
+                " AND state IN ('open', 'acknowledged') ORDER BY escalate_at LIMIT ?")
+ALL_UNITS = ("bauhotline", "kundenservice", "stoerung", "tiefbau-muster", "vertrieb")
+
+
+class RecordingStore(SQLiteStore):
+    """Remembers every read statement, to explain it afterwards."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.statements: list[tuple[str, Any]] = []
+
+    async def fetchall(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        self.statements.append((sql, params))
+        return await super().fetchall(sql, params)
+
+
+async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
+    store = RecordingStore(db)
+    await store.open()
+    core = SimpleNamespace(store=store, clock=Clock(), status_url=lambda token: f"/status/{token}",
+                           config=SimpleNamespace(units={}))
+    newest = (await store.fetchone("SELECT MAX(id) FROM conversations"))[0]
+    middle = newest // 2
+    contact = (await store.fetchone("SELECT contact_id FROM conversations WHERE id = ?", (middle,)))[0]
+    reference = (await store.fetchone("SELECT case_reference FROM conversations WHERE id = ?", (middle,)))[0]
+    cases: list[tuple[str, Any]] = [
+        ("list, all units", lambda: list_conversations(core, units=ALL_UNITS)),
+        ("list, contractor unit", lambda: list_conversations(core, units=("tiefbau-muster",))),
+        ("list, hotline units + state=open", lambda: list_conversations(core, units=("bauhotline", "kundenservice"), state="open")),
+        ("list, channel=email", lambda: list_conversations(core, units=ALL_UNITS, channel="email")),
+        ("list, overdue=true", lambda: list_conversations(core, units=ALL_UNITS, overdue=True)),
+        ("list, overdue=true, one unit", lambda: list_conversations(core, units=("stoerung",), overdue=True)),
+        ("list, q=case reference", lambda: list_conversations(core, units=ALL_UNITS, q=reference)),
+        ("list, contact", lambda: list_conversations(core, units=ALL_UNITS, contact_id=contact)),
+        ("list, page in the middle", lambda: list_conversations(core, units=ALL_UNITS, before_id=middle)),
+        ("conversation view", lambda: conversation_detail(core, middle)),
+        ("overdue scan (scheduler)", lambda: store.fetchall(OVERDUE_SCAN, (iso(core.clock.now()), 200))),
+        ("list, q=free text (LIKE, not indexed)", lambda: list_conversations(core, units=ALL_UNITS, q="Anliegen 4242")),
+    ]
+    results: dict[str, Any] = {"conversations": newest, "queries": []}
+    for name, call in cases:
+        store.statements.clear()
+        await call()
+        statements = list(store.statements)
+        timings = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            await call()
+            timings.append((time.perf_counter() - started) * 1000)
+        plans = []
+        for sql, params in statements:
+            rows = await store.db.execute_fetchall(f"EXPLAIN QUERY PLAN {sql}", params)
+            plans.append({"sql": " ".join(sql.split())[:160], "plan": [r[3] for r in rows]})
+        median, worst = statistics.median(timings), max(timings)
+        results["queries"].append({"name": name, "median_ms": round(median, 3), "max_ms": round(worst, 3),
+                                   "under_target": worst <= target_ms, "plans": plans})
+    await store.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--target-ms", type=float, default=20.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not args.db.exists():
+        parser.error(f"{args.db} does not exist: seed it with bench/seed.py first")
+    results = asyncio.run(run(args.db, max(1, min(args.repeat, 1000)), args.target_ms))
+    print(f"{results['conversations']} conversations; target {args.target_ms} ms\n")
+    for q in results["queries"]:
+        mark = "ok " if q["under_target"] else "SLOW"
+        print(f"{mark} {q['median_ms']:9.2f} ms median {q['max_ms']:9.2f} ms max  {q['name']}")
+        for p in q["plans"]:
+            print(f"        {p['sql'][:110]}")
+            for step in p["plan"]:
+                print(f"          -> {step}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

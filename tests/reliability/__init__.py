@@ -1,0 +1,1 @@
+"""Reliability tests: crashes, provider outages and bad input at volume."""

@@ -1,0 +1,63 @@
+"""The outbox worker dies in the middle of a send: after the restart every message is sent at
+least once, nothing is marked sent or delivered that was not, and every attempt carries the same
+idempotency key (``biz_opaque_callback_data`` on WhatsApp)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+from router.outbox import OutboxPolicy
+from router.testing import CoreHarness
+
+from .helpers import APP_SECRET, PHONE_NUMBER_ID, FakeGraph, sign, wa_number, wait_until, whatsapp_body
+
+POLICY = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, lease_seconds=120)
+
+
+def harness(data_dir: Path, graph: FakeGraph) -> CoreHarness:
+    env = {"WHATSAPP_APP_SECRET": APP_SECRET, "WHATSAPP_VERIFY_TOKEN": "verify", "WHATSAPP_ACCESS_TOKEN": "access",
+           "WHATSAPP_PHONE_NUMBER_ID": PHONE_NUMBER_ID, "WHATSAPP_GRAPH_URL": graph.url}
+    return CoreHarness(data_dir, entrypoints=("webform", "whatsapp"), env=env, outbox_policy=POLICY)
+
+
+async def test_worker_dies_mid_send(tmp_path: Path) -> None:
+    graph = FakeGraph()
+    await graph.start()
+    try:
+        graph.mode = "hang"
+        async with harness(tmp_path / "data", graph) as h:
+            for i in range(3):
+                body = whatsapp_body(f"wamid.worker.{i}", wa_number(700 + i))
+                response = await h.client.post("/channels/whatsapp/webhook", data=body,
+                                                headers={"X-Hub-Signature-256": sign(body), "Content-Type": "application/json"})
+                assert response.status == 200
+            assert h.core.outbox is not None
+            worker = asyncio.create_task(h.core.outbox.run_once())
+            assert await wait_until(lambda: len(graph.requests) == 3, timeout=10)
+            worker.cancel()  # the worker dies with three sends in flight
+            await asyncio.gather(worker, return_exceptions=True)
+            rows = await h.rows("SELECT o.state, o.provider_id, o.delivery_status, m.delivery_status AS message_status"
+                                " FROM outbox o JOIN messages m ON m.id = o.message_id")
+            assert len(rows) == 3
+            for row in rows:
+                assert row["state"] == "sending" and row["provider_id"] is None
+                assert row["delivery_status"] in (None, "queued") and row["message_status"] in (None, "queued")
+            keys_before = {r["idempotency_key"] for r in await h.rows("SELECT idempotency_key FROM outbox")}
+
+        graph.mode = "ok"
+        async with harness(tmp_path / "data", graph) as h:  # the restart, on the same file
+            assert await h.run_outbox() == 0, "a fresh lease is respected: no second sender at once"
+            h.clock.advance(timedelta(seconds=POLICY.lease_seconds + 1))
+            assert await h.run_outbox() == 3
+            rows = await h.rows("SELECT idempotency_key, state, provider_id, attempts FROM outbox")
+            assert all(r["state"] == "sent" and r["provider_id"] and r["attempts"] == 2 for r in rows)
+        attempts_by_key: dict[str, int] = {}
+        for request in graph.requests:
+            attempts_by_key[request["key"]] = attempts_by_key.get(request["key"], 0) + 1
+        assert set(attempts_by_key) == keys_before, "retries reuse the idempotency key"
+        assert all(n == 2 for n in attempts_by_key.values())
+        assert sorted(graph.delivered_keys()) == sorted(keys_before), "each sent at least once, accepted once"
+    finally:
+        await graph.stop()
