@@ -7,14 +7,18 @@ one contact; e-mail addresses are lower-cased. Merged contacts point to the surv
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import phonenumbers
-from functools import lru_cache
 
 from .models import Customer
+
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
 class InvalidAddress(ValueError):
@@ -26,6 +30,8 @@ def normalize_phone(raw: str, region: str = "DE") -> str:
     """E.164 form of a phone number written nationally or internationally (cached: parsing
     costs ~150 us and the same senders write again)."""
     text = raw.strip()
+    if E164.match(text):
+        return text  # already canonical (WhatsApp, Twilio): no need to parse
     if text.isdigit() and len(text) > 10 and not text.startswith("0"):
         text = "+" + text  # WhatsApp ids and Twilio "From" without a plus
     try:

@@ -128,6 +128,10 @@ def _find_thread(
         ).fetchone()
         if key is None or key[0] is None:
             key = conn.execute(
+                "SELECT conversation_id FROM messages WHERE channel = ? AND provider_id = ?", (msg["channel"], ref)
+            ).fetchone()
+        if key is None or key[0] is None:
+            key = conn.execute(
                 "SELECT conversation_id FROM thread_keys WHERE channel = ? AND key = ?", (msg["channel"], ref)
             ).fetchone()
         if key is not None and key[0] is not None:

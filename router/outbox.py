@@ -132,16 +132,18 @@ def record_sent(
         " last_error = NULL, updated_at = ? WHERE id = ?",
         (provider_id, status, stamp, outbox_id),
     )
-    conn.execute(
-        "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, at) VALUES (?, ?, ?, ?, ?)",
-        (row["channel"], provider_id, outbox_id, status, stamp),
-    )
+    # delivery_events holds what providers report later; "accepted" is the outbox row itself.
     if row["primary_delivery"]:
         conn.execute(
             "UPDATE messages SET provider_id = ?, delivery_status = ? WHERE id = ?", (provider_id, status, row["message_id"])
         )
     if row["conversation_id"] is not None:
-        for key in {provider_id, thread_key} - {None}:
+        # A primary message is found again by its provider id through the messages table;
+        # copies and extra ids (an e-mail Message-ID) need a thread key.
+        keys = {provider_id, thread_key} - {None}
+        if row["primary_delivery"]:
+            keys.discard(provider_id)
+        for key in keys:
             conn.execute(
                 "INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
                 (row["channel"], key, row["conversation_id"]),

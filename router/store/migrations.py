@@ -189,4 +189,12 @@ CREATE INDEX conversations_contact_channel ON conversations(contact_id, channel,
 CREATE INDEX outbox_conversation ON outbox(conversation_id, id);
 """,
     ),
+    (
+        3,
+        "drop indexes that later ones made redundant",
+        """
+DROP INDEX conversations_contact;
+DROP INDEX conversations_deadline;
+""",
+    ),
 ]
