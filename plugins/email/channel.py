@@ -12,8 +12,8 @@ import hashlib
 import hmac
 import json
 import os
-import uuid
 import ssl
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ class EmailChannel(Channel):
         self.smtp_port: int | None = None
         self.imap_mailboxes = imap_mailboxes(settings.imap)
         self.imap_pollers: list[ImapPoller] = []
+        self._tls: ssl.SSLContext | None = None
+        self._tls_stamp: tuple[int, int] | None = None
 
     # -- inbound --------------------------------------------------------------------------
 
@@ -126,12 +128,43 @@ class EmailChannel(Channel):
         except InvalidMessage as exc:
             self.context.log.warning("IMAP: skipped a mail the core refused: %s %s", exc.path, exc.message)
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def _tls_files_stamp(self) -> tuple[int, int] | None:
+        """When ``tls_cert`` and ``tls_key`` last changed; ``None`` while one is unreadable."""
+        cert, key = self.settings.tls_cert, self.settings.tls_key
+        if not (cert and key):
+            return None
+        try:
+            return (os.stat(cert).st_mtime_ns, os.stat(key).st_mtime_ns)
+        except OSError:
+            return None
+
+    def _load_tls_context(self) -> ssl.SSLContext | None:
+        """The listener's STARTTLS context from ``tls_cert``/``tls_key``; raises when the files
+        cannot be read or do not fit, so a broken certificate stops the start."""
         if not (self.settings.tls_cert and self.settings.tls_key):
             return None
+        stamp = self._tls_files_stamp()
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        self._tls, self._tls_stamp = context, stamp
         return context
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The context for a new connection: loaded once at start, loaded again when the files
+        change (a renewed certificate needs no restart). If the new files cannot be used, the
+        previous certificate stays in use and the problem is logged."""
+        if self._tls is None:
+            return None
+        stamp = self._tls_files_stamp()
+        if stamp is not None and stamp != self._tls_stamp:
+            try:
+                self._load_tls_context()
+            except (OSError, ssl.SSLError) as exc:
+                self._tls_stamp = stamp  # log once per change, not once per connection
+                self.context.log.warning(
+                    "SMTP listener: cannot load the changed certificate, keeping the old one: %s", exc
+                )
+        return self._tls
 
     def smtp_factory(self) -> SMTP:
         """One aiosmtpd protocol instance per connection, on the running loop."""
@@ -147,6 +180,7 @@ class EmailChannel(Channel):
 
     async def _smtp_service(self) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._load_tls_context)
         server = await loop.create_server(self.smtp_factory, self.settings.listen_host, self.settings.listen_port)
         self.smtp_port = server.sockets[0].getsockname()[1]
         self.context.log.info("SMTP listener on %s:%s", self.settings.listen_host, self.smtp_port)
