@@ -89,6 +89,7 @@ class Rule:
     languages: frozenset[str]
     customer: bool | None
     has_topic: bool | None
+    has_location: bool | None
     recipients: frozenset[str]
     unit: str | None
 
@@ -238,6 +239,7 @@ def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> C
             languages=frozenset(r.get("languages", ())),
             customer=r.get("customer"),
             has_topic=r.get("has_topic"),
+            has_location=r.get("has_location"),
             recipients=frozenset(x.lower() for x in r.get("recipients", ())),
             unit=r.get("unit"),
         )
@@ -341,4 +343,17 @@ def _check_references(data: Mapping[str, Any]) -> list[tuple[str, str]]:
     ack = data.get("templates", {}).get("ack")
     if not ack:
         errors.append(("templates.ack", "an acknowledgement template is required"))
+    for name, variants in data.get("templates", {}).items():
+        for language, text in variants.items():
+            try:
+                text.format_map(_AnyValue())
+            except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
+                errors.append((f"templates.{name}.{language}", f"not a valid template: {exc}"))
     return errors
+
+
+class _AnyValue(dict[str, str]):
+    """Fills every placeholder while a template is checked at load."""
+
+    def __missing__(self, key: str) -> str:
+        return ""

@@ -38,11 +38,16 @@ def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) 
 
 
 def _about(rule: Rule, topic: str | None, normalized_text: str) -> str | None:
-    """Whether the message is about the rule's topics/keywords; returns the reason part."""
+    """Whether the message is about the rule's topics/keywords; returns the reason part.
+
+    A topic the sender chose (other than "other") decides: keywords in the text do not
+    override it, so a fault report that mentions an excavator stays a fault report."""
     if not rule.topics and not rule.keywords:
         return ""
     if topic and topic in rule.topics:
         return f"topic {topic}"
+    if topic and topic != "other" and rule.topics:
+        return None
     if rule.keyword_re is not None:
         match = rule.keyword_re.search(normalized_text)
         if match:
@@ -75,6 +80,8 @@ def decide(
         if rule.customer is not None and rule.customer != is_customer:
             continue
         if rule.has_topic is not None and rule.has_topic != has_topic:
+            continue
+        if rule.has_location is not None and rule.has_location != (message.get("location") is not None):
             continue
         if rule.recipients and recipient not in rule.recipients:
             continue

@@ -4,6 +4,7 @@ also where staff replies are delivered (a resident without e-mail or phone still
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import secrets
 import time
@@ -105,9 +106,12 @@ class WebFormChannel(Channel):
         is_json = request.content_type == JSON_TYPE
         if request.content_length is not None and request.content_length > self.max_body:
             raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes")
-        body = await request.content.read(self.max_body + 1)
-        if len(body) > self.max_body:
-            raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes")
+        buffer = bytearray()
+        async for chunk in request.content.iter_chunked(64 * 1024):  # read() may return a part
+            buffer += chunk
+            if len(buffer) > self.max_body:
+                raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes")
+        body = bytes(buffer)
         if is_json:
             try:
                 data = json.loads(body.decode("utf-8"))
@@ -138,7 +142,7 @@ class WebFormChannel(Channel):
             if cls is web.HTTPRequestEntityTooLarge:
                 return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=body, content_type=JSON_TYPE)
             return cls(text=body, content_type=JSON_TYPE)
-        text = f"<!doctype html><html lang=\"de\"><meta charset=\"utf-8\"><title>{status}</title><p>{message}</p></html>"
+        text = f"<!doctype html><html lang=\"de\"><meta charset=\"utf-8\"><title>{status}</title><p>{html.escape(message)}</p></html>"
         if cls is web.HTTPRequestEntityTooLarge:
             return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=text, content_type="text/html")
         return cls(text=text, content_type="text/html")

@@ -247,7 +247,7 @@ async def post_merge(request: web.Request) -> web.Response:
     survivor = _int_param(request.match_info["id"], "id")
     data = await _body(request)
     other = data.get("other_contact_id")
-    if not isinstance(other, int) or isinstance(other, bool) or other < 1:
+    if not isinstance(other, int) or isinstance(other, bool) or not 1 <= other <= 2**62:
         raise _error(400, "invalid_field", "other_contact_id must be a contact id", field="other_contact_id")
     await _scoped_contact(request, survivor, units)
     await _scoped_contact(request, other, units)

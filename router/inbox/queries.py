@@ -29,7 +29,10 @@ def decode_cursor(cursor: str) -> int:
     text = base64.urlsafe_b64decode(padded.encode()).decode()
     if not text.startswith("c:"):
         raise ValueError("bad cursor")
-    return int(text[2:])
+    value = int(text[2:])
+    if not 0 < value <= 2**62:
+        raise ValueError("bad cursor")
+    return value
 
 
 def _conversation_item(row: Any, now: datetime) -> dict[str, Any]:
@@ -227,7 +230,8 @@ async def resident_view(core: Core, status_token: str) -> dict[str, Any] | None:
         return None
     messages = await core.store.fetchall(
         "SELECT id, direction, kind, channel, text, created_at, delivery_status FROM messages"
-        " WHERE conversation_id = ? AND direction IN ('in', 'out') AND kind NOT IN ('reaction') ORDER BY id",
+        " WHERE conversation_id = ? AND direction IN ('in', 'out') AND kind NOT IN ('reaction', 'edit', 'deletion', 'callback')"
+        " ORDER BY id",
         (row["id"],),
     )
     unit = core.config.units.get(row["unit"])

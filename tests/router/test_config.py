@@ -48,6 +48,8 @@ def _write(tmp_path, data) -> str:
         (lambda d: d["areas"]["musterstadt-nord"]["point"].__setitem__("lat", 123), "areas.musterstadt-nord.point.lat"),
         (lambda d: d["units"]["kundenservice"].__setitem__("escalate_to", "vertrieb"), "units.kundenservice.escalate_to"),
         (lambda d: d["units"]["vertrieb"].__setitem__("colour", "blue"), "units.vertrieb"),
+        (lambda d: d["templates"]["ack"].__setitem__("de", "Antwort bis {deadline"), "templates.ack.de"),
+        (lambda d: d["templates"]["ack"].__setitem__("en", "Case {0}"), "templates.ack.en"),
     ],
 )
 def test_broken_config_names_file_and_key(tmp_path, change, key):

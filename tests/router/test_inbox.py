@@ -74,7 +74,10 @@ async def test_filters_and_cursor_pagination(harness):
 
 async def test_bad_parameters_and_bodies_are_400_with_field(harness):
     case = await _case(harness)
-    for query, field in (("state=weird", "state"), ("overdue=yes", "overdue"), ("limit=0", "limit"), ("limit=abc", "limit"),
+    import base64
+
+    huge = base64.urlsafe_b64encode(b"c:" + b"9" * 30).decode().rstrip("=")
+    for query, field in ((f"cursor={huge}", "cursor"), ("state=weird", "state"), ("overdue=yes", "overdue"), ("limit=0", "limit"), ("limit=abc", "limit"),
                          ("cursor=!!!", "cursor"), ("unit=nope", "unit")):
         status, body = await harness.api("GET", f"/api/v1/conversations?{query}")
         assert status == 400 and body["error"]["field"] == field, (query, body)
@@ -154,6 +157,8 @@ async def test_contacts_get_and_merge_history_follows(harness):
     assert status in (404, 409)
     status, body = await harness.api("POST", f"/api/v1/contacts/{ca['contact']['id']}/merge", json={"other_contact_id": "x"})
     assert status == 400
+    status, body = await harness.api("POST", f"/api/v1/contacts/{ca['contact']['id']}/merge", json={"other_contact_id": 2**70})
+    assert status == 400 and body["error"]["field"] == "other_contact_id"
 
 
 async def test_units_me_health_metrics(harness):
@@ -171,10 +176,13 @@ async def test_units_me_health_metrics(harness):
 
 async def test_callback_reached_answers_the_conversation(harness):
     case = await _case(harness)
+    token = (await harness.core.store.fetchone("SELECT status_token FROM conversations WHERE id = ?", (case,)))["status_token"]
     status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "maybe"})
     assert status == 400 and body["error"]["field"] == "outcome"
-    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "reached", "note": "Rückruf erledigt"})
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "reached", "note": "INTERN: Rückruf erledigt"})
     assert status == 201 and body["answered"] is True
+    page = await (await harness.client.get(f"/channels/webform/status/{token}")).text()
+    assert "INTERN" not in page  # staff notes on call-backs are not for the resident
     status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
     assert detail["state"] == "answered" and detail["callbacks"][0]["outcome"] == "reached"
 

@@ -27,10 +27,15 @@ def route(text="", **extra):
         ({"text": "Seit gestern Stoerung"}, "stoerung", "fault"),
         ({"text": "Ich möchte meinen Vertrag ändern"}, "vertrieb", "contract"),
         ({"text": "Hallo", "topic": "contract"}, "vertrieb", "contract"),
-        ({"text": "", "location": {"lat": 52.5230, "lon": 13.4090}, "channel": "whatsapp"}, "tiefbau-muster", "area-without-topic"),
+        ({"text": "", "location": {"lat": 52.5230, "lon": 13.4090}, "channel": "whatsapp"}, "tiefbau-muster", "location-in-area"),
         ({"text": "", "location": {"lat": 52.60, "lon": 13.40}, "channel": "whatsapp"}, "kundenservice", "fallback"),
         ({"text": "Guten Tag", "unit_hint": "bauhotline", "recipient": "bau@example.org", "channel": "email"}, "bauhotline", "entry-point"),
         ({"text": "Guten Tag"}, "kundenservice", "fallback"),
+        # private matters from inside the contractor's area never go to the external contractor
+        ({"text": "Meine Rechnung ist zu hoch", "topic": "other", "address": {"postcode": "12345"}}, "kundenservice", "fallback"),
+        ({"text": "Ich wohne im Lindenweg 3, meine Rechnung ist falsch", "channel": "email", "unit_hint": "kundenservice"}, "kundenservice", "entry-point"),
+        # the topic the sender chose decides over keywords in the text
+        ({"text": "Seit der Bagger da war, kein Signal", "topic": "fault", "address": {"postcode": "12345"}}, "stoerung", "fault"),
     ],
 )
 def test_rules(kwargs, unit, rule):

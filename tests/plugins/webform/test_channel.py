@@ -215,3 +215,22 @@ async def test_contract_kit_passes_for_the_web_form(harness):
 
     conv = await check_channel_contract(harness, "webform", deliver, sender=("email", "anwohner@example.net"))
     assert conv["state"] == "answered"
+
+
+async def test_a_body_arriving_in_parts_is_read_whole(harness):
+    import asyncio
+    from urllib.parse import urlencode
+
+    long_message = "Baustelle vor dem Haus. " + "Der Gehweg ist gesperrt und niemand sagt uns, wie lange noch. " * 45
+    body = urlencode({**FORM, "message": long_message[:5000], "form_token": await get_token(harness)}).encode()
+
+    async def parts():
+        yield body[:900]
+        await asyncio.sleep(0.2)
+        yield body[900:]
+
+    response = await harness.client.post("/channels/webform/", data=parts(), allow_redirects=False,
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status == 303
+    rows = await harness.rows("SELECT text FROM messages WHERE direction = 'in'")
+    assert rows == [{"text": long_message[:5000].strip()}]

@@ -412,7 +412,7 @@ async def test_the_acknowledgement_is_in_the_senders_language(wa: CoreHarness, g
 @pytest.mark.parametrize(
     "latitude, longitude, unit, rule",
     [
-        (52.5230, 13.4080, "tiefbau-muster", "area-without-topic"),  # about 390 m from the point
+        (52.5230, 13.4080, "tiefbau-muster", "location-in-area"),  # about 390 m from the point
         (52.5500, 13.4500, "kundenservice", "entry-point"),  # about 4.5 km away: the number's unit
     ],
 )
