@@ -249,9 +249,13 @@ async def post_merge(request: web.Request) -> web.Response:
     other = data.get("other_contact_id")
     if not isinstance(other, int) or isinstance(other, bool) or not 1 <= other <= 2**62:
         raise _error(400, "invalid_field", "other_contact_id must be a contact id", field="other_contact_id")
-    await _scoped_contact(request, survivor, units)
-    await _scoped_contact(request, other, units)
-    await request.app[keys.CORE].merge_contacts(survivor, other, member.name)
+    core = request.app[keys.CORE]
+    for contact_id in (survivor, other):
+        await _scoped_contact(request, contact_id, units)
+        # Merging moves every conversation of both contacts: only for staff who see them all.
+        if not await queries.contact_units(core, contact_id) <= units:
+            raise _error(404, "not_found", "contact not found")
+    await core.merge_contacts(survivor, other, member.name)
     return web.json_response(await queries.contact_detail(request.app[keys.CORE], survivor))
 
 

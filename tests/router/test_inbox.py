@@ -197,3 +197,16 @@ async def test_demo_tokens_are_refused_when_not_allowed(tmp_path):
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         response = await client.get("/api/v1/conversations", headers={"Authorization": "Bearer demo-admin"})
         assert response.status == 401
+
+
+async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness):
+    mine = await harness.core.ingest(webform_message(email="a@example.net"))
+    theirs = await harness.core.ingest(webform_message("Tarif?", email="b@example.net", topic="contract", postcode="99999"))
+    also_mine = await harness.core.ingest(webform_message("Baustelle", email="b@example.net"))
+    status, a = await harness.api("GET", f"/api/v1/conversations/{mine.conversation_id}", token="contractor")
+    status, b = await harness.api("GET", f"/api/v1/conversations/{also_mine.conversation_id}", token="contractor")
+    status, body = await harness.api("POST", f"/api/v1/contacts/{a['contact']['id']}/merge", token="contractor",
+                                     json={"other_contact_id": b["contact"]["id"]})
+    assert status == 404  # b also has a sales conversation the contractor must not move
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{theirs.conversation_id}")
+    assert detail["contact"]["id"] == b["contact"]["id"]
