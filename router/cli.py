@@ -53,7 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     app = create_app(config, data_dir=Path(args.data_dir), allow_demo_tokens=loopback)
     log.info("contact-router on http://%s:%s (config %s, data %s)", args.host, args.port, config.file, args.data_dir)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    # A listen backlog above the default 128, so that a burst of provider connections waits
+    # for the channels' own backpressure (503 + Retry-After) instead of being dropped by the kernel.
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, backlog=1024)
     return 0
 
 

@@ -35,6 +35,10 @@ from .tracking import (
 )
 from .validation import validate_inbound
 
+# One encoder for every row: json.dumps(..., ensure_ascii=False) builds a new JSONEncoder on
+# each call, since only the all-defaults call has a cached one. Same output.
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
 ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
 # Message flags that concern the whole conversation and are copied onto it.
 CONVERSATION_FLAGS = frozenset({"callback_required", "no_number", "unsupported", "provider_error", "transcription_failed"})
@@ -198,7 +202,7 @@ def _annotate(
             target["id"] if target is not None else None,
             msg.get("text") if msg["kind"] != "reaction" else meta.get("emoji"),
             prep.language,
-            json.dumps(payload, ensure_ascii=False) if payload else None,
+            _to_json(payload) if payload else None,
             stamp,
         ),
     ).lastrowid
@@ -319,7 +323,7 @@ def ingest_tx(
             msg.get("subject"),
             msg.get("text"),
             prep.language,
-            json.dumps(payload, ensure_ascii=False) if payload else None,
+            _to_json(payload) if payload else None,
             stamp,
         ),
     ).lastrowid

@@ -17,7 +17,8 @@ import random
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from .channel import (
     Channel,
@@ -34,6 +35,7 @@ from .store.sqlite import SQLiteStore, iso, parse_iso
 from .tracking import add_flags, add_outbox_row, mark_answered, record_event
 
 log = logging.getLogger("contact_router.outbox")
+T = TypeVar("T")
 
 # A RetryableDeliveryError with this code means the channel cannot send at all until it is
 # configured (no mail relay): the row stays queued, visible in the inbox, and is never given up.
@@ -83,20 +85,33 @@ def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> 
         f" LEFT JOIN conversations c ON c.id = o.conversation_id WHERE o.id IN ({marks})",
         ids,
     ).fetchall()
+    # Thread references and the last inbound message are looked up once per distinct
+    # (conversation, channel) and (contact, channel), not once per row: a batch of
+    # acknowledgements is mostly one row per conversation, but it saves the statement overhead
+    # of two lookups per row all the same.
+    refs: dict[tuple[int, str], list[str]] = {}
+    last_inbound: dict[tuple[int, str], str | None] = {}
     result = []
     for row in claimed:
         item = dict(row)
         item["thread_refs"] = []
         item["last_inbound_at"] = None
         if row["conversation_id"] is not None:
-            item["thread_refs"] = _thread_refs(conn, row["conversation_id"], row["channel"])
-            # Reply windows (WhatsApp's 24 hours) count inbound messages on this channel only.
-            last = conn.execute(
-                "SELECT created_at FROM messages WHERE contact_id = ? AND channel = ? AND direction = 'in'"
-                " ORDER BY id DESC LIMIT 1",
-                (row["contact_id"], row["channel"]),
-            ).fetchone() if row["contact_id"] is not None else None
-            item["last_inbound_at"] = last[0] if last else None
+            key = (row["conversation_id"], row["channel"])
+            if key not in refs:
+                refs[key] = _thread_refs(conn, *key)
+            item["thread_refs"] = list(refs[key])
+            if row["contact_id"] is not None:
+                # Reply windows (WhatsApp's 24 hours) count inbound messages on this channel only.
+                who = (row["contact_id"], row["channel"])
+                if who not in last_inbound:
+                    last = conn.execute(
+                        "SELECT created_at FROM messages WHERE contact_id = ? AND channel = ? AND direction = 'in'"
+                        " ORDER BY id DESC LIMIT 1",
+                        who,
+                    ).fetchone()
+                    last_inbound[who] = last[0] if last else None
+                item["last_inbound_at"] = last_inbound[who]
         result.append(item)
     return result
 
@@ -295,6 +310,23 @@ def apply_delivery_update(
     return True, _after_status(conn, row, update.status, answered, stamp)
 
 
+def _apply_each(works: list[Callable[[sqlite3.Connection], Any]], conn: sqlite3.Connection) -> list[tuple[bool, Any]]:
+    """Run each outcome in its own savepoint: (True, value) or (False, exception)."""
+    outcomes: list[tuple[bool, Any]] = []
+    for work in works:
+        conn.execute("SAVEPOINT outcome")
+        try:
+            value = work(conn)
+        except Exception as exc:  # this outcome only
+            conn.execute("ROLLBACK TO outcome")
+            conn.execute("RELEASE outcome")
+            outcomes.append((False, exc))
+        else:
+            conn.execute("RELEASE outcome")
+            outcomes.append((True, value))
+    return outcomes
+
+
 class OutboxWorker:
     """Claims due rows, sends them concurrently through their channels, records outcomes."""
 
@@ -317,6 +349,8 @@ class OutboxWorker:
         self.status_url = status_url
         self.on_answered = on_answered
         self.wake = asyncio.Event()
+        self._outcomes: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.sent = 0
         self.failed = 0
         self.retried = 0
@@ -342,6 +376,40 @@ class OutboxWorker:
                 except TimeoutError:
                     pass
                 self.wake.clear()
+
+    async def _record(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Record one send's outcome; outcomes that arrive while an earlier set is being committed
+        go together into the next unit of work.
+
+        Every acknowledgement ends in an outcome, so under load they were as many units as
+        inbound messages, each with its own savepoint, queue entry and future in the group
+        commit. One unit per set keeps each outcome in its own savepoint (one that fails rolls
+        back only itself) and answers each caller after the commit, as before."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((work, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_outcomes(), name="outbox-outcomes")
+        return await future
+
+    async def _flush_outcomes(self) -> None:
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            try:
+                results = await self.store.write(partial(_apply_each, [work for work, _ in batch]))
+            except BaseException as exc:  # the commit failed: no outcome of this set is recorded
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("commit failed"))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, future), (ok, value) in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
 
     async def run_once(self) -> int:
         """Send everything due now; returns how many rows were attempted."""
@@ -388,7 +456,7 @@ class OutboxWorker:
         channel = self.channels.get(item["channel"])
         if channel is None:
             delay = self.policy.delay(min(item["attempts"], 10))
-            await self.store.write(
+            await self._record(
                 lambda conn: record_retry(conn, item["id"], f"channel {item['channel']!r} is not configured", delay, None, self.clock.now())
             )
             return
@@ -396,33 +464,33 @@ class OutboxWorker:
             result = await asyncio.wait_for(channel.send(self._outbound(item)), self.policy.send_timeout)
         except ResendAsDeliveryError as exc:
             self.retried += 1
-            await self.store.write(lambda conn: record_retry(conn, item["id"], exc.message, 0, exc.hint, self.clock.now()))
+            await self._record(lambda conn: record_retry(conn, item["id"], exc.message, 0, exc.hint, self.clock.now()))
             return
         except (RetryableDeliveryError, TimeoutError) as exc:
             message = exc.message if isinstance(exc, DeliveryError) else "timed out"
             not_configured = isinstance(exc, DeliveryError) and exc.code == NOT_CONFIGURED
             if item["attempts"] >= self.policy.max_attempts and not not_configured:
                 self.failed += 1
-                await self.store.write(
+                await self._record(
                     lambda conn: record_failure(conn, item["id"], f"gave up after {item['attempts']} attempts: {message}", None, self.channels, self.clock.now())
                 )
                 return
             self.retried += 1
             delay = exc.retry_after if isinstance(exc, RetryableDeliveryError) and exc.retry_after else self.policy.delay(min(item["attempts"], 12))
-            await self.store.write(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
+            await self._record(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
             return
         except PermanentDeliveryError as exc:
             self.failed += 1
-            await self.store.write(lambda conn: record_failure(conn, item["id"], exc.message, exc.code, self.channels, self.clock.now()))
+            await self._record(lambda conn: record_failure(conn, item["id"], exc.message, exc.code, self.channels, self.clock.now()))
             return
         except Exception as exc:  # a plugin bug: keep the row, retry later, make it visible
             log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])
             delay = self.policy.delay(item["attempts"])
-            await self.store.write(lambda conn: record_retry(conn, item["id"], f"{type(exc).__name__}: {exc}", delay, None, self.clock.now()))
+            await self._record(lambda conn: record_retry(conn, item["id"], f"{type(exc).__name__}: {exc}", delay, None, self.clock.now()))
             return
         self.sent += 1
         answered_on = result.status in ("delivered", "read") or item["channel"] in self.answered_on_sent
-        answered = await self.store.write(
+        answered = await self._record(
             lambda conn: record_sent(conn, item["id"], result.provider_id, result.status, result.thread_key, answered_on, self.clock.now())
         )
         if answered and self.on_answered is not None:

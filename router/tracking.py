@@ -21,6 +21,10 @@ from .store.sqlite import iso, parse_iso
 from .templates import Templates, format_deadline
 from .text import new_case_reference
 
+# One encoder for every row: json.dumps(..., ensure_ascii=False) builds a new JSONEncoder on
+# each call, since only the all-defaults call has a cached one. Same output.
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
 AWAITING_ANSWER = ("open", "acknowledged")
 
 
@@ -35,7 +39,7 @@ def record_event(
 ) -> None:
     conn.execute(
         "INSERT INTO events (conversation_id, kind, actor, data, at) VALUES (?, ?, ?, ?, ?)",
-        (conversation_id, kind, actor, json.dumps(data, ensure_ascii=False) if data else None, now),
+        (conversation_id, kind, actor, _to_json(data) if data else None, now),
     )
 
 

@@ -803,3 +803,20 @@ async def test_error_entry_without_message_is_kept_for_staff(wa):
     events = await harness.rows("SELECT kind, data FROM events WHERE kind = 'whatsapp:provider_error'")
     assert len(events) == 1 and "131000" in events[0]["data"]
     assert await harness.count("messages") == 0
+
+
+async def test_overload_is_refused_with_retry_after_and_nothing_stored(wa):
+    from plugins.whatsapp.channel import MAX_IN_FLIGHT
+
+    channel = wa.core.channels["whatsapp"]
+    channel.in_flight = MAX_IN_FLIGHT  # as if that many bodies were being ingested right now
+    raw = json.dumps(text_body("wamid.busy", "Hallo")).encode()
+    response = await wa.client.post(
+        WEBHOOK, data=raw, headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(raw, SECRET)}
+    )
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    assert (await response.json())["error"]["code"] == "overloaded"
+    assert await wa.count("messages") == 0
+    channel.in_flight = 0
+    status, _ = await post(wa, text_body("wamid.busy", "Hallo"))  # the provider's retry
+    assert status == 200 and await wa.count("messages", "direction = 'in'") == 1
