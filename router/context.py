@@ -20,7 +20,8 @@ from .clock import Clock
 class IngestResult:
     """Where an inbound message went. ``duplicate`` is True when the same (channel,
     channel_message_id) was stored before; the fields then describe the first delivery.
-    ``conversation_id`` is None for a reaction or edit whose target is unknown."""
+    ``conversation_id`` is None for a reaction or edit whose target is unknown. ``opened`` is
+    True when this message opened the conversation; ``rule`` and ``reason`` are its routing."""
 
     message_id: int
     conversation_id: int | None
@@ -34,6 +35,9 @@ class IngestResult:
     acknowledged: bool
     duplicate: bool = False
     ack_text: str | None = None
+    opened: bool = False
+    rule: str | None = None
+    reason: str | None = None
 
 
 class ChannelContext:

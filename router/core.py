@@ -54,7 +54,10 @@ class DirectoryPlugin:
 
     @hookimpl(trylast=True)
     async def lookup_customer(self, claim: CustomerClaim) -> Customer | None:
-        return await self.store.write(lambda conn: identity.directory_lookup(conn, claim))
+        row = await self.store.fetchone(
+            "SELECT * FROM customers WHERE customer_number = ?", (claim.customer_number.strip().upper(),)
+        )
+        return identity.directory_match(row, claim) if row is not None else None
 
 
 class Core:
@@ -151,10 +154,10 @@ class Core:
         if not result.duplicate:
             if self._received_hook:
                 self._spawn(self._fire("message_received", message=msg, result=result))
-            if self._routed_hook and result.acknowledged and result.conversation_id is not None:
+            if self._routed_hook and result.opened:
                 conv = {"id": result.conversation_id, "case_reference": result.case_reference, "unit": result.unit,
                         "channel": msg["channel"], "deadline": iso(result.deadline)}
-                self._spawn(self._fire("conversation_routed", conversation=conv, rule="ingest", reason=""))
+                self._spawn(self._fire("conversation_routed", conversation=conv, rule=result.rule, reason=result.reason))
         return result
 
     async def _lookup_customer(self, msg: Mapping[str, Any], identities: list[tuple[str, str]]) -> Customer | None:

@@ -16,6 +16,7 @@ from typing import Any
 import phonenumbers
 
 from .models import Customer
+from .text import normalize
 
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -99,47 +100,45 @@ def resolve_contact(
 ) -> tuple[int, bool]:
     """Find or create the contact for these identities; returns (contact id, is_customer).
 
-    Identities not yet known are attached to the contact; an identity that belongs to another
-    contact stays where it is (staff can merge contacts).
+    Only the sender's own address (the first identity) says who they are. Further addresses a
+    sender merely typed in (a form's phone field) are unverified: they are kept only on a
+    contact created now, and never move an address that another contact already has, so
+    nobody can redirect someone else's answers by naming their number. Staff merge contacts
+    that are really one person.
     """
-    contact_id: int | None = None
-    contact: sqlite3.Row | None = None
-    known: set[tuple[str, str]] = set()
-    for kind, address in identities:
-        row = conn.execute(
-            "SELECT i.contact_id, k.merged_into, k.is_customer, k.display_name, k.language FROM identities i"
-            " JOIN contacts k ON k.id = i.contact_id WHERE i.kind = ? AND i.address = ?",
-            (kind, address),
-        ).fetchone()
-        if row is not None:
-            known.add((kind, address))
-            if contact_id is None:
-                contact_id, contact = row["contact_id"], row
-                if row["merged_into"] is not None:
-                    contact_id = _survivor(conn, row["merged_into"])
-                    contact = conn.execute(
-                        "SELECT id, is_customer, display_name, language FROM contacts WHERE id = ?", (contact_id,)
-                    ).fetchone()
-    if contact_id is None:
-        contact_id = conn.execute(
-            "INSERT INTO contacts (display_name, language, customer_claim, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-            (display_name, language, claim if customer is None else None, now, now),
-        ).lastrowid
     primary = identities[0]
-    for kind, address in identities:
-        if (kind, address) not in known:
-            inbound = (kind, address) == primary
-            conn.execute(
-                "INSERT INTO identities (contact_id, kind, address, last_inbound_at, last_inbound_channel, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (contact_id, kind, address, now if inbound else None, channel if inbound else None, now),
-            )
-    if primary in known:
+    contact: sqlite3.Row | None = conn.execute(
+        "SELECT i.contact_id, k.merged_into, k.is_customer, k.display_name, k.language FROM identities i"
+        " JOIN contacts k ON k.id = i.contact_id WHERE i.kind = ? AND i.address = ?",
+        primary,
+    ).fetchone()
+    if contact is not None:
+        contact_id = contact["contact_id"]
+        if contact["merged_into"] is not None:
+            contact_id = _survivor(conn, contact["merged_into"])
+            contact = conn.execute(
+                "SELECT id, is_customer, display_name, language FROM contacts WHERE id = ?", (contact_id,)
+            ).fetchone()
         conn.execute(
             "UPDATE identities SET last_inbound_at = ?, last_inbound_channel = ?, failed_at = NULL"
             " WHERE kind = ? AND address = ?",
             (now, channel, *primary),
         )
+    else:
+        contact_id = conn.execute(
+            "INSERT INTO contacts (display_name, language, customer_claim, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            (display_name, language, claim if customer is None else None, now, now),
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO identities (contact_id, kind, address, last_inbound_at, last_inbound_channel, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (contact_id, *primary, now, channel, now),
+        )
+        for kind, address in identities[1:]:
+            conn.execute(
+                "INSERT OR IGNORE INTO identities (contact_id, kind, address, created_at) VALUES (?, ?, ?, ?)",
+                (contact_id, kind, address, now),
+            )
     if customer is not None:
         conn.execute(
             "UPDATE contacts SET is_customer = 1, customer_number = ?, customer_claim = NULL,"
@@ -185,15 +184,9 @@ def merge_contacts(conn: sqlite3.Connection, survivor: int, other: int, now: str
     )
 
 
-def directory_lookup(conn: sqlite3.Connection, claim: Any) -> Customer | None:
-    """The built-in customer directory's check: the number must exist and match the sender by
-    name, e-mail, phone or postal address; a number alone proves nothing."""
-    row = conn.execute(
-        "SELECT * FROM customers WHERE customer_number = ?", (claim.customer_number.strip().upper(),)
-    ).fetchone()
-    if row is None:
-        return None
-    from .text import normalize
+def directory_match(row: Mapping[str, Any], claim: Any) -> Customer | None:
+    """The built-in customer directory's check of one directory entry against a claim: it must
+    match the sender by name, e-mail, phone or postal address; a number alone proves nothing."""
 
     def same(a: str | None, b: str | None) -> bool:
         return bool(a and b) and normalize(a).split() == normalize(b).split()

@@ -91,6 +91,7 @@ def _result(
     *,
     duplicate: bool = False,
     ack_text: str | None = None,
+    opened: bool = False,
 ) -> IngestResult:
     if conv is None:
         return IngestResult(message_id, None, None, None, None, None, None, None, language, acknowledged, duplicate)
@@ -108,6 +109,9 @@ def _result(
         acknowledged=acknowledged,
         duplicate=duplicate,
         ack_text=ack_text,
+        opened=opened,
+        rule=conv["routing_rule"],
+        reason=conv["routing_reason"],
     )
 
 
@@ -116,10 +120,6 @@ def _find_thread(
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
     """(conversation to join, conversation merely referred to by another sender)."""
     thread = msg.get("thread") or {}
-    if thread.get("conversation_id") is not None:
-        row = conn.execute("SELECT * FROM conversations WHERE id = ?", (thread["conversation_id"],)).fetchone()
-        if row is not None:
-            return row, None
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
         if row is not None:
@@ -252,6 +252,7 @@ def ingest_tx(
 
     conv, referred = _find_thread(conn, msg, contact_id, prep.threads_by_sender)
     needs_ack = False
+    opened = conv is None
     if conv is not None and conv["state"] == "closed":
         closed_at = parse_iso(conv["closed_at"])
         if closed_at is not None and now - closed_at > reopen_window(config):
@@ -375,4 +376,4 @@ def ingest_tx(
         acknowledged = True
     elif needs_ack and msg.get("ack_suppressed"):
         record_event(conn, conv["id"], "ack_suppressed", stamp, reason=msg["ack_suppressed"])
-    return _result(config, message_id, conv, prep.language, acknowledged, status_url, ack_text=ack_text)
+    return _result(config, message_id, conv, prep.language, acknowledged, status_url, ack_text=ack_text, opened=opened)

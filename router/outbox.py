@@ -31,7 +31,7 @@ from .channel import (
 )
 from .clock import Clock
 from .config import Config
-from .store.sqlite import SQLiteStore, iso, parse_iso
+from .store.sqlite import SQLiteStore, iso, parse_iso, run_units
 from .tracking import add_flags, add_outbox_row, mark_answered, record_event
 
 log = logging.getLogger("contact_router.outbox")
@@ -268,23 +268,41 @@ def apply_delivery_update(
     conn: sqlite3.Connection, channel: str, update: DeliveryUpdate, answered_on: frozenset[str], channels: Mapping[str, Channel], now: datetime
 ) -> tuple[bool, dict[str, Any] | None]:
     """A provider status callback: record it, advance the message's status (never backwards),
-    and act on failures. Returns (known, answered conversation if this made it answered)."""
-    stamp = iso(now)
-    at = iso(update.at) if update.at else stamp
+    and act on failures. Returns (known, answered conversation if this made it answered).
+
+    A status for a provider id we do not know yet is kept: the provider may report before the
+    send's own outcome is recorded, and ``record_sent`` applies it then."""
+    at = iso(update.at) if update.at else iso(now)
     row = conn.execute(
         "SELECT * FROM outbox WHERE channel = ? AND provider_id = ? ORDER BY id DESC LIMIT 1", (channel, update.provider_id)
     ).fetchone()
+    detail = " ".join(filter(None, (update.error_title, update.error_detail))) or None
+    repeated = conn.execute(
+        "SELECT 1 FROM delivery_events WHERE channel = ? AND provider_id = ? AND status = ?"
+        " AND error_code IS ? AND at = ? LIMIT 1",
+        (channel, update.provider_id, update.status, update.error_code, at),
+    ).fetchone()
+    if repeated is not None:  # the provider delivered the same callback again
+        return row is not None, None
     conn.execute(
         "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, error_code, error_detail, at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (channel, update.provider_id, row["id"] if row else None, update.status, update.error_code,
-         " ".join(filter(None, (update.error_title, update.error_detail))) or None, at),
+        (channel, update.provider_id, row["id"] if row else None, update.status, update.error_code, detail, at),
     )
     if row is None:
         return False, None
+    return True, _apply_status(conn, row, update, answered_on, channels, now)
+
+
+def _apply_status(
+    conn: sqlite3.Connection, row: sqlite3.Row, update: DeliveryUpdate, answered_on: frozenset[str],
+    channels: Mapping[str, Channel], now: datetime,
+) -> dict[str, Any] | None:
+    """What a provider status does to an outbox row, its message and its conversation."""
+    stamp = iso(now)
     if update.status == "failed":
         if row["state"] == "failed":
-            return True, None
+            return None
         detail = " ".join(filter(None, (update.error_code, update.error_title, update.error_detail))) or "failed"
         if update.resend_hint:
             conn.execute(
@@ -294,37 +312,42 @@ def apply_delivery_update(
             )
             if row["primary_delivery"]:
                 conn.execute("UPDATE messages SET delivery_status = 'queued' WHERE id = ?", (row["message_id"],))
-            return True, None
+            return None
         if not update.permanent:
             record_retry(conn, row["id"], detail, 30.0, None, now)
-            return True, None
+            return None
         record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False)
-        return True, None
+        return None
     current = row["delivery_status"] or "queued"
     if STATUS_RANK.get(update.status, 0) <= STATUS_RANK.get(current, 0):
-        return True, None
+        return None
     conn.execute("UPDATE outbox SET delivery_status = ?, updated_at = ? WHERE id = ?", (update.status, stamp, row["id"]))
     if row["primary_delivery"]:
         conn.execute("UPDATE messages SET delivery_status = ? WHERE id = ?", (update.status, row["message_id"]))
-    answered = update.status in ("delivered", "read") or (update.status == "sent" and channel in answered_on)
-    return True, _after_status(conn, row, update.status, answered, stamp)
+    answered = update.status in ("delivered", "read") or (update.status == "sent" and row["channel"] in answered_on)
+    return _after_status(conn, row, update.status, answered, stamp)
 
 
-def _apply_each(works: list[Callable[[sqlite3.Connection], Any]], conn: sqlite3.Connection) -> list[tuple[bool, Any]]:
-    """Run each outcome in its own savepoint: (True, value) or (False, exception)."""
-    outcomes: list[tuple[bool, Any]] = []
-    for work in works:
-        conn.execute("SAVEPOINT outcome")
-        try:
-            value = work(conn)
-        except Exception as exc:  # this outcome only
-            conn.execute("ROLLBACK TO outcome")
-            conn.execute("RELEASE outcome")
-            outcomes.append((False, exc))
-        else:
-            conn.execute("RELEASE outcome")
-            outcomes.append((True, value))
-    return outcomes
+def apply_early_statuses(
+    conn: sqlite3.Connection, outbox_id: int, answered_on: frozenset[str], channels: Mapping[str, Channel], now: datetime
+) -> dict[str, Any] | None:
+    """Statuses the provider sent for this row's provider id before its send was recorded."""
+    row = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+    if row is None or row["provider_id"] is None:
+        return None
+    early = conn.execute(
+        "SELECT id, status, error_code, error_detail FROM delivery_events WHERE channel = ? AND provider_id = ?"
+        " AND outbox_id IS NULL ORDER BY id",
+        (row["channel"], row["provider_id"]),
+    ).fetchall()
+    answered = None
+    for event in early:
+        conn.execute("UPDATE delivery_events SET outbox_id = ? WHERE id = ?", (outbox_id, event["id"]))
+        row = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+        update = DeliveryUpdate(provider_id=row["provider_id"] or "", status=event["status"],
+                                error_code=event["error_code"], error_detail=event["error_detail"])
+        answered = _apply_status(conn, row, update, answered_on, channels, now) or answered
+    return answered
 
 
 class OutboxWorker:
@@ -395,7 +418,7 @@ class OutboxWorker:
         while self._outcomes:
             batch, self._outcomes = self._outcomes, []
             try:
-                results = await self.store.write(partial(_apply_each, [work for work, _ in batch]))
+                results = await self.store.write(partial(run_units, works=[work for work, _ in batch], savepoint="outcome"))
             except BaseException as exc:  # the commit failed: no outcome of this set is recorded
                 for _, future in batch:
                     if not future.done():
@@ -490,8 +513,11 @@ class OutboxWorker:
             return
         self.sent += 1
         answered_on = result.status in ("delivered", "read") or item["channel"] in self.answered_on_sent
-        answered = await self._record(
-            lambda conn: record_sent(conn, item["id"], result.provider_id, result.status, result.thread_key, answered_on, self.clock.now())
-        )
+        def sent(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            now = self.clock.now()
+            answered = record_sent(conn, item["id"], result.provider_id, result.status, result.thread_key, answered_on, now)
+            return apply_early_statuses(conn, item["id"], self.answered_on_sent, self.channels, now) or answered
+
+        answered = await self._record(sent)
         if answered and self.on_answered is not None:
             await self.on_answered(answered)

@@ -98,6 +98,24 @@ def apply_migrations(conn: sqlite3.Connection) -> list[int]:
     return applied
 
 
+def run_units(conn: sqlite3.Connection, works: list[Work], savepoint: str = "unit") -> list[tuple[bool, Any]]:
+    """Run each unit of work in its own savepoint inside the caller's transaction: a unit that
+    raises is rolled back alone. Returns (True, result) or (False, exception) per unit."""
+    outcomes: list[tuple[bool, Any]] = []
+    for work in works:
+        conn.execute(f"SAVEPOINT {savepoint}")
+        try:
+            value = work(conn)
+        except Exception as exc:  # this unit only
+            conn.execute(f"ROLLBACK TO {savepoint}")
+            conn.execute(f"RELEASE {savepoint}")
+            outcomes.append((False, exc))
+        else:
+            conn.execute(f"RELEASE {savepoint}")
+            outcomes.append((True, value))
+    return outcomes
+
+
 class SQLiteStore:
     """The database: ``write`` for units of work (group-committed), ``db`` for reads."""
 
@@ -109,6 +127,7 @@ class SQLiteStore:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.db: aiosqlite.Connection | None = None
+        self._in_flight = False
         self.commits = 0
         self.units_committed = 0
         self.commit_seconds = 0.0
@@ -129,8 +148,9 @@ class SQLiteStore:
 
     async def close(self) -> None:
         if self._task is not None:
-            # Let queued units finish before closing.
-            while self._queue:
+            # Let queued units and the transaction under way finish before closing, so that no
+            # caller hears "failed" about a unit that was committed.
+            while self._queue or self._in_flight:
                 await asyncio.sleep(0.001)
             self._task.cancel()
             try:
@@ -172,6 +192,7 @@ class SQLiteStore:
                 self._wakeup.set()  # the rest goes into the next transaction
             else:
                 batch, self._queue = self._queue, []
+            self._in_flight = True
             started = time.perf_counter()
             try:
                 outcomes = await self._commit_batch(loop, [w for w, _ in batch])
@@ -180,6 +201,7 @@ class SQLiteStore:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("commit failed"))
+                self._in_flight = False
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
@@ -193,6 +215,7 @@ class SQLiteStore:
                     fut.set_result(value)
                 else:
                     fut.set_exception(value)
+            self._in_flight = False
 
     async def _commit_batch(self, loop: asyncio.AbstractEventLoop, works: list[Work]) -> list[tuple[bool, Any]]:
         """COMMIT (which waits for an fsync) runs in the writer thread; the units themselves run
@@ -203,7 +226,7 @@ class SQLiteStore:
         assert conn is not None
         await self._begin(loop, conn)
         try:
-            outcomes = self._run_units(conn, works)
+            outcomes = run_units(conn, works)
             await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -228,22 +251,6 @@ class SQLiteStore:
         finally:
             conn.execute("PRAGMA busy_timeout=30000")
         await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
-
-    @staticmethod
-    def _run_units(conn: sqlite3.Connection, works: list[Work]) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
-        for work in works:
-            conn.execute("SAVEPOINT unit")
-            try:
-                value = work(conn)
-            except Exception as exc:  # this unit only
-                conn.execute("ROLLBACK TO unit")
-                conn.execute("RELEASE unit")
-                outcomes.append((False, exc))
-            else:
-                conn.execute("RELEASE unit")
-                outcomes.append((True, value))
-        return outcomes
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """Run a read query on the reader connection."""

@@ -40,3 +40,20 @@ async def test_invalid_sender_is_a_typed_error_and_stores_nothing(harness):
         await harness.core.ingest({"channel": "webform", "channel_message_id": "x", "sender": {"kind": "email"}})
     assert "address" in info.value.message
     assert await harness.count("messages") == 0 and await harness.count("contacts") == 0
+
+
+async def test_naming_someone_elses_number_on_the_form_does_not_redirect_their_answers(harness):
+    victim = await harness.core.ingest({
+        "channel": "webform", "channel_message_id": "v1", "text": "Baustelle",
+        "sender": {"kind": "email", "address": "victim@example.com", "other_identities": [{"kind": "phone", "address": "+4915112345678"}]},
+    })
+    await harness.core.ingest({
+        "channel": "webform", "channel_message_id": "a1", "text": "Hallo",
+        "sender": {"kind": "email", "address": "attacker@evil.example", "other_identities": [{"kind": "phone", "address": "+4915112345678"}]},
+    })
+    rows = await harness.rows("SELECT i.address FROM identities i JOIN conversations c ON c.contact_id = i.contact_id WHERE c.id = ?",
+                              (victim.conversation_id,))
+    assert {r["address"] for r in rows} == {"victim@example.com", "+4915112345678"}
+    owner = await harness.rows("SELECT contact_id FROM identities WHERE address = '+4915112345678'")
+    victim_contact = await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (victim.conversation_id,))
+    assert owner == victim_contact

@@ -105,6 +105,10 @@ class Events:
         self.seen.append(("answered", conversation["case_reference"]))
 
     @hookimpl
+    def conversation_routed(self, conversation, rule, reason):
+        self.seen.append(("routed", (conversation["case_reference"], rule, bool(reason))))
+
+    @hookimpl
     def conversation_escalated(self, conversation, from_unit, to_unit, level):
         self.seen.append(("escalated", (from_unit, to_unit, level)))
 
@@ -141,6 +145,10 @@ async def test_hooks_are_called_as_documented(tmp_path):
         assert kinds.count("received") == 3
         assert ("answered", first.case_reference) in events.seen
         assert ("escalated", ("vertrieb", "kundenservice", 1)) in events.seen
+        routed = [v for k, v in events.seen if k == "routed"]
+        assert (vip.case_reference, "vip", True) in routed
+        assert (first.case_reference, "construction-in-area", True) in routed
+        assert len(routed) == 3  # one per opened conversation, none for follow-ups
 
 
 async def test_a_failing_event_hook_never_costs_the_message(tmp_path):

@@ -1,0 +1,97 @@
+"""The outbox: statuses that overtake the send, repeated callbacks, retries and fallbacks."""
+
+from __future__ import annotations
+
+from router.hookspecs import (
+    Capabilities,
+    Channel,
+    DeliveryUpdate,
+    OutboundMessage,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    SendResult,
+    hookimpl,
+)
+from router.testing import CoreHarness
+
+
+class RaceChat(Channel):
+    """A provider whose 'delivered' callback arrives before its send call returns."""
+
+    name = "racechat"
+    capabilities = Capabilities(identity_kinds=("phone",), delivery_receipts=True, threads_by_sender=True)
+
+    def __init__(self) -> None:
+        self.fail_next: list[Exception] = []
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+        self.sent.append(message)
+        provider_id = f"rc-{message.outbox_id}-{message.attempt}"
+        await self.context.record_delivery(DeliveryUpdate(provider_id=provider_id, status="delivered"))
+        return SendResult(provider_id=provider_id)
+
+
+class Plugin:
+    def __init__(self) -> None:
+        self.channel = RaceChat()
+
+    @hookimpl
+    def register_channels(self):
+        return [self.channel]
+
+
+def inbound(key: str, text: str = "Hallo, wann wird die Straße wieder geöffnet?") -> dict:
+    return {"channel": "racechat", "channel_message_id": key, "sender": {"kind": "phone", "address": "+4915112345678"}, "text": text}
+
+
+async def test_a_status_that_overtakes_the_send_is_applied(tmp_path):
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        result = await harness.core.ingest(inbound("m1"))
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Ab Montag."})
+        await harness.run_outbox()
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        reply = next(m for m in detail["messages"] if m["kind"] == "reply")
+        assert reply["delivery_status"] == "delivered"
+        assert detail["state"] == "answered"
+        assert await harness.count("delivery_events", "outbox_id IS NULL") == 0
+
+
+async def test_a_repeated_status_callback_changes_nothing(tmp_path):
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await harness.core.ingest(inbound("m1"))
+        await harness.run_outbox()
+        provider_id = (await harness.rows("SELECT provider_id FROM outbox"))[0]["provider_id"]
+        update = DeliveryUpdate(provider_id=provider_id, status="read", at=harness.clock.now())
+        before = await harness.count("delivery_events")
+        assert await harness.core.record_delivery("racechat", update) is True
+        assert await harness.core.record_delivery("racechat", update) is True
+        assert await harness.count("delivery_events") == before + 1
+
+
+async def test_retryable_errors_are_retried_and_permanent_ones_flag_the_conversation(tmp_path):
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        plugin.channel.fail_next = [RetryableDeliveryError("503"), RetryableDeliveryError("timeout")]
+        result = await harness.core.ingest(inbound("m1"))
+        from datetime import timedelta
+
+        for _ in range(10):  # the frozen clock moves past each backoff
+            await harness.run_outbox()
+            if plugin.channel.sent:
+                break
+            harness.clock.advance(timedelta(seconds=1))
+        assert len(plugin.channel.sent) == 1 and plugin.channel.sent[0].attempt == 3
+        keys = {row["idempotency_key"] for row in await harness.rows("SELECT idempotency_key FROM outbox")}
+        assert plugin.channel.sent[0].idempotency_key in keys
+        plugin.channel.fail_next = [PermanentDeliveryError("number unknown")]
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Antwort"})
+        await harness.run_outbox()
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert {"undeliverable", "callback_required"} <= set(detail["flags"])
+        reply = next(m for m in detail["messages"] if m["kind"] == "reply")
+        assert reply["delivery_status"] == "failed" and reply["deliveries"][0]["last_error"] == "number unknown"
