@@ -207,7 +207,8 @@ query_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), m
 
 @SETTINGS
 @given(params=st.dictionaries(st.sampled_from(["unit", "state", "channel", "overdue", "q", "cursor", "limit",
-                                               "contact_id", "before"]), query_text, max_size=5),
+                                               "contact"]),
+                              query_text | st.integers(-(2**70), 2**70).map(str), max_size=5),
        conversation=st.one_of(st.integers(-(2**70), 2**70).map(str), query_text.filter(lambda s: "/" not in s and s)),
        reply=json_value, action=st.sampled_from(["replies", "notes", "assign", "transfer", "close", "reopen", "callbacks"]))
 def test_inbox_api_inputs(service: Service, params: dict[str, str], conversation: str, reply: Any, action: str) -> None:
@@ -223,4 +224,8 @@ def test_inbox_api_inputs(service: Service, params: dict[str, str], conversation
     ids = service.run(service.h.rows("SELECT id FROM conversations ORDER BY id LIMIT 1"))
     if ids:
         service.check("POST", f"/api/v1/conversations/{ids[0]['id']}/{action}", data=json.dumps(reply).encode(),
+                      headers={**auth, "Content-Type": "application/json"})
+        contact = service.run(service.h.rows("SELECT contact_id FROM conversations ORDER BY id LIMIT 1"))[0]["contact_id"]
+        service.check("GET", f"/api/v1/contacts/{quote(conversation, safe='')}", headers=auth)
+        service.check("POST", f"/api/v1/contacts/{contact}/merge", data=json.dumps(reply).encode(),
                       headers={**auth, "Content-Type": "application/json"})
