@@ -23,9 +23,8 @@ from typing import Any
 from router.clock import Clock
 from router.inbox.queries import conversation_detail, list_conversations
 from router.store.sqlite import SQLiteStore, iso
+from router.tracking import OVERDUE_SCAN
 
-OVERDUE_SCAN = ("SELECT * FROM conversations WHERE escalate_at IS NOT NULL AND escalate_at <= ?"
-                " AND state IN ('open', 'acknowledged') ORDER BY escalate_at LIMIT ?")
 ALL_UNITS = ("bauhotline", "kundenservice", "stoerung", "tiefbau-muster", "vertrieb")
 
 

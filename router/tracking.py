@@ -27,6 +27,13 @@ _to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 AWAITING_ANSWER = ("open", "acknowledged")
 
+# The scheduler's scan. The hint keeps SQLite on the partial escalate_at index: left alone it
+# picks the state index and sorts, 434 ms instead of 1 ms at a million conversations.
+OVERDUE_SCAN = (
+    "SELECT * FROM conversations INDEXED BY conversations_escalate WHERE escalate_at IS NOT NULL AND escalate_at <= ?"
+    " AND state IN ('open', 'acknowledged') ORDER BY escalate_at LIMIT ?"
+)
+
 
 def deadline_for(config: Config, unit_id: str, start: datetime) -> datetime:
     """When the unit's first response is due: its response time in its business hours."""
@@ -266,11 +273,7 @@ def escalate_due(
     conn: sqlite3.Connection, config: Config, templates: Templates, now: datetime, limit: int = 200
 ) -> list[dict[str, Any]]:
     """Escalate every conversation whose escalation time has passed and that still waits."""
-    rows = conn.execute(
-        "SELECT * FROM conversations INDEXED BY conversations_escalate WHERE escalate_at IS NOT NULL AND escalate_at <= ?"
-        " AND state IN ('open', 'acknowledged') ORDER BY escalate_at LIMIT ?",
-        (iso(now), limit),
-    ).fetchall()
+    rows = conn.execute(OVERDUE_SCAN, (iso(now), limit)).fetchall()
     results = []
     for row in rows:
         if row["escalation_level"] >= config.max_escalation_level:
