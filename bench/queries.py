@@ -61,7 +61,8 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
         ("list, page in the middle", lambda: list_conversations(core, units=ALL_UNITS, before_id=middle)),
         ("conversation view", lambda: conversation_detail(core, middle)),
         ("overdue scan (scheduler)", lambda: store.fetchall(OVERDUE_SCAN, (iso(core.clock.now()), 200))),
-        ("list, q=free text (LIKE, not indexed)", lambda: list_conversations(core, units=ALL_UNITS, q="Anliegen 4242")),
+        ("list, q=rare words (full-text index)", lambda: list_conversations(core, units=ALL_UNITS, q="Anliegen 4242")),
+        ("list, q=a word in every message", lambda: list_conversations(core, units=ALL_UNITS, q="Gehweg")),
     ]
     results: dict[str, Any] = {"conversations": newest, "queries": []}
     for name, call in cases:

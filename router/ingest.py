@@ -22,6 +22,7 @@ from .context import IngestResult
 from .identity import InvalidAddress, identities_of, resolve_contact
 from .models import Customer, RoutingDecision
 from .routing import decide, find_area
+from .search import search_text
 from .store.sqlite import iso, parse_iso
 from .templates import Templates, format_deadline
 from .text import find_case_reference, guess_language, normalize
@@ -328,6 +329,10 @@ def ingest_tx(
             stamp,
         ),
     ).lastrowid
+    conn.execute(
+        "INSERT INTO message_search (rowid, body) VALUES (?, ?)",
+        (message_id, search_text(msg.get("subject"), msg.get("text"), sender.get("display_name"))),
+    )
     # The message's own id is found through the messages table; only extra keys need a row.
     keys = set(msg.get("thread_keys") or ()) - {msg["channel_message_id"]}
     if keys:

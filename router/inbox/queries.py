@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ..search import match_query
 from ..store.sqlite import iso, parse_iso
 
 if TYPE_CHECKING:
@@ -123,9 +124,14 @@ async def list_conversations(
             where.append("c.case_reference = ?")
             params.append(reference)
         else:
-            like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            where.append("(c.subject LIKE ? ESCAPE '\\' OR k.display_name LIKE ? ESCAPE '\\')")
-            params.extend([like, like])
+            match = match_query(q)
+            if match is None:
+                return [], None
+            where.append(
+                "c.id IN (SELECT m.conversation_id FROM message_search s JOIN messages m ON m.id = s.rowid"
+                " WHERE message_search MATCH ?)"
+            )
+            params.append(match)
     if before_id is not None:
         where.append("c.id < ?")
         params.append(before_id)

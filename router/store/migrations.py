@@ -197,4 +197,15 @@ DROP INDEX conversations_contact;
 DROP INDEX conversations_deadline;
 """,
     ),
+    (
+        4,
+        "full-text search over inbound messages",
+        """
+CREATE VIRTUAL TABLE message_search USING fts5(body, content='', tokenize='unicode61 remove_diacritics 2');
+INSERT INTO message_search (rowid, body)
+    SELECT m.id, cr_search_text(m.subject, m.text, k.display_name)
+    FROM messages m LEFT JOIN contacts k ON k.id = m.contact_id
+    WHERE m.direction = 'in';
+""",
+    ),
 ]

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from ..search import search_text
 from .migrations import MIGRATIONS
 
 T = TypeVar("T")
@@ -73,6 +74,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def apply_migrations(conn: sqlite3.Connection) -> list[int]:
     """Apply the migrations not yet recorded; returns the versions applied now."""
+    # Migrations may call the same text folding the application uses (search backfill).
+    conn.create_function("cr_search_text", 3, search_text, deterministic=True)
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
     )

@@ -210,3 +210,19 @@ async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness)
     assert status == 404  # b also has a sales conversation the contractor must not move
     status, detail = await harness.api("GET", f"/api/v1/conversations/{theirs.conversation_id}")
     assert detail["contact"]["id"] == b["contact"]["id"]
+
+
+async def test_free_text_search_folds_umlauts_and_needs_every_word(harness):
+    a = await harness.core.ingest(webform_message("Die Straßensperrung in der Musterstraße dauert schon Wochen"))
+    b = await harness.core.ingest(webform_message("Frage zum Tarif", email="b@example.net", topic="contract", postcode="99999"))
+    found = lambda body: [i["id"] for i in body["items"]]
+    status, body = await harness.api("GET", "/api/v1/conversations?q=strassensperr")
+    assert found(body) == [a.conversation_id]
+    status, body = await harness.api("GET", "/api/v1/conversations?q=MUSTERSTRASSE wochen")
+    assert found(body) == [a.conversation_id]
+    status, body = await harness.api("GET", "/api/v1/conversations?q=musterstrasse tarif")
+    assert found(body) == []
+    status, body = await harness.api("GET", "/api/v1/conversations?q=Erika")  # the sender's name
+    assert set(found(body)) == {a.conversation_id, b.conversation_id}
+    status, body = await harness.api("GET", '/api/v1/conversations?q=" OR * NEAR(')  # no FTS syntax gets through
+    assert status == 200 and found(body) == []
