@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Mapping
 from functools import cache
@@ -24,7 +25,15 @@ import jsonschema
 from .hours import BusinessHours
 from .text import normalize
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "contact-router.toml"
+def _default_config() -> Path:
+    """The example organisation: ``config/`` beside the source tree (a checkout or an editable
+    install), else the copy a wheel installs under ``<prefix>/share/contact-router/``."""
+    source = Path(__file__).resolve().parent.parent / "config" / "contact-router.toml"
+    installed = Path(sys.prefix) / "share" / "contact-router" / "contact-router.toml"
+    return source if source.exists() or not installed.exists() else installed
+
+
+DEFAULT_CONFIG = _default_config()
 
 
 class ConfigError(Exception):
