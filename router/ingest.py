@@ -21,11 +21,11 @@ from .config import Config
 from .context import IngestResult
 from .identity import InvalidAddress, identities_of, resolve_contact
 from .models import Customer, RoutingDecision
-from .routing import decide, find_area
+from .routing import find_area, message_text, route
 from .search import search_text
 from .store.sqlite import iso, parse_iso
 from .templates import Templates, format_deadline
-from .text import find_case_reference, guess_language, normalize
+from .text import find_case_reference, guess_language
 from .tracking import (
     add_flags,
     open_conversation,
@@ -259,7 +259,7 @@ def ingest_tx(
         if closed_at is not None and now - closed_at > reopen_window(config):
             referred, conv = conv, None  # too old: a new conversation, linked to the old one
         else:
-            renew_deadline(conn, config, conv, now)
+            renew_deadline(conn, config, conv, now, state="open")
             record_event(conn, conv["id"], "reopened", stamp, reason="new message from the contact")
             needs_ack = True
     elif conv is not None and conv["state"] in ("answered", "waiting"):
@@ -267,18 +267,19 @@ def ingest_tx(
         record_event(conn, conv["id"], "awaiting_answer", stamp, reason="new message from the contact")
 
     if conv is None:
-        text_norm = normalize(" ".join(filter(None, (msg.get("subject"), msg.get("text")))))
-        if prep.override is not None:
-            decision = prep.override
-        elif referred is not None:
-            decision = RoutingDecision(
-                unit=referred["unit"],
-                rule="case-reference",
-                reason=f"The message names case {referred['case_reference']}, which {config.units[referred['unit']].name} owns.",
-            )
+        if prep.override is not None or referred is not None:
+            if prep.override is not None:
+                decision = prep.override
+            else:
+                decision = RoutingDecision(
+                    unit=referred["unit"],
+                    rule="case-reference",
+                    reason=f"The message names case {referred['case_reference']}, which {config.units[referred['unit']].name} owns.",
+                )
+            area_hit = find_area(config, msg, message_text(msg))
+            area = area_hit[0] if area_hit else None
         else:
-            decision = decide(config, msg, is_customer=is_customer, language=prep.language)
-        area = find_area(config, msg, text_norm)
+            decision, area = route(config, msg, is_customer=is_customer, language=prep.language)
         conv = open_conversation(
             conn,
             config,
@@ -291,17 +292,12 @@ def ingest_tx(
             topic=msg.get("topic"),
             language=prep.language,
             subject=msg.get("subject"),
-            area=area[0].id if area else None,
+            area=area.id if area else None,
             linked_to=referred["id"] if referred is not None else None,
             now=now,
+            automated=msg.get("ack_suppressed") in AUTOMATED,
         )
         needs_ack = True
-        if msg.get("ack_suppressed") in AUTOMATED:
-            # A newsletter or an out-of-office note is kept for staff, but nobody is escalated over it.
-            conn.execute(
-                "UPDATE conversations SET state = 'waiting', deadline = NULL, escalate_at = NULL WHERE id = ?", (conv["id"],)
-            )
-            conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (conv["id"],)).fetchone()
     else:
         conn.execute(
             "UPDATE conversations SET last_inbound_at = ?, updated_at = ? WHERE id = ?", (stamp, stamp, conv["id"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import random
 import sqlite3
@@ -487,7 +486,9 @@ class OutboxWorker:
             result = await asyncio.wait_for(channel.send(self._outbound(item)), self.policy.send_timeout)
         except ResendAsDeliveryError as exc:
             self.retried += 1
-            await self._record(lambda conn: record_retry(conn, item["id"], exc.message, 0, exc.hint, self.clock.now()))
+            # Values, not the exception, go into the unit: it runs after this block.
+            error, hint = exc.message, exc.hint
+            await self._record(lambda conn: record_retry(conn, item["id"], error, 0, hint, self.clock.now()))
             return
         except (RetryableDeliveryError, TimeoutError) as exc:
             message = exc.message if isinstance(exc, DeliveryError) else "timed out"
@@ -504,12 +505,14 @@ class OutboxWorker:
             return
         except PermanentDeliveryError as exc:
             self.failed += 1
-            await self._record(lambda conn: record_failure(conn, item["id"], exc.message, exc.code, self.channels, self.clock.now()))
+            error, code = exc.message, exc.code
+            await self._record(lambda conn: record_failure(conn, item["id"], error, code, self.channels, self.clock.now()))
             return
         except Exception as exc:  # a plugin bug: keep the row, retry later, make it visible
             log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])
             delay = self.policy.delay(item["attempts"])
-            await self._record(lambda conn: record_retry(conn, item["id"], f"{type(exc).__name__}: {exc}", delay, None, self.clock.now()))
+            error = f"{type(exc).__name__}: {exc}"
+            await self._record(lambda conn: record_retry(conn, item["id"], error, delay, None, self.clock.now()))
             return
         self.sent += 1
         answered_on = result.status in ("delivered", "read") or item["channel"] in self.answered_on_sent

@@ -64,13 +64,30 @@ def decide(
 ) -> RoutingDecision:
     """Apply the rules in order; the first match decides, else the entry point's unit, else the
     fallback unit. Never fails: every message gets an owner."""
-    text = " ".join(filter(None, (message.get("subject"), message.get("text"))))
-    normalized_text = normalize(text)
+    return route(config, message, is_customer=is_customer, language=language)[0]
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """Subject and text, folded for matching."""
+    return normalize(" ".join(filter(None, (message.get("subject"), message.get("text")))))
+
+
+def route(
+    config: Config,
+    message: Mapping[str, Any],
+    *,
+    is_customer: bool,
+    language: str,
+) -> tuple[RoutingDecision, Area | None]:
+    """``decide``, plus the area the message places itself in (stored on the conversation),
+    worked out once for both."""
+    normalized_text = message_text(message)
     topic = message.get("topic")
     has_topic = bool(topic) and topic != "other"
     channel = message["channel"]
     recipient = (message.get("recipient") or "").lower()
     area_hit = find_area(config, message, normalized_text)
+    area = area_hit[0] if area_hit else None
 
     for rule in config.rules:
         if rule.channels and channel not in rule.channels:
@@ -98,16 +115,16 @@ def decide(
         if unit not in config.units:
             continue
         reason = f"{rule.description} Matched: {', '.join(parts) or 'all messages'}."
-        return RoutingDecision(unit=unit, rule=rule.id, reason=reason)
+        return RoutingDecision(unit=unit, rule=rule.id, reason=reason), area
 
     hint = message.get("unit_hint")
     if hint and hint in config.units:
         via = f" ({message.get('recipient')})" if message.get("recipient") else ""
         return RoutingDecision(
             unit=hint, rule="entry-point", reason=f"No rule matched; the message came in through {channel}{via}, which belongs to {config.units[hint].name}."
-        )
+        ), area
     return RoutingDecision(
         unit=config.fallback_unit,
         rule="fallback",
         reason=f"No rule matched; {config.units[config.fallback_unit].name} is the fallback unit.",
-    )
+    ), area

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -87,12 +87,17 @@ def open_conversation(
     area: str | None,
     linked_to: int | None,
     now: datetime,
+    automated: bool = False,
 ) -> dict[str, Any]:
-    """Create a conversation with a fresh case reference, status token and deadline."""
+    """Create a conversation with a fresh case reference, status token and deadline.
+
+    ``automated`` (a newsletter, an out-of-office note): kept and owned, but ``waiting`` without
+    a deadline, so nobody is escalated over it."""
     stamp = iso(now)
-    deadline = iso(deadline_for(config, unit, now))
+    deadline = None if automated else iso(deadline_for(config, unit, now))
     row: dict[str, Any] = {
-        "contact_id": contact_id, "channel": channel, "recipient": recipient, "unit": unit, "state": "open",
+        "contact_id": contact_id, "channel": channel, "recipient": recipient, "unit": unit,
+        "state": "waiting" if automated else "open",
         "topic": topic, "language": language, "subject": subject, "area": area, "routing_rule": rule,
         "routing_reason": reason, "deadline": deadline, "escalate_at": deadline, "escalation_level": 0,
         "assignee": None, "flags": "[]", "linked_to": linked_to, "created_at": stamp, "updated_at": stamp,
@@ -117,13 +122,16 @@ def open_conversation(
     return {"id": conversation_id, "case_reference": reference, "status_token": token, **row}
 
 
-def renew_deadline(conn: sqlite3.Connection, config: Config, conversation: sqlite3.Row, now: datetime) -> None:
-    """A new inbound message on a conversation that no longer waits for an answer: it waits again."""
+def renew_deadline(
+    conn: sqlite3.Connection, config: Config, conversation: Mapping[str, Any], now: datetime, state: str = "acknowledged"
+) -> None:
+    """A conversation that no longer waited for an answer waits again, with a new deadline.
+    ``state`` is ``open`` when a new acknowledgement is about to be queued for it."""
     deadline = iso(deadline_for(config, conversation["unit"], now))
     conn.execute(
-        "UPDATE conversations SET state = 'acknowledged', deadline = ?, escalate_at = ?, closed_at = NULL,"
+        "UPDATE conversations SET state = ?, deadline = ?, escalate_at = ?, closed_at = NULL,"
         " updated_at = ? WHERE id = ?",
-        (deadline, deadline, iso(now), conversation["id"]),
+        (state, deadline, deadline, iso(now), conversation["id"]),
     )
 
 

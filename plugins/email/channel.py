@@ -228,7 +228,7 @@ class EmailChannel(Channel):
                 bytes(raw), envelope_from=request.headers.get("X-Envelope-From"), envelope_to=envelope_to or None
             )
         except InvalidMessage as exc:
-            raise _error(web.HTTPBadRequest, "invalid_message", f"{exc.path}: {exc.message}" if exc.path else exc.message)
+            raise _error(web.HTTPBadRequest, "invalid_message", f"{exc.path}: {exc.message}" if exc.path else exc.message) from None
         return web.json_response(
             {
                 "message_id": result.message_id,

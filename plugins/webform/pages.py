@@ -136,7 +136,7 @@ def form_page(
     parts.append(
         f'<label for="message">{escape(t["message"])}'
         + (f' <span class="error" id="message-error">{escape(msg_err)}</span>' if msg_err else "")
-        + f'</label><textarea id="message" name="message" required maxlength="5000"'
+        + '</label><textarea id="message" name="message" required maxlength="5000"'
         + (' aria-invalid="true" aria-describedby="message-error"' if msg_err else "")
         + f">{escape(values.get('message', ''))}</textarea>"
     )
