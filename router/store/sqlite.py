@@ -2,9 +2,9 @@
 commit), and an aiosqlite connection for reads.
 
 Every write is a unit of work: a synchronous function that gets the writer's connection. The
-writer runs all queued units in one transaction, each inside its own savepoint, so one failing
-unit rolls back only itself; then it commits once (WAL, synchronous=FULL) and answers each
-caller. A caller's ``await store.write(fn)`` returns only after its unit is durable, which is
+writer runs all queued units in one transaction; if one raises, it rolls the transaction back
+and runs them again, each inside its own savepoint, so one failing unit leaves out only itself.
+Then it commits once (WAL, synchronous=FULL) and answers each caller. A caller's ``await store.write(fn)`` returns only after its unit is durable, which is
 what lets an HTTP handler give a provider its 2xx only after the commit.
 
 The writer uses the standard ``sqlite3`` module: its units run on the event loop, and so does
@@ -102,8 +102,32 @@ def apply_migrations(conn: sqlite3.Connection) -> list[int]:
 
 
 def run_units(conn: sqlite3.Connection, works: list[Work], savepoint: str = "unit") -> list[tuple[bool, Any]]:
-    """Run each unit of work in its own savepoint inside the caller's transaction: a unit that
-    raises is rolled back alone. Returns (True, result) or (False, exception) per unit."""
+    """Run each unit of work inside the caller's transaction so that a unit that raises is
+    rolled back alone. Returns (True, result) or (False, exception) per unit.
+
+    The usual case, no unit failing, takes one savepoint around them all: SQLite copies every
+    page into a statement journal the first time it changes within a savepoint, and one
+    savepoint per unit made it copy the pages the units share once per unit (measured: about
+    a quarter of the ingest path's time). If a unit raises, the whole set is rolled back and
+    run again, each unit in its own savepoint. A unit must therefore be repeatable: a function
+    of the connection only, as every unit is, since its caller hears only after the commit."""
+    if len(works) > 1:
+        conn.execute(f"SAVEPOINT {savepoint}_all")
+        try:
+            results = [(True, work(conn)) for work in works]
+        except Exception:
+            conn.execute(f"ROLLBACK TO {savepoint}_all")
+        else:
+            conn.execute(f"RELEASE {savepoint}_all")
+            return results
+        try:
+            return _run_each(conn, works, savepoint)
+        finally:
+            conn.execute(f"RELEASE {savepoint}_all")
+    return _run_each(conn, works, savepoint)
+
+
+def _run_each(conn: sqlite3.Connection, works: list[Work], savepoint: str) -> list[tuple[bool, Any]]:
     outcomes: list[tuple[bool, Any]] = []
     for work in works:
         conn.execute(f"SAVEPOINT {savepoint}")
@@ -229,7 +253,14 @@ class SQLiteStore:
         assert conn is not None
         await self._begin(loop, conn)
         try:
-            outcomes = run_units(conn, works)
+            try:
+                # The usual case: no unit fails, and none needs a savepoint of its own (see
+                # ``run_units``; here even the one around them all is saved).
+                outcomes: list[tuple[bool, Any]] = [(True, work(conn)) for work in works]
+            except Exception:
+                conn.execute("ROLLBACK")
+                await self._begin(loop, conn)
+                outcomes = _run_each(conn, works, "unit")
             await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
         except BaseException:
             if conn.in_transaction:

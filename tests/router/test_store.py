@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from functools import partial
 
 import pytest
 
 from router.store.migrations import MIGRATIONS
-from router.store.sqlite import SQLiteStore, apply_migrations
+from router.store.sqlite import SQLiteStore, apply_migrations, run_units
 from router.testing import CoreHarness
 
 from .helpers import webform_message
@@ -69,3 +70,35 @@ async def test_write_before_open_is_an_error(tmp_path):
     store = SQLiteStore(tmp_path / "db.sqlite3")
     with pytest.raises(RuntimeError):
         await store.write(lambda conn: None)
+
+
+async def test_a_failing_unit_in_the_middle_leaves_the_others_written_once(tmp_path):
+    """The units run without savepoints first; a failure reruns them one by one, so the
+    units before the failing one must not end up written twice."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        def good(i: int):
+            def work(conn):
+                conn.execute("INSERT INTO events (kind, at) VALUES (?, ?)", (f"ok-{i}", "2026-01-01T00:00:00.000000Z"))
+                return i
+            return work
+
+        def bad(conn):
+            conn.execute("INSERT INTO events (kind, at) VALUES ('half-written', '2026-01-01T00:00:00.000000Z')")
+            raise ValueError("boom")
+
+        works = [good(i) for i in range(5)] + [bad] + [good(i) for i in range(5, 10)]
+        results = await asyncio.gather(*(store.write(w) for w in works), return_exceptions=True)
+        assert results[:5] == list(range(5)) and results[6:] == list(range(5, 10))
+        assert isinstance(results[5], ValueError)
+        kinds = sorted(r["kind"] for r in await store.fetchall("SELECT kind FROM events"))
+        assert kinds == sorted(f"ok-{i}" for i in range(10))
+
+        # The same inside one unit (how the outbox records a set of outcomes).
+        nested = await store.write(partial(run_units, works=[good(20), bad, good(21)], savepoint="outcome"))
+        assert [ok for ok, _ in nested] == [True, False, True]
+        kinds = [r["kind"] for r in await store.fetchall("SELECT kind FROM events WHERE kind IN ('ok-20', 'ok-21', 'half-written')")]
+        assert sorted(kinds) == ["ok-20", "ok-21"]
+    finally:
+        await store.close()
