@@ -10,7 +10,6 @@ inside the caller's transaction on the writer connection.
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
@@ -19,7 +18,7 @@ from typing import Any
 from .config import Config
 from .store.sqlite import iso, parse_iso
 from .templates import Templates, format_deadline
-from .text import new_case_reference
+from .text import new_case_reference, sortable_token
 
 # One encoder for every row: json.dumps(..., ensure_ascii=False) builds a new JSONEncoder on
 # each call, since only the all-defaults call has a cached one. Same output.
@@ -106,7 +105,7 @@ def open_conversation(
     columns = ", ".join(["case_reference", "status_token", *row])
     marks = ", ".join("?" * (len(row) + 2))
     for _ in range(10):
-        reference, token = new_case_reference(), secrets.token_urlsafe(24)
+        reference, token = new_case_reference(), sortable_token(24)
         try:
             conversation_id = conn.execute(
                 f"INSERT INTO conversations ({columns}) VALUES ({marks})", (reference, token, *row.values())
@@ -178,7 +177,7 @@ def add_outbox_row(
         "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
         " next_attempt_at, idempotency_key, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
-        (message_id, conversation_id, channel, kind, to_kind, to, int(primary), now, secrets.token_hex(16), now, now),
+        (message_id, conversation_id, channel, kind, to_kind, to, int(primary), now, sortable_token(16, hex=True), now, now),
     ).lastrowid
 
 
