@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,6 +18,12 @@ def format_deadline(when: datetime | None, language: str, timezone: str) -> str:
     """``Mo., 30.11.2026, 11:00 Uhr`` or ``Mon 30 Nov 2026, 11:00`` in local time."""
     if when is None:
         return "-"
+    # Only the minute is shown, and the deadlines of a busy minute share it: worked out once.
+    return _format_minute(when.replace(second=0, microsecond=0), language, timezone)
+
+
+@lru_cache(maxsize=1024)
+def _format_minute(when: datetime, language: str, timezone: str) -> str:
     local = when.astimezone(ZoneInfo(timezone))
     if language == "de":
         return f"{_DE_DAYS[local.weekday()]}, {local:%d.%m.%Y}, {local:%H:%M} Uhr"
