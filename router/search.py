@@ -2,15 +2,61 @@
 search words become an FTS5 query.
 
 Text is folded the same way routing folds it (``Straße`` = ``Strasse``), so a search finds what
-the resident wrote however either of them spelt the umlauts."""
+the resident wrote however either of them spelt the umlauts.
+
+Every search word matches as a word start (``strassensperr`` finds ``Straßensperrung``). FTS5
+answers a prefix query by first merging the whole list of matching messages of every word that
+begins with the prefix, whatever the query asks for next: for a word that occurs in a million
+messages that alone takes about 25 ms, even to read the newest fifty. So the inbox first looks up,
+in the index's own vocabulary, which indexed words begin with each search word
+(``prefix_terms``) and, when they are few, asks for ``("gehweg" OR "gehwege")`` instead of
+``"gehweg"*``: the same messages, read lazily, newest first, as far as the page needs."""
 
 from __future__ import annotations
 
+import json
 import re
+import sqlite3
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from .text import normalize
 
 _WORD = re.compile(r"\w+")
+# Words the FTS5 tokenizer (unicode61, remove_diacritics 2) indexes as exactly themselves:
+# ASCII letters and digits, already lower case. Only these are looked up in the vocabulary;
+# anything else (a non-Latin letter, an underscore that splits a word in two) stays a prefix query.
+_PLAIN = re.compile(r"[a-z0-9]+")
+
+# A word that begins more indexed words than this is searched as a prefix query: an OR of many
+# terms costs a seek per term on every statement, and such words (one or two letters, a short
+# stem) are rarely what anyone searches for.
+MAX_TERMS = 32
+
+Fetch = Callable[[str, tuple[Any, ...]], Awaitable[Sequence[Any]]]
+
+_VOCABULARY = "temp.message_search_terms"
+# One row per (term, message, column, offset): read with LIMIT 1 it costs one seek in the term
+# index, whereas the 'row' vocabulary counts every message of a term before it answers.
+_CREATE_VOCABULARY = f"CREATE VIRTUAL TABLE IF NOT EXISTS {_VOCABULARY} USING fts5vocab(main, message_search, instance)"
+# For each word, the indexed terms in [lo, hi), one seek each: the next term after t is the first
+# one >= t || char(1), since no term contains a character below "0". (``term > t`` would walk
+# every occurrence of t first.) When some word begins no term at all, nothing can match and the
+# other words are not listed further.
+_PREFIX_TERMS = f"""
+WITH RECURSIVE words(i, lo, hi) AS (
+    SELECT key, json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?1)
+), first(i, hi, term) AS (
+    SELECT i, hi, (SELECT v.term FROM {_VOCABULARY} v WHERE v.term >= words.lo AND v.term < words.hi LIMIT 1)
+    FROM words
+), found(i, hi, term, n) AS (
+    SELECT i, hi, term, 1 FROM first
+    UNION ALL
+    SELECT i, hi, (SELECT v.term FROM {_VOCABULARY} v WHERE v.term >= found.term || char(1) AND v.term < found.hi LIMIT 1),
+           n + 1
+    FROM found WHERE found.term IS NOT NULL AND found.n <= ?2 AND NOT EXISTS (SELECT 1 FROM first WHERE term IS NULL)
+)
+SELECT i, term FROM found WHERE term IS NOT NULL"""
 
 
 def search_text(subject: str | None, text: str | None, name: str | None) -> str:
@@ -18,10 +64,82 @@ def search_text(subject: str | None, text: str | None, name: str | None) -> str:
     return normalize(" ".join(filter(None, (subject, text, name))))[:20000]
 
 
+def match_words(q: str) -> list[str]:
+    """The folded words of a search (at most ten), each of which must occur as a word start."""
+    return _WORD.findall(normalize(q))[:10]
+
+
+def folded_search_text(folded: str, name: str | None) -> str:
+    """``search_text`` for a message whose subject and text were folded already (as routing
+    folds them): the same result, without folding the text a second time."""
+    return " ".join(filter(None, (folded, normalize(name) if name else None)))[:20000]
+
+
 def match_query(q: str) -> str | None:
     """Every word of ``q`` must occur (as a word start) in a message; None when ``q`` has no
     words. Words are quoted, so no FTS5 syntax can be injected."""
-    words = _WORD.findall(normalize(q))[:10]
+    words = match_words(q)
     if not words:
         return None
     return " ".join(f'"{w}"*' for w in words)
+
+
+def prefix_range(word: str) -> tuple[str, str] | None:
+    """The range [lo, hi) of index terms that begin with ``word``, or None when ``word`` is not
+    sure to be indexed as itself (then only FTS5's own prefix query is exact)."""
+    if not _PLAIN.fullmatch(word):
+        return None
+    return word, word[:-1] + chr(ord(word[-1]) + 1)
+
+
+def expanded_match(words: Sequence[str], terms: Mapping[str, Sequence[str] | None]) -> str | None:
+    """The FTS5 query for ``words`` that matches exactly what ``match_query`` matches: a word
+    with its list of index terms becomes their OR, a word without one (None) stays ``"word"*``.
+    None when some word begins no indexed term, so that nothing can match."""
+    parts = []
+    for word in words:
+        listed = terms.get(word)
+        if listed is None:
+            parts.append(f'"{word}"*')
+        elif not listed:
+            return None
+        else:
+            parts.append("(" + " OR ".join('"' + t.replace('"', '""') + '"' for t in listed) + ")")
+    return " AND ".join(parts) if parts else None
+
+
+async def prefix_terms(fetch: Fetch, words: Sequence[str]) -> dict[str, list[str] | None]:
+    """For each word, the indexed terms that begin with it, or None when they are more than
+    ``MAX_TERMS`` or the word cannot be looked up (see ``prefix_range``). When some word begins
+    no indexed term (an empty list), nothing can match, and the other lists are cut short.
+
+    ``fetch`` runs a read query (``SQLiteStore.fetchall``). The vocabulary is a TEMP virtual
+    table of the reading connection, created on first use; it writes nothing to the database."""
+    result: dict[str, list[str] | None] = {}
+    ranges: list[tuple[str, str, str]] = []
+    for word in dict.fromkeys(words):
+        bounds = prefix_range(word)
+        if bounds is None:
+            result[word] = None
+        else:
+            ranges.append((word, *bounds))
+            result[word] = []
+    if not ranges:
+        return result
+    params = (json.dumps([[lo, hi] for _, lo, hi in ranges]), MAX_TERMS)
+    try:
+        rows = await fetch(_PREFIX_TERMS, params)
+    except sqlite3.OperationalError as exc:
+        if _VOCABULARY.split(".")[1] not in str(exc):
+            raise
+        await fetch(_CREATE_VOCABULARY, ())
+        rows = await fetch(_PREFIX_TERMS, params)
+    for i, term in rows:
+        word = ranges[i][0]
+        listed = result[word]
+        if listed is not None and term.startswith(word):
+            listed.append(term)
+    for word, listed in result.items():
+        if listed is not None and len(listed) > MAX_TERMS:
+            result[word] = None
+    return result

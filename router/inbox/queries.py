@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable
+import math
+import time
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..search import match_query
+from ..search import expanded_match, match_words, prefix_terms
 from ..store.sqlite import iso, parse_iso
 
 if TYPE_CHECKING:
     from ..core import Core
+    from ..store.sqlite import SQLiteStore
 
 WAITING_STATES = ("open", "acknowledged")
 
@@ -79,6 +82,47 @@ CONVERSATION_SELECT = (
 )
 
 
+def _list_filters(
+    units: Iterable[str],
+    state: str | None,
+    channel: str | None,
+    overdue: bool | None,
+    contact_id: int | None,
+    now: datetime,
+    *,
+    by_id: bool = False,
+) -> tuple[list[str], list[Any]]:
+    """The WHERE terms (on ``conversations c``) and parameters of the inbox list filters.
+
+    ``by_id``: the query walks a given list of conversation ids, so keep SQLite on the primary
+    key instead of an index on unit, state or channel (which would make it sort them all)."""
+    where = []
+    params: list[Any] = []
+    unit_list = sorted(set(units))
+    # One unit: walk its (unit, id) index. Several: walk the primary key newest first and
+    # filter; "+" keeps SQLite from choosing the unit index and sorting everything (2 s at 1M).
+    plain = "+" if by_id else ""
+    column = f"{plain}c.unit" if len(unit_list) == 1 else "+c.unit"
+    where.append(f"{column} IN ({','.join('?' * len(unit_list))})")
+    params.extend(unit_list)
+    if state:
+        where.append(f"{plain}c.state = ?")
+        params.append(state)
+    if channel:
+        where.append(f"{plain}c.channel = ?")
+        params.append(channel)
+    if overdue is True:
+        where.append("+c.deadline IS NOT NULL AND +c.deadline < ? AND +c.state IN ('open', 'acknowledged')")
+        params.append(iso(now))
+    elif overdue is False:
+        where.append("NOT (c.deadline IS NOT NULL AND c.deadline < ? AND c.state IN ('open', 'acknowledged'))")
+        params.append(iso(now))
+    if contact_id is not None:
+        where.append("c.contact_id = ?")
+        params.append(contact_id)
+    return where, params
+
+
 async def list_conversations(
     core: Core,
     *,
@@ -93,54 +137,322 @@ async def list_conversations(
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Conversations of the given units, newest first, filtered; returns (items, next cursor)."""
     now = core.clock.now()
-    where = []
-    params: list[Any] = []
-    unit_list = sorted(set(units))
-    # One unit: walk its (unit, id) index. Several: walk the primary key newest first and
-    # filter; "+" keeps SQLite from choosing the unit index and sorting everything (2 s at 1M).
-    column = "c.unit" if len(unit_list) == 1 else "+c.unit"
-    where.append(f"{column} IN ({','.join('?' * len(unit_list))})")
-    params.extend(unit_list)
-    if state:
-        where.append("c.state = ?")
-        params.append(state)
-    if channel:
-        where.append("c.channel = ?")
-        params.append(channel)
-    if overdue is True:
-        where.append("+c.deadline IS NOT NULL AND +c.deadline < ? AND +c.state IN ('open', 'acknowledged')")
-        params.append(iso(now))
-    elif overdue is False:
-        where.append("NOT (c.deadline IS NOT NULL AND c.deadline < ? AND c.state IN ('open', 'acknowledged'))")
-        params.append(iso(now))
-    if contact_id is not None:
-        where.append("c.contact_id = ?")
-        params.append(contact_id)
+    units = sorted(set(units))
+    where, params = _list_filters(units, state, channel, overdue, contact_id, now)
     if q:
         from ..text import find_case_reference
 
         reference = find_case_reference(q)
-        if reference:
-            where.append("c.case_reference = ?")
-            params.append(reference)
-        else:
-            match = match_query(q)
-            if match is None:
-                return [], None
-            where.append(
-                "c.id IN (SELECT m.conversation_id FROM message_search s JOIN messages m ON m.id = s.rowid"
-                " WHERE message_search MATCH ?)"
-            )
-            params.append(match)
+        if not reference:
+            return await _search_page(core, q, units, state, channel, overdue, contact_id, before_id, limit, now)
+        where.append("c.case_reference = ?")
+        params.append(reference)
     if before_id is not None:
         where.append("c.id < ?")
         params.append(before_id)
     sql = f"{CONVERSATION_SELECT} WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT ?"
     params.append(limit + 1)
     rows = await core.store.fetchall(sql, tuple(params))
+    return _page(rows, limit, now)
+
+
+async def _search_page(
+    core: Core,
+    q: str,
+    units: list[str],
+    state: str | None,
+    channel: str | None,
+    overdue: bool | None,
+    contact_id: int | None,
+    before_id: int | None,
+    limit: int,
+    now: datetime,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The list filtered by free text: conversations with a message that has every word of
+    ``q`` as a word start (see ``router.search``), newest first, a page of them."""
+    words = match_words(q)
+    if not words:
+        return [], None
+    terms = await prefix_terms(core.store.fetchall, words)
+    match = expanded_match(words, terms)
+    if match is None:  # a word that begins no indexed word: nothing can match
+        return [], None
+    where, params = _list_filters(units, state, channel, overdue, contact_id, now)
+    by_id, _ = _list_filters(units, state, channel, overdue, contact_id, now, by_id=True)
+    if all(terms[w] is not None for w in words):
+        ids = await NewestMatches(core.store, match, where, params, before_id, limit + 1, where_by_id=by_id).run()
+        if not ids:
+            return [], None
+        rows = await core.store.fetchall(
+            f"{CONVERSATION_SELECT} WHERE c.id IN ({','.join('?' * len(ids))}) ORDER BY c.id DESC", tuple(ids)
+        )
+        return _page(rows, limit, now)
+    # A word begins too many indexed words to list them. FTS5 reads every match of such a
+    # prefix query whatever is asked next, so collect the matches in one statement and walk
+    # their conversations newest first (the by-id filters keep SQLite from sorting them all).
+    before = " AND c.id < ?" if before_id is not None else ""
+    rows = await core.store.fetchall(
+        f"{CONVERSATION_SELECT} WHERE {' AND '.join(by_id)} AND c.id IN ({MATCHING_CONVERSATIONS}){before}"
+        " ORDER BY c.id DESC LIMIT ?",
+        (*params, match, *((before_id,) if before_id is not None else ()), limit + 1),
+    )
+    return _page(rows, limit, now)
+
+
+def _page(rows: Sequence[Any], limit: int, now: datetime) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to ``limit`` items, and a cursor when a further row (``limit + 1`` asked) exists."""
     items = [_conversation_item(r, now) for r in rows[:limit]]
     next_cursor = encode_cursor(rows[limit - 1]["id"]) if len(rows) > limit else None
     return items, next_cursor
+
+
+# The definition of a free-text match: a conversation with a message whose id is a match of the
+# search index. NewestMatches computes the newest of these without reading all of them.
+MATCHING_CONVERSATIONS = (
+    "SELECT m.conversation_id FROM message_search s JOIN messages m ON m.id = s.rowid WHERE message_search MATCH ?"
+)
+# Does conversation c have a message that matches? One index probe per message, oldest first.
+_HAS_MATCH = (
+    "EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id{below}"
+    " AND EXISTS (SELECT 1 FROM message_search s WHERE s.rowid = m.id AND message_search MATCH ?))"
+)
+_NO_ID = 2**63 - 1
+
+
+class NewestMatches:
+    """The ids of the newest ``want`` conversations that pass the list filters ``where``, lie
+    below ``before_id`` and match the FTS5 query ``match``, newest first: the same ids, in the
+    same order, as ``c.id IN (MATCHING_CONVERSATIONS) ... ORDER BY c.id DESC LIMIT want``, which
+    reads every match first (half a second for a word in each of a million messages).
+
+    Three ways to the answer take turns, and the first one that is sure of it gives it:
+
+    - ``walk``: read the matches newest message first (FTS5 reads ``ORDER BY rowid DESC``
+      lazily when the query has no prefix terms) in growing chunks, and keep the conversations
+      that pass the filters. Once every match is read, the newest ``want`` of those are the
+      answer: a rare word is done after one chunk.
+    - ``verify``: message ids grow with conversation ids only roughly. A late message of an old
+      conversation is harmless (the walk meets it early), but a conversation could also have a
+      matching message older than the walk's position ``below``, which the walk has not reached.
+      Once the walk holds ``want`` conversations, T the oldest of the newest ``want``, the answer
+      is sure when no other conversation above T (and below ``before_id``) has any message below
+      ``below``. That is read off the (conversation_id, id) index of messages in slices down
+      from the top; the few conversations that do have such a message are checked against the
+      search index, and added when they match. Cheap when the newest matches belong to the
+      newest conversations: a common word, a first page.
+    - ``scan``: walk the conversations that pass the filters newest first, in growing chunks,
+      and probe the search index for their messages (about 20 to 100 us a probe). Cheap when
+      most of them match: a page deep into a common word's results, one contact's conversations.
+
+    Each turn goes to the way expected to finish first, judged by its hit rate and time per item
+    so far; once that estimate exceeds ``EXPLORE_AFTER``, a way that has had less than a third
+    of the leader's time gets a turn, so a wrong estimate costs a bounded share. Which way wins
+    changes the time taken, never the answer. (Several statements, not one transaction: what is
+    written meanwhile may or may not be seen, as between two requests.)
+
+    ``where_by_id``: the same filters, with the same parameters, written for statements that
+    look up given conversation ids (``_list_filters(by_id=True)``); ``ways`` and the chunk
+    sizes are there for tests.
+    """
+
+    EXPLORE_AFTER = 0.005  # seconds
+    VERIFY_SECONDS_PER_ID = 1e-7  # before the first slice has been timed
+
+    def __init__(
+        self,
+        store: SQLiteStore,
+        match: str,
+        where: Sequence[str],
+        params: Sequence[Any],
+        before_id: int | None,
+        want: int,
+        *,
+        ways: Sequence[str] = ("walk", "verify", "scan"),
+        walk_chunk: int | None = None,
+        verify_slice: int = 8192,
+        scan_chunk: int = 16,
+        suspects: int = 64,
+        where_by_id: Sequence[str] | None = None,
+    ) -> None:
+        self.store = store
+        self.match = match
+        self.where = " AND ".join(where) or "1"
+        # The same filters with the same parameters, for statements that look up given ids
+        # (see _list_filters).
+        self.where_by_id = " AND ".join(where if where_by_id is None else where_by_id) or "1"
+        self.params = tuple(params)
+        self.before_id = before_id
+        self.want = want
+        self.ways = tuple(ways)
+        self.spent = dict.fromkeys(self.ways, 0.0)
+        self.done = dict.fromkeys(self.ways, 0)  # matches walked, ids verified, conversations scanned
+        # walk: every match with rowid >= below has been read; collected: conversations of those
+        # matches that pass the filters and lie below before_id, among them all that can still
+        # be in the answer (every one above the oldest of the newest `want`).
+        self.below = _NO_ID
+        self.walk_start: int | None = None  # the newest match
+        self.walk_chunk = walk_chunk or 4 * want
+        self.collected: set[int] = set()
+        self.top: int | None = None
+        # verify: no conversation in [verified_down_to, before_id) has a message below `below`
+        # that matches, unless it is collected.
+        self.verified_down_to: int | None = None
+        self.verify_slice = verify_slice
+        self.suspects = suspects
+        # scan: conversations below scan_cursor are not scanned yet; found: the matches above.
+        self.scan_cursor = before_id if before_id is not None else _NO_ID
+        self.scan_chunk = scan_chunk
+        self.found: list[int] = []
+
+    async def run(self) -> list[int]:
+        """Take turns until one way is sure; returns the ids, newest first."""
+        while True:
+            ready = [w for w in self.ways if w != "verify" or len(self.collected) >= self.want]
+            finish = {w: self.spent[w] + self._remaining(w) for w in ready}
+            way = min(ready, key=lambda w: (finish[w], self.spent[w]))
+            if finish[way] > self.EXPLORE_AFTER:
+                behind = [w for w in ready if 3 * self.spent[w] < self.spent[way]]
+                if behind:
+                    way = min(behind, key=self.spent.__getitem__)
+            started = time.perf_counter()
+            result = await getattr(self, f"_{way}")()
+            self.spent[way] += time.perf_counter() - started
+            if result is not None:
+                return result
+
+    def _remaining(self, way: str) -> float:
+        """Seconds ``way`` still needs, projected from its record so far; infinite when it has
+        none to go by."""
+        spent, done = self.spent[way], self.done[way]
+        if way == "verify":
+            high = self.verified_down_to if self.verified_down_to is not None else self._verify_top()
+            per_id = spent / done if done else self.VERIFY_SECONDS_PER_ID
+            return max(0, high - self._newest()[-1] - 1) * per_id
+        if not done:
+            return math.inf
+        hits = len(self.collected) if way == "walk" else len(self.found)
+        needed = (self.want - hits) * done / hits if 0 < hits < self.want else math.inf
+        if way == "walk":
+            # Or read every match: as many again as so far per message id, down to id 1.
+            needed = min(needed, done * self.below / max(1, self.walk_start - self.below))
+        return needed * spent / done
+
+    def _newest(self) -> list[int]:
+        """The newest ``want`` conversations collected, newest first (T is the last)."""
+        return sorted(self.collected, reverse=True)[: self.want]
+
+    def _next_chunk(self, chunk: int, first: int, hits: int, done: int, upper: int) -> int:
+        """Enough for the hits still missing at the rate so far, and a quarter more, at least
+        the first chunk; twice the last one once enough is found (the walk reads on towards
+        the end). Never more than four times the last one, so that a guess from a small sample
+        costs one turn only, nor more than ``upper``."""
+        if hits >= self.want:
+            chunk *= 2
+        elif hits:
+            chunk = max(first, min(math.ceil((self.want - hits) * done / hits * 1.25), 4 * chunk))
+        else:
+            chunk *= 4
+        return min(chunk, upper)
+
+    def _verify_top(self) -> int:
+        """Where verify starts: above the newest conversation, or at before_id."""
+        top = (self.top or 0) + 1
+        return top if self.before_id is None else min(top, self.before_id)
+
+    async def _walk(self) -> list[int] | None:
+        """Read the next chunk of matches, newest first; the answer once all are read."""
+        # The first row counts the chunk and gives its oldest and newest message id; the others
+        # are the newest `want` conversations of its matches that pass the filters, lie above
+        # the current T (older ones cannot be in the answer any more) and below before_id.
+        newest = self._newest()
+        rows = await self.store.fetchall(
+            "WITH f AS (SELECT rowid FROM message_search WHERE message_search MATCH ? AND rowid < ?"
+            " ORDER BY rowid DESC LIMIT ?)"
+            " SELECT COUNT(*), MIN(rowid), MAX(rowid), (SELECT MAX(id) FROM conversations) FROM f"
+            " UNION ALL SELECT * FROM (SELECT NULL, NULL, NULL, c.id"
+            " FROM conversations c JOIN contacts k ON k.id = c.contact_id"
+            " WHERE c.id IN (SELECT m.conversation_id FROM f CROSS JOIN messages m ON m.id = f.rowid"
+            "  WHERE m.conversation_id > ? AND m.conversation_id < ?)"
+            f" AND {self.where_by_id} ORDER BY c.id DESC LIMIT ?)",
+            (self.match, self.below, self.walk_chunk, newest[-1] if len(newest) >= self.want else 0,
+             self.before_id if self.before_id is not None else _NO_ID, *self.params, self.want),
+        )
+        count, oldest, first, self.top = rows[0]
+        self.collected.update(r[3] for r in rows[1:])
+        if count < self.walk_chunk:
+            return self._newest()  # every match has been read
+        if self.walk_start is None:
+            self.walk_start = first
+        self.below = oldest
+        self.done["walk"] += count
+        self.walk_chunk = self._next_chunk(self.walk_chunk, 4 * self.want, len(self.collected), self.done["walk"], 16384)
+        return None
+
+    async def _verify(self) -> list[int] | None:
+        """Check the next slice of conversations above T; the answer once all are checked."""
+        if self.verified_down_to is None:
+            self.verified_down_to = self._verify_top()
+        threshold = self._newest()[-1]
+        if self.verified_down_to <= threshold + 1:
+            return self._newest()
+        high = self.verified_down_to
+        low = max(threshold, high - self.verify_slice)
+        below = self.below
+        # Collected conversations are in the answer already, whatever else they hold.
+        known = [c for c in self.collected if low < c < high]
+        exclude = f" AND conversation_id NOT IN ({','.join('?' * len(known))})" if known else ""
+        rows = await self.store.fetchall(
+            "SELECT DISTINCT conversation_id FROM messages"
+            f" WHERE conversation_id > ? AND conversation_id < ? AND +id < ?{exclude}"
+            " ORDER BY conversation_id DESC LIMIT ?",
+            (low, high, below, *known, self.suspects + 1),
+        )
+        suspects = [r[0] for r in rows]
+        if len(suspects) > self.suspects:
+            # Settle the newest ones now; the next slice starts below them.
+            low = suspects[self.suspects]
+            suspects = suspects[: self.suspects]
+        if suspects:
+            marks = ",".join("?" * len(suspects))
+            matching = await self.store.fetchall(
+                f"SELECT c.id FROM conversations c JOIN contacts k ON k.id = c.contact_id"
+                f" WHERE c.id IN ({marks}) AND {self.where_by_id} AND {_HAS_MATCH.format(below=' AND +m.id < ?')}",
+                (*suspects, *self.params, below, self.match),
+            )
+            self.collected.update(r[0] for r in matching)
+        self.done["verify"] += high - low - 1
+        self.verified_down_to = low + 1
+        self.verify_slice = min(self.verify_slice * 4, 1 << 20)
+        if self.verified_down_to <= self._newest()[-1] + 1:
+            return self._newest()
+        return None
+
+    async def _scan(self) -> list[int] | None:
+        """Probe the next chunk of conversations; the answer once it has enough or reached the
+        oldest conversation."""
+        # The chunk: the next scan_chunk conversations that pass the filters, down to floor,
+        # the oldest of them (0 when fewer are left). The first row carries floor alone.
+        floor_sql = (
+            f"COALESCE((SELECT c.id FROM conversations c WHERE {self.where} AND c.id < ?"
+            " ORDER BY c.id DESC LIMIT 1 OFFSET ?), 0)"
+        )
+        floor_params = (*self.params, self.scan_cursor, self.scan_chunk - 1)
+        rows = await self.store.fetchall(
+            f"SELECT {floor_sql}, NULL UNION ALL SELECT * FROM ("
+            " SELECT NULL, c.id FROM conversations c JOIN contacts k ON k.id = c.contact_id"
+            f" WHERE {self.where} AND c.id < ? AND c.id >= {floor_sql} AND {_HAS_MATCH.format(below='')}"
+            " ORDER BY c.id DESC LIMIT ?)",
+            (*floor_params, *self.params, self.scan_cursor, *floor_params, self.match,
+             self.want - len(self.found)),
+        )
+        floor = rows[0][0]
+        self.found.extend(r[1] for r in rows[1:])
+        if len(self.found) >= self.want or floor == 0:
+            return self.found
+        self.done["scan"] += self.scan_chunk
+        self.scan_cursor = floor
+        self.scan_chunk = self._next_chunk(self.scan_chunk, 16, len(self.found), self.done["scan"], 4096)
+        return None
 
 
 async def conversation_unit(core: Core, conversation_id: int) -> str | None:
