@@ -131,7 +131,7 @@ class Core:
     async def ingest(self, message: dict[str, Any]) -> IngestResult:
         """Validate, store, route and acknowledge one inbound message in one commit."""
         now = self.clock.now()
-        msg, identities, language = prepare(message, config=self.config, now=now)
+        msg, identities, language, folded = prepare(message, config=self.config, now=now)
         customer = None
         if msg.get("customer_number"):
             customer = await self._lookup_customer(msg, identities)
@@ -141,7 +141,7 @@ class Core:
             if override is not None and override.unit not in self.config.units:
                 log.warning("route_message returned unknown unit %r; ignored", override.unit)
                 override = None
-        prep = Prepared(msg, identities, language, customer, override, msg["channel"] in self._threads_by_sender, now)
+        prep = Prepared(msg, identities, language, customer, override, msg["channel"] in self._threads_by_sender, now, folded)
         result = await self.store.write(
             partial(ingest_tx, config=self.config, templates=self.templates, prep=prep, status_url=self.status_url)
         )

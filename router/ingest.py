@@ -22,10 +22,10 @@ from .context import IngestResult
 from .identity import InvalidAddress, identities_of, resolve_contact
 from .models import Customer, RoutingDecision
 from .routing import find_area, message_text, route
-from .search import search_text
+from .search import folded_search_text
 from .store.sqlite import iso, parse_iso
 from .templates import Templates, format_deadline
-from .text import find_case_reference, guess_language
+from .text import find_case_reference, guess_folded_language
 from .tracking import (
     add_flags,
     open_conversation,
@@ -60,19 +60,22 @@ class Prepared:
     override: RoutingDecision | None
     threads_by_sender: bool
     now: datetime
+    folded: str  # subject and text as ``routing.message_text`` folds them, worked out once
 
 
-def prepare(message: Any, *, config: Config, now: datetime) -> tuple[dict[str, Any], list[tuple[str, str]], str]:
-    """Validate and normalise; raises ``InvalidMessage`` naming the field."""
+def prepare(
+    message: Any, *, config: Config, now: datetime
+) -> tuple[dict[str, Any], list[tuple[str, str]], str, str]:
+    """Validate and normalise; raises ``InvalidMessage`` naming the field. Returns the message,
+    the sender's identities, the language and the folded subject and text."""
     msg = validate_inbound(message)
     try:
         identities = identities_of(msg)
     except InvalidAddress as exc:
         raise InvalidMessage(str(exc), "sender.address") from None
-    language = msg.get("language") or guess_language(
-        " ".join(filter(None, (msg.get("subject"), msg.get("text")))), msg.get("default_language") or config.default_language
-    )
-    return msg, identities, language
+    folded = message_text(msg)
+    language = msg.get("language") or guess_folded_language(folded, msg.get("default_language") or config.default_language)
+    return msg, identities, language, folded
 
 
 def _result_for_existing(conn: sqlite3.Connection, config: Config, row: sqlite3.Row, status_url: Callable[[str], str]) -> IngestResult:
@@ -276,10 +279,10 @@ def ingest_tx(
                     rule="case-reference",
                     reason=f"The message names case {referred['case_reference']}, which {config.units[referred['unit']].name} owns.",
                 )
-            area_hit = find_area(config, msg, message_text(msg))
+            area_hit = find_area(config, msg, prep.folded)
             area = area_hit[0] if area_hit else None
         else:
-            decision, area = route(config, msg, is_customer=is_customer, language=prep.language)
+            decision, area = route(config, msg, is_customer=is_customer, language=prep.language, normalized_text=prep.folded)
         conv = open_conversation(
             conn,
             config,
@@ -327,7 +330,7 @@ def ingest_tx(
     ).lastrowid
     conn.execute(
         "INSERT INTO message_search (rowid, body) VALUES (?, ?)",
-        (message_id, search_text(msg.get("subject"), msg.get("text"), sender.get("display_name"))),
+        (message_id, folded_search_text(prep.folded, sender.get("display_name"))),
     )
     # The message's own id is found through the messages table; only extra keys need a row.
     keys = set(msg.get("thread_keys") or ()) - {msg["channel_message_id"]}

@@ -78,10 +78,13 @@ def route(
     *,
     is_customer: bool,
     language: str,
+    normalized_text: str | None = None,
 ) -> tuple[RoutingDecision, Area | None]:
     """``decide``, plus the area the message places itself in (stored on the conversation),
-    worked out once for both."""
-    normalized_text = message_text(message)
+    worked out once for both. ``normalized_text`` is ``message_text(message)`` when the caller
+    has it already."""
+    if normalized_text is None:
+        normalized_text = message_text(message)
     topic = message.get("topic")
     has_topic = bool(topic) and topic != "other"
     channel = message["channel"]

@@ -1,11 +1,23 @@
-"""Identifiers made by router.text: secret tokens that sort by time."""
+"""router.text: secret identifiers, and text folded once for routing, language and search."""
 
 from __future__ import annotations
 
 import re
 import time
 
-from router.text import sortable_token
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.routing import message_text
+from router.search import folded_search_text, search_text
+from router.text import (
+    CASE_ALPHABET,
+    guess_folded_language,
+    guess_language,
+    new_case_reference,
+    random_bytes,
+    sortable_token,
+)
 
 
 def test_sortable_tokens_are_secret_unique_and_grow_with_time():
@@ -24,3 +36,30 @@ def test_sortable_tokens_are_secret_unique_and_grow_with_time():
 def test_hex_sortable_tokens_for_idempotency_keys():
     key = sortable_token(16, hex=True)
     assert re.fullmatch(r"[0-9a-f]{45}", key)
+
+
+def test_the_random_pool_never_hands_out_the_same_bytes_twice():
+    chunks = [random_bytes(24) for _ in range(2000)]  # crosses several refills of 4 KiB
+    assert all(len(c) == 24 for c in chunks)
+    assert len(set(chunks)) == len(chunks)
+    assert len(random_bytes(10_000)) == 10_000  # more than a pool at once
+
+
+def test_case_references_use_the_alphabet_evenly():
+    refs = [new_case_reference() for _ in range(3000)]
+    assert all(re.fullmatch(r"K-[2-9A-HJ-NP-Z]{6}", r) for r in refs)
+    seen = {ch for r in refs for ch in r[2:]}
+    assert seen == set(CASE_ALPHABET)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), st.text(max_size=60)), st.one_of(st.none(), st.text(max_size=200)),
+       st.one_of(st.none(), st.text(max_size=30)))
+def test_folding_once_gives_what_folding_each_time_gave(subject, text, name):
+    """The ingest path folds subject and text once (``message_text``) and reuses the result for
+    the language guess and the search index."""
+    folded = message_text({"subject": subject, "text": text})
+    assert folded_search_text(folded, name) == search_text(subject, text, name)
+    joined = " ".join(filter(None, (subject, text)))
+    if len(folded) <= 2000 and len(joined) <= 2000:
+        assert guess_folded_language(folded, "xx") == guess_language(joined, "xx")
