@@ -8,16 +8,9 @@ daylight-saving changes are handled by ``zoneinfo``.
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
-
-@lru_cache(maxsize=8192)
-def _intervals_on(hours: BusinessHours, day: date) -> list[tuple[datetime, datetime]]:
-    """Opening intervals of one day in UTC, cached: deadlines are computed per message."""
-    return hours._compute_intervals(day)
-
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -29,6 +22,11 @@ class BusinessHours:
     timezone: ZoneInfo
     week: tuple[tuple[tuple[time, time | None], ...], ...]  # per weekday; None end = midnight
     holidays: frozenset[date] = frozenset()
+    # Opening intervals per day in UTC, worked out once: deadlines are computed per message.
+    # (A module-level lru_cache keyed by the instance hashed the whole week on every lookup.)
+    _days: dict[date, list[tuple[datetime, datetime]]] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     @classmethod
     def from_config(cls, spec: Mapping[str, Sequence[str]] | None, timezone: str) -> BusinessHours:
@@ -53,7 +51,12 @@ class BusinessHours:
         return not any(self.week)
 
     def _intervals_on(self, day: date) -> list[tuple[datetime, datetime]]:
-        return _intervals_on(self, day)
+        intervals = self._days.get(day)
+        if intervals is None:
+            if len(self._days) >= 4096:
+                self._days.clear()
+            intervals = self._days[day] = self._compute_intervals(day)
+        return intervals
 
     def _compute_intervals(self, day: date) -> list[tuple[datetime, datetime]]:
         if day in self.holidays:

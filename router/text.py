@@ -64,20 +64,25 @@ class _RandomPool:
 
     A message needs three secrets (case reference, status token, idempotency key); one
     ``getrandom`` system call each was 6 % of the ingest unit under load. The bytes are the
-    same kernel randomness, handed out once each; a forked child starts a pool of its own."""
+    same kernel randomness, handed out once each; a forked child empties its copy of the pool,
+    so parent and child never hand out the same bytes."""
 
     SIZE = 4096
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._buffer = b""
+        self._offset = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
         self._buffer = b""
         self._offset = 0
 
     def take(self, count: int) -> bytes:
         with self._lock:
-            if self._pid != os.getpid() or self._offset + count > len(self._buffer):
-                self._pid = os.getpid()
+            if self._offset + count > len(self._buffer):
                 self._buffer = os.urandom(max(self.SIZE, count))
                 self._offset = 0
             start = self._offset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -63,3 +64,18 @@ def test_folding_once_gives_what_folding_each_time_gave(subject, text, name):
     joined = " ".join(filter(None, (subject, text)))
     if len(folded) <= 2000 and len(joined) <= 2000:
         assert guess_folded_language(folded, "xx") == guess_language(joined, "xx")
+
+
+def test_a_forked_child_does_not_repeat_the_parents_random_bytes():
+    random_bytes(1)  # the pool holds bytes now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send what it takes, then leave at once
+        os.write(write, random_bytes(32))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 32)
+    os.close(read)
+    assert len(child) == 32
+    assert child != random_bytes(32)
