@@ -243,6 +243,9 @@ class SQLiteStore:
                 else:
                     fut.set_exception(value)
             self._in_flight = False
+            # Let the callers answer (their handlers write the responses) before the units of
+            # the next transaction take the loop: otherwise every answer waited for them too.
+            await asyncio.sleep(0)
 
     async def _commit_batch(self, loop: asyncio.AbstractEventLoop, works: list[Work]) -> list[tuple[bool, Any]]:
         """COMMIT (which waits for an fsync) runs in the writer thread; the units themselves run
