@@ -91,11 +91,12 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
         ("list, q=a word in every message", lambda: list_conversations(core, units=ALL_UNITS, q="Gehweg")),
         # The seeded sender names are "Person <n>" and words match as prefixes, so a number picks
         # a known share of the conversations, clustered by id: "424242" one, "4242" 111 (the
-        # newest 424299), "42" 11,111 (1 %, the newest 429999), "4" 111,111 (11 %).
+        # newest 424299), "42" 11,111 (1 %, the newest 429999). A word of one character matches
+        # whole words only: "4" finds "Person 4" alone (as a prefix it found 111,111, 11 %).
         ("list, q=words of one conversation", lambda: list_conversations(core, units=ALL_UNITS, q="Person 424242")),
         ("list, q=a word in 111 conversations", lambda: list_conversations(core, units=ALL_UNITS, q="4242")),
         ("list, q=a word in 1 % of conversations", lambda: list_conversations(core, units=ALL_UNITS, q="42")),
-        ("list, q=a word in 11 % of conversations", lambda: list_conversations(core, units=ALL_UNITS, q="4")),
+        ("list, q=one character (a whole word)", lambda: list_conversations(core, units=ALL_UNITS, q="4")),
         ("list, q=1 % word, contractor unit", lambda: list_conversations(core, units=("tiefbau-muster",), q="42")),
         ("list, q=every-message word + a rare one", lambda: list_conversations(core, units=ALL_UNITS, q="Gehweg 4242")),
         ("list, q=every-message word, contractor unit", lambda: list_conversations(core, units=("tiefbau-muster",), q="Gehweg")),

@@ -77,11 +77,14 @@ def folded_search_text(folded: str, name: str | None) -> str:
 
 def match_query(q: str) -> str | None:
     """Every word of ``q`` must occur (as a word start) in a message; None when ``q`` has no
-    words. Words are quoted, so no FTS5 syntax can be injected."""
+    words. A word of one character must occur as a whole word: as a word start it would match
+    a tenth of everything (a house number ``4`` found every ``42``, ``4711`` and ``4b``), and
+    reading that many matches took 48 ms at a million messages. Words are quoted, so no FTS5
+    syntax can be injected."""
     words = match_words(q)
     if not words:
         return None
-    return " ".join(f'"{w}"*' for w in words)
+    return " ".join(f'"{w}"' if len(w) == 1 else f'"{w}"*' for w in words)
 
 
 def prefix_range(word: str) -> tuple[str, str] | None:
@@ -118,6 +121,9 @@ async def prefix_terms(fetch: Fetch, words: Sequence[str]) -> dict[str, list[str
     result: dict[str, list[str] | None] = {}
     ranges: list[tuple[str, str, str]] = []
     for word in dict.fromkeys(words):
+        if len(word) == 1:  # a whole word, see ``match_query``
+            result[word] = [word]
+            continue
         bounds = prefix_range(word)
         if bounds is None:
             result[word] = None

@@ -59,7 +59,7 @@ def openapi_document() -> dict[str, Any]:
                         {"name": "state", "in": "query", "schema": {"enum": ["open", "acknowledged", "answered", "waiting", "closed"]}},
                         {"name": "channel", "in": "query", "schema": {"type": "string"}},
                         {"name": "overdue", "in": "query", "schema": {"enum": ["true", "false"]}},
-                        {"name": "q", "in": "query", "description": "A case reference, or words that must all occur (as word starts) in a message, its subject or the sender's name; umlauts match their spelt-out forms.", "schema": {"type": "string", "maxLength": 200}},
+                        {"name": "q", "in": "query", "description": "A case reference, or words that must all occur (as word starts; a one-character word as a whole word) in a message, its subject or the sender's name; umlauts match their spelt-out forms.", "schema": {"type": "string", "maxLength": 200}},
                         {"name": "contact", "in": "query", "schema": {"type": "integer"}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}},
                         {"name": "cursor", "in": "query", "schema": {"type": "string"}},

@@ -226,3 +226,16 @@ async def test_free_text_search_folds_umlauts_and_needs_every_word(harness):
     assert set(found(body)) == {a.conversation_id, b.conversation_id}
     status, body = await harness.api("GET", '/api/v1/conversations?q=" OR * NEAR(')  # no FTS syntax gets through
     assert status == 200 and found(body) == []
+
+
+async def test_a_one_character_search_word_matches_whole_words_only(harness):
+    four = await harness.core.ingest(webform_message("Vor Hausnummer 4 ist der Gehweg offen"))
+    await harness.core.ingest(webform_message("Die Leitung in Nummer 4711 ist kaputt", email="b@example.net"))
+    await harness.core.ingest(webform_message("Seit 42 Tagen eine Baustelle", email="c@example.net"))
+    found = lambda body: [i["id"] for i in body["items"]]
+    status, body = await harness.api("GET", "/api/v1/conversations?q=4")
+    assert status == 200 and found(body) == [four.conversation_id]
+    status, body = await harness.api("GET", "/api/v1/conversations?q=hausnummer 4")
+    assert found(body) == [four.conversation_id]
+    status, body = await harness.api("GET", "/api/v1/conversations?q=47")  # two characters: a word start again
+    assert len(found(body)) == 1 and found(body) != [four.conversation_id]
