@@ -144,8 +144,6 @@ class WhatsAppChannel(Channel):
         limit = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(limit, request.content_length)
-        if request.content_length is not None:
-            return await request.read()  # the length is known and within the limit
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(64 * 1024):

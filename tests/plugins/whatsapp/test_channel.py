@@ -7,6 +7,7 @@ schema, as the real ``ingest`` does; the Graph API is a real aiohttp server on l
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from aiohttp import web
 from plugins.whatsapp import WhatsAppChannel, register_channels
 from plugins.whatsapp.settings import WhatsAppSettings
 from plugins.whatsapp.signature import sign
+from router.app import MAX_BODY_BYTES
 from router.clock import FrozenClock
 from router.hookspecs import (
     ChannelContext,
@@ -250,6 +252,39 @@ async def test_signed_body_that_is_not_a_json_object_is_a_400(client: Any, raw: 
 async def test_body_over_the_size_limit_is_refused(client: Any, core: RecordingCore) -> None:
     raw = json.dumps({"object": "whatsapp_business_account", "pad": "x" * 70_000}).encode()
     response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
+    assert response.status == 413
+
+
+async def _app_client(aiohttp_client: Any, channel: WhatsAppChannel) -> Any:
+    """The channel's routes in an application with the service's own request size cap."""
+    routes = web.Application()
+    routes.add_routes(channel.routes())
+    app = web.Application(client_max_size=MAX_BODY_BYTES)  # as create_app builds it
+    app.add_subapp("/channels/whatsapp", routes)
+    return await aiohttp_client(app)
+
+
+async def test_body_within_the_channel_limit_but_over_the_services_cap_is_taken(
+    aiohttp_client: Any, core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """``max_body_bytes`` (3 MB by default) is the channel's limit, not aiohttp's 1 MiB cap for
+    bodies read whole: a big batch of statuses must not be refused (Meta would drop it)."""
+    client = await _app_client(aiohttp_client, make_channel(core, session, tmp_path, max_body_bytes=3 * 1024 * 1024))
+    raw = json.dumps({"object": "whatsapp_business_account", "entry": [], "pad": "x" * 1_500_000}).encode()
+    assert len(raw) > MAX_BODY_BYTES
+    response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
+    assert response.status == 200
+
+
+async def test_compressed_body_is_limited_by_its_inflated_size(
+    aiohttp_client: Any, core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    client = await _app_client(aiohttp_client, make_channel(core, session, tmp_path))  # limit 64 KiB
+    raw = json.dumps({"object": "whatsapp_business_account", "entry": [], "pad": "x" * 600_000}).encode()
+    packed = gzip.compress(raw)
+    assert len(packed) < 64 * 1024
+    response = await client.post("/channels/whatsapp/webhook", data=packed,
+                                 headers={**_signed(raw), "Content-Encoding": "gzip"})
     assert response.status == 413
 
 
