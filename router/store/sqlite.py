@@ -2,8 +2,9 @@
 commit), and an aiosqlite connection for reads.
 
 Every write is a unit of work: a synchronous function that gets the writer's connection. The
-writer runs all queued units in one transaction; if one raises, it rolls the transaction back
-and runs them again, each inside its own savepoint, so one failing unit leaves out only itself.
+writer runs all queued units in one transaction; if one raises after changing rows, it rolls
+the transaction back and runs them again, each inside its own savepoint, so one failing unit
+leaves out only itself.
 Then it commits once (WAL, synchronous=FULL) and answers each caller. A caller's ``await store.write(fn)`` returns only after its unit is durable, which is
 what lets an HTTP handler give a provider its 2xx only after the commit.
 
@@ -105,26 +106,40 @@ def run_units(conn: sqlite3.Connection, works: list[Work], savepoint: str = "uni
     """Run each unit of work inside the caller's transaction so that a unit that raises is
     rolled back alone. Returns (True, result) or (False, exception) per unit.
 
-    The usual case, no unit failing, takes one savepoint around them all: SQLite copies every
-    page into a statement journal the first time it changes within a savepoint, and one
-    savepoint per unit made it copy the pages the units share once per unit (measured: about
-    a quarter of the ingest path's time). If a unit raises, the whole set is rolled back and
-    run again, each unit in its own savepoint. A unit must therefore be repeatable: a function
-    of the connection only, as every unit is, since its caller hears only after the commit."""
+    The usual case takes one savepoint around them all: SQLite copies every page into a
+    statement journal the first time it changes within a savepoint, and one savepoint per unit
+    made it copy the pages the units share once per unit (measured: about a quarter of the
+    ingest path's time). A unit that raises before changing a row (a staff action on a
+    conversation that is not there) has nothing to undo. Only when a unit raises after changing
+    rows is the whole set rolled back and run again, each unit in its own savepoint. A unit must
+    therefore be repeatable: a function of the connection only, as every unit is, since its
+    caller hears only after the commit."""
     if len(works) > 1:
         conn.execute(f"SAVEPOINT {savepoint}_all")
         try:
-            results = [(True, work(conn)) for work in works]
-        except Exception:
-            conn.execute(f"ROLLBACK TO {savepoint}_all")
-        else:
-            conn.execute(f"RELEASE {savepoint}_all")
-            return results
-        try:
-            return _run_each(conn, works, savepoint)
+            outcomes = run_without_savepoints(conn, works)
+            if outcomes is None:
+                conn.execute(f"ROLLBACK TO {savepoint}_all")
+                outcomes = _run_each(conn, works, savepoint)
+            return outcomes
         finally:
             conn.execute(f"RELEASE {savepoint}_all")
     return _run_each(conn, works, savepoint)
+
+
+def run_without_savepoints(conn: sqlite3.Connection, works: list[Work]) -> list[tuple[bool, Any]] | None:
+    """Run the units one after another; None as soon as one raises after changing rows (its
+    changes cannot be undone alone: the caller rolls back and uses ``_run_each``)."""
+    outcomes: list[tuple[bool, Any]] = []
+    for work in works:
+        changes = conn.total_changes
+        try:
+            outcomes.append((True, work(conn)))
+        except Exception as exc:
+            if conn.total_changes != changes:
+                return None
+            outcomes.append((False, exc))
+    return outcomes
 
 
 def _run_each(conn: sqlite3.Connection, works: list[Work], savepoint: str) -> list[tuple[bool, Any]]:
@@ -256,11 +271,10 @@ class SQLiteStore:
         assert conn is not None
         await self._begin(loop, conn)
         try:
-            try:
-                # The usual case: no unit fails, and none needs a savepoint of its own (see
-                # ``run_units``; here even the one around them all is saved).
-                outcomes: list[tuple[bool, Any]] = [(True, work(conn)) for work in works]
-            except Exception:
+            # The usual case: no unit raises after changing rows, and none needs a savepoint of
+            # its own (see ``run_units``; here even the one around them all is saved).
+            outcomes = run_without_savepoints(conn, works)
+            if outcomes is None:
                 conn.execute("ROLLBACK")
                 await self._begin(loop, conn)
                 outcomes = _run_each(conn, works, "unit")

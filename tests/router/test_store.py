@@ -102,3 +102,31 @@ async def test_a_failing_unit_in_the_middle_leaves_the_others_written_once(tmp_p
         assert sorted(kinds) == ["ok-20", "ok-21"]
     finally:
         await store.close()
+
+
+async def test_a_unit_that_fails_before_writing_costs_the_others_nothing(tmp_path):
+    """A staff action on a conversation that is not there raises before it writes: the other
+    units of its transaction run once, not again in savepoints of their own."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        runs: list[int] = []
+
+        def good(i: int):
+            def work(conn):
+                runs.append(i)  # a probe for this test only: real units touch nothing but the database
+                conn.execute("INSERT INTO events (kind, at) VALUES (?, ?)", (f"ok-{i}", "2026-01-01T00:00:00.000000Z"))
+                return i
+            return work
+
+        def not_found(conn):
+            conn.execute("SELECT 1 FROM conversations WHERE id = 424242").fetchone()
+            raise LookupError("conversation not found")
+
+        works = [good(0), not_found, good(1)]
+        results = await asyncio.gather(*(store.write(w) for w in works), return_exceptions=True)
+        assert results[0] == 0 and results[2] == 1 and isinstance(results[1], LookupError)
+        assert runs == [0, 1]
+        assert sorted(r["kind"] for r in await store.fetchall("SELECT kind FROM events")) == ["ok-0", "ok-1"]
+    finally:
+        await store.close()
