@@ -275,7 +275,8 @@ class SQLiteStore:
             # its own (see ``run_units``; here even the one around them all is saved).
             outcomes = run_without_savepoints(conn, works)
             if outcomes is None:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite itself rolls back on some errors (disk full)
+                    conn.execute("ROLLBACK")
                 await self._begin(loop, conn)
                 outcomes = _run_each(conn, works, "unit")
             await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
