@@ -13,7 +13,6 @@ import hmac
 import json
 import os
 import ssl
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import aiosmtplib
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from router.files import write_durably
 from router.hookspecs import (
     Capabilities,
     Channel,
@@ -321,9 +321,6 @@ def _error(cls: type[web.HTTPException], code: str, message: str, **kwargs: Any)
 
 
 def _write_once(path: Path, data: bytes) -> None:
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Named by content: a file that exists already holds these bytes."""
+    if not path.exists():
+        write_durably(path, data)

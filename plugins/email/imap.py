@@ -19,15 +19,15 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import ssl
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aioimaplib
+
+from router.files import write_durably
 
 from .settings import EmailSettingsError
 
@@ -143,10 +143,7 @@ class UidMark:
 
     def save(self, path: Path) -> None:
         """Write atomically: a crash leaves the old mark or the new one, never half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({"uidvalidity": self.uidvalidity, "last_uid": self.last_uid}), "utf-8")
-        os.replace(tmp, path)
+        write_durably(path, json.dumps({"uidvalidity": self.uidvalidity, "last_uid": self.last_uid}).encode("utf-8"))
 
 
 def _lines(response: Any) -> list[bytes]:

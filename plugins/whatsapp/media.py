@@ -14,13 +14,13 @@ import asyncio
 import hashlib
 import logging
 import mimetypes
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from router.files import write_durably
 
 from .settings import WhatsAppSettings
 
@@ -89,16 +89,9 @@ async def download(
     expected = info.get("sha256")
     if isinstance(expected, str) and _HEX64.match(expected) and expected.lower() != digest.hexdigest():
         raise MediaError(f"media {media_id} does not match its sha256")
-    await asyncio.to_thread(_write, target, b"".join(chunks))
+    # On disk before the message that names it is committed (and the provider hears 200).
+    await asyncio.to_thread(write_durably, target, b"".join(chunks))
     return relative
-
-
-def _write(target: Path, data: bytes) -> None:
-    """Write through a temporary file, so a file under the final name is always complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
-    temporary.write_bytes(data)
-    os.replace(temporary, target)
 
 
 async def attach_downloads(
