@@ -6,8 +6,6 @@ Nothing here talks to anything but 127.0.0.1.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -19,6 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from plugins.whatsapp.signature import sign as whatsapp_signature
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -143,7 +143,7 @@ def start_service(config: Path, data_dir: Path, port: int, env: dict[str, str], 
 
 def sign(body: bytes, secret: str = APP_SECRET) -> str:
     """``X-Hub-Signature-256`` for ``body``, as Meta computes it."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return whatsapp_signature(body, secret)
 
 
 TEXTS = (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .config import DEFAULT_CONFIG, ConfigError, load_config
+from .config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 log = logging.getLogger("contact_router")
 
@@ -42,13 +42,20 @@ async def _freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
+def _load_or_report(path: str | Path) -> Config | None:
+    """The configuration, or None after printing every error with its file and key path."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return 1
     loopback = _is_loopback(args.host)
     demo = [m.name for m in config.staff if m.demo]
@@ -72,11 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.file)
-    except ConfigError as exc:
-        for path, message in exc.errors:
-            print(f"{exc.file}: {path or '(top level)'}: {message}", file=sys.stderr)
+    config = _load_or_report(args.file)
+    if config is None:
         return 1
     print(f"{config.file}: OK ({len(config.units)} units, {len(config.rules)} rules, {len(config.areas)} areas)")
     return 0
@@ -89,10 +93,8 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
     from .plugins import create_plugin_manager
     from .store.sqlite import SQLiteStore
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return 1
     try:
         with open(args.csv, newline="", encoding="utf-8-sig") as fh:

@@ -7,8 +7,6 @@ Everything listens on 127.0.0.1 on free ports; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -24,6 +22,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from plugins.whatsapp.signature import sign as whatsapp_signature
+
 ROOT = Path(__file__).resolve().parents[2]
 APP_SECRET = "reliability-app-secret"
 PHONE_NUMBER_ID = "100200300400500"
@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def sign(body: bytes, secret: str = APP_SECRET) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return whatsapp_signature(body, secret)
 
 
 def whatsapp_body(message_id: str, wa_id: str, text: str = "Baustelle vor dem Haus, Gehweg gesperrt") -> bytes:

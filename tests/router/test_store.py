@@ -15,6 +15,20 @@ from router.testing import CoreHarness
 from .helpers import webform_message
 
 
+def good(i: int):
+    """A unit that writes one event and answers ``i``."""
+    def work(conn):
+        conn.execute("INSERT INTO events (kind, at) VALUES (?, ?)", (f"ok-{i}", "2026-01-01T00:00:00.000000Z"))
+        return i
+    return work
+
+
+def bad(conn):
+    """A unit that writes, then fails: its row must not survive."""
+    conn.execute("INSERT INTO events (kind, at) VALUES ('half-written', '2026-01-01T00:00:00.000000Z')")
+    raise ValueError("boom")
+
+
 def test_migrations_applied_twice_are_harmless(tmp_path):
     conn = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
     assert apply_migrations(conn) == [v for v, _, _ in MIGRATIONS]
@@ -45,20 +59,10 @@ async def test_group_commit_shares_transactions_and_isolates_failures(tmp_path):
     store = SQLiteStore(tmp_path / "db.sqlite3")
     await store.open()
     try:
-        def good(i: int):
-            def work(conn):
-                conn.execute("INSERT INTO events (kind, at) VALUES (?, ?)", (f"ok-{i}", "2026-01-01T00:00:00.000000Z"))
-                return i
-            return work
-
-        def bad(conn):
-            conn.execute("INSERT INTO events (kind, at) VALUES ('half-written', '2026-01-01T00:00:00.000000Z')")
-            raise RuntimeError("boom")
-
         works = [store.write(good(i)) for i in range(50)] + [store.write(bad)]
         results = await asyncio.gather(*works, return_exceptions=True)
         assert results[:50] == list(range(50))
-        assert isinstance(results[50], RuntimeError)
+        assert isinstance(results[50], ValueError)
         rows = await store.fetchall("SELECT kind FROM events")
         assert len(rows) == 50 and all(r["kind"].startswith("ok-") for r in rows)
         assert store.commits < 50  # concurrent units shared commits
@@ -78,16 +82,6 @@ async def test_a_failing_unit_in_the_middle_leaves_the_others_written_once(tmp_p
     store = SQLiteStore(tmp_path / "db.sqlite3")
     await store.open()
     try:
-        def good(i: int):
-            def work(conn):
-                conn.execute("INSERT INTO events (kind, at) VALUES (?, ?)", (f"ok-{i}", "2026-01-01T00:00:00.000000Z"))
-                return i
-            return work
-
-        def bad(conn):
-            conn.execute("INSERT INTO events (kind, at) VALUES ('half-written', '2026-01-01T00:00:00.000000Z')")
-            raise ValueError("boom")
-
         works = [good(i) for i in range(5)] + [bad] + [good(i) for i in range(5, 10)]
         results = await asyncio.gather(*(store.write(w) for w in works), return_exceptions=True)
         assert results[:5] == list(range(5)) and results[6:] == list(range(5, 10))
@@ -112,18 +106,17 @@ async def test_a_unit_that_fails_before_writing_costs_the_others_nothing(tmp_pat
     try:
         runs: list[int] = []
 
-        def good(i: int):
+        def counted(i: int):
             def work(conn):
                 runs.append(i)  # a probe for this test only: real units touch nothing but the database
-                conn.execute("INSERT INTO events (kind, at) VALUES (?, ?)", (f"ok-{i}", "2026-01-01T00:00:00.000000Z"))
-                return i
+                return good(i)(conn)
             return work
 
         def not_found(conn):
             conn.execute("SELECT 1 FROM conversations WHERE id = 424242").fetchone()
             raise LookupError("conversation not found")
 
-        works = [good(0), not_found, good(1)]
+        works = [counted(0), not_found, counted(1)]
         results = await asyncio.gather(*(store.write(w) for w in works), return_exceptions=True)
         assert results[0] == 0 and results[2] == 1 and isinstance(results[1], LookupError)
         assert runs == [0, 1]
