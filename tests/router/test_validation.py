@@ -51,3 +51,13 @@ def test_error_names_the_field():
         assert exc.path == "language"
     else:
         raise AssertionError("expected InvalidMessage")
+
+
+def test_lone_surrogates_become_replacement_characters_at_any_depth():
+    message = {**VALID, "text": "Hallo \ud800", "sender": {"kind": "email", "address": "a@b.de", "display_name": "E\udc00"},
+               "raw": {"nested": ["x\udfff", {"k\ud800": "ok"}]}}
+    checked = validate_inbound(message)
+    assert checked["text"] == "Hallo \ufffd"
+    assert checked["sender"]["display_name"] == "E\ufffd"
+    assert checked["raw"] == {"nested": ["x\ufffd", {"k\ufffd": "ok"}]}
+    assert validate_inbound({**VALID, "text": "Grüße 😀"})["text"] == "Grüße 😀"  # whole characters stay

@@ -401,6 +401,17 @@ async def test_text_from_an_unknown_number_is_acknowledged_on_whatsapp_and_route
     assert ack["delivery_status"] == "sent"
 
 
+async def test_a_lone_surrogate_escape_is_kept_as_a_replacement_character(wa: CoreHarness, graph: FakeGraph) -> None:
+    """JSON may spell half a UTF-16 pair ("\\ud83d" without its partner, a client cutting an
+    emoji in two). The message is kept and acknowledged; SQLite never sees the half pair."""
+    status, _ = await post(wa, text_body("wamid.HALF", "Baustelle \ud83d vor dem Haus"))
+    assert status == 200
+    detail = await only_conversation(wa)
+    (incoming,) = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert incoming["text"] == "Baustelle \ufffd vor dem Haus"
+    assert await wa.run_outbox() == 1
+
+
 async def test_the_acknowledgement_is_in_the_senders_language(wa: CoreHarness, graph: FakeGraph) -> None:
     text = "Hello, there is a construction site in front of my house and nobody answers the phone. Can you help me?"
     await post(wa, text_body("wamid.EN1", text))
