@@ -47,7 +47,8 @@ def authenticate(request: web.Request) -> tuple[StaffMember, frozenset[str]]:
     token = token.strip()
     found = None
     for member in request.app[keys.STAFF]:
-        if hmac.compare_digest(member.token.encode(), token.encode()):
+        # A header is decoded with surrogate escapes; bytes that are no UTF-8 match no token.
+        if hmac.compare_digest(member.token.encode(), token.encode("utf-8", "surrogateescape")):
             found = member
     if found is None:
         raise _error(401, "unauthorized", "unknown token")
@@ -58,11 +59,16 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise _error(400, "invalid_body", "send a JSON object with Content-Type: application/json")
     try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        # Decoded here as UTF-8 (the only charset JSON has), whatever charset the header names.
+        data = json.loads((await request.read()).decode("utf-8"))
+    except (ValueError, RecursionError):  # JSON errors, bad UTF-8, nesting too deep
         raise _error(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise _error(400, "invalid_body", "the body must be a JSON object")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800": half a UTF-16 pair, which no database column holds
+        raise _error(400, "invalid_json", "the body holds an unpaired surrogate (\\uD800-\\uDFFF)") from None
     return data
 
 
@@ -168,7 +174,9 @@ async def post_note(request: web.Request) -> web.Response:
 async def post_assign(request: web.Request) -> web.Response:
     member, conversation_id = await _scoped_conversation(request)
     data = await _body(request)
-    assignee = data.get("assignee")
+    if "assignee" not in data:
+        raise _error(400, "invalid_field", "assignee is required: a name, or null to unassign", field="assignee")
+    assignee = data["assignee"]
     if assignee is not None and (not isinstance(assignee, str) or not assignee.strip() or len(assignee) > 100):
         raise _error(400, "invalid_field", "assignee must be a name or null", field="assignee")
     await request.app[keys.CORE].assign(conversation_id, assignee, member.name)

@@ -79,7 +79,8 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/conversations/{id}/replies": _action("Reply to the contact on the conversation's channel", text, "201", "Message"),
             "/api/v1/conversations/{id}/notes": _action("Add an internal note", text, "201", "Message"),
             "/api/v1/conversations/{id}/assign": _action("Assign to a staff member (null unassigns)", {
-                "type": "object", "properties": {"assignee": {"type": ["string", "null"], "maxLength": 100}}}),
+                "type": "object", "required": ["assignee"],
+                "properties": {"assignee": {"type": ["string", "null"], "maxLength": 100}}}),
             "/api/v1/conversations/{id}/transfer": _action("Transfer to another unit: new deadline, new owner notified", {
                 "type": "object", "required": ["unit"], "properties": {"unit": {"type": "string"}, "reason": {"type": "string"}}}),
             "/api/v1/conversations/{id}/close": _action("Close"),

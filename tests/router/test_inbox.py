@@ -239,3 +239,32 @@ async def test_a_one_character_search_word_matches_whole_words_only(harness):
     assert found(body) == [four.conversation_id]
     status, body = await harness.api("GET", "/api/v1/conversations?q=47")  # two characters: a word start again
     assert len(found(body)) == 1 and found(body) != [four.conversation_id]
+
+
+async def test_malformed_requests_get_a_json_4xx_and_change_nothing(harness):
+    case = (await harness.core.ingest(webform_message())).conversation_id
+    url = f"{harness.base_url}/api/v1/conversations/{case}"
+    admin = {"Authorization": "Bearer test-admin-token"}
+    before = await harness.count("messages")
+
+    async def raw(path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+        response = await harness.client.session.post(url + path, data=body, headers=headers)
+        return response.status, await response.json()
+
+    # a token with bytes that are no UTF-8: an unknown token, not a crash
+    writer_headers = {"Authorization": "Bearer \xe9t\xe9"}
+    status, body = await raw("/notes", b'{"text": "x"}', {**writer_headers, "Content-Type": "application/json"})
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    # half a UTF-16 pair, nesting deeper than the parser goes, bytes that are no UTF-8
+    for payload in (b'{"text": "Notiz \\ud800"}', b"[" * 100_000, b'{"text": "\xff\xfe"}'):
+        status, body = await raw("/notes", payload, {**admin, "Content-Type": "application/json"})
+        assert status == 400 and body["error"]["code"] == "invalid_json", payload[:30]
+    # a charset JSON does not have is ignored: the body is UTF-8 JSON all the same
+    status, body = await raw("/notes", '{"text": "Grüße"}'.encode(), {**admin, "Content-Type": "application/json; charset=bogus"})
+    assert status == 201 and body["text"] == "Grüße"
+    # assign needs the field: null unassigns, a missing key is a mistake
+    status, body = await raw("/assign", b"{}", {**admin, "Content-Type": "application/json"})
+    assert status == 400 and body["error"]["field"] == "assignee"
+    assert await harness.count("messages") == before + 1  # only the one valid note
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+    assert detail["assignee"] is None
