@@ -9,7 +9,7 @@ Rasa's connectors. Everything here is re-exported by ``router.hookspecs`` for pl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -199,4 +199,3 @@ class Channel:
         raise PermanentDeliveryError(f"channel {self.name!r} cannot send messages")
 
 
-MaybeAwaitable = Any | Awaitable[Any]

@@ -25,9 +25,9 @@ from .clock import Clock
 from .config import Config
 from .context import IngestResult
 from .hookspecs import hookimpl
-from .ingest import Prepared, ingest_tx, prepare
+from .ingest import ANNOTATIONS, Prepared, ingest_tx, prepare
 from .metrics import Metrics
-from .models import Customer, CustomerClaim
+from .models import Customer, CustomerClaim, RoutingDecision
 from .outbox import OutboxWorker, apply_delivery_update
 from .plugins import call_all, call_first, has_implementations
 from .store.sqlite import SQLiteStore, iso
@@ -136,8 +136,8 @@ class Core:
         if msg.get("customer_number"):
             customer = await self._lookup_customer(msg, identities)
         override = None
-        if self._route_hook and msg["kind"] not in ("reaction", "edit", "deletion"):
-            override = await call_first(self.pm, "route_message", message=msg, is_customer=customer is not None)
+        if self._route_hook and msg["kind"] not in ANNOTATIONS:
+            override = await self._route_override(msg, is_customer=customer is not None)
             if override is not None and override.unit not in self.config.units:
                 log.warning("route_message returned unknown unit %r; ignored", override.unit)
                 override = None
@@ -159,6 +159,16 @@ class Core:
                         "channel": msg["channel"], "deadline": iso(result.deadline)}
                 self._spawn(self._fire("conversation_routed", conversation=conv, rule=result.rule, reason=result.reason))
         return result
+
+    async def _route_override(self, msg: Mapping[str, Any], *, is_customer: bool) -> RoutingDecision | None:
+        """A routing plugin's decision; one that fails or hangs costs the message nothing: the
+        configured rules route it."""
+        try:
+            return await asyncio.wait_for(call_first(self.pm, "route_message", message=msg, is_customer=is_customer), 10)
+        except Exception:
+            log.exception("route_message failed; the configured rules route the message")
+            self.metrics.inc("contact_router_hook_errors_total", hook="route_message")
+            return None
 
     async def _lookup_customer(self, msg: Mapping[str, Any], identities: list[tuple[str, str]]) -> Customer | None:
         address = msg.get("address") or {}

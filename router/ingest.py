@@ -10,7 +10,6 @@ it, and only when a message or a plugin needs it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sqlite3
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -33,12 +32,10 @@ from .tracking import (
     record_event,
     renew_deadline,
     reopen_window,
+    to_json,
 )
 from .validation import validate_inbound
 
-# One encoder for every row: json.dumps(..., ensure_ascii=False) builds a new JSONEncoder on
-# each call, since only the all-defaults call has a cached one. Same output.
-_to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
 # Message flags that concern the whole conversation and are copied onto it.
@@ -206,7 +203,7 @@ def _annotate(
             target["id"] if target is not None else None,
             msg.get("text") if msg["kind"] != "reaction" else meta.get("emoji"),
             prep.language,
-            _to_json(payload) if payload else None,
+            to_json(payload) if payload else None,
             stamp,
         ),
     ).lastrowid
@@ -256,7 +253,6 @@ def ingest_tx(
 
     conv, referred = _find_thread(conn, msg, contact_id, prep.threads_by_sender)
     needs_ack = False
-    opened = conv is None
     if conv is not None and conv["state"] == "closed":
         closed_at = parse_iso(conv["closed_at"])
         if closed_at is not None and now - closed_at > reopen_window(config):
@@ -269,7 +265,8 @@ def ingest_tx(
         renew_deadline(conn, config, conv, now)
         record_event(conn, conv["id"], "awaiting_answer", stamp, reason="new message from the contact")
 
-    if conv is None:
+    opened = conv is None  # also when the old one was closed too long ago to reopen
+    if opened:
         if prep.override is not None or referred is not None:
             if prep.override is not None:
                 decision = prep.override
@@ -324,7 +321,7 @@ def ingest_tx(
             msg.get("subject"),
             msg.get("text"),
             prep.language,
-            _to_json(payload) if payload else None,
+            to_json(payload) if payload else None,
             stamp,
         ),
     ).lastrowid

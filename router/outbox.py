@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
 import sqlite3
@@ -21,7 +22,6 @@ from typing import Any, TypeVar
 
 from .channel import (
     Channel,
-    DeliveryError,
     DeliveryUpdate,
     OutboundMessage,
     PermanentDeliveryError,
@@ -57,7 +57,8 @@ class OutboxPolicy:
     poll_seconds: float = 1.0
 
     def delay(self, attempts: int) -> float:
-        raw = min(self.max_delay, self.base_delay * (2 ** max(0, attempts - 1)))
+        # The exponent is capped, so that a row retried for weeks cannot overflow the float.
+        raw = min(self.max_delay, self.base_delay * (2 ** min(max(0, attempts - 1), 30)))
         return raw * random.uniform(0.5, 1.0)
 
 
@@ -377,9 +378,10 @@ class OutboxWorker:
         self.failed = 0
         self.retried = 0
 
-    @property
+    @functools.cached_property
     def answered_on_sent(self) -> frozenset[str]:
-        """Channels without delivery receipts: accepted by the provider counts as delivered."""
+        """Channels without delivery receipts: accepted by the provider counts as delivered.
+        (The channels are registered before the worker starts, and do not change.)"""
         return frozenset(n for n, c in self.channels.items() if not c.capabilities.delivery_receipts)
 
     async def run(self) -> None:
@@ -474,10 +476,23 @@ class OutboxWorker:
             attempt=item["attempts"],
         )
 
+    async def _retry(self, item: dict[str, Any], message: str, retry_after: float | None, *, give_up: bool = True) -> None:
+        """Send again later (after the provider's ``retry_after``, else with backoff); after
+        ``max_attempts`` give up, which falls back to the contact's other identities or flags
+        the conversation for a call-back. A channel that is not configured yet never gives up."""
+        if give_up and item["attempts"] >= self.policy.max_attempts:
+            self.failed += 1
+            error = f"gave up after {item['attempts']} attempts: {message}"
+            await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
+            return
+        self.retried += 1
+        delay = retry_after or self.policy.delay(item["attempts"])
+        await self._record(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
+
     async def _deliver(self, item: dict[str, Any]) -> None:
         channel = self.channels.get(item["channel"])
         if channel is None:
-            delay = self.policy.delay(min(item["attempts"], 10))
+            delay = self.policy.delay(item["attempts"])
             await self._record(
                 lambda conn: record_retry(conn, item["id"], f"channel {item['channel']!r} is not configured", delay, None, self.clock.now())
             )
@@ -491,28 +506,19 @@ class OutboxWorker:
             await self._record(lambda conn: record_retry(conn, item["id"], error, 0, hint, self.clock.now()))
             return
         except (RetryableDeliveryError, TimeoutError) as exc:
-            message = exc.message if isinstance(exc, DeliveryError) else "timed out"
-            not_configured = isinstance(exc, DeliveryError) and exc.code == NOT_CONFIGURED
-            if item["attempts"] >= self.policy.max_attempts and not not_configured:
-                self.failed += 1
-                await self._record(
-                    lambda conn: record_failure(conn, item["id"], f"gave up after {item['attempts']} attempts: {message}", None, self.channels, self.clock.now())
-                )
-                return
-            self.retried += 1
-            delay = exc.retry_after if isinstance(exc, RetryableDeliveryError) and exc.retry_after else self.policy.delay(min(item["attempts"], 12))
-            await self._record(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
+            if isinstance(exc, RetryableDeliveryError):
+                await self._retry(item, exc.message, exc.retry_after, give_up=exc.code != NOT_CONFIGURED)
+            else:
+                await self._retry(item, "timed out", None)
             return
         except PermanentDeliveryError as exc:
             self.failed += 1
             error, code = exc.message, exc.code
             await self._record(lambda conn: record_failure(conn, item["id"], error, code, self.channels, self.clock.now()))
             return
-        except Exception as exc:  # a plugin bug: keep the row, retry later, make it visible
+        except Exception as exc:  # a plugin bug: logged, then retried like any failure, and given up
             log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])
-            delay = self.policy.delay(item["attempts"])
-            error = f"{type(exc).__name__}: {exc}"
-            await self._record(lambda conn: record_retry(conn, item["id"], error, delay, None, self.clock.now()))
+            await self._retry(item, f"{type(exc).__name__}: {exc}", None)
             return
         self.sent += 1
         answered_on = result.status in ("delivered", "read") or item["channel"] in self.answered_on_sent

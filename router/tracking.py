@@ -22,7 +22,7 @@ from .text import new_case_reference, sortable_token
 
 # One encoder for every row: json.dumps(..., ensure_ascii=False) builds a new JSONEncoder on
 # each call, since only the all-defaults call has a cached one. Same output.
-_to_json = json.JSONEncoder(ensure_ascii=False).encode
+to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 AWAITING_ANSWER = ("open", "acknowledged")
 
@@ -45,7 +45,7 @@ def record_event(
 ) -> None:
     conn.execute(
         "INSERT INTO events (conversation_id, kind, actor, data, at) VALUES (?, ?, ?, ?, ?)",
-        (conversation_id, kind, actor, _to_json(data) if data else None, now),
+        (conversation_id, kind, actor, to_json(data) if data else None, now),
     )
 
 

@@ -136,7 +136,9 @@ def run_without_savepoints(conn: sqlite3.Connection, works: list[Work]) -> list[
         try:
             outcomes.append((True, work(conn)))
         except Exception as exc:
-            if conn.total_changes != changes:
+            # Changed rows, or SQLite rolled the whole transaction back itself (disk full): the
+            # units must run again, or the next ones would run outside any transaction.
+            if conn.total_changes != changes or not conn.in_transaction:
                 return None
             outcomes.append((False, exc))
     return outcomes
@@ -149,6 +151,8 @@ def _run_each(conn: sqlite3.Connection, works: list[Work], savepoint: str) -> li
         try:
             value = work(conn)
         except Exception as exc:  # this unit only
+            if not conn.in_transaction:  # SQLite rolled back everything: nothing here holds
+                raise
             conn.execute(f"ROLLBACK TO {savepoint}")
             conn.execute(f"RELEASE {savepoint}")
             outcomes.append((False, exc))

@@ -133,9 +133,13 @@ async def test_message_to_closed_conversation_reopens_within_window_else_links(h
     await harness.api("POST", f"/api/v1/conversations/{case}/close")
     harness.clock.advance(timedelta(days=30))
     later = await harness.core.ingest(webform_message(f"Wieder da, Fall {row['case_reference']}"))
-    assert later.conversation_id != case
+    assert later.conversation_id != case and later.opened
     status, detail = await harness.api("GET", f"/api/v1/conversations/{later.conversation_id}")
     assert detail["linked_to"] == case
+    # the old conversation's own status token, too long after closing: a new one, opened now
+    # (so that conversation_routed fires for it)
+    via_token = await harness.core.ingest(webform_message("Und noch etwas", thread={"status_token": row["status_token"]}))
+    assert via_token.conversation_id not in (case, later.conversation_id) and via_token.opened
 
 
 async def test_contacts_get_and_merge_history_follows(harness):

@@ -95,3 +95,32 @@ async def test_retryable_errors_are_retried_and_permanent_ones_flag_the_conversa
         assert {"undeliverable", "callback_required"} <= set(detail["flags"])
         reply = next(m for m in detail["messages"] if m["kind"] == "reply")
         assert reply["delivery_status"] == "failed" and reply["deliveries"][0]["last_error"] == "number unknown"
+
+
+async def test_a_channel_that_keeps_crashing_is_given_up_on_like_a_failing_provider(tmp_path):
+    """A plugin bug is retried with backoff, and after max_attempts the conversation is flagged
+    for a call-back: never retried for ever with nobody told."""
+    from datetime import timedelta
+
+    from router.outbox import OutboxPolicy
+
+    plugin = Plugin()
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=3)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        plugin.channel.fail_next = [KeyError("bug")] * 10
+        result = await harness.core.ingest(inbound("m1"))
+        for _ in range(10):
+            await harness.run_outbox()
+            harness.clock.advance(timedelta(seconds=1))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        (ack,) = [m for m in detail["messages"] if m["kind"] == "ack"]
+        assert ack["delivery_status"] == "failed"
+        assert ack["deliveries"][0]["last_error"].startswith("gave up after 3 attempts: KeyError")
+        assert {"undeliverable", "callback_required"} <= set(detail["flags"])
+        assert len(plugin.channel.fail_next) == 7  # three attempts, then no more
+
+
+def test_the_backoff_of_a_row_retried_for_weeks_stays_a_number():
+    from router.outbox import OutboxPolicy
+
+    assert 450 <= OutboxPolicy().delay(5000) <= 900

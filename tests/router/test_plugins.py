@@ -172,3 +172,17 @@ def test_every_hook_is_documented_in_the_plugin_guide():
         assert f"### `{name}`" in text, f"hook {name} is not documented in docs/plugins.md"
         doc = getattr(hookspecs, name).__doc__ or ""
         assert ":param" in doc and "Called" in doc, f"hook {name} lacks its docstring parts"
+
+
+class BrokenRouter:
+    @hookimpl
+    def route_message(self, message, is_customer):
+        raise RuntimeError("routing service down")
+
+
+async def test_a_failing_routing_plugin_costs_the_message_nothing(tmp_path):
+    async with CoreHarness(tmp_path / "d", plugins=[BrokenRouter()]) as harness:
+        result = await harness.core.ingest(webform_message())
+        assert result.conversation_id is not None and result.acknowledged
+        assert result.unit == "tiefbau-muster"  # the configured rules decided
+        assert harness.core.metrics.value("contact_router_hook_errors_total", hook="route_message") == 1

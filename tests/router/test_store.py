@@ -123,3 +123,22 @@ async def test_a_unit_that_fails_before_writing_costs_the_others_nothing(tmp_pat
         assert sorted(r["kind"] for r in await store.fetchall("SELECT kind FROM events")) == ["ok-0", "ok-1"]
     finally:
         await store.close()
+
+
+async def test_a_transaction_that_sqlite_rolled_back_itself_leaves_nothing_half_written(tmp_path):
+    """On some errors (disk full, I/O) SQLite ends the whole transaction itself. The units after
+    the failing one must not go on in autocommit, each statement durable on its own, while their
+    callers hear that the transaction failed."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        def disk_full(conn):
+            conn.execute("ROLLBACK")  # what SQLite does itself on SQLITE_FULL
+            raise sqlite3.OperationalError("database or disk is full")
+
+        results = await asyncio.gather(*(store.write(w) for w in [good(0), disk_full, good(1)]), return_exceptions=True)
+        assert all(isinstance(r, Exception) for r in results)
+        assert await store.fetchall("SELECT kind FROM events") == []
+        assert await store.write(good(2)) == 2  # the writer goes on
+    finally:
+        await store.close()
