@@ -8,13 +8,14 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from . import keys
+from . import keys, tracking
 from .channel import Channel, InvalidMessage
 from .clock import Clock
 from .config import Config
@@ -156,6 +157,10 @@ def partial_view(core: Core) -> Callable[..., Awaitable[dict[str, Any] | None]]:
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[keys.STORE]
     await store.open()
+    config, clock = app[keys.CONFIG], app[keys.CLOCK]
+    moved = await store.write(partial(tracking.adopt_orphans, config=config, now=clock.now()))
+    if moved:
+        log.warning("%d conversations named units no longer configured; moved to %s", moved, config.fallback_unit)
     yield
     await app[keys.CORE].drain_background()
     await store.close()

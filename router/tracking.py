@@ -312,3 +312,37 @@ def mark_answered(conn: sqlite3.Connection, conversation_id: int, now: str) -> b
 
 def reopen_window(config: Config) -> timedelta:
     return timedelta(days=config.reopen_days)
+
+
+# The distinct units of all conversations, one seek in ``conversations_unit`` per unit (a plain
+# DISTINCT reads the whole index: 610 ms at a million conversations, at every start).
+_UNITS_IN_USE = """
+WITH RECURSIVE used(unit) AS (
+    SELECT MIN(unit) FROM conversations
+    UNION ALL
+    SELECT (SELECT MIN(unit) FROM conversations WHERE unit > used.unit) FROM used WHERE used.unit IS NOT NULL
+)
+SELECT unit FROM used WHERE unit IS NOT NULL"""
+
+
+def adopt_orphans(conn: sqlite3.Connection, config: Config, now: datetime) -> int:
+    """Give the fallback unit every conversation whose unit the configuration no longer has
+    (a unit renamed or removed): otherwise its next message, deadline or escalation would look
+    up a unit that is not there. Returns how many conversations moved; each gets an event."""
+    gone = [row[0] for row in conn.execute(_UNITS_IN_USE) if row[0] not in config.units]
+    if not gone:
+        return 0
+    stamp = iso(now)
+    fallback = config.fallback_unit
+    reason = f"Its unit is no longer in the configuration; {config.units[fallback].name} is the fallback unit."
+    moved = conn.execute(
+        f"SELECT id, unit FROM conversations WHERE unit IN ({','.join('?' * len(gone))})", gone
+    ).fetchall()
+    for conversation_id, unit in moved:
+        conn.execute(
+            "UPDATE conversations SET unit = ?, routing_rule = 'fallback', routing_reason = ?, assignee = NULL,"
+            " updated_at = ? WHERE id = ?",
+            (fallback, reason, stamp, conversation_id),
+        )
+        record_event(conn, conversation_id, "transferred", stamp, from_unit=unit, to_unit=fallback, reason=reason)
+    return len(moved)

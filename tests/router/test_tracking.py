@@ -78,3 +78,25 @@ async def test_follow_up_joins_and_is_not_acknowledged_twice(harness):
     second = await harness.core.ingest(webform_message(f"Nachtrag zu {first.case_reference}"))
     assert second.conversation_id == first.conversation_id and not second.acknowledged
     assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_conversations_of_a_unit_removed_from_the_configuration_go_to_the_fallback(tmp_path):
+    """A unit renamed or removed in the TOML: its conversations get the fallback unit at the
+    next start, with an event, instead of failing on the next message or escalation."""
+    import sqlite3
+
+    from router.testing import CoreHarness
+
+    async with CoreHarness(tmp_path / "d") as first:
+        case = (await first.core.ingest(webform_message())).conversation_id
+    # as if the conversation's unit had been removed from the configuration since
+    with sqlite3.connect(tmp_path / "d" / "contact-router.sqlite3") as conn:
+        conn.execute("UPDATE conversations SET unit = 'alte-baufirma', escalate_at = '2000-01-01T00:00:00.000000Z'")
+    async with CoreHarness(tmp_path / "d") as second:
+        status, detail = await second.api("GET", f"/api/v1/conversations/{case}")
+        assert status == 200 and detail["unit"] == second.config.fallback_unit
+        assert any(e["kind"] == "transferred" and e["data"]["from_unit"] == "alte-baufirma" for e in detail["events"])
+        token = (await second.core.store.fetchone("SELECT status_token FROM conversations WHERE id = ?", (case,)))[0]
+        again = await second.core.ingest(webform_message("Noch eine Frage", thread={"status_token": token}))
+        assert again.conversation_id == case
+        await second.escalate()  # the overdue scan meets no unknown unit
