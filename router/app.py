@@ -52,7 +52,9 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return json_error(exc.status, exc.code, exc.message)
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json" and not request.path.startswith("/channels/webform/"):
-            return json_error(exc.status, _HTTP_CODES.get(exc.status, "error"), exc.reason)
+            # A handler's own plain-text explanation is kept; aiohttp's default text is "400: Bad Request".
+            own = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else None
+            return json_error(exc.status, _HTTP_CODES.get(exc.status, "error"), own or exc.reason)
         raise
     except asyncio.CancelledError:
         raise

@@ -10,6 +10,7 @@ for a voicemail.
 from __future__ import annotations
 
 import hmac
+import json
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from urllib.parse import urlencode
@@ -312,10 +313,10 @@ class PhoneChannel(Channel):
             raise web.HTTPNotFound()
         try:
             if request.content_type == "application/json":
-                event: Any = await request.json()
+                event: Any = json.loads((await request.read()).decode("utf-8"))
             else:
                 event = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nesting too deep
             raise web.HTTPBadRequest(text="unreadable event") from exc
         try:
             message = parse.cti_missed_call(event, region=self.settings.region)

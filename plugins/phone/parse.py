@@ -309,7 +309,7 @@ def sms_message(params: Mapping[str, Any], *, region: str = "DE") -> dict[str, A
         url = _text(params, f"MediaUrl{index}")
         if url:
             attachments.append(
-                {"url": url[:2000], "content_type": (_text(params, f"MediaContentType{index}") or None)}
+                {"url": url[:2000], "content_type": (_text(params, f"MediaContentType{index}")[:200] or None)}
             )
     message: dict[str, Any] = {
         "channel": CHANNEL,

@@ -115,13 +115,14 @@ class WebFormChannel(Channel):
         if is_json:
             try:
                 data = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nesting too deep
                 raise self._error(True, 400, "invalid_json", "the body is not valid JSON") from None
             if not isinstance(data, dict):
                 raise self._error(True, 400, "invalid_json", "the body must be a JSON object")
             return data, True
-        if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data", ""):
-            raise self._error(False, 415, "unsupported_media_type", "send the form as a form post or JSON")
+        # The page posts URL-encoded; a multipart body would be read as garbage, so it is refused.
+        if request.content_type not in ("application/x-www-form-urlencoded", ""):
+            raise self._error(False, 415, "unsupported_media_type", "send the form URL-encoded or as JSON")
         from urllib.parse import parse_qsl
 
         try:

@@ -113,7 +113,7 @@ class WhatsAppChannel(Channel):
             )
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nesting too deep
             raise json_error(web.HTTPBadRequest, "invalid_json", "body is not valid JSON") from None
         if not isinstance(data, dict):
             raise json_error(web.HTTPBadRequest, "invalid_json", "body is not a JSON object")

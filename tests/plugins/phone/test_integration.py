@@ -484,6 +484,13 @@ async def cti(harness: CoreHarness, event: Mapping[str, str], secret: str = CTI_
     return await harness.client.post(f"/channels/phone/cti/{secret}", json=dict(event))
 
 
+async def test_an_unreadable_cti_event_gets_its_reason_in_the_json_error(harness, twilio):
+    response = await harness.client.post(f"/channels/phone/cti/{CTI_SECRET}", data=b'{"event": "hang',
+                                         headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    assert (await response.json())["error"] == {"code": "bad_request", "message": "unreadable event"}
+
+
 async def test_cti_hangups_with_no_answer_become_call_back_duties(harness, twilio):
     base = {"direction": "in", "to": "030 99999999"}
     for event in ("newCall", "answer"):

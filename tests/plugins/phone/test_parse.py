@@ -167,6 +167,9 @@ def test_sms_media_become_attachments(assert_canonical):
         {"url": "https://m/0", "content_type": "image/jpeg"},
         {"url": "https://m/1", "content_type": None},
     ]
+    # an absurd media type is cut to the schema's 200 characters, not a reason to lose the SMS
+    long = assert_canonical(parse.sms_message(with_(SMS, NumMedia="1", MediaUrl0="https://m/0", MediaContentType0="x" * 500)))
+    assert long["attachments"][0]["content_type"] == "x" * 200
 
 
 def test_sms_opt_out_is_never_acknowledged(assert_canonical):

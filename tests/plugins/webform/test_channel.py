@@ -170,8 +170,12 @@ async def test_bad_input_gets_4xx_and_stores_nothing(harness):
     response = await harness.client.post("/channels/webform/", json={**FORM, "form_token": "1700000000.abc.def"})
     assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_token"
     # malformed JSON and oversized bodies
-    response = await harness.client.post("/channels/webform/", data=b"{not json", headers={"Content-Type": "application/json"})
-    assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_json"
+    for raw in (b"{not json", b"[" * 50_000):  # the second nests deeper than the parser goes
+        response = await harness.client.post("/channels/webform/", data=raw, headers={"Content-Type": "application/json"})
+        assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_json"
+    # multipart is not what the page sends, and would be read as garbage
+    response = await harness.client.post("/channels/webform/", data=b"--b\r\n", headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status == 415
     response = await harness.client.post("/channels/webform/", data=b"x" * 70_000, headers={"Content-Type": "application/json"})
     assert response.status == 413
     # HTML form errors come back as the form with the field marked

@@ -242,7 +242,7 @@ async def test_signature_is_checked_on_the_raw_bytes(client: Any, core: Recordin
     assert response.status == 401
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b"[" * 50_000])
 async def test_signed_body_that_is_not_a_json_object_is_a_400(client: Any, raw: bytes) -> None:
     response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
     assert response.status == 400
