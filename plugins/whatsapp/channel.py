@@ -128,16 +128,24 @@ class WhatsAppChannel(Channel):
             await media.attach_downloads(
                 self.context.http, self.settings, self.context.data_dir, parsed.messages, self.context.log
             )
+        refused = []
         for message in parsed.messages:
             self._apply_number_defaults(message)
             try:
                 await self.context.ingest(message)
             except InvalidMessage as exc:
-                field = exc.path or "message"
-                raise json_error(web.HTTPBadRequest, "invalid_message", f"{field}: {exc.message}") from None
+                # Answering 400 would make Meta resend the whole body for days, and the messages
+                # and statuses after this one would never be read: it is kept as an event instead.
+                entry = {"id": message.get("channel_message_id"), "field": exc.path or "message", "error": exc.message}
+                self.context.log.warning("webhook message refused: %s", entry)
+                await self.context.record_event("invalid_message", entry)
+                refused.append(entry)
         for update in parsed.statuses:
             await self.context.record_delivery(update)
-        return web.json_response({"messages": len(parsed.messages), "statuses": len(parsed.statuses)})
+        answer: dict[str, Any] = {"messages": len(parsed.messages) - len(refused), "statuses": len(parsed.statuses)}
+        if refused:
+            answer["refused"] = refused
+        return web.json_response(answer)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The raw body, refused with 413 beyond ``max_body_bytes`` (checked while reading)."""

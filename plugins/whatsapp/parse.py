@@ -429,7 +429,8 @@ def _error(raw: Mapping[str, Any]) -> dict[str, Any]:
 def rfc3339(timestamp: Any) -> str | None:
     """A Unix timestamp (seconds, as string or number) as RFC 3339 UTC, or None."""
     moment = _datetime(timestamp)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+    # isoformat, not strftime: %Y does not pad years below 1000 to four digits on every platform
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z") if moment else None
 
 
 def _datetime(timestamp: Any) -> datetime | None:

@@ -61,9 +61,11 @@ class RecordingCore:
         self.messages: list[dict[str, Any]] = []
         self.updates: list[DeliveryUpdate] = []
         self.refusal: InvalidMessage | None = None
+        self.refuse_ids: set[str] = set()  # refuse only these message ids (else every one)
+        self.events: list[tuple[str, str, Any]] = []
 
     async def ingest(self, message: dict[str, Any]) -> IngestResult:
-        if self.refusal:
+        if self.refusal and (not self.refuse_ids or message["channel_message_id"] in self.refuse_ids):
             raise self.refusal
         errors = schema_errors(message)
         if errors:
@@ -85,6 +87,9 @@ class RecordingCore:
     async def record_delivery(self, channel: str, update: DeliveryUpdate) -> bool:
         self.updates.append(update)
         return True
+
+    async def record_event(self, channel: str, kind: str, data: Any) -> None:
+        self.events.append((channel, kind, dict(data)))
 
 
 class FakeGraph:
@@ -151,6 +156,7 @@ def make_channel(
             http=lambda: session,
             render=lambda template, language, **values: template,
             units={},
+            record_event=core.record_event,
         )
     )
     return channel
@@ -288,19 +294,32 @@ async def test_compressed_body_is_limited_by_its_inflated_size(
     assert response.status == 413
 
 
-async def test_message_the_core_refuses_is_a_400_naming_the_field(client: Any, core: RecordingCore) -> None:
+async def test_a_message_the_core_refuses_is_named_and_the_rest_of_the_webhook_is_handled(
+    client: Any, core: RecordingCore
+) -> None:
+    """A 400 would make Meta resend the whole body for days while the messages and statuses
+    after the refused one were never read: they are handled, the refusal is named and kept."""
     core.refusal = InvalidMessage("too long", path="sender.address")
+    core.refuse_ids = {"m2"}
     body = {
         "object": "whatsapp_business_account",
-        "entry": [{"changes": [{"field": "messages", "value": {"messages": [
-            {"from": "491701234567", "id": "m1", "timestamp": "1700000000", "type": "text", "text": {"body": "x"}}
-        ]}}]}],
+        "entry": [{"changes": [{"field": "messages", "value": {
+            "messages": [
+                {"from": "491701234567", "id": f"m{i}", "timestamp": "1700000000", "type": "text", "text": {"body": "x"}}
+                for i in (1, 2, 3)
+            ],
+            "statuses": [{"id": "wamid.out1", "status": "delivered", "timestamp": "1700000001", "recipient_id": "491701234567"}],
+        }}]}],
     }  # fmt: skip
     raw = json.dumps(body).encode()
     response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
-    assert response.status == 400
-    error = (await response.json())["error"]
-    assert error["code"] == "invalid_message" and "sender.address" in error["message"]
+    assert response.status == 200
+    answer = await response.json()
+    assert answer["messages"] == 2 and answer["statuses"] == 1
+    assert answer["refused"] == [{"id": "m2", "field": "sender.address", "error": "too long"}]
+    assert [m["channel_message_id"] for m in core.messages] == ["m1", "m3"]
+    assert [u.provider_id for u in core.updates] == ["wamid.out1"]
+    assert core.events == [("whatsapp", "invalid_message", {"id": "m2", "field": "sender.address", "error": "too long"})]
 
 
 # -------------------------------------------------------------------------------------------
