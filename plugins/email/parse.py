@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping
 from datetime import UTC
 from email import policy
-from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
@@ -220,12 +219,17 @@ def _recipient(
     return next((a for a in candidates if a in ours), None)
 
 
+_NOT_IN_ADDRESS = frozenset('<>()[],;:"\\')
+
+
 def _valid_address(address: str) -> bool:
-    try:
-        Address(addr_spec=address)
-    except Exception:  # noqa: BLE001
+    """An address a reply can go to: ``local@domain``, at most 320 characters, without spaces,
+    control characters or header punctuation. Letters beyond ASCII are fine: the listener offers
+    SMTPUTF8 (RFC 6531), and ``jürgen@exämple.de`` is somebody, not ``unknown@invalid``."""
+    local, at, domain = address.partition("@")
+    if not (at and local and domain and "@" not in domain and len(address) <= 320):
         return False
-    return 0 < len(address) <= 320
+    return not any(ch.isspace() or ch < " " or ch in _NOT_IN_ADDRESS or "\ud800" <= ch <= "\udfff" for ch in address)
 
 
 def _clip(value: str | None, limit: int) -> str | None:

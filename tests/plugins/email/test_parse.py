@@ -448,3 +448,20 @@ def test_bounce_refers_to_the_message_it_reports(valid):
     msg = valid(parse(POSTFIX_DSN, envelope_from=""))
     assert msg["thread"]["refs"][0] == "<9f2c41d7a0b3e5c8.cr@example.org>"
     assert msg["ack_suppressed"] == "bounce"
+
+
+def test_an_internationalised_sender_address_is_the_sender():
+    """SMTPUTF8 mail (RFC 6531): the address is the person, not ``unknown@invalid``."""
+    raw = crlf("""From: Jürgen <jürgen@exämple.de>
+To: bau@example.org
+Subject: Baustelle
+Message-ID: <utf8-1@exämple.de>
+Content-Type: text/plain; charset=utf-8
+
+Hallo
+""", "utf-8")
+    message = parse(raw, envelope_from="jürgen@exämple.de")
+    assert message["sender"]["address"] == "jürgen@exämple.de"
+    assert "no_sender" not in message.get("flags", [])
+    for broken in ("a b@example.com", "a@b@example.com", "@example.com", "x@"):
+        assert parse(crlf(f"From: {broken}\nTo: bau@example.org\n\nHallo\n"), envelope_from=None)["sender"]["address"] == "unknown@invalid"
