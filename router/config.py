@@ -15,6 +15,7 @@ import re
 import sys
 import tomllib
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -202,13 +203,19 @@ def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> C
     resolved = resolve_env(data, env, demo)
     service = resolved["service"]
     timezone = service.get("timezone", "Europe/Berlin")
-    calendars: dict[str, BusinessHours] = {}
     try:
-        for cal_id, spec in resolved.get("business_hours", {}).items():
+        always = BusinessHours.from_config({}, timezone)
+    except (ValueError, KeyError) as exc:  # ZoneInfoNotFoundError is a KeyError
+        raise ConfigError(name, [("service.timezone", f"unknown timezone {timezone!r} ({exc})")]) from None
+    calendars: dict[str, BusinessHours] = {}
+    calendar_errors = []
+    for cal_id, spec in resolved.get("business_hours", {}).items():
+        try:
             calendars[cal_id] = BusinessHours.from_config(spec, timezone)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(name, [("business_hours", str(exc))]) from None
-    always = BusinessHours.from_config({}, timezone)
+        except (ValueError, KeyError) as exc:
+            calendar_errors.append((f"business_hours.{cal_id}", str(exc)))
+    if calendar_errors:
+        raise ConfigError(name, calendar_errors)
 
     units = {
         uid: Unit(
@@ -225,6 +232,17 @@ def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> C
         )
         for uid, u in resolved["units"].items()
     }
+    # Every deadline must be computable: a response time that a sparse calendar cannot fit
+    # into a year would fail each message to the unit, so it fails here, named.
+    probe = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    deadline_errors = []
+    for uid, unit in units.items():
+        try:
+            unit.hours.add(probe, unit.first_response_hours)
+        except (ValueError, OverflowError) as exc:
+            deadline_errors.append((f"units.{uid}.first_response_hours", f"no deadline within a year of business hours ({exc})"))
+    if deadline_errors:
+        raise ConfigError(name, deadline_errors)
     areas = {
         aid: Area(
             id=aid,

@@ -90,3 +90,47 @@ def test_import_customers_command(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("nummer,name\n1,x\n")
     assert main(["import-customers", str(bad), "--data-dir", str(tmp_path / "data")]) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "says"),
+    [
+        (lambda d: d["service"].update(timezone="Mars/Olympus"), "service.timezone", "unknown timezone 'Mars/Olympus'"),
+        (lambda d: d["business_hours"]["site"].update(mon=["07:00-24:30"]), "business_hours.site", ""),
+        (lambda d: d["units"]["vertrieb"].update(first_response_hours=float("inf")), "units.vertrieb.first_response_hours", ""),
+        (lambda d: d["service"].update(reopen_days=float("inf")), "service.reopen_days", ""),
+        (lambda d: (d["business_hours"]["office"].clear(), d["business_hours"]["office"].update(mon=["08:00-08:01"]),
+                    d["units"]["vertrieb"].update(first_response_hours=100)),
+         "units.vertrieb.first_response_hours", "no deadline within a year"),
+    ],
+)
+def test_values_that_would_fail_at_run_time_are_refused_at_load_naming_the_key(tmp_path, capsys, change, key, says):
+    data = load_raw_config()
+    change(data)
+    path = tmp_path / "broken.toml"
+    path.write_text(_toml(data))
+    assert main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: {key}" in err and says in err and "Traceback" not in err
+
+
+def _toml(data) -> str:
+    """TOML for the few value types the example configuration has (inf is valid TOML)."""
+    import math
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float) and math.isinf(v):
+            return "inf"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(v)
+
+    return "\n".join(f"{json.dumps(k)} = {value(v)}" for k, v in data.items()) + "\n"
