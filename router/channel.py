@@ -9,6 +9,7 @@ Rasa's connectors. Everything here is re-exported by ``router.hookspecs`` for pl
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,16 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from .context import ChannelContext
+
+
+def json_error(
+    status: type[web.HTTPException], code: str, message: str, *, extra: Mapping[str, Any] | None = None, **kwargs: Any
+) -> web.HTTPException:
+    """An HTTP error to raise, with the service's one error body
+    ``{"error": {"code": ..., "message": ..., **extra}}``; ``kwargs`` go to the exception
+    (``headers``, or ``max_size`` and ``actual_size`` for a 413)."""
+    body = json.dumps({"error": {"code": code, "message": message, **(extra or {})}})
+    return status(text=body, content_type="application/json", **kwargs)
 
 
 class InvalidMessage(Exception):

@@ -14,8 +14,8 @@ first coroutine, answered or not).
 
 The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabilities``,
 ``OutboundMessage``, ``SendResult``, ``DeliveryUpdate``, the ``DeliveryError`` family,
-``InvalidMessage``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer`` and
-``RoutingDecision``. The full guide is ``docs/plugins.md``.
+``InvalidMessage``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer``,
+``RoutingDecision`` and ``json_error`` (an HTTP error with the service's JSON error body). The full guide is ``docs/plugins.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .channel import (
     RetryableDeliveryError,
     SendResult,
     Service,
+    json_error,
 )
 from .context import ChannelContext, IngestResult
 from .models import Customer, CustomerClaim, RoutingDecision
@@ -66,6 +67,7 @@ __all__ = [
     "RoutingDecision",
     "SendResult",
     "Service",
+    "json_error",
 ]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from router.hookspecs import (
     PermanentDeliveryError,
     RetryableDeliveryError,
     SendResult,
+    json_error,
 )
 
 from .compose import build_mail
@@ -205,30 +205,30 @@ class EmailChannel(Channel):
         """
         secret = self.settings.inbound_secret
         if not secret:
-            raise _error(web.HTTPNotFound, "not_enabled", "inbound mail over HTTP is not configured")
+            raise json_error(web.HTTPNotFound, "not_enabled", "inbound mail over HTTP is not configured")
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, f"Bearer {secret}".encode()):
-            raise _error(web.HTTPUnauthorized, "unauthorized", "missing or wrong bearer token",
+            raise json_error(web.HTTPUnauthorized, "unauthorized", "missing or wrong bearer token",
                          headers={"WWW-Authenticate": "Bearer"})
         limit = self.settings.max_message_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise _error(web.HTTPRequestEntityTooLarge, "too_large", f"mail larger than {limit} bytes",
+            raise json_error(web.HTTPRequestEntityTooLarge, "too_large", f"mail larger than {limit} bytes",
                          max_size=limit, actual_size=request.content_length)
         raw = bytearray()
         async for chunk in request.content.iter_chunked(65536):
             raw += chunk
             if len(raw) > limit:
-                raise _error(web.HTTPRequestEntityTooLarge, "too_large", f"mail larger than {limit} bytes",
+                raise json_error(web.HTTPRequestEntityTooLarge, "too_large", f"mail larger than {limit} bytes",
                              max_size=limit, actual_size=len(raw))
         if not raw.strip():
-            raise _error(web.HTTPBadRequest, "empty", "the body must be a raw RFC 5322 message")
+            raise json_error(web.HTTPBadRequest, "empty", "the body must be a raw RFC 5322 message")
         envelope_to = [a.strip() for a in request.headers.get("X-Envelope-To", "").split(",") if a.strip()]
         try:
             result = await self.receive(
                 bytes(raw), envelope_from=request.headers.get("X-Envelope-From"), envelope_to=envelope_to or None
             )
         except InvalidMessage as exc:
-            raise _error(web.HTTPBadRequest, "invalid_message", f"{exc.path}: {exc.message}" if exc.path else exc.message) from None
+            raise json_error(web.HTTPBadRequest, "invalid_message", f"{exc.path}: {exc.message}" if exc.path else exc.message) from None
         return web.json_response(
             {
                 "message_id": result.message_id,
@@ -314,10 +314,6 @@ class SMTPHandler:
             self.channel.context.log.exception("could not store mail; answered 451")
             return "451 4.3.0 temporary failure, please try again later"
         return "250 OK"
-
-
-def _error(cls: type[web.HTTPException], code: str, message: str, **kwargs: Any) -> web.HTTPException:
-    return cls(text=json.dumps({"error": {"code": code, "message": message}}), content_type="application/json", **kwargs)
 
 
 def _write_once(path: Path, data: bytes) -> None:

@@ -23,6 +23,7 @@ from router.hookspecs import (
     PermanentDeliveryError,
     RetryableDeliveryError,
     SendResult,
+    json_error,
 )
 
 from . import graph, media
@@ -39,12 +40,6 @@ SIGNATURE_HEADER = "X-Hub-Signature-256"
 # refusal itself costs almost nothing: it happens before the body is read.
 MAX_IN_FLIGHT = 256
 RETRY_AFTER_SECONDS = 1
-
-
-def json_error(status: type[web.HTTPException], code: str, message: str, **kwargs: Any) -> web.HTTPException:
-    """An HTTP error with the project's JSON error body."""
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return status(text=body, content_type="application/json", **kwargs)
 
 
 class WhatsAppChannel(Channel):

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import keys
+from ..channel import json_error
 from ..config import Config, StaffMember
 from . import queries
 from .openapi import openapi_document
@@ -21,10 +22,9 @@ STATES = ("open", "acknowledged", "answered", "waiting", "closed")
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> web.HTTPException:
-    body = json.dumps({"error": {"code": code, "message": message, **extra}})
     cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound, 409: web.HTTPConflict}[status]
     headers = {"WWW-Authenticate": 'Bearer realm="contact-router"'} if status == 401 else None
-    return cls(text=body, content_type="application/json", headers=headers)
+    return json_error(cls, code, message, extra=extra, headers=headers)
 
 
 def visible_units(config: Config, member: StaffMember) -> frozenset[str]:
