@@ -258,11 +258,11 @@ def ingest_tx(
         if closed_at is not None and now - closed_at > reopen_window(config):
             referred, conv = conv, None  # too old: a new conversation, linked to the old one
         else:
-            renew_deadline(conn, config, conv, now, state="open")
+            conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
             record_event(conn, conv["id"], "reopened", stamp, reason="new message from the contact")
             needs_ack = True
     elif conv is not None and conv["state"] in ("answered", "waiting"):
-        renew_deadline(conn, config, conv, now)
+        conv = {**conv, **renew_deadline(conn, config, conv, now, inbound=True)}
         record_event(conn, conv["id"], "awaiting_answer", stamp, reason="new message from the contact")
 
     opened = conv is None  # also when the old one was closed too long ago to reopen
@@ -298,11 +298,11 @@ def ingest_tx(
             automated=msg.get("ack_suppressed") in AUTOMATED,
         )
         needs_ack = True
-    else:
+    elif conv["last_inbound_at"] != stamp:  # else written already, with the renewed deadline
         conn.execute(
             "UPDATE conversations SET last_inbound_at = ?, updated_at = ? WHERE id = ?", (stamp, stamp, conv["id"])
         )
-        conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (conv["id"],)).fetchone()
+        conv = {**conv, "last_inbound_at": stamp, "updated_at": stamp}
 
     payload = {
         k: msg[k]

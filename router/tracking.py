@@ -122,16 +122,28 @@ def open_conversation(
 
 
 def renew_deadline(
-    conn: sqlite3.Connection, config: Config, conversation: Mapping[str, Any], now: datetime, state: str = "acknowledged"
-) -> None:
+    conn: sqlite3.Connection,
+    config: Config,
+    conversation: Mapping[str, Any],
+    now: datetime,
+    state: str = "acknowledged",
+    *,
+    inbound: bool = False,
+) -> dict[str, Any]:
     """A conversation that no longer waited for an answer waits again, with a new deadline.
-    ``state`` is ``open`` when a new acknowledgement is about to be queued for it."""
+    ``state`` is ``open`` when a new acknowledgement is about to be queued for it; ``inbound``
+    when a message from the contact is why (it becomes ``last_inbound_at`` in the same UPDATE).
+    Returns the columns as written, so the caller need not read the row again."""
+    stamp = iso(now)
     deadline = iso(deadline_for(config, conversation["unit"], now))
+    changed = {"state": state, "deadline": deadline, "escalate_at": deadline, "closed_at": None, "updated_at": stamp}
+    if inbound:
+        changed["last_inbound_at"] = stamp
     conn.execute(
-        "UPDATE conversations SET state = ?, deadline = ?, escalate_at = ?, closed_at = NULL,"
-        " updated_at = ? WHERE id = ?",
-        (state, deadline, deadline, iso(now), conversation["id"]),
+        f"UPDATE conversations SET {', '.join(f'{column} = ?' for column in changed)} WHERE id = ?",
+        (*changed.values(), conversation["id"]),
     )
+    return changed
 
 
 def queue_outbound(
