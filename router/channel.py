@@ -1,5 +1,6 @@
 """The public types a channel plugin works with: the channel base class, outbound messages and
-delivery results, and the errors that tell the outbox whether to retry.
+delivery results, the errors that tell the outbox whether to retry, and the helpers channel
+handlers share (the JSON error body, size-limited body reading, ``Retry-After`` parsing).
 
 A channel has an input side (its HTTP routes and long-running services, which hand canonical
 inbound messages to ``ChannelContext.ingest``) and an output side (``Channel.send``), as in
@@ -28,6 +29,53 @@ def json_error(
     (``headers``, or ``max_size`` and ``actual_size`` for a 413)."""
     body = json.dumps({"error": {"code": code, "message": message, **(extra or {})}})
     return status(text=body, content_type="application/json", **kwargs)
+
+
+class BodyTooLarge(Exception):
+    """A request body over the limit given to ``read_limited_body``; the caller answers it with
+    its own 413. ``size`` is what was known when it was refused: the declared Content-Length,
+    or the bytes read so far."""
+
+    def __init__(self, limit: int, size: int) -> None:
+        super().__init__(f"body exceeds {limit} bytes ({size} declared or read)")
+        self.limit = limit
+        self.size = size
+
+
+async def read_limited_body(request: web.Request, limit: int) -> bytes:
+    """The request body (decompressed, as aiohttp hands it over) of at most ``limit`` bytes.
+
+    Raises ``BodyTooLarge`` before reading when Content-Length already says more, and while
+    reading as soon as more has arrived (chunked or compressed bodies), so an oversized body is
+    never held whole. Unlike ``request.read()`` it is not bound by the app's ``client_max_size``.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit, request.content_length)
+    buffer = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):  # read() may return only a part
+        buffer += chunk
+        if len(buffer) > limit:
+            raise BodyTooLarge(limit, len(buffer))
+    return bytes(buffer)
+
+
+MAX_RETRY_AFTER_SECONDS = 86400.0
+"""The longest ``Retry-After`` taken from a provider; beyond it the outbox's backoff decides."""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """The seconds of a ``Retry-After`` header value, for ``RetryableDeliveryError.retry_after``.
+
+    Only the delay-seconds form is read. ``None`` (so the outbox's own backoff applies) when the
+    value is missing, not a number (an HTTP-date too), negative, not finite or beyond
+    ``MAX_RETRY_AFTER_SECONDS``: a provider's nonsense must not park a message for ever.
+    """
+    try:
+        seconds = float(value) if value else None
+    except ValueError:
+        return None
+    # NaN fails both comparisons, infinity the second.
+    return seconds if seconds is not None and 0 <= seconds <= MAX_RETRY_AFTER_SECONDS else None
 
 
 class InvalidMessage(Exception):

@@ -15,7 +15,10 @@ first coroutine, answered or not).
 The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabilities``,
 ``OutboundMessage``, ``SendResult``, ``DeliveryUpdate``, the ``DeliveryError`` family,
 ``InvalidMessage``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer``,
-``RoutingDecision`` and ``json_error`` (an HTTP error with the service's JSON error body). The full guide is ``docs/plugins.md``.
+``RoutingDecision``, ``json_error`` (an HTTP error with the service's JSON error body),
+``read_limited_body`` with its ``BodyTooLarge`` (a request body of at most so many bytes) and
+``parse_retry_after`` (a provider's ``Retry-After`` in seconds). The full guide is
+``docs/plugins.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import pluggy
 
 from .channel import (
+    BodyTooLarge,
     Capabilities,
     Channel,
     DeliveryError,
@@ -38,6 +42,8 @@ from .channel import (
     SendResult,
     Service,
     json_error,
+    parse_retry_after,
+    read_limited_body,
 )
 from .context import ChannelContext, IngestResult
 from .models import Customer, CustomerClaim, RoutingDecision
@@ -49,8 +55,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
     "PROJECT",
-    "hookspec",
-    "hookimpl",
+    "BodyTooLarge",
     "Capabilities",
     "Channel",
     "ChannelContext",
@@ -67,7 +72,11 @@ __all__ = [
     "RoutingDecision",
     "SendResult",
     "Service",
+    "hookimpl",
+    "hookspec",
     "json_error",
+    "parse_retry_after",
+    "read_limited_body",
 ]
 
 

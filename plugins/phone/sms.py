@@ -7,14 +7,18 @@ recipient (invalid number, landline, opted out) is permanent, so the outbox trie
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 
-from router.hookspecs import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from router.hookspecs import (
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    parse_retry_after,
+)
 
 MAX_SMS_LENGTH = 1600
 """Twilio's limit for one message body (it splits it into segments itself)."""
@@ -51,14 +55,7 @@ def messages_url(api_url: str, account_sid: str) -> str:
 
 def basic_auth(user: str, password: str) -> str:
     """An HTTP basic ``Authorization`` header value."""
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    try:
-        return max(0.0, float(headers.get("Retry-After", "")))
-    except ValueError:
-        return None
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 def error_for_response(status: int, body: Any, headers: Mapping[str, str] | None = None) -> DeliveryError:
@@ -72,7 +69,7 @@ def error_for_response(status: int, body: Any, headers: Mapping[str, str] | None
     code = str(api_code) if isinstance(api_code, int) and not isinstance(api_code, bool) else f"http_{status}"
     text = f"Twilio answered {status}: {message or 'no details'}"
     if status == 429 or status >= 500 or api_code in RETRYABLE_API_CODES:
-        return RetryableDeliveryError(text, code=code, retry_after=_retry_after(headers or {}))
+        return RetryableDeliveryError(text, code=code, retry_after=parse_retry_after((headers or {}).get("Retry-After")))
     if status in (401, 403):
         # Bad credentials are our problem, not the recipient's: keep the message for later.
         return RetryableDeliveryError(text, code=code)
@@ -108,7 +105,7 @@ async def send_sms(
                 answer = None
             if response.status >= 300:
                 raise error_for_response(response.status, answer, response.headers)
-    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise RetryableDeliveryError(f"Twilio not reachable: {exc!r}", code="network") from exc
     sid = answer.get("sid") if isinstance(answer, Mapping) else None
     if not isinstance(sid, str) or not sid:

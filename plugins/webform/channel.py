@@ -14,7 +14,15 @@ from typing import Any
 
 from aiohttp import web
 
-from router.hookspecs import Capabilities, Channel, InvalidMessage, OutboundMessage, SendResult
+from router.hookspecs import (
+    BodyTooLarge,
+    Capabilities,
+    Channel,
+    InvalidMessage,
+    OutboundMessage,
+    SendResult,
+    read_limited_body,
+)
 
 from . import fields, pages, tokens
 
@@ -104,14 +112,10 @@ class WebFormChannel(Channel):
     async def _read(self, request: web.Request) -> tuple[dict[str, Any], bool]:
         """The submitted fields and whether they came as JSON. Size-limited; bad JSON is a 400."""
         is_json = request.content_type == JSON_TYPE
-        if request.content_length is not None and request.content_length > self.max_body:
-            raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes")
-        buffer = bytearray()
-        async for chunk in request.content.iter_chunked(64 * 1024):  # read() may return a part
-            buffer += chunk
-            if len(buffer) > self.max_body:
-                raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes")
-        body = bytes(buffer)
+        try:
+            body = await read_limited_body(request, self.max_body)
+        except BodyTooLarge:
+            raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes") from None
         if is_json:
             try:
                 data = json.loads(body.decode("utf-8"))

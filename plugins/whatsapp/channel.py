@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from router.hookspecs import (
+    BodyTooLarge,
     Capabilities,
     Channel,
     InvalidMessage,
@@ -24,6 +25,8 @@ from router.hookspecs import (
     RetryableDeliveryError,
     SendResult,
     json_error,
+    parse_retry_after,
+    read_limited_body,
 )
 
 from . import graph, media
@@ -101,7 +104,13 @@ class WhatsAppChannel(Channel):
             self.in_flight -= 1
 
     async def _receive(self, request: web.Request) -> web.Response:
-        body = await self._read_body(request)
+        try:
+            body = await read_limited_body(request, self.settings.max_body_bytes)
+        except BodyTooLarge as exc:
+            raise json_error(
+                web.HTTPRequestEntityTooLarge, "body_too_large", f"body exceeds {exc.limit} bytes",
+                max_size=exc.limit, actual_size=exc.size,
+            ) from None
         if not verify_signature(body, request.headers.get(SIGNATURE_HEADER), self.settings.app_secret):
             raise json_error(
                 web.HTTPUnauthorized, "invalid_signature", f"missing or wrong {SIGNATURE_HEADER} header"
@@ -141,20 +150,6 @@ class WhatsAppChannel(Channel):
         if refused:
             answer["refused"] = refused
         return web.json_response(answer)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The raw body, refused with 413 beyond ``max_body_bytes`` (checked while reading)."""
-        limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise _too_large(limit, request.content_length)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit, size)
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _apply_number_defaults(self, message: dict[str, Any]) -> None:
         """The business number written to supplies the unit hint, and the language when the
@@ -222,7 +217,7 @@ class WhatsAppChannel(Channel):
                 url, json=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=settings.timeout)
             ) as response:
                 status = response.status
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 try:
                     body = await response.json(content_type=None)
                 except (ValueError, aiohttp.ContentTypeError):
@@ -235,22 +230,3 @@ class WhatsAppChannel(Channel):
         if provider_id:
             return provider_id
         raise graph.classify_error(status, body if isinstance(body, dict) else None, retry_after=retry_after)
-
-
-def _too_large(limit: int, size: int) -> web.HTTPException:
-    return json_error(
-        web.HTTPRequestEntityTooLarge,
-        "body_too_large",
-        f"body exceeds {limit} bytes",
-        max_size=limit,
-        actual_size=size,
-    )
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        seconds = float(value) if value else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and 0 <= seconds <= 86400 else None
-

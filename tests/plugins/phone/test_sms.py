@@ -55,6 +55,11 @@ def test_retry_after_is_passed_on():
     assert error_for_response(429, {}, {"Retry-After": "7"}).retry_after == 7.0
 
 
+@pytest.mark.parametrize("header", ["-3", "nan", "inf", "90000", "Wed, 21 Oct 2015 07:28:00 GMT", "soon"])
+def test_retry_after_that_cannot_be_used_leaves_the_backoff_to_the_outbox(header):
+    assert error_for_response(503, None, {"Retry-After": header}).retry_after is None
+
+
 @pytest.fixture
 async def fake_twilio(aiohttp_server):
     """A Messages resource on loopback that records requests and answers as told."""

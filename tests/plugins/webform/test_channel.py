@@ -188,6 +188,24 @@ async def test_bad_input_gets_4xx_and_stores_nothing(harness):
         assert await harness.count(table) == 0, table
 
 
+async def test_chunked_body_over_the_limit_is_refused_as_json_or_as_a_page(harness):
+    """A body without Content-Length is counted while it is read: 413 in the form of the request."""
+
+    async def chunks():
+        for _ in range(7):
+            yield b"x" * 10_000  # 70,000 bytes against the default 64 KiB
+
+    response = await harness.client.post("/channels/webform/", data=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    assert await response.json() == {"error": {"code": "too_large", "message": "the body is larger than 65536 bytes"}}
+    response = await harness.client.post(
+        "/channels/webform/", data=chunks(), headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert response.status == 413 and response.content_type == "text/html"
+    assert "the body is larger than 65536 bytes" in await response.text()
+    assert await harness.count("messages") == 0
+
+
 async def test_output_is_escaped(harness):
     status, body = await submit_json(harness, name="<script>alert(1)</script>", message="<b>fett</b> & <img src=x onerror=alert(1)>")
     assert status == 201

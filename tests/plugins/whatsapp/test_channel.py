@@ -98,6 +98,7 @@ class FakeGraph:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.answers: list[tuple[int, Any]] = []
+        self.headers: dict[str, str] = {}  # sent with every answer
         self.delay = 0.0
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -113,7 +114,7 @@ class FakeGraph:
         status, body = self.answers.pop(0) if self.answers else (200, None)
         if body is None and status == 200:
             body = {"messaging_product": "whatsapp", "messages": [{"id": f"wamid.out{len(self.requests)}"}]}
-        return web.json_response(body, status=status)
+        return web.json_response(body, status=status, headers=self.headers)
 
 
 @pytest.fixture
@@ -259,6 +260,25 @@ async def test_body_over_the_size_limit_is_refused(client: Any, core: RecordingC
     raw = json.dumps({"object": "whatsapp_business_account", "pad": "x" * 70_000}).encode()
     response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
     assert response.status == 413
+
+
+async def test_body_over_the_size_limit_is_answered_with_the_channels_error(client: Any, core: RecordingCore) -> None:
+    response = await client.post("/channels/whatsapp/webhook", data=b"{" + b" " * 64 * 1024 + b"}")
+    assert response.status == 413
+    assert (await response.json()) == {"error": {"code": "body_too_large", "message": "body exceeds 65536 bytes"}}
+
+
+async def test_chunked_body_without_length_over_the_limit_is_refused(client: Any, core: RecordingCore) -> None:
+    raw = json.dumps({"object": "whatsapp_business_account", "entry": [], "pad": "x" * 70_000}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(raw), 10_000):
+            yield raw[start:start + 10_000]
+
+    response = await client.post("/channels/whatsapp/webhook", data=chunks(), headers=_signed(raw))
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "body_too_large"
+    assert core.messages == []
 
 
 async def _app_client(aiohttp_client: Any, channel: WhatsAppChannel) -> Any:
@@ -414,6 +434,20 @@ async def test_a_500_then_success_is_retryable_then_sent(sender: WhatsAppChannel
     with pytest.raises(RetryableDeliveryError):
         await sender.send(outbound())
     assert (await sender.send(outbound())).provider_id == "wamid.out2"
+
+
+@pytest.mark.parametrize(
+    "header, seconds",
+    [("30", 30.0), ("-5", None), ("90000", None), ("Wed, 21 Oct 2015 07:28:00 GMT", None)],
+)
+async def test_retry_after_of_a_rate_limit_is_passed_on_when_usable(
+    sender: WhatsAppChannel, graph: tuple[FakeGraph, str], header: str, seconds: float | None
+) -> None:
+    graph[0].answers.append((429, {"error": {"code": 130429, "message": "Rate limit hit"}}))
+    graph[0].headers = {"Retry-After": header}
+    with pytest.raises(RetryableDeliveryError) as caught:
+        await sender.send(outbound())
+    assert caught.value.retry_after == seconds
 
 
 async def test_timeout_is_retryable(sender: WhatsAppChannel, graph: tuple[FakeGraph, str]) -> None:
