@@ -97,8 +97,9 @@ def resolve_contact(
     claim: str | None,
     channel: str,
     now: str,
-) -> tuple[int, bool]:
-    """Find or create the contact for these identities; returns (contact id, is_customer).
+) -> tuple[int, bool, bool]:
+    """Find or create the contact for these identities; returns (contact id, is_customer,
+    created now).
 
     Only the sender's own address (the first identity) says who they are. Further addresses a
     sender merely typed in (a form's phone field) are unverified: they are kept only on a
@@ -145,9 +146,9 @@ def resolve_contact(
             " display_name = COALESCE(display_name, ?), updated_at = ? WHERE id = ?",
             (customer.customer_number, customer.name or display_name, now, contact_id),
         )
-        return contact_id, True
+        return contact_id, True, contact is None
     if contact is None:  # created just now, with name and language already
-        return contact_id, False
+        return contact_id, False, True
     row = contact
     updates = []
     params: list[Any] = []
@@ -164,7 +165,7 @@ def resolve_contact(
         conn.execute(
             f"UPDATE contacts SET {', '.join(updates)}, updated_at = ? WHERE id = ?", (*params, now, contact_id)
         )
-    return contact_id, bool(row["is_customer"])
+    return contact_id, bool(row["is_customer"]), False
 
 
 def merge_contacts(conn: sqlite3.Connection, survivor: int, other: int, now: str) -> None:

@@ -237,7 +237,7 @@ def ingest_tx(
         return _result_for_existing(conn, config, existing, status_url)
 
     sender = msg["sender"]
-    contact_id, is_customer = resolve_contact(
+    contact_id, is_customer, new_contact = resolve_contact(
         conn,
         prep.identities,
         display_name=sender.get("display_name"),
@@ -251,7 +251,8 @@ def ingest_tx(
     if msg["kind"] in ANNOTATIONS:
         return _annotate(conn, config, prep, contact_id, status_url)
 
-    conv, referred = _find_thread(conn, msg, contact_id, prep.threads_by_sender)
+    # A contact created just now has no conversation to continue.
+    conv, referred = _find_thread(conn, msg, contact_id, prep.threads_by_sender and not new_contact)
     needs_ack = False
     if conv is not None and conv["state"] == "closed":
         closed_at = parse_iso(conv["closed_at"])

@@ -53,7 +53,13 @@ def iso(dt: datetime | None) -> str | None:
     """Fixed-width UTC timestamp, so that text order is time order."""
     if dt is None:
         return None
-    return dt.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    if dt.tzinfo is not UTC:
+        dt = dt.astimezone(UTC)
+    # Formatted by hand: half the time of isoformat() plus slicing, and called several times
+    # for every message.
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+        dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second, dt.microsecond
+    )
 
 
 def parse_iso(value: str | None) -> datetime | None:

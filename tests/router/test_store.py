@@ -4,15 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from router.store.migrations import MIGRATIONS
-from router.store.sqlite import SQLiteStore, apply_migrations, run_units
+from router.store.sqlite import SQLiteStore, apply_migrations, iso, parse_iso, run_units
 from router.testing import CoreHarness
 
 from .helpers import webform_message
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(2026, 11, 30, 15, 4, 5, 123456, tzinfo=UTC),
+        datetime(2026, 11, 30, 15, 4, 5, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(2026, 3, 29, 2, 30, tzinfo=ZoneInfo("Europe/Berlin")),  # the hour that does not exist
+        datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=ZoneInfo("Europe/Berlin")),
+        datetime(2026, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    ],
+)
+def test_iso_is_fixed_width_utc_and_round_trips(when):
+    text = iso(when)
+    assert text == when.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    assert len(text) == 27 and text.endswith("Z")
+    assert parse_iso(text) == when.astimezone(UTC)
 
 
 def good(i: int):
