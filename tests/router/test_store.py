@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from router.store import migrations
 from router.store.migrations import MIGRATIONS
 from router.store.sqlite import SQLiteStore, apply_migrations, iso, parse_iso, run_units
 from router.testing import CoreHarness
@@ -55,6 +56,82 @@ def test_migrations_applied_twice_are_harmless(tmp_path):
     assert apply_migrations(conn) == []
     versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
     assert versions == [v for v, _, _ in MIGRATIONS]
+
+
+CHECKED_COLUMNS = [
+    ("conversations", "state", "open"),
+    ("messages", "direction", "in"),
+    ("outbox", "state", "pending"),
+    ("callback_attempts", "outcome", "reached"),
+]
+
+
+def _checks_refuse_bad_values(conn: sqlite3.Connection) -> None:
+    """Every checked column still refuses what it refused, and accepts what it accepted."""
+    for table, column, good_value in CHECKED_COLUMNS:
+        conn.execute("SAVEPOINT probe")
+        try:
+            conn.execute(f"UPDATE {table} SET {column} = ?", (good_value,))
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+                conn.execute(f"UPDATE {table} SET {column} = 'bogus'")
+        finally:
+            conn.execute("ROLLBACK TO probe")
+            conn.execute("RELEASE probe")
+
+
+def _opens_temporary_btrees(conn: sqlite3.Connection, sql: str, params: tuple) -> bool:
+    return any(row[1] == "OpenEphemeral" for row in conn.execute(f"EXPLAIN {sql}", params))
+
+
+OUTBOX_INSERT = (
+    "INSERT INTO outbox (message_id, channel, kind, to_kind, to_address, state, next_attempt_at, idempotency_key,"
+    " created_at, updated_at) VALUES (?, 'webform', 'ack', 'email', 'a@example.org', 'pending', ?, ?, ?, ?)"
+)
+
+
+async def test_checks_written_as_comparisons_refuse_the_same_values_without_temporary_btrees(tmp_path):
+    """Migration 5 on a database with rows: CHECK (x IN (...)) built a temporary b-tree of
+    the list for every row written; the comparisons do not, refuse the same values, and the
+    file stays intact."""
+    data = tmp_path / "data"
+    async with CoreHarness(data) as harness:
+        result = await harness.core.ingest(webform_message())
+    # No statement cache: an EXPLAIN prepared before the migration would list the old program.
+    conn = sqlite3.connect(data / "contact-router.sqlite3", isolation_level=None, cached_statements=0)
+    stamp = "2026-01-01T00:00:00.000000Z"
+    params = (result.message_id, stamp, "key-1", stamp, stamp)
+    conn.execute(
+        "INSERT INTO callback_attempts (conversation_id, outcome, at) VALUES (?, 'reached', ?)",
+        (result.conversation_id, stamp),
+    )
+    # Undo migration 5 by hand, as a database written before it looks.
+    version = conn.execute("PRAGMA schema_version").fetchone()[0]
+    conn.execute("PRAGMA writable_schema=ON")
+    for table, (column, values) in migrations._IN_CHECKS.items():
+        (sql,) = conn.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (table,)).fetchone()
+        old = migrations._comparison_check(column, values)
+        assert old in sql
+        sql = sql.replace(old, migrations._in_check(column, values))
+        conn.execute("UPDATE sqlite_schema SET sql = ? WHERE name = ?", (sql, table))
+    conn.execute(f"PRAGMA schema_version={version + 1}")
+    conn.execute("PRAGMA writable_schema=OFF")
+    conn.execute("DELETE FROM schema_migrations WHERE version = 5")
+    # Open across the migration: it re-reads the schema at its next statement.
+    other = sqlite3.connect(data / "contact-router.sqlite3", isolation_level=None, cached_statements=0)
+    assert _opens_temporary_btrees(other, OUTBOX_INSERT, params)
+    _checks_refuse_bad_values(conn)
+
+    assert apply_migrations(conn) == [5]
+
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    schema = " ".join(row[0] for row in conn.execute("SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL"))
+    assert " IN (" not in schema
+    for name, connection in (("migrating", conn), ("other", other)):
+        _checks_refuse_bad_values(connection)
+        assert not _opens_temporary_btrees(connection, OUTBOX_INSERT, params), name
+    async with CoreHarness(data) as again:
+        status, view = await again.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert status == 200 and view["case_reference"] == result.case_reference
 
 
 async def test_restart_keeps_everything(tmp_path):
