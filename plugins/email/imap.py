@@ -9,6 +9,10 @@ people looking at the mailbox see what the router took. A restart searches only 
 mark; when the server's UIDVALIDITY changes (the mailbox was rebuilt) everything is looked at
 again, and the core's de-duplication on Message-ID keeps anything from being stored twice.
 
+A mail that fails to import every time must not block the mailbox: failed attempts are counted
+per UID in the same state file (a restart does not reset them), and after ``max_attempts`` the
+raw mail is written durably to ``email/imap/unprocessable/`` and the mark moves past it.
+
 Messages are fetched with ``BODY.PEEK[]``: the router never marks them read.
 """
 
@@ -32,16 +36,24 @@ from router.files import write_durably
 from .settings import EmailSettingsError
 
 IMPORTED_KEYWORD = "$ContactRouter"
+MAX_ATTEMPTS = 3  # failed imports of one UID before it is set aside as unprocessable
+UNPROCESSABLE_DIR = "unprocessable"  # under the state folder: email/imap/unprocessable/
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _FETCH_UID = re.compile(rb"\bUID (\d+)\b", re.IGNORECASE)
 _TLS_MODES = ("tls", "none")
 _DEFAULT_PORT = {"tls": 993, "none": 143}
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9@.+-]+")
 
 Receive = Callable[[bytes, list[str] | None], Awaitable[Any]]
 
 
 class ImapError(Exception):
     """The IMAP server refused a command; the poller reconnects after a pause."""
+
+
+class ImportFailed(Exception):
+    """Importing one mail failed (and it is not yet set aside); the poller tries again after
+    ``retry_seconds``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,12 +76,18 @@ class ImapMailbox:
     idle_seconds: float = 25 * 60.0
     timeout: float = 30.0
     retry_seconds: float = 30.0
+    max_attempts: int = MAX_ATTEMPTS
 
     @property
     def key(self) -> str:
         """A stable id for this mailbox's state file, revealing no credentials."""
         ident = f"{self.host.lower()}:{self.port}:{self.user}:{self.mailbox}"
         return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        """``user@host/mailbox``, for log lines."""
+        return f"{self.user}@{self.host}/{self.mailbox}"
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any], where: str) -> ImapMailbox:
@@ -95,6 +113,9 @@ class ImapMailbox:
                 raise EmailSettingsError(f"{where}.{key}: must be positive")
             return result
 
+        attempts = number("max_attempts", MAX_ATTEMPTS)
+        if attempts != int(attempts):
+            raise EmailSettingsError(f"{where}.max_attempts: expected a whole number, got {section.get('max_attempts')!r}")
         address = str(section.get("address") or "").strip().lower() or None
         if address is not None and "@" not in address:
             raise EmailSettingsError(f"{where}.address: {address!r} is not an e-mail address")
@@ -111,6 +132,7 @@ class ImapMailbox:
             idle_seconds=number("idle_seconds", 25 * 60.0),
             timeout=number("timeout", 30.0),
             retry_seconds=number("retry_seconds", 30.0),
+            max_attempts=int(attempts),
         )
 
 
@@ -127,23 +149,34 @@ def imap_mailboxes(value: Any) -> list[ImapMailbox]:
 
 @dataclasses.dataclass(slots=True)
 class UidMark:
-    """The high-water mark of one mailbox: everything up to ``last_uid`` was imported while
-    the mailbox had ``uidvalidity``."""
+    """The high-water mark of one mailbox: everything up to ``last_uid`` was imported (or set
+    aside) while the mailbox had ``uidvalidity``. ``failed`` counts failed import attempts per
+    UID above the mark, so that a restart does not give a broken mail fresh attempts."""
 
     uidvalidity: int = 0
     last_uid: int = 0
+    failed: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> UidMark:
         try:
             data = json.loads(path.read_text("utf-8"))
-            return cls(int(data["uidvalidity"]), int(data["last_uid"]))
+            mark = cls(int(data["uidvalidity"]), int(data["last_uid"]))
         except (OSError, ValueError, KeyError, TypeError):
             return cls()
+        try:
+            found = {int(uid): int(n) for uid, n in (data.get("failed") or {}).items()}
+            mark.failed = {uid: n for uid, n in found.items() if uid > mark.last_uid}
+        except (AttributeError, ValueError, TypeError):
+            pass  # a damaged count only gives the mail its attempts again
+        return mark
 
     def save(self, path: Path) -> None:
         """Write atomically: a crash leaves the old mark or the new one, never half a file."""
-        write_durably(path, json.dumps({"uidvalidity": self.uidvalidity, "last_uid": self.last_uid}).encode("utf-8"))
+        data: dict[str, Any] = {"uidvalidity": self.uidvalidity, "last_uid": self.last_uid}
+        if self.failed:
+            data["failed"] = {str(uid): n for uid, n in sorted(self.failed.items())}
+        write_durably(path, json.dumps(data).encode("utf-8"))
 
 
 def _lines(response: Any) -> list[bytes]:
@@ -168,8 +201,10 @@ class ImapPoller:
         self.mailbox = mailbox
         self.receive = receive
         self.state_path = Path(state_dir) / f"{mailbox.key}.json"
+        self.unprocessable_dir = Path(state_dir) / UNPROCESSABLE_DIR
         self.log = log
         self.imported = 0
+        self.set_aside = 0
 
     async def service(self) -> AsyncIterator[None]:
         """A channel service: the poller runs as a task between start and stop."""
@@ -254,18 +289,60 @@ class ImapPoller:
             raw = await self._fetch(client, uid)
             if raw is not None:
                 envelope_to = [self.mailbox.address] if self.mailbox.address else None
-                await self.receive(raw, envelope_to)  # returns after the commit
-                count += 1
                 try:
-                    await client.uid("store", str(uid), "+FLAGS", f"({IMPORTED_KEYWORD})")
-                except Exception as exc:  # noqa: BLE001 - the mark below is what counts
-                    self.log.info("IMAP: could not flag UID %s: %s", uid, exc)
+                    await self.receive(raw, envelope_to)  # returns after the commit
+                except Exception as exc:  # noqa: BLE001 - counted; raises until the mail is set aside
+                    await self._failed(mark, uid, raw, exc)
+                else:
+                    count += 1
+                    try:
+                        await client.uid("store", str(uid), "+FLAGS", f"({IMPORTED_KEYWORD})")
+                    except Exception as exc:  # noqa: BLE001 - the mark below is what counts
+                        self.log.info("IMAP: could not flag UID %s: %s", uid, exc)
             mark.last_uid = uid
+            mark.failed.pop(uid, None)
             await asyncio.to_thread(mark.save, self.state_path)
         if not uids and mark.uidvalidity and not self.state_path.exists():
             await asyncio.to_thread(mark.save, self.state_path)
         self.imported += count
         return count
+
+    async def _failed(self, mark: UidMark, uid: int, raw: bytes, exc: Exception) -> None:
+        """Count a failed import of ``uid`` in the state file. Raises ``ImportFailed`` (the
+        session is retried) until ``max_attempts`` are used up; then writes the raw mail to the
+        unprocessable folder and returns, so the caller moves the mark past it. A mail that
+        cannot be written there stays where it is and is tried again: nothing is lost."""
+        box = self.mailbox
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        attempts = mark.failed.get(uid, 0) + 1
+        mark.failed = {uid: attempts}  # mail is imported in UID order: only this one can be failing
+        if attempts < box.max_attempts:
+            await asyncio.to_thread(mark.save, self.state_path)
+            raise ImportFailed(f"UID {uid}: import failed (attempt {attempts} of {box.max_attempts}): {cause}") from exc
+        try:
+            path = await asyncio.to_thread(self._write_unprocessable, mark.uidvalidity, uid, raw)
+        except OSError as write_error:
+            await asyncio.to_thread(mark.save, self.state_path)
+            raise ImportFailed(
+                f"UID {uid}: import failed {attempts} times ({cause}), and the mail could not be set aside: {write_error}"
+            ) from write_error
+        self.set_aside += 1
+        self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) failed to import %d times, last with %s; "
+                       "set aside as %s, importing the next mail", box.label, uid, mark.uidvalidity, attempts,
+                       cause, path, exc_info=exc)
+
+    def _write_unprocessable(self, uidvalidity: int, uid: int, raw: bytes) -> Path:
+        """Write the raw mail durably, named by mailbox, UIDVALIDITY and UID (and the mailbox's
+        state-file key, which keeps names apart that the sanitising made equal)."""
+        box = self.mailbox
+
+        def safe(text: str) -> str:
+            return _UNSAFE_IN_NAME.sub("_", text).strip("._")[:64] or "_"
+
+        name = f"{safe(box.host)}_{safe(box.user)}_{safe(box.mailbox)}_{box.key}_uidvalidity-{uidvalidity}_uid-{uid}.eml"
+        path = self.unprocessable_dir / name
+        write_durably(path, raw)
+        return path
 
     async def _fetch(self, client: aioimaplib.IMAP4, uid: int) -> bytes | None:
         """The raw message with this UID, or None when it vanished (expunged meanwhile)."""
