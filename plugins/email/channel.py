@@ -37,7 +37,7 @@ from router.hookspecs import (
 from .compose import build_mail
 from .imap import ImapPoller, imap_mailboxes
 from .loops import AckRateLimiter
-from .parse import attachments, read_message, to_inbound
+from .parse import Attachment, parse_mail, read_message
 from .settings import EmailSettings
 
 
@@ -64,17 +64,17 @@ class EmailChannel(Channel):
         Raises ``InvalidMessage`` when the core refuses the message; other errors mean "try
         again later" to the caller.
         """
-        msg = read_message(raw)
-        inbound = to_inbound(
-            msg, raw, envelope_from=envelope_from, envelope_to=envelope_to,
+        parsed = parse_mail(
+            read_message(raw), raw, envelope_from=envelope_from, envelope_to=envelope_to,
             addresses=self.settings.addresses, own_domain=self.settings.domain,
         )
+        inbound = parsed.inbound
         sender = inbound["sender"]["address"]
         now = self.context.clock.now()
         if not inbound["ack_suppressed"] and self.limiter and not self.limiter.allowed(sender, now):
             inbound["ack_suppressed"] = "rate-limit"
         if self.settings.store_files:
-            await asyncio.to_thread(self._store_files, msg, raw, inbound)
+            await asyncio.to_thread(self._store_files, raw, inbound, parsed.attachments)
         result = await self.context.ingest(inbound)
         if result.acknowledged and not result.duplicate and self.limiter:
             self.limiter.record(sender, now)
@@ -93,20 +93,18 @@ class EmailChannel(Channel):
             )
         return result
 
-    def _store_files(self, msg: Any, raw: bytes, inbound: dict[str, Any]) -> None:
+    def _store_files(self, raw: bytes, inbound: dict[str, Any], found: list[Attachment]) -> None:
         """Keep the original mail and the attachments under the data folder, named by content
-        hash (so names from the mail never become paths, and a retry writes nothing new)."""
+        hash (so names from the mail never become paths, and a retry writes nothing new).
+        ``found`` are the attachments ``inbound["attachments"]`` describes, in its order."""
         base = Path(self.context.data_dir)
         raw_rel = f"email/raw/{hashlib.sha256(raw).hexdigest()}.eml"
         _write_once(base / raw_rel, raw)
         inbound["raw"]["path"] = raw_rel
-        by_hash = {a.sha256: a for a in attachments(msg)}
-        for described in inbound["attachments"]:
-            found = by_hash.get(described["sha256"])
-            if found is not None:
-                rel = f"email/attachments/{found.sha256}"
-                _write_once(base / rel, found.data)
-                described["path"] = rel
+        for described, attachment in zip(inbound["attachments"], found, strict=True):
+            rel = f"email/attachments/{attachment.sha256}"
+            _write_once(base / rel, attachment.data)
+            described["path"] = rel
 
     # -- SMTP listener ---------------------------------------------------------------------
 
@@ -122,7 +120,8 @@ class EmailChannel(Channel):
 
     async def _receive_imported(self, raw: bytes, envelope_to: list[str] | None) -> None:
         """A mail from an IMAP mailbox. One the core refuses is logged and skipped (it would
-        be refused again on every poll); other errors stop the import until the next try."""
+        be refused again on every poll); other errors stop the import until the next try, and
+        after ``max_attempts`` the poller sets the mail aside as unprocessable."""
         try:
             await self.receive(raw, envelope_from=None, envelope_to=envelope_to)
         except InvalidMessage as exc:

@@ -2,14 +2,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugins.email.parse import attachments, message_ids, parse_message, read_message
+from plugins.email.parse import (
+    MAX_ATTACHMENTS,
+    attachments,
+    message_ids,
+    parse_mail,
+    parse_message,
+    read_message,
+    to_inbound,
+)
 
 from .conftest import ADDRESSES
+from .test_bounces import POSTFIX_DSN
 
 
 def parse(raw: bytes, *, envelope_from: str | None = "max@example.com", envelope_to=("bau@example.org",)):
@@ -465,3 +477,49 @@ Hallo
     assert "no_sender" not in message.get("flags", [])
     for broken in ("a b@example.com", "a@b@example.com", "@example.com", "x@"):
         assert parse(crlf(f"From: {broken}\nTo: bau@example.org\n\nHallo\n"), envelope_from=None)["sender"]["address"] == "unknown@invalid"
+
+
+def _many_attachments() -> bytes:
+    mail = EmailMessage()
+    mail["From"] = "Anna <anna@example.net>"
+    mail["To"] = "bau@example.org"
+    mail["Message-ID"] = "<viele@example.net>"
+    mail.set_content("Fotos anbei.")
+    mail.add_alternative("<p>Fotos anbei.</p>", subtype="html")
+    for n in range(MAX_ATTACHMENTS + 5):
+        mail.add_attachment(f"Foto {n % 3}".encode(), maintype="image", subtype="jpeg", filename=f"foto-{n}.jpg")
+    return bytes(mail)
+
+
+def test_parse_mail_returns_the_attachments_it_describes_from_one_walk(valid):
+    raw = _many_attachments()
+    parsed = parse_mail(read_message(raw), raw, envelope_from=None, envelope_to=None, addresses=ADDRESSES,
+                        own_domain="example.org")
+    inbound = valid(parsed.inbound)
+    assert inbound == parse(raw, envelope_from=None, envelope_to=None)
+    assert len(parsed.attachments) == MAX_ATTACHMENTS and inbound["meta"]["attachments_omitted"] == 5
+    # one list, in the order of the descriptions: same names, sizes and hashes, duplicates included
+    assert [a.describe() for a in parsed.attachments] == inbound["attachments"]
+    assert [(a.name, a.data) for a in parsed.attachments] == [(a.name, a.data) for a in attachments(raw)[:MAX_ATTACHMENTS]]
+    assert parsed.attachments[0].sha256 == hashlib.sha256(b"Foto 0").hexdigest()
+
+
+def test_each_header_of_a_mail_is_parsed_once():
+    """The stdlib parses a header again on every access; ``read_message`` keeps the parsed one
+    (Content-Type alone was parsed some twenty times per mail)."""
+    msg = read_message(LATIN1)
+    assert msg.get("Content-Type") is msg.get("Content-Type")
+    assert msg["From"] is msg["from"]
+    assert msg["From"].addresses[0].addr_spec == "Juergen.Mueller@Example.COM"
+    part = read_message(_many_attachments()).get_payload()[1]
+    assert part.get("Content-Disposition") is part.get("Content-Disposition")
+    # one cache per mail: another mail with the same header gets a header of its own
+    assert read_message(LATIN1)["From"] is not msg["From"]
+
+
+@pytest.mark.parametrize("raw", [LATIN1, _many_attachments(), POSTFIX_DSN, *MALFORMED])
+def test_the_header_cache_changes_nothing(raw):
+    """What the stdlib's own parse gives, exactly."""
+    options = {"envelope_from": None, "envelope_to": None, "addresses": ADDRESSES, "own_domain": "example.org"}
+    plain = BytesParser(policy=policy.default).parsebytes(raw)
+    assert to_inbound(read_message(raw), raw, **options) == to_inbound(plain, raw, **options)
