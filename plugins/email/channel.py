@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from router.files import write_durably
 from router.hookspecs import (
+    BodyTooLarge,
     Capabilities,
     Channel,
     DeliveryUpdate,
@@ -32,6 +33,7 @@ from router.hookspecs import (
     RetryableDeliveryError,
     SendResult,
     json_error,
+    read_limited_body,
 )
 
 from .compose import build_mail
@@ -210,21 +212,17 @@ class EmailChannel(Channel):
             raise json_error(web.HTTPUnauthorized, "unauthorized", "missing or wrong bearer token",
                          headers={"WWW-Authenticate": "Bearer"})
         limit = self.settings.max_message_bytes
-        if request.content_length is not None and request.content_length > limit:
+        try:
+            raw = await read_limited_body(request, limit)
+        except BodyTooLarge as exc:
             raise json_error(web.HTTPRequestEntityTooLarge, "too_large", f"mail larger than {limit} bytes",
-                         max_size=limit, actual_size=request.content_length)
-        raw = bytearray()
-        async for chunk in request.content.iter_chunked(65536):
-            raw += chunk
-            if len(raw) > limit:
-                raise json_error(web.HTTPRequestEntityTooLarge, "too_large", f"mail larger than {limit} bytes",
-                             max_size=limit, actual_size=len(raw))
+                             max_size=limit, actual_size=exc.size) from None
         if not raw.strip():
             raise json_error(web.HTTPBadRequest, "empty", "the body must be a raw RFC 5322 message")
         envelope_to = [a.strip() for a in request.headers.get("X-Envelope-To", "").split(",") if a.strip()]
         try:
             result = await self.receive(
-                bytes(raw), envelope_from=request.headers.get("X-Envelope-From"), envelope_to=envelope_to or None
+                raw, envelope_from=request.headers.get("X-Envelope-From"), envelope_to=envelope_to or None
             )
         except InvalidMessage as exc:
             raise json_error(web.HTTPBadRequest, "invalid_message", f"{exc.path}: {exc.message}" if exc.path else exc.message) from None

@@ -220,6 +220,22 @@ async def test_http_inbound_size_limit(http):
     assert core.ingested == []
 
 
+async def test_http_inbound_size_limit_holds_for_a_chunked_body(http):
+    """Without a Content-Length the limit is counted while reading."""
+    client, core = http
+
+    async def chunks():
+        yield LATIN1
+        for _ in range(10):
+            yield b"x" * 4096
+
+    response = await client.post("/channels/email/inbound", data=chunks(), headers={"Authorization": "Bearer s3cret"})
+    assert response.status == 413
+    error = (await response.json())["error"]
+    assert error["code"] == "too_large" and "20000 bytes" in error["message"]
+    assert core.ingested == []
+
+
 # -- sending -------------------------------------------------------------------------------
 
 
