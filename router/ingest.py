@@ -162,6 +162,33 @@ def _find_thread(
     return None, referred
 
 
+def _later_annotation_stored(
+    conn: sqlite3.Connection, kind: str, target_id: int, contact_id: int, sent_at: str | None
+) -> bool:
+    """Whether this contact's reactions (or edits) of the target include one the provider sent
+    after ``sent_at``. Without a send time, arrival order decides, as before."""
+    sent = _provider_time(sent_at)
+    if sent is None:
+        return False
+    rows = conn.execute(
+        "SELECT json_extract(payload, '$.sent_at') FROM messages"
+        " WHERE kind = ? AND target_message_id = ? AND contact_id = ? AND payload IS NOT NULL",
+        (kind, target_id, contact_id),
+    )
+    return any((other := _provider_time(value)) is not None and other > sent for (value,) in rows)
+
+
+def _provider_time(value: Any) -> datetime | None:
+    """A provider's RFC 3339 send time (validated at the door), comparable across offsets."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
 def _annotate(
     conn: sqlite3.Connection, config: Config, prep: Prepared, contact_id: int, status_url: Callable[[str], str]
 ) -> IngestResult:
@@ -176,8 +203,16 @@ def _annotate(
         ).fetchone()
     conversation_id = target["conversation_id"] if target is not None else None
     meta = msg.get("meta") or {}
-    payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments") if msg.get(k)}
-    if target is not None and msg["kind"] == "edit" and msg.get("text") is not None:
+    payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments", "sent_at") if msg.get(k)}
+    # A reaction or edit the provider sent before one already stored (a retry of a replaced
+    # reaction, or two arriving out of order) is kept, but as superseded: it must not undo
+    # the later one.
+    superseded = (
+        target is not None
+        and msg["kind"] in ("reaction", "edit")
+        and _later_annotation_stored(conn, msg["kind"], target["id"], contact_id, msg.get("sent_at"))
+    )
+    if target is not None and msg["kind"] == "edit" and msg.get("text") is not None and not superseded:
         # An edit without text (a failed transcription) keeps what the target says.
         payload["previous_text"] = target["text"]
         conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (msg.get("text"), stamp, target["id"]))
@@ -185,15 +220,18 @@ def _annotate(
         add_flags(conn, target["conversation_id"], [f for f in msg["flags"] if f in CONVERSATION_FLAGS], stamp)
     if target is not None and msg["kind"] == "deletion":
         conn.execute("UPDATE messages SET deleted_at = ? WHERE id = ?", (stamp, target["id"]))
-    if target is not None and msg["kind"] == "reaction":
-        # One reaction per sender and message: a new one replaces, a removed one removes.
+    if target is not None and msg["kind"] == "reaction" and not superseded:
+        # One reaction per sender and message: a new one replaces, a removed one removes. The
+        # replaced one stays (its id keeps a provider's retry of it a duplicate), marked with
+        # deleted_at and left out of the conversation view.
         conn.execute(
-            "DELETE FROM messages WHERE kind = 'reaction' AND target_message_id = ? AND contact_id = ?",
-            (target["id"], contact_id),
+            "UPDATE messages SET deleted_at = ? WHERE kind = 'reaction' AND target_message_id = ? AND contact_id = ?"
+            " AND deleted_at IS NULL",
+            (stamp, target["id"], contact_id),
         )
     message_id = conn.execute(
         "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, channel_message_id,"
-        " target_message_id, text, language, payload, created_at) VALUES (?, ?, 'in', ?, ?, ?, ?, ?, ?, ?, ?)",
+        " target_message_id, text, language, payload, created_at, deleted_at) VALUES (?, ?, 'in', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             conversation_id,
             contact_id,
@@ -205,6 +243,7 @@ def _annotate(
             prep.language,
             to_json(payload) if payload else None,
             stamp,
+            stamp if superseded else None,
         ),
     ).lastrowid
     if msg["kind"] == "reaction" and meta.get("removed") and target is not None:

@@ -508,7 +508,10 @@ async def conversation_detail(core: Core, conversation_id: int) -> dict[str, Any
             "next_attempt_at": _rfc3339(o["next_attempt_at"]) if o["state"] == "pending" else None,
         })
     messages = await core.store.fetchall(
-        "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+        # A reaction or edit with deleted_at was superseded by a later one of its sender.
+        "SELECT * FROM messages WHERE conversation_id = ?"
+        " AND NOT (kind IN ('reaction', 'edit') AND deleted_at IS NOT NULL) ORDER BY id",
+        (conversation_id,),
     )
     item["messages"] = [_message_item(m, by_message.get(m["id"], [])) for m in messages]
     item["pending_deliveries"] = sum(1 for o in outbox if o["state"] in ("pending", "sending"))

@@ -517,6 +517,50 @@ async def test_reactions_edits_and_deletions_are_kept_against_their_message(wa: 
     assert len(graph.requests) == 1
 
 
+def reaction(message_id: str, emoji: str, sent: int) -> dict[str, Any]:
+    return inbound({"id": message_id, "type": "reaction", "timestamp": str(sent),
+                    "reaction": {"message_id": "wamid.ORIG", "emoji": emoji}})
+
+
+def edit(message_id: str, text: str, sent: int) -> dict[str, Any]:
+    return inbound({"id": message_id, "type": "edit", "timestamp": str(sent), "edit": {
+        "original_message_id": "wamid.ORIG", "message": {"type": "text", "text": {"body": text}}}})
+
+
+async def test_a_retried_reaction_does_not_replace_the_one_that_replaced_it(wa: CoreHarness) -> None:
+    await post(wa, text_body("wamid.ORIG", "Die Baustelle ist seit Montag offen."))
+    sent = int(TIMESTAMP)
+    await post(wa, reaction("wamid.R1", "\U0001f44d", sent + 10))
+    await post(wa, reaction("wamid.R2", "\u2764\ufe0f", sent + 20))
+    status, answer = await post(wa, reaction("wamid.R1", "\U0001f44d", sent + 10))  # Meta's retry
+    assert status == 200, answer
+
+    detail = await only_conversation(wa)
+    assert [m["text"] for m in messages_of(detail, "reaction")] == ["\u2764\ufe0f"]
+    assert await wa.count("messages", "kind = 'reaction'") == 2  # the replaced one is kept, hidden
+
+
+async def test_reactions_and_edits_arriving_out_of_order_leave_the_later_one_in_force(wa: CoreHarness) -> None:
+    await post(wa, text_body("wamid.ORIG", "Die Baustelle ist seit Montag offen."))
+    sent = int(TIMESTAMP)
+    await post(wa, reaction("wamid.R2", "\u2764\ufe0f", sent + 20))
+    await post(wa, reaction("wamid.R1", "\U0001f44d", sent + 10))  # sent first, arrives last
+    await post(wa, edit("wamid.E2", "Die Baustelle ist seit Mittwoch offen.", sent + 40))
+    await post(wa, edit("wamid.E1", "Die Baustelle ist seit Dienstag offen.", sent + 30))
+
+    detail = await only_conversation(wa)
+    assert [m["text"] for m in messages_of(detail, "reaction")] == ["\u2764\ufe0f"]
+    (original,) = [m for m in detail["messages"] if m["kind"] == "message"]
+    assert original["text"] == "Die Baustelle ist seit Mittwoch offen."
+    assert [(m["text"], m["previous_text"]) for m in messages_of(detail, "edit")] == [
+        ("Die Baustelle ist seit Mittwoch offen.", "Die Baustelle ist seit Montag offen.")
+    ]
+    # a later reaction still replaces the one in force
+    await post(wa, reaction("wamid.R3", "\U0001f64f", sent + 50))
+    detail = await only_conversation(wa)
+    assert [m["text"] for m in messages_of(detail, "reaction")] == ["\U0001f64f"]
+
+
 # -------------------------------------------------------------------------------------------
 # Replies: the 24-hour window and templates
 # -------------------------------------------------------------------------------------------
