@@ -55,9 +55,9 @@ def test_error_names_the_field():
 
 def test_lone_surrogates_become_replacement_characters_at_any_depth():
     message = {**VALID, "text": "Hallo \ud800", "sender": {"kind": "email", "address": "a@b.de", "display_name": "E\udc00"},
-               "raw": {"nested": ["x\udfff", {"k\ud800": "ok"}]}}
+               "raw": {"nested": ["x\udfff", {"k\ud800": "ok"}, [["\udbff tief"]]], "both\udc00": "v\ud800"}}
     checked = validate_inbound(message)
     assert checked["text"] == "Hallo \ufffd"
     assert checked["sender"]["display_name"] == "E\ufffd"
-    assert checked["raw"] == {"nested": ["x\ufffd", {"k\ufffd": "ok"}]}
+    assert checked["raw"] == {"nested": ["x\ufffd", {"k\ufffd": "ok"}, [["\ufffd tief"]]], "both\ufffd": "v\ufffd"}
     assert validate_inbound({**VALID, "text": "Grüße 😀"})["text"] == "Grüße 😀"  # whole characters stay
