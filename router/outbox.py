@@ -65,14 +65,27 @@ class OutboxPolicy:
 def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> list[dict[str, Any]]:
     """Claim due rows (and rows whose lease expired) for sending; returns what to send."""
     stamp = iso(now)
-    rows = conn.execute(
-        "SELECT id FROM outbox WHERE (state = 'pending' AND next_attempt_at <= ?)"
-        " OR (state = 'sending' AND claimed_until <= ?) ORDER BY next_attempt_at LIMIT ?",
-        (stamp, stamp, policy.batch_size),
-    ).fetchall()
-    if not rows:
+    # Two statements, each reading outbox_due in its order and stopping at the batch size. As
+    # one (pending due OR lease expired, ORDER BY next_attempt_at) SQLite collected every due
+    # row and sorted them: with a backlog of 10,000 acknowledgements under load, each claim
+    # read and sorted all of them. Expired leases (rows a dead worker held) go first.
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM outbox WHERE state = 'sending' AND claimed_until <= ? ORDER BY id LIMIT ?",
+            (stamp, policy.batch_size),
+        )
+    ]
+    if len(ids) < policy.batch_size:
+        ids += [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+                (stamp, policy.batch_size - len(ids)),
+            )
+        ]
+    if not ids:
         return []
-    ids = [r[0] for r in rows]
     marks = ",".join("?" * len(ids))
     conn.execute(
         f"UPDATE outbox SET state = 'sending', attempts = attempts + 1, claimed_until = ?, updated_at = ?"

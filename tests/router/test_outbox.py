@@ -124,3 +124,41 @@ def test_the_backoff_of_a_row_retried_for_weeks_stays_a_number():
     from router.outbox import OutboxPolicy
 
     assert 450 <= OutboxPolicy().delay(5000) <= 900
+
+
+def _claim_cost(tmp_path, backlog: int) -> tuple[int, list[int]]:
+    """SQLite VM steps of one claim of 10 rows with ``backlog`` rows due, and the ids claimed."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    from router.outbox import OutboxPolicy, claim_due
+    from router.store.sqlite import _connect, apply_migrations
+
+    conn = _connect(tmp_path / f"claim-{backlog}.sqlite3")
+    conn.row_factory = sqlite3.Row
+    apply_migrations(conn)
+    conn.execute("INSERT INTO messages (id, direction, kind, channel, text, created_at) VALUES (1, 'out', 'ack', 'c', 't', 'x')")
+    conn.executemany(
+        "INSERT INTO outbox (message_id, channel, kind, to_kind, to_address, state, next_attempt_at, idempotency_key,"
+        " created_at, updated_at) VALUES (1, 'c', 'ack', 'phone', '+491701234567', 'pending', ?, ?, 'x', 'x')",
+        [(f"2026-01-01T00:00:{i % 60:02d}.{i:06d}Z", f"k{i}") for i in range(backlog)],
+    )
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    conn.set_progress_handler(count, 10)
+    claimed = claim_due(conn, datetime(2026, 1, 2, tzinfo=UTC), OutboxPolicy(batch_size=10))
+    conn.set_progress_handler(None, 0)
+    return steps[0], [row["id"] for row in claimed]
+
+
+def test_a_claim_reads_its_batch_not_the_whole_backlog(tmp_path):
+    """Under load thousands of acknowledgements can be due at once; a claim of ten must not
+    read and sort all of them (it did: one statement with OR and ORDER BY)."""
+    small, first = _claim_cost(tmp_path, 20)
+    large, _ = _claim_cost(tmp_path, 5000)
+    assert len(first) == 10
+    assert large < 2 * small, (small, large)
