@@ -258,4 +258,11 @@ INSERT INTO message_search (rowid, body)
 """,
     ),
     (5, "CHECK constraints as comparisons instead of IN lists", checks_as_comparisons),
+    (
+        6,
+        "find delivery statuses by provider id",
+        """
+CREATE INDEX delivery_events_provider ON delivery_events(channel, provider_id);
+""",
+    ),
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from datetime import UTC, datetime
+
 from router.hookspecs import (
     Capabilities,
     Channel,
@@ -12,6 +15,8 @@ from router.hookspecs import (
     SendResult,
     hookimpl,
 )
+from router.outbox import OutboxPolicy, apply_delivery_update, claim_due
+from router.store.sqlite import _connect, apply_migrations
 from router.testing import CoreHarness
 
 
@@ -126,23 +131,17 @@ def test_the_backoff_of_a_row_retried_for_weeks_stays_a_number():
     assert 450 <= OutboxPolicy().delay(5000) <= 900
 
 
-def _claim_cost(tmp_path, backlog: int) -> tuple[int, list[int]]:
-    """SQLite VM steps of one claim of 10 rows with ``backlog`` rows due, and the ids claimed."""
-    import sqlite3
-    from datetime import UTC, datetime
-
-    from router.outbox import OutboxPolicy, claim_due
-    from router.store.sqlite import _connect, apply_migrations
-
-    conn = _connect(tmp_path / f"claim-{backlog}.sqlite3")
+def _database(path):
+    """A migrated file with one outbound message for outbox rows to point at."""
+    conn = _connect(path)
     conn.row_factory = sqlite3.Row
     apply_migrations(conn)
     conn.execute("INSERT INTO messages (id, direction, kind, channel, text, created_at) VALUES (1, 'out', 'ack', 'c', 't', 'x')")
-    conn.executemany(
-        "INSERT INTO outbox (message_id, channel, kind, to_kind, to_address, state, next_attempt_at, idempotency_key,"
-        " created_at, updated_at) VALUES (1, 'c', 'ack', 'phone', '+491701234567', 'pending', ?, ?, 'x', 'x')",
-        [(f"2026-01-01T00:00:{i % 60:02d}.{i:06d}Z", f"k{i}") for i in range(backlog)],
-    )
+    return conn
+
+
+def _vm_steps(conn, work):
+    """SQLite VM steps (in tens) that ``work()`` takes, and what it returns."""
     steps = [0]
 
     def count() -> int:
@@ -150,9 +149,23 @@ def _claim_cost(tmp_path, backlog: int) -> tuple[int, list[int]]:
         return 0
 
     conn.set_progress_handler(count, 10)
-    claimed = claim_due(conn, datetime(2026, 1, 2, tzinfo=UTC), OutboxPolicy(batch_size=10))
-    conn.set_progress_handler(None, 0)
-    return steps[0], [row["id"] for row in claimed]
+    try:
+        result = work()
+    finally:
+        conn.set_progress_handler(None, 0)
+    return steps[0], result
+
+
+def _claim_cost(tmp_path, backlog: int) -> tuple[int, list[int]]:
+    """SQLite VM steps of one claim of 10 rows with ``backlog`` rows due, and the ids claimed."""
+    conn = _database(tmp_path / f"claim-{backlog}.sqlite3")
+    conn.executemany(
+        "INSERT INTO outbox (message_id, channel, kind, to_kind, to_address, state, next_attempt_at, idempotency_key,"
+        " created_at, updated_at) VALUES (1, 'c', 'ack', 'phone', '+491701234567', 'pending', ?, ?, 'x', 'x')",
+        [(f"2026-01-01T00:00:{i % 60:02d}.{i:06d}Z", f"k{i}") for i in range(backlog)],
+    )
+    steps, claimed = _vm_steps(conn, lambda: claim_due(conn, datetime(2026, 1, 2, tzinfo=UTC), OutboxPolicy(batch_size=10)))
+    return steps, [row["id"] for row in claimed]
 
 
 def test_a_claim_reads_its_batch_not_the_whole_backlog(tmp_path):
@@ -161,4 +174,33 @@ def test_a_claim_reads_its_batch_not_the_whole_backlog(tmp_path):
     small, first = _claim_cost(tmp_path, 20)
     large, _ = _claim_cost(tmp_path, 5000)
     assert len(first) == 10
+    assert large < 2 * small, (small, large)
+
+
+def _status_cost(tmp_path, history: int) -> tuple[int, str]:
+    """VM steps of one status callback with ``history`` earlier statuses of other messages
+    stored, and the outbox row's delivery status afterwards."""
+    conn = _database(tmp_path / f"status-{history}.sqlite3")
+    conn.execute(
+        "INSERT INTO outbox (id, message_id, channel, kind, to_kind, to_address, state, next_attempt_at, idempotency_key,"
+        " provider_id, delivery_status, created_at, updated_at)"
+        " VALUES (1, 1, 'c', 'ack', 'phone', '+491701234567', 'sent', 'x', 'k', 'wamid.ours', 'sent', 'x', 'x')"
+    )
+    conn.executemany(
+        "INSERT INTO delivery_events (channel, provider_id, status, at) VALUES ('c', ?, 'read', 'x')",
+        [(f"wamid.other.{i}",) for i in range(history)],
+    )
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    steps, _ = _vm_steps(conn, lambda: apply_delivery_update(
+        conn, "c", DeliveryUpdate(provider_id="wamid.ours", status="delivered"), frozenset(), {}, now))
+    return steps, conn.execute("SELECT delivery_status FROM outbox WHERE id = 1").fetchone()[0]
+
+
+def test_a_status_callback_does_not_read_every_status_ever_received(tmp_path):
+    """Providers report sent, delivered and read for every message: the check for a repeated
+    callback read the whole delivery_events table each time (a scan; millions of rows in a
+    year), inside the write transaction every message waits for."""
+    small, status = _status_cost(tmp_path, 20)
+    large, _ = _status_cost(tmp_path, 5000)
+    assert status == "delivered"
     assert large < 2 * small, (small, large)
