@@ -246,6 +246,12 @@ def _annotate(
             stamp if superseded else None,
         ),
     ).lastrowid
+    if msg["kind"] == "edit" and msg.get("text") and conversation_id is not None and not superseded:
+        # The new wording is found by search as well (the old one still is, with the original).
+        conn.execute(
+            "INSERT INTO message_search (rowid, body) VALUES (?, ?)",
+            (message_id, folded_search_text(prep.folded, msg["sender"].get("display_name"))),
+        )
     if msg["kind"] == "reaction" and meta.get("removed") and target is not None:
         # Keep the removal itself only as the dedupe key, not as a visible reaction.
         conn.execute("UPDATE messages SET text = NULL WHERE id = ?", (message_id,))

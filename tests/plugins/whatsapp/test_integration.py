@@ -540,6 +540,14 @@ async def test_a_retried_reaction_does_not_replace_the_one_that_replaced_it(wa: 
     assert await wa.count("messages", "kind = 'reaction'") == 2  # the replaced one is kept, hidden
 
 
+async def test_the_new_wording_of_an_edited_message_is_found_by_search(wa: CoreHarness) -> None:
+    await post(wa, text_body("wamid.ORIG", "Die Baustelle ist seit Montag offen."))
+    await post(wa, edit("wamid.E1", "Die Grube ist seit Dienstag offen.", int(TIMESTAMP) + 30))
+    for word, found in (("Dienstag", 1), ("Grube", 1), ("Montag", 1), ("Mittwoch", 0)):
+        status, listing = await wa.api("GET", f"/api/v1/conversations?q={word}")
+        assert status == 200 and len(listing["items"]) == found, word
+
+
 async def test_reactions_and_edits_arriving_out_of_order_leave_the_later_one_in_force(wa: CoreHarness) -> None:
     await post(wa, text_body("wamid.ORIG", "Die Baustelle ist seit Montag offen."))
     sent = int(TIMESTAMP)
