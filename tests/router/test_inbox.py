@@ -272,3 +272,77 @@ async def test_malformed_requests_get_a_json_4xx_and_change_nothing(harness):
     assert await harness.count("messages") == before + 1  # only the one valid note
     status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
     assert detail["assignee"] is None
+
+
+# -- which index walks a filtered list ---------------------------------------------------------
+
+def _history(path, closed: int):
+    """A migrated file with ``closed`` closed conversations of one unit (history), and contact 1
+    with an overdue phone conversation and a closed one: what a list filter must find without
+    reading the history."""
+    import sqlite3
+
+    from router.store.sqlite import _connect, apply_migrations
+
+    conn = _connect(path)
+    conn.row_factory = sqlite3.Row
+    apply_migrations(conn)
+    stamp = "2026-01-01T00:00:00.000000Z"
+    conn.executemany(
+        "INSERT INTO contacts (id, created_at, updated_at) VALUES (?, ?, ?)", [(i, stamp, stamp) for i in range(1, closed + 2)]
+    )
+    rows = [(i, f"K-{i:06d}", f"t{i}", i, "webform", "kundenservice", "closed", "de", "r", "x", None, stamp, stamp)
+            for i in range(2, closed + 2)]
+    rows += [(closed + 2, "K-OVERDUE", "t-overdue", 1, "phone", "kundenservice", "acknowledged", "de", "r", "x",
+              "2026-01-01T01:00:00.000000Z", stamp, stamp),
+             (closed + 3, "K-OLD", "t-old", 1, "webform", "kundenservice", "closed", "de", "r", "x", None, stamp, stamp)]
+    conn.executemany(
+        "INSERT INTO conversations (id, case_reference, status_token, contact_id, channel, unit, state, language,"
+        " routing_rule, routing_reason, deadline, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return conn
+
+
+def _list_cost(conn, **filters) -> tuple[int, list[str]]:
+    """VM steps (in hundreds) of one list page with these filters, and the case references."""
+    from datetime import UTC, datetime
+
+    from router.inbox.queries import CONVERSATION_SELECT, _list_filters
+
+    where, params = _list_filters(
+        filters.get("units", ["kundenservice"]), filters.get("state"), filters.get("channel"), filters.get("overdue"),
+        filters.get("contact_id"), datetime(2026, 1, 2, tzinfo=UTC),
+    )
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    conn.set_progress_handler(count, 100)
+    try:
+        rows = conn.execute(f"{CONVERSATION_SELECT} WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT 51", params).fetchall()
+    finally:
+        conn.set_progress_handler(None, 0)
+    return steps[0], [r["case_reference"] for r in rows]
+
+
+def test_list_filters_read_the_workload_or_the_contact_not_the_history(tmp_path):
+    """A contact's conversations, the overdue ones and a rare state within a channel are found
+    without reading every conversation of the unit or channel (SQLite read the whole unit for a
+    contact's three conversations: 280 ms at a million)."""
+    small = _history(tmp_path / "small.sqlite3", 100)
+    large = _history(tmp_path / "large.sqlite3", 5000)
+    cases = [
+        ({"contact_id": 1}, ["K-OLD", "K-OVERDUE"]),
+        ({"contact_id": 1, "state": "closed"}, ["K-OLD"]),
+        ({"overdue": True}, ["K-OVERDUE"]),
+        ({"state": "acknowledged", "channel": "phone"}, ["K-OVERDUE"]),
+        ({"overdue": True, "channel": "phone", "units": ["kundenservice", "vertrieb"]}, ["K-OVERDUE"]),
+    ]
+    for filters, expected in cases:
+        few, found = _list_cost(small, **filters)
+        many, found_in_large = _list_cost(large, **filters)
+        assert found == found_in_large == expected, filters
+        assert many <= few + 2, (filters, few, many)
