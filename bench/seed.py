@@ -3,8 +3,10 @@
     python bench/seed.py --conversations 1000000 --db /tmp/seed/contact-router.sqlite3
 
 Creates one contact and WhatsApp identity per conversation, an inbound message and a queued or
-sent acknowledgement per conversation, spread over the example units, states and deadlines
-(about a tenth overdue). Uses ``router.store.sqlite.apply_migrations`` and ``executemany`` in
+sent acknowledgement per conversation, spread over the example units and channels. Shaped like a
+service that has run for a while: the newest ``--workload`` conversations (1 % by default) are
+open, acknowledged, waiting or answered (about a third of the open and acknowledged ones
+overdue), everything older is answered or closed. Uses ``router.store.sqlite.apply_migrations`` and ``executemany`` in
 chunks; the file is then usable by ``contact-router serve --data-dir`` and ``bench/queries.py``.
 """
 
@@ -20,7 +22,8 @@ from pathlib import Path
 from router.store.sqlite import apply_migrations, iso
 
 UNITS = ("kundenservice", "vertrieb", "bauhotline", "stoerung", "tiefbau-muster")
-STATES = ("open",) * 1 + ("acknowledged",) * 3 + ("answered",) * 3 + ("waiting",) * 1 + ("closed",) * 2
+WORKLOAD_STATES = ("open",) * 1 + ("acknowledged",) * 3 + ("answered",) * 2 + ("waiting",) * 1
+HISTORY_STATES = ("answered",) * 3 + ("closed",) * 7
 CHANNELS = ("whatsapp",) * 5 + ("webform",) * 3 + ("email",) * 2
 ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 CHUNK = 50_000
@@ -34,20 +37,21 @@ def case_reference(n: int) -> str:
     return "K-" + "".join(chars)
 
 
-def seed(path: Path, conversations: int, now: datetime, rng: random.Random) -> None:
+def seed(path: Path, conversations: int, now: datetime, rng: random.Random, workload: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")
     apply_migrations(conn)
     start_id = (conn.execute("SELECT COALESCE(MAX(id), 0) FROM conversations").fetchone()[0] or 0) + 1
+    workload_from = start_id + conversations - (conversations // 100 if workload is None else workload)
     for chunk_start in range(start_id, start_id + conversations, CHUNK):
         ids = range(chunk_start, min(chunk_start + CHUNK, start_id + conversations))
         contacts, identities, convs, messages, outbox = [], [], [], [], []
         for i in ids:
             created = now - timedelta(minutes=rng.randint(0, 60 * 24 * 365))
             stamp = iso(created)
-            state = rng.choice(STATES)
+            state = rng.choice(WORKLOAD_STATES if i >= workload_from else HISTORY_STATES)
             channel = rng.choice(CHANNELS)
             unit = rng.choice(UNITS)
             deadline = None
@@ -92,11 +96,12 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=200_000)
     parser.add_argument("--db", type=Path, required=True, help="SQLite file (created; the schema is the real one)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workload", type=int, help="newest conversations still in work (default: 1 %%)")
     args = parser.parse_args()
     if not 0 < args.conversations <= 5_000_000:
         parser.error("--conversations must be between 1 and 5,000,000")
     started = time.perf_counter()
-    seed(args.db, args.conversations, datetime.now(UTC), random.Random(args.seed))
+    seed(args.db, args.conversations, datetime.now(UTC), random.Random(args.seed), args.workload)
     size = args.db.stat().st_size / 1e6
     print(f"seeded {args.conversations} conversations in {time.perf_counter() - started:.1f} s ({size:.0f} MB)")
 
