@@ -646,23 +646,22 @@ async def stats(core: Core, units: Iterable[str]) -> list[dict[str, Any]]:
         f" FROM conversations c WHERE unit IN ({marks}) GROUP BY channel, unit ORDER BY channel, unit",
         (now, *unit_list),
     )
-    durations = await core.store.fetchall(
-        f"SELECT channel, unit, created_at, first_answered_at FROM conversations"
-        f" WHERE unit IN ({marks}) AND first_answered_at IS NOT NULL",
+    # The median in SQL: the rows never reach Python (a million of them took the reader's thread
+    # and the GIL for seconds). julianday() reads our timestamps to the millisecond.
+    medians = await core.store.fetchall(
+        "WITH d AS (SELECT channel, unit, (julianday(first_answered_at) - julianday(created_at)) * 86400.0 AS s"
+        f"  FROM conversations WHERE unit IN ({marks}) AND first_answered_at IS NOT NULL),"
+        " r AS (SELECT channel, unit, s, ROW_NUMBER() OVER w AS n, COUNT(*) OVER (PARTITION BY channel, unit) AS total"
+        "  FROM d WINDOW w AS (PARTITION BY channel, unit ORDER BY s))"
+        " SELECT channel, unit, AVG(s) AS median FROM r WHERE n IN ((total + 1) / 2, (total + 2) / 2) GROUP BY channel, unit",
         tuple(unit_list),
     )
-    per: dict[tuple[str, str], list[float]] = {}
-    for d in durations:
-        start, end = parse_iso(d["created_at"]), parse_iso(d["first_answered_at"])
-        if start and end:
-            per.setdefault((d["channel"], d["unit"]), []).append((end - start).total_seconds())
+    median_of = {(m["channel"], m["unit"]): m["median"] for m in medians}
     result = []
     for r in rows:
-        values = sorted(per.get((r["channel"], r["unit"]), []))
-        median = None
-        if values:
-            mid = len(values) // 2
-            median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+        median = median_of.get((r["channel"], r["unit"]))
+        if median is not None:
+            median = round(median, 3)
         result.append({
             "channel": r["channel"], "unit": r["unit"], "received": r["received"],
             "acknowledged": r["acknowledged"] or 0, "answered": r["answered"] or 0, "overdue": r["overdue"] or 0,

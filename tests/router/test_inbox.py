@@ -346,3 +346,32 @@ def test_list_filters_read_the_workload_or_the_contact_not_the_history(tmp_path)
         many, found_in_large = _list_cost(large, **filters)
         assert found == found_in_large == expected, filters
         assert many <= few + 2, (filters, few, many)
+
+
+async def test_stats_median_time_to_first_answer(harness):
+    """The median is worked out in SQL, per channel and unit: the middle value, or the mean of
+    the two middle ones."""
+    ids = [await _case(harness) for _ in range(5)]
+    answered_after = {ids[0]: 60, ids[1]: 600, ids[2]: 120, ids[3]: 3600}  # ids[4] unanswered
+
+    def answer(conn):
+        for conversation_id, seconds in answered_after.items():
+            conn.execute(
+                "UPDATE conversations SET created_at = '2026-03-02T08:00:00.000000Z',"
+                " first_answered_at = strftime('%Y-%m-%dT%H:%M:%fZ', '2026-03-02T08:00:00', ?) WHERE id = ?",
+                (f"+{seconds} seconds", conversation_id),
+            )
+
+    await harness.core.store.write(answer)
+    status, body = await harness.api("GET", "/api/v1/stats")
+    assert status == 200
+    (row,) = [r for r in body["items"] if r["unit"] == "tiefbau-muster"]
+    assert row["received"] == 5 and row["answered"] == 4
+    assert row["median_first_answer_seconds"] == 360.0  # (120 + 600) / 2
+
+    answered_after.clear()
+    answered_after[ids[4]] = 30
+    await harness.core.store.write(answer)
+    status, body = await harness.api("GET", "/api/v1/stats")
+    (row,) = [r for r in body["items"] if r["unit"] == "tiefbau-muster"]
+    assert row["median_first_answer_seconds"] == 120.0  # 30, 60, 120, 600, 3600
