@@ -633,11 +633,12 @@ async def contact_units(core: Core, contact_id: int) -> set[str]:
 
 async def stats(core: Core, units: Iterable[str]) -> list[dict[str, Any]]:
     """Per channel and unit: received, acknowledged, answered, overdue, median time to first
-    human answer (seconds)."""
+    human answer (seconds). Reads every conversation of the units (seconds at a million), so
+    on a connection of its own."""
     now = iso(core.clock.now())
     unit_list = sorted(set(units))
     marks = ",".join("?" * len(unit_list))
-    rows = await core.store.fetchall(
+    rows = await core.store.fetchall_apart(
         f"SELECT channel, unit, COUNT(*) AS received,"
         f" SUM(state != 'open' OR EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.kind = 'ack'"
         f"   AND m.delivery_status IN ('sent', 'delivered', 'read'))) AS acknowledged,"
@@ -648,7 +649,7 @@ async def stats(core: Core, units: Iterable[str]) -> list[dict[str, Any]]:
     )
     # The median in SQL: the rows never reach Python (a million of them took the reader's thread
     # and the GIL for seconds). julianday() reads our timestamps to the millisecond.
-    medians = await core.store.fetchall(
+    medians = await core.store.fetchall_apart(
         "WITH d AS (SELECT channel, unit, (julianday(first_answered_at) - julianday(created_at)) * 86400.0 AS s"
         f"  FROM conversations WHERE unit IN ({marks}) AND first_answered_at IS NOT NULL),"
         " r AS (SELECT channel, unit, s, ROW_NUMBER() OVER w AS n, COUNT(*) OVER (PARTITION BY channel, unit) AS total"

@@ -322,6 +322,15 @@ class SQLiteStore:
         assert self.db is not None
         return list(await self.db.execute_fetchall(sql, params))
 
+    async def fetchall_apart(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """Run a long read (a report over every conversation) on a connection of its own, so
+        that the inbox's other reads, the status pages and /healthz do not queue behind it on
+        the shared reader. WAL lets it read alongside the writer and the reader."""
+        async with aiosqlite.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True) as db:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA busy_timeout=30000")
+            return list(await db.execute_fetchall(sql, params))
+
     async def fetchone(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None

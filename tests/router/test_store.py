@@ -239,3 +239,25 @@ async def test_a_transaction_that_sqlite_rolled_back_itself_leaves_nothing_half_
         assert await store.write(good(2)) == 2  # the writer goes on
     finally:
         await store.close()
+
+
+async def test_a_long_report_runs_apart_and_the_shared_reader_keeps_answering(tmp_path):
+    """A read over everything (the stats at a million conversations take seconds) must not make
+    the inbox's other reads wait on the one shared reader connection."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        # A read that takes a while: counting to a few million in a recursive CTE.
+        slow = asyncio.create_task(store.fetchall_apart(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) SELECT COUNT(*) FROM n"
+        ))
+        await asyncio.sleep(0.05)  # it is under way
+        assert not slow.done()
+        quick = await asyncio.wait_for(store.fetchall("SELECT COUNT(*) FROM conversations"), 5)
+        assert quick[0][0] == 0
+        assert not slow.done(), "the quick read should not have waited for the report"
+        assert (await slow)[0][0] == 3000000
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await store.fetchall_apart("INSERT INTO events (kind, at) VALUES ('x', 'y')")
+    finally:
+        await store.close()
