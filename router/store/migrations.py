@@ -4,8 +4,11 @@ connection where SQL alone cannot say it."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable
+
+log = logging.getLogger("contact_router.store")
 
 # The CHECK constraints of the first schema that test a column against a list of constants.
 _IN_CHECKS = {
@@ -38,16 +41,25 @@ def checks_as_comparisons(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA schema_version").fetchone()[0]
     conn.execute("PRAGMA writable_schema=ON")
     try:
-        for table, (column, values) in _IN_CHECKS.items():
-            (sql,) = conn.execute("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?", (table,)).fetchone()
-            old = _in_check(column, values)
-            if sql.count(old) != 1:
-                raise RuntimeError(f"table {table}: expected the constraint {old} once in its schema")
-            conn.execute(
-                "UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = ?",
-                (sql.replace(old, _comparison_check(column, values)), table),
-            )
-        conn.execute(f"PRAGMA schema_version={version + 1}")
+        conn.execute("SAVEPOINT checks")
+        try:
+            for table, (column, values) in _IN_CHECKS.items():
+                (sql,) = conn.execute("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?", (table,)).fetchone()
+                old = _in_check(column, values)
+                if sql.count(old) != 1:
+                    raise RuntimeError(f"table {table}: expected the constraint {old} once in its schema")
+                conn.execute(
+                    "UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = ?",
+                    (sql.replace(old, _comparison_check(column, values)), table),
+                )
+            conn.execute(f"PRAGMA schema_version={version + 1}")
+        except sqlite3.DatabaseError as exc:
+            # A build of SQLite in defensive mode refuses schema edits. The IN lists are correct,
+            # only slower: keep them rather than refuse to start.
+            conn.execute("ROLLBACK TO checks")
+            log.warning("CHECK constraints kept as IN lists (this SQLite refuses schema edits: %s)", exc)
+        finally:
+            conn.execute("RELEASE checks")
     finally:
         conn.execute("PRAGMA writable_schema=OFF")
 

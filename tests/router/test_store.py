@@ -261,3 +261,30 @@ async def test_a_long_report_runs_apart_and_the_shared_reader_keeps_answering(tm
             await store.fetchall_apart("INSERT INTO events (kind, at) VALUES ('x', 'y')")
     finally:
         await store.close()
+
+
+class _DefensiveSQLite:
+    """A connection as a SQLite built in defensive mode answers a schema edit."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: tuple = ()):
+        if sql.startswith("UPDATE sqlite_schema"):
+            raise sqlite3.DatabaseError("table sqlite_master may not be modified")
+        return self.conn.execute(sql, params)
+
+
+def test_a_sqlite_that_refuses_schema_edits_keeps_the_in_lists_and_starts(tmp_path, caplog):
+    conn = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    for version, _, sql in MIGRATIONS[:4]:
+        for statement in sql.split(";\n"):
+            if statement.strip() and "cr_search_text" not in statement:
+                conn.execute(statement)
+    before = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'outbox'").fetchone()[0]
+    conn.execute("BEGIN IMMEDIATE")
+    migrations.checks_as_comparisons(_DefensiveSQLite(conn))
+    conn.execute("COMMIT")
+    assert conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'outbox'").fetchone()[0] == before
+    assert conn.execute("PRAGMA writable_schema").fetchone()[0] == 0
+    assert "kept as IN lists" in caplog.text
