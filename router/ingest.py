@@ -170,9 +170,11 @@ def _later_annotation_stored(
     sent = _provider_time(sent_at)
     if sent is None:
         return False
+    # An edit without text (a failed transcription) changed nothing, so it replaces nothing.
     rows = conn.execute(
         "SELECT json_extract(payload, '$.sent_at') FROM messages"
-        " WHERE kind = ? AND target_message_id = ? AND contact_id = ? AND payload IS NOT NULL",
+        " WHERE kind = ? AND target_message_id = ? AND contact_id = ? AND payload IS NOT NULL"
+        " AND (kind != 'edit' OR text IS NOT NULL)",
         (kind, target_id, contact_id),
     )
     return any((other := _provider_time(value)) is not None and other > sent for (value,) in rows)

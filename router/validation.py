@@ -51,8 +51,12 @@ def _repair_text(value: Any) -> Any:
     if isinstance(value, str):
         return _repair(value) if _needs_repair(value) else value
     stack = [value]
+    seen: set[int] = set()  # a container a plugin built may contain itself
     while stack:
         container = stack.pop()
+        if id(container) in seen:
+            continue
+        seen.add(id(container))
         if isinstance(container, dict):
             broken_keys = []
             for key, item in container.items():

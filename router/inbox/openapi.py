@@ -130,7 +130,7 @@ def openapi_document() -> dict[str, Any]:
                     "channel": {"type": "string"}, "text": {"type": ["string", "null"]}, "created_at": {"type": "string", "format": "date-time"},
                     "delivery_status": {"type": ["string", "null"], "enum": [None, "queued", "sent", "delivered", "read", "failed"]}}},
                 "ConversationDetail": {"allOf": [_ref("Conversation"), {"type": "object", "required": ["messages", "routing", "escalations"], "properties": {
-                    "messages": {"type": "array", "items": _ref("Message"), "description": "Oldest first. A reaction or edit that a later one of its sender superseded is not listed."},
+                    "messages": {"type": "array", "items": _ref("Message"), "description": "Oldest first. A reaction replaced by a later one of its sender is not listed, nor an edit that arrived after a later edit of the same message had taken effect (it never took effect)."},
                     "routing": {"type": "object", "required": ["rule", "reason"], "properties": {"rule": {"type": "string"}, "reason": {"type": "string"}}},
                     "escalations": {"type": "array", "items": {"type": "object", "properties": {"level": {"type": "integer"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}, "reason": {"type": "string"}, "at": {"type": "string"}}}},
                     "events": {"type": "array"}, "callbacks": {"type": "array"}, "pending_deliveries": {"type": "integer"}}}]},

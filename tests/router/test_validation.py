@@ -61,3 +61,14 @@ def test_lone_surrogates_become_replacement_characters_at_any_depth():
     assert checked["sender"]["display_name"] == "E\ufffd"
     assert checked["raw"] == {"nested": ["x\ufffd", {"k\ufffd": "ok"}, [["\ufffd tief"]]], "both\ufffd": "v\ufffd"}
     assert validate_inbound({**VALID, "text": "Grüße 😀"})["text"] == "Grüße 😀"  # whole characters stay
+
+
+def test_a_message_that_contains_itself_is_walked_once():
+    """A plugin may build a message with a cycle; the repair must end (then the schema decides)."""
+    message = {**VALID, "text": "Hallo \ud800", "meta": {"note": "x\udc00"}}
+    message["meta"]["self"] = message["meta"]
+    message["raw"] = [message["meta"]]
+    from router.validation import _repair_text
+
+    _repair_text(message)
+    assert message["text"] == "Hallo \ufffd" and message["meta"]["note"] == "x\ufffd"

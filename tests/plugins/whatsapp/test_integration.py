@@ -540,6 +540,18 @@ async def test_a_retried_reaction_does_not_replace_the_one_that_replaced_it(wa: 
     assert await wa.count("messages", "kind = 'reaction'") == 2  # the replaced one is kept, hidden
 
 
+async def test_an_edit_without_text_does_not_hide_an_earlier_edit_that_arrives_late(wa: CoreHarness) -> None:
+    await post(wa, text_body("wamid.ORIG", "Die Baustelle ist seit Montag offen."))
+    sent = int(TIMESTAMP)
+    empty = inbound({"id": "wamid.E2", "type": "edit", "timestamp": str(sent + 40), "edit": {
+        "original_message_id": "wamid.ORIG", "message": {"type": "audio", "audio": {"id": "m1", "mime_type": "audio/ogg"}}}})
+    await post(wa, empty)
+    await post(wa, edit("wamid.E1", "Die Baustelle ist seit Dienstag offen.", sent + 30))
+    detail = await only_conversation(wa)
+    (original,) = [m for m in detail["messages"] if m["kind"] == "message"]
+    assert original["text"] == "Die Baustelle ist seit Dienstag offen."
+
+
 async def test_the_new_wording_of_an_edited_message_is_found_by_search(wa: CoreHarness) -> None:
     await post(wa, text_body("wamid.ORIG", "Die Baustelle ist seit Montag offen."))
     await post(wa, edit("wamid.E1", "Die Grube ist seit Dienstag offen.", int(TIMESTAMP) + 30))
