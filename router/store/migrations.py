@@ -43,17 +43,24 @@ def checks_as_comparisons(conn: sqlite3.Connection) -> None:
     try:
         conn.execute("SAVEPOINT checks")
         try:
+            changed = False
             for table, (column, values) in _IN_CHECKS.items():
-                (sql,) = conn.execute("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?", (table,)).fetchone()
-                old = _in_check(column, values)
+                # sqlite_master: the older name, which every SQLite knows.
+                (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+                old, new = _in_check(column, values), _comparison_check(column, values)
+                if sql.count(new) == 1:
+                    continue  # rewritten already
                 if sql.count(old) != 1:
                     raise RuntimeError(f"table {table}: expected the constraint {old} once in its schema")
                 conn.execute(
-                    "UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = ?",
-                    (sql.replace(old, _comparison_check(column, values)), table),
+                    "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?", (sql.replace(old, new), table)
                 )
-            conn.execute(f"PRAGMA schema_version={version + 1}")
+                changed = True
+            if changed:
+                conn.execute(f"PRAGMA schema_version={version + 1}")
         except sqlite3.DatabaseError as exc:
+            if "may not be modified" not in str(exc):
+                raise
             # A build of SQLite in defensive mode refuses schema edits. The IN lists are correct,
             # only slower: keep them rather than refuse to start.
             conn.execute("ROLLBACK TO checks")

@@ -92,6 +92,10 @@ def apply_migrations(conn: sqlite3.Connection) -> list[int]:
         if version in done:
             continue
         conn.execute("BEGIN IMMEDIATE")
+        # Another process (the CLI beside the service) may have applied it while we waited.
+        if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,)).fetchone():
+            conn.execute("COMMIT")
+            continue
         try:
             if callable(sql):
                 sql(conn)

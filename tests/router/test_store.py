@@ -270,7 +270,7 @@ class _DefensiveSQLite:
         self.conn = conn
 
     def execute(self, sql: str, params: tuple = ()):
-        if sql.startswith("UPDATE sqlite_schema"):
+        if sql.startswith("UPDATE sqlite_master"):
             raise sqlite3.DatabaseError("table sqlite_master may not be modified")
         return self.conn.execute(sql, params)
 
@@ -288,3 +288,53 @@ def test_a_sqlite_that_refuses_schema_edits_keeps_the_in_lists_and_starts(tmp_pa
     assert conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'outbox'").fetchone()[0] == before
     assert conn.execute("PRAGMA writable_schema").fetchone()[0] == 0
     assert "kept as IN lists" in caplog.text
+
+
+def test_migration_5_on_a_rewritten_schema_changes_nothing_and_other_errors_are_not_swallowed(tmp_path):
+    conn = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    apply_migrations(conn)
+    before = [row[0] for row in conn.execute("SELECT sql FROM sqlite_master ORDER BY name")]
+    version = conn.execute("PRAGMA schema_version").fetchone()[0]
+    conn.execute("BEGIN IMMEDIATE")
+    migrations.checks_as_comparisons(conn)  # a second start that raced the first
+    conn.execute("COMMIT")
+    assert [row[0] for row in conn.execute("SELECT sql FROM sqlite_master ORDER BY name")] == before
+    assert conn.execute("PRAGMA schema_version").fetchone()[0] == version
+
+    class Broken(_DefensiveSQLite):
+        def execute(self, sql: str, params: tuple = ()):
+            if sql.startswith("SELECT sql FROM sqlite_master"):
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            return self.conn.execute(sql, params)
+
+    conn.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        migrations.checks_as_comparisons(Broken(conn))
+    conn.execute("ROLLBACK")
+
+
+class _StaleFirstRead:
+    """A connection whose first look at the applied versions is from before another process
+    applied them all (it read, then waited for the write lock)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.stale = True
+
+    def execute(self, sql: str, params: tuple = ()):
+        if self.stale and sql.startswith("SELECT version FROM schema_migrations"):
+            self.stale = False
+            return self.conn.execute("SELECT version FROM schema_migrations WHERE 0")
+        return self.conn.execute(sql, params)
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+
+def test_two_processes_starting_at_once_apply_each_migration_once(tmp_path):
+    first = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    second = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    assert apply_migrations(first) == [v for v, _, _ in MIGRATIONS]
+    assert apply_migrations(_StaleFirstRead(second)) == []
+    versions = [r[0] for r in second.execute("SELECT version FROM schema_migrations")]
+    assert versions == [v for v, _, _ in MIGRATIONS]
