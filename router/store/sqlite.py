@@ -47,6 +47,8 @@ MAX_BATCH = 64
 # edges of a few indexes plus lookups by primary key; 8 MiB holds that with room to spare,
 # whereas a 64 MiB cache only grows the process by as much under sustained load.
 CACHE_KIB = 8192
+# Long reads (``fetchall_apart``) running at once; more wait for a turn.
+MAX_REPORTS = 2
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -187,6 +189,8 @@ class SQLiteStore:
         self._task: asyncio.Task[None] | None = None
         self.db: aiosqlite.Connection | None = None
         self._in_flight = False
+        # At most two long reports at once, each with a connection and a thread of its own.
+        self._reports = asyncio.Semaphore(MAX_REPORTS)
         self.commits = 0
         self.units_committed = 0
         self.commit_seconds = 0.0
@@ -330,7 +334,7 @@ class SQLiteStore:
         """Run a long read (a report over every conversation) on a connection of its own, so
         that the inbox's other reads, the status pages and /healthz do not queue behind it on
         the shared reader. WAL lets it read alongside the writer and the reader."""
-        async with aiosqlite.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True) as db:
+        async with self._reports, aiosqlite.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True) as db:
             db.row_factory = sqlite3.Row
             await db.execute("PRAGMA busy_timeout=30000")
             return list(await db.execute_fetchall(sql, params))

@@ -338,3 +338,19 @@ def test_two_processes_starting_at_once_apply_each_migration_once(tmp_path):
     assert apply_migrations(_StaleFirstRead(second)) == []
     versions = [r[0] for r in second.execute("SELECT version FROM schema_migrations")]
     assert versions == [v for v, _, _ in MIGRATIONS]
+
+
+async def test_reports_run_at_most_two_at_once(tmp_path):
+    from router.store.sqlite import MAX_REPORTS
+
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500000) SELECT COUNT(*) FROM n"
+        reports = [asyncio.create_task(store.fetchall_apart(slow)) for _ in range(MAX_REPORTS + 2)]
+        await asyncio.sleep(0.05)
+        assert store._reports.locked()  # the third and fourth wait their turn
+        assert [r[0][0] for r in await asyncio.gather(*reports)] == [1500000] * (MAX_REPORTS + 2)
+        assert not store._reports.locked()
+    finally:
+        await store.close()
