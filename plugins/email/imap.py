@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -113,8 +114,10 @@ class ImapMailbox:
                 raise EmailSettingsError(f"{where}.{key}: must be positive")
             return result
 
+        if isinstance(section.get("max_attempts"), bool):
+            raise EmailSettingsError(f"{where}.max_attempts: expected a whole number, got {section.get('max_attempts')!r}")
         attempts = number("max_attempts", MAX_ATTEMPTS)
-        if attempts != int(attempts):
+        if not math.isfinite(attempts) or attempts != int(attempts):
             raise EmailSettingsError(f"{where}.max_attempts: expected a whole number, got {section.get('max_attempts')!r}")
         address = str(section.get("address") or "").strip().lower() or None
         if address is not None and "@" not in address:
@@ -337,7 +340,9 @@ class ImapPoller:
         box = self.mailbox
 
         def safe(text: str) -> str:
-            return _UNSAFE_IN_NAME.sub("_", text).strip("._")[:64] or "_"
+            # 40 each: with the key, the numbers and write_durably's temporary suffix the name
+            # stays well under the 255 bytes a file name may have.
+            return _UNSAFE_IN_NAME.sub("_", text).strip("._")[:40] or "_"
 
         name = f"{safe(box.host)}_{safe(box.user)}_{safe(box.mailbox)}_{box.key}_uidvalidity-{uidvalidity}_uid-{uid}.eml"
         path = self.unprocessable_dir / name

@@ -191,6 +191,19 @@ def test_max_attempts_is_a_mailbox_setting():
         ImapMailbox.from_mapping({**base, "max_attempts": 2.5}, "imap")
     with pytest.raises(ValueError, match=r"imap\.max_attempts"):
         ImapMailbox.from_mapping({**base, "max_attempts": 0}, "imap")
+    for bad in (float("inf"), float("nan"), "inf", True):
+        with pytest.raises(ValueError, match=r"imap\.max_attempts"):
+            ImapMailbox.from_mapping({**base, "max_attempts": bad}, "imap")
+
+
+def test_the_name_of_a_set_aside_mail_fits_a_file_system_even_for_long_settings(tmp_path):
+    """Host, user and mailbox may each be long; the name (and write_durably's temporary one
+    beside it) must stay under 255 bytes, or the mail could never be set aside."""
+    box = ImapMailbox.from_mapping({"host": "h" * 250, "user": "u" * 250, "password": "p", "mailbox": "m" * 250}, "imap")
+    p = ImapPoller(box, FailingReceive.__call__, tmp_path, LOG)
+    path = p._write_unprocessable(4294967295, 4294967295, b"Subject: x\r\n\r\nx")
+    assert path.read_bytes() == b"Subject: x\r\n\r\nx"
+    assert len(path.name.encode()) <= 200
 
 
 async def test_a_set_aside_mail_can_be_fed_again_over_http_once_the_cause_is_fixed(harness, imap):
