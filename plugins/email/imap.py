@@ -292,10 +292,24 @@ class ImapPoller:
             raw = await self._fetch(client, uid)
             if raw is not None:
                 envelope_to = [self.mailbox.address] if self.mailbox.address else None
+                # Counted before the attempt, so that a mail during which the process died (out
+                # of memory, a crash) counts too, instead of taking it down again at every start.
+                attempts = mark.failed.get(uid, 0) + 1
+                mark.failed = {uid: attempts}  # mail is imported in UID order: only this one can be failing
+                await asyncio.to_thread(mark.save, self.state_path)
                 try:
+                    if attempts > self.mailbox.max_attempts:
+                        # Its attempts are used up: an earlier one ended with the process, or the
+                        # mail could not be set aside yet. Not tried again, only set aside.
+                        raise ImportFailed("no attempts left (the last may have ended with the process)")
                     await self.receive(raw, envelope_to)  # returns after the commit
+                except asyncio.CancelledError:
+                    # Stopping the service is no failed attempt.
+                    mark.failed = {uid: attempts - 1} if attempts > 1 else {}
+                    mark.save(self.state_path)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - counted; raises until the mail is set aside
-                    await self._failed(mark, uid, raw, exc)
+                    await self._failed(mark, uid, raw, exc, attempts)
                 else:
                     count += 1
                     try:
@@ -310,22 +324,19 @@ class ImapPoller:
         self.imported += count
         return count
 
-    async def _failed(self, mark: UidMark, uid: int, raw: bytes, exc: Exception) -> None:
-        """Count a failed import of ``uid`` in the state file. Raises ``ImportFailed`` (the
-        session is retried) until ``max_attempts`` are used up; then writes the raw mail to the
-        unprocessable folder and returns, so the caller moves the mark past it. A mail that
-        cannot be written there stays where it is and is tried again: nothing is lost."""
+    async def _failed(self, mark: UidMark, uid: int, raw: bytes, exc: Exception, attempts: int) -> None:
+        """After the ``attempts``-th failed import of ``uid`` (counted in the state file already):
+        raises ``ImportFailed`` (the session is retried) until ``max_attempts`` are used up; then
+        writes the raw mail to the unprocessable folder and returns, so the caller moves the mark
+        past it. A mail that cannot be written there stays where it is and is tried again (to
+        be set aside, not imported): nothing is lost."""
         box = self.mailbox
         cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        attempts = mark.failed.get(uid, 0) + 1
-        mark.failed = {uid: attempts}  # mail is imported in UID order: only this one can be failing
         if attempts < box.max_attempts:
-            await asyncio.to_thread(mark.save, self.state_path)
             raise ImportFailed(f"UID {uid}: import failed (attempt {attempts} of {box.max_attempts}): {cause}") from exc
         try:
             path = await asyncio.to_thread(self._write_unprocessable, mark.uidvalidity, uid, raw)
         except OSError as write_error:
-            await asyncio.to_thread(mark.save, self.state_path)
             raise ImportFailed(
                 f"UID {uid}: import failed {attempts} times ({cause}), and the mail could not be set aside: {write_error}"
             ) from write_error

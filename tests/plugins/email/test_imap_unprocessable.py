@@ -179,8 +179,50 @@ async def test_a_mail_that_cannot_be_set_aside_keeps_the_mark_and_is_tried_again
     await run_until_stored(p, harness, 1, imap)
     [path] = set_aside(harness)
     assert path.read_bytes() == poison()
-    assert receive.poisoned == 5
+    assert receive.poisoned == 3  # after its three attempts it is only set aside, not tried again
     assert state(harness) == {"uidvalidity": 1001, "last_uid": 2}
+
+
+class ProcessDies(BaseException):
+    """What the poller sees of a process killed while it imports a mail: nothing after it."""
+
+
+async def test_a_mail_during_which_the_process_dies_is_set_aside_after_three_starts(harness, imap):
+    imap.add(poison())
+    imap.add(mail(2))
+    dying = FailingReceive(harness)
+
+    async def receive(raw: bytes, envelope_to: list[str] | None) -> None:
+        if b"GIFT" in raw:
+            dying.poisoned += 1
+            raise ProcessDies()
+        await dying(raw, envelope_to)
+
+    for start in (1, 2, 3):  # each start of the service dies on the same mail
+        with pytest.raises(ProcessDies):
+            await poller(harness, imap, receive).session()
+        assert state(harness)["failed"] == {"1": start}
+    await run_until_stored(poller(harness, imap, receive), harness, 1, imap)  # the fourth start
+    assert dying.poisoned == 3
+    [path] = set_aside(harness)
+    assert path.read_bytes() == poison()
+    assert dying.delivered == [mail(2)]
+
+
+async def test_stopping_the_service_during_an_import_is_no_failed_attempt(harness, imap):
+    imap.add(mail(1))
+    started = asyncio.Event()
+
+    async def slow(raw: bytes, envelope_to: list[str] | None) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    task = asyncio.create_task(poller(harness, imap, slow).session())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "failed" not in state(harness)
 
 
 def test_max_attempts_is_a_mailbox_setting():
