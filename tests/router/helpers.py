@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _ids = itertools.count(1)
 
@@ -21,3 +24,21 @@ def webform_message(text: str = "Baustelle vor dem Haus, Gehweg gesperrt", **ext
     }
     message.update(extra)
     return message
+
+
+def vm_steps(conn: Any, work: Callable[[], T], every: int = 10) -> tuple[int, T]:
+    """SQLite VM steps (in units of ``every``) that ``work()`` takes on ``conn``, and its result:
+    a count that does not depend on the machine's speed, for tests that a query reads what it
+    should and not a whole table."""
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    conn.set_progress_handler(count, every)
+    try:
+        result = work()
+    finally:
+        conn.set_progress_handler(None, 0)
+    return steps[0], result

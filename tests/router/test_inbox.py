@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from .helpers import webform_message
+from .helpers import vm_steps, webform_message
 
 
 async def _case(harness, **kwargs):
@@ -314,18 +314,9 @@ def _list_cost(conn, **filters) -> tuple[int, list[str]]:
         filters.get("units", ["kundenservice"]), filters.get("state"), filters.get("channel"), filters.get("overdue"),
         filters.get("contact_id"), datetime(2026, 1, 2, tzinfo=UTC),
     )
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0
-
-    conn.set_progress_handler(count, 100)
-    try:
-        rows = conn.execute(f"{CONVERSATION_SELECT} WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT 51", params).fetchall()
-    finally:
-        conn.set_progress_handler(None, 0)
-    return steps[0], [r["case_reference"] for r in rows]
+    sql = f"{CONVERSATION_SELECT} WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT 51"
+    steps, rows = vm_steps(conn, lambda: conn.execute(sql, params).fetchall(), every=100)
+    return steps, [r["case_reference"] for r in rows]
 
 
 def test_list_filters_read_the_workload_or_the_contact_not_the_history(tmp_path):

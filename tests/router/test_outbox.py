@@ -19,6 +19,8 @@ from router.outbox import OutboxPolicy, apply_delivery_update, claim_due
 from router.store.sqlite import _connect, apply_migrations
 from router.testing import CoreHarness
 
+from .helpers import vm_steps
+
 
 class RaceChat(Channel):
     """A provider whose 'delivered' callback arrives before its send call returns."""
@@ -140,22 +142,6 @@ def _database(path):
     return conn
 
 
-def _vm_steps(conn, work):
-    """SQLite VM steps (in tens) that ``work()`` takes, and what it returns."""
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0
-
-    conn.set_progress_handler(count, 10)
-    try:
-        result = work()
-    finally:
-        conn.set_progress_handler(None, 0)
-    return steps[0], result
-
-
 def _claim_cost(tmp_path, backlog: int) -> tuple[int, list[int]]:
     """SQLite VM steps of one claim of 10 rows with ``backlog`` rows due, and the ids claimed."""
     conn = _database(tmp_path / f"claim-{backlog}.sqlite3")
@@ -164,7 +150,7 @@ def _claim_cost(tmp_path, backlog: int) -> tuple[int, list[int]]:
         " created_at, updated_at) VALUES (1, 'c', 'ack', 'phone', '+491701234567', 'pending', ?, ?, 'x', 'x')",
         [(f"2026-01-01T00:00:{i % 60:02d}.{i:06d}Z", f"k{i}") for i in range(backlog)],
     )
-    steps, claimed = _vm_steps(conn, lambda: claim_due(conn, datetime(2026, 1, 2, tzinfo=UTC), OutboxPolicy(batch_size=10)))
+    steps, claimed = vm_steps(conn, lambda: claim_due(conn, datetime(2026, 1, 2, tzinfo=UTC), OutboxPolicy(batch_size=10)))
     return steps, [row["id"] for row in claimed]
 
 
@@ -191,7 +177,7 @@ def _status_cost(tmp_path, history: int) -> tuple[int, str]:
         [(f"wamid.other.{i}",) for i in range(history)],
     )
     now = datetime(2026, 1, 2, tzinfo=UTC)
-    steps, _ = _vm_steps(conn, lambda: apply_delivery_update(
+    steps, _ = vm_steps(conn, lambda: apply_delivery_update(
         conn, "c", DeliveryUpdate(provider_id="wamid.ours", status="delivered"), frozenset(), {}, now))
     return steps, conn.execute("SELECT delivery_status FROM outbox WHERE id = 1").fetchone()[0]
 
