@@ -251,7 +251,7 @@ async def test_a_long_report_runs_apart_and_the_shared_reader_keeps_answering(tm
         slow = asyncio.create_task(store.fetchall_apart(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) SELECT COUNT(*) FROM n"
         ))
-        await asyncio.sleep(0.05)  # it is under way
+        await asyncio.sleep(0.01)  # it is under way
         assert not slow.done()
         quick = await asyncio.wait_for(store.fetchall("SELECT COUNT(*) FROM conversations"), 5)
         assert quick[0][0] == 0
@@ -348,7 +348,7 @@ async def test_reports_run_at_most_two_at_once(tmp_path):
     try:
         slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500000) SELECT COUNT(*) FROM n"
         reports = [asyncio.create_task(store.fetchall_apart(slow)) for _ in range(MAX_REPORTS + 2)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
         assert store._reports.locked()  # the third and fourth wait their turn
         assert [r[0][0] for r in await asyncio.gather(*reports)] == [1500000] * (MAX_REPORTS + 2)
         assert not store._reports.locked()
