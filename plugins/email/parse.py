@@ -279,25 +279,10 @@ def parse_message(
     addresses: Mapping[str, Mapping[str, Any]],
     own_domain: str,
 ) -> dict[str, Any]:
-    """The canonical inbound message for one raw mail (see ``to_inbound``)."""
-    return to_inbound(
+    """The canonical inbound message for one raw mail (see ``parse_mail``)."""
+    return parse_mail(
         read_message(raw), raw, envelope_from=envelope_from, envelope_to=envelope_to,
         addresses=addresses, own_domain=own_domain,
-    )
-
-
-def to_inbound(
-    msg: Message,
-    raw: bytes,
-    *,
-    envelope_from: str | None,
-    envelope_to: list[str] | None,
-    addresses: Mapping[str, Mapping[str, Any]],
-    own_domain: str,
-) -> dict[str, Any]:
-    """The canonical inbound message for a parsed mail (see ``parse_mail``)."""
-    return parse_mail(
-        msg, raw, envelope_from=envelope_from, envelope_to=envelope_to, addresses=addresses, own_domain=own_domain,
     ).inbound
 
 
