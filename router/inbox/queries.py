@@ -121,22 +121,26 @@ def _list_filters(
         driver = "state"
     else:
         driver = None
+
+    def column(name: str, *walked_by: str | None) -> str:
+        """The column as a term an index may walk, or ("+") only check."""
+        return f"c.{name}" if driver in walked_by else f"+c.{name}"
+
     # One unit: walk its (unit, id) index. Several: walk the primary key newest first and
     # filter; "+" keeps SQLite from choosing the unit index and sorting everything (2 s at 1M).
-    column = "c.unit" if len(unit_list) == 1 and driver is None else "+c.unit"
-    where.append(f"{column} IN ({','.join('?' * len(unit_list))})")
+    unit = column("unit", None) if len(unit_list) == 1 else "+c.unit"
+    where.append(f"{unit} IN ({','.join('?' * len(unit_list))})")
     params.extend(unit_list)
     if state:
-        where.append(f"{'c' if driver in (None, 'state') else '+c'}.state = ?")
+        where.append(f"{column('state', None, 'state')} = ?")
         params.append(state)
     if channel:
         # Part of the contact index (contact_id, channel, id).
-        where.append(f"{'c' if driver in (None, 'contact') else '+c'}.channel = ?")
+        where.append(f"{column('channel', None, 'contact')} = ?")
         params.append(channel)
     if overdue is True:
         # The open and acknowledged rows by the state index, sorted: the workload, not history.
-        states = "c.state IN ('open', 'acknowledged')" if driver == "overdue" else "+c.state IN ('open', 'acknowledged')"
-        where.append(f"+c.deadline IS NOT NULL AND +c.deadline < ? AND {states}")
+        where.append(f"+c.deadline IS NOT NULL AND +c.deadline < ? AND {column('state', 'overdue')} IN ('open', 'acknowledged')")
         params.append(iso(now))
     elif overdue is False:
         where.append("NOT (c.deadline IS NOT NULL AND c.deadline < ? AND c.state IN ('open', 'acknowledged'))")
@@ -638,31 +642,28 @@ async def stats(core: Core, units: Iterable[str]) -> list[dict[str, Any]]:
     now = iso(core.clock.now())
     unit_list = sorted(set(units))
     marks = ",".join("?" * len(unit_list))
+    # One statement on one connection. The median is worked out in SQL, so the rows never reach
+    # Python (a million of them took the reader's thread and the GIL for seconds); julianday()
+    # reads our timestamps to the millisecond.
     rows = await core.store.fetchall_apart(
-        f"SELECT channel, unit, COUNT(*) AS received,"
-        f" SUM(state != 'open' OR EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.kind = 'ack'"
-        f"   AND m.delivery_status IN ('sent', 'delivered', 'read'))) AS acknowledged,"
-        f" SUM(first_answered_at IS NOT NULL) AS answered,"
-        f" SUM(deadline IS NOT NULL AND deadline < ? AND state IN ('open', 'acknowledged')) AS overdue"
-        f" FROM conversations c WHERE unit IN ({marks}) GROUP BY channel, unit ORDER BY channel, unit",
-        (now, *unit_list),
-    )
-    # The median in SQL: the rows never reach Python (a million of them took the reader's thread
-    # and the GIL for seconds). julianday() reads our timestamps to the millisecond.
-    medians = await core.store.fetchall_apart(
         "WITH d AS (SELECT channel, unit, (julianday(first_answered_at) - julianday(created_at)) * 86400.0 AS s"
         f"  FROM conversations WHERE unit IN ({marks}) AND first_answered_at IS NOT NULL),"
         " r AS (SELECT channel, unit, s, ROW_NUMBER() OVER w AS n, COUNT(*) OVER (PARTITION BY channel, unit) AS total"
-        "  FROM d WINDOW w AS (PARTITION BY channel, unit ORDER BY s))"
-        " SELECT channel, unit, AVG(s) AS median FROM r WHERE n IN ((total + 1) / 2, (total + 2) / 2) GROUP BY channel, unit",
-        tuple(unit_list),
+        "  FROM d WINDOW w AS (PARTITION BY channel, unit ORDER BY s)),"
+        " medians AS (SELECT channel, unit, AVG(s) AS median FROM r WHERE n IN ((total + 1) / 2, (total + 2) / 2)"
+        "  GROUP BY channel, unit),"
+        " a AS (SELECT channel, unit, COUNT(*) AS received,"
+        "  SUM(state != 'open' OR EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.kind = 'ack'"
+        "   AND m.delivery_status IN ('sent', 'delivered', 'read'))) AS acknowledged,"
+        "  SUM(first_answered_at IS NOT NULL) AS answered,"
+        "  SUM(deadline IS NOT NULL AND deadline < ? AND state IN ('open', 'acknowledged')) AS overdue"
+        f"  FROM conversations c WHERE unit IN ({marks}) GROUP BY channel, unit)"
+        " SELECT a.*, medians.median FROM a LEFT JOIN medians USING (channel, unit) ORDER BY channel, unit",
+        (*unit_list, now, *unit_list),
     )
-    median_of = {(m["channel"], m["unit"]): m["median"] for m in medians}
     result = []
     for r in rows:
-        median = median_of.get((r["channel"], r["unit"]))
-        if median is not None:
-            median = round(median, 3)
+        median = None if r["median"] is None else round(r["median"], 3)
         result.append({
             "channel": r["channel"], "unit": r["unit"], "received": r["received"],
             "acknowledged": r["acknowledged"] or 0, "answered": r["answered"] or 0, "overdue": r["overdue"] or 0,
