@@ -8,6 +8,7 @@ accepted is committed. Bounces also mark the outbound message they report as fai
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import os
@@ -115,7 +116,9 @@ class EmailChannel(Channel):
         found: list[Any] = [self._smtp_service] if self.settings.listen else []
         state_dir = Path(self.context.data_dir) / "email" / "imap"
         self.imap_pollers = [
-            ImapPoller(box, self._receive_imported, state_dir, self.context.log) for box in self.imap_mailboxes
+            ImapPoller(box, self._receive_imported, state_dir, self.context.log,
+                       on_set_aside=functools.partial(self.context.record_event, "unprocessable_mail"))
+            for box in self.imap_mailboxes
         ]
         found.extend(poller.service for poller in self.imap_pollers)
         return found

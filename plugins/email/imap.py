@@ -200,9 +200,19 @@ def _imap_quote(value: str) -> str:
 class ImapPoller:
     """Imports one mailbox for the app's lifetime; reconnects after errors."""
 
-    def __init__(self, mailbox: ImapMailbox, receive: Receive, state_dir: Path, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        mailbox: ImapMailbox,
+        receive: Receive,
+        state_dir: Path,
+        log: logging.Logger,
+        on_set_aside: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+    ) -> None:
         self.mailbox = mailbox
         self.receive = receive
+        # Told of every mail set aside (the channel keeps it as an event, which /metrics counts),
+        # so that it shows beyond the log.
+        self.on_set_aside = on_set_aside
         self.state_path = Path(state_dir) / f"{mailbox.key}.json"
         self.unprocessable_dir = Path(state_dir) / UNPROCESSABLE_DIR
         self.log = log
@@ -341,6 +351,12 @@ class ImapPoller:
                 f"UID {uid}: import failed {attempts} times ({cause}), and the mail could not be set aside: {write_error}"
             ) from write_error
         self.set_aside += 1
+        if self.on_set_aside is not None:
+            try:
+                await self.on_set_aside({"mailbox": box.label, "uidvalidity": mark.uidvalidity, "uid": uid,
+                                         "file": path.name, "cause": cause})
+            except Exception:  # the mail is safe in its file, and the log line below tells
+                self.log.exception("IMAP %s: could not record UID %s as set aside", box.label, uid)
         self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) failed to import %d times, last with %s; "
                        "set aside as %s, importing the next mail", box.label, uid, mark.uidvalidity, attempts,
                        cause, path, exc_info=exc)

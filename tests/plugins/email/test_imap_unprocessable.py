@@ -8,6 +8,7 @@ failed import), as a broken mail or a transient fault would."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -63,7 +64,9 @@ async def harness(tmp_path: Path) -> AsyncIterator[CoreHarness]:
 
 def poller(harness: CoreHarness, server: FakeImapServer, receive: FailingReceive) -> ImapPoller:
     box = ImapMailbox.from_mapping(settings_for(server)["email"]["imap"], "channels.email.imap")
-    return ImapPoller(box, receive, harness.data_dir / "email" / "imap", LOG)
+    channel: Any = harness.core.channels["email"]
+    return ImapPoller(box, receive, harness.data_dir / "email" / "imap", LOG,
+                      on_set_aside=functools.partial(channel.context.record_event, "unprocessable_mail"))
 
 
 def state(harness: CoreHarness) -> dict[str, Any]:
@@ -117,6 +120,9 @@ async def test_a_mail_that_always_fails_is_set_aside_after_three_attempts_and_th
     assert path.name.endswith("_uidvalidity-1001_uid-1.eml")
     assert state(harness) == {"uidvalidity": 1001, "last_uid": 2}
     assert [IMPORTED_KEYWORD in m.flags for m in imap.mails] == [False, True]
+    # Beyond the log: an event, which /metrics counts
+    assert await harness.count("events", "kind = 'email:unprocessable_mail' AND data LIKE '%uid-1.eml%'") == 1
+    assert harness.core.metrics.value("contact_router_channel_events_total", channel="email", kind="unprocessable_mail") == 1
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     message = record.getMessage()
     assert "postfach@127.0.0.1/INBOX" in message and "UID 1 " in message and "failed to import 3 times" in message
