@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +94,14 @@ async def run_until_stored(p: ImapPoller, harness: CoreHarness, n: int, server: 
         except ValueError:  # no state file yet
             return False
 
+    await run_until(p, done)
+
+
+async def run_until(p: ImapPoller, condition: Callable[[], Awaitable[bool]]) -> None:
+    """Run the poller until ``condition`` holds, then stop it."""
     task = asyncio.create_task(p.run())
     try:
-        await eventually(done)
+        await eventually(condition)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -273,14 +278,7 @@ async def test_a_set_aside_mail_can_be_fed_again_over_http_once_the_cause_is_fix
 
 
 async def run_until_set_aside(p: ImapPoller, harness: CoreHarness) -> None:
-    task = asyncio.create_task(p.run())
-
     async def found() -> bool:
         return bool(set_aside(harness)) and state(harness).get("failed") is None
 
-    try:
-        await eventually(found)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await run_until(p, found)
