@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from datetime import UTC, datetime
 
@@ -190,3 +191,73 @@ def test_a_status_callback_does_not_read_every_status_ever_received(tmp_path):
     large, _ = _status_cost(tmp_path, 5000)
     assert status == "delivered"
     assert large < 2 * small, (small, large)
+
+
+class StaggeredChat(Channel):
+    """A provider whose answers come back one after another, as real ones do; a send to
+    ``hold_for`` waits until the test releases it."""
+
+    name = "staggered"
+    capabilities = Capabilities(identity_kinds=("phone",), delivery_receipts=True, threads_by_sender=True)
+
+    def __init__(self) -> None:
+        self.hold_for: str | None = None
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.calls += 1
+        if message.to == self.hold_for:
+            await self.release.wait()
+        else:
+            await asyncio.sleep(0.001 * (self.calls % 4))
+        return SendResult(provider_id=f"st-{message.outbox_id}")
+
+
+class StaggeredPlugin:
+    def __init__(self) -> None:
+        self.channel = StaggeredChat()
+
+    @hookimpl
+    def register_channels(self):
+        return [self.channel]
+
+
+async def _ingest_senders(harness: CoreHarness, count: int) -> None:
+    for i in range(count):
+        await harness.core.ingest({"channel": "staggered", "channel_message_id": f"s{i}", "text": "Baustelle vor dem Haus",
+                                   "sender": {"kind": "phone", "address": f"+4915112345{i:03d}"}})
+
+
+async def test_the_outcomes_of_a_batch_are_committed_together(tmp_path):
+    """Twelve acknowledgements, four sends at a time, answers arriving one after another: one
+    transaction claims them and one records every outcome. Recorded as they came, each outcome
+    cost a commit with its fsync, more than the send itself."""
+    plugin = StaggeredPlugin()
+    policy = OutboxPolicy(concurrency=4, poll_seconds=0.05, send_timeout=5, gather_seconds=5)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 12)
+        commits = harness.core.store.commits
+        assert await harness.core.outbox.run_once() == 12
+        assert harness.core.store.commits - commits == 2
+        assert await harness.count("outbox", "state = 'sent'") == 12
+        assert await harness.count("conversations", "state = 'acknowledged'") == 12
+
+
+async def test_a_slow_send_holds_back_the_outcomes_of_the_others_no_longer_than_gather_seconds(tmp_path):
+    plugin = StaggeredPlugin()
+    plugin.channel.hold_for = "+4915112345000"
+    policy = OutboxPolicy(concurrency=4, poll_seconds=0.05, send_timeout=5, gather_seconds=0.05)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 6)
+        batch = asyncio.create_task(harness.core.outbox.run_once())
+        for _ in range(200):
+            if await harness.count("outbox", "state = 'sent'") == 5:
+                break
+            await asyncio.sleep(0.01)
+        assert await harness.count("outbox", "state = 'sent'") == 5
+        assert await harness.count("outbox", "state = 'sending'") == 1
+        assert not batch.done()
+        plugin.channel.release.set()
+        assert await batch == 6
+        assert await harness.count("outbox", "state = 'sent'") == 6
