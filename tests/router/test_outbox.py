@@ -261,3 +261,30 @@ async def test_a_slow_send_holds_back_the_outcomes_of_the_others_no_longer_than_
         plugin.channel.release.set()
         assert await batch == 6
         assert await harness.count("outbox", "state = 'sent'") == 6
+
+
+async def test_a_batch_that_was_not_full_is_not_claimed_again_at_once(tmp_path):
+    """After a batch that took everything due the worker waits for new rows (or the poll)
+    instead of claiming again: at a low rate that empty claim was one commit in four."""
+    plugin = StaggeredPlugin()
+    policy = OutboxPolicy(poll_seconds=30, send_timeout=5)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        worker = asyncio.create_task(harness.core.outbox.run())
+        try:
+            commits = harness.core.store.commits
+            await _ingest_senders(harness, 1)  # one commit, and it wakes the worker
+            for _ in range(200):
+                if await harness.count("outbox", "state = 'sent'") == 1:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert await harness.count("outbox", "state = 'sent'") == 1
+            assert harness.core.store.commits - commits == 3  # the message, the claim, the outcome
+            await _ingest_senders(harness, 2)  # a new row wakes the worker again
+            for _ in range(200):
+                if await harness.count("outbox", "state = 'sent'") == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert await harness.count("outbox", "state = 'sent'") == 2
+        finally:
+            worker.cancel()
