@@ -32,11 +32,15 @@ from pathlib import Path
 from common import BENCH, ROOT, bench_config, free_port, service_env, stop, wait_http
 
 
-def instructions(webhooks: int, timeout: float, server: str = "product", keep: Path | None = None) -> int:
+def instructions(webhooks: int, timeout: float, server: str = "product", keep: Path | None = None,
+                 rate: float = 0.0) -> int:
     """Instructions the server executed for start-up, ``webhooks`` webhooks and its stop.
 
     ``server`` is ``product`` (``contact-router serve``) or ``baseline`` (``bench/baseline.py``,
-    which sends nothing, so there are no acknowledgements to wait for). With ``keep`` the
+    which sends nothing, so there are no acknowledgements to wait for). ``rate`` > 0 posts at
+    that many webhooks per second instead of 50 at a time (each message then pays for its own
+    transactions and wake-ups; valgrind slows the server about fifty-fold, so keep it to a few
+    per second). With ``keep`` the
     callgrind profile is copied there for ``callgrind_annotate`` or :func:`by_object`.
     """
     with tempfile.TemporaryDirectory(prefix="contact-router-instructions-") as tmp:
@@ -63,6 +67,8 @@ def instructions(webhooks: int, timeout: float, server: str = "product", keep: P
             wait_http(f"http://127.0.0.1:{service_port}/healthz", timeout=timeout, proc=service)
             spec = {"scenario": "whatsapp", "url": f"http://127.0.0.1:{service_port}", "seconds": timeout,
                     "prefix": "ins", "concurrency": 50, "max_requests": webhooks, "sender_base": 0}
+            if rate > 0:
+                spec |= {"concurrency": 0, "rate": rate, "seconds": webhooks / rate}
             out = subprocess.run([sys.executable, str(BENCH / "loadgen.py"), json.dumps(spec)],
                                  capture_output=True, text=True, timeout=timeout + 60, check=True)
             answered = json.loads(out.stdout.strip().splitlines()[-1])
@@ -127,20 +133,25 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds each step may take")
     parser.add_argument("--server", choices=("product", "baseline"), default="product",
                         help="count the product or the baseline (bench/baseline.py)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="webhooks per second instead of 50 at a time (a few: valgrind is slow)")
     parser.add_argument("--by-object", action="store_true",
                         help="also split the instructions per webhook by shared object (interpreter, SQLite, ...)")
     args = parser.parse_args()
     if not 0 < args.small < args.large <= 100_000:
         parser.error("0 < --small < --large <= 100000")
+    if not 0 <= args.rate <= 1000:
+        parser.error("--rate must be in [0, 1000]")
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed")
     with tempfile.TemporaryDirectory(prefix="contact-router-profiles-") as tmp:
         keep = Path(tmp) if args.by_object else None
-        small = instructions(args.small, args.timeout, args.server, keep)
-        large = instructions(args.large, args.timeout, args.server, keep)
+        small = instructions(args.small, args.timeout, args.server, keep, args.rate)
+        large = instructions(args.large, args.timeout, args.server, keep, args.rate)
         webhooks = args.large - args.small
         result: dict[str, object] = {
             "server": args.server,
+            "rate": args.rate or "50 at a time",
             "small": {"webhooks": args.small, "instructions": small},
             "large": {"webhooks": args.large, "instructions": large},
             "instructions_per_webhook": round((large - small) / webhooks),

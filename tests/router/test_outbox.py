@@ -43,8 +43,8 @@ class RaceChat(Channel):
 
 
 class Plugin:
-    def __init__(self) -> None:
-        self.channel = RaceChat()
+    def __init__(self, channel: Channel | None = None) -> None:
+        self.channel = channel or RaceChat()
 
     @hookimpl
     def register_channels(self):
@@ -214,15 +214,6 @@ class StaggeredChat(Channel):
         return SendResult(provider_id=f"st-{message.outbox_id}")
 
 
-class StaggeredPlugin:
-    def __init__(self) -> None:
-        self.channel = StaggeredChat()
-
-    @hookimpl
-    def register_channels(self):
-        return [self.channel]
-
-
 async def _ingest_senders(harness: CoreHarness, count: int) -> None:
     for i in range(count):
         await harness.core.ingest({"channel": "staggered", "channel_message_id": f"s{i}", "text": "Baustelle vor dem Haus",
@@ -233,7 +224,7 @@ async def test_the_outcomes_of_a_batch_are_committed_together(tmp_path):
     """Twelve acknowledgements, four sends at a time, answers arriving one after another: one
     transaction claims them and one records every outcome. Recorded as they came, each outcome
     cost a commit with its fsync, more than the send itself."""
-    plugin = StaggeredPlugin()
+    plugin = Plugin(StaggeredChat())
     policy = OutboxPolicy(concurrency=4, poll_seconds=0.05, send_timeout=5, gather_seconds=5)
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 12)
@@ -245,7 +236,7 @@ async def test_the_outcomes_of_a_batch_are_committed_together(tmp_path):
 
 
 async def test_a_slow_send_holds_back_the_outcomes_of_the_others_no_longer_than_gather_seconds(tmp_path):
-    plugin = StaggeredPlugin()
+    plugin = Plugin(StaggeredChat())
     plugin.channel.hold_for = "+4915112345000"
     policy = OutboxPolicy(concurrency=4, poll_seconds=0.05, send_timeout=5, gather_seconds=0.05)
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
@@ -266,7 +257,7 @@ async def test_a_slow_send_holds_back_the_outcomes_of_the_others_no_longer_than_
 async def test_a_batch_that_was_not_full_is_not_claimed_again_at_once(tmp_path):
     """After a batch that took everything due the worker waits for new rows (or the poll)
     instead of claiming again: at a low rate that empty claim was one commit in four."""
-    plugin = StaggeredPlugin()
+    plugin = Plugin(StaggeredChat())
     policy = OutboxPolicy(poll_seconds=30, send_timeout=5)
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
         worker = asyncio.create_task(harness.core.outbox.run())
