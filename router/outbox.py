@@ -533,6 +533,7 @@ class OutboxWorker:
             self.failed += 1
             error = f"gave up after {item['attempts']} attempts: {message}"
             await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
+            self.wake.set()  # a fallback to another channel or address may be due now
             return
         self.retried += 1
         delay = retry_after or self.policy.delay(item["attempts"])
@@ -554,6 +555,7 @@ class OutboxWorker:
             # Values, not the exception, go into the unit: it runs after this block.
             error, hint = exc.message, exc.hint
             await self._record(lambda conn: record_retry(conn, item["id"], error, 0, hint, self.clock.now()))
+            self.wake.set()  # due again at once, in the other form
             return
         except (RetryableDeliveryError, TimeoutError) as exc:
             if isinstance(exc, RetryableDeliveryError):
@@ -565,6 +567,7 @@ class OutboxWorker:
             self.failed += 1
             error, code = exc.message, exc.code
             await self._record(lambda conn: record_failure(conn, item["id"], error, code, self.channels, self.clock.now()))
+            self.wake.set()  # a fallback to another channel or address may be due now
             return
         except Exception as exc:  # a plugin bug: logged, then retried like any failure, and given up
             log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])

@@ -6,12 +6,15 @@ import asyncio
 import sqlite3
 from datetime import UTC, datetime
 
+import pytest
+
 from router.hookspecs import (
     Capabilities,
     Channel,
     DeliveryUpdate,
     OutboundMessage,
     PermanentDeliveryError,
+    ResendAsDeliveryError,
     RetryableDeliveryError,
     SendResult,
     hookimpl,
@@ -262,6 +265,7 @@ async def test_a_batch_that_was_not_full_is_not_claimed_again_at_once(tmp_path):
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
         worker = asyncio.create_task(harness.core.outbox.run())
         try:
+            await asyncio.sleep(0.05)  # idle first: its first, empty claim is behind it
             commits = harness.core.store.commits
             await _ingest_senders(harness, 1)  # one commit, and it wakes the worker
             for _ in range(200):
@@ -277,5 +281,56 @@ async def test_a_batch_that_was_not_full_is_not_claimed_again_at_once(tmp_path):
                     break
                 await asyncio.sleep(0.01)
             assert await harness.count("outbox", "state = 'sent'") == 2
+        finally:
+            worker.cancel()
+
+
+class FallbackChat(StaggeredChat):
+    """A second channel that reaches the same phone numbers (as SMS does)."""
+
+    name = "fallback"
+
+
+class TwoChannels:
+    def __init__(self) -> None:
+        self.channel, self.fallback = StaggeredChat(), FallbackChat()
+
+    @hookimpl
+    def register_channels(self):
+        return [self.channel, self.fallback]
+
+
+@pytest.mark.parametrize("failure", ["resend", "permanent"])
+async def test_a_row_its_own_batch_made_due_goes_out_at_once_not_at_the_next_poll(tmp_path, failure):
+    """The worker no longer claims again after a batch that was not full: a row that the
+    batch's own outcome made due (a resend in another form, a fallback to another channel)
+    must wake it, or it waits for the poll."""
+    plugins = TwoChannels()
+    error = (ResendAsDeliveryError("outside the window", hint="template") if failure == "resend"
+             else PermanentDeliveryError("not on this channel"))
+    send = plugins.channel.send
+
+    async def failing_first(message: OutboundMessage) -> SendResult:
+        if message.attempt == 1 and message.hint is None:
+            raise error
+        return await send(message)
+
+    plugins.channel.send = failing_first
+    policy = OutboxPolicy(poll_seconds=30, send_timeout=5)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
+        worker = asyncio.create_task(harness.core.outbox.run())
+        try:
+            # Idle first: the ingest's wake is then used up by the claim of its own row.
+            await asyncio.sleep(0.05)
+            await _ingest_senders(harness, 1)
+            for _ in range(200):
+                if await harness.count("outbox", "state = 'sent'") == 1:
+                    break
+                await asyncio.sleep(0.01)
+            sent = await harness.rows("SELECT channel, hint FROM outbox WHERE state = 'sent'")
+            if failure == "resend":
+                assert sent == [{"channel": "staggered", "hint": "template"}]
+            else:
+                assert sent == [{"channel": "fallback", "hint": None}]
         finally:
             worker.cancel()
