@@ -27,6 +27,7 @@ from .channel import (
     PermanentDeliveryError,
     ResendAsDeliveryError,
     RetryableDeliveryError,
+    SendResult,
 )
 from .clock import Clock
 from .config import Config
@@ -350,8 +351,11 @@ def _apply_status(
 def apply_early_statuses(
     conn: sqlite3.Connection, outbox_id: int, channel: str, provider_id: str, answered_on: frozenset[str],
     channels: Mapping[str, Channel], now: datetime,
-) -> dict[str, Any] | None:
-    """Statuses the provider sent for ``provider_id`` before this row's send was recorded."""
+) -> tuple[dict[str, Any] | None, bool]:
+    """Statuses the provider sent for ``provider_id`` before this row's send was recorded.
+
+    Returns the answered conversation, if one of them answered it, and whether one of them
+    was a failure (which may have made the row or a fallback due again at once)."""
     early = conn.execute(
         "SELECT id, status, error_code, error_detail FROM delivery_events WHERE channel = ? AND provider_id = ?"
         " AND outbox_id IS NULL ORDER BY id",
@@ -364,7 +368,7 @@ def apply_early_statuses(
         update = DeliveryUpdate(provider_id=row["provider_id"] or "", status=event["status"],
                                 error_code=event["error_code"], error_detail=event["error_detail"])
         answered = _apply_status(conn, row, update, answered_on, channels, now) or answered
-    return answered
+    return answered, any(event["status"] == "failed" for event in early)
 
 
 class OutboxWorker:
@@ -493,10 +497,15 @@ class OutboxWorker:
         limit = asyncio.Semaphore(self.policy.concurrency)
         self._unrecorded = len(items)
         try:
-            await asyncio.gather(*(self._deliver(item, limit) for item in items))
+            # Every delivery of the batch ends before the next batch begins, also when one
+            # raises: a straggler would count its outcome against the next batch.
+            results = await asyncio.gather(*(self._deliver(item, limit) for item in items), return_exceptions=True)
         finally:
             self._unrecorded = 0  # every row of the batch has its outcome, or never will
             self._queued.set()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return len(items)
 
     def _outbound(self, item: Mapping[str, Any]) -> OutboundMessage:
@@ -573,16 +582,22 @@ class OutboxWorker:
             log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])
             await self._retry(item, f"{type(exc).__name__}: {exc}", None)
             return
+        if not isinstance(result, SendResult):  # a plugin bug, like an exception: retried, then given up
+            log.error("channel %s returned %r instead of a SendResult for outbox row %s", item["channel"], result, item["id"])
+            await self._retry(item, f"the channel returned {type(result).__name__}, not a SendResult", None)
+            return
         self.sent += 1
         answered_on = result.status in ("delivered", "read") or item["channel"] in self.answered_on_sent
-        def sent(conn: sqlite3.Connection) -> dict[str, Any] | None:
+        def sent(conn: sqlite3.Connection) -> tuple[dict[str, Any] | None, bool]:
             now = self.clock.now()
             answered = record_sent(conn, item, result.provider_id, result.status, result.thread_key, answered_on, now)
-            early = apply_early_statuses(
+            early, failed = apply_early_statuses(
                 conn, item["id"], item["channel"], result.provider_id, self.answered_on_sent, self.channels, now
             )
-            return early or answered
+            return early or answered, failed
 
-        answered = await self._record(sent)
+        answered, failed_early = await self._record(sent)
+        if failed_early:
+            self.wake.set()  # a failure reported before the send was recorded: a resend or fallback may be due
         if answered and self.on_answered is not None:
             await self.on_answered(answered)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -223,6 +224,33 @@ async def _ingest_senders(harness: CoreHarness, count: int) -> None:
                                    "sender": {"kind": "phone", "address": f"+4915112345{i:03d}"}})
 
 
+@contextlib.asynccontextmanager
+async def idle_worker(harness: CoreHarness):
+    """The outbox worker's loop, started and waiting: its first, empty claim is committed, so
+    that what the test does next meets a worker that sleeps until something wakes it."""
+    commits = harness.core.store.commits
+    worker = asyncio.create_task(harness.core.outbox.run())
+    for _ in range(200):
+        if harness.core.store.commits > commits:
+            break
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.005)  # from the claim's commit into the wait
+    try:
+        yield worker
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+
+
+async def until(condition, seconds: float = 2.0) -> None:
+    """Poll an async condition every 10 ms until it holds or ``seconds`` pass."""
+    for _ in range(int(seconds / 0.01)):
+        if await condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_the_outcomes_of_a_batch_are_committed_together(tmp_path):
     """Twelve acknowledgements, four sends at a time, answers arriving one after another: one
     transaction claims them and one records every outcome. Recorded as they came, each outcome
@@ -262,27 +290,20 @@ async def test_a_batch_that_was_not_full_is_not_claimed_again_at_once(tmp_path):
     instead of claiming again: at a low rate that empty claim was one commit in four."""
     plugin = Plugin(StaggeredChat())
     policy = OutboxPolicy(poll_seconds=30, send_timeout=5)
-    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
-        worker = asyncio.create_task(harness.core.outbox.run())
-        try:
-            await asyncio.sleep(0.05)  # idle first: its first, empty claim is behind it
-            commits = harness.core.store.commits
-            await _ingest_senders(harness, 1)  # one commit, and it wakes the worker
-            for _ in range(200):
-                if await harness.count("outbox", "state = 'sent'") == 1:
-                    break
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)
-            assert await harness.count("outbox", "state = 'sent'") == 1
-            assert harness.core.store.commits - commits == 3  # the message, the claim, the outcome
-            await _ingest_senders(harness, 2)  # a new row wakes the worker again
-            for _ in range(200):
-                if await harness.count("outbox", "state = 'sent'") == 2:
-                    break
-                await asyncio.sleep(0.01)
-            assert await harness.count("outbox", "state = 'sent'") == 2
-        finally:
-            worker.cancel()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness, idle_worker(harness):
+        commits = harness.core.store.commits
+        await _ingest_senders(harness, 1)  # one commit, and it wakes the worker
+        await until(lambda: _sent(harness, 1))
+        await asyncio.sleep(0.2)
+        assert await harness.count("outbox", "state = 'sent'") == 1
+        assert harness.core.store.commits - commits == 3  # the message, the claim, the outcome
+        await _ingest_senders(harness, 2)  # a new row wakes the worker again
+        await until(lambda: _sent(harness, 2))
+        assert await harness.count("outbox", "state = 'sent'") == 2
+
+
+async def _sent(harness: CoreHarness, rows: int) -> bool:
+    return await harness.count("outbox", "state = 'sent'") == rows
 
 
 class FallbackChat(StaggeredChat):
@@ -300,14 +321,15 @@ class TwoChannels:
         return [self.channel, self.fallback]
 
 
-@pytest.mark.parametrize("failure", ["resend", "permanent"])
+@pytest.mark.parametrize("failure", ["resend", "permanent", "gave up"])
 async def test_a_row_its_own_batch_made_due_goes_out_at_once_not_at_the_next_poll(tmp_path, failure):
     """The worker no longer claims again after a batch that was not full: a row that the
     batch's own outcome made due (a resend in another form, a fallback to another channel)
     must wake it, or it waits for the poll."""
     plugins = TwoChannels()
-    error = (ResendAsDeliveryError("outside the window", hint="template") if failure == "resend"
-             else PermanentDeliveryError("not on this channel"))
+    error = {"resend": ResendAsDeliveryError("outside the window", hint="template"),
+             "permanent": PermanentDeliveryError("not on this channel"),
+             "gave up": RetryableDeliveryError("503")}[failure]
     send = plugins.channel.send
 
     async def failing_first(message: OutboundMessage) -> SendResult:
@@ -316,21 +338,51 @@ async def test_a_row_its_own_batch_made_due_goes_out_at_once_not_at_the_next_pol
         return await send(message)
 
     plugins.channel.send = failing_first
-    policy = OutboxPolicy(poll_seconds=30, send_timeout=5)
+    policy = OutboxPolicy(poll_seconds=30, send_timeout=5, max_attempts=1)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness, idle_worker(harness):
+        await _ingest_senders(harness, 1)
+        await until(lambda: _sent(harness, 1))
+        sent = await harness.rows("SELECT channel, hint FROM outbox WHERE state = 'sent'")
+        if failure == "resend":
+            assert sent == [{"channel": "staggered", "hint": "template"}]
+        else:
+            assert sent == [{"channel": "fallback", "hint": None}]
+
+
+async def test_a_failure_reported_before_a_resent_row_was_recorded_sends_its_fallback_at_once(tmp_path):
+    """A worker died after the provider took the message; its failure callback arrived and was
+    kept unmatched. When the lease expires the row is sent again (same idempotency key, same
+    provider id), and recording that send applies the failure: its fallback is due at once."""
+    plugins = TwoChannels()
+
+    async def same_id_per_key(message: OutboundMessage) -> SendResult:
+        return SendResult(provider_id=f"p-{message.idempotency_key}")
+
+    plugins.channel.send = same_id_per_key
+    policy = OutboxPolicy(poll_seconds=30, send_timeout=5, lease_seconds=120)
     async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
-        worker = asyncio.create_task(harness.core.outbox.run())
-        try:
-            # Idle first: the ingest's wake is then used up by the claim of its own row.
-            await asyncio.sleep(0.05)
-            await _ingest_senders(harness, 1)
-            for _ in range(200):
-                if await harness.count("outbox", "state = 'sent'") == 1:
-                    break
-                await asyncio.sleep(0.01)
-            sent = await harness.rows("SELECT channel, hint FROM outbox WHERE state = 'sent'")
-            if failure == "resend":
-                assert sent == [{"channel": "staggered", "hint": "template"}]
-            else:
-                assert sent == [{"channel": "fallback", "hint": None}]
-        finally:
-            worker.cancel()
+        await _ingest_senders(harness, 1)
+        [item] = await harness.core.store.write(lambda conn: claim_due(conn, harness.clock.now(), policy))  # then it died
+        failed = DeliveryUpdate(provider_id=f"p-{item['idempotency_key']}", status="failed")
+        assert await harness.core.record_delivery("staggered", failed) is False  # not known yet: kept
+        async with idle_worker(harness) as worker:
+            harness.clock.advance(timedelta(seconds=121))
+            harness.core.outbox.wake.set()  # the lease ran out: the poll's turn, without the wait
+            await until(lambda: _sent(harness, 1))
+            rows = await harness.rows("SELECT channel, state FROM outbox ORDER BY id")
+            assert rows == [{"channel": "staggered", "state": "failed"}, {"channel": "fallback", "state": "sent"}]
+            assert not worker.done()
+
+
+async def test_a_channel_that_returns_no_send_result_is_retried_like_a_crash(tmp_path):
+    plugin = Plugin(StaggeredChat())
+
+    async def returns_nothing(message: OutboundMessage) -> None:
+        return None
+
+    plugin.channel.send = returns_nothing
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        assert await harness.core.outbox.run_once() == 1
+        [row] = await harness.rows("SELECT state, last_error FROM outbox")
+        assert row == {"state": "pending", "last_error": "the channel returned NoneType, not a SendResult"}
