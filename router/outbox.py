@@ -304,10 +304,14 @@ def apply_delivery_update(
     ).fetchone()
     if repeated is not None:  # the provider delivered the same callback again
         return row is not None, None
+    # A failure for a send not recorded yet keeps what it asks for (resend in another form, or
+    # try the other identities): ``apply_early_statuses`` acts on it once the send is recorded.
+    failed = update.status == "failed"
     conn.execute(
-        "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, error_code, error_detail, at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (channel, update.provider_id, row["id"] if row else None, update.status, update.error_code, detail, at),
+        "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, error_code, error_detail, at,"
+        " resend_hint, permanent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (channel, update.provider_id, row["id"] if row else None, update.status, update.error_code, detail, at,
+         update.resend_hint if failed else None, int(update.permanent) if failed else None),
     )
     if row is None:
         return False, None
@@ -357,8 +361,8 @@ def apply_early_statuses(
     Returns the answered conversation, if one of them answered it, and whether one of them
     was a failure (which may have made the row or a fallback due again at once)."""
     early = conn.execute(
-        "SELECT id, status, error_code, error_detail FROM delivery_events WHERE channel = ? AND provider_id = ?"
-        " AND outbox_id IS NULL ORDER BY id",
+        "SELECT id, status, error_code, error_detail, resend_hint, permanent FROM delivery_events"
+        " WHERE channel = ? AND provider_id = ? AND outbox_id IS NULL ORDER BY id",
         (channel, provider_id),
     ).fetchall()
     answered = None
@@ -366,7 +370,8 @@ def apply_early_statuses(
         conn.execute("UPDATE delivery_events SET outbox_id = ? WHERE id = ?", (outbox_id, event["id"]))
         row = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
         update = DeliveryUpdate(provider_id=row["provider_id"] or "", status=event["status"],
-                                error_code=event["error_code"], error_detail=event["error_detail"])
+                                error_code=event["error_code"], error_detail=event["error_detail"],
+                                resend_hint=event["resend_hint"], permanent=event["permanent"] != 0)
         answered = _apply_status(conn, row, update, answered_on, channels, now) or answered
     return answered, any(event["status"] == "failed" for event in early)
 

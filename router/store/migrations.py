@@ -284,4 +284,12 @@ INSERT INTO message_search (rowid, body)
 CREATE INDEX delivery_events_provider ON delivery_events(channel, provider_id);
 """,
     ),
+    (
+        7,
+        "keep what a failed status asks for until its send is recorded",
+        """
+ALTER TABLE delivery_events ADD COLUMN resend_hint TEXT;
+ALTER TABLE delivery_events ADD COLUMN permanent INTEGER;
+""",
+    ),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 from datetime import UTC, datetime, timedelta
 
@@ -386,3 +387,43 @@ async def test_a_channel_that_returns_no_send_result_is_retried_like_a_crash(tmp
         assert await harness.core.outbox.run_once() == 1
         [row] = await harness.rows("SELECT state, last_error FROM outbox")
         assert row == {"state": "pending", "last_error": "the channel returned NoneType, not a SendResult"}
+
+
+
+class OvertakenChat(StaggeredChat):
+    """A provider whose failure callback for the first attempt arrives before the send returns."""
+
+    def __init__(self, failure: DeliveryUpdate) -> None:
+        super().__init__()
+        self.failure = failure
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        provider_id = f"ov-{message.outbox_id}-{message.attempt}"
+        if message.attempt == 1:
+            await self.context.record_delivery(dataclasses.replace(self.failure, provider_id=provider_id))
+        return SendResult(provider_id=provider_id)
+
+
+@pytest.mark.parametrize(("failure", "expected"), [
+    # 131047 (outside the 24-hour window): the same row again, as the template
+    (DeliveryUpdate(provider_id="", status="failed", resend_hint="template", permanent=False),
+     [{"channel": "staggered", "state": "sent", "hint": "template", "attempts": 2}]),
+    # a failure that is not permanent: the same row again later, no fallback
+    (DeliveryUpdate(provider_id="", status="failed", permanent=False),
+     [{"channel": "staggered", "state": "pending", "hint": None, "attempts": 1}]),
+    # a permanent one: the other channel
+    (DeliveryUpdate(provider_id="", status="failed"),
+     [{"channel": "staggered", "state": "failed", "hint": None, "attempts": 1},
+      {"channel": "fallback", "state": "sent", "hint": None, "attempts": 1}]),
+])
+async def test_a_failure_that_overtakes_the_send_is_applied_as_the_provider_asked(tmp_path, failure, expected):
+    """A failed status that arrives before the send's outcome is recorded used to be kept
+    without its resend hint and as permanent: a message outside WhatsApp's window was then
+    sent to another channel (or given up) instead of being sent again as the template."""
+    plugins = TwoChannels()
+    plugins.channel = OvertakenChat(failure)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        rows = await harness.rows("SELECT channel, state, hint, attempts FROM outbox ORDER BY id")
+        assert rows == expected
