@@ -371,6 +371,7 @@ def apply_early_statuses(
         row = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
         update = DeliveryUpdate(provider_id=row["provider_id"] or "", status=event["status"],
                                 error_code=event["error_code"], error_detail=event["error_detail"],
+                                # NULL, kept before migration 7: permanent, as it was read then
                                 resend_hint=event["resend_hint"], permanent=event["permanent"] != 0)
         answered = _apply_status(conn, row, update, answered_on, channels, now) or answered
     return answered, any(event["status"] == "failed" for event in early)
@@ -547,20 +548,28 @@ class OutboxWorker:
             self.failed += 1
             error = f"gave up after {item['attempts']} attempts: {message}"
             await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
-            self.wake.set()  # a fallback to another channel or address may be due now
             return
         self.retried += 1
         delay = retry_after or self.policy.delay(item["attempts"])
         await self._record(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
 
     async def _deliver(self, item: dict[str, Any], limit: asyncio.Semaphore) -> None:
+        """Send one row and record its outcome. Any outcome but a clean send wakes the worker
+        for another claim: it can have made a row due at once (the same message again in
+        another form, a fallback to another identity, also through a failure the provider
+        reported before the send was recorded), which would otherwise wait for the poll."""
+        if not await self._send(item, limit):
+            self.wake.set()
+
+    async def _send(self, item: dict[str, Any], limit: asyncio.Semaphore) -> bool:
+        """True when the provider took the row and nothing else became due."""
         channel = self.channels.get(item["channel"])
         if channel is None:
             delay = self.policy.delay(item["attempts"])
             await self._record(
                 lambda conn: record_retry(conn, item["id"], f"channel {item['channel']!r} is not configured", delay, None, self.clock.now())
             )
-            return
+            return False
         try:
             async with limit, asyncio.timeout(self.policy.send_timeout):
                 result = await channel.send(self._outbound(item))
@@ -569,28 +578,26 @@ class OutboxWorker:
             # Values, not the exception, go into the unit: it runs after this block.
             error, hint = exc.message, exc.hint
             await self._record(lambda conn: record_retry(conn, item["id"], error, 0, hint, self.clock.now()))
-            self.wake.set()  # due again at once, in the other form
-            return
+            return False
         except (RetryableDeliveryError, TimeoutError) as exc:
             if isinstance(exc, RetryableDeliveryError):
                 await self._retry(item, exc.message, exc.retry_after, give_up=exc.code != NOT_CONFIGURED)
             else:
                 await self._retry(item, "timed out", None)
-            return
+            return False
         except PermanentDeliveryError as exc:
             self.failed += 1
             error, code = exc.message, exc.code
             await self._record(lambda conn: record_failure(conn, item["id"], error, code, self.channels, self.clock.now()))
-            self.wake.set()  # a fallback to another channel or address may be due now
-            return
+            return False
         except Exception as exc:  # a plugin bug: logged, then retried like any failure, and given up
             log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])
             await self._retry(item, f"{type(exc).__name__}: {exc}", None)
-            return
+            return False
         if not isinstance(result, SendResult):  # a plugin bug, like an exception: retried, then given up
             log.error("channel %s returned %r instead of a SendResult for outbox row %s", item["channel"], result, item["id"])
             await self._retry(item, f"the channel returned {type(result).__name__}, not a SendResult", None)
-            return
+            return False
         self.sent += 1
         answered_on = result.status in ("delivered", "read") or item["channel"] in self.answered_on_sent
         def sent(conn: sqlite3.Connection) -> tuple[dict[str, Any] | None, bool]:
@@ -602,7 +609,6 @@ class OutboxWorker:
             return early or answered, failed
 
         answered, failed_early = await self._record(sent)
-        if failed_early:
-            self.wake.set()  # a failure reported before the send was recorded: a resend or fallback may be due
         if answered and self.on_answered is not None:
             await self.on_answered(answered)
+        return not failed_early
