@@ -29,6 +29,12 @@ ACCESS_TOKEN = "bench-access"
 PHONE_NUMBER_ID = "100200300400500"
 
 
+def acks_sent(graph_url: str) -> int:
+    """How many sends the fake Graph API (``bench/fake_graph.py``) has received so far."""
+    with urllib.request.urlopen(f"{graph_url}/stats", timeout=10) as response:
+        return int(json.loads(response.read())["sent"])
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -31,6 +31,7 @@ from typing import Any
 
 from common import (
     BENCH,
+    acks_sent,
     bench_config,
     cpu_seconds,
     free_port,
@@ -39,11 +40,6 @@ from common import (
     stop,
     wait_http,
 )
-
-
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
 
 
 def _commits(service_url: str) -> float:
@@ -83,7 +79,7 @@ def measure(server: str, rate: float, seconds: float, drain: float) -> dict[str,
             time.sleep(2.0)  # the warm-up's acknowledgements go out before the measurement
             product = server == "product"
             if rate > 0:
-                cpu, sent = cpu_seconds(proc.pid), _get_json(f"{graph_url}/stats")["sent"]
+                cpu, sent = cpu_seconds(proc.pid), acks_sent(graph_url)
                 commits = _commits(url) if product else 0.0
                 figures = _load(spec | {"seconds": seconds, "concurrency": 0, "rate": rate})
                 used = cpu_seconds(proc.pid) - cpu
@@ -93,14 +89,14 @@ def measure(server: str, rate: float, seconds: float, drain: float) -> dict[str,
                 if product:
                     result["commits_per_message"] = round((_commits(url) - commits) / max(figures["ok"], 1), 2)
                     result["acks_sent_per_message"] = round(
-                        (_get_json(f"{graph_url}/stats")["sent"] - sent) / max(figures["ok"], 1), 2)
+                        (acks_sent(graph_url) - sent) / max(figures["ok"], 1), 2)
                 return result
             figures = _load(spec | {"seconds": drain, "concurrency": 50})
-            cpu, sent, commits = cpu_seconds(proc.pid), _get_json(f"{graph_url}/stats")["sent"], _commits(url)
+            cpu, sent, commits = cpu_seconds(proc.pid), acks_sent(graph_url), _commits(url)
             last, last_cpu, last_commits = sent, cpu, commits
             while True:  # until a second passes without a send
                 time.sleep(1.0)
-                now = _get_json(f"{graph_url}/stats")["sent"]
+                now = acks_sent(graph_url)
                 if now == last:
                     break
                 last, last_cpu, last_commits = now, cpu_seconds(proc.pid), _commits(url)

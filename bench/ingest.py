@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     BENCH,
+    acks_sent,
     bench_config,
     cpu_seconds,
     free_port,
@@ -101,12 +101,6 @@ def quiesce(pid: int, limit: float = 60.0) -> float:
         if cpu_seconds(pid) - before < 0.025:
             break
     return round(time.monotonic() - started, 1)
-
-
-def acks_sent(graph_url: str) -> int:
-    """How many sends the fake Graph API has received so far."""
-    with urllib.request.urlopen(f"{graph_url}/stats", timeout=10) as response:
-        return int(json.loads(response.read())["sent"])
 
 
 def table(rows: list[list[str]]) -> str:

@@ -26,10 +26,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from common import BENCH, ROOT, bench_config, free_port, service_env, stop, wait_http
+from common import (
+    BENCH,
+    ROOT,
+    acks_sent,
+    bench_config,
+    free_port,
+    service_env,
+    stop,
+    wait_http,
+)
 
 
 def instructions(webhooks: int, timeout: float, server: str = "product", keep: Path | None = None,
@@ -78,8 +86,7 @@ def instructions(webhooks: int, timeout: float, server: str = "product", keep: P
             last, quiet = -1, 0
             deadline = time.monotonic() + timeout
             while server == "product" and quiet < 5 and time.monotonic() < deadline:
-                with urllib.request.urlopen(f"http://127.0.0.1:{graph_port}/stats", timeout=5) as response:
-                    sent = json.loads(response.read())["sent"]
+                sent = acks_sent(f"http://127.0.0.1:{graph_port}")
                 quiet = quiet + 1 if sent == last else 0
                 last = sent
                 time.sleep(1)
