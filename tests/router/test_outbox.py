@@ -25,6 +25,7 @@ from router.outbox import OutboxPolicy, apply_delivery_update, claim_due
 from router.store.sqlite import _connect, apply_migrations
 from router.testing import CoreHarness
 
+from ..reliability.helpers import wait_until
 from .helpers import vm_steps
 
 
@@ -231,10 +232,7 @@ async def idle_worker(harness: CoreHarness):
     that what the test does next meets a worker that sleeps until something wakes it."""
     commits = harness.core.store.commits
     worker = asyncio.create_task(harness.core.outbox.run())
-    for _ in range(200):
-        if harness.core.store.commits > commits:
-            break
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: harness.core.store.commits > commits, 1.0, 0.005)
     await asyncio.sleep(0.005)  # from the claim's commit into the wait
     try:
         yield worker
@@ -242,14 +240,6 @@ async def idle_worker(harness: CoreHarness):
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await worker
-
-
-async def until(condition, seconds: float = 2.0) -> None:
-    """Poll an async condition every 10 ms until it holds or ``seconds`` pass."""
-    for _ in range(int(seconds / 0.01)):
-        if await condition():
-            return
-        await asyncio.sleep(0.01)
 
 
 async def test_the_outcomes_of_a_batch_are_committed_together(tmp_path):
@@ -274,10 +264,7 @@ async def test_a_slow_send_holds_back_the_outcomes_of_the_others_no_longer_than_
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 6)
         batch = asyncio.create_task(harness.core.outbox.run_once())
-        for _ in range(200):
-            if await harness.count("outbox", "state = 'sent'") == 5:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: _sent(harness, 5), 2.0, 0.01)
         assert await harness.count("outbox", "state = 'sent'") == 5
         assert await harness.count("outbox", "state = 'sending'") == 1
         assert not batch.done()
@@ -294,12 +281,12 @@ async def test_a_batch_that_was_not_full_is_not_claimed_again_at_once(tmp_path):
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness, idle_worker(harness):
         commits = harness.core.store.commits
         await _ingest_senders(harness, 1)  # one commit, and it wakes the worker
-        await until(lambda: _sent(harness, 1))
+        await wait_until(lambda: _sent(harness, 1), 2.0, 0.01)
         await asyncio.sleep(0.2)
         assert await harness.count("outbox", "state = 'sent'") == 1
         assert harness.core.store.commits - commits == 3  # the message, the claim, the outcome
         await _ingest_senders(harness, 2)  # a new row wakes the worker again
-        await until(lambda: _sent(harness, 2))
+        await wait_until(lambda: _sent(harness, 2), 2.0, 0.01)
         assert await harness.count("outbox", "state = 'sent'") == 2
 
 
@@ -342,7 +329,7 @@ async def test_a_row_its_own_batch_made_due_goes_out_at_once_not_at_the_next_pol
     policy = OutboxPolicy(poll_seconds=30, send_timeout=5, max_attempts=1)
     async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness, idle_worker(harness):
         await _ingest_senders(harness, 1)
-        await until(lambda: _sent(harness, 1))
+        await wait_until(lambda: _sent(harness, 1), 2.0, 0.01)
         sent = await harness.rows("SELECT channel, hint FROM outbox WHERE state = 'sent'")
         if failure == "resend":
             assert sent == [{"channel": "staggered", "hint": "template"}]
@@ -369,7 +356,7 @@ async def test_a_failure_reported_before_a_resent_row_was_recorded_sends_its_fal
         async with idle_worker(harness) as worker:
             harness.clock.advance(timedelta(seconds=121))
             harness.core.outbox.wake.set()  # the lease ran out: the poll's turn, without the wait
-            await until(lambda: _sent(harness, 1))
+            await wait_until(lambda: _sent(harness, 1), 2.0, 0.01)
             rows = await harness.rows("SELECT channel, state FROM outbox ORDER BY id")
             assert rows == [{"channel": "staggered", "state": "failed"}, {"channel": "fallback", "state": "sent"}]
             assert not worker.done()
