@@ -291,11 +291,18 @@ def apply_delivery_update(
     and act on failures. Returns (known, answered conversation if this made it answered).
 
     A status for a provider id we do not know yet is kept: the provider may report before the
-    send's own outcome is recorded, and ``record_sent`` applies it then."""
+    send's own outcome is recorded, and ``record_sent`` applies it then. So is a status for a
+    row that is being sent again: it names the earlier attempt."""
     at = iso(update.at) if update.at else iso(now)
     row = conn.execute(
         "SELECT * FROM outbox WHERE channel = ? AND provider_id = ? ORDER BY id DESC LIMIT 1", (channel, update.provider_id)
     ).fetchone()
+    known = row is not None
+    if row is not None and row["state"] == "sending":
+        # The row is being sent again (a retry after a failure that was not permanent), and its
+        # provider id is still the earlier attempt's: the send under way decides. Kept like a
+        # status for a send not recorded yet, it applies only if that send gets the same id.
+        row = None
     detail = " ".join(filter(None, (update.error_title, update.error_detail))) or None
     repeated = conn.execute(
         "SELECT 1 FROM delivery_events WHERE channel = ? AND provider_id = ? AND status = ?"
@@ -303,7 +310,7 @@ def apply_delivery_update(
         (channel, update.provider_id, update.status, update.error_code, at),
     ).fetchone()
     if repeated is not None:  # the provider delivered the same callback again
-        return row is not None, None
+        return known, None
     # A failure for a send not recorded yet keeps what it asks for (resend in another form, or
     # try the other identities): ``apply_early_statuses`` acts on it once the send is recorded.
     failed = update.status == "failed"
@@ -314,7 +321,7 @@ def apply_delivery_update(
          update.resend_hint if failed else None, int(update.permanent) if failed else None),
     )
     if row is None:
-        return False, None
+        return known, None
     return True, _apply_status(conn, row, update, answered_on, channels, now)
 
 

@@ -414,3 +414,47 @@ async def test_a_failure_that_overtakes_the_send_is_applied_as_the_provider_aske
         await harness.run_outbox()
         rows = await harness.rows("SELECT channel, state, hint, attempts FROM outbox ORDER BY id")
         assert rows == expected
+
+
+class LateFailureChat(StaggeredChat):
+    """A provider whose permanent failure for the first attempt arrives while the second attempt
+    (a retry after a failure that was not permanent) is on its way."""
+
+    def __init__(self, second_id: str) -> None:
+        super().__init__()
+        self.second_id = second_id
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if message.attempt == 1:
+            return SendResult(provider_id="late-1")
+        await self.context.record_delivery(DeliveryUpdate(provider_id="late-1", status="failed"))
+        return SendResult(provider_id=self.second_id)
+
+
+@pytest.mark.parametrize(("second_id", "expected"), [
+    # the second attempt was taken: the first attempt's failure changes nothing
+    ("late-2", [{"channel": "staggered", "state": "sent", "provider_id": "late-2"}]),
+    # the provider gave the second attempt the first one's id (the same idempotency key): the
+    # failure is this send's, and is applied once it is recorded
+    ("late-1", [{"channel": "staggered", "state": "failed", "provider_id": "late-1"},
+                {"channel": "fallback", "state": "sent", "provider_id": "st-2"}]),
+])
+async def test_a_late_failure_of_an_earlier_attempt_does_not_overrule_the_send_under_way(tmp_path, second_id, expected):
+    """A failure callback names the provider id of a send. While the row is being sent again,
+    the id on the row is the earlier attempt's: acting on it failed the row and queued its
+    fallback, and then the send under way marked the same row sent, so the person got the
+    message on both channels."""
+    plugins = TwoChannels()
+    plugins.channel = LateFailureChat(second_id)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        retry = DeliveryUpdate(provider_id="late-1", status="failed", error_code="131000", permanent=False)
+        assert await harness.core.record_delivery("staggered", retry) is True
+        harness.clock.advance(timedelta(seconds=31))
+        await harness.run_outbox()
+        await harness.run_outbox()
+        rows = await harness.rows("SELECT channel, state, provider_id FROM outbox ORDER BY id")
+        assert rows == expected
+        flags = await harness.rows("SELECT flags FROM conversations")
+        assert "undeliverable" not in flags[0]["flags"]
