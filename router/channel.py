@@ -161,8 +161,10 @@ class OutboundMessage:
 
     ``kind`` is ``ack`` (the automatic acknowledgement), ``reply`` (a staff answer),
     ``notification`` (to a unit about a new owner) or ``callback_sms``.
-    ``idempotency_key`` is stable across retries of the same outbox row: pass it to providers
-    that deduplicate on it. ``hint`` is set when the message is re-queued after a
+    ``idempotency_key`` is stable across retries of the same outbox row while it is unknown
+    whether the provider took the earlier send: pass it to providers that deduplicate on it. It
+    changes when the earlier send is known to be over (refused with ``ResendAsDeliveryError``,
+    or reported failed). ``hint`` is set when the message is re-queued after a
     ``ResendAsDeliveryError`` or a failed status asking for another form (``"template"``).
     ``last_inbound_at`` is the contact's last inbound message on this channel (reply windows).
     """

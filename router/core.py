@@ -193,8 +193,9 @@ class Core:
     async def record_delivery(self, channel: str, update: DeliveryUpdate) -> bool:
         """Apply a provider status callback; False when the provider id is not ours."""
         answered_on = self.outbox.answered_on_sent if self.outbox else frozenset()
+        policy = self.outbox.policy if self.outbox else None
         known, answered = await self.store.write(
-            lambda conn: apply_delivery_update(conn, channel, update, answered_on, self.channels, self.clock.now())
+            lambda conn: apply_delivery_update(conn, channel, update, answered_on, self.channels, self.clock.now(), policy)
         )
         self.metrics.inc("contact_router_delivery_updates_total", channel=channel, status=update.status)
         if update.resend_hint or update.status == "failed":

@@ -32,6 +32,7 @@ from .channel import (
 from .clock import Clock
 from .config import Config
 from .store.sqlite import SQLiteStore, iso, parse_iso, run_units
+from .text import sortable_token
 from .tracking import add_flags, add_outbox_row, mark_answered, record_event
 
 log = logging.getLogger("contact_router.outbox")
@@ -42,6 +43,9 @@ T = TypeVar("T")
 NOT_CONFIGURED = "not_configured"
 
 STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
+# The least wait before sending again after a provider reported a send failed but not for
+# good (a rate limit, a temporary bounce): backoff alone would try again within seconds.
+STATUS_RETRY_SECONDS = 30.0
 
 
 @dataclasses.dataclass
@@ -203,11 +207,21 @@ def _after_status(conn: sqlite3.Connection, row: sqlite3.Row, status: str, answe
     return None
 
 
-def record_retry(conn: sqlite3.Connection, outbox_id: int, error: str, delay: float, hint: str | None, now: datetime) -> None:
+def record_retry(
+    conn: sqlite3.Connection, outbox_id: int, error: str, delay: float, hint: str | None, now: datetime, *,
+    new_request: bool = False,
+) -> None:
+    """Send the row again after ``delay`` seconds (in the form ``hint`` names, if given).
+
+    The idempotency key stays while it is unknown whether the provider took the earlier send
+    (a timeout, an error, a worker that died). ``new_request`` when that send is known to be
+    over, refused or reported failed: the next one gets a key of its own, since a provider that
+    deduplicates by key would answer it with the earlier send's result and send nothing."""
     conn.execute(
         "UPDATE outbox SET state = 'pending', next_attempt_at = ?, last_error = ?, hint = COALESCE(?, hint),"
-        " claimed_until = NULL, updated_at = ? WHERE id = ?",
-        (iso(now + timedelta(seconds=delay)), error[:1000], hint, iso(now), outbox_id),
+        " idempotency_key = COALESCE(?, idempotency_key), claimed_until = NULL, updated_at = ? WHERE id = ?",
+        (iso(now + timedelta(seconds=delay)), error[:1000], hint, sortable_token(16, hex=True) if new_request else None,
+         iso(now), outbox_id),
     )
 
 
@@ -285,7 +299,8 @@ def record_failure(
 
 
 def apply_delivery_update(
-    conn: sqlite3.Connection, channel: str, update: DeliveryUpdate, answered_on: frozenset[str], channels: Mapping[str, Channel], now: datetime
+    conn: sqlite3.Connection, channel: str, update: DeliveryUpdate, answered_on: frozenset[str], channels: Mapping[str, Channel], now: datetime,
+    policy: OutboxPolicy | None = None,
 ) -> tuple[bool, dict[str, Any] | None]:
     """A provider status callback: record it, advance the message's status (never backwards),
     and act on failures. Returns (known, answered conversation if this made it answered).
@@ -322,12 +337,12 @@ def apply_delivery_update(
     )
     if row is None:
         return known, None
-    return True, _apply_status(conn, row, update, answered_on, channels, now)
+    return True, _apply_status(conn, row, update, answered_on, channels, now, policy or OutboxPolicy())
 
 
 def _apply_status(
     conn: sqlite3.Connection, row: sqlite3.Row, update: DeliveryUpdate, answered_on: frozenset[str],
-    channels: Mapping[str, Channel], now: datetime,
+    channels: Mapping[str, Channel], now: datetime, policy: OutboxPolicy,
 ) -> dict[str, Any] | None:
     """What a provider status does to an outbox row, its message and its conversation."""
     stamp = iso(now)
@@ -335,17 +350,21 @@ def _apply_status(
         if row["state"] == "failed":
             return None
         detail = " ".join(filter(None, (update.error_code, update.error_title, update.error_detail))) or "failed"
+        if (update.resend_hint or not update.permanent) and row["attempts"] >= policy.max_attempts:
+            # A provider that takes every send and then reports it failed (a rate limit that
+            # does not lift) would otherwise be sent to for ever, with nobody told.
+            error = f"gave up after {row['attempts']} attempts: {detail}"
+            record_failure(conn, row["id"], error, update.error_code, channels, now, log_event=False)
+            return None
         if update.resend_hint:
-            conn.execute(
-                "UPDATE outbox SET state = 'pending', hint = ?, next_attempt_at = ?, last_error = ?, provider_id = NULL,"
-                " claimed_until = NULL, updated_at = ? WHERE id = ?",
-                (update.resend_hint, stamp, detail[:1000], stamp, row["id"]),
-            )
+            record_retry(conn, row["id"], detail, 0, update.resend_hint, now, new_request=True)
+            conn.execute("UPDATE outbox SET provider_id = NULL WHERE id = ?", (row["id"],))
             if row["primary_delivery"]:
                 conn.execute("UPDATE messages SET delivery_status = 'queued' WHERE id = ?", (row["message_id"],))
             return None
         if not update.permanent:
-            record_retry(conn, row["id"], detail, 30.0, None, now)
+            delay = max(STATUS_RETRY_SECONDS, policy.delay(row["attempts"]))
+            record_retry(conn, row["id"], detail, delay, None, now, new_request=True)
             return None
         record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False)
         return None
@@ -361,7 +380,7 @@ def _apply_status(
 
 def apply_early_statuses(
     conn: sqlite3.Connection, outbox_id: int, channel: str, provider_id: str, answered_on: frozenset[str],
-    channels: Mapping[str, Channel], now: datetime,
+    channels: Mapping[str, Channel], now: datetime, policy: OutboxPolicy,
 ) -> tuple[dict[str, Any] | None, bool]:
     """Statuses the provider sent for ``provider_id`` before this row's send was recorded.
 
@@ -380,7 +399,7 @@ def apply_early_statuses(
                                 error_code=event["error_code"], error_detail=event["error_detail"],
                                 # NULL, kept before migration 7: permanent, as it was read then
                                 resend_hint=event["resend_hint"], permanent=event["permanent"] != 0)
-        answered = _apply_status(conn, row, update, answered_on, channels, now) or answered
+        answered = _apply_status(conn, row, update, answered_on, channels, now, policy) or answered
     return answered, any(event["status"] == "failed" for event in early)
 
 
@@ -584,7 +603,7 @@ class OutboxWorker:
             self.retried += 1
             # Values, not the exception, go into the unit: it runs after this block.
             error, hint = exc.message, exc.hint
-            await self._record(lambda conn: record_retry(conn, item["id"], error, 0, hint, self.clock.now()))
+            await self._record(lambda conn: record_retry(conn, item["id"], error, 0, hint, self.clock.now(), new_request=True))
             return False
         except (RetryableDeliveryError, TimeoutError) as exc:
             if isinstance(exc, RetryableDeliveryError):
@@ -611,7 +630,7 @@ class OutboxWorker:
             now = self.clock.now()
             answered = record_sent(conn, item, result.provider_id, result.status, result.thread_key, answered_on, now)
             early, failed = apply_early_statuses(
-                conn, item["id"], item["channel"], result.provider_id, self.answered_on_sent, self.channels, now
+                conn, item["id"], item["channel"], result.provider_id, self.answered_on_sent, self.channels, now, self.policy
             )
             return early or answered, failed
 

@@ -458,3 +458,106 @@ async def test_a_late_failure_of_an_earlier_attempt_does_not_overrule_the_send_u
         assert rows == expected
         flags = await harness.rows("SELECT flags FROM conversations")
         assert "undeliverable" not in flags[0]["flags"]
+
+
+class ReportsFailedChat(StaggeredChat):
+    """A provider that takes every send and reports it failed later (WhatsApp's 131048 spam
+    rate limit, Twilio's 30008, a temporary bounce): the status is what says it failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.sent.append(message)
+        return SendResult(provider_id=f"rf-{message.outbox_id}-{message.attempt}")
+
+
+async def _report_failed(harness: CoreHarness, update: DeliveryUpdate) -> None:
+    [row] = await harness.rows("SELECT provider_id FROM outbox WHERE channel = 'staggered'")
+    assert await harness.core.record_delivery("staggered", dataclasses.replace(update, provider_id=row["provider_id"]))
+
+
+async def test_a_send_the_provider_keeps_reporting_failed_is_given_up_and_falls_back(tmp_path):
+    """A failure the provider reports as not permanent was retried every 30 s for ever, past
+    max_attempts: no fallback, no flag, nobody told, and every send paid for."""
+    plugins = TwoChannels()
+    plugins.channel = ReportsFailedChat()
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, max_attempts=3)
+    failed = DeliveryUpdate(provider_id="", status="failed", error_code="131048", permanent=False)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        await _report_failed(harness, failed)
+        harness.clock.advance(timedelta(seconds=29))  # not within seconds: at least 30 s
+        await harness.run_outbox()
+        assert len(plugins.channel.sent) == 1
+        for attempt in (2, 3):
+            harness.clock.advance(timedelta(seconds=120))
+            await harness.run_outbox()
+            assert len(plugins.channel.sent) == attempt
+            await _report_failed(harness, failed)
+        await harness.run_outbox()
+        rows = await harness.rows("SELECT channel, state, attempts, last_error FROM outbox ORDER BY id")
+        assert rows == [{"channel": "staggered", "state": "failed", "attempts": 3, "last_error": "gave up after 3 attempts: 131048"},
+                        {"channel": "fallback", "state": "sent", "attempts": 1, "last_error": None}]
+        assert len(plugins.channel.sent) == 3
+
+
+class DeduplicatingChat(StaggeredChat):
+    """A provider that deduplicates by idempotency key, as plugins are told to use it: a send
+    under a key it has seen answers with that send's id and sends nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_key: dict[str, str] = {}
+        self.delivered: list[tuple[int, str | None]] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if message.idempotency_key not in self.by_key:
+            self.by_key[message.idempotency_key] = f"dd-{len(self.by_key) + 1}"
+            self.delivered.append((message.attempt, message.hint))
+        return SendResult(provider_id=self.by_key[message.idempotency_key])
+
+
+@pytest.mark.parametrize("failure", [
+    DeliveryUpdate(provider_id="", status="failed", error_code="131000", permanent=False),
+    DeliveryUpdate(provider_id="", status="failed", error_code="131047", resend_hint="template", permanent=False),
+])
+async def test_a_send_the_provider_reported_failed_goes_again_under_a_key_of_its_own(tmp_path, failure):
+    """Under the same key a deduplicating provider answered with the failed send's id and sent
+    nothing, and the row was marked sent: the person got nothing, not even the template."""
+    plugin = Plugin(DeduplicatingChat())
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        [first] = await harness.rows("SELECT idempotency_key FROM outbox")
+        await _report_failed(harness, failure)
+        harness.clock.advance(timedelta(seconds=120))
+        await harness.run_outbox()
+        assert plugin.channel.delivered == [(1, None), (2, failure.resend_hint)]
+        [row] = await harness.rows("SELECT state, provider_id, idempotency_key FROM outbox")
+        assert row["state"] == "sent" and row["provider_id"] == "dd-2"
+        assert row["idempotency_key"] != first["idempotency_key"]
+
+
+async def test_a_send_refused_for_another_form_goes_again_under_a_key_of_its_own(tmp_path):
+    """A provider that deduplicates by key keeps its answer to a key, a refusal too: the same
+    message in another form under the refused send's key would be refused again."""
+    plugin = Plugin(DeduplicatingChat())
+    refused: set[str] = set()
+    deliver = plugin.channel.send
+
+    async def outside_the_window(message: OutboundMessage) -> SendResult:
+        if message.idempotency_key in refused or message.hint is None:
+            refused.add(message.idempotency_key)
+            raise ResendAsDeliveryError("outside the 24-hour window", hint="template")
+        return await deliver(message)
+
+    plugin.channel.send = outside_the_window
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        await harness.run_outbox()
+        assert plugin.channel.delivered == [(2, "template")]
+        assert await harness.count("outbox", "state = 'sent'") == 1
