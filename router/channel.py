@@ -213,6 +213,10 @@ class DeliveryUpdate:
     ``status`` is one of ``sent``, ``delivered``, ``read``, ``failed``. For ``failed``,
     ``permanent`` says whether other identities should be tried; ``resend_hint`` asks the
     outbox to send the same message again in another form (WhatsApp 131047 -> ``template``).
+    ``idempotency_key`` is the ``OutboundMessage.idempotency_key`` of the send, for providers
+    that echo it in their statuses (WhatsApp's ``biz_opaque_callback_data``): it ties a status
+    to its message when the send's own answer never came (a timeout, a worker that died), so
+    that the message is not sent twice.
     """
 
     provider_id: str
@@ -224,6 +228,7 @@ class DeliveryUpdate:
     permanent: bool = True
     resend_hint: str | None = None
     raw: Mapping[str, Any] | None = None
+    idempotency_key: str | None = None
 
 
 Service = Callable[[], AsyncIterator[None]]

@@ -307,7 +307,10 @@ def apply_delivery_update(
 
     A status for a provider id we do not know yet is kept: the provider may report before the
     send's own outcome is recorded, and ``record_sent`` applies it then. So is a status for a
-    row that is being sent again: it names the earlier attempt."""
+    row that is being sent again: it names the earlier attempt. A status that names the
+    idempotency key of a row waiting to be sent again (its send timed out, or its worker died)
+    says that send went through: the row is recorded as sent instead."""
+    policy = policy or OutboxPolicy()
     at = iso(update.at) if update.at else iso(now)
     row = conn.execute(
         "SELECT * FROM outbox WHERE channel = ? AND provider_id = ? ORDER BY id DESC LIMIT 1", (channel, update.provider_id)
@@ -326,18 +329,58 @@ def apply_delivery_update(
     ).fetchone()
     if repeated is not None:  # the provider delivered the same callback again
         return known, None
+    answered = None
+    if not known and update.idempotency_key:
+        waiting = conn.execute(
+            "SELECT * FROM outbox WHERE idempotency_key = ? AND channel = ? AND state = 'pending'",
+            (update.idempotency_key, channel),
+        ).fetchone()
+        if waiting is not None:
+            answered, _ = _adopt_send(conn, waiting, update.provider_id, answered_on, channels, now, policy)
+            row = conn.execute("SELECT * FROM outbox WHERE id = ?", (waiting["id"],)).fetchone()
     # A failure for a send not recorded yet keeps what it asks for (resend in another form, or
     # try the other identities): ``apply_early_statuses`` acts on it once the send is recorded.
     failed = update.status == "failed"
     conn.execute(
         "INSERT INTO delivery_events (channel, provider_id, outbox_id, status, error_code, error_detail, at,"
-        " resend_hint, permanent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " resend_hint, permanent, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (channel, update.provider_id, row["id"] if row else None, update.status, update.error_code, detail, at,
-         update.resend_hint if failed else None, int(update.permanent) if failed else None),
+         update.resend_hint if failed else None, int(update.permanent) if failed else None, update.idempotency_key),
     )
     if row is None:
         return known, None
-    return True, _apply_status(conn, row, update, answered_on, channels, now, policy or OutboxPolicy())
+    return True, _apply_status(conn, row, update, answered_on, channels, now, policy) or answered
+
+
+def _adopt_send(
+    conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str, answered_on: frozenset[str],
+    channels: Mapping[str, Channel], now: datetime, policy: OutboxPolicy,
+) -> tuple[dict[str, Any] | None, bool]:
+    """Record an earlier send of ``row``, whose answer never came, as sent under the provider id
+    a status named, and apply the statuses kept for that id. Returns what ``sent`` does in the
+    worker: the answered conversation, and whether a failure was among those statuses."""
+    answered = record_sent(conn, row, provider_id, "sent", None, row["channel"] in answered_on, now)
+    early, failed = apply_early_statuses(conn, row["id"], row["channel"], provider_id, answered_on, channels, now, policy)
+    return early or answered, failed
+
+
+def adopt_earlier_send(
+    conn: sqlite3.Connection, row: Mapping[str, Any], answered_on: frozenset[str], channels: Mapping[str, Channel],
+    now: datetime, policy: OutboxPolicy,
+) -> tuple[dict[str, Any] | None, bool] | None:
+    """Before a row is sent again: whether the provider reported on an earlier send under the
+    same idempotency key (a send that timed out but went through; statuses that arrived while a
+    dead worker held the row). If it did, that send is recorded as the row's and the result is
+    what recording a send returns; if not, None, and the row is sent. Only providers that echo
+    the key in their statuses (WhatsApp's ``biz_opaque_callback_data``) are spared a duplicate."""
+    event = conn.execute(
+        "SELECT provider_id FROM delivery_events WHERE channel = ? AND idempotency_key = ? AND outbox_id IS NULL"
+        " ORDER BY id LIMIT 1",
+        (row["channel"], row["idempotency_key"]),
+    ).fetchone()
+    if event is None:
+        return None
+    return _adopt_send(conn, row, event["provider_id"], answered_on, channels, now, policy)
 
 
 def _apply_status(
@@ -596,6 +639,12 @@ class OutboxWorker:
                 lambda conn: record_retry(conn, item["id"], f"channel {item['channel']!r} is not configured", delay, None, self.clock.now())
             )
             return False
+        if item["attempts"] > 1:  # an earlier send may have gone through after all
+            adopted = await self._record(lambda conn: adopt_earlier_send(
+                conn, item, self.answered_on_sent, self.channels, self.clock.now(), self.policy))
+            if adopted is not None:
+                return await self._after_sent(*adopted)
+            self._unrecorded += 1  # that was no outcome: the row's is still to come
         try:
             async with limit, asyncio.timeout(self.policy.send_timeout):
                 result = await channel.send(self._outbound(item))
@@ -634,7 +683,9 @@ class OutboxWorker:
             )
             return early or answered, failed
 
-        answered, failed_early = await self._record(sent)
+        return await self._after_sent(*await self._record(sent))
+
+    async def _after_sent(self, answered: dict[str, Any] | None, failed_early: bool) -> bool:
         if answered and self.on_answered is not None:
             await self.on_answered(answered)
         return not failed_early

@@ -406,6 +406,7 @@ def parse_status(raw: Any) -> DeliveryUpdate | None:
         permanent=permanent,
         resend_hint=resend_hint,
         raw=dict(raw),
+        idempotency_key=_str(raw.get("biz_opaque_callback_data"), 512),
     )
 
 

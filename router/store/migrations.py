@@ -292,4 +292,13 @@ ALTER TABLE delivery_events ADD COLUMN resend_hint TEXT;
 ALTER TABLE delivery_events ADD COLUMN permanent INTEGER;
 """,
     ),
+    (
+        8,
+        "find statuses of a send whose answer never came by the idempotency key the provider echoes",
+        """
+ALTER TABLE delivery_events ADD COLUMN idempotency_key TEXT;
+CREATE INDEX delivery_events_unmatched_key ON delivery_events(idempotency_key)
+    WHERE outbox_id IS NULL AND idempotency_key IS NOT NULL;
+""",
+    ),
 ]

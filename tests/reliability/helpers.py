@@ -54,6 +54,22 @@ def whatsapp_body(message_id: str, wa_id: str, text: str = "Baustelle vor dem Ha
     }).encode()
 
 
+def whatsapp_status_body(provider_id: str, status: str, wa_id: str, callback_data: str | None = None) -> bytes:
+    """A webhook body with one status of one of our messages, echoing its
+    ``biz_opaque_callback_data`` as the Cloud API does."""
+    entry: dict[str, Any] = {"id": provider_id, "status": status, "timestamp": str(int(time.time())), "recipient_id": wa_id}
+    if callback_data is not None:
+        entry["biz_opaque_callback_data"] = callback_data
+    return json.dumps({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "WABA-1", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "4930123456", "phone_number_id": PHONE_NUMBER_ID},
+            "statuses": [entry],
+        }}]}],
+    }).encode()
+
+
 def wa_number(index: int) -> str:
     return f"49151{index:08d}"
 

@@ -11,7 +11,16 @@ from pathlib import Path
 from router.outbox import OutboxPolicy
 from router.testing import CoreHarness
 
-from .helpers import APP_SECRET, PHONE_NUMBER_ID, FakeGraph, sign, wa_number, wait_until, whatsapp_body
+from .helpers import (
+    APP_SECRET,
+    PHONE_NUMBER_ID,
+    FakeGraph,
+    sign,
+    wa_number,
+    wait_until,
+    whatsapp_body,
+    whatsapp_status_body,
+)
 
 POLICY = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, lease_seconds=120)
 
@@ -59,5 +68,44 @@ async def test_worker_dies_mid_send(tmp_path: Path) -> None:
         assert set(attempts_by_key) == keys_before, "retries reuse the idempotency key"
         assert all(n == 2 for n in attempts_by_key.values())
         assert sorted(graph.delivered_keys()) == sorted(keys_before), "each sent at least once, accepted once"
+    finally:
+        await graph.stop()
+
+
+async def test_a_send_the_provider_took_before_the_worker_died_is_not_sent_again(tmp_path: Path) -> None:
+    """WhatsApp echoes the idempotency key in its statuses: a status that arrives while the row
+    is held by a dead worker shows the send went through, and the restart records it instead of
+    sending it again. The row without such a status is sent again, with its key."""
+    graph = FakeGraph()
+    await graph.start()
+    try:
+        graph.mode = "hang"
+        async with harness(tmp_path / "data", graph) as h:
+            for i in range(2):
+                body = whatsapp_body(f"wamid.took.{i}", wa_number(800 + i))
+                response = await h.client.post("/channels/whatsapp/webhook", data=body,
+                                                headers={"X-Hub-Signature-256": sign(body), "Content-Type": "application/json"})
+                assert response.status == 200
+            worker = asyncio.create_task(h.core.outbox.run_once())
+            assert await wait_until(lambda: len(graph.requests) == 2, timeout=10)
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+            took = graph.requests[0]
+            status = whatsapp_status_body("wamid.TOOK", "delivered", took["payload"]["to"], took["key"])
+            response = await h.client.post("/channels/whatsapp/webhook", data=status,
+                                            headers={"X-Hub-Signature-256": sign(status), "Content-Type": "application/json"})
+            assert response.status == 200
+
+        graph.mode = "ok"
+        async with harness(tmp_path / "data", graph) as h:
+            h.clock.advance(timedelta(seconds=POLICY.lease_seconds + 1))
+            assert await h.run_outbox() == 2
+            rows = {r["idempotency_key"]: r for r in await h.rows("SELECT idempotency_key, state, provider_id, delivery_status FROM outbox")}
+            assert rows[took["key"]] == {"idempotency_key": took["key"], "state": "sent", "provider_id": "wamid.TOOK",
+                                         "delivery_status": "delivered"}
+            other = next(r for key, r in rows.items() if key != took["key"])
+            assert other["state"] == "sent" and other["provider_id"] != "wamid.TOOK"
+        assert [r["key"] for r in graph.requests].count(took["key"]) == 1, "not sent twice"
+        assert len(graph.requests) == 3
     finally:
         await graph.stop()

@@ -561,3 +561,63 @@ async def test_a_send_refused_for_another_form_goes_again_under_a_key_of_its_own
         await harness.run_outbox()
         assert plugin.channel.delivered == [(2, "template")]
         assert await harness.count("outbox", "state = 'sent'") == 1
+
+
+class LostAnswerChat(StaggeredChat):
+    """A provider that takes the first send and reports on it, while its answer to the send
+    itself never arrives (a timeout): only the status, with the key echoed, tells it went out."""
+
+    def __init__(self, echoes_key: bool) -> None:
+        super().__init__()
+        self.echoes_key = echoes_key
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.sent.append(message)
+        if len(self.sent) == 1:
+            key = message.idempotency_key if self.echoes_key else None
+            await self.context.record_delivery(DeliveryUpdate(provider_id="lost-1", status="sent", idempotency_key=key))
+            raise RetryableDeliveryError("the provider did not answer in time", code="timeout")
+        return SendResult(provider_id=f"lost-{len(self.sent)}")
+
+
+@pytest.mark.parametrize("echoes_key", [True, False])
+async def test_a_send_whose_answer_was_lost_is_not_sent_again_when_a_status_names_its_key(tmp_path, echoes_key):
+    """The issue's worker-crash promise: duplicates are avoided where the provider offers a key.
+    WhatsApp echoes it in every status; a provider that does not gets the message twice."""
+    plugin = Plugin(LostAnswerChat(echoes_key))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        harness.clock.advance(timedelta(seconds=60))
+        await harness.run_outbox()
+        [row] = await harness.rows("SELECT state, provider_id, attempts FROM outbox")
+        assert row == {"state": "sent", "provider_id": "lost-1" if echoes_key else "lost-2", "attempts": 2}
+        assert len(plugin.channel.sent) == (1 if echoes_key else 2)
+        assert await harness.count("delivery_events", "outbox_id IS NULL") == (0 if echoes_key else 1)
+        assert await harness.count("conversations", "state = 'acknowledged'") == 1
+
+
+async def test_a_status_that_names_the_key_of_a_row_waiting_to_be_sent_again_records_the_send(tmp_path):
+    """The answer to the send timed out and the row waits for its retry; then the provider's
+    status arrives, with the key: the send went through, and is not made again."""
+    plugin = Plugin(StaggeredChat())
+    sent: list[OutboundMessage] = []
+
+    async def times_out(message: OutboundMessage) -> SendResult:
+        sent.append(message)
+        raise TimeoutError
+
+    plugin.channel.send = times_out
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        [row] = await harness.rows("SELECT state, idempotency_key FROM outbox")
+        assert row["state"] == "pending"
+        delivered = DeliveryUpdate(provider_id="wamid.late", status="delivered", idempotency_key=row["idempotency_key"])
+        assert await harness.core.record_delivery("staggered", delivered) is True
+        harness.clock.advance(timedelta(seconds=60))
+        await harness.run_outbox()
+        assert len(sent) == 1
+        [row] = await harness.rows("SELECT state, provider_id, delivery_status FROM outbox")
+        assert row == {"state": "sent", "provider_id": "wamid.late", "delivery_status": "delivered"}

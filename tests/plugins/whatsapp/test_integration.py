@@ -197,9 +197,14 @@ def text_body(message_id: str, text: str, *, sender: str = SENDER, **extra: Any)
     return inbound({"id": message_id, "type": "text", "text": {"body": text}, **extra}, sender=sender)
 
 
-def status_body(provider_id: str, status: str, *, code: int | None = None, recipient: str = SENDER) -> dict[str, Any]:
-    """A webhook body with one delivery status for one of our outbound messages."""
+def status_body(
+    provider_id: str, status: str, *, code: int | None = None, recipient: str = SENDER, callback_data: str | None = None
+) -> dict[str, Any]:
+    """A webhook body with one delivery status for one of our outbound messages (with the
+    ``biz_opaque_callback_data`` the send carried, as Meta echoes it)."""
     entry: dict[str, Any] = {"id": provider_id, "status": status, "timestamp": TIMESTAMP, "recipient_id": recipient}
+    if callback_data is not None:
+        entry["biz_opaque_callback_data"] = callback_data
     if code is not None:
         entry["errors"] = [
             {"code": code, "title": f"error {code}", "message": f"error {code}", "error_data": {"details": f"details {code}"}}
@@ -687,6 +692,28 @@ async def test_a_passing_failure_is_retried_and_then_succeeds(wa: CoreHarness, g
     detail = await only_conversation(wa)
     assert detail["state"] == "acknowledged"
     assert not {"undeliverable", "callback_required"} & set(detail["flags"])
+
+
+async def test_a_send_that_timed_out_but_went_through_is_not_sent_again(wa: CoreHarness, graph: FakeGraph) -> None:
+    """Meta took the acknowledgement after the channel had stopped waiting for the answer; its
+    status echoes the idempotency key (``biz_opaque_callback_data``), so the retry is not sent."""
+    graph.hang(1.0)
+    await post(wa, text_body("wamid.SLOW", "Seit heute früh wird vor unserem Haus gebaggert."))
+    await wa.run_outbox()
+    (row,) = await wa.rows("SELECT state, idempotency_key FROM outbox WHERE kind = 'ack'")
+    assert row["state"] == "pending"
+    await asyncio.sleep(1.0)  # Meta accepts it meanwhile
+    [request] = graph.requests
+    assert request["json"]["biz_opaque_callback_data"] == row["idempotency_key"]
+    status, _ = await post(wa, status_body("wamid.OUT0001", "delivered", callback_data=row["idempotency_key"]))
+    assert status == 200
+
+    wa.clock.advance(timedelta(seconds=5))  # past the backoff
+    await wa.run_outbox()
+    assert len(graph.requests) == 1
+    (row,) = await wa.rows("SELECT state, provider_id, delivery_status FROM outbox WHERE kind = 'ack'")
+    assert row == {"state": "sent", "provider_id": "wamid.OUT0001", "delivery_status": "delivered"}
+    assert (await only_conversation(wa))["state"] == "acknowledged"
 
 
 async def assert_flagged_for_callback(harness: CoreHarness) -> dict[str, Any]:

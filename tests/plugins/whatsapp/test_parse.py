@@ -187,7 +187,7 @@ EXPECTED_STATUSES: dict[tuple[str, str], dict[str, Any]] = {
         "permanent": True,
         "resend_hint": None,
     },
-    ("message_status", "with_tracker"): {"status": "sent", "raw_callback": "some data"},
+    ("message_status", "with_tracker"): {"status": "sent", "raw_callback": "some data", "idempotency_key": "some data"},
     ("message_status", "group"): {"status": "read", "provider_id": "<WHATSAPP_MESSAGE_ID>"},
 }
 
