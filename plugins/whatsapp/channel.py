@@ -186,8 +186,12 @@ class WhatsAppChannel(Channel):
             if not payloads:
                 raise PermanentDeliveryError("the message has no text", code="empty_text")
         provider_ids = []
-        for payload in payloads:
-            payload["biz_opaque_callback_data"] = message.idempotency_key[:512]
+        for part, payload in enumerate(payloads, start=1):
+            # Meta echoes this in every status of the part. A status carrying the message's own
+            # key tells the outbox that a send whose answer never came went through, so only
+            # the last part carries it: posted after every other part was taken.
+            key = message.idempotency_key if part == len(payloads) else f"{message.idempotency_key}.part-{part}"
+            payload["biz_opaque_callback_data"] = key[:512]
             provider_ids.append(await self._post(number.phone_number_id, payload))
         return SendResult(provider_id=provider_ids[0])
 

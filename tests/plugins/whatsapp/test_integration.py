@@ -716,6 +716,31 @@ async def test_a_send_that_timed_out_but_went_through_is_not_sent_again(wa: Core
     assert (await only_conversation(wa))["state"] == "acknowledged"
 
 
+async def test_a_long_reply_whose_last_part_timed_out_is_sent_again_whatever_its_first_part_reports(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    """A text beyond 4,096 characters goes as several messages. The first part's status says
+    nothing about the last one: only the last part carries the message's own key."""
+    case = await open_case(wa)
+    graph.hang(0.0)  # the first part is taken at once
+    graph.hang(1.0)  # the last part's answer does not come in time
+    await reply(wa, case["id"], "Zum Stand der Bauarbeiten: " + "Der Gehweg bleibt gesperrt. " * 200)
+    await wa.run_outbox()
+    first, last = graph.requests[1:]
+    (row,) = await wa.rows("SELECT state, idempotency_key FROM outbox WHERE kind = 'reply'")
+    assert row["state"] == "pending"
+    assert last["json"]["biz_opaque_callback_data"] == row["idempotency_key"]
+    status, _ = await post(wa, status_body("wamid.OUT0002", "delivered", callback_data=first["json"]["biz_opaque_callback_data"]))
+    assert status == 200
+
+    wa.clock.advance(timedelta(seconds=5))
+    await wa.run_outbox()
+    assert len(graph.requests) == 5  # both parts again: the last one may never have gone out
+    assert first["json"]["biz_opaque_callback_data"] == f"{row['idempotency_key']}.part-1"
+    (row,) = await wa.rows("SELECT state FROM outbox WHERE kind = 'reply'")
+    assert row["state"] == "sent"
+
+
 async def assert_flagged_for_callback(harness: CoreHarness) -> dict[str, Any]:
     status, listing = await harness.api("GET", "/api/v1/conversations")
     assert status == 200
