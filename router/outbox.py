@@ -3,8 +3,9 @@ channel's plugin, with retries and backoff, delivery statuses, and fallbacks.
 
 A row is claimed (state ``sending`` with a lease) in one commit before the provider is called,
 and its outcome recorded in another. A worker that dies mid-send leaves the lease to expire,
-and the row is sent again: at least once, with the same idempotency key each time, so a
-provider that deduplicates on it sends it once.
+and the row is sent again: at least once, with the same idempotency key, so a provider that
+deduplicates on it sends it once (and a status kept for that key meanwhile records the earlier
+send instead). A row whose earlier send is known to be over gets a new key.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Outbound mail: one ``OutboundMessage`` -> one ``EmailMessage``, ready for the relay.
 
 Pure: the Message-ID comes from the outbox row's idempotency key, so a retried delivery carries
-the same Message-ID and a resident's client threads (and deduplicates) it as one mail.
+the same Message-ID and a resident's client threads (and deduplicates) it as one mail. After a
+temporary bounce the row gets a new key, and the next attempt a new Message-ID.
 """
 
 from __future__ import annotations
