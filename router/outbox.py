@@ -337,7 +337,7 @@ def apply_delivery_update(
             (update.idempotency_key, channel),
         ).fetchone()
         if waiting is not None:
-            answered, _ = _adopt_send(conn, waiting, update.provider_id, answered_on, channels, now, policy)
+            answered, _ = record_send(conn, waiting, update.provider_id, "sent", None, answered_on, channels, now, policy)
             row = conn.execute("SELECT * FROM outbox WHERE id = ?", (waiting["id"],)).fetchone()
     # A failure for a send not recorded yet keeps what it asks for (resend in another form, or
     # try the other identities): ``apply_early_statuses`` acts on it once the send is recorded.
@@ -353,14 +353,15 @@ def apply_delivery_update(
     return True, _apply_status(conn, row, update, answered_on, channels, now, policy) or answered
 
 
-def _adopt_send(
-    conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str, answered_on: frozenset[str],
-    channels: Mapping[str, Channel], now: datetime, policy: OutboxPolicy,
+def record_send(
+    conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str, status: str, thread_key: str | None,
+    answered_on: frozenset[str], channels: Mapping[str, Channel], now: datetime, policy: OutboxPolicy,
 ) -> tuple[dict[str, Any] | None, bool]:
-    """Record an earlier send of ``row``, whose answer never came, as sent under the provider id
-    a status named, and apply the statuses kept for that id. Returns what ``sent`` does in the
-    worker: the answered conversation, and whether a failure was among those statuses."""
-    answered = record_sent(conn, row, provider_id, "sent", None, row["channel"] in answered_on, now)
+    """A send of ``row`` the provider took (its answer, or a status naming the row's key): record
+    it and apply the statuses kept for its provider id. Returns the answered conversation, and
+    whether a failure was among those statuses (a resend or fallback may be due at once)."""
+    answered_now = status in ("delivered", "read") or row["channel"] in answered_on
+    answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now)
     early, failed = apply_early_statuses(conn, row["id"], row["channel"], provider_id, answered_on, channels, now, policy)
     return early or answered, failed
 
@@ -381,7 +382,7 @@ def adopt_earlier_send(
     ).fetchone()
     if event is None:
         return None
-    return _adopt_send(conn, row, event["provider_id"], answered_on, channels, now, policy)
+    return record_send(conn, row, event["provider_id"], "sent", None, answered_on, channels, now, policy)
 
 
 def _apply_status(
@@ -675,16 +676,9 @@ class OutboxWorker:
             await self._retry(item, f"the channel returned {type(result).__name__}, not a SendResult", None)
             return False
         self.sent += 1
-        answered_on = result.status in ("delivered", "read") or item["channel"] in self.answered_on_sent
-        def sent(conn: sqlite3.Connection) -> tuple[dict[str, Any] | None, bool]:
-            now = self.clock.now()
-            answered = record_sent(conn, item, result.provider_id, result.status, result.thread_key, answered_on, now)
-            early, failed = apply_early_statuses(
-                conn, item["id"], item["channel"], result.provider_id, self.answered_on_sent, self.channels, now, self.policy
-            )
-            return early or answered, failed
-
-        return await self._after_sent(*await self._record(sent))
+        return await self._after_sent(*await self._record(lambda conn: record_send(
+            conn, item, result.provider_id, result.status, result.thread_key, self.answered_on_sent, self.channels,
+            self.clock.now(), self.policy)))
 
     async def _after_sent(self, answered: dict[str, Any] | None, failed_early: bool) -> bool:
         if answered and self.on_answered is not None:

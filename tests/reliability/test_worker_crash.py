@@ -31,22 +31,31 @@ def harness(data_dir: Path, graph: FakeGraph) -> CoreHarness:
     return CoreHarness(data_dir, entrypoints=("webform", "whatsapp"), env=env, outbox_policy=POLICY)
 
 
+async def post_signed(h: CoreHarness, body: bytes) -> None:
+    response = await h.client.post("/channels/whatsapp/webhook", data=body,
+                                    headers={"X-Hub-Signature-256": sign(body), "Content-Type": "application/json"})
+    assert response.status == 200
+
+
+async def kill_worker_mid_send(h: CoreHarness, graph: FakeGraph, prefix: str, first_number: int, count: int) -> None:
+    """``count`` messages from new senders, then the worker dies with their acknowledgements
+    in flight (the provider holds them)."""
+    for i in range(count):
+        await post_signed(h, whatsapp_body(f"wamid.{prefix}.{i}", wa_number(first_number + i)))
+    assert h.core.outbox is not None
+    worker = asyncio.create_task(h.core.outbox.run_once())
+    assert await wait_until(lambda: len(graph.requests) == count, timeout=10)
+    worker.cancel()
+    await asyncio.gather(worker, return_exceptions=True)
+
+
 async def test_worker_dies_mid_send(tmp_path: Path) -> None:
     graph = FakeGraph()
     await graph.start()
     try:
         graph.mode = "hang"
         async with harness(tmp_path / "data", graph) as h:
-            for i in range(3):
-                body = whatsapp_body(f"wamid.worker.{i}", wa_number(700 + i))
-                response = await h.client.post("/channels/whatsapp/webhook", data=body,
-                                                headers={"X-Hub-Signature-256": sign(body), "Content-Type": "application/json"})
-                assert response.status == 200
-            assert h.core.outbox is not None
-            worker = asyncio.create_task(h.core.outbox.run_once())
-            assert await wait_until(lambda: len(graph.requests) == 3, timeout=10)
-            worker.cancel()  # the worker dies with three sends in flight
-            await asyncio.gather(worker, return_exceptions=True)
+            await kill_worker_mid_send(h, graph, "worker", 700, 3)
             rows = await h.rows("SELECT o.state, o.provider_id, o.delivery_status, m.delivery_status AS message_status"
                                 " FROM outbox o JOIN messages m ON m.id = o.message_id")
             assert len(rows) == 3
@@ -81,20 +90,9 @@ async def test_a_send_the_provider_took_before_the_worker_died_is_not_sent_again
     try:
         graph.mode = "hang"
         async with harness(tmp_path / "data", graph) as h:
-            for i in range(2):
-                body = whatsapp_body(f"wamid.took.{i}", wa_number(800 + i))
-                response = await h.client.post("/channels/whatsapp/webhook", data=body,
-                                                headers={"X-Hub-Signature-256": sign(body), "Content-Type": "application/json"})
-                assert response.status == 200
-            worker = asyncio.create_task(h.core.outbox.run_once())
-            assert await wait_until(lambda: len(graph.requests) == 2, timeout=10)
-            worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
+            await kill_worker_mid_send(h, graph, "took", 800, 2)
             took = graph.requests[0]
-            status = whatsapp_status_body("wamid.TOOK", "delivered", took["payload"]["to"], took["key"])
-            response = await h.client.post("/channels/whatsapp/webhook", data=status,
-                                            headers={"X-Hub-Signature-256": sign(status), "Content-Type": "application/json"})
-            assert response.status == 200
+            await post_signed(h, whatsapp_status_body("wamid.TOOK", "delivered", took["payload"]["to"], took["key"]))
 
         graph.mode = "ok"
         async with harness(tmp_path / "data", graph) as h:
