@@ -104,12 +104,18 @@ class RetryableDeliveryError(DeliveryError):
 
     ``retry_after`` (seconds) overrides the outbox's exponential backoff when the provider says.
     With ``code="not_configured"`` (the channel cannot send at all yet, e.g. no mail relay) the
-    message stays queued and is never given up.
+    message stays queued and is never given up. ``outcome_unknown`` when the request may have
+    reached the provider and no answer came (a timeout, a connection lost after sending): the
+    send may have gone through, and on a channel with ``Capabilities.status_wait`` the outbox
+    waits that long for a status proving it before sending again.
     """
 
-    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after: float | None = None, outcome_unknown: bool = False
+    ) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
+        self.outcome_unknown = outcome_unknown
 
 
 class PermanentDeliveryError(DeliveryError):
@@ -143,6 +149,11 @@ class Capabilities:
     ``delivery_receipts``: the provider reports ``delivered``; without them, a reply the
     provider accepted counts as delivered (e-mail). ``threads_by_sender``: messages without
     thread ids join the sender's open conversation on this channel (chats: WhatsApp, SMS).
+    ``status_wait``: the provider's statuses echo the idempotency key a send was made with
+    (``DeliveryUpdate.idempotency_key``) and come within about this long. After a send whose
+    outcome is unknown (no answer in time), the outbox waits at least this long before sending
+    again, so that a status proving the send went through records it instead of a duplicate.
+    None: statuses do not carry the key, and the retry follows the backoff alone.
     """
 
     can_reply: bool = True
@@ -153,6 +164,7 @@ class Capabilities:
     media: bool = False
     delivery_receipts: bool = False
     threads_by_sender: bool = False
+    status_wait: timedelta | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -70,6 +70,11 @@ class OutboxPolicy:
         raw = min(self.max_delay, self.base_delay * (2 ** min(max(0, attempts - 1), 30)))
         return raw * random.uniform(0.5, 1.0)
 
+    def delay_at_least(self, floor: float, attempts: int) -> float:
+        """The backoff, but no less than ``floor`` seconds plus jitter (up to a quarter more):
+        rows that failed together must not all come due at the same instant again."""
+        return max(floor * random.uniform(1.0, 1.25), self.delay(attempts))
+
 
 def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> list[dict[str, Any]]:
     """Claim due rows (and rows whose lease expired) for sending; returns what to send."""
@@ -408,7 +413,7 @@ def _apply_status(
                 conn.execute("UPDATE messages SET delivery_status = 'queued' WHERE id = ?", (row["message_id"],))
             return None
         if not update.permanent:
-            delay = max(STATUS_RETRY_SECONDS, policy.delay(row["attempts"]))
+            delay = policy.delay_at_least(STATUS_RETRY_SECONDS, row["attempts"])
             record_retry(conn, row["id"], detail, delay, None, now, new_request=True)
             return None
         record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False)
@@ -611,10 +616,14 @@ class OutboxWorker:
             attempt=item["attempts"],
         )
 
-    async def _retry(self, item: dict[str, Any], message: str, retry_after: float | None, *, give_up: bool = True) -> None:
-        """Send again later (after the provider's ``retry_after``, else with backoff); after
-        ``max_attempts`` give up, which falls back to the contact's other identities or flags
-        the conversation for a call-back. A channel that is not configured yet never gives up."""
+    async def _retry(
+        self, item: dict[str, Any], message: str, retry_after: float | None, *, give_up: bool = True,
+        status_wait: timedelta | None = None,
+    ) -> None:
+        """Send again later (after the provider's ``retry_after``, else with backoff, and no
+        sooner than ``status_wait``); after ``max_attempts`` give up, which falls back to the
+        contact's other identities or flags the conversation for a call-back. A channel that is
+        not configured yet never gives up."""
         if give_up and item["attempts"] >= self.policy.max_attempts:
             self.failed += 1
             error = f"gave up after {item['attempts']} attempts: {message}"
@@ -622,6 +631,8 @@ class OutboxWorker:
             return
         self.retried += 1
         delay = retry_after or self.policy.delay(item["attempts"])
+        if status_wait is not None:
+            delay = max(delay, self.policy.delay_at_least(status_wait.total_seconds(), item["attempts"]))
         await self._record(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
 
     async def _deliver(self, item: dict[str, Any], limit: asyncio.Semaphore) -> None:
@@ -641,7 +652,9 @@ class OutboxWorker:
                 lambda conn: record_retry(conn, item["id"], f"channel {item['channel']!r} is not configured", delay, None, self.clock.now())
             )
             return False
-        if item["attempts"] > 1:  # an earlier send may have gone through after all
+        if item["attempts"] > 1 and await self._earlier_send_reported(item):
+            # It went through after all: record that send (the unit looks again, in the write
+            # transaction) instead of sending a duplicate.
             adopted = await self._record(lambda conn: adopt_earlier_send(
                 conn, item, self.answered_on_sent, self.channels, self.clock.now(), self.policy))
             if adopted is not None:
@@ -657,10 +670,13 @@ class OutboxWorker:
             await self._record(lambda conn: record_retry(conn, item["id"], error, 0, hint, self.clock.now(), new_request=True))
             return False
         except (RetryableDeliveryError, TimeoutError) as exc:
+            # No answer came: the send may have gone through, and its status may yet prove it.
+            unknown = not isinstance(exc, RetryableDeliveryError) or exc.outcome_unknown
+            wait = channel.capabilities.status_wait if unknown else None
             if isinstance(exc, RetryableDeliveryError):
-                await self._retry(item, exc.message, exc.retry_after, give_up=exc.code != NOT_CONFIGURED)
+                await self._retry(item, exc.message, exc.retry_after, give_up=exc.code != NOT_CONFIGURED, status_wait=wait)
             else:
-                await self._retry(item, "timed out", None)
+                await self._retry(item, "timed out", None, status_wait=wait)
             return False
         except PermanentDeliveryError as exc:
             self.failed += 1
@@ -679,6 +695,15 @@ class OutboxWorker:
         return await self._after_sent(*await self._record(lambda conn: record_send(
             conn, item, result.provider_id, result.status, result.thread_key, self.answered_on_sent, self.channels,
             self.clock.now(), self.policy)))
+
+    async def _earlier_send_reported(self, item: Mapping[str, Any]) -> bool:
+        """Whether a status kept under the row's idempotency key says an earlier send of it went
+        through. Read outside the write transaction: for nearly every retried row there is none,
+        and the look costs no commit then."""
+        return await self.store.fetchone(
+            "SELECT 1 FROM delivery_events WHERE channel = ? AND idempotency_key = ? AND outbox_id IS NULL LIMIT 1",
+            (item["channel"], item["idempotency_key"]),
+        ) is not None
 
     async def _after_sent(self, answered: dict[str, Any] | None, failed_early: bool) -> bool:
         if answered and self.on_answered is not None:

@@ -7,6 +7,7 @@ the body has been committed by the core, because Meta redelivers anything not an
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 from datetime import timedelta
@@ -61,6 +62,8 @@ class WhatsAppChannel(Channel):
 
     def __init__(self, settings: WhatsAppSettings) -> None:
         self.settings = settings
+        # Meta echoes biz_opaque_callback_data (the idempotency key) in every status.
+        self.capabilities = dataclasses.replace(type(self).capabilities, status_wait=timedelta(seconds=settings.status_wait))
         self.in_flight = 0
         self.refused = 0
 
@@ -227,9 +230,11 @@ class WhatsAppChannel(Channel):
                 except (ValueError, aiohttp.ContentTypeError):
                     body = None
         except TimeoutError:
-            raise RetryableDeliveryError("Graph API did not answer in time", code="timeout") from None
-        except aiohttp.ClientError as exc:
+            raise RetryableDeliveryError("Graph API did not answer in time", code="timeout", outcome_unknown=True) from None
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
             raise RetryableDeliveryError(f"Graph API unreachable: {exc}", code="connection") from None
+        except aiohttp.ClientError as exc:  # the connection broke, perhaps after Meta took the request
+            raise RetryableDeliveryError(f"Graph API unreachable: {exc}", code="connection", outcome_unknown=True) from None
         provider_id = graph.provider_message_id(body) if 200 <= status < 300 else None
         if provider_id:
             return provider_id

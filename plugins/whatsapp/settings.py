@@ -16,6 +16,9 @@ DEFAULT_API_VERSION = "v21.0"
 DEFAULT_MAX_BODY_BYTES = 3 * 1024 * 1024
 """Meta's webhook bodies stay below 3 MB."""
 DEFAULT_TIMEOUT = 10.0
+DEFAULT_STATUS_WAIT = 30.0
+"""After a send that got no answer, how long to wait for its status (Meta echoes the
+idempotency key in it) before sending again: a status usually comes within seconds."""
 DEFAULT_MAX_MEDIA_BYTES = 25 * 1024 * 1024
 """Largest media item ``download_media`` fetches; larger ones keep only their media id."""
 
@@ -76,6 +79,7 @@ class WhatsAppSettings:
     template: TemplateSettings | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     timeout: float = DEFAULT_TIMEOUT
+    status_wait: float = DEFAULT_STATUS_WAIT
     download_media: bool = False
     max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES
 
@@ -113,6 +117,7 @@ class WhatsAppSettings:
             template=_template(section.get("template")),
             max_body_bytes=_positive_int(section.get("max_body_bytes"), DEFAULT_MAX_BODY_BYTES),
             timeout=_positive_float(section.get("timeout"), DEFAULT_TIMEOUT),
+            status_wait=_positive_float(section.get("status_wait"), DEFAULT_STATUS_WAIT),
             download_media=_flag(section.get("download_media")),
             max_media_bytes=_positive_int(section.get("max_media_bytes"), DEFAULT_MAX_MEDIA_BYTES),
         )

@@ -122,10 +122,13 @@ class FakeGraph:
             await self._runner.cleanup()
 
 
-def write_config(folder: Path, whatsapp_timeout: float = 1.0) -> Path:
-    """The example configuration with a short Graph API timeout, for tests."""
+def write_config(folder: Path, whatsapp_timeout: float = 1.0, status_wait: float = 2.0) -> Path:
+    """The example configuration with a short Graph API timeout, and a short wait for the status
+    of a send that timed out, for tests."""
     text = (ROOT / "config" / "contact-router.toml").read_text(encoding="utf-8")
-    text = text.replace('api_version = "v21.0"', f'api_version = "v21.0"\ntimeout = {whatsapp_timeout}')
+    text = text.replace(
+        'api_version = "v21.0"', f'api_version = "v21.0"\ntimeout = {whatsapp_timeout}\nstatus_wait = {status_wait}'
+    )
     path = folder / "reliability.toml"
     path.write_text(text, encoding="utf-8")
     return path

@@ -451,7 +451,7 @@ async def test_a_late_failure_of_an_earlier_attempt_does_not_overrule_the_send_u
         await harness.run_outbox()
         retry = DeliveryUpdate(provider_id="late-1", status="failed", error_code="131000", permanent=False)
         assert await harness.core.record_delivery("staggered", retry) is True
-        harness.clock.advance(timedelta(seconds=31))
+        harness.clock.advance(timedelta(seconds=38))
         await harness.run_outbox()
         await harness.run_outbox()
         rows = await harness.rows("SELECT channel, state, provider_id FROM outbox ORDER BY id")
@@ -621,3 +621,86 @@ async def test_a_status_that_names_the_key_of_a_row_waiting_to_be_sent_again_rec
         assert len(sent) == 1
         [row] = await harness.rows("SELECT state, provider_id, delivery_status FROM outbox")
         assert row == {"state": "sent", "provider_id": "wamid.late", "delivery_status": "delivered"}
+
+
+class SilentlyTakingChat(StaggeredChat):
+    """A provider that takes the first send without answering in time (or refuses it with a
+    503), then takes every later one; its statuses echo the key if ``status_wait`` is set."""
+
+    def __init__(self, status_wait: timedelta | None, outcome_unknown: bool) -> None:
+        super().__init__()
+        self.capabilities = dataclasses.replace(StaggeredChat.capabilities, status_wait=status_wait)
+        self.outcome_unknown = outcome_unknown
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.sent.append(message)
+        if len(self.sent) == 1:
+            raise RetryableDeliveryError("no answer", code="timeout", outcome_unknown=self.outcome_unknown)
+        return SendResult(provider_id=f"taken-{len(self.sent)}")
+
+
+@pytest.mark.parametrize(
+    "status_wait, outcome_unknown, sends_after_5s",
+    [
+        pytest.param(timedelta(seconds=20), True, 1, id="echoes-key-no-answer"),
+        pytest.param(None, True, 2, id="no-key-in-statuses"),
+        pytest.param(timedelta(seconds=20), False, 2, id="refused-503"),
+    ],
+)
+async def test_a_send_without_an_answer_waits_for_a_status_where_statuses_echo_the_key(
+    tmp_path, status_wait, outcome_unknown, sends_after_5s
+):
+    """After a timeout the first retry came due within 1 to 2 s, before a status of the send
+    that went through could arrive, and the message went twice. Where statuses echo the key,
+    the retry now waits ``status_wait``; where they don't, or the provider refused the send (it
+    answered), backoff alone decides."""
+    plugin = Plugin(SilentlyTakingChat(status_wait, outcome_unknown))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        harness.clock.advance(timedelta(seconds=5))
+        await harness.run_outbox()
+        assert len(plugin.channel.sent) == sends_after_5s
+        if sends_after_5s == 1:
+            [row] = await harness.rows("SELECT state, idempotency_key, next_attempt_at FROM outbox")
+            wait = (datetime.fromisoformat(row["next_attempt_at"]) - harness.clock.now()).total_seconds() + 5
+            assert row["state"] == "pending" and 20 <= wait <= 25
+            status = DeliveryUpdate(provider_id="taken-1", status="sent", idempotency_key=row["idempotency_key"])
+            assert await harness.core.record_delivery("staggered", status) is True
+            harness.clock.advance(timedelta(seconds=30))
+            await harness.run_outbox()
+            assert len(plugin.channel.sent) == 1
+        [row] = await harness.rows("SELECT state, provider_id FROM outbox")
+        assert row == {"state": "sent", "provider_id": "taken-1" if sends_after_5s == 1 else "taken-2"}
+
+
+async def test_rows_reported_failed_together_do_not_all_come_due_at_the_same_instant(tmp_path):
+    """A temporary failure waits at least 30 s; at that floor every row got exactly 30 s, so a
+    provider's burst of failures came back as one burst."""
+    plugins = TwoChannels()
+    plugins.channel = ReportsFailedChat()
+    failed = DeliveryUpdate(provider_id="", status="failed", error_code="130429", permanent=False)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins]) as harness:
+        await _ingest_senders(harness, 8)
+        await harness.run_outbox()
+        for row in await harness.rows("SELECT provider_id FROM outbox WHERE channel = 'staggered'"):
+            assert await harness.core.record_delivery("staggered", dataclasses.replace(failed, provider_id=row["provider_id"]))
+        rows = await harness.rows("SELECT next_attempt_at FROM outbox WHERE state = 'pending'")
+        waits = {(datetime.fromisoformat(r["next_attempt_at"]) - harness.clock.now()).total_seconds() for r in rows}
+        assert len(rows) == 8 and len(waits) > 1
+        assert all(30 <= w <= 37.5 for w in waits)
+
+
+async def test_a_retry_with_no_status_kept_for_its_key_costs_no_extra_commit(tmp_path):
+    """Before a retry the worker looks for a status of the earlier send. It looked inside a
+    write unit, a commit of its own for every retried row though nearly always nothing is found."""
+    plugin = Plugin(SilentlyTakingChat(None, True))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        harness.clock.advance(timedelta(seconds=5))
+        commits = harness.core.store.commits
+        assert await harness.core.outbox.run_once() == 1
+        assert harness.core.store.commits - commits == 2  # the claim and the outcome
+        assert len(plugin.channel.sent) == 2

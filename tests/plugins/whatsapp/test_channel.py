@@ -431,8 +431,9 @@ async def test_graph_errors_become_typed_delivery_errors(
 
 async def test_a_500_then_success_is_retryable_then_sent(sender: WhatsAppChannel, graph: tuple[FakeGraph, str]) -> None:
     graph[0].answers.append((500, {"error": {"code": 2, "message": "Service"}}))
-    with pytest.raises(RetryableDeliveryError):
+    with pytest.raises(RetryableDeliveryError) as caught:
         await sender.send(outbound())
+    assert caught.value.outcome_unknown is False  # Meta answered: it did not take the message
     assert (await sender.send(outbound())).provider_id == "wamid.out2"
 
 
@@ -455,6 +456,26 @@ async def test_timeout_is_retryable(sender: WhatsAppChannel, graph: tuple[FakeGr
     with pytest.raises(RetryableDeliveryError) as caught:
         await sender.send(outbound())
     assert caught.value.code == "timeout"
+    assert caught.value.outcome_unknown is True  # Meta may have taken it: its status will tell
+
+
+async def test_a_connection_lost_after_the_request_leaves_the_outcome_unknown(
+    core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(read_then_hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        channel = make_channel(core, session, tmp_path, graph_url=f"http://127.0.0.1:{port}")
+        with pytest.raises(RetryableDeliveryError) as caught:
+            await channel.send(outbound())
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert caught.value.code == "connection" and caught.value.outcome_unknown is True
 
 
 async def test_unreachable_graph_is_retryable(
@@ -464,6 +485,7 @@ async def test_unreachable_graph_is_retryable(
     with pytest.raises(RetryableDeliveryError) as caught:
         await channel.send(outbound())
     assert caught.value.code == "connection"
+    assert caught.value.outcome_unknown is False  # no connection, so nothing was sent
 
 
 async def test_outside_the_window_without_a_template_is_permanent(
@@ -497,5 +519,12 @@ def test_channel_is_on_with_complete_settings() -> None:
     assert channel.name == "whatsapp"
     assert channel.capabilities.identity_kinds == ("phone",)
     assert channel.capabilities.reply_window == timedelta(hours=24)
+    assert channel.capabilities.status_wait == timedelta(seconds=30)  # statuses echo the key
     assert channel.settings.graph_url == "https://graph.facebook.com"
+
+
+@pytest.mark.parametrize("value, seconds", [(5, 5.0), ("12.5", 12.5), (0, 30.0), ("soon", 30.0)])
+def test_the_wait_for_the_status_of_an_unanswered_send_is_configurable(value: Any, seconds: float) -> None:
+    (channel,) = register_channels(settings={"whatsapp": {**SETTINGS, "status_wait": value}}, env={})
+    assert channel.capabilities.status_wait == timedelta(seconds=seconds)
     assert "app-secret" not in repr(channel.settings) and "token-123" not in repr(channel.settings)
