@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from . import keys, tracking
-from .channel import Channel, InvalidMessage
+from .channel import Channel, InvalidMessage, StorageUnavailable
 from .clock import Clock
 from .config import Config
 from .context import ChannelContext
@@ -37,6 +37,10 @@ def json_error(status: int, code: str, message: str, **extra: Any) -> web.Respon
     return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status)
 
 
+# What a 503 for a database that refuses writes asks the sender to wait: long enough for a
+# lock to clear, short enough that a provider's own backoff is not needed.
+STORAGE_RETRY_AFTER_SECONDS = 5
+
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                409: "conflict", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited"}
 
@@ -48,6 +52,12 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return await handler(request)
     except InvalidMessage as exc:
         return json_error(400, "invalid_message", exc.message, field=exc.path)
+    except StorageUnavailable as exc:
+        # Nothing was stored; the sender (a provider, a form, a staff member) tries again.
+        log.error("%s %s: %s", request.method, request.path, exc)
+        response = json_error(503, "unavailable", "the service cannot store this now; try again shortly")
+        response.headers["Retry-After"] = str(STORAGE_RETRY_AFTER_SECONDS)
+        return response
     except ActionError as exc:
         return json_error(exc.status, exc.code, exc.message)
     except web.HTTPException as exc:

@@ -90,6 +90,13 @@ class InvalidMessage(Exception):
         self.message = message
 
 
+class StorageUnavailable(Exception):
+    """The service cannot store anything right now: the database refuses writes (disk full,
+    read-only, an I/O error, locked beyond its timeout). Not the message's fault, and nothing of
+    it was stored: answer so that the sender tries again later (HTTP 503, SMTP 451), and do not
+    count it against the message (a mail that failed to import, say)."""
+
+
 class DeliveryError(Exception):
     """Base class of the errors ``Channel.send`` raises."""
 

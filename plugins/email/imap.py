@@ -33,6 +33,7 @@ from typing import Any
 import aioimaplib
 
 from router.files import write_durably
+from router.hookspecs import StorageUnavailable
 
 from .settings import EmailSettingsError
 
@@ -318,6 +319,15 @@ class ImapPoller:
                     mark.failed = {uid: attempts - 1} if attempts > 1 else {}
                     mark.save(self.state_path)
                     raise
+                except StorageUnavailable as exc:
+                    # The database refuses every write (disk full, read-only): not this mail's
+                    # fault, and counted against it every mail would be set aside in turn during
+                    # an outage, unanswered. It stays in the mailbox until the service can store.
+                    mark.failed = {uid: attempts - 1} if attempts > 1 else {}
+                    await asyncio.to_thread(mark.save, self.state_path)
+                    self.log.error("IMAP %s: UID %s not imported, the service cannot store mail now (%s); "
+                                   "it stays in the mailbox and is tried again", self.mailbox.label, uid, exc)
+                    raise ImportFailed(f"UID {uid}: the service cannot store mail now") from exc
                 except Exception as exc:  # noqa: BLE001 - counted; raises until the mail is set aside
                     await self._failed(mark, uid, raw, exc, attempts)
                 else:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from ..channel import StorageUnavailable
 from ..search import search_text
 from .migrations import MIGRATIONS
 
@@ -177,6 +178,22 @@ def _run_each(conn: sqlite3.Connection, works: list[Work], savepoint: str) -> li
     return outcomes
 
 
+# SQLite's primary result codes that blame the database, not the unit of work: the disk is
+# full or failing, the file read-only, gone, corrupt, or locked by another process beyond the
+# timeout. Any other error (a constraint, a bug in a unit) is the unit's own.
+_OUTAGE_CODES = frozenset({
+    sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_PERM,
+})
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot store anything now (``StorageUnavailable``)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _OUTAGE_CODES
+
+
 class SQLiteStore:
     """The database: ``write`` for units of work (group-committed), ``db`` for reads."""
 
@@ -233,14 +250,21 @@ class SQLiteStore:
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in the next group transaction and return its result once committed.
 
-        An exception raised by ``work`` rolls back that unit only and is raised here.
+        An exception raised by ``work`` rolls back that unit only and is raised here. When the
+        database itself fails (see ``is_outage``), ``StorageUnavailable`` is raised instead, with
+        SQLite's error as its cause: nothing of the unit was stored.
         """
         if self._wakeup is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((work, future))
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        except sqlite3.DatabaseError as exc:
+            if is_outage(exc):
+                raise StorageUnavailable(f"the database cannot store now: {exc}") from exc
+            raise
 
     async def _write_loop(self) -> None:
         assert self._wakeup is not None

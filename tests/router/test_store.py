@@ -12,6 +12,7 @@ import pytest
 
 from router.store import migrations
 from router.store.migrations import MIGRATIONS
+from router.channel import StorageUnavailable
 from router.store.sqlite import SQLiteStore, apply_migrations, iso, parse_iso, run_units
 from router.testing import CoreHarness
 
@@ -237,6 +238,43 @@ async def test_a_transaction_that_sqlite_rolled_back_itself_leaves_nothing_half_
         assert all(isinstance(r, Exception) for r in results)
         assert await store.fetchall("SELECT kind FROM events") == []
         assert await store.write(good(2)) == 2  # the writer goes on
+    finally:
+        await store.close()
+
+
+async def test_a_database_that_refuses_writes_is_storage_unavailable_and_a_units_own_error_is_not(tmp_path):
+    """Read-only (the BEGIN fails) and full (an INSERT fails half-way through a unit): the callers
+    hear ``StorageUnavailable`` with SQLite's error as the cause, so that HTTP answers 503 and the
+    IMAP import does not blame the mail; a unit's own error stays what it is."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        writer = store._writer
+        writer.execute("PRAGMA query_only = ON")
+        results = await asyncio.gather(store.write(good(0)), store.write(bad), return_exceptions=True)
+        assert all(isinstance(r, StorageUnavailable) for r in results)
+        assert isinstance(results[0].__cause__, sqlite3.OperationalError)
+        assert "readonly" in str(results[0])
+        writer.execute("PRAGMA query_only = OFF")
+
+        pages = writer.execute("PRAGMA page_count").fetchone()[0]
+        writer.execute(f"PRAGMA max_page_count = {pages}")
+
+        def big(conn):
+            conn.execute("INSERT INTO events (kind, at, data) VALUES ('big', '2026-01-01T00:00:00.000000Z', ?)", ("x" * 200_000,))
+
+        with pytest.raises(StorageUnavailable) as caught:
+            await store.write(big)
+        assert caught.value.__cause__.sqlite_errorcode == sqlite3.SQLITE_FULL
+        assert await store.fetchall("SELECT kind FROM events") == []
+        writer.execute("PRAGMA max_page_count = 1073741823")
+
+        with pytest.raises(ValueError):
+            await store.write(bad)
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.write(lambda conn: conn.execute("INSERT INTO events (kind, at) VALUES (NULL, NULL)"))
+        assert await store.write(good(1)) == 1  # the writer goes on
+        assert [r["kind"] for r in await store.fetchall("SELECT kind FROM events")] == ["ok-1"]
     finally:
         await store.close()
 

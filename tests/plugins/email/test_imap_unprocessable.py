@@ -282,3 +282,37 @@ async def run_until_set_aside(p: ImapPoller, harness: CoreHarness) -> None:
         return bool(set_aside(harness)) and state(harness).get("failed") is None
 
     await run_until(p, found)
+
+
+async def test_an_outage_of_the_database_sets_no_mail_aside_and_the_mail_is_imported_after_it(harness, imap, caplog):
+    """Every import failed while the database refused writes, so each mail in turn was set
+    aside after three tries: not stored, not acknowledged, a dead end for its sender. An
+    outage is not the mail's fault: it is not counted, and the mail waits in the mailbox."""
+    imap.add(mail(1))
+    imap.add(mail(2))
+    receive = FailingReceive(harness, failures=0)
+    calls = 0
+
+    async def counting(raw: bytes, envelope_to: list[str] | None) -> None:
+        nonlocal calls
+        calls += 1
+        await receive(raw, envelope_to)
+
+    p = poller(harness, imap, receive)
+    p.receive = counting
+    writer = harness.core.store._writer
+    writer.execute("PRAGMA query_only = ON")
+
+    async def tried_often() -> bool:
+        return calls >= 3 * p.mailbox.max_attempts
+
+    with caplog.at_level(logging.ERROR, logger=LOG.name):
+        await run_until(p, tried_often)
+    assert set_aside(harness) == [] and p.set_aside == 0
+    assert state(harness).get("last_uid", 0) == 0 and state(harness).get("failed", {}) in ({}, {"1": 0})
+    assert any("cannot store mail now" in r.getMessage() and "UID 1" in r.getMessage() for r in caplog.records)
+
+    writer.execute("PRAGMA query_only = OFF")
+    await run_until_stored(p, harness, 2, imap)
+    assert receive.delivered == [mail(1), mail(2)] and set_aside(harness) == []
+    assert await harness.count("outbox", "kind = 'ack'") == 2

@@ -952,3 +952,25 @@ async def test_overload_is_refused_with_retry_after_and_nothing_stored(wa):
     channel.in_flight = 0
     status, _ = await post(wa, text_body("wamid.busy", "Hallo"))  # the provider's retry
     assert status == 200 and await wa.count("messages", "direction = 'in'") == 1
+
+
+async def test_a_database_that_refuses_writes_answers_503_and_the_retry_is_stored_once(wa, graph):
+    """Disk full or read-only: the webhook was answered 500 ("internal error"). It is the
+    service that cannot store, not the body that is wrong: 503 with Retry-After, nothing
+    written; Meta's retry after the database is back is stored and acknowledged once."""
+    writer = wa.core.store._writer
+    writer.execute("PRAGMA query_only = ON")
+    raw = json.dumps(text_body("wamid.DISKFULL", "Die Einfahrt ist seit Tagen zugeparkt.")).encode()
+    response = await wa.client.post(
+        WEBHOOK, data=raw, headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(raw, SECRET)}
+    )
+    assert response.status == 503 and response.headers["Retry-After"] == "5"
+    assert (await response.json())["error"]["code"] == "unavailable"
+    writer.execute("PRAGMA query_only = OFF")
+    assert await wa.count("messages") == 0 and await wa.count("outbox") == 0
+
+    status, _ = await post(wa, text_body("wamid.DISKFULL", "Die Einfahrt ist seit Tagen zugeparkt."))
+    assert status == 200
+    await wa.run_outbox()
+    assert await wa.count("messages", "direction = 'in'") == 1
+    assert len(graph.requests) == 1 and (await only_conversation(wa))["state"] == "acknowledged"
