@@ -70,10 +70,11 @@ class OutboxPolicy:
         raw = min(self.max_delay, self.base_delay * (2 ** min(max(0, attempts - 1), 30)))
         return raw * random.uniform(0.5, 1.0)
 
-    def delay_at_least(self, floor: float, attempts: int) -> float:
-        """The backoff, but no less than ``floor`` seconds plus jitter (up to a quarter more):
-        rows that failed together must not all come due at the same instant again."""
-        return max(floor * random.uniform(1.0, 1.25), self.delay(attempts))
+    @staticmethod
+    def floor(seconds: float) -> float:
+        """A least wait of ``seconds`` with jitter (up to a quarter more): rows that failed
+        together must not all come due at the same instant again."""
+        return seconds * random.uniform(1.0, 1.25)
 
 
 def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> list[dict[str, Any]]:
@@ -413,7 +414,7 @@ def _apply_status(
                 conn.execute("UPDATE messages SET delivery_status = 'queued' WHERE id = ?", (row["message_id"],))
             return None
         if not update.permanent:
-            delay = policy.delay_at_least(STATUS_RETRY_SECONDS, row["attempts"])
+            delay = max(policy.floor(STATUS_RETRY_SECONDS), policy.delay(row["attempts"]))
             record_retry(conn, row["id"], detail, delay, None, now, new_request=True)
             return None
         record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False)
@@ -632,7 +633,7 @@ class OutboxWorker:
         self.retried += 1
         delay = retry_after or self.policy.delay(item["attempts"])
         if status_wait is not None:
-            delay = max(delay, self.policy.delay_at_least(status_wait.total_seconds(), item["attempts"]))
+            delay = max(delay, self.policy.floor(status_wait.total_seconds()))
         await self._record(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
 
     async def _deliver(self, item: dict[str, Any], limit: asyncio.Semaphore) -> None:
@@ -652,9 +653,9 @@ class OutboxWorker:
                 lambda conn: record_retry(conn, item["id"], f"channel {item['channel']!r} is not configured", delay, None, self.clock.now())
             )
             return False
-        if item["attempts"] > 1 and await self._earlier_send_reported(item):
-            # It went through after all: record that send (the unit looks again, in the write
-            # transaction) instead of sending a duplicate.
+        if item["attempts"] > 1 and (not self.store.settled or await self._earlier_send_reported(item)):
+            # It may have gone through after all: look in a write unit, behind any status still
+            # being committed (the read sees only what is), and record that send if one names it.
             adopted = await self._record(lambda conn: adopt_earlier_send(
                 conn, item, self.answered_on_sent, self.channels, self.clock.now(), self.policy))
             if adopted is not None:
@@ -698,8 +699,8 @@ class OutboxWorker:
 
     async def _earlier_send_reported(self, item: Mapping[str, Any]) -> bool:
         """Whether a status kept under the row's idempotency key says an earlier send of it went
-        through. Read outside the write transaction: for nearly every retried row there is none,
-        and the look costs no commit then."""
+        through. A read, for when no write is queued or under way (``store.settled``): for nearly
+        every retried row there is none, and the look then costs no commit."""
         return await self.store.fetchone(
             "SELECT 1 FROM delivery_events WHERE channel = ? AND idempotency_key = ? AND outbox_id IS NULL LIMIT 1",
             (item["channel"], item["idempotency_key"]),

@@ -63,7 +63,8 @@ class WhatsAppChannel(Channel):
     def __init__(self, settings: WhatsAppSettings) -> None:
         self.settings = settings
         # Meta echoes biz_opaque_callback_data (the idempotency key) in every status.
-        self.capabilities = dataclasses.replace(type(self).capabilities, status_wait=timedelta(seconds=settings.status_wait))
+        wait = timedelta(seconds=settings.status_wait) if settings.status_wait else None
+        self.capabilities = dataclasses.replace(type(self).capabilities, status_wait=wait)
         self.in_flight = 0
         self.refused = 0
 
@@ -195,7 +196,12 @@ class WhatsAppChannel(Channel):
             # the last part carries it: posted after every other part was taken.
             key = message.idempotency_key if part == len(payloads) else f"{message.idempotency_key}.part-{part}"
             payload["biz_opaque_callback_data"] = key[:512]
-            provider_ids.append(await self._post(number.phone_number_id, payload))
+            try:
+                provider_ids.append(await self._post(number.phone_number_id, payload))
+            except RetryableDeliveryError as exc:
+                if part < len(payloads):  # the last part, whose status would tell, never went
+                    exc.outcome_unknown = False
+                raise
         return SendResult(provider_id=provider_ids[0])
 
     def _template_payload(self, message: OutboundMessage, number: BusinessNumber) -> dict[str, Any]:
@@ -229,9 +235,11 @@ class WhatsAppChannel(Channel):
                     body = await response.json(content_type=None)
                 except (ValueError, aiohttp.ContentTypeError):
                     body = None
+        except aiohttp.ConnectionTimeoutError:  # no connection in time: nothing was sent
+            raise RetryableDeliveryError("Graph API could not be reached in time", code="connection") from None
         except TimeoutError:
             raise RetryableDeliveryError("Graph API did not answer in time", code="timeout", outcome_unknown=True) from None
-        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
+        except aiohttp.ClientConnectorError as exc:  # no connection (refused, DNS, TLS): nothing was sent
             raise RetryableDeliveryError(f"Graph API unreachable: {exc}", code="connection") from None
         except aiohttp.ClientError as exc:  # the connection broke, perhaps after Meta took the request
             raise RetryableDeliveryError(f"Graph API unreachable: {exc}", code="connection", outcome_unknown=True) from None

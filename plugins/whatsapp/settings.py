@@ -18,7 +18,8 @@ DEFAULT_MAX_BODY_BYTES = 3 * 1024 * 1024
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_STATUS_WAIT = 30.0
 """After a send that got no answer, how long to wait for its status (Meta echoes the
-idempotency key in it) before sending again: a status usually comes within seconds."""
+idempotency key in it) before sending again: a status usually comes within seconds. 0 turns
+the wait off (backoff alone)."""
 DEFAULT_MAX_MEDIA_BYTES = 25 * 1024 * 1024
 """Largest media item ``download_media`` fetches; larger ones keep only their media id."""
 
@@ -117,7 +118,7 @@ class WhatsAppSettings:
             template=_template(section.get("template")),
             max_body_bytes=_positive_int(section.get("max_body_bytes"), DEFAULT_MAX_BODY_BYTES),
             timeout=_positive_float(section.get("timeout"), DEFAULT_TIMEOUT),
-            status_wait=_positive_float(section.get("status_wait"), DEFAULT_STATUS_WAIT),
+            status_wait=_non_negative_float(section.get("status_wait"), DEFAULT_STATUS_WAIT),
             download_media=_flag(section.get("download_media")),
             max_media_bytes=_positive_int(section.get("max_media_bytes"), DEFAULT_MAX_MEDIA_BYTES),
         )
@@ -164,6 +165,12 @@ def _positive_int(value: Any, default: int) -> int:
     except (TypeError, ValueError):
         return default
     return number if number > 0 else default
+
+
+def _non_negative_float(value: Any, default: float) -> float:
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return _positive_float(value, default)
 
 
 def _positive_float(value: Any, default: float) -> float:

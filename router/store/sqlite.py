@@ -247,6 +247,11 @@ class SQLiteStore:
             await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
         self._executor.shutdown(wait=True)
 
+    @property
+    def settled(self) -> bool:
+        """No write is queued or under way: a read now sees every write asked for so far."""
+        return not self._queue and not self._in_flight
+
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in the next group transaction and return its result once committed.
 

@@ -636,7 +636,8 @@ class SilentlyTakingChat(StaggeredChat):
     async def send(self, message: OutboundMessage) -> SendResult:
         self.sent.append(message)
         if len(self.sent) == 1:
-            raise RetryableDeliveryError("no answer", code="timeout", outcome_unknown=self.outcome_unknown)
+            raise RetryableDeliveryError("no answer" if self.outcome_unknown else "503", code="timeout" if self.outcome_unknown else "503",
+                                         outcome_unknown=self.outcome_unknown)
         return SendResult(provider_id=f"taken-{len(self.sent)}")
 
 
@@ -703,4 +704,63 @@ async def test_a_retry_with_no_status_kept_for_its_key_costs_no_extra_commit(tmp
         commits = harness.core.store.commits
         assert await harness.core.outbox.run_once() == 1
         assert harness.core.store.commits - commits == 2  # the claim and the outcome
+        assert len(plugin.channel.sent) == 2
+
+
+async def test_a_status_still_being_committed_when_the_retry_looks_is_seen(tmp_path):
+    """The look for an earlier send's status is a read when nothing is being written; a read
+    sees only what is committed, so a status whose write is queued or under way at that moment
+    was missed and the message went twice. While writes are pending the look is a write unit,
+    queued behind them."""
+    plugin = Plugin(SilentlyTakingChat(timedelta(seconds=20), True))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        [row] = await harness.rows("SELECT idempotency_key FROM outbox")
+        harness.clock.advance(timedelta(seconds=60))
+        store, write = harness.core.store, harness.core.store.write
+        statuses: list[asyncio.Task] = []
+
+        async def status_right_after_the_claim(work):
+            result = await write(work)
+            if not statuses and isinstance(result, list) and result and "idempotency_key" in result[0]:
+                status = DeliveryUpdate(provider_id="taken-1", status="sent", idempotency_key=row["idempotency_key"])
+                statuses.append(asyncio.create_task(harness.core.record_delivery("staggered", status)))
+                await asyncio.sleep(0)  # its unit is queued, not committed
+            return result
+
+        store.write = status_right_after_the_claim
+        try:
+            assert await harness.core.outbox.run_once() == 1
+            await asyncio.gather(*statuses)
+        finally:
+            store.write = write
+        assert len(statuses) == 1 and len(plugin.channel.sent) == 1
+        [row] = await harness.rows("SELECT state, provider_id FROM outbox")
+        assert row == {"state": "sent", "provider_id": "taken-1"}
+
+
+class HangingChat(SilentlyTakingChat):
+    """The first send never answers: the worker's own ``send_timeout`` ends it."""
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if not self.sent:
+            self.sent.append(message)
+            await asyncio.sleep(3600)
+        return await super().send(message)
+
+
+async def test_a_send_the_worker_stopped_waiting_for_waits_for_its_status_too(tmp_path):
+    plugin = Plugin(HangingChat(timedelta(seconds=20), True))
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=0.2)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        [row] = await harness.rows("SELECT state, last_error FROM outbox")
+        assert row == {"state": "pending", "last_error": "timed out"}
+        harness.clock.advance(timedelta(seconds=5))
+        await harness.run_outbox()
+        assert len(plugin.channel.sent) == 1  # not within the backoff: the status may yet come
+        harness.clock.advance(timedelta(seconds=30))
+        await harness.run_outbox()
         assert len(plugin.channel.sent) == 2

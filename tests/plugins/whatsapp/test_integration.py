@@ -746,6 +746,23 @@ async def test_a_long_reply_whose_last_part_timed_out_is_sent_again_whatever_its
     assert row["state"] == "sent"
 
 
+async def test_a_long_reply_whose_first_part_timed_out_is_sent_again_after_the_backoff(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    """Its last part never went, so no status can show the message went through: waiting
+    ``status_wait`` for one would only delay the answer."""
+    case = await open_case(wa)
+    graph.hang(1.0)  # the first part's answer does not come in time
+    await reply(wa, case["id"], "Zum Stand der Bauarbeiten: " + "Der Gehweg bleibt gesperrt. " * 200)
+    await wa.run_outbox()
+    assert len(graph.requests) == 2  # the acknowledgement, and the first part only
+    wa.clock.advance(timedelta(seconds=5))  # past the backoff, far below status_wait
+    await wa.run_outbox()
+    assert len(graph.requests) == 4
+    (row,) = await wa.rows("SELECT state FROM outbox WHERE kind = 'reply'")
+    assert row["state"] == "sent"
+
+
 async def assert_flagged_for_callback(harness: CoreHarness) -> dict[str, Any]:
     status, listing = await harness.api("GET", "/api/v1/conversations")
     assert status == 200
