@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import router.core as core_module  # noqa: E402
 from common import TEXTS, wa_number, whatsapp_body  # noqa: E402
+
+import router.core as core_module  # noqa: E402
 from plugins.whatsapp.parse import parse_webhook  # noqa: E402
 from router.testing import CoreHarness  # noqa: E402
 

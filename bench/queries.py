@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sqlite3
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace

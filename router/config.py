@@ -26,6 +26,7 @@ import jsonschema
 from .hours import BusinessHours
 from .text import normalize
 
+
 def _default_config() -> Path:
     """The example organisation: ``config/`` beside the source tree (a checkout or an editable
     install), else the copy a wheel installs under ``<prefix>/share/contact-router/``."""

@@ -18,7 +18,6 @@ import phonenumbers
 from .models import Customer
 from .text import normalize
 
-
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 

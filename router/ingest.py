@@ -36,7 +36,6 @@ from .tracking import (
 )
 from .validation import validate_inbound
 
-
 ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
 # Message flags that concern the whole conversation and are copied onto it.
 CONVERSATION_FLAGS = frozenset({"callback_required", "no_number", "unsupported", "provider_error", "transcription_failed"})

@@ -194,7 +194,7 @@ class EmailChannel(Channel):
             server.close()
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.context.log.warning("SMTP listener: sessions still open at shutdown")
 
     # -- HTTP route ------------------------------------------------------------------------
@@ -284,7 +284,7 @@ class EmailChannel(Channel):
             if exc.code >= 500:
                 raise PermanentDeliveryError(f"{exc.code} {exc.message}", code=str(exc.code)) from exc
             raise RetryableDeliveryError(f"{exc.code} {exc.message}", code=str(exc.code)) from exc
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise RetryableDeliveryError(f"relay unreachable: {exc}", code="relay_unreachable") from exc
         return SendResult(provider_id=message_id, thread_key=message_id)
 

@@ -280,7 +280,7 @@ class ImapPoller:
         idle = await client.idle_start(timeout=self.mailbox.idle_seconds)
         try:
             await client.wait_server_push(timeout=self.mailbox.idle_seconds + 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             client.idle_done()

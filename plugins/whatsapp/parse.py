@@ -13,8 +13,8 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from functools import lru_cache
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import phonenumbers

@@ -16,7 +16,6 @@ from ..config import Config, StaffMember
 from . import queries
 from .openapi import openapi_document
 
-
 MAX_TEXT = 20_000
 STATES = ("open", "acknowledged", "answered", "waiting", "closed")
 

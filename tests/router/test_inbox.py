@@ -192,9 +192,10 @@ async def test_callback_reached_answers_the_conversation(harness):
 
 
 async def test_demo_tokens_are_refused_when_not_allowed(tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
     from router.app import create_app
     from router.config import load_config
-    from aiohttp.test_utils import TestClient, TestServer
 
     app = create_app(load_config(env={}), data_dir=tmp_path / "d", entrypoints=("webform",), run_workers=False,
                      allow_demo_tokens=False)
@@ -216,10 +217,14 @@ async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness)
     assert detail["contact"]["id"] == b["contact"]["id"]
 
 
+def found(body):
+    """The conversation ids of a listing, in its order."""
+    return [i["id"] for i in body["items"]]
+
+
 async def test_free_text_search_folds_umlauts_and_needs_every_word(harness):
     a = await harness.core.ingest(webform_message("Die Straßensperrung in der Musterstraße dauert schon Wochen"))
     b = await harness.core.ingest(webform_message("Frage zum Tarif", email="b@example.net", topic="contract", postcode="99999"))
-    found = lambda body: [i["id"] for i in body["items"]]
     status, body = await harness.api("GET", "/api/v1/conversations?q=strassensperr")
     assert found(body) == [a.conversation_id]
     status, body = await harness.api("GET", "/api/v1/conversations?q=MUSTERSTRASSE wochen")
@@ -236,7 +241,6 @@ async def test_a_one_character_search_word_matches_whole_words_only(harness):
     four = await harness.core.ingest(webform_message("Vor Hausnummer 4 ist der Gehweg offen"))
     await harness.core.ingest(webform_message("Die Leitung in Nummer 4711 ist kaputt", email="b@example.net"))
     await harness.core.ingest(webform_message("Seit 42 Tagen eine Baustelle", email="c@example.net"))
-    found = lambda body: [i["id"] for i in body["items"]]
     status, body = await harness.api("GET", "/api/v1/conversations?q=4")
     assert status == 200 and found(body) == [four.conversation_id]
     status, body = await harness.api("GET", "/api/v1/conversations?q=hausnummer 4")

@@ -10,9 +10,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from router.channel import StorageUnavailable
 from router.store import migrations
 from router.store.migrations import MIGRATIONS
-from router.channel import StorageUnavailable
 from router.store.sqlite import SQLiteStore, apply_migrations, iso, parse_iso, run_units
 from router.testing import CoreHarness
 
@@ -315,7 +315,7 @@ class _DefensiveSQLite:
 
 def test_a_sqlite_that_refuses_schema_edits_keeps_the_in_lists_and_starts(tmp_path, caplog):
     conn = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
-    for version, _, sql in MIGRATIONS[:4]:
+    for _version, _, sql in MIGRATIONS[:4]:
         for statement in sql.split(";\n"):
             if statement.strip() and "cr_search_text" not in statement:
                 conn.execute(statement)

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiosmtpd.smtp import SMTP
 
+from plugins.email import EmailChannel, EmailSettings
 from router.clock import FrozenClock
 from router.hookspecs import (
     ChannelContext,
@@ -19,8 +20,6 @@ from router.hookspecs import (
     PermanentDeliveryError,
     RetryableDeliveryError,
 )
-
-from plugins.email import EmailChannel, EmailSettings
 
 from .test_bounces import POSTFIX_DSN
 from .test_parse import LATIN1

@@ -2,11 +2,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from router.hookspecs import OutboundMessage
-
 from plugins.email.compose import build_mail, message_id_for
 from plugins.email.loops import auto_reply_reason
 from plugins.email.parse import parse_message, read_message
+from router.hookspecs import OutboundMessage
 
 NOW = datetime(2024, 5, 3, 8, 15, tzinfo=UTC)
 

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from router.testing import CoreHarness
-
 from plugins.email.imap import IMPORTED_KEYWORD, ImapMailbox, imap_mailboxes
 from plugins.email.settings import EmailSettingsError
+from router.testing import CoreHarness
 
 from .fake_imap import FakeImapServer
 from .test_integration import compose

@@ -21,10 +21,9 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP
 
+from plugins.email import EmailChannel
 from router.hookspecs import RetryableDeliveryError
 from router.testing import CoreHarness
-
-from plugins.email import EmailChannel
 
 from .test_channel import FakeCore, make_channel, reply, running
 from .test_integration import LATIN1_MAIL
