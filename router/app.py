@@ -37,10 +37,6 @@ def json_error(status: int, code: str, message: str, **extra: Any) -> web.Respon
     return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status)
 
 
-# What a 503 for a database that refuses writes asks the sender to wait: long enough for a
-# lock to clear, short enough that a provider's own backoff is not needed.
-STORAGE_RETRY_AFTER_SECONDS = 5
-
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                409: "conflict", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited"}
 
@@ -56,7 +52,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         # Nothing was stored; the sender (a provider, a form, a staff member) tries again.
         log.error("%s %s: %s", request.method, request.path, exc)
         response = json_error(503, "unavailable", "the service cannot store this now; try again shortly")
-        response.headers["Retry-After"] = str(STORAGE_RETRY_AFTER_SECONDS)
+        response.headers["Retry-After"] = str(exc.retry_after)
         return response
     except ActionError as exc:
         return json_error(exc.status, exc.code, exc.message)

@@ -96,6 +96,10 @@ class StorageUnavailable(Exception):
     it was stored: answer so that the sender tries again later (HTTP 503, SMTP 451), and do not
     count it against the message (a mail that failed to import, say)."""
 
+    retry_after: int = 5
+    """Seconds a sender is asked to wait (``Retry-After``): long enough for a lock to clear,
+    short enough that a provider's own backoff is not needed."""
+
 
 class DeliveryError(Exception):
     """Base class of the errors ``Channel.send`` raises."""

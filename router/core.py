@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from . import identity, tracking
-from .channel import Channel, DeliveryUpdate
+from .channel import Channel, DeliveryUpdate, StorageUnavailable
 from .clock import Clock
 from .config import Config
 from .context import IngestResult
@@ -237,6 +237,8 @@ class Core:
                 await self.escalate_due()
             except asyncio.CancelledError:
                 raise
+            except StorageUnavailable as exc:  # the store logged the cause; tried again next pass
+                log.warning("escalation pass skipped: %s", exc)
             except Exception:
                 log.exception("escalation pass failed")
             await asyncio.sleep(self.config.escalation_check_seconds)

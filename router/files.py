@@ -8,15 +8,34 @@ or a crash right after the provider's 2xx leaves a row pointing at an empty or m
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
+
+from .channel import StorageUnavailable
+
+# Errors that say the disk cannot take files now, whatever the file: full, over quota,
+# read-only, failing.
+_OUTAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably: a temporary file in the same folder,
     flushed to disk, renamed over the final name, then the folder flushed (and the folders this
-    call created, up to one that existed). A file under the final name is always complete."""
+    call created, up to one that existed). A file under the final name is always complete.
+
+    Raises ``StorageUnavailable`` (with the ``OSError`` as its cause) when the disk is full,
+    read-only or failing: like a database that refuses writes, not the content's fault."""
+    try:
+        _write_durably(path, data)
+    except OSError as exc:
+        if exc.errno in _OUTAGE_ERRNOS:
+            raise StorageUnavailable(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+        raise
+
+
+def _write_durably(path: Path, data: bytes) -> None:
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")

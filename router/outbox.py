@@ -29,6 +29,7 @@ from .channel import (
     ResendAsDeliveryError,
     RetryableDeliveryError,
     SendResult,
+    StorageUnavailable,
 )
 from .clock import Clock
 from .config import Config
@@ -499,6 +500,9 @@ class OutboxWorker:
                 count = await self.run_once()
             except asyncio.CancelledError:
                 raise
+            except StorageUnavailable as exc:  # the store logged the cause; tried again at the poll
+                log.warning("outbox batch skipped: %s", exc)
+                count = 0
             except Exception:  # keep delivering: one bad batch must not stop the outbox
                 log.exception("outbox batch failed")
                 count = 0

@@ -356,7 +356,7 @@ class ImapPoller:
             raise ImportFailed(f"UID {uid}: import failed (attempt {attempts} of {box.max_attempts}): {cause}") from exc
         try:
             path = await asyncio.to_thread(self._write_unprocessable, mark.uidvalidity, uid, raw)
-        except OSError as write_error:
+        except (OSError, StorageUnavailable) as write_error:
             raise ImportFailed(
                 f"UID {uid}: import failed {attempts} times ({cause}), and the mail could not be set aside: {write_error}"
             ) from write_error

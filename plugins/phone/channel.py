@@ -26,6 +26,7 @@ from router.hookspecs import (
     OutboundMessage,
     PermanentDeliveryError,
     SendResult,
+    StorageUnavailable,
 )
 
 from . import parse, twiml
@@ -129,12 +130,27 @@ class PhoneChannel(Channel):
             raise web.HTTPForbidden(text="invalid signature")
         return {key: values[0] for key, values in params.items()}
 
-    async def _ingest(self, message: dict[str, Any]) -> IngestResult | None:
-        """Hand a message to the core; a message the core refuses is logged, not fatal to a call."""
+    async def _ingest(self, message: dict[str, Any], *, caller_on_the_line: bool = False) -> IngestResult | None:
+        """Hand a message to the core; a message the core refuses is logged, not fatal to a call.
+
+        With ``caller_on_the_line``, a database that refuses writes is logged too, with what it
+        takes to find the call or voicemail again at Twilio, and the call goes on (forwarded,
+        or to the voicemail): an error answer would leave the caller with Twilio's "an
+        application error has occurred". Otherwise it is answered 503 (Twilio keeps the SMS or
+        status in its logs)."""
         try:
             return await self.context.ingest(message)
         except InvalidMessage as exc:
             self.context.log.error("the core refused a %s message at %s: %s", message.get("kind"), exc.path, exc)
+            return None
+        except StorageUnavailable as exc:
+            if not caller_on_the_line:
+                raise
+            meta = message.get("meta") or {}
+            self.context.log.error(
+                "could not store a %s (call %s, recording %s): %s", message.get("kind"), meta.get("call_sid"),
+                (message.get("attachments") or [{}])[0].get("url"), exc,
+            )
             return None
 
     def _is_open(self, unit: str, now: datetime) -> bool:
@@ -205,7 +221,7 @@ class PhoneChannel(Channel):
             raise web.HTTPBadRequest(text=str(exc)) from exc
         now = self.context.clock.now()
         self.calls.note(message["meta"]["call_sid"], now, topic=topic, language=language)
-        result = await self._ingest(message)
+        result = await self._ingest(message, caller_on_the_line=True)
         unit = result.unit if result else None
         number = self.settings.forward_numbers.get(unit) if unit else None
         reference = result.case_reference if result else None
@@ -250,7 +266,7 @@ class PhoneChannel(Channel):
         except parse.PayloadError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from exc
         if message is not None:
-            await self._ingest(message)
+            await self._ingest(message, caller_on_the_line=True)
             self.calls.note(message["meta"]["call_sid"], self.context.clock.now(), outcome="voicemail")
         return _twiml(twiml.goodbye(language, thanks=message is not None, voice=self.settings.voice))
 

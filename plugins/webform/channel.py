@@ -21,6 +21,7 @@ from router.hookspecs import (
     InvalidMessage,
     OutboundMessage,
     SendResult,
+    StorageUnavailable,
     read_limited_body,
 )
 
@@ -152,6 +153,12 @@ class WebFormChannel(Channel):
             return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=text, content_type="text/html")
         return cls(text=text, content_type="text/html")
 
+    @staticmethod
+    def _unavailable(html: str, retry_after: int) -> web.Response:
+        """The page again, with what was typed, when the service cannot store it now."""
+        return web.Response(text=html, content_type="text/html", status=503,
+                            headers={"Retry-After": str(retry_after), "Cache-Control": "no-store"})
+
     # ------------------------------------------------------------------ the form
 
     async def form(self, request: web.Request) -> web.Response:
@@ -194,6 +201,13 @@ class WebFormChannel(Channel):
             result = await self.context.ingest(message)
         except InvalidMessage as exc:
             raise self._error(is_json, 400, "invalid_message", exc.message, field=exc.path) from None
+        except StorageUnavailable as exc:
+            if is_json:
+                raise  # the service's 503 with Retry-After
+            # The resident keeps what they typed, and is told to send it again shortly.
+            html = pages.form_page(language=language, token=tokens.issue(self.secret, self._now()), topics=self.topics,
+                                   values=values, notice=pages.TEXT[language]["unavailable"])
+            return self._unavailable(html, exc.retry_after)
         status_path = f"/channels/webform/status/{result.status_token}"
         if is_json:
             return web.json_response(
@@ -256,15 +270,24 @@ class WebFormChannel(Channel):
         if not self.limiter.allow(self._client(request)):
             raise self._error(is_json, 429, "rate_limited", "too many submissions; please try again in a minute")
         sender = view["sender"]
-        result = await self.context.ingest({
-            "channel": "webform",
-            "channel_message_id": f"status:{token.nonce}",
-            "kind": "message",
-            "sender": {"kind": sender["kind"], "address": sender["address"]},
-            "text": text.strip(),
-            "language": view["language"] if view["language"] in pages.TEXT else language,
-            "thread": {"status_token": status_token},
-        })
+        try:
+            result = await self.context.ingest({
+                "channel": "webform",
+                "channel_message_id": f"status:{token.nonce}",
+                "kind": "message",
+                "sender": {"kind": sender["kind"], "address": sender["address"]},
+                "text": text.strip(),
+                "language": view["language"] if view["language"] in pages.TEXT else language,
+                "thread": {"status_token": status_token},
+            })
+        except StorageUnavailable as exc:
+            if is_json:
+                raise
+            html = pages.status_page(language=language, view=view,
+                                     token=tokens.issue(self.secret, self._now(), self._scope(status_token)),
+                                     timezone=self.context.settings.get("timezone", "Europe/Berlin"),
+                                     action=request.path, error=pages.TEXT[language]["unavailable"], text=text)
+            return self._unavailable(html, exc.retry_after)
         if is_json:
             return web.json_response({"case_reference": result.case_reference, "conversation_id": result.conversation_id,
                                       "duplicate": result.duplicate}, status=200 if result.duplicate else 201)

@@ -24,6 +24,7 @@ TEXT = {
         "message": "Ihre Nachricht",
         "send": "Absenden",
         "errors": "Bitte prüfen Sie die markierten Felder.",
+        "unavailable": "Wir können Ihre Nachricht gerade nicht speichern. Ihre Eingaben sind erhalten: bitte senden Sie sie in ein paar Minuten noch einmal.",
         "status_title": "Ihr Anliegen {case}",
         "responsible": "Zuständig",
         "deadline": "Antwort bis",
@@ -52,6 +53,7 @@ TEXT = {
         "message": "Your message",
         "send": "Send",
         "errors": "Please check the marked fields.",
+        "unavailable": "We cannot store your message right now. What you entered is kept: please send it again in a few minutes.",
         "status_title": "Your case {case}",
         "responsible": "Responsible",
         "deadline": "Answer by",
@@ -99,8 +101,9 @@ def _field(name: str, label: str, value: str, error: str | None, *, kind: str = 
 
 def form_page(
     *, language: str, token: str, topics: Mapping[str, Mapping[str, str]], values: Mapping[str, str] | None = None,
-    errors: Mapping[str, str] | None = None, action: str = "/channels/webform/",
+    errors: Mapping[str, str] | None = None, action: str = "/channels/webform/", notice: str | None = None,
 ) -> str:
+    """The contact form, filled with ``values``; ``errors`` by field, ``notice`` for the whole form."""
     t = TEXT[language]
     values = values or {}
     errors = errors or {}
@@ -111,6 +114,8 @@ def form_page(
     ]
     if errors:
         parts.append(f'<p class="error" role="alert">{escape(t["errors"])}</p>')
+    if notice:
+        parts.append(f'<p class="error" role="alert">{escape(notice)}</p>')
     parts.append(f'<form method="post" action="{escape(action)}?lang={language}" accept-charset="utf-8">')
     parts.append(f'<input type="hidden" name="form_token" value="{escape(token)}">')
     parts.append(_field("name", t["name"], values.get("name", ""), errors.get("name"), autocomplete="name"))
@@ -154,7 +159,8 @@ def _when(value: datetime | None, language: str, timezone: str) -> str:
 
 
 def status_page(
-    *, language: str, view: Mapping[str, Any], token: str, timezone: str, action: str, error: str | None = None
+    *, language: str, view: Mapping[str, Any], token: str, timezone: str, action: str, error: str | None = None,
+    text: str = "",
 ) -> str:
     t = TEXT[language]
     title = t["status_title"].format(case=view["case_reference"])
@@ -180,7 +186,7 @@ def status_page(
         f'<label for="message">{escape(t["message"])}</label>'
         f'<textarea id="message" name="message" required maxlength="5000"'
         + (' aria-invalid="true" aria-describedby="message-error"' if error else "")
-        + "></textarea>"
+        + f">{escape(text)}</textarea>"
         '<div class="hp" aria-hidden="true"><label for="website">Website</label>'
         '<input id="website" name="website" type="text" tabindex="-1" autocomplete="off"></div>'
         f'<button type="submit">{escape(t["reply_send"])}</button></form>'

@@ -178,20 +178,28 @@ def _run_each(conn: sqlite3.Connection, works: list[Work], savepoint: str) -> li
     return outcomes
 
 
-# SQLite's primary result codes that blame the database, not the unit of work: the disk is
-# full or failing, the file read-only, gone, corrupt, or locked by another process beyond the
-# timeout. Any other error (a constraint, a bug in a unit) is the unit's own.
+# SQLite's primary result codes that, raised by a unit's statement, blame the database and not
+# the unit: the disk is full or failing, the file read-only, gone, corrupt, or locked by another
+# process beyond the timeout. Any other error (a constraint, a value too big, a bug) is the
+# unit's own. (SQLITE_LOCKED comes only from a unit's own misuse of its connection, and
+# SQLITE_NOMEM arrives as MemoryError.) A failed BEGIN or COMMIT is the database's whatever
+# its code.
 _OUTAGE_CODES = frozenset({
     sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_BUSY,
-    sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOMEM,
-    sqlite3.SQLITE_PERM,
+    sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_PERM,
 })
 
 
 def is_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` says the database cannot store anything now (``StorageUnavailable``)."""
+    """Whether ``exc``, raised by a unit's statement, says the database cannot store anything now."""
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(exc, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _OUTAGE_CODES
+
+
+def _unavailable(exc: BaseException) -> StorageUnavailable:
+    error = StorageUnavailable(f"the database cannot store now: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 class SQLiteStore:
@@ -211,6 +219,10 @@ class SQLiteStore:
         self.commits = 0
         self.units_committed = 0
         self.commit_seconds = 0.0
+        self.outages = 0
+        """Writes refused because the database could not store (``StorageUnavailable``)."""
+        self.outage: str | None = None
+        """Why the last transaction failed, until one commits."""
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,20 +268,16 @@ class SQLiteStore:
         """Run ``work`` in the next group transaction and return its result once committed.
 
         An exception raised by ``work`` rolls back that unit only and is raised here. When the
-        database itself fails (see ``is_outage``), ``StorageUnavailable`` is raised instead, with
-        SQLite's error as its cause: nothing of the unit was stored.
+        database itself fails (BEGIN or COMMIT fails, or a statement with ``is_outage``),
+        ``StorageUnavailable`` is raised instead, with SQLite's error as its cause: nothing of
+        the unit was stored.
         """
         if self._wakeup is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((work, future))
         self._wakeup.set()
-        try:
-            return await future
-        except sqlite3.DatabaseError as exc:
-            if is_outage(exc):
-                raise StorageUnavailable(f"the database cannot store now: {exc}") from exc
-            raise
+        return await future
 
     async def _write_loop(self) -> None:
         assert self._wakeup is not None
@@ -289,7 +297,13 @@ class SQLiteStore:
             try:
                 outcomes = await self._commit_batch(loop, [w for w, _ in batch])
             except BaseException as exc:  # the commit itself failed: nobody's unit is durable
-                log.exception("group commit failed")
+                if isinstance(exc, sqlite3.DatabaseError):
+                    self.outage = str(exc)
+                    self.outages += 1
+                    log.error("group commit failed: the database cannot store now: %s", exc)
+                    exc = _unavailable(exc)
+                else:
+                    log.exception("group commit failed")
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("commit failed"))
@@ -300,11 +314,15 @@ class SQLiteStore:
             self.commits += 1
             self.units_committed += len(batch)
             self.commit_seconds += time.perf_counter() - started
+            self.outage = None
             for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
                 if fut.done():
                     continue
                 if ok:
                     fut.set_result(value)
+                elif is_outage(value):
+                    self.outages += 1
+                    fut.set_exception(_unavailable(value))
                 else:
                     fut.set_exception(value)
             self._in_flight = False
@@ -353,6 +371,17 @@ class SQLiteStore:
         finally:
             conn.execute("PRAGMA busy_timeout=30000")
         await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
+
+    async def probe(self) -> None:
+        """A write that touches the file (the header's user version, rewritten as it is) in the
+        next transaction: raises ``StorageUnavailable`` when the database cannot store, such as
+        read-only or full, which a read does not notice. For ``/healthz``."""
+
+        def rewrite_header(conn: sqlite3.Connection) -> None:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+
+        await self.write(rewrite_header)
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """Run a read query on the reader connection."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
 from router import files
+from router.channel import StorageUnavailable
 from router.files import write_durably
 
 
@@ -42,11 +44,21 @@ def test_a_second_write_replaces_the_file_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mark.json"]
 
 
-def test_a_failed_write_leaves_neither_a_file_nor_a_temporary(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error, raised",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), StorageUnavailable),  # the disk's fault: retried later
+        (OSError(errno.EROFS, "Read-only file system"), StorageUnavailable),
+        (OSError(errno.EACCES, "Permission denied"), PermissionError),  # stays what it is
+    ],
+)
+def test_a_failed_write_leaves_neither_a_file_nor_a_temporary(tmp_path, monkeypatch, error, raised):
     def broken(fd: int) -> None:
-        raise OSError(28, "No space left on device")
+        raise OSError(error.errno, error.strerror)
 
     monkeypatch.setattr(files.os, "fsync", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(raised) as caught:
         write_durably(tmp_path / "photo.jpg", b"\xff\xd8")
+    if raised is StorageUnavailable:
+        assert caught.value.__cause__.errno == error.errno and "photo.jpg" in str(caught.value)
     assert list(tmp_path.iterdir()) == []

@@ -178,6 +178,25 @@ async def test_units_me_health_metrics(harness):
     assert "# TYPE contact_router_outbox_rows gauge" in text
 
 
+async def test_health_fails_while_the_database_refuses_writes_and_metrics_count_the_refusals(harness):
+    """A read-only or full database still answers reads: /healthz answered "ok" while every
+    message was refused. It now writes, and fails."""
+    case = await _case(harness)
+    writer = harness.core.store._writer
+    writer.execute("PRAGMA query_only = ON")
+    try:
+        response = await harness.client.get("/healthz")
+        assert response.status == 503 and "readonly" in (await response.json())["detail"]
+        status, body = await harness.api("POST", f"/api/v1/conversations/{case}/notes", json={"text": "Rückruf vereinbart"})
+        assert status == 503 and body["error"]["code"] == "unavailable"
+    finally:
+        writer.execute("PRAGMA query_only = OFF")
+    response = await harness.client.get("/healthz")
+    assert response.status == 200 and (await response.json())["status"] == "ok"
+    text = await (await harness.client.get("/metrics")).text()
+    assert "contact_router_storage_unavailable 2" in text
+
+
 async def test_callback_reached_answers_the_conversation(harness):
     case = await _case(harness)
     token = (await harness.core.store.fetchone("SELECT status_token FROM conversations WHERE id = ?", (case,)))["status_token"]

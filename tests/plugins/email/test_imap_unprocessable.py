@@ -8,6 +8,7 @@ failed import), as a broken mail or a transient fault would."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from plugins.email.imap import IMPORTED_KEYWORD, ImapMailbox, ImapPoller, ImportFailed
+from router import files
 from router.testing import CoreHarness
 
 from .fake_imap import FakeImapServer
@@ -35,9 +37,11 @@ class FailingReceive:
         self.channel: Any = harness.core.channels["email"]
         self.failures = failures
         self.poisoned = 0
+        self.calls = 0
         self.delivered: list[bytes] = []
 
     async def __call__(self, raw: bytes, envelope_to: list[str] | None) -> None:
+        self.calls += 1
         if b"GIFT" in raw:
             self.poisoned += 1
             if self.failures is None or self.poisoned <= self.failures:
@@ -291,20 +295,12 @@ async def test_an_outage_of_the_database_sets_no_mail_aside_and_the_mail_is_impo
     imap.add(mail(1))
     imap.add(mail(2))
     receive = FailingReceive(harness, failures=0)
-    calls = 0
-
-    async def counting(raw: bytes, envelope_to: list[str] | None) -> None:
-        nonlocal calls
-        calls += 1
-        await receive(raw, envelope_to)
-
     p = poller(harness, imap, receive)
-    p.receive = counting
     writer = harness.core.store._writer
     writer.execute("PRAGMA query_only = ON")
 
     async def tried_often() -> bool:
-        return calls >= 3 * p.mailbox.max_attempts
+        return receive.calls >= 3 * p.mailbox.max_attempts
 
     with caplog.at_level(logging.ERROR, logger=LOG.name):
         await run_until(p, tried_often)
@@ -316,3 +312,28 @@ async def test_an_outage_of_the_database_sets_no_mail_aside_and_the_mail_is_impo
     await run_until_stored(p, harness, 2, imap)
     assert receive.delivered == [mail(1), mail(2)] and set_aside(harness) == []
     assert await harness.count("outbox", "kind = 'ack'") == 2
+
+
+async def test_a_full_disk_sets_no_mail_aside_either(harness, imap, monkeypatch):
+    """The mail's original is written to disk before the commit; on a full disk that write
+    failed with OSError, counted against the mail, which was then set aside."""
+    imap.add(mail(1))
+    receive = FailingReceive(harness, failures=0)
+    real_write = files._write_durably
+
+    def full(path: Path, data: bytes) -> None:
+        if path.suffix != ".json":  # the mailbox's mark still fits; the mail's original does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    p = poller(harness, imap, receive)
+
+    async def tried_often() -> bool:
+        return receive.calls >= 2 * p.mailbox.max_attempts
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "_write_durably", full)
+        await run_until(p, tried_often)
+    assert set_aside(harness) == [] and p.set_aside == 0 and await harness.count("messages") == 0
+    await run_until_stored(p, harness, 1, imap)
+    assert receive.delivered == [mail(1)] and set_aside(harness) == []

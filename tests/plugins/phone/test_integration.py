@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timedelta
@@ -684,3 +685,25 @@ async def test_the_phone_channel_keeps_the_channel_contract(harness, twilio):
     assert [m["To"] for m in twilio.messages] == [MOBILE, MOBILE]  # the acknowledgement and the reply
     assert conv["channel"] == "phone"
 
+
+
+async def test_a_database_that_refuses_writes_leaves_the_caller_with_the_voicemail_not_an_error(harness, caplog):
+    """An error answer to Twilio during a call makes it say "an application error has
+    occurred" and hang up. The caller goes on to the voicemail instead, and the log names the
+    recording to fetch from Twilio; an SMS, which Twilio keeps in its logs, is answered 503."""
+    sid = "CA" + "e" * 32
+    writer = harness.core.store._writer
+    writer.execute("PRAGMA query_only = ON")
+    try:
+        voicemail = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+        assert voicemail.find("Dial") is None and voicemail.find("Record") is not None
+        with caplog.at_level(logging.ERROR):
+            goodbye = await say(harness, "recording?lang=de", call(
+                sid, RecordingSid="RE" + "e" * 32, RecordingUrl="https://api.twilio.com/rec/REe", RecordingDuration="12"))
+        assert goodbye.find("Say") is not None and goodbye.find("Hangup") is not None
+        assert any("https://api.twilio.com/rec/REe" in r.getMessage() for r in caplog.records)
+        response = await twilio_post(harness, "sms", sms("SM" + "e" * 32, "Hallo"))
+        assert response.status == 503 and response.headers["Retry-After"] == "5"
+    finally:
+        writer.execute("PRAGMA query_only = OFF")
+    assert await harness.count("messages") == 0

@@ -256,3 +256,47 @@ async def test_a_body_arriving_in_parts_is_read_whole(harness):
     assert response.status == 303
     rows = await harness.rows("SELECT text FROM messages WHERE direction = 'in'")
     assert rows == [{"text": long_message[:5000].strip()}]
+
+
+async def test_a_form_sent_while_the_database_refuses_writes_comes_back_filled_in(harness):
+    """A resident's form got the service's JSON error: what they typed was gone. The page comes
+    back with their entries and a note to send it again shortly; the JSON API answers 503."""
+    writer = harness.core.store._writer
+    token = await get_token(harness)
+    writer.execute("PRAGMA query_only = ON")
+    response = await harness.client.post("/channels/webform/", data={**FORM, "form_token": token}, allow_redirects=False)
+    assert response.status == 503 and response.headers["Retry-After"] == "5"
+    page = await response.text()
+    assert response.content_type == "text/html" and "Ihre Eingaben sind erhalten" in page
+    assert "Lindenweg 3" in page and "Seit Tagen kommt niemand." in page
+    status, body = await submit_json(harness)
+    assert status == 503 and body["error"]["code"] == "unavailable"
+    writer.execute("PRAGMA query_only = OFF")
+    assert await harness.count("messages") == 0
+
+    import re
+
+    token = re.search(r'name="form_token" value="([^"]+)"', page).group(1)
+    harness.clock.advance(timedelta(seconds=5))
+    response = await harness.client.post("/channels/webform/", data={**FORM, "form_token": token}, allow_redirects=False)
+    assert response.status == 303 and await harness.count("conversations") == 1
+
+
+async def test_a_reply_on_the_status_page_while_the_database_refuses_writes_keeps_its_text(harness):
+    status, body = await submit_json(harness)
+    path = "/channels/webform/status/" + body["status_url"].rsplit("/", 1)[1]
+    page = await (await harness.client.get(path)).text()
+
+    import re
+
+    token = re.search(r'name="form_token" value="([^"]+)"', page).group(1)
+    harness.clock.advance(timedelta(seconds=5))
+    writer = harness.core.store._writer
+    writer.execute("PRAGMA query_only = ON")
+    response = await harness.client.post(path, data={"form_token": token, "message": "Wann kommt der Bagger <zurück>?",
+                                                     "website": ""}, allow_redirects=False)
+    writer.execute("PRAGMA query_only = OFF")
+    assert response.status == 503
+    page = await response.text()
+    assert "Ihre Eingaben sind erhalten" in page and "Wann kommt der Bagger &lt;zurück&gt;?</textarea>" in page
+    assert await harness.count("messages", "direction = 'in'") == 1
