@@ -265,8 +265,9 @@ class PhoneChannel(Channel):
             )
         except parse.PayloadError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from exc
-        if message is not None:
-            await self._ingest(message, caller_on_the_line=True)
+        # A voicemail that was not stored (the database refused it) leaves the call's outcome
+        # open, so that its end is still recorded as a missed call if the database is back.
+        if message is not None and await self._ingest(message, caller_on_the_line=True) is not None:
             self.calls.note(message["meta"]["call_sid"], self.context.clock.now(), outcome="voicemail")
         return _twiml(twiml.goodbye(language, thanks=message is not None, voice=self.settings.voice))
 

@@ -51,6 +51,12 @@ class RateLimiter:
         hits.append(now)
         return True
 
+    def refund(self, client: str) -> None:
+        """Give back the last submission counted: it was not taken (the service could not store it)."""
+        hits = self._hits.get(client)
+        if hits:
+            hits.pop()
+
 
 def _language(request: web.Request) -> str:
     lang = request.query.get("lang")
@@ -202,10 +208,13 @@ class WebFormChannel(Channel):
         except InvalidMessage as exc:
             raise self._error(is_json, 400, "invalid_message", exc.message, field=exc.path) from None
         except StorageUnavailable as exc:
+            self.limiter.refund(self._client(request))
             if is_json:
                 raise  # the service's 503 with Retry-After
-            # The resident keeps what they typed, and is told to send it again shortly.
-            html = pages.form_page(language=language, token=tokens.issue(self.secret, self._now()), topics=self.topics,
+            # The resident keeps what they typed, and is told to send it again shortly. The same
+            # token goes back: past its fill time already, and its nonce keeps a later double
+            # submit one message.
+            html = pages.form_page(language=language, token=str(data["form_token"]), topics=self.topics,
                                    values=values, notice=pages.TEXT[language]["unavailable"])
             return self._unavailable(html, exc.retry_after)
         status_path = f"/channels/webform/status/{result.status_token}"
@@ -281,10 +290,10 @@ class WebFormChannel(Channel):
                 "thread": {"status_token": status_token},
             })
         except StorageUnavailable as exc:
+            self.limiter.refund(self._client(request))
             if is_json:
                 raise
-            html = pages.status_page(language=language, view=view,
-                                     token=tokens.issue(self.secret, self._now(), self._scope(status_token)),
+            html = pages.status_page(language=language, view=view, token=str(data["form_token"]),
                                      timezone=self.context.settings.get("timezone", "Europe/Berlin"),
                                      action=request.path, error=pages.TEXT[language]["unavailable"], text=text)
             return self._unavailable(html, exc.retry_after)

@@ -197,7 +197,7 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def _unavailable(exc: BaseException) -> StorageUnavailable:
-    error = StorageUnavailable(f"the database cannot store now: {exc}")
+    error = StorageUnavailable(f"the database cannot store now: {exc or type(exc).__name__}")
     error.__cause__ = exc
     return error
 
@@ -223,6 +223,8 @@ class SQLiteStore:
         """Writes refused because the database could not store (``StorageUnavailable``)."""
         self.outage: str | None = None
         """Why the last transaction failed, until one commits."""
+        self.committed_at = 0.0
+        """When (``time.monotonic``) a transaction last committed."""
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,11 +299,12 @@ class SQLiteStore:
             try:
                 outcomes = await self._commit_batch(loop, [w for w, _ in batch])
             except BaseException as exc:  # the commit itself failed: nobody's unit is durable
-                if isinstance(exc, sqlite3.DatabaseError):
-                    self.outage = str(exc)
-                    self.outages += 1
-                    log.error("group commit failed: the database cannot store now: %s", exc)
+                if is_outage(exc):  # a unit's statement failed so that SQLite ended the transaction
                     exc = _unavailable(exc)
+                if isinstance(exc, StorageUnavailable):
+                    self.outage = str(exc)
+                    self.outages += len(batch)
+                    log.error("group commit failed: %s", exc)
                 else:
                     log.exception("group commit failed")
                 for _, fut in batch:
@@ -315,6 +318,7 @@ class SQLiteStore:
             self.units_committed += len(batch)
             self.commit_seconds += time.perf_counter() - started
             self.outage = None
+            self.committed_at = time.monotonic()
             for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
                 if fut.done():
                     continue
@@ -347,7 +351,10 @@ class SQLiteStore:
                     conn.execute("ROLLBACK")
                 await self._begin(loop, conn)
                 outcomes = _run_each(conn, works, "unit")
-            await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
+            try:
+                await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
+            except Exception as exc:  # never a unit's fault
+                raise _unavailable(exc)  # noqa: B904 - its cause is set
         except BaseException:
             if conn.in_transaction:
                 await asyncio.shield(loop.run_in_executor(self._executor, conn.execute, "ROLLBACK"))
@@ -361,16 +368,19 @@ class SQLiteStore:
         A hop to the writer thread costs far more than the statement: its result comes back
         through a busy event loop, and the thread first has to win the GIL from it (measured
         under load at c=50: BEGIN 5 to 8 ms per batch in the thread, about 60 us here)."""
-        conn.execute("PRAGMA busy_timeout=0")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise
-        finally:
-            conn.execute("PRAGMA busy_timeout=30000")
-        await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
+            conn.execute("PRAGMA busy_timeout=0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+            finally:
+                conn.execute("PRAGMA busy_timeout=30000")
+            await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
+        except Exception as exc:  # never a unit's fault
+            raise _unavailable(exc)  # noqa: B904 - its cause is set
 
     async def probe(self) -> None:
         """A write that touches the file (the header's user version, rewritten as it is) in the

@@ -180,19 +180,23 @@ async def test_units_me_health_metrics(harness):
 
 async def test_health_fails_while_the_database_refuses_writes_and_metrics_count_the_refusals(harness):
     """A read-only or full database still answers reads: /healthz answered "ok" while every
-    message was refused. It now writes, and fails."""
+    message was refused. It now writes, unless a transaction committed just now."""
     case = await _case(harness)
+    commits = harness.core.store.commits
+    response = await harness.client.get("/healthz")
+    assert response.status == 200 and harness.core.store.commits == commits  # fresh: no write of its own
     writer = harness.core.store._writer
     writer.execute("PRAGMA query_only = ON")
     try:
-        response = await harness.client.get("/healthz")
-        assert response.status == 503 and "readonly" in (await response.json())["detail"]
         status, body = await harness.api("POST", f"/api/v1/conversations/{case}/notes", json={"text": "Rückruf vereinbart"})
         assert status == 503 and body["error"]["code"] == "unavailable"
+        response = await harness.client.get("/healthz")  # the failed write makes it look
+        assert response.status == 503 and "readonly" in (await response.json())["detail"]
     finally:
         writer.execute("PRAGMA query_only = OFF")
     response = await harness.client.get("/healthz")
     assert response.status == 200 and (await response.json())["status"] == "ok"
+    assert harness.core.store.commits == commits + 1 and harness.core.store.outage is None
     text = await (await harness.client.get("/metrics")).text()
     assert "contact_router_storage_unavailable 2" in text
 

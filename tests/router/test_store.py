@@ -271,6 +271,13 @@ async def test_a_database_that_refuses_writes_is_storage_unavailable_and_a_units
 
         with pytest.raises(ValueError):
             await store.write(bad)
+
+        def rolls_back(conn):  # its own error, though SQLite ends the whole transaction for it
+            conn.execute("INSERT OR ROLLBACK INTO events (kind, at) VALUES (NULL, NULL)")
+
+        outages = store.outages
+        results = await asyncio.gather(store.write(good(9)), store.write(rolls_back), return_exceptions=True)
+        assert isinstance(results[1], sqlite3.IntegrityError) and store.outages == outages
         with pytest.raises(sqlite3.IntegrityError):
             await store.write(lambda conn: conn.execute("INSERT INTO events (kind, at) VALUES (NULL, NULL)"))
         assert await store.write(good(1)) == 1  # the writer goes on

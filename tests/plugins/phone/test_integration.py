@@ -707,3 +707,6 @@ async def test_a_database_that_refuses_writes_leaves_the_caller_with_the_voicema
     finally:
         writer.execute("PRAGMA query_only = OFF")
     assert await harness.count("messages") == 0
+    # The voicemail was not stored, so the call's end is still a missed call with a call-back duty.
+    await say(harness, "call-status", call(sid, CallStatus="completed", CallDuration="40"))
+    assert await harness.count("messages", "kind = 'missed_call'") == 1
