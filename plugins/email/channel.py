@@ -33,6 +33,7 @@ from router.hookspecs import (
     PermanentDeliveryError,
     RetryableDeliveryError,
     SendResult,
+    StorageUnavailable,
     json_error,
     read_limited_body,
 )
@@ -310,6 +311,9 @@ class SMTPHandler:
         except InvalidMessage as exc:
             self.channel.context.log.warning("refused mail: %s %s", exc.path, exc.message)
             return "554 5.6.0 message refused: " + " ".join(exc.message.split())[:200]
+        except StorageUnavailable as exc:  # the store logged the cause; the sender retries
+            self.channel.context.log.warning("could not store mail (%s); answered 451", exc)
+            return "451 4.3.0 temporary failure, please try again later"
         except Exception:  # noqa: BLE001 - the sender keeps the mail and retries; we log the cause
             self.channel.context.log.exception("could not store mail; answered 451")
             return "451 4.3.0 temporary failure, please try again later"

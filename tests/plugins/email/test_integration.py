@@ -234,6 +234,24 @@ async def test_250_after_data_comes_only_after_the_commit(harness):
     assert await harness.count("messages", "channel_message_id = ?", ("<zwei@example.com>",)) == 0
 
 
+async def test_a_database_that_refuses_writes_answers_451_and_the_retry_is_stored(harness, caplog):
+    def blocking_send(raw: bytes) -> dict[str, Any]:
+        with smtplib.SMTP("127.0.0.1", smtp_port(harness), timeout=5) as client:
+            return client.sendmail("juergen.mueller@example.com", ["bau@example.org"], raw)
+
+    writer = harness.core.store._writer
+    writer.execute("PRAGMA query_only = ON")
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await asyncio.to_thread(blocking_send, LATIN1_MAIL)
+        assert refused.value.smtp_code == 451
+    finally:
+        writer.execute("PRAGMA query_only = OFF")
+    assert not [r for r in caplog.records if r.exc_info and "451" in r.getMessage()]  # one line, no traceback
+    assert await asyncio.to_thread(blocking_send, LATIN1_MAIL) == {}  # the sending server's retry
+    assert await harness.count("messages", "direction = 'in'") == 1
+
+
 async def test_redelivered_mail_is_stored_and_acknowledged_once(harness, sink):
     await send(harness, LATIN1_MAIL)
     await send(harness, LATIN1_MAIL)
