@@ -33,7 +33,7 @@ from .channel import (
 )
 from .clock import Clock
 from .config import Config
-from .store.sqlite import SQLiteStore, iso, parse_iso, run_units
+from .store.sqlite import SQLiteStore, is_outage, iso, parse_iso, run_units, unavailable
 from .text import sortable_token
 from .tracking import add_flags, add_outbox_row, mark_answered, record_event
 
@@ -65,6 +65,8 @@ class OutboxPolicy:
     gather_seconds: float = 0.05
     """How long the first outcome of a batch waits for the outcomes of the batch's other sends,
     so that they are committed together; a slow send holds the others back no longer."""
+    outcome_retry_seconds: float = 1.0
+    """How often outcomes are tried again while the database refuses writes."""
 
     def delay(self, attempts: int) -> float:
         # The exponent is capped, so that a row retried for weeks cannot overflow the float.
@@ -557,7 +559,7 @@ class OutboxWorker:
             await self._gather_outcomes()
             batch, self._outcomes = self._outcomes, []
             try:
-                results = await self.store.write(partial(run_units, works=[work for work, _ in batch], savepoint="outcome"))
+                results = await self._commit_outcomes([work for work, _ in batch])
             except BaseException as exc:  # the commit failed: no outcome of this set is recorded
                 for _, future in batch:
                     if not future.done():
@@ -571,7 +573,20 @@ class OutboxWorker:
                 if ok:
                     future.set_result(value)
                 else:
-                    future.set_exception(value)
+                    future.set_exception(unavailable(value) if is_outage(value) else value)
+
+    async def _commit_outcomes(self, works: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """Commit a set of outcomes, each in a savepoint of its own. While the database refuses
+        writes, try again and again: these sends went out, and an outcome not recorded would
+        send its row a second time once the lease runs out. (Nothing else of the outbox can be
+        written meanwhile either.)"""
+        while True:
+            try:
+                return await self.store.write(partial(run_units, works=works, savepoint="outcome"))
+            except StorageUnavailable as exc:
+                log.warning("%d outbox outcomes not recorded yet (%s); trying again in %.0f s",
+                            len(works), exc, self.policy.outcome_retry_seconds)
+                await asyncio.sleep(self.policy.outcome_retry_seconds)
 
     async def run_once(self) -> int:
         """Send everything due now; returns how many rows were attempted."""

@@ -300,8 +300,8 @@ async def get_openapi(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     store = request.app[keys.STORE]
     try:
-        # A write: a database that is read-only or full still answers reads. Unless a
-        # transaction committed just now, which shows the same without another fsync.
+        # A write: a database that is read-only or full still answers reads. Unless rows were
+        # committed just now, which shows the same without another fsync.
         if store.outage is not None or time.monotonic() - store.committed_at > HEALTH_FRESH_SECONDS:
             async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
                 await store.probe()

@@ -196,7 +196,8 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _OUTAGE_CODES
 
 
-def _unavailable(exc: BaseException) -> StorageUnavailable:
+def unavailable(exc: BaseException) -> StorageUnavailable:
+    """``StorageUnavailable`` for an error of the database, with that error as its cause."""
     error = StorageUnavailable(f"the database cannot store now: {exc or type(exc).__name__}")
     error.__cause__ = exc
     return error
@@ -222,9 +223,9 @@ class SQLiteStore:
         self.outages = 0
         """Writes refused because the database could not store (``StorageUnavailable``)."""
         self.outage: str | None = None
-        """Why the last transaction failed, until one commits."""
+        """Why the last transaction failed, until one that wrote rows commits."""
         self.committed_at = 0.0
-        """When (``time.monotonic``) a transaction last committed."""
+        """When (``time.monotonic``) a transaction that wrote rows last committed."""
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,11 +297,12 @@ class SQLiteStore:
                 batch, self._queue = self._queue, []
             self._in_flight = True
             started = time.perf_counter()
+            changes = self._writer.total_changes if self._writer is not None else 0
             try:
                 outcomes = await self._commit_batch(loop, [w for w, _ in batch])
             except BaseException as exc:  # the commit itself failed: nobody's unit is durable
                 if is_outage(exc):  # a unit's statement failed so that SQLite ended the transaction
-                    exc = _unavailable(exc)
+                    exc = unavailable(exc)
                 if isinstance(exc, StorageUnavailable):
                     self.outage = str(exc)
                     self.outages += len(batch)
@@ -317,8 +319,11 @@ class SQLiteStore:
             self.commits += 1
             self.units_committed += len(batch)
             self.commit_seconds += time.perf_counter() - started
-            self.outage = None
-            self.committed_at = time.monotonic()
+            if self._writer is not None and self._writer.total_changes != changes:
+                # Rows written and committed: the database stores. (A transaction that wrote
+                # nothing, such as a claim with nothing due, commits even on a full disk.)
+                self.outage = None
+                self.committed_at = time.monotonic()
             for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
                 if fut.done():
                     continue
@@ -326,7 +331,7 @@ class SQLiteStore:
                     fut.set_result(value)
                 elif is_outage(value):
                     self.outages += 1
-                    fut.set_exception(_unavailable(value))
+                    fut.set_exception(unavailable(value))
                 else:
                     fut.set_exception(value)
             self._in_flight = False
@@ -354,7 +359,7 @@ class SQLiteStore:
             try:
                 await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
             except Exception as exc:  # never a unit's fault
-                raise _unavailable(exc)  # noqa: B904 - its cause is set
+                raise unavailable(exc)  # noqa: B904 - its cause is set
         except BaseException:
             if conn.in_transaction:
                 await asyncio.shield(loop.run_in_executor(self._executor, conn.execute, "ROLLBACK"))
@@ -380,7 +385,7 @@ class SQLiteStore:
                 conn.execute("PRAGMA busy_timeout=30000")
             await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
         except Exception as exc:  # never a unit's fault
-            raise _unavailable(exc)  # noqa: B904 - its cause is set
+            raise unavailable(exc)  # noqa: B904 - its cause is set
 
     async def probe(self) -> None:
         """A write that touches the file (the header's user version, rewritten as it is) in the

@@ -192,13 +192,21 @@ async def test_health_fails_while_the_database_refuses_writes_and_metrics_count_
         assert status == 503 and body["error"]["code"] == "unavailable"
         response = await harness.client.get("/healthz")  # the failed write makes it look
         assert response.status == 503 and "readonly" in (await response.json())["detail"]
+        # A transaction that writes no rows (an outbox claim with nothing due) commits even on a
+        # full disk: it must not make /healthz trust the database again.
+        writer.execute("PRAGMA query_only = OFF")
+        await harness.core.store.write(lambda conn: None)
+        writer.execute("PRAGMA query_only = ON")
+        response = await harness.client.get("/healthz")
+        assert response.status == 503
     finally:
         writer.execute("PRAGMA query_only = OFF")
     response = await harness.client.get("/healthz")
     assert response.status == 200 and (await response.json())["status"] == "ok"
-    assert harness.core.store.commits == commits + 1 and harness.core.store.outage is None
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/notes", json={"text": "Rückruf vereinbart"})
+    assert status == 201 and harness.core.store.outage is None
     text = await (await harness.client.get("/metrics")).text()
-    assert "contact_router_storage_unavailable 2" in text
+    assert "contact_router_storage_unavailable 3" in text
 
 
 async def test_callback_reached_answers_the_conversation(harness):

@@ -764,3 +764,35 @@ async def test_a_send_the_worker_stopped_waiting_for_waits_for_its_status_too(tm
         harness.clock.advance(timedelta(seconds=30))
         await harness.run_outbox()
         assert len(plugin.channel.sent) == 2
+
+
+class TakenWhileTheDiskFills(StaggeredChat):
+    """The provider takes the message; meanwhile the database stops taking writes, for a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[OutboundMessage] = []
+        self.writer: sqlite3.Connection | None = None
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.sent.append(message)
+        assert self.writer is not None
+        self.writer.execute("PRAGMA query_only = ON")
+        asyncio.get_running_loop().call_later(0.2, self.writer.execute, "PRAGMA query_only = OFF")
+        return SendResult(provider_id=f"disk-{len(self.sent)}")
+
+
+async def test_a_send_whose_outcome_the_database_refused_is_recorded_once_it_is_back(tmp_path):
+    """The outcome's commit failed and was dropped: the row stayed 'sending' and went out a
+    second time once its lease ran out (an e-mail or SMS twice). It is tried again instead."""
+    plugin = Plugin(TakenWhileTheDiskFills())
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, outcome_retry_seconds=0.1)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        plugin.channel.writer = harness.core.store._writer
+        await _ingest_senders(harness, 1)
+        assert await harness.core.outbox.run_once() == 1
+        [row] = await harness.rows("SELECT state, provider_id, attempts FROM outbox")
+        assert row == {"state": "sent", "provider_id": "disk-1", "attempts": 1}
+        harness.clock.advance(timedelta(seconds=300))  # past any lease
+        await harness.run_outbox()
+        assert len(plugin.channel.sent) == 1
