@@ -48,6 +48,9 @@ STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 # The least wait before sending again after a provider reported a send failed but not for
 # good (a rate limit, a temporary bounce): backoff alone would try again within seconds.
 STATUS_RETRY_SECONDS = 30.0
+# Marks a row whose attempts are used up, kept for a last look for a status of its last send
+# (``Capabilities.status_wait``): on its next claim it is given up, not sent.
+LAST_LOOK = "; no more attempts, waiting for a status of the last one"
 
 
 @dataclasses.dataclass
@@ -645,6 +648,13 @@ class OutboxWorker:
         contact's other identities or flags the conversation for a call-back. A channel that is
         not configured yet never gives up."""
         if give_up and item["attempts"] >= self.policy.max_attempts:
+            if status_wait is not None:
+                # The last send may have gone through: a fallback now would reach the person
+                # twice. One more look for its status after the wait; then ``_send`` gives up.
+                wait = self.policy.floor(status_wait.total_seconds())
+                note = message + LAST_LOOK
+                await self._record(lambda conn: record_retry(conn, item["id"], note, wait, None, self.clock.now()))
+                return
             self.failed += 1
             error = f"gave up after {item['attempts']} attempts: {message}"
             await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
@@ -680,6 +690,13 @@ class OutboxWorker:
             if adopted is not None:
                 return await self._after_sent(*adopted)
             self._unrecorded += 1  # that was no outcome: the row's is still to come
+        if (item["last_error"] or "").endswith(LAST_LOOK):
+            # Its attempts are used up, and no status showed the last one went through: give up
+            # now, without a send more.
+            self.failed += 1
+            error = f"gave up after {item['attempts'] - 1} attempts: {item['last_error'].removesuffix(LAST_LOOK)}"
+            await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
+            return False
         try:
             async with limit, asyncio.timeout(self.policy.send_timeout):
                 result = await channel.send(self._outbound(item))

@@ -796,3 +796,44 @@ async def test_a_send_whose_outcome_the_database_refused_is_recorded_once_it_is_
         harness.clock.advance(timedelta(seconds=300))  # past any lease
         await harness.run_outbox()
         assert len(plugin.channel.sent) == 1
+
+
+class NeverAnswers(SilentlyTakingChat):
+    """Every send goes without an answer; statuses (if any) come from the test."""
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.sent.append(message)
+        raise RetryableDeliveryError("no answer", code="timeout", outcome_unknown=True)
+
+
+@pytest.mark.parametrize("status_comes", [True, False])
+async def test_the_last_attempt_waits_for_its_status_before_falling_back(tmp_path, status_comes):
+    """At max_attempts a send without an answer was given up at once and fell back to another
+    channel; when its status then showed it had gone through, the person had it twice."""
+    plugins = TwoChannels()
+    plugins.channel = NeverAnswers(timedelta(seconds=20), True)
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=2)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 1)
+        for _ in range(2):
+            await harness.run_outbox()
+            harness.clock.advance(timedelta(seconds=5))
+        assert len(plugins.channel.sent) == 1  # the first retry waits for a status, too
+        harness.clock.advance(timedelta(seconds=30))
+        await harness.run_outbox()
+        assert len(plugins.channel.sent) == 2
+        [row] = await harness.rows("SELECT state, idempotency_key, last_error FROM outbox")
+        assert row["state"] == "pending" and row["last_error"].endswith("waiting for a status of the last one")
+        if status_comes:
+            status = DeliveryUpdate(provider_id="wamid.last", status="delivered", idempotency_key=row["idempotency_key"])
+            assert await harness.core.record_delivery("staggered", status) is True
+        harness.clock.advance(timedelta(seconds=30))
+        await harness.run_outbox()
+        await harness.run_outbox()
+        assert len(plugins.channel.sent) == 2  # no third send either way
+        rows = await harness.rows("SELECT channel, state, last_error FROM outbox ORDER BY id")
+        if status_comes:
+            assert [(r["channel"], r["state"]) for r in rows] == [("staggered", "sent")]
+        else:
+            assert [(r["channel"], r["state"]) for r in rows] == [("staggered", "failed"), ("fallback", "sent")]
+            assert rows[0]["last_error"] == "gave up after 2 attempts: no answer"
