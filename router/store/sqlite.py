@@ -206,6 +206,11 @@ def unavailable(exc: BaseException) -> StorageUnavailable:
 class SQLiteStore:
     """The database: ``write`` for units of work (group-committed), ``db`` for reads."""
 
+    lock_wait_seconds = 10.0
+    """How long a transaction waits for the write lock that another process holds (a CLI
+    command, a second instance) before its callers hear ``StorageUnavailable``: within the
+    time providers wait for a webhook's answer (Twilio: 15 s), so that they get the 503."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._writer: sqlite3.Connection | None = None
@@ -382,7 +387,7 @@ class SQLiteStore:
                 if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     raise
             finally:
-                conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute(f"PRAGMA busy_timeout={int(self.lock_wait_seconds * 1000)}")
             await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
         except Exception as exc:  # never a unit's fault
             raise unavailable(exc)  # noqa: B904 - its cause is set

@@ -286,6 +286,28 @@ async def test_a_database_that_refuses_writes_is_storage_unavailable_and_a_units
         await store.close()
 
 
+async def test_a_write_lock_held_by_another_process_is_storage_unavailable_after_the_wait(tmp_path):
+    """Waiting 30 s for the lock outlasted providers' patience (Twilio waits 15 s for a
+    webhook): they heard nothing useful. After ``lock_wait_seconds`` the callers hear
+    ``StorageUnavailable`` (503), and the writer goes on once the lock is free."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    store.lock_wait_seconds = 0.3
+    await store.open()
+    other = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # a CLI import, say, in the middle of its transaction
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(StorageUnavailable) as caught:
+            await store.write(good(0))
+        assert 0.25 <= asyncio.get_running_loop().time() - started < 5
+        assert caught.value.__cause__.sqlite_errorcode == sqlite3.SQLITE_BUSY
+        other.execute("COMMIT")
+        assert await store.write(good(1)) == 1
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_a_long_report_runs_apart_and_the_shared_reader_keeps_answering(tmp_path):
     """A read over everything (the stats at a million conversations take seconds) must not make
     the inbox's other reads wait on the one shared reader connection."""
