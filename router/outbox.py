@@ -652,7 +652,7 @@ class OutboxWorker:
                 # The last send may have gone through: a fallback now would reach the person
                 # twice. One more look for its status after the wait; then ``_send`` gives up.
                 wait = self.policy.floor(status_wait.total_seconds())
-                note = message + LAST_LOOK
+                note = message[:900] + LAST_LOOK  # kept whole: last_error holds 1,000 characters
                 await self._record(lambda conn: record_retry(conn, item["id"], note, wait, None, self.clock.now()))
                 return
             self.failed += 1
