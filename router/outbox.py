@@ -33,7 +33,7 @@ from .channel import (
 )
 from .clock import Clock
 from .config import Config
-from .store.sqlite import SQLiteStore, is_outage, iso, parse_iso, run_units, unavailable
+from .store.sqlite import SQLiteStore, is_outage, iso, parse_iso, run_units
 from .text import sortable_token
 from .tracking import add_flags, add_outbox_row, mark_answered, record_event
 
@@ -51,6 +51,9 @@ STATUS_RETRY_SECONDS = 30.0
 # Marks a row whose attempts are used up, kept for a last look for a status of its last send
 # (``Capabilities.status_wait``): on its next claim it is given up, not sent.
 LAST_LOOK = "; no more attempts, waiting for a status of the last one"
+# Statuses kept, not matched to a send yet, under one row's idempotency key (partial index
+# delivery_events_unmatched_key).
+_KEPT_UNDER_KEY = "FROM delivery_events WHERE channel = ? AND idempotency_key = ? AND outbox_id IS NULL"
 
 
 @dataclasses.dataclass
@@ -388,7 +391,7 @@ def adopt_earlier_send(
     what recording a send returns; if not, None, and the row is sent. Only providers that echo
     the key in their statuses (WhatsApp's ``biz_opaque_callback_data``) are spared a duplicate."""
     event = conn.execute(
-        "SELECT provider_id FROM delivery_events WHERE channel = ? AND idempotency_key = ? AND outbox_id IS NULL"
+        f"SELECT provider_id {_KEPT_UNDER_KEY}"
         " ORDER BY id LIMIT 1",
         (row["channel"], row["idempotency_key"]),
     ).fetchone()
@@ -562,7 +565,9 @@ class OutboxWorker:
             await self._gather_outcomes()
             batch, self._outcomes = self._outcomes, []
             try:
-                results = await self._commit_outcomes([work for work, _ in batch])
+                results = await self.store.write(partial(run_units, works=[work for work, _ in batch], savepoint="outcome"))
+            except StorageUnavailable as exc:
+                results = [(False, exc)] * len(batch)
             except BaseException as exc:  # the commit failed: no outcome of this set is recorded
                 for _, future in batch:
                     if not future.done():
@@ -570,26 +575,24 @@ class OutboxWorker:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            for (_, future), (ok, value) in zip(batch, results, strict=True):
+            refused = []
+            for (work, future), (ok, value) in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if ok:
                     future.set_result(value)
+                elif isinstance(value, StorageUnavailable) or is_outage(value):
+                    refused.append((work, future))
                 else:
-                    future.set_exception(unavailable(value) if is_outage(value) else value)
-
-    async def _commit_outcomes(self, works: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
-        """Commit a set of outcomes, each in a savepoint of its own. While the database refuses
-        writes, try again and again: these sends went out, and an outcome not recorded would
-        send its row a second time once the lease runs out. (Nothing else of the outbox can be
-        written meanwhile either.)"""
-        while True:
-            try:
-                return await self.store.write(partial(run_units, works=works, savepoint="outcome"))
-            except StorageUnavailable as exc:
-                log.warning("%d outbox outcomes not recorded yet (%s); trying again in %.0f s",
-                            len(works), exc, self.policy.outcome_retry_seconds)
+                    future.set_exception(value)
+            if refused:
+                # The database refuses writes. These sends went out: an outcome dropped now would
+                # send its row a second time once the lease runs out. They wait and go again,
+                # ahead of what came meanwhile (nothing else of the outbox can be written either).
+                log.warning("%d outbox outcomes not recorded yet (the database refuses writes); trying again in %.0f s",
+                            len(refused), self.policy.outcome_retry_seconds)
                 await asyncio.sleep(self.policy.outcome_retry_seconds)
+                self._outcomes = refused + self._outcomes
 
     async def run_once(self) -> int:
         """Send everything due now; returns how many rows were attempted."""
@@ -647,23 +650,26 @@ class OutboxWorker:
         sooner than ``status_wait``); after ``max_attempts`` give up, which falls back to the
         contact's other identities or flags the conversation for a call-back. A channel that is
         not configured yet never gives up."""
+        wait = self.policy.floor(status_wait.total_seconds()) if status_wait is not None else 0.0
         if give_up and item["attempts"] >= self.policy.max_attempts:
             if status_wait is not None:
                 # The last send may have gone through: a fallback now would reach the person
                 # twice. One more look for its status after the wait; then ``_send`` gives up.
-                wait = self.policy.floor(status_wait.total_seconds())
                 note = message[:900] + LAST_LOOK  # kept whole: last_error holds 1,000 characters
                 await self._record(lambda conn: record_retry(conn, item["id"], note, wait, None, self.clock.now()))
                 return
-            self.failed += 1
-            error = f"gave up after {item['attempts']} attempts: {message}"
-            await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
+            await self._give_up(item, item["attempts"], message)
             return
         self.retried += 1
-        delay = retry_after or self.policy.delay(item["attempts"])
-        if status_wait is not None:
-            delay = max(delay, self.policy.floor(status_wait.total_seconds()))
+        delay = max(retry_after or self.policy.delay(item["attempts"]), wait)
         await self._record(lambda conn: record_retry(conn, item["id"], message, delay, None, self.clock.now()))
+
+    async def _give_up(self, item: Mapping[str, Any], attempts: int, message: str) -> None:
+        """No more attempts: the row fails, which falls back to the contact's other identities
+        or flags the conversation for a call-back."""
+        self.failed += 1
+        error = f"gave up after {attempts} attempts: {message}"
+        await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
 
     async def _deliver(self, item: dict[str, Any], limit: asyncio.Semaphore) -> None:
         """Send one row and record its outcome. Any outcome but a clean send wakes the worker
@@ -693,9 +699,7 @@ class OutboxWorker:
         if (item["last_error"] or "").endswith(LAST_LOOK):
             # Its attempts are used up, and no status showed the last one went through: give up
             # now, without a send more.
-            self.failed += 1
-            error = f"gave up after {item['attempts'] - 1} attempts: {item['last_error'].removesuffix(LAST_LOOK)}"
-            await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
+            await self._give_up(item, item["attempts"] - 1, item["last_error"].removesuffix(LAST_LOOK))
             return False
         try:
             async with limit, asyncio.timeout(self.policy.send_timeout):
@@ -738,7 +742,7 @@ class OutboxWorker:
         through. A read, for when no write is queued or under way (``store.settled``): for nearly
         every retried row there is none, and the look then costs no commit."""
         return await self.store.fetchone(
-            "SELECT 1 FROM delivery_events WHERE channel = ? AND idempotency_key = ? AND outbox_id IS NULL LIMIT 1",
+            f"SELECT 1 {_KEPT_UNDER_KEY} LIMIT 1",
             (item["channel"], item["idempotency_key"]),
         ) is not None
 

@@ -9,7 +9,7 @@ import json
 import secrets
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -159,11 +159,18 @@ class WebFormChannel(Channel):
             return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=text, content_type="text/html")
         return cls(text=text, content_type="text/html")
 
-    @staticmethod
-    def _unavailable(html: str, retry_after: int) -> web.Response:
-        """The page again, with what was typed, when the service cannot store it now."""
-        return web.Response(text=html, content_type="text/html", status=503,
-                            headers={"Retry-After": str(retry_after), "Cache-Control": "no-store"})
+    def _unavailable(
+        self, request: web.Request, is_json: bool, exc: StorageUnavailable, page: Callable[[], str]
+    ) -> web.Response:
+        """The service cannot store a submission now: it does not count against the rate limit,
+        the JSON API gets the service's 503, and a browser the ``page`` again with what was
+        typed and the same token (past its fill time, and its nonce keeps a later double submit
+        one message)."""
+        self.limiter.refund(self._client(request))
+        if is_json:
+            raise exc
+        return web.Response(text=page(), content_type="text/html", status=503,
+                            headers={"Retry-After": str(exc.retry_after), "Cache-Control": "no-store"})
 
     # ------------------------------------------------------------------ the form
 
@@ -208,15 +215,9 @@ class WebFormChannel(Channel):
         except InvalidMessage as exc:
             raise self._error(is_json, 400, "invalid_message", exc.message, field=exc.path) from None
         except StorageUnavailable as exc:
-            self.limiter.refund(self._client(request))
-            if is_json:
-                raise  # the service's 503 with Retry-After
-            # The resident keeps what they typed, and is told to send it again shortly. The same
-            # token goes back: past its fill time already, and its nonce keeps a later double
-            # submit one message.
-            html = pages.form_page(language=language, token=str(data["form_token"]), topics=self.topics,
-                                   values=values, notice=pages.TEXT[language]["unavailable"])
-            return self._unavailable(html, exc.retry_after)
+            return self._unavailable(request, is_json, exc, lambda: pages.form_page(
+                language=language, token=str(data["form_token"]), topics=self.topics, values=values,
+                notice=pages.TEXT[language]["unavailable"]))
         status_path = f"/channels/webform/status/{result.status_token}"
         if is_json:
             return web.json_response(
@@ -290,13 +291,10 @@ class WebFormChannel(Channel):
                 "thread": {"status_token": status_token},
             })
         except StorageUnavailable as exc:
-            self.limiter.refund(self._client(request))
-            if is_json:
-                raise
-            html = pages.status_page(language=language, view=view, token=str(data["form_token"]),
-                                     timezone=self.context.settings.get("timezone", "Europe/Berlin"),
-                                     action=request.path, error=pages.TEXT[language]["unavailable"], text=text)
-            return self._unavailable(html, exc.retry_after)
+            return self._unavailable(request, is_json, exc, lambda: pages.status_page(
+                language=language, view=view, token=str(data["form_token"]),
+                timezone=self.context.settings.get("timezone", "Europe/Berlin"), action=request.path,
+                error=pages.TEXT[language]["unavailable"], text=text))
         if is_json:
             return web.json_response({"case_reference": result.case_reference, "conversation_id": result.conversation_id,
                                       "duplicate": result.duplicate}, status=200 if result.duplicate else 201)

@@ -234,6 +234,7 @@ class SQLiteStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_wait = f"PRAGMA busy_timeout={int(self.lock_wait_seconds * 1000)}"  # once, not per transaction
         loop = asyncio.get_running_loop()
         self._writer = await loop.run_in_executor(self._executor, _connect, self.path)
         applied = await loop.run_in_executor(self._executor, apply_migrations, self._writer)
@@ -387,7 +388,7 @@ class SQLiteStore:
                 if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     raise
             finally:
-                conn.execute(f"PRAGMA busy_timeout={int(self.lock_wait_seconds * 1000)}")
+                conn.execute(self._lock_wait)
             await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
         except Exception as exc:  # never a unit's fault
             raise unavailable(exc)  # noqa: B904 - its cause is set
