@@ -307,15 +307,18 @@ class ImapPoller:
                 # of memory, a crash) counts too, instead of taking it down again at every start.
                 attempts = mark.failed.get(uid, 0) + 1
                 mark.failed = {uid: attempts}  # mail is imported in UID order: only this one can be failing
-                await asyncio.to_thread(mark.save, self.state_path)
+                counted = asyncio.ensure_future(asyncio.to_thread(mark.save, self.state_path))
                 try:
+                    await asyncio.shield(counted)
                     if attempts > self.mailbox.max_attempts:
                         # Its attempts are used up: an earlier one ended with the process, or the
                         # mail could not be set aside yet. Not tried again, only set aside.
                         raise ImportFailed("no attempts left (the last may have ended with the process)")
                     await self.receive(raw, envelope_to)  # returns after the commit
                 except asyncio.CancelledError:
-                    # Stopping the service is no failed attempt.
+                    # Stopping the service is no failed attempt, also when it stops while the
+                    # count is being written: that write ends first, then the count is undone.
+                    await asyncio.wait([counted])
                     mark.failed = {uid: attempts - 1} if attempts > 1 else {}
                     mark.save(self.state_path)
                     raise

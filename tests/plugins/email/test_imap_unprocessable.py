@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,29 @@ async def test_stopping_the_service_during_an_import_is_no_failed_attempt(harnes
 
     task = asyncio.create_task(poller(harness, imap, slow).session())
     await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "failed" not in state(harness)
+
+
+async def test_stopping_the_service_while_the_count_is_written_is_no_failed_attempt_either(harness, imap, monkeypatch):
+    """The count is written before the attempt, in a thread. Stopped during that write, the
+    attempt was counted although it never started."""
+    imap.add(mail(1))
+    loop = asyncio.get_running_loop()
+    writing = asyncio.Event()
+    real_write = files._write_durably
+
+    def slow_write(path: Path, data: bytes) -> None:
+        if b'"failed"' in data:  # the count before the attempt
+            loop.call_soon_threadsafe(writing.set)
+            time.sleep(0.2)
+        real_write(path, data)
+
+    monkeypatch.setattr(files, "_write_durably", slow_write)
+    task = asyncio.create_task(poller(harness, imap, FailingReceive(harness, failures=0)).session())
+    await writing.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
