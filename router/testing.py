@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,22 @@ class CoreHarness:
         response = await self.client.request(method, path, headers=headers, **kwargs)
         body = await response.json() if response.content_type == "application/json" else await response.text()
         return response.status, body
+
+    def refuse_writes(self, refuse: bool = True) -> None:
+        """Make the database refuse every write (read-only, as a full or read-only disk makes
+        it), or take it again: writes meanwhile raise ``StorageUnavailable``."""
+        writer = self.core.store._writer
+        assert writer is not None
+        writer.execute(f"PRAGMA query_only = {'ON' if refuse else 'OFF'}")
+
+    @contextlib.contextmanager
+    def refusing_writes(self) -> Iterator[None]:
+        """``refuse_writes`` for the block."""
+        self.refuse_writes()
+        try:
+            yield
+        finally:
+            self.refuse_writes(False)
 
     async def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.core.store.fetchall(sql, params)]

@@ -185,8 +185,7 @@ async def test_health_fails_while_the_database_refuses_writes_and_metrics_count_
     commits = harness.core.store.commits
     response = await harness.client.get("/healthz")
     assert response.status == 200 and harness.core.store.commits == commits  # fresh: no write of its own
-    writer = harness.core.store._writer
-    writer.execute("PRAGMA query_only = ON")
+    harness.refuse_writes()
     try:
         status, body = await harness.api("POST", f"/api/v1/conversations/{case}/notes", json={"text": "Rückruf vereinbart"})
         assert status == 503 and body["error"]["code"] == "unavailable"
@@ -194,13 +193,13 @@ async def test_health_fails_while_the_database_refuses_writes_and_metrics_count_
         assert response.status == 503 and "readonly" in (await response.json())["detail"]
         # A transaction that writes no rows (an outbox claim with nothing due) commits even on a
         # full disk: it must not make /healthz trust the database again.
-        writer.execute("PRAGMA query_only = OFF")
+        harness.refuse_writes(False)
         await harness.core.store.write(lambda conn: None)
-        writer.execute("PRAGMA query_only = ON")
+        harness.refuse_writes()
         response = await harness.client.get("/healthz")
         assert response.status == 503
     finally:
-        writer.execute("PRAGMA query_only = OFF")
+        harness.refuse_writes(False)
     response = await harness.client.get("/healthz")
     assert response.status == 200 and (await response.json())["status"] == "ok"
     status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/notes", json={"text": "Rückruf vereinbart"})

@@ -772,13 +772,13 @@ class TakenWhileTheDiskFills(StaggeredChat):
     def __init__(self) -> None:
         super().__init__()
         self.sent: list[OutboundMessage] = []
-        self.writer: sqlite3.Connection | None = None
+        self.harness: CoreHarness | None = None
 
     async def send(self, message: OutboundMessage) -> SendResult:
         self.sent.append(message)
-        assert self.writer is not None
-        self.writer.execute("PRAGMA query_only = ON")
-        asyncio.get_running_loop().call_later(0.2, self.writer.execute, "PRAGMA query_only = OFF")
+        assert self.harness is not None
+        self.harness.refuse_writes()
+        asyncio.get_running_loop().call_later(0.2, self.harness.refuse_writes, False)
         return SendResult(provider_id=f"disk-{len(self.sent)}")
 
 
@@ -788,7 +788,7 @@ async def test_a_send_whose_outcome_the_database_refused_is_recorded_once_it_is_
     plugin = Plugin(TakenWhileTheDiskFills())
     policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, outcome_retry_seconds=0.1)
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
-        plugin.channel.writer = harness.core.store._writer
+        plugin.channel.harness = harness
         await _ingest_senders(harness, 1)
         assert await harness.core.outbox.run_once() == 1
         [row] = await harness.rows("SELECT state, provider_id, attempts FROM outbox")

@@ -320,8 +320,7 @@ async def test_an_outage_of_the_database_sets_no_mail_aside_and_the_mail_is_impo
     imap.add(mail(2))
     receive = FailingReceive(harness, failures=0)
     p = poller(harness, imap, receive)
-    writer = harness.core.store._writer
-    writer.execute("PRAGMA query_only = ON")
+    harness.refuse_writes()
 
     async def tried_often() -> bool:
         return receive.calls >= 3 * p.mailbox.max_attempts
@@ -332,7 +331,7 @@ async def test_an_outage_of_the_database_sets_no_mail_aside_and_the_mail_is_impo
     assert state(harness).get("last_uid", 0) == 0 and state(harness).get("failed", {}) in ({}, {"1": 0})
     assert any("cannot store mail now" in r.getMessage() and "UID 1" in r.getMessage() for r in caplog.records)
 
-    writer.execute("PRAGMA query_only = OFF")
+    harness.refuse_writes(False)
     await run_until_stored(p, harness, 2, imap)
     assert receive.delivered == [mail(1), mail(2)] and set_aside(harness) == []
     assert await harness.count("outbox", "kind = 'ack'") == 2

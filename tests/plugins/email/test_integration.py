@@ -239,14 +239,10 @@ async def test_a_database_that_refuses_writes_answers_451_and_the_retry_is_store
         with smtplib.SMTP("127.0.0.1", smtp_port(harness), timeout=5) as client:
             return client.sendmail("juergen.mueller@example.com", ["bau@example.org"], raw)
 
-    writer = harness.core.store._writer
-    writer.execute("PRAGMA query_only = ON")
-    try:
+    with harness.refusing_writes():
         with pytest.raises(smtplib.SMTPDataError) as refused:
             await asyncio.to_thread(blocking_send, LATIN1_MAIL)
         assert refused.value.smtp_code == 451
-    finally:
-        writer.execute("PRAGMA query_only = OFF")
     assert not [r for r in caplog.records if r.exc_info and "451" in r.getMessage()]  # one line, no traceback
     assert await asyncio.to_thread(blocking_send, LATIN1_MAIL) == {}  # the sending server's retry
     assert await harness.count("messages", "direction = 'in'") == 1

@@ -692,9 +692,7 @@ async def test_a_database_that_refuses_writes_leaves_the_caller_with_the_voicema
     occurred" and hang up. The caller goes on to the voicemail instead, and the log names the
     recording to fetch from Twilio; an SMS, which Twilio keeps in its logs, is answered 503."""
     sid = "CA" + "e" * 32
-    writer = harness.core.store._writer
-    writer.execute("PRAGMA query_only = ON")
-    try:
+    with harness.refusing_writes():
         voicemail = await say(harness, "menu?lang=de", call(sid, Digits="1"))
         assert voicemail.find("Dial") is None and voicemail.find("Record") is not None
         with caplog.at_level(logging.ERROR):
@@ -704,8 +702,6 @@ async def test_a_database_that_refuses_writes_leaves_the_caller_with_the_voicema
         assert any("https://api.twilio.com/rec/REe" in r.getMessage() for r in caplog.records)
         response = await twilio_post(harness, "sms", sms("SM" + "e" * 32, "Hallo"))
         assert response.status == 503 and response.headers["Retry-After"] == "5"
-    finally:
-        writer.execute("PRAGMA query_only = OFF")
     assert await harness.count("messages") == 0
     # The voicemail was not stored, so the call's end is still a missed call with a call-back duty.
     await say(harness, "call-status", call(sid, CallStatus="completed", CallDuration="40"))

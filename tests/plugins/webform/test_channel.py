@@ -261,9 +261,8 @@ async def test_a_body_arriving_in_parts_is_read_whole(harness):
 async def test_a_form_sent_while_the_database_refuses_writes_comes_back_filled_in(harness):
     """A resident's form got the service's JSON error: what they typed was gone. The page comes
     back with their entries and a note to send it again shortly; the JSON API answers 503."""
-    writer = harness.core.store._writer
     token = await get_token(harness)
-    writer.execute("PRAGMA query_only = ON")
+    harness.refuse_writes()
     response = await harness.client.post("/channels/webform/", data={**FORM, "form_token": token}, allow_redirects=False)
     assert response.status == 503 and response.headers["Retry-After"] == "5"
     page = await response.text()
@@ -272,7 +271,7 @@ async def test_a_form_sent_while_the_database_refuses_writes_comes_back_filled_i
     for _ in range(10):  # as many as the rate limit allows a minute: none of them counts
         status, body = await submit_json(harness)
         assert status == 503 and body["error"]["code"] == "unavailable"
-    writer.execute("PRAGMA query_only = OFF")
+    harness.refuse_writes(False)
     assert await harness.count("messages") == 0
 
     import re
@@ -294,11 +293,10 @@ async def test_a_reply_on_the_status_page_while_the_database_refuses_writes_keep
 
     token = re.search(r'name="form_token" value="([^"]+)"', page).group(1)
     harness.clock.advance(timedelta(seconds=5))
-    writer = harness.core.store._writer
-    writer.execute("PRAGMA query_only = ON")
+    harness.refuse_writes()
     response = await harness.client.post(path, data={"form_token": token, "message": "Wann kommt der Bagger <zurück>?",
                                                      "website": ""}, allow_redirects=False)
-    writer.execute("PRAGMA query_only = OFF")
+    harness.refuse_writes(False)
     assert response.status == 503
     page = await response.text()
     assert "Ihre Eingaben sind erhalten" in page and "Wann kommt der Bagger &lt;zurück&gt;?</textarea>" in page

@@ -975,15 +975,14 @@ async def test_a_database_that_refuses_writes_answers_503_and_the_retry_is_store
     """Disk full or read-only: the webhook was answered 500 ("internal error"). It is the
     service that cannot store, not the body that is wrong: 503 with Retry-After, nothing
     written; Meta's retry after the database is back is stored and acknowledged once."""
-    writer = wa.core.store._writer
-    writer.execute("PRAGMA query_only = ON")
+    wa.refuse_writes()
     raw = json.dumps(text_body("wamid.DISKFULL", "Die Einfahrt ist seit Tagen zugeparkt.")).encode()
     response = await wa.client.post(
         WEBHOOK, data=raw, headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(raw, SECRET)}
     )
     assert response.status == 503 and response.headers["Retry-After"] == "5"
     assert (await response.json())["error"]["code"] == "unavailable"
-    writer.execute("PRAGMA query_only = OFF")
+    wa.refuse_writes(False)
     assert await wa.count("messages") == 0 and await wa.count("outbox") == 0
 
     status, _ = await post(wa, text_body("wamid.DISKFULL", "Die Einfahrt ist seit Tagen zugeparkt."))
