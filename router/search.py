@@ -60,8 +60,12 @@ SELECT i, term FROM found WHERE term IS NOT NULL"""
 
 
 def search_text(subject: str | None, text: str | None, name: str | None) -> str:
-    """The indexed text of one inbound message: its subject, text and the sender's name."""
-    return normalize(" ".join(filter(None, (subject, text, name))))[:20000]
+    """The indexed text of one inbound message: its subject, text and the sender's name, folded.
+
+    Defined through ``folded_search_text``, so the ingest path (which has subject and text
+    folded already) indexes exactly this. Folded apart, a part that folds to nothing (a lone
+    combining mark as a name) leaves no stray space, where folding the joined parts left one."""
+    return folded_search_text(normalize(" ".join(filter(None, (subject, text)))), name)
 
 
 def match_words(q: str) -> list[str]:
