@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from . import keys, tracking
-from .channel import Channel, InvalidMessage, StorageUnavailable
+from .channel import BODY_READ_SECONDS, BodyTimeout, Channel, InvalidMessage, StorageUnavailable
 from .clock import Clock
 from .config import Config
 from .context import ChannelContext
@@ -41,11 +41,30 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                409: "conflict", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited"}
 
 
+def _expire_body(content: aiohttp.StreamReader, seconds: float) -> None:
+    """The body deadline has passed: every read of what is still missing raises ``BodyTimeout``."""
+    if not content.is_eof():
+        content.set_exception(BodyTimeout(seconds))
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Domain errors become JSON responses; nothing unexpected leaks out as an HTML 500."""
+    """Domain errors become JSON responses; nothing unexpected leaks out as an HTML 500.
+
+    It also holds the body deadline: a body not yet whole when the handler starts (a webhook's
+    mostly is, in the packet of its headers, and then costs nothing here) must arrive within
+    ``BODY_READ_SECONDS``, or the reads waiting for it fail and the sender gets 408."""
+    deadline = None
+    if not request.content.is_eof():
+        seconds = request.config_dict[keys.BODY_READ_SECONDS]
+        deadline = asyncio.get_running_loop().call_later(seconds, _expire_body, request.content, seconds)
     try:
         return await handler(request)
+    except BodyTimeout as exc:
+        log.info("%s %s: %s", request.method, request.path, exc)
+        response = json_error(408, "body_timeout", str(exc))
+        response.force_close()  # the rest of that body would only be read to be thrown away
+        return response
     except InvalidMessage as exc:
         return json_error(400, "invalid_message", exc.message, field=exc.path)
     except StorageUnavailable as exc:
@@ -67,6 +86,9 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "internal_error", "internal error; it has been logged")
+    finally:
+        if deadline is not None:
+            deadline.cancel()
 
 
 def _channel_routes(channel: Channel) -> list[web.RouteDef]:
@@ -114,6 +136,7 @@ def create_app(
     app[keys.METRICS] = metrics
     app[keys.OUTBOX_POLICY] = outbox_policy or OutboxPolicy()
     app[keys.RUN_WORKERS] = run_workers
+    app[keys.BODY_READ_SECONDS] = BODY_READ_SECONDS
 
     channels: list[Channel] = []
     for result in pm.hook.register_channels(

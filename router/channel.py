@@ -1,6 +1,7 @@
 """The public types a channel plugin works with: the channel base class, outbound messages and
 delivery results, the errors that tell the outbox whether to retry, and the helpers channel
-handlers share (the JSON error body, size-limited body reading, ``Retry-After`` parsing).
+handlers share (the JSON error body, size-limited body reading and its deadline, ``Retry-After``
+parsing).
 
 A channel has an input side (its HTTP routes and long-running services, which hand canonical
 inbound messages to ``ChannelContext.ingest``) and an output side (``Channel.send``), as in
@@ -29,6 +30,24 @@ def json_error(
     (``headers``, or ``max_size`` and ``actual_size`` for a 413)."""
     body = json.dumps({"error": {"code": code, "message": message, **(extra or {})}})
     return status(text=body, content_type="application/json", **kwargs)
+
+
+BODY_READ_SECONDS = 30.0
+"""How long a request's body may take to arrive, from the moment its handler runs. A provider
+posts a webhook in milliseconds; a sender that trickles a body (or stops half-way) is answered
+408 and its connection closed, instead of holding a handler (and a channel's slot for bodies in
+work) for as long as it likes."""
+
+
+class BodyTimeout(TimeoutError):
+    """A request body that did not arrive within the service's deadline. Raised by any read of
+    the body (``read_limited_body``, ``request.read()``, ``request.post()``); the service
+    answers it with 408 ``body_timeout``, so a handler lets it pass. It is a ``TimeoutError``,
+    which aiohttp's own reading of an unread rest also takes as the end of that connection."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} s")
+        self.seconds = seconds
 
 
 class BodyTooLarge(Exception):

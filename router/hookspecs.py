@@ -16,7 +16,8 @@ The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabil
 ``OutboundMessage``, ``SendResult``, ``DeliveryUpdate``, the ``DeliveryError`` family,
 ``InvalidMessage``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer``,
 ``RoutingDecision``, ``json_error`` (an HTTP error with the service's JSON error body),
-``read_limited_body`` with its ``BodyTooLarge`` (a request body of at most so many bytes) and
+``read_limited_body`` with its ``BodyTooLarge`` (a request body of at most so many bytes),
+``BodyTimeout`` (a body that did not arrive in time; the service answers it with 408) and
 ``parse_retry_after`` (a provider's ``Retry-After`` in seconds). The full guide is
 ``docs/plugins.md``.
 """
@@ -29,6 +30,7 @@ from typing import Any
 import pluggy
 
 from .channel import (
+    BodyTimeout,
     BodyTooLarge,
     Capabilities,
     Channel,
@@ -56,6 +58,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
     "PROJECT",
+    "BodyTimeout",
     "BodyTooLarge",
     "Capabilities",
     "Channel",

@@ -24,6 +24,7 @@ delivers the acknowledgement through ``Channel.send``, which returns a ``SendRes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -156,6 +157,21 @@ class CoreHarness:
             yield
         finally:
             self.refuse_writes(False)
+
+    async def stalled_request(
+        self, path: str, part: bytes, *, declared: int, headers: Mapping[str, str] | None = None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a connection and send a POST's headers with ``Content-Length: declared`` and only
+        the first ``part`` of its body, then nothing more: a sender that trickles or stops.
+        The caller reads the answer from the reader (408 ``body_timeout`` once the service's
+        deadline has passed) and closes the writer. A raw socket, because an HTTP client
+        sends the whole body at once."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {declared}"]
+        lines += [f"{name}: {value}" for name, value in {"Content-Type": "application/json", **(headers or {})}.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + part)
+        await writer.drain()
+        return reader, writer
 
     async def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.core.store.fetchall(sql, params)]

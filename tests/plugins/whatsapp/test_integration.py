@@ -958,6 +958,7 @@ async def test_overload_is_refused_with_retry_after_and_nothing_stored(wa):
     from plugins.whatsapp.channel import MAX_IN_FLIGHT
 
     channel = wa.core.channels["whatsapp"]
+    assert channel.max_in_flight == MAX_IN_FLIGHT
     channel.in_flight = MAX_IN_FLIGHT  # as if that many bodies were being ingested right now
     raw = json.dumps(text_body("wamid.busy", "Hallo")).encode()
     response = await wa.client.post(
@@ -969,6 +970,30 @@ async def test_overload_is_refused_with_retry_after_and_nothing_stored(wa):
     channel.in_flight = 0
     status, _ = await post(wa, text_body("wamid.busy", "Hallo"))  # the provider's retry
     assert status == 200 and await wa.count("messages", "direction = 'in'") == 1
+
+
+async def test_slow_or_forged_bodies_hold_no_slot_that_real_webhooks_need(wa):
+    """A slot was taken before the body was read: as many connections as there are slots,
+    each sending a signed webhook's headers and then nothing, kept every real webhook out with
+    503 until they went away (no deadline on a body either). Now a body counts once it has
+    arrived and its signature holds."""
+    channel = wa.core.channels["whatsapp"]
+    channel.max_in_flight = 2
+    raw = json.dumps(text_body("wamid.stalled", "Hallo")).encode()
+    stalled = [
+        await wa.stalled_request(WEBHOOK, raw[:40], declared=len(raw), headers={"X-Hub-Signature-256": sign(raw, SECRET)})
+        for _ in range(channel.max_in_flight)
+    ]
+    try:
+        status, answer = await post(wa, text_body("wamid.forged", "Hallo"), secret="not-the-app-secret")
+        assert status == 401 and answer["error"]["code"] == "invalid_signature"
+        status, answer = await post(wa, text_body("wamid.real", "Die Baustelle blockiert unsere Einfahrt."))
+        assert status == 200 and answer["messages"] == 1
+        assert channel.in_flight == 0 and channel.refused == 0
+    finally:
+        for _, writer in stalled:
+            writer.close()
+    assert await wa.count("messages", "direction = 'in'") == 1
 
 
 async def test_a_database_that_refuses_writes_answers_503_and_the_retry_is_stored_once(wa, graph):

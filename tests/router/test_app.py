@@ -1,0 +1,129 @@
+"""The application's middleware against a real loopback server: the body deadline.
+
+A request whose body does not arrive in time is answered 408 with the JSON error body and its
+connection closed, whatever way the handler reads the body, and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router import keys
+from router.channel import BODY_READ_SECONDS
+from router.hookspecs import hookimpl
+from router.testing import CoreHarness
+
+DEADLINE = 0.3
+
+
+class SlowRouting:
+    """A routing plugin that thinks for twice the body deadline (and then leaves the choice to
+    the rules): the handler outlives the deadline after its body has arrived."""
+
+    @hookimpl
+    async def route_message(self, message: Any, is_customer: bool) -> None:
+        await asyncio.sleep(DEADLINE * 2)
+
+
+@pytest.fixture
+async def slow_harness(tmp_path: Path) -> AsyncIterator[CoreHarness]:
+    harness = CoreHarness(tmp_path / "data", plugins=[SlowRouting()])
+    harness.app[keys.BODY_READ_SECONDS] = DEADLINE
+    async with harness:
+        yield harness
+
+
+async def form_body(harness: CoreHarness) -> bytes:
+    """A valid JSON submission of the web form, with a fresh form token."""
+    response = await harness.client.get("/channels/webform/token")
+    form_token = (await response.json())["form_token"]
+    harness.clock.advance(timedelta(seconds=5))
+    return json.dumps({
+        "name": "Erika Mustermann", "street": "Lindenweg 3", "postcode": "12345", "city": "Musterstadt",
+        "topic": "construction", "message": "Gehweg gesperrt, seit Tagen kommt niemand.", "form_token": form_token,
+    }).encode()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers and body of one HTTP/1.1 response, and proof that the server then
+    closed the connection (the read to EOF returns)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+    return status, headers, body
+
+
+def test_the_deadline_is_generous_for_a_provider() -> None:
+    # A provider posts in milliseconds; a staff member's 1 MB attachment on a slow uplink
+    # (50 kB/s) takes 20 s.
+    assert 20 <= BODY_READ_SECONDS <= 60
+
+
+async def test_a_web_form_body_that_stops_halfway_is_answered_408_and_nothing_is_stored(slow_harness: CoreHarness) -> None:
+    body = json.dumps({"name": "Erika", "message": "Baustelle vor dem Haus"}).encode()
+    started = time.monotonic()
+    reader, writer = await slow_harness.stalled_request("/channels/webform/", body[:10], declared=len(body))
+    try:
+        status, headers, answer = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status == 408
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(answer)["error"]["code"] == "body_timeout"
+    assert DEADLINE <= time.monotonic() - started < DEADLINE + 3
+    assert await slow_harness.count("messages") == 0
+    assert await slow_harness.count("conversations") == 0
+
+
+async def test_an_api_body_read_whole_by_the_handler_has_the_same_deadline(slow_harness: CoreHarness) -> None:
+    # The inbox API reads with request.read(), not read_limited_body: the deadline holds there too.
+    response = await slow_harness.client.post("/channels/webform/", data=await form_body(slow_harness),
+                                              headers={"Content-Type": "application/json"})
+    assert response.status == 201
+    (conversation,) = await slow_harness.rows("SELECT id FROM conversations")
+    token = slow_harness.tokens["admin"]
+    reader, writer = await slow_harness.stalled_request(
+        f"/api/v1/conversations/{conversation['id']}/notes", b'{"text": "Rufe morgen', declared=400,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    try:
+        status, _, answer = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status == 408 and json.loads(answer)["error"]["code"] == "body_timeout"
+    assert await slow_harness.count("messages", "kind = 'note'") == 0
+
+
+async def test_a_body_that_arrives_in_pieces_within_the_deadline_is_taken(slow_harness: CoreHarness) -> None:
+    body = await form_body(slow_harness)
+    reader, writer = await slow_harness.stalled_request("/channels/webform/", body[:20], declared=len(body))
+    try:
+        await asyncio.sleep(DEADLINE / 3)
+        writer.write(body[20:])
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 201")
+    assert await slow_harness.count("conversations") == 1
+
+
+async def test_a_handler_that_outlives_the_deadline_after_its_body_arrived_is_answered(slow_harness: CoreHarness) -> None:
+    # The routing plugin takes twice the deadline; the body was whole long before.
+    started = time.monotonic()
+    response = await slow_harness.client.post("/channels/webform/", data=await form_body(slow_harness),
+                                              headers={"Content-Type": "application/json"})
+    assert response.status == 201
+    assert time.monotonic() - started >= DEADLINE * 2
+    assert await slow_harness.count("conversations") == 1
