@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from . import keys, tracking
-from .channel import BODY_READ_SECONDS, BodyTimeout, Channel, InvalidMessage, StorageUnavailable
+from .channel import BodyDeadline, BodyTimeout, Channel, InvalidMessage, StorageUnavailable
 from .clock import Clock
 from .config import Config
 from .context import ChannelContext
@@ -41,10 +41,31 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                409: "conflict", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited"}
 
 
-def _expire_body(content: aiohttp.StreamReader, seconds: float) -> None:
-    """The body deadline has passed: every read of what is still missing raises ``BodyTimeout``."""
-    if not content.is_eof():
-        content.set_exception(BodyTimeout(seconds))
+class _BodyWatch:
+    """Holds a request to its ``BodyDeadline`` while its body is still arriving: the timer
+    looks again when the time allowed so far runs out, and once the time allowed for what has
+    arrived has passed, every read of what is still missing raises ``BodyTimeout``."""
+
+    __slots__ = ("_content", "_deadline", "_handle", "_loop", "_started")
+
+    def __init__(self, content: aiohttp.StreamReader, deadline: BodyDeadline) -> None:
+        self._content, self._deadline = content, deadline
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        self._handle = self._loop.call_later(deadline.seconds, self._look)
+
+    def _look(self) -> None:
+        if self._content.is_eof():
+            return
+        allowed = self._deadline.allowed(self._content.total_bytes)
+        left = self._started + allowed - self._loop.time()
+        if left > 0:  # it is arriving, fast enough so far
+            self._handle = self._loop.call_later(left, self._look)
+        else:
+            self._content.set_exception(BodyTimeout(allowed))
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 @web.middleware
@@ -52,12 +73,9 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     """Domain errors become JSON responses; nothing unexpected leaks out as an HTML 500.
 
     It also holds the body deadline: a body not yet whole when the handler starts (a webhook's
-    mostly is, in the packet of its headers, and then costs nothing here) must arrive within
-    ``BODY_READ_SECONDS``, or the reads waiting for it fail and the sender gets 408."""
-    deadline = None
-    if not request.content.is_eof():
-        seconds = request.config_dict[keys.BODY_READ_SECONDS]
-        deadline = asyncio.get_running_loop().call_later(seconds, _expire_body, request.content, seconds)
+    mostly is, in the packet of its headers, and then costs nothing here) must keep to the
+    app's ``BodyDeadline``, or the reads waiting for it fail and the sender gets 408."""
+    watch = None if request.content.is_eof() else _BodyWatch(request.content, request.config_dict[keys.BODY_DEADLINE])
     try:
         return await handler(request)
     except BodyTimeout as exc:
@@ -87,8 +105,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "internal_error", "internal error; it has been logged")
     finally:
-        if deadline is not None:
-            deadline.cancel()
+        if watch is not None:
+            watch.cancel()
 
 
 def _channel_routes(channel: Channel) -> list[web.RouteDef]:
@@ -136,7 +154,7 @@ def create_app(
     app[keys.METRICS] = metrics
     app[keys.OUTBOX_POLICY] = outbox_policy or OutboxPolicy()
     app[keys.RUN_WORKERS] = run_workers
-    app[keys.BODY_READ_SECONDS] = BODY_READ_SECONDS
+    app[keys.BODY_DEADLINE] = BodyDeadline()
 
     channels: list[Channel] = []
     for result in pm.hook.register_channels(

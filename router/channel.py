@@ -32,21 +32,33 @@ def json_error(
     return status(text=body, content_type="application/json", **kwargs)
 
 
-BODY_READ_SECONDS = 30.0
-"""How long a request's body may take to arrive, from the moment its handler runs. A provider
-posts a webhook in milliseconds; a sender that trickles a body (or stops half-way) is answered
-408 and its connection closed, instead of holding a handler (and a channel's slot for bodies in
-work) for as long as it likes."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class BodyDeadline:
+    """How long a request body may take to arrive: ``seconds`` from the moment its handler
+    runs, plus one second for every ``min_rate`` bytes that have arrived (as Apache's
+    ``mod_reqtimeout`` counts, ``body=30,MinRate=500``). A provider posts a webhook in
+    milliseconds and a 25 MiB mail keeps its time as long as it comes at 500 bytes/s or more;
+    a sender that stops, or trickles slower, is answered 408 and its connection closed,
+    instead of holding a handler (and a channel's slot for bodies in work) for as long as it
+    likes."""
+
+    seconds: float = 30.0
+    min_rate: float = 500.0
+
+    def allowed(self, received: int) -> float:
+        """Seconds allowed in all, once ``received`` bytes have arrived."""
+        return self.seconds + received / self.min_rate
 
 
 class BodyTimeout(TimeoutError):
-    """A request body that did not arrive within the service's deadline. Raised by any read of
-    the body (``read_limited_body``, ``request.read()``, ``request.post()``); the service
-    answers it with 408 ``body_timeout``, so a handler lets it pass. It is a ``TimeoutError``,
-    which aiohttp's own reading of an unread rest also takes as the end of that connection."""
+    """A request body that did not arrive within the service's ``BodyDeadline``. Raised by any
+    read of the body (``read_limited_body``, ``request.read()``, ``request.post()``); the
+    service answers it with 408 ``body_timeout``, so a handler lets it pass (or answers it in
+    its own way). It is a ``TimeoutError``, which aiohttp's own reading of an unread rest also
+    takes as the end of that connection."""
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"the request body did not arrive within {seconds:g} s")
+        super().__init__(f"the request body did not arrive in time ({seconds:.1f} s)")
         self.seconds = seconds
 
 

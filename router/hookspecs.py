@@ -17,9 +17,9 @@ The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabil
 ``InvalidMessage``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer``,
 ``RoutingDecision``, ``json_error`` (an HTTP error with the service's JSON error body),
 ``read_limited_body`` with its ``BodyTooLarge`` (a request body of at most so many bytes),
-``BodyTimeout`` (a body that did not arrive in time; the service answers it with 408) and
-``parse_retry_after`` (a provider's ``Retry-After`` in seconds). The full guide is
-``docs/plugins.md``.
+``BodyTimeout`` (a body that did not keep to the service's ``BodyDeadline``; the service
+answers it with 408) and ``parse_retry_after`` (a provider's ``Retry-After`` in seconds). The
+full guide is ``docs/plugins.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import pluggy
 
 from .channel import (
+    BodyDeadline,
     BodyTimeout,
     BodyTooLarge,
     Capabilities,
@@ -58,6 +59,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
     "PROJECT",
+    "BodyDeadline",
     "BodyTimeout",
     "BodyTooLarge",
     "Capabilities",

@@ -8,6 +8,7 @@ import aiohttp
 import pluggy
 from aiohttp import web
 
+from .channel import BodyDeadline
 from .clock import Clock
 from .config import Config
 from .core import Core
@@ -25,5 +26,5 @@ METRICS = web.AppKey("metrics", Metrics)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 OUTBOX_POLICY = web.AppKey("outbox_policy", OutboxPolicy)
 RUN_WORKERS = web.AppKey("run_workers", bool)
-BODY_READ_SECONDS = web.AppKey("body_read_seconds", float)  # how long a request body may take to arrive
+BODY_DEADLINE = web.AppKey("body_deadline", BodyDeadline)  # how long a request body may take to arrive
 STAFF = web.AppKey("staff", tuple)  # the StaffMembers whose tokens the inbox API accepts

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from router.hookspecs import (
+    BodyTimeout,
     BodyTooLarge,
     Capabilities,
     Channel,
@@ -123,6 +124,8 @@ class WebFormChannel(Channel):
             body = await read_limited_body(request, self.max_body)
         except BodyTooLarge:
             raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes") from None
+        except BodyTimeout as exc:  # a browser gets a page, not the service's JSON 408
+            raise self._error(is_json, 408, "body_timeout", f"{exc}; please send the form again") from None
         if is_json:
             try:
                 data = json.loads(body.decode("utf-8"))
@@ -146,7 +149,7 @@ class WebFormChannel(Channel):
     def _error(is_json: bool, status: int, code: str, message: str, **extra: Any) -> web.HTTPException:
         cls = web.HTTPException
         for candidate in (web.HTTPBadRequest, web.HTTPRequestEntityTooLarge, web.HTTPUnsupportedMediaType,
-                          web.HTTPTooManyRequests, web.HTTPNotFound):
+                          web.HTTPTooManyRequests, web.HTTPNotFound, web.HTTPRequestTimeout):
             if candidate.status_code == status:
                 cls = candidate
         if is_json:

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from router import keys
-from router.channel import BODY_READ_SECONDS
+from router.channel import BodyDeadline
 from router.hookspecs import hookimpl
 from router.testing import CoreHarness
 
 DEADLINE = 0.3
+MIN_RATE = 500.0
 
 
 class SlowRouting:
@@ -36,19 +37,19 @@ class SlowRouting:
 @pytest.fixture
 async def slow_harness(tmp_path: Path) -> AsyncIterator[CoreHarness]:
     harness = CoreHarness(tmp_path / "data", plugins=[SlowRouting()])
-    harness.app[keys.BODY_READ_SECONDS] = DEADLINE
+    harness.app[keys.BODY_DEADLINE] = BodyDeadline(DEADLINE, MIN_RATE)
     async with harness:
         yield harness
 
 
-async def form_body(harness: CoreHarness) -> bytes:
+async def form_body(harness: CoreHarness, message: str = "Gehweg gesperrt, seit Tagen kommt niemand.") -> bytes:
     """A valid JSON submission of the web form, with a fresh form token."""
     response = await harness.client.get("/channels/webform/token")
     form_token = (await response.json())["form_token"]
     harness.clock.advance(timedelta(seconds=5))
     return json.dumps({
         "name": "Erika Mustermann", "street": "Lindenweg 3", "postcode": "12345", "city": "Musterstadt",
-        "topic": "construction", "message": "Gehweg gesperrt, seit Tagen kommt niemand.", "form_token": form_token,
+        "topic": "construction", "message": message, "form_token": form_token,
     }).encode()
 
 
@@ -64,10 +65,12 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
     return status, headers, body
 
 
-def test_the_deadline_is_generous_for_a_provider() -> None:
-    # A provider posts in milliseconds; a staff member's 1 MB attachment on a slow uplink
-    # (50 kB/s) takes 20 s.
-    assert 20 <= BODY_READ_SECONDS <= 60
+def test_a_body_earns_time_by_arriving() -> None:
+    # Apache's mod_reqtimeout counts so: a second more for every min_rate bytes received.
+    deadline = BodyDeadline(30, 500)
+    assert deadline.allowed(0) == 30
+    assert deadline.allowed(5_000) == 40
+    assert BodyDeadline().allowed(25 * 1024 * 1024) > 25 * 1024 * 1024 / 1_000  # a 25 MiB mail at 1 kB/s
 
 
 async def test_a_web_form_body_that_stops_halfway_is_answered_408_and_nothing_is_stored(slow_harness: CoreHarness) -> None:
@@ -127,3 +130,60 @@ async def test_a_handler_that_outlives_the_deadline_after_its_body_arrived_is_an
     assert response.status == 201
     assert time.monotonic() - started >= DEADLINE * 2
     assert await slow_harness.count("conversations") == 1
+
+
+async def test_a_body_that_trickles_faster_than_the_minimum_rate_is_taken_after_the_first_deadline(
+    slow_harness: CoreHarness,
+) -> None:
+    body = await form_body(slow_harness, "Gehweg gesperrt, seit Tagen kommt niemand. " * 40)
+    assert len(body) > 1_500  # so it takes longer than the deadline at this rate
+    step = 100  # bytes every 0.05 s: 2,000 bytes/s, four times the minimum
+    reader, writer = await slow_harness.stalled_request("/channels/webform/", body[:step], declared=len(body))
+    started = time.monotonic()
+    try:
+        for at in range(step, len(body), step):
+            await asyncio.sleep(0.05)
+            writer.write(body[at:at + step])
+            await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert time.monotonic() - started > DEADLINE  # longer than the time allowed for nothing
+    assert head.startswith(b"HTTP/1.1 201")
+    assert await slow_harness.count("conversations") == 1
+
+
+async def test_a_body_that_trickles_slower_than_the_minimum_rate_is_cut(slow_harness: CoreHarness) -> None:
+    body = await form_body(slow_harness)
+    reader, writer = await slow_harness.stalled_request("/channels/webform/", body[:5], declared=len(body))
+    started = time.monotonic()
+
+    async def trickle() -> None:  # 5 bytes every 0.05 s: 100 bytes/s, a fifth of the minimum
+        for at in range(5, len(body), 5):
+            await asyncio.sleep(0.05)
+            writer.write(body[at:at + 5])
+            await writer.drain()
+
+    sending = asyncio.create_task(trickle())
+    try:
+        status, _, answer = await read_answer(reader)
+    finally:
+        sending.cancel()
+        writer.close()
+    assert status == 408 and json.loads(answer)["error"]["code"] == "body_timeout"
+    # 0.3 s, plus 0.2 s a second for 100 bytes/s: cut after about 0.375 s
+    assert DEADLINE <= time.monotonic() - started < 2
+    assert await slow_harness.count("conversations") == 0
+
+
+async def test_a_browser_whose_form_stalls_gets_a_page(slow_harness: CoreHarness) -> None:
+    reader, writer = await slow_harness.stalled_request(
+        "/channels/webform/", b"name=Erika&message=Geh", declared=300,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    try:
+        status, headers, answer = await read_answer(reader)
+    finally:
+        writer.close()
+    assert status == 408 and headers["content-type"].startswith("text/html")
+    assert b"send the form again" in answer
