@@ -3,8 +3,8 @@
     python bench/queries.py --db /tmp/seed/contact-router.sqlite3 --repeat 20
 
 Runs the real ``router/inbox/queries.py`` functions (inbox list with each filter, the next page,
-one conversation's view) and the escalation scheduler's overdue scan (the same SQL as
-``router.tracking.escalate_due``), prints the median and worst time of each and the
+one conversation's view, the statistics of a period) and the escalation scheduler's overdue scan
+(the same SQL as ``router.tracking.escalate_due``), prints the median and worst time of each and the
 ``EXPLAIN QUERY PLAN`` of every statement they ran. Read-only apart from migrations and, once,
 the search index (see ``fill_search_index``).
 """
@@ -17,12 +17,13 @@ import json
 import sqlite3
 import statistics
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from router.clock import Clock
-from router.inbox.queries import conversation_detail, list_conversations
+from router.inbox.queries import conversation_detail, list_conversations, stats
 from router.search import search_text
 from router.store.sqlite import SQLiteStore, apply_migrations, iso
 from router.tracking import OVERDUE_SCAN
@@ -40,6 +41,10 @@ class RecordingStore(SQLiteStore):
     async def fetchall(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         self.statements.append((sql, params))
         return await super().fetchall(sql, params)
+
+    async def fetchall_apart(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        self.statements.append((sql, params))
+        return await super().fetchall_apart(sql, params)
 
 
 def fill_search_index(db: Path) -> int:
@@ -71,6 +76,7 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
     await store.open()
     core = SimpleNamespace(store=store, clock=Clock(), status_url=lambda token: f"/status/{token}",
                            config=SimpleNamespace(units={}))
+    now = core.clock.now()
     newest = (await store.fetchone("SELECT MAX(id) FROM conversations"))[0]
     middle = newest // 2
     contact = (await store.fetchone("SELECT contact_id FROM conversations WHERE id = ?", (middle,)))[0]
@@ -114,6 +120,11 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
          lambda: list_conversations(core, units=ALL_UNITS, q="Gehweg", before_id=middle)),
         ("list, q=every-message word, one contact",
          lambda: list_conversations(core, units=ALL_UNITS, q="Gehweg", contact_id=contact)),
+        # Statistics read every conversation of a period (the seeded ones are spread over a year):
+        # their cost follows the period, not the history. Without a period, several seconds.
+        ("stats, all units, last day", lambda: stats(core, ALL_UNITS, now - timedelta(days=1), now)),
+        ("stats, all units, last 7 days", lambda: stats(core, ALL_UNITS, now - timedelta(days=7), now)),
+        ("stats, contractor unit, last 30 days", lambda: stats(core, ("tiefbau-muster",), now - timedelta(days=30), now)),
     ]
     results: dict[str, Any] = {"conversations": newest, "queries": []}
     for name, call in cases:

@@ -49,7 +49,10 @@ def seed(path: Path, conversations: int, now: datetime, rng: random.Random, work
         ids = range(chunk_start, min(chunk_start + CHUNK, start_id + conversations))
         contacts, identities, convs, messages, outbox = [], [], [], [], []
         for i in ids:
-            created = now - timedelta(minutes=rng.randint(0, 60 * 24 * 365))
+            # Over the last year, in the order of the ids as a running service creates them
+            # (give or take ten minutes), so a period's conversations are neighbours in the file.
+            age = (start_id + conversations - i) / conversations * 60 * 24 * 365
+            created = now - timedelta(minutes=age + rng.randint(0, 10))
             stamp = iso(created)
             state = rng.choice(WORKLOAD_STATES if i >= workload_from else HISTORY_STATES)
             channel = rng.choice(CHANNELS)

@@ -8,13 +8,16 @@ import asyncio
 import hmac
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from .. import keys
 from ..channel import json_error
 from ..config import Config, StaffMember
+from ..store.sqlite import iso
 from . import queries
 from .openapi import openapi_document
 
@@ -279,10 +282,31 @@ async def get_units(request: web.Request) -> web.Response:
     return web.json_response({"items": [config.units[u].public() for u in config.units if u in units]})
 
 
+def _time_param(value: str, field: str, timezone: str) -> datetime:
+    """A point in time from a query parameter: an ISO 8601 date and time (with an offset, or
+    else in the service's timezone) or a date alone (its midnight in the service's timezone)."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise _error(400, "invalid_parameter", f"{field} must be a date (2026-11-01) or a date and time"
+                     " (2026-11-01T08:00:00+01:00)", field=field) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=ZoneInfo(timezone))
+    if not 1970 <= moment.year <= 9998:
+        raise _error(400, "invalid_parameter", f"{field} is out of range", field=field)
+    return moment.astimezone(UTC)
+
+
 @routes.get("/api/v1/stats")
 async def get_stats(request: web.Request) -> web.Response:
     _, units = authenticate(request)
-    return web.json_response({"items": await queries.stats(request.app[keys.CORE], units)})
+    timezone = request.app[keys.CONFIG].timezone
+    since = _time_param(request.query["from"], "from", timezone) if "from" in request.query else None
+    until = _time_param(request.query["to"], "to", timezone) if "to" in request.query else None
+    if since is not None and until is not None and since >= until:
+        raise _error(400, "invalid_parameter", "to must be later than from", field="to")
+    items = await queries.stats(request.app[keys.CORE], units, since, until)
+    return web.json_response({"items": items, "from": iso(since), "to": iso(until)})
 
 
 @routes.get("/api/v1/me")

@@ -97,8 +97,19 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": _body({"type": "object", "required": ["other_contact_id"], "properties": {"other_contact_id": {"type": "integer"}}}),
                 "responses": {"200": _json(_ref("Contact")), **_ERRORS, "409": {"$ref": "#/components/responses/Conflict"}}}},
             "/api/v1/units": {"get": {"summary": "The caller's units", "responses": {"200": _json({"type": "object", "properties": {"items": {"type": "array", "items": _ref("Unit")}}}), "401": _ERRORS["401"]}}},
-            "/api/v1/stats": {"get": {"summary": "Per channel and unit: received, acknowledged, answered, overdue, median time to first human answer",
-                                      "responses": {"200": _json({"type": "object", "properties": {"items": {"type": "array", "items": _ref("Stat")}}}), "401": _ERRORS["401"]}}},
+            "/api/v1/stats": {"get": {
+                "summary": "Per channel and unit: received, acknowledged, answered, overdue, median time to first human answer",
+                "description": "Of the conversations created in [from, to); all of them without a period. A date alone means its"
+                               " midnight; a date, or a date and time without an offset, is read in the service's timezone.",
+                "parameters": [
+                    {"name": "from", "in": "query", "schema": {"type": "string"}, "description": "2026-11-01 or 2026-11-01T08:00:00+01:00"},
+                    {"name": "to", "in": "query", "schema": {"type": "string"}, "description": "exclusive; later than from"},
+                ],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "items": {"type": "array", "items": _ref("Stat")},
+                    "from": {"type": ["string", "null"], "format": "date-time"},
+                    "to": {"type": ["string", "null"], "format": "date-time"}}}),
+                    "400": _ERRORS["400"], "401": _ERRORS["401"]}}},
             "/api/v1/me": {"get": {"summary": "Who the token belongs to and which units it sees", "responses": {"200": _json({"type": "object", "properties": {"name": {"type": "string"}, "units": {"type": "array", "items": {"type": "string"}}}}), "401": _ERRORS["401"]}}},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI document"}}}},
             "/healthz": {"get": {"summary": "Health", "security": [], "responses": {"200": {"description": "ok"}, "503": {"description": "storage unavailable"}}}},

@@ -635,19 +635,29 @@ async def contact_units(core: Core, contact_id: int) -> set[str]:
     return {r["unit"] for r in rows}
 
 
-async def stats(core: Core, units: Iterable[str]) -> list[dict[str, Any]]:
-    """Per channel and unit: received, acknowledged, answered, overdue, median time to first
-    human answer (seconds). Reads every conversation of the units (seconds at a million), so
-    on a connection of its own."""
-    now = iso(core.clock.now())
+def stats_query(units: Iterable[str], now: str, since: str | None = None, until: str | None = None) -> tuple[str, tuple[Any, ...]]:
+    """The statement of ``stats`` and its parameters: one statement, so one connection and one
+    snapshot. ``since`` and ``until`` (timestamps as the store writes them) keep the
+    conversations created in [since, until); with either, SQLite reads that period through
+    ``conversations_created``, not every conversation the units ever had. (An index of time
+    alone, not of unit and time: its entries go to one end of one b-tree, where ingest
+    measured 460 bytes more written per message, against 1,300 for one end per unit.)"""
     unit_list = sorted(set(units))
     marks = ",".join("?" * len(unit_list))
-    # One statement on one connection. The median is worked out in SQL, so the rows never reach
-    # Python (a million of them took the reader's thread and the GIL for seconds); julianday()
-    # reads our timestamps to the millisecond.
-    rows = await core.store.fetchall_apart(
+    # SQLite prefers the equality on unit (conversations_unit) to a range of time, and would read
+    # the units' whole history for a day.
+    indexed = "" if since is None and until is None else " INDEXED BY conversations_created"
+    period, bounds = "", ()
+    if since is not None:
+        period, bounds = period + " AND created_at >= ?", (*bounds, since)
+    if until is not None:
+        period, bounds = period + " AND created_at < ?", (*bounds, until)
+    # The median is worked out in SQL, so the rows never reach Python (a million of them took
+    # the reader's thread and the GIL for seconds); julianday() reads our timestamps to the
+    # millisecond.
+    sql = (
         "WITH d AS (SELECT channel, unit, (julianday(first_answered_at) - julianday(created_at)) * 86400.0 AS s"
-        f"  FROM conversations WHERE unit IN ({marks}) AND first_answered_at IS NOT NULL),"
+        f"  FROM conversations{indexed} WHERE unit IN ({marks}){period} AND first_answered_at IS NOT NULL),"
         " r AS (SELECT channel, unit, s, ROW_NUMBER() OVER w AS n, COUNT(*) OVER (PARTITION BY channel, unit) AS total"
         "  FROM d WINDOW w AS (PARTITION BY channel, unit ORDER BY s)),"
         " medians AS (SELECT channel, unit, AVG(s) AS median FROM r WHERE n IN ((total + 1) / 2, (total + 2) / 2)"
@@ -657,10 +667,23 @@ async def stats(core: Core, units: Iterable[str]) -> list[dict[str, Any]]:
         "   AND m.delivery_status IN ('sent', 'delivered', 'read'))) AS acknowledged,"
         "  SUM(first_answered_at IS NOT NULL) AS answered,"
         "  SUM(deadline IS NOT NULL AND deadline < ? AND state IN ('open', 'acknowledged')) AS overdue"
-        f"  FROM conversations c WHERE unit IN ({marks}) GROUP BY channel, unit)"
-        " SELECT a.*, medians.median FROM a LEFT JOIN medians USING (channel, unit) ORDER BY channel, unit",
-        (*unit_list, now, *unit_list),
+        f"  FROM conversations AS c{indexed} WHERE unit IN ({marks}){period} GROUP BY channel, unit)"
+        " SELECT a.*, medians.median FROM a LEFT JOIN medians USING (channel, unit) ORDER BY channel, unit"
     )
+    return sql, (*unit_list, *bounds, now, *unit_list, *bounds)
+
+
+async def stats(
+    core: Core, units: Iterable[str], since: datetime | None = None, until: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Per channel and unit: received, acknowledged, answered, overdue, median time to first
+    human answer (seconds), of the conversations created in [since, until) (all when open).
+    Without a period it reads every conversation of the units (seconds at a million), so on a
+    connection of its own."""
+    sql, params = stats_query(
+        units, iso(core.clock.now()), iso(since) if since is not None else None, iso(until) if until is not None else None
+    )
+    rows = await core.store.fetchall_apart(sql, params)
     result = []
     for r in rows:
         median = None if r["median"] is None else round(r["median"], 3)

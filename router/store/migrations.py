@@ -301,4 +301,11 @@ CREATE INDEX delivery_events_unmatched_key ON delivery_events(idempotency_key)
     WHERE outbox_id IS NULL AND idempotency_key IS NOT NULL;
 """,
     ),
+    (
+        9,
+        "statistics of a period read the conversations of that period, not every one of the unit",
+        """
+CREATE INDEX conversations_created ON conversations(created_at);
+""",
+    ),
 ]

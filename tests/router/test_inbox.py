@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from .helpers import vm_steps, webform_message
 
 
@@ -400,3 +402,72 @@ async def test_stats_median_time_to_first_answer(harness):
     status, body = await harness.api("GET", "/api/v1/stats")
     (row,) = [r for r in body["items"] if r["unit"] == "tiefbau-muster"]
     assert row["median_first_answer_seconds"] == 120.0  # 30, 60, 120, 600, 3600
+
+
+async def _created_at(harness, stamps: dict[int, str]) -> None:
+    def write(conn):
+        for conversation_id, stamp in stamps.items():
+            conn.execute("UPDATE conversations SET created_at = ? WHERE id = ?", (stamp, conversation_id))
+
+    await harness.core.store.write(write)
+
+
+async def test_stats_of_a_period_count_the_conversations_created_in_it(harness):
+    ids = [await _case(harness) for _ in range(4)]
+    await _created_at(harness, {
+        ids[0]: "2026-02-28T22:59:59.999999Z",  # 23:59:59 on 28 February in Berlin: before
+        ids[1]: "2026-02-28T23:00:00.000000Z",  # midnight of 1 March in Berlin: the first instant
+        ids[2]: "2026-03-15T12:00:00.000000Z",
+        ids[3]: "2026-03-31T22:00:00.000000Z",  # midnight of 1 April in Berlin (summer time): after
+    })
+
+    async def received(**period: str) -> tuple[int, dict]:
+        query = "&".join(f"{k}={v}" for k, v in period.items())
+        status, body = await harness.api("GET", f"/api/v1/stats?{query}")
+        assert status == 200, body
+        rows = [r for r in body["items"] if r["unit"] == "tiefbau-muster"]
+        return (rows[0]["received"] if rows else 0), body
+
+    count, body = await received(**{"from": "2026-03-01", "to": "2026-04-01"})  # dates: the service's timezone
+    assert count == 2
+    assert (body["from"], body["to"]) == ("2026-02-28T23:00:00.000000Z", "2026-03-31T22:00:00.000000Z")
+    count, _ = await received(**{"from": "2026-03-01T00:00:00%2B01:00"})  # an offset of its own; open end
+    assert count == 3
+    count, _ = await received(to="2026-03-15T12:00:00Z")  # exclusive
+    assert count == 2
+    count, body = await received()
+    assert count == 4 and body["from"] is None and body["to"] is None
+
+
+@pytest.mark.parametrize(("query", "field"), [
+    ("from=yesterday", "from"),
+    ("to=2026-13-01", "to"),
+    ("from=0001-01-01", "from"),
+    ("from=2026-03-02&to=2026-03-01", "to"),
+    ("from=2026-03-02&to=2026-03-02", "to"),
+])
+async def test_stats_refuse_a_period_that_is_not_one(harness, query, field):
+    status, body = await harness.api("GET", f"/api/v1/stats?{query}")
+    assert status == 400
+    assert body["error"]["code"] == "invalid_parameter" and body["error"]["field"] == field
+
+
+def test_stats_of_a_period_read_that_period_not_the_history(tmp_path):
+    """Without a period the statistics read every conversation of the units (6.8 s at a
+    million); a period's are found through conversations_created."""
+    from router.inbox.queries import stats_query
+
+    def cost(conn):
+        sql, params = stats_query(["kundenservice"], "2026-03-01T00:00:00.000000Z",
+                                  "2026-01-01T00:30:00.000000Z", "2026-01-02T00:00:00.000000Z")
+        steps, rows = vm_steps(conn, lambda: conn.execute(sql, params).fetchall(), every=100)
+        return steps, [(r["channel"], r["received"]) for r in rows]
+
+    small, large = _history(tmp_path / "small.sqlite3", 100), _history(tmp_path / "large.sqlite3", 5000)
+    for conn in (small, large):  # the history was created at midnight; two conversations within the period
+        conn.execute("UPDATE conversations SET created_at = '2026-01-01T01:00:00.000000Z'"
+                     " WHERE case_reference IN ('K-OVERDUE', 'K-OLD')")
+    few, found = cost(small)
+    many, found_in_large = cost(large)
+    assert found == found_in_large == [("phone", 1), ("webform", 1)]
+    assert many <= few + 2, (few, many)
