@@ -46,6 +46,8 @@ def check(secret: bytes, token: str, now: datetime, *, min_age: float, max_age: 
     """Verify a token; raises ``TokenError`` with code forged, too_fast or expired."""
     if not token or len(token) > 200:
         raise TokenError("invalid_token", "the form token is missing")
+    if not token.isascii():  # we issue ASCII only; anything else is no token of ours (and no str to compare in constant time)
+        raise TokenError("invalid_token", "the form token is malformed")
     parts = token.split(".")
     if len(parts) != 3 or not parts[0].isdigit():
         raise TokenError("invalid_token", "the form token is malformed")

@@ -169,6 +169,12 @@ async def test_bad_input_gets_4xx_and_stores_nothing(harness):
     # forged
     response = await harness.client.post("/channels/webform/", json={**FORM, "form_token": "1700000000.abc.def"})
     assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_token"
+    # not ASCII, as no token of ours is: comparing it in constant time raised TypeError, a 500
+    for token in ("1700000000.abc.\u00e9", "1700000000.\ud800.abc", "\u0661\u0662.abc.def"):
+        response = await harness.client.post("/channels/webform/", json={**FORM, "form_token": token})
+        assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_token", token
+    response = await harness.client.post("/channels/webform/", data={**FORM, "form_token": "1.abc.\u00e9"})
+    assert response.status == 400
     # malformed JSON and oversized bodies
     for raw in (b"{not json", b"[" * 50_000):  # the second nests deeper than the parser goes
         response = await harness.client.post("/channels/webform/", data=raw, headers={"Content-Type": "application/json"})
