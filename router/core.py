@@ -35,6 +35,10 @@ from .templates import Templates
 
 log = logging.getLogger("contact_router.core")
 
+HOOK_SECONDS = 10.0
+"""How long the core waits for a plugin hook (all its implementations): a CRM or routing
+service that hangs costs a message, a staff reply or the shutdown no more than this."""
+
 
 class ActionError(Exception):
     """A staff action that cannot be done in the conversation's current state (409/400)."""
@@ -116,8 +120,8 @@ class Core:
 
     async def _fire(self, hook: str, **kwargs: Any) -> None:
         try:
-            await call_all(self.pm, hook, **kwargs)
-        except Exception:
+            await asyncio.wait_for(call_all(self.pm, hook, **kwargs), HOOK_SECONDS)
+        except Exception:  # TimeoutError too: counted and logged like any failure
             self.metrics.inc("contact_router_hook_errors_total", hook=hook)
             log.exception("plugin hook %s failed", hook)
 
@@ -164,7 +168,9 @@ class Core:
         """A routing plugin's decision; one that fails or hangs costs the message nothing: the
         configured rules route it."""
         try:
-            return await asyncio.wait_for(call_first(self.pm, "route_message", message=msg, is_customer=is_customer), 10)
+            return await asyncio.wait_for(
+                call_first(self.pm, "route_message", message=msg, is_customer=is_customer), HOOK_SECONDS
+            )
         except Exception:
             log.exception("route_message failed; the configured rules route the message")
             self.metrics.inc("contact_router_hook_errors_total", hook="route_message")
@@ -184,11 +190,27 @@ class Core:
             city=address.get("city"),
         )
         try:
-            return await asyncio.wait_for(call_first(self.pm, "lookup_customer", claim=claim), 10)
+            return await asyncio.wait_for(call_first(self.pm, "lookup_customer", claim=claim), HOOK_SECONDS)
         except Exception:  # a CRM that fails must not cost the message: the number stays a claim
             log.exception("lookup_customer failed; keeping the number as a claim")
             self.metrics.inc("contact_router_hook_errors_total", hook="lookup_customer")
             return None
+
+    async def _reply_copies(
+        self, conversation: Mapping[str, Any], text: str, language: str | None, idents: list[Any]
+    ) -> list[Any]:
+        """What the ``reply_copies`` plugins name; a plugin that fails or hangs costs the reply
+        only its copies: it still goes out on the conversation's own channel."""
+        try:
+            return await asyncio.wait_for(call_all(
+                self.pm, "reply_copies", conversation=conversation,
+                reply={"text": text, "language": language, "kind": "reply"},
+                identities=[{"kind": i["kind"], "address": i["address"]} for i in idents],
+            ), HOOK_SECONDS)
+        except Exception:
+            log.exception("reply_copies failed; the reply goes out without copies")
+            self.metrics.inc("contact_router_hook_errors_total", hook="reply_copies")
+            return []
 
     async def record_delivery(self, channel: str, update: DeliveryUpdate) -> bool:
         """Apply a provider status callback; False when the provider id is not ours."""
@@ -273,11 +295,7 @@ class Core:
         if has_implementations(self.pm, "reply_copies"):
             conv_view = {"id": conv["id"], "case_reference": conv["case_reference"], "channel": conv["channel"],
                          "unit": conv["unit"], "status_url": self.status_url(conv["status_token"])}
-            for result in await call_all(
-                self.pm, "reply_copies", conversation=conv_view,
-                reply={"text": text, "language": conv["language"], "kind": "reply"},
-                identities=[{"kind": i["kind"], "address": i["address"]} for i in idents],
-            ):
+            for result in await self._reply_copies(conv_view, text, conv["language"], idents):
                 copies.extend(r for r in result if r.get("channel") in self.channels and r.get("channel") != conv["channel"])
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:

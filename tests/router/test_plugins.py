@@ -3,10 +3,12 @@ called as documented, built-ins come in through entry points, every hook is docu
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import re
+import time
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+import router.core
 from router import hookspecs
 from router.hookspecs import Customer, RoutingDecision, hookimpl
 from router.plugins import create_plugin_manager
@@ -162,6 +165,36 @@ async def test_a_failing_event_hook_never_costs_the_message(tmp_path):
         await harness.core.drain_background()
         assert result.conversation_id and await harness.count("messages", "direction = 'in'") == 1
         assert harness.core.metrics.value("contact_router_hook_errors_total", hook="message_received") == 1
+
+
+class Hanging:
+    """A plugin whose service never answers."""
+
+    @hookimpl
+    async def reply_copies(self, conversation, reply, identities):
+        await asyncio.sleep(3600)
+
+    @hookimpl
+    async def message_received(self, message, result):
+        await asyncio.sleep(3600)
+
+
+async def test_a_hanging_plugin_costs_a_reply_its_copies_and_an_event_its_hook_nothing_more(tmp_path, monkeypatch):
+    """reply_copies and the event hooks had no time limit: a staff reply waited for ever (the
+    API call never answered) and so did the service's shutdown, which waits for event hooks."""
+    monkeypatch.setattr(router.core, "HOOK_SECONDS", 0.2)
+    async with CoreHarness(tmp_path / "d", plugins=[Hanging()]) as harness:
+        result = await harness.core.ingest(webform_message())
+        started = time.monotonic()
+        status, reply = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies",
+                                          json={"text": "Wir kümmern uns darum."})
+        assert status == 201, reply
+        await harness.core.drain_background()
+        assert time.monotonic() - started < 3
+        assert await harness.count("outbox", "kind = 'reply'") == 1  # on its own channel, no copies
+        metrics = harness.core.metrics
+        assert metrics.value("contact_router_hook_errors_total", hook="reply_copies") == 1
+        assert metrics.value("contact_router_hook_errors_total", hook="message_received") == 1
 
 
 def test_every_hook_is_documented_in_the_plugin_guide():
