@@ -219,6 +219,7 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, connect=10))
     app[keys.HTTP] = session
     yield
+    await app[keys.CORE].drain_background()  # event hooks still running may use the session
     await session.close()
 
 

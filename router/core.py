@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -118,12 +118,16 @@ class Core:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _hook_failed(self, hook: str, plugin: str, exc: BaseException) -> None:
+        """One implementation of a hook failed or ran out of time: logged and counted."""
+        self.metrics.inc("contact_router_hook_errors_total", hook=hook)
+        if isinstance(exc, TimeoutError):
+            log.error("plugin %s: hook %s gave no answer within %g s", plugin, hook, HOOK_SECONDS)
+        else:
+            log.error("plugin %s: hook %s failed", plugin, hook, exc_info=exc)
+
     async def _fire(self, hook: str, **kwargs: Any) -> None:
-        try:
-            await asyncio.wait_for(call_all(self.pm, hook, **kwargs), HOOK_SECONDS)
-        except Exception:  # TimeoutError too: counted and logged like any failure
-            self.metrics.inc("contact_router_hook_errors_total", hook=hook)
-            log.exception("plugin hook %s failed", hook)
+        await call_all(self.pm, hook, timeout=HOOK_SECONDS, on_error=partial(self._hook_failed, hook), **kwargs)
 
     async def drain_background(self) -> None:
         """Wait for event hooks still running (tests, shutdown)."""
@@ -198,19 +202,26 @@ class Core:
 
     async def _reply_copies(
         self, conversation: Mapping[str, Any], text: str, language: str | None, idents: list[Any]
-    ) -> list[Any]:
-        """What the ``reply_copies`` plugins name; a plugin that fails or hangs costs the reply
-        only its copies: it still goes out on the conversation's own channel."""
-        try:
-            return await asyncio.wait_for(call_all(
-                self.pm, "reply_copies", conversation=conversation,
-                reply={"text": text, "language": language, "kind": "reply"},
-                identities=[{"kind": i["kind"], "address": i["address"]} for i in idents],
-            ), HOOK_SECONDS)
-        except Exception:
-            log.exception("reply_copies failed; the reply goes out without copies")
-            self.metrics.inc("contact_router_hook_errors_total", hook="reply_copies")
-            return []
+    ) -> list[Mapping[str, str]]:
+        """The further recipients the ``reply_copies`` plugins name (each ``{"channel", "to_kind",
+        "to"}``). A plugin that fails, hangs or answers something else costs the reply only its
+        own copies: the reply still goes out on the conversation's channel."""
+        failed = partial(self._hook_failed, "reply_copies")
+        answers = await call_all(
+            self.pm, "reply_copies", timeout=HOOK_SECONDS, on_error=failed, conversation=conversation,
+            reply={"text": text, "language": language, "kind": "reply"},
+            identities=[{"kind": i["kind"], "address": i["address"]} for i in idents],
+        )
+        copies = []
+        for answer in answers:
+            if isinstance(answer, Sequence) and not isinstance(answer, str) and all(
+                isinstance(c, Mapping) and isinstance(c.get("channel"), str) and isinstance(c.get("to"), str)
+                and isinstance(c.get("to_kind", ""), str) for c in answer
+            ):
+                copies.extend(answer)
+            else:
+                failed("unknown", TypeError(f"reply_copies must return a list of {{channel, to_kind, to}}, not {answer!r:.200}"))
+        return copies
 
     async def record_delivery(self, channel: str, update: DeliveryUpdate) -> bool:
         """Apply a provider status callback; False when the provider id is not ours."""
@@ -295,8 +306,8 @@ class Core:
         if has_implementations(self.pm, "reply_copies"):
             conv_view = {"id": conv["id"], "case_reference": conv["case_reference"], "channel": conv["channel"],
                          "unit": conv["unit"], "status_url": self.status_url(conv["status_token"])}
-            for result in await self._reply_copies(conv_view, text, conv["language"], idents):
-                copies.extend(r for r in result if r.get("channel") in self.channels and r.get("channel") != conv["channel"])
+            copies = [c for c in await self._reply_copies(conv_view, text, conv["language"], idents)
+                      if c["channel"] in self.channels and c["channel"] != conv["channel"]]
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
             current = self._conversation(conn, conversation_id)

@@ -1,15 +1,17 @@
 """The plugin manager: the hook specification, the built-in plugins, and third-party plugins
 from the entry-point group ``contact_router`` (the built-in channels come in the same way).
 
-pluggy is synchronous; hooks here may return awaitables, which ``call_first`` and ``call_all``
-await in order, as datasette's ``await_me_maybe`` does.
+pluggy is synchronous; hooks here may return awaitables, which ``call_first`` awaits in order,
+as datasette's ``await_me_maybe`` does, and ``call_all`` awaits together, each with a time
+limit of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pluggy
@@ -66,11 +68,41 @@ async def call_first(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> Any:
     return None
 
 
-async def call_all(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[Any]:
-    """Call every implementation, awaiting each result; ``None`` results are dropped."""
+async def call_all(
+    pm: pluggy.PluginManager,
+    hook: str,
+    *,
+    timeout: float,
+    on_error: Callable[[str, BaseException], None],
+    **kwargs: Any,
+) -> list[Any]:
+    """Call every implementation and collect the results (``None`` dropped), in pluggy's order.
+
+    The awaitables run together, each within ``timeout`` seconds. An implementation that raises
+    or runs out of time is handed to ``on_error`` (its plugin's name and the exception) and
+    costs the others nothing: one CRM that hangs must not keep an audit log from its event,
+    nor leave the implementations after it never called."""
+    caller = getattr(pm.hook, hook)
+    started: list[tuple[str, Any]] = []
+    for impl in reversed(caller.get_hookimpls()):
+        args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+        try:
+            value = impl.function(**args)
+            if callable(value) and not inspect.isawaitable(value):
+                value = value()
+        except Exception as exc:
+            on_error(impl.plugin_name, exc)
+            continue
+        started.append((impl.plugin_name, value))
+
+    async def settle(value: Any) -> Any:
+        return await asyncio.wait_for(value, timeout) if inspect.isawaitable(value) else value
+
+    outcomes = await asyncio.gather(*(settle(value) for _, value in started), return_exceptions=True)
     results = []
-    for result in getattr(pm.hook, hook)(**kwargs):
-        value = await await_me_maybe(result)
-        if value is not None:
-            results.append(value)
+    for (name, _), outcome in zip(started, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            on_error(name, outcome)
+        elif outcome is not None:
+            results.append(outcome)
     return results

@@ -179,11 +179,30 @@ class Hanging:
         await asyncio.sleep(3600)
 
 
-async def test_a_hanging_plugin_costs_a_reply_its_copies_and_an_event_its_hook_nothing_more(tmp_path, monkeypatch):
+class Listening:
+    """A plugin beside it that answers at once: it records its events and names a copy in a
+    shape that is not one."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+
+    @hookimpl
+    async def message_received(self, message, result):
+        self.received.append(result.case_reference)
+
+    @hookimpl
+    def reply_copies(self, conversation, reply, identities):
+        return ["sms"]  # not a list of {channel, to_kind, to}
+
+
+async def test_a_hanging_or_wrong_plugin_costs_a_reply_its_copies_and_the_others_nothing(tmp_path, monkeypatch):
     """reply_copies and the event hooks had no time limit: a staff reply waited for ever (the
-    API call never answered) and so did the service's shutdown, which waits for event hooks."""
+    API call never answered) and so did the service's shutdown, which waits for event hooks.
+    With one limit for all implementations, the one that hung kept those after it from ever
+    running; and an answer of the wrong shape was a 500 that lost the reply."""
     monkeypatch.setattr(router.core, "HOOK_SECONDS", 0.2)
-    async with CoreHarness(tmp_path / "d", plugins=[Hanging()]) as harness:
+    listening = Listening()
+    async with CoreHarness(tmp_path / "d", plugins=[listening, Hanging()]) as harness:  # Hanging is called first
         result = await harness.core.ingest(webform_message())
         started = time.monotonic()
         status, reply = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies",
@@ -192,8 +211,9 @@ async def test_a_hanging_plugin_costs_a_reply_its_copies_and_an_event_its_hook_n
         await harness.core.drain_background()
         assert time.monotonic() - started < 3
         assert await harness.count("outbox", "kind = 'reply'") == 1  # on its own channel, no copies
+        assert listening.received == [result.case_reference]
         metrics = harness.core.metrics
-        assert metrics.value("contact_router_hook_errors_total", hook="reply_copies") == 1
+        assert metrics.value("contact_router_hook_errors_total", hook="reply_copies") == 2  # hung, wrong shape
         assert metrics.value("contact_router_hook_errors_total", hook="message_received") == 1
 
 
