@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -282,14 +283,29 @@ async def get_units(request: web.Request) -> web.Response:
     return web.json_response({"items": [config.units[u].public() for u in config.units if u in units]})
 
 
-def _time_param(value: str, field: str, timezone: str) -> datetime:
-    """A point in time from a query parameter: an ISO 8601 date and time (with an offset, or
-    else in the service's timezone) or a date alone (its midnight in the service's timezone)."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
+# RFC 3339 and its date alone; a URL's query turns the "+" of an offset into a space, which is
+# taken back (``2026-11-01T08:00:00 01:00``).
+_MOMENT = re.compile(r"\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+ -]\d{2}:\d{2})?)?")
+
+
+def _time_param(request: web.Request, field: str, timezone: str) -> datetime | None:
+    """A point in time from a query parameter, or None when it is not given: a date (its
+    midnight in the service's timezone) or a date and time with an offset (without one, in the
+    service's timezone; a local time that the clock skips or repeats at a change of daylight
+    saving time is read with the offset before the change)."""
+    values = request.query.getall(field, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _error(400, "invalid_parameter", f"{field} is given more than once", field=field)
+    value = values[0]
+    if not _MOMENT.fullmatch(value):
         raise _error(400, "invalid_parameter", f"{field} must be a date (2026-11-01) or a date and time"
-                     " (2026-11-01T08:00:00+01:00)", field=field) from None
+                     " (2026-11-01T08:00:00Z, or with an offset such as %2B01:00)", field=field)
+    try:
+        moment = datetime.fromisoformat(value.replace(" ", "+"))
+    except ValueError:  # a month 13, a 30 February
+        raise _error(400, "invalid_parameter", f"{field} is no date: {value}", field=field) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=ZoneInfo(timezone))
     if not 1970 <= moment.year <= 9998:
@@ -301,8 +317,7 @@ def _time_param(value: str, field: str, timezone: str) -> datetime:
 async def get_stats(request: web.Request) -> web.Response:
     _, units = authenticate(request)
     timezone = request.app[keys.CONFIG].timezone
-    since = _time_param(request.query["from"], "from", timezone) if "from" in request.query else None
-    until = _time_param(request.query["to"], "to", timezone) if "to" in request.query else None
+    since, until = _time_param(request, "from", timezone), _time_param(request, "to", timezone)
     if since is not None and until is not None and since >= until:
         raise _error(400, "invalid_parameter", "to must be later than from", field="to")
     items = await queries.stats(request.app[keys.CORE], units, since, until)

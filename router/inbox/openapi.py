@@ -100,9 +100,10 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/stats": {"get": {
                 "summary": "Per channel and unit: received, acknowledged, answered, overdue, median time to first human answer",
                 "description": "Of the conversations created in [from, to); all of them without a period. A date alone means its"
-                               " midnight; a date, or a date and time without an offset, is read in the service's timezone.",
+                               " midnight; a date, or a date and time without an offset, is read in the service's timezone."
+                               " Each may be given once.",
                 "parameters": [
-                    {"name": "from", "in": "query", "schema": {"type": "string"}, "description": "2026-11-01 or 2026-11-01T08:00:00+01:00"},
+                    {"name": "from", "in": "query", "schema": {"type": "string"}, "description": "2026-11-01, 2026-11-01T08:00:00Z or 2026-11-01T08:00:00%2B01:00"},
                     {"name": "to", "in": "query", "schema": {"type": "string"}, "description": "exclusive; later than from"},
                 ],
                 "responses": {"200": _json({"type": "object", "properties": {

@@ -645,8 +645,8 @@ def stats_query(units: Iterable[str], now: str, since: str | None = None, until:
     unit_list = sorted(set(units))
     marks = ",".join("?" * len(unit_list))
     # SQLite prefers the equality on unit (conversations_unit) to a range of time, and would read
-    # the units' whole history for a day.
-    indexed = "" if since is None and until is None else " INDEXED BY conversations_created"
+    # the units' whole history for a day: with a period, "+unit" leaves it only the time.
+    unit = "unit" if since is None and until is None else "+unit"
     period, bounds = "", ()
     if since is not None:
         period, bounds = period + " AND created_at >= ?", (*bounds, since)
@@ -657,7 +657,7 @@ def stats_query(units: Iterable[str], now: str, since: str | None = None, until:
     # millisecond.
     sql = (
         "WITH d AS (SELECT channel, unit, (julianday(first_answered_at) - julianday(created_at)) * 86400.0 AS s"
-        f"  FROM conversations{indexed} WHERE unit IN ({marks}){period} AND first_answered_at IS NOT NULL),"
+        f"  FROM conversations WHERE {unit} IN ({marks}){period} AND first_answered_at IS NOT NULL),"
         " r AS (SELECT channel, unit, s, ROW_NUMBER() OVER w AS n, COUNT(*) OVER (PARTITION BY channel, unit) AS total"
         "  FROM d WINDOW w AS (PARTITION BY channel, unit ORDER BY s)),"
         " medians AS (SELECT channel, unit, AVG(s) AS median FROM r WHERE n IN ((total + 1) / 2, (total + 2) / 2)"
@@ -667,7 +667,7 @@ def stats_query(units: Iterable[str], now: str, since: str | None = None, until:
         "   AND m.delivery_status IN ('sent', 'delivered', 'read'))) AS acknowledged,"
         "  SUM(first_answered_at IS NOT NULL) AS answered,"
         "  SUM(deadline IS NOT NULL AND deadline < ? AND state IN ('open', 'acknowledged')) AS overdue"
-        f"  FROM conversations AS c{indexed} WHERE unit IN ({marks}){period} GROUP BY channel, unit)"
+        f"  FROM conversations AS c WHERE {unit} IN ({marks}){period} GROUP BY channel, unit)"
         " SELECT a.*, medians.median FROM a LEFT JOIN medians USING (channel, unit) ORDER BY channel, unit"
     )
     return sql, (*unit_list, *bounds, now, *unit_list, *bounds)

@@ -433,6 +433,8 @@ async def test_stats_of_a_period_count_the_conversations_created_in_it(harness):
     assert (body["from"], body["to"]) == ("2026-02-28T23:00:00.000000Z", "2026-03-31T22:00:00.000000Z")
     count, _ = await received(**{"from": "2026-03-01T00:00:00%2B01:00"})  # an offset of its own; open end
     assert count == 3
+    count, _ = await received(**{"from": "2026-03-01T00:00:00+01:00"})  # "+" unescaped: a space in a query
+    assert count == 3
     count, _ = await received(to="2026-03-15T12:00:00Z")  # exclusive
     assert count == 2
     count, body = await received()
@@ -445,6 +447,10 @@ async def test_stats_of_a_period_count_the_conversations_created_in_it(harness):
     ("from=0001-01-01", "from"),
     ("from=2026-03-02&to=2026-03-01", "to"),
     ("from=2026-03-02&to=2026-03-02", "to"),
+    ("from=9999-12-31T23:00:00-14:00", "from"),  # beyond what a datetime holds in UTC
+    ("from=2026W441", "from"),  # ISO week dates and the like: Python reads them, the API does not
+    ("from=20261101", "from"),
+    ("from=2026-11-01&from=2026-12-01", "from"),
 ])
 async def test_stats_refuse_a_period_that_is_not_one(harness, query, field):
     status, body = await harness.api("GET", f"/api/v1/stats?{query}")
