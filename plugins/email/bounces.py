@@ -6,12 +6,14 @@ headers in their text, so that the outbound message they report can be marked fa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from email import policy
 from email.message import Message
 from email.parser import HeaderParser
 from email.utils import getaddresses
 
+from .limits import MAX_BOUNCE_TEXT, MAX_MIME_PARTS
 from .text import html_to_text, part_text
 
 
@@ -38,7 +40,13 @@ _MESSAGE_ID = re.compile(r"<[^<>\s]+@[^<>\s]+>")
 _INLINE_MESSAGE_ID = re.compile(r"^[ \t>]*Message-ID:[ \t]*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
 _ENHANCED_STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _SMTP_CODE = re.compile(r"\b([45]\d\d)[ \-]")
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
+# Starts only where a run of local-part characters starts: otherwise a long run without "@" is
+# rescanned from each of its characters (quadratic).
+_ADDRESS = re.compile(
+    r"(?<![A-Za-z0-9.!#$%&'*+/=?^_`{|}~\-])[A-Za-z0-9.!#$%&'*+/=?^_`{|}~\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+"
+)
+# Leading blanks without newlines, possessive blanks after the colon: linear on blank lines.
+_FINAL_RECIPIENT = re.compile(r"^[^\S\n]*Final-Recipient:\s*+(?:rfc822;\s*+)?(\S+)", re.IGNORECASE | re.MULTILINE)
 _NONSTANDARD_SUBJECT = re.compile(
     r"delivery status notification|undelivered mail|undeliverable|unzustellbar|nicht zustellbar|"
     r"mail delivery (?:failed|failure|system)|delivery failure|failure notice|returned mail|"
@@ -131,17 +139,25 @@ def _is_daemon(msg: Message) -> bool:
 
 
 def _body_text(msg: Message) -> str:
+    """The text of a non-standard bounce: its first ``MAX_MIME_PARTS`` parts, at most
+    ``MAX_BOUNCE_TEXT`` characters (the failure is described at the top)."""
     texts = []
-    for part in msg.walk():
+    size = 0
+    for part in itertools.islice(msg.walk(), MAX_MIME_PARTS):
         ctype = part.get_content_type()
         if ctype in ("text/plain", "text/rfc822-headers", "message/rfc822-headers"):
             texts.append(part_text(part))
         elif ctype == "text/html":
-            texts.append(html_to_text(part_text(part)))
+            texts.append(html_to_text(part_text(part)[: 4 * MAX_BOUNCE_TEXT]))
         elif ctype == "message/rfc822" and isinstance(part.get_payload(), list):
             inner = part.get_payload()[0]
             texts.append("\n".join(f"{k}: {v}" for k, v in inner.raw_items()))
-    return "\n".join(texts)
+        else:
+            continue
+        size += len(texts[-1]) + 1
+        if size >= MAX_BOUNCE_TEXT:
+            break
+    return "\n".join(texts)[:MAX_BOUNCE_TEXT]
 
 
 def _parse_nonstandard(msg: Message) -> Bounce | None:
@@ -154,7 +170,7 @@ def _parse_nonstandard(msg: Message) -> Bounce | None:
     # Only the part before the quoted original headers describes the failure.
     head = text[: match.start()] if match else text
     recipient = None
-    if found := re.search(r"^\s*Final-Recipient:\s*(?:rfc822;)?\s*(\S+)", head, re.IGNORECASE | re.MULTILINE):
+    if found := _FINAL_RECIPIENT.search(head):
         recipient = found.group(1).strip("<>")
     elif found := re.search(r"<(" + _ADDRESS.pattern + r")>\s*:", head):
         recipient = found.group(1)

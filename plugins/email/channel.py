@@ -40,8 +40,9 @@ from router.hookspecs import (
 
 from .compose import build_mail
 from .imap import ImapPoller, imap_mailboxes
+from .limits import MAX_RECIPIENTS
 from .loops import AckRateLimiter
-from .parse import Attachment, parse_mail, read_message
+from .parse import Attachment, ParsedMail, parse_mail, read_message
 from .settings import EmailSettings
 
 
@@ -68,10 +69,9 @@ class EmailChannel(Channel):
         Raises ``InvalidMessage`` when the core refuses the message; other errors mean "try
         again later" to the caller.
         """
-        parsed = parse_mail(
-            read_message(raw), raw, envelope_from=envelope_from, envelope_to=envelope_to,
-            addresses=self.settings.addresses, own_domain=self.settings.domain,
-        )
+        # Parsing is bounded and linear (plugins/email/limits.py), but a mail of 25 MiB full of
+        # tiny parts or headers still costs seconds of CPU: not on the event loop.
+        parsed = await asyncio.to_thread(self._parse, raw, envelope_from, envelope_to)
         inbound = parsed.inbound
         sender = inbound["sender"]["address"]
         now = self.context.clock.now()
@@ -97,6 +97,13 @@ class EmailChannel(Channel):
             )
         return result
 
+    def _parse(self, raw: bytes, envelope_from: str | None, envelope_to: list[str] | None) -> ParsedMail:
+        """``parse_mail`` with this channel's addresses and domain (runs in a worker thread)."""
+        return parse_mail(
+            read_message(raw), raw, envelope_from=envelope_from, envelope_to=envelope_to,
+            addresses=self.settings.addresses, own_domain=self.settings.domain,
+        )
+
     def _store_files(self, raw: bytes, inbound: dict[str, Any], found: list[Attachment]) -> None:
         """Keep the original mail and the attachments under the data folder, named by content
         hash (so names from the mail never become paths, and a retry writes nothing new).
@@ -118,7 +125,8 @@ class EmailChannel(Channel):
         state_dir = Path(self.context.data_dir) / "email" / "imap"
         self.imap_pollers = [
             ImapPoller(box, self._receive_imported, state_dir, self.context.log,
-                       on_set_aside=functools.partial(self.context.record_event, "unprocessable_mail"))
+                       on_set_aside=functools.partial(self.context.record_event, "unprocessable_mail"),
+                       max_message_bytes=self.settings.max_message_bytes)
             for box in self.imap_mailboxes
         ]
         found.extend(poller.service for poller in self.imap_pollers)
@@ -291,7 +299,8 @@ class EmailChannel(Channel):
 
 
 class SMTPHandler:
-    """aiosmtpd handler: refuse unknown recipients at RCPT, answer 250 only after the commit."""
+    """aiosmtpd handler: refuse unknown recipients at RCPT, and more than ``MAX_RECIPIENTS``;
+    answer 250 only after the commit."""
 
     def __init__(self, channel: EmailChannel) -> None:
         self.channel = channel
@@ -299,6 +308,9 @@ class SMTPHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
         if address.strip().lower() not in self.channel.settings.addresses:
             return f"550 5.1.1 <{address}>: recipient unknown here"
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            # RFC 5321 4.5.3.1.10: the client sends the others in another transaction
+            return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

@@ -11,9 +11,13 @@ again, and the core's de-duplication on Message-ID keeps anything from being sto
 
 A mail that fails to import every time must not block the mailbox: failed attempts are counted
 per UID in the same state file (a restart does not reset them), and after ``max_attempts`` the
-raw mail is written durably to ``email/imap/unprocessable/`` and the mark moves past it.
+raw mail is written durably to ``email/imap/unprocessable/`` and the mark moves past it. A mail
+larger than ``max_message_bytes`` (its ``RFC822.SIZE``, asked for first) is not downloaded: it is
+set aside at once and stays in the mailbox.
 
-Messages are fetched with ``BODY.PEEK[]``: the router never marks them read.
+Messages are fetched with ``BODY.PEEK[]``: the router never marks them read. aioimaplib's own
+timeout of a FETCH or STORE starts again with every byte, so a server sending a byte a second
+would hold the mailbox for ever; these calls get a deadline for the whole answer instead.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import aioimaplib
 from router.files import write_durably
 from router.hookspecs import StorageUnavailable
 
+from .limits import FETCH_BYTES_PER_SECOND
 from .settings import EmailSettingsError
 
 IMPORTED_KEYWORD = "$ContactRouter"
@@ -42,6 +47,7 @@ MAX_ATTEMPTS = 3  # failed imports of one UID before it is set aside as unproces
 UNPROCESSABLE_DIR = "unprocessable"  # under the state folder: email/imap/unprocessable/
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _FETCH_UID = re.compile(rb"\bUID (\d+)\b", re.IGNORECASE)
+_FETCH_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)\b", re.IGNORECASE)
 _TLS_MODES = ("tls", "none")
 _DEFAULT_PORT = {"tls": 993, "none": 143}
 _UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9@.+-]+")
@@ -208,9 +214,12 @@ class ImapPoller:
         state_dir: Path,
         log: logging.Logger,
         on_set_aside: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.mailbox = mailbox
         self.receive = receive
+        # Larger mail is set aside without being downloaded, as SMTP refuses it with 552.
+        self.max_message_bytes = max_message_bytes
         # Told of every mail set aside (the channel keeps it as an event, which /metrics counts),
         # so that it shows beyond the log.
         self.on_set_aside = on_set_aside
@@ -300,7 +309,8 @@ class ImapPoller:
         uids = [u for u in uids if u > mark.last_uid]
         count = 0
         for uid in uids:
-            raw = await self._fetch(client, uid)
+            raw = await self._download(client, mark, uid)
+            connection_usable = True
             if raw is not None:
                 envelope_to = [self.mailbox.address] if self.mailbox.address else None
                 # Counted before the attempt, so that a mail during which the process died (out
@@ -335,13 +345,12 @@ class ImapPoller:
                     await self._failed(mark, uid, raw, exc, attempts)
                 else:
                     count += 1
-                    try:
-                        await client.uid("store", str(uid), "+FLAGS", f"({IMPORTED_KEYWORD})")
-                    except Exception as exc:  # noqa: BLE001 - the mark below is what counts
-                        self.log.info("IMAP: could not flag UID %s: %s", uid, exc)
+                    connection_usable = await self._flag(client, uid)
             mark.last_uid = uid
             mark.failed.pop(uid, None)
             await asyncio.to_thread(mark.save, self.state_path)
+            if not connection_usable:
+                raise ImapError(f"UID STORE: no answer within {self.mailbox.timeout:g} s")
         if not uids and mark.uidvalidity and not self.state_path.exists():
             await asyncio.to_thread(mark.save, self.state_path)
         self.imported += count
@@ -363,16 +372,81 @@ class ImapPoller:
             raise ImportFailed(
                 f"UID {uid}: import failed {attempts} times ({cause}), and the mail could not be set aside: {write_error}"
             ) from write_error
-        self.set_aside += 1
-        if self.on_set_aside is not None:
-            try:
-                await self.on_set_aside({"mailbox": box.label, "uidvalidity": mark.uidvalidity, "uid": uid,
-                                         "file": path.name, "cause": cause})
-            except Exception:  # the mail is safe in its file, and the log line below tells
-                self.log.exception("IMAP %s: could not record UID %s as set aside", box.label, uid)
+        await self._report_set_aside({"mailbox": box.label, "uidvalidity": mark.uidvalidity, "uid": uid,
+                                      "file": path.name, "cause": cause})
         self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) failed to import %d times, last with %s; "
                        "set aside as %s, importing the next mail", box.label, uid, mark.uidvalidity, attempts,
                        cause, path, exc_info=exc)
+
+    async def _report_set_aside(self, details: dict[str, Any]) -> None:
+        """Count a mail set aside and tell ``on_set_aside`` (an event, which /metrics counts)."""
+        self.set_aside += 1
+        if self.on_set_aside is not None:
+            try:
+                await self.on_set_aside(details)
+            except Exception:  # the mail is safe (in its file or the mailbox), and the log tells
+                self.log.exception("IMAP %s: could not record UID %s as set aside", self.mailbox.label, details["uid"])
+
+    def _too_large(self, size: int) -> bool:
+        """Whether a mail of ``size`` bytes is over ``max_message_bytes`` (when one is set)."""
+        return self.max_message_bytes is not None and size > self.max_message_bytes
+
+    async def _set_aside_too_large(self, mark: UidMark, uid: int, size: int) -> None:
+        """A mail over ``max_message_bytes``: not imported, left in the mailbox (without the
+        import keyword, so it stands out), reported like any mail set aside; the caller moves
+        the mark past it."""
+        box = self.mailbox
+        cause = f"larger than max_message_bytes ({size} > {self.max_message_bytes} bytes)"
+        await self._report_set_aside({"mailbox": box.label, "uidvalidity": mark.uidvalidity, "uid": uid,
+                                      "size": size, "cause": cause})
+        self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) is %s; not downloaded, it stays in the mailbox; "
+                       "importing the next mail", box.label, uid, mark.uidvalidity, cause)
+
+    async def _within(self, call: Awaitable[Any], what: str, seconds: float | None = None) -> Any:
+        """Await one IMAP call with a deadline for its whole answer (``timeout`` unless given);
+        raises ``ImapError`` when it passes. The connection is unusable afterwards."""
+        seconds = self.mailbox.timeout if seconds is None else seconds
+        try:
+            return await asyncio.wait_for(call, seconds)
+        except TimeoutError:
+            raise ImapError(f"{what}: no complete answer within {seconds:g} s") from None
+
+    async def _flag(self, client: aioimaplib.IMAP4, uid: int) -> bool:
+        """Set the import keyword on ``uid``; whether the connection can still be used (not
+        after a STORE that got no answer in time). A refused STORE is only logged: the mark
+        is what counts."""
+        try:
+            await self._within(client.uid("store", str(uid), "+FLAGS", f"({IMPORTED_KEYWORD})"), "UID STORE")
+        except ImapError as exc:
+            self.log.warning("IMAP %s: could not flag UID %s: %s", self.mailbox.label, uid, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - the mark is what counts
+            self.log.info("IMAP: could not flag UID %s: %s", uid, exc)
+        return True
+
+    async def _download(self, client: aioimaplib.IMAP4, mark: UidMark, uid: int) -> bytes | None:
+        """The raw mail with this UID; None when it vanished, or when it is larger than
+        ``max_message_bytes`` (then it is set aside, mostly before downloading it)."""
+        size = await self._size(client, uid)
+        if size is not None and self._too_large(size):
+            await self._set_aside_too_large(mark, uid, size)
+            return None
+        raw = await self._fetch(client, uid, size)
+        if raw is not None and self._too_large(len(raw)):  # the server did not tell, or told wrong
+            await self._set_aside_too_large(mark, uid, len(raw))
+            return None
+        return raw
+
+    async def _size(self, client: aioimaplib.IMAP4, uid: int) -> int | None:
+        """The mail's ``RFC822.SIZE``, or None when the server does not say."""
+        response = await self._within(client.uid("fetch", str(uid), "(RFC822.SIZE)"), "UID FETCH RFC822.SIZE")
+        if response.result != "OK":
+            return None
+        for line in _lines(response):
+            found_uid, found_size = _FETCH_UID.search(line), _FETCH_SIZE.search(line)
+            if found_uid and found_size and int(found_uid.group(1)) == uid:
+                return int(found_size.group(1))
+        return None
 
     def _write_unprocessable(self, uidvalidity: int, uid: int, raw: bytes) -> Path:
         """Write the raw mail durably, named by mailbox, UIDVALIDITY and UID (and the mailbox's
@@ -389,9 +463,13 @@ class ImapPoller:
         write_durably(path, raw)
         return path
 
-    async def _fetch(self, client: aioimaplib.IMAP4, uid: int) -> bytes | None:
-        """The raw message with this UID, or None when it vanished (expunged meanwhile)."""
-        lines = _check(await client.uid("fetch", str(uid), "(BODY.PEEK[])"), "UID FETCH")
+    async def _fetch(self, client: aioimaplib.IMAP4, uid: int, size: int | None) -> bytes | None:
+        """The raw message with this UID, or None when it vanished (expunged meanwhile). The
+        whole download gets ``timeout`` plus a second per ``FETCH_BYTES_PER_SECOND`` bytes of
+        ``size`` (of ``max_message_bytes`` when the size is unknown)."""
+        expected = size if size is not None else self.max_message_bytes or 0
+        seconds = self.mailbox.timeout + expected / FETCH_BYTES_PER_SECOND
+        lines = _check(await self._within(client.uid("fetch", str(uid), "(BODY.PEEK[])"), "UID FETCH", seconds), "UID FETCH")
         for i, line in enumerate(lines[:-1]):
             found = _FETCH_UID.search(line)
             if b"FETCH" in line.upper() and found and int(found.group(1)) == uid and line.rstrip().endswith(b"}"):

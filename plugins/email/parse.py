@@ -12,9 +12,10 @@ import dataclasses
 import functools
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC
-from email import policy
+from email import errors, policy
+from email.feedparser import BytesFeedParser
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
@@ -22,13 +23,11 @@ from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
 from .bounces import parse_bounce
+from .limits import MAX_ATTACHMENTS, MAX_HTML, MAX_META_TEXT, MAX_MIME_DEPTH, MAX_MIME_PARTS, MAX_TEXT
 from .loops import classify
 from .text import decode_bytes, fix_surrogates, html_to_text, part_text, split_reply
 
 CHANNEL = "email"
-MAX_TEXT = 200_000
-MAX_META_TEXT = 50_000
-MAX_ATTACHMENTS = 50
 MAX_REFS = 100
 SELECTED_HEADERS = (
     "From", "Sender", "Reply-To", "To", "Cc", "Delivered-To", "Subject", "Date", "Message-ID",
@@ -87,11 +86,58 @@ def _header_class(specialised: type, base: type) -> type:
     return type("_" + specialised.__name__, (specialised, base), {})
 
 
+class MimeTooDeepDefect(errors.MessageDefect):
+    """Parts were nested deeper than ``MAX_MIME_DEPTH``; the deepest kept part holds the rest
+    of its subtree unparsed, as its payload."""
+
+
+class _DepthLimitedParser(BytesFeedParser):
+    """The stdlib's parser, but an entity nested deeper than ``MAX_MIME_DEPTH`` gets only its
+    headers parsed and keeps its body as opaque text.
+
+    The stdlib parses each nested part in a nested generator, and about 1000 levels (a 68 KB
+    mail) raised RecursionError. Headers-only parsing is the stdlib's own mode for an entity
+    whose body is not to be parsed; it is switched on for the entities below the limit only.
+    """
+
+    def __init__(self, *, policy: policy.Policy) -> None:
+        super().__init__(policy=policy)
+        self._depth = 0
+        self.too_deep = False
+
+    def _parsegen(self) -> Iterator[object]:
+        self._depth += 1
+        opaque = self._depth > MAX_MIME_DEPTH and not self._headersonly
+        if opaque:
+            self._headersonly = self.too_deep = True
+        try:
+            yield from super()._parsegen()
+        finally:
+            self._depth -= 1
+            if opaque:
+                self._headersonly = False
+
+
 def read_message(raw: bytes) -> EmailMessage:
     """Parse raw bytes with ``email.policy.default`` (each header parsed at most once, see
-    ``_HeadersOfOneMail``); the parser itself never raises."""
+    ``_HeadersOfOneMail``); never raises.
+
+    Parts nested deeper than ``MAX_MIME_DEPTH`` stay unparsed, and the root's ``defects`` then
+    hold a ``MimeTooDeepDefect``. Should the stdlib still recurse too deeply, only the headers
+    are parsed and the whole body is one opaque payload, with the same defect.
+    """
     mail_policy = policy.default.clone(header_factory=_HeadersOfOneMail())
-    return BytesParser(policy=mail_policy).parsebytes(raw)
+    parser = _DepthLimitedParser(policy=mail_policy)
+    try:
+        parser.feed(raw)
+        msg = parser.close()
+    except RecursionError:
+        msg = BytesParser(policy=mail_policy).parsebytes(raw, headersonly=True)
+        msg.defects.append(MimeTooDeepDefect())
+        return msg
+    if parser.too_deep:
+        msg.defects.append(MimeTooDeepDefect())
+    return msg
 
 
 def header(msg: Message, name: str) -> str | None:
@@ -134,18 +180,25 @@ def message_ids(value: str | None) -> list[str]:
     return [mid for mid in found if len(mid) <= 998]
 
 
-def _walk_leaves(part: Message):
-    """Leaf parts, treating message/* parts (forwarded mail, delivery reports) as leaves."""
-    if part.get_content_maintype() == "message" or not part.is_multipart():
-        yield part
-        return
-    payload = part.get_payload()
-    if not isinstance(payload, list):
-        yield part
-        return
-    for sub in payload:
-        if isinstance(sub, Message):
-            yield from _walk_leaves(sub)
+def _leaves(msg: Message) -> tuple[list[Message], bool]:
+    """The leaf parts in order, treating message/* parts (forwarded mail, delivery reports) as
+    leaves, and whether the walk stopped early: it visits at most ``MAX_MIME_PARTS`` parts
+    (containers included), since every leaf is decoded and hashed. Iterative, so that no
+    nesting can exhaust the stack."""
+    found: list[Message] = []
+    pending = [msg]
+    visited = 0
+    while pending:
+        visited += 1
+        if visited > MAX_MIME_PARTS:
+            return found, True
+        part = pending.pop()
+        payload = part.get_payload() if part.is_multipart() and part.get_content_maintype() != "message" else None
+        if isinstance(payload, list):
+            pending.extend(reversed([sub for sub in payload if isinstance(sub, Message)]))
+        else:
+            found.append(part)
+    return found, False
 
 
 def _leaf_bytes(part: Message) -> bytes:
@@ -170,11 +223,17 @@ def _is_attachment(part: Message) -> bool:
 
 
 def attachments(msg: Message | bytes) -> list[Attachment]:
-    """Every attachment's name, type and bytes (inline images included), best-effort."""
+    """Every attachment's name, type and bytes (inline images included) among the first
+    ``MAX_MIME_PARTS`` parts, best-effort."""
     if isinstance(msg, (bytes, bytearray)):
         msg = read_message(bytes(msg))
+    return _attachments(msg, _leaves(msg)[0])
+
+
+def _attachments(msg: Message, leaves: list[Message]) -> list[Attachment]:
+    """The attachments among ``leaves``, the leaf parts of ``msg``."""
     found: list[Attachment] = []
-    for part in _walk_leaves(msg):
+    for part in leaves:
         if part is msg and msg.get_content_maintype() in ("text", "multipart"):
             continue
         try:
@@ -190,11 +249,12 @@ def attachments(msg: Message | bytes) -> list[Attachment]:
     return found
 
 
-def _body(msg: Message) -> tuple[str, bool]:
-    """The body as text and whether it came from HTML."""
+def _body(msg: Message, leaves: list[Message]) -> tuple[str, bool, bool]:
+    """The body as text, whether it came from HTML, and whether the HTML was longer than
+    ``MAX_HTML`` and only its beginning was read. ``leaves`` are the leaf parts of ``msg``."""
     plain = html = None
     try:
-        for part in _walk_leaves(msg):
+        for part in leaves:
             if _is_attachment(part) and part is not msg:
                 continue
             ctype = part.get_content_type()
@@ -205,12 +265,12 @@ def _body(msg: Message) -> tuple[str, bool]:
     except Exception:  # noqa: BLE001
         pass
     if plain is not None and (plain.strip() or html is None):
-        return plain, False
+        return plain, False, False
     if html is not None:
-        return html_to_text(html), True
+        return html_to_text(html[:MAX_HTML]), True, len(html) > MAX_HTML
     if not msg.is_multipart() and msg.get_content_maintype() in ("text", "multipart"):
-        return part_text(msg), False
-    return "", False
+        return part_text(msg), False, False
+    return "", False, False
 
 
 def _raw_body_text(raw: bytes) -> str:
@@ -332,15 +392,27 @@ def parse_mail(
     entry = addresses.get(recipient, {}) if recipient else {}
     language = entry.get("language") or _language(msg)
 
+    defects = list(getattr(msg, "defects", []) or [])
+    too_deep = any(isinstance(d, MimeTooDeepDefect) for d in defects)
     try:
-        body, from_html = _body(msg)
+        leaves, parts_left_out = _leaves(msg)
     except Exception:  # noqa: BLE001
-        body, from_html = "", False
-    defects = len(getattr(msg, "defects", []) or [])
-    found_attachments = attachments_safe(msg)
-    if not body.strip() and not found_attachments and raw:
+        leaves, parts_left_out = [msg], False
+    try:
+        body, from_html, cut = _body(msg, leaves)
+    except Exception:  # noqa: BLE001
+        body, from_html, cut = "", False, False
+    found_attachments = _attachments_safe(msg, leaves)
+    if not body.strip() and (too_deep or not found_attachments) and raw:
         body = _raw_body_text(raw)
         flags.append("malformed")
+    if too_deep:
+        flags.append("mime_too_deep")
+    if parts_left_out:
+        flags.append("mime_too_many_parts")
+    if cut or len(body) > MAX_TEXT:
+        body = body[:MAX_TEXT]
+        flags.append("text_truncated")
     text, quoted, signature = split_reply(body)
 
     refs: list[str] = []
@@ -363,7 +435,7 @@ def parse_mail(
     if reply_to and reply_to[0][1] != address:
         meta["reply_to"] = reply_to[0][1]
     if defects:
-        meta["mime_defects"] = defects
+        meta["mime_defects"] = len(defects)
 
     suppressed = classify(msg, envelope_from=envelope_from, own_domain=own_domain)
     bounce = parse_bounce(msg)
@@ -409,5 +481,13 @@ def attachments_safe(msg: Message) -> list[Attachment]:
     """``attachments`` that returns an empty list instead of raising on a broken structure."""
     try:
         return attachments(msg)
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _attachments_safe(msg: Message, leaves: list[Message]) -> list[Attachment]:
+    """``_attachments`` that returns an empty list instead of raising on a broken structure."""
+    try:
+        return _attachments(msg, leaves)
     except Exception:  # noqa: BLE001
         return []

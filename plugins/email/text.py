@@ -10,7 +10,9 @@ from __future__ import annotations
 import codecs
 import re
 from email.message import Message
-from html.parser import HTMLParser
+from html import unescape
+
+from .limits import MAX_ATTRIBUTION_CHARS
 
 # Labels that mail clients put on text that is really Windows-1252 (as browsers do, per WHATWG).
 _SINGLE_BYTE_LABELS = {"iso-8859-1", "latin-1", "latin1", "l1", "iso8859-1", "us-ascii", "ascii", "windows-1252", "cp1252"}
@@ -145,11 +147,11 @@ _SKIP_TAGS = {"script", "style", "head", "title", "template", "noscript"}
 _VOID_TAGS = {"br", "hr", "img", "meta", "link", "input"}
 
 
-class _HTMLText(HTMLParser):
-    """Collect visible text; blockquotes become ``> `` lines so quote detection sees them."""
+class _HTMLText:
+    """Collect visible text; blockquotes become ``> `` lines so quote detection sees them.
+    Driven by ``_read_html``, one call per tag and per run of text."""
 
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
         self.lines: list[str] = []
         self._line: list[str] = []
         self._skip = 0
@@ -165,7 +167,7 @@ class _HTMLText(HTMLParser):
         if blank and self.lines and self.lines[-1]:
             self.lines.append("")
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+    def handle_starttag(self, tag: str) -> None:
         if tag in _SKIP_TAGS:
             if tag not in _VOID_TAGS:
                 self._skip += 1
@@ -182,7 +184,7 @@ class _HTMLText(HTMLParser):
         elif tag in ("td", "th"):
             self._line.append(" ")
 
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+    def handle_startendtag(self, tag: str) -> None:
         if tag in _BLOCK_TAGS:
             self._break()
 
@@ -210,13 +212,90 @@ class _HTMLText(HTMLParser):
         self._line.append(re.sub(r"[ \t\r\n\f]+", " ", data))
 
 
+# The HTML tokenizer. ``html.parser`` rescans the rest of the document for every unfinished
+# construct ("<a" repeated 80,000 times took 16 s), so tags are read here in one forward pass:
+# every search either consumes what it scanned or, finding nothing, ends the document, as a
+# browser does with an unclosed comment, tag or script.
+_TAG_NAME = re.compile(r"[a-zA-Z][^\t\n\r\f />\x00]*")
+# The rest of a start tag: attribute values in quotes may hold ">"; possessive, so no backtracking.
+_TAG_REST = re.compile(r"""(?:[^>"'=]++|=\s*+"[^"]*+"|=\s*+'[^']*+'|=|["'])*+>""")
+_RAW_TEXT_END = {tag: re.compile(rf"</{tag}[\s/>]", re.IGNORECASE) for tag in ("script", "style")}
+# Numeric character references beyond Unicode (html.unescape raises on more than 4300 digits).
+_HUGE_CHARREF = re.compile(r"&#(?:[xX]0*+[0-9a-fA-F]{7,}|0*+[0-9]{8,});?")
+
+
+def _text_of(data: str) -> str:
+    """Character references resolved, as a browser shows them; never raises."""
+    if "&" not in data:
+        return data
+    return unescape(_HUGE_CHARREF.sub("\ufffd", data))
+
+
+def _read_html(html: str, out: _HTMLText) -> None:
+    """Feed ``out`` the tags and text of ``html`` in order, in time linear in its length.
+
+    Comments, doctypes and processing instructions are dropped; the content of script and
+    style is passed as text (the handler skips it); tag names are lower-cased; attributes are
+    not needed and not parsed. A ``<`` that starts no tag is text.
+    """
+    i, n = 0, len(html)
+    while i < n:
+        lt = html.find("<", i)
+        if lt < 0:
+            out.handle_data(_text_of(html[i:]))
+            return
+        if lt > i:
+            out.handle_data(_text_of(html[i:lt]))
+        i = lt
+        if html.startswith("<!--", i):
+            if html.startswith(("<!-->", "<!--->"), i):
+                i = html.index(">", i) + 1
+                continue
+            end = html.find("-->", i + 4)
+            if end < 0:
+                return
+            i = end + 3
+        elif html.startswith(("<!", "<?"), i) or (html.startswith("</", i) and not _TAG_NAME.match(html, i + 2)):
+            if html.startswith("</>", i):
+                i += 3
+                continue
+            end = html.find(">", i + 2)  # a bogus comment, up to the next ">"
+            if end < 0:
+                return
+            i = end + 1
+        elif html.startswith("</", i):
+            name = _TAG_NAME.match(html, i + 2)
+            end = html.find(">", i + 2)
+            if name is None or end < 0:
+                return
+            out.handle_endtag(name.group().lower())
+            i = end + 1
+        elif (name := _TAG_NAME.match(html, i + 1)) is not None:
+            rest = _TAG_REST.match(html, name.end())
+            if rest is None:
+                return  # the document ends inside the tag
+            tag, i = name.group().lower(), rest.end()
+            if html.endswith("/>", 0, i):
+                out.handle_startendtag(tag)
+                continue
+            out.handle_starttag(tag)
+            if tag in _RAW_TEXT_END:
+                end = _RAW_TEXT_END[tag].search(html, i)
+                stop = end.start() if end else n
+                out.handle_data(html[i:stop])
+                i = stop
+        else:
+            out.handle_data("<")
+            i += 1
+
+
 def html_to_text(html: str) -> str:
-    """Readable text from an HTML body: scripts, styles and the head dropped, blocks as lines."""
+    """Readable text from an HTML body: scripts, styles and the head dropped, blocks as lines.
+    Linear in the length of ``html``; never raises."""
     parser = _HTMLText()
     try:
-        parser.feed(html)
-        parser.close()
-    except Exception:  # noqa: BLE001 - html.parser is lenient, but never let markup stop us
+        _read_html(html, parser)
+    except Exception:  # noqa: BLE001 - keep what was read; markup must never stop a mail
         pass
     parser._break()
     text = "\n".join(parser.lines)
@@ -225,9 +304,43 @@ def html_to_text(html: str) -> str:
 
 # Where quoted history starts. "Am ... schrieb ...:" and "On ... wrote:" need a digit (a date)
 # so that "Am Montag schrieb ich Ihnen:" in the resident's own text is not taken as a quote.
-_ATTRIBUTION = re.compile(
-    r"^\s*(?:Am\s.*\d.*\sschrieb\s.*:|On\s.*\d.*\swrote:|Le\s.*\d.*\sa\sécrit\s?:)\s*$", re.IGNORECASE
-)
+# One pattern ``^\s*Am\s.*\d.*\sschrieb\s.*:\s*$`` backtracks cubically on a long line of digits
+# and spaces (a 66 KB mail took seconds), so the line is checked in linear steps instead: the
+# opening word, the first digit after it, then the closing words after that digit.
+_ATTRIBUTION_OPENING = re.compile(r"\s*(am|on|le)\s", re.IGNORECASE)
+_DIGIT = re.compile(r"\d")
+_SCHRIEB = re.compile(r"\sschrieb\s", re.IGNORECASE)
+_ATTRIBUTION_CLOSING = {
+    "on": re.compile(r"\swrote:$", re.IGNORECASE),
+    "le": re.compile(r"\sa\sécrit\s?:$", re.IGNORECASE),
+}
+
+
+def _is_attribution(line: str) -> bool:
+    """Whether ``line`` (one line, or two joined by a space) is an attribution line: "Am <date>
+    schrieb <name>:", "On <date> <name> wrote:" or "Le <date> <name> a écrit :" (any case).
+    Lines longer than a real attribution (``MAX_ATTRIBUTION_CHARS``, twice that for a wrapped
+    one) are not; the work is linear."""
+    if len(line) > 2 * MAX_ATTRIBUTION_CHARS + 1 or "\n" in line:
+        return False
+    opening = _ATTRIBUTION_OPENING.match(line)
+    if opening is None:
+        return False
+    text = line.rstrip()
+    if not text.endswith(":"):
+        return False
+    digit = _DIGIT.search(text, opening.end())
+    if digit is None:
+        return False
+    word = opening.group(1).lower()
+    if word == "am":
+        # "schrieb" after the date, then anything up to the final colon
+        found = _SCHRIEB.search(text, digit.end())
+        return found is not None and found.end() < len(text)
+    closing = _ATTRIBUTION_CLOSING[word].search(text, max(digit.end(), len(text) - 12))
+    return closing is not None
+
+
 _ORIGINAL_SEPARATOR = re.compile(
     r"^\s*-{2,}\s*(?:Original Message|Ursprüngliche Nachricht|Originalnachricht|Message d'origine|"
     r"Forwarded message|Weitergeleitete Nachricht)\s*-{2,}\s*$",
@@ -242,13 +355,21 @@ _MOBILE_SIGNATURE = re.compile(
 
 
 def _history_start(lines: list[str]) -> int | None:
+    """The index of the line where quoted history starts, or None."""
     for i, line in enumerate(lines):
         if _ORIGINAL_SEPARATOR.match(line):
             return i
-        joined = line + " " + lines[i + 1] if i + 1 < len(lines) else line
-        if _ATTRIBUTION.match(line):
+        short = len(line) <= MAX_ATTRIBUTION_CHARS  # an attribution is one short line, or two
+        if short and _is_attribution(line):
             return i
-        if not line.lstrip().startswith(">") and _ATTRIBUTION.match(joined) and not _ATTRIBUTION.match(lines[i + 1]):
+        if (
+            short
+            and i + 1 < len(lines)
+            and len(lines[i + 1]) <= MAX_ATTRIBUTION_CHARS
+            and not line.lstrip().startswith(">")
+            and _is_attribution(line + " " + lines[i + 1])
+            and not _is_attribution(lines[i + 1])
+        ):
             return i
         if _UNDERSCORES.match(line) and i + 1 < len(lines) and _OUTLOOK_FROM.match(lines[i + 1]):
             return i

@@ -1,6 +1,8 @@
 """A small IMAP4rev1 server on loopback for tests: one mailbox, the commands the poller uses
-(CAPABILITY, LOGIN, SELECT, UID SEARCH, UID FETCH, UID STORE, IDLE, NOOP, LOGOUT), and a log of
-what clients asked for."""
+(CAPABILITY, LOGIN, SELECT, UID SEARCH, UID FETCH of RFC822.SIZE or the body, UID STORE, IDLE,
+NOOP, LOGOUT), and a log of what clients asked for. ``trickle`` makes it send a body a byte at
+a time, and ``trickle_store`` answer a STORE with an endless stream of untagged lines, as a
+stuck or hostile server does."""
 
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ class FakeImapServer:
         self._idlers: set[asyncio.Event] = set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.trickle: float | None = None  # seconds between the bytes of a fetched body
+        self.trickle_store: float | None = None  # seconds between the untagged lines answering a STORE
+        self.report_size: bool = True  # whether FETCH (RFC822.SIZE) answers with the size
 
     def add(self, raw: bytes) -> int:
         uid = self._next_uid
@@ -43,8 +48,12 @@ class FakeImapServer:
         return uid
 
     def fetched(self) -> list[int]:
-        """UIDs clients fetched, in order."""
-        return [int(m.group(1)) for c in self.commands if (m := re.match(r"UID FETCH (\d+)", c, re.IGNORECASE))]
+        """UIDs whose body clients fetched, in order."""
+        return [int(m.group(1)) for c in self.commands if (m := re.match(r"UID FETCH (\d+) \(BODY", c, re.IGNORECASE))]
+
+    def sized(self) -> list[int]:
+        """UIDs whose RFC822.SIZE clients asked for, in order."""
+        return [int(m.group(1)) for c in self.commands if (m := re.match(r"UID FETCH (\d+) \(RFC822\.SIZE", c, re.IGNORECASE))]
 
     async def __aenter__(self) -> FakeImapServer:
         self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
@@ -88,6 +97,14 @@ class FakeImapServer:
                     selected = True
                     send(f"* {len(self.mails)} EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY {self.uidvalidity}] UIDs valid\r\n"
                          f"* OK [UIDNEXT {self._next_uid}] next\r\n{tag} OK [READ-WRITE] SELECT completed\r\n")
+                elif command == "UID" and selected and self.trickle and "FETCH" in rest.upper() and "BODY" in rest.upper():
+                    await self._trickle(int(words[2]), send, writer)
+                elif command == "UID" and selected and self.trickle_store and "STORE" in rest.upper():
+                    send(self._uid(tag, "STORE", words[2:]).rsplit(b"\r\n", 2)[0] + b"\r\n")  # untagged only
+                    while True:
+                        await writer.drain()
+                        await asyncio.sleep(self.trickle_store)
+                        send(f"* 1 FETCH (UID {words[2]} FLAGS ())\r\n")
                 elif command == "UID" and selected and len(words) > 1:
                     send(self._uid(tag, words[1].upper(), words[2:]))
                 elif command == "IDLE" and self.idle and selected:
@@ -119,7 +136,12 @@ class FakeImapServer:
         if command == "FETCH":
             uid = int(args[0])
             for seq, mail in enumerate(self.mails, 1):
-                if mail.uid == uid:
+                if mail.uid != uid:
+                    continue
+                if "RFC822.SIZE" in " ".join(args[1:]).upper():
+                    size = f" RFC822.SIZE {len(mail.raw)}" if self.report_size else ""
+                    out += f"* {seq} FETCH (UID {uid}{size})\r\n".encode()
+                else:
                     out += f"* {seq} FETCH (UID {uid} BODY[] {{{len(mail.raw)}}}\r\n".encode() + mail.raw + b")\r\n"
             return out + f"{tag} OK FETCH completed\r\n".encode()
         if command == "STORE":
@@ -130,6 +152,15 @@ class FakeImapServer:
                     out += f"* {seq} FETCH (UID {uid} FLAGS ({' '.join(sorted(mail.flags))}))\r\n".encode()
             return out + f"{tag} OK STORE completed\r\n".encode()
         return f"{tag} BAD unsupported UID command\r\n".encode()
+
+    async def _trickle(self, uid: int, send, writer: asyncio.StreamWriter) -> None:  # type: ignore[no-untyped-def]
+        """Answer a body FETCH one byte every ``trickle`` seconds; the session ends with it."""
+        [mail] = [m for m in self.mails if m.uid == uid]
+        send(f"* 1 FETCH (UID {uid} BODY[] {{{len(mail.raw)}}}\r\n".encode())
+        for byte in mail.raw:
+            await writer.drain()
+            await asyncio.sleep(self.trickle or 0)
+            send(bytes([byte]))
 
     async def _idle(self, tag: str, reader: asyncio.StreamReader, send) -> None:  # type: ignore[no-untyped-def]
         event = asyncio.Event()

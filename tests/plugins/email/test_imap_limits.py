@@ -1,0 +1,104 @@
+"""IMAP import within limits, against the fake IMAP server: a mail over ``max_message_bytes`` is
+set aside without being downloaded, and a server that answers a byte at a time cannot hold the
+mailbox for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plugins.email.imap import IMPORTED_KEYWORD, ImapError, ImapMailbox, ImapPoller
+from router.testing import CoreHarness
+
+from .fake_imap import FakeImapServer
+from .test_imap import eventually, mail, settings_for
+from .test_imap_unprocessable import FailingReceive, state
+
+LIMIT = 50_000
+
+
+def big_mail(n: int) -> bytes:
+    return mail(n).replace(b"Wer hilft mir?", b"Wer hilft mir? " + b"x" * (2 * LIMIT))
+
+
+def set_aside_files(harness: CoreHarness) -> list[Path]:
+    return sorted((harness.data_dir / "email" / "imap" / "unprocessable").glob("*"))
+
+
+@pytest.mark.parametrize("report_size", [True, False], ids=["size told", "size not told"])
+async def test_a_mail_over_max_message_bytes_is_set_aside_and_the_next_imported(tmp_path, caplog, report_size):
+    """It was downloaded and stored whatever its size (the audit: 8 MB under a 1 MB limit)."""
+    async with FakeImapServer(idle=False) as server:
+        server.report_size = report_size
+        server.add(big_mail(1))
+        server.add(mail(2))
+        settings = settings_for(server)
+        settings["email"]["max_message_bytes"] = LIMIT
+        async with CoreHarness(tmp_path / "data", entrypoints=("email",), settings=settings) as harness:
+            with caplog.at_level(logging.ERROR):
+                await eventually(lambda: _stored(harness, "<imap-2@example.net>"))
+                await eventually(lambda: _mark_at(harness, 2))
+            assert await harness.count("messages", "direction = 'in'") == 1
+            assert await harness.count("events", "kind = 'email:unprocessable_mail' AND data LIKE '%max_message_bytes%'") == 1
+            assert harness.core.metrics.value("contact_router_channel_events_total", channel="email",
+                                              kind="unprocessable_mail") == 1
+            # left in the mailbox, standing out there: no keyword; nothing written to disk
+            assert [IMPORTED_KEYWORD in m.flags for m in server.mails] == [False, True]
+            assert set_aside_files(harness) == []
+            assert server.sized()[:2] == [1, 2]
+            assert server.fetched()[:1] == ([2] if report_size else [1])  # told the size, it is not downloaded
+            assert any("UID 1 " in r.getMessage() and "larger than max_message_bytes" in r.getMessage() for r in caplog.records)
+
+
+def poller(server: FakeImapServer, harness: CoreHarness, **changes: Any) -> ImapPoller:
+    box = ImapMailbox.from_mapping(settings_for(server, **changes)["email"]["imap"], "channels.email.imap")
+    return ImapPoller(box, FailingReceive(harness), harness.data_dir / "email" / "imap", logging.getLogger("tests.imap"),
+                      max_message_bytes=LIMIT)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path):  # type: ignore[no-untyped-def]
+    async with CoreHarness(tmp_path / "data", entrypoints=("email",), settings={"email": {"listen": False}}) as h:
+        yield h
+
+
+async def test_a_body_sent_a_byte_at_a_time_ends_the_session_after_the_timeout(harness):
+    """aioimaplib's timeout starts again with every byte: one byte a second held the mailbox
+    for ever. Now the whole download has a deadline, and the poller reconnects."""
+    async with FakeImapServer(idle=False) as server:
+        server.trickle = 0.05  # well inside the per-byte timeout, and 300 bytes take 15 s
+        server.add(mail(1))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ImapError, match="UID FETCH: no complete answer within"):
+            await asyncio.wait_for(poller(server, harness, timeout=0.3).session(), 10)
+        assert asyncio.get_running_loop().time() - started < 5
+        assert await harness.count("messages") == 0
+        assert not list((harness.data_dir / "email" / "imap").glob("*.json"))  # no mark: tried again
+
+
+async def test_a_store_answered_without_end_keeps_the_import_and_reconnects(harness):
+    async with FakeImapServer(idle=False) as server:
+        server.trickle_store = 0.05
+        server.add(mail(1))
+        server.add(mail(2))
+        with pytest.raises(ImapError, match="UID STORE: no answer within"):
+            await asyncio.wait_for(poller(server, harness, timeout=0.3).session(), 10)
+        # the first mail is imported and the mark past it: a new session goes on with the second
+        assert await harness.count("messages", "channel_message_id = '<imap-1@example.net>'") == 1
+        assert state(harness) == {"uidvalidity": 1001, "last_uid": 1}
+        assert server.fetched() == [1]
+
+
+async def _stored(harness: CoreHarness, message_id: str) -> bool:
+    return await harness.count("messages", "channel_message_id = ?", (message_id,)) == 1
+
+
+async def _mark_at(harness: CoreHarness, uid: int) -> bool:
+    try:
+        return state(harness).get("last_uid") == uid
+    except ValueError:
+        return False
