@@ -191,6 +191,10 @@ class Capabilities:
     ``delivery_receipts``: the provider reports ``delivered``; without them, a reply the
     provider accepted counts as delivered (e-mail). ``threads_by_sender``: messages without
     thread ids join the sender's open conversation on this channel (chats: WhatsApp, SMS).
+    ``sender_verified``: False where anyone can give anyone's address and is answered
+    themselves (the web form shows its answer to whoever submitted): a case reference in such a
+    message then opens a new conversation linked to the one it names, never joins it, however
+    the typed address matches that conversation's contact.
     ``status_wait``: the provider's statuses echo the idempotency key a send was made with
     (``DeliveryUpdate.idempotency_key``) and come within about this long. After a send whose
     outcome is unknown (no answer in time), the outbox waits at least this long before sending
@@ -207,6 +211,7 @@ class Capabilities:
     delivery_receipts: bool = False
     threads_by_sender: bool = False
     status_wait: timedelta | None = None
+    sender_verified: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -88,6 +88,7 @@ class Core:
         self.outbox: OutboxWorker | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._threads_by_sender: frozenset[str] = frozenset()
+        self._unverified_senders: frozenset[str] = frozenset()
         self._refresh_hook_flags()
 
     def _refresh_hook_flags(self) -> None:
@@ -104,6 +105,7 @@ class Core:
                 raise ValueError(f"two plugins provide a channel named {channel.name!r}")
             self.channels[channel.name] = channel
         self._threads_by_sender = frozenset(n for n, c in self.channels.items() if c.capabilities.threads_by_sender)
+        self._unverified_senders = frozenset(n for n, c in self.channels.items() if not c.capabilities.sender_verified)
         self._refresh_hook_flags()
 
     def status_url(self, token: str) -> str:
@@ -149,7 +151,9 @@ class Core:
             if override is not None and override.unit not in self.config.units:
                 log.warning("route_message returned unknown unit %r; ignored", override.unit)
                 override = None
-        prep = Prepared(msg, identities, language, customer, override, msg["channel"] in self._threads_by_sender, now, folded)
+        channel = msg["channel"]
+        prep = Prepared(msg, identities, language, customer, override, channel in self._threads_by_sender, now, folded,
+                        channel not in self._unverified_senders)
         result = await self.store.write(
             partial(ingest_tx, config=self.config, templates=self.templates, prep=prep, status_url=self.status_url)
         )

@@ -57,6 +57,7 @@ class Prepared:
     threads_by_sender: bool
     now: datetime
     folded: str  # subject and text as ``routing.message_text`` folds them, worked out once
+    joins_by_reference: bool = True  # False for a channel whose sender is not verified
 
 
 def prepare(
@@ -116,9 +117,10 @@ def _result(
 
 
 def _find_thread(
-    conn: sqlite3.Connection, msg: Mapping[str, Any], contact_id: int, threads_by_sender: bool
+    conn: sqlite3.Connection, msg: Mapping[str, Any], contact_id: int, threads_by_sender: bool, joins_by_reference: bool
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
-    """(conversation to join, conversation merely referred to by another sender)."""
+    """(conversation to join, conversation merely referred to). A case reference joins only the
+    sender's own conversation, and only where the channel vouches for the sender."""
     thread = msg.get("thread") or {}
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
@@ -147,7 +149,7 @@ def _find_thread(
     if reference:
         row = conn.execute("SELECT * FROM conversations WHERE case_reference = ?", (reference,)).fetchone()
         if row is not None:
-            if row["contact_id"] == contact_id:
+            if row["contact_id"] == contact_id and joins_by_reference:
                 return row, None
             referred = row  # a case reference is not proof of identity: link, don't join
     if threads_by_sender:
@@ -298,7 +300,9 @@ def ingest_tx(
         return _annotate(conn, config, prep, contact_id, status_url)
 
     # A contact created just now has no conversation to continue.
-    conv, referred = _find_thread(conn, msg, contact_id, prep.threads_by_sender and not new_contact)
+    conv, referred = _find_thread(
+        conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.joins_by_reference
+    )
     needs_ack = False
     if conv is not None and conv["state"] == "closed":
         closed_at = parse_iso(conv["closed_at"])

@@ -74,7 +74,8 @@ def _language(request: web.Request) -> str:
 class WebFormChannel(Channel):
     name = "webform"
     capabilities = Capabilities(
-        can_reply=True, identity_kinds=("webform", "email", "phone"), push=False, delivery_receipts=True
+        can_reply=True, identity_kinds=("webform", "email", "phone"), push=False, delivery_receipts=True,
+        sender_verified=False,  # the e-mail and phone typed into the form are nobody's proof
     )
 
     def __init__(self, settings: Mapping[str, Any], topics: Mapping[str, Mapping[str, str]] | None = None) -> None:

@@ -74,10 +74,27 @@ async def test_acknowledgement_language_follows_the_message(harness):
 
 
 async def test_follow_up_joins_and_is_not_acknowledged_twice(harness):
-    first = await harness.core.ingest(webform_message())
-    second = await harness.core.ingest(webform_message(f"Nachtrag zu {first.case_reference}"))
+    # by e-mail: a channel that answers the address the message came from
+    first = await harness.core.ingest(webform_message(channel="email"))
+    second = await harness.core.ingest(webform_message(f"Nachtrag zu {first.case_reference}", channel="email"))
     assert second.conversation_id == first.conversation_id and not second.acknowledged
     assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_a_case_reference_from_a_sender_nobody_vouches_for_links_but_never_joins(harness):
+    """The web form answers whoever submits it, with the status page of the conversation the
+    message joined. With the e-mail address of a resident and their case reference, anyone
+    joined that resident's conversation and got its status page: the messages, the staff's
+    replies, and a form to write as the resident. It now opens a conversation of its own,
+    linked to the one it names and owned by the same unit."""
+    first = await harness.core.ingest(webform_message())
+    second = await harness.core.ingest(webform_message(f"Frage zu {first.case_reference}"))
+    assert second.conversation_id != first.conversation_id
+    assert second.status_url != first.status_url and second.acknowledged
+    assert second.unit == first.unit and second.rule == "case-reference"
+    (row,) = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (second.conversation_id,))
+    assert row["linked_to"] == first.conversation_id
+    assert await harness.count("messages", "conversation_id = ? AND direction = 'in'", (first.conversation_id,)) == 1
 
 
 async def test_conversations_of_a_unit_removed_from_the_configuration_go_to_the_fallback(tmp_path):
