@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -26,6 +27,14 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def demo_tokens_allowed(host: str, public_base_url: str) -> bool:
+    """Whether the demo staff tokens of the example configuration may be used: only for a
+    service on this machine alone. Listening on a loopback address is not enough, since a
+    reverse proxy on the same machine reaches the service there too; a public
+    ``PUBLIC_BASE_URL`` says the service is exposed."""
+    return _is_loopback(host) and _is_loopback(urlsplit(public_base_url).hostname or "")
 
 
 def _default_data_dir() -> Path:
@@ -57,19 +66,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
-    loopback = _is_loopback(args.host)
+    local = demo_tokens_allowed(args.host, config.public_base_url)
     demo = [m.name for m in config.staff if m.demo]
-    if demo and loopback:
+    if demo and local:
         log.warning("demo staff tokens in use (%s): set CONTACT_ROUTER_TOKEN_* before exposing the service", ", ".join(demo))
     elif demo:
-        log.warning("refusing demo staff tokens (%s) on a non-loopback address", ", ".join(demo))
+        log.warning("refusing demo staff tokens (%s): the service listens on %s for %s, which is not this machine alone",
+                    ", ".join(demo), args.host, config.public_base_url)
     try:
         import uvloop  # optional: the faster event loop when installed
 
         uvloop.install()
     except ImportError:
         pass
-    app = create_app(config, data_dir=Path(args.data_dir), allow_demo_tokens=loopback)
+    app = create_app(config, data_dir=Path(args.data_dir), allow_demo_tokens=local)
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
     log.info("contact-router on http://%s:%s (config %s, data %s)", args.host, args.port, config.file, args.data_dir)
     # A listen backlog above the default 128, so that a burst of provider connections waits

@@ -48,6 +48,9 @@ def visible_units(config: Config, member: StaffMember) -> frozenset[str]:
     return frozenset(units)
 
 
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
 def authenticate(request: web.Request) -> tuple[StaffMember, frozenset[str]]:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -61,6 +64,9 @@ def authenticate(request: web.Request) -> tuple[StaffMember, frozenset[str]]:
             found = member
     if found is None:
         raise _error(401, "unauthorized", "unknown token")
+    if found.demo and any(name in request.headers for name in _PROXY_HEADERS):
+        # A demo token is known to everyone who read the README: it is for this machine only.
+        raise _error(401, "unauthorized", "demo tokens are accepted only from this machine, not through a proxy")
     return found, visible_units(request.app[keys.CONFIG], found)
 
 

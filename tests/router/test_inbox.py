@@ -236,6 +236,24 @@ async def test_demo_tokens_are_refused_when_not_allowed(tmp_path):
         assert response.status == 401
 
 
+async def test_demo_tokens_are_refused_through_a_proxy(tmp_path):
+    """Listening on loopback was the only condition: a reverse proxy on the same machine passed
+    the README's demo-admin token from anywhere."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from router.app import create_app
+    from router.config import load_config
+
+    app = create_app(load_config(env={}), data_dir=tmp_path / "d", entrypoints=("webform",), run_workers=False)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        demo = {"Authorization": "Bearer demo-admin"}
+        response = await client.get("/api/v1/conversations", headers=demo)
+        assert response.status == 200  # on this machine, as the README's tour uses it
+        for proxied in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}, {"X-Real-IP": "203.0.113.9"}):
+            response = await client.get("/api/v1/conversations", headers={**demo, **proxied})
+            assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
+
+
 async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness):
     mine = await harness.core.ingest(webform_message(email="a@example.net"))
     theirs = await harness.core.ingest(webform_message("Tarif?", email="b@example.net", topic="contract", postcode="99999"))
