@@ -17,6 +17,7 @@ import mimetypes
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -45,6 +46,20 @@ def relative_path(media_id: str, mime_type: str | None) -> str:
     return f"{MEDIA_FOLDER}/{stem}{extension}"
 
 
+def may_fetch(url: str, graph_url: str) -> bool:
+    """Whether the download URL the Graph API gave may get the business's token: an ``https``
+    URL (Meta's media host), or the Graph API's own origin (a test's or a proxy's). Anything
+    else (``http://169.254.169.254/...``, an internal service) would be fetched from inside the
+    network with the token in its headers."""
+    try:
+        target, graph = urlsplit(url), urlsplit(graph_url)
+    except ValueError:
+        return False
+    if target.scheme == "https" and target.hostname:
+        return True
+    return bool(target.hostname) and (target.scheme, target.netloc) == (graph.scheme, graph.netloc)
+
+
 async def download(
     http: aiohttp.ClientSession, settings: WhatsAppSettings, data_dir: Path, media_id: str, mime_type: str | None
 ) -> str:
@@ -54,6 +69,8 @@ async def download(
     refuses, the item is larger than ``max_media_bytes``, its bytes do not match the sha256 the
     Graph API gives, or no answer comes within the channel's timeout.
     """
+    if not _SAFE.match(media_id):  # it goes into the Graph API's path
+        raise MediaError(f"not a media id: {media_id[:100]!r}")
     relative = relative_path(media_id, mime_type)
     target = data_dir / relative
     if target.is_file():
@@ -69,6 +86,8 @@ async def download(
             info: Any = await response.json(content_type=None)
         if not isinstance(info, dict) or not isinstance(info.get("url"), str):
             raise MediaError(f"media endpoint gave no download URL for {media_id}")
+        if not may_fetch(info["url"], settings.graph_url):
+            raise MediaError(f"media endpoint gave a download URL that is not Meta's for {media_id}: {info['url'][:200]}")
         size = info.get("file_size")
         if isinstance(size, int) and size > limit:
             raise MediaError(f"media {media_id} has {size} bytes, more than max_media_bytes ({limit})")

@@ -51,6 +51,7 @@ class FakeGraph:
         self.answers: list[tuple[int, dict[str, Any] | None, float]] = []
         self.media: dict[str, tuple[bytes, str]] = {}
         self.wrong_checksum: set[str] = set()
+        self.media_urls: dict[str, str] = {}  # download URLs other than its own
         self.base_url = ""
         self._count = 0
 
@@ -115,7 +116,7 @@ class FakeGraph:
         return web.json_response(
             {
                 "messaging_product": "whatsapp",
-                "url": f"{self.base_url}/download/{media_id}",
+                "url": self.media_urls.get(media_id, f"{self.base_url}/download/{media_id}"),
                 "mime_type": mime_type,
                 "sha256": hashlib.sha256(data if media_id not in self.wrong_checksum else b"other").hexdigest(),
                 "file_size": len(data),
@@ -936,6 +937,33 @@ async def test_a_failed_media_download_keeps_the_message(
         assert attachment["media_id"] == "4711" and "path" not in attachment
         assert [p for p in (harness.data_dir / "media").rglob("*") if p.is_file()] == []
         assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_a_download_url_that_is_not_metas_gets_no_request_and_no_token(tmp_path: Path, graph: FakeGraph) -> None:
+    """The Graph API's answer named the URL, and the service fetched it with the business's
+    token, whatever it was: an answer forged on the way (or a compromised proxy) could send the
+    token to any host, or make the service read an internal address."""
+    inside: list[dict[str, Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        inside.append({"path": request.path, "authorization": request.headers.get("Authorization")})
+        return web.Response(body=b"secret", content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", record)
+    from aiohttp.test_utils import TestServer
+
+    async with TestServer(app, host="127.0.0.1") as internal:
+        graph.media["4711"] = (PHOTO, "image/jpeg")
+        graph.media_urls["4711"] = str(internal.make_url("/latest/meta-data/iam"))
+        async with make_harness(tmp_path, graph, download_media=True) as harness:
+            status, _ = await post(harness, image_body("wamid.IMG", "4711"))
+            assert status == 200
+            assert inside == []
+            (incoming,) = [m for m in (await only_conversation(harness))["messages"] if m["direction"] == "in"]
+            assert "path" not in incoming["attachments"][0]
+            assert not (harness.data_dir / "media").exists() or not any((harness.data_dir / "media").rglob("*.jpg"))
+            assert await harness.count("outbox", "kind = 'ack'") == 1
 
 
 async def test_error_entry_without_message_is_kept_for_staff(wa):
