@@ -29,6 +29,9 @@ from router.hookspecs import (
 from . import fields, pages, tokens
 
 JSON_TYPE = "application/json"
+# A status page is reached by its secret link: no cache keeps it, no link on it passes the
+# address on, no search engine lists it; every answer that shows one sends these.
+STATUS_PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
 
 
 class RateLimiter:
@@ -111,8 +114,11 @@ class WebFormChannel(Channel):
     # ------------------------------------------------------------------ helpers
 
     def _client(self, request: web.Request) -> str:
+        """The client address the rate limit counts: behind a trusted proxy the last entry of
+        ``X-Forwarded-For``, the one that proxy appended; the entries before it are whatever
+        the client sent, and taking the first let anyone choose a fresh address per post."""
         if self.trust_forwarded and request.headers.get("X-Forwarded-For"):
-            return request.headers["X-Forwarded-For"].split(",")[0].strip()
+            return request.headers["X-Forwarded-For"].rsplit(",", 1)[-1].strip()
         return request.remote or "unknown"
 
     def _now(self) -> Any:
@@ -174,7 +180,7 @@ class WebFormChannel(Channel):
         if is_json:
             raise exc
         return web.Response(text=page(), content_type="text/html", status=503,
-                            headers={"Retry-After": str(exc.retry_after), "Cache-Control": "no-store"})
+                            headers={"Retry-After": str(exc.retry_after), **STATUS_PAGE_HEADERS})
 
     # ------------------------------------------------------------------ the form
 
@@ -255,8 +261,7 @@ class WebFormChannel(Channel):
             language=language, view=view, token=tokens.issue(self.secret, self._now(), self._scope(token)),
             timezone=self.context.settings.get("timezone", "Europe/Berlin"), action=request.path,
         )
-        return web.Response(text=html, content_type="text/html",
-                            headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"})
+        return web.Response(text=html, content_type="text/html", headers=STATUS_PAGE_HEADERS)
 
     async def status_reply(self, request: web.Request) -> web.StreamResponse:
         """The resident writes back on the status page; the message joins the conversation."""
@@ -280,7 +285,7 @@ class WebFormChannel(Channel):
                                      token=tokens.issue(self.secret, self._now(), self._scope(status_token)),
                                      timezone=self.context.settings.get("timezone", "Europe/Berlin"),
                                      action=request.path, error=message)
-            return web.Response(text=html, content_type="text/html", status=400)
+            return web.Response(text=html, content_type="text/html", status=400, headers=STATUS_PAGE_HEADERS)
         if not self.limiter.allow(self._client(request)):
             raise self._error(is_json, 429, "rate_limited", "too many submissions; please try again in a minute")
         sender = view["sender"]

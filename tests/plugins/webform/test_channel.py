@@ -232,6 +232,34 @@ async def test_rate_limit_per_client(tmp_path):
         assert await harness.count("conversations") == 2
 
 
+async def test_rate_limit_behind_a_proxy_counts_the_address_the_proxy_added(tmp_path):
+    settings = {"webform": {"rate_limit_per_minute": 2, "trust_forwarded_for": True}}
+    async with CoreHarness(tmp_path / "d", settings=settings) as harness:
+        statuses = []
+        for i in range(3):  # a client sends an address of its choice; the proxy appends the real one
+            body = {**FORM, "message": f"Nachricht {i}", "form_token": await get_token(harness)}
+            response = await harness.client.post("/channels/webform/", json=body,
+                                                 headers={"X-Forwarded-For": f"10.0.0.{i}, 198.51.100.7"})
+            statuses.append(response.status)
+        assert statuses == [201, 201, 429]
+
+
+async def test_every_answer_that_shows_a_status_page_keeps_it_private(harness):
+    """The page re-shown for an empty reply carried the whole conversation without the headers
+    that keep it out of caches, referrers and search engines."""
+    status, body = await submit_json(harness)
+    assert status == 201
+    path = "/channels/webform/" + body["status_url"].split("/channels/webform/", 1)[1]
+    page = await harness.client.get(path)
+    private = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
+    assert page.status == 200 and {k: page.headers.get(k) for k in private} == private
+    html = await page.text()
+    form_token = html.split('name="form_token" value="', 1)[1].split('"', 1)[0]
+    harness.clock.advance(timedelta(seconds=5))
+    again = await harness.client.post(path, data={"form_token": form_token, "message": "   "})
+    assert again.status == 400 and {k: again.headers.get(k) for k in private} == private
+
+
 async def test_contract_kit_passes_for_the_web_form(harness):
     tokens: dict[str, str] = {}
 
