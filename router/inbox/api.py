@@ -159,13 +159,30 @@ async def list_conversations(request: web.Request) -> web.Response:
     return web.json_response({"items": items, "next_cursor": cursor})
 
 
-@routes.get("/api/v1/conversations/{id}")
-async def get_conversation(request: web.Request) -> web.Response:
-    _, conversation_id = await _scoped_conversation(request)
+def _sees_status_link(config: Config, member: StaffMember) -> bool:
+    """Whether the resident's status link belongs in what this member sees: staff of an own
+    unit (the hotline gives it out again on the phone). Staff of external units (contractors)
+    do not get it: the link is the resident's key to the whole conversation, and it would
+    keep working for them after the conversation moved to another unit."""
+    return "*" in member.units or any(
+        unit in config.units and config.units[unit].kind != "external" for unit in member.units
+    )
+
+
+async def _detail(request: web.Request, member: StaffMember, conversation_id: int) -> dict[str, Any]:
+    """The conversation as this member may see it."""
     detail = await queries.conversation_detail(request.app[keys.CORE], conversation_id)
     if detail is None:
         raise _error(404, "not_found", "conversation not found")
-    return web.json_response(detail)
+    if not _sees_status_link(request.app[keys.CONFIG], member):
+        detail.pop("status_url", None)
+    return detail
+
+
+@routes.get("/api/v1/conversations/{id}")
+async def get_conversation(request: web.Request) -> web.Response:
+    member, conversation_id = await _scoped_conversation(request)
+    return web.json_response(await _detail(request, member, conversation_id))
 
 
 @routes.post("/api/v1/conversations/{id}/replies")
@@ -195,7 +212,7 @@ async def post_assign(request: web.Request) -> web.Response:
     if assignee is not None and (not isinstance(assignee, str) or not assignee.strip() or len(assignee) > 100):
         raise _error(400, "invalid_field", "assignee must be a name or null", field="assignee")
     await request.app[keys.CORE].assign(conversation_id, assignee, member.name)
-    return web.json_response(await queries.conversation_detail(request.app[keys.CORE], conversation_id))
+    return web.json_response(await _detail(request, member, conversation_id))
 
 
 @routes.post("/api/v1/conversations/{id}/transfer")
@@ -210,13 +227,13 @@ async def post_transfer(request: web.Request) -> web.Response:
     _, units = authenticate(request)
     if unit not in units:
         return web.json_response({"id": conversation_id, "unit": unit, "transferred": True})
-    return web.json_response(await queries.conversation_detail(request.app[keys.CORE], conversation_id))
+    return web.json_response(await _detail(request, member, conversation_id))
 
 
 async def _state_action(request: web.Request, action: str) -> web.Response:
     member, conversation_id = await _scoped_conversation(request)
     await request.app[keys.CORE].set_state(conversation_id, action, member.name)
-    return web.json_response(await queries.conversation_detail(request.app[keys.CORE], conversation_id))
+    return web.json_response(await _detail(request, member, conversation_id))
 
 
 @routes.post("/api/v1/conversations/{id}/close")

@@ -254,6 +254,19 @@ async def test_demo_tokens_are_refused_through_a_proxy(tmp_path):
             assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
 
 
+async def test_the_residents_status_link_is_not_shown_to_an_external_unit(harness):
+    """The link is the resident's key to the whole conversation: a contractor kept reading it
+    (and writing as the resident) after the conversation was transferred away from them."""
+    case = await _case(harness)
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{case}", token="hotline")
+    assert status == 200 and seen["unit"] == "tiefbau-muster" and seen["status_url"].startswith("http")
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{case}", token="contractor")
+    assert status == 200 and "status_url" not in seen
+    status, seen = await harness.api("POST", f"/api/v1/conversations/{case}/assign", token="contractor",
+                                     json={"assignee": "Kolonne 3"})
+    assert status == 200 and "status_url" not in seen
+
+
 async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness):
     mine = await harness.core.ingest(webform_message(email="a@example.net"))
     theirs = await harness.core.ingest(webform_message("Tarif?", email="b@example.net", topic="contract", postcode="99999"))
