@@ -11,8 +11,8 @@ import re
 from email import policy
 from email.message import Message
 from email.parser import HeaderParser
-from email.utils import getaddresses
 
+from .addresses import addresses_of
 from .limits import MAX_BOUNCE_TEXT, MAX_MIME_PARTS
 from .text import html_to_text, part_text
 
@@ -132,7 +132,7 @@ def _is_daemon(msg: Message) -> bool:
             continue
         if name == "Return-Path" and value.strip() == "<>":
             return True
-        for _, address in getaddresses([value]):
+        for _, address in addresses_of(value):
             if address.split("@")[0].lower() in _DAEMONS:
                 return True
     return False

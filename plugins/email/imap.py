@@ -283,6 +283,11 @@ class ImapPoller:
                 await asyncio.wait_for(client.logout(), 2)
             except Exception:  # noqa: BLE001 - the connection may be gone already
                 pass
+            # After a command cancelled at its deadline aioimaplib never closes the connection
+            # itself: each reconnect left one open, until the server refused further logins.
+            transport = getattr(getattr(client, "protocol", None), "transport", None)
+            if transport is not None:
+                transport.close()
 
     async def _idle(self, client: aioimaplib.IMAP4) -> None:
         """Wait in IDLE until the server reports something or ``idle_seconds`` pass."""

@@ -13,8 +13,8 @@ from collections import deque
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from email.message import Message
-from email.utils import getaddresses
 
+from .addresses import addresses_of
 from .compose import is_own_message_id
 
 # Local parts of senders that are machines, compared without ".", "-" and "_".
@@ -54,7 +54,7 @@ def _sender_addresses(msg: Message, envelope_from: str | None) -> list[str]:
     for name in ("From", "Sender", "Return-Path"):
         value = _header(msg, name)
         if value:
-            found.extend(addr for _, addr in getaddresses([value]) if addr)
+            found.extend(addr for _, addr in addresses_of(value) if addr)
     return found
 
 

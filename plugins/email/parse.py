@@ -19,9 +19,10 @@ from email.feedparser import BytesFeedParser
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
+from .addresses import addresses_of
 from .bounces import parse_bounce
 from .limits import MAX_ATTACHMENTS, MAX_HTML, MAX_META_TEXT, MAX_MIME_DEPTH, MAX_MIME_PARTS, MAX_TEXT
 from .loops import classify
@@ -76,7 +77,14 @@ class _HeadersOfOneMail(HeaderRegistry):
         key = (name, value)
         found = self._parsed.get(key)
         if found is None:
-            found = self._parsed[key] = self[name](name, value)
+            try:
+                found = self[name](name, value)
+            except RecursionError:
+                # The stdlib parses comments and groups recursively: a From with a few thousand
+                # nested "(" (2.8 KB) exhausted the stack, and the mail was answered 451 for
+                # ever. Such a header is kept as plain text.
+                found = _header_class(self.default_class, self.base_class)(name, value)
+            self._parsed[key] = found
         return found
 
 
@@ -167,7 +175,7 @@ def _addresses(msg: Message, name: str) -> list[tuple[str, str]]:
     text = header(msg, name)
     if not text:
         return []
-    return [(n, a.lower()) for n, a in getaddresses([text]) if "@" in a]
+    return [(n, a.lower()) for n, a in addresses_of(text) if "@" in a]
 
 
 def message_ids(value: str | None) -> list[str]:

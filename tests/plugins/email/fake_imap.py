@@ -47,6 +47,11 @@ class FakeImapServer:
             event.set()
         return uid
 
+    @property
+    def open_sessions(self) -> int:
+        """Client connections the server still has open."""
+        return len(self._writers)
+
     def fetched(self) -> list[int]:
         """UIDs whose body clients fetched, in order."""
         return [int(m.group(1)) for c in self.commands if (m := re.match(r"UID FETCH (\d+) \(BODY", c, re.IGNORECASE))]

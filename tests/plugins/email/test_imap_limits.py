@@ -74,10 +74,17 @@ async def test_a_body_sent_a_byte_at_a_time_ends_the_session_after_the_timeout(h
         server.add(mail(1))
         started = asyncio.get_running_loop().time()
         with pytest.raises(ImapError, match="UID FETCH: no complete answer within"):
-            await asyncio.wait_for(poller(server, harness, timeout=0.3).session(), 10)
+            await asyncio.wait_for(poller(server, harness, timeout=1.0).session(), 10)
         assert asyncio.get_running_loop().time() - started < 5
         assert await harness.count("messages") == 0
         assert not list((harness.data_dir / "email" / "imap").glob("*.json"))  # no mark: tried again
+
+        # and the connection is closed: aioimaplib left it open after the cancelled command, one
+        # more at each reconnect, until the server refused further logins
+        async def closed() -> bool:
+            return server.open_sessions == 0
+
+        await eventually(closed)
 
 
 async def test_a_store_answered_without_end_keeps_the_import_and_reconnects(harness):
@@ -86,7 +93,7 @@ async def test_a_store_answered_without_end_keeps_the_import_and_reconnects(harn
         server.add(mail(1))
         server.add(mail(2))
         with pytest.raises(ImapError, match="UID STORE: no answer within"):
-            await asyncio.wait_for(poller(server, harness, timeout=0.3).session(), 10)
+            await asyncio.wait_for(poller(server, harness, timeout=1.0).session(), 10)
         # the first mail is imported and the mark past it: a new session goes on with the second
         assert await harness.count("messages", "channel_message_id = '<imap-1@example.net>'") == 1
         assert state(harness) == {"uidvalidity": 1001, "last_uid": 1}

@@ -242,6 +242,25 @@ async def test_deeply_nested_mail_over_http_is_stored_and_acknowledged(harness):
     assert "mime_too_deep" in inbound["flags"]
 
 
+def parenthesised_sender(key: str) -> bytes:
+    """A From whose comment nests 2,700 deep, folded over three lines (2.8 KB)."""
+    folded = "\r\n ".join(["(" * 900] * 3)
+    return (f"From: Rita <rita@example.net> {folded}\r\nTo: service@example.org\r\nSubject: Hallo\r\n"
+            f"Message-ID: <{key}@example.net>\r\n\r\nhello, eine Frage\r\n").encode()
+
+
+async def test_a_sender_with_nested_comments_is_stored_and_acknowledged(harness):
+    """The stdlib reads comments in addresses recursively: a few thousand nested "(" raised
+    RecursionError, and the mail was answered 451 over SMTP for ever (500 over HTTP)."""
+    assert await asyncio.to_thread(deliver, harness, parenthesised_sender("klammer-smtp")) == {}
+    inbound = await stored_and_acknowledged(harness, "<klammer-smtp@example.net>")
+    assert "eine Frage" in inbound["text"]
+    response = await harness.client.post("/channels/email/inbound", data=parenthesised_sender("klammer-http"),
+                                         headers={"Authorization": f"Bearer {SECRET}", "X-Envelope-To": "service@example.org"})
+    assert response.status == 202, await response.text()
+    await stored_and_acknowledged(harness, "<klammer-http@example.net>")
+
+
 @pytest.mark.parametrize(
     ("raw", "key"),
     [
