@@ -381,8 +381,9 @@ class Core:
             deadline = iso(tracking.deadline_for(self.config, unit, now)) if waiting else None
             conn.execute(
                 "UPDATE conversations SET unit = ?, routing_rule = 'transfer', routing_reason = ?, assignee = NULL,"
-                " deadline = COALESCE(?, deadline), escalate_at = COALESCE(?, escalate_at), updated_at = ? WHERE id = ?",
-                (unit, why, deadline, deadline, stamp, conversation_id),
+                " deadline = COALESCE(?, deadline), escalate_at = COALESCE(?, escalate_at),"
+                " escalation_level = CASE WHEN ? IS NULL THEN escalation_level ELSE 0 END, updated_at = ? WHERE id = ?",
+                (unit, why, deadline, deadline, deadline, stamp, conversation_id),
             )
             tracking.record_event(conn, conversation_id, "transferred", stamp, actor=staff, from_unit=conv["unit"], to_unit=unit, reason=why)
             updated = self._conversation(conn, conversation_id)
@@ -455,8 +456,12 @@ class Core:
                     (conversation_id,),
                 ).fetchone()[0]
                 if outcome == "wrong_number" or failed >= limit:
+                    already = "callback_failed" in json.loads(conv["flags"] or "[]")
                     tracking.add_flags(conn, conversation_id, ["callback_failed"], stamp)
-                    if conv["state"] in tracking.AWAITING_ANSWER:
+                    # Once, when the call-backs have failed: each further failed attempt escalated
+                    # again (six in a minute, past max_escalation_level).
+                    if (not already and conv["state"] in tracking.AWAITING_ANSWER
+                            and conv["escalation_level"] < self.config.max_escalation_level):
                         escalated = tracking.escalate(conn, self.config, self.templates, conv, now)
                 if outcome != "wrong_number" and failed == limit:
                     sms_queued = self._queue_callback_sms(conn, conv, stamp)

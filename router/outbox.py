@@ -683,10 +683,11 @@ class OutboxWorker:
         """True when the provider took the row and nothing else became due."""
         channel = self.channels.get(item["channel"])
         if channel is None:
-            delay = self.policy.delay(item["attempts"])
-            await self._record(
-                lambda conn: record_retry(conn, item["id"], f"channel {item['channel']!r} is not configured", delay, None, self.clock.now())
-            )
+            # Its plugin was removed (or not loaded) since the row was queued: retried in case
+            # it comes back, then given up like any failure, which falls back to the contact's
+            # other identities or flags the conversation for a call-back. Before, it was retried
+            # for ever, and nothing told staff the person had not been answered.
+            await self._retry(item, f"channel {item['channel']!r} is not configured", None)
             return False
         if item["attempts"] > 1 and (not self.store.settled or await self._earlier_send_reported(item)):
             # It may have gone through after all: look in a write unit, behind any status still
@@ -705,6 +706,12 @@ class OutboxWorker:
             async with limit, asyncio.timeout(self.policy.send_timeout):
                 result = await channel.send(self._outbound(item))
         except ResendAsDeliveryError as exc:
+            if exc.hint == item.get("hint") or item["attempts"] > self.policy.max_attempts:
+                # The form it asks for was tried already (or the forms go round): a refusal like
+                # any other, with backoff and a last attempt. Resent at once every time, a channel
+                # that refused every form was asked again for ever, a thousand times a second.
+                await self._retry(item, exc.message, None)
+                return False
             self.retried += 1
             # Values, not the exception, go into the unit: it runs after this block.
             error, hint = exc.message, exc.hint
@@ -723,6 +730,15 @@ class OutboxWorker:
             self.failed += 1
             error, code = exc.message, exc.code
             await self._record(lambda conn: record_failure(conn, item["id"], error, code, self.channels, self.clock.now()))
+            return False
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the worker itself is stopping
+            # Raised inside the plugin (a shared task of its own that a timed-out send cancelled):
+            # a plugin bug like any other. Let through, it ended the worker: no send after it.
+            log.error("channel %s: its send of outbox row %s was cancelled inside the plugin", item["channel"], item["id"])
+            await self._retry(item, "the channel's send was cancelled inside the plugin", None)
             return False
         except Exception as exc:  # a plugin bug: logged, then retried like any failure, and given up
             log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])

@@ -150,7 +150,10 @@ def renew_deadline(
     Returns the columns as written, so the caller need not read the row again."""
     stamp = iso(now)
     deadline = iso(deadline_for(config, conversation["unit"], now))
-    changed = {"state": state, "deadline": deadline, "escalate_at": deadline, "closed_at": None, "updated_at": stamp}
+    # A new deadline begins a new wait: its escalations count from nought (``max_escalation_level``
+    # counted over the conversation's whole life, and a long chat stopped escalating for good).
+    changed = {"state": state, "deadline": deadline, "escalate_at": deadline, "escalation_level": 0, "closed_at": None,
+               "updated_at": stamp}
     if inbound:
         changed["last_inbound_at"] = stamp
     conn.execute(

@@ -837,3 +837,75 @@ async def test_the_last_attempt_waits_for_its_status_before_falling_back(tmp_pat
         else:
             assert [(r["channel"], r["state"]) for r in rows] == [("staggered", "failed"), ("fallback", "sent")]
             assert rows[0]["last_error"] == "gave up after 2 attempts: no answer"
+
+
+class CancellingChat(StaggeredChat):
+    """A plugin whose send awaits a task of its own that something else cancelled (a shared
+    login refresh that a timed-out send took down with it)."""
+
+    name = "staggered"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancel_next = 1
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if self.cancel_next:
+            self.cancel_next -= 1
+            shared = asyncio.get_running_loop().create_future()
+            shared.cancel()
+            await shared  # raises CancelledError inside the plugin
+        return await super().send(message)
+
+
+async def test_a_cancellation_inside_a_plugin_is_a_plugin_error_not_the_end_of_the_outbox(tmp_path):
+    """It ended the worker's loop as if the service were stopping: the row stayed 'sending',
+    nothing was sent after it, nothing was logged, and /healthz said ok."""
+    plugin = Plugin(CancellingChat())
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.05)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness, idle_worker(harness) as worker:
+        await _ingest_senders(harness, 2)
+        await wait_until(lambda: _sent(harness, 2), 3.0, 0.01)
+        assert not worker.done()
+        errors = [r["last_error"] for r in await harness.rows("SELECT last_error FROM outbox ORDER BY id")]
+        assert sum("cancelled inside the plugin" in (e or "") for e in errors) == 1, errors  # retried, then sent
+
+
+class RefusingEveryForm(StaggeredChat):
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.calls += 1
+        raise ResendAsDeliveryError("not in this form either", hint="template" if message.hint is None else "text")
+
+
+async def test_a_channel_that_refuses_every_form_is_given_up_not_asked_for_ever(tmp_path):
+    """Each refusal was resent at once without counting: about a thousand provider calls a
+    second, for ever, and the person never flagged for a call-back."""
+    plugin = Plugin(RefusingEveryForm())
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=3)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 1)
+        for _ in range(30):
+            await harness.run_outbox()
+            await asyncio.sleep(0.03)
+            if await harness.count("outbox", "state = 'failed'"):
+                break
+        assert await harness.count("outbox", "state = 'failed'") == 1
+        assert plugin.channel.calls <= 6
+        (conversation,) = await harness.rows("SELECT flags FROM conversations")
+        assert "callback_required" in conversation["flags"]
+
+
+async def test_a_row_for_a_channel_no_longer_configured_is_given_up_and_leaves_a_trace(tmp_path):
+    """Retried for ever: the acknowledgement stayed pending and the conversation showed nothing."""
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=3)
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(StaggeredChat())], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 1)
+        harness.core.channels.pop("staggered")  # as if its plugin were gone after a restart
+        for _ in range(10):
+            await harness.run_outbox()
+            harness.clock.advance(timedelta(seconds=1))
+            if await harness.count("outbox", "state = 'failed'"):
+                break
+        assert await harness.count("outbox", "state = 'failed'") == 1
+        (conversation,) = await harness.rows("SELECT flags FROM conversations")
+        assert "callback_required" in conversation["flags"]

@@ -117,3 +117,36 @@ async def test_conversations_of_a_unit_removed_from_the_configuration_go_to_the_
         again = await second.core.ingest(webform_message("Noch eine Frage", thread={"status_token": token}))
         assert again.conversation_id == case
         await second.escalate()  # the overdue scan meets no unknown unit
+
+
+async def test_a_new_deadline_counts_its_escalations_afresh(harness):
+    """The escalation level was kept for the conversation's whole life: once it reached
+    max_escalation_level (10 in the example), a conversation was never escalated or reminded
+    again, however often the resident wrote later."""
+    result = await harness.core.ingest(webform_message())
+    for _ in range(4 * harness.config.max_escalation_level):  # up the chain, then reminders, then the cap
+        harness.clock.advance(timedelta(days=3))
+        await harness.escalate()
+        (conv,) = await harness.rows("SELECT escalation_level, escalate_at FROM conversations")
+        if conv["escalate_at"] is None:
+            break
+    assert conv["escalation_level"] == harness.config.max_escalation_level and conv["escalate_at"] is None
+
+    await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Wir kümmern uns."})
+    await harness.run_outbox()
+    again = await harness.core.ingest(webform_message("Es hat sich nichts getan.", thread={"status_token": result.status_token}))
+    assert again.conversation_id == result.conversation_id
+    (conv,) = await harness.rows("SELECT escalation_level, escalate_at FROM conversations")
+    assert conv["escalation_level"] == 0 and conv["escalate_at"] is not None
+    harness.clock.advance(timedelta(days=3))
+    assert [e["level"] for e in await harness.escalate()] == [1]
+
+
+async def test_failed_call_backs_escalate_once(harness):
+    """Every failed call-back after the limit escalated again: six in a minute, past the cap."""
+    result = await harness.core.ingest(webform_message())
+    case = result.conversation_id
+    for outcome in ["not_reached"] * 6 + ["wrong_number"] * 2:
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": outcome})
+        assert status in (200, 201)
+    assert await harness.count("escalations", "conversation_id = ?", (case,)) == 1
