@@ -15,7 +15,7 @@ import re
 import sys
 import tomllib
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -185,15 +185,33 @@ def load_config(file: str | os.PathLike[str] | None = None, env: Mapping[str, st
             data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(name, [("", f"not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError(name, [("", "nested too deeply to read")]) from None
     return build_config(data, env, name)
+
+
+def _not_finite(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """Every number in ``value`` that is NaN or infinite (TOML spells them ``nan`` and ``inf``):
+    JSON Schema's minimum and maximum let them through, and ``nan`` seconds stopped the
+    escalation scheduler for good."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, f"{value} is not a number this service can use")]
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _not_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _not_finite(v, f"{path}.{i}")]
+    return []
 
 
 def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> Config:
     """Validate an already parsed configuration and turn it into a ``Config``."""
     validator = jsonschema.Draft202012Validator(config_schema())
-    errors = sorted(
-        ((_path(e.absolute_path), e.message) for e in validator.iter_errors(data)), key=lambda x: x[0]
-    )
+    try:
+        errors = sorted(
+            ((_path(e.absolute_path), e.message) for e in validator.iter_errors(data)), key=lambda x: x[0]
+        ) or _not_finite(data)
+    except RecursionError:
+        raise ConfigError(name, [("", "nested too deeply to read")]) from None
     if errors:
         raise ConfigError(name, errors)
     errors = _check_references(data)
@@ -239,9 +257,13 @@ def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> C
     deadline_errors = []
     for uid, unit in units.items():
         try:
-            unit.hours.add(probe, unit.first_response_hours)
+            late = unit.hours.add(probe, unit.first_response_hours) - probe > timedelta(days=366)
         except (ValueError, OverflowError) as exc:
-            deadline_errors.append((f"units.{uid}.first_response_hours", f"no deadline within a year of business hours ({exc})"))
+            late, why = True, f" ({exc})"
+        else:
+            why = ""
+        if late:
+            deadline_errors.append((f"units.{uid}.first_response_hours", f"no deadline within a year of business hours{why}"))
     if deadline_errors:
         raise ConfigError(name, deadline_errors)
     areas = {

@@ -8,6 +8,7 @@ daylight-saving changes are handled by ``zoneinfo``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -42,9 +43,27 @@ class BusinessHours:
                 if end is not None and end <= start:
                     raise ValueError(f"{day}: interval {item!r} ends before it starts")
                 intervals.append((start, end))
-            week.append(tuple(sorted(intervals, key=lambda i: i[0])))
+            intervals.sort(key=lambda i: i[0])
+            for (_, end), (start, _) in itertools.pairwise(intervals):
+                if end is None or start < end:  # counted twice, deadlines would come early
+                    raise ValueError(f"{day}: intervals overlap ({', '.join(spec.get(day, ()))})")
+            week.append(tuple(intervals))
         holidays = frozenset(date.fromisoformat(d) for d in spec.get("holidays", ()))
+        if holidays and not any(week):
+            # Holidays alone: open all day on every other day (an empty week is always open,
+            # which took no notice of the holidays).
+            week = [((time(0), None),)] * 7
         return cls(ZoneInfo(timezone), tuple(week), holidays)
+
+    @property
+    def weekly_hours(self) -> float:
+        """Opening hours in a week without holidays."""
+        total = 0.0
+        for intervals in self.week:
+            for start, end in intervals:
+                finish = 24.0 if end is None else end.hour + end.minute / 60
+                total += finish - (start.hour + start.minute / 60)
+        return total
 
     @property
     def always_open(self) -> bool:
@@ -86,7 +105,11 @@ class BusinessHours:
         if self.always_open:
             return start + remaining
         day = start.astimezone(self.timezone).date()
-        for _ in range(400):  # a year and a bit: enough for any sane calendar
+        # As many weeks as the hours need, and two more (a daylight-saving change, the start
+        # in mid-week), plus a day per holiday: a fixed year failed, at some start times only,
+        # for a response time the check at load had let through from another.
+        days = 7 * (int(hours / self.weekly_hours) + 2) + len(self.holidays)
+        for _ in range(days):
             for begin, end in self._intervals_on(day):
                 if end <= start:
                     continue
@@ -96,4 +119,4 @@ class BusinessHours:
                     return begin + remaining
                 remaining -= available
             day += timedelta(days=1)
-        raise ValueError("business hours have no opening time within a year")
+        raise ValueError(f"business hours give no {hours:g} opening hours within {days} days")

@@ -102,6 +102,13 @@ def test_import_customers_command(tmp_path, capsys):
         (lambda d: (d["business_hours"]["office"].clear(), d["business_hours"]["office"].update(mon=["08:00-08:01"]),
                     d["units"]["vertrieb"].update(first_response_hours=100)),
          "units.vertrieb.first_response_hours", "no deadline within a year"),
+        # nan passed minimum and maximum, and stopped the escalation scheduler for good
+        (lambda d: d["service"].update(escalation_check_seconds=float("nan")), "service.escalation_check_seconds",
+         "not a number"),
+        (lambda d: d["service"].update(reopen_days=float("nan")), "service.reopen_days", "not a number"),
+        # overlapping intervals were counted twice: deadlines came early
+        (lambda d: d["business_hours"]["office"].update(mon=["08:00-12:00", "10:00-18:00"]), "business_hours.office",
+         "overlap"),
     ],
 )
 def test_values_that_would_fail_at_run_time_are_refused_at_load_naming_the_key(tmp_path, capsys, change, key, says):
@@ -123,6 +130,8 @@ def _toml(data) -> str:
             return "true" if v else "false"
         if isinstance(v, float) and math.isinf(v):
             return "inf"
+        if isinstance(v, float) and math.isnan(v):
+            return "nan"
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):

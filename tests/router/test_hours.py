@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from router.hours import BusinessHours
 
@@ -35,3 +35,22 @@ def test_is_open_and_always_open():
     always = BusinessHours.from_config({}, "Europe/Berlin")
     assert always.is_open(datetime(2026, 11, 29, 3, 0, tzinfo=UTC))
     assert always.add(datetime(2026, 11, 29, 3, 0, tzinfo=UTC), 2) == datetime(2026, 11, 29, 5, 0, tzinfo=UTC)
+
+
+def test_holidays_alone_are_closed_days_of_an_otherwise_open_week():
+    """A calendar of holidays without hours was always open, holidays included."""
+    hours = BusinessHours.from_config({"holidays": ["2026-12-24"]}, "Europe/Berlin")
+    assert not hours.is_open(datetime(2026, 12, 24, 10, tzinfo=UTC))
+    assert hours.is_open(datetime(2026, 12, 23, 10, tzinfo=UTC))
+    # 10:00 Berlin on the 23rd plus 20 hours: the 24th does not count
+    assert hours.add(datetime(2026, 12, 23, 9, tzinfo=UTC), 20) == datetime(2026, 12, 25, 5, tzinfo=UTC)
+
+
+def test_a_response_time_of_more_than_a_year_of_hours_is_found_from_any_start():
+    """A fixed search of 400 days failed, at some start times only, for a response time the
+    check at load had accepted from its one start time: the message was a 500, not stored."""
+    hours = BusinessHours.from_config({"mon": ["08:00-18:00"], "tue": ["08:00-18:00"]}, "Europe/Berlin")
+    for day in range(1, 8):  # each weekday as the start
+        start = datetime(2026, 1, day, 18, tzinfo=UTC)
+        deadline = hours.add(start, 1300)  # 65 weeks of 20 hours
+        assert deadline - start > timedelta(days=440)
