@@ -51,19 +51,28 @@ async def _freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
-def _load_or_report(path: str | Path) -> Config | None:
-    """The configuration, or None after printing every error with its file and key path."""
+def _load_or_report(path: str | Path, *, channels: bool = False) -> Config | None:
+    """The configuration, or None after printing every error with its file and key path;
+    with ``channels``, the channel plugins' settings are checked too."""
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None
+    if channels:
+        from .plugins import channel_settings_errors, create_plugin_manager
+
+        errors = channel_settings_errors(create_plugin_manager(True), config.channels, os.environ, config.topics)
+        if errors:
+            print(ConfigError(config.file, errors), file=sys.stderr)
+            return None
+    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
-    config = _load_or_report(args.config)
+    config = _load_or_report(args.config, channels=True)
     if config is None:
         return 1
     local = demo_tokens_allowed(args.host, config.public_base_url)
@@ -89,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.file)
+    config = _load_or_report(args.file, channels=True)
     if config is None:
         return 1
     print(f"{config.file}: OK ({len(config.units)} units, {len(config.rules)} rules, {len(config.areas)} areas)")

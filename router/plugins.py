@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pluggy
@@ -106,3 +106,24 @@ async def call_all(
         elif outcome is not None:
             results.append(outcome)
     return results
+
+
+def channel_settings_errors(
+    pm: pluggy.PluginManager, settings: Mapping[str, Any], env: Mapping[str, str], topics: Mapping[str, Any]
+) -> list[tuple[str, str]]:
+    """What each channel plugin refuses in its settings, as (key path, message) pairs, found
+    by registering its channels as the service does at start (a plugin's settings error names
+    its key: ``channels.phone.forward_timeout: expected ...``). ``check-config`` reports them,
+    and ``serve`` refuses to start with them, instead of a traceback."""
+    errors = []
+    for impl in reversed(pm.hook.register_channels.get_hookimpls()):
+        args = {"settings": settings, "env": dict(env), "topics": topics}
+        try:
+            impl.function(**{name: args[name] for name in impl.argnames if name in args})
+        except ValueError as exc:
+            path, sep, message = str(exc).partition(": ")
+            if sep and path.startswith("channels.") and " " not in path:
+                errors.append((path, message))
+            else:
+                errors.append((f"channels ({impl.plugin_name})", str(exc)))
+    return errors

@@ -106,6 +106,9 @@ def test_import_customers_command(tmp_path, capsys):
         (lambda d: d["service"].update(escalation_check_seconds=float("nan")), "service.escalation_check_seconds",
          "not a number"),
         (lambda d: d["service"].update(reopen_days=float("nan")), "service.reopen_days", "not a number"),
+        # a channel's own settings: check-config said OK, and serve died with a traceback
+        (lambda d: d["channels"]["phone"].update(forward_timeout="20"), "channels.phone.forward_timeout", ""),
+        (lambda d: d["channels"]["email"].update(ack_per_hour="x"), "channels.email.ack_per_hour", ""),
         # overlapping intervals were counted twice: deadlines came early
         (lambda d: d["business_hours"]["office"].update(mon=["08:00-12:00", "10:00-18:00"]), "business_hours.office",
          "overlap"),
