@@ -41,12 +41,21 @@ def is_withheld(raw: str | None) -> bool:
 def to_e164(raw: str | None, region: str = "DE") -> str | None:
     """``raw`` (national like ``030 12345678`` or international) as E.164, or None.
 
-    None for withheld numbers and for anything that is no phone number (a SIP URI, an
-    alphanumeric SMS sender, a short code).
+    None for withheld numbers and for anything that is no phone number (an alphanumeric SMS
+    sender, a short code, a Twilio Client identity such as ``client:015112345678``, which
+    phonenumbers read as that mobile number, so the acknowledgement went to a stranger). A
+    ``sip:`` or ``tel:`` URI counts by its user part when that is a number.
     """
     if raw is None or is_withheld(raw):
         return None
     text = raw.strip()
+    scheme, colon, rest = text.partition(":")
+    if colon:
+        if scheme.lower() not in ("sip", "sips", "tel"):
+            return None
+        text = rest.split("@", 1)[0].split(";", 1)[0].strip()
+    if any(char.isalpha() for char in text):  # a name, a vanity spelling: no caller's number
+        return None
     if text.startswith("00"):
         text = "+" + text[2:]
     try:

@@ -11,6 +11,9 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
 
 DEFAULT_MENU = {"1": "construction", "2": "contract", "3": "fault", "0": "other"}
 
@@ -84,6 +87,18 @@ class PhoneSettings:
             if not isinstance(value, str):
                 raise SettingsError(f"channels.phone.{key}: expected a string")
             values[key] = value.strip()
+        # Checked here, not when the first call comes: an unknown timezone made the channel tell
+        # callers deadlines in UTC (an hour early in winter), an unknown region read every
+        # national number as no number at all.
+        if "timezone" in values:
+            try:
+                ZoneInfo(values["timezone"])
+            except (ZoneInfoNotFoundError, ValueError):
+                raise SettingsError(f"channels.phone.timezone: unknown timezone {values['timezone']!r}") from None
+        if "region" in values:
+            if values["region"].upper() not in phonenumbers.SUPPORTED_REGIONS:
+                raise SettingsError(f"channels.phone.region: not a region phone numbers are known for: {values['region']!r}")
+            values["region"] = values["region"].upper()
         for key in ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts"):
             if key in section:
                 value = section[key]

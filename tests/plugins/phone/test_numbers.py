@@ -13,13 +13,16 @@ from plugins.phone.numbers import is_mobile, is_withheld, to_e164
         ("0049 30 12345678", "+493012345678"),
         ("0151 12345678", "+4915112345678"),
         ("+14158675309", "+14158675309"),
+        ("sip:+4915112345678@pbx.example.org", "+4915112345678"),  # a caller through a SIP trunk
+        ("tel:+49-30-12345678", "+493012345678"),
     ],
 )
 def test_numbers_become_e164(raw, e164):
     assert to_e164(raw) == e164
 
 
-@pytest.mark.parametrize("raw", [None, "", "anonymous", "+266696687", "RESTRICTED", "Vodafone", "sip:a@b", "12"])
+@pytest.mark.parametrize("raw", [None, "", "anonymous", "+266696687", "RESTRICTED", "Vodafone", "sip:a@b", "12",
+                                 "client:015112345678", "client:anna", "1-800-FLOWERS"])
 def test_withheld_and_unreadable_numbers_are_none(raw):
     assert to_e164(raw) is None
 

@@ -31,6 +31,8 @@ def test_twilio_credentials_fall_back_to_the_environment():
         ({"forward_timeout": "20"}, "forward_timeout"),
         ({"forward_numbers": {"bauhotline": 4930}}, "forward_numbers"),
         ({"callback_attempts": 0}, "callback_attempts"),
+        ({"timezone": "Europe/Berln"}, "timezone"),  # became UTC: deadlines told an hour early
+        ({"region": "XX"}, "region"),  # every national number became no number
     ],
 )
 def test_bad_values_name_their_key(section, key):
@@ -51,3 +53,7 @@ def test_channel_runs_for_twilio_or_cti_alone():
     (cti,) = register_channels(settings={"phone": {"cti_secret": "s3cret"}}, env={})
     assert not cti.capabilities.can_reply
     assert [route.path for route in cti.routes()] == ["/cti/{secret}"]
+
+
+def test_a_region_in_lower_case_is_the_region():
+    assert PhoneSettings.from_config({**TWILIO, "region": "at"}).region == "AT"
