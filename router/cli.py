@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -115,16 +116,32 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
+    delimiter = {"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter)
+    if len(delimiter) != 1 or delimiter in "\r\n\"":
+        print(f"--delimiter: one character (',' or ';', or 'tab'), not {args.delimiter!r}", file=sys.stderr)
+        return 1
     try:
         with open(args.csv, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, delimiter=args.delimiter)
+            reader = csv.DictReader(fh, delimiter=delimiter)
             if reader.fieldnames is None or "customer_number" not in reader.fieldnames:
-                print(f"{args.csv}: the header must name a customer_number column", file=sys.stderr)
+                other = ";" if delimiter == "," else ","
+                hint = f" (split at {other!r}? then --delimiter '{other}')" if reader.fieldnames and other in reader.fieldnames[0] else ""
+                print(f"{args.csv}: the header must name a customer_number column{hint}", file=sys.stderr)
                 return 1
             rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
+        print(f"{args.csv}: not UTF-8 at byte {exc.start}: save it as UTF-8 (CSV UTF-8 in Excel)", file=sys.stderr)
+        return 1
+    except (OSError, csv.Error) as exc:
         print(f"{args.csv}: {exc}", file=sys.stderr)
         return 1
+    # Numbers are compared as stored (trimmed, upper case): "k-6" and " K-6 " are one customer.
+    numbers = Counter(number for row in rows if (number := (row.get("customer_number") or "").strip().upper()))
+    repeated = sorted(number for number, times in numbers.items() if times > 1)
+    for number in repeated[:20]:
+        print(f"{args.csv}: customer number {number} appears {numbers[number]} times; the last row counts", file=sys.stderr)
+    if len(repeated) > 20:
+        print(f"{args.csv}: {len(repeated) - 20} more customer numbers appear more than once", file=sys.stderr)
 
     async def run() -> int:
         data_dir = Path(args.data_dir)
@@ -137,8 +154,8 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    count = asyncio.run(run())
-    print(f"imported {count} customers into {args.data_dir}")
+    asyncio.run(run())
+    print(f"imported {len(numbers)} customers into {args.data_dir}")
     return 0
 
 

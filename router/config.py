@@ -156,6 +156,8 @@ def resolve_env(value: Any, env: Mapping[str, str], demo: list[str] | None = Non
     if isinstance(value, dict):
         if "$env" in value:
             name = value["$env"]
+            if not isinstance(name, str):  # where the schema does not reach (a channel's settings)
+                raise ConfigError("", [(path, "$env names an environment variable: expected a string")])
             if name in env:
                 return env[name]
             if "default" in value:
@@ -219,7 +221,10 @@ def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> C
         raise ConfigError(name, errors)
 
     demo: list[str] = []
-    resolved = resolve_env(data, env, demo)
+    try:
+        resolved = resolve_env(data, env, demo)
+    except ConfigError as exc:
+        raise ConfigError(name, exc.errors) from None
     service = resolved["service"]
     timezone = service.get("timezone", "Europe/Berlin")
     try:

@@ -92,6 +92,36 @@ def test_import_customers_command(tmp_path, capsys):
     assert main(["import-customers", str(bad), "--data-dir", str(tmp_path / "data")]) == 1
 
 
+def test_import_customers_reports_repeated_numbers_and_counts_customers(tmp_path, capsys):
+    """It said "imported 3 customers" for one customer given three times, the last one kept."""
+    csv_path = tmp_path / "customers.csv"
+    csv_path.write_text("customer_number;name;email\nK-6;Erika;alt@example.net\nk-6;Erika;neu@example.net\n K-6 ;Erika;\n"
+                        "K-7;Jan;jan@example.net\n", encoding="utf-8")
+    data = str(tmp_path / "data")
+    assert main(["import-customers", str(csv_path), "--data-dir", data]) == 1  # split at "," it has no such column
+    assert "--delimiter ';'" in capsys.readouterr().err
+    assert main(["import-customers", str(csv_path), "--data-dir", data, "--delimiter", ";"]) == 0
+    captured = capsys.readouterr()
+    assert "imported 2 customers" in captured.out
+    assert "K-6 appears 3 times; the last row counts" in captured.err
+
+
+@pytest.mark.parametrize("delimiter", ["", ";;", "\n"])
+def test_import_customers_refuses_a_delimiter_that_is_not_one(tmp_path, capsys, delimiter):
+    csv_path = tmp_path / "customers.csv"
+    csv_path.write_text("customer_number\nK-1\n", encoding="utf-8")
+    assert main(["import-customers", str(csv_path), "--data-dir", str(tmp_path / "data"), "--delimiter", delimiter]) == 1
+    err = capsys.readouterr().err
+    assert "--delimiter" in err and "Traceback" not in err
+
+
+def test_import_customers_takes_tab_separated_files(tmp_path, capsys):
+    csv_path = tmp_path / "customers.tsv"
+    csv_path.write_text("customer_number\tname\nK-1\tErika\n", encoding="utf-8")
+    assert main(["import-customers", str(csv_path), "--data-dir", str(tmp_path / "data"), "--delimiter", "tab"]) == 0
+    assert "imported 1 customers" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("change", "key", "says"),
     [
@@ -109,6 +139,8 @@ def test_import_customers_command(tmp_path, capsys):
         # a channel's own settings: check-config said OK, and serve died with a traceback
         (lambda d: d["channels"]["phone"].update(forward_timeout="20"), "channels.phone.forward_timeout", ""),
         (lambda d: d["channels"]["email"].update(ack_per_hour="x"), "channels.email.ack_per_hour", ""),
+        # an $env reference the schema does not reach: a TypeError traceback
+        (lambda d: d["channels"]["phone"].update(region={"$env": ["REGION"]}), "channels.phone.region", "$env"),
         # overlapping intervals were counted twice: deadlines came early
         (lambda d: d["business_hours"]["office"].update(mon=["08:00-12:00", "10:00-18:00"]), "business_hours.office",
          "overlap"),
