@@ -285,7 +285,7 @@ class PhoneChannel(Channel):
         """The call ended: without an answered forward or a voicemail it is a missed call."""
         params = await self._verified(request)
         call_sid = params.get("CallSid")
-        if call_sid and parse.is_call_over(params):
+        if call_sid and parse.is_call_over(params) and not self.calls.finished(call_sid):
             state = self.calls.finish(call_sid)
             if state is None or state.outcome is None:
                 message = parse.missed_call_message(
