@@ -73,7 +73,7 @@ def _load_or_report(path: str | Path, *, channels: bool = False) -> Config | Non
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
-    config = _load_or_report(args.config, channels=True)
+    config = _load_or_report(args.config)
     if config is None:
         return 1
     local = demo_tokens_allowed(args.host, config.public_base_url)
@@ -89,7 +89,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    app = create_app(config, data_dir=Path(args.data_dir), allow_demo_tokens=local)
+    try:
+        app = create_app(config, data_dir=Path(args.data_dir), allow_demo_tokens=local)
+    except ValueError as exc:  # a channel's settings (its error names the key), as check-config reports them
+        print(f"{config.file}: {exc}", file=sys.stderr)
+        return 1
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
     log.info("contact-router on http://%s:%s (config %s, data %s)", args.host, args.port, config.file, args.data_dir)
     # A listen backlog above the default 128, so that a burst of provider connections waits

@@ -446,7 +446,8 @@ class Core:
                     " delivery_status, created_at) VALUES (?, ?, 'out', 'callback', 'phone', ?, ?, 'delivered', ?)",
                     (conversation_id, conv["contact_id"], staff, note or "Call-back: reached", stamp),
                 ).lastrowid
-                tracking.remove_flags(conn, conversation_id, ["callback_required", "undeliverable"], stamp)
+                # callback_failed too: a later round of failed call-backs escalates again
+                tracking.remove_flags(conn, conversation_id, ["callback_required", "undeliverable", "callback_failed"], stamp)
                 if tracking.mark_answered(conn, conversation_id, stamp):
                     answered = {"conversation": dict(self._conversation(conn, conversation_id)),
                                 "message": {"id": message_id, "text": note, "channel": "phone", "kind": "callback"}}

@@ -105,10 +105,11 @@ class BusinessHours:
         if self.always_open:
             return start + remaining
         day = start.astimezone(self.timezone).date()
-        # As many weeks as the hours need, and two more (a daylight-saving change, the start
-        # in mid-week), plus a day per holiday: a fixed year failed, at some start times only,
-        # for a response time the check at load had let through from another.
-        days = 7 * (int(hours / self.weekly_hours) + 2) + len(self.holidays)
+        # As many weeks as the hours need, two more (a daylight-saving change, the start in
+        # mid-week) and a week per holiday (one on the only open day of its week costs the
+        # week), and never less than the year and a bit it always was: a fixed 400 days failed,
+        # at some start times only, for a response time the check at load had let through.
+        days = max(400, 7 * (int(hours / self.weekly_hours) + 2 + len(self.holidays)))
         for _ in range(days):
             for begin, end in self._intervals_on(day):
                 if end <= start:

@@ -113,14 +113,14 @@ def channel_settings_errors(
 ) -> list[tuple[str, str]]:
     """What each channel plugin refuses in its settings, as (key path, message) pairs, found
     by registering its channels as the service does at start (a plugin's settings error names
-    its key: ``channels.phone.forward_timeout: expected ...``). ``check-config`` reports them,
-    and ``serve`` refuses to start with them, instead of a traceback."""
+    its key: ``channels.phone.forward_timeout: expected ...``), for ``check-config`` to report
+    with the file. (``serve`` registers them once, in the app, and reports the same errors.)"""
     errors = []
     for impl in reversed(pm.hook.register_channels.get_hookimpls()):
         args = {"settings": settings, "env": dict(env), "topics": topics}
         try:
             impl.function(**{name: args[name] for name in impl.argnames if name in args})
-        except ValueError as exc:
+        except Exception as exc:  # a settings error names its key; anything else is reported as it is
             path, sep, message = str(exc).partition(": ")
             if sep and path.startswith("channels.") and " " not in path:
                 errors.append((path, message))

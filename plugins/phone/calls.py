@@ -57,6 +57,10 @@ class CallLog:
         self._prune(now)
         return state
 
+    def state(self, call_sid: str) -> CallState | None:
+        """The call's notes so far (None when there are none)."""
+        return self._calls.get(call_sid)
+
     def finish(self, call_sid: str) -> CallState | None:
         """The call ended: its notes (None when there are none). They are kept, marked
         finished, until they age out: Twilio may report the end twice, and a second report

@@ -286,7 +286,7 @@ class PhoneChannel(Channel):
         params = await self._verified(request)
         call_sid = params.get("CallSid")
         if call_sid and parse.is_call_over(params) and not self.calls.finished(call_sid):
-            state = self.calls.finish(call_sid)
+            state = self.calls.state(call_sid)
             if state is None or state.outcome is None:
                 message = parse.missed_call_message(
                     params,
@@ -294,7 +294,8 @@ class PhoneChannel(Channel):
                     language=state.language if state else None,
                     region=self.settings.region,
                 )
-                await self._ingest(message)
+                await self._ingest(message)  # a 503 here leaves the call open for Twilio's retry
+            self.calls.finish(call_sid)
         return _twiml(twiml.empty())
 
     # -- Twilio messaging ---------------------------------------------------------------------

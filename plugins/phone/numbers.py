@@ -54,6 +54,8 @@ def to_e164(raw: str | None, region: str = "DE") -> str | None:
         if scheme.lower() not in ("sip", "sips", "tel"):
             return None
         text = rest.split("@", 1)[0].split(";", 1)[0].strip()
+        if is_withheld(text):
+            return None
     if any(char.isalpha() for char in text):  # a name, a vanity spelling: no caller's number
         return None
     if text.startswith("00"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.cli import demo_tokens_allowed
+from router.cli import demo_tokens_allowed, main
 
 
 @pytest.mark.parametrize(("host", "public_base_url", "allowed"), [
@@ -20,3 +20,16 @@ from router.cli import demo_tokens_allowed
 ])
 def test_demo_tokens_only_for_a_service_on_this_machine_alone(host: str, public_base_url: str, allowed: bool) -> None:
     assert demo_tokens_allowed(host, public_base_url) is allowed
+
+
+def test_serve_refuses_a_channel_setting_naming_the_file_and_key(tmp_path, capsys) -> None:
+    """It died with a traceback, while check-config had said OK."""
+    from router.config import DEFAULT_CONFIG
+
+    text = DEFAULT_CONFIG.read_text("utf-8")
+    assert "forward_timeout = 20" in text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("forward_timeout = 20", 'forward_timeout = "20"'), "utf-8")
+    assert main(["serve", "--config", str(bad), "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: channels.phone.forward_timeout" in err and "Traceback" not in err

@@ -54,3 +54,11 @@ def test_a_response_time_of_more_than_a_year_of_hours_is_found_from_any_start():
         start = datetime(2026, 1, day, 18, tzinfo=UTC)
         deadline = hours.add(start, 1300)  # 65 weeks of 20 hours
         assert deadline - start > timedelta(days=440)
+
+
+def test_holidays_on_the_only_open_day_cost_a_week_each():
+    """Counted as a day each, three Monday holidays of a Monday-only calendar made the search
+    give up: every message to such a unit failed."""
+    hours = BusinessHours.from_config({"mon": ["08:00-16:00"], "holidays": ["2026-04-06", "2026-04-13", "2026-04-20"]},
+                                      "Europe/Berlin")
+    assert hours.add(datetime(2026, 4, 1, 10, tzinfo=UTC), 8) == datetime(2026, 4, 27, 14, tzinfo=UTC)

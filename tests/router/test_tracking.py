@@ -150,3 +150,19 @@ async def test_failed_call_backs_escalate_once(harness):
         status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": outcome})
         assert status in (200, 201)
     assert await harness.count("escalations", "conversation_id = ?", (case,)) == 1
+
+
+
+async def test_a_later_round_of_failed_call_backs_escalates_again(harness):
+    """The flag of the first round stayed after the call-back reached the person, and every
+    later failed call-back took it for the same round: never escalated again."""
+    result = await harness.core.ingest(webform_message())
+    case = result.conversation_id
+    for _ in range(3):
+        await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "not_reached"})
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "reached"})
+    assert status in (200, 201)
+    await harness.core.ingest(webform_message("Es ist wieder gesperrt.", thread={"status_token": result.status_token}))
+    for _ in range(3):
+        await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "not_reached"})
+    assert await harness.count("escalations", "conversation_id = ?", (case,)) == 2

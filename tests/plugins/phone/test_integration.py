@@ -398,6 +398,18 @@ async def test_answered_forward_leaves_no_call_back_duty(harness):
     assert "callback_required" not in conv["flags"]
 
 
+async def test_a_missed_call_refused_by_the_database_is_stored_from_twilios_retry(harness):
+    """The call was marked ended before its missed call was stored: after a 503, Twilio's
+    retry of the same end report was answered 200 and ignored, and the missed call was lost."""
+    sid = "CA" + "b" * 32
+    await say(harness, "menu?lang=de", call(sid, Digits="1"))
+    with harness.refusing_writes():
+        response = await twilio_post(harness, "call-status", call(sid, CallStatus="completed"))
+        assert response.status == 503
+    await say(harness, "call-status", call(sid, CallStatus="completed"))  # Twilio's retry
+    assert await harness.count("messages", "kind = 'missed_call'") == 1
+
+
 async def missed_call_from(harness: CoreHarness, caller: str, sid: str) -> dict[str, Any]:
     await say(harness, "voice", call(sid, caller=caller))
     await say(harness, "call-status", call(sid, caller=caller, CallStatus="completed"))

@@ -22,7 +22,7 @@ def test_numbers_become_e164(raw, e164):
 
 
 @pytest.mark.parametrize("raw", [None, "", "anonymous", "+266696687", "RESTRICTED", "Vodafone", "sip:a@b", "12",
-                                 "client:015112345678", "client:anna", "1-800-FLOWERS"])
+                                 "client:015112345678", "client:anna", "1-800-FLOWERS", "sip:266696687@pbx.example.org"])
 def test_withheld_and_unreadable_numbers_are_none(raw):
     assert to_e164(raw) is None
 
