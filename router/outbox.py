@@ -250,9 +250,13 @@ def record_failure(
     now: datetime,
     *,
     log_event: bool = True,
+    address_failed: bool = True,
 ) -> None:
     """A permanent failure: mark it, then try the contact's other identities on channels that
-    can reach them; if none is left, flag the conversation for a call-back."""
+    can reach them; if none is left, flag the conversation for a call-back. ``address_failed``
+    when the address is what failed (the provider refused the recipient or reported the
+    message failed); not when the attempts ran out on errors of the provider or the plugin,
+    which marked a number that was fine as failed, everywhere, for later replies."""
     stamp = iso(now)
     row = conn.execute("SELECT * FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
     if row is None:
@@ -270,9 +274,10 @@ def record_failure(
         )
     if row["primary_delivery"]:
         conn.execute("UPDATE messages SET delivery_status = 'failed' WHERE id = ?", (row["message_id"],))
-    conn.execute(
-        "UPDATE identities SET failed_at = ? WHERE kind = ? AND address = ?", (stamp, row["to_kind"], row["to_address"])
-    )
+    if address_failed:
+        conn.execute(
+            "UPDATE identities SET failed_at = ? WHERE kind = ? AND address = ?", (stamp, row["to_kind"], row["to_address"])
+        )
     if row["conversation_id"] is None or row["kind"] == "notification":
         return
     tried = {
@@ -669,7 +674,8 @@ class OutboxWorker:
         or flags the conversation for a call-back."""
         self.failed += 1
         error = f"gave up after {attempts} attempts: {message}"
-        await self._record(lambda conn: record_failure(conn, item["id"], error, None, self.channels, self.clock.now()))
+        await self._record(lambda conn: record_failure(
+            conn, item["id"], error, None, self.channels, self.clock.now(), address_failed=False))
 
     async def _deliver(self, item: dict[str, Any], limit: asyncio.Semaphore) -> None:
         """Send one row and record its outcome. Any outcome but a clean send wakes the worker

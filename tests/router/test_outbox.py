@@ -909,3 +909,22 @@ async def test_a_row_for_a_channel_no_longer_configured_is_given_up_and_leaves_a
         assert await harness.count("outbox", "state = 'failed'") == 1
         (conversation,) = await harness.rows("SELECT flags FROM conversations")
         assert "callback_required" in conversation["flags"]
+
+
+async def test_attempts_run_out_on_a_plugin_error_without_marking_the_address_failed(tmp_path):
+    """A bug in a plugin (or a provider's outage) marked the person's number as failed, for
+    every later reply; only the provider refusing the recipient says the address is wrong."""
+    plugins = TwoChannels()
+
+    async def broken(message: OutboundMessage) -> SendResult:
+        raise KeyError("to")
+
+    plugins.channel.send = broken
+    policy = OutboxPolicy(poll_seconds=30, send_timeout=5, max_attempts=1)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 1)
+        for _ in range(3):
+            await harness.run_outbox()
+        assert await harness.rows("SELECT channel, state FROM outbox ORDER BY id") == [
+            {"channel": "staggered", "state": "failed"}, {"channel": "fallback", "state": "sent"}]
+        assert await harness.count("identities", "failed_at IS NOT NULL") == 0
