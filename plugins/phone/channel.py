@@ -36,8 +36,12 @@ from .settings import PhoneSettings
 from .signature import HEADER, verify
 from .sms import send_sms, shorten_sms
 
-MOBILE_ONLY_KINDS = frozenset({"ack", "callback_sms"})
-"""Outbound kinds that go by SMS to mobile numbers only (a landline cannot show them)."""
+MOBILE_ONLY_KINDS = frozenset({"callback_sms"})
+"""Outbound kinds that go by SMS to mobile numbers only (a landline cannot show them). Not the
+acknowledgement: a call from a landline is not acknowledged at all (``parse``), so one that
+reaches ``send`` answers an SMS, and a number that texted us takes texts whatever
+phonenumbers says its range is (VoIP and landline SMS services); it used to fail as
+``not_mobile`` and turn into a call-back duty."""
 
 
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -353,7 +357,7 @@ class PhoneChannel(Channel):
     # -- SMS out ------------------------------------------------------------------------------
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        """Send one SMS. Acknowledgements and call-back texts go to mobile numbers only."""
+        """Send one SMS. Call-back texts go to mobile numbers only."""
         if not self.settings.twilio_enabled:
             raise PermanentDeliveryError("SMS is not configured for the phone channel", code="not_configured")
         if message.to_kind != "phone":

@@ -241,9 +241,10 @@ def outbound(kind: str, to: str, text: str = "Ihr Anliegen K-7F3QX2 ist bei uns.
     )
 
 
-async def test_call_acknowledgement_to_a_landline_is_not_sent(core):
+async def test_a_call_back_text_to_a_landline_is_not_sent(core):
+    # (a call from a landline is not acknowledged at all; an SMS from one is, see test_integration)
     with pytest.raises(PermanentDeliveryError) as caught:
-        await make_channel(core).send(outbound("ack", "+493012345678"))
+        await make_channel(core).send(outbound("callback_sms", "+493012345678"))
     assert caught.value.code == "not_mobile"
 
 

@@ -410,6 +410,18 @@ async def test_a_missed_call_refused_by_the_database_is_stored_from_twilios_retr
     assert await harness.count("messages", "kind = 'missed_call'") == 1
 
 
+async def test_an_sms_from_a_landline_number_is_acknowledged_by_sms(harness, twilio):
+    """A number that texted us takes texts (a landline or VoIP SMS service), whatever range it
+    is in: the acknowledgement failed as not_mobile and became a call-back duty."""
+    response = await twilio_post(harness, "sms", sms("SM" + "d" * 32, "Wann ist die Straße wieder frei?", sender=LANDLINE))
+    assert response.status == 200
+    await harness.run_outbox()
+    (ack,) = twilio.messages
+    assert ack["To"] == LANDLINE
+    conv = await only_conversation(harness)
+    assert "callback_required" not in conv["flags"] and "undeliverable" not in conv["flags"]
+
+
 async def missed_call_from(harness: CoreHarness, caller: str, sid: str) -> dict[str, Any]:
     await say(harness, "voice", call(sid, caller=caller))
     await say(harness, "call-status", call(sid, caller=caller, CallStatus="completed"))
