@@ -143,9 +143,24 @@ def read_message(raw: bytes) -> EmailMessage:
         msg = BytesParser(policy=mail_policy).parsebytes(raw, headersonly=True)
         msg.defects.append(MimeTooDeepDefect())
         return msg
-    if parser.too_deep:
+    if parser.too_deep and _holds_unparsed_container(msg):
         msg.defects.append(MimeTooDeepDefect())
     return msg
+
+
+def _holds_unparsed_container(msg: Message) -> bool:
+    """Whether a part left unparsed below the depth limit is a multipart or message/* (whose
+    parts were lost to the reading); a text part there lost nothing, and is read as usual."""
+    pending, visited = [msg], 0
+    while pending and visited < 10 * MAX_MIME_DEPTH * MAX_MIME_PARTS:
+        part = pending.pop()
+        visited += 1
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            pending.extend(sub for sub in payload if isinstance(sub, Message))
+        elif part.get_content_maintype() in ("multipart", "message"):
+            return True
+    return False
 
 
 def header(msg: Message, name: str) -> str | None:

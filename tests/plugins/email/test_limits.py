@@ -144,9 +144,15 @@ def test_multiparts_nested_a_thousand_deep_give_a_flagged_message():
     assert "\nhello\n" in inbound["text"]  # the raw body, boundaries and all
 
 
-def test_nesting_within_the_limit_is_parsed_as_usual():
-    inbound = parse(nested(MAX_MIME_DEPTH - 5))
+@pytest.mark.parametrize("depth", [MAX_MIME_DEPTH - 5, MAX_MIME_DEPTH])
+def test_nesting_within_the_limit_is_parsed_as_usual(depth):
+    # at exactly the limit the text part lies one level below it: it lost nothing, so no flag
+    inbound = parse(nested(depth))
     assert inbound["text"] == "hello" and inbound["flags"] == [] and "mime_defects" not in inbound["meta"]
+
+
+def test_one_level_beyond_the_limit_is_flagged():
+    assert "mime_too_deep" in parse(nested(MAX_MIME_DEPTH + 1))["flags"]
 
 
 def test_when_the_stdlib_recurses_too_deeply_anyway_the_headers_are_kept(monkeypatch):
