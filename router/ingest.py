@@ -205,6 +205,11 @@ def _annotate(
             (msg["channel"], msg["target_message_id"], msg["target_message_id"]),
         ).fetchone()
     conversation_id = target["conversation_id"] if target is not None else None
+    if target is None and (msg.get("thread") or {}).get("refs"):
+        # Not here yet (a voicemail's transcript can come before the voicemail): it belongs with
+        # the conversation its thread names (the call), where staff see it, not nowhere.
+        conv, _ = _find_thread(conn, msg, contact_id, False, True)
+        conversation_id = conv["id"] if conv is not None else None
     meta = msg.get("meta") or {}
     payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments", "sent_at") if msg.get(k)}
     # A reaction or edit the provider sent before one already stored (a retry of a replaced
@@ -219,8 +224,8 @@ def _annotate(
         # An edit without text (a failed transcription) keeps what the target says.
         payload["previous_text"] = target["text"]
         conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (msg.get("text"), stamp, target["id"]))
-    if target is not None and msg.get("flags") and target["conversation_id"] is not None:
-        add_flags(conn, target["conversation_id"], [f for f in msg["flags"] if f in CONVERSATION_FLAGS], stamp)
+    if msg.get("flags") and conversation_id is not None:
+        add_flags(conn, conversation_id, [f for f in msg["flags"] if f in CONVERSATION_FLAGS], stamp)
     if target is not None and msg["kind"] == "deletion":
         conn.execute("UPDATE messages SET deleted_at = ? WHERE id = ?", (stamp, target["id"]))
     if target is not None and msg["kind"] == "reaction" and not superseded:

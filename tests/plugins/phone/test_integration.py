@@ -398,6 +398,25 @@ async def test_answered_forward_leaves_no_call_back_duty(harness):
     assert "callback_required" not in conv["flags"]
 
 
+async def test_a_transcript_that_comes_before_its_voicemail_shows_in_the_call(harness):
+    """Twilio's two callbacks race: a transcript that came first was stored with no
+    conversation at all, and the caller's words showed nowhere."""
+    sid = "CA" + "7" * 32
+    forward = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+    voicemail = await say(harness, forward.find("Dial").get("action"), call(sid, DialCallStatus="no-answer"))
+    record = voicemail.find("Record")
+    recording = {"RecordingSid": "RE" + "7" * 32, "RecordingUrl": "https://api.twilio.com/rec/RE7",
+                 "RecordingDuration": "20"}
+    await say(harness, record.get("transcribeCallback"), call(
+        sid, **recording, TranscriptionSid="TR" + "7" * 32, TranscriptionStatus="completed",
+        TranscriptionText="Die Ampel an der Ecke ist seit gestern aus.",
+    ))
+    await say(harness, record.get("action"), call(sid, **recording))
+    conv = await only_conversation(harness)
+    assert "Die Ampel an der Ecke ist seit gestern aus." in [m["text"] for m in inbound(conv)]
+    assert await harness.count("messages", "conversation_id IS NULL") == 0
+
+
 async def test_a_missed_call_refused_by_the_database_is_stored_from_twilios_retry(harness):
     """The call was marked ended before its missed call was stored: after a 503, Twilio's
     retry of the same end report was answered 200 and ignored, and the missed call was lost."""
