@@ -164,8 +164,15 @@ class PermanentDeliveryError(DeliveryError):
     """The message can never be delivered to this address (invalid recipient, blocked, refused).
 
     The outbox stops retrying and tries the contact's other identities, else it flags the
-    conversation for a call-back.
+    conversation for a call-back. ``address_failed`` (default) marks the address itself as
+    failed, so later replies prefer the contact's other identities; pass False when the
+    failure says nothing about the address (the channel is not configured, the message is
+    empty, the address is of a kind the channel cannot reach).
     """
+
+    def __init__(self, message: str, *, code: str | None = None, address_failed: bool = True) -> None:
+        super().__init__(message, code=code)
+        self.address_failed = address_failed
 
 
 class ResendAsDeliveryError(DeliveryError):

@@ -208,7 +208,7 @@ def _annotate(
     if target is None and (msg.get("thread") or {}).get("refs"):
         # Not here yet (a voicemail's transcript can come before the voicemail): it belongs with
         # the conversation its thread names (the call), where staff see it, not nowhere.
-        conv, _ = _find_thread(conn, msg, contact_id, False, True)
+        conv, _ = _find_thread(conn, msg, contact_id, False, prep.joins_by_reference)
         conversation_id = conv["id"] if conv is not None else None
     meta = msg.get("meta") or {}
     payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments", "sent_at") if msg.get(k)}

@@ -419,7 +419,7 @@ def _apply_status(
             # A provider that takes every send and then reports it failed (a rate limit that
             # does not lift) would otherwise be sent to for ever, with nobody told.
             error = f"gave up after {row['attempts']} attempts: {detail}"
-            record_failure(conn, row["id"], error, update.error_code, channels, now, log_event=False)
+            record_failure(conn, row["id"], error, update.error_code, channels, now, log_event=False, address_failed=False)
             return None
         if update.resend_hint:
             record_retry(conn, row["id"], detail, 0, update.resend_hint, now, new_request=True)
@@ -734,8 +734,9 @@ class OutboxWorker:
             return False
         except PermanentDeliveryError as exc:
             self.failed += 1
-            error, code = exc.message, exc.code
-            await self._record(lambda conn: record_failure(conn, item["id"], error, code, self.channels, self.clock.now()))
+            error, code, address_failed = exc.message, exc.code, exc.address_failed
+            await self._record(lambda conn: record_failure(
+                conn, item["id"], error, code, self.channels, self.clock.now(), address_failed=address_failed))
             return False
         except asyncio.CancelledError:
             task = asyncio.current_task()

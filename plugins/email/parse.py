@@ -160,7 +160,7 @@ def _holds_unparsed_container(msg: Message) -> bool:
             pending.extend(sub for sub in payload if isinstance(sub, Message))
         elif part.get_content_maintype() in ("multipart", "message"):
             return True
-    return False
+    return bool(pending)  # the walk was cut short: say so rather than nothing
 
 
 def header(msg: Message, name: str) -> str | None:

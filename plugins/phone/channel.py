@@ -359,14 +359,16 @@ class PhoneChannel(Channel):
     async def send(self, message: OutboundMessage) -> SendResult:
         """Send one SMS. Call-back texts go to mobile numbers only."""
         if not self.settings.twilio_enabled:
-            raise PermanentDeliveryError("SMS is not configured for the phone channel", code="not_configured")
+            raise PermanentDeliveryError("SMS is not configured for the phone channel", code="not_configured",
+                                         address_failed=False)
         if message.to_kind != "phone":
-            raise PermanentDeliveryError(f"cannot send an SMS to a {message.to_kind}", code="unsupported_identity")
+            raise PermanentDeliveryError(f"cannot send an SMS to a {message.to_kind}", code="unsupported_identity",
+                                         address_failed=False)
         to = to_e164(message.to, self.settings.region)
         if to is None:
             raise PermanentDeliveryError(f"not a phone number: {message.to!r}", code="invalid_number")
         if message.kind in MOBILE_ONLY_KINDS and not is_mobile(to):
-            raise PermanentDeliveryError("the number is not a mobile number", code="not_mobile")
+            raise PermanentDeliveryError("the number is not a mobile number", code="not_mobile", address_failed=False)
         sid = await send_sms(
             self.context.http,
             api_url=self.settings.api_url,

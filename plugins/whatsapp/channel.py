@@ -183,7 +183,7 @@ class WhatsAppChannel(Channel):
     async def send(self, message: OutboundMessage) -> SendResult:
         """Free text inside the 24-hour window, else the approved template; typed errors."""
         if message.to_kind != "phone":
-            raise PermanentDeliveryError(f"cannot send WhatsApp messages to a {message.to_kind!r} address")
+            raise PermanentDeliveryError(f"cannot send WhatsApp messages to a {message.to_kind!r} address", address_failed=False)
         number = self.settings.number(message.recipient) or self.settings.numbers[0]
         use_template = message.hint == "template" or not graph.within_window(
             message.last_inbound_at, self.context.clock.now()
@@ -193,7 +193,7 @@ class WhatsAppChannel(Channel):
         else:
             payloads = graph.text_payloads(message.to, message.text)
             if not payloads:
-                raise PermanentDeliveryError("the message has no text", code="empty_text")
+                raise PermanentDeliveryError("the message has no text", code="empty_text", address_failed=False)
         provider_ids = []
         for part, payload in enumerate(payloads, start=1):
             # Meta echoes this in every status of the part. A status carrying the message's own
@@ -213,7 +213,7 @@ class WhatsAppChannel(Channel):
         template = self.settings.template
         if template is None:
             raise PermanentDeliveryError(
-                "outside the 24-hour window and no WhatsApp template is configured", code="no_template"
+                "outside the 24-hour window and no WhatsApp template is configured", code="no_template", address_failed=False
             )
         return graph.template_payload(
             message.to,

@@ -502,6 +502,8 @@ async def test_a_send_the_provider_keeps_reporting_failed_is_given_up_and_falls_
         assert rows == [{"channel": "staggered", "state": "failed", "attempts": 3, "last_error": "gave up after 3 attempts: 131048"},
                         {"channel": "fallback", "state": "sent", "attempts": 1, "last_error": None}]
         assert len(plugins.channel.sent) == 3
+        # a rate limit that did not lift says nothing about the number
+        assert await harness.count("identities", "failed_at IS NOT NULL") == 0
 
 
 class DeduplicatingChat(StaggeredChat):
@@ -928,3 +930,21 @@ async def test_attempts_run_out_on_a_plugin_error_without_marking_the_address_fa
         assert await harness.rows("SELECT channel, state FROM outbox ORDER BY id") == [
             {"channel": "staggered", "state": "failed"}, {"channel": "fallback", "state": "sent"}]
         assert await harness.count("identities", "failed_at IS NOT NULL") == 0
+
+
+@pytest.mark.parametrize("address_failed", [True, False])
+async def test_a_permanent_error_marks_the_address_failed_only_when_it_says_so(tmp_path, address_failed):
+    """An empty text or a channel without configuration marked the person's number as failed
+    for every later reply; the plugin says whether the address is what failed."""
+    plugins = TwoChannels()
+
+    async def refuse(message: OutboundMessage) -> SendResult:
+        raise PermanentDeliveryError("refused", code="x", address_failed=address_failed)
+
+    plugins.channel.send = refuse
+    async with CoreHarness(tmp_path / "d", plugins=[plugins]) as harness:
+        await _ingest_senders(harness, 1)
+        for _ in range(2):
+            await harness.run_outbox()
+        assert await harness.count("outbox", "channel = 'fallback' AND state = 'sent'") == 1
+        assert await harness.count("identities", "failed_at IS NOT NULL") == int(address_failed)

@@ -155,6 +155,17 @@ def test_one_level_beyond_the_limit_is_flagged():
     assert "mime_too_deep" in parse(nested(MAX_MIME_DEPTH + 1))["flags"]
 
 
+def test_a_look_for_unparsed_parts_that_is_cut_short_still_flags(monkeypatch):
+    """Too deep a chain first, then more sibling parts than the look visits: it ran out among
+    the siblings and dropped the flag."""
+    monkeypatch.setattr(parse_module, "MAX_MIME_PARTS", 1)  # a look of 10 x 50 x 1 parts
+    chain = nested(MAX_MIME_DEPTH + 3).split(b"\r\n", 4)[4]  # the body: the chain of multiparts
+    siblings = b"".join(b"--S\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(600))
+    raw = (HEADER % b"kette" + b'Content-Type: multipart/mixed; boundary="S"\r\n\r\n--S\r\n' + chain
+           + siblings + b"--S--\r\n")
+    assert "mime_too_deep" in parse(raw)["flags"]
+
+
 def test_when_the_stdlib_recurses_too_deeply_anyway_the_headers_are_kept(monkeypatch):
     monkeypatch.setattr(parse_module, "MAX_MIME_DEPTH", 1_000_000)
     msg = read_message(nested(3_000))
