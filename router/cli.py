@@ -113,6 +113,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_import_customers(args: argparse.Namespace) -> int:
     from .clock import Clock
     from .core import Core
+    from .identity import directory_number
     from .metrics import Metrics
     from .plugins import create_plugin_manager
     from .store.sqlite import SQLiteStore
@@ -139,8 +140,7 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
     except (OSError, csv.Error) as exc:
         print(f"{args.csv}: {exc}", file=sys.stderr)
         return 1
-    # Numbers are compared as stored (trimmed, upper case): "k-6" and " K-6 " are one customer.
-    numbers = Counter(number for row in rows if (number := (row.get("customer_number") or "").strip().upper()))
+    numbers = Counter(number for row in rows if (number := directory_number(row.get("customer_number"))))
     repeated = sorted(number for number, times in numbers.items() if times > 1)
     for number in repeated[:20]:
         print(f"{args.csv}: customer number {number} appears {numbers[number]} times; the last row counts", file=sys.stderr)
@@ -158,8 +158,8 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    asyncio.run(run())
-    print(f"imported {len(numbers)} customers into {args.data_dir}")
+    count = asyncio.run(run())
+    print(f"imported {count} customers into {args.data_dir}")
     return 0
 
 

@@ -59,7 +59,7 @@ class DirectoryPlugin:
     @hookimpl(trylast=True)
     async def lookup_customer(self, claim: CustomerClaim) -> Customer | None:
         row = await self.store.fetchone(
-            "SELECT * FROM customers WHERE customer_number = ?", (claim.customer_number.strip().upper(),)
+            "SELECT * FROM customers WHERE customer_number = ?", (identity.directory_number(claim.customer_number),)
         )
         return identity.directory_match(row, claim) if row is not None else None
 
@@ -179,9 +179,8 @@ class Core:
             return await asyncio.wait_for(
                 call_first(self.pm, "route_message", message=msg, is_customer=is_customer), HOOK_SECONDS
             )
-        except Exception:
-            log.exception("route_message failed; the configured rules route the message")
-            self.metrics.inc("contact_router_hook_errors_total", hook="route_message")
+        except Exception as exc:  # the configured rules route the message
+            self._hook_failed("route_message", "a routing plugin", exc)
             return None
 
     async def _lookup_customer(self, msg: Mapping[str, Any], identities: list[tuple[str, str]]) -> Customer | None:
@@ -199,9 +198,8 @@ class Core:
         )
         try:
             return await asyncio.wait_for(call_first(self.pm, "lookup_customer", claim=claim), HOOK_SECONDS)
-        except Exception:  # a CRM that fails must not cost the message: the number stays a claim
-            log.exception("lookup_customer failed; keeping the number as a claim")
-            self.metrics.inc("contact_router_hook_errors_total", hook="lookup_customer")
+        except Exception as exc:  # a CRM that fails must not cost the message: the number stays a claim
+            self._hook_failed("lookup_customer", "a customer directory", exc)
             return None
 
     async def _reply_copies(
@@ -224,7 +222,7 @@ class Core:
             ):
                 copies.extend(answer)
             else:
-                failed("unknown", TypeError(f"reply_copies must return a list of {{channel, to_kind, to}}, not {answer!r:.200}"))
+                failed("a reply_copies plugin", TypeError(f"reply_copies must return a list of {{channel, to_kind, to}}, not {answer!r:.200}"))
         return copies
 
     async def record_delivery(self, channel: str, update: DeliveryUpdate) -> bool:

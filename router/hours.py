@@ -8,6 +8,7 @@ daylight-saving changes are handled by ``zoneinfo``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
@@ -55,9 +56,9 @@ class BusinessHours:
             week = [((time(0), None),)] * 7
         return cls(ZoneInfo(timezone), tuple(week), holidays)
 
-    @property
+    @functools.cached_property
     def weekly_hours(self) -> float:
-        """Opening hours in a week without holidays."""
+        """Opening hours in a week without holidays (worked out once: deadlines use it per message)."""
         total = 0.0
         for intervals in self.week:
             for start, end in intervals:

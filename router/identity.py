@@ -209,13 +209,21 @@ def _same_phone(a: str, b: str) -> bool:
         return False
 
 
+def directory_number(value: str | None) -> str:
+    """A customer number as the directory keeps it (trimmed, upper case): "k-6" and " K-6 " are
+    one customer. Empty when there is none."""
+    return (value or "").strip().upper()
+
+
 def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]], now: str) -> int:
-    """Insert or replace directory entries; returns how many rows were written."""
-    count = 0
+    """Insert or replace directory entries (a number given twice: the last row counts); returns
+    how many customers that makes."""
+    numbers = set()
     for row in rows:
-        number = (row.get("customer_number") or "").strip().upper()
+        number = directory_number(row.get("customer_number"))
         if not number:
             continue
+        numbers.add(number)
         conn.execute(
             "INSERT OR REPLACE INTO customers (customer_number, name, email, phone, street, postcode, city, imported_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -230,5 +238,4 @@ def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]]
                 now,
             ),
         )
-        count += 1
-    return count
+    return len(numbers)

@@ -57,7 +57,7 @@ class Prepared:
     threads_by_sender: bool
     now: datetime
     folded: str  # subject and text as ``routing.message_text`` folds them, worked out once
-    joins_by_reference: bool = True  # False for a channel whose sender is not verified
+    joins_by_reference: bool  # False for a channel whose sender is not verified
 
 
 def prepare(

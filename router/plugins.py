@@ -82,27 +82,17 @@ async def call_all(
     or runs out of time is handed to ``on_error`` (its plugin's name and the exception) and
     costs the others nothing: one CRM that hangs must not keep an audit log from its event,
     nor leave the implementations after it never called."""
-    caller = getattr(pm.hook, hook)
-    started: list[tuple[str, Any]] = []
-    for impl in reversed(caller.get_hookimpls()):
+    impls = list(reversed(getattr(pm.hook, hook).get_hookimpls()))
+
+    async def settle(impl: Any) -> Any:
         args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
-        try:
-            value = impl.function(**args)
-            if callable(value) and not inspect.isawaitable(value):
-                value = value()
-        except Exception as exc:
-            on_error(impl.plugin_name, exc)
-            continue
-        started.append((impl.plugin_name, value))
+        return await asyncio.wait_for(await_me_maybe(impl.function(**args)), timeout)
 
-    async def settle(value: Any) -> Any:
-        return await asyncio.wait_for(value, timeout) if inspect.isawaitable(value) else value
-
-    outcomes = await asyncio.gather(*(settle(value) for _, value in started), return_exceptions=True)
+    outcomes = await asyncio.gather(*(settle(impl) for impl in impls), return_exceptions=True)
     results = []
-    for (name, _), outcome in zip(started, outcomes, strict=True):
+    for impl, outcome in zip(impls, outcomes, strict=True):
         if isinstance(outcome, BaseException):
-            on_error(name, outcome)
+            on_error(impl.plugin_name, outcome)
         elif outcome is not None:
             results.append(outcome)
     return results

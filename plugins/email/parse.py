@@ -111,15 +111,19 @@ class _DepthLimitedParser(BytesFeedParser):
     def __init__(self, *, policy: policy.Policy) -> None:
         super().__init__(policy=policy)
         self._depth = 0
-        self.too_deep = False
+        self.too_deep = False  # a multipart or message/* was left unparsed: its parts are lost to the reading
 
     def _parsegen(self) -> Iterator[object]:
         self._depth += 1
         opaque = self._depth > MAX_MIME_DEPTH and not self._headersonly
         if opaque:
-            self._headersonly = self.too_deep = True
+            self._headersonly = True
         try:
             yield from super()._parsegen()
+            # The entity just read is still the current one (its caller pops it): a text part
+            # left unparsed lost nothing, and is read as usual.
+            if opaque and self._cur.get_content_maintype() in ("multipart", "message"):
+                self.too_deep = True
         finally:
             self._depth -= 1
             if opaque:
@@ -143,24 +147,9 @@ def read_message(raw: bytes) -> EmailMessage:
         msg = BytesParser(policy=mail_policy).parsebytes(raw, headersonly=True)
         msg.defects.append(MimeTooDeepDefect())
         return msg
-    if parser.too_deep and _holds_unparsed_container(msg):
+    if parser.too_deep:
         msg.defects.append(MimeTooDeepDefect())
     return msg
-
-
-def _holds_unparsed_container(msg: Message) -> bool:
-    """Whether a part left unparsed below the depth limit is a multipart or message/* (whose
-    parts were lost to the reading); a text part there lost nothing, and is read as usual."""
-    pending, visited = [msg], 0
-    while pending and visited < 10 * MAX_MIME_DEPTH * MAX_MIME_PARTS:
-        part = pending.pop()
-        visited += 1
-        payload = part.get_payload()
-        if isinstance(payload, list):
-            pending.extend(sub for sub in payload if isinstance(sub, Message))
-        elif part.get_content_maintype() in ("multipart", "message"):
-            return True
-    return bool(pending)  # the walk was cut short: say so rather than nothing
 
 
 def header(msg: Message, name: str) -> str | None:
@@ -498,14 +487,6 @@ def parse_mail(
         "raw": {"message_id": message_id, "size": len(raw), "headers": selected},
     }
     return ParsedMail(inbound, described)
-
-
-def attachments_safe(msg: Message) -> list[Attachment]:
-    """``attachments`` that returns an empty list instead of raising on a broken structure."""
-    try:
-        return attachments(msg)
-    except Exception:  # noqa: BLE001
-        return []
 
 
 def _attachments_safe(msg: Message, leaves: list[Message]) -> list[Attachment]:

@@ -21,7 +21,6 @@ class CallState:
     language: str | None = None
     outcome: str | None = None
     updated: datetime | None = None
-    finished: bool = False
 
 
 class CallLog:
@@ -58,23 +57,10 @@ class CallLog:
         return state
 
     def state(self, call_sid: str) -> CallState | None:
-        """The call's notes so far (None when there are none)."""
+        """The call's notes so far (None when there are none). They stay until they age out,
+        also after the call ended: Twilio may report the end twice, and notes dropped at the
+        first report made an answered call a missed one at the second."""
         return self._calls.get(call_sid)
-
-    def finish(self, call_sid: str) -> CallState | None:
-        """The call ended: its notes (None when there are none). They are kept, marked
-        finished, until they age out: Twilio may report the end twice, and a second report
-        found no notes and made an answered call a missed one."""
-        state = self._calls.get(call_sid)
-        if state is None:
-            return None
-        state.finished = True
-        return state
-
-    def finished(self, call_sid: str) -> bool:
-        """Whether the end of this call was reported already."""
-        state = self._calls.get(call_sid)
-        return state is not None and state.finished
 
     def _prune(self, now: datetime) -> None:
         while len(self._calls) > self._max_calls:

@@ -137,24 +137,25 @@ class PhoneChannel(Channel):
     async def _ingest(self, message: dict[str, Any], *, caller_on_the_line: bool = False) -> IngestResult | None:
         """Hand a message to the core; a message the core refuses is logged, not fatal to a call.
 
-        With ``caller_on_the_line``, a database that refuses writes is logged too, with what it
-        takes to find the call or voicemail again at Twilio, and the call goes on (forwarded,
-        or to the voicemail): an error answer would leave the caller with Twilio's "an
-        application error has occurred". Otherwise it is answered 503 (Twilio keeps the SMS or
-        status in its logs)."""
+        A database that refuses writes is logged with what it takes to find the call, voicemail
+        or SMS again at Twilio. With ``caller_on_the_line`` the call goes on (forwarded, or to
+        the voicemail): an error answer would leave the caller with Twilio's "an application
+        error has occurred". Otherwise it is answered 503, which Twilio redelivers only where
+        its webhook's retry policy says so."""
         try:
             return await self.context.ingest(message)
         except InvalidMessage as exc:
             self.context.log.error("the core refused a %s message at %s: %s", message.get("kind"), exc.path, exc)
             return None
         except StorageUnavailable as exc:
-            if not caller_on_the_line:
-                raise
             meta = message.get("meta") or {}
             self.context.log.error(
-                "could not store a %s (call %s, recording %s): %s", message.get("kind"), meta.get("call_sid"),
+                "could not store a %s (%s, call %s, from %s, recording %s): %s", message.get("kind"),
+                message.get("channel_message_id"), meta.get("call_sid"), message["sender"].get("address"),
                 (message.get("attachments") or [{}])[0].get("url"), exc,
             )
+            if not caller_on_the_line:
+                raise
             return None
 
     def _is_open(self, unit: str, now: datetime) -> bool:
@@ -289,17 +290,18 @@ class PhoneChannel(Channel):
         """The call ended: without an answered forward or a voicemail it is a missed call."""
         params = await self._verified(request)
         call_sid = params.get("CallSid")
-        if call_sid and parse.is_call_over(params) and not self.calls.finished(call_sid):
+        if call_sid and parse.is_call_over(params):
             state = self.calls.state(call_sid)
             if state is None or state.outcome is None:
+                # A second report of the same end is a duplicate of its missed call (one id per
+                # call), and after a 503 a redelivery stores it.
                 message = parse.missed_call_message(
                     params,
                     topic=state.topic if state else None,
                     language=state.language if state else None,
                     region=self.settings.region,
                 )
-                await self._ingest(message)  # a 503 here leaves the call open for Twilio's retry
-            self.calls.finish(call_sid)
+                await self._ingest(message)
         return _twiml(twiml.empty())
 
     # -- Twilio messaging ---------------------------------------------------------------------

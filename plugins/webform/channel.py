@@ -131,8 +131,10 @@ class WebFormChannel(Channel):
             body = await read_limited_body(request, self.max_body)
         except BodyTooLarge:
             raise self._error(is_json, 413, "too_large", f"the body is larger than {self.max_body} bytes") from None
-        except BodyTimeout as exc:  # a browser gets a page, not the service's JSON 408
-            raise self._error(is_json, 408, "body_timeout", f"{exc}; please send the form again") from None
+        except BodyTimeout as exc:  # a browser gets a page; JSON the service's 408
+            if is_json:
+                raise
+            raise self._error(False, 408, "body_timeout", f"{exc}; please send the form again") from None
         if is_json:
             try:
                 data = json.loads(body.decode("utf-8"))

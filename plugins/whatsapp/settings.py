@@ -168,9 +168,15 @@ def _positive_int(value: Any, default: int) -> int:
 
 
 def _non_negative_float(value: Any, default: float) -> float:
-    if value == 0 and not isinstance(value, bool):
-        return 0.0
-    return _positive_float(value, default)
+    """``value`` as seconds where 0 means off (the number 0 and the string "0" alike);
+    anything unreadable, negative or endless is the default."""
+    if isinstance(value, bool):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if 0 <= number < float("inf") else default
 
 
 def _positive_float(value: Any, default: float) -> float:

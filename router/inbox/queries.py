@@ -680,9 +680,7 @@ async def stats(
     human answer (seconds), of the conversations created in [since, until) (all when open).
     Without a period it reads every conversation of the units (seconds at a million), so on a
     connection of its own."""
-    sql, params = stats_query(
-        units, iso(core.clock.now()), iso(since) if since is not None else None, iso(until) if until is not None else None
-    )
+    sql, params = stats_query(units, iso(core.clock.now()), iso(since), iso(until))
     rows = await core.store.fetchall_apart(sql, params)
     result = []
     for r in rows:

@@ -251,7 +251,7 @@ class SQLiteStore:
         if self._task is not None:
             # Let queued units and the transaction under way finish before closing, so that no
             # caller hears "failed" about a unit that was committed.
-            while self._queue or self._in_flight:  # noqa: ASYNC110 - only at shutdown, briefly
+            while not self.settled:  # noqa: ASYNC110 - only at shutdown, briefly
                 await asyncio.sleep(0.001)
             self._task.cancel()
             try:

@@ -7,15 +7,13 @@ from plugins.phone.calls import CallLog
 T0 = datetime(2025, 5, 13, 8, 0, tzinfo=UTC)
 
 
-def test_notes_accumulate_until_the_call_ends():
+def test_notes_accumulate_and_outlive_the_end_of_the_call():
     log = CallLog()
     log.note("CA1", T0, topic="fault", language="en")
     log.note("CA1", T0, outcome="voicemail")
-    assert not log.finished("CA1")
-    state = log.finish("CA1")
+    state = log.state("CA1")
     assert (state.topic, state.language, state.outcome) == ("fault", "en", "voicemail")
-    # kept, marked finished, until it ages out: Twilio may report the end twice
-    assert log.finished("CA1") and log.finish("CA1") is state
+    assert log.state("CA1") is state  # kept until it ages out: Twilio may report the end twice
 
 
 def test_log_is_bounded_in_size_and_age():
@@ -23,6 +21,6 @@ def test_log_is_bounded_in_size_and_age():
     log.note("CA1", T0)
     log.note("CA2", T0)
     log.note("CA3", T0)
-    assert log.finish("CA1") is None and len(log) == 2
+    assert log.state("CA1") is None and len(log) == 2
     log.note("CA4", T0 + timedelta(hours=2))
-    assert len(log) == 1 and log.finish("CA4") is not None
+    assert len(log) == 1 and log.state("CA4") is not None

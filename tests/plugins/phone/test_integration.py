@@ -417,15 +417,17 @@ async def test_a_transcript_that_comes_before_its_voicemail_shows_in_the_call(ha
     assert await harness.count("messages", "conversation_id IS NULL") == 0
 
 
-async def test_a_missed_call_refused_by_the_database_is_stored_from_twilios_retry(harness):
-    """The call was marked ended before its missed call was stored: after a 503, Twilio's
-    retry of the same end report was answered 200 and ignored, and the missed call was lost."""
+async def test_a_missed_call_refused_by_the_database_is_logged_and_stored_from_a_redelivery(harness, caplog):
+    """The call was marked ended before its missed call was stored: after a 503, a redelivery
+    of the same end report (Twilio's retry policy with 5xx) was answered 200 and ignored, and
+    the missed call was lost. Without a redelivery, the log names the call and the caller."""
     sid = "CA" + "b" * 32
     await say(harness, "menu?lang=de", call(sid, Digits="1"))
-    with harness.refusing_writes():
+    with harness.refusing_writes(), caplog.at_level(logging.ERROR):
         response = await twilio_post(harness, "call-status", call(sid, CallStatus="completed"))
         assert response.status == 503
-    await say(harness, "call-status", call(sid, CallStatus="completed"))  # Twilio's retry
+    assert any(sid in r.getMessage() and MOBILE in r.getMessage() for r in caplog.records)
+    await say(harness, "call-status", call(sid, CallStatus="completed"))  # the redelivery
     assert await harness.count("messages", "kind = 'missed_call'") == 1
 
 

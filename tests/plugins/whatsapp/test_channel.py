@@ -523,7 +523,8 @@ def test_channel_is_on_with_complete_settings() -> None:
     assert channel.settings.graph_url == "https://graph.facebook.com"
 
 
-@pytest.mark.parametrize("value, seconds", [(5, 5.0), ("12.5", 12.5), (0, None), (-1, 30.0), ("soon", 30.0)])
+@pytest.mark.parametrize("value, seconds", [(5, 5.0), ("12.5", 12.5), (0, None), ("0", None), (-1, 30.0), ("soon", 30.0),
+                                            (True, 30.0), ("inf", 30.0)])
 def test_the_wait_for_the_status_of_an_unanswered_send_is_configurable(value: Any, seconds: float | None) -> None:
     (channel,) = register_channels(settings={"whatsapp": {**SETTINGS, "status_wait": value}}, env={})
     assert channel.capabilities.status_wait == (None if seconds is None else timedelta(seconds=seconds))  # 0: off
