@@ -1,7 +1,7 @@
 """The public types a channel plugin works with: the channel base class, outbound messages and
 delivery results, the errors that tell the outbox whether to retry, and the helpers channel
 handlers share (the JSON error body, size-limited body reading and its deadline, ``Retry-After``
-parsing).
+parsing, size-limited reading of a provider's JSON answer).
 
 A channel has an input side (its HTTP routes and long-running services, which hand canonical
 inbound messages to ``ChannelContext.ingest``) and an output side (``Channel.send``), as in
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
 if TYPE_CHECKING:
     from .context import ChannelContext
@@ -107,6 +107,30 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     # NaN fails both comparisons, infinity the second.
     return seconds if seconds is not None and 0 <= seconds <= MAX_RETRY_AFTER_SECONDS else None
+
+
+MAX_PROVIDER_ANSWER_BYTES = 1024 * 1024
+"""The most of a provider's answer that is read: its answers to a send or a lookup are a few
+hundred bytes, and a longer one is not read on."""
+
+
+async def read_provider_json(response: ClientResponse, limit: int = MAX_PROVIDER_ANSWER_BYTES) -> Any:
+    """The JSON of a provider's answer, or ``None`` when it is not JSON or longer than ``limit``
+    bytes (the rest is left unread and the connection is not reused).
+
+    ``response.json()`` reads whatever arrives for as long as the call's timeout lasts: a
+    broken or hostile endpoint could fill memory with one answer, once per send."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    buffer = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        buffer += chunk
+        if len(buffer) > limit:
+            return None
+    try:
+        return json.loads(buffer)
+    except ValueError:  # UnicodeDecodeError is one too
+        return None
 
 
 class InvalidMessage(Exception):

@@ -18,8 +18,9 @@ The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabil
 ``RoutingDecision``, ``json_error`` (an HTTP error with the service's JSON error body),
 ``read_limited_body`` with its ``BodyTooLarge`` (a request body of at most so many bytes),
 ``BodyTimeout`` (a body that did not keep to the service's ``BodyDeadline``; the service
-answers it with 408) and ``parse_retry_after`` (a provider's ``Retry-After`` in seconds). The
-full guide is ``docs/plugins.md``.
+answers it with 408), ``parse_retry_after`` (a provider's ``Retry-After`` in seconds) and
+``read_provider_json`` (a provider's JSON answer of at most so many bytes). The full guide is
+``docs/plugins.md``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .channel import (
     json_error,
     parse_retry_after,
     read_limited_body,
+    read_provider_json,
 )
 from .context import ChannelContext, IngestResult
 from .models import Customer, CustomerClaim, RoutingDecision
@@ -84,6 +86,7 @@ __all__ = [
     "json_error",
     "parse_retry_after",
     "read_limited_body",
+    "read_provider_json",
 ]
 
 

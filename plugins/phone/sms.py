@@ -18,6 +18,7 @@ from router.hookspecs import (
     PermanentDeliveryError,
     RetryableDeliveryError,
     parse_retry_after,
+    read_provider_json,
 )
 
 MAX_SMS_LENGTH = 1600
@@ -99,10 +100,7 @@ async def send_sms(
             headers={"Authorization": basic_auth(account_sid, auth_token)},
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
-            try:
-                answer = await response.json(content_type=None)
-            except ValueError:
-                answer = None
+            answer = await read_provider_json(response)
             if response.status >= 300:
                 raise error_for_response(response.status, answer, response.headers)
     except (TimeoutError, aiohttp.ClientError) as exc:

@@ -28,6 +28,7 @@ from router.hookspecs import (
     json_error,
     parse_retry_after,
     read_limited_body,
+    read_provider_json,
 )
 
 from . import graph, media
@@ -236,10 +237,7 @@ class WhatsAppChannel(Channel):
             ) as response:
                 status = response.status
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                try:
-                    body = await response.json(content_type=None)
-                except (ValueError, aiohttp.ContentTypeError):
-                    body = None
+                body = await read_provider_json(response)
         except aiohttp.ConnectionTimeoutError:  # no connection in time: nothing was sent
             raise RetryableDeliveryError("Graph API could not be reached in time", code="connection") from None
         except TimeoutError:

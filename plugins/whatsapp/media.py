@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from router.files import write_durably
+from router.hookspecs import read_provider_json
 
 from .settings import WhatsAppSettings
 
@@ -83,7 +84,7 @@ async def download(
         async with http.get(url, headers=headers, timeout=timeout) as response:
             if response.status != 200:
                 raise MediaError(f"media endpoint answered HTTP {response.status} for {media_id}")
-            info: Any = await response.json(content_type=None)
+            info: Any = await read_provider_json(response)
         if not isinstance(info, dict) or not isinstance(info.get("url"), str):
             raise MediaError(f"media endpoint gave no download URL for {media_id}")
         if not may_fetch(info["url"], settings.graph_url):

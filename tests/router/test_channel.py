@@ -1,6 +1,7 @@
 """The helpers ``router.channel`` gives channel handlers: size-limited body reading, tried
 against a real aiohttp server on 127.0.0.1 (also with raw HTTP, for bodies a client library
-would not send), and ``Retry-After`` parsing."""
+would not send), ``Retry-After`` parsing, and size-limited reading of a provider's JSON answer
+from a real server that answers too much."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from router.hookspecs import BodyTooLarge, parse_retry_after, read_limited_body
+from router.hookspecs import BodyTooLarge, parse_retry_after, read_limited_body, read_provider_json
 
 LIMIT = 100_000  # above the 64 KiB a single read hands over, so the count runs across chunks
 
@@ -133,3 +134,66 @@ def test_retry_after_in_seconds(value: str, seconds: float) -> None:
 )
 def test_retry_after_that_cannot_be_used_is_none(value: str | None) -> None:
     assert parse_retry_after(value) is None
+
+
+# --- read_provider_json: a provider's answer is read only so far ------------------------------
+
+
+async def _endless(request: web.Request) -> web.StreamResponse:
+    """An answer that never ends: JSON white space, chunked, for as long as it is read."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    while True:
+        await response.write(b" " * 65536)
+
+
+async def _declared(request: web.Request) -> web.Response:
+    """An answer whose Content-Length says 2 MB (its body is never waited for)."""
+    return web.Response(body=b"[" + b" " * (2_000_000 - 2) + b"]", content_type="application/json")
+
+
+async def _answer(request: web.Request) -> web.Response:
+    return web.Response(body=request.query["body"].encode("utf-8"), content_type="text/plain")
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[TestServer]:
+    app = web.Application()
+    app.router.add_get("/endless", _endless)
+    app.router.add_get("/declared", _declared)
+    app.router.add_get("/answer", _answer)
+    async with TestServer(app, host="127.0.0.1") as running:
+        yield running
+
+
+async def _read(provider: TestServer, path: str, **params: str) -> Any:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(provider.make_url(path), params=params, timeout=aiohttp.ClientTimeout(total=30)) as response,
+    ):
+        return await read_provider_json(response, limit=100_000)
+
+
+async def test_a_provider_answer_that_never_ends_is_given_up_at_the_limit(provider: TestServer) -> None:
+    # response.json() would read until the call's timeout, holding all of it in memory.
+    async with asyncio.timeout(5):
+        assert await _read(provider, "/endless") is None
+
+
+async def test_a_provider_answer_declared_too_long_is_not_read(provider: TestServer) -> None:
+    assert await _read(provider, "/declared") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "parsed"),
+    [('{"sid": "SM1", "name": "Müller"}', {"sid": "SM1", "name": "Müller"}), ("[1, 2]", [1, 2]), ("null", None)],
+)
+async def test_a_provider_answer_within_the_limit_is_json_whatever_its_content_type(
+    provider: TestServer, body: str, parsed: Any
+) -> None:
+    assert await _read(provider, "/answer", body=body) == parsed
+
+
+@pytest.mark.parametrize("body", ["<html>Bad Gateway</html>", "", "{"])
+async def test_a_provider_answer_that_is_not_json_is_none(provider: TestServer, body: str) -> None:
+    assert await _read(provider, "/answer", body=body) is None
