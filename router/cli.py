@@ -10,8 +10,9 @@ import ipaddress
 import logging
 import os
 import sys
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -110,10 +111,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class NotUtf8(ValueError):
+    """A line of a CSV file that is not UTF-8; ``line`` and ``column`` count from 1."""
+
+    def __init__(self, line: int, column: int) -> None:
+        super().__init__(f"line {line} is not UTF-8")
+        self.line = line
+        self.column = column
+
+
+def _utf8_lines(fh: BinaryIO) -> Iterator[str]:
+    """A file's lines decoded one by one (a byte-order mark at the start dropped), so that a
+    byte that is not UTF-8 is reported by its line, not by its place in a block of the file."""
+    for number, line in enumerate(fh, 1):
+        try:
+            yield line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise NotUtf8(number, exc.start + 1) from None
+
+
 def cmd_import_customers(args: argparse.Namespace) -> int:
     from .clock import Clock
     from .core import Core
-    from .identity import directory_number
+    from .identity import CustomerImport
     from .metrics import Metrics
     from .plugins import create_plugin_manager
     from .store.sqlite import SQLiteStore
@@ -125,41 +145,46 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
     if len(delimiter) != 1 or delimiter in "\r\n\"":
         print(f"--delimiter: one character (',' or ';', or 'tab'), not {args.delimiter!r}", file=sys.stderr)
         return 1
-    try:
-        with open(args.csv, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, delimiter=delimiter)
-            if reader.fieldnames is None or "customer_number" not in reader.fieldnames:
-                other = ";" if delimiter == "," else ","
-                hint = f" (split at {other!r}? then --delimiter '{other}')" if reader.fieldnames and other in reader.fieldnames[0] else ""
-                print(f"{args.csv}: the header must name a customer_number column{hint}", file=sys.stderr)
-                return 1
-            rows = list(reader)
-    except UnicodeDecodeError as exc:
-        print(f"{args.csv}: not UTF-8 at byte {exc.start}: save it as UTF-8 (CSV UTF-8 in Excel)", file=sys.stderr)
-        return 1
-    except (OSError, csv.Error) as exc:
-        print(f"{args.csv}: {exc}", file=sys.stderr)
-        return 1
-    numbers = Counter(number for row in rows if (number := directory_number(row.get("customer_number"))))
-    repeated = sorted(number for number, times in numbers.items() if times > 1)
-    for number in repeated[:20]:
-        print(f"{args.csv}: customer number {number} appears {numbers[number]} times; the last row counts", file=sys.stderr)
-    if len(repeated) > 20:
-        print(f"{args.csv}: {len(repeated) - 20} more customer numbers appear more than once", file=sys.stderr)
 
-    async def run() -> int:
+    def read_rows() -> Iterator[dict[str, str]]:
+        """The file's rows as they are read (from the start at each call)."""
+        with open(args.csv, "rb") as fh:
+            yield from csv.DictReader(_utf8_lines(fh), delimiter=delimiter)
+
+    async def run() -> CustomerImport:
         data_dir = Path(args.data_dir)
         store = SQLiteStore(data_dir / "contact-router.sqlite3")
         await store.open()
         try:
             core = Core(config=config, store=store, pm=create_plugin_manager(False), clock=Clock(),
                         data_dir=data_dir, metrics=Metrics())
-            return await core.import_customers(rows)
+            return await core.import_customers(read_rows)
         finally:
             await store.close()
 
-    count = asyncio.run(run())
-    print(f"imported {count} customers into {args.data_dir}")
+    try:
+        with open(args.csv, "rb") as fh:
+            fieldnames = csv.DictReader(_utf8_lines(fh), delimiter=delimiter).fieldnames
+        if fieldnames is None or "customer_number" not in fieldnames:
+            other = ";" if delimiter == "," else ","
+            hint = f" (split at {other!r}? then --delimiter '{other}')" if fieldnames and other in fieldnames[0] else ""
+            print(f"{args.csv}: the header must name a customer_number column{hint}", file=sys.stderr)
+            return 1
+        done = asyncio.run(run())  # one transaction: a file that fails part-way imports nothing
+    except NotUtf8 as exc:
+        print(f"{args.csv}: line {exc.line} is not UTF-8 (byte {exc.column} of the line): save the file as UTF-8"
+              " (CSV UTF-8 in Excel); nothing was imported", file=sys.stderr)
+        return 1
+    except (OSError, csv.Error) as exc:
+        print(f"{args.csv}: {exc}; nothing was imported", file=sys.stderr)
+        return 1
+    repeated = sorted(done.repeated)
+    for number in repeated[:20]:
+        print(f"{args.csv}: customer number {number} appears {done.repeated[number]} times; the last row counts",
+              file=sys.stderr)
+    if len(repeated) > 20:
+        print(f"{args.csv}: {len(repeated) - 20} more customer numbers appear more than once", file=sys.stderr)
+    print(f"imported {done.customers} customers into {args.data_dir}")
     return 0
 
 

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -511,6 +511,9 @@ class Core:
 
         await self.store.write(work)
 
-    async def import_customers(self, rows: list[Mapping[str, str]]) -> int:
+    async def import_customers(self, read_rows: Callable[[], Iterable[Mapping[str, str]]]) -> identity.CustomerImport:
+        """Fill the customer directory in one transaction: all rows or, when reading them fails
+        part-way (a file that is not UTF-8 further down), none. ``read_rows`` gives the rows
+        from the start each time it is called, since a unit of work must be repeatable."""
         stamp = iso(self.clock.now())
-        return await self.store.write(lambda conn: identity.import_customers(conn, rows, stamp))
+        return await self.store.write(lambda conn: identity.import_customers(conn, read_rows(), stamp))

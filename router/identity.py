@@ -7,9 +7,10 @@ one contact; e-mail addresses are lower-cased. Merged contacts point to the surv
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -215,19 +216,30 @@ def directory_number(value: str | None) -> str:
     return (value or "").strip().upper()
 
 
-def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]], now: str) -> int:
-    """Insert or replace directory entries (a number given twice: the last row counts); returns
-    how many customers that makes."""
-    numbers = set()
-    for row in rows:
-        number = directory_number(row.get("customer_number"))
-        if not number:
-            continue
-        numbers.add(number)
-        conn.execute(
-            "INSERT OR REPLACE INTO customers (customer_number, name, email, phone, street, postcode, city, imported_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
+@dataclasses.dataclass(frozen=True, slots=True)
+class CustomerImport:
+    """What an import did: how many customers it holds, and the numbers given more than once
+    (with how often; the last row of each counts)."""
+
+    customers: int
+    repeated: dict[str, int]
+
+
+def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]], now: str) -> CustomerImport:
+    """Insert or replace directory entries, reading ``rows`` as they come (a file of a million
+    customers is never held whole); a number given twice: the last row counts."""
+    seen: set[str] = set()
+    repeated: dict[str, int] = {}
+
+    def entries() -> Iterator[tuple[str | None, ...]]:
+        for row in rows:
+            number = directory_number(row.get("customer_number"))
+            if not number:
+                continue
+            if number in seen:
+                repeated[number] = repeated.get(number, 1) + 1
+            seen.add(number)
+            yield (
                 number,
                 row.get("name") or None,
                 (row.get("email") or "").strip().lower() or None,
@@ -236,6 +248,11 @@ def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]]
                 (row.get("postcode") or "").strip() or None,
                 row.get("city") or None,
                 now,
-            ),
-        )
-    return len(numbers)
+            )
+
+    conn.executemany(
+        "INSERT OR REPLACE INTO customers (customer_number, name, email, phone, street, postcode, city, imported_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        entries(),
+    )
+    return CustomerImport(customers=len(seen), repeated=repeated)

@@ -128,7 +128,7 @@ async def test_staff_reply_shows_on_status_page_and_resident_writes_back(harness
 
 
 async def test_customer_number_matching_directory_is_recognised_and_wrong_one_stays_claim(harness):
-    await harness.core.import_customers([
+    await harness.core.import_customers(lambda: [
         {"customer_number": "KD-100200", "name": "Erika Mustermann", "email": "erika@example.net", "street": "Lindenweg 3", "postcode": "12345"}
     ])
     status, body = await submit_json(harness, customer_number="KD-100200", email="erika@example.net", topic="contract",
