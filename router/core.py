@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -280,19 +280,27 @@ class Core:
 
     # ------------------------------------------------------------------ staff actions
 
-    def _conversation(self, conn: sqlite3.Connection, conversation_id: int) -> sqlite3.Row:
+    def _conversation(
+        self, conn: sqlite3.Connection, conversation_id: int, units: Collection[str] | None = None
+    ) -> sqlite3.Row:
+        """The conversation as the write sees it; not found when it is not in ``units`` (the
+        acting staff member's), checked here, in the write, since a transfer or an escalation
+        may have moved it after the API looked."""
         row = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        if row is None:
+        if row is None or (units is not None and row["unit"] not in units):
             raise ActionError("not_found", "conversation not found", 404)
         return row
 
-    async def reply(self, conversation_id: int, text: str, staff: str) -> dict[str, Any]:
-        """Queue a staff reply on the conversation's channel (and any ``reply_copies``)."""
+    async def reply(
+        self, conversation_id: int, text: str, staff: str, *, units: Collection[str] | None = None
+    ) -> dict[str, Any]:
+        """Queue a staff reply on the conversation's channel (and any ``reply_copies``); ``units``,
+        as for every staff action: the units the staff member acts for (None: any)."""
         now = self.clock.now()
         stamp = iso(now)
 
         def target(conn: sqlite3.Connection) -> tuple[sqlite3.Row, list[dict[str, str]]]:
-            conv = self._conversation(conn, conversation_id)
+            conv = self._conversation(conn, conversation_id, units)
             idents = [dict(r) for r in conn.execute(
                 "SELECT kind, address, failed_at, last_inbound_at FROM identities WHERE contact_id = ?"
                 " ORDER BY last_inbound_at DESC", (conv["contact_id"],))]
@@ -312,7 +320,7 @@ class Core:
                       if c["channel"] in self.channels and c["channel"] != conv["channel"]]
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
-            current = self._conversation(conn, conversation_id)
+            current = self._conversation(conn, conversation_id, units)
             message_id = conn.execute(
                 "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, subject, text,"
                 " language, delivery_status, created_at) VALUES (?, ?, 'out', 'reply', ?, ?, ?, ?, ?, 'queued', ?)",
@@ -339,11 +347,13 @@ class Core:
         self.wake_outbox()
         return result
 
-    async def note(self, conversation_id: int, text: str, staff: str) -> dict[str, Any]:
+    async def note(
+        self, conversation_id: int, text: str, staff: str, *, units: Collection[str] | None = None
+    ) -> dict[str, Any]:
         stamp = iso(self.clock.now())
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
-            current = self._conversation(conn, conversation_id)
+            current = self._conversation(conn, conversation_id, units)
             message_id = conn.execute(
                 "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, text, created_at)"
                 " VALUES (?, ?, 'internal', 'note', 'internal', ?, ?, ?)",
@@ -353,17 +363,21 @@ class Core:
 
         return await self.store.write(work)
 
-    async def assign(self, conversation_id: int, assignee: str | None, staff: str) -> None:
+    async def assign(
+        self, conversation_id: int, assignee: str | None, staff: str, *, units: Collection[str] | None = None
+    ) -> None:
         stamp = iso(self.clock.now())
 
         def work(conn: sqlite3.Connection) -> None:
-            self._conversation(conn, conversation_id)
+            self._conversation(conn, conversation_id, units)
             conn.execute("UPDATE conversations SET assignee = ?, updated_at = ? WHERE id = ?", (assignee, stamp, conversation_id))
             tracking.record_event(conn, conversation_id, "assigned", stamp, actor=staff, assignee=assignee)
 
         await self.store.write(work)
 
-    async def transfer(self, conversation_id: int, unit: str, reason: str, staff: str) -> None:
+    async def transfer(
+        self, conversation_id: int, unit: str, reason: str, staff: str, *, units: Collection[str] | None = None
+    ) -> None:
         """Give the conversation to another unit: new deadline, new owner notified, history kept."""
         if unit not in self.config.units:
             raise ActionError("unknown_unit", f"unknown unit {unit!r}", 400)
@@ -372,7 +386,7 @@ class Core:
         why = reason or f"Transferred by {staff}."
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
-            conv = self._conversation(conn, conversation_id)
+            conv = self._conversation(conn, conversation_id, units)
             if conv["unit"] == unit:
                 raise ActionError("same_unit", "the conversation already belongs to that unit")
             waiting = conv["state"] in tracking.AWAITING_ANSWER
@@ -394,13 +408,15 @@ class Core:
         if self._routed_hook:
             self._spawn(self._fire("conversation_routed", conversation=updated, rule="transfer", reason=why))
 
-    async def set_state(self, conversation_id: int, action: str, staff: str) -> None:
+    async def set_state(
+        self, conversation_id: int, action: str, staff: str, *, units: Collection[str] | None = None
+    ) -> None:
         """close, reopen, or wait (for the resident: no deadline while waiting)."""
         now = self.clock.now()
         stamp = iso(now)
 
         def work(conn: sqlite3.Connection) -> None:
-            conv = self._conversation(conn, conversation_id)
+            conv = self._conversation(conn, conversation_id, units)
             if action == "close":
                 if conv["state"] == "closed":
                     raise ActionError("already_closed", "the conversation is closed already")
@@ -421,7 +437,9 @@ class Core:
 
         await self.store.write(work)
 
-    async def log_callback(self, conversation_id: int, outcome: str, note: str | None, staff: str) -> dict[str, Any]:
+    async def log_callback(
+        self, conversation_id: int, outcome: str, note: str | None, staff: str, *, units: Collection[str] | None = None
+    ) -> dict[str, Any]:
         """A call-back attempt. ``reached`` answers the conversation; after too many failed
         attempts the duty escalates."""
         now = self.clock.now()
@@ -429,7 +447,7 @@ class Core:
         limit = int(self.config.channels.get("phone", {}).get("callback_attempts", 3) or 3)
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
-            conv = self._conversation(conn, conversation_id)
+            conv = self._conversation(conn, conversation_id, units)
             conn.execute(
                 "INSERT INTO callback_attempts (conversation_id, outcome, note, staff, at) VALUES (?, ?, ?, ?, ?)",
                 (conversation_id, outcome, note, staff, stamp),

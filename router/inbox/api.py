@@ -108,13 +108,16 @@ def _int_param(value: str, field: str) -> int:
     return number
 
 
-async def _scoped_conversation(request: web.Request) -> tuple[StaffMember, int]:
+async def _scoped_conversation(request: web.Request) -> tuple[StaffMember, int, frozenset[str]]:
+    """The member, the conversation's id and the member's units: a quick 404 for a conversation
+    outside them. The actions check the units again inside their write, since a transfer or an
+    escalation may move the conversation in between."""
     member, units = authenticate(request)
     conversation_id = _int_param(request.match_info["id"], "id")
     unit = await queries.conversation_unit(request.app[keys.CORE], conversation_id)
     if unit is None or unit not in units:
         raise _error(404, "not_found", "conversation not found")
-    return member, conversation_id
+    return member, conversation_id, units
 
 
 routes = web.RouteTableDef()
@@ -169,71 +172,88 @@ def _sees_status_link(config: Config, member: StaffMember) -> bool:
     )
 
 
-async def _detail(request: web.Request, member: StaffMember, conversation_id: int) -> dict[str, Any]:
-    """The conversation as this member may see it."""
+HIDDEN_STATUS_LINK = "[status link]"
+
+
+def _hide_status_link(detail: dict[str, Any]) -> None:
+    """Take the resident's status link out of the detail: its own field, and wherever a text
+    carries it (the acknowledgement, the notice of a new answer, the call-back SMS)."""
+    url = detail.pop("status_url", None)
+    if not url:
+        return
+    token = url.rsplit("/", 1)[-1]
+    for message in detail["messages"]:
+        for key in ("text", "subject", "previous_text"):
+            value = message.get(key)
+            if isinstance(value, str) and token in value:
+                message[key] = value.replace(url, HIDDEN_STATUS_LINK).replace(token, HIDDEN_STATUS_LINK)
+
+
+async def _detail(request: web.Request, member: StaffMember, units: frozenset[str], conversation_id: int) -> dict[str, Any]:
+    """The conversation as this member may see it: 404 when it is not in their units (also when
+    it moved away since the request began)."""
     detail = await queries.conversation_detail(request.app[keys.CORE], conversation_id)
-    if detail is None:
+    if detail is None or detail["unit"] not in units:
         raise _error(404, "not_found", "conversation not found")
     if not _sees_status_link(request.app[keys.CONFIG], member):
-        detail.pop("status_url", None)
+        _hide_status_link(detail)
     return detail
 
 
 @routes.get("/api/v1/conversations/{id}")
 async def get_conversation(request: web.Request) -> web.Response:
-    member, conversation_id = await _scoped_conversation(request)
-    return web.json_response(await _detail(request, member, conversation_id))
+    member, conversation_id, units = await _scoped_conversation(request)
+    return web.json_response(await _detail(request, member, units, conversation_id))
 
 
 @routes.post("/api/v1/conversations/{id}/replies")
 async def post_reply(request: web.Request) -> web.Response:
-    member, conversation_id = await _scoped_conversation(request)
+    member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
     text = _text(data, "text")
-    message = await request.app[keys.CORE].reply(conversation_id, text, member.name)
+    message = await request.app[keys.CORE].reply(conversation_id, text, member.name, units=units)
     return web.json_response(message, status=201)
 
 
 @routes.post("/api/v1/conversations/{id}/notes")
 async def post_note(request: web.Request) -> web.Response:
-    member, conversation_id = await _scoped_conversation(request)
+    member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
-    note = await request.app[keys.CORE].note(conversation_id, _text(data, "text"), member.name)
+    note = await request.app[keys.CORE].note(conversation_id, _text(data, "text"), member.name, units=units)
     return web.json_response(note, status=201)
 
 
 @routes.post("/api/v1/conversations/{id}/assign")
 async def post_assign(request: web.Request) -> web.Response:
-    member, conversation_id = await _scoped_conversation(request)
+    member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
     if "assignee" not in data:
         raise _error(400, "invalid_field", "assignee is required: a name, or null to unassign", field="assignee")
     assignee = data["assignee"]
     if assignee is not None and (not isinstance(assignee, str) or not assignee.strip() or len(assignee) > 100):
         raise _error(400, "invalid_field", "assignee must be a name or null", field="assignee")
-    await request.app[keys.CORE].assign(conversation_id, assignee, member.name)
-    return web.json_response(await _detail(request, member, conversation_id))
+    await request.app[keys.CORE].assign(conversation_id, assignee, member.name, units=units)
+    return web.json_response(await _detail(request, member, units, conversation_id))
 
 
 @routes.post("/api/v1/conversations/{id}/transfer")
 async def post_transfer(request: web.Request) -> web.Response:
-    member, conversation_id = await _scoped_conversation(request)
+    member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
     unit = _text(data, "unit", max_len=64)
     if unit not in request.app[keys.CONFIG].units:
         raise _error(400, "invalid_field", f"unknown unit {unit!r}", field="unit")
     reason = _text(data, "reason", required=False, max_len=2000) or ""
-    await request.app[keys.CORE].transfer(conversation_id, unit, reason, member.name)
-    _, units = authenticate(request)
+    await request.app[keys.CORE].transfer(conversation_id, unit, reason, member.name, units=units)
     if unit not in units:
         return web.json_response({"id": conversation_id, "unit": unit, "transferred": True})
-    return web.json_response(await _detail(request, member, conversation_id))
+    return web.json_response(await _detail(request, member, units, conversation_id))
 
 
 async def _state_action(request: web.Request, action: str) -> web.Response:
-    member, conversation_id = await _scoped_conversation(request)
-    await request.app[keys.CORE].set_state(conversation_id, action, member.name)
-    return web.json_response(await _detail(request, member, conversation_id))
+    member, conversation_id, units = await _scoped_conversation(request)
+    await request.app[keys.CORE].set_state(conversation_id, action, member.name, units=units)
+    return web.json_response(await _detail(request, member, units, conversation_id))
 
 
 @routes.post("/api/v1/conversations/{id}/close")
@@ -253,13 +273,13 @@ async def post_wait(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/conversations/{id}/callbacks")
 async def post_callback(request: web.Request) -> web.Response:
-    member, conversation_id = await _scoped_conversation(request)
+    member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
     outcome = data.get("outcome")
     if outcome not in ("reached", "not_reached", "wrong_number"):
         raise _error(400, "invalid_field", "outcome must be reached, not_reached or wrong_number", field="outcome")
     note = _text(data, "note", required=False, max_len=5000)
-    result = await request.app[keys.CORE].log_callback(conversation_id, outcome, note, member.name)
+    result = await request.app[keys.CORE].log_callback(conversation_id, outcome, note, member.name, units=units)
     return web.json_response(
         {"attempt": result["attempt"], "answered": bool(result["answered"]), "escalated": bool(result["escalated"])},
         status=201,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -265,6 +266,49 @@ async def test_the_residents_status_link_is_not_shown_to_an_external_unit(harnes
     status, seen = await harness.api("POST", f"/api/v1/conversations/{case}/assign", token="contractor",
                                      json={"assignee": "Kolonne 3"})
     assert status == 200 and "status_url" not in seen
+
+
+async def test_the_residents_status_link_is_taken_out_of_the_texts_an_external_unit_reads(harness):
+    """The acknowledgement carries the link in its text: the field alone was hidden."""
+    case = await _case(harness)
+    status, full = await harness.api("GET", f"/api/v1/conversations/{case}", token="hotline")
+    url = full["status_url"]
+    token = url.rsplit("/", 1)[-1]
+    ack = next(m for m in full["messages"] if m["kind"] == "ack")
+    assert url in ack["text"]  # the hotline gives the link out again on the phone
+    await harness.core.ingest(webform_message(f"Mein Link {url} geht nicht, Kennung {token}"))
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{case}", token="contractor")
+    assert status == 200
+    texts = " ".join(f"{m['text']} {m['subject']}" for m in seen["messages"])
+    assert token not in texts and "[status link]" in texts
+    assert next(m for m in seen["messages"] if m["kind"] == "ack")["text"] == ack["text"].replace(url, "[status link]")
+
+
+@pytest.mark.parametrize(("action", "body"), [
+    ("assign", {"assignee": "Polier Schmidt"}),
+    ("replies", {"text": "Wir kommen morgen."}),
+    ("notes", {"text": "Kolonne informiert"}),
+    ("wait", None),
+    ("close", None),
+    ("callbacks", {"outcome": "not_reached"}),
+])
+async def test_a_staff_action_on_a_conversation_that_moved_away_meanwhile_changes_nothing(harness, action, body):
+    """The unit was checked before the action waited for its write: a contractor whose action
+    raced the hotline's transfer assigned, answered or closed a conversation of another unit,
+    and was shown its detail."""
+    case = await _case(harness)
+    state = (await harness.rows("SELECT state FROM conversations WHERE id = ?", (case,)))[0]["state"]
+    (moved, _), (status, answer) = await asyncio.gather(
+        harness.api("POST", f"/api/v1/conversations/{case}/transfer", token="hotline", json={"unit": "kundenservice"}),
+        harness.api("POST", f"/api/v1/conversations/{case}/{action}", token="contractor", json=body or {}),
+    )
+    assert moved == 200
+    assert status == 404 and answer["error"]["code"] == "not_found", answer
+    conv = (await harness.rows("SELECT unit, state, assignee FROM conversations WHERE id = ?", (case,)))[0]
+    assert (conv["unit"], conv["state"], conv["assignee"]) == ("kundenservice", state, None)
+    assert not await harness.rows("SELECT 1 FROM messages WHERE author = 'contractor'")
+    assert not await harness.rows("SELECT 1 FROM callback_attempts")
+    assert not await harness.rows("SELECT 1 FROM events WHERE conversation_id = ? AND actor = 'contractor'", (case,))
 
 
 async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness):
