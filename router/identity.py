@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sqlite3
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
@@ -58,7 +59,8 @@ def normalize_address(kind: str, address: str) -> str:
     if kind == "email":
         if "@" not in address or len(address) > 320:
             raise InvalidAddress(f"not an e-mail address: {address!r}")
-        return address.lower()
+        # NFC: "müller@…" typed on a Mac (u and a combining mark) is the same address.
+        return unicodedata.normalize("NFC", address).lower() if not address.isascii() else address.lower()
     if not address:
         raise InvalidAddress("empty address")
     return address

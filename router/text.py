@@ -18,9 +18,13 @@ CASE_REFERENCE_RE = re.compile(r"\bK-([2-9A-HJ-NP-Z]{6})\b")
 
 
 def normalize(text: str) -> str:
-    """Case-fold, write umlauts as ae/oe/ue/ss and drop other accents: "Straße" -> "strasse"."""
+    """Case-fold, write umlauts as ae/oe/ue/ss and drop other accents: "Straße" -> "strasse".
+    An umlaut written as a letter and a combining mark (NFD, as macOS and iOS often send it)
+    folds as the one character does: "Störung" is "stoerung" either way."""
     if text.isascii():
         return text.lower()
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
     folded = text.casefold().translate(_FOLD)
     if folded.isascii():
         return folded

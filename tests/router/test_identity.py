@@ -20,6 +20,12 @@ def test_email_lower_cased_and_bad_addresses_refused():
         normalize_address("email", "nobody")
 
 
+def test_an_email_address_with_a_decomposed_umlaut_is_the_same_address():
+    import unicodedata
+
+    assert normalize_address("email", unicodedata.normalize("NFD", "Jörg.Müller@Bäckerei.de")) == "jörg.müller@bäckerei.de"
+
+
 async def test_same_number_on_two_channels_is_one_contact(harness):
     a = await harness.core.ingest({"channel": "webform", "channel_message_id": "p1", "text": "Hallo",
                                    "sender": {"kind": "phone", "address": "0151 23456789"}})

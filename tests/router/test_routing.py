@@ -55,3 +55,15 @@ def test_umlaut_and_case_insensitive_keywords_at_word_start():
     assert normalize("Straße") == normalize("STRASSE") == "strasse"
     assert route("Die STRASSENSPERRUNG nervt").rule == "construction-outside-area"
     assert route("Hauptarifa und Uebervertrag").rule == "fallback"  # keywords must start a word
+
+
+def test_an_umlaut_written_as_letter_and_combining_mark_routes_as_the_one_character():
+    """"Störung" typed on a Mac can arrive as o + U+0308: it went to the fallback unit."""
+    import unicodedata
+
+    from router.text import normalize
+
+    decomposed = unicodedata.normalize("NFD", "Große Störung")
+    assert decomposed != "Große Störung"
+    assert normalize(decomposed) == normalize("Große Störung") == "grosse stoerung"
+    assert route(decomposed).rule == route("Große Störung").rule != "fallback"
