@@ -8,6 +8,7 @@ compiled one a few), and the tests check that both engines agree.
 from __future__ import annotations
 
 import json
+import math
 import re
 from functools import cache
 from importlib import resources
@@ -39,7 +40,9 @@ def _repair(text: str) -> str:
 
 def _repair_text(value: Any) -> Any:
     """``value`` with every lone surrogate, in strings and keys at any depth, replaced by
-    U+FFFD. Containers are changed in place; a string is returned anew.
+    U+FFFD. Containers are changed in place; a string is returned anew. A number that is NaN or
+    infinite (Python's JSON reads them) raises ``InvalidMessage``: it passes every minimum
+    and maximum, and would be stored as JSON that nothing else reads.
 
     One loop over an explicit stack, and only strings that are not ASCII are looked at: it
     runs for every inbound message, and a function call per value cost more than the test
@@ -61,6 +64,8 @@ def _repair_text(value: Any) -> Any:
                         container[key] = _repair(item)  # same key: no change of size
                 elif isinstance(item, (dict, list)):
                     stack.append(item)
+                elif isinstance(item, float) and not math.isfinite(item):
+                    raise InvalidMessage(f"{key} is not a finite number", str(key))
                 if isinstance(key, str) and not key.isascii() and _repair(key) != key:
                     broken_keys.append(key)
             for key in broken_keys:
@@ -72,6 +77,8 @@ def _repair_text(value: Any) -> Any:
                         container[index] = _repair(item)
                 elif isinstance(item, (dict, list)):
                     stack.append(item)
+                elif isinstance(item, float) and not math.isfinite(item):
+                    raise InvalidMessage(f"a list holds {item}, not a finite number")
     return value
 
 
@@ -80,7 +87,8 @@ def validate_inbound(message: Any) -> dict[str, Any]:
     failing field (``sender.address``).
 
     A lone surrogate anywhere (a provider's JSON escape without its partner) becomes U+FFFD:
-    the resident's message is kept, and SQLite is never handed text it cannot encode."""
+    the resident's message is kept, and SQLite is never handed text it cannot encode. NaN or
+    infinity anywhere is refused, naming its key."""
     _repair_text(message)
     try:
         return _compiled()(message)

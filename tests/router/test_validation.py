@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import jsonschema
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,8 +25,19 @@ keys = st.sampled_from(["channel", "channel_message_id", "kind", "sender", "text
                         "thread", "attachments", "flags", "sent_at", "address", "unknown"])
 
 
+def _finite(value) -> bool:
+    """No NaN or infinity anywhere: refused before the schema (they pass any minimum)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def _agree(message) -> None:
-    reference_ok = REFERENCE.is_valid(message)
+    reference_ok = REFERENCE.is_valid(message) and _finite(message)
     try:
         validate_inbound(message)
         fast_ok = True
@@ -72,3 +86,14 @@ def test_a_message_that_contains_itself_is_walked_once():
 
     _repair_text(message)
     assert message["text"] == "Hallo \ufffd" and message["meta"]["note"] == "x\ufffd"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_refused_naming_its_key(value):
+    """NaN passed latitude's minimum and maximum and was stored as JSON that SQLite's json
+    functions and the inbox's clients refuse (Python's JSON reads "NaN" from a body)."""
+    with pytest.raises(InvalidMessage) as caught:
+        validate_inbound({**VALID, "location": {"lat": value, "lon": 13.4}})
+    assert caught.value.path == "lat"
+    with pytest.raises(InvalidMessage):
+        validate_inbound({**VALID, "raw": {"readings": [1.5, value]}})
