@@ -133,28 +133,38 @@ def run_units(conn: sqlite3.Connection, works: list[Work], savepoint: str = "uni
     if len(works) > 1:
         conn.execute(f"SAVEPOINT {savepoint}_all")
         try:
-            outcomes = run_without_savepoints(conn, works)
+            outcomes = run_without_savepoints(conn, works, nested=True)
             if outcomes is None:
                 conn.execute(f"ROLLBACK TO {savepoint}_all")
                 outcomes = _run_each(conn, works, savepoint)
             return outcomes
         finally:
-            conn.execute(f"RELEASE {savepoint}_all")
+            if conn.in_transaction:  # else SQLite rolled back everything, savepoints too
+                conn.execute(f"RELEASE {savepoint}_all")
     return _run_each(conn, works, savepoint)
 
 
-def run_without_savepoints(conn: sqlite3.Connection, works: list[Work]) -> list[tuple[bool, Any]] | None:
+def run_without_savepoints(
+    conn: sqlite3.Connection, works: list[Work], *, nested: bool = False
+) -> list[tuple[bool, Any]] | None:
     """Run the units one after another; None as soon as one raises after changing rows (its
-    changes cannot be undone alone: the caller rolls back and uses ``_run_each``)."""
+    changes cannot be undone alone: the caller rolls back and uses ``_run_each``).
+
+    When SQLite rolled the whole transaction back itself (disk full), the units must run
+    again in a new one (None), or the next ones would run outside any; ``nested`` (units
+    within a unit) raises the unit's error instead, since only the outer transaction can
+    begin again, and it must see the database's error, not a lost savepoint's."""
     outcomes: list[tuple[bool, Any]] = []
     for work in works:
         changes = conn.total_changes
         try:
             outcomes.append((True, work(conn)))
         except Exception as exc:
-            # Changed rows, or SQLite rolled the whole transaction back itself (disk full): the
-            # units must run again, or the next ones would run outside any transaction.
-            if conn.total_changes != changes or not conn.in_transaction:
+            if not conn.in_transaction:
+                if nested:
+                    raise
+                return None
+            if conn.total_changes != changes:
                 return None
             outcomes.append((False, exc))
     return outcomes
@@ -259,6 +269,10 @@ class SQLiteStore:
             except asyncio.CancelledError:
                 pass
             self._task = None
+            for _, future in self._queue:  # asked for between the last look and the cancel
+                if not future.done():
+                    future.set_exception(StorageUnavailable("the store closed before this write ran"))
+            self._queue = []
         if self.db is not None:
             await self.db.close()
             self.db = None
@@ -283,6 +297,8 @@ class SQLiteStore:
         """
         if self._wakeup is None:
             raise RuntimeError("store is not open")
+        if self._task is None:  # closed: no writer would ever run it, and the caller waited for ever
+            raise StorageUnavailable("the store is closed (the service is shutting down)")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((work, future))
         self._wakeup.set()

@@ -242,6 +242,30 @@ async def test_a_transaction_that_sqlite_rolled_back_itself_leaves_nothing_half_
         await store.close()
 
 
+async def test_units_within_a_unit_hear_sqlites_own_rollback_as_storage_unavailable(tmp_path):
+    """The outbox records a batch's outcomes as units within one unit (``run_units``). When
+    SQLite ended the whole transaction itself (disk full), the lost savepoint's "no such
+    savepoint" came out instead of the database's error: a plain error, so the outbox dropped
+    the outcomes instead of keeping them until the database takes writes again."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        def disk_full(conn):
+            conn.execute("INSERT INTO events (kind, at) VALUES ('half', '2026-01-01T00:00:00.000000Z')")
+            conn.execute("ROLLBACK")  # what SQLite does itself on some SQLITE_FULL and SQLITE_IOERR
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise exc
+
+        with pytest.raises(StorageUnavailable) as caught:
+            await store.write(partial(run_units, works=[good(1), disk_full, good(2)], savepoint="outcome"))
+        assert caught.value.__cause__.sqlite_errorcode == sqlite3.SQLITE_FULL
+        assert await store.fetchall("SELECT kind FROM events") == []
+        assert await store.write(good(3)) == 3  # the writer goes on
+    finally:
+        await store.close()
+
+
 async def test_a_database_that_refuses_writes_is_storage_unavailable_and_a_units_own_error_is_not(tmp_path):
     """Read-only (the BEGIN fails) and full (an INSERT fails half-way through a unit): the callers
     hear ``StorageUnavailable`` with SQLite's error as the cause, so that HTTP answers 503 and the
@@ -421,3 +445,14 @@ async def test_reports_run_at_most_two_at_once(tmp_path):
         assert not store._reports.locked()
     finally:
         await store.close()
+
+
+async def test_a_write_after_close_is_refused_not_left_waiting(tmp_path):
+    """A task still running at shutdown (the outbox's outcomes) queued its write behind a
+    writer that was gone, and waited for ever."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    await store.close()
+    async with asyncio.timeout(2):
+        with pytest.raises(StorageUnavailable):
+            await store.write(good(1))
