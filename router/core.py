@@ -9,6 +9,7 @@ group commit; plugin event hooks run after the commit and never undo it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -62,6 +63,16 @@ class DirectoryPlugin:
             "SELECT * FROM customers WHERE customer_number = ?", (identity.directory_number(claim.customer_number),)
         )
         return identity.directory_match(row, claim) if row is not None else None
+
+
+def _is_customer(value: Any) -> bool:
+    """A ``Customer`` whose fields are what the store writes: text (or None where optional)."""
+    return (
+        isinstance(value, Customer)
+        and isinstance(value.customer_number, str)
+        and bool(value.customer_number.strip())
+        and all(v is None or isinstance(v, str) for v in (value.name, value.email, value.phone, value.source))
+    )
 
 
 class Core:
@@ -176,9 +187,14 @@ class Core:
         """A routing plugin's decision; one that fails or hangs costs the message nothing: the
         configured rules route it."""
         try:
-            return await asyncio.wait_for(
+            decision = await asyncio.wait_for(
                 call_first(self.pm, "route_message", message=msg, is_customer=is_customer), HOOK_SECONDS
             )
+            if decision is not None and not (
+                isinstance(decision, RoutingDecision) and all(isinstance(v, str) for v in dataclasses.astuple(decision))
+            ):
+                raise TypeError(f"answered {decision!r:.200}, not a RoutingDecision with unit, rule and reason as text")
+            return decision
         except Exception as exc:  # the configured rules route the message
             self._hook_failed("route_message", "a routing plugin", exc)
             return None
@@ -197,7 +213,10 @@ class Core:
             city=address.get("city"),
         )
         try:
-            return await asyncio.wait_for(call_first(self.pm, "lookup_customer", claim=claim), HOOK_SECONDS)
+            customer = await asyncio.wait_for(call_first(self.pm, "lookup_customer", claim=claim), HOOK_SECONDS)
+            if customer is not None and not _is_customer(customer):
+                raise TypeError(f"answered {customer!r:.200}, not a Customer with its customer_number as text")
+            return customer
         except Exception as exc:  # a CRM that fails must not cost the message: the number stays a claim
             self._hook_failed("lookup_customer", "a customer directory", exc)
             return None

@@ -239,3 +239,34 @@ async def test_a_failing_routing_plugin_costs_the_message_nothing(tmp_path):
         assert result.conversation_id is not None and result.acknowledged
         assert result.unit == "tiefbau-muster"  # the configured rules decided
         assert harness.core.metrics.value("contact_router_hook_errors_total", hook="route_message") == 1
+
+
+class Answers:
+    """Plugins that answer in the wrong shape: a dict, or a decision without its reason."""
+
+    def __init__(self, routing, customer):
+        self.routing, self.customer = routing, customer
+
+    @hookimpl
+    def route_message(self, message, is_customer):
+        return self.routing
+
+    @hookimpl
+    def lookup_customer(self, claim):
+        return self.customer
+
+
+@pytest.mark.parametrize(("routing", "customer"), [
+    ({"unit": "vertrieb", "rule": "crm", "reason": "x"}, {"customer_number": "KD-1"}),
+    (RoutingDecision(unit="vertrieb", rule="crm", reason=None), Customer(customer_number=None)),
+    (RoutingDecision(unit="vertrieb", rule=7, reason="x"), Customer(customer_number="KD-1", name=["Erika"])),
+])
+async def test_a_plugin_answer_of_the_wrong_shape_costs_the_message_nothing(tmp_path, routing, customer):
+    """Every message failed with a 500 and nothing was stored."""
+    async with CoreHarness(tmp_path / "d", plugins=[Answers(routing, customer)]) as harness:
+        result = await harness.core.ingest(webform_message(customer_number="KD-1"))
+        assert result.acknowledged and result.unit == "tiefbau-muster"  # the configured rules decided
+        assert harness.core.metrics.value("contact_router_hook_errors_total", hook="route_message") == 1
+        assert harness.core.metrics.value("contact_router_hook_errors_total", hook="lookup_customer") == 1
+        contact = await harness.rows("SELECT is_customer FROM contacts")
+        assert [c["is_customer"] for c in contact] == [0]
