@@ -269,6 +269,19 @@ def _annotate(
     return _result(config, message_id, conv, prep.language, False, status_url)
 
 
+def _closed_too_long(config: Config, conv: Mapping[str, Any], now: datetime) -> bool:
+    """Closed for longer than the reopen window: a new message opens a new conversation."""
+    closed_at = parse_iso(conv["closed_at"])
+    return closed_at is not None and now - closed_at > reopen_window(config)
+
+
+def _answered_ever(conn: sqlite3.Connection, conversation_id: int) -> bool:
+    """Whether anything was ever sent in the conversation (an acknowledgement, a reply)."""
+    return conn.execute(
+        "SELECT 1 FROM messages WHERE conversation_id = ? AND direction = 'out' LIMIT 1", (conversation_id,)
+    ).fetchone() is not None
+
+
 def ingest_tx(
     conn: sqlite3.Connection,
     *,
@@ -309,14 +322,21 @@ def ingest_tx(
         conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.joins_by_reference
     )
     needs_ack = False
-    if conv is not None and conv["state"] == "closed":
-        closed_at = parse_iso(conv["closed_at"])
-        if closed_at is not None and now - closed_at > reopen_window(config):
-            referred, conv = conv, None  # too old: a new conversation, linked to the old one
-        else:
-            conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
-            record_event(conn, conv["id"], "reopened", stamp, reason="new message from the contact")
-            needs_ack = True
+    automated = msg.get("ack_suppressed") in AUTOMATED
+    if conv is not None and conv["state"] == "closed" and _closed_too_long(config, conv, now):
+        referred, conv = conv, None  # too old: a new conversation, linked to the old one
+    elif conv is not None and automated:
+        pass  # a machine's message (out of office, a list, a bounce) is kept where it belongs and changes nothing
+    elif conv is not None and conv["state"] == "closed":
+        conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
+        record_event(conn, conv["id"], "reopened", stamp, reason="new message from the contact")
+        needs_ack = True
+    elif conv is not None and conv["state"] == "waiting" and not _answered_ever(conn, conv["id"]):
+        # Opened by a machine's message (no deadline, nothing sent): a person writing in it is
+        # its real beginning, with an acknowledgement and a deadline.
+        conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
+        record_event(conn, conv["id"], "awaiting_answer", stamp, reason="first message from a person")
+        needs_ack = True
     elif conv is not None and conv["state"] in ("answered", "waiting"):
         conv = {**conv, **renew_deadline(conn, config, conv, now, inbound=True)}
         record_event(conn, conv["id"], "awaiting_answer", stamp, reason="new message from the contact")
@@ -351,7 +371,7 @@ def ingest_tx(
             area=area.id if area else None,
             linked_to=referred["id"] if referred is not None else None,
             now=now,
-            automated=msg.get("ack_suppressed") in AUTOMATED,
+            automated=automated,
         )
         needs_ack = True
     elif conv["last_inbound_at"] != stamp:  # else written already, with the renewed deadline

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from router import tracking
+from router.store.sqlite import iso
+
 from .helpers import webform_message
 
 
@@ -166,3 +169,51 @@ async def test_a_later_round_of_failed_call_backs_escalates_again(harness):
     for _ in range(3):
         await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "not_reached"})
     assert await harness.count("escalations", "conversation_id = ?", (case,)) == 2
+
+
+def _mail(text: str, message_id: str, **extra):
+    """A canonical e-mail in the conversation its refs name."""
+    return {"channel": "email", "channel_message_id": message_id, "text": text, "language": "de",
+            "sender": {"kind": "email", "address": extra.pop("sender", "anwohner@example.net")}, **extra}
+
+
+async def test_an_out_of_office_note_changes_nothing_in_the_conversation_it_answers(harness):
+    """An auto-reply to the staff's answer put the conversation back under a deadline, and it
+    escalated; to a closed one, it reopened it."""
+    first = await harness.core.ingest(_mail("Baustelle vor dem Haus, Gehweg gesperrt", "<m1@example.net>"))
+    case = first.conversation_id
+    stamp = iso(harness.clock.now())  # answered, as a delivered staff reply marks it
+    await harness.core.store.write(lambda conn: tracking.mark_answered(conn, case, stamp))
+    before = (await harness.rows("SELECT state, deadline, unit FROM conversations WHERE id = ?", (case,)))[0]
+    assert before["state"] == "answered" and before["deadline"] is None
+    away = await harness.core.ingest(_mail("Ich bin bis 3.1. nicht im Büro.", "<ooo1@example.net>",
+                                           ack_suppressed="auto-reply", thread={"refs": ["<m1@example.net>"]}))
+    assert away.conversation_id == case and not away.acknowledged
+    assert dict((await harness.rows("SELECT state, deadline, unit FROM conversations WHERE id = ?", (case,)))[0]) == dict(before)
+    harness.clock.advance(timedelta(days=5))
+    assert await harness.escalate() == []
+
+    await harness.api("POST", f"/api/v1/conversations/{case}/close")
+    await harness.core.ingest(_mail("Automatische Antwort: nicht im Büro", "<ooo2@example.net>",
+                                    ack_suppressed="auto-reply", thread={"refs": ["<m1@example.net>"]}))
+    assert (await harness.rows("SELECT state FROM conversations WHERE id = ?", (case,)))[0]["state"] == "closed"
+    assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_a_person_writing_in_a_conversation_a_mailing_list_opened_is_acknowledged(harness):
+    """The list's mail opened it without a deadline; a resident's reply in its thread got a
+    deadline but never an acknowledgement, and a second list mail got a deadline."""
+    listed = await harness.core.ingest(_mail("Mitteilung an alle Anlieger", "<list-1@verein.example>",
+                                             sender="verein@verein.example", ack_suppressed="list"))
+    case = listed.conversation_id
+    again = await harness.core.ingest(_mail("Mitteilung 2", "<list-2@verein.example>", sender="verein@verein.example",
+                                            ack_suppressed="list", thread={"refs": ["<list-1@verein.example>"]}))
+    assert again.conversation_id == case
+    row = (await harness.rows("SELECT state, deadline FROM conversations WHERE id = ?", (case,)))[0]
+    assert (row["state"], row["deadline"]) == ("waiting", None)
+    person = await harness.core.ingest(_mail("Bei mir ist der Gehweg seit zwei Wochen gesperrt.", "<p1@example.net>",
+                                             sender="verein@verein.example", thread={"refs": ["<list-1@verein.example>"]}))
+    assert person.conversation_id == case and person.acknowledged and person.deadline is not None
+    row = (await harness.rows("SELECT state, deadline FROM conversations WHERE id = ?", (case,)))[0]
+    assert row["state"] == "open" and row["deadline"] is not None
+    assert await harness.count("outbox", "kind = 'ack'") == 1
