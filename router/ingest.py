@@ -117,15 +117,27 @@ def _result(
 
 
 def _find_thread(
-    conn: sqlite3.Connection, msg: Mapping[str, Any], contact_id: int, threads_by_sender: bool, joins_by_reference: bool
+    conn: sqlite3.Connection,
+    msg: Mapping[str, Any],
+    contact_id: int,
+    threads_by_sender: bool,
+    joins_by_reference: bool,
+    *,
+    refs_join_any: bool = False,
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
     """(conversation to join, conversation merely referred to). A case reference joins only the
-    sender's own conversation, and only where the channel vouches for the sender."""
+    sender's own conversation, and only where the channel vouches for the sender; a thread
+    reference (an e-mail's In-Reply-To) joins only the sender's own conversation: a third party
+    who answers someone else's thread (a Cc, a forwarded mail) gets a case of their own, linked,
+    and never the other's acknowledgement, status link or answers. ``refs_join_any`` for what
+    changes nothing there and is answered by nobody (a bounce, an auto-reply, a transcript),
+    which belongs with the conversation it reports on, whoever sent it."""
     thread = msg.get("thread") or {}
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
         if row is not None:
             return row, None
+    referred = None
     for ref in thread.get("refs") or ():
         # An earlier inbound message's own id, else a key our outbound messages or extra
         # thread_keys left (an e-mail Message-ID we generated, a WhatsApp id we sent).
@@ -143,15 +155,16 @@ def _find_thread(
         if key is not None and key[0] is not None:
             row = conn.execute("SELECT * FROM conversations WHERE id = ?", (key[0],)).fetchone()
             if row is not None:
-                return row, None
-    referred = None
+                if refs_join_any or row["contact_id"] == contact_id:
+                    return row, None
+                referred = referred or row
     reference = find_case_reference(msg.get("subject"), msg.get("text"))
     if reference:
         row = conn.execute("SELECT * FROM conversations WHERE case_reference = ?", (reference,)).fetchone()
         if row is not None:
             if row["contact_id"] == contact_id and joins_by_reference:
                 return row, None
-            referred = row  # a case reference is not proof of identity: link, don't join
+            referred = referred or row  # a case reference is not proof of identity: link, don't join
     if threads_by_sender:
         row = conn.execute(
             "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
@@ -208,7 +221,7 @@ def _annotate(
     if target is None and (msg.get("thread") or {}).get("refs"):
         # Not here yet (a voicemail's transcript can come before the voicemail): it belongs with
         # the conversation its thread names (the call), where staff see it, not nowhere.
-        conv, _ = _find_thread(conn, msg, contact_id, False, prep.joins_by_reference)
+        conv, _ = _find_thread(conn, msg, contact_id, False, prep.joins_by_reference, refs_join_any=True)
         conversation_id = conv["id"] if conv is not None else None
     meta = msg.get("meta") or {}
     payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments", "sent_at") if msg.get(k)}
@@ -318,11 +331,12 @@ def ingest_tx(
         return _annotate(conn, config, prep, contact_id, status_url)
 
     # A contact created just now has no conversation to continue.
+    automated = msg.get("ack_suppressed") in AUTOMATED
     conv, referred = _find_thread(
-        conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.joins_by_reference
+        conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.joins_by_reference,
+        refs_join_any=automated,
     )
     needs_ack = False
-    automated = msg.get("ack_suppressed") in AUTOMATED
     if conv is not None and conv["state"] == "closed" and _closed_too_long(config, conv, now):
         referred, conv = conv, None  # too old: a new conversation, linked to the old one
     elif conv is not None and automated:
@@ -350,7 +364,7 @@ def ingest_tx(
                 decision = RoutingDecision(
                     unit=referred["unit"],
                     rule="case-reference",
-                    reason=f"The message names case {referred['case_reference']}, which {config.units[referred['unit']].name} owns.",
+                    reason=f"The message refers to case {referred['case_reference']}, which {config.units[referred['unit']].name} owns.",
                 )
             area_hit = find_area(config, msg, prep.folded)
             area = area_hit[0] if area_hit else None

@@ -217,3 +217,26 @@ async def test_a_person_writing_in_a_conversation_a_mailing_list_opened_is_ackno
     row = (await harness.rows("SELECT state, deadline FROM conversations WHERE id = ?", (case,)))[0]
     assert row["state"] == "open" and row["deadline"] is not None
     assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_a_third_party_answering_someone_elses_thread_gets_a_case_of_their_own(harness):
+    """A neighbour in Cc answered the resident's mail: the answer joined the resident's closed
+    conversation, reopened it, and sent the neighbour an acknowledgement with the resident's
+    status link; the staff's answer would then have gone to the resident, not to them."""
+    mine = await harness.core.ingest(_mail("Baustelle vor meinem Haus, Lindenweg 3", "<a1@anwohner.example>",
+                                           sender="anwohner@example.net"))
+    await harness.api("POST", f"/api/v1/conversations/{mine.conversation_id}/close")
+    theirs = await harness.core.ingest(_mail("Bei uns auch!", "<b1@nachbar.example>", sender="nachbar@example.org",
+                                             thread={"refs": ["<a1@anwohner.example>"]}))
+    assert theirs.conversation_id != mine.conversation_id and theirs.acknowledged
+    assert theirs.unit == mine.unit and theirs.rule == "case-reference"
+    assert (await harness.rows("SELECT state FROM conversations WHERE id = ?", (mine.conversation_id,)))[0]["state"] == "closed"
+    linked = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (theirs.conversation_id,))
+    assert linked[0]["linked_to"] == mine.conversation_id
+    acks = await harness.rows("SELECT o.to_address, m.text FROM outbox o JOIN messages m ON m.id = o.message_id"
+                              " WHERE o.kind = 'ack' AND o.to_address = 'nachbar@example.org'")
+    assert len(acks) == 1 and mine.status_token not in acks[0]["text"] and theirs.status_token in acks[0]["text"]
+    # the resident's own answer in the thread still joins
+    again = await harness.core.ingest(_mail("Und jetzt?", "<a2@anwohner.example>", sender="anwohner@example.net",
+                                            thread={"refs": ["<a1@anwohner.example>"]}))
+    assert again.conversation_id == mine.conversation_id
