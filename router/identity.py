@@ -99,6 +99,7 @@ def resolve_contact(
     claim: str | None,
     channel: str,
     now: str,
+    sender_verified: bool = True,
 ) -> tuple[int, bool, bool]:
     """Find or create the contact for these identities; returns (contact id, is_customer,
     created now).
@@ -106,16 +107,32 @@ def resolve_contact(
     Only the sender's own address (the first identity) says who they are. Further addresses a
     sender merely typed in (a form's phone field) are unverified: they are kept only on a
     contact created now, and never move an address that another contact already has, so
-    nobody can redirect someone else's answers by naming their number. Staff merge contacts
-    that are really one person.
+    nobody can redirect someone else's answers by naming their number. Where the channel does
+    not vouch for the sender (``sender_verified`` False: the web form), such an address is
+    kept as ``claimed``, and the first message from the address itself on a channel that
+    does vouch takes it to a contact of its own: naming a number nobody has used yet must not
+    file its owner's later messages under the one who named it. Staff merge contacts that are
+    really one person.
     """
     primary = identities[0]
     contact: sqlite3.Row | None = conn.execute(
-        "SELECT i.contact_id, k.merged_into, k.is_customer, k.display_name, k.language FROM identities i"
+        "SELECT i.contact_id, i.claimed, k.merged_into, k.is_customer, k.display_name, k.language FROM identities i"
         " JOIN contacts k ON k.id = i.contact_id WHERE i.kind = ? AND i.address = ?",
         primary,
     ).fetchone()
-    if contact is not None:
+    if contact is not None and contact["claimed"] and sender_verified:
+        # The owner of an address someone else named: theirs now, on a contact of their own.
+        contact_id = conn.execute(
+            "INSERT INTO contacts (display_name, language, customer_claim, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            (display_name, language, claim if customer is None else None, now, now),
+        ).lastrowid
+        conn.execute(
+            "UPDATE identities SET contact_id = ?, claimed = 0, last_inbound_at = ?, last_inbound_channel = ?,"
+            " failed_at = NULL WHERE kind = ? AND address = ?",
+            (contact_id, now, channel, *primary),
+        )
+        contact = None
+    elif contact is not None:
         contact_id = contact["contact_id"]
         if contact["merged_into"] is not None:
             contact_id = _survivor(conn, contact["merged_into"])
@@ -139,8 +156,8 @@ def resolve_contact(
         )
         for kind, address in identities[1:]:
             conn.execute(
-                "INSERT OR IGNORE INTO identities (contact_id, kind, address, created_at) VALUES (?, ?, ?, ?)",
-                (contact_id, kind, address, now),
+                "INSERT OR IGNORE INTO identities (contact_id, kind, address, created_at, claimed) VALUES (?, ?, ?, ?, ?)",
+                (contact_id, kind, address, now, 0 if sender_verified else 1),
             )
     if customer is not None:
         conn.execute(

@@ -57,7 +57,7 @@ class Prepared:
     threads_by_sender: bool
     now: datetime
     folded: str  # subject and text as ``routing.message_text`` folds them, worked out once
-    joins_by_reference: bool  # False for a channel whose sender is not verified
+    sender_verified: bool  # False for a channel that does not vouch for its sender (the web form)
 
 
 def prepare(
@@ -221,7 +221,7 @@ def _annotate(
     if target is None and (msg.get("thread") or {}).get("refs"):
         # Not here yet (a voicemail's transcript can come before the voicemail): it belongs with
         # the conversation its thread names (the call), where staff see it, not nowhere.
-        conv, _ = _find_thread(conn, msg, contact_id, False, prep.joins_by_reference, refs_join_any=True)
+        conv, _ = _find_thread(conn, msg, contact_id, False, prep.sender_verified, refs_join_any=True)
         conversation_id = conv["id"] if conv is not None else None
     meta = msg.get("meta") or {}
     payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments", "sent_at") if msg.get(k)}
@@ -325,6 +325,7 @@ def ingest_tx(
         claim=(msg.get("customer_number") or "").strip() or None,
         channel=msg["channel"],
         now=stamp,
+        sender_verified=prep.sender_verified,
     )
 
     if msg["kind"] in ANNOTATIONS:
@@ -333,7 +334,7 @@ def ingest_tx(
     # A contact created just now has no conversation to continue.
     automated = msg.get("ack_suppressed") in AUTOMATED
     conv, referred = _find_thread(
-        conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.joins_by_reference,
+        conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.sender_verified,
         refs_join_any=automated,
     )
     needs_ack = False

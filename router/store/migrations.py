@@ -308,4 +308,11 @@ CREATE INDEX delivery_events_unmatched_key ON delivery_events(idempotency_key)
 CREATE INDEX conversations_created ON conversations(created_at);
 """,
     ),
+    (
+        10,
+        "an address a sender merely named (a form's phone field) is a claim until its owner writes from it",
+        """
+ALTER TABLE identities ADD COLUMN claimed INTEGER NOT NULL DEFAULT 0;
+""",
+    ),
 ]

@@ -63,3 +63,34 @@ async def test_naming_someone_elses_number_on_the_form_does_not_redirect_their_a
     owner = await harness.rows("SELECT contact_id FROM identities WHERE address = '+4915112345678'")
     victim_contact = await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (victim.conversation_id,))
     assert owner == victim_contact
+
+
+async def test_a_number_named_in_a_form_is_its_owners_once_they_write_from_it(harness):
+    """A form sender named a number nobody had used yet: its owner's WhatsApp messages were
+    filed under the form sender's contact, and the answers' fallback could reach the form
+    sender's address."""
+    form = {"channel": "webform", "channel_message_id": "f1", "text": "Frage zur Baustelle",
+            "sender": {"kind": "email", "address": "jemand@example.org", "display_name": "Jemand",
+                       "other_identities": [{"kind": "phone", "address": "+4915199999999"}]}}
+    named = await harness.core.ingest(form)
+    owner = await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.V1", "text": "Hallo",
+                                       "sender": {"kind": "phone", "address": "+4915199999999", "display_name": "Erika"}})
+    contacts = await harness.rows("SELECT contact_id, display_name FROM conversations c JOIN contacts k ON k.id = c.contact_id"
+                                  " WHERE c.id IN (?, ?) ORDER BY c.id", (named.conversation_id, owner.conversation_id))
+    assert contacts[0]["contact_id"] != contacts[1]["contact_id"] and contacts[1]["display_name"] == "Erika"
+    idents = await harness.rows("SELECT contact_id, kind, claimed FROM identities ORDER BY id")
+    assert [(i["contact_id"], i["kind"], i["claimed"]) for i in idents] == [
+        (contacts[0]["contact_id"], "email", 0), (contacts[1]["contact_id"], "phone", 0)]
+    # From then on the number is the owner's: the form sender's next message does not take it back
+    again = await harness.core.ingest({**form, "channel_message_id": "f2"})
+    assert (await harness.rows("SELECT contact_id FROM identities WHERE kind = 'phone'"))[0]["contact_id"] == contacts[1]["contact_id"]
+    again_contact = await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (again.conversation_id,))
+    assert again_contact[0]["contact_id"] == contacts[0]["contact_id"]
+
+
+async def test_an_address_a_vouched_channel_names_is_no_claim(harness):
+    """WhatsApp's user id beside the number comes from Meta, not from the sender's typing."""
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.W1", "text": "Hallo",
+                               "sender": {"kind": "phone", "address": "+4915111111111",
+                                          "other_identities": [{"kind": "whatsapp_user", "address": "DE.123"}]}})
+    assert [i["claimed"] for i in await harness.rows("SELECT claimed FROM identities ORDER BY id")] == [0, 0]
