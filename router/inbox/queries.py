@@ -95,6 +95,7 @@ def _list_filters(
     now: datetime,
     *,
     by_id: bool = False,
+    by_unit: bool = False,
 ) -> tuple[list[str], list[Any]]:
     """The WHERE terms (on ``conversations c``) and parameters of the inbox list filters.
 
@@ -107,12 +108,15 @@ def _list_filters(
     state and read a whole unit or channel (up to 280 ms at a million conversations).
 
     ``by_id``: the query walks a given list of conversation ids, so keep SQLite on the primary
-    key instead of an index on unit, state or channel (which would make it sort them all)."""
+    key instead of an index on unit, state or channel (which would make it sort them all).
+    ``by_unit``: the query walks the one unit's (unit, id) index, whatever else is filtered."""
     where = []
     params: list[Any] = []
     unit_list = sorted(set(units))
     if by_id:
         driver = "id"
+    elif by_unit:
+        driver = "unit"
     elif contact_id is not None:
         driver = "contact"
     elif overdue is True:
@@ -128,7 +132,7 @@ def _list_filters(
 
     # One unit: walk its (unit, id) index. Several: walk the primary key newest first and
     # filter; "+" keeps SQLite from choosing the unit index and sorting everything (2 s at 1M).
-    unit = column("unit", None) if len(unit_list) == 1 else "+c.unit"
+    unit = column("unit", None, "unit") if len(unit_list) == 1 else "+c.unit"
     where.append(f"{unit} IN ({','.join('?' * len(unit_list))})")
     params.extend(unit_list)
     if state:
@@ -166,22 +170,72 @@ async def list_conversations(
     """Conversations of the given units, newest first, filtered; returns (items, next cursor)."""
     now = core.clock.now()
     units = sorted(set(units))
-    where, params = _list_filters(units, state, channel, overdue, contact_id, now)
+    reference = None
     if q:
         from ..text import find_case_reference
 
         reference = find_case_reference(q)
         if not reference:
             return await _search_page(core, q, units, state, channel, overdue, contact_id, before_id, limit, now)
-        where.append("c.case_reference = ?")
-        params.append(reference)
-    if before_id is not None:
-        where.append("c.id < ?")
-        params.append(before_id)
-    sql = f"{CONVERSATION_SELECT} WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT ?"
-    params.append(limit + 1)
-    rows = await core.store.fetchall(sql, tuple(params))
+    sql, params = list_query(
+        units, state, channel, overdue, contact_id, now, reference=reference, before_id=before_id, limit=limit,
+        all_units=core.config.units,
+    )
+    rows = await core.store.fetchall(sql, params)
     return _page(rows, limit, now)
+
+
+def list_query(
+    units: Iterable[str],
+    state: str | None,
+    channel: str | None,
+    overdue: bool | None,
+    contact_id: int | None,
+    now: datetime,
+    *,
+    reference: str | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+    all_units: Iterable[str] = (),
+) -> tuple[str, tuple[Any, ...]]:
+    """The statement of one list page (``limit + 1`` rows, for the cursor) and its parameters.
+
+    Several units, but not all, with no filter that walks an index of its own: each unit's
+    newest by its (unit, id) index, then the newest of those. Walking the primary key and
+    checking the unit read the whole table when those units had few conversations among many
+    (a hotline's five among 300,000: 104 ms, and 209 ms for its closed ones)."""
+    unit_list = sorted(set(units))
+    walks_each_unit = (
+        len(unit_list) > 1
+        and set(unit_list) != set(all_units)
+        and contact_id is None
+        and overdue is not True
+        and state not in WORKLOAD_STATES
+        and reference is None
+    )
+    extra: list[str] = []
+    extra_params: list[Any] = []
+    if reference is not None:
+        extra.append("c.case_reference = ?")
+        extra_params.append(reference)
+    if before_id is not None:
+        extra.append("c.id < ?")
+        extra_params.append(before_id)
+    if walks_each_unit:
+        parts = []
+        params: list[Any] = []
+        for unit in unit_list:
+            where, unit_params = _list_filters([unit], state, channel, overdue, contact_id, now, by_unit=True)
+            parts.append(
+                f"SELECT id FROM (SELECT c.id FROM conversations c WHERE {' AND '.join(where + extra)}"
+                " ORDER BY c.id DESC LIMIT ?)"
+            )
+            params += [*unit_params, *extra_params, limit + 1]
+        sql = f"{CONVERSATION_SELECT} WHERE c.id IN ({' UNION ALL '.join(parts)}) ORDER BY c.id DESC LIMIT ?"
+        return sql, (*params, limit + 1)
+    where, params = _list_filters(unit_list, state, channel, overdue, contact_id, now)
+    sql = f"{CONVERSATION_SELECT} WHERE {' AND '.join(where + extra)} ORDER BY c.id DESC LIMIT ?"
+    return sql, (*params, *extra_params, limit + 1)
 
 
 async def _search_page(

@@ -406,7 +406,8 @@ def _history(path, closed: int):
             for i in range(2, closed + 2)]
     rows += [(closed + 2, "K-OVERDUE", "t-overdue", 1, "phone", "kundenservice", "acknowledged", "de", "r", "x",
               "2026-01-01T01:00:00.000000Z", stamp, stamp),
-             (closed + 3, "K-OLD", "t-old", 1, "webform", "kundenservice", "closed", "de", "r", "x", None, stamp, stamp)]
+             (closed + 3, "K-OLD", "t-old", 1, "webform", "kundenservice", "closed", "de", "r", "x", None, stamp, stamp),
+             (1, "K-HOTLINE", "t-hotline", 1, "phone", "bauhotline", "closed", "de", "r", "x", None, stamp, stamp)]
     conn.executemany(
         "INSERT INTO conversations (id, case_reference, status_token, contact_id, channel, unit, state, language,"
         " routing_rule, routing_reason, deadline, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -419,13 +420,13 @@ def _list_cost(conn, **filters) -> tuple[int, list[str]]:
     """VM steps (in hundreds) of one list page with these filters, and the case references."""
     from datetime import UTC, datetime
 
-    from router.inbox.queries import CONVERSATION_SELECT, _list_filters
+    from router.config import load_config
+    from router.inbox.queries import list_query
 
-    where, params = _list_filters(
+    sql, params = list_query(
         filters.get("units", ["kundenservice"]), filters.get("state"), filters.get("channel"), filters.get("overdue"),
-        filters.get("contact_id"), datetime(2026, 1, 2, tzinfo=UTC),
+        filters.get("contact_id"), datetime(2026, 1, 2, tzinfo=UTC), limit=50, all_units=load_config(env={}).units,
     )
-    sql = f"{CONVERSATION_SELECT} WHERE {' AND '.join(where)} ORDER BY c.id DESC LIMIT 51"
     steps, rows = vm_steps(conn, lambda: conn.execute(sql, params).fetchall(), every=100)
     return steps, [r["case_reference"] for r in rows]
 
@@ -442,6 +443,11 @@ def test_list_filters_read_the_workload_or_the_contact_not_the_history(tmp_path)
         ({"overdue": True}, ["K-OVERDUE"]),
         ({"state": "acknowledged", "channel": "phone"}, ["K-OVERDUE"]),
         ({"overdue": True, "channel": "phone", "units": ["kundenservice", "vertrieb"]}, ["K-OVERDUE"]),
+        # a token of several units that have few conversations among many (the history is
+        # kundenservice's): the primary key walked the whole table
+        ({"units": ["bauhotline", "tiefbau-muster"]}, ["K-HOTLINE"]),
+        ({"units": ["bauhotline", "tiefbau-muster"], "state": "closed"}, ["K-HOTLINE"]),
+        ({"units": ["bauhotline", "kundenservice"], "state": "acknowledged"}, ["K-OVERDUE"]),
     ]
     for filters, expected in cases:
         few, found = _list_cost(small, **filters)
@@ -552,3 +558,29 @@ def test_stats_of_a_period_read_that_period_not_the_history(tmp_path):
     many, found_in_large = cost(large)
     assert found_in_small == found_in_large == [("phone", 1), ("webform", 1)]
     assert many <= few + 2, (few, many)
+
+
+@pytest.mark.parametrize("query", ["", "&state=closed", "&state=open", "&channel=webform", "&overdue=false"])
+async def test_a_token_of_several_units_pages_through_exactly_its_conversations(harness, query):
+    """Each unit's newest, then the newest of those: page by page, no row skipped or repeated."""
+    topics = ["construction", "contract", "construction", "billing", "construction"]
+    ids = [await _case(harness, text=f"Anliegen {n}", topic=topics[n % 5], postcode="12345" if n % 3 else "99999")
+           for n in range(24)]
+    await harness.api("POST", f"/api/v1/conversations/{ids[3]}/close")
+    await harness.api("POST", f"/api/v1/conversations/{ids[9]}/close")
+    hotline = ("bauhotline", "kundenservice", "tiefbau-muster")  # its own two, and the contractor it oversees
+    where = {"": "", "&state=closed": " AND state = 'closed'", "&state=open": " AND state = 'open'",
+             "&channel=webform": " AND channel = 'webform'", "&overdue=false": ""}[query]
+    expected = [r["id"] for r in await harness.rows(
+        f"SELECT id FROM conversations WHERE unit IN (?, ?, ?){where} ORDER BY id DESC", hotline)]
+    assert expected and len(expected) < len(ids)  # some of the hotline's, not all
+    seen, cursor = [], None
+    for _ in range(30):
+        status, page = await harness.api(
+            "GET", f"/api/v1/conversations?limit=2{query}" + (f"&cursor={cursor}" if cursor else ""), token="hotline")
+        assert status == 200
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == expected
