@@ -75,7 +75,7 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
     store = RecordingStore(db)
     await store.open()
     core = SimpleNamespace(store=store, clock=Clock(), status_url=lambda token: f"/status/{token}",
-                           config=SimpleNamespace(units={}))
+                           config=SimpleNamespace(units=dict.fromkeys(ALL_UNITS)))
     now = core.clock.now()
     newest = (await store.fetchone("SELECT MAX(id) FROM conversations"))[0]
     middle = newest // 2
@@ -85,6 +85,10 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
         ("list, all units", lambda: list_conversations(core, units=ALL_UNITS)),
         ("list, contractor unit", lambda: list_conversations(core, units=("tiefbau-muster",))),
         ("list, hotline units + state=open", lambda: list_conversations(core, units=("bauhotline", "kundenservice"), state="open")),
+        ("list, hotline units (its two and its contractor)",
+         lambda: list_conversations(core, units=("bauhotline", "kundenservice", "tiefbau-muster"))),
+        ("list, hotline units + state=closed",
+         lambda: list_conversations(core, units=("bauhotline", "kundenservice", "tiefbau-muster"), state="closed")),
         ("list, channel=email", lambda: list_conversations(core, units=ALL_UNITS, channel="email")),
         ("list, overdue=true", lambda: list_conversations(core, units=ALL_UNITS, overdue=True)),
         ("list, overdue=true, one unit", lambda: list_conversations(core, units=("stoerung",), overdue=True)),
