@@ -378,7 +378,8 @@ class Core:
                 " VALUES (?, ?, 'internal', 'note', 'internal', ?, ?, ?)",
                 (conversation_id, current["contact_id"], staff, text, stamp),
             ).lastrowid
-            return {"id": message_id, "direction": "internal", "kind": "note", "text": text, "author": staff, "created_at": stamp}
+            return {"id": message_id, "conversation_id": conversation_id, "direction": "internal", "kind": "note",
+                    "channel": "internal", "text": text, "author": staff, "created_at": stamp, "delivery_status": None}
 
         return await self.store.write(work)
 
@@ -443,8 +444,9 @@ class Core:
                     "UPDATE conversations SET state = 'closed', closed_at = ?, deadline = NULL, escalate_at = NULL,"
                     " updated_at = ? WHERE id = ?", (stamp, stamp, conversation_id))
             elif action == "reopen":
-                if conv["state"] != "closed":
-                    raise ActionError("not_closed", "only a closed conversation can be reopened")
+                # A waiting conversation too: staff stop waiting for the resident, the deadline runs again.
+                if conv["state"] not in ("closed", "waiting"):
+                    raise ActionError("not_closed", "only a closed or waiting conversation can be reopened")
                 tracking.renew_deadline(conn, self.config, conv, now)
             elif action == "wait":
                 if conv["state"] == "closed":

@@ -89,8 +89,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 def _text(data: dict[str, Any], field: str, *, required: bool = True, max_len: int = MAX_TEXT) -> str | None:
     value = data.get(field)
-    if value is None and not required:
-        return None
+    if not required and (value is None or (isinstance(value, str) and not value.strip())):
+        return None  # an optional field a web page sends empty is not given
     if not isinstance(value, str) or not value.strip():
         raise _error(400, "invalid_field", f"{field} must be a non-empty string", field=field)
     if len(value) > max_len:
@@ -212,7 +212,7 @@ async def post_reply(request: web.Request) -> web.Response:
     data = await _body(request)
     text = _text(data, "text")
     message = await request.app[keys.CORE].reply(conversation_id, text, member.name, units=units)
-    return web.json_response(message, status=201)
+    return web.json_response({**message, "created_at": queries.rfc3339(message["created_at"])}, status=201)
 
 
 @routes.post("/api/v1/conversations/{id}/notes")
@@ -220,7 +220,7 @@ async def post_note(request: web.Request) -> web.Response:
     member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
     note = await request.app[keys.CORE].note(conversation_id, _text(data, "text"), member.name, units=units)
-    return web.json_response(note, status=201)
+    return web.json_response({**note, "created_at": queries.rfc3339(note["created_at"])}, status=201)
 
 
 @routes.post("/api/v1/conversations/{id}/assign")

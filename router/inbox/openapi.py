@@ -81,10 +81,13 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/conversations/{id}/assign": _action("Assign to a staff member (null unassigns)", {
                 "type": "object", "required": ["assignee"],
                 "properties": {"assignee": {"type": ["string", "null"], "maxLength": 100}}}),
-            "/api/v1/conversations/{id}/transfer": _action("Transfer to another unit: new deadline, new owner notified", {
-                "type": "object", "required": ["unit"], "properties": {"unit": {"type": "string"}, "reason": {"type": "string"}}}),
+            "/api/v1/conversations/{id}/transfer": _action(
+                "Transfer to another unit: new deadline, new owner notified. The detail, or, when the new unit is not"
+                " the caller's, only {id, unit, transferred}", {
+                "type": "object", "required": ["unit"], "properties": {"unit": {"type": "string"}, "reason": {"type": "string"}}},
+                result="TransferResult"),
             "/api/v1/conversations/{id}/close": _action("Close"),
-            "/api/v1/conversations/{id}/reopen": _action("Reopen a closed conversation"),
+            "/api/v1/conversations/{id}/reopen": _action("Reopen a closed or waiting conversation: a new deadline"),
             "/api/v1/conversations/{id}/wait": _action("Wait for the contact (no deadline while waiting)"),
             "/api/v1/conversations/{id}/callbacks": _action("Log a call-back attempt; reached answers the conversation", {
                 "type": "object", "required": ["outcome"], "properties": {
@@ -146,6 +149,9 @@ def openapi_document() -> dict[str, Any]:
                     "routing": {"type": "object", "required": ["rule", "reason"], "properties": {"rule": {"type": "string"}, "reason": {"type": "string"}}},
                     "escalations": {"type": "array", "items": {"type": "object", "properties": {"level": {"type": "integer"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}, "reason": {"type": "string"}, "at": {"type": "string"}}}},
                     "events": {"type": "array"}, "callbacks": {"type": "array"}, "pending_deliveries": {"type": "integer"}}}]},
+                "TransferResult": {"oneOf": [_ref("ConversationDetail"), {
+                    "type": "object", "required": ["id", "unit", "transferred"], "additionalProperties": False, "properties": {
+                        "id": {"type": "integer"}, "unit": {"type": "string"}, "transferred": {"const": True}}}]},
                 "CallbackResult": {"type": "object", "properties": {"attempt": {"type": "object"}, "answered": {"type": "boolean"}, "escalated": {"type": "boolean"}}},
                 "Unit": {"type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "kind": {"enum": ["own", "external"]}, "first_response_hours": {"type": "number"}, "escalate_to": {"type": ["string", "null"]}, "oversees": {"type": "array", "items": {"type": "string"}}}},
                 "Stat": {"type": "object", "properties": {"channel": {"type": "string"}, "unit": {"type": "string"}, "received": {"type": "integer"}, "acknowledged": {"type": "integer"}, "answered": {"type": "integer"}, "overdue": {"type": "integer"}, "median_first_answer_seconds": {"type": ["number", "null"]}}},

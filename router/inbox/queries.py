@@ -60,18 +60,19 @@ def _conversation_item(row: Any, now: datetime) -> dict[str, Any]:
             "customer_number": row["customer_number"],
             "customer_claim": row["customer_claim"],
         },
-        "deadline": _rfc3339(deadline),
+        "deadline": rfc3339(deadline),
         "overdue": bool(deadline and row["state"] in WAITING_STATES and deadline < iso(now)),
         "escalation_level": row["escalation_level"],
         "linked_to": row["linked_to"],
-        "created_at": _rfc3339(row["created_at"]),
-        "updated_at": _rfc3339(row["updated_at"]),
-        "last_inbound_at": _rfc3339(row["last_inbound_at"]),
-        "first_answered_at": _rfc3339(row["first_answered_at"]),
+        "created_at": rfc3339(row["created_at"]),
+        "updated_at": rfc3339(row["updated_at"]),
+        "last_inbound_at": rfc3339(row["last_inbound_at"]),
+        "first_answered_at": rfc3339(row["first_answered_at"]),
     }
 
 
-def _rfc3339(value: str | None) -> str | None:
+def rfc3339(value: str | None) -> str | None:
+    """A stored timestamp as the API writes it (``2026-11-30T08:00:00Z``)."""
     dt = parse_iso(value)
     return dt.isoformat().replace("+00:00", "Z") if dt else None
 
@@ -553,10 +554,10 @@ def _message_item(row: Any, deliveries: list[dict[str, Any]] | None = None) -> d
         "subject": row["subject"],
         "text": row["text"],
         "language": row["language"],
-        "created_at": _rfc3339(row["created_at"]),
+        "created_at": rfc3339(row["created_at"]),
         "delivery_status": row["delivery_status"],
-        "edited_at": _rfc3339(row["edited_at"]),
-        "deleted_at": _rfc3339(row["deleted_at"]),
+        "edited_at": rfc3339(row["edited_at"]),
+        "deleted_at": rfc3339(row["deleted_at"]),
         "target_message_id": row["target_message_id"],
     }
     for key in ("attachments", "location", "address", "meta", "flags", "previous_text"):
@@ -587,7 +588,7 @@ async def conversation_detail(core: Core, conversation_id: int) -> dict[str, Any
         by_message.setdefault(o["message_id"], []).append({
             "channel": o["channel"], "to": o["to_address"], "state": o["state"], "attempts": o["attempts"],
             "delivery_status": o["delivery_status"], "last_error": o["last_error"],
-            "next_attempt_at": _rfc3339(o["next_attempt_at"]) if o["state"] == "pending" else None,
+            "next_attempt_at": rfc3339(o["next_attempt_at"]) if o["state"] == "pending" else None,
         })
     messages = await core.store.fetchall(
         # A reaction or edit with deleted_at was superseded by a later one of its sender.
@@ -601,24 +602,24 @@ async def conversation_detail(core: Core, conversation_id: int) -> dict[str, Any
         "SELECT level, from_unit, to_unit, reason, at FROM escalations WHERE conversation_id = ? ORDER BY id",
         (conversation_id,),
     )
-    item["escalations"] = [{**dict(e), "at": _rfc3339(e["at"])} for e in escalations]
+    item["escalations"] = [{**dict(e), "at": rfc3339(e["at"])} for e in escalations]
     events = await core.store.fetchall(
         "SELECT kind, actor, data, at FROM events WHERE conversation_id = ? ORDER BY id", (conversation_id,)
     )
     item["events"] = [
-        {"kind": e["kind"], "actor": e["actor"], "data": json.loads(e["data"]) if e["data"] else {}, "at": _rfc3339(e["at"])}
+        {"kind": e["kind"], "actor": e["actor"], "data": json.loads(e["data"]) if e["data"] else {}, "at": rfc3339(e["at"])}
         for e in events
     ]
     callbacks = await core.store.fetchall(
         "SELECT outcome, note, staff, at FROM callback_attempts WHERE conversation_id = ? ORDER BY id", (conversation_id,)
     )
-    item["callbacks"] = [{**dict(c), "at": _rfc3339(c["at"])} for c in callbacks]
+    item["callbacks"] = [{**dict(c), "at": rfc3339(c["at"])} for c in callbacks]
     identities = await core.store.fetchall(
         "SELECT kind, address, last_inbound_at, failed_at FROM identities WHERE contact_id = ? ORDER BY id",
         (row["contact_id"],),
     )
     item["contact"]["identities"] = [
-        {"kind": i["kind"], "address": i["address"], "last_inbound_at": _rfc3339(i["last_inbound_at"]),
+        {"kind": i["kind"], "address": i["address"], "last_inbound_at": rfc3339(i["last_inbound_at"]),
          "failed": i["failed_at"] is not None}
         for i in identities
     ]
@@ -675,9 +676,9 @@ async def contact_detail(core: Core, contact_id: int) -> dict[str, Any] | None:
         "customer_number": row["customer_number"],
         "customer_claim": row["customer_claim"],
         "merged_into": row["merged_into"],
-        "created_at": _rfc3339(row["created_at"]),
+        "created_at": rfc3339(row["created_at"]),
         "identities": [
-            {"kind": i["kind"], "address": i["address"], "last_inbound_at": _rfc3339(i["last_inbound_at"]),
+            {"kind": i["kind"], "address": i["address"], "last_inbound_at": rfc3339(i["last_inbound_at"]),
              "failed": i["failed_at"] is not None}
             for i in identities
         ],

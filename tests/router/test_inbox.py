@@ -584,3 +584,22 @@ async def test_a_token_of_several_units_pages_through_exactly_its_conversations(
         if not cursor:
             break
     assert seen == expected
+
+
+async def test_waiting_can_be_undone_and_empty_optional_fields_are_not_given(harness):
+    """Staff who set wait by mistake could only close and reopen; a web page that posts an empty
+    optional field ("reason": "") was answered 400."""
+    case = await _case(harness)
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/wait")
+    assert status == 200 and detail["state"] == "waiting" and detail["deadline"] is None
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/reopen")
+    assert status == 200 and detail["state"] == "acknowledged" and detail["deadline"] is not None
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/reopen")
+    assert status == 409 and body["error"]["code"] == "not_closed"
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/transfer",
+                                       json={"unit": "kundenservice", "reason": "  "})
+    assert status == 200 and detail["routing"]["reason"] == "Transferred by admin."
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "not_reached", "note": ""})
+    assert status == 201 and body["attempt"]["note"] is None
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": " "})
+    assert status == 400 and body["error"]["field"] == "text"  # a required one still must say something
