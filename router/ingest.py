@@ -205,6 +205,18 @@ def _provider_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo is not None else None
 
 
+def _may_annotate(kind: str, target: Mapping[str, Any], contact_id: int, thread_conv: Mapping[str, Any] | None) -> bool:
+    """Whether a reaction, edit or deletion may change its target: one of the sender's own
+    conversation (a reaction to our answer too), or of the conversation its thread names (a
+    transcript, whose caller may be unknown); an edit or deletion only of an inbound message.
+    A channel that does not sign its requests must not let one sender rewrite another's words."""
+    if kind != "reaction" and target["direction"] != "in":
+        return False
+    return target["contact_id"] == contact_id or (
+        thread_conv is not None and target["conversation_id"] == thread_conv["id"]
+    )
+
+
 def _annotate(
     conn: sqlite3.Connection, config: Config, prep: Prepared, contact_id: int, status_url: Callable[[str], str]
 ) -> IngestResult:
@@ -217,12 +229,16 @@ def _annotate(
             "SELECT * FROM messages WHERE channel = ? AND (channel_message_id = ? OR provider_id = ?) LIMIT 1",
             (msg["channel"], msg["target_message_id"], msg["target_message_id"]),
         ).fetchone()
+    thread_conv = None
+    if (msg.get("thread") or {}).get("refs"):
+        thread_conv, _ = _find_thread(conn, msg, contact_id, False, prep.sender_verified, refs_join_any=True)
+    if target is not None and not _may_annotate(msg["kind"], target, contact_id, thread_conv):
+        target = None  # kept, as an annotation of nothing: it changes nobody else's message
     conversation_id = target["conversation_id"] if target is not None else None
-    if target is None and (msg.get("thread") or {}).get("refs"):
+    if target is None and thread_conv is not None:
         # Not here yet (a voicemail's transcript can come before the voicemail): it belongs with
         # the conversation its thread names (the call), where staff see it, not nowhere.
-        conv, _ = _find_thread(conn, msg, contact_id, False, prep.sender_verified, refs_join_any=True)
-        conversation_id = conv["id"] if conv is not None else None
+        conversation_id = thread_conv["id"]
     meta = msg.get("meta") or {}
     payload: dict[str, Any] = {k: msg[k] for k in ("meta", "raw", "flags", "attachments", "sent_at") if msg.get(k)}
     # A reaction or edit the provider sent before one already stored (a retry of a replaced

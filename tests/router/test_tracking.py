@@ -240,3 +240,28 @@ async def test_a_third_party_answering_someone_elses_thread_gets_a_case_of_their
     again = await harness.core.ingest(_mail("Und jetzt?", "<a2@anwohner.example>", sender="anwohner@example.net",
                                             thread={"refs": ["<a1@anwohner.example>"]}))
     assert again.conversation_id == mine.conversation_id
+
+
+def _chat(kind: str, message_id: str, sender: str, **extra):
+    """A canonical WhatsApp message, reaction, edit or deletion."""
+    return {"channel": "whatsapp", "channel_message_id": message_id, "kind": kind,
+            "sender": {"kind": "phone", "address": sender}, **extra}
+
+
+async def test_an_edit_or_deletion_changes_only_the_senders_own_message(harness):
+    """Another sender's edit rewrote a resident's words, and a deletion hid them: a channel that
+    does not sign its requests (a third-party plugin) would let anyone do so."""
+    await harness.core.ingest(_chat("message", "wamid.A1", "+4915111111111", text="Gehweg gesperrt seit Montag"))
+    await harness.core.ingest(_chat("edit", "wamid.B1", "+4915122222222", target_message_id="wamid.A1", text="alles gut"))
+    await harness.core.ingest(_chat("deletion", "wamid.B2", "+4915122222222", target_message_id="wamid.A1"))
+    await harness.core.ingest(_chat("reaction", "wamid.B3", "+4915122222222", target_message_id="wamid.A1",
+                                    meta={"emoji": "👎"}))
+    original = (await harness.rows("SELECT text, edited_at, deleted_at FROM messages WHERE channel_message_id = 'wamid.A1'"))[0]
+    assert (original["text"], original["edited_at"], original["deleted_at"]) == ("Gehweg gesperrt seit Montag", None, None)
+    foreign = await harness.rows("SELECT target_message_id, conversation_id FROM messages WHERE channel_message_id LIKE 'wamid.B%'")
+    assert all(r["target_message_id"] is None and r["conversation_id"] is None for r in foreign)
+    # the resident's own edit still takes effect
+    await harness.core.ingest(_chat("edit", "wamid.A2", "+4915111111111", target_message_id="wamid.A1",
+                                    text="Gehweg gesperrt seit Dienstag"))
+    assert (await harness.rows("SELECT text FROM messages WHERE channel_message_id = 'wamid.A1'"))[0]["text"] == \
+        "Gehweg gesperrt seit Dienstag"
