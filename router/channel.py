@@ -133,6 +133,18 @@ async def read_provider_json(response: ClientResponse, limit: int = MAX_PROVIDER
         return None
 
 
+class SettingsError(ValueError):
+    """A channel's settings refused when its channels are registered: ``path`` names the key
+    (``channels.phone.forward_timeout``), ``message`` what is wrong with it. ``check-config``
+    and ``serve`` report it with the configuration file; raise it (or a subclass) from
+    ``register_channels`` for a value of the wrong shape, instead of starting with a default."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
 class InvalidMessage(Exception):
     """A plugin handed over a message that does not match the canonical schema.
 

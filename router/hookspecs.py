@@ -14,7 +14,7 @@ first coroutine, answered or not).
 
 The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabilities``,
 ``OutboundMessage``, ``SendResult``, ``DeliveryUpdate``, the ``DeliveryError`` family,
-``InvalidMessage``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer``,
+``InvalidMessage``, ``SettingsError``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer``,
 ``RoutingDecision``, ``json_error`` (an HTTP error with the service's JSON error body),
 ``read_limited_body`` with its ``BodyTooLarge`` (a request body of at most so many bytes),
 ``BodyTimeout`` (a body that did not keep to the service's ``BodyDeadline``; the service
@@ -45,6 +45,7 @@ from .channel import (
     RetryableDeliveryError,
     SendResult,
     Service,
+    SettingsError,
     StorageUnavailable,
     json_error,
     parse_retry_after,
@@ -80,6 +81,7 @@ __all__ = [
     "RoutingDecision",
     "SendResult",
     "Service",
+    "SettingsError",
     "StorageUnavailable",
     "hookimpl",
     "hookspec",

@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .channel import SettingsError
 
 log = logging.getLogger("contact_router.plugins")
 
@@ -102,18 +103,16 @@ def channel_settings_errors(
     pm: pluggy.PluginManager, settings: Mapping[str, Any], env: Mapping[str, str], topics: Mapping[str, Any]
 ) -> list[tuple[str, str]]:
     """What each channel plugin refuses in its settings, as (key path, message) pairs, found
-    by registering its channels as the service does at start (a plugin's settings error names
-    its key: ``channels.phone.forward_timeout: expected ...``), for ``check-config`` to report
+    by registering its channels as the service does at start (a ``SettingsError`` names its
+    key; any other error is reported with the plugin's name), for ``check-config`` to report
     with the file. (``serve`` registers them once, in the app, and reports the same errors.)"""
     errors = []
     for impl in reversed(pm.hook.register_channels.get_hookimpls()):
         args = {"settings": settings, "env": dict(env), "topics": topics}
         try:
             impl.function(**{name: args[name] for name in impl.argnames if name in args})
-        except Exception as exc:  # a settings error names its key; anything else is reported as it is
-            path, sep, message = str(exc).partition(": ")
-            if sep and path.startswith("channels.") and " " not in path:
-                errors.append((path, message))
-            else:
-                errors.append((f"channels ({impl.plugin_name})", str(exc)))
+        except SettingsError as exc:
+            errors.append((exc.path, exc.message))
+        except Exception as exc:  # anything else is reported as it is, with the plugin
+            errors.append((f"channels ({impl.plugin_name})", str(exc)))
     return errors

@@ -101,13 +101,13 @@ class ImapMailbox:
     def from_mapping(cls, section: Mapping[str, Any], where: str) -> ImapMailbox:
         """Check one ``imap`` table; raises ``EmailSettingsError`` naming the key."""
         if not isinstance(section, Mapping):
-            raise EmailSettingsError(f"{where}: expected a table with host, user and password")
+            raise EmailSettingsError(where, "expected a table with host, user and password")
         missing = [k for k in ("host", "user", "password") if not str(section.get(k) or "").strip()]
         if missing:
-            raise EmailSettingsError(f"{where}.{missing[0]}: required")
+            raise EmailSettingsError(f"{where}.{missing[0]}", "required")
         tls = str(section.get("tls") or "tls").strip().lower()
         if tls not in _TLS_MODES:
-            raise EmailSettingsError(f"{where}.tls: one of {', '.join(_TLS_MODES)}, got {tls!r}")
+            raise EmailSettingsError(f"{where}.tls", f"one of {', '.join(_TLS_MODES)}, got {tls!r}")
 
         def number(key: str, default: float) -> float:
             value = section.get(key)
@@ -116,19 +116,19 @@ class ImapMailbox:
             try:
                 result = float(value)
             except (TypeError, ValueError):
-                raise EmailSettingsError(f"{where}.{key}: expected a number, got {value!r}") from None
+                raise EmailSettingsError(f"{where}.{key}", f"expected a number, got {value!r}") from None
             if result <= 0:
-                raise EmailSettingsError(f"{where}.{key}: must be positive")
+                raise EmailSettingsError(f"{where}.{key}", "must be positive")
             return result
 
         if isinstance(section.get("max_attempts"), bool):
-            raise EmailSettingsError(f"{where}.max_attempts: expected a whole number, got {section.get('max_attempts')!r}")
+            raise EmailSettingsError(f"{where}.max_attempts", f"expected a whole number, got {section.get('max_attempts')!r}")
         attempts = number("max_attempts", MAX_ATTEMPTS)
         if not math.isfinite(attempts) or attempts != int(attempts):
-            raise EmailSettingsError(f"{where}.max_attempts: expected a whole number, got {section.get('max_attempts')!r}")
+            raise EmailSettingsError(f"{where}.max_attempts", f"expected a whole number, got {section.get('max_attempts')!r}")
         address = str(section.get("address") or "").strip().lower() or None
         if address is not None and "@" not in address:
-            raise EmailSettingsError(f"{where}.address: {address!r} is not an e-mail address")
+            raise EmailSettingsError(f"{where}.address", f"{address!r} is not an e-mail address")
         return cls(
             host=str(section["host"]).strip(),
             user=str(section["user"]).strip(),
@@ -154,7 +154,7 @@ def imap_mailboxes(value: Any) -> list[ImapMailbox]:
         return [ImapMailbox.from_mapping(value, "channels.email.imap")]
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [ImapMailbox.from_mapping(v, f"channels.email.imap[{i}]") for i, v in enumerate(value)]
-    raise EmailSettingsError("channels.email.imap: expected a table or a list of tables")
+    raise EmailSettingsError("channels.email.imap", "expected a table or a list of tables")
 
 
 @dataclasses.dataclass(slots=True)

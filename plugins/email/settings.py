@@ -10,12 +10,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from router.hookspecs import SettingsError
+
 RELAY_TLS_MODES = ("starttls", "tls", "none")
 _DEFAULT_RELAY_PORT = {"starttls": 587, "tls": 465, "none": 25}
 
 
-class EmailSettingsError(ValueError):
-    """A setting of the ``email`` channel is wrong; the message names the key."""
+class EmailSettingsError(SettingsError):
+    """A setting of the ``email`` channel is wrong; ``path`` names the key."""
 
 
 def _blank(value: Any) -> bool:
@@ -29,9 +31,9 @@ def _int(section: Mapping[str, Any], key: str, default: int | None) -> int | Non
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise EmailSettingsError(f"channels.email.{key}: expected a number, got {value!r}") from None
+        raise EmailSettingsError(f"channels.email.{key}", f"expected a number, got {value!r}") from None
     if number < 0:
-        raise EmailSettingsError(f"channels.email.{key}: must not be negative")
+        raise EmailSettingsError(f"channels.email.{key}", "must not be negative")
     return number
 
 
@@ -71,27 +73,27 @@ class EmailSettings:
         """Check and resolve the ``channels.email`` section; raise ``EmailSettingsError``."""
         raw_addresses = section.get("addresses") or {}
         if not isinstance(raw_addresses, Mapping) or not raw_addresses:
-            raise EmailSettingsError("channels.email.addresses: expected a table of address -> {unit, language}")
+            raise EmailSettingsError("channels.email.addresses", "expected a table of address -> {unit, language}")
         addresses: dict[str, dict[str, Any]] = {}
         for address, entry in raw_addresses.items():
             if "@" not in str(address):
-                raise EmailSettingsError(f"channels.email.addresses: {address!r} is not an e-mail address")
+                raise EmailSettingsError("channels.email.addresses", f"{address!r} is not an e-mail address")
             if isinstance(entry, str):
                 entry = {"unit": entry}
             if not isinstance(entry, Mapping) or not entry.get("unit"):
-                raise EmailSettingsError(f"channels.email.addresses.{address}: needs a unit")
+                raise EmailSettingsError(f"channels.email.addresses.{address}", "needs a unit")
             addresses[str(address).strip().lower()] = {"unit": entry["unit"], "language": entry.get("language")}
         first = next(iter(addresses))
         relay_tls = (_str(section, "relay_tls", "starttls") or "starttls").lower()
         if relay_tls not in RELAY_TLS_MODES:
-            raise EmailSettingsError(f"channels.email.relay_tls: one of {', '.join(RELAY_TLS_MODES)}, got {relay_tls!r}")
+            raise EmailSettingsError("channels.email.relay_tls", f"one of {', '.join(RELAY_TLS_MODES)}, got {relay_tls!r}")
         tls_cert, tls_key = _str(section, "tls_cert"), _str(section, "tls_key")
         if bool(tls_cert) != bool(tls_key):
-            raise EmailSettingsError("channels.email.tls_cert and tls_key: set both or neither")
+            raise EmailSettingsError("channels.email.tls_cert", "tls_cert and tls_key: set both or neither")
         try:
             timeout = float(section.get("relay_timeout") or 30.0)
         except (TypeError, ValueError):
-            raise EmailSettingsError("channels.email.relay_timeout: expected seconds") from None
+            raise EmailSettingsError("channels.email.relay_timeout", "expected seconds") from None
         listen = section.get("listen", True)
         return cls(
             addresses=addresses,

@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
+from router.hookspecs import SettingsError
+
 DEFAULT_MENU = {"1": "construction", "2": "contract", "3": "fault", "0": "other"}
 
 ENV_FALLBACKS = {
@@ -29,8 +31,8 @@ _DIGIT = re.compile(r"^[0-9*#]$")
 _TOPIC = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
-class SettingsError(ValueError):
-    """A value in ``channels.phone`` is unusable; the message names the key."""
+class PhoneSettingsError(SettingsError):
+    """A value in ``channels.phone`` is unusable; ``path`` names the key."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,7 +73,7 @@ class PhoneSettings:
     def from_config(cls, section: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> PhoneSettings:
         """Read and check ``section``; Twilio values missing there come from ``env``.
 
-        Raises ``SettingsError`` naming the key for a value of the wrong shape.
+        Raises ``PhoneSettingsError`` naming the key for a value of the wrong shape.
         """
         section = dict(section or {})
         env = env or {}
@@ -85,7 +87,7 @@ class PhoneSettings:
             if value is None or value == "":
                 continue
             if not isinstance(value, str):
-                raise SettingsError(f"channels.phone.{key}: expected a string")
+                raise PhoneSettingsError(f"channels.phone.{key}", "expected a string")
             values[key] = value.strip()
         # Checked here, not when the first call comes: an unknown timezone made the channel tell
         # callers deadlines in UTC (an hour early in winter), an unknown region read every
@@ -94,50 +96,50 @@ class PhoneSettings:
             try:
                 ZoneInfo(values["timezone"])
             except (ZoneInfoNotFoundError, ValueError):
-                raise SettingsError(f"channels.phone.timezone: unknown timezone {values['timezone']!r}") from None
+                raise PhoneSettingsError("channels.phone.timezone", f"unknown timezone {values['timezone']!r}") from None
         if "region" in values:
             if values["region"].upper() not in phonenumbers.SUPPORTED_REGIONS:
-                raise SettingsError(f"channels.phone.region: not a region phone numbers are known for: {values['region']!r}")
+                raise PhoneSettingsError("channels.phone.region", f"not a region phone numbers are known for: {values['region']!r}")
             values["region"] = values["region"].upper()
         for key in ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts"):
             if key in section:
                 value = section[key]
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise SettingsError(f"channels.phone.{key}: expected a positive whole number")
+                    raise PhoneSettingsError(f"channels.phone.{key}", "expected a positive whole number")
                 values[key] = value
         if "send_timeout" in section:
             value = section["send_timeout"]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise SettingsError("channels.phone.send_timeout: expected a positive number of seconds")
+                raise PhoneSettingsError("channels.phone.send_timeout", "expected a positive number of seconds")
             values["send_timeout"] = float(value)
         if "menu" in section:
             menu = section["menu"]
             if not isinstance(menu, Mapping) or not menu:
-                raise SettingsError("channels.phone.menu: expected a table of digit = topic")
+                raise PhoneSettingsError("channels.phone.menu", "expected a table of digit = topic")
             for digit, topic in menu.items():
                 if not (isinstance(digit, str) and _DIGIT.match(digit)):
-                    raise SettingsError(f"channels.phone.menu.{digit}: a menu key is one digit")
+                    raise PhoneSettingsError(f"channels.phone.menu.{digit}", "a menu key is one digit")
                 if not (isinstance(topic, str) and _TOPIC.match(topic)):
-                    raise SettingsError(f"channels.phone.menu.{digit}: not a topic id: {topic!r}")
+                    raise PhoneSettingsError(f"channels.phone.menu.{digit}", f"not a topic id: {topic!r}")
             values["menu"] = dict(menu)
         if "english_digit" in section:
             digit = section["english_digit"]
             if digit is not None and not (isinstance(digit, str) and _DIGIT.match(digit)):
-                raise SettingsError("channels.phone.english_digit: expected one digit or null")
+                raise PhoneSettingsError("channels.phone.english_digit", "expected one digit or null")
             values["english_digit"] = digit
         if values.get("english_digit", "9") in values.get("menu", DEFAULT_MENU):
-            raise SettingsError("channels.phone.english_digit: the digit is already a menu choice")
+            raise PhoneSettingsError("channels.phone.english_digit", "the digit is already a menu choice")
         for key in ("forward_numbers", "other_channels"):
             if key in section:
                 table = section[key]
                 if not isinstance(table, Mapping) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in table.items()
                 ):
-                    raise SettingsError(f"channels.phone.{key}: expected a table of strings")
+                    raise PhoneSettingsError(f"channels.phone.{key}", "expected a table of strings")
                 values[key] = dict(table)
         if "menu_labels" in section:
             labels = section["menu_labels"]
             if not isinstance(labels, Mapping) or not all(isinstance(v, Mapping) for v in labels.values()):
-                raise SettingsError("channels.phone.menu_labels: expected topic = {language = label}")
+                raise PhoneSettingsError("channels.phone.menu_labels", "expected topic = {language = label}")
             values["menu_labels"] = {k: dict(v) for k, v in labels.items()}
         return cls(**values)

@@ -270,3 +270,29 @@ async def test_a_plugin_answer_of_the_wrong_shape_costs_the_message_nothing(tmp_
         assert harness.core.metrics.value("contact_router_hook_errors_total", hook="lookup_customer") == 1
         contact = await harness.rows("SELECT is_customer FROM contacts")
         assert [c["is_customer"] for c in contact] == [0]
+
+
+class SettingsPlugin:
+    """A third-party channel plugin whose settings are refused, as SettingsError or otherwise."""
+
+    def __init__(self, error):
+        self.error = error
+
+    @hookimpl
+    def register_channels(self, settings):
+        raise self.error
+
+
+def test_a_plugins_settings_errors_are_reported_by_their_key_path():
+    """The key path was parsed out of the message text; a message with ": " in it, or a path
+    with a space, came out wrong."""
+    from router.hookspecs import SettingsError
+    from router.plugins import channel_settings_errors
+
+    pm = create_plugin_manager(False)
+    pm.register(SettingsPlugin(SettingsError("channels.demochat.webhook_url", "expected a URL, got 'ftp: x'")), "demochat")
+    pm.register(SettingsPlugin(RuntimeError("webhook_url: cannot be read")), "other")
+    assert sorted(channel_settings_errors(pm, {}, {}, {})) == [
+        ("channels (other)", "webhook_url: cannot be read"),
+        ("channels.demochat.webhook_url", "expected a URL, got 'ftp: x'"),
+    ]

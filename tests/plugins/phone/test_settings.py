@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from plugins.phone import register_channels
-from plugins.phone.settings import DEFAULT_MENU, PhoneSettings, SettingsError
+from plugins.phone.settings import DEFAULT_MENU, PhoneSettings, PhoneSettingsError
 
 TWILIO = {"account_sid": "AC1", "auth_token": "tok", "phone_number": "+4930999999"}
 
@@ -36,8 +36,9 @@ def test_twilio_credentials_fall_back_to_the_environment():
     ],
 )
 def test_bad_values_name_their_key(section, key):
-    with pytest.raises(SettingsError, match=f"channels.phone.{key}"):
+    with pytest.raises(PhoneSettingsError, match=f"channels.phone.{key}") as caught:
         PhoneSettings.from_config({**TWILIO, **section})
+    assert caught.value.path.startswith(f"channels.phone.{key}") and caught.value.message
 
 
 def test_channel_is_off_without_credentials_or_cti_secret():
