@@ -2,6 +2,8 @@
 
 The channel is off (``from_mapping`` returns None) while a credential or a business number's
 ``phone_number_id`` is missing, so an installation without WhatsApp simply has no such channel.
+A value that is given but unusable (a timeout of "soon", a unit id with spaces) is refused with
+``WhatsAppSettingsError`` naming its key, rather than replaced by a default.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from router.hookspecs import SettingsError
 
 DEFAULT_GRAPH_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v21.0"
@@ -28,6 +32,10 @@ DEFAULT_PROMPTS = {
     "en": "Reply to this message to read the full answer.",
 }
 """The template's second parameter when an answer is too long for it."""
+
+class WhatsAppSettingsError(SettingsError):
+    """A value in ``channels.whatsapp`` is unusable; ``path`` names the key."""
+
 
 _LANGUAGE = re.compile(r"^[a-z]{2}$")
 _UNIT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -94,18 +102,17 @@ class WhatsAppSettings:
         if not all(secrets) or not isinstance(raw_numbers, list) or not raw_numbers:
             return None
         numbers = []
-        for raw in raw_numbers:
+        for index, raw in enumerate(raw_numbers):
             phone_number_id = _text(raw.get("phone_number_id")) if isinstance(raw, Mapping) else None
             if not phone_number_id:
                 return None
             unit, language = _text(raw.get("unit")), _text(raw.get("language"))
-            numbers.append(
-                BusinessNumber(
-                    phone_number_id=phone_number_id,
-                    unit=unit if unit and _UNIT.match(unit) else None,
-                    language=language if language and _LANGUAGE.match(language) else None,
-                )
-            )
+            where = f"channels.whatsapp.numbers[{index}]"
+            if unit and not _UNIT.match(unit):
+                raise WhatsAppSettingsError(f"{where}.unit", f"not a unit id: {unit!r}")
+            if language and not _LANGUAGE.match(language):
+                raise WhatsAppSettingsError(f"{where}.language", f"expected a two-letter language code, got {language!r}")
+            numbers.append(BusinessNumber(phone_number_id=phone_number_id, unit=unit, language=language))
         app_secret, verify_token, access_token = secrets
         assert app_secret and verify_token and access_token
         return cls(
@@ -116,11 +123,11 @@ class WhatsAppSettings:
             graph_url=(_text(section.get("graph_url")) or DEFAULT_GRAPH_URL).rstrip("/"),
             api_version=(_text(section.get("api_version")) or DEFAULT_API_VERSION).strip("/"),
             template=_template(section.get("template")),
-            max_body_bytes=_positive_int(section.get("max_body_bytes"), DEFAULT_MAX_BODY_BYTES),
-            timeout=_positive_float(section.get("timeout"), DEFAULT_TIMEOUT),
-            status_wait=_non_negative_float(section.get("status_wait"), DEFAULT_STATUS_WAIT),
+            max_body_bytes=_positive_int(section, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+            timeout=_positive_float(section, "timeout", DEFAULT_TIMEOUT),
+            status_wait=_non_negative_float(section, "status_wait", DEFAULT_STATUS_WAIT),
             download_media=_flag(section.get("download_media")),
-            max_media_bytes=_positive_int(section.get("max_media_bytes"), DEFAULT_MAX_MEDIA_BYTES),
+            max_media_bytes=_positive_int(section, "max_media_bytes", DEFAULT_MAX_MEDIA_BYTES),
         )
 
     def number(self, phone_number_id: str | None) -> BusinessNumber | None:
@@ -140,7 +147,7 @@ def _template(raw: Any) -> TemplateSettings | None:
         name=str(raw["name"]).strip(),
         languages={str(k): str(v) for k, v in languages.items() if _text(v)},
         prompts={**DEFAULT_PROMPTS, **{str(k): str(v) for k, v in prompts.items() if _text(v)}},
-        max_parameter_chars=_positive_int(raw.get("max_parameter_chars"), 700),
+        max_parameter_chars=_positive_int(raw, "max_parameter_chars", 700, "channels.whatsapp.template"),
     )
 
 
@@ -159,29 +166,48 @@ def _flag(value: Any) -> bool:
     return value is True
 
 
-def _positive_int(value: Any, default: int) -> int:
+def _given(section: Mapping[str, Any], key: str) -> Any:
+    """The value of ``key``, or None when it is not given (missing, or an empty string from an
+    unset environment variable)."""
+    value = section.get(key)
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+def _number(section: Mapping[str, Any], key: str, where: str, expected: str) -> float | None:
+    value = _given(section, key)
+    if value is None:
+        return None
     try:
-        number = int(value)
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
     except (TypeError, ValueError):
-        return default
-    return number if number > 0 else default
+        raise WhatsAppSettingsError(f"{where}.{key}", f"expected {expected}, got {value!r}") from None
 
 
-def _non_negative_float(value: Any, default: float) -> float:
-    """``value`` as seconds where 0 means off (the number 0 and the string "0" alike);
-    anything unreadable, negative or endless is the default."""
-    if isinstance(value, bool):
+def _positive_int(section: Mapping[str, Any], key: str, default: int, where: str = "channels.whatsapp") -> int:
+    number = _number(section, key, where, "a positive whole number")
+    if number is None:
         return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return default
-    return number if 0 <= number < float("inf") else default
+    if not (number > 0 and number.is_integer()):
+        raise WhatsAppSettingsError(f"{where}.{key}", f"expected a positive whole number, got {section.get(key)!r}")
+    return int(number)
 
 
-def _positive_float(value: Any, default: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
+def _non_negative_float(section: Mapping[str, Any], key: str, default: float) -> float:
+    """Seconds where 0 means off (the number 0 and the string "0" alike)."""
+    number = _number(section, key, "channels.whatsapp", "seconds (0 for off)")
+    if number is None:
         return default
-    return number if 0 < number < float("inf") else default
+    if not 0 <= number < float("inf"):
+        raise WhatsAppSettingsError(f"channels.whatsapp.{key}", f"expected seconds (0 for off), got {section.get(key)!r}")
+    return number
+
+
+def _positive_float(section: Mapping[str, Any], key: str, default: float) -> float:
+    number = _number(section, key, "channels.whatsapp", "a positive number of seconds")
+    if number is None:
+        return default
+    if not 0 < number < float("inf"):
+        raise WhatsAppSettingsError(f"channels.whatsapp.{key}", f"expected a positive number of seconds, got {section.get(key)!r}")
+    return number

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from plugins.whatsapp import WhatsAppChannel, register_channels
-from plugins.whatsapp.settings import WhatsAppSettings
+from plugins.whatsapp.settings import WhatsAppSettings, WhatsAppSettingsError
 from plugins.whatsapp.signature import sign
 from router.app import MAX_BODY_BYTES
 from router.clock import FrozenClock
@@ -523,9 +523,29 @@ def test_channel_is_on_with_complete_settings() -> None:
     assert channel.settings.graph_url == "https://graph.facebook.com"
 
 
-@pytest.mark.parametrize("value, seconds", [(5, 5.0), ("12.5", 12.5), (0, None), ("0", None), (-1, 30.0), ("soon", 30.0),
-                                            (True, 30.0), ("inf", 30.0)])
+@pytest.mark.parametrize("value, seconds", [(5, 5.0), ("12.5", 12.5), (0, None), ("0", None), (None, 30.0), ("", 30.0)])
 def test_the_wait_for_the_status_of_an_unanswered_send_is_configurable(value: Any, seconds: float | None) -> None:
     (channel,) = register_channels(settings={"whatsapp": {**SETTINGS, "status_wait": value}}, env={})
     assert channel.capabilities.status_wait == (None if seconds is None else timedelta(seconds=seconds))  # 0: off
     assert "app-secret" not in repr(channel.settings) and "token-123" not in repr(channel.settings)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("status_wait", -1), ("status_wait", "soon"), ("status_wait", True), ("status_wait", "inf"),
+    ("timeout", 0), ("timeout", "10s"), ("max_body_bytes", 1.5), ("max_media_bytes", "viel"),
+])
+def test_a_setting_given_but_unusable_is_refused_naming_its_key(key: str, value: Any) -> None:
+    """It was replaced by the default without a word: a timeout of "10s" ran with 10 s, one of
+    0 with 10 s too."""
+    with pytest.raises(WhatsAppSettingsError) as caught:
+        register_channels(settings={"whatsapp": {**SETTINGS, key: value}}, env={})
+    assert caught.value.path == f"channels.whatsapp.{key}"
+
+
+@pytest.mark.parametrize(("field", "value"), [("unit", "Kunden Service"), ("language", "Deutsch")])
+def test_a_numbers_unit_or_language_of_the_wrong_shape_is_refused(field: str, value: str) -> None:
+    """The number's unit was dropped silently, and its messages routed by the rules alone."""
+    numbers = [SETTINGS["numbers"][0], {**SETTINGS["numbers"][1], field: value}]
+    with pytest.raises(WhatsAppSettingsError) as caught:
+        register_channels(settings={"whatsapp": {**SETTINGS, "numbers": numbers}}, env={})
+    assert caught.value.path == f"channels.whatsapp.numbers[1].{field}"
