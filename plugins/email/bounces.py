@@ -72,17 +72,24 @@ def _strip_type(value: str | None) -> str | None:
     return (rest if sep else value).strip().strip("<>").strip() or None
 
 
+MAX_DSN_GROUPS = 100
+"""Per-recipient groups of a delivery status read (after the per-message one): one mail is sent
+to a handful of addresses, and each group costs a header parse (200,000 of them in 6 MB took
+6.6 s)."""
+
+
 def _dsn_groups(part: Message) -> list[Message]:
     payload = part.get_payload()
     if isinstance(payload, list):
-        return [p for p in payload if isinstance(p, Message)]
-    text = part_text(part) if isinstance(payload, str) else ""
+        return list(itertools.islice((p for p in payload if isinstance(p, Message)), MAX_DSN_GROUPS + 1))
+    text = part_text(part)[:MAX_BOUNCE_TEXT] if isinstance(payload, str) else ""
     parser = HeaderParser(policy=policy.default)
-    return [parser.parsestr(block.strip() + "\n") for block in re.split(r"\n\s*\n", text) if block.strip()]
+    blocks = (block for block in re.split(r"\n\s*\n", text) if block.strip())
+    return [parser.parsestr(block.strip() + "\n") for block in itertools.islice(blocks, MAX_DSN_GROUPS + 1)]
 
 
 def _original_message_id(report: Message) -> str | None:
-    for part in report.walk():
+    for part in itertools.islice(report.walk(), MAX_MIME_PARTS):
         ctype = part.get_content_type()
         if ctype == "message/rfc822":
             inner = part.get_payload()
@@ -104,7 +111,8 @@ def _status_permanent(status: str | None) -> bool:
 
 
 def _parse_dsn(msg: Message) -> Bounce | None:
-    status_part = next((p for p in msg.walk() if p.get_content_type() == "message/delivery-status"), None)
+    parts = itertools.islice(msg.walk(), MAX_MIME_PARTS)
+    status_part = next((p for p in parts if p.get_content_type() == "message/delivery-status"), None)
     if status_part is None:
         return None
     for group in _dsn_groups(status_part):
@@ -208,7 +216,7 @@ def parse_bounce(msg: Message) -> Bounce | None:
             found = _parse_dsn(msg)
             if found is not None:
                 return found
-            if any(p.get_content_type() == "message/delivery-status" for p in msg.walk()):
+            if any(p.get_content_type() == "message/delivery-status" for p in itertools.islice(msg.walk(), MAX_MIME_PARTS)):
                 return None
         return _parse_nonstandard(msg)
     except Exception:  # noqa: BLE001 - a broken bounce is stored as an ordinary mail

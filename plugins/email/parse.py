@@ -24,7 +24,7 @@ from typing import Any
 
 from .addresses import addresses_of
 from .bounces import parse_bounce
-from .limits import MAX_ATTACHMENTS, MAX_HTML, MAX_META_TEXT, MAX_MIME_DEPTH, MAX_MIME_PARTS, MAX_TEXT
+from .limits import MAX_ATTACHMENTS, MAX_HTML, MAX_META_TEXT, MAX_MIME_DEPTH, MAX_MIME_ENTITIES, MAX_MIME_PARTS, MAX_TEXT
 from .loops import classify
 from .text import decode_bytes, fix_surrogates, html_to_text, part_text, split_reply
 
@@ -99,6 +99,15 @@ class MimeTooDeepDefect(errors.MessageDefect):
     of its subtree unparsed, as its payload."""
 
 
+class MimeTooManyEntitiesDefect(errors.MessageDefect):
+    """More than ``MAX_MIME_ENTITIES`` entities: only the headers were parsed, and the whole body
+    is one opaque payload."""
+
+
+class _TooManyEntities(Exception):
+    """Raised by the parser at the entity over ``MAX_MIME_ENTITIES``."""
+
+
 class _DepthLimitedParser(BytesFeedParser):
     """The stdlib's parser, but an entity nested deeper than ``MAX_MIME_DEPTH`` gets only its
     headers parsed and keeps its body as opaque text.
@@ -111,9 +120,13 @@ class _DepthLimitedParser(BytesFeedParser):
     def __init__(self, *, policy: policy.Policy) -> None:
         super().__init__(policy=policy)
         self._depth = 0
+        self._entities = 0
         self.too_deep = False  # a multipart or message/* was left unparsed: its parts are lost to the reading
 
     def _parsegen(self) -> Iterator[object]:
+        self._entities += 1
+        if self._entities > MAX_MIME_ENTITIES:
+            raise _TooManyEntities
         self._depth += 1
         opaque = self._depth > MAX_MIME_DEPTH and not self._headersonly
         if opaque:
@@ -136,16 +149,17 @@ def read_message(raw: bytes) -> EmailMessage:
 
     Parts nested deeper than ``MAX_MIME_DEPTH`` stay unparsed, and the root's ``defects`` then
     hold a ``MimeTooDeepDefect``. Should the stdlib still recurse too deeply, only the headers
-    are parsed and the whole body is one opaque payload, with the same defect.
+    are parsed and the whole body is one opaque payload, with the same defect; so too beyond
+    ``MAX_MIME_ENTITIES`` entities, with a ``MimeTooManyEntitiesDefect``.
     """
     mail_policy = policy.default.clone(header_factory=_HeadersOfOneMail())
     parser = _DepthLimitedParser(policy=mail_policy)
     try:
         parser.feed(raw)
         msg = parser.close()
-    except RecursionError:
+    except (RecursionError, _TooManyEntities) as exc:
         msg = BytesParser(policy=mail_policy).parsebytes(raw, headersonly=True)
-        msg.defects.append(MimeTooDeepDefect())
+        msg.defects.append(MimeTooDeepDefect() if isinstance(exc, RecursionError) else MimeTooManyEntitiesDefect())
         return msg
     if parser.too_deep:
         msg.defects.append(MimeTooDeepDefect())
@@ -406,6 +420,7 @@ def parse_mail(
 
     defects = list(getattr(msg, "defects", []) or [])
     too_deep = any(isinstance(d, MimeTooDeepDefect) for d in defects)
+    too_many = any(isinstance(d, MimeTooManyEntitiesDefect) for d in defects)
     try:
         leaves, parts_left_out = _leaves(msg)
     except Exception:  # noqa: BLE001
@@ -415,12 +430,12 @@ def parse_mail(
     except Exception:  # noqa: BLE001
         body, from_html, cut = "", False, False
     found_attachments = _attachments_safe(msg, leaves)
-    if not body.strip() and (too_deep or not found_attachments) and raw:
+    if not body.strip() and (too_deep or too_many or not found_attachments) and raw:
         body = _raw_body_text(raw)
         flags.append("malformed")
     if too_deep:
         flags.append("mime_too_deep")
-    if parts_left_out:
+    if parts_left_out or too_many:
         flags.append("mime_too_many_parts")
     if cut or len(body) > MAX_TEXT:
         body = body[:MAX_TEXT]
