@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import csv
 import gc
 import ipaddress
@@ -12,7 +13,6 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -120,14 +120,23 @@ class NotUtf8(ValueError):
         self.column = column
 
 
-def _utf8_lines(fh: BinaryIO) -> Iterator[str]:
-    """A file's lines decoded one by one (a byte-order mark at the start dropped), so that a
-    byte that is not UTF-8 is reported by its line, not by its place in a block of the file."""
-    for number, line in enumerate(fh, 1):
-        try:
-            yield line.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise NotUtf8(number, exc.start + 1) from None
+def _not_utf8(path: str) -> NotUtf8:
+    """Where a file is first not UTF-8, by line (as a CSV reader counts them: CRLF, LF or CR
+    alone) and byte of the line. Read again in binary, since a text reader decodes blocks
+    and its error's offset is within one."""
+    line = 1
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh):  # UTF-8 never has a newline byte inside a character
+            if number == 0 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                before = raw[: exc.start]
+                last = before.rfind(b"\r")
+                return NotUtf8(line + before.count(b"\r"), exc.start - last if last >= 0 else exc.start + 1)
+            line += 1 + raw.count(b"\r") - raw.endswith(b"\r\n")
+    return NotUtf8(line, 1)
 
 
 def cmd_import_customers(args: argparse.Namespace) -> int:
@@ -148,8 +157,11 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
 
     def read_rows() -> Iterator[dict[str, str]]:
         """The file's rows as they are read (from the start at each call)."""
-        with open(args.csv, "rb") as fh:
-            yield from csv.DictReader(_utf8_lines(fh), delimiter=delimiter)
+        with open(args.csv, newline="", encoding="utf-8-sig") as fh:
+            try:
+                yield from csv.DictReader(fh, delimiter=delimiter)
+            except UnicodeDecodeError:
+                raise _not_utf8(args.csv) from None
 
     async def run() -> CustomerImport:
         data_dir = Path(args.data_dir)
@@ -163,8 +175,11 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
             await store.close()
 
     try:
-        with open(args.csv, "rb") as fh:
-            fieldnames = csv.DictReader(_utf8_lines(fh), delimiter=delimiter).fieldnames
+        with open(args.csv, newline="", encoding="utf-8-sig") as fh:
+            try:
+                fieldnames = csv.DictReader(fh, delimiter=delimiter).fieldnames
+            except UnicodeDecodeError:
+                raise _not_utf8(args.csv) from None
         if fieldnames is None or "customer_number" not in fieldnames:
             other = ";" if delimiter == "," else ","
             hint = f" (split at {other!r}? then --delimiter '{other}')" if fieldnames and other in fieldnames[0] else ""

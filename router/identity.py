@@ -109,10 +109,10 @@ def resolve_contact(
     contact created now, and never move an address that another contact already has, so
     nobody can redirect someone else's answers by naming their number. Where the channel does
     not vouch for the sender (``sender_verified`` False: the web form), such an address is
-    kept as ``claimed``, and the first message from the address itself on a channel that
-    does vouch takes it to a contact of its own: naming a number nobody has used yet must not
-    file its owner's later messages under the one who named it. Staff merge contacts that are
-    really one person.
+    kept as ``claimed``, and the first message from the address itself takes it to a contact
+    of its own (still a claim when that message is a form's too): naming a number nobody has
+    used yet must not file its owner's later messages, or another form's, under the one who
+    named it. Staff merge contacts that are really one person; a merge ends every claim.
     """
     primary = identities[0]
     contact: sqlite3.Row | None = conn.execute(
@@ -120,17 +120,19 @@ def resolve_contact(
         " JOIN contacts k ON k.id = i.contact_id WHERE i.kind = ? AND i.address = ?",
         primary,
     ).fetchone()
-    if contact is not None and contact["claimed"] and sender_verified:
-        # The owner of an address someone else named: theirs now, on a contact of their own.
+    if contact is not None and contact["claimed"]:
+        # An address someone else merely named: its owner's (or, on a form, its latest
+        # claimant's) now, on a contact of their own, with the sender's other addresses.
         contact_id = conn.execute(
             "INSERT INTO contacts (display_name, language, customer_claim, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
             (display_name, language, claim if customer is None else None, now, now),
         ).lastrowid
         conn.execute(
-            "UPDATE identities SET contact_id = ?, claimed = 0, last_inbound_at = ?, last_inbound_channel = ?,"
+            "UPDATE identities SET contact_id = ?, claimed = ?, last_inbound_at = ?, last_inbound_channel = ?,"
             " failed_at = NULL WHERE kind = ? AND address = ?",
-            (contact_id, now, channel, *primary),
+            (contact_id, 0 if sender_verified else 1, now, channel, *primary),
         )
+        _add_secondary(conn, contact_id, identities[1:], now, sender_verified)
         contact = None
     elif contact is not None:
         contact_id = contact["contact_id"]
@@ -154,11 +156,7 @@ def resolve_contact(
             " VALUES (?, ?, ?, ?, ?, ?)",
             (contact_id, *primary, now, channel, now),
         )
-        for kind, address in identities[1:]:
-            conn.execute(
-                "INSERT OR IGNORE INTO identities (contact_id, kind, address, created_at, claimed) VALUES (?, ?, ?, ?, ?)",
-                (contact_id, kind, address, now, 0 if sender_verified else 1),
-            )
+        _add_secondary(conn, contact_id, identities[1:], now, sender_verified)
     if customer is not None:
         conn.execute(
             "UPDATE contacts SET is_customer = 1, customer_number = ?, customer_claim = NULL,"
@@ -187,11 +185,24 @@ def resolve_contact(
     return contact_id, bool(row["is_customer"]), False
 
 
+def _add_secondary(
+    conn: sqlite3.Connection, contact_id: int, identities: list[tuple[str, str]], now: str, sender_verified: bool
+) -> None:
+    """The further addresses a sender gave, on their new contact: never one another contact has,
+    and a mere claim where the channel does not vouch for the sender."""
+    for kind, address in identities:
+        conn.execute(
+            "INSERT OR IGNORE INTO identities (contact_id, kind, address, created_at, claimed) VALUES (?, ?, ?, ?, ?)",
+            (contact_id, kind, address, now, 0 if sender_verified else 1),
+        )
+
+
 def merge_contacts(conn: sqlite3.Connection, survivor: int, other: int, now: str) -> None:
-    """Merge ``other`` into ``survivor``: identities, conversations and messages follow."""
+    """Merge ``other`` into ``survivor``: identities, conversations and messages follow. Staff
+    say the two are one person, so no address of either stays a mere claim."""
     if survivor == other:
         raise ValueError("cannot merge a contact with itself")
-    conn.execute("UPDATE identities SET contact_id = ? WHERE contact_id = ?", (survivor, other))
+    conn.execute("UPDATE identities SET contact_id = ?, claimed = 0 WHERE contact_id IN (?, ?)", (survivor, other, survivor))
     conn.execute("UPDATE conversations SET contact_id = ? WHERE contact_id = ?", (survivor, other))
     conn.execute("UPDATE messages SET contact_id = ? WHERE contact_id = ?", (survivor, other))
     conn.execute("UPDATE contacts SET merged_into = ?, updated_at = ? WHERE id = ?", (survivor, now, other))

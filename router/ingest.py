@@ -354,10 +354,10 @@ def ingest_tx(
         refs_join_any=automated,
     )
     needs_ack = False
-    if conv is not None and conv["state"] == "closed" and _closed_too_long(config, conv, now):
-        referred, conv = conv, None  # too old: a new conversation, linked to the old one
-    elif conv is not None and automated:
+    if conv is not None and automated:
         pass  # a machine's message (out of office, a list, a bounce) is kept where it belongs and changes nothing
+    elif conv is not None and conv["state"] == "closed" and _closed_too_long(config, conv, now):
+        referred, conv = conv, None  # too old: a new conversation, linked to the old one
     elif conv is not None and conv["state"] == "closed":
         conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
         record_event(conn, conv["id"], "reopened", stamp, reason="new message from the contact")

@@ -176,17 +176,24 @@ HIDDEN_STATUS_LINK = "[status link]"
 
 
 def _hide_status_link(detail: dict[str, Any]) -> None:
-    """Take the resident's status link out of the detail: its own field, and wherever a text
-    carries it (the acknowledgement, the notice of a new answer, the call-back SMS)."""
+    """Take the resident's status link out of the detail: its own field, and wherever a
+    message carries it (the acknowledgement, the notice of a new answer, the call-back SMS, and
+    a reply by mail that quotes one of them, in ``meta``)."""
     url = detail.pop("status_url", None)
     if not url:
         return
     token = url.rsplit("/", 1)[-1]
-    for message in detail["messages"]:
-        for key in ("text", "subject", "previous_text"):
-            value = message.get(key)
-            if isinstance(value, str) and token in value:
-                message[key] = value.replace(url, HIDDEN_STATUS_LINK).replace(token, HIDDEN_STATUS_LINK)
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(url, HIDDEN_STATUS_LINK).replace(token, HIDDEN_STATUS_LINK) if token in value else value
+        if isinstance(value, dict):
+            return {key: scrub(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [scrub(item) for item in value]
+        return value
+
+    detail["messages"] = [scrub(message) for message in detail["messages"]]
 
 
 async def _detail(request: web.Request, member: StaffMember, units: frozenset[str], conversation_id: int) -> dict[str, Any]:

@@ -201,14 +201,16 @@ def list_query(
 ) -> tuple[str, tuple[Any, ...]]:
     """The statement of one list page (``limit + 1`` rows, for the cursor) and its parameters.
 
-    Several units, but not all, with no filter that walks an index of its own: each unit's
-    newest by its (unit, id) index, then the newest of those. Walking the primary key and
+    Several units, but not all, with no filter that walks an index of its own (contact, overdue,
+    a state of the workload, a channel): each unit's newest by its (unit, id) index, then the
+    newest of those. Walking the primary key and
     checking the unit read the whole table when those units had few conversations among many
     (a hotline's five among 300,000: 104 ms, and 209 ms for its closed ones)."""
     unit_list = sorted(set(units))
     walks_each_unit = (
         len(unit_list) > 1
         and set(unit_list) != set(all_units)
+        and channel is None  # else the channel's index: rarer than a unit's rows (phone among web forms)
         and contact_id is None
         and overdue is not True
         and state not in WORKLOAD_STATES

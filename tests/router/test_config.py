@@ -231,3 +231,18 @@ def test_import_customers_reads_the_file_as_it_goes(tmp_path, capsys):
         tracemalloc.stop()
     assert "imported 60000 customers" in capsys.readouterr().out
     assert peak < 20_000_000, peak
+
+
+@pytest.mark.parametrize("newline", ["\r", "\n", "\r\n"], ids=["CR (old Mac Excel)", "LF", "CRLF"])
+def test_import_customers_takes_every_line_ending_and_names_the_line_that_is_not_utf8(tmp_path, capsys, newline):
+    """A file with CR alone between its lines stopped importing when the file was read in binary."""
+    path = tmp_path / "customers.csv"
+    lines = ["customer_number;name", "K-1;Erika Müller", "K-2;Jan Groß"]
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    assert main(["import-customers", str(path), "--data-dir", str(tmp_path / "data"), "--delimiter", ";"]) == 0
+    assert "imported 2 customers" in capsys.readouterr().out
+    assert _directory(tmp_path / "data") == [("K-1", "Erika Müller"), ("K-2", "Jan Groß")]
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(newline.join(lines).encode() + newline.encode() + "K-3;Jörg".encode("latin-1") + newline.encode())
+    assert main(["import-customers", str(broken), "--data-dir", str(tmp_path / "data"), "--delimiter", ";"]) == 1
+    assert "line 4 is not UTF-8 (byte 6 of the line)" in capsys.readouterr().err

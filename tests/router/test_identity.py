@@ -94,3 +94,52 @@ async def test_an_address_a_vouched_channel_names_is_no_claim(harness):
                                "sender": {"kind": "phone", "address": "+4915111111111",
                                           "other_identities": [{"kind": "whatsapp_user", "address": "DE.123"}]}})
     assert [i["claimed"] for i in await harness.rows("SELECT claimed FROM identities ORDER BY id")] == [0, 0]
+
+
+def _form(message_id: str, email: str | None, phone: str | None):
+    sender = {"kind": "email", "address": email} if email else {"kind": "phone", "address": phone}
+    if email and phone:
+        sender["other_identities"] = [{"kind": "phone", "address": phone}]
+    return {"channel": "webform", "channel_message_id": message_id, "text": "Frage zur Baustelle", "sender": sender}
+
+
+async def _contact_of(harness, kind: str, address: str) -> int:
+    return (await harness.rows("SELECT contact_id FROM identities WHERE kind = ? AND address = ?", (kind, address)))[0]["contact_id"]
+
+
+async def test_a_merge_ends_the_claim(harness):
+    """A merge kept the number a claim, so its owner's next message undid the merge."""
+    named = await harness.core.ingest(_form("f1", "jemand@example.org", "+4915199999999"))
+    other = await harness.core.ingest(_form("f2", "zweite@example.org", None))
+    contacts = [c["contact_id"] for c in await harness.rows(
+        "SELECT contact_id FROM conversations WHERE id IN (?, ?) ORDER BY id", (named.conversation_id, other.conversation_id))]
+    status, _ = await harness.api("POST", f"/api/v1/contacts/{contacts[1]}/merge", json={"other_contact_id": contacts[0]})
+    assert status == 200
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.M1", "text": "Hallo",
+                               "sender": {"kind": "phone", "address": "+4915199999999",
+                                          "other_identities": [{"kind": "whatsapp_user", "address": "DE.777"}]}})
+    assert await _contact_of(harness, "phone", "+4915199999999") == contacts[1]  # the merge holds
+
+
+async def test_a_claimed_number_moves_with_its_owners_other_addresses(harness):
+    """The move left the sender's WhatsApp user id behind: a later message naming only the user
+    id got yet another contact."""
+    await harness.core.ingest(_form("f1", "jemand@example.org", "+4915199999999"))
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.M1", "text": "Hallo",
+                               "sender": {"kind": "phone", "address": "+4915199999999",
+                                          "other_identities": [{"kind": "whatsapp_user", "address": "DE.777"}]}})
+    owner = await _contact_of(harness, "phone", "+4915199999999")
+    assert owner != await _contact_of(harness, "email", "jemand@example.org")
+    assert await _contact_of(harness, "whatsapp_user", "DE.777") == owner
+
+
+async def test_a_form_whose_only_detail_is_a_number_another_form_named_gets_a_contact_of_its_own(harness):
+    """It was filed under the contact of the first form, and its answer's copy went to that
+    form's e-mail address."""
+    await harness.core.ingest(_form("f1", "jemand@example.org", "+4915199999999"))
+    second = await harness.core.ingest(_form("f2", None, "+4915199999999"))
+    first_contact = await _contact_of(harness, "email", "jemand@example.org")
+    second_contact = (await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (second.conversation_id,)))[0]
+    assert second_contact["contact_id"] != first_contact
+    claimed = await harness.rows("SELECT contact_id, claimed FROM identities WHERE kind = 'phone'")
+    assert [(r["contact_id"], r["claimed"]) for r in claimed] == [(second_contact["contact_id"], 1)]

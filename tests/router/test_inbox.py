@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 
 import pytest
@@ -276,11 +277,16 @@ async def test_the_residents_status_link_is_taken_out_of_the_texts_an_external_u
     token = url.rsplit("/", 1)[-1]
     ack = next(m for m in full["messages"] if m["kind"] == "ack")
     assert url in ack["text"]  # the hotline gives the link out again on the phone
-    await harness.core.ingest(webform_message(f"Mein Link {url} geht nicht, Kennung {token}"))
+    joined = await harness.core.ingest(webform_message(f"Mein Link {url} geht nicht, Kennung {token}",
+                                                       thread={"status_token": token},
+                                                       meta={"quoted": f"> Den Stand sehen Sie hier: {url}"}))
+    assert joined.conversation_id == case
     status, seen = await harness.api("GET", f"/api/v1/conversations/{case}", token="contractor")
     assert status == 200
-    texts = " ".join(f"{m['text']} {m['subject']}" for m in seen["messages"])
-    assert token not in texts and "[status link]" in texts
+    assert token not in json.dumps(seen) and "[status link]" in json.dumps(seen)
+    resident = [m for m in seen["messages"] if m["direction"] == "in"][-1]
+    assert resident["text"] == "Mein Link [status link] geht nicht, Kennung [status link]"
+    assert resident["meta"]["quoted"] == "> Den Stand sehen Sie hier: [status link]"
     assert next(m for m in seen["messages"] if m["kind"] == "ack")["text"] == ack["text"].replace(url, "[status link]")
 
 
@@ -448,6 +454,9 @@ def test_list_filters_read_the_workload_or_the_contact_not_the_history(tmp_path)
         ({"units": ["bauhotline", "tiefbau-muster"]}, ["K-HOTLINE"]),
         ({"units": ["bauhotline", "tiefbau-muster"], "state": "closed"}, ["K-HOTLINE"]),
         ({"units": ["bauhotline", "kundenservice"], "state": "acknowledged"}, ["K-OVERDUE"]),
+        # ... and with a channel that is rare among those units' conversations
+        ({"units": ["bauhotline", "kundenservice"], "channel": "phone"}, ["K-OVERDUE", "K-HOTLINE"]),
+        ({"units": ["bauhotline", "kundenservice"], "channel": "phone", "state": "closed"}, ["K-HOTLINE"]),
     ]
     for filters, expected in cases:
         few, found = _list_cost(small, **filters)

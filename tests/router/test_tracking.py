@@ -198,6 +198,12 @@ async def test_an_out_of_office_note_changes_nothing_in_the_conversation_it_answ
                                     ack_suppressed="auto-reply", thread={"refs": ["<m1@example.net>"]}))
     assert (await harness.rows("SELECT state FROM conversations WHERE id = ?", (case,)))[0]["state"] == "closed"
     assert await harness.count("outbox", "kind = 'ack'") == 1
+    # closed longer than the reopen window: still kept with it, no new case opened
+    harness.clock.advance(timedelta(days=365))
+    late = await harness.core.ingest(_mail("Undelivered Mail Returned to Sender", "<bounce@mx.example.net>",
+                                           sender="mailer-daemon@mx.example.net", ack_suppressed="bounce",
+                                           thread={"refs": ["<m1@example.net>"]}))
+    assert late.conversation_id == case and await harness.count("conversations") == 1
 
 
 async def test_a_person_writing_in_a_conversation_a_mailing_list_opened_is_acknowledged(harness):
