@@ -533,7 +533,11 @@ class Core:
         )
         return True
 
-    async def merge_contacts(self, survivor: int, other: int, staff: str) -> None:
+    async def merge_contacts(
+        self, survivor: int, other: int, staff: str, *, units: Collection[str] | None = None
+    ) -> None:
+        """Merge ``other`` into ``survivor``; with ``units``, only when every conversation of
+        both is in them (checked in the write: a transfer may have moved one meanwhile)."""
         stamp = iso(self.clock.now())
         if survivor == other:
             raise ActionError("same_contact", "a contact cannot be merged with itself", 409)
@@ -541,7 +545,8 @@ class Core:
         def work(conn: sqlite3.Connection) -> None:
             for cid in (survivor, other):
                 row = conn.execute("SELECT merged_into FROM contacts WHERE id = ?", (cid,)).fetchone()
-                if row is None:
+                seen = {r[0] for r in conn.execute("SELECT DISTINCT unit FROM conversations WHERE contact_id = ?", (cid,))}
+                if row is None or (units is not None and not (seen and seen <= set(units))):
                     raise ActionError("not_found", f"contact {cid} not found", 404)
                 if row[0] is not None:
                     raise ActionError("merged", f"contact {cid} was merged into {row[0]} already")

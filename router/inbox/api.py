@@ -322,7 +322,7 @@ async def post_merge(request: web.Request) -> web.Response:
         # Merging moves every conversation of both contacts: only for staff who see them all.
         if not await queries.contact_units(core, contact_id) <= units:
             raise _error(404, "not_found", "contact not found")
-    await core.merge_contacts(survivor, other, member.name)
+    await core.merge_contacts(survivor, other, member.name, units=units)
     return web.json_response(await queries.contact_detail(request.app[keys.CORE], survivor))
 
 

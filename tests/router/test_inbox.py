@@ -612,3 +612,21 @@ async def test_waiting_can_be_undone_and_empty_optional_fields_are_not_given(har
     assert status == 201 and body["attempt"]["note"] is None
     status, body = await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": " "})
     assert status == 400 and body["error"]["field"] == "text"  # a required one still must say something
+
+
+async def test_a_merge_checks_the_units_again_in_its_write(harness):
+    """The contractor's sight of both contacts was checked only before the merge waited for its
+    write: a transfer in between let it move a conversation it no longer saw."""
+    from router.core import ActionError
+
+    mine = await harness.core.ingest(webform_message(email="a@example.net"))
+    also = await harness.core.ingest(webform_message("Baustelle", email="b@example.net"))
+    contacts = [(await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (c.conversation_id,)))[0]["contact_id"]
+                for c in (mine, also)]
+    await harness.core.transfer(also.conversation_id, "kundenservice", "", "hotline")  # after the API's look
+    with pytest.raises(ActionError) as caught:
+        await harness.core.merge_contacts(contacts[0], contacts[1], "contractor", units={"tiefbau-muster"})
+    assert caught.value.status == 404
+    merged = await harness.rows("SELECT merged_into FROM contacts WHERE id = ?", (contacts[1],))
+    assert merged[0]["merged_into"] is None
+    await harness.core.merge_contacts(contacts[0], contacts[1], "hotline", units={"tiefbau-muster", "kundenservice"})
