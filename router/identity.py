@@ -123,10 +123,7 @@ def resolve_contact(
     if contact is not None and contact["claimed"]:
         # An address someone else merely named: its owner's (or, on a form, its latest
         # claimant's) now, on a contact of their own, with the sender's other addresses.
-        contact_id = conn.execute(
-            "INSERT INTO contacts (display_name, language, customer_claim, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-            (display_name, language, claim if customer is None else None, now, now),
-        ).lastrowid
+        contact_id = _new_contact(conn, display_name, language, None if customer is not None else claim, now)
         conn.execute(
             "UPDATE identities SET contact_id = ?, claimed = ?, last_inbound_at = ?, last_inbound_channel = ?,"
             " failed_at = NULL WHERE kind = ? AND address = ?",
@@ -147,10 +144,7 @@ def resolve_contact(
             (now, channel, *primary),
         )
     else:
-        contact_id = conn.execute(
-            "INSERT INTO contacts (display_name, language, customer_claim, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-            (display_name, language, claim if customer is None else None, now, now),
-        ).lastrowid
+        contact_id = _new_contact(conn, display_name, language, None if customer is not None else claim, now)
         conn.execute(
             "INSERT INTO identities (contact_id, kind, address, last_inbound_at, last_inbound_channel, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -183,6 +177,14 @@ def resolve_contact(
             f"UPDATE contacts SET {', '.join(updates)}, updated_at = ? WHERE id = ?", (*params, now, contact_id)
         )
     return contact_id, bool(row["is_customer"]), False
+
+
+def _new_contact(conn: sqlite3.Connection, display_name: str | None, language: str | None, claim: str | None, now: str) -> int:
+    """A contact created for a sender seen for the first time (or for an address's owner)."""
+    return conn.execute(
+        "INSERT INTO contacts (display_name, language, customer_claim, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+        (display_name, language, claim, now, now),
+    ).lastrowid
 
 
 def _add_secondary(
