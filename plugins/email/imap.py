@@ -407,6 +407,19 @@ class ImapPoller:
         self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) is %s; not downloaded, it stays in the mailbox; "
                        "importing the next mail", box.label, uid, mark.uidvalidity, cause)
 
+    async def _set_aside_unfetched(self, mark: UidMark, uid: int, cause: str, attempts: int) -> None:
+        """A mail whose body never came in time, ``attempts`` times: not imported, left in the
+        mailbox (without the import keyword), reported like any mail set aside; the mark moves
+        past it, so the mail after it is imported."""
+        box = self.mailbox
+        await self._report_set_aside({"mailbox": box.label, "uidvalidity": mark.uidvalidity, "uid": uid,
+                                      "cause": f"not downloaded in time, {attempts} times: {cause}"})
+        self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) could not be downloaded in time %s times (%s); it stays in "
+                       "the mailbox; importing the next mail", box.label, uid, mark.uidvalidity, attempts, cause)
+        mark.last_uid = uid
+        mark.failed.pop(uid, None)
+        await asyncio.to_thread(mark.save, self.state_path)
+
     async def _within(self, call: Awaitable[Any], what: str, seconds: float | None = None) -> Any:
         """Await one IMAP call with a deadline for its whole answer (``timeout`` unless given);
         raises ``ImapError`` when it passes. The connection is unusable afterwards."""
@@ -436,7 +449,19 @@ class ImapPoller:
         if size is not None and self._too_large(size):
             await self._set_aside_too_large(mark, uid, size)
             return None
-        raw = await self._fetch(client, uid, size)
+        try:
+            raw = await self._fetch(client, uid, size)
+        except ImapError as exc:
+            # The server answered at once about the mail, but its body did not come in time: a
+            # failed attempt of this mail (a server slower than FETCH_BYTES_PER_SECOND for it
+            # held the whole mailbox for ever). Once they are used up it is left in the mailbox.
+            attempts = mark.failed.get(uid, 0) + 1
+            mark.failed = {uid: attempts}
+            await asyncio.to_thread(mark.save, self.state_path)
+            if attempts < self.mailbox.max_attempts:
+                raise
+            await self._set_aside_unfetched(mark, uid, str(exc), attempts)
+            raise ImapError(f"UID {uid}: set aside, the connection is reset after a download cut short") from exc
         if raw is not None and self._too_large(len(raw)):  # the server did not tell, or told wrong
             await self._set_aside_too_large(mark, uid, len(raw))
             return None
