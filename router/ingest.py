@@ -123,15 +123,17 @@ def _find_thread(
     threads_by_sender: bool,
     joins_by_reference: bool,
     *,
-    refs_join_any: bool = False,
+    refs_join: str = "own",
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
     """(conversation to join, conversation merely referred to). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
-    reference (an e-mail's In-Reply-To) joins only the sender's own conversation: a third party
-    who answers someone else's thread (a Cc, a forwarded mail) gets a case of their own, linked,
-    and never the other's acknowledgement, status link or answers. ``refs_join_any`` for what
-    changes nothing there and is answered by nobody (a bounce, an auto-reply, a transcript),
-    which belongs with the conversation it reports on, whoever sent it."""
+    reference (an e-mail's In-Reply-To) joins only the sender's own conversation (``refs_join``
+    "own"): a third party who answers someone else's thread (a Cc, a forwarded mail) gets a case
+    of their own, linked, and never the other's acknowledgement, status link or answers.
+    "ours": also whoever answers a message we sent (a bounce or an auto-reply to our mail, which
+    changes nothing there); not one the resident sent, which a neighbour in Cc could name to put
+    words on the resident's status page. "any": whoever names it (a voicemail's transcript,
+    whose caller may be unknown)."""
     thread = msg.get("thread") or {}
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
@@ -141,6 +143,7 @@ def _find_thread(
     for ref in thread.get("refs") or ():
         # An earlier inbound message's own id, else a key our outbound messages or extra
         # thread_keys left (an e-mail Message-ID we generated, a WhatsApp id we sent).
+        ours = False
         key = conn.execute(
             "SELECT conversation_id FROM messages WHERE channel = ? AND channel_message_id = ?", (msg["channel"], ref)
         ).fetchone()
@@ -148,6 +151,7 @@ def _find_thread(
             key = conn.execute(
                 "SELECT conversation_id FROM messages WHERE channel = ? AND provider_id = ?", (msg["channel"], ref)
             ).fetchone()
+            ours = key is not None and key[0] is not None
         if key is None or key[0] is None:
             key = conn.execute(
                 "SELECT conversation_id FROM thread_keys WHERE channel = ? AND key = ?", (msg["channel"], ref)
@@ -155,7 +159,7 @@ def _find_thread(
         if key is not None and key[0] is not None:
             row = conn.execute("SELECT * FROM conversations WHERE id = ?", (key[0],)).fetchone()
             if row is not None:
-                if refs_join_any or row["contact_id"] == contact_id:
+                if row["contact_id"] == contact_id or refs_join == "any" or (refs_join == "ours" and ours):
                     return row, None
                 referred = referred or row
     reference = find_case_reference(msg.get("subject"), msg.get("text"))
@@ -231,7 +235,7 @@ def _annotate(
         ).fetchone()
     thread_conv = None
     if (msg.get("thread") or {}).get("refs"):
-        thread_conv, _ = _find_thread(conn, msg, contact_id, False, prep.sender_verified, refs_join_any=True)
+        thread_conv, _ = _find_thread(conn, msg, contact_id, False, prep.sender_verified, refs_join="any")
     if target is not None and not _may_annotate(msg["kind"], target, contact_id, thread_conv):
         target = None  # kept, as an annotation of nothing: it changes nobody else's message
     conversation_id = target["conversation_id"] if target is not None else None
@@ -351,7 +355,7 @@ def ingest_tx(
     automated = msg.get("ack_suppressed") in AUTOMATED
     conv, referred = _find_thread(
         conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.sender_verified,
-        refs_join_any=automated,
+        refs_join="ours" if automated else "own",
     )
     needs_ack = False
     if conv is not None and automated:

@@ -133,7 +133,9 @@ def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> 
         item = dict(row)
         item["thread_refs"] = []
         item["last_inbound_at"] = None
-        if row["conversation_id"] is not None:
+        # A unit's notification is not part of the resident's thread: its references would let
+        # the unit write into it (a forged auto-reply the status page shows as the resident's).
+        if row["conversation_id"] is not None and row["kind"] != "notification":
             key = (row["conversation_id"], row["channel"])
             if key not in refs:
                 refs[key] = _thread_refs(conn, *key)
@@ -623,7 +625,9 @@ class OutboxWorker:
 
     def _outbound(self, item: Mapping[str, Any]) -> OutboundMessage:
         unit = self.config.units.get(item.get("unit") or "")
-        token = item.get("status_token")
+        # The status link is the resident's key to the conversation: never in what a unit is
+        # sent (a contractor kept it after the case moved on).
+        token = item.get("status_token") if item["kind"] != "notification" else None
         return OutboundMessage(
             outbox_id=item["id"],
             channel=item["channel"],

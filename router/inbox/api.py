@@ -173,20 +173,22 @@ def _sees_status_link(config: Config, member: StaffMember) -> bool:
 
 
 HIDDEN_STATUS_LINK = "[status link]"
+# A status page's address (its token after /status/), or a status token alone: the time in 13
+# hex digits, then 32 characters of URL-safe base64 (``sortable_token(24)``).
+_STATUS_LINK = re.compile(r"\S*/channels/webform/status/[A-Za-z0-9_-]+|(?<![A-Za-z0-9_-])[0-9a-f]{13}[A-Za-z0-9_-]{32}(?![A-Za-z0-9_-])")
 
 
 def _hide_status_link(detail: dict[str, Any]) -> None:
-    """Take the resident's status link out of the detail: its own field, and wherever a
-    message carries it (the acknowledgement, the notice of a new answer, the call-back SMS, and
-    a reply by mail that quotes one of them, in ``meta``)."""
-    url = detail.pop("status_url", None)
-    if not url:
-        return
-    token = url.rsplit("/", 1)[-1]
+    """Take residents' status links out of the detail: its own field, and wherever a message
+    carries one (the acknowledgement, the notice of a new answer, the call-back SMS, a reply by
+    mail that quotes one of them, in ``meta``, or another conversation's link quoted or pasted)."""
+    detail.pop("status_url", None)
 
     def scrub(value: Any) -> Any:
         if isinstance(value, str):
-            return value.replace(url, HIDDEN_STATUS_LINK).replace(token, HIDDEN_STATUS_LINK) if token in value else value
+            # Any conversation's link, not only this one's: a neighbour's answer quotes the
+            # resident's acknowledgement, and a resident pastes an older case's link.
+            return _STATUS_LINK.sub(HIDDEN_STATUS_LINK, value) if "/status/" in value or len(value) >= 45 else value
         if isinstance(value, dict):
             return {key: scrub(item) for key, item in value.items()}
         if isinstance(value, list):

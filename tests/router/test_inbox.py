@@ -287,6 +287,15 @@ async def test_the_residents_status_link_is_taken_out_of_the_texts_an_external_u
     resident = [m for m in seen["messages"] if m["direction"] == "in"][-1]
     assert resident["text"] == "Mein Link [status link] geht nicht, Kennung [status link]"
     assert resident["meta"]["quoted"] == "> Den Stand sehen Sie hier: [status link]"
+    # another conversation's link, quoted or pasted into this one, is someone's key too
+    other = await harness.core.ingest(webform_message("Frage zum Tarif", topic="contract", postcode="99999",
+                                                      email="nachbar@example.org"))
+    assert other.unit != "tiefbau-muster"
+    await harness.core.ingest(webform_message(f"Siehe auch {other.status_url} und {other.status_token}.",
+                                              thread={"status_token": token}))
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{case}", token="contractor")
+    assert other.status_token not in json.dumps(seen)
+    assert [m for m in seen["messages"] if m["direction"] == "in"][-1]["text"] == "Siehe auch [status link] und [status link]."
     assert next(m for m in seen["messages"] if m["kind"] == "ack")["text"] == ack["text"].replace(url, "[status link]")
 
 

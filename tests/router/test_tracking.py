@@ -198,12 +198,21 @@ async def test_an_out_of_office_note_changes_nothing_in_the_conversation_it_answ
                                     ack_suppressed="auto-reply", thread={"refs": ["<m1@example.net>"]}))
     assert (await harness.rows("SELECT state FROM conversations WHERE id = ?", (case,)))[0]["state"] == "closed"
     assert await harness.count("outbox", "kind = 'ack'") == 1
-    # closed longer than the reopen window: still kept with it, no new case opened
+    # a bounce of our mail, from the mail system, closed longer than the reopen window: still
+    # kept with it, no new case opened
+    await harness.core.store.write(lambda conn: conn.execute(
+        "UPDATE messages SET provider_id = '<ack-1@example.org>' WHERE kind = 'ack'"))
     harness.clock.advance(timedelta(days=365))
     late = await harness.core.ingest(_mail("Undelivered Mail Returned to Sender", "<bounce@mx.example.net>",
                                            sender="mailer-daemon@mx.example.net", ack_suppressed="bounce",
-                                           thread={"refs": ["<m1@example.net>"]}))
+                                           thread={"refs": ["<ack-1@example.org>"]}))
     assert late.conversation_id == case and await harness.count("conversations") == 1
+    # an "auto-reply" from someone else naming the resident's own mail (a neighbour in Cc) is
+    # not put into the resident's conversation, where the status page would show it
+    forged = await harness.core.ingest(_mail("Schicken Sie die Unterlagen an mich", "<ooo3@nachbar.example>",
+                                             sender="nachbar@example.org", ack_suppressed="auto-reply",
+                                             thread={"refs": ["<m1@example.net>"]}))
+    assert forged.conversation_id != case
 
 
 async def test_a_person_writing_in_a_conversation_a_mailing_list_opened_is_acknowledged(harness):

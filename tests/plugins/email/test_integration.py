@@ -603,3 +603,23 @@ async def test_contract_kit_passes_over_smtp(harness, sink):
     assert conv["channel"] == "email"
     # the kit's acknowledgement and staff reply really went through the relay
     assert [m["Auto-Submitted"] for m in sink.to("kit@example.net")] == ["auto-replied", None]
+
+
+async def test_a_units_notification_carries_neither_the_status_link_nor_the_residents_thread(harness, sink):
+    """The mail telling a contractor it owns a case appended the resident's status link (their
+    key to the conversation, kept after the case moved on) and the thread's Message-IDs (with
+    which the contractor could write into the resident's thread)."""
+    message_id = "<anwohner-1@client.example.net>"
+    await send(harness, compose(sender="anwohner@example.com", subject="Baustelle", text="Baustelle vor dem Haus",
+                                message_id=message_id))
+    detail = await conversation_of(harness, message_id)
+    target = next(u for u in ("tiefbau-muster", "bauhotline", "kundenservice") if u != detail["unit"])
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{detail['id']}/transfer", json={"unit": target})
+    assert status == 200
+    await harness.run_outbox()
+    notes = [m for env, m in sink.mails if "anwohner@example.com" not in [r.lower() for r in env.rcpt_tos]]
+    assert notes, "no notification was sent"
+    token = detail["status_url"].rsplit("/", 1)[-1]
+    for note in notes:
+        assert token not in note.as_string()
+        assert note["In-Reply-To"] is None and message_id not in (note["References"] or "")
