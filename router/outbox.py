@@ -61,6 +61,11 @@ class OutboxPolicy:
     """Retry behaviour: exponential backoff with jitter, capped, then give up as permanent."""
 
     max_attempts: int = 8
+    retry_seconds: float = 86400.0
+    """A row that keeps failing for reasons that may pass (a provider's outage, a timeout, a
+    plugin's error) is given up only when it has had ``max_attempts`` and was queued this long
+    ago: eight attempts took about three minutes, and an outage longer than that lost every
+    acknowledgement queued meanwhile for good."""
     base_delay: float = 2.0
     max_delay: float = 900.0
     lease_seconds: float = 120.0
@@ -78,6 +83,13 @@ class OutboxPolicy:
         # The exponent is capped, so that a row retried for weeks cannot overflow the float.
         raw = min(self.max_delay, self.base_delay * (2 ** min(max(0, attempts - 1), 30)))
         return raw * random.uniform(0.5, 1.0)
+
+    def exhausted(self, attempts: int, queued_at: str | None, now: datetime) -> bool:
+        """Whether a row with ``attempts`` so far, queued at ``queued_at``, is given up."""
+        if attempts < self.max_attempts:
+            return False
+        queued = parse_iso(queued_at)
+        return queued is None or (now - queued).total_seconds() >= self.retry_seconds
 
     @staticmethod
     def floor(seconds: float) -> float:
@@ -417,7 +429,7 @@ def _apply_status(
         if row["state"] == "failed":
             return None
         detail = " ".join(filter(None, (update.error_code, update.error_title, update.error_detail))) or "failed"
-        if (update.resend_hint or not update.permanent) and row["attempts"] >= policy.max_attempts:
+        if (update.resend_hint or not update.permanent) and policy.exhausted(row["attempts"], row["created_at"], now):
             # A provider that takes every send and then reports it failed (a rate limit that
             # does not lift) would otherwise be sent to for ever, with nobody told.
             error = f"gave up after {row['attempts']} attempts: {detail}"
@@ -656,11 +668,12 @@ class OutboxWorker:
         status_wait: timedelta | None = None,
     ) -> None:
         """Send again later (after the provider's ``retry_after``, else with backoff, and no
-        sooner than ``status_wait``); after ``max_attempts`` give up, which falls back to the
-        contact's other identities or flags the conversation for a call-back. A channel that is
+        sooner than ``status_wait``); once the policy says the row is exhausted (``max_attempts``
+        and ``retry_seconds``) give up, which falls back to the contact's other identities or
+        flags the conversation for a call-back. A channel that is
         not configured yet never gives up."""
         wait = self.policy.floor(status_wait.total_seconds()) if status_wait is not None else 0.0
-        if give_up and item["attempts"] >= self.policy.max_attempts:
+        if give_up and self.policy.exhausted(item["attempts"], item["created_at"], self.clock.now()):
             if status_wait is not None:
                 # The last send may have gone through: a fallback now would reach the person
                 # twice. One more look for its status after the wait; then ``_send`` gives up.

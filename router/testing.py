@@ -97,7 +97,8 @@ class CoreHarness:
             clock=self.clock,
             entrypoints=entrypoints,
             extra_plugins=plugins,
-            outbox_policy=outbox_policy or OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5),
+            outbox_policy=outbox_policy or OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5,
+                                                        retry_seconds=0),
             run_workers=run_workers,
             env={**TEST_ENV, **(env or {})},
         )

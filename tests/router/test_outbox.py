@@ -119,7 +119,7 @@ async def test_a_channel_that_keeps_crashing_is_given_up_on_like_a_failing_provi
     from router.outbox import OutboxPolicy
 
     plugin = Plugin()
-    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=3)
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=3, retry_seconds=0)
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
         plugin.channel.fail_next = [KeyError("bug")] * 10
         result = await harness.core.ingest(inbound("m1"))
@@ -132,6 +132,44 @@ async def test_a_channel_that_keeps_crashing_is_given_up_on_like_a_failing_provi
         assert ack["deliveries"][0]["last_error"].startswith("gave up after 3 attempts: KeyError")
         assert {"undeliverable", "callback_required"} <= set(detail["flags"])
         assert len(plugin.channel.fail_next) == 7  # three attempts, then no more
+
+
+async def test_an_outage_longer_than_the_attempts_is_waited_out_for_retry_seconds(tmp_path):
+    """Eight attempts with backoff took about three minutes: a provider down for ten lost every
+    acknowledgement queued meanwhile for good (failed, flagged for a call-back, never resent).
+    Now a row is retried until it has had its attempts and retry_seconds have passed."""
+    plugin = Plugin()
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=3,
+                          retry_seconds=3600)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        plugin.channel.fail_next = [RetryableDeliveryError("503 Service Unavailable")] * 6
+        result = await harness.core.ingest(inbound("m1"))
+        for _ in range(6):  # six attempts in ten minutes: more than max_attempts, less than an hour
+            await harness.run_outbox()
+            harness.clock.advance(timedelta(seconds=100))
+        rows = await harness.rows("SELECT state, attempts FROM outbox WHERE kind = 'ack'")
+        assert [(r["state"], r["attempts"]) for r in rows] == [("pending", 6)]
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert detail["pending_deliveries"] == 1 and "callback_required" not in detail["flags"]
+        await harness.run_outbox()  # the provider is back
+        assert [m.to for m in plugin.channel.sent] == [inbound("m1")["sender"]["address"]]
+        assert (await harness.rows("SELECT state FROM outbox WHERE kind = 'ack'"))[0]["state"] == "sent"
+
+
+async def test_a_row_is_given_up_once_it_had_its_attempts_and_retry_seconds_passed(tmp_path):
+    plugin = Plugin()
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=3,
+                          retry_seconds=3600)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        plugin.channel.fail_next = [RetryableDeliveryError("503 Service Unavailable")] * 20
+        result = await harness.core.ingest(inbound("m1"))
+        for _ in range(5):
+            await harness.run_outbox()
+            harness.clock.advance(timedelta(minutes=20))
+        rows = await harness.rows("SELECT state, last_error FROM outbox WHERE kind = 'ack'")
+        assert rows[0]["state"] == "failed" and rows[0]["last_error"].startswith("gave up after 4 attempts")
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert "callback_required" in detail["flags"]
 
 
 def test_the_backoff_of_a_row_retried_for_weeks_stays_a_number():
@@ -326,7 +364,7 @@ async def test_a_row_its_own_batch_made_due_goes_out_at_once_not_at_the_next_pol
         return await send(message)
 
     plugins.channel.send = failing_first
-    policy = OutboxPolicy(poll_seconds=30, send_timeout=5, max_attempts=1)
+    policy = OutboxPolicy(poll_seconds=30, send_timeout=5, max_attempts=1, retry_seconds=0)
     async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness, idle_worker(harness):
         await _ingest_senders(harness, 1)
         await wait_until(lambda: _sent(harness, 1), 2.0, 0.01)
@@ -483,7 +521,7 @@ async def test_a_send_the_provider_keeps_reporting_failed_is_given_up_and_falls_
     max_attempts: no fallback, no flag, nobody told, and every send paid for."""
     plugins = TwoChannels()
     plugins.channel = ReportsFailedChat()
-    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, max_attempts=3)
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, max_attempts=3, retry_seconds=0)
     failed = DeliveryUpdate(provider_id="", status="failed", error_code="131048", permanent=False)
     async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 1)
@@ -814,7 +852,7 @@ async def test_the_last_attempt_waits_for_its_status_before_falling_back(tmp_pat
     channel; when its status then showed it had gone through, the person had it twice."""
     plugins = TwoChannels()
     plugins.channel = NeverAnswers(timedelta(seconds=20), True)
-    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=2)
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=2, retry_seconds=0)
     async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 1)
         for _ in range(2):
@@ -883,7 +921,7 @@ async def test_a_channel_that_refuses_every_form_is_given_up_not_asked_for_ever(
     """Each refusal was resent at once without counting: about a thousand provider calls a
     second, for ever, and the person never flagged for a call-back."""
     plugin = Plugin(RefusingEveryForm())
-    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=3)
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=3, retry_seconds=0)
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 1)
         for _ in range(30):
@@ -899,7 +937,7 @@ async def test_a_channel_that_refuses_every_form_is_given_up_not_asked_for_ever(
 
 async def test_a_row_for_a_channel_no_longer_configured_is_given_up_and_leaves_a_trace(tmp_path):
     """Retried for ever: the acknowledgement stayed pending and the conversation showed nothing."""
-    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=3)
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=3, retry_seconds=0)
     async with CoreHarness(tmp_path / "d", plugins=[Plugin(StaggeredChat())], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 1)
         harness.core.channels.pop("staggered")  # as if its plugin were gone after a restart
@@ -922,7 +960,7 @@ async def test_attempts_run_out_on_a_plugin_error_without_marking_the_address_fa
         raise KeyError("to")
 
     plugins.channel.send = broken
-    policy = OutboxPolicy(poll_seconds=30, send_timeout=5, max_attempts=1)
+    policy = OutboxPolicy(poll_seconds=30, send_timeout=5, max_attempts=1, retry_seconds=0)
     async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 1)
         for _ in range(3):
