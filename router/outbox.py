@@ -35,7 +35,7 @@ from .clock import Clock
 from .config import Config
 from .store.sqlite import SQLiteStore, is_outage, iso, parse_iso, run_units
 from .text import sortable_token
-from .tracking import add_flags, add_outbox_row, mark_answered, record_event
+from .tracking import add_flags, add_outbox_row, mark_answered, record_event, remove_flags
 
 log = logging.getLogger("contact_router.outbox")
 T = TypeVar("T")
@@ -292,7 +292,13 @@ def record_failure(
         conn.execute(
             "UPDATE identities SET failed_at = ? WHERE kind = ? AND address = ?", (stamp, row["to_kind"], row["to_address"])
         )
-    if row["conversation_id"] is None or row["kind"] == "notification":
+    if row["conversation_id"] is None:
+        return
+    if row["kind"] == "notification":
+        # The unit that owns the case now was never told: shown on the conversation, so that
+        # an escalation that reached nobody does not pass for one that did.
+        add_flags(conn, row["conversation_id"], ["owner_not_notified"], stamp)
+        record_event(conn, row["conversation_id"], "owner_not_notified", stamp, to=row["to_address"], reason=error[:300])
         return
     tried = {
         (r["channel"], r["to_kind"], r["to_address"])
@@ -396,6 +402,8 @@ def record_send(
     whether a failure was among those statuses (a resend or fallback may be due at once)."""
     answered_now = status in ("delivered", "read") or row["channel"] in answered_on
     answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now)
+    if row["kind"] == "notification" and row["conversation_id"] is not None:
+        remove_flags(conn, row["conversation_id"], ["owner_not_notified"], iso(now))  # a later one reached its unit
     early, failed = apply_early_statuses(conn, row["id"], row["channel"], provider_id, answered_on, channels, now, policy)
     return early or answered, failed
 

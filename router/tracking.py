@@ -221,9 +221,12 @@ def queue_unit_notification(
     now: datetime,
     **values: Any,
 ) -> int | None:
-    """Tell a unit it owns a conversation now, by mail to its notification address."""
+    """Tell a unit it owns a conversation now, by mail to its notification address. A unit
+    without one is not told (it watches the inbox): an event says so."""
     unit = config.units[unit_id]
     if not unit.notify:
+        record_event(conn, conversation["id"], "owner_not_notified", iso(now), unit=unit_id,
+                     reason="the unit has no notify address")
         return None
     language = templates.language_for(template, unit.languages[0] if unit.languages else None)
     deadline = parse_iso(conversation["deadline"])

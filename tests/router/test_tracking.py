@@ -280,3 +280,21 @@ async def test_an_edit_or_deletion_changes_only_the_senders_own_message(harness)
                                     text="Gehweg gesperrt seit Dienstag"))
     assert (await harness.rows("SELECT text FROM messages WHERE channel_message_id = 'wamid.A1'"))[0]["text"] == \
         "Gehweg gesperrt seit Dienstag"
+
+
+async def test_an_escalation_whose_notification_fails_is_shown_on_the_conversation(tmp_path):
+    """The notification to the new owner failed (no relay, a refused address) and nothing said
+    so: the case changed owner on paper, and the owner never heard of it."""
+    from router.testing import CoreHarness
+
+    async with CoreHarness(tmp_path / "data") as harness:  # no e-mail channel: notifications cannot go out
+        result = await harness.core.ingest(webform_message())
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
+        await harness.run_outbox()  # the notification's channel is not there: given up (retry_seconds=0 here)
+        for _ in range(10):
+            harness.clock.advance(timedelta(minutes=20))
+            await harness.run_outbox()
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}", token="hotline")
+        assert "owner_not_notified" in detail["flags"]
+        assert any(e["kind"] == "owner_not_notified" and e["data"]["to"] == "bau@example.org" for e in detail["events"])
