@@ -302,10 +302,18 @@ def _annotate(
     return _result(config, message_id, conv, prep.language, False, status_url)
 
 
-def _closed_too_long(config: Config, conv: Mapping[str, Any], now: datetime) -> bool:
-    """Closed for longer than the reopen window: a new message opens a new conversation."""
-    closed_at = parse_iso(conv["closed_at"])
-    return closed_at is not None and now - closed_at > reopen_window(config)
+def _settled_too_long(config: Config, conv: Mapping[str, Any], now: datetime) -> bool:
+    """Closed, or answered or waiting with nothing happening, for longer than the reopen window:
+    a new message opens a new conversation (routed, acknowledged, linked to the old one). On a
+    chat, where a sender's messages join their open conversation, a new matter months later
+    joined the old answered one, unacknowledged, with its old owner."""
+    if conv["state"] == "closed":
+        since = parse_iso(conv["closed_at"])
+    elif conv["state"] in ("answered", "waiting"):
+        since = parse_iso(conv["updated_at"])
+    else:
+        return False
+    return since is not None and now - since > reopen_window(config)
 
 
 def _answered_ever(conn: sqlite3.Connection, conversation_id: int) -> bool:
@@ -360,7 +368,7 @@ def ingest_tx(
     needs_ack = False
     if conv is not None and automated:
         pass  # a machine's message (out of office, a list, a bounce) is kept where it belongs and changes nothing
-    elif conv is not None and conv["state"] == "closed" and _closed_too_long(config, conv, now):
+    elif conv is not None and _settled_too_long(config, conv, now):
         referred, conv = conv, None  # too old: a new conversation, linked to the old one
     elif conv is not None and conv["state"] == "closed":
         conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}

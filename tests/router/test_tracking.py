@@ -298,3 +298,30 @@ async def test_an_escalation_whose_notification_fails_is_shown_on_the_conversati
         status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}", token="hotline")
         assert "owner_not_notified" in detail["flags"]
         assert any(e["kind"] == "owner_not_notified" and e["data"]["to"] == "bau@example.org" for e in detail["events"])
+
+
+async def test_a_chat_message_months_after_the_answer_opens_a_new_case(tmp_path):
+    """A sender's chat messages join their open conversation: a new matter 200 days after the
+    answer joined the old one, unacknowledged, with the old owner and no routing."""
+    from router.testing import CoreHarness
+
+    env = {"WHATSAPP_APP_SECRET": "s", "WHATSAPP_VERIFY_TOKEN": "v", "WHATSAPP_ACCESS_TOKEN": "a",
+           "WHATSAPP_PHONE_NUMBER_ID": "1122334455", "WHATSAPP_GRAPH_URL": "http://127.0.0.1:9"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "whatsapp"), env=env) as harness:
+        await _months_later(harness)
+
+
+async def _months_later(harness) -> None:
+    first = await harness.core.ingest(_chat("message", "wamid.C1", "+4915111111111", text="Gehweg gesperrt"))
+    stamp = iso(harness.clock.now())
+    await harness.core.store.write(lambda conn: tracking.mark_answered(conn, first.conversation_id, stamp))
+    harness.clock.advance(timedelta(days=3))
+    soon = await harness.core.ingest(_chat("message", "wamid.C2", "+4915111111111", text="Danke!"))
+    assert soon.conversation_id == first.conversation_id and not soon.acknowledged
+    stamp = iso(harness.clock.now())
+    await harness.core.store.write(lambda conn: tracking.mark_answered(conn, first.conversation_id, stamp))
+    harness.clock.advance(timedelta(days=200))
+    later = await harness.core.ingest(_chat("message", "wamid.C3", "+4915111111111", text="Störung: kein Internet"))
+    assert later.conversation_id != first.conversation_id and later.acknowledged and later.opened
+    linked = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (later.conversation_id,))
+    assert linked[0]["linked_to"] == first.conversation_id
