@@ -342,7 +342,7 @@ class ImapPoller:
                     # fault, and counted against it every mail would be set aside in turn during
                     # an outage, unanswered. It stays in the mailbox until the service can store.
                     mark.failed = {uid: attempts - 1} if attempts > 1 else {}
-                    await asyncio.to_thread(mark.save, self.state_path)
+                    await self._save(mark)
                     self.log.error("IMAP %s: UID %s not imported, the service cannot store mail now (%s); "
                                    "it stays in the mailbox and is tried again", self.mailbox.label, uid, exc)
                     raise ImportFailed(f"UID {uid}: the service cannot store mail now") from exc
@@ -353,11 +353,11 @@ class ImapPoller:
                     connection_usable = await self._flag(client, uid)
             mark.last_uid = uid
             mark.failed.pop(uid, None)
-            await asyncio.to_thread(mark.save, self.state_path)
+            await self._save(mark)
             if not connection_usable:
                 raise ImapError(f"UID STORE: no answer within {self.mailbox.timeout:g} s")
         if not uids and mark.uidvalidity and not self.state_path.exists():
-            await asyncio.to_thread(mark.save, self.state_path)
+            await self._save(mark)
         self.imported += count
         return count
 
@@ -418,7 +418,18 @@ class ImapPoller:
                        "the mailbox; importing the next mail", box.label, uid, mark.uidvalidity, attempts, cause)
         mark.last_uid = uid
         mark.failed.pop(uid, None)
-        await asyncio.to_thread(mark.save, self.state_path)
+        await self._save(mark)
+
+    async def _save(self, mark: UidMark) -> None:
+        """Write the mark in a worker thread, and have it written when this returns, also when
+        the poller is stopped meanwhile: the thread went on writing after a cancelled await,
+        and whoever read the file next could find the mark before this write."""
+        saving = asyncio.ensure_future(asyncio.to_thread(mark.save, self.state_path))
+        try:
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            await asyncio.wait([saving])
+            raise
 
     async def _within(self, call: Awaitable[Any], what: str, seconds: float | None = None) -> Any:
         """Await one IMAP call with a deadline for its whole answer (``timeout`` unless given);
@@ -457,7 +468,7 @@ class ImapPoller:
             # held the whole mailbox for ever). Once they are used up it is left in the mailbox.
             attempts = mark.failed.get(uid, 0) + 1
             mark.failed = {uid: attempts}
-            await asyncio.to_thread(mark.save, self.state_path)
+            await self._save(mark)
             if attempts < self.mailbox.max_attempts:
                 raise
             await self._set_aside_unfetched(mark, uid, str(exc), attempts)
