@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -152,7 +153,10 @@ def create_app(
     app[keys.STORE] = store
     app[keys.CORE] = core
     app[keys.METRICS] = metrics
-    app[keys.OUTBOX_POLICY] = outbox_policy or OutboxPolicy()
+    policy = outbox_policy or OutboxPolicy()
+    if policy.answer_deadline is None:  # a lost answer is due again in the unit's response time
+        policy = dataclasses.replace(policy, answer_deadline=partial(tracking.deadline_for, config))
+    app[keys.OUTBOX_POLICY] = policy
     app[keys.RUN_WORKERS] = run_workers
     app[keys.BODY_DEADLINE] = BodyDeadline()
 

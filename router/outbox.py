@@ -78,6 +78,9 @@ class OutboxPolicy:
     so that they are committed together; a slow send holds the others back no longer."""
     outcome_retry_seconds: float = 1.0
     """How often outcomes are tried again while the database refuses writes."""
+    answer_deadline: Callable[[str, datetime], datetime] | None = None
+    """The new deadline of a unit's conversation whose answer could not be delivered (the
+    service sets the unit's response time in its hours); without it the answer is due at once."""
 
     def delay(self, attempts: int) -> float:
         # The exponent is capped, so that a row retried for weeks cannot overflow the float.
@@ -265,9 +268,12 @@ def record_failure(
     *,
     log_event: bool = True,
     address_failed: bool = True,
+    policy: OutboxPolicy | None = None,
 ) -> None:
     """A permanent failure: mark it, then try the contact's other identities on channels that
-    can reach them; if none is left, flag the conversation for a call-back. ``address_failed``
+    can reach them; if none is left, flag the conversation for a call-back, and when it was the
+    answer that made the conversation answered (or let staff wait), it waits for an answer
+    again, with a deadline from ``policy.answer_deadline``. ``address_failed``
     when the address is what failed (the provider refused the recipient or reported the
     message failed); not when the attempts ran out on errors of the provider or the plugin,
     which marked a number that was fine as failed, everywhere, for later replies."""
@@ -337,6 +343,35 @@ def record_failure(
     if row["primary_delivery"] or row["kind"] == "ack":
         add_flags(conn, row["conversation_id"], ["undeliverable", "callback_required"], stamp)
         record_event(conn, row["conversation_id"], "undeliverable", stamp, reason=error[:500])
+    if row["primary_delivery"] and row["kind"] == "reply":
+        _answer_lost(conn, row, now, policy)
+
+
+def _answer_lost(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime, policy: OutboxPolicy | None) -> None:
+    """A staff reply that reached nobody: if it was the conversation's latest reply and the
+    conversation counts as answered (or staff wait for the resident), it waits for an answer
+    again. Before, a bounced answer left the case answered, with no deadline, never escalated
+    and never overdue, while the resident had heard nothing."""
+    conv = conn.execute(
+        "SELECT id, unit, state FROM conversations WHERE id = ?", (row["conversation_id"],)
+    ).fetchone()
+    if conv is None or conv["state"] not in ("answered", "waiting"):
+        return
+    later = conn.execute(
+        "SELECT 1 FROM messages WHERE conversation_id = ? AND direction = 'out' AND kind IN ('reply', 'callback')"
+        " AND id > ? AND delivery_status IS NOT 'failed' LIMIT 1",
+        (conv["id"], row["message_id"]),
+    ).fetchone()
+    if later is not None:
+        return  # a later answer (or a call-back that reached the person) stands
+    due = policy.answer_deadline(conv["unit"], now) if policy and policy.answer_deadline else now
+    stamp, deadline = iso(now), iso(due)
+    conn.execute(
+        "UPDATE conversations SET state = 'acknowledged', deadline = ?, escalate_at = ?, escalation_level = 0,"
+        " updated_at = ? WHERE id = ?",
+        (deadline, deadline, stamp, conv["id"]),
+    )
+    record_event(conn, conv["id"], "answer_lost", stamp, message_id=row["message_id"], deadline=deadline)
 
 
 def apply_delivery_update(
@@ -441,7 +476,8 @@ def _apply_status(
             # A provider that takes every send and then reports it failed (a rate limit that
             # does not lift) would otherwise be sent to for ever, with nobody told.
             error = f"gave up after {row['attempts']} attempts: {detail}"
-            record_failure(conn, row["id"], error, update.error_code, channels, now, log_event=False, address_failed=False)
+            record_failure(conn, row["id"], error, update.error_code, channels, now, log_event=False, address_failed=False,
+                           policy=policy)
             return None
         if update.resend_hint:
             record_retry(conn, row["id"], detail, 0, update.resend_hint, now, new_request=True)
@@ -453,7 +489,7 @@ def _apply_status(
             delay = max(policy.floor(STATUS_RETRY_SECONDS), policy.delay(row["attempts"]))
             record_retry(conn, row["id"], detail, delay, None, now, new_request=True)
             return None
-        record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False)
+        record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False, policy=policy)
         return None
     current = row["delivery_status"] or "queued"
     if STATUS_RANK.get(update.status, 0) <= STATUS_RANK.get(current, 0):
@@ -700,7 +736,7 @@ class OutboxWorker:
         self.failed += 1
         error = f"gave up after {attempts} attempts: {message}"
         await self._record(lambda conn: record_failure(
-            conn, item["id"], error, None, self.channels, self.clock.now(), address_failed=False))
+            conn, item["id"], error, None, self.channels, self.clock.now(), address_failed=False, policy=self.policy))
 
     async def _deliver(self, item: dict[str, Any], limit: asyncio.Semaphore) -> None:
         """Send one row and record its outcome. Any outcome but a clean send wakes the worker
@@ -761,7 +797,8 @@ class OutboxWorker:
             self.failed += 1
             error, code, address_failed = exc.message, exc.code, exc.address_failed
             await self._record(lambda conn: record_failure(
-                conn, item["id"], error, code, self.channels, self.clock.now(), address_failed=address_failed))
+                conn, item["id"], error, code, self.channels, self.clock.now(), address_failed=address_failed,
+                policy=self.policy))
             return False
         except asyncio.CancelledError:
             task = asyncio.current_task()

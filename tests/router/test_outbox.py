@@ -172,6 +172,42 @@ async def test_a_row_is_given_up_once_it_had_its_attempts_and_retry_seconds_pass
         assert "callback_required" in detail["flags"]
 
 
+async def test_an_answer_that_fails_for_good_puts_the_conversation_back_under_a_deadline(tmp_path):
+    """A bounced answer left the case answered: no deadline, never escalated, never overdue,
+    while the resident had heard nothing. With the answer lost, it waits for one again."""
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        result = await harness.core.ingest(inbound("m1"))
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Ab Montag."})
+        await harness.run_outbox()
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert detail["state"] == "answered" and detail["deadline"] is None
+        reply = next(m for m in detail["messages"] if m["kind"] == "reply")
+        provider_id = (await harness.rows("SELECT provider_id FROM outbox WHERE message_id = ?", (reply["id"],)))[0]["provider_id"]
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=provider_id, status="failed", permanent=True,
+                                                                      error_detail="mailbox unavailable"))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+        assert {"undeliverable", "callback_required"} <= set(detail["flags"])
+        assert any(e["kind"] == "answer_lost" for e in detail["events"])
+        harness.clock.set(datetime.fromisoformat(detail["deadline"].replace("Z", "+00:00")) + timedelta(minutes=1))
+        assert len(await harness.escalate()) == 1  # and escalates when nobody answers again
+
+
+async def test_a_failed_answer_followed_by_one_that_arrived_leaves_the_case_answered(tmp_path):
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        result = await harness.core.ingest(inbound("m1"))
+        for text in ("Ab Montag.", "Korrektur: ab Dienstag."):
+            await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": text})
+            await harness.run_outbox()
+        first = (await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply' ORDER BY id LIMIT 1"))[0]
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=first["provider_id"], status="failed",
+                                                                      permanent=True))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert detail["state"] == "answered"
+
+
 def test_the_backoff_of_a_row_retried_for_weeks_stays_a_number():
     from router.outbox import OutboxPolicy
 
