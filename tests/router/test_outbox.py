@@ -208,6 +208,43 @@ async def test_a_failed_answer_followed_by_one_that_arrived_leaves_the_case_answ
         assert detail["state"] == "answered"
 
 
+class BouncingMail(Channel):
+    """A mail channel whose every send is refused for good (the address bounces)."""
+
+    name = "mailchat"
+    capabilities = Capabilities(identity_kinds=("email",))
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        raise PermanentDeliveryError("550 mailbox unavailable")
+
+
+async def test_an_answer_never_falls_back_to_a_number_a_stranger_typed_into_a_form(tmp_path):
+    """A stranger sent the form with the resident's (still unknown) e-mail address and their own
+    phone number; the resident's own mail then landed on that contact, and when the answer to it
+    bounced, the fallback sent it by SMS to the stranger's phone."""
+    phone = RaceChat()
+
+    class Both:
+        @hookimpl
+        def register_channels(self):
+            return [phone, BouncingMail()]
+
+    async with CoreHarness(tmp_path / "d", plugins=[Both()]) as harness:
+        await harness.core.ingest({"channel": "webform", "channel_message_id": "f1", "text": "Frage",
+                                   "sender": {"kind": "email", "address": "erika@example.net",
+                                              "other_identities": [{"kind": "phone", "address": "+4915199999999"}]}})
+        mail = await harness.core.ingest({"channel": "mailchat", "channel_message_id": "<m1@example.net>",
+                                          "text": "Meine Vertragsnummer ist 998877", "sender": {"kind": "email",
+                                                                                             "address": "erika@example.net"}})
+        await harness.api("POST", f"/api/v1/conversations/{mail.conversation_id}/replies",
+                          json={"text": "Ihre Restschuld beträgt 1.234 EUR."})
+        await harness.run_outbox()
+        assert [m.to for m in phone.sent] == []
+        assert await harness.count("outbox", "to_address = '+4915199999999'") == 0
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{mail.conversation_id}")
+        assert "callback_required" in detail["flags"]
+
+
 def test_the_backoff_of_a_row_retried_for_weeks_stays_a_number():
     from router.outbox import OutboxPolicy
 
