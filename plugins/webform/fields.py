@@ -5,6 +5,8 @@ all of them at once (HTML) or an integrator gets them as JSON."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -82,6 +84,15 @@ def clean(data: Mapping[str, Any], *, topics: Iterable[str], language: str) -> t
     return values, errors
 
 
+def submission_id(nonce: str, values: Mapping[str, str]) -> str:
+    """The message id of a submission: its form token's nonce and what was entered. The same
+    form sent twice (a double click, a reload) is one message; another submission with the same
+    token (a shared computer's restored page, an integration that reuses a token) is a message
+    of its own, not a duplicate answered with the first sender's case and status page."""
+    entered = json.dumps({k: values.get(k) or "" for k in sorted(values)}, ensure_ascii=False, sort_keys=True)
+    return f"form:{nonce}:{hashlib.sha256(entered.encode('utf-8')).hexdigest()[:16]}"
+
+
 def to_message(values: Mapping[str, str], *, nonce: str, language: str) -> dict[str, Any]:
     """The canonical inbound message for a valid submission. The sender is the e-mail address
     if given, else the phone number, else the form session: nobody needs either to be heard."""
@@ -98,7 +109,7 @@ def to_message(values: Mapping[str, str], *, nonce: str, language: str) -> dict[
     address = {k: values.get(k) or None for k in ("street", "postcode", "city")}
     return {
         "channel": "webform",
-        "channel_message_id": f"form:{nonce}",
+        "channel_message_id": submission_id(nonce, values),
         "kind": "message",
         "sender": sender,
         "text": values["message"],

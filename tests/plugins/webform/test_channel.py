@@ -95,6 +95,21 @@ async def test_double_submit_gives_one_conversation(harness):
     assert await harness.count("outbox", "kind = 'ack'") == 1
 
 
+async def test_another_submission_with_the_same_token_is_not_answered_with_the_first_case(harness):
+    """The token's nonce alone was the message id: a second person on a shared computer (a
+    restored page) got the first person's case and status page, and their own message was
+    dropped as a duplicate."""
+    token = await get_token(harness)
+    first = await harness.client.post("/channels/webform/", json={**FORM, "form_token": token})
+    other = await harness.client.post("/channels/webform/", json={
+        **FORM, "form_token": token, "name": "Jan Nachbar", "email": "jan@example.org",
+        "message": "Bei mir ist seit gestern das Wasser abgestellt."})
+    a, b = await first.json(), await other.json()
+    assert first.status == 201 and other.status == 201
+    assert a["case_reference"] != b["case_reference"] and a["status_url"] != b["status_url"]
+    assert await harness.count("messages", "direction = 'in'") == 2
+
+
 async def test_staff_reply_shows_on_status_page_and_resident_writes_back(harness):
     status, body = await submit_json(harness)
     conversation_id = body["conversation_id"]
