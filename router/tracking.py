@@ -316,7 +316,11 @@ def escalate_due(
     results = []
     for row in rows:
         if row["escalation_level"] >= config.max_escalation_level:
+            # No more reminders for this deadline: said so in its history, so that the silence
+            # after the last reminder is not taken for an answer. It stays in the overdue list.
             conn.execute("UPDATE conversations SET escalate_at = NULL WHERE id = ?", (row["id"],))
+            record_event(conn, row["id"], "escalations_exhausted", iso(now), level=row["escalation_level"],
+                         unit=row["unit"])
             continue
         results.append(escalate(conn, config, templates, row, now))
     return results

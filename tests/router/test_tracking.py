@@ -134,6 +134,9 @@ async def test_a_new_deadline_counts_its_escalations_afresh(harness):
         if conv["escalate_at"] is None:
             break
     assert conv["escalation_level"] == harness.config.max_escalation_level and conv["escalate_at"] is None
+    # the last reminder was the last: said so in the history, not silence
+    exhausted = await harness.rows("SELECT data FROM events WHERE kind = 'escalations_exhausted'")
+    assert len(exhausted) == 1 and '"level": 10' in exhausted[0]["data"]
 
     await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Wir kümmern uns."})
     await harness.run_outbox()
