@@ -306,10 +306,16 @@ class WebFormChannel(Channel):
                 language=language, view=view, token=str(data["form_token"]),
                 timezone=self.context.settings.get("timezone", "Europe/Berlin"), action=request.path,
                 error=pages.TEXT[language]["unavailable"], text=text))
+        # A message long after the case settled opens a case of its own (linked to this one):
+        # its page, where the acknowledgement and the answer will show, is where the resident goes.
+        path = request.path
+        if result.status_token and result.status_token != status_token:
+            path = path.removesuffix(status_token) + result.status_token
         if is_json:
             return web.json_response({"case_reference": result.case_reference, "conversation_id": result.conversation_id,
-                                      "duplicate": result.duplicate}, status=200 if result.duplicate else 201)
-        raise web.HTTPSeeOther(f"{request.path}?lang={language}")
+                                      "status_url": result.status_url, "duplicate": result.duplicate},
+                                     status=200 if result.duplicate else 201)
+        raise web.HTTPSeeOther(f"{path}?lang={language}")
 
     # ------------------------------------------------------------------ delivery
 

@@ -142,6 +142,27 @@ async def test_staff_reply_shows_on_status_page_and_resident_writes_back(harness
     assert detail["state"] == "acknowledged" and detail["deadline"] is not None
 
 
+async def test_a_status_page_message_long_after_the_case_closed_leads_to_the_new_case(harness):
+    """It opened a new case, linked, but the page went back to the old one, which shows neither
+    the message nor the new case: its acknowledgement and answer landed on a page nobody had."""
+    import re
+
+    status, body = await submit_json(harness)
+    path = "/channels/webform/status/" + body["status_url"].rsplit("/", 1)[1]
+    await harness.api("POST", f"/api/v1/conversations/{body['conversation_id']}/close")
+    harness.clock.advance(timedelta(days=60))
+    page = await (await harness.client.get(path)).text()
+    token = re.search(r'name="form_token" value="([^"]+)"', page).group(1)
+    harness.clock.advance(timedelta(seconds=5))
+    response = await harness.client.post(path, data={"form_token": token, "message": "Der Bagger ist wieder da.",
+                                                     "website": ""}, allow_redirects=False)
+    assert response.status == 303 and await harness.count("conversations") == 2
+    (new,) = await harness.rows("SELECT status_token FROM conversations WHERE linked_to = ?", (body["conversation_id"],))
+    assert response.headers["Location"].startswith(f"/channels/webform/status/{new['status_token']}?")
+    page = await (await harness.client.get(response.headers["Location"])).text()
+    assert "Der Bagger ist wieder da." in page
+
+
 async def test_customer_number_matching_directory_is_recognised_and_wrong_one_stays_claim(harness):
     await harness.core.import_customers(lambda: [
         {"customer_number": "KD-100200", "name": "Erika Mustermann", "email": "erika@example.net", "street": "Lindenweg 3", "postcode": "12345"}
