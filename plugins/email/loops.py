@@ -58,6 +58,24 @@ def _sender_addresses(msg: Message, envelope_from: str | None) -> list[str]:
     return found
 
 
+def is_noreply(address: str) -> bool:
+    """Whether an address says nobody reads what is sent to it (``noreply@``, ``donotreply@``)."""
+    return _local_part(address).startswith(_NOREPLY_PREFIXES)
+
+
+def relayed_sender(msg: Message) -> str | None:
+    """The person a portal or a web form relays a mail for: a ``noreply`` From with a
+    ``Reply-To`` naming someone else. Such a mail is a person's, to be answered at that address,
+    not an automatic one (unless other headers say it is)."""
+    senders = [addr for _, addr in addresses_of(_header(msg, "From") or "") if addr]
+    if not senders or not is_noreply(senders[0]):
+        return None
+    reply_to = [addr for _, addr in addresses_of(_header(msg, "Reply-To") or "") if addr and "@" in addr]
+    if not reply_to or is_noreply(reply_to[0]) or reply_to[0].lower() == senders[0].lower():
+        return None
+    return reply_to[0].lower()
+
+
 def classify(msg: Message, *, envelope_from: str | None, own_domain: str) -> tuple[str, str] | None:
     """Why this mail must not be acknowledged, as (reason, detail), or None.
 
@@ -74,11 +92,12 @@ def classify(msg: Message, *, envelope_from: str | None, own_domain: str) -> tup
     if return_path is not None and return_path.strip() in ("", "<>"):
         return "bounce", "empty return path"
 
+    relayed = relayed_sender(msg) is not None
     for address in _sender_addresses(msg, envelope_from):
         local = _local_part(address)
         if local in _BOUNCE_SENDERS:
             return "bounce", f"sender {address}"
-        if local.startswith(_NOREPLY_PREFIXES):
+        if local.startswith(_NOREPLY_PREFIXES) and not relayed:
             return "auto-reply", f"sender {address}"
 
     auto_submitted = (_header(msg, "Auto-Submitted") or "").split(";")[0].strip().lower()

@@ -25,7 +25,7 @@ from typing import Any
 from .addresses import addresses_of
 from .bounces import parse_bounce
 from .limits import MAX_ATTACHMENTS, MAX_HTML, MAX_META_TEXT, MAX_MIME_DEPTH, MAX_MIME_ENTITIES, MAX_MIME_PARTS, MAX_TEXT
-from .loops import classify
+from .loops import classify, relayed_sender
 from .text import decode_bytes, fix_surrogates, html_to_text, part_text, split_reply
 
 CHANNEL = "email"
@@ -407,6 +407,12 @@ def parse_mail(
 
     senders = _addresses(msg, "From")
     display_name, address = senders[0] if senders else ("", "")
+    relayed_for = relayed_sender(msg)
+    if relayed_for is not None:
+        # A portal's noreply sender relaying a person's message: the person is the sender,
+        # acknowledged and answered at their own address.
+        display_name, address = next(((n, a) for n, a in _addresses(msg, "Reply-To") if a == relayed_for),
+                                     ("", relayed_for))
     if not _valid_address(address):
         fallback = (envelope_from or "").strip().strip("<>").lower()
         address = fallback if _valid_address(fallback) else ""
@@ -461,6 +467,8 @@ def parse_mail(
     reply_to = _addresses(msg, "Reply-To")
     if reply_to and reply_to[0][1] != address:
         meta["reply_to"] = reply_to[0][1]
+    if relayed_for is not None and senders:
+        meta["relayed_by"] = senders[0][1]
     if defects:
         meta["mime_defects"] = len(defects)
 

@@ -126,3 +126,23 @@ def test_rate_limiter_forgets_old_addresses():
     limiter.record("b@example.com", NOW)
     limiter.record("c@example.com", NOW + timedelta(hours=2))
     assert dict(limiter.counts()) == {"c@example.com": 1}
+
+
+def test_a_portal_relaying_a_persons_message_from_noreply_is_a_persons_mail():
+    """A contact form elsewhere sends from noreply@ with the person in Reply-To: the mail was
+    taken for an auto-reply, opened without deadline or acknowledgement, and answers would
+    have gone to noreply."""
+    from plugins.email.parse import parse_mail
+
+    relayed = mail("Reply-To: Erika Muster <Erika@example.net>\r\n", sender="Stadtportal <noreply@portal.example>")
+    assert reason(relayed, envelope_from="bounces@portal.example") is None
+    parsed = parse_mail(relayed, b"", envelope_from="bounces@portal.example", envelope_to=None, addresses={},
+                        own_domain="example.org").inbound
+    assert parsed["sender"]["address"] == "erika@example.net" and parsed["sender"]["display_name"] == "Erika Muster"
+    assert parsed["meta"]["relayed_by"] == "noreply@portal.example" and not parsed.get("ack_suppressed")
+
+
+@pytest.mark.parametrize("extra", ["", "Reply-To: noreply@portal.example\r\n",
+                                   "Reply-To: erika@example.net\r\nAuto-Submitted: auto-generated\r\n"])
+def test_a_noreply_sender_without_a_person_to_answer_stays_automatic(extra):
+    assert reason(mail(extra, sender="noreply@portal.example"), envelope_from="noreply@portal.example") == "auto-reply"
