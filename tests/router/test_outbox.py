@@ -134,19 +134,29 @@ async def test_a_channel_that_keeps_crashing_is_given_up_on_like_a_failing_provi
         assert len(plugin.channel.fail_next) == 7  # three attempts, then no more
 
 
+OUTAGE_POLICY = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=3,
+                             retry_seconds=3600)
+
+
+async def _failing_for(harness: CoreHarness, plugin: Plugin, *, attempts: int, every: timedelta, failures: int = 0):
+    """A message whose acknowledgement the provider refuses (503), tried ``attempts`` times
+    ``every`` so long apart; the ingest result."""
+    plugin.channel.fail_next = [RetryableDeliveryError("503 Service Unavailable")] * (failures or attempts)
+    result = await harness.core.ingest(inbound("m1"))
+    for _ in range(attempts):
+        await harness.run_outbox()
+        harness.clock.advance(every)
+    return result
+
+
 async def test_an_outage_longer_than_the_attempts_is_waited_out_for_retry_seconds(tmp_path):
     """Eight attempts with backoff took about three minutes: a provider down for ten lost every
     acknowledgement queued meanwhile for good (failed, flagged for a call-back, never resent).
     Now a row is retried until it has had its attempts and retry_seconds have passed."""
     plugin = Plugin()
-    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=3,
-                          retry_seconds=3600)
-    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
-        plugin.channel.fail_next = [RetryableDeliveryError("503 Service Unavailable")] * 6
-        result = await harness.core.ingest(inbound("m1"))
-        for _ in range(6):  # six attempts in ten minutes: more than max_attempts, less than an hour
-            await harness.run_outbox()
-            harness.clock.advance(timedelta(seconds=100))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=OUTAGE_POLICY) as harness:
+        # six attempts in ten minutes: more than max_attempts, less than an hour
+        result = await _failing_for(harness, plugin, attempts=6, every=timedelta(seconds=100))
         rows = await harness.rows("SELECT state, attempts FROM outbox WHERE kind = 'ack'")
         assert [(r["state"], r["attempts"]) for r in rows] == [("pending", 6)]
         status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
@@ -158,14 +168,8 @@ async def test_an_outage_longer_than_the_attempts_is_waited_out_for_retry_second
 
 async def test_a_row_is_given_up_once_it_had_its_attempts_and_retry_seconds_passed(tmp_path):
     plugin = Plugin()
-    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=3,
-                          retry_seconds=3600)
-    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
-        plugin.channel.fail_next = [RetryableDeliveryError("503 Service Unavailable")] * 20
-        result = await harness.core.ingest(inbound("m1"))
-        for _ in range(5):
-            await harness.run_outbox()
-            harness.clock.advance(timedelta(minutes=20))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=OUTAGE_POLICY) as harness:
+        result = await _failing_for(harness, plugin, attempts=5, every=timedelta(minutes=20), failures=20)
         rows = await harness.rows("SELECT state, last_error FROM outbox WHERE kind = 'ack'")
         assert rows[0]["state"] == "failed" and rows[0]["last_error"].startswith("gave up after 4 attempts")
         status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
