@@ -151,6 +151,10 @@ def _find_thread(
             key = conn.execute(
                 "SELECT conversation_id FROM messages WHERE channel = ? AND provider_id = ?", (msg["channel"], ref)
             ).fetchone()
+            if key is None or key[0] is None:  # a copy or an earlier attempt: its own outbox row
+                key = conn.execute(
+                    "SELECT conversation_id FROM outbox WHERE channel = ? AND provider_id = ?", (msg["channel"], ref)
+                ).fetchone()
             ours = key is not None and key[0] is not None
         if key is None or key[0] is None:
             key = conn.execute(
@@ -302,15 +306,19 @@ def _annotate(
     return _result(config, message_id, conv, prep.language, False, status_url)
 
 
-def _settled_too_long(config: Config, conv: Mapping[str, Any], now: datetime) -> bool:
-    """Closed, or answered or waiting with nothing happening, for longer than the reopen window:
-    a new message opens a new conversation (routed, acknowledged, linked to the old one). On a
-    chat, where a sender's messages join their open conversation, a new matter months later
-    joined the old answered one, unacknowledged, with its old owner."""
+def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[str, Any], now: datetime) -> bool:
+    """Closed, or answered or waiting with no message either way, for longer than the reopen
+    window: a new message opens a new conversation (routed, acknowledged, linked to the old
+    one). On a chat, where a sender's messages join their open conversation, a new matter
+    months later joined the old answered one, unacknowledged, with its old owner."""
     if conv["state"] == "closed":
         since = parse_iso(conv["closed_at"])
     elif conv["state"] in ("answered", "waiting"):
-        since = parse_iso(conv["updated_at"])
+        # The latest message of either side (a staff reply does not touch the conversation's row).
+        latest = conn.execute(
+            "SELECT created_at FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT 1", (conv["id"],)
+        ).fetchone()
+        since = max(filter(None, (parse_iso(conv["updated_at"]), parse_iso(latest[0]) if latest else None)), default=None)
     else:
         return False
     return since is not None and now - since > reopen_window(config)
@@ -368,7 +376,7 @@ def ingest_tx(
     needs_ack = False
     if conv is not None and automated:
         pass  # a machine's message (out of office, a list, a bounce) is kept where it belongs and changes nothing
-    elif conv is not None and _settled_too_long(config, conv, now):
+    elif conv is not None and _settled_too_long(conn, config, conv, now):
         referred, conv = conv, None  # too old: a new conversation, linked to the old one
     elif conv is not None and conv["state"] == "closed":
         conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}

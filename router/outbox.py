@@ -87,10 +87,16 @@ class OutboxPolicy:
         raw = min(self.max_delay, self.base_delay * (2 ** min(max(0, attempts - 1), 30)))
         return raw * random.uniform(0.5, 1.0)
 
-    def exhausted(self, attempts: int, queued_at: str | None, now: datetime) -> bool:
-        """Whether a row with ``attempts`` so far, queued at ``queued_at``, is given up."""
+    def exhausted(self, attempts: int, queued_at: str | None, now: datetime, *, outage: bool = True) -> bool:
+        """Whether a row with ``attempts`` so far, queued at ``queued_at``, is given up. Only a
+        failure that may pass with time (``outage``: no answer, a provider's error, a plugin's)
+        waits out ``retry_seconds``; a refusal (every form refused, a failed status reported
+        again and again) is given up after ``max_attempts``, so that the fallback comes soon
+        and a provider is not paid for a day of refused sends."""
         if attempts < self.max_attempts:
             return False
+        if not outage:
+            return True
         queued = parse_iso(queued_at)
         return queued is None or (now - queued).total_seconds() >= self.retry_seconds
 
@@ -302,9 +308,11 @@ def record_failure(
         return
     if row["kind"] == "notification":
         # The unit that owns the case now was never told: shown on the conversation, so that
-        # an escalation that reached nobody does not pass for one that did.
-        add_flags(conn, row["conversation_id"], ["owner_not_notified"], stamp)
+        # an escalation that reached nobody does not pass for one that did. Only the latest
+        # notification speaks for the current owner (a late bounce of an earlier owner's does not).
         record_event(conn, row["conversation_id"], "owner_not_notified", stamp, to=row["to_address"], reason=error[:300])
+        if _latest_notification(conn, row):
+            add_flags(conn, row["conversation_id"], ["owner_not_notified"], stamp)
         return
     tried = {
         (r["channel"], r["to_kind"], r["to_address"])
@@ -352,16 +360,30 @@ def record_failure(
         _answer_lost(conn, row, now, policy)
 
 
+def _latest_notification(conn: sqlite3.Connection, row: Mapping[str, Any]) -> bool:
+    """Whether ``row`` is the conversation's latest notification (to its current owner)."""
+    latest = conn.execute(
+        "SELECT MAX(id) FROM outbox WHERE conversation_id = ? AND kind = 'notification'", (row["conversation_id"],)
+    ).fetchone()[0]
+    return latest == row["id"]
+
+
 def _answer_lost(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime, policy: OutboxPolicy | None) -> None:
-    """A staff reply that reached nobody: if it was the conversation's latest reply and the
-    conversation counts as answered (or staff wait for the resident), it waits for an answer
-    again. Before, a bounced answer left the case answered, with no deadline, never escalated
-    and never overdue, while the resident had heard nothing."""
+    """A staff reply that reached nobody (nor did a copy of it): if it was the conversation's
+    latest answer and the conversation counts as answered, waiting for the resident, or closed
+    (answered and closed at once), it waits for an answer again. Before, a bounced answer left
+    the case answered or closed, with no deadline, never escalated and never overdue, while the
+    resident had heard nothing."""
     conv = conn.execute(
         "SELECT id, unit, state FROM conversations WHERE id = ?", (row["conversation_id"],)
     ).fetchone()
-    if conv is None or conv["state"] not in ("answered", "waiting"):
+    if conv is None or conv["state"] not in ("answered", "waiting", "closed"):
         return
+    copy = conn.execute(
+        "SELECT 1 FROM outbox WHERE message_id = ? AND id != ? AND state = 'sent' LIMIT 1", (row["message_id"], row["id"])
+    ).fetchone()
+    if copy is not None:
+        return  # a copy of it (the mail of a web-form answer) went out: the answer arrived
     later = conn.execute(
         "SELECT 1 FROM messages WHERE conversation_id = ? AND direction = 'out' AND kind IN ('reply', 'callback')"
         " AND id > ? AND delivery_status IS NOT 'failed' LIMIT 1",
@@ -373,7 +395,7 @@ def _answer_lost(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime
     stamp, deadline = iso(now), iso(due)
     conn.execute(
         "UPDATE conversations SET state = 'acknowledged', deadline = ?, escalate_at = ?, escalation_level = 0,"
-        " updated_at = ? WHERE id = ?",
+        " closed_at = NULL, updated_at = ? WHERE id = ?",
         (deadline, deadline, stamp, conv["id"]),
     )
     record_event(conn, conv["id"], "answer_lost", stamp, message_id=row["message_id"], deadline=deadline)
@@ -442,8 +464,8 @@ def record_send(
     whether a failure was among those statuses (a resend or fallback may be due at once)."""
     answered_now = status in ("delivered", "read") or row["channel"] in answered_on
     answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now)
-    if row["kind"] == "notification" and row["conversation_id"] is not None:
-        remove_flags(conn, row["conversation_id"], ["owner_not_notified"], iso(now))  # a later one reached its unit
+    if row["kind"] == "notification" and row["conversation_id"] is not None and _latest_notification(conn, row):
+        remove_flags(conn, row["conversation_id"], ["owner_not_notified"], iso(now))  # the current owner was told
     early, failed = apply_early_statuses(conn, row["id"], row["channel"], provider_id, answered_on, channels, now, policy)
     return early or answered, failed
 
@@ -477,7 +499,8 @@ def _apply_status(
         if row["state"] == "failed":
             return None
         detail = " ".join(filter(None, (update.error_code, update.error_title, update.error_detail))) or "failed"
-        if (update.resend_hint or not update.permanent) and policy.exhausted(row["attempts"], row["created_at"], now):
+        if (update.resend_hint or not update.permanent) and policy.exhausted(row["attempts"], row["created_at"], now,
+                                                                             outage=False):
             # A provider that takes every send and then reports it failed (a rate limit that
             # does not lift) would otherwise be sent to for ever, with nobody told.
             error = f"gave up after {row['attempts']} attempts: {detail}"
@@ -714,15 +737,15 @@ class OutboxWorker:
 
     async def _retry(
         self, item: dict[str, Any], message: str, retry_after: float | None, *, give_up: bool = True,
-        status_wait: timedelta | None = None,
+        status_wait: timedelta | None = None, outage: bool = True,
     ) -> None:
         """Send again later (after the provider's ``retry_after``, else with backoff, and no
         sooner than ``status_wait``); once the policy says the row is exhausted (``max_attempts``
-        and ``retry_seconds``) give up, which falls back to the contact's other identities or
-        flags the conversation for a call-back. A channel that is
-        not configured yet never gives up."""
+        and, for an ``outage``, ``retry_seconds``) give up, which falls back to the contact's
+        other identities or flags the conversation for a call-back. A channel that is not
+        configured yet never gives up."""
         wait = self.policy.floor(status_wait.total_seconds()) if status_wait is not None else 0.0
-        if give_up and self.policy.exhausted(item["attempts"], item["created_at"], self.clock.now()):
+        if give_up and self.policy.exhausted(item["attempts"], item["created_at"], self.clock.now(), outage=outage):
             if status_wait is not None:
                 # The last send may have gone through: a fallback now would reach the person
                 # twice. One more look for its status after the wait; then ``_send`` gives up.
@@ -782,7 +805,7 @@ class OutboxWorker:
                 # The form it asks for was tried already (or the forms go round): a refusal like
                 # any other, with backoff and a last attempt. Resent at once every time, a channel
                 # that refused every form was asked again for ever, a thousand times a second.
-                await self._retry(item, exc.message, None)
+                await self._retry(item, exc.message, None, outage=False)
                 return False
             self.retried += 1
             # Values, not the exception, go into the unit: it runs after this block.

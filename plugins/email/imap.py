@@ -59,6 +59,10 @@ class ImapError(Exception):
     """The IMAP server refused a command; the poller reconnects after a pause."""
 
 
+class ImapTimeout(ImapError):
+    """An IMAP command whose whole answer did not arrive within its deadline."""
+
+
 class ImportFailed(Exception):
     """Importing one mail failed (and it is not yet set aside); the poller tries again after
     ``retry_seconds``."""
@@ -438,7 +442,7 @@ class ImapPoller:
         try:
             return await asyncio.wait_for(call, seconds)
         except TimeoutError:
-            raise ImapError(f"{what}: no complete answer within {seconds:g} s") from None
+            raise ImapTimeout(f"{what}: no complete answer within {seconds:g} s") from None
 
     async def _flag(self, client: aioimaplib.IMAP4, uid: int) -> bool:
         """Set the import keyword on ``uid``; whether the connection can still be used (not
@@ -462,7 +466,7 @@ class ImapPoller:
             return None
         try:
             raw = await self._fetch(client, uid, size)
-        except ImapError as exc:
+        except ImapTimeout as exc:
             # The server answered at once about the mail, but its body did not come in time: a
             # failed attempt of this mail (a server slower than FETCH_BYTES_PER_SECOND for it
             # held the whole mailbox for ever). Once they are used up it is left in the mailbox.

@@ -65,15 +65,20 @@ def is_noreply(address: str) -> bool:
 
 def relayed_sender(msg: Message) -> str | None:
     """The person a portal or a web form relays a mail for: a ``noreply`` From with a
-    ``Reply-To`` naming someone else. Such a mail is a person's, to be answered at that address,
+    ``Reply-To`` naming someone at another domain. Such a mail is a person's, to be answered at that address,
     not an automatic one (unless other headers say it is)."""
     senders = [addr for _, addr in addresses_of(_header(msg, "From") or "") if addr]
     if not senders or not is_noreply(senders[0]):
         return None
     reply_to = [addr for _, addr in addresses_of(_header(msg, "Reply-To") or "") if addr and "@" in addr]
-    if not reply_to or is_noreply(reply_to[0]) or reply_to[0].lower() == senders[0].lower():
+    if not reply_to or is_noreply(reply_to[0]) or _domain(reply_to[0]) == _domain(senders[0]):
+        # Its own address (a ticket system's support@ beside its noreply@) is no person relayed.
         return None
     return reply_to[0].lower()
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
 
 
 def classify(msg: Message, *, envelope_from: str | None, own_domain: str) -> tuple[str, str] | None:

@@ -294,7 +294,9 @@ class WebFormChannel(Channel):
         try:
             result = await self.context.ingest({
                 "channel": "webform",
-                "channel_message_id": f"status:{token.nonce}",
+                # The nonce and the text: a page sent twice is one message, another message
+                # from a restored page (same token) is a message of its own.
+                "channel_message_id": f"status:{token.nonce}:{hashlib.sha256(text.strip().encode()).hexdigest()[:16]}",
                 "kind": "message",
                 "sender": {"kind": sender["kind"], "address": sender["address"]},
                 "text": text.strip(),

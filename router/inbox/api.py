@@ -175,7 +175,10 @@ def _sees_status_link(config: Config, member: StaffMember) -> bool:
 HIDDEN_STATUS_LINK = "[status link]"
 # A status page's address (its token after /status/), or a status token alone: the time in 13
 # hex digits, then 32 characters of URL-safe base64 (``sortable_token(24)``).
-_STATUS_LINK = re.compile(r"\S*/channels/webform/status/[A-Za-z0-9_-]+|(?<![A-Za-z0-9_-])[0-9a-f]{13}[A-Za-z0-9_-]{32}(?![A-Za-z0-9_-])")
+_STATUS_LINK = re.compile(
+    r"(?:https?://[^\s/]{1,253})?/channels/webform/status/[A-Za-z0-9_-]+"
+    r"|(?<![A-Za-z0-9_-])[0-9a-f]{13}[A-Za-z0-9_-]{32}(?![A-Za-z0-9_-])"
+)
 
 
 def _hide_status_link(detail: dict[str, Any]) -> None:

@@ -639,3 +639,17 @@ async def test_a_merge_checks_the_units_again_in_its_write(harness):
     merged = await harness.rows("SELECT merged_into FROM contacts WHERE id = ?", (contacts[1],))
     assert merged[0]["merged_into"] is None
     await harness.core.merge_contacts(contacts[0], contacts[1], "hotline", units={"tiefbau-muster", "kundenservice"})
+
+
+async def test_hiding_status_links_from_a_long_unbroken_text_takes_linear_time(harness):
+    """The pattern began with \\S*: 80,000 characters without a space took 11 to 26 s of the
+    event loop when a contractor opened the conversation."""
+    import time
+
+    case = await _case(harness)
+    (row,) = await harness.rows("SELECT status_token FROM conversations WHERE id = ?", (case,))
+    await harness.core.ingest(webform_message("x" * 150_000, thread={"status_token": row["status_token"]}))
+    started = time.perf_counter()
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{case}", token="contractor")
+    assert status == 200 and time.perf_counter() - started < 2
+    assert seen["messages"][-1]["text"] == "x" * 150_000

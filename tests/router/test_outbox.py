@@ -198,6 +198,23 @@ async def test_an_answer_that_fails_for_good_puts_the_conversation_back_under_a_
         assert len(await harness.escalate()) == 1  # and escalates when nobody answers again
 
 
+async def test_an_answer_lost_after_the_case_was_closed_reopens_it(tmp_path):
+    """Answer and close at once, then the answer bounces: the case stayed closed, its flags in a
+    list nobody looks at."""
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        result = await harness.core.ingest(inbound("m1"))
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Erledigt."})
+        await harness.run_outbox()
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/close")
+        (row,) = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=row["provider_id"], status="failed",
+                                                                      permanent=True))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+        assert any(e["kind"] == "answer_lost" for e in detail["events"])
+
+
 async def test_a_failed_answer_followed_by_one_that_arrived_leaves_the_case_answered(tmp_path):
     plugin = Plugin()
     async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
@@ -598,7 +615,7 @@ async def test_a_send_the_provider_keeps_reporting_failed_is_given_up_and_falls_
     max_attempts: no fallback, no flag, nobody told, and every send paid for."""
     plugins = TwoChannels()
     plugins.channel = ReportsFailedChat()
-    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, max_attempts=3, retry_seconds=0)
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, max_attempts=3)  # the default retry_seconds: a refusal is no outage
     failed = DeliveryUpdate(provider_id="", status="failed", error_code="131048", permanent=False)
     async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 1)
@@ -998,7 +1015,7 @@ async def test_a_channel_that_refuses_every_form_is_given_up_not_asked_for_ever(
     """Each refusal was resent at once without counting: about a thousand provider calls a
     second, for ever, and the person never flagged for a call-back."""
     plugin = Plugin(RefusingEveryForm())
-    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=3, retry_seconds=0)
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=3)  # the default retry_seconds: a refusal is no outage
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 1)
         for _ in range(30):

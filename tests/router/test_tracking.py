@@ -328,3 +328,18 @@ async def _months_later(harness) -> None:
     assert later.conversation_id != first.conversation_id and later.acknowledged and later.opened
     linked = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (later.conversation_id,))
     assert linked[0]["linked_to"] == first.conversation_id
+
+
+async def test_a_reply_to_a_recent_staff_message_joins_however_old_the_first_answer(harness):
+    """Whether nothing happened for reopen_days was read from the conversation's row, which a
+    staff reply does not touch: answering a question staff asked five days ago opened a new
+    case because the first answer was fifteen days old."""
+    first = await harness.core.ingest(webform_message())
+    stamp = iso(harness.clock.now())
+    await harness.core.store.write(lambda conn: tracking.mark_answered(conn, first.conversation_id, stamp))
+    harness.clock.advance(timedelta(days=10))
+    await harness.api("POST", f"/api/v1/conversations/{first.conversation_id}/replies",
+                      json={"text": "Können Sie uns noch ein Foto schicken?"})
+    harness.clock.advance(timedelta(days=5))
+    answer = await harness.core.ingest(webform_message("Hier das Foto.", thread={"status_token": first.status_token}))
+    assert answer.conversation_id == first.conversation_id

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -589,6 +589,12 @@ async def test_webform_resident_with_email_gets_the_answer_by_mail_with_status_l
     status, detail = await harness.api("GET", f"/api/v1/conversations/{form['conversation_id']}")
     assert detail["state"] == "answered"
 
+    # The mailed copy bounces: the bounce belongs with the web-form case, not in a stray one
+    # (the copy's Message-ID is only on its own outbox row).
+    await send(harness, dsn_for(mail["Message-ID"], "erika@example.net", form["case_reference"]), sender="")
+    assert (await conversation_of(harness, "<dsn-1@mx.example.net>"))["id"] == form["conversation_id"]
+    assert await harness.count("conversations") == 1
+
 
 # -------------------------------------------------------------------------- contract kit
 
@@ -623,3 +629,30 @@ async def test_a_units_notification_carries_neither_the_status_link_nor_the_resi
     for note in notes:
         assert token not in note.as_string()
         assert note["In-Reply-To"] is None and message_id not in (note["References"] or "")
+
+
+async def test_a_late_bounce_of_an_earlier_owners_notification_does_not_flag_the_current_owner(harness, sink):
+    """The flag said the owner was not told when the mail to a unit that owned the case before
+    bounced, while the current owner's notification had gone out."""
+    from router.hookspecs import DeliveryUpdate
+
+    message_id = "<anwohner-2@client.example.net>"
+    await send(harness, compose(sender="anwohner@example.com", subject="Baustelle", text="Baustelle vor dem Haus",
+                                message_id=message_id))
+    detail = await conversation_of(harness, message_id)
+    for _ in range(2):  # up the chain twice: two owners notified
+        harness.clock.set(datetime.fromisoformat((await conversation_of(harness, message_id))["deadline"].replace("Z", "+00:00"))
+                          + timedelta(minutes=1))
+        assert len(await harness.escalate()) == 1
+    await harness.run_outbox()
+    notes = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'notification' AND conversation_id = ? ORDER BY id",
+                               (detail["id"],))
+    assert len(notes) == 2 and all(n["provider_id"] for n in notes)
+    await harness.core.record_delivery("email", DeliveryUpdate(provider_id=notes[0]["provider_id"], status="failed",
+                                                               permanent=True, error_detail="550 unknown user"))
+    detail = await conversation_of(harness, message_id)
+    assert "owner_not_notified" not in detail["flags"]
+    assert any(e["kind"] == "owner_not_notified" for e in detail["events"])  # the history says it all the same
+    await harness.core.record_delivery("email", DeliveryUpdate(provider_id=notes[1]["provider_id"], status="failed",
+                                                               permanent=True, error_detail="550 unknown user"))
+    assert "owner_not_notified" in (await conversation_of(harness, message_id))["flags"]

@@ -143,6 +143,7 @@ def test_a_portal_relaying_a_persons_message_from_noreply_is_a_persons_mail():
 
 
 @pytest.mark.parametrize("extra", ["", "Reply-To: noreply@portal.example\r\n",
+                                   "Reply-To: support@portal.example\r\n",  # a ticket system's receipt
                                    "Reply-To: erika@example.net\r\nAuto-Submitted: auto-generated\r\n"])
 def test_a_noreply_sender_without_a_person_to_answer_stays_automatic(extra):
     assert reason(mail(extra, sender="noreply@portal.example"), envelope_from="noreply@portal.example") == "auto-reply"

@@ -163,6 +163,23 @@ async def test_a_status_page_message_long_after_the_case_closed_leads_to_the_new
     assert "Der Bagger ist wieder da." in page
 
 
+async def test_two_messages_from_one_status_page_are_two_messages(harness):
+    """The status page's token nonce alone was the message id: a second message written on a
+    restored page was dropped as a duplicate of the first."""
+    import re
+
+    status, body = await submit_json(harness)
+    path = "/channels/webform/status/" + body["status_url"].rsplit("/", 1)[1]
+    token = re.search(r'name="form_token" value="([^"]+)"', await (await harness.client.get(path)).text()).group(1)
+    harness.clock.advance(timedelta(seconds=5))
+    for text in ("Erste Frage", "Erste Frage", "Zweite Frage"):  # the first twice: a double submit
+        response = await harness.client.post(path, data={"form_token": token, "message": text, "website": ""},
+                                             allow_redirects=False)
+        assert response.status == 303
+    texts = [r["text"] for r in await harness.rows("SELECT text FROM messages WHERE direction = 'in' ORDER BY id")]
+    assert texts[1:] == ["Erste Frage", "Zweite Frage"]
+
+
 async def test_customer_number_matching_directory_is_recognised_and_wrong_one_stays_claim(harness):
     await harness.core.import_customers(lambda: [
         {"customer_number": "KD-100200", "name": "Erika Mustermann", "email": "erika@example.net", "street": "Lindenweg 3", "postcode": "12345"}
