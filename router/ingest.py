@@ -314,9 +314,12 @@ def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[st
     if conv["state"] == "closed":
         since = parse_iso(conv["closed_at"])
     elif conv["state"] in ("answered", "waiting"):
-        # The latest message of either side (a staff reply does not touch the conversation's row).
+        # The latest message of either side (a staff reply does not touch the conversation's row);
+        # not an internal note or a notification to a unit, which the resident never saw.
         latest = conn.execute(
-            "SELECT created_at FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT 1", (conv["id"],)
+            "SELECT created_at FROM messages WHERE conversation_id = ? AND (direction = 'in' OR kind IN ('reply', 'callback'))"
+            " ORDER BY id DESC LIMIT 1",
+            (conv["id"],),
         ).fetchone()
         since = max(filter(None, (parse_iso(conv["updated_at"]), parse_iso(latest[0]) if latest else None)), default=None)
     else:

@@ -385,12 +385,14 @@ def _answer_lost(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime
     if copy is not None:
         return  # a copy of it (the mail of a web-form answer) went out: the answer arrived
     later = conn.execute(
-        "SELECT 1 FROM messages WHERE conversation_id = ? AND direction = 'out' AND kind IN ('reply', 'callback')"
-        " AND id > ? AND delivery_status IS NOT 'failed' LIMIT 1",
+        "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? AND (direction = 'in'"
+        " OR (direction = 'out' AND kind IN ('reply', 'callback') AND delivery_status IS NOT 'failed')) LIMIT 1",
         (conv["id"], row["message_id"]),
     ).fetchone()
     if later is not None:
-        return  # a later answer (or a call-back that reached the person) stands
+        # A later answer (or a call-back that reached the person) stands; a message from the
+        # resident after it ("Danke, alles klar") shows the case went on, and staff decided since.
+        return
     due = policy.answer_deadline(conv["unit"], now) if policy and policy.answer_deadline else now
     stamp, deadline = iso(now), iso(due)
     conn.execute(

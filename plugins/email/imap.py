@@ -63,6 +63,10 @@ class ImapTimeout(ImapError):
     """An IMAP command whose whole answer did not arrive within its deadline."""
 
 
+class ImapRefused(ImapError):
+    """The server answered a command with NO or BAD."""
+
+
 class ImportFailed(Exception):
     """Importing one mail failed (and it is not yet set aside); the poller tries again after
     ``retry_seconds``."""
@@ -200,7 +204,7 @@ def _lines(response: Any) -> list[bytes]:
 def _check(response: Any, what: str) -> list[bytes]:
     if response.result != "OK":
         detail = b" ".join(_lines(response)).decode("utf-8", "replace")[:300]
-        raise ImapError(f"{what}: {response.result} {detail}")
+        raise ImapRefused(f"{what}: {response.result} {detail}")
     return _lines(response)
 
 
@@ -412,13 +416,13 @@ class ImapPoller:
                        "importing the next mail", box.label, uid, mark.uidvalidity, cause)
 
     async def _set_aside_unfetched(self, mark: UidMark, uid: int, cause: str, attempts: int) -> None:
-        """A mail whose body never came in time, ``attempts`` times: not imported, left in the
-        mailbox (without the import keyword), reported like any mail set aside; the mark moves
+        """A mail whose body did not come in time, or that the server refused to send,
+        ``attempts`` times: not imported, left in the mailbox (without the import keyword), reported like any mail set aside; the mark moves
         past it, so the mail after it is imported."""
         box = self.mailbox
         await self._report_set_aside({"mailbox": box.label, "uidvalidity": mark.uidvalidity, "uid": uid,
-                                      "cause": f"not downloaded in time, {attempts} times: {cause}"})
-        self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) could not be downloaded in time %s times (%s); it stays in "
+                                      "cause": f"not downloaded, {attempts} times: {cause}"})
+        self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) could not be downloaded %s times (%s); it stays in "
                        "the mailbox; importing the next mail", box.label, uid, mark.uidvalidity, attempts, cause)
         mark.last_uid = uid
         mark.failed.pop(uid, None)
@@ -466,17 +470,20 @@ class ImapPoller:
             return None
         try:
             raw = await self._fetch(client, uid, size)
-        except ImapTimeout as exc:
-            # The server answered at once about the mail, but its body did not come in time: a
-            # failed attempt of this mail (a server slower than FETCH_BYTES_PER_SECOND for it
-            # held the whole mailbox for ever). Once they are used up it is left in the mailbox.
+        except (ImapTimeout, ImapRefused) as exc:
+            # The server answered at once about the mail, but its body did not come in time, or
+            # it refused to send it (a corrupt file on its side): a failed attempt of this mail
+            # (else one such mail held the whole mailbox for ever). Once they are used up it is
+            # left in the mailbox.
             attempts = mark.failed.get(uid, 0) + 1
             mark.failed = {uid: attempts}
             await self._save(mark)
             if attempts < self.mailbox.max_attempts:
                 raise
             await self._set_aside_unfetched(mark, uid, str(exc), attempts)
-            raise ImapError(f"UID {uid}: set aside, the connection is reset after a download cut short") from exc
+            if isinstance(exc, ImapTimeout):  # the connection is unusable after a command cut short
+                raise ImapError(f"UID {uid}: set aside, the connection is reset after a download cut short") from exc
+            return None
         if raw is not None and self._too_large(len(raw)):  # the server did not tell, or told wrong
             await self._set_aside_too_large(mark, uid, len(raw))
             return None

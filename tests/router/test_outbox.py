@@ -1080,3 +1080,20 @@ async def test_a_permanent_error_marks_the_address_failed_only_when_it_says_so(t
             await harness.run_outbox()
         assert await harness.count("outbox", "channel = 'fallback' AND state = 'sent'") == 1
         assert await harness.count("identities", "failed_at IS NOT NULL") == int(address_failed)
+
+
+async def test_a_lost_answer_does_not_reopen_a_case_the_resident_wrote_in_since(tmp_path):
+    """The resident thanked, staff closed, then the provider reported the answer failed: the
+    case was reopened and escalated."""
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        result = await harness.core.ingest(inbound("m1"))
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Erledigt."})
+        await harness.run_outbox()
+        await harness.core.ingest(inbound("m2", "Danke, alles klar!"))
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/close")
+        (row,) = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=row["provider_id"], status="failed",
+                                                                      permanent=True))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert detail["state"] == "closed"

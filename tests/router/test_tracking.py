@@ -343,3 +343,15 @@ async def test_a_reply_to_a_recent_staff_message_joins_however_old_the_first_ans
     harness.clock.advance(timedelta(days=5))
     answer = await harness.core.ingest(webform_message("Hier das Foto.", thread={"status_token": first.status_token}))
     assert answer.conversation_id == first.conversation_id
+
+
+async def test_an_internal_note_is_no_activity_the_resident_saw(harness):
+    """A staff note on an old answered case kept it open for a new matter of the resident."""
+    first = await harness.core.ingest(webform_message())
+    stamp = iso(harness.clock.now())
+    await harness.core.store.write(lambda conn: tracking.mark_answered(conn, first.conversation_id, stamp))
+    harness.clock.advance(timedelta(days=60))
+    await harness.api("POST", f"/api/v1/conversations/{first.conversation_id}/notes", json={"text": "Akte geprüft"})
+    harness.clock.advance(timedelta(days=1))
+    later = await harness.core.ingest(webform_message("Neues Anliegen", thread={"status_token": first.status_token}))
+    assert later.conversation_id != first.conversation_id and later.acknowledged

@@ -141,3 +141,33 @@ async def test_a_mail_whose_body_never_comes_in_time_is_set_aside_after_its_atte
     # later, its log's traceback (Python 3.11 parses the line for its carets) could run inside
     # another parse, such as an import's, which 3.11's ast module takes as a SystemError.
     gc.collect()
+
+
+class RefusesTheFirstBody(FakeImapServer):
+    """A server that answers NO to the body of UID 1 (a corrupt mail file on its side)."""
+
+    def _uid(self, tag: str, command: str, args: list[str]) -> bytes:
+        if command == "FETCH" and args[0] == "1" and "BODY" in " ".join(args[1:]).upper():
+            return f"{tag} NO [SERVERBUG] Internal error occurred\r\n".encode()
+        return super()._uid(tag, command, args)
+
+
+async def test_a_mail_the_server_refuses_to_send_is_set_aside_after_its_attempts(harness):
+    """Counted only when it timed out, a refused download was tried again at every session,
+    and no later mail was imported."""
+    async with RefusesTheFirstBody(idle=False) as server:
+        server.add(mail(1))
+        server.add(mail(2))
+        box = poller(server, harness, timeout=0.5)
+        for _ in range(2):
+            with pytest.raises(ImapError, match="NO"):
+                await asyncio.wait_for(box.session(), 10)
+        session = asyncio.create_task(box.session())  # the third refusal sets it aside, and goes on
+        try:
+            await eventually(lambda: _stored(harness, "<imap-2@example.net>"))
+            assert box.set_aside == 1 and [IMPORTED_KEYWORD in m.flags for m in server.mails] == [False, True]
+        finally:
+            session.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session
+    gc.collect()  # see test_a_mail_whose_body_never_comes_in_time_is_set_aside_after_its_attempts
