@@ -119,13 +119,6 @@ class Core:
         self._unverified_senders = frozenset(n for n, c in self.channels.items() if not c.capabilities.sender_verified)
         self._refresh_hook_flags()
 
-    def may_use_claimed(self, channel: str) -> bool:
-        """Whether a conversation on ``channel`` may be answered at addresses its contact merely
-        named (``claimed``): only where the channel does not vouch for its sender either (the
-        form that named them). A conversation of a channel that does (an e-mail from the
-        address someone typed into a form as their own) must not reach the typist's phone."""
-        return channel in self._unverified_senders
-
     def status_url(self, token: str) -> str:
         return f"{self.config.public_base_url}/channels/webform/status/{token}"
 
@@ -329,7 +322,8 @@ class Core:
             conv = self._conversation(conn, conversation_id, units)
             idents = [dict(r) for r in conn.execute(
                 "SELECT kind, address, failed_at, last_inbound_at FROM identities WHERE contact_id = ? AND claimed <= ?"
-                " ORDER BY last_inbound_at DESC", (conv["contact_id"], 1 if self.may_use_claimed(conv["channel"]) else 0))]
+                " ORDER BY last_inbound_at DESC",
+                (conv["contact_id"], identity.claims_usable(self.channels.get(conv["channel"]))))]
             return conv, idents
 
         conv, idents = await self.store.write(target)
@@ -524,13 +518,12 @@ class Core:
         """After the last failed call-back attempt, tell the person by SMS how to reach us."""
         if "phone" not in self.channels or not self.templates.has("callback_failed"):
             return False
-        # A number merely named on a form serves that form's conversation only (see
-        # ``may_use_claimed``): the SMS carries the status link.
-        claimed_ok = 1 if self.may_use_claimed(conv["channel"]) else 0
+        # A number merely named on a form serves form conversations only: the SMS carries the
+        # status link.
         phone = conn.execute(
             "SELECT address FROM identities WHERE contact_id = ? AND kind = 'phone' AND claimed <= ?"
             " ORDER BY last_inbound_at DESC LIMIT 1",
-            (conv["contact_id"], claimed_ok),
+            (conv["contact_id"], identity.claims_usable(self.channels.get(conv["channel"]))),
         ).fetchone()
         if phone is None:
             return False

@@ -13,11 +13,14 @@ import sqlite3
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import phonenumbers
 
 from .models import Customer
+
+if TYPE_CHECKING:
+    from .channel import Channel
 from .text import normalize
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -177,6 +180,15 @@ def resolve_contact(
             f"UPDATE contacts SET {', '.join(updates)}, updated_at = ? WHERE id = ?", (*params, now, contact_id)
         )
     return contact_id, bool(row["is_customer"]), False
+
+
+def claims_usable(channel: Channel | None) -> bool:
+    """Whether a conversation on ``channel`` may be answered at addresses its contact merely
+    named (``claimed``): only where the channel does not vouch for its sender either (the form
+    that named them). A conversation of a channel that does (an e-mail from an address someone
+    typed into a form as their own) must not reach the typist's phone, whether by a reply, a
+    fallback or a call-back SMS. As an SQL parameter: ``claimed <= ?``."""
+    return channel is not None and not channel.capabilities.sender_verified
 
 
 def _new_contact(conn: sqlite3.Connection, display_name: str | None, language: str | None, claim: str | None, now: str) -> int:

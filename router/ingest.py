@@ -121,7 +121,7 @@ def _find_thread(
     msg: Mapping[str, Any],
     contact_id: int,
     threads_by_sender: bool,
-    joins_by_reference: bool,
+    sender_verified: bool,
     *,
     refs_join: str = "own",
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
@@ -170,7 +170,7 @@ def _find_thread(
     if reference:
         row = conn.execute("SELECT * FROM conversations WHERE case_reference = ?", (reference,)).fetchone()
         if row is not None:
-            if row["contact_id"] == contact_id and joins_by_reference:
+            if row["contact_id"] == contact_id and sender_verified:
                 return row, None
             referred = referred or row  # a case reference is not proof of identity: link, don't join
     if threads_by_sender:
@@ -327,8 +327,9 @@ def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[st
     return since is not None and now - since > reopen_window(config)
 
 
-def _answered_ever(conn: sqlite3.Connection, conversation_id: int) -> bool:
-    """Whether anything was ever sent in the conversation (an acknowledgement, a reply)."""
+def _sent_anything(conn: sqlite3.Connection, conversation_id: int) -> bool:
+    """Whether anything was ever sent in the conversation (an acknowledgement, a reply, a
+    notification): one a machine's message opened has nothing."""
     return conn.execute(
         "SELECT 1 FROM messages WHERE conversation_id = ? AND direction = 'out' LIMIT 1", (conversation_id,)
     ).fetchone() is not None
@@ -385,7 +386,7 @@ def ingest_tx(
         conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
         record_event(conn, conv["id"], "reopened", stamp, reason="new message from the contact")
         needs_ack = True
-    elif conv is not None and conv["state"] == "waiting" and not _answered_ever(conn, conv["id"]):
+    elif conv is not None and conv["state"] == "waiting" and not _sent_anything(conn, conv["id"]):
         # Opened by a machine's message (no deadline, nothing sent): a person writing in it is
         # its real beginning, with an acknowledgement and a deadline.
         conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}

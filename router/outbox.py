@@ -33,6 +33,7 @@ from .channel import (
 )
 from .clock import Clock
 from .config import Config
+from .identity import claims_usable
 from .store.sqlite import SQLiteStore, is_outage, iso, parse_iso, run_units
 from .text import sortable_token
 from .tracking import add_flags, add_outbox_row, mark_answered, record_event, remove_flags
@@ -319,14 +320,10 @@ def record_failure(
         for r in conn.execute("SELECT channel, to_kind, to_address FROM outbox WHERE message_id = ?", (row["message_id"],))
     }
     conv = conn.execute("SELECT contact_id, channel FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
-    # An address the contact merely named (``claimed``, typed into a form) serves only a
-    # conversation of a channel that vouches for nobody either: an e-mail from an address a
-    # stranger typed into the form as their own must not fall back to the stranger's phone.
-    home = channels.get(conv["channel"])
-    claimed_ok = 0 if home is None or home.capabilities.sender_verified else 1
+    # An address the contact merely named (``claimed``, typed into a form): see ``claims_usable``.
     identities = conn.execute(
         "SELECT kind, address FROM identities WHERE contact_id = ? AND claimed <= ? ORDER BY last_inbound_at DESC",
-        (conv["contact_id"], claimed_ok),
+        (conv["contact_id"], claims_usable(channels.get(conv["channel"]))),
     ).fetchall()
     # Same address on another channel (a number not on WhatsApp still takes SMS), or another
     # address; each (channel, address) is tried once per message.
