@@ -203,9 +203,9 @@ def list_query(
 
     Several units, but not all, with no filter that walks an index of its own (contact, overdue,
     a state of the workload, a channel): each unit's newest by its (unit, id) index, then the
-    newest of those. Walking the primary key and
-    checking the unit read the whole table when those units had few conversations among many
-    (a hotline's five among 300,000: 104 ms, and 209 ms for its closed ones)."""
+    newest of those. Walking the primary key and checking the unit read the whole table when
+    those units had few conversations among many (a hotline's five among 300,000: 104 ms, and
+    209 ms for its closed ones)."""
     unit_list = sorted(set(units))
     walks_each_unit = (
         len(unit_list) > 1
