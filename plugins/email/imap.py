@@ -322,8 +322,7 @@ class ImapPoller:
         uids = [u for u in uids if u > mark.last_uid]
         count = 0
         for uid in uids:
-            raw = await self._download(client, mark, uid)
-            connection_usable = True
+            raw, broken = await self._download(client, mark, uid)
             if raw is not None:
                 envelope_to = [self.mailbox.address] if self.mailbox.address else None
                 # Counted before the attempt, so that a mail during which the process died (out
@@ -358,12 +357,12 @@ class ImapPoller:
                     await self._failed(mark, uid, raw, exc, attempts)
                 else:
                     count += 1
-                    connection_usable = await self._flag(client, uid)
+                    broken = await self._flag(client, uid)
             mark.last_uid = uid
             mark.failed.pop(uid, None)
             await self._save(mark)
-            if not connection_usable:
-                raise ImapError(f"UID STORE: no answer within {self.mailbox.timeout:g} s")
+            if broken:  # a command cut short at its deadline leaves the connection unusable
+                raise ImapError(broken)
         if not uids and mark.uidvalidity and not self.state_path.exists():
             await self._save(mark)
         self.imported += count
@@ -417,16 +416,13 @@ class ImapPoller:
 
     async def _set_aside_unfetched(self, mark: UidMark, uid: int, cause: str, attempts: int) -> None:
         """A mail whose body did not come in time, or that the server refused to send,
-        ``attempts`` times: not imported, left in the mailbox (without the import keyword), reported like any mail set aside; the mark moves
-        past it, so the mail after it is imported."""
+        ``attempts`` times: not imported, left in the mailbox (without the import keyword),
+        reported like any mail set aside; the caller moves the mark past it."""
         box = self.mailbox
         await self._report_set_aside({"mailbox": box.label, "uidvalidity": mark.uidvalidity, "uid": uid,
                                       "cause": f"not downloaded, {attempts} times: {cause}"})
         self.log.error("IMAP %s: UID %s (UIDVALIDITY %s) could not be downloaded %s times (%s); it stays in "
                        "the mailbox; importing the next mail", box.label, uid, mark.uidvalidity, attempts, cause)
-        mark.last_uid = uid
-        mark.failed.pop(uid, None)
-        await self._save(mark)
 
     async def _save(self, mark: UidMark) -> None:
         """Write the mark in a worker thread, and have it written when this returns, also when
@@ -448,26 +444,27 @@ class ImapPoller:
         except TimeoutError:
             raise ImapTimeout(f"{what}: no complete answer within {seconds:g} s") from None
 
-    async def _flag(self, client: aioimaplib.IMAP4, uid: int) -> bool:
-        """Set the import keyword on ``uid``; whether the connection can still be used (not
-        after a STORE that got no answer in time). A refused STORE is only logged: the mark
-        is what counts."""
+    async def _flag(self, client: aioimaplib.IMAP4, uid: int) -> str | None:
+        """Set the import keyword on ``uid``; why the connection cannot be used any more (a
+        STORE that got no answer in time), or None. A refused STORE is only logged: the mark is
+        what counts."""
         try:
             await self._within(client.uid("store", str(uid), "+FLAGS", f"({IMPORTED_KEYWORD})"), "UID STORE")
-        except ImapError as exc:
+        except ImapTimeout as exc:
             self.log.warning("IMAP %s: could not flag UID %s: %s", self.mailbox.label, uid, exc)
-            return False
+            return str(exc)
         except Exception as exc:  # noqa: BLE001 - the mark is what counts
             self.log.info("IMAP: could not flag UID %s: %s", uid, exc)
-        return True
+        return None
 
-    async def _download(self, client: aioimaplib.IMAP4, mark: UidMark, uid: int) -> bytes | None:
-        """The raw mail with this UID; None when it vanished, or when it is larger than
-        ``max_message_bytes`` (then it is set aside, mostly before downloading it)."""
+    async def _download(self, client: aioimaplib.IMAP4, mark: UidMark, uid: int) -> tuple[bytes | None, str | None]:
+        """The raw mail with this UID, and why the connection cannot be used any more (or None).
+        No mail when it vanished, when it is larger than ``max_message_bytes`` (set aside, mostly
+        before downloading it), or when its attempts to download it are used up (set aside)."""
         size = await self._size(client, uid)
         if size is not None and self._too_large(size):
             await self._set_aside_too_large(mark, uid, size)
-            return None
+            return None, None
         try:
             raw = await self._fetch(client, uid, size)
         except (ImapTimeout, ImapRefused) as exc:
@@ -481,13 +478,11 @@ class ImapPoller:
             if attempts < self.mailbox.max_attempts:
                 raise
             await self._set_aside_unfetched(mark, uid, str(exc), attempts)
-            if isinstance(exc, ImapTimeout):  # the connection is unusable after a command cut short
-                raise ImapError(f"UID {uid}: set aside, the connection is reset after a download cut short") from exc
-            return None
+            return None, str(exc) if isinstance(exc, ImapTimeout) else None
         if raw is not None and self._too_large(len(raw)):  # the server did not tell, or told wrong
             await self._set_aside_too_large(mark, uid, len(raw))
-            return None
-        return raw
+            return None, None
+        return raw, None
 
     async def _size(self, client: aioimaplib.IMAP4, uid: int) -> int | None:
         """The mail's ``RFC822.SIZE``, or None when the server does not say."""

@@ -94,7 +94,7 @@ async def test_a_store_answered_without_end_keeps_the_import_and_reconnects(harn
         server.trickle_store = 0.05
         server.add(mail(1))
         server.add(mail(2))
-        with pytest.raises(ImapError, match="UID STORE: no answer within"):
+        with pytest.raises(ImapError, match="UID STORE: no complete answer within"):
             await asyncio.wait_for(poller(server, harness, timeout=1.0).session(), 10)
         # the first mail is imported and the mark past it: a new session goes on with the second
         assert await harness.count("messages", "channel_message_id = '<imap-1@example.net>'") == 1
