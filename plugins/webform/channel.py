@@ -34,6 +34,11 @@ JSON_TYPE = "application/json"
 STATUS_PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
 
 
+
+def _status_path(status_token: str) -> str:
+    """The path of a case's status page."""
+    return f"/channels/webform/status/{status_token}"
+
 class RateLimiter:
     """At most ``limit`` submissions per client address in a sliding minute, kept in memory."""
 
@@ -230,7 +235,7 @@ class WebFormChannel(Channel):
             return self._unavailable(request, is_json, exc, lambda: pages.form_page(
                 language=language, token=str(data["form_token"]), topics=self.topics, values=values,
                 notice=pages.TEXT[language]["unavailable"]))
-        status_path = f"/channels/webform/status/{result.status_token}"
+        status_path = _status_path(result.status_token)
         if is_json:
             return web.json_response(
                 {"case_reference": result.case_reference, "status_url": self.context.status_url(result.status_token),
@@ -294,9 +299,7 @@ class WebFormChannel(Channel):
         try:
             result = await self.context.ingest({
                 "channel": "webform",
-                # The nonce and the text: a page sent twice is one message, another message
-                # from a restored page (same token) is a message of its own.
-                "channel_message_id": f"status:{token.nonce}:{hashlib.sha256(text.strip().encode()).hexdigest()[:16]}",
+                "channel_message_id": fields.submission_id("status", token.nonce, text.strip()),
                 "kind": "message",
                 "sender": {"kind": sender["kind"], "address": sender["address"]},
                 "text": text.strip(),
@@ -308,16 +311,13 @@ class WebFormChannel(Channel):
                 language=language, view=view, token=str(data["form_token"]),
                 timezone=self.context.settings.get("timezone", "Europe/Berlin"), action=request.path,
                 error=pages.TEXT[language]["unavailable"], text=text))
-        # A message long after the case settled opens a case of its own (linked to this one):
-        # its page, where the acknowledgement and the answer will show, is where the resident goes.
-        path = request.path
-        if result.status_token and result.status_token != status_token:
-            path = path.removesuffix(status_token) + result.status_token
         if is_json:
             return web.json_response({"case_reference": result.case_reference, "conversation_id": result.conversation_id,
                                       "status_url": result.status_url, "duplicate": result.duplicate},
                                      status=200 if result.duplicate else 201)
-        raise web.HTTPSeeOther(f"{path}?lang={language}")
+        # The case's page; a message long after the case settled opens a case of its own (linked
+        # to this one), and its page, where the acknowledgement and the answer show, is the one.
+        raise web.HTTPSeeOther(f"{_status_path(result.status_token)}?lang={language}")
 
     # ------------------------------------------------------------------ delivery
 

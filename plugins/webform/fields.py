@@ -84,13 +84,14 @@ def clean(data: Mapping[str, Any], *, topics: Iterable[str], language: str) -> t
     return values, errors
 
 
-def submission_id(nonce: str, values: Mapping[str, str]) -> str:
-    """The message id of a submission: its form token's nonce and what was entered. The same
-    form sent twice (a double click, a reload) is one message; another submission with the same
-    token (a shared computer's restored page, an integration that reuses a token) is a message
-    of its own, not a duplicate answered with the first sender's case and status page."""
-    entered = json.dumps({k: values.get(k) or "" for k in sorted(values)}, ensure_ascii=False, sort_keys=True)
-    return f"form:{nonce}:{hashlib.sha256(entered.encode('utf-8')).hexdigest()[:16]}"
+def submission_id(prefix: str, nonce: str, entered: str) -> str:
+    """The message id of a form or status-page submission: its token's nonce and a hash of what
+    was entered. The same page sent twice (a double click, a reload) is one message; another
+    submission with the same token (a shared computer's restored page, an integration that
+    reuses a token) is a message of its own, not a duplicate answered with the first sender's
+    case. A lone surrogate (JSON lets one through) is hashed as it is, not refused with a 500."""
+    digest = hashlib.sha256(entered.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{prefix}:{nonce}:{digest}"
 
 
 def to_message(values: Mapping[str, str], *, nonce: str, language: str) -> dict[str, Any]:
@@ -109,7 +110,9 @@ def to_message(values: Mapping[str, str], *, nonce: str, language: str) -> dict[
     address = {k: values.get(k) or None for k in ("street", "postcode", "city")}
     return {
         "channel": "webform",
-        "channel_message_id": submission_id(nonce, values),
+        "channel_message_id": submission_id(
+            "form", nonce, json.dumps({k: values.get(k) or "" for k in sorted(values)}, sort_keys=True)
+        ),
         "kind": "message",
         "sender": sender,
         "text": values["message"],
