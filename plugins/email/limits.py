@@ -38,6 +38,11 @@ MAX_ATTACHMENTS = 50
 MAX_BOUNCE_TEXT = 100_000
 """Characters of a non-standard bounce searched for the failed recipient and status."""
 
+MAX_DSN_GROUPS = 100
+"""Per-recipient groups of a delivery status read (after the per-message one): one mail is sent
+to a handful of addresses, and each group costs a header parse (200,000 of them in 6 MB took
+6.6 s)."""
+
 MAX_RECIPIENTS = 100
 """Accepted RCPT TO per SMTP transaction (RFC 5321 4.5.3.1.8: at least 100)."""
 

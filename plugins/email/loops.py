@@ -81,7 +81,9 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def classify(msg: Message, *, envelope_from: str | None, own_domain: str) -> tuple[str, str] | None:
+def classify(
+    msg: Message, *, envelope_from: str | None, own_domain: str, relayed: bool | None = None
+) -> tuple[str, str] | None:
     """Why this mail must not be acknowledged, as (reason, detail), or None.
 
     ``reason`` is one of ``loop``, ``bounce``, ``auto-reply``, ``list`` and ``bulk``; ``detail``
@@ -97,12 +99,13 @@ def classify(msg: Message, *, envelope_from: str | None, own_domain: str) -> tup
     if return_path is not None and return_path.strip() in ("", "<>"):
         return "bounce", "empty return path"
 
-    relayed = relayed_sender(msg) is not None
+    if relayed is None:  # not worked out by the caller already
+        relayed = relayed_sender(msg) is not None
     for address in _sender_addresses(msg, envelope_from):
         local = _local_part(address)
         if local in _BOUNCE_SENDERS:
             return "bounce", f"sender {address}"
-        if local.startswith(_NOREPLY_PREFIXES) and not relayed:
+        if is_noreply(address) and not relayed:
             return "auto-reply", f"sender {address}"
 
     auto_submitted = (_header(msg, "Auto-Submitted") or "").split(";")[0].strip().lower()

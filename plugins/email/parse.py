@@ -406,13 +406,13 @@ def parse_mail(
         channel_message_id = "sha256:" + hashlib.sha256(raw).hexdigest()
 
     senders = _addresses(msg, "From")
+    reply_to = _addresses(msg, "Reply-To")
     display_name, address = senders[0] if senders else ("", "")
     relayed_for = relayed_sender(msg)
     if relayed_for is not None:
         # A portal's noreply sender relaying a person's message: the person is the sender,
         # acknowledged and answered at their own address.
-        display_name, address = next(((n, a) for n, a in _addresses(msg, "Reply-To") if a == relayed_for),
-                                     ("", relayed_for))
+        display_name, address = next(((n, a) for n, a in reply_to if a == relayed_for), ("", relayed_for))
     if not _valid_address(address):
         fallback = (envelope_from or "").strip().strip("<>").lower()
         address = fallback if _valid_address(fallback) else ""
@@ -464,7 +464,6 @@ def parse_mail(
     described = found_attachments[:MAX_ATTACHMENTS]
     if len(found_attachments) > MAX_ATTACHMENTS:
         meta["attachments_omitted"] = len(found_attachments) - MAX_ATTACHMENTS
-    reply_to = _addresses(msg, "Reply-To")
     if reply_to and reply_to[0][1] != address:
         meta["reply_to"] = reply_to[0][1]
     if relayed_for is not None and senders:
@@ -472,7 +471,7 @@ def parse_mail(
     if defects:
         meta["mime_defects"] = len(defects)
 
-    suppressed = classify(msg, envelope_from=envelope_from, own_domain=own_domain)
+    suppressed = classify(msg, envelope_from=envelope_from, own_domain=own_domain, relayed=relayed_for is not None)
     bounce = parse_bounce(msg)
     if bounce is not None:
         meta["bounce"] = bounce.as_dict()
