@@ -107,10 +107,14 @@ def resolve_contact(
     """Find or create the contact for these identities; returns (contact id, is_customer,
     created now).
 
-    Only the sender's own address (the first identity) says who they are. Further addresses a
+    The sender's own address (the first identity) says who they are. Further addresses a
     sender merely typed in (a form's phone field) are unverified: they are kept only on a
     contact created now, and never move an address that another contact already has, so
-    nobody can redirect someone else's answers by naming their number. Where the channel does
+    nobody can redirect someone else's answers by naming their number. Where the channel
+    vouches for the further addresses as well (WhatsApp's user id beside the number, both from
+    Meta), a sender whose own address is new but a further one known is that contact, and a
+    known sender's contact gains the further addresses nobody has yet: one person, whichever
+    of the two Meta shows. Where the channel does
     not vouch for the sender (``sender_verified`` False: the web form), such an address is
     kept as ``claimed``, and the first message from the address itself takes it to a contact
     of its own (still a claim when that message is a form's too): naming a number nobody has
@@ -118,11 +122,17 @@ def resolve_contact(
     named it. Staff merge contacts that are really one person; a merge ends every claim.
     """
     primary = identities[0]
-    contact: sqlite3.Row | None = conn.execute(
-        "SELECT i.contact_id, i.claimed, k.merged_into, k.is_customer, k.display_name, k.language FROM identities i"
-        " JOIN contacts k ON k.id = i.contact_id WHERE i.kind = ? AND i.address = ?",
-        primary,
-    ).fetchone()
+    contact: sqlite3.Row | None = conn.execute(_CONTACT_OF_IDENTITY, primary).fetchone()
+    vouched = sender_verified and len(identities) > 1
+    if contact is None and vouched:
+        # The channel vouches for the further addresses too (WhatsApp's user id beside the
+        # number): a person known by one of them is that contact, now with this address as well.
+        contact = _contact_of_secondary(conn, identities[1:])
+        if contact is not None:
+            conn.execute(
+                "INSERT INTO identities (contact_id, kind, address, created_at) VALUES (?, ?, ?, ?)",
+                (_survivor(conn, contact["contact_id"]), *primary, now),
+            )
     if contact is not None and contact["claimed"]:
         # An address someone else merely named: its owner's (or, on a form, its latest
         # claimant's) now, on a contact of their own, with the sender's other addresses.
@@ -146,6 +156,8 @@ def resolve_contact(
             " WHERE kind = ? AND address = ?",
             (now, channel, *primary),
         )
+        if vouched:
+            _add_secondary(conn, contact_id, identities[1:], now, sender_verified)
     else:
         contact_id = _new_contact(conn, display_name, language, None if customer is not None else claim, now)
         conn.execute(
@@ -180,6 +192,21 @@ def resolve_contact(
             f"UPDATE contacts SET {', '.join(updates)}, updated_at = ? WHERE id = ?", (*params, now, contact_id)
         )
     return contact_id, bool(row["is_customer"]), False
+
+
+_CONTACT_OF_IDENTITY = (
+    "SELECT i.contact_id, i.claimed, k.merged_into, k.is_customer, k.display_name, k.language FROM identities i"
+    " JOIN contacts k ON k.id = i.contact_id WHERE i.kind = ? AND i.address = ?"
+)
+
+
+def _contact_of_secondary(conn: sqlite3.Connection, identities: list[tuple[str, str]]) -> sqlite3.Row | None:
+    """The contact that owns the first of these addresses known as its own (not merely claimed)."""
+    for identity in identities:
+        row = conn.execute(_CONTACT_OF_IDENTITY, identity).fetchone()
+        if row is not None and not row["claimed"]:
+            return row
+    return None
 
 
 def claims_usable(channel: Channel | None) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from router.identity import InvalidAddress, normalize_address, normalize_phone
@@ -94,6 +96,42 @@ async def test_an_address_a_vouched_channel_names_is_no_claim(harness):
                                "sender": {"kind": "phone", "address": "+4915111111111",
                                           "other_identities": [{"kind": "whatsapp_user", "address": "DE.123"}]}})
     assert [i["claimed"] for i in await harness.rows("SELECT claimed FROM identities ORDER BY id")] == [0, 0]
+
+
+def _whatsapp(message_id: str, phone: str | None, user_id: str | None):
+    """A WhatsApp message as the channel hands it over: the number when Meta shares it, the
+    business-scoped user id beside it or alone (a person with a username)."""
+    if phone:
+        sender = {"kind": "phone", "address": phone}
+        if user_id:
+            sender["other_identities"] = [{"kind": "whatsapp_user", "address": user_id}]
+    else:
+        sender = {"kind": "whatsapp_user", "address": user_id}
+    return {"channel": "whatsapp", "channel_message_id": message_id, "text": "Frage zur Baustelle", "sender": sender}
+
+
+async def test_a_whatsapp_user_who_shows_their_number_later_stays_one_contact(harness):
+    """Known first by the user id alone, then writing with the number beside it: one person,
+    one contact, and the number is where they last wrote from."""
+    await harness.core.ingest(_whatsapp("wamid.U1", None, "DE.777"))
+    harness.clock.advance(timedelta(minutes=5))
+    await harness.core.ingest(_whatsapp("wamid.U2", "+4915111111111", "DE.777"))
+    assert len(await harness.rows("SELECT DISTINCT contact_id FROM messages")) == 1
+    idents = await harness.rows("SELECT contact_id, kind, last_inbound_at FROM identities ORDER BY last_inbound_at DESC")
+    assert [i["kind"] for i in idents] == ["phone", "whatsapp_user"]
+    assert idents[0]["contact_id"] == idents[1]["contact_id"]
+    assert await harness.count("contacts") == 1
+
+
+async def test_a_whatsapp_number_known_before_user_ids_gains_the_user_id_and_keeps_it_when_the_number_hides(harness):
+    """A contact from before Meta sent user ids: the first message with one records it, so
+    that a later message with the user id alone (the number now hidden) is the same person's."""
+    await harness.core.ingest(_whatsapp("wamid.P1", "+4915111111111", None))
+    await harness.core.ingest(_whatsapp("wamid.P2", "+4915111111111", "DE.777"))
+    await harness.core.ingest(_whatsapp("wamid.P3", None, "DE.777"))
+    assert len(await harness.rows("SELECT DISTINCT contact_id FROM messages")) == 1
+    assert await harness.count("contacts") == 1
+    assert {i["kind"] for i in await harness.rows("SELECT kind FROM identities")} == {"phone", "whatsapp_user"}
 
 
 def _form(message_id: str, email: str | None, phone: str | None):
