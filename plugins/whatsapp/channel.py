@@ -54,7 +54,7 @@ class WhatsAppChannel(Channel):
     name = "whatsapp"
     capabilities = Capabilities(
         can_reply=True,
-        identity_kinds=("phone",),
+        identity_kinds=graph.ADDRESS_KINDS,
         push=True,
         reply_window=timedelta(hours=24),
         max_text_length=graph.MAX_TEXT_LENGTH,
@@ -182,8 +182,9 @@ class WhatsAppChannel(Channel):
     # ---------------------------------------------------------------------------------------
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        """Free text inside the 24-hour window, else the approved template; typed errors."""
-        if message.to_kind != "phone":
+        """Free text inside the 24-hour window, else the approved template; typed errors. A
+        phone number or, for a person whose number Meta does not share, their BSUID."""
+        if message.to_kind not in graph.ADDRESS_KINDS:
             raise PermanentDeliveryError(f"cannot send WhatsApp messages to a {message.to_kind!r} address", address_failed=False)
         number = self.settings.number(message.recipient) or self.settings.numbers[0]
         use_template = message.hint == "template" or not graph.within_window(
@@ -192,7 +193,7 @@ class WhatsAppChannel(Channel):
         if use_template:
             payloads = [self._template_payload(message, number)]
         else:
-            payloads = graph.text_payloads(message.to, message.text)
+            payloads = graph.text_payloads(message.to, message.text, to_kind=message.to_kind)
             if not payloads:
                 raise PermanentDeliveryError("the message has no text", code="empty_text", address_failed=False)
         provider_ids = []
@@ -218,6 +219,7 @@ class WhatsAppChannel(Channel):
             )
         return graph.template_payload(
             message.to,
+            to_kind=message.to_kind,
             name=template.name,
             language_code=template.language_code(message.language, number.language),
             case_reference=message.case_reference,

@@ -18,7 +18,7 @@ from router.hookspecs import (
     RetryableDeliveryError,
 )
 
-from .errors import outcome_for_code
+from .errors import BSUID_REFUSED, outcome_for_code
 
 MAX_TEXT_LENGTH = 4096
 """Longest ``text.body`` the Cloud API accepts."""
@@ -33,6 +33,21 @@ _SPACE_RUN = re.compile(r"\s+")
 def to_address(phone: str) -> str:
     """The ``to`` field: the phone number in international form without ``+``, as WhatsApp ids are."""
     return phone.strip().removeprefix("+")
+
+
+ADDRESS_KINDS = ("phone", "whatsapp_user")
+"""The identity kinds a message can go to: a phone number, or a business-scoped user id (BSUID,
+``US.13491208655302741918``) for a person who uses a WhatsApp username and whose number Meta
+does not share."""
+
+
+def addressee(to_kind: str, to: str) -> dict[str, str]:
+    """Whom a payload goes to: ``to`` with a phone number, ``recipient`` with a BSUID, sent back
+    exactly as it came (Meta's field for business-scoped user ids; ``to`` would win if both
+    were given, and a BSUID is no number)."""
+    if to_kind == "whatsapp_user":
+        return {"recipient": to.strip()}
+    return {"to": to_address(to)}
 
 
 def split_text(text: str, limit: int = MAX_TEXT_LENGTH) -> list[str]:
@@ -55,13 +70,15 @@ def split_text(text: str, limit: int = MAX_TEXT_LENGTH) -> list[str]:
     return parts
 
 
-def text_payloads(to: str, text: str, *, limit: int = MAX_TEXT_LENGTH) -> list[dict[str, Any]]:
+def text_payloads(
+    to: str, text: str, *, limit: int = MAX_TEXT_LENGTH, to_kind: str = "phone"
+) -> list[dict[str, Any]]:
     """Free-text message payloads for ``text``: one, or several when it exceeds ``limit``."""
     return [
         {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
-            "to": to_address(to),
+            **addressee(to_kind, to),
             "type": "text",
             "text": {"body": part, "preview_url": False},
         }
@@ -88,6 +105,7 @@ def template_payload(
     answer: str,
     prompt: str,
     max_parameter_chars: int = MAX_TEMPLATE_PARAMETER,
+    to_kind: str = "phone",
 ) -> dict[str, Any]:
     """A template message with two body parameters: ``{{1}}`` the case reference and ``{{2}}``
     the answer, or, when the answer does not fit, its beginning followed by ``prompt`` (asking
@@ -103,7 +121,7 @@ def template_payload(
     return {
         "messaging_product": "whatsapp",
         "recipient_type": "individual",
-        "to": to_address(to),
+        **addressee(to_kind, to),
         "type": "template",
         "template": {
             "name": name,
@@ -142,6 +160,8 @@ def classify_error(
     the others in ``errors.RETRYABLE_CODES``), 429, 5xx and ``http_status`` 0 (no answer: a
     timeout or connection error) are retried; everything else, an invalid recipient (131026,
     131030), a bad parameter (100, 131008, 131009) or a template problem, is permanent.
+    131062 (a message of this kind cannot go to a business-scoped user id) is permanent too,
+    but says nothing against the address.
     """
     error = body.get("error") if isinstance(body, Mapping) else None
     error = error if isinstance(error, Mapping) else {}
@@ -157,7 +177,8 @@ def classify_error(
         return ResendAsDeliveryError(text, hint="template", code=code_text)
     if outcome == "retry" or http_status == 0 or http_status == 429 or http_status >= 500:
         return RetryableDeliveryError(text, code=code_text or str(http_status), retry_after=retry_after)
-    return PermanentDeliveryError(text, code=code_text or str(http_status))
+    # 131062: this kind of message cannot go to a BSUID; the address itself is fine.
+    return PermanentDeliveryError(text, code=code_text or str(http_status), address_failed=code_text != str(BSUID_REFUSED))
 
 
 def within_window(last_inbound_at: datetime | None, now: datetime, hours: float = 24) -> bool:

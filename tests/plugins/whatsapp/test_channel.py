@@ -517,7 +517,7 @@ def test_channel_is_off_when_a_number_has_no_id() -> None:
 def test_channel_is_on_with_complete_settings() -> None:
     (channel,) = register_channels(settings={"whatsapp": SETTINGS}, env={})
     assert channel.name == "whatsapp"
-    assert channel.capabilities.identity_kinds == ("phone",)
+    assert channel.capabilities.identity_kinds == ("phone", "whatsapp_user")
     assert channel.capabilities.reply_window == timedelta(hours=24)
     assert channel.capabilities.status_wait == timedelta(seconds=30)  # statuses echo the key
     assert channel.settings.graph_url == "https://graph.facebook.com"

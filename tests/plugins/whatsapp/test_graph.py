@@ -38,6 +38,17 @@ def test_text_payload_has_the_cloud_api_shape() -> None:
     ]
 
 
+def test_a_business_scoped_user_id_is_addressed_as_recipient_exactly_as_given() -> None:
+    """A person with a WhatsApp username may come with no number: Meta's ``recipient`` field
+    takes their BSUID, and ``to`` (which would win) must be absent."""
+    (text,) = text_payloads("US.13491208655302741918", "Hallo", to_kind="whatsapp_user")
+    template = template_payload("US.ENT.11815799212886844830", to_kind="whatsapp_user", name="t", language_code="de",
+                                case_reference="K-7F3QX2", answer="Fertig.", prompt="Bitte antworten.")
+    assert text["recipient"] == "US.13491208655302741918" and "to" not in text
+    assert template["recipient"] == "US.ENT.11815799212886844830" and "to" not in template
+    assert "recipient" not in text_payloads("+491701234567", "Hallo")[0]
+
+
 def test_long_text_is_split_at_word_breaks_within_the_limit() -> None:
     words = [f"wort{i}" for i in range(2000)]
     text = " ".join(words)
@@ -128,6 +139,16 @@ def test_graph_errors_are_classified(status: int, body: Any, expected: type, cod
     assert error.code == code
     if expected is ResendAsDeliveryError:
         assert error.hint == "template"
+
+
+def test_a_refusal_to_send_to_a_user_id_is_permanent_but_does_not_fail_the_address() -> None:
+    """131062: this kind of message cannot go to a BSUID. The contact's other identities are
+    tried, and the BSUID stays good for the next message."""
+    refused = classify_error(400, _graph_error(131062, "Business-scoped User ID recipients are not supported"))
+    undeliverable = classify_error(400, _graph_error(131026, "Message undeliverable"))
+    assert isinstance(refused, PermanentDeliveryError) and refused.code == "131062"
+    assert refused.address_failed is False
+    assert isinstance(undeliverable, PermanentDeliveryError) and undeliverable.address_failed is True
 
 
 def test_classified_error_keeps_the_details_and_retry_after() -> None:

@@ -98,9 +98,10 @@ class FakeGraph:
         if status == 200 and body is None:
             self._count += 1
             to = payload.get("to", "")
+            contact = {"input": to, "wa_id": to} if to else {"input": payload.get("recipient"), "user_id": payload.get("recipient")}
             body = {
                 "messaging_product": "whatsapp",
-                "contacts": [{"input": to, "wa_id": to}],
+                "contacts": [contact],
                 "messages": [{"id": f"wamid.OUT{self._count:04d}"}],
             }
         return web.json_response(body, status=status)
@@ -806,6 +807,82 @@ async def test_a_permanent_failed_status_after_sending_flags_the_conversation(wa
     detail = await assert_flagged_for_callback(wa)
     assert messages_of(detail, "reply")[0]["delivery_status"] == "failed"
     assert detail["state"] != "answered"
+
+
+# -------------------------------------------------------------------------------------------
+# People who use a WhatsApp username: a business-scoped user id, perhaps no number
+# -------------------------------------------------------------------------------------------
+
+USER_ID = "DE.13491208655302741918"
+
+
+def user_id_body(message_id: str, text: str, *, phone: str | None = None) -> dict[str, Any]:
+    """A message as Meta sends it from a person with a username: their BSUID always, their
+    number only when Meta shares it."""
+    contact: dict[str, Any] = {"profile": {"name": "Erika Mustermann", "username": "erika.m"}, "user_id": USER_ID}
+    message: dict[str, Any] = {"from_user_id": USER_ID, "id": message_id, "timestamp": TIMESTAMP, "type": "text",
+                               "text": {"body": text}}
+    if phone:
+        contact["wa_id"] = message["from"] = phone
+    return envelope({
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "4930123456", "phone_number_id": PHONE_NUMBER_ID},
+        "contacts": [contact],
+        "messages": [message],
+    })
+
+
+async def test_a_sender_without_a_number_is_acknowledged_and_answered_at_their_user_id(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    status, _ = await post(wa, user_id_body("wamid.U1", "Seit Montag ist unsere Straße ohne Ankündigung gesperrt."))
+    assert status == 200
+    assert await wa.run_outbox() == 1
+    (ack,) = graph.sent
+    assert ack["recipient"] == USER_ID and "to" not in ack
+    detail = await only_conversation(wa)
+    assert detail["case_reference"] in ack["text"]["body"]
+    assert detail["state"] == "acknowledged"
+    assert not {"undeliverable", "callback_required", "no_number"} & set(detail["flags"])
+
+    await reply(wa, detail["id"], "Die Sperrung endet am Freitag.")
+    await wa.run_outbox()
+    answer = graph.sent[-1]
+    assert answer["recipient"] == USER_ID and answer["text"]["body"] == "Die Sperrung endet am Freitag."
+
+
+async def test_a_reply_goes_to_the_number_once_the_person_shares_it(wa: CoreHarness, graph: FakeGraph) -> None:
+    """Known by the user id alone at first, then writing with the number beside it: one
+    contact and one case, and the reply goes to the number, where they last wrote from (Meta
+    asks for the number where there is one)."""
+    await post(wa, user_id_body("wamid.U1", "Seit Montag ist unsere Straße ohne Ankündigung gesperrt."))
+    wa.clock.advance(timedelta(minutes=5))
+    await post(wa, user_id_body("wamid.U2", "Meine Nummer, falls Sie anrufen wollen.", phone=SENDER))
+    detail = await only_conversation(wa)
+    await reply(wa, detail["id"], "Die Sperrung endet am Freitag.")
+    await wa.run_outbox()
+    answer = graph.sent[-1]
+    assert answer["to"] == SENDER and "recipient" not in answer
+
+
+async def test_a_message_refused_for_the_user_id_goes_to_the_number_and_the_user_id_stays_good(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    await post(wa, user_id_body("wamid.U1", "Seit Montag ist unsere Straße ohne Ankündigung gesperrt.", phone=SENDER))
+    await wa.run_outbox()
+    wa.clock.advance(timedelta(minutes=5))
+    await post(wa, user_id_body("wamid.U2", "Und wann kommt jemand?"))  # the number hidden now
+    detail = await only_conversation(wa)
+    graph.fail(400, 131062, message="Business-scoped User ID recipients are not supported for this message")
+    await reply(wa, detail["id"], "Morgen um acht.")
+    await wa.run_outbox()
+    await wa.run_outbox()
+    refused, delivered = graph.sent[-2:]
+    assert refused["recipient"] == USER_ID
+    assert delivered["to"] == SENDER and delivered["text"]["body"] == "Morgen um acht."
+    (identity,) = await wa.rows("SELECT failed_at FROM identities WHERE kind = 'whatsapp_user'")
+    assert identity["failed_at"] is None
+    assert "undeliverable" not in (await only_conversation(wa))["flags"]
 
 
 # -------------------------------------------------------------------------------------------
