@@ -318,7 +318,9 @@ class DeliveryUpdate:
     ``idempotency_key`` is the ``OutboundMessage.idempotency_key`` of the send, for providers
     that echo it in their statuses (WhatsApp's ``biz_opaque_callback_data``): it ties a status
     to its message when the send's own answer never came (a timeout, a worker that died), so
-    that the message is not sent twice.
+    that the message is not sent twice. ``address_failed`` (default), for a permanent failure:
+    the address itself is bad, as with ``PermanentDeliveryError``; False when only this message
+    could not go there (WhatsApp 131062: not to a user id).
     """
 
     provider_id: str
@@ -331,6 +333,7 @@ class DeliveryUpdate:
     resend_hint: str | None = None
     raw: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
+    address_failed: bool = True
 
 
 Service = Callable[[], AsyncIterator[None]]

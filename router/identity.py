@@ -110,11 +110,12 @@ def resolve_contact(
     The sender's own address (the first identity) says who they are. Further addresses a
     sender merely typed in (a form's phone field) are unverified: they are kept only on a
     contact created now, and never move an address that another contact already has, so
-    nobody can redirect someone else's answers by naming their number. Where the channel
-    vouches for the further addresses as well (WhatsApp's user id beside the number, both from
-    Meta), a sender whose own address is new but a further one known is that contact, and a
-    known sender's contact gains the further addresses nobody has yet: one person, whichever
-    of the two Meta shows. Where the channel does
+    nobody can redirect someone else's answers by naming their number. An account id beside
+    the address (``ACCOUNT_KINDS``: WhatsApp's user id, from Meta) on a channel that vouches
+    for its sender says who they are as well: a sender whose address is new (or merely
+    claimed) but whose account id is known is that contact; a known contact without one
+    learns it; and a known number that comes with an account id the contact does not have,
+    while it has another, has a new owner, who gets a contact of their own with the number. Where the channel does
     not vouch for the sender (``sender_verified`` False: the web form), such an address is
     kept as ``claimed``, and the first message from the address itself takes it to a contact
     of its own (still a claim when that message is a form's too): naming a number nobody has
@@ -123,19 +124,30 @@ def resolve_contact(
     """
     primary = identities[0]
     contact: sqlite3.Row | None = conn.execute(_CONTACT_OF_IDENTITY, primary).fetchone()
-    vouched = sender_verified and len(identities) > 1
-    if contact is None and vouched:
-        # The channel vouches for the further addresses too (WhatsApp's user id beside the
-        # number): a person known by one of them is that contact, now with this address as well.
-        contact = _contact_of_secondary(conn, identities[1:])
-        if contact is not None:
-            conn.execute(
-                "INSERT INTO identities (contact_id, kind, address, created_at) VALUES (?, ?, ?, ?)",
-                (_survivor(conn, contact["contact_id"]), *primary, now),
-            )
-    if contact is not None and contact["claimed"]:
+    # Ids the provider issued to the sender's account, beside their address: never typed in.
+    accounts = [i for i in identities[1:] if i[0] in ACCOUNT_KINDS] if sender_verified else []
+    changed_hands = False
+    if accounts and (contact is None or contact["claimed"]):
+        # A person known by their account id is that contact, now with this address as well
+        # (taken from whoever merely named it).
+        known = _contact_of_account(conn, accounts)
+        if known is not None:
+            owner = _survivor(conn, known["contact_id"])
+            if contact is None:
+                conn.execute(
+                    "INSERT INTO identities (contact_id, kind, address, created_at) VALUES (?, ?, ?, ?)", (owner, *primary, now)
+                )
+            else:
+                conn.execute(
+                    "UPDATE identities SET contact_id = ?, claimed = 0 WHERE kind = ? AND address = ?", (owner, *primary)
+                )
+            contact = known
+    elif accounts and contact is not None:
+        changed_hands = _changed_hands(conn, contact["contact_id"], accounts)
+    if contact is not None and (contact["claimed"] or changed_hands):
         # An address someone else merely named: its owner's (or, on a form, its latest
-        # claimant's) now, on a contact of their own, with the sender's other addresses.
+        # claimant's) now, on a contact of their own, with the sender's other addresses. The
+        # same for a number whose account id is not its contact's: a new owner of the number.
         contact_id = _new_contact(conn, display_name, language, None if customer is not None else claim, now)
         conn.execute(
             "UPDATE identities SET contact_id = ?, claimed = ?, last_inbound_at = ?, last_inbound_channel = ?,"
@@ -156,8 +168,8 @@ def resolve_contact(
             " WHERE kind = ? AND address = ?",
             (now, channel, *primary),
         )
-        if vouched:
-            _add_secondary(conn, contact_id, identities[1:], now, sender_verified)
+        if accounts:  # a contact from before the provider sent account ids learns its own
+            _add_secondary(conn, contact_id, accounts, now, sender_verified)
     else:
         contact_id = _new_contact(conn, display_name, language, None if customer is not None else claim, now)
         conn.execute(
@@ -194,19 +206,36 @@ def resolve_contact(
     return contact_id, bool(row["is_customer"]), False
 
 
+ACCOUNT_KINDS = frozenset({"whatsapp_user"})
+"""Address kinds a provider issues to the sender's account and hands over beside their address
+(Meta's business-scoped user id beside the WhatsApp number): one per person and number, never
+typed in. Where the channel vouches for its sender, a sender known by one is that contact."""
+
 _CONTACT_OF_IDENTITY = (
     "SELECT i.contact_id, i.claimed, k.merged_into, k.is_customer, k.display_name, k.language FROM identities i"
     " JOIN contacts k ON k.id = i.contact_id WHERE i.kind = ? AND i.address = ?"
 )
 
 
-def _contact_of_secondary(conn: sqlite3.Connection, identities: list[tuple[str, str]]) -> sqlite3.Row | None:
-    """The contact that owns the first of these addresses known as its own (not merely claimed)."""
-    for identity in identities:
-        row = conn.execute(_CONTACT_OF_IDENTITY, identity).fetchone()
+def _contact_of_account(conn: sqlite3.Connection, accounts: list[tuple[str, str]]) -> sqlite3.Row | None:
+    """The contact that owns the first of these account ids known as its own (not merely claimed)."""
+    for account in accounts:
+        row = conn.execute(_CONTACT_OF_IDENTITY, account).fetchone()
         if row is not None and not row["claimed"]:
             return row
     return None
+
+
+def _changed_hands(conn: sqlite3.Connection, contact_id: int, accounts: list[tuple[str, str]]) -> bool:
+    """Whether the contact's address came with an account id that nobody has, while the contact
+    has another of that kind: a number given to somebody else (Meta issues a new user id for a
+    new number, so the new owner comes with one the contact never had)."""
+    for kind, address in accounts:
+        if conn.execute("SELECT 1 FROM identities WHERE kind = ? AND address = ?", (kind, address)).fetchone():
+            continue  # the contact's own, or another contact's: staff merge those
+        if conn.execute("SELECT 1 FROM identities WHERE contact_id = ? AND kind = ? LIMIT 1", (contact_id, kind)).fetchone():
+            return True
+    return False
 
 
 def claims_usable(channel: Channel | None) -> bool:

@@ -516,7 +516,8 @@ def _apply_status(
             delay = max(policy.floor(STATUS_RETRY_SECONDS), policy.delay(row["attempts"]))
             record_retry(conn, row["id"], detail, delay, None, now, new_request=True)
             return None
-        record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False, policy=policy)
+        record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False,
+                       address_failed=update.address_failed, policy=policy)
         return None
     current = row["delivery_status"] or "queued"
     if STATUS_RANK.get(update.status, 0) <= STATUS_RANK.get(current, 0):

@@ -21,7 +21,7 @@ import phonenumbers
 
 from router.hookspecs import DeliveryUpdate
 
-from .errors import outcome_for_code
+from .errors import BSUID_REFUSED, outcome_for_code
 
 CHANNEL = "whatsapp"
 
@@ -407,6 +407,7 @@ def parse_status(raw: Any) -> DeliveryUpdate | None:
         resend_hint=resend_hint,
         raw=dict(raw),
         idempotency_key=_str(raw.get("biz_opaque_callback_data"), 512),
+        address_failed=str(code) != str(BSUID_REFUSED),  # this message not to a user id; the next may
     )
 
 
@@ -469,8 +470,13 @@ def _fallback_message(raw: Any, recipient: str | None, reason: str) -> dict[str,
         "raw": json.loads(json.dumps(mapping, default=str)),
     }
     phone, _ = normalise_wa_id(mapping.get("from"))
-    message["sender"] = {"kind": "phone", "address": phone} if phone else {"kind": "anonymous", "address": "unknown"}
-    if not phone:
+    user_id = _str(mapping.get("from_user_id"), _MAX_ADDRESS)
+    if phone:
+        message["sender"] = {"kind": "phone", "address": phone}
+    elif user_id:  # a person with a username: answerable at their user id
+        message["sender"] = {"kind": "whatsapp_user", "address": user_id}
+    else:
+        message["sender"] = {"kind": "anonymous", "address": "unknown"}
         message["flags"].append("no_number")
     return message
 

@@ -134,6 +134,47 @@ async def test_a_whatsapp_number_known_before_user_ids_gains_the_user_id_and_kee
     assert {i["kind"] for i in await harness.rows("SELECT kind FROM identities")} == {"phone", "whatsapp_user"}
 
 
+async def _contacts_of_messages(harness) -> list[int]:
+    return [r["contact_id"] for r in await harness.rows("SELECT contact_id FROM messages WHERE direction = 'in' ORDER BY id")]
+
+
+async def test_a_number_that_comes_with_another_persons_user_id_has_a_new_owner(harness):
+    """Meta issues a new user id with a new number: the same number with a user id its contact
+    does not have, while it has another, was given to somebody else. They get a contact of
+    their own with the number, and their later messages without it stay theirs."""
+    await harness.core.ingest(_whatsapp("wamid.A1", "+4915111111111", "DE.111"))
+    await harness.core.ingest(_whatsapp("wamid.B1", "+4915111111111", "DE.222"))
+    await harness.core.ingest(_whatsapp("wamid.B2", None, "DE.222"))
+    old, new, new_again = await _contacts_of_messages(harness)
+    assert old != new == new_again
+    owners = {(r["kind"], r["address"]): r["contact_id"] for r in await harness.rows("SELECT * FROM identities")}
+    assert owners == {("phone", "+4915111111111"): new, ("whatsapp_user", "DE.111"): old, ("whatsapp_user", "DE.222"): new}
+
+
+async def test_a_merged_contact_with_two_user_ids_keeps_both_numbers(harness):
+    """Someone who changed their number has two user ids once staff merge the two contacts:
+    neither number then counts as given to somebody else."""
+    await harness.core.ingest(_whatsapp("wamid.M1", "+4915111111111", "DE.111"))
+    await harness.core.ingest(_whatsapp("wamid.M2", "+4915122222222", "DE.222"))
+    first, second = await _contacts_of_messages(harness)
+    await harness.core.merge_contacts(first, second, "staff")
+    await harness.core.ingest(_whatsapp("wamid.M3", "+4915122222222", "DE.222"))
+    assert (await _contacts_of_messages(harness))[-1] == first
+    assert await harness.count("contacts", "merged_into IS NULL") == 1
+
+
+async def test_a_number_a_form_named_goes_to_the_contact_of_the_user_id_it_comes_with(harness):
+    """Known by the user id alone; then a stranger typed the number into the form; then the
+    person writes with number and user id: still their one contact, now with the number."""
+    await harness.core.ingest(_whatsapp("wamid.C1", None, "DE.777"))
+    await harness.core.ingest(_form("f1", "jemand@example.org", "+4915111111111"))
+    await harness.core.ingest(_whatsapp("wamid.C2", "+4915111111111", "DE.777"))
+    person, typist, person_again = await _contacts_of_messages(harness)
+    assert person == person_again != typist
+    (number,) = await harness.rows("SELECT contact_id, claimed FROM identities WHERE kind = 'phone'")
+    assert (number["contact_id"], number["claimed"]) == (person, 0)
+
+
 def _form(message_id: str, email: str | None, phone: str | None):
     sender = {"kind": "email", "address": email} if email else {"kind": "phone", "address": phone}
     if email and phone:

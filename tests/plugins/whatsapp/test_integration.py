@@ -865,17 +865,24 @@ async def test_a_reply_goes_to_the_number_once_the_person_shares_it(wa: CoreHarn
     assert answer["to"] == SENDER and "recipient" not in answer
 
 
+@pytest.mark.parametrize("refused_by", ["answer", "status"])
 async def test_a_message_refused_for_the_user_id_goes_to_the_number_and_the_user_id_stays_good(
-    wa: CoreHarness, graph: FakeGraph
+    wa: CoreHarness, graph: FakeGraph, refused_by: str
 ) -> None:
+    """131062 in the answer to the send, or later in a failed status."""
     await post(wa, user_id_body("wamid.U1", "Seit Montag ist unsere Straße ohne Ankündigung gesperrt.", phone=SENDER))
     await wa.run_outbox()
     wa.clock.advance(timedelta(minutes=5))
     await post(wa, user_id_body("wamid.U2", "Und wann kommt jemand?"))  # the number hidden now
     detail = await only_conversation(wa)
-    graph.fail(400, 131062, message="Business-scoped User ID recipients are not supported for this message")
+    if refused_by == "answer":
+        graph.fail(400, 131062, message="Business-scoped User ID recipients are not supported for this message")
     await reply(wa, detail["id"], "Morgen um acht.")
     await wa.run_outbox()
+    if refused_by == "status":
+        (row,) = await wa.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+        status, _ = await post(wa, status_body(row["provider_id"], "failed", code=131062, recipient=USER_ID))
+        assert status == 200
     await wa.run_outbox()
     refused, delivered = graph.sent[-2:]
     assert refused["recipient"] == USER_ID

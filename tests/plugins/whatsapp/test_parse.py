@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugins.whatsapp.parse import normalise_wa_id, parse_message, parse_status, parse_webhook
+from plugins.whatsapp.parse import _fallback_message, normalise_wa_id, parse_message, parse_status, parse_webhook
 
 from .conftest import FIXTURES, SKIP_REASON, fixture_cases, schema_errors
 
@@ -386,6 +386,24 @@ def test_failed_status_is_classified(code: Any, permanent: bool, hint: str | Non
         permanent,
         hint,
     )
+
+
+def test_a_failure_only_for_sending_to_a_user_id_does_not_fail_the_address() -> None:
+    """131062: this message cannot go to a user id. The user id itself stays good."""
+    def failed(code: int) -> Any:
+        return parse_status({"id": "o1", "status": "failed", "timestamp": "1700000000", "errors": [{"code": code}]})
+
+    assert (failed(131062).permanent, failed(131062).address_failed) == (True, False)
+    assert (failed(131026).permanent, failed(131026).address_failed) == (True, True)
+
+
+def test_a_message_the_parser_fails_on_keeps_a_senders_user_id() -> None:
+    """A parser bug must not make a person with a username unanswerable: without a number, the
+    kept message is theirs by user id, not the shared anonymous sender."""
+    message = _fallback_message({"id": "u1", "from_user_id": "DE.9", "type": "text"}, "1", "boom")
+    assert message["sender"] == {"kind": "whatsapp_user", "address": "DE.9"}
+    assert message["flags"] == ["provider_error"]
+    assert schema_errors(message) == []
 
 
 @pytest.mark.parametrize(
