@@ -100,6 +100,17 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
         ("list, state=acknowledged + channel=email, contractor unit",
          lambda: list_conversations(core, units=("tiefbau-muster",), state="acknowledged", channel="email")),
         ("list, state=closed, contractor unit", lambda: list_conversations(core, units=("tiefbau-muster",), state="closed")),
+        # Flags: one in twenty of the workload is a call-back to make, one in fifty of the
+        # history has no number; nothing is undeliverable, so that list reads every flagged one.
+        ("list, flag=callback_required", lambda: list_conversations(core, units=ALL_UNITS, flag="callback_required")),
+        ("list, flag=callback_required, contractor unit",
+         lambda: list_conversations(core, units=("tiefbau-muster",), flag="callback_required")),
+        ("list, flag=no_number + state=closed, hotline units",
+         lambda: list_conversations(core, units=("bauhotline", "kundenservice", "tiefbau-muster"), state="closed",
+                                    flag="no_number")),
+        ("list, flag=undeliverable (none)", lambda: list_conversations(core, units=ALL_UNITS, flag="undeliverable")),
+        ("list, flag=callback_required + q=every-message word",
+         lambda: list_conversations(core, units=ALL_UNITS, flag="callback_required", q="Gehweg")),
         ("list, page in the middle", lambda: list_conversations(core, units=ALL_UNITS, before_id=middle)),
         ("conversation view", lambda: conversation_detail(core, middle)),
         ("overdue scan (scheduler)", lambda: store.fetchall(OVERDUE_SCAN, (iso(core.clock.now()), 200))),

@@ -63,11 +63,19 @@ def seed(path: Path, conversations: int, now: datetime, rng: random.Random, work
                 # Most waiting conversations are inside their deadline; about one in three is late.
                 due = now + timedelta(hours=rng.uniform(-24, 48))
                 deadline = escalate_at = iso(due)
+            # A call-back to make for one in twenty of the workload; a withheld number stays
+            # flagged in the history (one in fifty).
+            flags = "[]"
+            if state in WORKLOAD_STATES and rng.random() < 0.05:
+                flags = '["callback_required"]'
+            elif state not in WORKLOAD_STATES and rng.random() < 0.02:
+                flags = '["no_number"]'
             contacts.append((i, f"Person {i}", "de", rng.random() < 0.3, stamp, stamp))
             identities.append((i, i, "phone", f"+49151{i:08d}", stamp, channel, stamp))
             convs.append((i, case_reference(i * 7919 + 13), f"tok{i:012d}", i, channel, unit, state, "construction", "de",
                           f"Anliegen {i}", "construction-in-area", "seeded", deadline, escalate_at, stamp, stamp, stamp,
-                          stamp if state in ("answered", "closed") else None, stamp if state == "closed" else None))
+                          stamp if state in ("answered", "closed") else None, stamp if state == "closed" else None,
+                          flags))
             messages.append((2 * i - 1, i, i, "in", "message", channel, f"seed.{i}", "Der Gehweg ist gesperrt.", stamp))
             messages.append((2 * i, i, i, "out", "ack", channel, None, "Vielen Dank, Ihre Fallnummer ...", stamp))
             sent = state != "open"
@@ -81,7 +89,7 @@ def seed(path: Path, conversations: int, now: datetime, rng: random.Random, work
         conn.executemany(
             "INSERT INTO conversations (id, case_reference, status_token, contact_id, channel, unit, state, topic, language,"
             " subject, routing_rule, routing_reason, deadline, escalate_at, created_at, updated_at, last_inbound_at,"
-            " first_answered_at, closed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", convs)
+            " first_answered_at, closed_at, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", convs)
         conn.executemany("INSERT INTO messages (id, conversation_id, contact_id, direction, kind, channel,"
                          " channel_message_id, text, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
         conn.executemany(

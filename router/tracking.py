@@ -26,6 +26,18 @@ to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 AWAITING_ANSWER = ("open", "acknowledged")
 
+FLAGS = frozenset({
+    "callback_required",  # a missed call, a voicemail, or nothing could be delivered: call the person back
+    "callback_failed",  # the call-backs failed (too many attempts, a wrong number)
+    "undeliverable",  # an acknowledgement or answer reached no address of the contact
+    "owner_not_notified",  # the mail telling the owning unit about the case could not be delivered
+    "no_number",  # the sender withheld their number
+    "unsupported",  # a message of a kind the channel does not know
+    "provider_error",  # the provider reported an error with the message
+    "transcription_failed",  # a voicemail without its transcript
+})
+"""Every flag a conversation can carry; the inbox lists the conversations with one."""
+
 # The scheduler's scan. The hint keeps SQLite on the partial escalate_at index: left alone it
 # picks the state index and sorts, 434 ms instead of 1 ms at a million conversations.
 OVERDUE_SCAN = (

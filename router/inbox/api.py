@@ -19,6 +19,7 @@ from .. import keys
 from ..channel import json_error
 from ..config import Config, StaffMember
 from ..store.sqlite import iso
+from ..tracking import FLAGS
 from . import queries
 from .openapi import openapi_document
 
@@ -150,6 +151,9 @@ async def list_conversations(request: web.Request) -> web.Response:
         except (ValueError, UnicodeDecodeError):
             raise _error(400, "invalid_parameter", "cursor is not valid", field="cursor") from None
     contact = _int_param(q["contact"], "contact") if "contact" in q else None
+    flag = q.get("flag")
+    if flag is not None and flag not in FLAGS:
+        raise _error(400, "invalid_parameter", f"flag must be one of {', '.join(sorted(FLAGS))}", field="flag")
     search = q.get("q")
     if search is not None and len(search) > 200:
         raise _error(400, "invalid_parameter", "q is longer than 200 characters", field="q")
@@ -157,7 +161,7 @@ async def list_conversations(request: web.Request) -> web.Response:
         return web.json_response({"items": [], "next_cursor": None})
     items, cursor = await queries.list_conversations(
         request.app[keys.CORE], units=units, state=state, channel=q.get("channel"), overdue=overdue,
-        q=search, contact_id=contact, before_id=before, limit=limit,
+        q=search, contact_id=contact, flag=flag, before_id=before, limit=limit,
     )
     return web.json_response({"items": items, "next_cursor": cursor})
 

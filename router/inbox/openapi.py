@@ -7,6 +7,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from ..tracking import FLAGS
+
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -61,6 +63,7 @@ def openapi_document() -> dict[str, Any]:
                         {"name": "overdue", "in": "query", "schema": {"enum": ["true", "false"]}},
                         {"name": "q", "in": "query", "description": "A case reference, or words that must all occur (as word starts; a one-character word as a whole word) in a message, its subject or the sender's name; umlauts match their spelt-out forms.", "schema": {"type": "string", "maxLength": 200}},
                         {"name": "contact", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "flag", "in": "query", "description": "Only the conversations carrying this flag (callback_required: the call-backs to make).", "schema": {"enum": sorted(FLAGS)}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}},
                         {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                     ],

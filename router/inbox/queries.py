@@ -95,6 +95,7 @@ def _list_filters(
     contact_id: int | None,
     now: datetime,
     *,
+    flag: str | None = None,
     by_id: bool = False,
     by_unit: bool = False,
 ) -> tuple[list[str], list[Any]]:
@@ -102,8 +103,10 @@ def _list_filters(
 
     One index walks the list, the others are only checked ("+" keeps SQLite off them): the
     first of these that applies, because its rows stay few however long the service runs: a
-    contact's conversations; the open and acknowledged ones when only the overdue are asked
-    for; the conversations in a state of the current workload (open, acknowledged, waiting).
+    contact's conversations; those with a flag (``flag``: the partial index of the flagged
+    ones, checked for this flag); the open and acknowledged ones when only the overdue are
+    asked for; the conversations in a state of the current workload (open, acknowledged,
+    waiting).
     Otherwise one unit's (unit, id) index, the channel's, or the primary key, newest first, as
     SQLite picks. Left to itself SQLite chose the unit or channel index for a contact or a rare
     state and read a whole unit or channel (up to 280 ms at a million conversations).
@@ -120,6 +123,8 @@ def _list_filters(
         driver = "unit"
     elif contact_id is not None:
         driver = "contact"
+    elif flag is not None:
+        driver = "flag"
     elif overdue is True:
         driver = "overdue"
     elif state in WORKLOAD_STATES:
@@ -153,6 +158,10 @@ def _list_filters(
     if contact_id is not None:
         where.append("c.contact_id = ?")
         params.append(contact_id)
+    if flag is not None:
+        # flags is a JSON list of names: the name in quotes is one whole flag.
+        where.append(f"{column('flags', 'flag')} != '[]' AND instr(c.flags, ?) > 0")
+        params.append(json.dumps(flag))
     return where, params
 
 
@@ -165,6 +174,7 @@ async def list_conversations(
     overdue: bool | None = None,
     q: str | None = None,
     contact_id: int | None = None,
+    flag: str | None = None,
     before_id: int | None = None,
     limit: int = 50,
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -177,10 +187,10 @@ async def list_conversations(
 
         reference = find_case_reference(q)
         if not reference:
-            return await _search_page(core, q, units, state, channel, overdue, contact_id, before_id, limit, now)
+            return await _search_page(core, q, units, state, channel, overdue, contact_id, flag, before_id, limit, now)
     sql, params = list_query(
-        units, state, channel, overdue, contact_id, now, reference=reference, before_id=before_id, limit=limit,
-        all_units=core.config.units,
+        units, state, channel, overdue, contact_id, now, flag=flag, reference=reference, before_id=before_id,
+        limit=limit, all_units=core.config.units,
     )
     rows = await core.store.fetchall(sql, params)
     return _page(rows, limit, now)
@@ -194,6 +204,7 @@ def list_query(
     contact_id: int | None,
     now: datetime,
     *,
+    flag: str | None = None,
     reference: str | None = None,
     before_id: int | None = None,
     limit: int = 50,
@@ -212,6 +223,7 @@ def list_query(
         and set(unit_list) != set(all_units)
         and channel is None  # else the channel's index: rarer than a unit's rows (phone among web forms)
         and contact_id is None
+        and flag is None
         and overdue is not True
         and state not in WORKLOAD_STATES
         and reference is None
@@ -228,7 +240,7 @@ def list_query(
         parts = []
         params: list[Any] = []
         for unit in unit_list:
-            where, unit_params = _list_filters([unit], state, channel, overdue, contact_id, now, by_unit=True)
+            where, unit_params = _list_filters([unit], state, channel, overdue, contact_id, now, flag=flag, by_unit=True)
             parts.append(
                 f"SELECT id FROM (SELECT c.id FROM conversations c WHERE {' AND '.join(where + extra)}"
                 " ORDER BY c.id DESC LIMIT ?)"
@@ -236,7 +248,7 @@ def list_query(
             params += [*unit_params, *extra_params, limit + 1]
         sql = f"{CONVERSATION_SELECT} WHERE c.id IN ({' UNION ALL '.join(parts)}) ORDER BY c.id DESC LIMIT ?"
         return sql, (*params, limit + 1)
-    where, params = _list_filters(unit_list, state, channel, overdue, contact_id, now)
+    where, params = _list_filters(unit_list, state, channel, overdue, contact_id, now, flag=flag)
     sql = f"{CONVERSATION_SELECT} WHERE {' AND '.join(where + extra)} ORDER BY c.id DESC LIMIT ?"
     return sql, (*params, *extra_params, limit + 1)
 
@@ -249,6 +261,7 @@ async def _search_page(
     channel: str | None,
     overdue: bool | None,
     contact_id: int | None,
+    flag: str | None,
     before_id: int | None,
     limit: int,
     now: datetime,
@@ -262,8 +275,8 @@ async def _search_page(
     match = expanded_match(words, terms)
     if match is None:  # a word that begins no indexed word: nothing can match
         return [], None
-    where, params = _list_filters(units, state, channel, overdue, contact_id, now)
-    by_id, _ = _list_filters(units, state, channel, overdue, contact_id, now, by_id=True)
+    where, params = _list_filters(units, state, channel, overdue, contact_id, now, flag=flag)
+    by_id, _ = _list_filters(units, state, channel, overdue, contact_id, now, flag=flag, by_id=True)
     if all(terms[w] is not None for w in words):
         ids = await NewestMatches(core.store, match, where, params, before_id, limit + 1, where_by_id=by_id).run()
         if not ids:

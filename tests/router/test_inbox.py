@@ -76,13 +76,35 @@ async def test_filters_and_cursor_pagination(harness):
     assert len(overdue["items"]) == 5 and all(i["overdue"] for i in overdue["items"])
 
 
+async def test_the_call_backs_to_make_are_listed_by_their_flag(harness):
+    """A phone agent's work list: the conversations flagged for a call-back, and no longer once
+    the person was reached."""
+    await _case(harness, text="Baustelle ohne Rückruf")
+    call_back = await _case(harness, text="Baustelle, bitte zurückrufen", flags=["callback_required"])
+    unsupported = await _case(harness, text="Baustelle mit Aufkleber", flags=["unsupported"])
+
+    async def listed(query: str) -> list[int]:
+        status, page = await harness.api("GET", f"/api/v1/conversations?{query}")
+        assert status == 200, page
+        return [i["id"] for i in page["items"]]
+
+    assert await listed("flag=callback_required") == [call_back]
+    assert await listed("flag=unsupported") == [unsupported]
+    assert await listed("flag=callback_required&q=Baustelle") == [call_back]  # with the free-text search
+    assert await listed("flag=callback_required&unit=tiefbau-muster&state=open") == [call_back]
+    assert await listed("flag=undeliverable") == []
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{call_back}/callbacks", json={"outcome": "reached"})
+    assert status == 201
+    assert await listed("flag=callback_required") == []
+
+
 async def test_bad_parameters_and_bodies_are_400_with_field(harness):
     case = await _case(harness)
     import base64
 
     huge = base64.urlsafe_b64encode(b"c:" + b"9" * 30).decode().rstrip("=")
     for query, field in ((f"cursor={huge}", "cursor"), ("state=weird", "state"), ("overdue=yes", "overdue"), ("limit=0", "limit"), ("limit=abc", "limit"),
-                         ("cursor=!!!", "cursor"), ("unit=nope", "unit")):
+                         ("cursor=!!!", "cursor"), ("unit=nope", "unit"), ("flag=urgent", "flag")):
         status, body = await harness.api("GET", f"/api/v1/conversations?{query}")
         assert status == 400 and body["error"]["field"] == field, (query, body)
     status, body = await harness.api("POST", f"/api/v1/conversations/{case}/replies", data=b"{", headers={"Content-Type": "application/json"})
@@ -428,6 +450,8 @@ def _history(path, closed: int):
         " routing_rule, routing_reason, deadline, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
+    conn.execute("""UPDATE conversations SET flags = '["callback_required"]' WHERE case_reference = 'K-OVERDUE'""")
+    conn.execute("""UPDATE conversations SET flags = '["callback_failed"]' WHERE case_reference = 'K-HOTLINE'""")
     return conn
 
 
@@ -440,7 +464,8 @@ def _list_cost(conn, **filters) -> tuple[int, list[str]]:
 
     sql, params = list_query(
         filters.get("units", ["kundenservice"]), filters.get("state"), filters.get("channel"), filters.get("overdue"),
-        filters.get("contact_id"), datetime(2026, 1, 2, tzinfo=UTC), limit=50, all_units=load_config(env={}).units,
+        filters.get("contact_id"), datetime(2026, 1, 2, tzinfo=UTC), flag=filters.get("flag"), limit=50,
+        all_units=load_config(env={}).units,
     )
     steps, rows = vm_steps(conn, lambda: conn.execute(sql, params).fetchall(), every=100)
     return steps, [r["case_reference"] for r in rows]
@@ -466,6 +491,10 @@ def test_list_filters_read_the_workload_or_the_contact_not_the_history(tmp_path)
         # ... and with a channel that is rare among those units' conversations
         ({"units": ["bauhotline", "kundenservice"], "channel": "phone"}, ["K-OVERDUE", "K-HOTLINE"]),
         ({"units": ["bauhotline", "kundenservice"], "channel": "phone", "state": "closed"}, ["K-HOTLINE"]),
+        # the flagged: a call-back to make, among the history
+        ({"flag": "callback_required"}, ["K-OVERDUE"]),
+        ({"flag": "callback_failed", "units": ["bauhotline", "tiefbau-muster"]}, ["K-HOTLINE"]),
+        ({"flag": "callback_required", "state": "acknowledged", "units": ["bauhotline", "kundenservice"]}, ["K-OVERDUE"]),
     ]
     for filters, expected in cases:
         few, found = _list_cost(small, **filters)
