@@ -93,7 +93,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
     except ActionError as exc:
-        return json_error(exc.status, exc.code, exc.message)
+        return json_error(exc.status, exc.code, exc.message, **({"field": exc.field} if exc.field else {}))
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json" and not request.path.startswith("/channels/webform/"):
             # A handler's own plain-text explanation is kept; aiohttp's default text is "400: Bad Request".

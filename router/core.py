@@ -14,13 +14,14 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pluggy
 
-from . import identity, tracking
+from . import idempotency, identity, tracking
 from .channel import Channel, DeliveryUpdate, StorageUnavailable
 from .clock import Clock
 from .config import Config
@@ -44,11 +45,12 @@ service that hangs costs a message, a staff reply or the shutdown no more than t
 class ActionError(Exception):
     """A staff action that cannot be done in the conversation's current state (409/400)."""
 
-    def __init__(self, code: str, message: str, status: int = 409) -> None:
+    def __init__(self, code: str, message: str, status: int = 409, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
+        self.field = field
 
 
 class DirectoryPlugin:
@@ -310,11 +312,36 @@ class Core:
             raise ActionError("not_found", "conversation not found", 404)
         return row
 
+    def _once(
+        self, work: Callable[[sqlite3.Connection], dict[str, Any]], staff: str, key: str | None, action: str,
+        conversation_id: int, request: Mapping[str, Any], now: datetime,
+    ) -> Callable[[sqlite3.Connection], dict[str, Any]]:
+        """``work`` as an action done once for its idempotency ``key``: the key's first answer,
+        kept in the same transaction as what the action wrote, is given again (with
+        ``idempotency.REPLAYED``) instead of doing it twice. Without a key, ``work`` itself."""
+        if key is None:
+            return work
+        fingerprint = idempotency.fingerprint(action, conversation_id, request)
+
+        def once(conn: sqlite3.Connection) -> dict[str, Any]:
+            try:
+                prior = idempotency.replayed(conn, staff, key, fingerprint, now)
+            except idempotency.KeyReused as exc:
+                raise ActionError("idempotency_key_reused", str(exc), 422, field=idempotency.HEADER) from None
+            if prior is not None:
+                return prior
+            result = work(conn)
+            idempotency.remember(conn, staff, key, fingerprint, result, now)
+            return result
+
+        return once
+
     async def reply(
-        self, conversation_id: int, text: str, staff: str, *, units: Collection[str] | None = None
+        self, conversation_id: int, text: str, staff: str, *, units: Collection[str] | None = None, key: str | None = None
     ) -> dict[str, Any]:
         """Queue a staff reply on the conversation's channel (and any ``reply_copies``); ``units``,
-        as for every staff action: the units the staff member acts for (None: any)."""
+        as for every staff action: the units the staff member acts for (None: any); ``key``, the
+        request's idempotency key (see ``_once``)."""
         now = self.clock.now()
         stamp = iso(now)
 
@@ -363,14 +390,16 @@ class Core:
                     "channel": current["channel"], "text": text, "author": staff, "created_at": stamp,
                     "delivery_status": "queued" if to is not None else "failed"}
 
-        result = await self.store.write(work)
-        self.wake_outbox()
+        result = await self.store.write(self._once(work, staff, key, "reply", conversation_id, {"text": text}, now))
+        if not result.get(idempotency.REPLAYED):
+            self.wake_outbox()
         return result
 
     async def note(
-        self, conversation_id: int, text: str, staff: str, *, units: Collection[str] | None = None
+        self, conversation_id: int, text: str, staff: str, *, units: Collection[str] | None = None, key: str | None = None
     ) -> dict[str, Any]:
-        stamp = iso(self.clock.now())
+        now = self.clock.now()
+        stamp = iso(now)
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
             current = self._conversation(conn, conversation_id, units)
@@ -382,7 +411,7 @@ class Core:
             return {"id": message_id, "conversation_id": conversation_id, "direction": "internal", "kind": "note",
                     "channel": "internal", "text": text, "author": staff, "created_at": stamp, "delivery_status": None}
 
-        return await self.store.write(work)
+        return await self.store.write(self._once(work, staff, key, "note", conversation_id, {"text": text}, now))
 
     async def assign(
         self, conversation_id: int, assignee: str | None, staff: str, *, units: Collection[str] | None = None
@@ -460,7 +489,8 @@ class Core:
         await self.store.write(work)
 
     async def log_callback(
-        self, conversation_id: int, outcome: str, note: str | None, staff: str, *, units: Collection[str] | None = None
+        self, conversation_id: int, outcome: str, note: str | None, staff: str, *, units: Collection[str] | None = None,
+        key: str | None = None,
     ) -> dict[str, Any]:
         """A call-back attempt. ``reached`` answers the conversation; after too many failed
         attempts the duty escalates."""
@@ -507,7 +537,10 @@ class Core:
             return {"attempt": {"outcome": outcome, "note": note, "staff": staff, "at": stamp},
                     "answered": answered, "escalated": escalated, "sms_queued": sms_queued}
 
-        result = await self.store.write(work)
+        result = await self.store.write(
+            self._once(work, staff, key, "callback", conversation_id, {"outcome": outcome, "note": note}, now))
+        if result.get(idempotency.REPLAYED):
+            return result
         if result["answered"]:
             await self.on_answered(result["answered"])
         if result["escalated"] or result["sms_queued"]:

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from .. import keys
+from .. import idempotency, keys
 from ..channel import json_error
 from ..config import Config, StaffMember
 from ..store.sqlite import iso
@@ -222,21 +222,39 @@ async def get_conversation(request: web.Request) -> web.Response:
     return web.json_response(await _detail(request, member, units, conversation_id))
 
 
+def _idempotency_key(request: web.Request) -> str | None:
+    """The request's ``Idempotency-Key`` header, checked; None when it has none."""
+    key = request.headers.get(idempotency.HEADER)
+    if key is not None and not idempotency.valid_key(key):
+        raise _error(400, "invalid_header", f"{idempotency.HEADER} must be 1 to 255 printable ASCII characters without"
+                     " spaces", field=idempotency.HEADER)
+    return key
+
+
+def _created(result: dict[str, Any], body: dict[str, Any]) -> web.Response:
+    """201 with ``body`` (without the replay marker); an action sent again with its idempotency
+    key, answered as the first time, says so in a header."""
+    headers = {"Idempotent-Replayed": "true"} if result.get(idempotency.REPLAYED) else None
+    return web.json_response({k: v for k, v in body.items() if k != idempotency.REPLAYED}, status=201, headers=headers)
+
+
 @routes.post("/api/v1/conversations/{id}/replies")
 async def post_reply(request: web.Request) -> web.Response:
     member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
     text = _text(data, "text")
-    message = await request.app[keys.CORE].reply(conversation_id, text, member.name, units=units)
-    return web.json_response({**message, "created_at": queries.rfc3339(message["created_at"])}, status=201)
+    message = await request.app[keys.CORE].reply(
+        conversation_id, text, member.name, units=units, key=_idempotency_key(request))
+    return _created(message, {**message, "created_at": queries.rfc3339(message["created_at"])})
 
 
 @routes.post("/api/v1/conversations/{id}/notes")
 async def post_note(request: web.Request) -> web.Response:
     member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
-    note = await request.app[keys.CORE].note(conversation_id, _text(data, "text"), member.name, units=units)
-    return web.json_response({**note, "created_at": queries.rfc3339(note["created_at"])}, status=201)
+    note = await request.app[keys.CORE].note(
+        conversation_id, _text(data, "text"), member.name, units=units, key=_idempotency_key(request))
+    return _created(note, {**note, "created_at": queries.rfc3339(note["created_at"])})
 
 
 @routes.post("/api/v1/conversations/{id}/assign")
@@ -295,10 +313,10 @@ async def post_callback(request: web.Request) -> web.Response:
     if outcome not in ("reached", "not_reached", "wrong_number"):
         raise _error(400, "invalid_field", "outcome must be reached, not_reached or wrong_number", field="outcome")
     note = _text(data, "note", required=False, max_len=5000)
-    result = await request.app[keys.CORE].log_callback(conversation_id, outcome, note, member.name, units=units)
-    return web.json_response(
-        {"attempt": result["attempt"], "answered": bool(result["answered"]), "escalated": bool(result["escalated"])},
-        status=201,
+    result = await request.app[keys.CORE].log_callback(
+        conversation_id, outcome, note, member.name, units=units, key=_idempotency_key(request))
+    return _created(
+        result, {"attempt": result["attempt"], "answered": bool(result["answered"]), "escalated": bool(result["escalated"])}
     )
 
 

@@ -32,10 +32,24 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}]
 
 
-def _action(summary: str, body: dict[str, Any] | None = None, status: str = "200", result: str = "ConversationDetail") -> dict[str, Any]:
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "Sent again with the same key (within 24 hours, by the same staff member), the action is not done"
+                   " again: the first answer comes back, with the header Idempotent-Replayed: true. The same key with"
+                   " another request is a 422.",
+}
+
+
+def _action(
+    summary: str, body: dict[str, Any] | None = None, status: str = "200", result: str = "ConversationDetail",
+    *, idempotent: bool = False,
+) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "parameters": _ID, "responses": {status: _json(_ref(result)), **_ERRORS, "409": {"$ref": "#/components/responses/Conflict"}}}
     if body is not None:
         op["requestBody"] = _body(body)
+    if idempotent:
+        op["parameters"] = [*_ID, _IDEMPOTENCY_KEY]
+        op["responses"]["422"] = {"$ref": "#/components/responses/KeyReused"}
     return {"post": op}
 
 
@@ -79,8 +93,9 @@ def openapi_document() -> dict[str, Any]:
                 "get": {"summary": "One conversation with messages, routing, escalations and deliveries",
                         "parameters": _ID, "responses": {"200": _json(_ref("ConversationDetail")), **_ERRORS}}
             },
-            "/api/v1/conversations/{id}/replies": _action("Reply to the contact on the conversation's channel", text, "201", "Message"),
-            "/api/v1/conversations/{id}/notes": _action("Add an internal note", text, "201", "Message"),
+            "/api/v1/conversations/{id}/replies": _action("Reply to the contact on the conversation's channel", text, "201", "Message",
+                                                                 idempotent=True),
+            "/api/v1/conversations/{id}/notes": _action("Add an internal note", text, "201", "Message", idempotent=True),
             "/api/v1/conversations/{id}/assign": _action("Assign to a staff member (null unassigns)", {
                 "type": "object", "required": ["assignee"],
                 "properties": {"assignee": {"type": ["string", "null"], "maxLength": 100}}}),
@@ -95,7 +110,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/conversations/{id}/callbacks": _action("Log a call-back attempt; reached answers the conversation", {
                 "type": "object", "required": ["outcome"], "properties": {
                     "outcome": {"enum": ["reached", "not_reached", "wrong_number"]}, "note": {"type": "string"}}},
-                "201", "CallbackResult"),
+                "201", "CallbackResult", idempotent=True),
             "/api/v1/contacts/{id}": {"get": {"summary": "A contact with its identities", "parameters": _ID,
                                               "responses": {"200": _json(_ref("Contact")), **_ERRORS}}},
             "/api/v1/contacts/{id}/merge": {"post": {
@@ -127,7 +142,8 @@ def openapi_document() -> dict[str, Any]:
             "responses": {
                 name: _json(_ref("Error"), desc)
                 for name, desc in (("BadRequest", "Invalid input; error.field names the field"), ("Unauthorized", "Missing or unknown token"),
-                                   ("NotFound", "Not found, or outside the caller's units"), ("Conflict", "Not possible in the current state"))
+                                   ("NotFound", "Not found, or outside the caller's units"), ("Conflict", "Not possible in the current state"),
+                                   ("KeyReused", "The Idempotency-Key came with another request before"))
             },
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {

@@ -324,4 +324,19 @@ ALTER TABLE identities ADD COLUMN claimed INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX conversations_flagged ON conversations(id, flags) WHERE flags != '[]';
 """,
     ),
+    (
+        12,
+        "a staff action sent again with the same Idempotency-Key gets the first answer instead of being done twice",
+        """
+CREATE TABLE request_keys (
+    staff TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request TEXT NOT NULL,
+    response TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (staff, key)
+);
+CREATE INDEX request_keys_created ON request_keys(created_at);
+""",
+    ),
 ]
