@@ -315,26 +315,32 @@ class Core:
     def _once(
         self, work: Callable[[sqlite3.Connection], dict[str, Any]], staff: str, key: str | None, action: str,
         conversation_id: int, request: Mapping[str, Any], now: datetime,
+        kept: Callable[[dict[str, Any]], dict[str, Any]] = dict,
     ) -> Callable[[sqlite3.Connection], dict[str, Any]]:
-        """``work`` as an action done once for its idempotency ``key``: the key's first answer,
-        kept in the same transaction as what the action wrote, is given again (with
-        ``idempotency.REPLAYED``) instead of doing it twice. Without a key, ``work`` itself."""
+        """``work`` as an action done once for its idempotency ``key``: the key's first answer
+        (``kept`` of the result: what the caller is shown), recorded in the same transaction as
+        what the action wrote, is given again (with ``idempotency.REPLAYED``) instead of doing
+        it twice. Without a key, ``work`` itself."""
         if key is None:
             return work
         fingerprint = idempotency.fingerprint(action, conversation_id, request)
 
         def once(conn: sqlite3.Connection) -> dict[str, Any]:
-            try:
-                prior = idempotency.replayed(conn, staff, key, fingerprint, now)
-            except idempotency.KeyReused as exc:
-                raise ActionError("idempotency_key_reused", str(exc), 422, field=idempotency.HEADER) from None
+            prior = self._replayed(conn, staff, key, fingerprint, now)
             if prior is not None:
                 return prior
             result = work(conn)
-            idempotency.remember(conn, staff, key, fingerprint, result, now)
+            idempotency.remember(conn, staff, key, fingerprint, kept(result), now)
             return result
 
         return once
+
+    @staticmethod
+    def _replayed(conn: sqlite3.Connection, staff: str, key: str, fingerprint: str, now: datetime) -> dict[str, Any] | None:
+        try:
+            return idempotency.replayed(conn, staff, key, fingerprint, now)
+        except idempotency.KeyReused as exc:
+            raise ActionError("idempotency_key_reused", str(exc), 422, field=idempotency.HEADER) from None
 
     async def reply(
         self, conversation_id: int, text: str, staff: str, *, units: Collection[str] | None = None, key: str | None = None
@@ -344,6 +350,12 @@ class Core:
         request's idempotency key (see ``_once``)."""
         now = self.clock.now()
         stamp = iso(now)
+
+        if key is not None:  # a request sent again: answered before the reply_copies hooks run again
+            fingerprint = idempotency.fingerprint("reply", conversation_id, {"text": text})
+            prior = await self.store.write(lambda conn: self._replayed(conn, staff, key, fingerprint, now))
+            if prior is not None:
+                return prior
 
         def target(conn: sqlite3.Connection) -> tuple[sqlite3.Row, list[dict[str, str]]]:
             conv = self._conversation(conn, conversation_id, units)
@@ -473,6 +485,8 @@ class Core:
                 conn.execute(
                     "UPDATE conversations SET state = 'closed', closed_at = ?, deadline = NULL, escalate_at = NULL,"
                     " updated_at = ? WHERE id = ?", (stamp, stamp, conversation_id))
+                # Closed, nobody is to call back any more: off the list of call-backs to make.
+                tracking.remove_flags(conn, conversation_id, ["callback_required"], stamp)
             elif action == "reopen":
                 # A waiting conversation too: staff stop waiting for the resident, the deadline runs again.
                 if conv["state"] not in ("closed", "waiting"):
@@ -537,8 +551,12 @@ class Core:
             return {"attempt": {"outcome": outcome, "note": note, "staff": staff, "at": stamp},
                     "answered": answered, "escalated": escalated, "sms_queued": sms_queued}
 
+        def shown(result: dict[str, Any]) -> dict[str, Any]:
+            return {"attempt": result["attempt"], "answered": bool(result["answered"]),
+                    "escalated": bool(result["escalated"]), "sms_queued": result["sms_queued"]}
+
         result = await self.store.write(
-            self._once(work, staff, key, "callback", conversation_id, {"outcome": outcome, "note": note}, now))
+            self._once(work, staff, key, "callback", conversation_id, {"outcome": outcome, "note": note}, now, shown))
         if result.get(idempotency.REPLAYED):
             return result
         if result["answered"]:

@@ -3,8 +3,8 @@
 
 The key is looked up and recorded inside the action's own write transaction, so an action is
 done together with its key or not at all, and two requests with one key at the same time run
-one after the other: the second finds the first's answer. Keys belong to the staff member who
-sent them and are kept for ``KEEP``; the same key with another request is refused.
+one after the other: the second finds the first's answer. Keys belong to the token that sent
+them (``scoped``) and are kept for ``KEEP``; the same key with another request is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ class KeyReused(Exception):
     """The key came with another request before: 422, nothing done."""
 
 
+def scoped(token: str, key: str) -> str:
+    """The key as stored: a key belongs to the token that sent it (names of staff members need
+    not be unique), by a digest, since the token itself is a secret."""
+    return f"{hashlib.sha256(token.encode()).hexdigest()[:16]}/{key}"
+
+
 def valid_key(key: str) -> bool:
     """Whether ``key`` can be an idempotency key: 1 to 255 printable ASCII characters."""
     return _VALID_KEY.fullmatch(key) is not None
@@ -54,7 +60,7 @@ def replayed(conn: sqlite3.Connection, staff: str, key: str, request: str, now: 
     if row is None:
         return None
     if row[0] != request:
-        raise KeyReused(f"{HEADER} {key!r} was used for another request")
+        raise KeyReused(f"this {HEADER} was used for another request")
     return {**json.loads(row[1]), REPLAYED: True}
 
 
@@ -67,5 +73,5 @@ def remember(
     conn.execute("DELETE FROM request_keys WHERE created_at < ?", (iso(now - KEEP),))
     conn.execute(
         "INSERT OR REPLACE INTO request_keys (staff, key, request, response, created_at) VALUES (?, ?, ?, ?, ?)",
-        (staff, key, request, json.dumps(response, ensure_ascii=False, default=str), stamp),
+        (staff, key, request, json.dumps(response, ensure_ascii=False), stamp),
     )

@@ -222,13 +222,16 @@ async def get_conversation(request: web.Request) -> web.Response:
     return web.json_response(await _detail(request, member, units, conversation_id))
 
 
-def _idempotency_key(request: web.Request) -> str | None:
-    """The request's ``Idempotency-Key`` header, checked; None when it has none."""
+def _idempotency_key(request: web.Request, member: StaffMember) -> str | None:
+    """The request's ``Idempotency-Key`` header, checked and scoped to the caller's token; None
+    when it has none."""
     key = request.headers.get(idempotency.HEADER)
-    if key is not None and not idempotency.valid_key(key):
+    if key is None:
+        return None
+    if not idempotency.valid_key(key):
         raise _error(400, "invalid_header", f"{idempotency.HEADER} must be 1 to 255 printable ASCII characters without"
                      " spaces", field=idempotency.HEADER)
-    return key
+    return idempotency.scoped(member.token, key)
 
 
 def _created(result: dict[str, Any], body: dict[str, Any]) -> web.Response:
@@ -244,7 +247,7 @@ async def post_reply(request: web.Request) -> web.Response:
     data = await _body(request)
     text = _text(data, "text")
     message = await request.app[keys.CORE].reply(
-        conversation_id, text, member.name, units=units, key=_idempotency_key(request))
+        conversation_id, text, member.name, units=units, key=_idempotency_key(request, member))
     return _created(message, {**message, "created_at": queries.rfc3339(message["created_at"])})
 
 
@@ -253,7 +256,7 @@ async def post_note(request: web.Request) -> web.Response:
     member, conversation_id, units = await _scoped_conversation(request)
     data = await _body(request)
     note = await request.app[keys.CORE].note(
-        conversation_id, _text(data, "text"), member.name, units=units, key=_idempotency_key(request))
+        conversation_id, _text(data, "text"), member.name, units=units, key=_idempotency_key(request, member))
     return _created(note, {**note, "created_at": queries.rfc3339(note["created_at"])})
 
 
@@ -314,7 +317,7 @@ async def post_callback(request: web.Request) -> web.Response:
         raise _error(400, "invalid_field", "outcome must be reached, not_reached or wrong_number", field="outcome")
     note = _text(data, "note", required=False, max_len=5000)
     result = await request.app[keys.CORE].log_callback(
-        conversation_id, outcome, note, member.name, units=units, key=_idempotency_key(request))
+        conversation_id, outcome, note, member.name, units=units, key=_idempotency_key(request, member))
     return _created(
         result, {"attempt": result["attempt"], "answered": bool(result["answered"]), "escalated": bool(result["escalated"])}
     )

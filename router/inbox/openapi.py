@@ -33,11 +33,14 @@ _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "intege
 
 
 _IDEMPOTENCY_KEY = {
-    "name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-    "description": "Sent again with the same key (within 24 hours, by the same staff member), the action is not done"
+    "name": "Idempotency-Key", "in": "header",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"},
+    "description": "Sent again with the same key (within 24 hours, with the same token), the action is not done"
                    " again: the first answer comes back, with the header Idempotent-Replayed: true. The same key with"
                    " another request is a 422.",
 }
+_REPLAYED = {"Idempotent-Replayed": {"description": "true: the answer to this key's first request, given again",
+                                     "schema": {"const": "true"}}}
 
 
 def _action(
@@ -49,6 +52,7 @@ def _action(
         op["requestBody"] = _body(body)
     if idempotent:
         op["parameters"] = [*_ID, _IDEMPOTENCY_KEY]
+        op["responses"][status] = {**op["responses"][status], "headers": _REPLAYED}
         op["responses"]["422"] = {"$ref": "#/components/responses/KeyReused"}
     return {"post": op}
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..search import expanded_match, match_words, prefix_terms
 from ..store.sqlite import iso, parse_iso
+from ..tracking import FLAGS
 
 if TYPE_CHECKING:
     from ..core import Core
@@ -103,10 +104,10 @@ def _list_filters(
 
     One index walks the list, the others are only checked ("+" keeps SQLite off them): the
     first of these that applies, because its rows stay few however long the service runs: a
-    contact's conversations; those with a flag (``flag``: the partial index of the flagged
-    ones, checked for this flag); the open and acknowledged ones when only the overdue are
-    asked for; the conversations in a state of the current workload (open, acknowledged,
-    waiting).
+    contact's conversations; the open and acknowledged ones when only the overdue are asked
+    for; the conversations in a state of the current workload (open, acknowledged, waiting);
+    those with a flag (``flag``: the flag's partial index; some flags stay for good, so they
+    grow with history, and the workload comes first).
     Otherwise one unit's (unit, id) index, the channel's, or the primary key, newest first, as
     SQLite picks. Left to itself SQLite chose the unit or channel index for a contact or a rare
     state and read a whole unit or channel (up to 280 ms at a million conversations).
@@ -123,12 +124,12 @@ def _list_filters(
         driver = "unit"
     elif contact_id is not None:
         driver = "contact"
-    elif flag is not None:
-        driver = "flag"
     elif overdue is True:
         driver = "overdue"
     elif state in WORKLOAD_STATES:
         driver = "state"
+    elif flag is not None:
+        driver = "flag"
     else:
         driver = None
 
@@ -159,9 +160,12 @@ def _list_filters(
         where.append("c.contact_id = ?")
         params.append(contact_id)
     if flag is not None:
-        # flags is a JSON list of names: the name in quotes is one whole flag.
-        where.append(f"{column('flags', 'flag')} != '[]' AND instr(c.flags, ?) > 0")
-        params.append(json.dumps(flag))
+        # flags is a JSON list of names: the name in quotes is one whole flag. Written out, not
+        # bound, as the flag's partial index is written (``conversations_flag_<name>``), so that
+        # SQLite can walk it; a name of FLAGS only.
+        if flag not in FLAGS:
+            raise ValueError(f"unknown flag {flag!r}")
+        where.append(f"instr({column('flags', 'flag')}, '{json.dumps(flag)}') > 0")
     return where, params
 
 

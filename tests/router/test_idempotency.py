@@ -6,6 +6,9 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+from router.hookspecs import hookimpl
+from router.testing import CoreHarness
+
 from .helpers import webform_message
 
 
@@ -81,12 +84,30 @@ async def test_a_call_back_logged_again_with_its_key_counts_once(harness):
     assert await harness.count("callback_attempts") == 1
 
 
-async def test_a_key_that_is_no_header_value_is_a_400_naming_it(harness):
+async def test_a_reached_call_back_sent_again_answers_once_and_keeps_only_what_was_shown(harness):
     case = await _case(harness)
-    for key in ("", "x" * 256, "zwei wörter"):
-        headers = {"Authorization": f"Bearer {harness.tokens['admin']}", "Idempotency-Key": key}
-        response = await harness.client.post(f"/api/v1/conversations/{case}/replies", json={"text": "Hallo"},
-                                             headers=headers)
-        body = await response.json()
-        assert response.status == 400 and body["error"]["field"] == "Idempotency-Key", (key, body)
-    assert await harness.count("messages", "kind = 'reply'") == 0
+    path = f"/api/v1/conversations/{case}/callbacks"
+    first = await _post(harness, path, {"outcome": "reached"}, "cb-2")
+    again = await _post(harness, path, {"outcome": "reached"}, "cb-2")
+    assert first[1]["answered"] is True and again[1] == first[1] and again[2] == "true"
+    assert await harness.count("events", "kind = 'callback'") == 1
+    assert await harness.count("messages", "kind = 'callback'") == 1
+    (kept,) = await harness.rows("SELECT response FROM request_keys")
+    assert "status_token" not in kept["response"]  # the conversation behind it is not kept with the key
+
+
+async def test_a_reply_sent_again_does_not_ask_the_reply_copies_plugins_again(tmp_path):
+    """The hook is told of a reply being queued: a request sent again queues nothing."""
+    calls = []
+
+    class Copies:
+        @hookimpl
+        async def reply_copies(self, conversation, reply, identities):
+            calls.append(reply["text"])
+            return []
+
+    async with CoreHarness(tmp_path / "d", plugins=[Copies()]) as harness:
+        case = await _case(harness)
+        for _ in range(3):
+            assert (await _post(harness, f"/api/v1/conversations/{case}/replies", {"text": "Morgen."}, "r"))[0] == 201
+    assert calls == ["Morgen."]

@@ -452,7 +452,19 @@ def _history(path, closed: int):
     )
     conn.execute("""UPDATE conversations SET flags = '["callback_required"]' WHERE case_reference = 'K-OVERDUE'""")
     conn.execute("""UPDATE conversations SET flags = '["callback_failed"]' WHERE case_reference = 'K-HOTLINE'""")
+    # Some flags stay for good: every other conversation of the history has one
+    conn.execute("""UPDATE conversations SET flags = '["callback_required", "no_number"]'"""
+                 " WHERE state = 'closed' AND id % 2 = 0 AND contact_id != 1")
     return conn
+
+
+def test_every_flag_has_its_index(tmp_path):
+    """A list by flag walks the flag's partial index; a flag without one would read every row."""
+    from router.tracking import FLAGS
+
+    conn = _history(tmp_path / "flags.sqlite3", 10)
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {f"conversations_flag_{flag}" for flag in FLAGS} <= indexes
 
 
 def _list_cost(conn, **filters) -> tuple[int, list[str]]:
@@ -491,10 +503,11 @@ def test_list_filters_read_the_workload_or_the_contact_not_the_history(tmp_path)
         # ... and with a channel that is rare among those units' conversations
         ({"units": ["bauhotline", "kundenservice"], "channel": "phone"}, ["K-OVERDUE", "K-HOTLINE"]),
         ({"units": ["bauhotline", "kundenservice"], "channel": "phone", "state": "closed"}, ["K-HOTLINE"]),
-        # the flagged: a call-back to make, among the history
-        ({"flag": "callback_required"}, ["K-OVERDUE"]),
+        # the flagged, among a history that is half flagged: the workload first, then the flag
         ({"flag": "callback_failed", "units": ["bauhotline", "tiefbau-muster"]}, ["K-HOTLINE"]),
         ({"flag": "callback_required", "state": "acknowledged", "units": ["bauhotline", "kundenservice"]}, ["K-OVERDUE"]),
+        ({"flag": "callback_required", "state": "acknowledged"}, ["K-OVERDUE"]),
+        ({"flag": "callback_required", "overdue": True}, ["K-OVERDUE"]),
     ]
     for filters, expected in cases:
         few, found = _list_cost(small, **filters)
