@@ -126,10 +126,10 @@ def resolve_contact(
     contact: sqlite3.Row | None = conn.execute(_CONTACT_OF_IDENTITY, primary).fetchone()
     # Ids the provider issued to the sender's account, beside their address: never typed in.
     accounts = [i for i in identities[1:] if i[0] in ACCOUNT_KINDS] if sender_verified else []
-    changed_hands = False
-    if accounts and (contact is None or contact["claimed"]):
+    changed_hands = bool(accounts) and contact is not None and _changed_hands(conn, contact["contact_id"], accounts)
+    if accounts and (contact is None or contact["claimed"] or changed_hands):
         # A person known by their account id is that contact, now with this address as well
-        # (taken from whoever merely named it).
+        # (taken from whoever merely named it, or from its former owner).
         known = _contact_of_account(conn, accounts)
         if known is not None:
             owner = _survivor(conn, known["contact_id"])
@@ -141,9 +141,7 @@ def resolve_contact(
                 conn.execute(
                     "UPDATE identities SET contact_id = ?, claimed = 0 WHERE kind = ? AND address = ?", (owner, *primary)
                 )
-            contact = known
-    elif accounts and contact is not None:
-        changed_hands = _changed_hands(conn, contact["contact_id"], accounts)
+            contact, changed_hands = known, False
     if contact is not None and (contact["claimed"] or changed_hands):
         # An address someone else merely named: its owner's (or, on a form, its latest
         # claimant's) now, on a contact of their own, with the sender's other addresses. The
@@ -227,15 +225,18 @@ def _contact_of_account(conn: sqlite3.Connection, accounts: list[tuple[str, str]
 
 
 def _changed_hands(conn: sqlite3.Connection, contact_id: int, accounts: list[tuple[str, str]]) -> bool:
-    """Whether the contact's address came with an account id that nobody has, while the contact
-    has another of that kind: a number given to somebody else (Meta issues a new user id for a
-    new number, so the new owner comes with one the contact never had)."""
+    """Whether the contact's address came with account ids none of which is the contact's own,
+    while it has another of their kind: a number given to somebody else (Meta issues a new user
+    id with a new number, so the new owner comes with one the contact never had, perhaps one
+    known from their own messages without a number)."""
     for kind, address in accounts:
-        if conn.execute("SELECT 1 FROM identities WHERE kind = ? AND address = ?", (kind, address)).fetchone():
-            continue  # the contact's own, or another contact's: staff merge those
-        if conn.execute("SELECT 1 FROM identities WHERE contact_id = ? AND kind = ? LIMIT 1", (contact_id, kind)).fetchone():
-            return True
-    return False
+        owner = conn.execute("SELECT contact_id FROM identities WHERE kind = ? AND address = ?", (kind, address)).fetchone()
+        if owner is not None and owner[0] == contact_id:
+            return False
+    return any(
+        conn.execute("SELECT 1 FROM identities WHERE contact_id = ? AND kind = ? LIMIT 1", (contact_id, kind)).fetchone()
+        for kind in {kind for kind, _ in accounts}
+    )
 
 
 def claims_usable(channel: Channel | None) -> bool:

@@ -151,6 +151,28 @@ async def test_a_number_that_comes_with_another_persons_user_id_has_a_new_owner(
     assert owners == {("phone", "+4915111111111"): new, ("whatsapp_user", "DE.111"): old, ("whatsapp_user", "DE.222"): new}
 
 
+async def test_a_number_that_comes_with_a_user_id_known_from_elsewhere_goes_to_that_user(harness):
+    """The number's new owner wrote before by user id alone: their message with the number is
+    theirs, and the number moves to them, so the former owner's answers do not reach them."""
+    await harness.core.ingest(_whatsapp("wamid.D1", "+4915111111111", "DE.111"))
+    await harness.core.ingest(_whatsapp("wamid.D2", None, "DE.222"))
+    await harness.core.ingest(_whatsapp("wamid.D3", "+4915111111111", "DE.222"))
+    former, new, new_with_number = await _contacts_of_messages(harness)
+    assert former != new == new_with_number
+    (number,) = await harness.rows("SELECT contact_id FROM identities WHERE kind = 'phone'")
+    assert number["contact_id"] == new
+
+
+async def test_a_message_with_the_contacts_own_user_id_and_another_stays_with_the_contact(harness):
+    """A channel may name several account ids: one of them the contact's own is enough."""
+    await harness.core.ingest(_whatsapp("wamid.E1", "+4915111111111", "DE.111"))
+    await harness.core.ingest({**_whatsapp("wamid.E2", "+4915111111111", None), "sender": {
+        "kind": "phone", "address": "+4915111111111",
+        "other_identities": [{"kind": "whatsapp_user", "address": "DE.111"}, {"kind": "whatsapp_user", "address": "DE.999"}]}})
+    assert len(set(await _contacts_of_messages(harness))) == 1
+    assert await harness.count("contacts") == 1
+
+
 async def test_a_merged_contact_with_two_user_ids_keeps_both_numbers(harness):
     """Someone who changed their number has two user ids once staff merge the two contacts:
     neither number then counts as given to somebody else."""
