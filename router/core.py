@@ -313,17 +313,16 @@ class Core:
         return row
 
     def _once(
-        self, work: Callable[[sqlite3.Connection], dict[str, Any]], staff: str, key: str | None, action: str,
-        conversation_id: int, request: Mapping[str, Any], now: datetime,
-        kept: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+        self, work: Callable[[sqlite3.Connection], dict[str, Any]], staff: str, key: str | None, fingerprint: str,
+        now: datetime, kept: Callable[[dict[str, Any]], dict[str, Any]] = dict,
     ) -> Callable[[sqlite3.Connection], dict[str, Any]]:
         """``work`` as an action done once for its idempotency ``key``: the key's first answer
         (``kept`` of the result: what the caller is shown), recorded in the same transaction as
         what the action wrote, is given again (with ``idempotency.REPLAYED``) instead of doing
-        it twice. Without a key, ``work`` itself."""
+        it twice; ``fingerprint`` (``idempotency.fingerprint``) tells the same request from
+        another. Without a key, ``work`` itself."""
         if key is None:
             return work
-        fingerprint = idempotency.fingerprint(action, conversation_id, request)
 
         def once(conn: sqlite3.Connection) -> dict[str, Any]:
             prior = self._replayed(conn, staff, key, fingerprint, now)
@@ -351,8 +350,8 @@ class Core:
         now = self.clock.now()
         stamp = iso(now)
 
+        fingerprint = idempotency.fingerprint("reply", conversation_id, {"text": text}) if key else ""
         if key is not None:  # a request sent again: answered before the reply_copies hooks run again
-            fingerprint = idempotency.fingerprint("reply", conversation_id, {"text": text})
             prior = await self.store.write(lambda conn: self._replayed(conn, staff, key, fingerprint, now))
             if prior is not None:
                 return prior
@@ -402,7 +401,7 @@ class Core:
                     "channel": current["channel"], "text": text, "author": staff, "created_at": stamp,
                     "delivery_status": "queued" if to is not None else "failed"}
 
-        result = await self.store.write(self._once(work, staff, key, "reply", conversation_id, {"text": text}, now))
+        result = await self.store.write(self._once(work, staff, key, fingerprint, now))
         if not result.get(idempotency.REPLAYED):
             self.wake_outbox()
         return result
@@ -423,7 +422,7 @@ class Core:
             return {"id": message_id, "conversation_id": conversation_id, "direction": "internal", "kind": "note",
                     "channel": "internal", "text": text, "author": staff, "created_at": stamp, "delivery_status": None}
 
-        return await self.store.write(self._once(work, staff, key, "note", conversation_id, {"text": text}, now))
+        return await self.store.write(self._once(work, staff, key, idempotency.fingerprint("note", conversation_id, {"text": text}), now))
 
     async def assign(
         self, conversation_id: int, assignee: str | None, staff: str, *, units: Collection[str] | None = None
@@ -556,7 +555,8 @@ class Core:
                     "escalated": bool(result["escalated"]), "sms_queued": result["sms_queued"]}
 
         result = await self.store.write(
-            self._once(work, staff, key, "callback", conversation_id, {"outcome": outcome, "note": note}, now, shown))
+            self._once(work, staff, key, idempotency.fingerprint("callback", conversation_id, {"outcome": outcome, "note": note}),
+                       now, shown))
         if result.get(idempotency.REPLAYED):
             return result
         if result["answered"]:
