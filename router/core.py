@@ -165,8 +165,11 @@ class Core:
                 log.warning("route_message returned unknown unit %r; ignored", override.unit)
                 override = None
         channel = msg["channel"]
+        # A channel vouches for its senders, unless this message says its sender may be forged
+        # (an e-mail whose From domain failed DMARC at a mail server we trust).
+        verified = channel not in self._unverified_senders and "unverified_sender" not in (msg.get("flags") or ())
         prep = Prepared(msg, identities, language, customer, override, channel in self._threads_by_sender, now, folded,
-                        channel not in self._unverified_senders)
+                        verified)
         result = await self.store.write(
             partial(ingest_tx, config=self.config, templates=self.templates, prep=prep, status_url=self.status_url)
         )

@@ -102,6 +102,7 @@ class EmailChannel(Channel):
         return parse_mail(
             read_message(raw), raw, envelope_from=envelope_from, envelope_to=envelope_to,
             addresses=self.settings.addresses, own_domain=self.settings.domain,
+            trusted_authserv_ids=self.settings.trusted_authserv_ids,
         )
 
     def _store_files(self, raw: bytes, inbound: dict[str, Any], found: list[Attachment]) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from datetime import UTC
 from email import errors, policy
 from email.feedparser import BytesFeedParser
@@ -23,6 +23,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from .addresses import addresses_of
+from .authentication import failed_check
 from .bounces import parse_bounce
 from .limits import MAX_ATTACHMENTS, MAX_HTML, MAX_META_TEXT, MAX_MIME_DEPTH, MAX_MIME_ENTITIES, MAX_MIME_PARTS, MAX_TEXT
 from .loops import classify, relayed_sender
@@ -364,11 +365,12 @@ def parse_message(
     envelope_to: list[str] | None,
     addresses: Mapping[str, Mapping[str, Any]],
     own_domain: str,
+    trusted_authserv_ids: Collection[str] = (),
 ) -> dict[str, Any]:
     """The canonical inbound message for one raw mail (see ``parse_mail``)."""
     return parse_mail(
         read_message(raw), raw, envelope_from=envelope_from, envelope_to=envelope_to,
-        addresses=addresses, own_domain=own_domain,
+        addresses=addresses, own_domain=own_domain, trusted_authserv_ids=trusted_authserv_ids,
     ).inbound
 
 
@@ -389,6 +391,7 @@ def parse_mail(
     envelope_to: list[str] | None,
     addresses: Mapping[str, Mapping[str, Any]],
     own_domain: str,
+    trusted_authserv_ids: Collection[str] = (),
 ) -> ParsedMail:
     """The canonical inbound message for a parsed mail, with the bytes of the attachments it
     describes, so the MIME tree is walked for attachments once.
@@ -397,6 +400,9 @@ def parse_mail(
     first of them found in the envelope, Delivered-To, To or Cc is the recipient and gives the
     unit hint. ``envelope_from`` is the SMTP MAIL FROM (``""`` for a null return path) or None
     when unknown. ``meta.bounce`` is set when the mail is a bounce of one of our messages.
+    A trusted mail server's finding that the From domain failed DMARC (``trusted_authserv_ids``,
+    see ``authentication``) flags the message ``unverified_sender``: the core then treats it as
+    from someone who may not be who they say, as a web form's.
     """
     flags: list[str] = []
     message_id = next(iter(message_ids(header(msg, "Message-ID"))), None)
@@ -470,6 +476,11 @@ def parse_mail(
         meta["relayed_by"] = senders[0][1]
     if defects:
         meta["mime_defects"] = len(defects)
+    failed = failed_check(
+        (str(v) for k, v in msg.raw_items() if k.lower() == "authentication-results"), trusted_authserv_ids)
+    if failed:
+        flags.append("unverified_sender")
+        meta["authentication"] = failed
 
     suppressed = classify(msg, envelope_from=envelope_from, own_domain=own_domain, relayed=relayed_for is not None)
     bounce = parse_bounce(msg)

@@ -67,6 +67,8 @@ class EmailSettings:
     tls_key: str | None = None
     store_files: bool = True
     imap: Any = None  # one table or a list of tables; checked by imap.imap_mailboxes
+    # The mail servers whose Authentication-Results headers count (authentication.failed_check).
+    trusted_authserv_ids: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> EmailSettings:
@@ -95,6 +97,13 @@ class EmailSettings:
         except (TypeError, ValueError):
             raise EmailSettingsError("channels.email.relay_timeout", "expected seconds") from None
         listen = section.get("listen", True)
+        trusted = section.get("trusted_authserv_ids") or []
+        if isinstance(trusted, str):
+            trusted = [trusted]
+        if not isinstance(trusted, list) or not all(isinstance(t, str) and t.strip() and " " not in t.strip() for t in trusted):
+            raise EmailSettingsError(
+                "channels.email.trusted_authserv_ids", "expected a list of mail server names (authserv-ids), such as"
+                " [\"mx.example.org\"]")
         return cls(
             addresses=addresses,
             domain=_str(section, "domain") or first.rsplit("@", 1)[1],
@@ -117,4 +126,5 @@ class EmailSettings:
             tls_key=tls_key,
             store_files=section.get("store_files", True) is not False,
             imap=section.get("imap") or None,
+            trusted_authserv_ids=tuple(t.strip().lower() for t in trusted),
         )

@@ -296,6 +296,26 @@ async def test_case_reference_from_another_sender_links_but_does_not_join(harnes
     assert other["unit"] == first["unit"] and other["routing"]["rule"] == "case-reference"
 
 
+async def test_a_forged_sender_naming_a_residents_case_links_but_does_not_join(tmp_path, sink):
+    """A mail in the resident's name whose domain failed DMARC at our mail server (trusted):
+    its case reference opens a case of its own, linked, so that its words never stand in the
+    resident's conversation. The same mail that passed joins."""
+    settings = {"email": email_settings(sink, trusted_authserv_ids=["mx.example.org"])}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "email"), settings=settings) as harness:
+        await send(harness, LATIN1_MAIL)
+        first = await conversation_of(harness, "<20261130085500.4711@mail.example.com>")
+        for verdict, message_id in (("fail", "<forged@attacker.example>"), ("pass", "<genuine@mail.example.com>")):
+            raw = compose(sender="juergen.mueller@example.com", subject=f"AW: [#{first['case_reference']}]",
+                          text="Bitte rufen Sie mich unter 0151 99999999 an.", message_id=message_id,
+                          headers={"Authentication-Results": f"mx.example.org; spf=fail; dmarc={verdict}"})
+            await send(harness, raw)
+        forged = await conversation_of(harness, "<forged@attacker.example>")
+        assert forged["id"] != first["id"] and forged["routing"]["rule"] == "case-reference"
+        (message,) = [m for m in forged["messages"] if m["direction"] == "in"]
+        assert "unverified_sender" in message["flags"]
+        assert (await conversation_of(harness, "<genuine@mail.example.com>"))["id"] == first["id"]
+
+
 # -------------------------------------------------------------------------- never answer a machine
 
 

@@ -30,3 +30,16 @@ def test_bad_settings_name_the_key(section):
 def test_secrets_hidden_in_repr():
     settings = EmailSettings.from_mapping({"addresses": {"a@example.org": "x"}, "relay_password": "pw-123", "inbound_secret": "in-456"})
     assert "pw-123" not in repr(settings) and "in-456" not in repr(settings)
+
+
+def test_trusted_mail_servers_are_names_compared_in_lower_case():
+    section = {"addresses": {"a@example.org": "x"}}
+    assert EmailSettings.from_mapping(section).trusted_authserv_ids == ()
+    assert EmailSettings.from_mapping({**section, "trusted_authserv_ids": ["MX.Example.org "]}).trusted_authserv_ids == (
+        "mx.example.org",)
+    assert EmailSettings.from_mapping({**section, "trusted_authserv_ids": "mx.google.com"}).trusted_authserv_ids == (
+        "mx.google.com",)
+    for bad in (["mx example"], [""], [42], {"mx": True}, 7):
+        with pytest.raises(EmailSettingsError) as info:
+            EmailSettings.from_mapping({**section, "trusted_authserv_ids": bad})
+        assert info.value.path == "channels.email.trusted_authserv_ids", bad
