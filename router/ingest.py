@@ -127,8 +127,8 @@ def _find_thread(
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
     """(conversation to join, conversation merely referred to). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
-    reference (an e-mail's In-Reply-To) joins only the sender's own conversation (``refs_join``
-    "own"): a third party who answers someone else's thread (a Cc, a forwarded mail) gets a case
+    reference (an e-mail's In-Reply-To) joins only the sender's own conversation, likewise
+    (``refs_join`` "own"): a third party who answers someone else's thread (a Cc, a forwarded mail) gets a case
     of their own, linked, and never the other's acknowledgement, status link or answers.
     "ours": also whoever answers a message we sent (a bounce or an auto-reply to our mail, which
     changes nothing there); not one the resident sent, which a neighbour in Cc could name to put
@@ -163,7 +163,10 @@ def _find_thread(
         if key is not None and key[0] is not None:
             row = conn.execute("SELECT * FROM conversations WHERE id = ?", (key[0],)).fetchone()
             if row is not None:
-                if row["contact_id"] == contact_id or refs_join == "any" or (refs_join == "ours" and ours):
+                # The sender's own conversation only where the channel vouches for them: a
+                # Message-ID is known to everyone the mail went to, and a forged From is easy.
+                own = row["contact_id"] == contact_id and sender_verified
+                if own or refs_join == "any" or (refs_join == "ours" and ours):
                     return row, None
                 referred = referred or row
     reference = find_case_reference(msg.get("subject"), msg.get("text"))

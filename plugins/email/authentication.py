@@ -17,57 +17,72 @@ from collections.abc import Collection, Iterable
 MAX_HEADERS = 20
 """Authentication-Results headers looked at, from the top: a mail can carry any number."""
 
+MAX_HEADER_CHARS = 16 * 1024
+"""Characters of one header read: real ones are a few hundred."""
 
-def _without_comments(value: str) -> str:
-    """The header value without its (possibly nested) comments in parentheses, outside quotes."""
+
+def _parts(value: str) -> list[str]:
+    """The header value split at its semicolons, without its (possibly nested) comments in
+    parentheses; a semicolon or parenthesis inside a quoted string (``smtp.mailfrom="a;b"@x``,
+    which the sender chooses) is text, not syntax."""
+    parts: list[str] = []
     out: list[str] = []
     depth = 0
     quoted = False
     escaped = False
-    for ch in value:
+    for ch in value[:MAX_HEADER_CHARS]:
         if escaped:
             escaped = False
             if depth == 0:
                 out.append(ch)
-            continue
-        if ch == "\\":
+        elif ch == "\\" and (quoted or depth):
             escaped = True
             if depth == 0:
                 out.append(ch)
-            continue
-        if ch == '"' and depth == 0:
-            quoted = not quoted
-        elif not quoted and ch == "(":
-            depth += 1
-            continue
-        elif not quoted and ch == ")" and depth:
-            depth -= 1
-            continue
-        if depth == 0:
+        elif quoted:
             out.append(ch)
-    return "".join(out)
+            quoted = ch != '"'
+        elif ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+        elif depth:
+            continue
+        elif ch == '"':
+            quoted = True
+            out.append(ch)
+        elif ch == ";":
+            parts.append("".join(out).strip())
+            out = []
+        else:
+            out.append(ch)
+    parts.append("".join(out).strip())
+    return parts
 
 
-def results(value: str) -> tuple[str, dict[str, str]]:
-    """The authserv-id (lower case) and the result of each method (``{"dmarc": "fail"}``) of one
-    Authentication-Results header value; the first result of a method counts."""
-    parts = [p.strip() for p in _without_comments(value).split(";")]
-    server = parts[0].split()[0].lower() if parts and parts[0].split() else ""
-    found: dict[str, str] = {}
+def results(value: str) -> tuple[str, dict[str, list[str]]]:
+    """The authserv-id (lower case) and the results of each method (``{"dmarc": ["fail"]}``)
+    of one Authentication-Results header value."""
+    parts = _parts(value)
+    server = parts[0].split()[0].lower() if parts[0].split() else ""
+    found: dict[str, list[str]] = {}
     for part in parts[1:]:
         method, _, rest = part.partition("=")
         method = method.strip().lower().split("/")[0]  # "dkim/1" names a version
         result = rest.strip().split()[0].lower() if rest.strip() else ""
-        if method and result and method not in found:
-            found[method] = result
+        if method and result:
+            found.setdefault(method, []).append(result)
     return server, found
 
 
 def failed_check(headers: Iterable[str], trusted: Collection[str]) -> str | None:
-    """``"dmarc=fail"`` when the topmost Authentication-Results header of a trusted server says
-    that the From domain's DMARC check failed: the From address may be forged. None otherwise:
-    no trusted header, DMARC passed, or the domain publishes no DMARC policy (``none``), which
-    proves nothing either way."""
+    """``"dmarc=fail"`` when the topmost Authentication-Results header of a trusted server that
+    reports DMARC says that the From domain's check failed: the From address may be forged. A
+    server may write several headers (a DKIM filter's, then a DMARC filter's), so headers of a
+    trusted server without a DMARC result are passed over. None otherwise: no trusted header
+    reports DMARC, DMARC passed, or the domain publishes no DMARC policy (``none``), which
+    proves nothing either way. A failure under a policy of ``p=none`` counts too: the domain
+    only asks not to reject such mail, and a forger can use it as well as anyone."""
     if not trusted:
         return None
     trusted_ids = {t.lower() for t in trusted}
@@ -75,7 +90,6 @@ def failed_check(headers: Iterable[str], trusted: Collection[str]) -> str | None
         if index >= MAX_HEADERS:
             break
         server, found = results(str(value))
-        if server not in trusted_ids:
-            continue
-        return "dmarc=fail" if found.get("dmarc") == "fail" else None
+        if server in trusted_ids and "dmarc" in found:
+            return "dmarc=fail" if "fail" in found["dmarc"] else None
     return None

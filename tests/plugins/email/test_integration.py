@@ -304,15 +304,19 @@ async def test_a_forged_sender_naming_a_residents_case_links_but_does_not_join(t
     async with CoreHarness(tmp_path / "data", entrypoints=("webform", "email"), settings=settings) as harness:
         await send(harness, LATIN1_MAIL)
         first = await conversation_of(harness, "<20261130085500.4711@mail.example.com>")
-        for verdict, message_id in (("fail", "<forged@attacker.example>"), ("pass", "<genuine@mail.example.com>")):
+        cases = (("fail", "<forged@attacker.example>", {}),
+                 ("fail", "<forged-reply@attacker.example>", {"In-Reply-To": "<20261130085500.4711@mail.example.com>"}),
+                 ("pass", "<genuine@mail.example.com>", {}))
+        for verdict, message_id, thread in cases:
             raw = compose(sender="juergen.mueller@example.com", subject=f"AW: [#{first['case_reference']}]",
                           text="Bitte rufen Sie mich unter 0151 99999999 an.", message_id=message_id,
-                          headers={"Authentication-Results": f"mx.example.org; spf=fail; dmarc={verdict}"})
+                          headers={"Authentication-Results": f"mx.example.org; spf=fail; dmarc={verdict}", **thread})
             await send(harness, raw)
-        forged = await conversation_of(harness, "<forged@attacker.example>")
-        assert forged["id"] != first["id"] and forged["routing"]["rule"] == "case-reference"
-        (message,) = [m for m in forged["messages"] if m["direction"] == "in"]
-        assert "unverified_sender" in message["flags"]
+        for forged_id in ("<forged@attacker.example>", "<forged-reply@attacker.example>"):
+            forged = await conversation_of(harness, forged_id)
+            assert forged["id"] != first["id"] and forged["routing"]["rule"] == "case-reference", forged_id
+            (message,) = [m for m in forged["messages"] if m["direction"] == "in"]
+            assert "unverified_sender" in message["flags"]
         assert (await conversation_of(harness, "<genuine@mail.example.com>"))["id"] == first["id"]
 
 
