@@ -161,11 +161,13 @@ def _list_filters(
         params.append(contact_id)
     if flag is not None:
         # flags is a JSON list of names: the name in quotes is one whole flag. Written out, not
-        # bound, as the flag's partial index is written (``conversations_flag_<name>``), so that
-        # SQLite can walk it; a name of FLAGS only.
+        # bound, as the flag's partial index is written (``conversations_flag_<name>``, both of
+        # its terms), so that SQLite can walk it; a name of FLAGS only.
         if flag not in FLAGS:
             raise ValueError(f"unknown flag {flag!r}")
-        where.append(f"instr({column('flags', 'flag')}, '{json.dumps(flag)}') > 0")
+        quoted = json.dumps(flag)
+        where.append(f"c.flags != '[]' AND instr(c.flags, '{quoted}') > 0" if driver == "flag"
+                     else f"instr(+c.flags, '{quoted}') > 0")
     return where, params
 
 
