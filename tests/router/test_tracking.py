@@ -355,3 +355,12 @@ async def test_an_internal_note_is_no_activity_the_resident_saw(harness):
     harness.clock.advance(timedelta(days=1))
     later = await harness.core.ingest(webform_message("Neues Anliegen", thread={"status_token": first.status_token}))
     assert later.conversation_id != first.conversation_id and later.acknowledged
+
+
+def test_every_flag_a_message_can_give_its_conversation_is_a_known_flag():
+    """The inbox lists conversations by the flags of tracking.FLAGS, each with its own index:
+    a flag that a message passes on but that list lacks could be set and never found."""
+    from router.ingest import CONVERSATION_FLAGS
+    from router.tracking import FLAGS
+
+    assert CONVERSATION_FLAGS <= FLAGS
