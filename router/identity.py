@@ -126,11 +126,12 @@ def resolve_contact(
     contact: sqlite3.Row | None = conn.execute(_CONTACT_OF_IDENTITY, primary).fetchone()
     # Ids the provider issued to the sender's account, beside their address: never typed in.
     accounts = [i for i in identities[1:] if i[0] in ACCOUNT_KINDS] if sender_verified else []
-    changed_hands = bool(accounts) and contact is not None and _changed_hands(conn, contact["contact_id"], accounts)
+    holders = [conn.execute(_CONTACT_OF_IDENTITY, account).fetchone() for account in accounts]
+    changed_hands = contact is not None and _changed_hands(conn, contact["contact_id"], accounts, holders)
     if accounts and (contact is None or contact["claimed"] or changed_hands):
         # A person known by their account id is that contact, now with this address as well
         # (taken from whoever merely named it, or from its former owner).
-        known = _contact_of_account(conn, accounts)
+        known = next((h for h in holders if h is not None and not h["claimed"]), None)
         if known is not None:
             owner = _survivor(conn, known["contact_id"])
             if contact is None:
@@ -166,8 +167,9 @@ def resolve_contact(
             " WHERE kind = ? AND address = ?",
             (now, channel, *primary),
         )
-        if accounts:  # a contact from before the provider sent account ids learns its own
-            _add_secondary(conn, contact_id, accounts, now, sender_verified)
+        # A contact from before the provider sent account ids learns its own.
+        _add_secondary(conn, contact_id, [a for a, h in zip(accounts, holders, strict=True) if h is None], now,
+                       sender_verified)
     else:
         contact_id = _new_contact(conn, display_name, language, None if customer is not None else claim, now)
         conn.execute(
@@ -215,24 +217,15 @@ _CONTACT_OF_IDENTITY = (
 )
 
 
-def _contact_of_account(conn: sqlite3.Connection, accounts: list[tuple[str, str]]) -> sqlite3.Row | None:
-    """The contact that owns the first of these account ids known as its own (not merely claimed)."""
-    for account in accounts:
-        row = conn.execute(_CONTACT_OF_IDENTITY, account).fetchone()
-        if row is not None and not row["claimed"]:
-            return row
-    return None
-
-
-def _changed_hands(conn: sqlite3.Connection, contact_id: int, accounts: list[tuple[str, str]]) -> bool:
-    """Whether the contact's address came with account ids none of which is the contact's own,
-    while it has another of their kind: a number given to somebody else (Meta issues a new user
-    id with a new number, so the new owner comes with one the contact never had, perhaps one
-    known from their own messages without a number)."""
-    for kind, address in accounts:
-        owner = conn.execute("SELECT contact_id FROM identities WHERE kind = ? AND address = ?", (kind, address)).fetchone()
-        if owner is not None and owner[0] == contact_id:
-            return False
+def _changed_hands(
+    conn: sqlite3.Connection, contact_id: int, accounts: list[tuple[str, str]], holders: list[sqlite3.Row | None]
+) -> bool:
+    """Whether the contact's address came with account ids none of which is the contact's own
+    (``holders``: who has each), while it has another of their kind: a number given to somebody
+    else (Meta issues a new user id with a new number, so the new owner comes with one the
+    contact never had, perhaps one known from their own messages without a number)."""
+    if not accounts or any(h is not None and h["contact_id"] == contact_id for h in holders):
+        return False
     return any(
         conn.execute("SELECT 1 FROM identities WHERE contact_id = ? AND kind = ? LIMIT 1", (contact_id, kind)).fetchone()
         for kind in {kind for kind, _ in accounts}
