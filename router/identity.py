@@ -120,7 +120,9 @@ def resolve_contact(
     kept as ``claimed``, and the first message from the address itself takes it to a contact
     of its own (still a claim when that message is a form's too): naming a number nobody has
     used yet must not file its owner's later messages, or another form's, under the one who
-    named it. Staff merge contacts that are really one person; a merge ends every claim.
+    named it. Staff merge contacts that are really one person; a merge ends every claim. Nor
+    does such a sender change anything about the contact they are filed under (language, name,
+    customer claim): they may not be that person.
     """
     primary = identities[0]
     contact: sqlite3.Row | None = conn.execute(_CONTACT_OF_IDENTITY, primary).fetchone()
@@ -187,6 +189,10 @@ def resolve_contact(
         return contact_id, True, contact is None
     if contact is None:  # created just now, with name and language already
         return contact_id, False, True
+    if not sender_verified:
+        # Someone who may not be the contact (a form naming their address, a mail whose From
+        # failed DMARC) changes nothing about them: not their language, name or customer claim.
+        return contact_id, bool(contact["is_customer"]), False
     row = contact
     updates = []
     params: list[Any] = []

@@ -244,3 +244,21 @@ async def test_a_form_whose_only_detail_is_a_number_another_form_named_gets_a_co
     assert second_contact["contact_id"] != first_contact
     claimed = await harness.rows("SELECT contact_id, claimed FROM identities WHERE kind = 'phone'")
     assert [(r["contact_id"], r["claimed"]) for r in claimed] == [(second_contact["contact_id"], 1)]
+
+
+async def test_a_sender_who_may_not_be_the_contact_changes_nothing_about_them(harness):
+    """A form naming someone's number, or a message flagged unverified_sender (a mail whose
+    From failed DMARC), is filed under that contact but sets neither their language, their
+    name nor a customer number they are said to have."""
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.O1", "text": "Hallo", "language": "de",
+                               "sender": {"kind": "phone", "address": "+4915111111111"}})
+    stranger = {"text": "Hello", "language": "en", "customer_number": "4711",
+                "sender": {"kind": "phone", "address": "+4915111111111", "display_name": "Mallory"}}
+    await harness.core.ingest({**stranger, "channel": "webform", "channel_message_id": "form-1"})
+    await harness.core.ingest({**stranger, "channel": "whatsapp", "channel_message_id": "wamid.O2", "flags": ["unverified_sender"]})
+    (contact,) = await harness.rows("SELECT language, display_name, customer_claim FROM contacts")
+    assert dict(contact) == {"language": "de", "display_name": None, "customer_claim": None}
+    # the owner's own next message still does
+    await harness.core.ingest({**stranger, "channel": "whatsapp", "channel_message_id": "wamid.O3"})
+    (contact,) = await harness.rows("SELECT language, display_name, customer_claim FROM contacts")
+    assert dict(contact) == {"language": "en", "display_name": "Mallory", "customer_claim": "4711"}
