@@ -246,3 +246,29 @@ def test_import_customers_takes_every_line_ending_and_names_the_line_that_is_not
     broken.write_bytes(newline.join(lines).encode() + newline.encode() + "K-3;Jörg".encode("latin-1") + newline.encode())
     assert main(["import-customers", str(broken), "--data-dir", str(tmp_path / "data"), "--delimiter", ";"]) == 1
     assert "line 4 is not UTF-8 (byte 6 of the line)" in capsys.readouterr().err
+
+
+def test_a_response_time_no_year_can_hold_is_refused_without_counting_out_the_days(tmp_path, capsys, monkeypatch):
+    """A calendar of a minute a week and a response time of a year: counting it out day by day
+    took seconds, until the date overflowed, before the refusal."""
+    from router.hours import BusinessHours
+
+    counted = []
+    original = BusinessHours.add
+
+    def add(self, start, hours):
+        counted.append(hours)
+        return original(self, start, hours)
+
+    monkeypatch.setattr(BusinessHours, "add", add)
+    data = load_raw_config()
+    data["business_hours"]["office"].clear()
+    data["business_hours"]["office"].update(mon=["08:00-08:01"])
+    data["units"]["vertrieb"].update(first_response_hours=8760)
+    path = tmp_path / "sparse.toml"
+    path.write_text(_toml(data))
+    assert main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: units.vertrieb.first_response_hours" in err and "no deadline within a year" in err
+    assert "Traceback" not in err
+    assert counted and 8760 not in counted  # the other units' deadlines were counted out, this one not
