@@ -101,7 +101,7 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
          lambda: list_conversations(core, units=("tiefbau-muster",), state="acknowledged", channel="email")),
         ("list, state=closed, contractor unit", lambda: list_conversations(core, units=("tiefbau-muster",), state="closed")),
         # Flags: one in twenty of the workload is a call-back to make, one in fifty of the
-        # history has no number; nothing is undeliverable, so that list reads every flagged one.
+        # history has no number; nothing is undeliverable, so that list finds its index empty.
         ("list, flag=callback_required", lambda: list_conversations(core, units=ALL_UNITS, flag="callback_required")),
         ("list, flag=callback_required, contractor unit",
          lambda: list_conversations(core, units=("tiefbau-muster",), flag="callback_required")),

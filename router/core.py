@@ -425,7 +425,8 @@ class Core:
             return {"id": message_id, "conversation_id": conversation_id, "direction": "internal", "kind": "note",
                     "channel": "internal", "text": text, "author": staff, "created_at": stamp, "delivery_status": None}
 
-        return await self.store.write(self._once(work, staff, key, idempotency.fingerprint("note", conversation_id, {"text": text}), now))
+        fingerprint = idempotency.fingerprint("note", conversation_id, {"text": text}) if key else ""
+        return await self.store.write(self._once(work, staff, key, fingerprint, now))
 
     async def assign(
         self, conversation_id: int, assignee: str | None, staff: str, *, units: Collection[str] | None = None
@@ -557,9 +558,8 @@ class Core:
             return {"attempt": result["attempt"], "answered": bool(result["answered"]),
                     "escalated": bool(result["escalated"]), "sms_queued": result["sms_queued"]}
 
-        result = await self.store.write(
-            self._once(work, staff, key, idempotency.fingerprint("callback", conversation_id, {"outcome": outcome, "note": note}),
-                       now, shown))
+        fingerprint = idempotency.fingerprint("callback", conversation_id, {"outcome": outcome, "note": note}) if key else ""
+        result = await self.store.write(self._once(work, staff, key, fingerprint, now, shown))
         if result.get(idempotency.REPLAYED):
             return result
         if result["answered"]:

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import phonenumbers
 
 from .models import Customer
+from .text import normalize
 
 if TYPE_CHECKING:
     from .channel import Channel
-from .text import normalize
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
@@ -110,17 +110,20 @@ def resolve_contact(
     The sender's own address (the first identity) says who they are. Further addresses a
     sender merely typed in (a form's phone field) are unverified: they are kept only on a
     contact created now, and never move an address that another contact already has, so
-    nobody can redirect someone else's answers by naming their number. An account id beside
-    the address (``ACCOUNT_KINDS``: WhatsApp's user id, from Meta) on a channel that vouches
-    for its sender says who they are as well: a sender whose address is new (or merely
-    claimed) but whose account id is known is that contact; a known contact without one
-    learns it; and a known number that comes with an account id the contact does not have,
-    while it has another, has a new owner, who gets a contact of their own with the number. Where the channel does
-    not vouch for the sender (``sender_verified`` False: the web form), such an address is
-    kept as ``claimed``, and the first message from the address itself takes it to a contact
-    of its own (still a claim when that message is a form's too): naming a number nobody has
-    used yet must not file its owner's later messages, or another form's, under the one who
-    named it. Staff merge contacts that are really one person; a merge ends every claim. Nor
+    nobody can redirect someone else's answers by naming their number.
+
+    An account id beside the address (``ACCOUNT_KINDS``: WhatsApp's user id, from Meta) on a
+    channel that vouches for its sender says who they are as well: a sender whose address is
+    new (or merely claimed) but whose account id is known is that contact; a known contact
+    without one learns it; and a known number that comes with an account id the contact does
+    not have, while it has another, has a new owner: the number goes to the contact of the
+    account id, or to a new one.
+
+    Where the channel does not vouch for the sender (``sender_verified`` False: the web form),
+    a further address is kept as ``claimed``, and the first message from the address itself
+    takes it to a contact of its own (still a claim when that message is a form's too): naming
+    a number nobody has used yet must not file its owner's later messages, or another form's,
+    under the one who named it. Staff merge contacts that are really one person; a merge ends every claim. Nor
     does such a sender change anything about the contact they are filed under (language, name,
     customer claim): they may not be that person.
     """

@@ -128,8 +128,9 @@ def _find_thread(
     """(conversation to join, conversation merely referred to). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
     reference (an e-mail's In-Reply-To) joins only the sender's own conversation, likewise
-    (``refs_join`` "own"): a third party who answers someone else's thread (a Cc, a forwarded mail) gets a case
-    of their own, linked, and never the other's acknowledgement, status link or answers.
+    (``refs_join`` "own"): a third party who answers someone else's thread (a Cc, a forwarded
+    mail) gets a case of their own, linked, and never the other's acknowledgement, status link
+    or answers.
     "ours": also whoever answers a message we sent (a bounce or an auto-reply to our mail, which
     changes nothing there); not one the resident sent, which a neighbour in Cc could name to put
     words on the resident's status page. "any": whoever names it (a voicemail's transcript,

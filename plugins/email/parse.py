@@ -472,14 +472,19 @@ def parse_mail(
         meta["attachments_omitted"] = len(found_attachments) - MAX_ATTACHMENTS
     if reply_to and reply_to[0][1] != address:
         meta["reply_to"] = reply_to[0][1]
-    if relayed_for is not None and senders:
-        meta["relayed_by"] = senders[0][1]
+    if relayed_for is not None:
+        # Whoever filled in the portal's form typed that address: it vouches for nobody, as our
+        # own web form does not.
+        flags.append("unverified_sender")
+        if senders:
+            meta["relayed_by"] = senders[0][1]
     if defects:
         meta["mime_defects"] = len(defects)
     failed = failed_check(
         (str(v) for k, v in msg.raw_items() if k.lower() == "authentication-results"), trusted_authserv_ids)
     if failed:
-        flags.append("unverified_sender")
+        if "unverified_sender" not in flags:
+            flags.append("unverified_sender")
         meta["authentication"] = failed
 
     suppressed = classify(msg, envelope_from=envelope_from, own_domain=own_domain, relayed=relayed_for is not None)

@@ -34,10 +34,10 @@ JSON_TYPE = "application/json"
 STATUS_PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
 
 
-
 def _status_path(status_token: str) -> str:
     """The path of a case's status page."""
     return f"/channels/webform/status/{status_token}"
+
 
 class RateLimiter:
     """At most ``limit`` submissions per client address in a sliding minute, kept in memory."""

@@ -49,3 +49,9 @@ def outcome_for_code(code: object) -> Outcome:
     if number in RETRYABLE_CODES:
         return "retry"
     return "permanent"
+
+
+def address_failed(code: object) -> bool:
+    """Whether a permanent failure with this code says the address itself is bad: not 131062,
+    where only this kind of message cannot go to a user id and the next may."""
+    return str(code) != str(BSUID_REFUSED)

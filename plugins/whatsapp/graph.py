@@ -18,7 +18,7 @@ from router.hookspecs import (
     RetryableDeliveryError,
 )
 
-from .errors import BSUID_REFUSED, outcome_for_code
+from .errors import address_failed, outcome_for_code
 
 MAX_TEXT_LENGTH = 4096
 """Longest ``text.body`` the Cloud API accepts."""
@@ -177,8 +177,7 @@ def classify_error(
         return ResendAsDeliveryError(text, hint="template", code=code_text)
     if outcome == "retry" or http_status == 0 or http_status == 429 or http_status >= 500:
         return RetryableDeliveryError(text, code=code_text or str(http_status), retry_after=retry_after)
-    # 131062: this kind of message cannot go to a BSUID; the address itself is fine.
-    return PermanentDeliveryError(text, code=code_text or str(http_status), address_failed=code_text != str(BSUID_REFUSED))
+    return PermanentDeliveryError(text, code=code_text or str(http_status), address_failed=address_failed(code_text))
 
 
 def within_window(last_inbound_at: datetime | None, now: datetime, hours: float = 24) -> bool:

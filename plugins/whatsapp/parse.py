@@ -21,7 +21,7 @@ import phonenumbers
 
 from router.hookspecs import DeliveryUpdate
 
-from .errors import BSUID_REFUSED, outcome_for_code
+from .errors import address_failed, outcome_for_code
 
 CHANNEL = "whatsapp"
 
@@ -407,7 +407,7 @@ def parse_status(raw: Any) -> DeliveryUpdate | None:
         resend_hint=resend_hint,
         raw=dict(raw),
         idempotency_key=_str(raw.get("biz_opaque_callback_data"), 512),
-        address_failed=str(code) != str(BSUID_REFUSED),  # this message not to a user id; the next may
+        address_failed=address_failed(code),
     )
 
 

@@ -140,6 +140,8 @@ def test_a_portal_relaying_a_persons_message_from_noreply_is_a_persons_mail():
                         own_domain="example.org").inbound
     assert parsed["sender"]["address"] == "erika@example.net" and parsed["sender"]["display_name"] == "Erika Muster"
     assert parsed["meta"]["relayed_by"] == "noreply@portal.example" and not parsed.get("ack_suppressed")
+    # the address was typed into the portal's form by whoever filled it in: no proof of who they are
+    assert "unverified_sender" in parsed["flags"]
 
 
 @pytest.mark.parametrize("extra", ["", "Reply-To: noreply@portal.example\r\n",
