@@ -186,6 +186,7 @@ def create_app(
                 units={u.id: u.public() for u in config.units.values()},
                 is_open=lambda unit_id, when: unit_id in config.units and config.units[unit_id].hours.is_open(when),
                 record_event=core.record_channel_event,
+                timezone=config.timezone,
             )
         )
         app.router.add_routes(_channel_routes(channel))

@@ -44,7 +44,7 @@ class ChannelContext:
     """The core as a channel sees it. One per channel, handed to ``Channel.setup``.
 
     ``settings`` is the channel's own configuration section; ``http`` is the app's one
-    ``ClientSession`` (use it with a timeout); ``ingest`` validates and commits one inbound
+    ``ClientSession`` (use it with a timeout); ``timezone`` the service's; ``ingest`` validates and commits one inbound
     message and returns only after the commit, so a handler can answer its provider after it.
     """
 
@@ -64,6 +64,7 @@ class ChannelContext:
         units: Mapping[str, Mapping[str, Any]],
         is_open: Callable[[str, datetime], bool] | None = None,
         record_event: Callable[[str, str, Mapping[str, Any]], Awaitable[None]] | None = None,
+        timezone: str = "Europe/Berlin",
     ) -> None:
         self.name = name
         self.settings = settings
@@ -78,6 +79,9 @@ class ChannelContext:
         self.units = units
         self._is_open = is_open
         self._record_event = record_event
+        self.timezone = timezone
+        """The service's timezone (``service.timezone``): a time a channel shows or speaks to a
+        person is in it, as the acknowledgement's deadline is."""
         self.log = logging.getLogger(f"contact_router.channel.{name}")
 
     @property
