@@ -83,7 +83,8 @@ def identities_of(message: Mapping[str, Any]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _survivor(conn: sqlite3.Connection, contact_id: int) -> int:
+def survivor(conn: sqlite3.Connection, contact_id: int) -> int:
+    """The contact that ``contact_id`` was merged into, through every later merge; itself if none."""
     for _ in range(20):
         row = conn.execute("SELECT merged_into FROM contacts WHERE id = ?", (contact_id,)).fetchone()
         if row is None or row[0] is None:
@@ -138,7 +139,7 @@ def resolve_contact(
         # (taken from whoever merely named it, or from its former owner).
         known = next((h for h in holders if h is not None and not h["claimed"]), None)
         if known is not None:
-            owner = _survivor(conn, known["contact_id"])
+            owner = survivor(conn, known["contact_id"])
             if contact is None:
                 conn.execute(
                     "INSERT INTO identities (contact_id, kind, address, created_at) VALUES (?, ?, ?, ?)", (owner, *primary, now)
@@ -163,7 +164,7 @@ def resolve_contact(
     elif contact is not None:
         contact_id = contact["contact_id"]
         if contact["merged_into"] is not None:
-            contact_id = _survivor(conn, contact["merged_into"])
+            contact_id = survivor(conn, contact["merged_into"])
             contact = conn.execute(
                 "SELECT id, is_customer, display_name, language FROM contacts WHERE id = ?", (contact_id,)
             ).fetchone()

@@ -18,7 +18,7 @@ from typing import Any
 from .channel import InvalidMessage
 from .config import Config
 from .context import IngestResult
-from .identity import InvalidAddress, identities_of, resolve_contact
+from .identity import InvalidAddress, identities_of, resolve_contact, survivor
 from .models import Customer, RoutingDecision
 from .routing import find_area, message_text, route
 from .search import folded_search_text
@@ -339,6 +339,25 @@ def _sent_anything(conn: sqlite3.Connection, conversation_id: int) -> bool:
     ).fetchone() is not None
 
 
+def _status_page_contact(conn: sqlite3.Connection, msg: Mapping[str, Any]) -> tuple[int, bool, bool] | None:
+    """(contact, is customer, new) for a message written on a case's status page: a form session
+    (sender kind ``webform``) whose ``thread.status_token`` names a conversation is that
+    conversation's contact, whose key the page's link is. None for any other message.
+
+    Resolved by an address instead (the contact's first, as the page sent it), a reply was
+    filed under whoever had since taken that address over, and with the contact left without
+    one the next reply failed."""
+    token = (msg.get("thread") or {}).get("status_token")
+    if msg["sender"]["kind"] != "webform" or not token:
+        return None
+    row = conn.execute("SELECT contact_id FROM conversations WHERE status_token = ?", (token,)).fetchone()
+    if row is None:
+        return None
+    contact_id = survivor(conn, row[0])
+    customer = conn.execute("SELECT is_customer FROM contacts WHERE id = ?", (contact_id,)).fetchone()
+    return contact_id, bool(customer and customer[0]), False
+
+
 def ingest_tx(
     conn: sqlite3.Connection,
     *,
@@ -360,17 +379,21 @@ def ingest_tx(
         return _result_for_existing(conn, config, existing, status_url)
 
     sender = msg["sender"]
-    contact_id, is_customer, new_contact = resolve_contact(
-        conn,
-        prep.identities,
-        display_name=sender.get("display_name"),
-        language=msg.get("language"),
-        customer=prep.customer,
-        claim=(msg.get("customer_number") or "").strip() or None,
-        channel=msg["channel"],
-        now=stamp,
-        sender_verified=prep.sender_verified,
-    )
+    on_page = _status_page_contact(conn, msg)
+    if on_page is not None:
+        contact_id, is_customer, new_contact = on_page
+    else:
+        contact_id, is_customer, new_contact = resolve_contact(
+            conn,
+            prep.identities,
+            display_name=sender.get("display_name"),
+            language=msg.get("language"),
+            customer=prep.customer,
+            claim=(msg.get("customer_number") or "").strip() or None,
+            channel=msg["channel"],
+            now=stamp,
+            sender_verified=prep.sender_verified,
+        )
 
     if msg["kind"] in ANNOTATIONS:
         return _annotate(conn, config, prep, contact_id, status_url)

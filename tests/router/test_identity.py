@@ -262,3 +262,44 @@ async def test_a_sender_who_may_not_be_the_contact_changes_nothing_about_them(ha
     await harness.core.ingest({**stranger, "channel": "whatsapp", "channel_message_id": "wamid.O3"})
     (contact,) = await harness.rows("SELECT language, display_name, customer_claim FROM contacts")
     assert dict(contact) == {"language": "en", "display_name": "Mallory", "customer_claim": "4711"}
+
+
+def _on_status_page(token: str, message_id: str, text: str) -> dict:
+    return {"channel": "webform", "channel_message_id": message_id, "text": text, "thread": {"status_token": token},
+            "sender": {"kind": "webform", "address": "status:" + token[:32]}}
+
+
+async def test_a_message_on_a_status_page_is_from_its_conversations_contact(harness):
+    """The page sent its replies as the contact's first address: one a later form had taken
+    over filed the reply under that form's contact, and with the contact left without an
+    address the next reply failed."""
+    await harness.core.ingest(_form("f1", "jemand@example.org", "+4915199999999"))
+    case = await harness.core.ingest(_form("f2", None, "+4915199999999"))
+    (owner,) = await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (case.conversation_id,))
+    await harness.core.ingest(_form("f3", "anders@example.org", "+4915199999999"))  # takes the number along
+    identities = await harness.count("identities")
+    for n in (1, 2):
+        reply = await harness.core.ingest(_on_status_page(case.status_token, f"s{n}", f"Antwort {n}"))
+        assert reply.conversation_id == case.conversation_id and not reply.duplicate
+    rows = await harness.rows("SELECT contact_id FROM messages WHERE channel_message_id IN ('s1', 's2')")
+    assert [r["contact_id"] for r in rows] == [owner["contact_id"]] * 2
+    assert await harness.count("identities") == identities  # the page's session is nobody's address
+
+
+async def test_a_status_page_of_a_merged_contact_files_under_the_contact_it_was_merged_into(harness):
+    first = await harness.core.ingest(_form("f1", "jemand@example.org", None))
+    second = await harness.core.ingest(_form("f2", "zweite@example.org", None))
+    contacts = [c["contact_id"] for c in await harness.rows(
+        "SELECT contact_id FROM conversations WHERE id IN (?, ?) ORDER BY id", (first.conversation_id, second.conversation_id))]
+    status, _ = await harness.api("POST", f"/api/v1/contacts/{contacts[1]}/merge", json={"other_contact_id": contacts[0]})
+    assert status == 200
+    reply = await harness.core.ingest(_on_status_page(first.status_token, "s1", "Noch eine Frage"))
+    (row,) = await harness.rows("SELECT contact_id FROM messages WHERE id = ?", (reply.message_id,))
+    assert row["contact_id"] == contacts[1]
+
+
+async def test_a_form_session_without_a_status_page_is_resolved_as_before(harness):
+    unknown = await harness.core.ingest(_on_status_page("no-such-token", "s1", "Hallo"))
+    (row,) = await harness.rows("SELECT i.kind FROM messages m JOIN identities i ON i.contact_id = m.contact_id WHERE m.id = ?",
+                                (unknown.message_id,))
+    assert row["kind"] == "webform"
