@@ -178,10 +178,15 @@ def _find_thread(
                 return row, None
             referred = referred or row  # a case reference is not proof of identity: link, don't join
     if threads_by_sender:
+        # The sender's open conversation for that topic: a caller who chose another topic in
+        # the menu has another matter, for the unit of that topic. (It joined the open one,
+        # with that one's unit, reference and deadline.)
+        topic = msg.get("topic")
         row = conn.execute(
             "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
-            " WHERE contact_id = ? AND channel = ? AND state != 'closed' ORDER BY id DESC LIMIT 1",
-            (contact_id, msg["channel"]),
+            " WHERE contact_id = ? AND channel = ? AND state != 'closed'"
+            + (" AND topic IS ?" if topic else "") + " ORDER BY id DESC LIMIT 1",
+            (contact_id, msg["channel"], topic) if topic else (contact_id, msg["channel"]),
         ).fetchone()
         if row is not None:
             return row, referred

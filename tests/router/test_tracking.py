@@ -364,3 +364,23 @@ def test_every_flag_a_message_can_give_its_conversation_is_a_known_flag():
     from router.tracking import FLAGS
 
     assert CONVERSATION_FLAGS <= FLAGS
+
+
+async def test_a_message_on_another_topic_opens_a_conversation_of_its_own(tmp_path):
+    """A caller with an open sales case who chose "fault" in the menu joined the sales case:
+    the fault desk never saw it, and the caller heard the sales case's deadline."""
+    from router.testing import CoreHarness
+
+    env = {"WHATSAPP_APP_SECRET": "s", "WHATSAPP_VERIFY_TOKEN": "v", "WHATSAPP_ACCESS_TOKEN": "a",
+           "WHATSAPP_PHONE_NUMBER_ID": "1122334455", "WHATSAPP_GRAPH_URL": "http://127.0.0.1:9"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "whatsapp"), env=env) as harness:
+        sales = await harness.core.ingest(_chat("message", "wamid.T1", "+4915111111111", text="Vertrag", topic="contract"))
+        fault = await harness.core.ingest(_chat("message", "wamid.T2", "+4915111111111", text="Kein Netz", topic="fault"))
+        assert fault.conversation_id != sales.conversation_id and fault.opened and fault.acknowledged
+        assert (fault.unit, sales.unit) == ("stoerung", "vertrieb")
+        again = await harness.core.ingest(_chat("message", "wamid.T3", "+4915111111111", text="Noch zum Vertrag",
+                                                topic="contract"))
+        assert again.conversation_id == sales.conversation_id and not again.acknowledged
+        # without a topic: the sender's latest open conversation, as before
+        plain = await harness.core.ingest(_chat("message", "wamid.T4", "+4915111111111", text="Und noch was"))
+        assert plain.conversation_id == fault.conversation_id
