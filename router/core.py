@@ -537,10 +537,11 @@ class Core:
                     answered = {"conversation": dict(self._conversation(conn, conversation_id)),
                                 "message": {"id": message_id, "text": note, "channel": "phone", "kind": "callback"}}
             else:
-                failed = conn.execute(
-                    "SELECT COUNT(*) FROM callback_attempts WHERE conversation_id = ? AND outcome != 'reached'",
+                failed, wrong = conn.execute(
+                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE outcome = 'wrong_number') FROM callback_attempts"
+                    " WHERE conversation_id = ? AND outcome != 'reached'",
                     (conversation_id,),
-                ).fetchone()[0]
+                ).fetchone()
                 if outcome == "wrong_number" or failed >= limit:
                     already = "callback_failed" in json.loads(conv["flags"] or "[]")
                     tracking.add_flags(conn, conversation_id, ["callback_failed"], stamp)
@@ -549,7 +550,9 @@ class Core:
                     if (not already and conv["state"] in tracking.AWAITING_ANSWER
                             and conv["escalation_level"] < self.config.max_escalation_level):
                         escalated = tracking.escalate(conn, self.config, self.templates, conv, now)
-                if outcome != "wrong_number" and failed == limit:
+                # Never to a number staff found wrong, in this attempt or an earlier one: the
+                # SMS carries the case's status link.
+                if not wrong and failed == limit:
                     sms_queued = self._queue_callback_sms(conn, conv, stamp)
             return {"attempt": {"outcome": outcome, "note": note, "staff": staff, "at": stamp},
                     "answered": answered, "escalated": escalated, "sms_queued": sms_queued}

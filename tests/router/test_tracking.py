@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from router import tracking
 from router.store.sqlite import iso
 
@@ -384,3 +386,29 @@ async def test_a_message_on_another_topic_opens_a_conversation_of_its_own(tmp_pa
         # without a topic: the sender's latest open conversation, as before
         plain = await harness.core.ingest(_chat("message", "wamid.T4", "+4915111111111", text="Und noch was"))
         assert plain.conversation_id == fault.conversation_id
+
+
+@pytest.mark.parametrize("outcomes", [["wrong_number", "not_reached", "not_reached"], ["not_reached", "wrong_number", "not_reached"]])
+async def test_the_call_back_sms_never_goes_to_a_number_staff_found_wrong(tmp_path, outcomes):
+    """The SMS after the last failed call-back went out unless that last attempt itself was a
+    wrong number: a stranger got the case reference and its status link."""
+    from router.testing import CoreHarness
+
+    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "phone"), env=env) as harness:
+        result = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1", "kind": "missed_call",
+                                            "sender": {"kind": "phone", "address": "+4915111111111"}})
+        for outcome in outcomes:
+            status, body = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/callbacks",
+                                             json={"outcome": outcome})
+            assert status == 201, body
+        assert await harness.count("outbox", "kind = 'callback_sms'") == 0
+        # as many attempts, none of them at a wrong number: the SMS goes after the last
+        other = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA2", "kind": "missed_call",
+                                           "sender": {"kind": "phone", "address": "+4915122222222"}})
+        queued = []
+        for _ in outcomes:
+            await harness.api("POST", f"/api/v1/conversations/{other.conversation_id}/callbacks", json={"outcome": "not_reached"})
+            queued.append(await harness.count("outbox", "kind = 'callback_sms'"))
+        assert queued == [0, 0, 1]
