@@ -83,13 +83,10 @@ class BusinessHours:
             return []
         result = []
         for start, end in self.week[day.weekday()]:
-            begin = datetime.combine(day, start, self.timezone)
-            finish = (
-                datetime.combine(day + timedelta(days=1), time(0), self.timezone)
-                if end is None
-                else datetime.combine(day, end, self.timezone)
-            )
-            result.append((begin.astimezone(UTC), finish.astimezone(UTC)))
+            begin = _moment(day, start, self.timezone)
+            finish = _moment(day + timedelta(days=1), time(0), self.timezone) if end is None else _moment(day, end, self.timezone)
+            if finish > begin:  # else wholly inside the hour the clocks skip
+                result.append((begin, finish))
         return result
 
     def is_open(self, when: datetime) -> bool:
@@ -122,3 +119,19 @@ class BusinessHours:
                 remaining -= available
             day += timedelta(days=1)
         raise ValueError(f"business hours give no {hours:g} opening hours within {days} days")
+
+
+def _moment(day: date, wall: time, zone: ZoneInfo) -> datetime:
+    """The UTC moment of a wall-clock time; for one the clocks skip (02:30 on the night they go
+    forward), the moment they jump. Taken as the hour after, an interval opening at 02:30 on
+    that night closed before it opened, and counting its hours went backwards."""
+    moment = datetime.combine(day, wall, zone).astimezone(UTC)
+    if moment.astimezone(zone).replace(tzinfo=None) == datetime.combine(day, wall):
+        return moment
+    offset = moment.astimezone(zone).utcoffset()
+    while (moment - _MINUTE).astimezone(zone).utcoffset() == offset:
+        moment -= _MINUTE
+    return moment
+
+
+_MINUTE = timedelta(minutes=1)

@@ -62,3 +62,20 @@ def test_holidays_on_the_only_open_day_cost_a_week_each():
     hours = BusinessHours.from_config({"mon": ["08:00-16:00"], "holidays": ["2026-04-06", "2026-04-13", "2026-04-20"]},
                                       "Europe/Berlin")
     assert hours.add(datetime(2026, 4, 1, 10, tzinfo=UTC), 8) == datetime(2026, 4, 27, 14, tzinfo=UTC)
+
+
+def test_hours_that_begin_or_end_in_the_hour_the_clocks_skip_begin_or_end_when_they_jump():
+    """02:30 does not exist on the night the clocks go forward; taken as 03:30, an interval of
+    02:30-03:15 closed before it opened, and counting its hours went backwards."""
+    from zoneinfo import ZoneInfo
+
+    berlin = ZoneInfo("Europe/Berlin")
+    night = BusinessHours.from_config({"sun": ["02:30-03:15"]}, "Europe/Berlin")
+    assert night.is_open(datetime(2026, 3, 29, 3, 5, tzinfo=berlin))
+    assert not night.is_open(datetime(2026, 3, 29, 3, 20, tzinfo=berlin))
+    # 15 minutes on the night of the change, 15 the Sunday after
+    assert night.add(datetime(2026, 3, 28, 12, tzinfo=berlin), 0.5) == datetime(2026, 4, 5, 2, 45, tzinfo=berlin)
+    closing = BusinessHours.from_config({"sun": ["01:00-02:30"]}, "Europe/Berlin")  # closes at the jump
+    assert closing.add(datetime(2026, 3, 29, 0, 0, tzinfo=berlin), 1) == datetime(2026, 3, 29, 3, 0, tzinfo=berlin)
+    gone = BusinessHours.from_config({"sun": ["02:10-02:50"]}, "Europe/Berlin")  # wholly skipped that night
+    assert gone.add(datetime(2026, 3, 28, 12, tzinfo=berlin), 0.5) == datetime(2026, 4, 5, 2, 40, tzinfo=berlin)
