@@ -231,10 +231,12 @@ def queue_unit_notification(
     unit_id: str,
     template: str,
     now: datetime,
+    old_deadline: datetime | None = None,
     **values: Any,
 ) -> int | None:
     """Tell a unit it owns a conversation now, by mail to its notification address. A unit
-    without one is not told (it watches the inbox): an event says so."""
+    without one is not told (it watches the inbox): an event says so. Dates are written in the
+    notification's language, ``old_deadline`` too."""
     unit = config.units[unit_id]
     if not unit.notify:
         record_event(conn, conversation["id"], "owner_not_notified", iso(now), unit=unit_id,
@@ -248,6 +250,7 @@ def queue_unit_notification(
         case_reference=conversation["case_reference"],
         unit_name=unit.name,
         deadline=format_deadline(deadline, language, config.timezone),
+        old_deadline=format_deadline(old_deadline, language, config.timezone),
         **values,
     )
     return queue_outbound(
@@ -289,10 +292,13 @@ def escalate(
         )
     else:
         reason = f"{config.units[from_unit].name} is the end of the escalation chain and is overdue; reminded."
-        # Keep the promised deadline (the conversation stays overdue); remind again later.
+        # Keep the promised deadline (the conversation stays overdue); remind again later, and
+        # at the deadline at the latest when it is still ahead (failed call-backs escalate
+        # before it: a response time later, the deadline passed without a reminder).
+        remind_at = old_deadline if old_deadline is not None and now < old_deadline < new_deadline else new_deadline
         conn.execute(
             "UPDATE conversations SET escalation_level = ?, escalate_at = ?, updated_at = ? WHERE id = ?",
-            (level, iso(new_deadline), stamp, conversation["id"]),
+            (level, iso(remind_at), stamp, conversation["id"]),
         )
     conn.execute(
         "INSERT INTO escalations (conversation_id, level, from_unit, to_unit, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -300,17 +306,19 @@ def escalate(
     )
     record_event(conn, conversation["id"], "escalated", stamp, from_unit=from_unit, to_unit=to_unit, level=level)
     updated = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation["id"],)).fetchone()
-    language = templates.language_for("escalation", None)
+    # The end of the chain is reminded of a deadline that stays: "please answer by" a time
+    # gone by read oddly, so a ``reminder`` template says it where one is configured.
+    template = next(t for t in ("reminder" if to_unit == from_unit else "escalation", "escalation", "ack") if templates.has(t))
     queue_unit_notification(
         conn,
         config,
         templates,
         conversation=updated,
         unit_id=to_unit,
-        template="escalation" if templates.has("escalation") else "ack",
+        template=template,
         now=now,
+        old_deadline=old_deadline,
         level=level,
-        old_deadline=format_deadline(old_deadline, language, config.timezone),
     )
     return {
         "conversation": dict(updated),

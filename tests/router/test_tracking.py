@@ -412,3 +412,45 @@ async def test_the_call_back_sms_never_goes_to_a_number_staff_found_wrong(tmp_pa
             await harness.api("POST", f"/api/v1/conversations/{other.conversation_id}/callbacks", json={"outcome": "not_reached"})
             queued.append(await harness.count("outbox", "kind = 'callback_sms'"))
         assert queued == [0, 0, 1]
+
+
+async def test_an_escalation_notice_writes_the_missed_deadline_in_its_own_language(tmp_path):
+    """The notice was English for an English-speaking unit, the missed deadline in it German."""
+    from router.testing import CoreHarness, example_config, load_raw_config
+
+    raw = load_raw_config()
+    raw["units"]["bauhotline"]["languages"] = ["en"]
+    async with CoreHarness(tmp_path / "data", config=example_config(raw)) as harness:
+        result = await harness.core.ingest(webform_message())
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
+        (note,) = await harness.rows("SELECT text, language FROM messages WHERE kind = 'notification'")
+        assert note["language"] == "en"
+        assert "was not answered by Mon 30 Nov 2026, 13:00 and" in note["text"], note["text"]
+
+
+async def test_the_end_of_the_chain_is_reminded_with_the_reminder_text(harness):
+    """It was asked to "answer by" the deadline gone by, in the text of an escalation."""
+    result = await harness.core.ingest(webform_message())
+    for days in (0, 1, 2):
+        harness.clock.set(result.deadline + timedelta(days=days, minutes=1))
+        await harness.escalate()
+    (conv,) = await harness.rows("SELECT unit, escalation_level FROM conversations")
+    assert (conv["unit"], conv["escalation_level"]) == ("kundenservice", 3)
+    notes = await harness.rows("SELECT text FROM messages WHERE kind = 'notification' ORDER BY id")
+    assert [n["text"].startswith("Erinnerung:") for n in notes] == [False, False, True]
+
+
+async def test_failed_call_backs_at_the_end_of_the_chain_still_remind_at_the_deadline(harness):
+    """They escalate before the deadline; at the end of the chain the next reminder was set a
+    response time later, past the deadline, which then passed without one."""
+    result = await harness.core.ingest(webform_message("Hallo, eine Frage", topic="other",
+                                                          address={"street": "Weg 1", "postcode": "99999", "city": "X"}))
+    assert result.unit == "kundenservice"
+    harness.clock.advance(timedelta(hours=1))
+    for _ in range(3):
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/callbacks", json={"outcome": "not_reached"})
+    (conv,) = await harness.rows("SELECT deadline, escalate_at, escalation_level FROM conversations")
+    assert conv["escalation_level"] == 1 and conv["escalate_at"] == conv["deadline"]
+    harness.clock.set(result.deadline + timedelta(minutes=1))
+    assert [e["level"] for e in await harness.escalate()] == [2]
