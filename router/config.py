@@ -344,14 +344,19 @@ def _keyword_pattern(keywords: Any) -> re.Pattern[str] | None:
     return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + ")")
 
 
+# A house number at the end: "3", "3a", "3 a", "3-5", "3/1", "12a-12c".
+_HOUSE_NUMBER = re.compile(r"[\s,]*\d+\s*[a-z]?(?:\s*[-/]\s*\d*\s*[a-z]?)*\s*$")
+
+
 def normalize_street(street: str) -> str:
-    """``Musterstr. 5`` and ``Muster-Straße`` both become ``musterstrasse``."""
-    text = normalize(street)
+    """``Musterstr. 5``, ``Musterstr 5a`` and ``Muster-Straße`` all become ``musterstrasse``.
+    (A house number's letter stayed: "Lindenweg 3a" was "lindenwega", in no area.)"""
+    text = _HOUSE_NUMBER.sub("", normalize(street).strip())
     text = "".join(ch for ch in text if not ch.isdigit()).strip()
-    text = text.replace("-", "").replace(" ", "")
-    if text.endswith("str."):
-        text = text[:-4] + "strasse"
-    return text.rstrip(".")
+    text = text.replace("-", "").replace(" ", "").rstrip(".")
+    if text.endswith("str"):
+        text += "asse"
+    return text
 
 
 def _check_references(data: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -26,15 +26,23 @@ def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) 
             return area, f"location within {area.point[2]:.0f} m of the area's centre" if area.point else "location"
         if postcode and postcode in area.postcodes:
             return area, f"postcode {postcode}"
-        if street and street in area.streets:
+        if street and street in area.streets and not _elsewhere(area, postcode):
             return area, f"street {address.get('street')}"
     if normalized_text:
         squashed = normalized_text.replace("-", "").replace(" ", "")
         for area in config.areas.values():
+            if _elsewhere(area, postcode):
+                continue
             for s in area.streets:
                 if s in squashed:
                     return area, f"street {s} named in the text"
     return None
+
+
+def _elsewhere(area: Area, postcode: str) -> bool:
+    """Whether the message's postcode puts it outside ``area``: a street of the same name in
+    another town ("Lindenweg 3, 80331 München") is not the area's street."""
+    return bool(postcode and area.postcodes and postcode not in area.postcodes)
 
 
 def _about(rule: Rule, topic: str | None, normalized_text: str) -> str | None:

@@ -34,6 +34,13 @@ def route(text="", **extra):
         # private matters from inside the contractor's area never go to the external contractor
         ({"text": "Meine Rechnung ist zu hoch", "topic": "other", "address": {"postcode": "12345"}}, "kundenservice", "fallback"),
         ({"text": "Ich wohne im Lindenweg 3, meine Rechnung ist falsch", "channel": "email", "unit_hint": "kundenservice"}, "kundenservice", "entry-point"),
+        # a house number with a letter, "Str" without its dot
+        ({"text": "Baustelle vor dem Haus", "address": {"street": "Lindenweg 3a"}}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Baustelle vor dem Haus", "address": {"street": "Musterstr 5"}}, "tiefbau-muster", "construction-in-area"),
+        # the area's street in another town is not the area's
+        ({"text": "Baustelle vor dem Haus", "address": {"street": "Lindenweg 3", "postcode": "80331", "city": "München"}},
+         "bauhotline", "construction-outside-area"),
+        ({"text": "Baustelle im Lindenweg", "address": {"postcode": "80331"}}, "bauhotline", "construction-outside-area"),
         # the topic the sender chose decides over keywords in the text
         ({"text": "Seit der Bagger da war, kein Signal", "topic": "fault", "address": {"postcode": "12345"}}, "stoerung", "fault"),
     ],
