@@ -187,6 +187,7 @@ def create_app(
                 is_open=lambda unit_id, when: unit_id in config.units and config.units[unit_id].hours.is_open(when),
                 record_event=core.record_channel_event,
                 timezone=config.timezone,
+                record_live_answer=core.record_live_answer,
             )
         )
         app.router.add_routes(_channel_routes(channel))

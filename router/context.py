@@ -65,6 +65,7 @@ class ChannelContext:
         is_open: Callable[[str, datetime], bool] | None = None,
         record_event: Callable[[str, str, Mapping[str, Any]], Awaitable[None]] | None = None,
         timezone: str = "Europe/Berlin",
+        record_live_answer: Callable[[str, str, str], Awaitable[bool]] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -79,6 +80,7 @@ class ChannelContext:
         self.units = units
         self._is_open = is_open
         self._record_event = record_event
+        self._record_live_answer = record_live_answer
         self.timezone = timezone
         """The service's timezone (``service.timezone``): a time a channel shows or speaks to a
         person is in it, as the acknowledgement's deadline is."""
@@ -110,6 +112,16 @@ class ChannelContext:
         staff and ``/metrics``; it is stored as ``<channel>:<kind>``."""
         if self._record_event is not None:
             await self._record_event(self.name, kind, data)
+
+    async def record_live_answer(self, channel_message_id: str, note: str) -> bool:
+        """Someone of ours spoke with the person live about the inbound message
+        ``channel_message_id`` (a call put through and picked up): its conversation counts as
+        answered, as after a call-back that reached them, and does not escalate. ``note`` is
+        what staff see. False when no such message is stored. Raises ``StorageUnavailable``
+        when the database refuses writes."""
+        if self._record_live_answer is None:
+            return False
+        return await self._record_live_answer(self.name, channel_message_id, note)
 
     async def conversation_by_status_token(self, token: str) -> dict[str, Any] | None:
         """The resident's view of a conversation (messages without internal notes), found by

@@ -270,6 +270,40 @@ class Core:
         await self.store.write(lambda conn: tracking.record_event(conn, None, f"{channel}:{kind}", stamp, **{"data": payload}))
         self.metrics.inc("contact_router_channel_events_total", channel=channel, kind=kind)
 
+    async def record_live_answer(self, channel: str, channel_message_id: str, note: str) -> bool:
+        """Someone of ours spoke with the person live (a call put through and picked up): the
+        conversation of the inbound message ``channel_message_id`` is answered, as after a
+        call-back that reached them. False when no such message is stored. A provider's retry
+        changes nothing: the answer is kept under the message's id and ``:answered``."""
+        stamp = iso(self.clock.now())
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            inbound = conn.execute(
+                "SELECT conversation_id, contact_id FROM messages WHERE channel = ? AND channel_message_id = ?",
+                (channel, channel_message_id),
+            ).fetchone()
+            if inbound is None or inbound["conversation_id"] is None:
+                return None
+            cursor = conn.execute(
+                "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, channel_message_id, text,"
+                " delivery_status, created_at) VALUES (?, ?, 'out', 'callback', ?, ?, ?, 'delivered', ?)"
+                " ON CONFLICT DO NOTHING",
+                (inbound["conversation_id"], inbound["contact_id"], channel, f"{channel_message_id}:answered", note, stamp),
+            )
+            if cursor.rowcount == 0:
+                return {}
+            conversation_id = inbound["conversation_id"]
+            tracking.remove_flags(conn, conversation_id, ["callback_required", "undeliverable", "callback_failed"], stamp)
+            if not tracking.mark_answered(conn, conversation_id, stamp):
+                return {}
+            return {"conversation": dict(self._conversation(conn, conversation_id)),
+                    "message": {"id": cursor.lastrowid, "text": note, "channel": channel, "kind": "callback"}}
+
+        answered = await self.store.write(work)
+        if answered:
+            await self.on_answered(answered)
+        return answered is not None
+
     async def on_answered(self, answered: dict[str, Any]) -> None:
         self.metrics.inc("contact_router_conversations_answered_total")
         if self._answered_hook:

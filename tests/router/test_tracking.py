@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -454,3 +455,27 @@ async def test_failed_call_backs_at_the_end_of_the_chain_still_remind_at_the_dea
     assert conv["escalation_level"] == 1 and conv["escalate_at"] == conv["deadline"]
     harness.clock.set(result.deadline + timedelta(minutes=1))
     assert [e["level"] for e in await harness.escalate()] == [2]
+
+
+async def test_a_call_put_through_and_picked_up_answers_its_conversation(tmp_path):
+    """The call's conversation stayed open and escalated as unanswered, though staff had
+    spoken with the caller."""
+    from router.testing import CoreHarness
+
+    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "phone"), env=env) as harness:
+        call = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1", "kind": "call",
+                                          "flags": ["callback_required"],
+                                          "sender": {"kind": "phone", "address": "+4915111111111"}})
+        answered = []
+        harness.core.on_answered = lambda a: answered.append(a) or asyncio.sleep(0)
+        assert await harness.core.record_live_answer("phone", "CA1", "Call put through and answered")
+        assert await harness.core.record_live_answer("phone", "CA1", "Call put through and answered")  # a retry
+        assert not await harness.core.record_live_answer("phone", "CA-unknown", "-")
+        (conv,) = await harness.rows("SELECT state, deadline, flags FROM conversations WHERE id = ?", (call.conversation_id,))
+        assert (conv["state"], conv["deadline"], conv["flags"]) == ("answered", None, "[]")
+        assert len(answered) == 1
+        assert await harness.count("messages", "kind = 'callback' AND conversation_id = ?", (call.conversation_id,)) == 1
+        harness.clock.set(call.deadline + timedelta(hours=1))
+        assert await harness.escalate() == []
