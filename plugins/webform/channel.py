@@ -11,6 +11,8 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
 
@@ -19,9 +21,11 @@ from router.hookspecs import (
     BodyTooLarge,
     Capabilities,
     Channel,
+    IngestResult,
     InvalidMessage,
     OutboundMessage,
     SendResult,
+    SettingsError,
     StorageUnavailable,
     read_limited_body,
 )
@@ -32,11 +36,63 @@ JSON_TYPE = "application/json"
 # A status page is reached by its secret link: no cache keeps it, no link on it passes the
 # address on, no search engine lists it; every answer that shows one sends these.
 STATUS_PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex"}
+MAX_FORM_FIELDS = 50  # the form has 11; a body with far more is no form of ours
 
 
 def _status_path(status_token: str) -> str:
     """The path of a case's status page."""
     return f"/channels/webform/status/{status_token}"
+
+
+def status_sender(status_token: str) -> dict[str, str]:
+    """The sender of a message written on a case's status page: the page itself (a digest of
+    its token, never the token), as a form session. The core files it under the contact of the
+    conversation the token names, without keeping it as an identity. The contact's own first
+    address was sent before: it may since belong to someone else, or be gone (a 500)."""
+    return {"kind": "webform", "address": "status:" + hashlib.sha256(status_token.encode()).hexdigest()[:32]}
+
+
+class Unreadable(Exception):
+    """A URL-encoded body that cannot be read in the charset it names: ``code`` is
+    ``unknown_charset`` or ``invalid_encoding``. ``data`` is what could be read with the bad
+    bytes replaced, so a browser gets its form back with what was typed, to check and resend."""
+
+    def __init__(self, code: str, message: str, charset: str, data: dict[str, str]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.charset = charset
+        self.data = data
+
+
+
+def _lenient_form(body: bytes, charset: str) -> dict[str, str]:
+    """The fields of a body that failed strict reading, bad bytes replaced (U+FFFD): only for
+    showing the form again, never stored."""
+    try:
+        text = body.decode(charset, "replace")
+        return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS, encoding=charset,
+                              errors="replace"))
+    except (LookupError, ValueError):
+        return {}
+
+
+def parse_form(body: bytes, charset: str | None) -> dict[str, str]:
+    """The fields of a URL-encoded body, read strictly in ``charset`` (UTF-8 when the request
+    names none): its raw bytes and its %-escapes alike. Read as UTF-8 whatever it said, a form
+    sent as ISO-8859-1 was stored garbled without a word. Raises ``Unreadable`` for an unknown
+    charset or bytes that are not in it, ValueError for more fields than a form has."""
+    name = charset or "utf-8"
+    try:
+        text = body.decode(name)
+        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS, encoding=name, errors="strict")
+    except LookupError:  # an unknown name, or no text encoding (base64)
+        raise Unreadable("unknown_charset", f"the charset {name[:40]!r} is unknown; send the form as UTF-8",
+                         name[:40], _lenient_form(body, "utf-8")) from None
+    except UnicodeDecodeError as exc:
+        raise Unreadable("invalid_encoding", f"the form data is not valid {name} (byte 0x{exc.object[exc.start]:02x})",
+                         name, _lenient_form(body, name)) from None
+    return dict(pairs)
 
 
 class RateLimiter:
@@ -65,6 +121,20 @@ class RateLimiter:
         hits = self._hits.get(client)
         if hits:
             hits.pop()
+
+
+def _timezone_setting(value: Any) -> str | None:
+    """The channel's own ``timezone``, checked at start (an unknown one made every status page a
+    500); None when it is not given, and the service's applies."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise SettingsError("channels.webform.timezone", "expected a string")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SettingsError("channels.webform.timezone", f"unknown timezone {value!r}") from None
+    return value
 
 
 def _language(request: web.Request) -> str:
@@ -97,6 +167,7 @@ class WebFormChannel(Channel):
         self.limiter = RateLimiter(int(settings.get("rate_limit_per_minute", 10)))
         self.trust_forwarded = bool(settings.get("trust_forwarded_for", False))
         self._topics = topics
+        self._timezone = _timezone_setting(settings.get("timezone"))
 
     @property
     def topics(self) -> Mapping[str, Mapping[str, str]]:
@@ -129,8 +200,17 @@ class WebFormChannel(Channel):
     def _now(self) -> Any:
         return self.context.clock.now()
 
+    @property
+    def timezone(self) -> str:
+        """The timezone of the times on the status page: the channel's own ``timezone`` when it
+        is given, else the service's, the one the acknowledgement tells its deadline in (a
+        fixed Europe/Berlin told a London service's residents another time than the ack)."""
+        return self._timezone or self.context.timezone
+
     async def _read(self, request: web.Request) -> tuple[dict[str, Any], bool]:
-        """The submitted fields and whether they came as JSON. Size-limited; bad JSON is a 400."""
+        """The submitted fields and whether they came as JSON. Size-limited; bad JSON is a 400.
+        A URL-encoded body that cannot be read in its charset raises ``Unreadable``: the caller
+        shows its page again."""
         is_json = request.content_type == JSON_TYPE
         try:
             body = await read_limited_body(request, self.max_body)
@@ -140,10 +220,15 @@ class WebFormChannel(Channel):
             if is_json:
                 raise
             raise self._error(False, 408, "body_timeout", f"{exc}; please send the form again") from None
-        if is_json:
+        if is_json:  # JSON is UTF-8 (RFC 8259: a charset parameter has no effect)
             try:
-                data = json.loads(body.decode("utf-8"))
-            except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nesting too deep
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise self._error(True, 400, "invalid_json", f"the body is not valid UTF-8, as JSON must be "
+                                  f"(byte 0x{exc.object[exc.start]:02x})") from None
+            try:
+                data = json.loads(text)
+            except (ValueError, RecursionError):  # bad JSON, or nesting too deep
                 raise self._error(True, 400, "invalid_json", "the body is not valid JSON") from None
             if not isinstance(data, dict):
                 raise self._error(True, 400, "invalid_json", "the body must be a JSON object")
@@ -151,13 +236,10 @@ class WebFormChannel(Channel):
         # The page posts URL-encoded; a multipart body would be read as garbage, so it is refused.
         if request.content_type not in ("application/x-www-form-urlencoded", ""):
             raise self._error(False, 415, "unsupported_media_type", "send the form URL-encoded or as JSON")
-        from urllib.parse import parse_qsl
-
         try:
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
-        except (UnicodeDecodeError, ValueError):
+            return parse_form(body, request.charset), False
+        except ValueError:  # more fields than any form of ours has
             raise self._error(False, 400, "invalid_form", "the form data could not be read") from None
-        return dict(pairs), False
 
     @staticmethod
     def _error(is_json: bool, status: int, code: str, message: str, **extra: Any) -> web.HTTPException:
@@ -189,7 +271,25 @@ class WebFormChannel(Channel):
         return web.Response(text=page(), content_type="text/html", status=503,
                             headers={"Retry-After": str(exc.retry_after), **STATUS_PAGE_HEADERS})
 
+    def _refund_duplicate(self, request: web.Request, result: IngestResult) -> None:
+        """A duplicate (a retried post of a stored submission) stored nothing: it does not count
+        against the rate limit, or a client's honest retry of an acknowledged case got a 429."""
+        if result.duplicate:
+            self.limiter.refund(self._client(request))
+
     # ------------------------------------------------------------------ the form
+
+    def _form_again(
+        self, language: str, status: int, values: Mapping[str, str], *, notice: str | None = None,
+        errors: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """The form shown again, filled in with what was typed, with a fresh token, ``errors`` by
+        field and a ``notice`` for the whole form: a resident who left the page open overnight,
+        was quick, or was counted too often keeps their text. It carries what they typed, so
+        no cache keeps it."""
+        html = pages.form_page(language=language, token=tokens.issue(self.secret, self._now()), topics=self.topics,
+                               values=values, errors=errors, notice=notice)
+        return web.Response(text=html, content_type="text/html", status=status, headers={"Cache-Control": "no-store"})
 
     async def form(self, request: web.Request) -> web.Response:
         language = _language(request)
@@ -205,27 +305,34 @@ class WebFormChannel(Channel):
         )
 
     async def submit(self, request: web.Request) -> web.StreamResponse:
-        data, is_json = await self._read(request)
         language = _language(request)
+        try:
+            data, is_json = await self._read(request)
+        except Unreadable as exc:
+            values, _ = fields.clean(exc.data, topics=self.topics.keys(), language=language)
+            return self._form_again(language, 400, values,
+                                    notice=pages.TEXT[language][exc.code].format(charset=exc.charset))
         if isinstance(data.get("language"), str) and data["language"] in pages.TEXT:
             language = data["language"]
         if data.get("website"):
             raise self._error(is_json, 400, "rejected", "the submission was rejected", field="website")
+        values, errors = fields.clean(data, topics=self.topics.keys(), language=language)
         try:
             token = tokens.check(self.secret, str(data.get("form_token") or ""), self._now(),
                                  min_age=self.min_fill, max_age=self.max_age)
         except tokens.TokenError as exc:
-            raise self._error(is_json, 400, exc.code, exc.message, field="form_token") from None
-        values, errors = fields.clean(data, topics=self.topics.keys(), language=language)
+            if is_json:
+                raise self._error(True, 400, exc.code, exc.message, field="form_token") from None
+            return self._form_again(language, 400, values, errors=errors, notice=pages.TEXT[language][exc.code])
         if errors:
             if is_json:
                 first = next(iter(errors))
                 raise self._error(True, 400, "invalid_fields", f"{first}: {errors[first]}", field=first, fields=errors)
-            html = pages.form_page(language=language, token=tokens.issue(self.secret, self._now()), topics=self.topics,
-                                   values=values, errors=errors)
-            return web.Response(text=html, content_type="text/html", status=400)
+            return self._form_again(language, 400, values, errors=errors)
         if not self.limiter.allow(self._client(request)):
-            raise self._error(is_json, 429, "rate_limited", "too many submissions; please try again in a minute")
+            if is_json:
+                raise self._error(True, 429, "rate_limited", "too many submissions; please try again in a minute")
+            return self._form_again(language, 429, values, notice=pages.TEXT[language]["rate_limited"])
         message = fields.to_message(values, nonce=token.nonce, language=language)
         try:
             result = await self.context.ingest(message)
@@ -235,6 +342,7 @@ class WebFormChannel(Channel):
             return self._unavailable(request, is_json, exc, lambda: pages.form_page(
                 language=language, token=str(data["form_token"]), topics=self.topics, values=values,
                 notice=pages.TEXT[language]["unavailable"]))
+        self._refund_duplicate(request, result)
         status_path = _status_path(result.status_token)
         if is_json:
             return web.json_response(
@@ -259,6 +367,18 @@ class WebFormChannel(Channel):
     def _scope(self, status_token: str) -> str:
         return "status:" + hashlib.sha256(status_token.encode()).hexdigest()[:16]
 
+    def _status_again(
+        self, request: web.Request, view: Mapping[str, Any], language: str, status: int, *, text: str, error: str,
+    ) -> web.Response:
+        """The status page shown again for a reply it could not take, the reply still in its box
+        (cut to the limit), with a fresh token and ``error`` saying why."""
+        status_token = request.match_info["token"]
+        html = pages.status_page(language=language, view=view,
+                                 token=tokens.issue(self.secret, self._now(), self._scope(status_token)),
+                                 timezone=self.timezone, action=request.path, error=error,
+                                 text=text[: fields.LIMITS["message"]])
+        return web.Response(text=html, content_type="text/html", status=status, headers=STATUS_PAGE_HEADERS)
+
     async def status(self, request: web.Request) -> web.Response:
         view = await self._view(request)
         language = request.query.get("lang") if request.query.get("lang") in pages.TEXT else (
@@ -266,51 +386,61 @@ class WebFormChannel(Channel):
         token = request.match_info["token"]
         html = pages.status_page(
             language=language, view=view, token=tokens.issue(self.secret, self._now(), self._scope(token)),
-            timezone=self.context.settings.get("timezone", "Europe/Berlin"), action=request.path,
+            timezone=self.timezone, action=request.path,
         )
         return web.Response(text=html, content_type="text/html", headers=STATUS_PAGE_HEADERS)
 
     async def status_reply(self, request: web.Request) -> web.StreamResponse:
-        """The resident writes back on the status page; the message joins the conversation."""
+        """The resident writes back on the status page; the message joins the conversation, from
+        the conversation's contact (``status_sender``)."""
         view = await self._view(request)
-        data, is_json = await self._read(request)
         language = _language(request)
         status_token = request.match_info["token"]
+        try:
+            data, is_json = await self._read(request)
+        except Unreadable as exc:
+            raw = exc.data.get("message", "")
+            return self._status_again(request, view, language, 400, text=fields.normalise(raw),
+                                      error=pages.TEXT[language][exc.code].format(charset=exc.charset))
         if data.get("website"):
             raise self._error(is_json, 400, "rejected", "the submission was rejected", field="website")
+        raw = data.get("message")
+        # Checked as the main form checks it: a browser sends each line break as CRLF, and the
+        # textarea's limit counted it once.
+        text = fields.normalise(raw) if isinstance(raw, str) else ""
         try:
             token = tokens.check(self.secret, str(data.get("form_token") or ""), self._now(),
                                  min_age=min(self.min_fill, 1.0), max_age=self.max_age, scope=self._scope(status_token))
         except tokens.TokenError as exc:
-            raise self._error(is_json, 400, exc.code, exc.message, field="form_token") from None
-        text = data.get("message")
-        if not isinstance(text, str) or not text.strip() or len(text) > fields.LIMITS["message"]:
-            message = fields.MESSAGES[language]["required" if not isinstance(text, str) or not text.strip() else "too_long"].format(limit=fields.LIMITS["message"])
             if is_json:
-                raise self._error(True, 400, "invalid_fields", f"message: {message}", field="message")
-            html = pages.status_page(language=language, view=view,
-                                     token=tokens.issue(self.secret, self._now(), self._scope(status_token)),
-                                     timezone=self.context.settings.get("timezone", "Europe/Berlin"),
-                                     action=request.path, error=message)
-            return web.Response(text=html, content_type="text/html", status=400, headers=STATUS_PAGE_HEADERS)
+                raise self._error(True, 400, exc.code, exc.message, field="form_token") from None
+            return self._status_again(request, view, language, 400, text=text, error=pages.TEXT[language][exc.code])
+        if not text or len(text) > fields.LIMITS["message"]:
+            problem = fields.MESSAGES[language]["too_long" if text else "required"].format(limit=fields.LIMITS["message"])
+            if is_json:
+                raise self._error(True, 400, "invalid_fields", f"message: {problem}", field="message")
+            return self._status_again(request, view, language, 400, text=text, error=problem)
         if not self.limiter.allow(self._client(request)):
-            raise self._error(is_json, 429, "rate_limited", "too many submissions; please try again in a minute")
-        sender = view["sender"]
+            if is_json:
+                raise self._error(True, 429, "rate_limited", "too many submissions; please try again in a minute")
+            return self._status_again(request, view, language, 429, text=text,
+                                      error=pages.TEXT[language]["rate_limited"])
         try:
             result = await self.context.ingest({
                 "channel": "webform",
-                "channel_message_id": fields.submission_id("status", token.nonce, text.strip()),
+                "channel_message_id": fields.submission_id("status", token.nonce, text),
                 "kind": "message",
-                "sender": {"kind": sender["kind"], "address": sender["address"]},
-                "text": text.strip(),
+                "sender": status_sender(status_token),
+                "text": text,
                 "language": view["language"] if view["language"] in pages.TEXT else language,
                 "thread": {"status_token": status_token},
             })
         except StorageUnavailable as exc:
             return self._unavailable(request, is_json, exc, lambda: pages.status_page(
                 language=language, view=view, token=str(data["form_token"]),
-                timezone=self.context.settings.get("timezone", "Europe/Berlin"), action=request.path,
+                timezone=self.timezone, action=request.path,
                 error=pages.TEXT[language]["unavailable"], text=text))
+        self._refund_duplicate(request, result)
         if is_json:
             return web.json_response({"case_reference": result.case_reference, "conversation_id": result.conversation_id,
                                       "status_url": result.status_url, "duplicate": result.duplicate},

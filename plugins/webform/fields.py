@@ -44,8 +44,30 @@ MESSAGES = {
 }
 
 
+def normalise(raw: str) -> str:
+    """A typed text as it is checked and stored: browser line breaks (CRLF) as one newline, no
+    NUL, no surrounding blanks. A textarea counts a line break as one character, so a length
+    limit is checked after this, or a text the page allowed would be refused."""
+    return raw.replace("\r\n", "\n").replace("\x00", "").strip()
+
+
+def valid_email(address: str) -> bool:
+    """Whether ``address`` looks like an e-mail address. An internationalised domain
+    (``info@müller-bau.de``) is checked in its ASCII form (the idna codec), so it is accepted
+    as typed; a domain that has no ASCII form (an empty or over-long label) is refused."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return False
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return EMAIL_RE.match(f"{local}@{ascii_domain}") is not None
+
+
 def clean(data: Mapping[str, Any], *, topics: Iterable[str], language: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Strip and check the submitted fields; returns (values, errors by field)."""
+    """Strip and check the submitted fields; returns (values, errors by field). A value over its
+    limit is kept cut to the limit, so the form shown again still has what was typed."""
     texts = MESSAGES.get(language, MESSAGES["en"])
     values: dict[str, str] = {}
     errors: dict[str, str] = {}
@@ -56,10 +78,10 @@ def clean(data: Mapping[str, Any], *, topics: Iterable[str], language: str) -> t
         if not isinstance(raw, str):
             errors[field] = texts["type"]
             continue
-        value = raw.replace("\r\n", "\n").replace("\x00", "").strip()
+        value = normalise(raw)
         if len(value) > LIMITS[field]:
             errors[field] = texts["too_long"].format(limit=LIMITS[field])
-            continue
+            value = value[: LIMITS[field]]
         values[field] = value
     if errors:
         return values, errors
@@ -67,7 +89,7 @@ def clean(data: Mapping[str, Any], *, topics: Iterable[str], language: str) -> t
         errors["message"] = texts["required"]
     if values.get("topic") not in set(topics):
         errors["topic"] = texts["topic"]
-    if values.get("email") and not EMAIL_RE.match(values["email"]):
+    if values.get("email") and not valid_email(values["email"]):
         errors["email"] = texts["email"]
     if values.get("phone"):
         try:

@@ -9,6 +9,8 @@ from html import escape
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from .fields import LIMITS
+
 TEXT = {
     "de": {
         "title": "Kontakt",
@@ -25,6 +27,13 @@ TEXT = {
         "send": "Absenden",
         "errors": "Bitte prüfen Sie die markierten Felder.",
         "unavailable": "Wir können Ihre Nachricht gerade nicht speichern. Ihre Eingaben sind erhalten: bitte senden Sie sie in ein paar Minuten noch einmal.",
+        "token_expired": "Das Formular war zu lange geöffnet. Ihre Eingaben sind erhalten: bitte senden Sie es noch einmal.",
+        "too_fast": "Das ging zu schnell. Ihre Eingaben sind erhalten: bitte warten Sie einen Moment und senden Sie es dann noch einmal.",
+        "invalid_token": "Das Formular ließ sich nicht prüfen. Ihre Eingaben sind erhalten: bitte senden Sie es noch einmal.",
+        "rate_limited": "Von Ihrem Anschluss kamen gerade sehr viele Nachrichten. Ihre Eingaben sind erhalten: bitte senden Sie sie in einer Minute noch einmal.",
+        "unknown_charset": "Ihr Browser hat das Formular in einer unbekannten Zeichenkodierung ({charset}) geschickt. Bitte prüfen Sie Ihre Eingaben und senden Sie sie noch einmal.",
+        "invalid_encoding": "Ihre Eingaben passen nicht zu der Zeichenkodierung, die Ihr Browser angegeben hat ({charset}). Bitte prüfen Sie sie und senden Sie sie noch einmal.",
+        "choose": "– bitte wählen –",
         "status_title": "Ihr Anliegen {case}",
         "responsible": "Zuständig",
         "deadline": "Antwort bis",
@@ -54,6 +63,13 @@ TEXT = {
         "send": "Send",
         "errors": "Please check the marked fields.",
         "unavailable": "We cannot store your message right now. What you entered is kept: please send it again in a few minutes.",
+        "token_expired": "The form was open too long. What you entered is kept: please send it again.",
+        "too_fast": "That was too quick. What you entered is kept: please wait a moment, then send it again.",
+        "invalid_token": "The form could not be verified. What you entered is kept: please send it again.",
+        "rate_limited": "Very many messages came from your connection just now. What you entered is kept: please send it again in a minute.",
+        "unknown_charset": "Your browser sent the form in an unknown character encoding ({charset}). Please check what you entered and send it again.",
+        "invalid_encoding": "What you entered does not match the character encoding your browser named ({charset}). Please check it and send it again.",
+        "choose": "– please choose –",
         "status_title": "Your case {case}",
         "responsible": "Responsible",
         "deadline": "Answer by",
@@ -87,8 +103,10 @@ def _page(language: str, title: str, body: str) -> str:
 
 def _field(name: str, label: str, value: str, error: str | None, *, kind: str = "text", required: bool = False,
             autocomplete: str | None = None) -> str:
+    """One labelled input, its error tied to it, and the browser told the server's length limit
+    (``fields.LIMITS``) so nothing longer is typed in the first place."""
     err_id = f"{name}-error"
-    attrs = f' id="{name}" name="{name}" value="{escape(value)}" type="{kind}"'
+    attrs = f' id="{name}" name="{name}" value="{escape(value)}" type="{kind}" maxlength="{LIMITS[name]}"'
     if required:
         attrs += " required"
     if autocomplete:
@@ -126,7 +144,10 @@ def form_page(
     parts.append(_field("city", t["city"], values.get("city", ""), errors.get("city"), autocomplete="address-level2"))
     parts.append(_field("customer_number", t["customer_number"], values.get("customer_number", ""), errors.get("customer_number")))
     topic_err = errors.get("topic")
-    options = "".join(
+    # An empty first choice, so ``required`` makes the resident pick one: with the first topic
+    # preselected, a question about a contract went out as a construction case.
+    options = f'<option value=""{"" if values.get("topic") in topics else " selected"}>{escape(t["choose"])}</option>'
+    options += "".join(
         f'<option value="{escape(tid)}"{" selected" if values.get("topic") == tid else ""}>{escape(names.get(language) or names.get("de") or tid)}</option>'
         for tid, names in topics.items()
     )
@@ -141,7 +162,7 @@ def form_page(
     parts.append(
         f'<label for="message">{escape(t["message"])}'
         + (f' <span class="error" id="message-error">{escape(msg_err)}</span>' if msg_err else "")
-        + '</label><textarea id="message" name="message" required maxlength="5000"'
+        + f'</label><textarea id="message" name="message" required maxlength="{LIMITS["message"]}"'
         + (' aria-invalid="true" aria-describedby="message-error"' if msg_err else "")
         + f">{escape(values.get('message', ''))}</textarea>"
     )
@@ -184,7 +205,7 @@ def status_page(
         f'<form method="post" action="{escape(action)}?lang={language}" accept-charset="utf-8">'
         f'<input type="hidden" name="form_token" value="{escape(token)}">'
         f'<label for="message">{escape(t["message"])}</label>'
-        f'<textarea id="message" name="message" required maxlength="5000"'
+        f'<textarea id="message" name="message" required maxlength="{LIMITS["message"]}"'
         + (' aria-invalid="true" aria-describedby="message-error"' if error else "")
         + f">{escape(text)}</textarea>"
         '<div class="hp" aria-hidden="true"><label for="website">Website</label>'
