@@ -4,10 +4,16 @@ Twilio's call status callback says only that a call ended, not whether a forward
 voicemail left, so the channel notes those outcomes here. The log lives in memory, bounded in
 size and age. A call whose notes are lost (a restart, another instance) ends as a missed call: a
 needless call-back is better than a lost one.
+
+An outcome whose message is still being stored (a voicemail: the caller hangs up while
+recording, and Twilio posts the recording and the call's end at once) is noted as pending
+before the store begins (``begin``), and the call's end waits for it (``settled``): noted only
+after the commit, the end came first and stored a needless missed call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import OrderedDict
 from datetime import datetime, timedelta
@@ -21,6 +27,8 @@ class CallState:
     language: str | None = None
     outcome: str | None = None
     updated: datetime | None = None
+    pending: list[asyncio.Event] = dataclasses.field(default_factory=list)
+    """One event per outcome being stored (``begin``), set when it is settled."""
 
 
 class CallLog:
@@ -54,6 +62,30 @@ class CallLog:
         state.updated = now
         self._calls[call_sid] = state
         self._prune(now)
+        return state
+
+    def begin(self, call_sid: str, now: datetime) -> asyncio.Event:
+        """Say that an outcome of the call is being stored now; hand the token to ``settle``
+        (in a ``finally``: a call's end waits for it)."""
+        token = asyncio.Event()
+        self.note(call_sid, now).pending.append(token)
+        return token
+
+    def settle(self, call_sid: str, token: asyncio.Event, now: datetime, *, outcome: str | None) -> None:
+        """The store that ``begin`` announced is over: note ``outcome`` when it was stored (None
+        when it failed, so that the call's end is still a missed call) and wake whoever waits."""
+        state = self._calls.get(call_sid)
+        if state is not None:
+            if token in state.pending:
+                state.pending.remove(token)
+            if outcome is not None:
+                self.note(call_sid, now, outcome=outcome)
+        token.set()
+
+    async def settled(self, call_sid: str) -> CallState | None:
+        """The call's notes (as ``state``) once no outcome of it is still being stored."""
+        while (state := self._calls.get(call_sid)) is not None and state.pending:
+            await state.pending[0].wait()
         return state
 
     def state(self, call_sid: str) -> CallState | None:

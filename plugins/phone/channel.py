@@ -21,12 +21,15 @@ from aiohttp import web
 from router.hookspecs import (
     Capabilities,
     Channel,
+    ChannelContext,
     IngestResult,
     InvalidMessage,
     OutboundMessage,
     PermanentDeliveryError,
+    RetryableDeliveryError,
     SendResult,
     StorageUnavailable,
+    json_error,
 )
 
 from . import parse, twiml
@@ -34,7 +37,7 @@ from .calls import CallLog
 from .numbers import is_mobile, to_e164
 from .settings import PhoneSettings
 from .signature import HEADER, verify
-from .sms import send_sms, shorten_sms
+from .sms import NOT_CONFIGURED, send_sms, shorten_sms
 
 MOBILE_ONLY_KINDS = frozenset({"callback_sms"})
 """Outbound kinds that go by SMS to mobile numbers only (a landline cannot show them). Not the
@@ -79,12 +82,19 @@ class PhoneChannel(Channel):
             threads_by_sender=True,  # SMS and calls carry no thread ids of their own
         )
         self.calls = CallLog()
-        try:
-            self.zone: tzinfo = ZoneInfo(settings.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            self.zone = ZoneInfo("UTC")
+        self.zone: tzinfo = ZoneInfo("UTC")
 
     # -- wiring -------------------------------------------------------------------------------
+
+    def setup(self, context: ChannelContext) -> None:
+        """Keep the context and choose the timezone times are spoken in: the channel's own
+        ``timezone`` when set, else the service's, so that a caller hears the deadline in the
+        same local time as the acknowledgement SMS states it."""
+        super().setup(context)
+        try:
+            self.zone = ZoneInfo(self.settings.timezone or context.timezone)
+        except (ZoneInfoNotFoundError, ValueError):  # checked at start; the service's by the core
+            self.zone = ZoneInfo("UTC")
 
     def routes(self) -> list[web.AbstractRouteDef]:
         routes: list[web.AbstractRouteDef] = []
@@ -117,7 +127,11 @@ class PhoneChannel(Channel):
     # -- helpers ------------------------------------------------------------------------------
 
     async def _verified(self, request: web.Request) -> dict[str, str]:
-        """The POST parameters of a genuine Twilio request; 403 for a wrong or missing signature."""
+        """The POST parameters of a genuine Twilio request.
+
+        A wrong or missing signature is answered 401 ``invalid_signature`` naming the header, as
+        every signed webhook of the service is (Twilio treats any non-2xx alike), and nothing
+        is stored."""
         try:
             form = await request.post()
         except ValueError as exc:
@@ -131,7 +145,7 @@ class PhoneChannel(Channel):
         url = self.base_url + request.raw_path
         if not verify(self.settings.auth_token or "", url, params, request.headers.get(HEADER)):
             self.context.log.warning("refused a Twilio request with a bad signature: %s", request.path)
-            raise web.HTTPForbidden(text="invalid signature")
+            raise json_error(web.HTTPUnauthorized, "invalid_signature", f"missing or wrong {HEADER} header")
         return {key: values[0] for key, values in params.items()}
 
     async def _ingest(self, message: dict[str, Any], *, caller_on_the_line: bool = False) -> IngestResult | None:
@@ -184,9 +198,7 @@ class PhoneChannel(Channel):
         self, *, language: str, topic: str | None, reference: str | None, deadline: datetime | None,
         withheld: bool,
     ) -> web.Response:
-        callback_by = (
-            twiml.format_callback_time(deadline, language, self.zone, self.context.clock.now()) if deadline else None
-        )
+        callback_by = twiml.callback_promise(deadline, language, self.zone, self.context.clock.now())
         return _twiml(
             twiml.voicemail(
                 action_url=self.url("recording", lang=language, topic=topic),
@@ -270,11 +282,24 @@ class PhoneChannel(Channel):
             )
         except parse.PayloadError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from exc
-        # A voicemail that was not stored (the database refused it) leaves the call's outcome
-        # open, so that its end is still recorded as a missed call if the database is back.
-        if message is not None and await self._ingest(message, caller_on_the_line=True) is not None:
-            self.calls.note(message["meta"]["call_sid"], self.context.clock.now(), outcome="voicemail")
+        if message is not None:
+            await self._store_voicemail(message)
         return _twiml(twiml.goodbye(language, thanks=message is not None, voice=self.settings.voice))
+
+    async def _store_voicemail(self, message: dict[str, Any]) -> None:
+        """Ingest a voicemail, its outcome announced to the call log before the store begins.
+
+        A caller who hangs up while recording makes Twilio post the recording and the call's end
+        at once; the end (``call_status``) waits for this store instead of storing a missed call
+        meanwhile. A voicemail that was not stored (the database refused it) leaves the call's
+        outcome open, so that its end is still recorded as a missed call."""
+        call_sid = message["meta"]["call_sid"]
+        token = self.calls.begin(call_sid, self.context.clock.now())
+        stored = False
+        try:
+            stored = await self._ingest(message, caller_on_the_line=True) is not None
+        finally:
+            self.calls.settle(call_sid, token, self.context.clock.now(), outcome="voicemail" if stored else None)
 
     async def transcription(self, request: web.Request) -> web.Response:
         """A voicemail's transcript (or its failure) arrived: an edit of the voicemail."""
@@ -287,11 +312,14 @@ class PhoneChannel(Channel):
         return _twiml(twiml.empty())
 
     async def call_status(self, request: web.Request) -> web.Response:
-        """The call ended: without an answered forward or a voicemail it is a missed call."""
+        """The call ended: without an answered forward or a voicemail it is a missed call.
+
+        A voicemail still being stored is waited for (``CallLog.settled``). An answered forward
+        needs no wait: ``dial_result`` notes it before it awaits anything."""
         params = await self._verified(request)
         call_sid = params.get("CallSid")
         if call_sid and parse.is_call_over(params):
-            state = self.calls.state(call_sid)
+            state = await self.calls.settled(call_sid)
             if state is None or state.outcome is None:
                 # A second report of the same end is a duplicate of its missed call (one id per
                 # call), and after a 503 a redelivery stores it.
@@ -329,7 +357,9 @@ class PhoneChannel(Channel):
     async def cti(self, request: web.Request) -> web.Response:
         """A PBX event (JSON or form): a missed inbound call becomes a call-back duty.
 
-        The secret in the path is the only credential, so a wrong one looks like no route at all.
+        The secret in the path is the only credential, so a wrong one is answered exactly as a
+        path that does not exist (404 ``not_found``): a 401 would tell whoever tries secrets
+        that the endpoint is there and CTI is on. A PBX treats any non-2xx alike.
         """
         given = request.match_info.get("secret", "").encode("utf-8")
         expected = (self.settings.cti_secret or "").encode("utf-8")
@@ -371,15 +401,21 @@ class PhoneChannel(Channel):
             raise PermanentDeliveryError(f"not a phone number: {message.to!r}", code="invalid_number")
         if message.kind in MOBILE_ONLY_KINDS and not is_mobile(to):
             raise PermanentDeliveryError("the number is not a mobile number", code="not_mobile", address_failed=False)
-        sid = await send_sms(
-            self.context.http,
-            api_url=self.settings.api_url,
-            account_sid=self.settings.account_sid or "",
-            auth_token=self.settings.auth_token or "",
-            to=to,
-            from_=self.settings.phone_number or "",
-            body=shorten_sms(message.text, message.status_url, self.settings.sms_max_length),
-            status_callback=self.url("status"),
-            timeout=self.settings.send_timeout,
-        )
+        try:
+            sid = await send_sms(
+                self.context.http,
+                api_url=self.settings.api_url,
+                account_sid=self.settings.account_sid or "",
+                auth_token=self.settings.auth_token or "",
+                to=to,
+                from_=self.settings.phone_number or "",
+                body=shorten_sms(message.text, message.status_url, self.settings.sms_max_length),
+                status_callback=self.url("status"),
+                timeout=self.settings.send_timeout,
+            )
+        except RetryableDeliveryError as exc:
+            if exc.code == NOT_CONFIGURED:
+                # Every SMS waits for this: say so where operators look, not only in the outbox.
+                self.context.log.error("Twilio refused our settings; SMS stay queued until fixed: %s", exc.message)
+            raise
         return SendResult(provider_id=sid)

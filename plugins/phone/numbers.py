@@ -6,6 +6,8 @@ PBXs send ``anonymous`` or nothing); they all become "no number" instead of a bo
 
 from __future__ import annotations
 
+import re
+
 import phonenumbers
 
 WITHHELD = frozenset(
@@ -27,6 +29,10 @@ WITHHELD = frozenset(
         "+86282452253",  # UNAVAILABLE
     }
 )
+
+_BARE_INTERNATIONAL = re.compile(r"^[1-9][0-9]{7,14}$")
+"""Digits only, no leading 0, 8 to 15 digits (E.164's longest): how sipgate.io and other PBXs
+write an international number without its "+" (``4915791234567``)."""
 
 MOBILE_TYPES = frozenset(
     {phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE}
@@ -71,6 +77,28 @@ def to_e164(raw: str | None, region: str = "DE") -> str | None:
         if not (text.startswith("+") and digits >= 8 and phonenumbers.is_possible_number(number)):
             return None
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def pbx_to_e164(raw: str | None, region: str = "DE") -> str | None:
+    """A number as a PBX reports it (CTI events), as E.164, or None.
+
+    sipgate.io writes international numbers as digits without "+" (``4915791234567``);
+    ``to_e164`` read those as national numbers of ``region`` (``+494915791234567``, a number
+    that exists nowhere, so the call-back SMS went nowhere and the contact was a stranger). An
+    all-digit number that does not start with 0 and has an international length is therefore
+    read as international when phonenumbers says that reading is a valid number. Everything
+    else (a national number with its 0, ``+49 ...``, ``0049 ...``, a withheld number, a local
+    number without its area code) is read as ``to_e164`` reads it.
+    """
+    text = (raw or "").strip()
+    if not is_withheld(text) and _BARE_INTERNATIONAL.match(text):
+        try:
+            number = phonenumbers.parse("+" + text, None)
+        except phonenumbers.NumberParseException:
+            number = None
+        if number is not None and phonenumbers.is_valid_number(number):
+            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return to_e164(raw, region)
 
 
 def is_mobile(e164: str | None) -> bool:

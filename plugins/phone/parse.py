@@ -23,7 +23,7 @@ from typing import Any
 
 from router.hookspecs import DeliveryUpdate
 
-from .numbers import is_mobile, to_e164
+from .numbers import is_mobile, pbx_to_e164, to_e164
 
 CHANNEL = "phone"
 
@@ -35,8 +35,16 @@ _MAX_MEDIA = 10
 OPT_OUT_KEYWORDS = frozenset({"stop", "stopall", "unsubscribe", "cancel", "end", "quit"})
 """SMS bodies that are an opt-out (Twilio's default keywords): stored, never acknowledged."""
 
-MISSED_CTI_CAUSES = frozenset({"noanswer", "busy", "cancel", "canceled", "cancelled"})
-"""CTI hangup causes that mean nobody talked to the caller (sipgate/placetel spellings)."""
+MISSED_CTI_CAUSES = frozenset(
+    {"noanswer", "busy", "cancel", "canceled", "cancelled", "congestion", "notfound", "unavailable", "rejected",
+     "declined", "missed"}
+)
+"""CTI hangup causes (lower case, letters only) that mean nobody spoke to the caller. sipgate.io's
+list: ``noAnswer`` (rejected, e.g. do not disturb), ``busy``, ``cancel`` (the caller hung up
+while it rang), ``congestion`` (the called party could not be reached), ``notFound`` (the
+called number does not exist or its phone is offline); the rest are other PBXs' words for the
+same. Not missed: ``normalClearing`` (the call was established: someone or a PBX voicemail
+answered) and ``forwarded`` (the call goes on as a new call with its own hangup event)."""
 
 INBOUND_DIRECTIONS = frozenset({"in", "inbound", "incoming"})
 
@@ -55,6 +63,13 @@ TRANSIENT_SMS_ERRORS = frozenset({"30001", "30008", "30009", "30017"})
 """Delivery error codes worth another attempt (queue overflow, unknown error, missing segment,
 carrier congestion). Every other code of a failed message is permanent: 30003 unreachable
 handset, 30004 blocked, 30005 unknown handset, 30006 landline, 30007 filtered, 21610 opted out."""
+
+RECIPIENT_SMS_ERRORS = frozenset({"30003", "30004", "30005", "30006", "21211", "21610", "21612", "21614", "21635"})
+"""Permanent delivery error codes that are about the resident's number (unreachable, blocked by
+its owner, unknown, a landline, invalid, opted out, no route, not mobile): they mark the address
+failed. The others are about our message or our sender (30007 filtered as spam, 30032 toll-free
+sender not verified, 30034 sender not registered, ...): the contact's other channels are tried,
+but the number stays good for the next message."""
 
 ANSWERED_DIAL_STATUSES = frozenset({"completed", "answered"})
 TERMINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
@@ -124,13 +139,17 @@ def _language(language: str | None) -> str | None:
     return language if isinstance(language, str) and _LANGUAGE.match(language) else None
 
 
-def sender_for(raw: str | None, event_id: str, region: str = "DE") -> tuple[dict[str, Any], list[str]]:
+def sender_for(
+    raw: str | None, event_id: str, region: str = "DE", *, pbx: bool = False
+) -> tuple[dict[str, Any], list[str]]:
     """The canonical sender for a caller id, and the flags it implies.
 
     A readable number is ``phone`` in E.164; a withheld or unreadable one is ``anonymous`` with
-    an address unique to the event (``anonymous:<id>``) and the flag ``no_number``.
+    an address unique to the event (``anonymous:<id>``) and the flag ``no_number``. With
+    ``pbx`` the number is read as PBXs write it (``pbx_to_e164``: international digits may
+    come without "+").
     """
-    number = to_e164(raw, region)
+    number = pbx_to_e164(raw, region) if pbx else to_e164(raw, region)
     if number:
         return {"kind": "phone", "address": number}, []
     return {"kind": "anonymous", "address": f"anonymous:{event_id}"[:320]}, ["no_number"]
@@ -348,6 +367,7 @@ def delivery_update(params: Mapping[str, Any], *, at: datetime | None = None) ->
         error_title=(_text(params, "ErrorMessage") or None),
         permanent=status == "failed" and error_code not in TRANSIENT_SMS_ERRORS,
         raw={key: _text(params, key) for key in params},
+        address_failed=error_code in RECIPIENT_SMS_ERRORS,
     )
 
 
@@ -364,8 +384,11 @@ def is_call_over(params: Mapping[str, Any]) -> bool:
 def cti_missed_call(event: Any, *, region: str = "DE") -> dict[str, Any] | None:
     """A CTI event (``{event, from, to, direction, callId, cause}``) as a missed call, or None.
 
-    Only an inbound ``hangup`` with cause noAnswer, busy or cancel is a missed call; newCall,
-    answer and every other hangup (an answered call ends with normalClearing) give None.
+    Only an inbound ``hangup`` whose cause says nobody spoke to the caller (``MISSED_CTI_CAUSES``:
+    noAnswer, busy, cancel, congestion, notFound, ...) is a missed call; newCall, answer and
+    every other hangup (an answered call ends with normalClearing, a forwarded one goes on as a
+    new call) give None. Numbers are read as PBXs write them: ``4915791234567`` (sipgate.io) is
+    ``+4915791234567``, ``030 12345678`` a national number of ``region``.
     """
     if not isinstance(event, Mapping):
         raise PayloadError("a CTI event is an object")
@@ -379,7 +402,7 @@ def cti_missed_call(event: Any, *, region: str = "DE") -> dict[str, Any] | None:
         return None
     call_id = _require(event, "callId")
     raw_from = _text(event, "from")
-    sender, flags = sender_for(raw_from, f"cti:{call_id}", region)
+    sender, flags = sender_for(raw_from, f"cti:{call_id}", region, pbx=True)
     to = _text(event, "to")
     meta: dict[str, Any] = {"source": "cti", "call_id": call_id, "cause": _text(event, "cause")[:40]}
     if sender["kind"] != "phone" and raw_from:
@@ -389,7 +412,7 @@ def cti_missed_call(event: Any, *, region: str = "DE") -> dict[str, Any] | None:
         "channel_message_id": f"cti:{call_id}:missed",
         "kind": "missed_call",
         "sender": sender,
-        "recipient": (to_e164(to, region) or to[:320] or None),
+        "recipient": (pbx_to_e164(to, region) or to[:320] or None),
         "text": None,
         "flags": ["callback_required", *flags],
         "meta": meta,

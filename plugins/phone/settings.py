@@ -28,6 +28,7 @@ ENV_FALLBACKS = {
 }
 
 _DIGIT = re.compile(r"^[0-9*#]$")
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _TOPIC = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
@@ -53,7 +54,7 @@ class PhoneSettings:
     voicemail_max_length: int = 120
     callback_attempts: int = 3  # read by the core's call-back log; checked here so a bad value stops the start
     region: str = "DE"
-    timezone: str = "Europe/Berlin"
+    timezone: str | None = None  # None: the service's timezone (``ChannelContext.timezone``)
     company_name: str | None = None
     voice: str | None = None
     other_channels: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -101,6 +102,8 @@ class PhoneSettings:
             if values["region"].upper() not in phonenumbers.SUPPORTED_REGIONS:
                 raise PhoneSettingsError("channels.phone.region", f"not a region phone numbers are known for: {values['region']!r}")
             values["region"] = values["region"].upper()
+        if "phone_number" in values:
+            _check_e164(values["phone_number"], values.get("region", "DE"))
         for key in ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts"):
             if key in section:
                 value = section[key]
@@ -143,3 +146,26 @@ class PhoneSettings:
                 raise PhoneSettingsError("channels.phone.menu_labels", "expected topic = {language = label}")
             values["menu_labels"] = {k: dict(v) for k, v in labels.items()}
         return cls(**values)
+
+
+def _check_e164(number: str, region: str) -> None:
+    """Refuse a ``phone_number`` that is not E.164 (``+493099999999``).
+
+    Twilio answers every SMS from a number in another form with 21212 (invalid 'From'); the
+    channel would start, take calls, and keep every acknowledgement queued. The error names
+    the E.164 form where the number reads as one in ``region``.
+    """
+    try:
+        possible = bool(_E164.match(number)) and phonenumbers.is_possible_number(phonenumbers.parse(number, None))
+    except phonenumbers.NumberParseException:
+        possible = False
+    if possible:
+        return
+    hint = ""
+    try:
+        parsed = phonenumbers.parse(number, region)
+        if phonenumbers.is_valid_number(parsed):
+            hint = f" (write it as {phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)})"
+    except phonenumbers.NumberParseException:
+        pass
+    raise PhoneSettingsError("channels.phone.phone_number", f"not an E.164 number: {number!r}{hint}")

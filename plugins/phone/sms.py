@@ -2,7 +2,9 @@
 
 ``POST {api_url}/2010-04-01/Accounts/{sid}/Messages.json``, form-encoded, HTTP basic auth with the
 account SID and auth token. Rate limits, server errors and timeouts are retryable; a refused
-recipient (invalid number, landline, opted out) is permanent, so the outbox tries another channel.
+recipient (invalid number, landline, opted out) is permanent and fails the address, so the outbox
+tries another channel. A refusal of our own settings (the sender number, the credentials) says
+nothing about the recipient: the message waits until the settings are fixed.
 """
 
 from __future__ import annotations
@@ -24,9 +26,29 @@ from router.hookspecs import (
 MAX_SMS_LENGTH = 1600
 """Twilio's limit for one message body (it splits it into segments itself)."""
 
-RETRYABLE_API_CODES = frozenset({20429, 20500, 20503, 30001, 30008, 30017})
+NOT_CONFIGURED = "not_configured"
+"""The ``RetryableDeliveryError`` code that keeps a message queued, never given up, until the
+channel can send (the outbox's rule for a channel that is not configured yet)."""
+
+RETRYABLE_API_CODES = frozenset({20429, 20500, 20503, 21611, 30001, 30008, 30017})
 """Twilio error codes where the same request may succeed later (too many requests, internal
-error, service unavailable, queue overflow, unknown error, carrier congestion)."""
+error, service unavailable, the sender's queue is full, queue overflow, unknown error, carrier
+congestion)."""
+
+RECIPIENT_API_CODES = frozenset({21211, 21265, 21610, 21612, 21614, 21635})
+"""The only codes that say the resident's number cannot take our SMS, so the address is marked
+failed and the contact's other channels are tried: invalid 'To' (21211), a short code (21265),
+unsubscribed with STOP (21610), no route to the number (21612), not a mobile number (21614), a
+landline (21635). Every other refusal leaves the address alone."""
+
+SETTINGS_API_CODES = frozenset({20003, 20404, 21210, 21212, 21601, 21603, 21606, 21616, 21659, 21660, 21661})
+"""Codes that refuse our own settings, whoever the recipient: credentials (20003), no such
+account (20404), and the sender: not verified, invalid, missing, not ours or not SMS-capable,
+ambiguous, not in this account (21210, 21212, 21601, 21603, 21606, 21616, 21659, 21660,
+21661). Every SMS fails alike until an operator fixes ``account_sid``, ``auth_token`` or
+``phone_number``, and then every one of them can go: so they are kept queued (``NOT_CONFIGURED``)
+rather than given up, which would have marked every resident's number failed, or flagged every
+conversation for a call-back, for a typo in our configuration."""
 
 
 def shorten_sms(text: str, status_url: str | None = None, limit: int = MAX_SMS_LENGTH) -> str:
@@ -63,18 +85,28 @@ def error_for_response(status: int, body: Any, headers: Mapping[str, str] | None
     """The delivery error for a non-2xx answer from the Messages resource.
 
     ``body`` is the decoded JSON (Twilio sends ``{"code", "message", "more_info", "status"}``) or
-    anything else; the error's ``code`` is Twilio's error code when there is one.
+    anything else; the error's ``code`` is Twilio's error code when there is one (``http_<status>``
+    without), except for a refusal of our settings: ``not_configured``, Twilio's code in the text.
+    Only ``RECIPIENT_API_CODES`` fail the address.
     """
     api_code = body.get("code") if isinstance(body, Mapping) else None
+    if not isinstance(api_code, int) or isinstance(api_code, bool):
+        api_code = None
     message = body.get("message") if isinstance(body, Mapping) else None
-    code = str(api_code) if isinstance(api_code, int) and not isinstance(api_code, bool) else f"http_{status}"
+    code = str(api_code) if api_code is not None else f"http_{status}"
     text = f"Twilio answered {status}: {message or 'no details'}"
     if status == 429 or status >= 500 or api_code in RETRYABLE_API_CODES:
         return RetryableDeliveryError(text, code=code, retry_after=parse_retry_after((headers or {}).get("Retry-After")))
-    if status in (401, 403):
-        # Bad credentials are our problem, not the recipient's: keep the message for later.
-        return RetryableDeliveryError(text, code=code)
-    return PermanentDeliveryError(text, code=code)
+    if status in (401, 403, 404) or api_code in SETTINGS_API_CODES:
+        # Our configuration (a 404: no Messages resource at our account SID or api_url), not the
+        # recipient: the message waits until it is fixed.
+        return RetryableDeliveryError(f"{text} (Twilio error {code}: check the phone channel's settings)",
+                                      code=NOT_CONFIGURED)
+    # Anything else refused this message (too long, empty) or its destination from our account
+    # (21408: SMS to that country not enabled; 21608: a trial account's unverified recipient).
+    # Sending it again changes nothing, so the outbox tries the contact's other channels now;
+    # but only a recipient code says the number itself is bad.
+    return PermanentDeliveryError(text, code=code, address_failed=api_code in RECIPIENT_API_CODES)
 
 
 async def send_sms(

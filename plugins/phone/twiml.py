@@ -123,6 +123,16 @@ def format_callback_time(deadline: datetime, language: str, zone: tzinfo, now: d
     )
 
 
+def callback_promise(deadline: datetime | None, language: str, zone: tzinfo, now: datetime) -> str | None:
+    """The call-back time to speak (``format_callback_time``), or None when there is none to
+    promise: no deadline, or one that has passed. A resident who calls again about an overdue
+    case heard "we will call you back by today at 17:00" at 20:00; with None the voicemail says
+    "as soon as possible" (``callback_soon``) instead."""
+    if deadline is None or deadline <= now:
+        return None
+    return format_callback_time(deadline, language, zone, now)
+
+
 def topic_label(topic: str, language: str, labels: Mapping[str, Mapping[str, str]] | None = None) -> str:
     """What the menu calls a topic: configured labels first, then the built-in ones, else its id."""
     for table in (labels or {}, TOPIC_LABELS):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ from twilio.request_validator import RequestValidator
 
 from plugins.phone import PhoneChannel, PhoneSettings
 from router.clock import FrozenClock
-from router.hookspecs import ChannelContext, IngestResult, OutboundMessage, PermanentDeliveryError
+from router.hookspecs import ChannelContext, IngestResult, OutboundMessage, PermanentDeliveryError, StorageUnavailable
 
 PUBLIC = "https://contact.example.org"
 TOKEN = "twilio-auth-token"
@@ -28,6 +29,7 @@ class FakeCore:
         self.messages: list[dict] = []
         self.deliveries: list = []
         self.http: aiohttp.ClientSession | None = None
+        self.deadline = NOW + timedelta(hours=4)
 
     async def ingest(self, message: dict) -> IngestResult:
         duplicate = any(m["channel_message_id"] == message["channel_message_id"] for m in self.messages)
@@ -36,7 +38,7 @@ class FakeCore:
         return IngestResult(
             message_id=len(self.messages), conversation_id=1, case_reference="K-7F3QX2", status_token="tok",
             status_url=None, unit=UNITS.get(message.get("topic"), "kundenservice"), unit_name=None,
-            deadline=NOW + timedelta(hours=4), language="de", acknowledged=True, duplicate=duplicate,
+            deadline=self.deadline, language="de", acknowledged=True, duplicate=duplicate,
         )
 
     async def record_delivery(self, channel: str, update) -> bool:
@@ -47,7 +49,7 @@ class FakeCore:
         return [m["kind"] for m in self.messages]
 
 
-def make_channel(core: FakeCore, *, is_open=None, **overrides) -> PhoneChannel:
+def make_channel(core: FakeCore, *, is_open=None, service_timezone: str = "Europe/Berlin", **overrides) -> PhoneChannel:
     settings = PhoneSettings.from_config(
         {
             "account_sid": "AC1", "auth_token": TOKEN, "phone_number": "+4930999999", "public_base_url": PUBLIC,
@@ -60,7 +62,7 @@ def make_channel(core: FakeCore, *, is_open=None, **overrides) -> PhoneChannel:
             name="phone", settings={}, data_dir=Path("."), public_base_url="http://127.0.0.1:8080",
             clock=FrozenClock(NOW), ingest=core.ingest, record_delivery=core.record_delivery,
             conversation_view=None, http=lambda: core.http, render=lambda *a, **k: "", units={},
-            is_open=is_open,
+            is_open=is_open, timezone=service_timezone,
         )
     )
     return channel
@@ -110,6 +112,13 @@ async def twiml_of(response) -> ET.Element:
 # -- signatures -------------------------------------------------------------------------------
 
 
+async def assert_invalid_signature(response) -> None:
+    """401 with the service's JSON error naming the header, as for every forged webhook."""
+    assert response.status == 401
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_signature" and "X-Twilio-Signature" in error["message"]
+
+
 @pytest.mark.parametrize("signature", [None, "forged", "token"])
 async def test_unsigned_or_forged_requests_are_refused_and_store_nothing(client, core, signature):
     token = "wrong-token" if signature == "token" else TOKEN
@@ -118,7 +127,7 @@ async def test_unsigned_or_forged_requests_are_refused_and_store_nothing(client,
             client, path, {**CALLER, "Digits": "1", "Body": "x", "MessageSid": "SM1", "CallStatus": "completed"},
             token=token, signature="sign" if signature == "token" else signature,
         )
-        assert response.status == 403
+        await assert_invalid_signature(response)
     assert core.messages == []
 
 
@@ -126,7 +135,7 @@ async def test_signature_covers_the_query(client, core):
     signed_for = f"{PUBLIC}/channels/phone/twilio/menu?lang=de"
     headers = {"X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(signed_for, {**CALLER, "Digits": "1"})}
     response = await client.post("/channels/phone/twilio/menu?lang=en", data={**CALLER, "Digits": "1"}, headers=headers)
-    assert response.status == 403
+    await assert_invalid_signature(response)
 
 
 # -- calls ------------------------------------------------------------------------------------
@@ -187,6 +196,81 @@ async def test_answered_forward_is_not_a_missed_call(client, core):
     assert answer.find("Hangup") is not None
     await twilio_post(client, "call-status", {**CALLER, "CallStatus": "completed"})
     assert core.kinds() == ["call"]
+
+
+async def test_a_deadline_that_has_passed_is_not_promised(client, core):
+    # A caller who rings again about an overdue case: the conversation's deadline is behind us.
+    core.deadline = NOW - timedelta(hours=3)
+    answer = await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "3"}))
+    text = answer.find("Say").text
+    assert "so bald wie möglich" in text and "heute um" not in text
+    # The same after a forward nobody answered (the deadline travels in the action URL).
+    forward = await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "1"}))
+    voicemail = await twiml_of(
+        await twilio_post(client, forward.find("Dial").get("action"), {**CALLER, "DialCallStatus": "no-answer"})
+    )
+    assert "so bald wie möglich" in voicemail.find("Say").text
+
+
+@pytest.mark.parametrize(
+    ("service_zone", "channel_zone", "spoken"),
+    [
+        ("America/New_York", None, "heute um 08:00 Uhr"),  # the service's, like the acknowledgement
+        ("Europe/Berlin", None, "heute um 14:00 Uhr"),
+        ("America/New_York", "Europe/Berlin", "heute um 14:00 Uhr"),  # the channel's own, when set
+    ],
+)
+async def test_callback_times_are_spoken_in_the_services_timezone_unless_the_channel_has_its_own(
+    core, client_for, service_zone, channel_zone, spoken
+):
+    overrides = {"timezone": channel_zone} if channel_zone else {}
+    client = await client_for(make_channel(core, service_timezone=service_zone, **overrides))
+    answer = await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "3"}))  # deadline 12:00 UTC
+    assert spoken in answer.find("Say").text
+
+
+class GatedCore(FakeCore):
+    """A core whose voicemail commits wait for ``release``, so a test can deliver the call's end
+    while the voicemail is being stored (Twilio posts both at once when the caller hangs up)."""
+
+    def __init__(self, fail_voicemail: bool = False) -> None:
+        super().__init__()
+        self.storing = asyncio.Event()
+        self.release = asyncio.Event()
+        self.fail_voicemail = fail_voicemail
+
+    async def ingest(self, message: dict) -> IngestResult:
+        if message["kind"] == "voicemail":
+            self.storing.set()
+            await self.release.wait()
+            if self.fail_voicemail:
+                raise StorageUnavailable("disk full")
+        return await super().ingest(message)
+
+
+async def _hang_up_while_the_voicemail_is_stored(core: GatedCore, client) -> None:
+    await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "3"}))
+    recording = {**CALLER, "RecordingSid": "RE" + "7" * 32, "RecordingUrl": "https://api.twilio.com/rec",
+                 "RecordingDuration": "25", "Digits": "hangup"}
+    voicemail = asyncio.create_task(twilio_post(client, "recording?lang=de&topic=fault", recording))
+    await asyncio.wait_for(core.storing.wait(), 5)
+    ended = asyncio.create_task(twilio_post(client, "call-status", {**CALLER, "CallStatus": "completed"}))
+    await asyncio.sleep(0.05)  # the call's end is in, and waits
+    core.release.set()
+    for response in await asyncio.gather(voicemail, ended):
+        await twiml_of(response)
+
+
+async def test_a_call_that_ends_while_its_voicemail_is_stored_is_no_missed_call(client_for):
+    core = GatedCore()
+    await _hang_up_while_the_voicemail_is_stored(core, await client_for(make_channel(core)))
+    assert core.kinds() == ["call", "voicemail"]
+
+
+async def test_a_call_whose_voicemail_could_not_be_stored_is_still_a_missed_call(client_for):
+    core = GatedCore(fail_voicemail=True)
+    await _hang_up_while_the_voicemail_is_stored(core, await client_for(make_channel(core)))
+    assert core.kinds() == ["call", "missed_call"]
 
 
 async def test_closed_unit_goes_straight_to_voicemail(core, client_for):

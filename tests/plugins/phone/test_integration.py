@@ -48,6 +48,8 @@ class FakeTwilio:
         self.messages: list[dict[str, str]] = []
         self.refused = 0
         self.server: TestServer | None = None
+        self.refusal: dict[str, Any] | None = None
+        """A Twilio error body (``code``, ``message``, ``status``) to answer every SMS with."""
 
     @property
     def url(self) -> str:
@@ -66,6 +68,9 @@ class FakeTwilio:
         ):
             self.refused += 1
             return web.json_response({"code": 20003, "message": "Authenticate", "status": 401}, status=401)
+        if self.refusal is not None:
+            self.refused += 1
+            return web.json_response(self.refusal, status=self.refusal["status"])
         form = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
         sid = f"SM{len(self.messages) + 1:032x}"
         self.messages.append({**form, "sid": sid})
@@ -230,7 +235,9 @@ async def test_unsigned_or_forged_requests_are_refused_and_nothing_is_stored(har
                 harness, target, params, signature=forgery.get("signature", "sign"),
                 token=forgery.get("token", AUTH_TOKEN),
             )
-        assert response.status == 403, route
+        assert response.status == 401, route
+        assert (await response.json())["error"] == {
+            "code": "invalid_signature", "message": "missing or wrong X-Twilio-Signature header"}
     for table in ("messages", "contacts", "identities", "conversations", "outbox", "delivery_events"):
         assert await harness.count(table) == 0, table
 
@@ -239,7 +246,7 @@ async def test_a_tampered_parameter_breaks_the_signature(harness):
     params = sms("SM" + "1" * 32, "Hallo")
     signature = sign(f"{PUBLIC}/channels/phone/twilio/sms", params)
     response = await twilio_post(harness, "sms", {**params, "Body": "Hallo, geändert"}, signature=signature)
-    assert response.status == 403
+    assert response.status == 401
     assert await harness.count("messages") == 0
     response = await twilio_post(harness, "sms", params, signature=signature)
     assert response.status == 200
@@ -566,11 +573,77 @@ async def test_cti_hangups_with_no_answer_become_call_back_duties(harness, twili
     assert twilio.messages == []
 
 
-async def test_cti_with_a_wrong_secret_stores_nothing(harness):
+async def test_cti_with_a_wrong_secret_stores_nothing_and_looks_like_no_endpoint(harness):
     response = await cti(harness, {"event": "hangup", "cause": "noAnswer", "from": "030 12345678", "callId": "x"},
                          secret="guessed")
     assert response.status == 404
     assert await harness.count("messages") == 0
+    nowhere = await harness.client.post("/channels/phone/nothing-here/guessed", json={"event": "hangup"})
+    assert (nowhere.status, await nowhere.json()) == (404, await response.json())
+
+
+async def test_a_sipgate_hangup_that_reached_nobody_is_a_missed_call_from_the_international_number(harness, twilio):
+    """sipgate.io posts numbers as digits without "+" and says notFound or congestion when the
+    caller reached nobody: the number became +4949..., and those causes were dropped."""
+    form = {"event": "hangup", "cause": "notFound", "callId": "sg-1", "from": "4915791234567",
+            "to": "493099999999", "direction": "in", "user[]": "Alice"}  # as sipgate posts it: a form
+    response = await harness.client.post(f"/channels/phone/cti/{CTI_SECRET}", data=form)
+    assert response.status == 200 and (await response.json())["stored"] is True
+    response = await harness.client.post(f"/channels/phone/cti/{CTI_SECRET}",
+                                         data={**form, "callId": "sg-2", "cause": "congestion"})
+    assert (await response.json())["stored"] is True
+    response = await harness.client.post(f"/channels/phone/cti/{CTI_SECRET}",
+                                         data={**form, "callId": "sg-3", "cause": "normalClearing"})
+    assert (await response.json())["stored"] is False
+
+    conv = await only_conversation(harness)
+    assert [m["kind"] for m in inbound(conv)] == ["missed_call", "missed_call"]
+    assert [i["address"] for i in conv["contact"]["identities"]] == ["+4915791234567"]
+    await harness.run_outbox()
+    assert [m["To"] for m in twilio.messages] == ["+4915791234567"]  # the acknowledgement, by SMS to the mobile
+
+
+async def test_our_own_sender_refused_by_twilio_keeps_the_sms_queued_and_the_residents_number_good(
+    harness, twilio, caplog,
+):
+    twilio.refusal = {"code": 21212, "message": "The 'From' number +493099999999 is not a valid phone number",
+                      "more_info": "https://www.twilio.com/docs/errors/21212", "status": 400}
+    assert (await twilio_post(harness, "sms", sms("SM" + "1" * 32, "Hallo"))).status == 200
+    with caplog.at_level(logging.ERROR):
+        await harness.run_outbox()
+    assert twilio.refused == 1
+    assert any("21212" in r.getMessage() and r.name == "contact_router.channel.phone" for r in caplog.records)
+    conv = await only_conversation(harness)
+    assert conv["contact"]["identities"][0]["failed"] is False
+    assert "undeliverable" not in conv["flags"] and "callback_required" not in conv["flags"]
+    (row,) = await harness.rows("SELECT state, last_error FROM outbox")
+    assert row["state"] == "pending" and "21212" in row["last_error"]
+
+    twilio.refusal = None  # the operator fixed phone_number: the acknowledgement goes out
+    harness.clock.advance(timedelta(hours=1))
+    await harness.run_outbox()
+    assert [m["To"] for m in twilio.messages] == [MOBILE]
+
+
+async def test_a_refused_recipient_marks_the_number_failed(harness, twilio):
+    twilio.refusal = {"code": 21614, "message": "'To' number is not a valid mobile number", "status": 400}
+    assert (await twilio_post(harness, "sms", sms("SM" + "2" * 32, "Hallo"))).status == 200
+    await harness.run_outbox()
+    conv = await only_conversation(harness)
+    assert conv["contact"]["identities"][0]["failed"] is True
+
+
+async def test_a_caller_about_an_overdue_case_hears_no_call_back_time_that_has_passed(harness, twilio):
+    """The caller rings again at 20:00 about a missed call due at 17:00 and heard "Wir rufen Sie
+    bis heute um 17:00 Uhr zurück"."""
+    conv = await missed_call_from(harness, MOBILE, "CA" + "1" * 32)
+    harness.clock.set(datetime.fromisoformat(conv["deadline"]) + timedelta(hours=3))
+    await harness.escalate()
+    answer = await say(harness, "menu?lang=de", call("CA" + "2" * 32))  # no key: the same case
+    conv = await only_conversation(harness)
+    assert datetime.fromisoformat(conv["deadline"]) < harness.clock.now()  # overdue
+    text = answer.find("Say").text
+    assert "Wir rufen Sie so bald wie möglich zurück." in text and "Wir rufen Sie bis" not in text
 
 
 # -- one contact across channels ---------------------------------------------------------------

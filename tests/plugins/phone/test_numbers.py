@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from plugins.phone.numbers import is_mobile, is_withheld, to_e164
+from plugins.phone.numbers import is_mobile, is_withheld, pbx_to_e164, to_e164
 
 
 @pytest.mark.parametrize(
@@ -40,3 +40,27 @@ def test_withheld_spellings():
 def test_is_mobile(number, mobile):
     # US numbers are FIXED_LINE_OR_MOBILE in phonenumbers: they can take an SMS.
     assert is_mobile(number) is mobile
+
+
+@pytest.mark.parametrize(
+    ("raw", "e164"),
+    [
+        ("4915791234567", "+4915791234567"),  # sipgate.io: international, without "+"
+        ("492111234567", "+492111234567"),
+        ("493099999999", "+493099999999"),
+        ("436641234567", "+436641234567"),
+        ("14158675309", "+14158675309"),
+        ("015791234567", "+4915791234567"),  # national numbers keep their reading
+        ("030 12345678", "+493012345678"),
+        ("+4915791234567", "+4915791234567"),
+        ("0049 30 12345678", "+493012345678"),
+        ("3012345678", "+493012345678"),  # "+3012345678" is no valid number: read as before
+    ],
+)
+def test_pbx_numbers_without_plus_are_international(raw, e164):
+    assert pbx_to_e164(raw) == e164
+
+
+@pytest.mark.parametrize("raw", [None, "", "anonymous", "266696687", "7378742833", "12"])
+def test_pbx_withheld_and_unreadable_numbers_are_none(raw):
+    assert pbx_to_e164(raw) is None

@@ -210,6 +210,19 @@ def test_failed_status_says_whether_to_try_elsewhere(code, permanent):
     assert update.permanent is permanent
 
 
+@pytest.mark.parametrize(
+    ("code", "address_failed"),
+    [("30003", True), ("30005", True), ("30006", True), ("21610", True), ("30007", False), ("30032", False),
+     ("30034", False)],
+)
+def test_only_a_failed_status_about_the_number_fails_the_address(code, address_failed):
+    # 30007 (filtered as spam), 30032 (toll-free sender not verified), 30034 (sender not
+    # registered) are about our message or sender, not the resident's number.
+    update = parse.delivery_update({"MessageSid": "SM1", "MessageStatus": "undelivered", "ErrorCode": code})
+    assert update.permanent is True
+    assert update.address_failed is address_failed
+
+
 def test_old_style_sms_status_is_understood():
     assert parse.delivery_update({"SmsSid": "SM1", "SmsStatus": "delivered"}).status == "delivered"
 
@@ -271,6 +284,41 @@ def test_cti_other_missed_causes(cause, assert_canonical):
 )
 def test_cti_answered_and_outbound_calls_give_nothing(event):
     assert parse.cti_missed_call(event) is None
+
+
+# sipgate.io's push API (github.com/sipgate/sipgate.io, "Call hangup"): a form post, numbers as
+# international digits without "+", "user[]" per user who was rung.
+SIPGATE_HANGUP = {
+    "event": "hangup", "cause": "normalClearing", "callId": "123456", "from": "492111234567",
+    "to": "4915791234567", "direction": "in", "answeringNumber": "4921199999999", "user[]": "Alice",
+}
+
+
+@pytest.mark.parametrize("cause", ["noAnswer", "busy", "cancel", "congestion", "notFound"])
+def test_sipgate_hangups_that_reached_nobody_are_missed_calls(cause, assert_canonical):
+    message = assert_canonical(parse.cti_missed_call(with_(SIPGATE_HANGUP, cause=cause)))
+    assert message["kind"] == "missed_call"
+    assert message["channel_message_id"] == "cti:123456:missed"
+    assert message["sender"] == {"kind": "phone", "address": "+492111234567"}  # not +49492111234567
+    assert message["recipient"] == "+4915791234567"
+    assert message["meta"]["cause"] == cause
+
+
+def test_sipgate_mobile_caller_without_plus_is_acknowledged_by_sms(assert_canonical):
+    message = assert_canonical(parse.cti_missed_call(with_(SIPGATE_HANGUP, cause="notFound", **{"from": "4915791234567"})))
+    assert message["sender"]["address"] == "+4915791234567"
+    assert "ack_suppressed" not in message  # a mobile number: the acknowledgement goes by SMS
+
+
+@pytest.mark.parametrize("cause", ["normalClearing", "forwarded"])
+def test_sipgate_answered_or_forwarded_hangups_are_no_missed_calls(cause):
+    # normalClearing: the call was established; forwarded: it goes on as a new call (own callId).
+    assert parse.cti_missed_call(with_(SIPGATE_HANGUP, cause=cause)) is None
+
+
+def test_sipgate_anonymous_caller(assert_canonical):
+    message = assert_canonical(parse.cti_missed_call(with_(SIPGATE_HANGUP, cause="cancel", **{"from": "anonymous"})))
+    assert message["sender"] == {"kind": "anonymous", "address": "anonymous:cti:123456"}
 
 
 def test_cti_missed_call_without_call_id_is_a_payload_error():

@@ -17,7 +17,7 @@ def test_defaults():
 
 
 def test_twilio_credentials_fall_back_to_the_environment():
-    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+49301", "TWILIO_API_URL": "http://127.0.0.1:9"}
+    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456", "TWILIO_API_URL": "http://127.0.0.1:9"}
     settings = PhoneSettings.from_config({}, env)
     assert settings.twilio_enabled and settings.api_url == "http://127.0.0.1:9"
 
@@ -33,6 +33,10 @@ def test_twilio_credentials_fall_back_to_the_environment():
         ({"callback_attempts": 0}, "callback_attempts"),
         ({"timezone": "Europe/Berln"}, "timezone"),  # became UTC: deadlines told an hour early
         ({"region": "XX"}, "region"),  # every national number became no number
+        ({"phone_number": "030 99999999"}, "phone_number"),  # every SMS refused with 21212, kept queued
+        ({"phone_number": "4930999999"}, "phone_number"),
+        ({"phone_number": "+49301"}, "phone_number"),
+        ({"phone_number": "Stadtwerke"}, "phone_number"),
     ],
 )
 def test_bad_values_name_their_key(section, key):
@@ -58,3 +62,20 @@ def test_channel_runs_for_twilio_or_cti_alone():
 
 def test_a_region_in_lower_case_is_the_region():
     assert PhoneSettings.from_config({**TWILIO, "region": "at"}).region == "AT"
+
+
+def test_a_national_phone_number_is_refused_with_its_e164_form():
+    with pytest.raises(PhoneSettingsError) as caught:
+        PhoneSettings.from_config({**TWILIO, "phone_number": "030 99999999"})
+    assert caught.value.path == "channels.phone.phone_number"
+    assert "E.164" in caught.value.message and "+493099999999" in caught.value.message
+
+
+@pytest.mark.parametrize("number", ["+4930999999", "+493099999999", "+14155552671", "+447700900123"])
+def test_e164_phone_numbers_are_taken(number):
+    assert PhoneSettings.from_config({**TWILIO, "phone_number": number}).phone_number == number
+
+
+def test_timezone_defaults_to_the_services():
+    assert PhoneSettings.from_config(TWILIO).timezone is None
+    assert PhoneSettings.from_config({**TWILIO, "timezone": "Europe/Vienna"}).timezone == "Europe/Vienna"

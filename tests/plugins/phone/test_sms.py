@@ -37,18 +37,78 @@ def test_link_longer_than_the_limit_is_left_out():
 @pytest.mark.parametrize(
     ("status", "body", "kind", "code"),
     [
-        (400, {"code": 21211, "message": "Invalid 'To' Phone Number"}, PermanentDeliveryError, "21211"),
-        (400, {"code": 21614, "message": "not a mobile number"}, PermanentDeliveryError, "21614"),
         (400, "not json", PermanentDeliveryError, "http_400"),
         (429, {"code": 20429, "message": "Too Many Requests"}, RetryableDeliveryError, "20429"),
+        (400, {"code": 21611, "message": "From number has exceeded the maximum queued"}, RetryableDeliveryError, "21611"),
         (503, None, RetryableDeliveryError, "http_503"),
-        (401, {"code": 20003, "message": "Authenticate"}, RetryableDeliveryError, "20003"),
     ],
 )
 def test_error_classification(status, body, kind, code):
     error = error_for_response(status, body, {"Retry-After": "7"})
     assert type(error) is kind
     assert error.code == code
+
+
+# Answers as Twilio's Messages resource gives them (code, message, more_info, status).
+def twilio_error(code: int, message: str, status: int = 400) -> dict:
+    return {"code": code, "message": message, "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        twilio_error(21211, "The 'To' number 015112345 is not a valid phone number."),
+        twilio_error(21610, "Attempt to send to unsubscribed recipient"),
+        twilio_error(21612, "The 'To' phone number: +4915112345678, is not currently reachable using the 'From' phone number"),
+        twilio_error(21614, "'To' number is not a valid mobile number"),
+        twilio_error(21635, "'To' number cannot be a landline"),
+    ],
+    ids=lambda body: str(body["code"]),
+)
+def test_a_refused_recipient_fails_the_address(body):
+    error = error_for_response(400, body)
+    assert type(error) is PermanentDeliveryError
+    assert error.code == str(body["code"]) and error.address_failed is True
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, twilio_error(21212, "The 'From' number 030 99999999 is not a valid phone number")),
+        (400, twilio_error(21606, "The 'From' phone number provided is not a valid message-capable Twilio phone number")),
+        (400, twilio_error(21660, "Mismatch between the 'From' number +493099999999 and the account")),
+        (400, twilio_error(21659, "'From' is not a Twilio phone number")),
+        (401, twilio_error(20003, "Authenticate", 401)),
+        (404, twilio_error(20404, "The requested resource was not found", 404)),
+    ],
+    ids=lambda value: str(value["code"]) if isinstance(value, dict) else str(value),
+)
+def test_a_refusal_of_our_own_settings_keeps_the_message_queued(status, body):
+    # Every SMS fails alike until the operator fixes the settings: never given up, never the
+    # resident's number marked failed (the outbox's rule for "not_configured").
+    error = error_for_response(status, body)
+    assert type(error) is RetryableDeliveryError
+    assert error.code == "not_configured"
+    assert str(body["code"]) in error.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        twilio_error(21408, "Permission to send an SMS has not been enabled for the region indicated by the 'To' number"),
+        twilio_error(21608, "The number +4915112345678 is unverified. Trial accounts cannot send messages to unverified numbers"),
+        twilio_error(21617, "The concatenated message body exceeds the 1600 character limit"),
+        twilio_error(21658, "Parameter exceeded character limit"),
+        twilio_error(21602, "Message body is required"),
+        twilio_error(29999, "Some code nobody knows yet"),
+        "not json",
+    ],
+    ids=lambda body: str(body["code"]) if isinstance(body, dict) else body,
+)
+def test_other_refusals_are_permanent_but_leave_the_address_alone(body):
+    error = error_for_response(400, body)
+    assert type(error) is PermanentDeliveryError
+    assert error.address_failed is False
 
 
 def test_retry_after_is_passed_on():
@@ -98,7 +158,14 @@ async def test_send_refused_recipient_is_permanent(fake_twilio):
     fake_twilio["answer"] = (400, {"code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
     with pytest.raises(PermanentDeliveryError) as caught:
         await _send(fake_twilio)
-    assert caught.value.code == "21211"
+    assert caught.value.code == "21211" and caught.value.address_failed
+
+
+async def test_send_refused_sender_waits_for_the_settings(fake_twilio):
+    fake_twilio["answer"] = (400, {"code": 21212, "message": "The 'From' number is not a valid phone number", "status": 400})
+    with pytest.raises(RetryableDeliveryError) as caught:
+        await _send(fake_twilio)
+    assert caught.value.code == "not_configured"
 
 
 async def test_send_server_error_is_retryable(fake_twilio):

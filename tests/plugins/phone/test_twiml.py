@@ -138,3 +138,18 @@ NOW = datetime(2025, 5, 13, 8, 0, tzinfo=UTC)  # a Tuesday, 10:00 in Berlin
 )
 def test_callback_time_in_local_words(deadline, language, spoken):
     assert twiml.format_callback_time(deadline, language, BERLIN, NOW) == spoken
+
+
+def test_a_deadline_in_the_future_is_promised():
+    assert twiml.callback_promise(datetime(2025, 5, 13, 14, 30, tzinfo=UTC), "de", BERLIN, NOW) == "heute um 16:30 Uhr"
+
+
+@pytest.mark.parametrize(
+    "deadline",
+    [None, NOW, datetime(2025, 5, 13, 7, 0, tzinfo=UTC), datetime(2025, 5, 10, 15, 0, tzinfo=UTC)],
+    ids=["none", "now", "an-hour-ago", "days-ago"],
+)
+def test_a_passed_deadline_is_not_promised_and_the_voicemail_says_as_soon_as_possible(deadline):
+    assert twiml.callback_promise(deadline, "de", BERLIN, NOW) is None
+    text = parsed(twiml.voicemail(action_url=ACTION, transcribe_callback_url=ACTION, callback_by=None)).find("Say").text
+    assert "so bald wie möglich" in text and " um " not in text
