@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from urllib.parse import urlencode
@@ -266,11 +267,23 @@ class PhoneChannel(Channel):
         if parse.is_answered_dial(params):
             if call_sid:
                 self.calls.note(call_sid, self.context.clock.now(), outcome="answered")
+                await self._answered_live(call_sid, params)
             return _twiml(twiml.hangup(language, self.settings.voice))
         return self._voicemail_answer(
             language=language, topic=request.query.get("topic") or None, reference=request.query.get("ref") or None,
             deadline=_unstamp(request.query.get("by")), withheld=self._withheld(params),
         )
+
+    async def _answered_live(self, call_sid: str, params: Mapping[str, Any]) -> None:
+        """Staff spoke with the caller: the call's conversation is answered. It stayed open and
+        escalated as unanswered. Not stored (the database refuses writes), it still escalates:
+        a needless reminder, never a lost caller."""
+        duration = parse.dial_duration(params)
+        note = "Call put through and answered" + (f" ({duration} s)" if duration is not None else "")
+        try:
+            await self.context.record_live_answer(call_sid, note)
+        except StorageUnavailable as exc:
+            self.context.log.error("call %s was answered, but the database did not take it: %s", call_sid, exc)
 
     async def recording(self, request: web.Request) -> web.Response:
         """The ``<Record>`` ended: store the voicemail (if anything was said) and say goodbye."""

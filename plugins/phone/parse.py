@@ -376,6 +376,12 @@ def is_answered_dial(params: Mapping[str, Any]) -> bool:
     return _text(params, "DialCallStatus").lower() in ANSWERED_DIAL_STATUSES
 
 
+def dial_duration(params: Mapping[str, Any]) -> int | None:
+    """How long the forwarded call lasted, in seconds (``DialCallDuration``), if Twilio said."""
+    text = _text(params, "DialCallDuration")
+    return int(text) if text.isdigit() and len(text) <= 6 else None
+
+
 def is_call_over(params: Mapping[str, Any]) -> bool:
     """True when a call status callback says the call has ended."""
     return _text(params, "CallStatus").lower() in TERMINAL_CALL_STATUSES

@@ -405,6 +405,21 @@ async def test_answered_forward_leaves_no_call_back_duty(harness):
     assert "callback_required" not in conv["flags"]
 
 
+async def test_a_forward_staff_picked_up_answers_the_call_and_never_escalates(harness):
+    """The conversation stayed open after staff had spoken with the caller, and escalated as
+    unanswered."""
+    sid = "CA" + "d" * 32
+    forward = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+    for _ in range(2):  # Twilio may post the dial's end again
+        await say(harness, forward.find("Dial").get("action"), call(sid, DialCallStatus="completed", DialCallDuration="95"))
+    await say(harness, "call-status", call(sid, CallStatus="completed"))
+    conv = await only_conversation(harness)
+    assert conv["state"] == "answered" and conv["deadline"] is None
+    assert [m["text"] for m in conv["messages"] if m["kind"] == "callback"] == ["Call put through and answered (95 s)"]
+    harness.clock.advance(timedelta(days=3))
+    assert await harness.escalate() == []
+
+
 async def test_a_transcript_that_comes_before_its_voicemail_shows_in_the_call(harness):
     """Twilio's two callbacks race: a transcript that came first was stored with no
     conversation at all, and the caller's words showed nowhere."""
