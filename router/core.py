@@ -583,7 +583,7 @@ class Core:
                     # again (six in a minute, past max_escalation_level).
                     if (not already and conv["state"] in tracking.AWAITING_ANSWER
                             and conv["escalation_level"] < self.config.max_escalation_level):
-                        escalated = tracking.escalate(conn, self.config, self.templates, conv, now)
+                        escalated = tracking.escalate(conn, self.config, self.templates, conv, now, cause="callbacks")
                 # Never to a number staff found wrong, in this attempt or an earlier one: the
                 # SMS carries the case's status link.
                 if not wrong and failed == limit:

@@ -270,12 +270,15 @@ def queue_unit_notification(
 
 
 def escalate(
-    conn: sqlite3.Connection, config: Config, templates: Templates, conversation: sqlite3.Row, now: datetime
+    conn: sqlite3.Connection, config: Config, templates: Templates, conversation: sqlite3.Row, now: datetime,
+    *, cause: str = "overdue",
 ) -> dict[str, Any]:
     """Move an overdue conversation to the next unit of its chain and notify the new owner.
 
     At the end of the chain the owner stays, is reminded, and the next reminder is scheduled:
-    ownership never lapses and the conversation stays visibly overdue.
+    ownership never lapses and the conversation stays visibly overdue. ``cause`` "callbacks":
+    the call-backs failed, before the deadline; the notice says so (``callback_escalation``)
+    instead of that the deadline passed.
     """
     from_unit = conversation["unit"]
     level = conversation["escalation_level"] + 1
@@ -284,7 +287,8 @@ def escalate(
     old_deadline = parse_iso(conversation["deadline"])
     new_deadline = deadline_for(config, to_unit, now)
     if to_unit != from_unit:
-        reason = f"{config.units[from_unit].name} did not answer by the deadline; escalated to {config.units[to_unit].name}."
+        why = "could not reach the person by phone" if cause == "callbacks" else "did not answer by the deadline"
+        reason = f"{config.units[from_unit].name} {why}; escalated to {config.units[to_unit].name}."
         conn.execute(
             "UPDATE conversations SET unit = ?, escalation_level = ?, deadline = ?, escalate_at = ?, assignee = NULL,"
             " updated_at = ? WHERE id = ?",
@@ -308,7 +312,8 @@ def escalate(
     updated = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation["id"],)).fetchone()
     # The end of the chain is reminded of a deadline that stays: "please answer by" a time
     # gone by read oddly, so a ``reminder`` template says it where one is configured.
-    template = next(t for t in ("reminder" if to_unit == from_unit else "escalation", "escalation", "ack") if templates.has(t))
+    first = "reminder" if to_unit == from_unit else "callback_escalation" if cause == "callbacks" else "escalation"
+    template = next(t for t in (first, "escalation", "ack") if templates.has(t))
     queue_unit_notification(
         conn,
         config,

@@ -479,3 +479,14 @@ async def test_a_call_put_through_and_picked_up_answers_its_conversation(tmp_pat
         assert await harness.count("messages", "kind = 'callback' AND conversation_id = ?", (call.conversation_id,)) == 1
         harness.clock.set(call.deadline + timedelta(hours=1))
         assert await harness.escalate() == []
+
+
+async def test_failed_call_backs_escalate_with_a_notice_that_says_so(harness):
+    """The notice said the case "was not answered by" a deadline still hours ahead."""
+    result = await harness.core.ingest(webform_message())
+    for _ in range(3):
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/callbacks", json={"outcome": "not_reached"})
+    (note,) = await harness.rows("SELECT text FROM messages WHERE kind = 'notification'")
+    assert note["text"].startswith(f"Fall {result.case_reference}: Wir haben die Person telefonisch nicht erreicht."), note
+    (escalation,) = await harness.rows("SELECT reason FROM escalations")
+    assert "could not reach the person by phone" in escalation["reason"]
