@@ -112,9 +112,15 @@ def _int_param(value: str, field: str) -> int:
 async def _scoped_conversation(request: web.Request) -> tuple[StaffMember, int, frozenset[str]]:
     """The member, the conversation's id and the member's units: a quick 404 for a conversation
     outside them. The actions check the units again inside their write, since a transfer or an
-    escalation may move the conversation in between."""
+    escalation may move the conversation in between.
+
+    Not for a request with an ``Idempotency-Key``: its action answers a replay first, then
+    checks the units in its write. A reply whose answer was lost, sent again after the case
+    moved to another unit, got a 404, and staff took the sent answer for one never sent."""
     member, units = authenticate(request)
     conversation_id = _int_param(request.match_info["id"], "id")
+    if idempotency.HEADER in request.headers:
+        return member, conversation_id, units
     unit = await queries.conversation_unit(request.app[keys.CORE], conversation_id)
     if unit is None or unit not in units:
         raise _error(404, "not_found", "conversation not found")
@@ -163,6 +169,8 @@ async def list_conversations(request: web.Request) -> web.Response:
         request.app[keys.CORE], units=units, state=state, channel=q.get("channel"), overdue=overdue,
         q=search, contact_id=contact, flag=flag, before_id=before, limit=limit,
     )
+    if not _sees_status_link(request.app[keys.CONFIG], member):
+        items = [_hide_status_link(item) for item in items]
     return web.json_response({"items": items, "next_cursor": cursor})
 
 
@@ -185,11 +193,13 @@ _STATUS_LINK = re.compile(
 )
 
 
-def _hide_status_link(detail: dict[str, Any]) -> None:
-    """Take residents' status links out of the detail: its own field, and wherever a message
-    carries one (the acknowledgement, the notice of a new answer, the call-back SMS, a reply by
-    mail that quotes one of them, in ``meta``, or another conversation's link quoted or pasted)."""
-    detail.pop("status_url", None)
+def _hide_status_link(item: dict[str, Any]) -> dict[str, Any]:
+    """A conversation (its detail or its list entry) without residents' status links: its own
+    field gone, and every text that carries one (the acknowledgement, the notice of a new
+    answer, the call-back SMS, a reply by mail that quotes one of them, ``meta``, the subject,
+    a call-back's note, another conversation's link quoted or pasted). The subject slipped
+    through, in the detail and in the list: a resident who pasted an older case's link into
+    a new case's subject gave it to the contractor who got the new case."""
 
     def scrub(value: Any) -> Any:
         if isinstance(value, str):
@@ -197,12 +207,12 @@ def _hide_status_link(detail: dict[str, Any]) -> None:
             # resident's acknowledgement, and a resident pastes an older case's link.
             return _STATUS_LINK.sub(HIDDEN_STATUS_LINK, value) if "/status/" in value or len(value) >= 45 else value
         if isinstance(value, dict):
-            return {key: scrub(item) for key, item in value.items()}
+            return {key: scrub(inner) for key, inner in value.items()}
         if isinstance(value, list):
-            return [scrub(item) for item in value]
+            return [scrub(inner) for inner in value]
         return value
 
-    detail["messages"] = [scrub(message) for message in detail["messages"]]
+    return {key: scrub(value) for key, value in item.items() if key != "status_url"}
 
 
 async def _detail(request: web.Request, member: StaffMember, units: frozenset[str], conversation_id: int) -> dict[str, Any]:
@@ -212,7 +222,7 @@ async def _detail(request: web.Request, member: StaffMember, units: frozenset[st
     if detail is None or detail["unit"] not in units:
         raise _error(404, "not_found", "conversation not found")
     if not _sees_status_link(request.app[keys.CONFIG], member):
-        _hide_status_link(detail)
+        return _hide_status_link(detail)
     return detail
 
 

@@ -6,6 +6,8 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from router.hookspecs import hookimpl
 from router.testing import CoreHarness
 
@@ -111,3 +113,26 @@ async def test_a_reply_sent_again_does_not_ask_the_reply_copies_plugins_again(tm
         for _ in range(3):
             assert (await _post(harness, f"/api/v1/conversations/{case}/replies", {"text": "Morgen."}, "r"))[0] == 201
     assert calls == ["Morgen."]
+
+
+@pytest.mark.parametrize(("action", "body"), [("replies", {"text": "Wir kommen morgen."}), ("notes", {"text": "Rückruf vereinbart"}),
+                                              ("callbacks", {"outcome": "not_reached"})])
+async def test_an_action_sent_again_after_its_conversation_moved_away_is_answered_as_the_first_time(harness, action, body):
+    """The contractor's answer was lost on the way and the hotline transferred the case: the
+    retry got a 404, and staff took the reply for one never sent."""
+    case = await _case(harness)
+    path = f"/api/v1/conversations/{case}/{action}"
+    first = await _post(harness, path, body, "k-1", token="contractor")
+    assert first[0] == 201
+    status, _, _ = await _post(harness, f"/api/v1/conversations/{case}/transfer", {"unit": "kundenservice"}, None, token="hotline")
+    assert status == 200
+    again = await _post(harness, path, body, "k-1", token="contractor")
+    assert again[0] == 201 and again[1] == first[1] and again[2] == "true"
+    # a new key, or none, is an action on a conversation the contractor no longer sees
+    assert (await _post(harness, path, body, "k-2", token="contractor"))[0] == 404
+    assert (await _post(harness, path, body, None, token="contractor"))[0] == 404
+    # and a key never used, on another unit's conversation, reveals nothing either
+    other = await harness.core.ingest(webform_message("Meine Rechnung ist falsch", topic="other", address=None))
+    status, error, _ = await _post(harness, f"/api/v1/conversations/{other.conversation_id}/{action}", body, "k-3",
+                                   token="contractor")
+    assert (status, error["error"]["code"]) == (404, "not_found")

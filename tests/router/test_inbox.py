@@ -321,6 +321,26 @@ async def test_the_residents_status_link_is_taken_out_of_the_texts_an_external_u
     assert next(m for m in seen["messages"] if m["kind"] == "ack")["text"] == ack["text"].replace(url, "[status link]")
 
 
+async def test_a_status_link_in_a_subject_or_a_call_back_note_is_hidden_from_an_external_unit_too(harness):
+    """Only the messages were scrubbed: a resident who pasted an older case's link into a new
+    case's subject gave it to the contractor, in the detail and in the list."""
+    first = await harness.core.ingest(webform_message("Erste Anfrage", email="a@example.net"))
+    second = await harness.core.ingest(webform_message("Baustelle vor dem Haus", email="a@example.net",
+                                                       subject=f"Link {first.status_url} geht nicht"))
+    assert second.unit == "tiefbau-muster"
+    await harness.api("POST", f"/api/v1/conversations/{second.conversation_id}/callbacks", token="hotline",
+                      json={"outcome": "not_reached", "note": f"Link genannt: {first.status_token}"})
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{second.conversation_id}", token="contractor")
+    assert status == 200 and seen["subject"] == "Link [status link] geht nicht"
+    status, listing = await harness.api("GET", "/api/v1/conversations", token="contractor")
+    assert status == 200 and [i["subject"] for i in listing["items"] if i["id"] == second.conversation_id] == [
+        "Link [status link] geht nicht"]
+    assert first.status_token not in json.dumps(seen) + json.dumps(listing)
+    # the hotline, an own unit, sees it as written
+    status, listing = await harness.api("GET", "/api/v1/conversations", token="hotline")
+    assert any(first.status_token in (i["subject"] or "") for i in listing["items"])
+
+
 @pytest.mark.parametrize(("action", "body"), [
     ("assign", {"assignee": "Polier Schmidt"}),
     ("replies", {"text": "Wir kommen morgen."}),
