@@ -319,7 +319,12 @@ def record_failure(
         (r["channel"], r["to_kind"], r["to_address"])
         for r in conn.execute("SELECT channel, to_kind, to_address FROM outbox WHERE message_id = ?", (row["message_id"],))
     }
-    conv = conn.execute("SELECT contact_id, channel FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
+    conv = conn.execute("SELECT contact_id, channel, state FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
+    if row["kind"] == "ack" and conv["state"] == "closed":
+        # Staff closed the case before its acknowledgement went (a duplicate, spam): nobody is
+        # to be told any more, nor called back. It landed on the call-back list, closed.
+        record_event(conn, row["conversation_id"], "undeliverable", stamp, reason=error[:500])
+        return
     # An address the contact merely named (``claimed``, typed into a form): see ``claims_usable``.
     identities = conn.execute(
         "SELECT kind, address FROM identities WHERE contact_id = ? AND claimed <= ? ORDER BY last_inbound_at DESC",

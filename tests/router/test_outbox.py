@@ -26,7 +26,7 @@ from router.store.sqlite import _connect, apply_migrations
 from router.testing import CoreHarness
 
 from ..reliability.helpers import wait_until
-from .helpers import vm_steps
+from .helpers import vm_steps, webform_message
 
 
 class RaceChat(Channel):
@@ -1097,3 +1097,25 @@ async def test_a_lost_answer_does_not_reopen_a_case_the_resident_wrote_in_since(
                                                                       permanent=True))
         status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
         assert detail["state"] == "closed"
+
+
+async def test_an_acknowledgement_that_fails_after_the_case_was_closed_puts_nobody_on_the_call_back_list(harness):
+    """Closed before its acknowledgement went (a duplicate, spam): the failure flagged the
+    closed case callback_required, and it showed on the call-back list."""
+    from router.channel import PermanentDeliveryError
+
+    case = (await harness.core.ingest(webform_message(email="weg@example.org"))).conversation_id
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/close")
+    assert status == 200 and detail["state"] == "closed"
+
+    async def refuse(message):
+        raise PermanentDeliveryError("recipient refused")
+
+    for channel in harness.core.channels.values():
+        channel.send = refuse
+    await harness.run_outbox()
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+    assert (detail["state"], detail["flags"]) == ("closed", [])
+    assert [e["kind"] for e in detail["events"]].count("undeliverable") == 1
+    status, listing = await harness.api("GET", "/api/v1/conversations?flag=callback_required")
+    assert listing["items"] == []
