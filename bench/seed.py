@@ -76,9 +76,10 @@ def seed(path: Path, conversations: int, now: datetime, rng: random.Random, work
                           f"Anliegen {i}", "construction-in-area", "seeded", deadline, escalate_at, stamp, stamp, stamp,
                           stamp if state in ("answered", "closed") else None, stamp if state == "closed" else None,
                           flags))
-            messages.append((2 * i - 1, i, i, "in", "message", channel, f"seed.{i}", "Der Gehweg ist gesperrt.", stamp))
-            messages.append((2 * i, i, i, "out", "ack", channel, None, "Vielen Dank, Ihre Fallnummer ...", stamp))
             sent = state != "open"
+            messages.append((2 * i - 1, i, i, "in", "message", channel, f"seed.{i}", "Der Gehweg ist gesperrt.", None, stamp))
+            messages.append((2 * i, i, i, "out", "ack", channel, None, "Vielen Dank, Ihre Fallnummer ...",
+                             "delivered" if sent else "queued", stamp))
             outbox.append((i, 2 * i, i, channel, "ack", "phone", f"+49151{i:08d}", "sent" if sent else "pending",
                            1 if sent else 0, stamp, f"ack:{i}", stamp, stamp))
         conn.execute("BEGIN")
@@ -91,7 +92,8 @@ def seed(path: Path, conversations: int, now: datetime, rng: random.Random, work
             " subject, routing_rule, routing_reason, deadline, escalate_at, created_at, updated_at, last_inbound_at,"
             " first_answered_at, closed_at, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", convs)
         conn.executemany("INSERT INTO messages (id, conversation_id, contact_id, direction, kind, channel,"
-                         " channel_message_id, text, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+                         " channel_message_id, text, delivery_status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         messages)
         conn.executemany(
             "INSERT INTO outbox (id, message_id, conversation_id, channel, kind, to_kind, to_address, state, attempts,"
             " next_attempt_at, idempotency_key, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

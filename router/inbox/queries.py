@@ -739,7 +739,10 @@ def stats_query(units: Iterable[str], now: str, since: str | None = None, until:
         " medians AS (SELECT channel, unit, AVG(s) AS median FROM r WHERE n IN ((total + 1) / 2, (total + 2) / 2)"
         "  GROUP BY channel, unit),"
         " a AS (SELECT channel, unit, COUNT(*) AS received,"
-        "  SUM(state != 'open' OR EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.kind = 'ack'"
+        # Acknowledged: an acknowledgement went out. Not "any state but open": a machine's
+        # message opens a waiting conversation with none, and one closed or answered before
+        # its acknowledgement went (or after it failed) had none either.
+        "  SUM(state = 'acknowledged' OR EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.kind = 'ack'"
         "   AND m.delivery_status IN ('sent', 'delivered', 'read'))) AS acknowledged,"
         "  SUM(first_answered_at IS NOT NULL) AS answered,"
         "  SUM(deadline IS NOT NULL AND deadline < ? AND state IN ('open', 'acknowledged')) AS overdue"

@@ -565,6 +565,22 @@ async def test_stats_median_time_to_first_answer(harness):
     assert row["median_first_answer_seconds"] == 120.0  # 30, 60, 120, 600, 3600
 
 
+async def test_stats_count_as_acknowledged_only_what_an_acknowledgement_reached(harness):
+    """Any state but open counted: a mailing list's message (a waiting conversation with no
+    acknowledgement at all) and a case closed before its acknowledgement went out."""
+    machine = await harness.core.ingest(webform_message("Newsletter Dezember", ack_suppressed="list"))
+    closed = await _case(harness)
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{closed}/close")
+    assert status == 200 and not machine.acknowledged
+    status, body = await harness.api("GET", "/api/v1/stats")
+    (row,) = [r for r in body["items"] if r["unit"] == "tiefbau-muster"]
+    assert (row["received"], row["acknowledged"]) == (2, 0)
+    await harness.run_outbox()  # the closed case's acknowledgement goes out after all
+    status, body = await harness.api("GET", "/api/v1/stats")
+    (row,) = [r for r in body["items"] if r["unit"] == "tiefbau-muster"]
+    assert (row["received"], row["acknowledged"]) == (2, 1)
+
+
 async def _created_at(harness, stamps: dict[int, str]) -> None:
     def write(conn):
         for conversation_id, stamp in stamps.items():
