@@ -498,8 +498,12 @@ class Core:
             )
             tracking.record_event(conn, conversation_id, "transferred", stamp, actor=staff, from_unit=conv["unit"], to_unit=unit, reason=why)
             updated = self._conversation(conn, conversation_id)
+            # A case that waits for no answer (answered, waiting for the resident, closed) has no
+            # deadline: its new owner was asked to answer "by -".
+            names = ("new_owner",) if waiting else ("new_owner_nothing_due", "new_owner")
+            template = next((t for t in names if self.templates.has(t)), "ack")
             tracking.queue_unit_notification(conn, self.config, self.templates, conversation=updated, unit_id=unit,
-                                             template="new_owner" if self.templates.has("new_owner") else "ack", now=now)
+                                             template=template, now=now)
             return dict(updated)
 
         updated = await self.store.write(work)

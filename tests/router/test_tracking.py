@@ -490,3 +490,15 @@ async def test_failed_call_backs_escalate_with_a_notice_that_says_so(harness):
     assert note["text"].startswith(f"Fall {result.case_reference}: Wir haben die Person telefonisch nicht erreicht."), note
     (escalation,) = await harness.rows("SELECT reason FROM escalations")
     assert "could not reach the person by phone" in escalation["reason"]
+
+
+@pytest.mark.parametrize("action", ["close", "wait"])
+async def test_a_transfer_of_a_case_no_answer_is_due_for_does_not_ask_for_one(harness, action):
+    """The new owner was asked to answer "bis -"."""
+    case = (await harness.core.ingest(webform_message())).conversation_id
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/{action}")
+    assert status == 200
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/transfer", json={"unit": "bauhotline"})
+    assert status == 200
+    (note,) = await harness.rows("SELECT text FROM messages WHERE kind = 'notification' AND conversation_id = ?", (case,))
+    assert note["text"].endswith("Eine Antwort ist derzeit nicht fällig.") and " bis " not in note["text"], note["text"]
