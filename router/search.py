@@ -68,9 +68,18 @@ def search_text(subject: str | None, text: str | None, name: str | None) -> str:
     return folded_search_text(normalize(" ".join(filter(None, (subject, text)))), name)
 
 
+MAX_WORDS = 10
+"""Words a search may have: each is a probe of the index; the inbox refuses more (400)."""
+
+
 def match_words(q: str) -> list[str]:
-    """The folded words of a search (at most ten), each of which must occur as a word start."""
-    return _WORD.findall(normalize(q))[:10]
+    """The folded words of a search (at most ``MAX_WORDS``), each of which must occur as a word start."""
+    return _WORD.findall(normalize(q))[:MAX_WORDS]
+
+
+def word_count(q: str) -> int:
+    """How many words ``q`` has, as a search counts them."""
+    return len(_WORD.findall(normalize(q)))
 
 
 def folded_search_text(folded: str, name: str | None) -> str:

@@ -401,6 +401,16 @@ async def test_free_text_search_folds_umlauts_and_needs_every_word(harness):
     assert status == 200 and found(body) == []
 
 
+async def test_a_search_of_more_words_than_it_takes_is_refused_naming_q(harness):
+    """The words after the tenth were dropped: a search found what did not have them."""
+    await harness.core.ingest(webform_message("eins zwei drei vier fünf sechs sieben acht neun zehn"))
+    ten = "eins zwei drei vier fünf sechs sieben acht neun zehn"
+    status, body = await harness.api("GET", f"/api/v1/conversations?q={ten}")
+    assert status == 200 and len(found(body)) == 1
+    status, body = await harness.api("GET", f"/api/v1/conversations?q={ten} elf")
+    assert status == 400 and body["error"]["field"] == "q" and "10 words" in body["error"]["message"]
+
+
 async def test_a_one_character_search_word_matches_whole_words_only(harness):
     four = await harness.core.ingest(webform_message("Vor Hausnummer 4 ist der Gehweg offen"))
     await harness.core.ingest(webform_message("Die Leitung in Nummer 4711 ist kaputt", email="b@example.net"))
