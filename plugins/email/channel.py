@@ -38,7 +38,8 @@ from router.hookspecs import (
     read_limited_body,
 )
 
-from .compose import build_mail
+from .addresses import ascii_address
+from .compose import build_mail, needs_smtputf8, render
 from .imap import ImapPoller, imap_mailboxes
 from .limits import MAX_RECIPIENTS
 from .loops import AckRateLimiter
@@ -92,7 +93,8 @@ class EmailChannel(Channel):
                     error_code=bounce.get("status"),
                     error_detail=bounce.get("reason"),
                     permanent=bool(bounce.get("permanent", True)),
-                    raw={"recipient": bounce.get("recipient"), "bounce_message_id": inbound["channel_message_id"]},
+                    raw={"recipient": bounce.get("recipient"),
+                         "bounce_message_id": inbound["raw"]["message_id"] or inbound["channel_message_id"]},
                 )
             )
         return result
@@ -253,22 +255,33 @@ class EmailChannel(Channel):
 
     async def send(self, message: OutboundMessage) -> SendResult:
         """Deliver through the relay. 4xx, timeouts and connection errors are retryable; 5xx
-        refusals are permanent. Without a relay the mail stays queued."""
+        refusals are permanent. Without a relay the mail stays queued.
+
+        The mail goes out as the bytes ``compose.render`` makes (msg-ids kept whole), to the
+        address with its domain in ASCII where its local part allows (``ascii_address``). An
+        address that needs SMTPUTF8 (``jürgen@…``) through a relay without it is a permanent
+        failure of this message, not of the address (see ``_utf8_refused``)."""
         settings = self.settings
         if not settings.relay_host:
             raise RetryableDeliveryError("no relay configured", code="not_configured")
+        sender = ascii_address(message.unit_email or settings.from_address)
+        recipient = ascii_address(message.to)
         mail = build_mail(
             message,
-            from_addr=message.unit_email or settings.from_address,
+            from_addr=sender,
             from_name=message.unit_name or settings.from_name,
             domain=settings.domain,
             now=self.context.clock.now(),
         )
         message_id = str(mail["Message-ID"])
+        utf8 = needs_smtputf8(sender, recipient)
         try:
             await asyncio.wait_for(
                 aiosmtplib.send(
-                    mail,
+                    render(mail, utf8=utf8),
+                    sender=sender,
+                    recipients=[recipient],
+                    mail_options=["SMTPUTF8", "BODY=8BITMIME"] if utf8 else None,  # RFC 6531 3.1: implies 8BITMIME
                     hostname=settings.relay_host,
                     port=settings.relay_port,
                     username=settings.relay_user,
@@ -285,6 +298,10 @@ class EmailChannel(Channel):
             if codes and all(400 <= c < 500 for c in codes):
                 raise RetryableDeliveryError(detail, code=str(codes[0])) from exc
             raise PermanentDeliveryError(detail, code=str(codes[0]) if codes else None) from exc
+        except aiosmtplib.SMTPNotSupported as exc:
+            if utf8 and "smtputf8" in str(exc).lower():
+                raise _utf8_refused(recipient, exc) from exc
+            raise RetryableDeliveryError(f"relay unreachable: {exc}", code="relay_unreachable") from exc
         except aiosmtplib.SMTPAuthenticationError as exc:
             # Our credentials are wrong: not the recipient's fault, so keep the mail queued.
             raise RetryableDeliveryError(f"relay authentication failed: {exc.code} {exc.message}", code="relay_auth") from exc
@@ -297,6 +314,22 @@ class EmailChannel(Channel):
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             raise RetryableDeliveryError(f"relay unreachable: {exc}", code="relay_unreachable") from exc
         return SendResult(provider_id=message_id, thread_key=message_id)
+
+
+def _utf8_refused(recipient: str, exc: Exception) -> PermanentDeliveryError:
+    """The relay does not offer SMTPUTF8 (RFC 6531), and ``recipient`` has no ASCII form (its
+    local part is beyond ASCII). Retrying changes nothing until the relay is changed, so the
+    outbox stops and tries the contact's other identities (or flags a call-back) at once;
+    before, this was "relay unreachable", retried for a day.
+
+    ``address_failed`` is False: the address is fine, our relay cannot carry it. Marked failed,
+    the contact's address would look wrong to staff and be passed over by later replies even
+    after the relay learnt SMTPUTF8; as it is, each later message to it fails at once in the
+    same way and falls back the same way."""
+    return PermanentDeliveryError(
+        f"the relay does not support SMTPUTF8, needed for {recipient}: {exc}", code="smtputf8_not_supported",
+        address_failed=False,
+    )
 
 
 class SMTPHandler:

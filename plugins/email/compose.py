@@ -9,17 +9,54 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import re
 from datetime import datetime
+from email import policy as email_policy
+from email.generator import BytesGenerator
+from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
 
 from router.hookspecs import OutboundMessage
 
+from .addresses import ascii_address
+
 _REPLY_PREFIX = re.compile(r"^\s*(?:re|aw|antw|sv|wg|fwd?)\s*:", re.IGNORECASE)
 _MSGID = re.compile(r"<[^<>\s]+>")
 _OWN_ID = re.compile(r"<[0-9a-f]{32}\.cr@([^<>\s]+)>")
 _MAX_REFERENCES = 20
+# A msg-id longer than this would not fit on one header line (998 characters) after the name.
+_MAX_ID_CHARS = 900
+
+
+class MessageIdsHeader(UnstructuredHeader):
+    """In-Reply-To and References: msg-ids written as they are, folded between ids only.
+
+    The standard library folds these as unstructured text at 78 characters, and an id longer
+    than a line (Exchange Online's are about 90) became an RFC 2047 encoded word, which no
+    client reads as a msg-id (RFC 5322 3.6.4): Outlook did not thread our acknowledgements and
+    replies. An id longer than a line stays on a line of its own, up to 998 characters."""
+
+    def fold(self, *, policy: email_policy.Policy) -> str:
+        limit = policy.max_line_length or 0
+        lines = [f"{self.name}:"]
+        for mid in str(self).split():
+            if limit and len(lines[-1]) > len(self.name) + 1 and len(lines[-1]) + 1 + len(mid) > limit:
+                lines.append("")
+            lines[-1] += " " + mid
+        return policy.linesep.join(lines) + policy.linesep
+
+
+def _header_registry() -> HeaderRegistry:
+    registry = HeaderRegistry()
+    registry.map_to_type("in-reply-to", MessageIdsHeader)
+    registry.map_to_type("references", MessageIdsHeader)
+    return registry
+
+
+MAIL_POLICY = email_policy.default.clone(header_factory=_header_registry())
+"""``policy.default`` with ``MessageIdsHeader`` for In-Reply-To and References."""
 
 _DEFAULT_SUBJECT = {"de": "Ihre Anfrage", "en": "Your request"}
 _STATUS_LABEL = {"de": "Stand Ihrer Anfrage", "en": "Status of your request"}
@@ -57,10 +94,16 @@ def subject_for(message: OutboundMessage) -> str:
 
 
 def _thread_ids(refs: tuple[str, ...]) -> list[str]:
+    """The msg-ids in the thread's references, in order, each once.
+
+    A reference is an inbound mail's ``channel_message_id`` (``<id> <digest>``, see
+    ``parse.dedupe_key``; or the bare ``<id>`` it was before) or our own Message-ID: the
+    ``<...>`` in it is the Message-ID. Ids beyond ASCII (only valid in SMTPUTF8 mail) or longer
+    than a header line are left out, since they cannot be written as a msg-id."""
     ids: list[str] = []
     for ref in refs:
-        found = _MSGID.findall(ref) or ([f"<{ref.strip().strip('<>')}>"] if "@" in ref else [])
-        ids.extend(mid for mid in found if mid not in ids)
+        found = _MSGID.findall(ref) or ([f"<{ref.strip().strip('<>')}>"] if "@" in ref and " " not in ref.strip() else [])
+        ids.extend(mid for mid in found if mid not in ids and mid.isascii() and len(mid) <= _MAX_ID_CHARS)
     return ids
 
 
@@ -86,13 +129,16 @@ def build_mail(message: OutboundMessage, *, from_addr: str, from_name: str | Non
     ``thread_refs`` are Message-IDs of the thread, oldest first, as in a References header; the
     last one is the mail answered (In-Reply-To). Acknowledgements and notifications are marked
     as automatic (RFC 3834 ``Auto-Submitted``, Exchange's ``X-Auto-Response-Suppress``) so that
-    auto-responders do not answer them; staff replies get an HTML alternative.
+    auto-responders do not answer them; staff replies get an HTML alternative. Addresses are
+    written with ASCII domains where the local part allows (``ascii_address``), as the
+    envelope is. Send ``render(mail)``: the msg-ids stay msg-ids only there.
     """
-    mail = EmailMessage()
+    mail = EmailMessage(policy=MAIL_POLICY)
     mail["Message-ID"] = message_id_for(message.idempotency_key, domain)
     mail["Date"] = format_datetime(now)
-    mail["From"] = formataddr((_one_line(from_name), from_addr)) if from_name else from_addr
-    mail["To"] = message.to
+    sender = ascii_address(from_addr)
+    mail["From"] = formataddr((_one_line(from_name), sender)) if from_name else sender
+    mail["To"] = ascii_address(message.to)
     mail["Subject"] = subject_for(message)
     refs = _thread_ids(message.thread_refs)
     if refs:
@@ -111,3 +157,20 @@ def build_mail(message: OutboundMessage, *, from_addr: str, from_name: str | Non
     if message.language and re.fullmatch(r"[a-z]{2}", message.language):
         mail["Content-Language"] = message.language  # after set_content, which clears Content-*
     return mail
+
+
+def needs_smtputf8(*addresses: str) -> bool:
+    """Whether mail between these (envelope) addresses needs SMTPUTF8: one is beyond ASCII."""
+    return not all(address.isascii() for address in addresses)
+
+
+def render(mail: EmailMessage, *, utf8: bool = False) -> bytes:
+    """The bytes handed to the relay: CRLF line ends, headers folded at 78 characters (msg-ids
+    never inside an id, see ``MessageIdsHeader``), non-ASCII header text as RFC 2047 words;
+    with ``utf8`` (an address beyond ASCII, sent with SMTPUTF8) header text stays UTF-8.
+
+    Handing the relay client the ``EmailMessage`` instead let it flatten the mail with its
+    own policy, which does not keep msg-ids whole."""
+    out = io.BytesIO()
+    BytesGenerator(out, policy=email_policy.SMTPUTF8 if utf8 else email_policy.SMTP).flatten(mail)
+    return out.getvalue()

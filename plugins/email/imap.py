@@ -7,7 +7,8 @@ mailbox in a small JSON file under the data folder (``email/imap/<id>.json``, to
 mailbox's UIDVALIDITY), and the keyword ``$ContactRouter`` set on the message on the server, so
 people looking at the mailbox see what the router took. A restart searches only above the
 mark; when the server's UIDVALIDITY changes (the mailbox was rebuilt) everything is looked at
-again, and the core's de-duplication on Message-ID keeps anything from being stored twice.
+again, and the core's de-duplication keeps anything from being stored twice (the key is the
+mail's Message-ID with its From and Date, read from the mail itself: ``parse.dedupe_key``).
 
 A mail that fails to import every time must not block the mailbox: failed attempts are counted
 per UID in the same state file (a restart does not reset them), and after ``max_attempts`` the

@@ -27,7 +27,7 @@ from .authentication import failed_check
 from .bounces import parse_bounce
 from .limits import MAX_ATTACHMENTS, MAX_HTML, MAX_META_TEXT, MAX_MIME_DEPTH, MAX_MIME_ENTITIES, MAX_MIME_PARTS, MAX_TEXT
 from .loops import classify, relayed_sender
-from .text import decode_bytes, fix_surrogates, html_to_text, part_text, split_reply
+from .text import decode_bytes, fix_surrogates, html_to_text, part_text, split_reply, utf8_encoded_words
 
 CHANNEL = "email"
 MAX_REFS = 100
@@ -65,7 +65,11 @@ class _HeadersOfOneMail(HeaderRegistry):
     ``get_content_type``, ``get_param`` or ``get_filename`` of a part) and builds a new class
     each time: that was about half the CPU an inbound mail cost. Parsing is a pure function of
     name and value, so the cached header is the one the stdlib would have built. One instance
-    per mail, so the cache lives and dies with the message."""
+    per mail, so the cache lives and dies with the message.
+
+    One difference: RFC 2047 encoded words are first decoded with the charset fallback bodies
+    get (``utf8_encoded_words``), so a name in UTF-8 under an ``iso-8859-1`` label reads as the
+    sender wrote it, not as mojibake (nor Latin-1 under ``utf-8`` as U+FFFD)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,13 +82,14 @@ class _HeadersOfOneMail(HeaderRegistry):
         key = (name, value)
         found = self._parsed.get(key)
         if found is None:
+            relabelled = utf8_encoded_words(value)
             try:
-                found = self[name](name, value)
+                found = self[name](name, relabelled)
             except RecursionError:
                 # The stdlib parses comments and groups recursively: a From with a few thousand
                 # nested "(" (2.8 KB) exhausted the stack, and the mail was answered 451 for
                 # ever. Such a header is kept as plain text.
-                found = _header_class(self.default_class, self.base_class)(name, value)
+                found = _header_class(self.default_class, self.base_class)(name, relabelled)
             self._parsed[key] = found
         return found
 
@@ -183,11 +188,13 @@ def header(msg: Message, name: str) -> str | None:
 
 
 def _addresses(msg: Message, name: str) -> list[tuple[str, str]]:
-    """(display name, lower-cased address) pairs of an address header."""
+    """(display name, lower-cased address) pairs of an address header. An address in raw UTF-8
+    (SMTPUTF8 mail, RFC 6532) is decoded like the display name: left as the parser's escaped
+    bytes it was no valid address, and such mail imported over IMAP had no sender."""
     try:
         value = msg.get(name)
         if value is not None and hasattr(value, "addresses"):
-            found = [(fix_surrogates(a.display_name or ""), a.addr_spec.lower()) for a in value.addresses]
+            found = [(fix_surrogates(a.display_name or ""), fix_surrogates(a.addr_spec).lower()) for a in value.addresses]
             return [(n, a) for n, a in found if "@" in a]
     except Exception:  # noqa: BLE001
         pass
@@ -276,25 +283,90 @@ def _attachments(msg: Message, leaves: list[Message]) -> list[Attachment]:
     return found
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Piece:
+    """The text of one body part, whether it was HTML, and whether that HTML was cut."""
+
+    text: str
+    html: bool = False
+    cut: bool = False
+
+
+class _BodyReader:
+    """Reads the text a person wrote out of a MIME tree, in the tree's order.
+
+    A multipart/alternative gives one of its parts (text/plain preferred, else the HTML as
+    text); any other multipart gives the text of all its parts that are not attachments, in
+    order: Apple Mail sends text, an inline image and more text as three parts of a
+    multipart/mixed, and the text after the image used to be dropped. Where such a multipart
+    holds both text/plain and text/html parts side by side (a mailer that forgot the
+    multipart/alternative), the HTML ones are taken for copies of the plain text.
+
+    Only ``leaves`` (the leaf parts ``_leaves`` visited) are read, and no more than
+    ``MAX_HTML`` characters of HTML in all, so the work stays bounded.
+    """
+
+    def __init__(self, root: Message, leaves: list[Message]) -> None:
+        self.root = root
+        self.leaves = {id(part) for part in leaves}
+        self.html_left = MAX_HTML
+        self.visits = 0
+
+    def read(self, part: Message) -> list[_Piece]:
+        """The non-empty pieces of text in ``part``, in order."""
+        self.visits += 1
+        if self.visits > MAX_MIME_PARTS:
+            return []  # containers too: no further than ``_leaves`` went
+        if id(part) in self.leaves:
+            return self._leaf(part)
+        payload = part.get_payload() if part.is_multipart() else None
+        children = [sub for sub in payload if isinstance(sub, Message)] if isinstance(payload, list) else []
+        if part.get_content_subtype() == "alternative":
+            return self._one_of(children)
+        if self._has_text(children, "text/plain"):
+            children = [sub for sub in children if not (id(sub) in self.leaves and sub.get_content_type() == "text/html")]
+        return [piece for sub in children for piece in self.read(sub)]
+
+    def _has_text(self, parts: list[Message], ctype: str) -> bool:
+        return any(id(p) in self.leaves and p.get_content_type() == ctype and not _is_attachment(p) for p in parts)
+
+    def _one_of(self, children: list[Message]) -> list[_Piece]:
+        """The first alternative with text, text/plain ones first (HTML is read only when needed)."""
+        for sub in sorted(children, key=lambda p: p.get_content_type() != "text/plain"):
+            found = self.read(sub)
+            if found:
+                return found
+        return []
+
+    def _leaf(self, part: Message) -> list[_Piece]:
+        if part is not self.root and _is_attachment(part):
+            return []
+        ctype = part.get_content_type()
+        if ctype == "text/plain":
+            text = part_text(part)
+            return [_Piece(text)] if text.strip() else []
+        if ctype != "text/html" or self.html_left <= 0:
+            return []
+        html = part_text(part)
+        read = html[: self.html_left]
+        self.html_left -= len(read)
+        text = html_to_text(read)
+        return [_Piece(text, html=True, cut=len(read) < len(html))] if text.strip() else []
+
+
 def _body(msg: Message, leaves: list[Message]) -> tuple[str, bool, bool]:
-    """The body as text, whether it came from HTML, and whether the HTML was longer than
-    ``MAX_HTML`` and only its beginning was read. ``leaves`` are the leaf parts of ``msg``."""
-    plain = html = None
+    """The body as text (see ``_BodyReader``), whether any of it came from HTML, and whether
+    HTML was longer than ``MAX_HTML`` and only its beginning was read. ``leaves`` are the leaf
+    parts of ``msg``."""
     try:
-        for part in leaves:
-            if _is_attachment(part) and part is not msg:
-                continue
-            ctype = part.get_content_type()
-            if ctype == "text/plain" and plain is None:
-                plain = part_text(part)
-            elif ctype == "text/html" and html is None:
-                html = part_text(part)
+        pieces = _BodyReader(msg, leaves).read(msg)
     except Exception:  # noqa: BLE001
-        pass
-    if plain is not None and (plain.strip() or html is None):
-        return plain, False, False
-    if html is not None:
-        return html_to_text(html[:MAX_HTML]), True, len(html) > MAX_HTML
+        pieces = []
+    if len(pieces) == 1:
+        return pieces[0].text, pieces[0].html, pieces[0].cut
+    if pieces:
+        text = "\n\n".join(piece.text.strip("\n") for piece in pieces)
+        return text, any(p.html for p in pieces), any(p.cut for p in pieces)
     if not msg.is_multipart() and msg.get_content_maintype() in ("text", "multipart"):
         return part_text(msg), False, False
     return "", False, False
@@ -347,11 +419,44 @@ _NOT_IN_ADDRESS = frozenset('<>()[],;:"\\')
 def _valid_address(address: str) -> bool:
     """An address a reply can go to: ``local@domain``, at most 320 characters, without spaces,
     control characters or header punctuation. Letters beyond ASCII are fine: the listener offers
-    SMTPUTF8 (RFC 6531), and ``jürgen@exämple.de`` is somebody, not ``unknown@invalid``."""
+    SMTPUTF8 (RFC 6531), and ``jürgen@exämple.de`` is somebody, not an anonymous sender."""
     local, at, domain = address.partition("@")
     if not (at and local and domain and "@" not in domain and len(address) <= 320):
         return False
     return not any(ch.isspace() or ch < " " or ch in _NOT_IN_ADDRESS or "\ud800" <= ch <= "\udfff" for ch in address)
+
+
+DEDUPE_DIGEST_CHARS = 16
+
+
+def dedupe_key(message_id: str | None, from_address: str, sent_at: str | None, raw: bytes) -> str:
+    """The ``channel_message_id`` of a mail, the key the core de-duplicates on: the Message-ID,
+    a space, and the first 16 hex digits of a SHA-256 of the From address (lower-cased, as
+    ``_addresses`` gives it) and the Date (``sent_at``).
+
+    The Message-ID alone was not enough: scanners and PHP forms send every mail as
+    ``<1@localhost>``, and a second resident's mail was answered 250 and dropped as a
+    duplicate of the first. The Date tells apart the mails of a form that also sends each from
+    the same address (its own). Both inputs are read from the mail's own headers, never from the
+    envelope, so the same mail over SMTP, over IMAP or retried still gets the same key. The
+    bare Message-ID stays the mail's thread key (``thread_keys``) for the replies that name it,
+    and ``compose`` takes it out of this key again for outbound References. A mail without a
+    Message-ID, or with one too long for the key (512 characters), is keyed by the SHA-256 of
+    its bytes."""
+    if message_id:
+        material = f"{from_address}\n{sent_at or ''}".encode("utf-8", "surrogatepass")
+        key = f"{message_id} {hashlib.sha256(material).hexdigest()[:DEDUPE_DIGEST_CHARS]}"
+        if len(key) <= 512:
+            return key
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def anonymous_address(channel_message_id: str) -> str:
+    """The sender address of a mail that names nobody (no usable From, no envelope sender):
+    unique to the mail, of the kind the core treats as unreachable (``anonymous``), as the
+    phone channel does for a withheld number. Such mail used to be filed under one contact,
+    ``unknown@invalid``, threaded together and acknowledged to that address."""
+    return "anonymous:email-" + hashlib.sha256(channel_message_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _clip(value: str | None, limit: int) -> str | None:
@@ -406,12 +511,10 @@ def parse_mail(
     """
     flags: list[str] = []
     message_id = next(iter(message_ids(header(msg, "Message-ID"))), None)
-    if message_id and len(message_id) <= 512:
-        channel_message_id = message_id
-    else:
-        channel_message_id = "sha256:" + hashlib.sha256(raw).hexdigest()
-
     senders = _addresses(msg, "From")
+    sent_at = _sent_at(msg)
+    channel_message_id = dedupe_key(message_id, senders[0][1] if senders else "", sent_at, raw)
+
     reply_to = _addresses(msg, "Reply-To")
     display_name, address = senders[0] if senders else ("", "")
     relayed_for = relayed_sender(msg)
@@ -422,8 +525,9 @@ def parse_mail(
     if not _valid_address(address):
         fallback = (envelope_from or "").strip().strip("<>").lower()
         address = fallback if _valid_address(fallback) else ""
+    sender: dict[str, Any] = {"kind": "email", "address": address[:320], "display_name": _clip(display_name or None, 200)}
     if not address:
-        address = "unknown@invalid"
+        sender.update(kind="anonymous", address=anonymous_address(channel_message_id))
         flags.append("no_sender")
 
     recipient = _recipient(msg, envelope_to, addresses)
@@ -509,9 +613,9 @@ def parse_mail(
         "channel": CHANNEL,
         "channel_message_id": channel_message_id,
         "kind": "message",
-        "sender": {"kind": "email", "address": address[:320], "display_name": _clip(display_name or None, 200)},
+        "sender": sender,
         "recipient": recipient,
-        "sent_at": _sent_at(msg),
+        "sent_at": sent_at,
         "subject": _clip(header(msg, "Subject"), 1000),
         "text": text[:MAX_TEXT] if text else None,
         "language": language if language and re.fullmatch(r"[a-z]{2}", language) else None,

@@ -7,6 +7,8 @@ decoded as well as it can be, because a resident's message must never be lost to
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import re
 from email.message import Message
@@ -59,6 +61,54 @@ def fix_surrogates(value: str) -> str:
     if not any("\udc80" <= ch <= "\udcff" for ch in value):
         return value
     return decode_bytes(value.encode("utf-8", "surrogateescape"), None)
+
+
+# A run of RFC 2047 encoded words (``=?charset?Q?text?=``), with or without blanks between.
+_ENCODED_WORD = r"=\?[^?\s]+\?[qQbB]\?[^?\s]*\?="
+_ENCODED_WORD_RUN = re.compile(rf"{_ENCODED_WORD}(?:\s*{_ENCODED_WORD})*")
+_ENCODED_WORD_PARTS = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
+
+
+def _encoded_word_bytes(encoding: str, data: str) -> bytes | None:
+    """The bytes of one encoded word's text (Q or B), or None when they cannot be read."""
+    try:
+        if encoding in "qQ":
+            return binascii.a2b_qp(data.encode("ascii"), header=True)
+        return base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+    except (ValueError, binascii.Error):  # UnicodeEncodeError is a ValueError
+        return None
+
+
+def _utf8_word_run(match: re.Match[str]) -> str:
+    """One run of encoded words as a single UTF-8 encoded word; the run unchanged when a word
+    cannot be read. Neighbouring words of one charset are decoded together: some clients split
+    a character's bytes between two words."""
+    chunks: list[tuple[str, bytearray]] = []
+    for charset, encoding, data in _ENCODED_WORD_PARTS.findall(match.group()):
+        found = _encoded_word_bytes(encoding, data)
+        if found is None:
+            return match.group()
+        label = charset.split("*", 1)[0].lower()  # RFC 2231 adds a language: utf-8*de
+        if chunks and chunks[-1][0] == label:
+            chunks[-1][1].extend(found)
+        else:
+            chunks.append((label, bytearray(found)))
+    text = "".join(decode_bytes(bytes(data), label) for label, data in chunks)
+    return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii") + "?="
+
+
+def utf8_encoded_words(value: str) -> str:
+    """A raw header value with each run of RFC 2047 encoded words decoded through
+    ``decode_bytes`` and encoded again as UTF-8, for the standard library to parse.
+
+    The standard library decodes an encoded word strictly by its label: UTF-8 bytes under
+    ``iso-8859-1`` became mojibake ("JÃ¼rgen") and Latin-1 bytes under ``utf-8`` U+FFFD. Bodies
+    get a fallback for such labels; headers now get the same one. The header keeps its
+    structure (a word stays a word where it stood), so addresses parse as before. Linear in
+    the length of ``value``."""
+    if "=?" not in value:
+        return value
+    return _ENCODED_WORD_RUN.sub(_utf8_word_run, value)
 
 
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=\s]")
@@ -314,13 +364,18 @@ _ATTRIBUTION_CLOSING = {
     "on": re.compile(r"\swrote:$", re.IGNORECASE),
     "le": re.compile(r"\sa\sécrit\s?:$", re.IGNORECASE),
 }
+# The writer speaking of themselves: "am 12.05. schrieb ich Ihnen ...:", "... I wrote:".
+_FIRST_PERSON_AFTER_SCHRIEB = re.compile(r"ich\b", re.IGNORECASE)
+_FIRST_PERSON_BEFORE_WROTE = re.compile(r"\s(?:i|we)\swrote:$", re.IGNORECASE)
 
 
 def _is_attribution(line: str) -> bool:
-    """Whether ``line`` (one line, or two joined by a space) is an attribution line: "Am <date>
-    schrieb <name>:", "On <date> <name> wrote:" or "Le <date> <name> a écrit :" (any case).
-    Lines longer than a real attribution (``MAX_ATTRIBUTION_CHARS``, twice that for a wrapped
-    one) are not; the work is linear."""
+    """Whether ``line`` (one line, or two joined by a space) reads as an attribution line:
+    "Am <date> schrieb <name>:", "On <date> <name> wrote:" or "Le <date> <name> a écrit :"
+    (any case), but not in the first person ("am 12.05. schrieb ich Ihnen bereits ...:", "On
+    Monday at 9 I wrote:"), which is the writer's own sentence. Lines longer than a real
+    attribution (``MAX_ATTRIBUTION_CHARS``, twice that for a wrapped one) are not; the work is
+    linear. Whether quoted history really follows is ``_history_start``'s question."""
     if len(line) > 2 * MAX_ATTRIBUTION_CHARS + 1 or "\n" in line:
         return False
     opening = _ATTRIBUTION_OPENING.match(line)
@@ -334,11 +389,13 @@ def _is_attribution(line: str) -> bool:
         return False
     word = opening.group(1).lower()
     if word == "am":
-        # "schrieb" after the date, then anything up to the final colon
+        # "schrieb" after the date, then anything but "ich" up to the final colon
         found = _SCHRIEB.search(text, digit.end())
-        return found is not None and found.end() < len(text)
-    closing = _ATTRIBUTION_CLOSING[word].search(text, max(digit.end(), len(text) - 12))
-    return closing is not None
+        return found is not None and found.end() < len(text) and not _FIRST_PERSON_AFTER_SCHRIEB.match(text, found.end())
+    tail = max(digit.end(), len(text) - 12)
+    if _ATTRIBUTION_CLOSING[word].search(text, tail) is None:
+        return False
+    return not (word == "on" and _FIRST_PERSON_BEFORE_WROTE.search(text, tail))
 
 
 _ORIGINAL_SEPARATOR = re.compile(
@@ -354,13 +411,34 @@ _MOBILE_SIGNATURE = re.compile(
 )
 
 
+def _quote_follows(lines: list[str], i: int) -> bool:
+    """Whether quoted history starts at ``lines[i]``, blank lines skipped: a ``>`` line, an
+    "Original Message" separator, or an Outlook header block (with or without its line of
+    underscores). Scans only the blank lines up to the next text, so it stays linear."""
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    if i >= len(lines):
+        return False
+    line = lines[i]
+    return bool(
+        line.lstrip().startswith(">")
+        or _ORIGINAL_SEPARATOR.match(line)
+        or (_UNDERSCORES.match(line) and i + 1 < len(lines) and _OUTLOOK_FROM.match(lines[i + 1]))
+        or (_OUTLOOK_FROM.match(line) and any(_OUTLOOK_NEXT.match(n) for n in lines[i + 1 : i + 4]))
+    )
+
+
 def _history_start(lines: list[str]) -> int | None:
-    """The index of the line where quoted history starts, or None."""
+    """The index of the line where quoted history starts, or None.
+
+    An attribution line ("Am … schrieb …:") counts only when quoted history follows it
+    (``_quote_follows``): a resident's own "am 12.05. schrieb ich Ihnen bereits wegen folgender
+    Punkte:" hid the points that followed as quoted history."""
     for i, line in enumerate(lines):
         if _ORIGINAL_SEPARATOR.match(line):
             return i
         short = len(line) <= MAX_ATTRIBUTION_CHARS  # an attribution is one short line, or two
-        if short and _is_attribution(line):
+        if short and _is_attribution(line) and _quote_follows(lines, i + 1):
             return i
         if (
             short
@@ -369,6 +447,7 @@ def _history_start(lines: list[str]) -> int | None:
             and not line.lstrip().startswith(">")
             and _is_attribution(line + " " + lines[i + 1])
             and not _is_attribution(lines[i + 1])
+            and _quote_follows(lines, i + 2)
         ):
             return i
         if _UNDERSCORES.match(line) and i + 1 < len(lines) and _OUTLOOK_FROM.match(lines[i + 1]):

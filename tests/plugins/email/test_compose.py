@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from plugins.email.compose import build_mail, message_id_for
+from plugins.email.addresses import ascii_address, ascii_domain
+from plugins.email.compose import build_mail, message_id_for, needs_smtputf8, render
 from plugins.email.loops import auto_reply_reason
 from plugins.email.parse import parse_message, read_message
 from router.hookspecs import OutboundMessage
@@ -115,3 +116,74 @@ def test_resident_reply_to_our_mail_threads_back():
                         addresses={"bau@example.org": {"unit": "bauhotline", "language": "de"}}, own_domain="example.org")
     assert msg["thread"]["refs"][0] == ours["Message-ID"]
     assert msg["ack_suppressed"] is None
+
+
+# Exchange Online's Message-IDs are about 90 characters: longer than a folded header line.
+OUTLOOK_ID = "<AM0PR07MB6213D1B0C6F1A2B3C4D5E6F7A8B9C0D1E2F3A@AM0PR07MB6213.eurprd07.prod.outlook.com>"
+
+
+def header_lines(raw: bytes) -> list[bytes]:
+    return raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+def test_long_message_ids_are_written_as_msg_ids():
+    """The standard library folded In-Reply-To and References as text at 78 characters and
+    wrote an id longer than that as an RFC 2047 encoded word: Outlook did not thread our mail."""
+    ours = message_id_for("outbox-1", "example.org")
+    raw = render(build(outbound(thread_refs=(ours, OUTLOOK_ID))))
+    lines = header_lines(raw)
+    assert f"In-Reply-To: {OUTLOOK_ID}".encode() in lines
+    assert f"References: {ours}".encode() in lines and f" {OUTLOOK_ID}".encode() in lines
+    assert not [line for line in lines if line.startswith((b"In-Reply-To", b"References")) and b"=?" in line]
+    mail = read_message(raw)
+    assert mail["In-Reply-To"] == OUTLOOK_ID and mail["References"] == f"{ours} {OUTLOOK_ID}"
+    # other headers are still folded and encoded as usual
+    assert any(line.startswith(b"Subject: ") and b"=?utf-8?" in line for line in lines)
+    assert max(len(line) for line in lines if not line.startswith((b" <", b"In-Reply-To:"))) <= 78
+
+
+def test_references_are_folded_between_ids_only():
+    ids = tuple(f"<{n:02d}.{'x' * n}@example.net>" for n in range(25))
+    raw = render(build(outbound(thread_refs=ids)))
+    lines = header_lines(raw)
+    start = next(i for i, line in enumerate(lines) if line.startswith(b"References:"))
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith(b" "):
+            break
+        block.append(line)
+    assert b" ".join(line.strip() for line in block) == b"References: " + " ".join(ids[-20:]).encode()
+    assert all(len(line) <= 78 for line in block)
+    assert all(line.strip().startswith(b"<") and line.endswith(b">") for line in block[1:])
+
+
+def test_references_name_the_message_ids_of_stored_mails():
+    """An inbound mail's channel_message_id is its Message-ID and a digest of its sender
+    (``parse.dedupe_key``); mail stored before that is its bare Message-ID. Either way the
+    References name the Message-ID, and ids that cannot be a msg-id are left out."""
+    refs = ("<old@example.net>", "<1@localhost> 0123456789abcdef", "sha256:" + "0" * 64, "<äöü@example.com>",
+            message_id_for("outbox-1", "example.org"))
+    mail = read_message(render(build(outbound(thread_refs=refs))))
+    assert mail["References"] == f"<old@example.net> <1@localhost> {message_id_for('outbox-1', 'example.org')}"
+
+
+def test_an_internationalised_domain_is_written_in_ascii():
+    """A relay without SMTPUTF8 refused max@müller-bau.de; its domain has an ASCII form."""
+    mail = build(outbound(to="max@müller-bau.de"))
+    assert mail["To"] == "max@xn--mller-bau-q9a.de"
+    assert not needs_smtputf8("bau@example.org", str(mail["To"]))
+    assert render(mail).isascii()
+    # a local part beyond ASCII has no ASCII form: the mail needs SMTPUTF8, headers in UTF-8
+    mail = build(outbound(to="jürgen@exämple.de"))
+    assert mail["To"] == "jürgen@exämple.de" and needs_smtputf8("bau@example.org", "jürgen@exämple.de")
+    assert "To: jürgen@exämple.de".encode() in header_lines(render(mail, utf8=True))
+
+
+def test_ascii_domains_are_idna_2008():
+    assert ascii_address("max@müller-bau.de") == "max@xn--mller-bau-q9a.de" == ascii_address("max@Müller-Bau.DE")
+    assert ascii_domain("straße.de") == "xn--strae-oqa.de"  # IDNA 2003 (the idna codec) gives strasse.de
+    assert ascii_domain("bücher。example") == "xn--bcher-kva.example"
+    assert ascii_address("anna@example.net") == "anna@example.net"
+    assert ascii_address("jürgen@exämple.de") == "jürgen@exämple.de"
+    too_long = "x@" + "ü" * 70 + ".de"
+    assert ascii_domain(too_long.split("@")[1]) is None and ascii_address(too_long) == too_long

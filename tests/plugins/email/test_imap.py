@@ -89,7 +89,7 @@ async def test_changed_uidvalidity_looks_again_but_stores_nothing_twice(tmp_path
         async with CoreHarness(tmp_path / "data", entrypoints=("email",), settings=settings_for(server)) as harness:
             await eventually(lambda: _count_in(harness, 2))
             await eventually(lambda: _has_state(harness, {"uidvalidity": 2002, "last_uid": 2}))
-            assert await harness.count("messages", "channel_message_id = '<imap-1@example.net>'") == 1
+            assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = '<imap-1@example.net>'") == 1
             assert await harness.count("outbox", "kind = 'ack'") == 2
 
 
@@ -139,7 +139,7 @@ async def _has_state(harness: CoreHarness, state: dict[str, int]) -> bool:
 
 
 async def _conversation(harness: CoreHarness, message_id: str) -> dict[str, Any]:
-    [row] = await harness.rows("SELECT conversation_id FROM messages WHERE channel_message_id = ?", (message_id,))
+    [row] = await harness.rows("SELECT conversation_id FROM messages WHERE json_extract(payload, '$.raw.message_id') = ?", (message_id,))
     status, detail = await harness.api("GET", f"/api/v1/conversations/{row['conversation_id']}")
     assert status == 200
     return detail

@@ -97,13 +97,13 @@ async def test_a_store_answered_without_end_keeps_the_import_and_reconnects(harn
         with pytest.raises(ImapError, match="UID STORE: no complete answer within"):
             await asyncio.wait_for(poller(server, harness, timeout=1.0).session(), 10)
         # the first mail is imported and the mark past it: a new session goes on with the second
-        assert await harness.count("messages", "channel_message_id = '<imap-1@example.net>'") == 1
+        assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = '<imap-1@example.net>'") == 1
         assert state(harness) == {"uidvalidity": 1001, "last_uid": 1}
         assert server.fetched() == [1]
 
 
 async def _stored(harness: CoreHarness, message_id: str) -> bool:
-    return await harness.count("messages", "channel_message_id = ?", (message_id,)) == 1
+    return await harness.count("messages", "json_extract(payload, '$.raw.message_id') = ?", (message_id,)) == 1
 
 
 async def _mark_at(harness: CoreHarness, uid: int) -> bool:

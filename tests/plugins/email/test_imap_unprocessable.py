@@ -122,8 +122,8 @@ async def test_a_mail_that_always_fails_is_set_aside_after_three_attempts_and_th
 
     assert receive.poisoned == 3
     assert receive.delivered == [mail(2)]
-    assert await harness.count("messages", "channel_message_id = '<imap-2@example.net>'") == 1
-    assert await harness.count("messages", "channel_message_id = '<imap-1@example.net>'") == 0
+    assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = '<imap-2@example.net>'") == 1
+    assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = '<imap-1@example.net>'") == 0
     [path] = set_aside(harness)
     assert path.read_bytes() == poison()
     assert path.name.startswith("127.0.0.1_postfach_INBOX_")
@@ -151,7 +151,7 @@ async def test_a_mail_that_fails_twice_then_succeeds_is_imported_once_and_not_se
     await run_until_stored(p, harness, 2, imap)
 
     assert receive.poisoned == 3
-    assert await harness.count("messages", "channel_message_id = '<imap-1@example.net>'") == 1
+    assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = '<imap-1@example.net>'") == 1
     assert await harness.count("outbox", "kind = 'ack'") == 2
     assert set_aside(harness) == []
     assert state(harness) == {"uidvalidity": 1001, "last_uid": 2}  # the count is gone with the mail
@@ -296,7 +296,7 @@ async def test_a_set_aside_mail_can_be_fed_again_over_http_once_the_cause_is_fix
                "Content-Type": "application/x-www-form-urlencoded"}  # what curl --data-binary sends
     response = await harness.client.post("/channels/email/inbound", data=path.read_bytes(), headers=headers)
     assert response.status == 202, await response.text()
-    [row] = await harness.rows("SELECT conversation_id FROM messages WHERE channel_message_id = '<imap-1@example.net>'")
+    [row] = await harness.rows("SELECT conversation_id FROM messages WHERE json_extract(payload, '$.raw.message_id') = '<imap-1@example.net>'")
     status, detail = await harness.api("GET", f"/api/v1/conversations/{row['conversation_id']}")
     assert status == 200 and detail["unit"] == "kundenservice"
     assert [m["text"] for m in detail["messages"] if m["direction"] == "in"] == ["GIFT (1)"]

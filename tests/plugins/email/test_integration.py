@@ -137,8 +137,8 @@ def compose(*, sender: str, to: str = "bau@example.org", subject: str, text: str
     return bytes(mail)
 
 
-async def conversation_of(harness: CoreHarness, channel_message_id: str) -> dict[str, Any]:
-    [row] = await harness.rows("SELECT conversation_id FROM messages WHERE channel_message_id = ?", (channel_message_id,))
+async def conversation_of(harness: CoreHarness, message_id: str) -> dict[str, Any]:
+    [row] = await harness.rows("SELECT conversation_id FROM messages WHERE json_extract(payload, '$.raw.message_id') = ?", (message_id,))
     status, detail = await harness.api("GET", f"/api/v1/conversations/{row['conversation_id']}")
     assert status == 200, detail
     return detail
@@ -219,7 +219,7 @@ async def test_250_after_data_comes_only_after_the_commit(harness):
 
     try:
         assert await asyncio.to_thread(blocking_send, LATIN1_MAIL) == {}
-        assert await harness.count("messages", "channel_message_id = ?", ("<20261130085500.4711@mail.example.com>",)) == 1
+        assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = ?", ("<20261130085500.4711@mail.example.com>",)) == 1
 
         async def failing_write(work: Callable[..., Any]) -> Any:
             raise OSError("disk full")
@@ -231,7 +231,7 @@ async def test_250_after_data_comes_only_after_the_commit(harness):
         assert refused.value.smtp_code == 451
     finally:
         del store.write
-    assert await harness.count("messages", "channel_message_id = ?", ("<zwei@example.com>",)) == 0
+    assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = ?", ("<zwei@example.com>",)) == 0
 
 
 async def test_a_database_that_refuses_writes_answers_451_and_the_retry_is_stored(harness, caplog):
@@ -680,3 +680,169 @@ async def test_a_late_bounce_of_an_earlier_owners_notification_does_not_flag_the
     await harness.core.record_delivery("email", DeliveryUpdate(provider_id=notes[1]["provider_id"], status="failed",
                                                                permanent=True, error_detail="550 unknown user"))
     assert "owner_not_notified" in (await conversation_of(harness, message_id))["flags"]
+
+
+# -------------------------------------------------------------------------- one Message-ID, two senders
+
+FORM_MAIL = """From: {sender}
+To: bau@example.org
+Subject: {subject}
+Date: Mon, 30 Nov 2026 {time} +0100
+Message-ID: <1@localhost>
+Content-Type: text/plain; charset=utf-8
+
+{text}
+"""
+
+
+async def test_a_message_id_reused_by_another_sender_is_stored_and_acknowledged(harness, sink):
+    """A scanner or PHP form sends every mail as <1@localhost>. The second resident's mail was
+    answered 250 and dropped as a duplicate of the first."""
+    anna = crlf(FORM_MAIL.format(sender="Anna Alt <anna@example.net>", subject="Baugrube Lindenweg 3", time="09:00:00",
+                                 text="Die Grube vor Nr. 3 ist nicht gesichert."))
+    bernd = crlf(FORM_MAIL.format(sender="Bernd Berg <bernd@example.com>", subject="Wasserrohrbruch", time="10:00:00",
+                                  text="Seit heute früh läuft Wasser in unseren Keller!"))
+    await send(harness, anna, sender="anna@example.net")
+    await send(harness, bernd, sender="bernd@example.com")
+    await send(harness, anna, sender="bounce-42@relay.example.net")  # the same mail again, another envelope
+    rows = await harness.rows("SELECT conversation_id, text FROM messages WHERE direction = 'in' ORDER BY id")
+    assert [r["text"] for r in rows] == ["Die Grube vor Nr. 3 ist nicht gesichert.", "Seit heute früh läuft Wasser in unseren Keller!"]
+    assert rows[0]["conversation_id"] != rows[1]["conversation_id"]
+
+    # both acknowledged, each answering the mail by its bare Message-ID
+    await harness.run_outbox()
+    [ack_anna], [ack_bernd] = sink.to("anna@example.net"), sink.to("bernd@example.com")
+    assert ack_anna["In-Reply-To"] == ack_bernd["In-Reply-To"] == "<1@localhost>"
+
+    # Anna's answer naming <1@localhost> joins her conversation (the first mail keeps the thread key)
+    answer = compose(sender="anna@example.net", subject="Re: Baugrube", text="Noch immer offen.",
+                     message_id="<anna-2@example.net>", headers={"In-Reply-To": "<1@localhost>"})
+    await send(harness, answer, sender="anna@example.net")
+    assert (await conversation_of(harness, "<anna-2@example.net>"))["id"] == rows[0]["conversation_id"]
+    # and a staff answer to Bernd names his mail too
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{rows[1]['conversation_id']}/replies",
+                                  json={"text": "Wir kommen."})
+    assert status == 201
+    await harness.run_outbox()
+    reply = sink.to("bernd@example.com")[-1]
+    assert reply["In-Reply-To"] == "<1@localhost>" and reply["References"].split() == [ack_bernd["Message-ID"], "<1@localhost>"]
+
+
+# -------------------------------------------------------------------------- long Message-IDs going out
+
+OUTLOOK_ID = "<AM0PR07MB6213D1B0C6F1A2B3C4D5E6F7A8B9C0D1E2F3A@AM0PR07MB6213.eurprd07.prod.outlook.com>"
+
+
+async def test_the_acknowledgement_names_an_outlook_message_id_as_a_msg_id(harness, sink):
+    """Exchange Online's ids are about 90 characters; they went out as RFC 2047 encoded words
+    in In-Reply-To and References, and Outlook did not thread the acknowledgement."""
+    raw = compose(sender="Jürgen Müller <juergen@example.com>", subject="Baustelle", text="Wann ist die Grube zu?",
+                  message_id=OUTLOOK_ID, headers={"Thread-Index": "AdrDs4f3Qw=="})
+    await send(harness, raw, sender="juergen@example.com")
+    await harness.run_outbox()
+    [(envelope, ack)] = sink.mails
+    head = envelope.original_content.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert f"In-Reply-To: {OUTLOOK_ID}".encode() in head
+    assert f"References: {OUTLOOK_ID}".encode() in head
+    assert not [line for line in head if b"=?" in line and (b"<" in line or line.startswith((b"In-Reply-To", b"References")))]
+    assert ack["In-Reply-To"] == OUTLOOK_ID
+
+
+# -------------------------------------------------------------------------- mail that names nobody
+
+
+@pytest.fixture
+async def http_harness(tmp_path, sink: Sink) -> AsyncIterator[CoreHarness]:
+    settings = {"email": email_settings(sink, inbound_secret="s3cret")}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "email"), settings=settings) as h:
+        yield h
+
+
+async def post_mail(harness: CoreHarness, raw: bytes) -> dict[str, Any]:
+    status, body = await harness.api("POST", "/channels/email/inbound", token=None, data=raw,
+                                     headers={"Authorization": "Bearer s3cret", "X-Envelope-To": "bau@example.org"})
+    assert status == 202, body
+    return body
+
+
+async def test_mails_without_a_sender_are_not_one_contact_and_not_acknowledged(http_harness, sink):
+    """Without From and envelope sender all such mail was the contact unknown@invalid: threaded
+    together (the second names the first) and acknowledged to that address through the relay."""
+    first = await post_mail(http_harness, crlf("To: bau@example.org\nSubject: Anonym 1\nMessage-ID: <nofrom-1@example.com>\n\n"
+                                               "Erste Person ohne Absender.\n"))
+    second = await post_mail(http_harness, crlf("To: bau@example.org\nSubject: Anonym 2\nMessage-ID: <nofrom-2@example.com>\n"
+                                                "In-Reply-To: <nofrom-1@example.com>\n\nZweite, ganz andere Person.\n"))
+    assert first["conversation_id"] != second["conversation_id"]
+    rows = await http_harness.rows("SELECT DISTINCT contact_id FROM messages WHERE direction = 'in'")
+    assert len(rows) == 2
+    assert await http_harness.count("outbox") == 0
+    assert await http_harness.count("identities", "kind = 'email'") == 0
+    for body in (first, second):
+        status, detail = await http_harness.api("GET", f"/api/v1/conversations/{body['conversation_id']}")
+        assert detail["unit"] == "bauhotline" and detail["deadline"] and detail["state"] == "open"
+        assert "no_number" in detail["flags"]
+        [inbound] = [m for m in detail["messages"] if m["direction"] == "in"]
+        assert "no_sender" in inbound["flags"]
+    # a staff answer has nowhere to go: kept, and the case asks for a call-back
+    status, _ = await http_harness.api("POST", f"/api/v1/conversations/{first['conversation_id']}/replies",
+                                       json={"text": "Wer sind Sie?"})
+    assert status == 201
+    await http_harness.run_outbox()
+    assert sink.mails == []
+    status, detail = await http_harness.api("GET", f"/api/v1/conversations/{first['conversation_id']}")
+    assert {"undeliverable", "callback_required"} <= set(detail["flags"])
+
+
+# -------------------------------------------------------------------------- internationalised addresses
+
+
+async def test_an_acknowledgement_to_an_internationalised_domain_goes_through_a_relay_without_smtputf8(harness, sink):
+    """The sink offers no SMTPUTF8, like many relays: max@müller-bau.de failed as "relay
+    unreachable" and was retried for a day. Its domain has an ASCII form."""
+    raw = "From: Max <max@müller-bau.de>\r\nTo: bau@example.org\r\nSubject: Test\r\nMessage-ID: <idn-1@x.de>\r\n\r\nHallo\r\n"
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+        await client.sendmail("max@müller-bau.de", ["bau@example.org"], raw.encode(), mail_options=["SMTPUTF8"])
+    await harness.run_outbox()
+    [(envelope, ack)] = sink.mails
+    assert envelope.rcpt_tos == ["max@xn--mller-bau-q9a.de"]
+    assert ack["To"] == "max@xn--mller-bau-q9a.de"
+    [row] = await harness.rows("SELECT state, attempts FROM outbox")
+    assert (row["state"], row["attempts"]) == ("sent", 1)
+
+
+async def test_an_address_that_needs_smtputf8_fails_at_once_without_it(harness, sink):
+    """jürgen@… has no ASCII form: through a relay without SMTPUTF8 it is a permanent failure
+    of the message (the fallback starts), not of the address, and nothing is retried."""
+    raw = "From: Jürgen <jürgen@exämple.de>\r\nTo: bau@example.org\r\nSubject: Test\r\nMessage-ID: <idn-2@x.de>\r\n\r\nHallo\r\n"
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+        await client.sendmail("jürgen@exämple.de", ["bau@example.org"], raw.encode(), mail_options=["SMTPUTF8"])
+    await harness.run_outbox()
+    assert sink.mails == []
+    [row] = await harness.rows("SELECT state, attempts, last_error FROM outbox")
+    assert (row["state"], row["attempts"]) == ("failed", 1) and "SMTPUTF8" in row["last_error"]
+    [identity] = await harness.rows("SELECT failed_at FROM identities WHERE kind = 'email'")
+    assert identity["failed_at"] is None  # the address is fine; our relay cannot carry it
+    detail = await conversation_of(harness, "<idn-2@x.de>")
+    assert {"undeliverable", "callback_required"} <= set(detail["flags"])
+
+
+async def test_an_address_that_needs_smtputf8_goes_through_a_relay_that_offers_it(tmp_path):
+    catcher = Sink()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(catcher, decode_data=False, enable_SMTPUTF8=True, loop=loop), "127.0.0.1", 0)
+    catcher.port = server.sockets[0].getsockname()[1]
+    try:
+        async with CoreHarness(tmp_path / "data", entrypoints=("webform", "email"),
+                               settings={"email": email_settings(catcher)}) as harness:
+            raw = ("From: Jürgen Müller <jürgen@exämple.de>\r\nTo: bau@example.org\r\nSubject: Grüße\r\n"
+                   "Message-ID: <idn-3@x.de>\r\n\r\nHallo\r\n")
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+                await client.sendmail("jürgen@exämple.de", ["bau@example.org"], raw.encode(), mail_options=["SMTPUTF8"])
+            await harness.run_outbox()
+    finally:
+        server.close()
+        await server.wait_closed()
+    [(envelope, ack)] = catcher.mails
+    assert envelope.rcpt_tos == ["jürgen@exämple.de"] and "SMTPUTF8" in [o.upper() for o in envelope.mail_options]
+    assert "To: jürgen@exämple.de".encode() in envelope.original_content.split(b"\r\n")
+    assert ack["In-Reply-To"] == "<idn-3@x.de>"

@@ -166,7 +166,7 @@ async def test_whole_service_stores_mail_received_over_starttls(tmp_path, cert_f
             refused, _ = await client.sendmail("juergen.mueller@example.com", ["bau@example.org"], LATIN1_MAIL)
         assert refused == {}
         [row] = await harness.rows(
-            "SELECT conversation_id FROM messages WHERE channel_message_id = ?", ("<20261130085500.4711@mail.example.com>",)
+            "SELECT conversation_id FROM messages WHERE json_extract(payload, '$.raw.message_id') = ?", ("<20261130085500.4711@mail.example.com>",)
         )
         status, detail = await harness.api("GET", f"/api/v1/conversations/{row['conversation_id']}")
     assert status == 200, detail
