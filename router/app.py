@@ -98,7 +98,11 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         if exc.status >= 400 and exc.content_type != "application/json" and not request.path.startswith("/channels/webform/"):
             # A handler's own plain-text explanation is kept; aiohttp's default text is "400: Bad Request".
             own = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else None
-            return json_error(exc.status, _HTTP_CODES.get(exc.status, "error"), own or exc.reason)
+            response = json_error(exc.status, _HTTP_CODES.get(exc.status, "error"), own or exc.reason)
+            if exc.status == 405 and "Allow" in exc.headers:
+                # RFC 9110 (15.5.6): a 405 names the methods the resource takes; aiohttp's exception carries them.
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         raise
     except asyncio.CancelledError:
         raise

@@ -1,6 +1,9 @@
 """The OpenAPI 3.1 document of the shared inbox API, served at ``/api/v1/openapi.json``.
 
-Written by hand and kept true by a test that compares it with the routes the app serves."""
+Written by hand and kept true by tests: every route is described and every described route
+exists, real responses match the described schemas, and what the document says a parameter or
+a body field accepts is what the server takes (``tests/router/test_openapi.py`` asks the
+server at each bound). A generated client or a validator built from it agrees with the server."""
 
 from __future__ import annotations
 
@@ -8,6 +11,31 @@ from functools import cache
 from typing import Any
 
 from ..tracking import FLAGS
+
+MAX_ID = 2**62
+"""The largest id a path, ``contact`` or ``other_contact_id`` takes (``api._int_param``); above
+it the server answers 400 "out of range" before it looks anything up."""
+
+# What str.strip() takes away (str.isspace(), 29 characters), spelt out: JSON Schema patterns
+# are ECMA-262, whose \s is another set (it has U+FEFF, lacks U+001C-U+001F and U+0085).
+BLANK = r"\t\n\v\f\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = f"[^{BLANK}]"
+"""A pattern that a text matches when it has something besides white space: the server strips
+a text and refuses what is left empty."""
+
+# /api/v1/stats' from and to, as api._MOMENT and datetime.fromisoformat take them: a date of the
+# years 1970 to 9998 that exists (a 29 February only in a leap year), or a date and time, to
+# the minute, second or microsecond, with Z, an offset or none. In a URL's query a "+" is a
+# space; the server reads that space as the "+" it was.
+_YEAR = r"(?:19[7-9][0-9]|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])"
+_LEAP_YEAR = r"(?:19(?:7[26]|8[048]|9[26])|[2-9][0-9](?:0[48]|[2468][048]|[13579][26])|(?:[2468][048]|[3579][26])00)"
+_DATE = (rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+         rf"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)")
+_TIME = r"T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,6})?)?(?:Z|[+ -](?:[01][0-9]|2[0-3]):[0-5][0-9])?"
+MOMENT = f"^{_DATE}(?:{_TIME})?$"
+
+# A unit's id as the configuration's schema allows it (router/schemas/config.schema.json).
+_UNIT_ID = "^[a-z][a-z0-9_-]{0,63}$"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -18,18 +46,31 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-_ERRORS = {
-    "400": {"$ref": "#/components/responses/BadRequest"},
-    "401": {"$ref": "#/components/responses/Unauthorized"},
-    "404": {"$ref": "#/components/responses/NotFound"},
-}
+def _response(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+# The answers that are not the operation's own, by status; each has the Error body.
+_ANSWERS = {"400": "BadRequest", "401": "Unauthorized", "404": "NotFound", "408": "BodyTimeout", "409": "Conflict",
+            "413": "TooLarge", "422": "KeyReused", "503": "Unavailable"}
+
+
+def _errors(*statuses: str) -> dict[str, Any]:
+    return {status: _response(_ANSWERS[status]) for status in statuses}
 
 
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+    return {"required": True, "description": "A JSON object (Content-Type: application/json, at most 1 MiB). Properties"
+            " not described here are ignored.", "content": {"application/json": {"schema": schema}}}
 
 
-_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}]
+def _object(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    # Unknown properties are ignored (a newer client's field does not break an older server).
+    return {"type": "object", "required": required, "properties": properties, "additionalProperties": True}
+
+
+_ID_VALUE = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+_ID = [{"name": "id", "in": "path", "required": True, "schema": _ID_VALUE}]
 
 
 _IDEMPOTENCY_KEY = {
@@ -37,7 +78,7 @@ _IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"},
     "description": "Sent again with the same key (within 24 hours, with the same token), the action is not done"
                    " again: the first answer comes back, with the header Idempotent-Replayed: true. The same key with"
-                   " another request is a 422.",
+                   " another request is a 422 idempotency_key_reused.",
 }
 _REPLAYED = {"Idempotent-Replayed": {"description": "true: the answer to this key's first request, given again",
                                      "schema": {"const": "true"}}}
@@ -45,28 +86,58 @@ _REPLAYED = {"Idempotent-Replayed": {"description": "true: the answer to this ke
 
 def _action(
     summary: str, body: dict[str, Any] | None = None, status: str = "200", result: str = "ConversationDetail",
-    *, idempotent: bool = False,
+    *, idempotent: bool = False, conflict: bool = False,
 ) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "parameters": _ID, "responses": {status: _json(_ref(result)), **_ERRORS, "409": {"$ref": "#/components/responses/Conflict"}}}
+    """A POST on one conversation. Every one may answer 400 (the id), 401, 404 and 503 (the
+    database refuses writes); one with a body also 408 and 413 (and 400 for its fields); one
+    that takes an Idempotency-Key also 422; one that depends on the conversation's state
+    (``conflict``) also 409."""
+    statuses = ["400", "401", "404"]
+    if body is not None:
+        statuses += ["408", "413"]
+    if conflict:
+        statuses.append("409")
+    if idempotent:
+        statuses.append("422")
+    op: dict[str, Any] = {"summary": summary, "parameters": _ID,
+                          "responses": {status: _json(_ref(result)), **_errors(*sorted(statuses), "503")}}
     if body is not None:
         op["requestBody"] = _body(body)
     if idempotent:
         op["parameters"] = [*_ID, _IDEMPOTENCY_KEY]
         op["responses"][status] = {**op["responses"][status], "headers": _REPLAYED}
-        op["responses"]["422"] = {"$ref": "#/components/responses/KeyReused"}
     return {"post": op}
 
 
+def _text(max_length: int, description: str, *, nullable: bool = False) -> dict[str, Any]:
+    return {"type": ["string", "null"] if nullable else "string", "minLength": 1, "maxLength": max_length,
+            "pattern": NOT_BLANK, "description": description}
+
+
+def _unit(unit_ids: tuple[str, ...], description: str) -> dict[str, Any]:
+    """A configured unit's id: their list when the document is made for a configuration."""
+    if unit_ids:
+        return {"type": "string", "enum": list(unit_ids), "description": description}
+    return {"type": "string", "pattern": _UNIT_ID,
+            "description": f"{description} The id of a unit of the service's configuration (an admin's GET /api/v1/units"
+                           " lists them all); another is a 400."}
+
+
 @cache
-def openapi_document() -> dict[str, Any]:
-    text = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 20000}}}
+def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The document; with ``unit_ids`` (the configuration's units), the ``unit`` of the list
+    filter and of a transfer are an ``enum`` of them, else a unit id's pattern."""
+    text = _object(["text"], {"text": _text(20000, "Has a character that is not white space; at most 20,000"
+                                                   " characters. Kept without the white space around it.")})
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "contact-router shared inbox API",
             "version": "1",
             "description": "Conversations from every channel, scoped to the caller's units. A conversation outside "
-            "the caller's units answers 404, as if it did not exist. Errors are {\"error\": {\"code\", \"message\"}}.",
+            "the caller's units answers 404, as if it did not exist. Errors are {\"error\": {\"code\", \"message\"}},"
+            " with \"field\" naming the parameter, header or body field at fault. A method a path does not take"
+            " answers 405 with the header Allow. Ids are integers from 1 to 2^62.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
@@ -74,69 +145,89 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/conversations": {
                 "get": {
                     "summary": "List conversations, newest first",
+                    "description": "Each parameter at most once: of one given twice, the first counts.",
                     "parameters": [
-                        {"name": "unit", "in": "query", "schema": {"type": "string"}},
+                        {"name": "unit", "in": "query", "schema": _unit(unit_ids, "Only this unit's conversations (none when"
+                                                                                  " it is not one of the caller's).")},
                         {"name": "state", "in": "query", "schema": {"enum": ["open", "acknowledged", "answered", "waiting", "closed"]}},
-                        {"name": "channel", "in": "query", "schema": {"type": "string"}},
+                        {"name": "channel", "in": "query", "description": "Only the conversations of this channel (webform, email,"
+                         " whatsapp, phone, or a plugin's): any text; empty: every channel; a channel that does not exist matches none.",
+                         "schema": {"type": "string"}},
                         {"name": "overdue", "in": "query", "schema": {"enum": ["true", "false"]}},
-                        {"name": "q", "in": "query", "description": "A case reference, or words that must all occur (as word starts; a one-character word as a whole word) in a message, its subject or the sender's name; umlauts match their spelt-out forms.", "schema": {"type": "string", "maxLength": 200}},
-                        {"name": "contact", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "q", "in": "query", "description": "A case reference, or words that must all occur (as word starts; a"
+                         " one-character word as a whole word) in a message, its subject or the sender's name; umlauts match their"
+                         " spelt-out forms. Any text of up to 200 characters; empty: no search.",
+                         "schema": {"type": "string", "maxLength": 200}},
+                        {"name": "contact", "in": "query", "description": "Only this contact's conversations.", "schema": _ID_VALUE},
                         {"name": "flag", "in": "query", "description": "Only the conversations carrying this flag (callback_required: the call-backs to make).", "schema": {"enum": sorted(FLAGS)}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                        {"name": "cursor", "in": "query", "description": "The next_cursor of the page before, as it came (opaque);"
+                         " empty: the first page. Another value is a 400.", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"}},
                     ],
                     "responses": {
                         "200": _json({"type": "object", "required": ["items", "next_cursor"], "properties": {
                             "items": {"type": "array", "items": _ref("Conversation")},
                             "next_cursor": {"type": ["string", "null"]}}}),
-                        "400": _ERRORS["400"], "401": _ERRORS["401"],
+                        **_errors("400", "401"),
                     },
                 }
             },
             "/api/v1/conversations/{id}": {
                 "get": {"summary": "One conversation with messages, routing, escalations and deliveries",
-                        "parameters": _ID, "responses": {"200": _json(_ref("ConversationDetail")), **_ERRORS}}
+                        "parameters": _ID, "responses": {"200": _json(_ref("ConversationDetail")), **_errors("400", "401", "404")}}
             },
             "/api/v1/conversations/{id}/replies": _action("Reply to the contact on the conversation's channel", text, "201", "Message",
-                                                                 idempotent=True),
+                                                          idempotent=True),
             "/api/v1/conversations/{id}/notes": _action("Add an internal note", text, "201", "Message", idempotent=True),
-            "/api/v1/conversations/{id}/assign": _action("Assign to a staff member (null unassigns)", {
-                "type": "object", "required": ["assignee"],
-                "properties": {"assignee": {"type": ["string", "null"], "maxLength": 100}}}),
+            "/api/v1/conversations/{id}/assign": _action("Assign to a staff member (null unassigns)", _object(["assignee"], {
+                "assignee": _text(100, "A name (with a character that is not white space, at most 100 characters), or null.",
+                                  nullable=True)})),
             "/api/v1/conversations/{id}/transfer": _action(
                 "Transfer to another unit: new deadline, new owner notified. The detail, or, when the new unit is not"
-                " the caller's, only {id, unit, transferred}", {
-                "type": "object", "required": ["unit"], "properties": {"unit": {"type": "string"}, "reason": {"type": "string"}}},
-                result="TransferResult"),
-            "/api/v1/conversations/{id}/close": _action("Close"),
-            "/api/v1/conversations/{id}/reopen": _action("Reopen a closed or waiting conversation: a new deadline"),
-            "/api/v1/conversations/{id}/wait": _action("Wait for the contact (no deadline while waiting)"),
-            "/api/v1/conversations/{id}/callbacks": _action("Log a call-back attempt; reached answers the conversation", {
-                "type": "object", "required": ["outcome"], "properties": {
-                    "outcome": {"enum": ["reached", "not_reached", "wrong_number"]}, "note": {"type": "string"}}},
+                " the caller's, only {id, unit, transferred}", _object(["unit"], {
+                    "unit": _unit(unit_ids, "The new unit: any unit of the service, not only the caller's; the conversation's"
+                                            " own is a 409 same_unit."),
+                    "reason": {"type": ["string", "null"], "maxLength": 2000,
+                               "description": "Shown with the transfer; empty, white space or null: \"Transferred by <name>.\""}}),
+                result="TransferResult", conflict=True),
+            "/api/v1/conversations/{id}/close": _action("Close (409 already_closed when it is)", conflict=True),
+            "/api/v1/conversations/{id}/reopen": _action("Reopen a closed or waiting conversation: a new deadline (409 not_closed"
+                                                         " for another)", conflict=True),
+            "/api/v1/conversations/{id}/wait": _action("Wait for the contact (no deadline while waiting; 409 closed for a closed"
+                                                       " conversation)", conflict=True),
+            "/api/v1/conversations/{id}/callbacks": _action("Log a call-back attempt; reached answers the conversation", _object(
+                ["outcome"], {"outcome": {"enum": ["reached", "not_reached", "wrong_number"]},
+                              "note": {"type": ["string", "null"], "maxLength": 5000,
+                                       "description": "Empty, white space or null: no note."}}),
                 "201", "CallbackResult", idempotent=True),
             "/api/v1/contacts/{id}": {"get": {"summary": "A contact with its identities", "parameters": _ID,
-                                              "responses": {"200": _json(_ref("Contact")), **_ERRORS}}},
+                                              "responses": {"200": _json(_ref("Contact")), **_errors("400", "401", "404")}}},
             "/api/v1/contacts/{id}/merge": {"post": {
-                "summary": "Merge another contact into this one; identities and history follow", "parameters": _ID,
-                "requestBody": _body({"type": "object", "required": ["other_contact_id"], "properties": {"other_contact_id": {"type": "integer"}}}),
-                "responses": {"200": _json(_ref("Contact")), **_ERRORS, "409": {"$ref": "#/components/responses/Conflict"}}}},
-            "/api/v1/units": {"get": {"summary": "The caller's units", "responses": {"200": _json({"type": "object", "properties": {"items": {"type": "array", "items": _ref("Unit")}}}), "401": _ERRORS["401"]}}},
+                "summary": "Merge another contact into this one; identities and history follow (409 same_contact, or merged"
+                           " when one of them was merged already)", "parameters": _ID,
+                "requestBody": _body(_object(["other_contact_id"], {"other_contact_id": {
+                    **_ID_VALUE, "description": "The contact merged into this one: an integer written without a fraction."}})),
+                "responses": {"200": _json(_ref("Contact")), **_errors("400", "401", "404", "408", "409", "413", "503")}}},
+            "/api/v1/units": {"get": {"summary": "The caller's units", "responses": {"200": _json({"type": "object", "properties": {"items": {"type": "array", "items": _ref("Unit")}}}), **_errors("401")}}},
             "/api/v1/stats": {"get": {
                 "summary": "Per channel and unit: received, acknowledged, answered, overdue, median time to first human answer",
                 "description": "Of the conversations created in [from, to); all of them without a period. A date alone means its"
                                " midnight; a date, or a date and time without an offset, is read in the service's timezone."
-                               " Each may be given once.",
+                               " Each may be given once (twice is a 400), and to must be later than from (else a 400 naming to).",
                 "parameters": [
-                    {"name": "from", "in": "query", "schema": {"type": "string"}, "description": "2026-11-01, 2026-11-01T08:00:00Z or 2026-11-01T08:00:00%2B01:00"},
-                    {"name": "to", "in": "query", "schema": {"type": "string"}, "description": "exclusive; later than from"},
+                    {"name": "from", "in": "query", "schema": {"type": "string", "minLength": 10, "maxLength": 32, "pattern": MOMENT},
+                     "description": "A date of the years 1970 to 9998 (2026-11-01), or a date and time to the minute, second or"
+                                    " microsecond, with Z, an offset or none: 2026-11-01T08:00, 2026-11-01T08:00:00Z,"
+                                    " 2026-11-01T08:00:00.5%2B01:00 (a + left in a URL is a space, read as the +)."},
+                    {"name": "to", "in": "query", "schema": {"type": "string", "minLength": 10, "maxLength": 32, "pattern": MOMENT},
+                     "description": "Exclusive; later than from. Written as from is."},
                 ],
                 "responses": {"200": _json({"type": "object", "properties": {
                     "items": {"type": "array", "items": _ref("Stat")},
                     "from": {"type": ["string", "null"], "format": "date-time"},
                     "to": {"type": ["string", "null"], "format": "date-time"}}}),
-                    "400": _ERRORS["400"], "401": _ERRORS["401"]}}},
-            "/api/v1/me": {"get": {"summary": "Who the token belongs to and which units it sees", "responses": {"200": _json({"type": "object", "properties": {"name": {"type": "string"}, "units": {"type": "array", "items": {"type": "string"}}}}), "401": _ERRORS["401"]}}},
+                    **_errors("400", "401")}}},
+            "/api/v1/me": {"get": {"summary": "Who the token belongs to and which units it sees", "responses": {"200": _json({"type": "object", "properties": {"name": {"type": "string"}, "units": {"type": "array", "items": {"type": "string"}}}}), **_errors("401")}}},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI document"}}}},
             "/healthz": {"get": {"summary": "Health", "security": [], "responses": {"200": {"description": "ok"}, "503": {"description": "storage unavailable"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "text/plain exposition format"}}}},
@@ -144,10 +235,20 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "responses": {
-                name: _json(_ref("Error"), desc)
-                for name, desc in (("BadRequest", "Invalid input; error.field names the field"), ("Unauthorized", "Missing or unknown token"),
-                                   ("NotFound", "Not found, or outside the caller's units"), ("Conflict", "Not possible in the current state"),
-                                   ("KeyReused", "The Idempotency-Key came with another request before"))
+                "BadRequest": _json(_ref("Error"), "Invalid input (invalid_parameter, invalid_field, invalid_header, invalid_body:"
+                                    " not a JSON object or not sent as application/json, invalid_json); error.field names the"
+                                    " parameter, header or field"),
+                "Unauthorized": {**_json(_ref("Error"), "Missing or unknown token (unauthorized)"), "headers": {
+                    "WWW-Authenticate": {"schema": {"const": 'Bearer realm="contact-router"'}}}},
+                "NotFound": _json(_ref("Error"), "Not found, or outside the caller's units (not_found)"),
+                "BodyTimeout": _json(_ref("Error"), "The body stopped or trickled: 30 s, plus a second for every 500 bytes that"
+                                     " arrived (body_timeout); the connection is closed"),
+                "Conflict": _json(_ref("Error"), "Not possible in the current state; error.code says why"),
+                "TooLarge": _json(_ref("Error"), "The body is larger than 1 MiB (too_large)"),
+                "KeyReused": _json(_ref("Error"), "The Idempotency-Key came with another request before (idempotency_key_reused);"
+                                   " nothing was done"),
+                "Unavailable": {**_json(_ref("Error"), "The database refuses writes now (unavailable); nothing was done, try again"),
+                                "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "string", "pattern": "^[0-9]+$"}}}},
             },
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {

@@ -3,10 +3,18 @@ route exists, and real responses match the described schemas."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
 import jsonschema
+import pytest
 from referencing import Registry, Resource
 
-from router.inbox.openapi import openapi_document
+from router import keys
+from router.channel import BodyDeadline
+from router.inbox.openapi import BLANK, MAX_ID, NOT_BLANK, openapi_document
+from router.testing import CoreHarness
 
 from .helpers import webform_message
 
@@ -34,6 +42,9 @@ async def test_document_is_served_and_covers_every_route(harness):
     assert doc["openapi"].startswith("3.1")
     described = {(method, path) for path, ops in doc["paths"].items() for method in ops}
     assert described == _served_paths(harness.app)
+    # the served document names the configured units
+    (unit,) = [p for p in doc["paths"]["/api/v1/conversations"]["get"]["parameters"] if p["name"] == "unit"]
+    assert unit["schema"]["enum"] == list(harness.config.units)
 
 
 async def test_responses_match_the_described_schemas(harness):
@@ -71,3 +82,290 @@ async def test_notes_replies_and_a_transfer_away_answer_as_described(harness):
     _validator("TransferResult").validate(away)
     status, here = await harness.api("POST", f"/api/v1/conversations/{case}/transfer", json={"unit": "kundenservice"})
     _validator("TransferResult").validate(here)
+
+
+# What the document says a request may carry is what the server takes: checked by asking the
+# server, value by value, at the bounds the document names. A client generated from the document
+# then sends nothing the server refuses, and a validator refuses nothing the server would take.
+
+
+def _operations(doc: dict) -> list[tuple[str, str, dict]]:
+    return [(method, path, op) for path, ops in doc["paths"].items() for method, op in ops.items()]
+
+
+def _parameter(op: dict, name: str) -> dict:
+    (found,) = [p for p in op.get("parameters", []) if p["name"] == name]
+    return found
+
+
+def _body_schema(op: dict) -> dict:
+    return op["requestBody"]["content"]["application/json"]["schema"]
+
+
+def _ecma_pattern(validator, pattern: str, instance, schema):
+    """``pattern`` as JSON Schema means it, in ECMA-262: a closing ``$`` is the end of the text
+    (Python's also matches before a final newline, which jsonschema lets through)."""
+    if validator.is_type(instance, "string") and not re.search(re.sub(r"\$$", r"\\Z", pattern), instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_RequestValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+def _accepts(schema: dict, value) -> bool:
+    return _RequestValidator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER).is_valid(value)
+
+
+# A body each action takes, so that only the id decides its answer.
+_BODIES = {"replies": {"text": "Hallo"}, "notes": {"text": "Notiz"}, "assign": {"assignee": "Erika"},
+           "transfer": {"unit": "vertrieb"}, "callbacks": {"outcome": "not_reached"}, "merge": {"other_contact_id": 1}}
+
+
+async def test_every_id_in_a_path_has_the_bounds_the_server_enforces(harness):
+    """The ids had only a minimum: a client could send 2^70, which the server refuses (400 "id
+    is out of range"), and a validator could not tell."""
+    await harness.core.ingest(webform_message())
+    doc = openapi_document()
+    checked = 0
+    for method, path, op in _operations(doc):
+        if "{id}" not in path:
+            continue
+        schema = _parameter(op, "id")["schema"]
+        assert schema["type"] == "integer" and schema["minimum"] == 1 and schema["maximum"] == MAX_ID
+        body = _BODIES.get(path.rsplit("/", 1)[-1])
+        for value, taken in ((schema["maximum"], True), (schema["maximum"] + 1, False), (schema["minimum"] - 1, False)):
+            status, answer = await harness.api(method.upper(), path.replace("{id}", str(value)), json=body)
+            if taken:  # nothing has that id: the lookup answers, not the check of the parameter
+                assert status == 404, (method, path, value, answer)
+            else:
+                assert status == 400 and answer["error"]["field"] == "id", (method, path, value, answer)
+        checked += 1
+    assert checked == 11
+
+
+async def test_contact_filter_and_merge_take_the_ids_the_document_names(harness):
+    doc = openapi_document()
+    contact = _parameter(doc["paths"]["/api/v1/conversations"]["get"], "contact")["schema"]
+    other = _body_schema(doc["paths"]["/api/v1/contacts/{id}/merge"]["post"])["properties"]["other_contact_id"]
+    assert contact["maximum"] == other["maximum"] == MAX_ID and contact["minimum"] == other["minimum"] == 1
+    for value in (0, 1, MAX_ID, MAX_ID + 1):
+        status, answer = await harness.api("GET", f"/api/v1/conversations?contact={value}")
+        assert (status == 200) == _accepts(contact, value), (value, answer)
+    await harness.core.ingest(webform_message())
+    (row,) = await harness.rows("SELECT contact_id FROM conversations")
+    for value in (0, -1, MAX_ID, MAX_ID + 1, "1", True, None, 2**70):
+        status, answer = await harness.api("POST", f"/api/v1/contacts/{row['contact_id']}/merge", json={"other_contact_id": value})
+        # 404: a contact that does not exist, once the id passed the check
+        assert (status != 400) == _accepts(other, value), (value, status, answer)
+
+
+async def test_stats_period_pattern_is_what_the_server_reads(harness):
+    """from and to were any string: an empty one, a 30 February or the year 1 were "valid"
+    and answered 400."""
+    doc = openapi_document()
+    op = doc["paths"]["/api/v1/stats"]["get"]
+    values = [
+        "", "2026-11-01", "2026-11-01T08:00", "2026-11-01T08:00:00", "2026-11-01T08:00:00Z", "2026-11-01T08:00:00.5Z",
+        "2026-11-01T08:00:00.123456+01:00", "2026-11-01T08:00:00.1234567Z", "2026-11-01T08:00:00 01:00",
+        "2026-11-01T08:00-05:30", "2026-11-01T08:00:00+23:59", "2026-11-01T08:00:00+24:00", "2026-11-01T08:00:00+0100",
+        "2026-11-01t08:00:00z", "2026-11-01T24:00", "2026-11-01T08:60", "2026-11-01T08:00:60", "2026-11-01T8:00",
+        "2026-02-28", "2026-02-29", "2024-02-29", "2000-02-29", "2100-02-29", "2026-04-31", "2026-13-01", "2026-00-10",
+        "1969-12-31", "1970-01-01", "9998-12-31T23:59:59-05:00", "9999-01-01", "0001-01-01", "20261-01-01",
+        "2026-11-01 08:00", "٢٠٢٦-١١-٠١", "2026-11-01\n", " 2026-11-01",
+    ]
+    for name in ("from", "to"):
+        schema = _parameter(op, name)["schema"]
+        for value in values:
+            response = await harness.client.get("/api/v1/stats", params={name: value},
+                                                headers={"Authorization": f"Bearer {harness.tokens['admin']}"})
+            assert (response.status == 200) == _accepts(schema, value), (name, value, response.status, await response.text())
+    # to must be later than from: a rule over two parameters, which the document says in words
+    status, answer = await harness.api("GET", "/api/v1/stats?from=2026-11-02&to=2026-11-01")
+    assert status == 400 and answer["error"]["field"] == "to" and "later than from" in op["description"]
+
+
+async def test_list_filters_take_what_the_document_says(harness):
+    for i in range(2):
+        await harness.core.ingest(webform_message(f"Baustelle Nummer {i}"))
+    status, page = await harness.api("GET", "/api/v1/conversations?limit=1")
+    doc = openapi_document(tuple(harness.config.units))
+    op = doc["paths"]["/api/v1/conversations"]["get"]
+    cases = {
+        "unit": ["vertrieb", "tiefbau-muster", "", "nope", "Vertrieb"],
+        "state": ["open", "closed", "", "OPEN"],
+        "channel": ["", "webform", "nope", "\x00"],
+        "overdue": ["true", "false", "", "1"],
+        "q": ["", "Baustelle", "K-7F3QX2", "ä" * 200, "a" * 201, "\x00"],
+        "flag": ["callback_required", "", "nope"],
+        "limit": [0, 1, 200, 201],
+        # a cursor is opaque: of the values its pattern allows, only the server's own are taken
+        "cursor": ["", page["next_cursor"], "!!", "a b"],
+    }
+    for name, values in cases.items():
+        schema = _parameter(op, name)["schema"]
+        for value in values:
+            response = await harness.client.get("/api/v1/conversations", params={name: str(value)},
+                                                headers={"Authorization": f"Bearer {harness.tokens['admin']}"})
+            assert (response.status == 200) == _accepts(schema, value), (name, value, response.status, await response.text())
+    # Without the configuration's units, a unit is described by the pattern of its id.
+    unit = _parameter(openapi_document()["paths"]["/api/v1/conversations"]["get"], "unit")["schema"]
+    assert "enum" not in unit and _accepts(unit, "vertrieb") and not _accepts(unit, "")
+    assert _parameter(op, "unit")["schema"]["enum"] == list(harness.config.units)
+
+
+async def test_request_bodies_take_what_the_document_says(harness):
+    """assignee "" and a text of white space were valid in the document and answered 400; a
+    transfer's unit was any string."""
+    case = (await harness.core.ingest(webform_message())).conversation_id
+    doc = openapi_document(tuple(harness.config.units))
+    blank = ["", " ", "\x1e", "\u3000", "\u2028 \t"]
+    cases = {
+        "notes": ("text", ["x", " x ", "\ufeff", "a" * 20000, "a" * 20001, " " + "a" * 19999, 5, None, *blank]),
+        "replies": ("text", ["Hallo", "a" * 20001, *blank]),
+        "assign": ("assignee", [None, "Erika", "a" * 100, "a" * 101, " " + "a" * 100, 5, *blank]),
+        "transfer": ("unit", ["vertrieb", "stoerung", "nope", "", 5, "Vertrieb"]),
+        "callbacks": ("note", [None, "", "angerufen", "a" * 5000, "a" * 5001, 5]),
+    }
+    for action, (field, values) in cases.items():
+        op = doc["paths"][f"/api/v1/conversations/{{id}}/{action}"]["post"]
+        schema = _body_schema(op)
+        base = {**_BODIES[action]}
+        for value in values:
+            body = {**base, field: value}
+            status, answer = await harness.api("POST", f"/api/v1/conversations/{case}/{action}", json=body)
+            # 409: the body was taken and the state refused it (a transfer to the unit it has)
+            assert status in (200, 201, 400, 409), (action, value, status, answer)
+            assert (status != 400) == _accepts(schema, body), (action, field, value, status, answer)
+        # Properties the document does not name are ignored, as it says.
+        assert schema["additionalProperties"] is True
+        status, answer = await harness.api("POST", f"/api/v1/conversations/{case}/{action}",
+                                           json={**base, "unbekannt": {"x": [1]}, "": None})
+        assert status in (200, 201, 409), (action, answer)
+    for action, field in (("transfer", "reason"), ("assign", "assignee")):
+        schema = _body_schema(doc["paths"][f"/api/v1/conversations/{{id}}/{action}"]["post"])
+        assert field in schema["properties"]
+    # A field left out that is required is a 400, as the document's "required" says.
+    for action, (field, _) in cases.items():
+        op = doc["paths"][f"/api/v1/conversations/{{id}}/{action}"]["post"]
+        if field in _body_schema(op)["required"]:
+            status, answer = await harness.api("POST", f"/api/v1/conversations/{case}/{action}", json={})
+            assert status == 400 and answer["error"]["field"] == field
+
+
+def test_the_blank_pattern_is_what_str_strip_takes_away():
+    """The pattern names the white space itself: ECMA-262's \\s, which a client's validator
+    would use, is not Python's."""
+    every = "".join(map(chr, range(0x110000)))
+    assert re.sub(NOT_BLANK, "", every) == "".join(c for c in every if c.isspace())
+    assert re.sub(f"[{BLANK}]", "", " \u3000\x1cx\ufeff\t") == "x\ufeff"
+
+
+async def test_idempotency_key_reused_is_documented_where_the_server_answers_it(harness):
+    """The 422 of a key sent again with another request was answered but not listed; and only
+    the actions that take a key answer it."""
+    doc = openapi_document()
+    second = {"replies": {"text": "Anders"}, "notes": {"text": "Anders"}, "assign": {"assignee": "Max"},
+              "transfer": {"unit": "stoerung"}, "callbacks": {"outcome": "not_reached", "note": "anders"}}
+    takes_key = set()
+    for method, path, op in _operations(doc):
+        if method != "post" or not path.startswith("/api/v1/conversations/"):
+            continue
+        action = path.rsplit("/", 1)[-1]
+        declared = any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in op["parameters"])
+        case = (await harness.core.ingest(webform_message(email=f"{action}@example.net"))).conversation_id
+        answers = []
+        for body in (_BODIES.get(action), second.get(action)):
+            status, answer = await harness.api("POST", path.replace("{id}", str(case)), json=body,
+                                               headers={"Idempotency-Key": f"key-{action}"})
+            answers.append((status, answer))
+        status, answer = answers[1]
+        assert (status == 422) == declared, (path, answers)
+        if declared:
+            takes_key.add(action)
+            assert answer["error"]["code"] == "idempotency_key_reused" and answer["error"]["field"] == "Idempotency-Key"
+            assert op["responses"]["422"] == {"$ref": "#/components/responses/KeyReused"}
+            _validator("Error").validate(answer)
+        else:
+            assert "422" not in op["responses"]
+    assert takes_key == {"replies", "notes", "callbacks"}
+
+
+@pytest.fixture
+async def quick_harness(tmp_path) -> AsyncIterator[CoreHarness]:
+    """A harness whose body deadline runs out in a blink."""
+    harness = CoreHarness(tmp_path / "data")
+    harness.app[keys.BODY_DEADLINE] = BodyDeadline(0.2, 500.0)
+    async with harness:
+        yield harness
+
+
+async def test_every_error_the_server_gives_is_documented_with_the_error_body(quick_harness):
+    harness = quick_harness
+    case = (await harness.core.ingest(webform_message())).conversation_id
+    contact = (await harness.rows("SELECT contact_id FROM conversations"))[0]["contact_id"]
+    doc = openapi_document()
+    c = f"/api/v1/conversations/{case}"
+    huge = b'{"text": "' + b"a" * (1024 * 1024) + b'"}'
+    provocations = [
+        ("get", "/api/v1/conversations", "/api/v1/conversations?state=nope", {}, 400),
+        ("get", "/api/v1/conversations", "/api/v1/conversations", {"token": None}, 401),
+        ("get", "/api/v1/conversations/{id}", "/api/v1/conversations/x", {}, 400),
+        ("get", "/api/v1/conversations/{id}", "/api/v1/conversations/424242", {}, 404),
+        ("post", "/api/v1/conversations/{id}/notes", f"{c}/notes", {"data": b"{", "headers": {"Content-Type": "application/json"}}, 400),
+        ("post", "/api/v1/conversations/{id}/notes", f"{c}/notes", {"data": b"{}", "headers": {"Content-Type": "text/plain"}}, 400),
+        ("post", "/api/v1/conversations/{id}/notes", f"{c}/notes", {"json": {"text": "x"}, "headers": {"Idempotency-Key": "a b"}}, 400),
+        ("post", "/api/v1/conversations/{id}/notes", f"{c}/notes", {"data": huge, "headers": {"Content-Type": "application/json"}}, 413),
+        ("post", "/api/v1/conversations/{id}/replies", "/api/v1/conversations/424242/replies", {"json": {"text": "x"}}, 404),
+        ("post", "/api/v1/conversations/{id}/transfer", f"{c}/transfer", {"json": {"unit": "tiefbau-muster"}}, 409),
+        ("post", "/api/v1/conversations/{id}/reopen", f"{c}/reopen", {}, 409),
+        ("post", "/api/v1/conversations/{id}/close", f"{c}/close", {}, 200),
+        ("post", "/api/v1/conversations/{id}/close", f"{c}/close", {}, 409),
+        ("post", "/api/v1/conversations/{id}/wait", f"{c}/wait", {}, 409),
+        ("post", "/api/v1/contacts/{id}/merge", f"/api/v1/contacts/{contact}/merge", {"json": {"other_contact_id": contact}}, 409),
+        ("post", "/api/v1/contacts/{id}/merge", f"/api/v1/contacts/{contact}/merge", {"json": {"other_contact_id": 424242}}, 404),
+        ("get", "/api/v1/contacts/{id}", "/api/v1/contacts/424242", {}, 404),
+        ("get", "/api/v1/stats", "/api/v1/stats?from=2026-11-01&from=2026-11-02", {}, 400),
+        ("get", "/api/v1/units", "/api/v1/units", {"token": "nobody"}, 401),
+        ("get", "/api/v1/me", "/api/v1/me", {"token": None}, 401),
+    ]
+    for method, path, url, kwargs, expected in provocations:
+        status, answer = await harness.api(method.upper(), url, **kwargs)
+        assert status == expected, (url, status, answer)
+        responses = doc["paths"][path][method]["responses"]
+        assert str(status) in responses, (method, path, status)
+        if status >= 400:
+            _validator("Error").validate(answer)
+    with harness.refusing_writes():
+        status, answer = await harness.api("POST", f"{c}/reopen")
+    assert status == 503 and "503" in doc["paths"]["/api/v1/conversations/{id}/reopen"]["post"]["responses"]
+    _validator("Error").validate(answer)
+    reader, writer = await harness.stalled_request(f"{c}/notes", b'{"text": "Rufe', declared=400,
+                                                   headers={"Authorization": f"Bearer {harness.tokens['admin']}"})
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408") and "408" in doc["paths"]["/api/v1/conversations/{id}/notes"]["post"]["responses"]
+    # Every error answer an operation lists has the one error body; a body is read (408, 413)
+    # only by the operations that take one, and 409 only where the state can refuse.
+    components = doc["components"]["responses"]
+    for _, path, op in _operations(doc):
+        for status, response in op["responses"].items():
+            if path.startswith("/api/v1/") and int(status) >= 400:
+                resolved = components[response["$ref"].rsplit("/", 1)[-1]]
+                assert resolved["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+        assert ("408" in op["responses"]) == ("requestBody" in op) == ("413" in op["responses"]), path
+    conflicts = {path for method, path, op in _operations(doc) if "409" in op["responses"]}
+    assert conflicts == {f"/api/v1/conversations/{{id}}/{a}" for a in ("transfer", "close", "reopen", "wait")} | {
+        "/api/v1/contacts/{id}/merge"}
+
+
+async def test_a_method_a_path_does_not_take_answers_405_with_allow(harness):
+    """RFC 9110 requires the Allow header on a 405; the JSON error answer dropped the one
+    aiohttp's exception carries."""
+    for method, path, allowed in (("TRACE", "/api/v1/me", {"GET", "HEAD"}), ("DELETE", "/api/v1/conversations/1/close", {"POST"}),
+                                  ("PUT", "/healthz", {"GET", "HEAD"}), ("TRACE", "/api/v1/conversations/1", {"GET", "HEAD"})):
+        response = await harness.client.request(method, path, headers={"Authorization": f"Bearer {harness.tokens['admin']}"})
+        assert response.status == 405
+        assert set(response.headers["Allow"].split(",")) == allowed, (method, path, response.headers.get("Allow"))
+        assert (await response.json())["error"]["code"] == "method_not_allowed"
