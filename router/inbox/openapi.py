@@ -156,7 +156,7 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                         {"name": "overdue", "in": "query", "schema": {"enum": ["true", "false"]}},
                         {"name": "q", "in": "query", "description": "A case reference, or words that must all occur (as word starts; a"
                          " one-character word as a whole word) in a message, its subject or the sender's name; umlauts match their"
-                         " spelt-out forms. Any text of up to 200 characters; empty: no search.",
+                         " spelt-out forms. Any text of up to 200 characters and ten words (more is a 400); empty: no search.",
                          "schema": {"type": "string", "maxLength": 200}},
                         {"name": "contact", "in": "query", "description": "Only this contact's conversations.", "schema": _ID_VALUE},
                         {"name": "flag", "in": "query", "description": "Only the conversations carrying this flag (callback_required: the call-backs to make).", "schema": {"enum": sorted(FLAGS)}},
