@@ -124,6 +124,7 @@ def _find_thread(
     sender_verified: bool,
     *,
     refs_join: str = "own",
+    topic_unit: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
     """(conversation to join, conversation merely referred to). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
@@ -134,7 +135,8 @@ def _find_thread(
     "ours": also whoever answers a message we sent (a bounce or an auto-reply to our mail, which
     changes nothing there); not one the resident sent, which a neighbour in Cc could name to put
     words on the resident's status page. "any": whoever names it (a voicemail's transcript,
-    whose caller may be unknown)."""
+    whose caller may be unknown). ``topic_unit``: the unit a message's topic routes it to, for
+    whether an open conversation without a topic is the same matter."""
     thread = msg.get("thread") or {}
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
@@ -180,16 +182,24 @@ def _find_thread(
     if threads_by_sender:
         # The sender's open conversation for that topic: a caller who chose another topic in
         # the menu has another matter, for the unit of that topic. (It joined the open one,
-        # with that one's unit, reference and deadline.)
+        # with that one's unit, reference and deadline.) One without a topic (an SMS, a call
+        # without a choice) is the same matter when the topic would go to its unit.
         topic = msg.get("topic")
-        row = conn.execute(
+        if not topic:
+            row = conn.execute(
+                "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
+                " WHERE contact_id = ? AND channel = ? AND state != 'closed' ORDER BY id DESC LIMIT 1",
+                (contact_id, msg["channel"]),
+            ).fetchone()
+            return (row, referred) if row is not None else (None, referred)
+        for row in conn.execute(
             "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
-            " WHERE contact_id = ? AND channel = ? AND state != 'closed'"
-            + (" AND topic IS ?" if topic else "") + " ORDER BY id DESC LIMIT 1",
-            (contact_id, msg["channel"], topic) if topic else (contact_id, msg["channel"]),
-        ).fetchone()
-        if row is not None:
-            return row, referred
+            " WHERE contact_id = ? AND channel = ? AND state != 'closed' AND (topic = ? OR topic IS NULL)"
+            " ORDER BY topic IS NULL, id DESC LIMIT 2",
+            (contact_id, msg["channel"], topic),
+        ):
+            if row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
+                return row, referred
     return None, referred
 
 
@@ -408,6 +418,8 @@ def ingest_tx(
     conv, referred = _find_thread(
         conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.sender_verified,
         refs_join="ours" if automated else "own",
+        topic_unit=lambda m: prep.override.unit if prep.override is not None else route(
+            config, m, is_customer=is_customer, language=prep.language, normalized_text=prep.folded)[0].unit,
     )
     needs_ack = False
     if conv is not None and automated:

@@ -502,3 +502,19 @@ async def test_a_transfer_of_a_case_no_answer_is_due_for_does_not_ask_for_one(ha
     assert status == 200
     (note,) = await harness.rows("SELECT text FROM messages WHERE kind = 'notification' AND conversation_id = ?", (case,))
     assert note["text"].endswith("Eine Antwort ist derzeit nicht fällig.") and " bis " not in note["text"], note["text"]
+
+
+async def test_a_message_with_a_topic_joins_an_open_conversation_without_one_when_the_topic_goes_to_its_unit(tmp_path):
+    """Only a conversation of the same topic was joined: a resident who wrote "Störung" by SMS
+    and then chose "fault" in the menu got a second case and a second acknowledgement."""
+    from router.testing import CoreHarness
+
+    env = {"WHATSAPP_APP_SECRET": "s", "WHATSAPP_VERIFY_TOKEN": "v", "WHATSAPP_ACCESS_TOKEN": "a",
+           "WHATSAPP_PHONE_NUMBER_ID": "1122334455", "WHATSAPP_GRAPH_URL": "http://127.0.0.1:9"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "whatsapp"), env=env) as harness:
+        fault = await harness.core.ingest(_chat("message", "wamid.N1", "+4915111111111", text="Störung: kein Internet"))
+        assert fault.unit == "stoerung"
+        same = await harness.core.ingest(_chat("message", "wamid.N2", "+4915111111111", text="Hallo", topic="fault"))
+        assert same.conversation_id == fault.conversation_id and not same.acknowledged
+        other = await harness.core.ingest(_chat("message", "wamid.N3", "+4915111111111", text="Hallo", topic="contract"))
+        assert other.conversation_id != fault.conversation_id and other.unit == "vertrieb"
