@@ -386,7 +386,7 @@ class PhoneChannel(Channel):
         except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nesting too deep
             raise web.HTTPBadRequest(text="unreadable event") from exc
         try:
-            message = parse.cti_missed_call(event, region=self.settings.region)
+            message = parse.cti_missed_call(event, region=self.settings.region, number_format=self.settings.cti_number_format)
         except parse.PayloadError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from exc
         if message is None:

@@ -79,19 +79,28 @@ def to_e164(raw: str | None, region: str = "DE") -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-def pbx_to_e164(raw: str | None, region: str = "DE") -> str | None:
+PBX_NUMBER_FORMATS = ("auto", "international", "national")
+
+
+def pbx_to_e164(raw: str | None, region: str = "DE", number_format: str = "auto") -> str | None:
     """A number as a PBX reports it (CTI events), as E.164, or None.
 
     sipgate.io writes international numbers as digits without "+" (``4915791234567``);
-    ``to_e164`` read those as national numbers of ``region`` (``+494915791234567``, a number
-    that exists nowhere, so the call-back SMS went nowhere and the contact was a stranger). An
-    all-digit number that does not start with 0 and has an international length is therefore
-    read as international when phonenumbers says that reading is a valid number. Everything
-    else (a national number with its 0, ``+49 ...``, ``0049 ...``, a withheld number, a local
-    number without its area code) is read as ``to_e164`` reads it.
+    ``to_e164`` read those as national numbers of ``region``, numbers that exist nowhere, so
+    the call-back SMS went nowhere and the contact was a stranger. Other PBXs write national
+    numbers, some without their trunk 0 (``15223456789``). A run of digits alone cannot tell
+    the two apart: in the US, Italy or Denmark a tenth of the national numbers also read as
+    another country's, and German numbering takes almost anything as a valid national number.
+    So ``number_format`` (the channel's ``cti_number_format``) says how the PBX writes them:
+    "international" (sipgate.io: digits without a leading 0 are country code and number),
+    "national" (read as ``to_e164`` reads it), or "auto": international only when the digits
+    begin with ``region``'s own country code (``49...`` in Germany), national otherwise.
+    A number with "+", "00" or a leading 0, or a withheld one, is read as ``to_e164`` reads it.
     """
     text = (raw or "").strip()
-    if not is_withheld(text) and _BARE_INTERNATIONAL.match(text):
+    if number_format != "national" and not is_withheld(text) and _BARE_INTERNATIONAL.match(text) and (
+        number_format == "international" or text.startswith(str(phonenumbers.country_code_for_region(region)))
+    ):
         try:
             number = phonenumbers.parse("+" + text, None)
         except phonenumbers.NumberParseException:

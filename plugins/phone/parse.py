@@ -140,16 +140,16 @@ def _language(language: str | None) -> str | None:
 
 
 def sender_for(
-    raw: str | None, event_id: str, region: str = "DE", *, pbx: bool = False
+    raw: str | None, event_id: str, region: str = "DE", *, pbx: str | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     """The canonical sender for a caller id, and the flags it implies.
 
     A readable number is ``phone`` in E.164; a withheld or unreadable one is ``anonymous`` with
     an address unique to the event (``anonymous:<id>``) and the flag ``no_number``. With
-    ``pbx`` the number is read as PBXs write it (``pbx_to_e164``: international digits may
-    come without "+").
+    ``pbx`` (the PBX's number format) the number is read as the PBX writes it
+    (``pbx_to_e164``: international digits may come without "+").
     """
-    number = pbx_to_e164(raw, region) if pbx else to_e164(raw, region)
+    number = pbx_to_e164(raw, region, pbx) if pbx else to_e164(raw, region)
     if number:
         return {"kind": "phone", "address": number}, []
     return {"kind": "anonymous", "address": f"anonymous:{event_id}"[:320]}, ["no_number"]
@@ -387,14 +387,15 @@ def is_call_over(params: Mapping[str, Any]) -> bool:
     return _text(params, "CallStatus").lower() in TERMINAL_CALL_STATUSES
 
 
-def cti_missed_call(event: Any, *, region: str = "DE") -> dict[str, Any] | None:
+def cti_missed_call(event: Any, *, region: str = "DE", number_format: str = "auto") -> dict[str, Any] | None:
     """A CTI event (``{event, from, to, direction, callId, cause}``) as a missed call, or None.
 
     Only an inbound ``hangup`` whose cause says nobody spoke to the caller (``MISSED_CTI_CAUSES``:
     noAnswer, busy, cancel, congestion, notFound, ...) is a missed call; newCall, answer and
     every other hangup (an answered call ends with normalClearing, a forwarded one goes on as a
-    new call) give None. Numbers are read as PBXs write them: ``4915791234567`` (sipgate.io) is
-    ``+4915791234567``, ``030 12345678`` a national number of ``region``.
+    new call) give None. Numbers are read as the PBX writes them (``number_format``, see
+    ``pbx_to_e164``): ``4915791234567`` (sipgate.io) is ``+4915791234567``, ``030 12345678``
+    a national number of ``region``.
     """
     if not isinstance(event, Mapping):
         raise PayloadError("a CTI event is an object")
@@ -408,7 +409,7 @@ def cti_missed_call(event: Any, *, region: str = "DE") -> dict[str, Any] | None:
         return None
     call_id = _require(event, "callId")
     raw_from = _text(event, "from")
-    sender, flags = sender_for(raw_from, f"cti:{call_id}", region, pbx=True)
+    sender, flags = sender_for(raw_from, f"cti:{call_id}", region, pbx=number_format)
     to = _text(event, "to")
     meta: dict[str, Any] = {"source": "cti", "call_id": call_id, "cause": _text(event, "cause")[:40]}
     if sender["kind"] != "phone" and raw_from:

@@ -17,6 +17,8 @@ import phonenumbers
 
 from router.hookspecs import SettingsError
 
+from .numbers import PBX_NUMBER_FORMATS
+
 DEFAULT_MENU = {"1": "construction", "2": "contract", "3": "fault", "0": "other"}
 
 ENV_FALLBACKS = {
@@ -46,6 +48,7 @@ class PhoneSettings:
     api_url: str = "https://api.twilio.com"
     public_base_url: str | None = None
     cti_secret: str | None = dataclasses.field(default=None, repr=False)
+    cti_number_format: str = "auto"  # how the PBX writes numbers: see ``numbers.pbx_to_e164``
     menu: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MENU))
     menu_labels: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     english_digit: str | None = "9"
@@ -83,7 +86,7 @@ class PhoneSettings:
                 section[key] = env[variable]
         values: dict[str, Any] = {}
         for key in ("account_sid", "auth_token", "phone_number", "api_url", "public_base_url", "cti_secret",
-                    "region", "timezone", "company_name", "voice"):
+                    "cti_number_format", "region", "timezone", "company_name", "voice"):
             value = section.get(key)
             if value is None or value == "":
                 continue
@@ -98,6 +101,8 @@ class PhoneSettings:
                 ZoneInfo(values["timezone"])
             except (ZoneInfoNotFoundError, ValueError):
                 raise PhoneSettingsError("channels.phone.timezone", f"unknown timezone {values['timezone']!r}") from None
+        if values.get("cti_number_format", "auto") not in PBX_NUMBER_FORMATS:
+            raise PhoneSettingsError("channels.phone.cti_number_format", f"one of {', '.join(PBX_NUMBER_FORMATS)}")
         if "region" in values:
             if values["region"].upper() not in phonenumbers.SUPPORTED_REGIONS:
                 raise PhoneSettingsError("channels.phone.region", f"not a region phone numbers are known for: {values['region']!r}")

@@ -618,6 +618,19 @@ async def test_a_sipgate_hangup_that_reached_nobody_is_a_missed_call_from_the_in
     assert [m["To"] for m in twilio.messages] == ["+4915791234567"]  # the acknowledgement, by SMS to the mobile
 
 
+async def test_a_pbx_writing_international_numbers_says_so_and_a_caller_from_abroad_is_read_right(tmp_path, twilio):
+    """Without the setting an Austrian caller's digits (436641234567) cannot be told from a
+    German number; sipgate.io writes every number internationally."""
+    async with CoreHarness(tmp_path, entrypoints=("webform", "phone"), env=phone_env(twilio),
+                           settings={"phone": {"cti_number_format": "international"}}) as harness:
+        form = {"event": "hangup", "cause": "noAnswer", "callId": "sg-at", "from": "436641234567",
+                "to": "493099999999", "direction": "in"}
+        response = await harness.client.post(f"/channels/phone/cti/{CTI_SECRET}", data=form)
+        assert (await response.json())["stored"] is True
+        conv = await only_conversation(harness)
+        assert [i["address"] for i in conv["contact"]["identities"]] == ["+436641234567"]
+
+
 async def test_our_own_sender_refused_by_twilio_keeps_the_sms_queued_and_the_residents_number_good(
     harness, twilio, caplog,
 ):

@@ -48,8 +48,6 @@ def test_is_mobile(number, mobile):
         ("4915791234567", "+4915791234567"),  # sipgate.io: international, without "+"
         ("492111234567", "+492111234567"),
         ("493099999999", "+493099999999"),
-        ("436641234567", "+436641234567"),
-        ("14158675309", "+14158675309"),
         ("015791234567", "+4915791234567"),  # national numbers keep their reading
         ("030 12345678", "+493012345678"),
         ("+4915791234567", "+4915791234567"),
@@ -59,6 +57,25 @@ def test_is_mobile(number, mobile):
 )
 def test_pbx_numbers_without_plus_are_international(raw, e164):
     assert pbx_to_e164(raw) == e164
+
+
+@pytest.mark.parametrize(("raw", "region", "number_format", "e164"), [
+    # auto: international only when the digits begin with the region's own country code
+    ("9513500049", "US", "auto", "+19513500049"),  # read as international it is a number in Myanmar
+    ("15223456789", "DE", "auto", "+4915223456789"),  # a PBX that drops the trunk 0; as international, American
+    ("436641234567", "DE", "auto", "+49436641234567"),  # an Austrian caller cannot be told from a German number
+    # international (sipgate.io): every run of digits without a 0 is country code and number
+    ("436641234567", "DE", "international", "+436641234567"),
+    ("14158675309", "DE", "international", "+14158675309"),
+    ("4915791234567", "US", "international", "+4915791234567"),
+    # national: as to_e164 reads it
+    ("4915791234567", "DE", "national", "+494915791234567"),  # what such a PBX would mean
+    ("15223456789", "DE", "national", "+4915223456789"),
+])
+def test_the_pbx_number_format_says_how_digits_without_plus_are_read(raw, region, number_format, e164):
+    """Every run of 8 to 15 digits without a 0 was read as international first: a tenth of the
+    national numbers of the US, Italy or Denmark came out as another country's."""
+    assert pbx_to_e164(raw, region, number_format) == e164
 
 
 @pytest.mark.parametrize("raw", [None, "", "anonymous", "266696687", "7378742833", "12"])

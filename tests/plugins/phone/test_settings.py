@@ -35,6 +35,7 @@ def test_twilio_credentials_fall_back_to_the_environment():
         ({"region": "XX"}, "region"),  # every national number became no number
         ({"phone_number": "030 99999999"}, "phone_number"),  # every SMS refused with 21212, kept queued
         ({"phone_number": "4930999999"}, "phone_number"),
+        ({"cti_number_format": "e164"}, "cti_number_format"),
         ({"phone_number": "+49301"}, "phone_number"),
         ({"phone_number": "Stadtwerke"}, "phone_number"),
     ],
