@@ -26,6 +26,8 @@ class CallState:
     topic: str | None = None
     language: str | None = None
     outcome: str | None = None
+    taken: bool = False
+    """Someone pressed 1 at the screen of a forward: a person took the call."""
     updated: datetime | None = None
     pending: list[asyncio.Event] = dataclasses.field(default_factory=list)
     """One event per outcome being stored (``begin``), set when it is settled."""
@@ -50,9 +52,12 @@ class CallLog:
         topic: str | None = None,
         language: str | None = None,
         outcome: str | None = None,
+        taken: bool | None = None,
     ) -> CallState:
         """Record what is known now; values given replace earlier ones, None keeps them."""
         state = self._calls.pop(call_sid, None) or CallState()
+        if taken is not None:
+            state.taken = taken
         if topic is not None:
             state.topic = topic
         if language is not None:

@@ -104,6 +104,8 @@ class PhoneChannel(Channel):
                 web.post("/twilio/voice", self.voice),
                 web.post("/twilio/menu", self.menu),
                 web.post("/twilio/dial-result", self.dial_result),
+                web.post("/twilio/screen", self.screen),
+                web.post("/twilio/screen-result", self.screen_result),
                 web.post("/twilio/recording", self.recording),
                 web.post("/twilio/transcription", self.transcription),
                 web.post("/twilio/call-status", self.call_status),
@@ -249,25 +251,55 @@ class PhoneChannel(Channel):
                 "dial-result", lang=language, topic=topic, ref=reference,
                 by=_stamp(deadline),
             )
+            screen = self.url("screen", lang=language, ref=reference, call=message["meta"]["call_sid"]) \
+                if self.settings.screen_forwards else None
             return _twiml(
                 twiml.forward(
-                    number, action_url=action, timeout=self.settings.forward_timeout, language=language,
-                    voice=self.settings.voice,
+                    number, action_url=action, screen_url=screen, timeout=self.settings.forward_timeout,
+                    language=language, voice=self.settings.voice,
                 )
             )
         return self._voicemail_answer(
             language=language, topic=topic, reference=reference, deadline=deadline, withheld=withheld
         )
 
+    async def screen(self, request: web.Request) -> web.Response:
+        """Someone picked up where the call was put through: tell them what it is, and let them
+        take it with 1 (``screen_forwards``)."""
+        await self._verified(request)
+        language = self._language(request)
+        action = self.url("screen-result", lang=language, call=request.query.get("call"))
+        return _twiml(twiml.screen(action_url=action, case_reference=request.query.get("ref") or None,
+                                   language=language, voice=self.settings.voice))
+
+    async def screen_result(self, request: web.Request) -> web.Response:
+        """The key pressed at the screen: 1 takes the call (a person, noted for ``dial_result``),
+        anything else, or nothing, hangs up that leg."""
+        params = await self._verified(request)
+        call_sid = request.query.get("call")
+        accepted = params.get("Digits") == "1"
+        if accepted and call_sid:
+            self.calls.note(call_sid, self.context.clock.now(), taken=True)
+        return _twiml(twiml.screened(accepted))
+
     async def dial_result(self, request: web.Request) -> web.Response:
-        """The forward ended: done when answered, else the voicemail."""
+        """The forward ended: done when answered, else the voicemail.
+
+        With ``screen_forwards``, answered means that someone took the call at the screen (by
+        pressing 1): then, and only then, staff spoke with the caller, and the conversation is
+        answered. A forward that only a mailbox or an announcement picked up gives the caller
+        our voicemail. Without screening an answered forward ends the call and leaves the
+        conversation as it was: Twilio's "completed" says that something picked up, not who."""
         params = await self._verified(request)
         language = self._language(request)
         call_sid = params.get("CallSid")
-        if parse.is_answered_dial(params):
+        state = self.calls.state(call_sid) if call_sid else None
+        taken = state is not None and state.taken
+        if parse.is_answered_dial(params) and (taken or not self.settings.screen_forwards):
             if call_sid:
                 self.calls.note(call_sid, self.context.clock.now(), outcome="answered")
-                await self._answered_live(call_sid, params)
+                if taken:
+                    await self._answered_live(call_sid, params)
             return _twiml(twiml.hangup(language, self.settings.voice))
         return self._voicemail_answer(
             language=language, topic=request.query.get("topic") or None, reference=request.query.get("ref") or None,

@@ -54,6 +54,7 @@ class PhoneSettings:
     english_digit: str | None = "9"
     forward_numbers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     forward_timeout: int = 20
+    screen_forwards: bool = True  # whoever picks up a forward takes it with 1 (``twiml.screen``)
     voicemail_max_length: int = 120
     callback_attempts: int = 3  # read by the core's call-back log; checked here so a bad value stops the start
     region: str = "DE"
@@ -130,6 +131,10 @@ class PhoneSettings:
                 if not (isinstance(topic, str) and _TOPIC.match(topic)):
                     raise PhoneSettingsError(f"channels.phone.menu.{digit}", f"not a topic id: {topic!r}")
             values["menu"] = dict(menu)
+        if "screen_forwards" in section:
+            if not isinstance(section["screen_forwards"], bool):
+                raise PhoneSettingsError("channels.phone.screen_forwards", "expected true or false")
+            values["screen_forwards"] = section["screen_forwards"]
         if "english_digit" in section:
             digit = section["english_digit"]
             if digit is not None and not (isinstance(digit, str) and _DIGIT.match(digit)):

@@ -29,6 +29,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "withheld_hint": "Ihre Rufnummer wird nicht übertragen. Wenn Sie uns eine Nachricht hinterlassen, "
         "nennen Sie darin bitte eine Nummer für unseren Rückruf.",
         "connecting": "Einen Moment bitte, wir verbinden Sie.",
+        "screen": "Anruf über die Hotline{about}. Drücken Sie die 1, um ihn anzunehmen.",
+        "screen_about": " zu Vorgang {reference}",
         "reference": "Ihre Vorgangsnummer lautet: {reference}. Ich wiederhole: {reference}.",
         "callback_by": "Wir rufen Sie bis {when} zurück.",
         "callback_soon": "Wir rufen Sie so bald wie möglich zurück.",
@@ -52,6 +54,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "withheld_hint": "Your number is withheld. If you leave us a message, please tell us a number "
         "we can call you back on.",
         "connecting": "One moment please, we are putting you through.",
+        "screen": "A call through the hotline{about}. Press 1 to take it.",
+        "screen_about": " about case {reference}",
         "reference": "Your case reference is: {reference}. Once again: {reference}.",
         "callback_by": "We will call you back by {when}.",
         "callback_soon": "We will call you back as soon as we can.",
@@ -180,18 +184,46 @@ def forward(
     number: str,
     *,
     action_url: str,
+    screen_url: str | None = None,
     timeout: int = 20,
     language: str = "de",
     caller_id: str | None = None,
     voice: str | None = None,
 ) -> str:
-    """Put the caller through to ``number``; ``action_url`` learns whether anyone answered."""
+    """Put the caller through to ``number``; ``action_url`` learns whether anyone answered.
+    With ``screen_url``, whoever picks up there hears ``screen`` first and takes the call by
+    pressing 1: a mailbox or an announcement that picks up takes nothing."""
     root = ET.Element("Response")
     _say(root, _text(language, "connecting"), language, voice)
     dial = ET.SubElement(root, "Dial", timeout=str(timeout), action=action_url, method="POST")
     if caller_id:
         dial.set("callerId", caller_id)
-    ET.SubElement(dial, "Number").text = number
+    target = ET.SubElement(dial, "Number")
+    if screen_url:
+        target.set("url", screen_url)
+        target.set("method", "POST")
+    target.text = number
+    return _document(root)
+
+
+def screen(*, action_url: str, case_reference: str | None = None, language: str = "de", voice: str | None = None,
+           timeout: int = 8) -> str:
+    """What the person a call is put through to hears when they pick up: the call, its case,
+    and 1 to take it. Nothing pressed (a mailbox, an announcement): this leg hangs up, and the
+    caller is not connected to it."""
+    root = ET.Element("Response")
+    gather = ET.SubElement(root, "Gather", numDigits="1", action=action_url, method="POST", timeout=str(timeout))
+    about = _text(language, "screen_about", reference=spell_reference(case_reference)) if case_reference else ""
+    _say(gather, _text(language, "screen", about=about), language, voice)
+    ET.SubElement(root, "Hangup")
+    return _document(root)
+
+
+def screened(accepted: bool) -> str:
+    """The answer to the screen's key: nothing more (Twilio then connects the two), or hang up."""
+    root = ET.Element("Response")
+    if not accepted:
+        ET.SubElement(root, "Hangup")
     return _document(root)
 
 

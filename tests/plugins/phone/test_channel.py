@@ -190,12 +190,46 @@ async def test_hang_up_at_the_voicemail_prompt_is_a_missed_call_with_the_topic(c
     assert core.messages[1]["topic"] == "fault"
 
 
+async def _take_at_the_screen(client, forward, digits: str = "1"):
+    """Twilio's side of the screen: the person the call goes to picks up and presses ``digits``."""
+    number = forward.find("Dial").find("Number")
+    leg = {**CALLER, "CallSid": "CA" + "f" * 32, "ParentCallSid": CALLER["CallSid"], "Direction": "outbound-dial"}
+    screen = await twiml_of(await twilio_post(client, number.get("url"), leg))
+    return await twiml_of(await twilio_post(client, screen.find("Gather").get("action"), {**leg, "Digits": digits}))
+
+
 async def test_answered_forward_is_not_a_missed_call(client, core):
-    await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "1"})
-    answer = await twiml_of(await twilio_post(client, "dial-result?lang=de", {**CALLER, "DialCallStatus": "completed"}))
+    forward = await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "1"}))
+    await _take_at_the_screen(client, forward)
+    answer = await twiml_of(await twilio_post(client, forward.find("Dial").get("action"),
+                                              {**CALLER, "DialCallStatus": "completed"}))
     assert answer.find("Hangup") is not None
     await twilio_post(client, "call-status", {**CALLER, "CallStatus": "completed"})
     assert core.kinds() == ["call"]
+
+
+async def test_whoever_picks_up_a_forward_hears_the_case_and_takes_the_call_with_1(client, core):
+    """Twilio's "completed" says that something picked up: a staff phone's mailbox or a queue's
+    announcement counted as staff speaking with the caller."""
+    forward = await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "1"}))
+    number = forward.find("Dial").find("Number")
+    assert number.get("url").startswith("https://") and "/twilio/screen?" in number.get("url")
+    leg = {**CALLER, "CallSid": "CA" + "f" * 32}
+    screen = await twiml_of(await twilio_post(client, number.get("url"), leg))
+    gather = screen.find("Gather")
+    assert gather.get("numDigits") == "1" and "Drücken Sie die 1" in gather.find("Say").text
+    assert screen.find("Hangup") is not None  # nothing pressed: that leg hangs up
+    taken = await twiml_of(await twilio_post(client, gather.get("action"), {**leg, "Digits": "1"}))
+    assert list(taken) == []  # nothing more: Twilio connects the two
+    refused = await twiml_of(await twilio_post(client, gather.get("action"), {**leg, "Digits": "2"}))
+    assert refused.find("Hangup") is not None
+
+
+async def test_a_forward_that_only_a_mailbox_picked_up_gives_the_caller_our_voicemail(client, core):
+    forward = await twiml_of(await twilio_post(client, "menu?lang=de", {**CALLER, "Digits": "1"}))
+    answer = await twiml_of(await twilio_post(client, forward.find("Dial").get("action"),
+                                              {**CALLER, "DialCallStatus": "completed"}))
+    assert answer.find("Record") is not None
 
 
 async def test_a_deadline_that_has_passed_is_not_promised(client, core):

@@ -171,6 +171,14 @@ def call(sid: str, caller: str = MOBILE, **extra: str) -> dict[str, str]:
     }
 
 
+async def take(harness: CoreHarness, forward: ET.Element, caller: str = MOBILE, digits: str = "1") -> None:
+    """The person a forward reaches picks up, hears the screen and presses ``digits``."""
+    number = forward.find("Dial").find("Number")
+    leg = call("CA" + "9" * 32, caller=caller, Direction="outbound-dial")
+    screen = await say(harness, number.get("url"), leg)
+    await say(harness, screen.find("Gather").get("action"), {**leg, "Digits": digits})
+
+
 def sms(sid: str, body: str, sender: str = MOBILE) -> dict[str, str]:
     """The parameters Twilio posts for an inbound SMS."""
     return {
@@ -397,6 +405,7 @@ async def test_forward_not_answered_and_no_voicemail_is_a_missed_call_that_escal
 async def test_answered_forward_leaves_no_call_back_duty(harness):
     sid = "CA" + "a" * 32
     forward = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+    await take(harness, forward)
     await say(harness, forward.find("Dial").get("action"), call(sid, DialCallStatus="completed"))
     await say(harness, "call-status", call(sid, CallStatus="completed"))
     await say(harness, "call-status", call(sid, CallStatus="completed"))  # Twilio reports the end again
@@ -410,6 +419,7 @@ async def test_a_forward_staff_picked_up_answers_the_call_and_never_escalates(ha
     unanswered."""
     sid = "CA" + "d" * 32
     forward = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+    await take(harness, forward)
     for _ in range(2):  # Twilio may post the dial's end again
         await say(harness, forward.find("Dial").get("action"), call(sid, DialCallStatus="completed", DialCallDuration="95"))
     await say(harness, "call-status", call(sid, CallStatus="completed"))
@@ -418,6 +428,34 @@ async def test_a_forward_staff_picked_up_answers_the_call_and_never_escalates(ha
     assert [m["text"] for m in conv["messages"] if m["kind"] == "callback"] == ["Call put through and answered (95 s)"]
     harness.clock.advance(timedelta(days=3))
     assert await harness.escalate() == []
+
+
+async def test_a_forward_only_a_mailbox_picked_up_leaves_the_case_open_and_the_caller_gets_our_voicemail(harness):
+    """Twilio says "completed" when anything picks up: a staff phone's mailbox answered the
+    conversation, which then never escalated."""
+    sid = "CA" + "c" * 31 + "2"
+    forward = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+    await take(harness, forward, digits="")  # the mailbox presses nothing
+    voicemail = await say(harness, forward.find("Dial").get("action"), call(sid, DialCallStatus="completed",
+                                                                               DialCallDuration="31"))
+    assert voicemail.find("Record") is not None
+    await say(harness, "call-status", call(sid, CallStatus="completed"))
+    conv = await only_conversation(harness)
+    assert conv["state"] != "answered" and conv["deadline"] is not None
+    assert "callback_required" in conv["flags"]
+
+
+async def test_without_screening_an_answered_forward_ends_the_call_and_answers_nothing(tmp_path, twilio):
+    async with CoreHarness(tmp_path, entrypoints=("webform", "phone"), env=phone_env(twilio),
+                           settings={"phone": {"screen_forwards": False}}) as harness:
+        sid = "CA" + "c" * 31 + "3"
+        forward = await say(harness, "menu?lang=de", call(sid, Digits="1"))
+        assert forward.find("Dial").find("Number").get("url") is None
+        answer = await say(harness, forward.find("Dial").get("action"), call(sid, DialCallStatus="completed"))
+        assert answer.find("Hangup") is not None
+        await say(harness, "call-status", call(sid, CallStatus="completed"))
+        conv = await only_conversation(harness)
+        assert [m["kind"] for m in inbound(conv)] == ["call"] and conv["state"] != "answered"
 
 
 async def test_a_transcript_that_comes_before_its_voicemail_shows_in_the_call(harness):
@@ -537,6 +575,7 @@ async def test_a_landline_caller_gets_no_sms_ack_and_the_conversation_shows_it(h
 async def test_an_answered_call_from_a_landline_leaves_no_call_back_duty(harness, twilio):
     sid = "CA" + "e" * 31 + "1"
     forward = await say(harness, "menu?lang=de", call(sid, caller=LANDLINE, Digits="1"))
+    await take(harness, forward, caller=LANDLINE)
     await say(harness, forward.find("Dial").get("action"), call(sid, caller=LANDLINE, DialCallStatus="completed"))
     await say(harness, "call-status", call(sid, caller=LANDLINE, CallStatus="completed"))
     await harness.run_outbox()
@@ -735,6 +774,7 @@ async def test_every_twiml_answer_parses_as_xml_and_speaks_german_by_default(har
         "menu?lang=de (no key)": call("CA" + "5" * 32),
         "dial-result?lang=de": call(sid, DialCallStatus="no-answer"),
         "dial-result?lang=de (answered)": call("CA" + "6" * 32, DialCallStatus="completed"),
+        "screen?lang=de&ref=K-7F3Q9A&call=CA1": call("CA" + "7" * 32, Direction="outbound-dial"),
         "recording?lang=de&topic=construction": call(sid, **recording),
         "recording?lang=de (nothing said)": call("CA" + "5" * 32, RecordingDuration="0"),
     }
