@@ -168,6 +168,7 @@ class WebFormChannel(Channel):
         self.trust_forwarded = bool(settings.get("trust_forwarded_for", False))
         self._topics = topics
         self._timezone = _timezone_setting(settings.get("timezone"))
+        self._refunded: set[str] = set()  # form tokens whose duplicate was not counted once already
 
     @property
     def topics(self) -> Mapping[str, Mapping[str, str]]:
@@ -271,10 +272,15 @@ class WebFormChannel(Channel):
         return web.Response(text=page(), content_type="text/html", status=503,
                             headers={"Retry-After": str(exc.retry_after), **STATUS_PAGE_HEADERS})
 
-    def _refund_duplicate(self, request: web.Request, result: IngestResult) -> None:
+    def _refund_duplicate(self, request: web.Request, result: IngestResult, nonce: str) -> None:
         """A duplicate (a retried post of a stored submission) stored nothing: it does not count
-        against the rate limit, or a client's honest retry of an acknowledged case got a 429."""
-        if result.duplicate:
+        against the rate limit, or a client's honest retry of an acknowledged case got a 429.
+        Once per token: refunded every time, one stored submission posted again and again (a
+        token holds a day) went round the limit, and each post still cost a transaction."""
+        if result.duplicate and nonce not in self._refunded:
+            if len(self._refunded) >= 100_000:
+                self._refunded.clear()
+            self._refunded.add(nonce)
             self.limiter.refund(self._client(request))
 
     # ------------------------------------------------------------------ the form
@@ -342,7 +348,7 @@ class WebFormChannel(Channel):
             return self._unavailable(request, is_json, exc, lambda: pages.form_page(
                 language=language, token=str(data["form_token"]), topics=self.topics, values=values,
                 notice=pages.TEXT[language]["unavailable"]))
-        self._refund_duplicate(request, result)
+        self._refund_duplicate(request, result, token.nonce)
         status_path = _status_path(result.status_token)
         if is_json:
             return web.json_response(
@@ -440,7 +446,7 @@ class WebFormChannel(Channel):
                 language=language, view=view, token=str(data["form_token"]),
                 timezone=self.timezone, action=request.path,
                 error=pages.TEXT[language]["unavailable"], text=text))
-        self._refund_duplicate(request, result)
+        self._refund_duplicate(request, result, token.nonce)
         if is_json:
             return web.json_response({"case_reference": result.case_reference, "conversation_id": result.conversation_id,
                                       "status_url": result.status_url, "duplicate": result.duplicate},
