@@ -424,7 +424,7 @@ async def get_me(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/openapi.json")
 async def get_openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(tuple(request.app[keys.CONFIG].units)))
+    return web.json_response(openapi_document())
 
 
 @routes.get("/healthz")
