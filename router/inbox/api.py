@@ -110,17 +110,17 @@ def _int_param(value: str, field: str) -> int:
     return number
 
 
-async def _scoped_conversation(request: web.Request) -> tuple[StaffMember, int, frozenset[str]]:
+async def _scoped_conversation(request: web.Request, *, keyed: bool = False) -> tuple[StaffMember, int, frozenset[str]]:
     """The member, the conversation's id and the member's units: a quick 404 for a conversation
     outside them. The actions check the units again inside their write, since a transfer or an
     escalation may move the conversation in between.
 
-    Not for a request with an ``Idempotency-Key``: its action answers a replay first, then
+    Not for a ``keyed`` action's request with an ``Idempotency-Key``: it answers a replay first, then
     checks the units in its write. A reply whose answer was lost, sent again after the case
     moved to another unit, got a 404, and staff took the sent answer for one never sent."""
     member, units = authenticate(request)
     conversation_id = _int_param(request.match_info["id"], "id")
-    if idempotency.HEADER in request.headers:
+    if keyed and idempotency.HEADER in request.headers:
         return member, conversation_id, units
     unit = await queries.conversation_unit(request.app[keys.CORE], conversation_id)
     if unit is None or unit not in units:
@@ -258,7 +258,7 @@ def _created(result: dict[str, Any], body: dict[str, Any]) -> web.Response:
 
 @routes.post("/api/v1/conversations/{id}/replies")
 async def post_reply(request: web.Request) -> web.Response:
-    member, conversation_id, units = await _scoped_conversation(request)
+    member, conversation_id, units = await _scoped_conversation(request, keyed=True)
     data = await _body(request)
     text = _text(data, "text")
     message = await request.app[keys.CORE].reply(
@@ -268,7 +268,7 @@ async def post_reply(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/conversations/{id}/notes")
 async def post_note(request: web.Request) -> web.Response:
-    member, conversation_id, units = await _scoped_conversation(request)
+    member, conversation_id, units = await _scoped_conversation(request, keyed=True)
     data = await _body(request)
     note = await request.app[keys.CORE].note(
         conversation_id, _text(data, "text"), member.name, units=units, key=_idempotency_key(request, member))
@@ -325,7 +325,7 @@ async def post_wait(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/conversations/{id}/callbacks")
 async def post_callback(request: web.Request) -> web.Response:
-    member, conversation_id, units = await _scoped_conversation(request)
+    member, conversation_id, units = await _scoped_conversation(request, keyed=True)
     data = await _body(request)
     outcome = data.get("outcome")
     if outcome not in ("reached", "not_reached", "wrong_number"):
