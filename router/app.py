@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -26,7 +27,7 @@ from .inbox.api import setup_inbox
 from .metrics import Metrics
 from .outbox import OutboxPolicy, OutboxWorker
 from .plugins import create_plugin_manager
-from .store.sqlite import SQLiteStore
+from .store.sqlite import SQLiteStore, is_outage
 
 log = logging.getLogger("contact_router.app")
 
@@ -91,6 +92,16 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         log.error("%s %s: %s", request.method, request.path, exc)
         response = json_error(503, "unavailable", "the service cannot store this now; try again shortly")
         response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    except sqlite3.DatabaseError as exc:
+        if not is_outage(exc):
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return json_error(500, "internal_error", "internal error; it has been logged")
+        # A read the database could not serve (its file gone, unreadable, the disk failing):
+        # the database's fault, not the request's, as for a write.
+        log.error("%s %s: the database cannot be read: %s", request.method, request.path, exc)
+        response = json_error(503, "unavailable", "the service cannot read its data now; try again shortly")
+        response.headers["Retry-After"] = str(StorageUnavailable.retry_after)
         return response
     except ActionError as exc:
         return json_error(exc.status, exc.code, exc.message, **({"field": exc.field} if exc.field else {}))

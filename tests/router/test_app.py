@@ -187,3 +187,17 @@ async def test_a_browser_whose_form_stalls_gets_a_page(slow_harness: CoreHarness
         writer.close()
     assert status == 408 and headers["content-type"].startswith("text/html")
     assert b"send the form again" in answer
+
+
+async def test_a_read_the_database_cannot_serve_is_a_503_not_a_500(tmp_path) -> None:
+    """The database's files gone under the running service (a disk failing, an operator's
+    mistake): a write was a 503, a read a 500 "internal error"."""
+    import shutil
+
+    from .helpers import webform_message
+
+    async with CoreHarness(tmp_path / "data") as harness:
+        await harness.core.ingest(webform_message())
+        shutil.rmtree(tmp_path / "data")
+        status, body = await harness.api("GET", "/api/v1/conversations")
+        assert status == 503 and body["error"]["code"] == "unavailable", body
