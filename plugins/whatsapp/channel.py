@@ -8,9 +8,11 @@ the body has been committed by the core, because Meta redelivers anything not an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import json
-from datetime import timedelta
+from collections import OrderedDict
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -20,6 +22,7 @@ from router.hookspecs import (
     BodyTooLarge,
     Capabilities,
     Channel,
+    DeliveryUpdate,
     InvalidMessage,
     OutboundMessage,
     PermanentDeliveryError,
@@ -32,6 +35,7 @@ from router.hookspecs import (
 )
 
 from . import graph, media
+from .errors import NOT_CONFIGURED, is_settings_code
 from .parse import parse_webhook
 from .settings import BusinessNumber, WhatsAppSettings
 from .signature import verify_signature
@@ -46,6 +50,58 @@ SIGNATURE_HEADER = "X-Hub-Signature-256"
 # signature checked, a few microseconds, so that slow or forged senders cannot fill the slots).
 MAX_IN_FLIGHT = 256
 RETRY_AFTER_SECONDS = 1
+# The parts of long texts Meta took, remembered for this many outbox rows at most and this long
+# after the last part taken: a reply's retries after a definite refusal come within minutes,
+# and beyond 24 hours free text cannot go anyway (the template goes instead, in one message).
+# Some hundred bytes a row: 10,000 rows is a few megabytes at most.
+MAX_REMEMBERED_SENDS = 10_000
+REMEMBER_PARTS_FOR = timedelta(hours=25)
+
+
+class AcceptedParts:
+    """Which parts of a long text Meta took, by the outbox row's idempotency key: for each, the
+    fingerprint of the part's payload and the id Meta gave it, in order.
+
+    In memory, bounded in size (the oldest row goes first) and age. After a restart, or with
+    the retry claimed by another instance, it is empty and the text goes again from its first
+    part: a part the person reads twice is the lesser evil beside one they never get."""
+
+    def __init__(self, max_sends: int = MAX_REMEMBERED_SENDS, max_age: timedelta = REMEMBER_PARTS_FOR) -> None:
+        self.max_sends = max_sends
+        self.max_age = max_age
+        self._sends: OrderedDict[str, tuple[datetime, list[tuple[str, str]]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sends)
+
+    def taken(self, key: str, now: datetime) -> list[tuple[str, str]]:
+        """The ``(fingerprint, provider id)`` of each part taken so far, first part first."""
+        self._expire(now)
+        entry = self._sends.get(key)
+        return list(entry[1]) if entry else []
+
+    def add(self, key: str, part: int, fingerprint: str, provider_id: str, now: datetime) -> None:
+        """Meta took part ``part`` (from 1) of the text sent under ``key``; what was remembered
+        for that part and after it is replaced."""
+        self._expire(now)
+        _, parts = self._sends.pop(key, (now, []))
+        parts = [*parts[: part - 1], (fingerprint, provider_id)]
+        self._sends[key] = (now, parts)  # the most recently used last
+        while len(self._sends) > self.max_sends:
+            self._sends.popitem(last=False)
+
+    def _expire(self, now: datetime) -> None:
+        while self._sends:
+            key, (last, _) = next(iter(self._sends.items()))
+            if now - last < self.max_age:
+                return
+            del self._sends[key]
+
+
+def _fingerprint(phone_number_id: str, payload: dict[str, Any]) -> str:
+    """What one part's payload is, from which number: a remembered part counts only for the
+    same payload (not for the template the retry may have become)."""
+    return hashlib.sha256(json.dumps([phone_number_id, payload], sort_keys=True).encode()).hexdigest()[:32]
 
 
 class WhatsAppChannel(Channel):
@@ -70,6 +126,7 @@ class WhatsAppChannel(Channel):
         self.in_flight = 0
         self.max_in_flight = MAX_IN_FLIGHT
         self.refused = 0
+        self.accepted_parts = AcceptedParts()
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
@@ -138,6 +195,8 @@ class WhatsAppChannel(Channel):
         for error in parsed.errors:
             self.context.log.warning("webhook error entry: %s", error)
             await self.context.record_event("provider_error", error)
+        for kind, data in parsed.events:
+            await self.context.record_event(kind, data)
         if self.settings.download_media:
             await media.attach_downloads(
                 self.context.http, self.settings, self.context.data_dir, parsed.messages, self.context.log
@@ -155,11 +214,29 @@ class WhatsAppChannel(Channel):
                 await self.context.record_event("invalid_message", entry)
                 refused.append(entry)
         for update in parsed.statuses:
+            self._log_failure(update)
             await self.context.record_delivery(update)
         answer: dict[str, Any] = {"messages": len(parsed.messages) - len(refused), "statuses": len(parsed.statuses)}
         if refused:
             answer["refused"] = refused
         return web.json_response(answer)
+
+    def _log_failure(self, update: DeliveryUpdate) -> None:
+        """Say where operators look what the core cannot show: a failure of our own account or
+        credentials, and a failure of an earlier part of a long answer (its status names no
+        message: the answer is counted by its last part)."""
+        if update.status != "failed":
+            return
+        if is_settings_code(update.error_code):
+            self.context.log.error(
+                "Meta refused our WhatsApp account or credentials (error %s: %s); check the channel's settings",
+                update.error_code, update.error_title or update.error_detail or "no details",
+            )
+        elif graph.is_earlier_part(update.idempotency_key):
+            self.context.log.warning(
+                "an earlier part of a long WhatsApp answer failed (%s, error %s: %s); the answer counts by its last part",
+                update.idempotency_key, update.error_code, update.error_title or update.error_detail or "no details",
+            )
 
     def _apply_number_defaults(self, message: dict[str, Any]) -> None:
         """The business number written to supplies the unit hint, and the language when the
@@ -196,20 +273,43 @@ class WhatsAppChannel(Channel):
             payloads = graph.text_payloads(message.to, message.text, to_kind=message.to_kind)
             if not payloads:
                 raise PermanentDeliveryError("the message has no text", code="empty_text", address_failed=False)
-        provider_ids = []
+        # A long text goes as several messages, posted in order, each once the one before was
+        # taken. The parts Meta took (it answered with their id) are remembered under the
+        # outbox row's key, so that a retry after a later part failed resumes with the first
+        # part that has no id instead of sending the person the beginning again.
+        now = self.context.clock.now()
         for part, payload in enumerate(payloads, start=1):
-            # Meta echoes this in every status of the part. A status carrying the message's own
-            # key tells the outbox that a send whose answer never came went through, so only
-            # the last part carries it: posted after every other part was taken.
-            key = message.idempotency_key if part == len(payloads) else f"{message.idempotency_key}.part-{part}"
-            payload["biz_opaque_callback_data"] = key[:512]
+            payload["biz_opaque_callback_data"] = graph.part_key(message.idempotency_key, part, len(payloads))
+        fingerprints = [_fingerprint(number.phone_number_id, payload) for payload in payloads]
+        provider_ids: list[str] = []
+        if len(payloads) > 1:
+            for (fingerprint, provider_id), expected in zip(
+                self.accepted_parts.taken(message.idempotency_key, now), fingerprints, strict=False
+            ):
+                if fingerprint != expected:
+                    break
+                provider_ids.append(provider_id)
+        for part, (payload, fingerprint) in enumerate(zip(payloads, fingerprints, strict=True), start=1):
+            if part <= len(provider_ids):  # taken already
+                continue
             try:
-                provider_ids.append(await self._post(number.phone_number_id, payload))
+                provider_id = await self._post(number.phone_number_id, payload)
             except RetryableDeliveryError as exc:
+                if exc.code == NOT_CONFIGURED:
+                    # Every message waits for this: say so where operators look, not only in the outbox.
+                    self.context.log.error("Meta refused our WhatsApp settings; messages stay queued until fixed: %s",
+                                           exc.message)
                 if part < len(payloads):  # the last part, whose status would tell, never went
                     exc.outcome_unknown = False
                 raise
-        return SendResult(provider_id=provider_ids[0])
+            provider_ids.append(provider_id)
+            if len(payloads) > 1:
+                self.accepted_parts.add(message.idempotency_key, part, fingerprint, provider_id, now)
+        # The last part's id is the message's: its delivery means the whole answer arrived, and
+        # its failure is the message's. The first part's id is kept as a thread key, so that a
+        # reply quoting the beginning of the answer finds its conversation too.
+        first = provider_ids[0] if len(provider_ids) > 1 else None
+        return SendResult(provider_id=provider_ids[-1], thread_key=first)
 
     def _template_payload(self, message: OutboundMessage, number: BusinessNumber) -> dict[str, Any]:
         template = self.settings.template
@@ -217,14 +317,16 @@ class WhatsAppChannel(Channel):
             raise PermanentDeliveryError(
                 "outside the 24-hour window and no WhatsApp template is configured", code="no_template", address_failed=False
             )
+        # The conversation's language if the template has it, else the number's, else the first.
+        language, code = template.choose(message.language, number.language)
         return graph.template_payload(
             message.to,
             to_kind=message.to_kind,
             name=template.name,
-            language_code=template.language_code(message.language, number.language),
+            language_code=code,
             case_reference=message.case_reference,
             answer=message.text,
-            prompt=template.prompt(message.language),
+            prompt=template.prompt(language),
             max_parameter_chars=template.max_parameter_chars,
         )
 

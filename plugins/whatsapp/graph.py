@@ -7,6 +7,7 @@ failed answer to ``classify_error``, which turns it into the typed error the out
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from router.hookspecs import (
     RetryableDeliveryError,
 )
 
-from .errors import address_failed, outcome_for_code
+from .errors import NOT_CONFIGURED, address_failed, outcome_for_code
 
 MAX_TEXT_LENGTH = 4096
 """Longest ``text.body`` the Cloud API accepts."""
@@ -50,24 +51,103 @@ def addressee(to_kind: str, to: str) -> dict[str, str]:
     return {"to": to_address(to)}
 
 
+PART_SUFFIX = ".part-"
+"""What the keys of the earlier parts of a long text end in, before the part's number."""
+
+
+def part_key(idempotency_key: str, part: int, parts: int) -> str:
+    """The ``biz_opaque_callback_data`` of one part of a text sent as ``parts`` messages: the
+    message's own key for the last part, ``<key>.part-N`` for the others. Meta echoes it in
+    every status of the part, and a status carrying the message's own key tells the outbox
+    that a send whose answer never came went through: only the last part, posted after every
+    other part was taken, may tell that."""
+    key = idempotency_key if part == parts else f"{idempotency_key}{PART_SUFFIX}{part}"
+    return key[:512]
+
+
+def is_earlier_part(key: str | None) -> bool:
+    """Whether a status's ``biz_opaque_callback_data`` names an earlier part of a long text."""
+    if not key or PART_SUFFIX not in key:
+        return False
+    return key.rsplit(PART_SUFFIX, 1)[1].isdigit()
+
+
 def split_text(text: str, limit: int = MAX_TEXT_LENGTH) -> list[str]:
     """Split a text into parts of at most ``limit`` characters, at a paragraph, line or word
-    break where one is near the end, so a long answer arrives whole and readable."""
+    break where one is near the end, so a long answer arrives whole and readable. Where there
+    is none, the cut goes back to the start of the character as a reader sees it
+    (``cluster_start``), so that no emoji or accented letter is cut in two."""
     parts: list[str] = []
     rest = text
     while len(rest) > limit:
-        cut = limit
+        hard = cluster_start(rest, limit)
+        cut = hard
         for separator in ("\n\n", "\n", " "):
             index = rest.rfind(separator, limit // 2, limit)
             if index > 0:
                 cut = index
                 break
         part = rest[:cut].rstrip()
-        parts.append(part or rest[:limit])
-        rest = rest[len(part) if part else limit :].lstrip()
+        parts.append(part or rest[:hard])
+        rest = rest[len(part) if part else hard :].lstrip()
     if rest.strip():
         parts.append(rest)
     return parts
+
+
+_ZWJ = "\u200d"
+
+
+def _is_regional_indicator(char: str) -> bool:
+    return "\U0001f1e6" <= char <= "\U0001f1ff"
+
+
+def _extends(char: str) -> bool:
+    """Whether ``char`` belongs to the character before it (Unicode's Extend and SpacingMark,
+    roughly): combining marks (the umlaut of a decomposed "ü"), variation selectors (the
+    emoji form of "❤"), skin-tone modifiers, the zero-width joiner and non-joiner, the tags
+    of a subdivision flag, and the vowels and final consonants of a Hangul syllable."""
+    if unicodedata.category(char) in ("Mn", "Me", "Mc"):  # variation selectors are Mn
+        return True
+    point = ord(char)
+    return (
+        point in (0x200C, 0x200D)
+        or 0x1F3FB <= point <= 0x1F3FF  # skin tones (Sk)
+        or 0xE0020 <= point <= 0xE007F  # tags (Cf)
+        or 0x1160 <= point <= 0x11FF  # Hangul medial vowels and final consonants
+        or 0xD7B0 <= point <= 0xD7FF
+    )
+
+
+def _breaks_before(text: str, index: int) -> bool:
+    """Whether a part may end before ``text[index]`` without cutting a character in two."""
+    char, before = text[index], text[index - 1]
+    if _extends(char) or before == _ZWJ or (before == "\r" and char == "\n"):
+        return False
+    if 0x1100 <= ord(before) <= 0x115F and (0x1100 <= ord(char) <= 0x115F or 0xAC00 <= ord(char) <= 0xD7A3):
+        return False  # a Hangul leading consonant before another, or before a syllable
+    if _is_regional_indicator(char) and _is_regional_indicator(before):
+        # Flags are pairs of regional indicators: count the run to know which pair this is.
+        run = 0
+        while index - run - 1 >= 0 and _is_regional_indicator(text[index - run - 1]):
+            run += 1
+        return run % 2 == 0
+    return True
+
+
+def cluster_start(text: str, index: int) -> int:
+    """``index`` moved back to where the character a reader sees begins (a grapheme cluster,
+    after Unicode's rules in the cases that matter here): never between a letter and its
+    combining mark, inside a flag's pair of regional indicators or an emoji joined with
+    zero-width joiners, or before a skin-tone modifier or variation selector. ``index`` itself
+    when it is at either end of ``text``, or when one cluster fills everything before it (a
+    hard cut is all that is left then)."""
+    if index <= 0 or index >= len(text):
+        return index
+    cut = index
+    while cut > 0 and not _breaks_before(text, cut):
+        cut -= 1
+    return cut or index
 
 
 def text_payloads(
@@ -92,7 +172,7 @@ def template_parameter(text: str, limit: int) -> str:
     with an ellipsis."""
     flat = _SPACE_RUN.sub(" ", text).strip()
     if len(flat) > limit:
-        flat = flat[: max(limit - 1, 0)].rstrip() + "…"
+        flat = flat[: cluster_start(flat, max(limit - 1, 0))].rstrip() + "…"
     return flat
 
 
@@ -158,10 +238,13 @@ def classify_error(
 
     131047 (outside the 24-hour window) asks for the template; rate limits (130429, 131056 and
     the others in ``errors.RETRYABLE_CODES``), 429, 5xx and ``http_status`` 0 (no answer: a
-    timeout or connection error) are retried; everything else, an invalid recipient (131026,
-    131030), a bad parameter (100, 131008, 131009) or a template problem, is permanent.
-    131062 (a message of this kind cannot go to a business-scoped user id) is permanent too,
-    but says nothing against the address.
+    timeout or connection error) are retried. A refusal of our own access token, permissions,
+    number or account (190, 10, 131042 and the others in ``errors.SETTINGS_CODES``, or a 401 or
+    403 without a code) keeps the message queued until an operator fixes it
+    (``not_configured``, Meta's code in the text). Everything else, an invalid recipient
+    (131026, 131030), a bad parameter (100, 131008, 131009) or a template problem, is
+    permanent; only the recipient codes (``errors.RECIPIENT_CODES``) fail the address, so
+    131062 (a message of this kind cannot go to a business-scoped user id) does not either.
     """
     error = body.get("error") if isinstance(body, Mapping) else None
     error = error if isinstance(error, Mapping) else {}
@@ -175,6 +258,13 @@ def classify_error(
     outcome = outcome_for_code(code) if code_text else None
     if outcome == "template":
         return ResendAsDeliveryError(text, hint="template", code=code_text)
+    if outcome == "not_configured" or (code_text is None and http_status in (401, 403)):
+        return RetryableDeliveryError(
+            f"{text} (Meta error {code_text or f'HTTP {http_status}'}: check the WhatsApp channel's access token,"
+            " permissions, number and account)",
+            code=NOT_CONFIGURED,
+            retry_after=retry_after,
+        )
     if outcome == "retry" or http_status == 0 or http_status == 429 or http_status >= 500:
         return RetryableDeliveryError(text, code=code_text or str(http_status), retry_after=retry_after)
     return PermanentDeliveryError(text, code=code_text or str(http_status), address_failed=address_failed(code_text))

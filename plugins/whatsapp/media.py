@@ -11,13 +11,15 @@ stored with its media id, and the failure is logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import mimetypes
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
@@ -61,6 +63,43 @@ def may_fetch(url: str, graph_url: str) -> bool:
     return bool(target.hostname) and (target.scheme, target.netloc) == (graph.scheme, graph.netloc)
 
 
+MAX_REDIRECTS = 3
+"""Redirects followed by hand for one request, each checked by ``may_fetch``."""
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port (the default one filled in) of a URL."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or {"https": 443, "http": 80}.get(scheme)
+
+
+@contextlib.asynccontextmanager
+async def _get(
+    http: aiohttp.ClientSession, url: str, settings: WhatsAppSettings, timeout: aiohttp.ClientTimeout, what: str
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """``GET url`` with the business's token, following up to ``MAX_REDIRECTS`` redirects by
+    hand. aiohttp would follow any redirect by itself, past ``may_fetch``: to plain http, to
+    an address inside the network. Here every hop must pass ``may_fetch`` (else ``MediaError``),
+    and the token goes only to the origin of ``url``, which the caller checked: a hop to
+    another origin is asked without it."""
+    token_origin = _origin(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        headers = {"Authorization": f"Bearer {settings.access_token}"} if _origin(url) == token_origin else {}
+        async with http.get(url, headers=headers, timeout=timeout, allow_redirects=False) as response:
+            if response.status not in _REDIRECT_STATUSES:
+                yield response
+                return
+            location = response.headers.get("Location")
+            if not location:
+                raise MediaError(f"{what} answered HTTP {response.status} without a Location")
+            url = urljoin(str(response.url), location)
+        if not may_fetch(url, settings.graph_url):
+            raise MediaError(f"{what} redirected to a URL that is not Meta's: {url[:200]}")
+    raise MediaError(f"{what} redirected more than {MAX_REDIRECTS} times")
+
+
 async def download(
     http: aiohttp.ClientSession, settings: WhatsAppSettings, data_dir: Path, media_id: str, mime_type: str | None
 ) -> str:
@@ -76,12 +115,11 @@ async def download(
     target = data_dir / relative
     if target.is_file():
         return relative
-    headers = {"Authorization": f"Bearer {settings.access_token}"}
     timeout = aiohttp.ClientTimeout(total=settings.timeout)
     limit = settings.max_media_bytes
     try:
         url = f"{settings.graph_url}/{settings.api_version}/{media_id}"
-        async with http.get(url, headers=headers, timeout=timeout) as response:
+        async with _get(http, url, settings, timeout, f"the media endpoint for {media_id}") as response:
             if response.status != 200:
                 raise MediaError(f"media endpoint answered HTTP {response.status} for {media_id}")
             info: Any = await read_provider_json(response)
@@ -95,7 +133,7 @@ async def download(
         digest = hashlib.sha256()
         chunks: list[bytes] = []
         received = 0
-        async with http.get(info["url"], headers=headers, timeout=timeout) as response:
+        async with _get(http, info["url"], settings, timeout, f"the download of media {media_id}") as response:
             if response.status != 200:
                 raise MediaError(f"media download answered HTTP {response.status} for {media_id}")
             async for chunk in response.content.iter_chunked(64 * 1024):

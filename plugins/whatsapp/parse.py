@@ -45,12 +45,15 @@ class ParsedWebhook:
 
     ``messages``: canonical inbound messages. ``statuses``: updates on our outbound messages.
     ``errors``: error entries of a change (``entry.changes.value.errors``), each with its
-    ``phone_number_id``. ``notes``: what was skipped and why, for the log.
+    ``phone_number_id``. ``events``: provider events that are no message, as ``(kind, data)``
+    (``request_welcome``: someone opened a chat with us for the first time). ``notes``: what
+    was skipped and why, for the log.
     """
 
     messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     statuses: list[DeliveryUpdate] = dataclasses.field(default_factory=list)
     errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -85,6 +88,10 @@ def _parse_value(value: Mapping[str, Any], result: ParsedWebhook) -> None:
         result.errors.append({"phone_number_id": phone_number_id, **error})
 
     for raw in _list(value.get("messages")):
+        if isinstance(raw, Mapping) and raw.get("type") == REQUEST_WELCOME:
+            result.events.append((REQUEST_WELCOME, welcome_event(raw, phone_number_id)))
+            result.notes.append(f"request_welcome {_short_repr(raw.get('id'))}: a chat opened, no message")
+            continue
         try:
             message = parse_message(raw, contacts=contacts, recipient=phone_number_id)
         except Exception as exc:  # a parser bug must not lose the message or fail the batch
@@ -105,6 +112,24 @@ def _parse_value(value: Mapping[str, Any], result: ParsedWebhook) -> None:
 # -------------------------------------------------------------------------------------------
 # Messages
 # -------------------------------------------------------------------------------------------
+
+REQUEST_WELCOME = "request_welcome"
+"""The type of the "message" WhatsApp sends when a person opens a chat with a business number
+for the first time, with Meta's welcome messages (Conversational Components) switched on:
+``{"from", "id", "timestamp", "type": "request_welcome"}`` and nothing else. The person has not
+written anything yet (what they write comes as a message of its own), so it is no message: no
+case, no acknowledgement, nothing in a conversation."""
+
+
+def welcome_event(raw: Mapping[str, Any], recipient: str | None) -> dict[str, Any]:
+    """What is kept of a ``request_welcome``: the business number, the id and the time; not who
+    it was, since the person has told us nothing and may never write."""
+    event = {
+        "phone_number_id": recipient,
+        "id": _str(raw.get("id"), _MAX_ID),
+        "sent_at": rfc3339(raw.get("timestamp")),
+    }
+    return {k: v for k, v in event.items() if v is not None}
 
 
 def parse_message(
@@ -381,7 +406,8 @@ def _sender(raw: Mapping[str, Any], contacts: list[Mapping[str, Any]], message: 
 
 def parse_status(raw: Any) -> DeliveryUpdate | None:
     """One element of ``value.statuses`` as a ``DeliveryUpdate``; None when it has no id or an
-    unknown status. ``played`` (a voice message was listened to) counts as ``read``."""
+    unknown status. ``played`` (a voice message was listened to) counts as ``read``. A failure
+    is classified as a refused send is (``errors``): only a recipient code fails the address."""
     if not isinstance(raw, Mapping):
         return None
     provider_id = _str(raw.get("id"), _MAX_ID)
@@ -392,6 +418,10 @@ def parse_status(raw: Any) -> DeliveryUpdate | None:
     first = errors[0] if errors else {}
     permanent, resend_hint = True, None
     if status == "failed":
+        # A refusal of our own account or credentials (131042 unpaid, 131031 locked, 190) is
+        # not permanent: the message is sent again, with backoff, and when the attempts run out
+        # given up without marking the resident's address failed (a status has no way to keep
+        # it queued for ever, as a refused send request is).
         outcome = outcome_for_code(first.get("code"))
         permanent = outcome == "permanent"
         resend_hint = "template" if outcome == "template" else None

@@ -63,13 +63,20 @@ class TemplateSettings:
     prompts: Mapping[str, str]
     max_parameter_chars: int
 
-    def language_code(self, *preferred: str | None) -> str:
-        """The template language for the first of ``preferred`` that has one, else the first
-        configured, else ``en_US``."""
+    def choose(self, *preferred: str | None) -> tuple[str | None, str]:
+        """The language the template goes out in: ``(our language, the template's code)`` for
+        the first of ``preferred`` that has one, else the first configured, else ``(None,
+        "en_US")``. Anything written into the template (the prompt) follows our language of
+        the pair, not the conversation's: a German template with an English prompt would read
+        as a mistake."""
         for language in preferred:
             if language and language in self.languages:
-                return self.languages[language]
-        return next(iter(self.languages.values()), "en_US")
+                return language, self.languages[language]
+        return next(iter(self.languages.items()), (None, "en_US"))
+
+    def language_code(self, *preferred: str | None) -> str:
+        """The template's language code, as ``choose`` picks it."""
+        return self.choose(*preferred)[1]
 
     def prompt(self, language: str | None) -> str:
         return self.prompts.get(language or "") or self.prompts.get("en") or DEFAULT_PROMPTS["en"]

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from plugins.whatsapp import WhatsAppChannel, register_channels
+from plugins.whatsapp.channel import AcceptedParts
 from plugins.whatsapp.settings import WhatsAppSettings, WhatsAppSettingsError
 from plugins.whatsapp.signature import sign
 from router.app import MAX_BODY_BYTES
@@ -495,6 +496,123 @@ async def test_outside_the_window_without_a_template_is_permanent(
     with pytest.raises(PermanentDeliveryError):
         await channel.send(outbound(last_inbound_at=None))
     assert graph[0].requests == []
+
+
+@pytest.mark.parametrize(
+    "languages, conversation, code, prompt",
+    [
+        ({"de": "de"}, "en", "de", "um die vollständige Antwort zu lesen."),  # no English template: all German
+        ({"de": "de", "en": "en_US"}, "en", "en_US", "to read the full answer."),
+        ({"en": "en_US", "de": "de"}, "fr", "de", "um die vollständige Antwort zu lesen."),  # the number's (de)
+    ],
+)
+async def test_the_template_prompt_is_in_the_language_of_the_template_that_goes_out(
+    core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path, graph: tuple[FakeGraph, str],
+    languages: dict[str, str], conversation: str, code: str, prompt: str,
+) -> None:
+    """The prompt followed the conversation: an English conversation answered with the German
+    template (no English one approved) asked in English, in the middle of German, to reply."""
+    channel = make_channel(core, session, tmp_path, graph_url=graph[1], template={"name": "case_update", "languages": languages})
+    await channel.send(outbound(text="Lange Antwort. " * 100, language=conversation, recipient="1122334455667",
+                                last_inbound_at=NOW - timedelta(hours=25)))
+    payload = graph[0].requests[0]["json"]
+    assert payload["template"]["language"] == {"code": code}
+    assert payload["template"]["components"][0]["parameters"][1]["text"].endswith(prompt)
+
+
+LONG = "Zum Stand der Bauarbeiten: " + "Der Gehweg bleibt gesperrt. " * 200  # two parts
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [(503, {"error": {"code": 131016, "message": "Service unavailable"}}),
+     (429, {"error": {"code": 130429, "message": "Rate limit hit"}}),
+     (500, None)],
+    ids=["service-unavailable-131016", "rate-limit-429", "http-500"],
+)
+async def test_a_long_text_resumes_with_the_part_meta_has_not_taken(
+    sender: WhatsAppChannel, graph: tuple[FakeGraph, str], refusal: tuple[int, Any]
+) -> None:
+    """Part 1 was taken, part 2 refused for now (a definite answer: nothing of it went). The
+    retry posted part 1 again, and the person read the beginning twice."""
+    fake, _ = graph
+    fake.answers += [(200, None), refusal]
+    with pytest.raises(RetryableDeliveryError) as caught:
+        await sender.send(outbound(text=LONG))
+    assert caught.value.outcome_unknown is False
+    result = await sender.send(outbound(text=LONG))
+    first, refused, again = (r["json"] for r in fake.requests)
+    assert refused == again and first != again  # only the part without an id went again
+    assert [r["biz_opaque_callback_data"] for r in (first, again)] == ["outbox-1.part-1", "outbox-1"]
+    # The message is its last part: its status tells whether the whole answer arrived.
+    assert (result.provider_id, result.thread_key) == ("wamid.out3", "wamid.out1")
+
+    # Sent again under the same key (its outcome was not recorded, say): nothing goes twice.
+    assert (await sender.send(outbound(text=LONG))).provider_id == "wamid.out3"
+    assert len(fake.requests) == 3
+    # Another outbox row is a send of its own; so is the template the retry may have become.
+    await sender.send(outbound(text=LONG, idempotency_key="outbox-2"))
+    assert len(fake.requests) == 5
+    await sender.send(outbound(text=LONG, last_inbound_at=NOW - timedelta(hours=25)))
+    assert len(fake.requests) == 6 and fake.requests[-1]["json"]["type"] == "template"
+
+
+def test_the_parts_taken_are_remembered_for_a_bounded_number_of_rows_and_time() -> None:
+    parts = AcceptedParts(max_sends=2, max_age=timedelta(hours=1))
+    for n, key in enumerate(("k1", "k2", "k3")):
+        parts.add(key, 1, "f1", f"wamid.{n}", NOW)
+    assert len(parts) == 2 and parts.taken("k1", NOW) == []  # the oldest row went first
+    assert parts.taken("k3", NOW) == [("f1", "wamid.2")]
+    parts.add("k3", 2, "f2", "wamid.3", NOW + timedelta(minutes=50))
+    assert parts.taken("k2", NOW + timedelta(minutes=61)) == []  # an hour after its last part
+    assert parts.taken("k3", NOW + timedelta(minutes=61)) == [("f1", "wamid.2"), ("f2", "wamid.3")]
+    assert len(parts) == 1
+    parts.add("k3", 1, "f9", "wamid.4", NOW + timedelta(minutes=62))  # sent again from its first part
+    assert parts.taken("k3", NOW + timedelta(minutes=62)) == [("f9", "wamid.4")]
+
+
+async def test_a_refusal_of_our_token_keeps_the_message_queued_and_is_logged_as_an_error(
+    sender: WhatsAppChannel, graph: tuple[FakeGraph, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    graph[0].answers.append((401, {"error": {"code": 190, "message": "Error validating access token"}}))
+    with caplog.at_level("ERROR", logger="contact_router.channel.whatsapp"), pytest.raises(RetryableDeliveryError) as caught:
+        await sender.send(outbound())
+    assert caught.value.code == "not_configured"
+    assert any("Meta error 190" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+async def test_a_failed_status_of_our_account_or_of_an_earlier_part_is_logged(
+    client: Any, core: RecordingCore, caplog: pytest.LogCaptureFixture
+) -> None:
+    statuses = [
+        {"id": "wamid.a", "status": "failed", "timestamp": "1700000001", "recipient_id": "491701234567",
+         "errors": [{"code": 131042, "title": "Business eligibility payment issue"}]},
+        {"id": "wamid.b", "status": "failed", "timestamp": "1700000001", "recipient_id": "491701234567",
+         "biz_opaque_callback_data": "k1.part-1", "errors": [{"code": 131000, "title": "Something went wrong"}]},
+    ]
+    body = {"object": "whatsapp_business_account",
+            "entry": [{"changes": [{"field": "messages", "value": {"statuses": statuses}}]}]}
+    raw = json.dumps(body).encode()
+    with caplog.at_level("WARNING", logger="contact_router.channel.whatsapp"):
+        response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
+    assert response.status == 200 and len(core.updates) == 2
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert any(level == "ERROR" and "131042" in text for level, text in logged)
+    assert any(level == "WARNING" and "k1.part-1" in text for level, text in logged)
+
+
+async def test_request_welcome_is_kept_as_an_event_and_handed_over_as_no_message(client: Any, core: RecordingCore) -> None:
+    body = {"object": "whatsapp_business_account", "entry": [{"changes": [{"field": "messages", "value": {
+        "metadata": {"phone_number_id": "1122334455667"},
+        "contacts": [{"profile": {"name": "Erika"}, "wa_id": "491701234567"}],
+        "messages": [{"from": "491701234567", "id": "wamid.W", "timestamp": "1700000000", "type": "request_welcome"}],
+    }}]}]}  # fmt: skip
+    raw = json.dumps(body).encode()
+    response = await client.post("/channels/whatsapp/webhook", data=raw, headers=_signed(raw))
+    assert response.status == 200 and await response.json() == {"messages": 0, "statuses": 0}
+    assert core.messages == []
+    assert core.events == [("whatsapp", "request_welcome", {"phone_number_id": "1122334455667", "id": "wamid.W",
+                                                             "sent_at": "2023-11-14T22:13:20Z"})]
 
 
 # -------------------------------------------------------------------------------------------

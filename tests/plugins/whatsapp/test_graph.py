@@ -8,8 +8,12 @@ import pytest
 from plugins.whatsapp.graph import (
     MAX_TEXT_LENGTH,
     classify_error,
+    cluster_start,
+    is_earlier_part,
+    part_key,
     provider_message_id,
     split_text,
+    template_parameter,
     template_payload,
     text_payloads,
     within_window,
@@ -64,6 +68,52 @@ def test_split_prefers_paragraphs_and_cuts_words_only_when_it_must() -> None:
     assert split_text("x" * 25, limit=10) == ["x" * 10, "x" * 10, "x" * 5]
     assert split_text("   ", limit=10) == []
     assert split_text("kurz", limit=10) == ["kurz"]
+
+
+FLAG = "\U0001f1e9\U0001f1ea"  # DE: two regional indicators
+FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # man, ZWJ, woman, ZWJ, girl
+WAVE = "\U0001f44b\U0001f3fd"  # waving hand, medium skin tone
+HEART = "\u2764\ufe0f"  # heart, emoji presentation selector
+KEYCAP = "1\ufe0f\u20e3"  # digit one, selector, combining enclosing keycap
+UMLAUT = "u\u0308"  # "ü" decomposed: u and a combining diaeresis
+
+
+@pytest.mark.parametrize("unit", [FLAG, FAMILY, WAVE, HEART, KEYCAP, UMLAUT, "\u1100\u1161\u11a8"])
+@pytest.mark.parametrize("lead", ["", "a", "ab"])
+def test_a_hard_cut_never_splits_what_a_reader_sees_as_one_character(unit: str, lead: str) -> None:
+    """Without a space or line break to cut at, the cut fell at the limit, wherever that was: a
+    flag became two letters in boxes, an umlaut lost its dots to the next message."""
+    text = lead + unit * 50
+    for limit in range(len(unit) + 1, 3 * len(unit) + 3):
+        parts = split_text(text, limit=limit)
+        assert "".join(parts) == text  # no white space to drop: nothing lost, nothing added
+        assert all(len(part) <= limit for part in parts)
+        for part in parts[1:]:
+            assert part.startswith(unit), (limit, parts)  # each part after the first begins a unit
+
+
+def test_a_cluster_longer_than_the_limit_is_cut_hard_rather_than_not_at_all() -> None:
+    text = "a" + "\u0301" * 30  # one letter under thirty accents: no boundary within it
+    assert split_text(text, limit=10) == [text[:10], text[10:20], text[20:30], text[30:]]
+    assert cluster_start("ab", 0) == 0 and cluster_start("ab", 2) == 2
+
+
+def test_a_flag_run_is_cut_between_pairs() -> None:
+    """The reviewer's case: one letter, then 3,000 German flags, cut at 4,096 characters."""
+    parts = split_text("a" + FLAG * 3000)
+    assert len(parts[0]) == 4095 and parts[0].endswith(FLAG)
+    assert all(part.startswith(FLAG) for part in parts[1:])
+
+
+def test_a_clipped_template_parameter_keeps_its_last_character_whole() -> None:
+    assert template_parameter("Danke " + WAVE * 10, 9) == "Danke " + WAVE + "…"
+    assert template_parameter("Gru" + UMLAUT + "e", 5) == "Gru…"
+
+
+def test_only_the_last_part_of_a_long_text_carries_the_messages_key() -> None:
+    assert [part_key("k1", n, 3) for n in (1, 2, 3)] == ["k1.part-1", "k1.part-2", "k1"]
+    assert is_earlier_part("k1.part-2") and not is_earlier_part("k1") and not is_earlier_part(None)
+    assert not is_earlier_part("k1.part-x")
 
 
 def test_template_payload_carries_case_reference_and_answer() -> None:
@@ -128,7 +178,7 @@ def test_template_parameters_are_never_empty() -> None:
         (400, _graph_error(131030, "Recipient phone number not in allowed list"), PermanentDeliveryError, "131030"),
         (400, _graph_error(100, "Invalid parameter"), PermanentDeliveryError, "100"),
         (400, _graph_error(132001, "Template name does not exist"), PermanentDeliveryError, "132001"),
-        (401, _graph_error(190, "Access token has expired"), PermanentDeliveryError, "190"),
+        (401, _graph_error(190, "Access token has expired"), RetryableDeliveryError, "not_configured"),
         (404, {"unexpected": True}, PermanentDeliveryError, "404"),
         (200, {"messaging_product": "whatsapp"}, PermanentDeliveryError, "200"),
     ],
@@ -139,6 +189,46 @@ def test_graph_errors_are_classified(status: int, body: Any, expected: type, cod
     assert error.code == code
     if expected is ResendAsDeliveryError:
         assert error.hint == "template"
+
+
+@pytest.mark.parametrize(
+    "status, code",
+    [(401, 190), (400, 0), (403, 10), (403, 200), (403, 299), (400, 131005), (400, 131031), (400, 131042),
+     (400, 368), (400, 133010), (400, 131037), (401, None), (403, None)],
+)
+def test_a_refusal_of_our_own_account_keeps_the_message_queued(status: int, code: int | None) -> None:
+    """An expired token (190), missing permissions (10, 200-299), a locked or unpaid account
+    (131031, 131042), a policy block (368), our number not registered (133010): every message
+    fails alike until we fix it, and then every one can go. Given up as permanent, each marked
+    the resident's number failed and flagged the conversation for a call-back."""
+    body = _graph_error(code, "Error validating access token: Session has expired") if code is not None else None
+    error = classify_error(status, body)
+    assert type(error) is RetryableDeliveryError
+    assert error.code == "not_configured"
+    assert f"Meta error {code if code is not None else f'HTTP {status}'}" in error.message
+
+
+@pytest.mark.parametrize(
+    "code, address_failed",
+    [
+        (131026, True),  # undeliverable: not on WhatsApp
+        (131030, True),  # not in the allowed list
+        (131021, True),  # the recipient is our own number
+        (100, False),  # our parameter
+        (131008, False),
+        (131009, False),
+        (131051, False),  # our message type
+        (132001, False),  # our template
+        (130472, False),  # a marketing experiment
+        (131049, False),
+        (131062, False),  # not to a user id
+        (999999, False),  # a code we do not know
+    ],
+)
+def test_only_a_recipient_code_fails_the_address(code: int, address_failed: bool) -> None:
+    error = classify_error(400, _graph_error(code))
+    assert isinstance(error, PermanentDeliveryError)
+    assert error.address_failed is address_failed
 
 
 def test_a_refusal_to_send_to_a_user_id_is_permanent_but_does_not_fail_the_address() -> None:

@@ -52,6 +52,8 @@ class FakeGraph:
         self.media: dict[str, tuple[bytes, str]] = {}
         self.wrong_checksum: set[str] = set()
         self.media_urls: dict[str, str] = {}  # download URLs other than its own
+        self.redirects: dict[str, str] = {}  # GET /redirect/{name} answers 302 to this URL
+        self.info_redirects: dict[str, str] = {}  # the media endpoint answers 302 for these ids
         self.base_url = ""
         self._count = 0
 
@@ -60,7 +62,12 @@ class FakeGraph:
         app.router.add_post("/{version}/{phone_number_id}/messages", self.send)
         app.router.add_get("/{version}/{media_id}", self.media_info)
         app.router.add_get("/download/{media_id}", self.media_bytes)
+        app.router.add_get("/redirect/{name}", self.redirect)
         return app
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        self.media_requests.append({"path": request.path, "authorization": request.headers.get("Authorization")})
+        raise web.HTTPFound(self.redirects[request.match_info["name"]])
 
     def fail(self, status: int, code: int | None = None, *, delay: float = 0.0, message: str = "error") -> None:
         """Answer the next send with ``status`` and a Cloud API error ``code`` (or, with a
@@ -111,6 +118,8 @@ class FakeGraph:
         self.media_requests.append({"path": request.path, "authorization": request.headers.get("Authorization")})
         if request.headers.get("Authorization") != f"Bearer {ACCESS_TOKEN}":
             return web.json_response({"error": {"code": 190, "message": "Invalid OAuth access token"}}, status=401)
+        if media_id in self.info_redirects:
+            raise web.HTTPFound(self.info_redirects[media_id])
         if media_id not in self.media:
             return web.json_response({"error": {"code": 100, "message": "Unsupported get request"}}, status=400)
         data, mime_type = self.media[media_id]
@@ -742,7 +751,9 @@ async def test_a_long_reply_whose_last_part_timed_out_is_sent_again_whatever_its
 
     wa.clock.advance(timedelta(seconds=40))  # past status_wait
     await wa.run_outbox()
-    assert len(graph.requests) == 5  # both parts again: the last one may never have gone out
+    # The last part again: it may never have gone out. Not the first: Meta took it (its id came).
+    assert len(graph.requests) == 4
+    assert graph.requests[3]["json"] == last["json"]
     assert first["json"]["biz_opaque_callback_data"] == f"{row['idempotency_key']}.part-1"
     (row,) = await wa.rows("SELECT state FROM outbox WHERE kind = 'reply'")
     assert row["state"] == "sent"
@@ -765,6 +776,67 @@ async def test_a_long_reply_whose_first_part_timed_out_is_sent_again_after_the_b
     assert row["state"] == "sent"
 
 
+LONG_ANSWER = "Zum Stand der Bauarbeiten: " + "Der Gehweg bleibt gesperrt. " * 200  # two parts
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        pytest.param(lambda g: g.fail(503, 131016, message="Service unavailable"), id="service-unavailable-131016"),
+        pytest.param(lambda g: g.fail(429, 130429, message="Rate limit hit"), id="rate-limit-429"),
+        pytest.param(lambda g: g.fail(500), id="http-500"),
+    ],
+)
+async def test_a_long_reply_whose_later_part_was_refused_for_now_resumes_with_that_part(
+    wa: CoreHarness, graph: FakeGraph, refusal: Any
+) -> None:
+    """Meta took the first part (its id came back); the last got a definite "not now", so
+    nothing of it went. The retry began again with the first part: the resident read it twice."""
+    case = await open_case(wa)
+    graph.hang(0.0)  # the first part is taken
+    refusal(graph)  # the last part is refused for now
+    await reply(wa, case["id"], LONG_ANSWER)
+    await wa.run_outbox()
+    wa.clock.advance(timedelta(seconds=10))  # past the backoff
+    await wa.run_outbox()
+    _, first, refused, again = graph.sent
+    assert refused == again and first["text"]["body"] != again["text"]["body"]
+    (row,) = await wa.rows("SELECT state, provider_id FROM outbox WHERE kind = 'reply'")
+    assert row == {"state": "sent", "provider_id": "wamid.OUT0003"}  # the last part's id
+
+
+@pytest.mark.parametrize("last_part", ["delivered", "failed"])
+async def test_a_long_reply_counts_by_its_last_part(wa: CoreHarness, graph: FakeGraph, last_part: str) -> None:
+    """Only the first part's id was the reply's: a failure of the last part was "a status for a
+    message never sent", and staff saw half an answer as delivered and the case answered."""
+    case = await open_case(wa)
+    await reply(wa, case["id"], LONG_ANSWER)
+    await wa.run_outbox()
+    first, last = graph.requests[1:]
+    (row,) = await wa.rows("SELECT provider_id, idempotency_key FROM outbox WHERE kind = 'reply'")
+    assert row["provider_id"] == "wamid.OUT0003" and last["json"]["biz_opaque_callback_data"] == row["idempotency_key"]
+
+    # The first part arrived: that says nothing about the answer as a whole.
+    await post(wa, status_body("wamid.OUT0002", "delivered", callback_data=first["json"]["biz_opaque_callback_data"]))
+    detail = await only_conversation(wa)
+    assert messages_of(detail, "reply")[0]["delivery_status"] == "sent" and detail["state"] != "answered"
+    (event,) = await wa.rows("SELECT outbox_id FROM delivery_events WHERE provider_id = 'wamid.OUT0002'")
+    assert event["outbox_id"] is None  # kept as a status of no message of ours, shown nowhere
+
+    code = 131026 if last_part == "failed" else None
+    await post(wa, status_body("wamid.OUT0003", last_part, code=code, callback_data=row["idempotency_key"]))
+    await wa.run_outbox()
+    if last_part == "delivered":
+        detail = await only_conversation(wa)
+        assert messages_of(detail, "reply")[0]["delivery_status"] == "delivered" and detail["state"] == "answered"
+    else:
+        detail = await assert_flagged_for_callback(wa)
+        assert messages_of(detail, "reply")[0]["delivery_status"] == "failed" and detail["state"] != "answered"
+    # A reply quoting the first part still finds the conversation.
+    (key,) = await wa.rows("SELECT conversation_id FROM thread_keys WHERE key = 'wamid.OUT0002'")
+    assert key["conversation_id"] == case["id"]
+
+
 async def assert_flagged_for_callback(harness: CoreHarness) -> dict[str, Any]:
     status, listing = await harness.api("GET", "/api/v1/conversations")
     assert status == 200
@@ -776,12 +848,12 @@ async def assert_flagged_for_callback(harness: CoreHarness) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "status, code",
-    [(400, 131026), (400, 131030), (400, 100)],
-    ids=["undeliverable-131026", "not-allowed-recipient-131030", "invalid-parameter-100"],
+    "status, code, address_failed",
+    [(400, 131026, True), (400, 131030, True), (400, 100, False), (400, 132001, False)],
+    ids=["undeliverable-131026", "not-allowed-recipient-131030", "invalid-parameter-100", "no-such-template-132001"],
 )
 async def test_a_permanent_error_flags_the_conversation_for_a_callback(
-    wa: CoreHarness, graph: FakeGraph, status: int, code: int
+    wa: CoreHarness, graph: FakeGraph, status: int, code: int, address_failed: bool
 ) -> None:
     graph.fail(status, code, message="Message undeliverable")
     await post(wa, text_body("wamid.PERM", "Bitte rufen Sie mich wegen der Baustelle zurück."))
@@ -793,6 +865,47 @@ async def test_a_permanent_error_flags_the_conversation_for_a_callback(
     (ack,) = messages_of(detail, "ack")
     assert ack["delivery_status"] == "failed"
     assert ack["deliveries"][0]["state"] == "failed" and "Message undeliverable" in ack["deliveries"][0]["last_error"]
+    # Only a refusal of the recipient marks their number failed; our parameters or template do not.
+    assert await wa.count("identities", "failed_at IS NOT NULL") == int(address_failed)
+
+
+async def test_an_expired_access_token_keeps_the_message_queued_and_the_residents_number_good(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    """Our token expired (401, code 190): the acknowledgement was given up as permanent, the
+    resident's number marked failed and the conversation flagged for a call-back."""
+    for _ in range(10):  # more than the outbox's attempts: it waits for the fix, however long
+        graph.fail(401, 190, message="Error validating access token: Session has expired")
+    await post(wa, text_body("wamid.T190", "Bitte rufen Sie mich zurück."))
+    for _ in range(10):
+        await wa.run_outbox()
+        wa.clock.advance(timedelta(minutes=20))
+    (row,) = await wa.rows("SELECT state, last_error FROM outbox WHERE kind = 'ack'")
+    assert row["state"] == "pending" and "Meta error 190" in row["last_error"]
+    await wa.run_outbox()  # the token was renewed meanwhile
+    assert len(graph.requests) == 11
+    (row,) = await wa.rows("SELECT state FROM outbox WHERE kind = 'ack'")
+    assert row["state"] == "sent"
+    assert await wa.count("identities", "failed_at IS NOT NULL") == 0
+    assert not {"undeliverable", "callback_required"} & set((await only_conversation(wa))["flags"])
+
+
+async def test_a_failed_status_for_our_unpaid_account_is_retried_and_the_number_stays_good(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    """Meta reports 131042 (business eligibility payment issue) in the status, not in the
+    answer to the send: it marked the resident's number failed."""
+    await post(wa, text_body("wamid.PAY", "Bitte rufen Sie mich zurück."))
+    await wa.run_outbox()
+    status, _ = await post(wa, status_body("wamid.OUT0001", "failed", code=131042))
+    assert status == 200
+    wa.clock.advance(timedelta(seconds=40))  # past the least wait after a failed status
+    await wa.run_outbox()
+    assert len(graph.requests) == 2
+    (row,) = await wa.rows("SELECT state, provider_id FROM outbox WHERE kind = 'ack'")
+    assert row == {"state": "sent", "provider_id": "wamid.OUT0002"}
+    assert await wa.count("identities", "failed_at IS NOT NULL") == 0
+    assert "undeliverable" not in (await only_conversation(wa))["flags"]
 
 
 async def test_a_permanent_failed_status_after_sending_flags_the_conversation(wa: CoreHarness, graph: FakeGraph) -> None:
@@ -925,6 +1038,25 @@ async def test_delivered_and_read_statuses_show_on_the_conversation(wa: CoreHarn
     assert messages_of(await only_conversation(wa), "reply")[0]["delivery_status"] == "read"
 
 
+async def test_a_chat_opened_for_the_first_time_is_no_message(wa: CoreHarness, graph: FakeGraph) -> None:
+    """``request_welcome`` (Meta's welcome messages): the person opened the chat and wrote
+    nothing. It became an unsupported message that opened a case, with a case reference and an
+    answer deadline sent to them."""
+    status, answer = await post(wa, inbound({"id": "wamid.WELCOME", "type": "request_welcome"}))
+    assert status == 200 and answer == {"messages": 0, "statuses": 0}
+    await wa.run_outbox()
+    assert graph.sent == []
+    assert await wa.count("messages") == 0 and await wa.count("conversations") == 0
+    (event,) = await wa.rows("SELECT kind, data, conversation_id FROM events")
+    assert event["kind"] == "whatsapp:request_welcome" and "wamid.WELCOME" in event["data"]
+    assert SENDER not in event["data"]  # nobody to know about yet
+
+    # What they then write opens the case, as any first message does.
+    await post(wa, text_body("wamid.FIRST", "Wann wird der Gehweg wieder geöffnet?"))
+    await wa.run_outbox()
+    assert len(graph.sent) == 1 and (await only_conversation(wa))["state"] == "acknowledged"
+
+
 async def test_a_status_for_an_unknown_message_is_recorded_and_ignored(wa: CoreHarness) -> None:
     status, answer = await post(wa, status_body("wamid.NOT_OURS", "delivered"))
     assert status == 200 and answer == {"messages": 0, "statuses": 1}
@@ -1048,6 +1180,80 @@ async def test_a_download_url_that_is_not_metas_gets_no_request_and_no_token(tmp
             assert "path" not in incoming["attachments"][0]
             assert not (harness.data_dir / "media").exists() or not any((harness.data_dir / "media").rglob("*.jpg"))
             assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+@pytest.fixture
+async def elsewhere(aiohttp_server: Any) -> tuple[list[dict[str, Any]], str]:
+    """Another origin (plain http, standing in for 169.254.169.254 or an internal service): the
+    requests it got, and its base URL."""
+    hits: list[dict[str, Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        hits.append({"path": request.path, "authorization": request.headers.get("Authorization")})
+        return web.Response(body=PHOTO, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", record)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return hits, str(server.make_url("")).rstrip("/")
+
+
+@pytest.mark.parametrize("hop", ["download", "media-endpoint"])
+async def test_a_redirect_to_a_url_that_is_not_metas_is_not_followed(
+    tmp_path: Path, graph: FakeGraph, elsewhere: tuple[list[dict[str, Any]], str], hop: str
+) -> None:
+    """``may_fetch`` checked only the URL the Graph API named; aiohttp then followed a redirect
+    from it, or from the media endpoint itself, to any scheme and host."""
+    hits, other = elsewhere
+    graph.media["4711"] = (PHOTO, "image/jpeg")
+    if hop == "download":
+        graph.media_urls["4711"] = f"{graph.base_url}/redirect/4711"
+        graph.redirects["4711"] = f"{other}/latest/meta-data/iam"
+    else:
+        graph.info_redirects["4711"] = f"{other}/latest/meta-data/iam"
+    async with make_harness(tmp_path, graph, download_media=True) as harness:
+        status, _ = await post(harness, image_body("wamid.IMG", "4711"))
+        assert status == 200
+        assert hits == []
+        (incoming,) = [m for m in (await only_conversation(harness))["messages"] if m["direction"] == "in"]
+        assert "path" not in incoming["attachments"][0]
+        assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_a_redirect_on_the_graph_apis_own_origin_is_followed_a_few_times(tmp_path: Path, graph: FakeGraph) -> None:
+    graph.media["4711"] = (PHOTO, "image/jpeg")
+    graph.media["4712"] = (PHOTO, "image/jpeg")
+    graph.media_urls["4711"] = f"{graph.base_url}/redirect/a"
+    graph.redirects.update({"a": f"{graph.base_url}/redirect/b", "b": "/download/4711"})  # relative, too
+    graph.media_urls["4712"] = f"{graph.base_url}/redirect/loop"
+    graph.redirects["loop"] = f"{graph.base_url}/redirect/loop"
+    async with make_harness(tmp_path, graph, download_media=True) as harness:
+        await post(harness, image_body("wamid.IMG1", "4711"))
+        assert [r["path"] for r in graph.media_requests] == ["/v21.0/4711", "/redirect/a", "/redirect/b", "/download/4711"]
+        assert all(r["authorization"] == f"Bearer {ACCESS_TOKEN}" for r in graph.media_requests)
+        assert (harness.data_dir / "media/whatsapp/4711.jpg").read_bytes() == PHOTO
+        await post(harness, image_body("wamid.IMG2", "4712"))
+        assert [r["path"] for r in graph.media_requests[4:]] == ["/v21.0/4712"] + ["/redirect/loop"] * 4
+        assert not (harness.data_dir / "media/whatsapp/4712.jpg").exists()
+
+
+async def test_a_redirect_to_another_origin_gets_no_token(
+    tmp_path: Path, graph: FakeGraph, elsewhere: tuple[list[dict[str, Any]], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another https host passes ``may_fetch`` (tests have no https): it is asked without the
+    business's token, which goes only to the origin the Graph API named."""
+    from plugins.whatsapp import media
+
+    hits, other = elsewhere
+    monkeypatch.setattr(media, "may_fetch", lambda url, graph_url: True)  # as if it were https
+    graph.media["4711"] = (PHOTO, "image/jpeg")
+    graph.media_urls["4711"] = f"{graph.base_url}/redirect/4711"
+    graph.redirects["4711"] = f"{other}/cdn/4711"
+    async with make_harness(tmp_path, graph, download_media=True) as harness:
+        await post(harness, image_body("wamid.IMG", "4711"))
+        assert hits == [{"path": "/cdn/4711", "authorization": None}]
+        assert graph.media_requests[-1] == {"path": "/redirect/4711", "authorization": f"Bearer {ACCESS_TOKEN}"}
+        assert (harness.data_dir / "media/whatsapp/4711.jpg").read_bytes() == PHOTO
 
 
 async def test_error_entry_without_message_is_kept_for_staff(wa):

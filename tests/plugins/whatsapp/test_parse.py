@@ -186,6 +186,7 @@ EXPECTED_STATUSES: dict[tuple[str, str], dict[str, Any]] = {
         "error_detail": "Failed to send message because this user's phone number is part of an experiment",
         "permanent": True,
         "resend_hint": None,
+        "address_failed": False,  # 130472, a marketing experiment: says nothing against the number
     },
     ("message_status", "with_tracker"): {"status": "sent", "raw_callback": "some data", "idempotency_key": "some data"},
     ("message_status", "group"): {"status": "read", "provider_id": "<WHATSAPP_MESSAGE_ID>"},
@@ -386,6 +387,46 @@ def test_failed_status_is_classified(code: Any, permanent: bool, hint: str | Non
         permanent,
         hint,
     )
+
+
+@pytest.mark.parametrize(
+    "code, permanent, address_failed",
+    [
+        (131042, False, False),  # our unpaid account: retried, never the resident's fault
+        (131031, False, False),  # our account locked
+        (190, False, False),  # our access token
+        (368, False, False),  # our account blocked for a policy violation
+        (133010, False, False),  # our number not registered
+        (131026, True, True),  # undeliverable to the resident's number
+        (131030, True, True),
+        (131021, True, True),
+        (131049, True, False),  # Meta chose not to deliver (marketing limits): not the address
+        (132001, True, False),  # our template
+        (None, True, False),  # no code at all
+    ],
+)
+def test_a_failed_status_fails_the_address_only_for_a_recipient_code(
+    code: Any, permanent: bool, address_failed: bool
+) -> None:
+    """A failed status for our own account's fault (131042, unpaid: Meta reports it in the
+    status, not in the answer to the send) marked the resident's number failed."""
+    errors = [{"code": code, "title": "t"}] if code is not None else []
+    update = parse_status({"id": "o1", "status": "failed", "timestamp": "1700000000", "errors": errors})
+    assert update is not None
+    assert (update.permanent, update.address_failed, update.resend_hint) == (permanent, address_failed, None)
+
+
+def test_request_welcome_is_no_message_but_an_event() -> None:
+    """Meta's welcome-message webhook (Conversational Components), as its documentation shows
+    it: a person opened a chat with the number for the first time and has written nothing yet.
+    It became an ``unsupported`` message, which opened a case and was acknowledged."""
+    welcome = {"from": "491701234567", "id": "wamid.WELCOME", "timestamp": "1700000000", "type": "request_welcome"}
+    contacts = [{"profile": {"name": "Erika"}, "wa_id": "491701234567"}]
+    result = parse_webhook(_body(_value(messages=[welcome, _text("wamid.T1")], contacts=contacts)))
+    assert [m["channel_message_id"] for m in result.messages] == ["wamid.T1"]  # only what was written
+    assert result.events == [("request_welcome", {"phone_number_id": "111", "id": "wamid.WELCOME",
+                                                  "sent_at": "2023-11-14T22:13:20Z"})]
+    assert len(result.notes) == 1 and "request_welcome" in result.notes[0]
 
 
 def test_a_failure_only_for_sending_to_a_user_id_does_not_fail_the_address() -> None:
