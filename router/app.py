@@ -26,7 +26,7 @@ from .core import ActionError, Core, DirectoryPlugin
 from .inbox.api import setup_inbox
 from .metrics import Metrics
 from .outbox import OutboxPolicy, OutboxWorker
-from .plugins import create_plugin_manager
+from .plugins import collect_channels, create_plugin_manager
 from .store.sqlite import SQLiteStore, is_outage
 
 log = logging.getLogger("contact_router.app")
@@ -150,7 +150,8 @@ def create_app(
 ) -> web.Application:
     """Build the application. ``run_workers=False`` leaves the outbox worker and the escalation
     scheduler to the caller (tests drive them step by step). ``allow_demo_tokens=False`` refuses
-    staff tokens that come from the configuration's demo defaults."""
+    staff tokens that come from the configuration's demo defaults. Raises ``ChannelsRefused``
+    (``router.plugins``) when a channel plugin's answer to ``register_channels`` cannot be served."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     clock = clock or Clock()
     metrics = Metrics()
@@ -175,11 +176,8 @@ def create_app(
     app[keys.RUN_WORKERS] = run_workers
     app[keys.BODY_DEADLINE] = BodyDeadline()
 
-    channels: list[Channel] = []
-    for result in pm.hook.register_channels(
-        settings=config.channels, env=dict(os.environ if env is None else env), topics=config.topics
-    ):
-        channels.extend(result or ())
+    # Called and checked as check-config does; raises ChannelsRefused, naming each plugin.
+    channels = collect_channels(pm, config, os.environ if env is None else env)
     core.add_channels(channels)
 
     def http() -> aiohttp.ClientSession:

@@ -61,12 +61,13 @@ def _load_or_report(path: str | Path, *, channels: bool = False) -> Config | Non
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None
-    if channels:
-        from .plugins import channel_settings_errors, create_plugin_manager
+    if channels:  # as serve registers them (create_app), with the same checks
+        from .plugins import ChannelsRefused, collect_channels, create_plugin_manager
 
-        errors = channel_settings_errors(create_plugin_manager(True), config.channels, os.environ, config.topics)
-        if errors:
-            print(ConfigError(config.file, errors), file=sys.stderr)
+        try:
+            collect_channels(create_plugin_manager(True), config, os.environ)
+        except ChannelsRefused as exc:
+            print(ConfigError(config.file, exc.errors), file=sys.stderr)
             return None
     return config
 
@@ -90,10 +91,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
+    from .plugins import ChannelsRefused
+
     try:
         app = create_app(config, data_dir=Path(args.data_dir), allow_demo_tokens=local)
-    except ValueError as exc:  # a channel's settings (its error names the key), as check-config reports them
-        print(f"{config.file}: {exc}", file=sys.stderr)
+    except ChannelsRefused as exc:  # each names its plugin (and key), as check-config reports them
+        print(ConfigError(config.file, exc.errors), file=sys.stderr)
         return 1
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
     log.info("contact-router on http://%s:%s (config %s, data %s)", args.host, args.port, config.file, args.data_dir)

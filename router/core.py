@@ -38,8 +38,9 @@ from .templates import Templates
 log = logging.getLogger("contact_router.core")
 
 HOOK_SECONDS = 10.0
-"""How long the core waits for a plugin hook (all its implementations): a CRM or routing
-service that hangs costs a message, a staff reply or the shutdown no more than this."""
+"""How long the core waits for each implementation of a plugin hook: a CRM or routing service
+that hangs costs a message, a staff reply or the shutdown no more than this, and the other
+implementations nothing."""
 
 
 class ActionError(Exception):
@@ -161,9 +162,6 @@ class Core:
         override = None
         if self._route_hook and msg["kind"] not in ANNOTATIONS:
             override = await self._route_override(msg, is_customer=customer is not None)
-            if override is not None and override.unit not in self.config.units:
-                log.warning("route_message returned unknown unit %r; ignored", override.unit)
-                override = None
         channel = msg["channel"]
         # A channel vouches for its senders, unless this message says its sender may be forged
         # (an e-mail whose From domain failed DMARC at a mail server we trust).
@@ -189,20 +187,20 @@ class Core:
         return result
 
     async def _route_override(self, msg: Mapping[str, Any], *, is_customer: bool) -> RoutingDecision | None:
-        """A routing plugin's decision; one that fails or hangs costs the message nothing: the
-        configured rules route it."""
-        try:
-            decision = await asyncio.wait_for(
-                call_first(self.pm, "route_message", message=msg, is_customer=is_customer), HOOK_SECONDS
-            )
-            if decision is not None and not (
-                isinstance(decision, RoutingDecision) and all(isinstance(v, str) for v in dataclasses.astuple(decision))
-            ):
+        """A routing plugin's decision. One that fails, hangs or answers in the wrong shape is
+        skipped and the next asked; when none decides, the configured rules route the message."""
+
+        def accept(plugin: str, decision: Any) -> RoutingDecision | None:
+            if not (isinstance(decision, RoutingDecision)
+                    and all(isinstance(v, str) for v in dataclasses.astuple(decision))):
                 raise TypeError(f"answered {decision!r:.200}, not a RoutingDecision with unit, rule and reason as text")
+            if decision.unit not in self.config.units:
+                log.warning("plugin %s: route_message returned unknown unit %r; ignored", plugin, decision.unit)
+                return None
             return decision
-        except Exception as exc:  # the configured rules route the message
-            self._hook_failed("route_message", "a routing plugin", exc)
-            return None
+
+        return await call_first(self.pm, "route_message", timeout=HOOK_SECONDS, accept=accept,
+                                on_error=partial(self._hook_failed, "route_message"), message=msg, is_customer=is_customer)
 
     async def _lookup_customer(self, msg: Mapping[str, Any], identities: list[tuple[str, str]]) -> Customer | None:
         address = msg.get("address") or {}
@@ -217,14 +215,16 @@ class Core:
             postcode=address.get("postcode"),
             city=address.get("city"),
         )
-        try:
-            customer = await asyncio.wait_for(call_first(self.pm, "lookup_customer", claim=claim), HOOK_SECONDS)
-            if customer is not None and not _is_customer(customer):
+
+        def accept(plugin: str, customer: Any) -> Customer:
+            if not _is_customer(customer):
                 raise TypeError(f"answered {customer!r:.200}, not a Customer with its customer_number as text")
             return customer
-        except Exception as exc:  # a CRM that fails must not cost the message: the number stays a claim
-            self._hook_failed("lookup_customer", "a customer directory", exc)
-            return None
+
+        # A CRM that fails or hangs is skipped and the next asked (the built-in directory last);
+        # when none confirms the number, it stays a claim.
+        return await call_first(self.pm, "lookup_customer", timeout=HOOK_SECONDS, accept=accept,
+                                on_error=partial(self._hook_failed, "lookup_customer"), claim=claim)
 
     async def _reply_copies(
         self, conversation: Mapping[str, Any], text: str, language: str | None, idents: list[Any]
@@ -564,16 +564,17 @@ class Core:
             escalated = None
             sms_queued = False
             if outcome == "reached":
+                text = note or "Call-back: reached"
                 message_id = conn.execute(
                     "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, text,"
                     " delivery_status, created_at) VALUES (?, ?, 'out', 'callback', 'phone', ?, ?, 'delivered', ?)",
-                    (conversation_id, conv["contact_id"], staff, note or "Call-back: reached", stamp),
+                    (conversation_id, conv["contact_id"], staff, text, stamp),
                 ).lastrowid
                 # callback_failed too: a later round of failed call-backs escalates again
                 tracking.remove_flags(conn, conversation_id, ["callback_required", "undeliverable", "callback_failed"], stamp)
                 if tracking.mark_answered(conn, conversation_id, stamp):
                     answered = {"conversation": dict(self._conversation(conn, conversation_id)),
-                                "message": {"id": message_id, "text": note, "channel": "phone", "kind": "callback"}}
+                                "message": {"id": message_id, "text": text, "channel": "phone", "kind": "callback"}}
             else:
                 failed, wrong = conn.execute(
                     "SELECT COUNT(*), COUNT(*) FILTER (WHERE outcome = 'wrong_number') FROM callback_attempts"

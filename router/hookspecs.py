@@ -12,6 +12,13 @@ awaitable instead of a value: the host awaits it. "First result wins" hooks are 
 the host awaiting implementations in order (pluggy's own ``firstresult`` would stop at the
 first coroutine, answered or not).
 
+Each implementation gets its own copy of a message, conversation or other dict or list it is
+passed: change it as you like, it changes nothing for the core or the other plugins. Each
+implementation is waited for at most 10 s; at the limit its coroutine is cancelled and left
+behind. One that raises (a ``CancelledError`` nobody asked for included), runs out of time or
+answers in the wrong shape is logged, counted in ``contact_router_hook_errors_total`` and
+skipped: a "first result wins" hook then asks the next implementation.
+
 The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabilities``,
 ``OutboundMessage``, ``SendResult``, ``DeliveryUpdate``, the ``DeliveryError`` family,
 ``InvalidMessage``, ``SettingsError``, ``ChannelContext``, ``IngestResult``, ``CustomerClaim``, ``Customer``,
@@ -99,7 +106,10 @@ __all__ = [
 
 @hookspec
 def register_channels(
-    settings: Mapping[str, Any], env: Mapping[str, str], topics: Mapping[str, Mapping[str, str]]
+    settings: Mapping[str, Any],
+    env: Mapping[str, str],
+    topics: Mapping[str, Mapping[str, str]],
+    units: Mapping[str, Mapping[str, Any]],
 ) -> Sequence[Channel] | None:
     """Return the channels this plugin provides.
 
@@ -108,12 +118,25 @@ def register_channels(
     :param env: The process environment, for credentials the configuration does not name.
     :param topics: The configured topics, ``{topic id: {language: name}}``, for channels
         that let the sender choose one (a form's select, a phone menu).
+    :param units: The configured units, ``{unit id: public info}`` (``id``, ``name``, ``kind``,
+        ``languages``, ``first_response_hours``, ``escalate_to``, ``email``, ...; the same as
+        ``ChannelContext.units``), so that a channel can check that a unit its settings name
+        exists: raise ``SettingsError`` naming the key when it does not.
 
     :return: A list of ``Channel`` instances, or ``None`` (or an empty list) when the channel
         is switched off, for example because its credentials are not set. Each channel's
-        ``name`` must be unique; its routes are mounted under ``/channels/<name>/``.
+        ``name`` must be unique and match ``[a-z][a-z0-9_-]{0,31}`` (the inbound message's
+        ``channel``); its ``capabilities`` a ``Capabilities``; its ``routes()`` aiohttp
+        ``RouteDef``s (``web.get``, ``web.post``), mounted under ``/channels/<name>/``.
 
-    Called once at start, not per message. All results are collected.
+    Called once at start, by ``serve`` and by ``check-config`` alike. Both check every answer
+    in the same way and print each error as one line with the configuration file and the
+    plugin's name: a ``SettingsError`` under its key path; anything else raised, an answer of
+    another shape, a channel name taken or a route that is not a ``RouteDef`` under
+    ``channels (<plugin>)``. Either command then fails, and ``serve`` does not start. All
+    results are collected. May be ``async def``: it is then awaited (within 10 s) on an event
+    loop of its own before the service's runs, so create nothing there that belongs to a loop
+    (a ``ClientSession``, a task); use ``context.http`` and ``Channel.services()``.
 
     Implemented by channel plugins.
     """
@@ -135,10 +158,14 @@ def lookup_customer(claim: CustomerClaim) -> Customer | None:
         phone or address; otherwise ``None``. A number alone is never proof: return ``None``
         and the core keeps it as an unverified claim.
 
-    Called before the message is stored, only for messages that state a customer number.
-    The first non-None result wins; the built-in customer directory (filled by
-    ``contact-router import-customers``) is a ``trylast`` implementation, so a CRM plugin goes
-    first. May return an awaitable (an HTTP lookup); give it a timeout.
+    Called before the message is stored, for every inbound message that states a customer
+    number: one that opens a conversation, a follow-up (a confirmed number makes its contact a
+    customer), and also a provider's retry of a message stored already, whose answer is then
+    not used (which message is a retry is known only in the transaction that stores it).
+    The first non-None result wins; implementations are asked one after another, each within
+    its own time limit, and one that fails or hangs is skipped. The built-in customer directory
+    (filled by ``contact-router import-customers``) is a ``trylast`` implementation, so a CRM
+    plugin goes first. May return an awaitable (an HTTP lookup); give it a timeout.
 
     Implemented by CRM integrations.
     """
@@ -146,16 +173,26 @@ def lookup_customer(claim: CustomerClaim) -> Customer | None:
 
 @hookspec
 def route_message(message: Mapping[str, Any], is_customer: bool) -> RoutingDecision | None:
-    """Choose the responsible unit for a message that opens a new conversation.
+    """Choose the responsible unit for a message, should it open a new conversation.
 
-    :param message: The canonical inbound message (``router/schemas/inbound_message.schema.json``).
-    :param is_customer: Whether the sender was resolved to a confirmed customer.
+    :param message: The canonical inbound message (``router/schemas/inbound_message.schema.json``),
+        a copy of your own.
+    :param is_customer: Whether ``lookup_customer`` confirmed this message's customer number
+        (a known customer who writes without one is False here).
 
     :return: A ``RoutingDecision`` (``unit``, ``rule``, ``reason``) to override the configured
-        rules, or ``None`` to let them decide. An unknown unit id is ignored with a warning.
+        rules, or ``None`` to let them decide. An unknown unit id is ignored with a warning
+        (the next implementation is asked).
 
-    Called only when a plugin implements it, before the message is stored. The first
-    non-None result wins.
+    Called only when a plugin implements it, before the message is stored, for every inbound
+    message but a reaction or an edit: whether it opens a conversation is decided only in the
+    transaction that stores it, so a follow-up and a provider's retry of a stored message are
+    asked too. The decision is used when the message opens a conversation (also one linked to
+    a case the message names but may not join, which would otherwise go to that case's unit),
+    and for a message with a ``topic`` on a chat channel (``threads_by_sender``): it joins the
+    sender's open conversation without a topic only when that one belongs to the unit decided.
+    Otherwise it is not used. The first non-None result wins; implementations are asked one
+    after another, each within its own time limit, and one that fails or hangs is skipped.
 
     Implemented by routing-policy plugins.
     """
@@ -234,7 +271,8 @@ def conversation_answered(conversation: Mapping[str, Any], message: Mapping[str,
     reached them.
 
     :param conversation: ``id``, ``case_reference``, ``unit``, ``channel``.
-    :param message: ``id``, ``text``, ``channel``, ``kind`` of the answer.
+    :param message: ``id``, ``text``, ``channel``, ``kind`` of the answer; ``text`` as stored
+        (for a call-back logged without a note, ``Call-back: reached``).
 
     Called after the commit, only when a plugin implements it. Errors are logged.
     """

@@ -21,7 +21,7 @@ import router.core
 from router import hookspecs
 from router.hookspecs import Customer, RoutingDecision, hookimpl
 from router.plugins import create_plugin_manager
-from router.testing import CoreHarness, check_channel_contract
+from router.testing import CoreHarness, check_channel_contract, example_config
 
 from .helpers import webform_message
 
@@ -287,12 +287,361 @@ def test_a_plugins_settings_errors_are_reported_by_their_key_path():
     """The key path was parsed out of the message text; a message with ": " in it, or a path
     with a space, came out wrong."""
     from router.hookspecs import SettingsError
-    from router.plugins import channel_settings_errors
+    from router.plugins import ChannelsRefused, collect_channels
 
     pm = create_plugin_manager(False)
     pm.register(SettingsPlugin(SettingsError("channels.demochat.webhook_url", "expected a URL, got 'ftp: x'")), "demochat")
     pm.register(SettingsPlugin(RuntimeError("webhook_url: cannot be read")), "other")
-    assert sorted(channel_settings_errors(pm, {}, {}, {})) == [
-        ("channels (other)", "webhook_url: cannot be read"),
-        ("channels.demochat.webhook_url", "expected a URL, got 'ftp: x'"),
+    with pytest.raises(ChannelsRefused) as refused:
+        collect_channels(pm, example_config(), {})
+    assert sorted(refused.value.errors) == [
+        ("channels (other)", "register_channels raised RuntimeError: webhook_url: cannot be read"),
+        ("channels.demochat.webhook_url", "expected a URL, got 'ftp: x' (plugin demochat)"),
     ]
+
+
+# A third-party channel plugin, installed as an integrator installs one: a module and a
+# distribution whose entry point is in the group contact_router. ``{register}`` is its hook.
+THIRD_PARTY = """
+import asyncio
+
+from aiohttp import web
+
+from router.hookspecs import Capabilities, Channel, SendResult, SettingsError, hookimpl
+
+
+class ThirdChannel(Channel):
+    capabilities = Capabilities(identity_kinds=("phone",))
+
+    def __init__(self, name="thirdchat", routes=None):
+        self.name = name
+        self._routes = routes
+
+    def routes(self):
+        return self._routes if self._routes is not None else [web.get("/ping", self.ping)]
+
+    async def ping(self, request):
+        return web.Response(text="pong")
+
+    async def send(self, message):
+        return SendResult(provider_id="x")
+
+
+@hookimpl
+{register}
+"""
+
+REFUSED = {
+    "raises": ("def register_channels(settings):\n    raise RuntimeError('CRM credentials\\nmissing')",
+               "register_channels raised RuntimeError: CRM credentials missing"),
+    "answers text": ("def register_channels(settings):\n    return 'webform'",
+                     "register_channels returned 'webform' (str), not a list of Channel instances"),
+    "answers a list of text": ("def register_channels(settings):\n    return ['webform']",
+                               "register_channels returned 'webform' (str), not a Channel instance"),
+    "async and raises": ("async def register_channels(settings):\n    raise RuntimeError('CRM down')",
+                         "register_channels raised RuntimeError: CRM down"),
+    "async and answers text": ("async def register_channels(settings):\n    await asyncio.sleep(0)\n    return 'x'",
+                               "register_channels returned 'x' (str), not a list of Channel instances"),
+    "routes that are not RouteDefs": ("def register_channels(settings):\n    return [ThirdChannel(routes=['/x'])]",
+                                      "channel 'thirdchat': routes() returned '/x', not an aiohttp RouteDef"),
+    "a name taken": ("def register_channels(settings):\n    return [ThirdChannel('webform')]",
+                     "a channel named 'webform' is provided by plugin webform already"),
+    "a name no message can carry": ("def register_channels(settings):\n    return [ThirdChannel('Third Chat')]",
+                                    "a channel is named 'Third Chat'"),
+    "a unit that does not exist": (
+        "def register_channels(settings, units):\n"
+        "    if 'nirgendwo' not in units:\n"
+        "        raise SettingsError('channels.thirdchat.unit', 'no unit nirgendwo')\n"
+        "    return [ThirdChannel()]",
+        "no unit nirgendwo (plugin thirdparty)"),
+}
+
+
+def install_third_party(monkeypatch, folder: Path, register: str) -> None:
+    """Put a plugin with this ``register_channels`` where ``create_plugin_manager(True)`` finds it."""
+    module = "thirdparty_" + re.sub(r"\W", "_", folder.parent.name)  # a module of its own for each test
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(THIRD_PARTY.replace("{register}", register), "utf-8")
+    info = folder / "thirdparty-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty\nVersion: 0.1\n", "utf-8")
+    (info / "entry_points.txt").write_text(f"[contact_router]\nthirdparty = {module}\n", "utf-8")
+    monkeypatch.syspath_prepend(str(folder))
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_check_config_and_serve_refuse_the_same_channels_in_one_line_naming_the_plugin(tmp_path, monkeypatch, capsys, case):
+    """serve died with a traceback (or, for async def, a coroutine that was never awaited)
+    where check-config had said OK, for all but a plugin that raised."""
+    from router.cli import main
+    from router.config import DEFAULT_CONFIG
+
+    register, says = REFUSED[case]
+    install_third_party(monkeypatch, tmp_path / "plugin", register)
+    for command in (["check-config", str(DEFAULT_CONFIG)],
+                    ["serve", "--config", str(DEFAULT_CONFIG), "--port", "0", "--data-dir", str(tmp_path / "data")]):
+        capsys.readouterr()
+        assert main(command) == 1, command
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "demo staff tokens" not in line]
+        assert len(lines) == 1 and lines[0].startswith(f"{DEFAULT_CONFIG}: "), (command, err)
+        assert says in lines[0] and ("thirdparty" in lines[0] or "webform" in says), (command, err)
+        assert "Traceback" not in err
+
+
+def test_check_config_accepts_an_async_register_channels(tmp_path, monkeypatch, capsys):
+    from router.cli import main
+    from router.config import DEFAULT_CONFIG
+
+    install_third_party(monkeypatch, tmp_path / "plugin",
+                        "async def register_channels(settings):\n    await asyncio.sleep(0)\n    return [ThirdChannel()]")
+    assert main(["check-config", str(DEFAULT_CONFIG)]) == 0, capsys.readouterr().err
+    assert "OK" in capsys.readouterr().out
+
+
+class UnitsChannelPlugins:
+    """Two channel plugins: one that reads ``units`` and is async, one written before there
+    were units to read."""
+
+    def __init__(self) -> None:
+        self.units: list[object] = []
+
+    def plugins(self) -> list[object]:
+        seen = self.units
+
+        class WithUnits:
+            @hookimpl
+            async def register_channels(self, settings, units):
+                seen.append(units)
+                await asyncio.sleep(0)
+                return [PingChannel("withunits")]
+
+        class Old:
+            @hookimpl
+            def register_channels(self, settings):
+                return [PingChannel("old")]
+
+        return [WithUnits(), Old()]
+
+
+class PingChannel(hookspecs.Channel):
+    capabilities = hookspecs.Capabilities(identity_kinds=("phone",))
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/ping", self.ping)]
+
+    async def ping(self, request: web.Request) -> web.Response:
+        return web.Response(text=f"{self.name}: {bool(self.context)}")
+
+
+async def test_register_channels_is_awaited_gets_the_units_and_older_plugins_still_work(tmp_path):
+    """register_channels could not check a unit its settings name; an async one was a
+    coroutine never awaited."""
+    both = UnitsChannelPlugins()
+    async with CoreHarness(tmp_path / "d", plugins=both.plugins()) as harness:
+        for name in ("withunits", "old"):
+            response = await harness.client.get(f"/channels/{name}/ping")
+            assert (response.status, await response.text()) == (200, f"{name}: True")
+        assert set(harness.core.channels) == {"webform", "withunits", "old"}
+    [units] = both.units
+    assert set(units) == set(harness.config.units)
+    assert units["tiefbau-muster"]["name"] == harness.config.units["tiefbau-muster"].name
+
+
+ROW = {"customer_number": "KD-1", "name": "Erika Mustermann", "email": "anwohner@example.net",
+       "phone": "", "street": "Lindenweg 3", "postcode": "12345", "city": "Musterstadt"}
+
+
+class Tampering:
+    """A plugin that changes what it is passed, as one that strips personal data before asking
+    an outside service might."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    @hookimpl
+    def route_message(self, message, is_customer):
+        message.pop("sender")
+        message["text"] = message["text"].upper()
+        message["address"]["postcode"] = "99999"
+        return None
+
+    @hookimpl
+    def message_received(self, message, result):
+        self.seen.append(message["text"])
+        message["text"] = "changed"
+
+    @hookimpl
+    def conversation_routed(self, conversation, rule, reason):
+        self.seen.append(conversation["unit"])
+        conversation["unit"] = "vertrieb"
+
+
+async def test_a_plugin_that_changes_what_it_is_passed_changes_nothing_else(tmp_path):
+    """route_message got the core's own message: a plugin that popped a key made every message
+    a 500, one that changed the text had it stored changed; event hooks shared one dict."""
+    first, second = Tampering(), Tampering()
+    async with CoreHarness(tmp_path / "d", plugins=[first, second]) as harness:
+        result = await harness.core.ingest(webform_message("Baustelle vor dem Haus"))
+        await harness.core.drain_background()
+        assert result.unit == "tiefbau-muster"  # routed by postcode 12345, not 99999
+        stored = await harness.rows("SELECT text FROM messages WHERE direction = 'in'")
+        assert [row["text"] for row in stored] == ["Baustelle vor dem Haus"]
+        for plugin in (first, second):
+            assert sorted(plugin.seen) == ["Baustelle vor dem Haus", "tiefbau-muster"]
+        assert harness.core.metrics.value("contact_router_hook_errors_total", hook="route_message") == 0
+
+
+class Failing:
+    """An implementation of both first-result hooks that fails in a given way."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.cancelled = False
+
+    async def _fail(self) -> None:
+        if self.how == "raises":
+            raise RuntimeError("down")
+        if self.how == "cancels itself":
+            raise asyncio.CancelledError()  # awaited a client task of its own that was cancelled, say
+        try:
+            await asyncio.sleep(0.15 if self.how == "slow" else 3600)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            if self.how == "ignores cancellation":
+                await asyncio.sleep(1)  # a clean-up that takes its time
+            raise
+
+    @hookimpl
+    async def lookup_customer(self, claim):
+        await self._fail()
+
+    @hookimpl
+    async def route_message(self, message, is_customer):
+        await self._fail()
+
+
+class Deciding:
+    @hookimpl(trylast=True)
+    def route_message(self, message, is_customer):
+        return RoutingDecision(unit="vertrieb", rule="last", reason="asked after the others")
+
+
+async def test_each_implementation_of_a_first_result_hook_has_its_own_try_and_time_limit(tmp_path, monkeypatch):
+    """One CRM that raised or hung shut out every later implementation, the built-in customer
+    directory included, and two slow ones that each kept the limit shared it and ran out."""
+    monkeypatch.setattr(router.core, "HOOK_SECONDS", 0.3)
+    async with CoreHarness(tmp_path / "d", plugins=[Deciding(), *map(Failing, ("raises", "hangs", "slow", "slow"))]) as harness:
+        await harness.core.import_customers(lambda: [ROW])
+        result = await harness.core.ingest(webform_message(customer_number="KD-1"))
+        contacts = await harness.rows("SELECT is_customer FROM contacts")
+        assert [c["is_customer"] for c in contacts] == [1]  # the directory was asked, last
+        assert result.unit == "vertrieb"  # the last routing plugin was asked
+        for hook in ("lookup_customer", "route_message"):
+            assert harness.core.metrics.value("contact_router_hook_errors_total", hook=hook) == 2, hook  # raised, hung
+
+
+@pytest.mark.parametrize("how", ["cancels itself", "ignores cancellation"])
+async def test_a_hook_that_cancels_itself_or_ignores_cancellation_fails_alone_in_its_time(tmp_path, monkeypatch, how):
+    """A CRM that raised CancelledError itself cancelled the ingest: the message was lost and
+    the webhook's connection dropped. One that ignored its cancellation held the message as
+    long as its clean-up took (asyncio.wait_for waits for it)."""
+    monkeypatch.setattr(router.core, "HOOK_SECONDS", 0.2)
+    failing = Failing(how)
+    async with CoreHarness(tmp_path / "d", plugins=[Deciding(), failing]) as harness:
+        await harness.core.import_customers(lambda: [ROW])
+        started = time.monotonic()
+        result = await harness.core.ingest(webform_message(customer_number="KD-1"))
+        assert time.monotonic() - started < 0.8  # two hooks of 0.2 s; not the second a clean-up takes
+        assert await harness.count("messages", "direction = 'in'") == 1
+        assert [c["is_customer"] for c in await harness.rows("SELECT is_customer FROM contacts")] == [1]
+        assert result.unit == "vertrieb"
+        for hook in ("lookup_customer", "route_message"):
+            assert harness.core.metrics.value("contact_router_hook_errors_total", hook=hook) == 1, hook
+        assert failing.cancelled == (how == "ignores cancellation")
+
+
+async def test_a_cancelled_ingest_cancels_the_hook_it_waits_for(tmp_path):
+    """Our own cancellation (the service stopping) is not a hook's failure: it goes on, and the
+    hook is cancelled with it instead of being left to run."""
+    hanging = Failing("hangs")
+    async with CoreHarness(tmp_path / "d", plugins=[hanging]) as harness:
+        task = asyncio.create_task(harness.core.ingest(webform_message(customer_number="KD-1")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert hanging.cancelled
+        assert harness.core.metrics.value("contact_router_hook_errors_total", hook="lookup_customer") == 0
+
+
+async def test_an_event_hook_that_ignores_cancellation_holds_nobody(tmp_path, monkeypatch):
+    monkeypatch.setattr(router.core, "HOOK_SECONDS", 0.2)
+
+    class Stubborn:
+        @hookimpl
+        async def message_received(self, message, result):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(1)
+
+    async with CoreHarness(tmp_path / "d", plugins=[Stubborn()]) as harness:
+        await harness.core.ingest(webform_message())
+        started = time.monotonic()
+        await harness.core.drain_background()
+        assert time.monotonic() - started < 0.8
+        assert harness.core.metrics.value("contact_router_hook_errors_total", hook="message_received") == 1
+
+
+class Routing:
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    @hookimpl
+    def route_message(self, message, is_customer):
+        self.asked.append(message["channel_message_id"])
+        return RoutingDecision(unit="vertrieb", rule="policy", reason="the policy service said so")
+
+    @hookimpl
+    def lookup_customer(self, claim):
+        self.asked.append(f"lookup {claim.customer_number}")
+
+
+async def test_route_message_is_asked_as_documented_and_its_decision_used_on_opening(tmp_path):
+    """The hookspec said route_message was called only for a message that opens a
+    conversation; it is called for every message but a reaction or an edit (whether one opens
+    a conversation is known only in the transaction that stores it), and lookup_customer for a
+    provider's retry too, as the guide now says. The decision counts only on opening."""
+    routing = Routing()
+    async with CoreHarness(tmp_path / "d", plugins=[routing]) as harness:
+        first = await harness.core.ingest(webform_message(channel_message_id="m1", customer_number="KD-9"))
+        retry = await harness.core.ingest(webform_message(channel_message_id="m1", customer_number="KD-9"))
+        follow = await harness.core.ingest(  # from the status page: it joins the conversation
+            webform_message("noch was", channel_message_id="m2", thread={"status_token": first.status_token}))
+        assert retry.duplicate and follow.conversation_id == first.conversation_id
+        assert routing.asked == ["lookup KD-9", "m1", "lookup KD-9", "m1", "m2"]
+        assert first.unit == follow.unit == "vertrieb"
+
+
+async def test_conversation_answered_gets_the_text_that_was_stored(tmp_path):
+    """A call-back logged without a note stored "Call-back: reached" and told the plugins None."""
+    events = Events()
+    async with CoreHarness(tmp_path / "d", plugins=[events]) as harness:
+        result = await harness.core.ingest(webform_message())
+        answered: list[object] = []
+
+        class Answered:
+            @hookimpl
+            def conversation_answered(self, conversation, message):
+                answered.append(message["text"])
+
+        harness.core.pm.register(Answered())
+        harness.core._refresh_hook_flags()
+        await harness.core.log_callback(result.conversation_id, "reached", None, "admin")
+        await harness.core.drain_background()
+        stored = await harness.rows("SELECT text FROM messages WHERE kind = 'callback'")
+        assert answered == [stored[0]["text"]] == ["Call-back: reached"]
