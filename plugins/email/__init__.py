@@ -16,12 +16,14 @@ __all__ = ["EmailChannel", "EmailSettings", "EmailSettingsError", "register_chan
 
 
 @hookimpl
-def register_channels(settings: Mapping[str, Any], env: Mapping[str, str]) -> Sequence[Channel] | None:
-    """The e-mail channel, when ``channels.email`` names at least one address."""
+def register_channels(
+    settings: Mapping[str, Any], env: Mapping[str, str], units: Mapping[str, Any]
+) -> Sequence[Channel] | None:
+    """The e-mail channel, when ``channels.email`` names at least one address (of the ``units``)."""
     section = settings.get("email") or {}
     if not isinstance(section, Mapping) or not section.get("addresses") or section.get("enabled") is False:
         return None
-    return [EmailChannel(EmailSettings.from_mapping(section))]
+    return [EmailChannel(EmailSettings.from_mapping(section, units=set(units)))]
 
 
 @hookimpl

@@ -7,7 +7,7 @@ ports arrive as strings and unset variables as ``None`` or ``""``: both mean "us
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from router.hookspecs import SettingsError
@@ -71,7 +71,7 @@ class EmailSettings:
     trusted_authserv_ids: tuple[str, ...] = ()
 
     @classmethod
-    def from_mapping(cls, section: Mapping[str, Any]) -> EmailSettings:
+    def from_mapping(cls, section: Mapping[str, Any], units: Collection[str] | None = None) -> EmailSettings:
         """Check and resolve the ``channels.email`` section; raise ``EmailSettingsError``."""
         raw_addresses = section.get("addresses") or {}
         if not isinstance(raw_addresses, Mapping) or not raw_addresses:
@@ -84,6 +84,10 @@ class EmailSettings:
                 entry = {"unit": entry}
             if not isinstance(entry, Mapping) or not entry.get("unit"):
                 raise EmailSettingsError(f"channels.email.addresses.{address}", "needs a unit")
+            if units is not None and entry["unit"] not in units:
+                # Passed, every mail to the address was refused (a unit hint that is no unit id)
+                # or went to the fallback unit.
+                raise EmailSettingsError(f"channels.email.addresses.{address}.unit", f"unknown unit {entry['unit']!r}")
             addresses[str(address).strip().lower()] = {"unit": entry["unit"], "language": entry.get("language")}
         first = next(iter(addresses))
         relay_tls = (_str(section, "relay_tls", "starttls") or "starttls").lower()

@@ -19,10 +19,10 @@ __all__ = ["PhoneChannel", "PhoneSettings", "register_channels"]
 
 
 @hookimpl
-def register_channels(settings: Mapping[str, Any], env: Mapping[str, str]) -> list[Channel] | None:
+def register_channels(settings: Mapping[str, Any], env: Mapping[str, str], units: Mapping[str, Any]) -> list[Channel] | None:
     """The phone channel, or None when neither Twilio nor CTI is configured."""
     section = settings.get("phone") if isinstance(settings, Mapping) else None
-    phone = PhoneSettings.from_config(section if isinstance(section, Mapping) else {}, env)
+    phone = PhoneSettings.from_config(section if isinstance(section, Mapping) else {}, env, units=set(units))
     if not (phone.twilio_enabled or phone.cti_enabled):
         return None
     return [PhoneChannel(phone)]

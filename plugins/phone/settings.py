@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -75,7 +75,9 @@ class PhoneSettings:
         return bool(self.cti_secret)
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> PhoneSettings:
+    def from_config(
+        cls, section: Mapping[str, Any] | None, env: Mapping[str, str] | None = None, units: Collection[str] | None = None,
+    ) -> PhoneSettings:
         """Read and check ``section``; Twilio values missing there come from ``env``.
 
         Raises ``PhoneSettingsError`` naming the key for a value of the wrong shape.
@@ -150,6 +152,9 @@ class PhoneSettings:
                 ):
                     raise PhoneSettingsError(f"channels.phone.{key}", "expected a table of strings")
                 values[key] = dict(table)
+        unknown = sorted(set(values.get("forward_numbers", {})) - set(units)) if units is not None else []
+        if unknown:  # its calls were never put through, without a word
+            raise PhoneSettingsError(f"channels.phone.forward_numbers.{unknown[0]}", f"unknown unit {unknown[0]!r}")
         if "menu_labels" in section:
             labels = section["menu_labels"]
             if not isinstance(labels, Mapping) or not all(isinstance(v, Mapping) for v in labels.values()):

@@ -18,8 +18,10 @@ __all__ = ["WhatsAppChannel", "register_channels"]
 
 
 @hookimpl
-def register_channels(settings: Mapping[str, Any], env: Mapping[str, str]) -> list[WhatsAppChannel] | None:
+def register_channels(
+    settings: Mapping[str, Any], env: Mapping[str, str], units: Mapping[str, Any]
+) -> list[WhatsAppChannel] | None:
     """The WhatsApp channel, or None while its credentials are incomplete."""
     section = settings.get("whatsapp") if isinstance(settings, Mapping) else None
-    config = WhatsAppSettings.from_mapping(section)
+    config = WhatsAppSettings.from_mapping(section, units=set(units))
     return [WhatsAppChannel(config)] if config else None

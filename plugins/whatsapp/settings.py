@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from router.hookspecs import SettingsError
@@ -100,7 +100,7 @@ class WhatsAppSettings:
     max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES
 
     @classmethod
-    def from_mapping(cls, section: Mapping[str, Any] | None) -> WhatsAppSettings | None:
+    def from_mapping(cls, section: Mapping[str, Any] | None, units: Collection[str] | None = None) -> WhatsAppSettings | None:
         """Read the resolved ``channels.whatsapp`` table; None when the channel is off."""
         if not isinstance(section, Mapping):
             return None
@@ -117,6 +117,8 @@ class WhatsAppSettings:
             where = f"channels.whatsapp.numbers[{index}]"
             if unit and not _UNIT.match(unit):
                 raise WhatsAppSettingsError(f"{where}.unit", f"not a unit id: {unit!r}")
+            if unit and units is not None and unit not in units:
+                raise WhatsAppSettingsError(f"{where}.unit", f"unknown unit {unit!r}")
             if language and not _LANGUAGE.match(language):
                 raise WhatsAppSettingsError(f"{where}.language", f"expected a two-letter language code, got {language!r}")
             numbers.append(BusinessNumber(phone_number_id=phone_number_id, unit=unit, language=language))

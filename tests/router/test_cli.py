@@ -33,3 +33,23 @@ def test_serve_refuses_a_channel_setting_naming_the_file_and_key(tmp_path, capsy
     assert main(["serve", "--config", str(bad), "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
     err = capsys.readouterr().err
     assert f"{bad}: channels.phone.forward_timeout" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("old", "new", "key"), [
+    ('"bau@example.org" = { unit = "bauhotline"', '"bau@example.org" = { unit = "Bauhotline"',
+     "channels.email.addresses.bau@example.org.unit"),
+    ('bauhotline = "+493012345670"', 'bau-hotline = "+493012345670"', "channels.phone.forward_numbers.bau-hotline"),
+])
+def test_a_channel_setting_naming_a_unit_that_does_not_exist_is_refused_by_both_commands(tmp_path, capsys, old, new, key):
+    """check-config and serve said OK; every mail to the address was then refused (its unit
+    hint no unit id), or the unit's calls were never put through."""
+    from router.config import DEFAULT_CONFIG
+
+    text = DEFAULT_CONFIG.read_text("utf-8")
+    assert old in text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(old, new), "utf-8")
+    assert main(["check-config", str(bad)]) == 1
+    assert main(["serve", "--config", str(bad), "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert err.count(f"{bad}: {key}") == 2 and "unknown unit" in err and "Traceback" not in err

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 from plugins.email import register_channels, reply_copies
 
+UNITS = dict.fromkeys(["kundenservice", "bauhotline", "stoerung", "vertrieb", "tiefbau-muster"], {})
+"""The example organisation's units, as the core hands them to ``register_channels``."""
+
 
 def test_register_channels_only_with_addresses():
-    assert register_channels(settings={}, env={}) is None
-    assert register_channels(settings={"email": {"addresses": {}}}, env={}) is None
+    assert register_channels(settings={}, env={}, units=UNITS) is None
+    assert register_channels(settings={"email": {"addresses": {}}}, env={}, units=UNITS) is None
     [channel] = register_channels(settings={"email": {"addresses": {"Bau@Example.org": {"unit": "bauhotline"}},
-                                                      "listen_port": "2626"}}, env={})
+                                                      "listen_port": "2626"}}, env={}, units=UNITS)
     assert channel.name == "email"
     assert channel.settings.listen_port == 2626
     assert channel.settings.domain == "example.org"
@@ -21,3 +24,15 @@ def test_reply_copies_for_webform_residents_with_email():
     ]
     assert reply_copies(conversation={"channel": "email"}, reply={}, identities=identities) is None
     assert reply_copies(conversation={"channel": "webform"}, reply={}, identities=identities[:1]) is None
+
+
+def test_an_address_of_a_unit_that_does_not_exist_is_refused_naming_it():
+    """It passed check-config and serve; every mail to the address was then refused (a unit
+    hint that is no unit id) or went to the fallback unit."""
+    import pytest
+
+    from plugins.email.settings import EmailSettingsError
+
+    with pytest.raises(EmailSettingsError) as caught:
+        register_channels(settings={"email": {"addresses": {"bau@example.org": {"unit": "Bauhotline"}}}}, env={}, units=UNITS)
+    assert caught.value.path == "channels.email.addresses.bau@example.org.unit"

@@ -5,6 +5,9 @@ import pytest
 from plugins.phone import register_channels
 from plugins.phone.settings import DEFAULT_MENU, PhoneSettings, PhoneSettingsError
 
+UNITS = dict.fromkeys(["kundenservice", "bauhotline", "stoerung", "vertrieb", "tiefbau-muster"], {})
+"""The example organisation's units, as the core hands them to ``register_channels``."""
+
 TWILIO = {"account_sid": "AC1", "auth_token": "tok", "phone_number": "+4930999999"}
 
 
@@ -47,16 +50,16 @@ def test_bad_values_name_their_key(section, key):
 
 
 def test_channel_is_off_without_credentials_or_cti_secret():
-    assert register_channels(settings={}, env={}) is None
-    assert register_channels(settings={"phone": {"account_sid": "AC1"}}, env={}) is None
+    assert register_channels(settings={}, env={}, units=UNITS) is None
+    assert register_channels(settings={"phone": {"account_sid": "AC1"}}, env={}, units=UNITS) is None
 
 
 def test_channel_runs_for_twilio_or_cti_alone():
-    (twilio,) = register_channels(settings={"phone": TWILIO}, env={})
+    (twilio,) = register_channels(settings={"phone": TWILIO}, env={}, units=UNITS)
     assert twilio.name == "phone" and twilio.capabilities.identity_kinds == ("phone",)
     assert twilio.capabilities.max_text_length == 1600
     assert twilio.capabilities.delivery_receipts and twilio.capabilities.threads_by_sender
-    (cti,) = register_channels(settings={"phone": {"cti_secret": "s3cret"}}, env={})
+    (cti,) = register_channels(settings={"phone": {"cti_secret": "s3cret"}}, env={}, units=UNITS)
     assert not cti.capabilities.can_reply
     assert [route.path for route in cti.routes()] == ["/cti/{secret}"]
 

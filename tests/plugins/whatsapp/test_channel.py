@@ -37,6 +37,9 @@ from router.hookspecs import (
 
 from .conftest import fixture_cases, schema_errors
 
+UNITS = dict.fromkeys(["kundenservice", "bauhotline", "stoerung", "vertrieb", "tiefbau-muster"], {})
+"""The example organisation's units, as the core hands them to ``register_channels``."""
+
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SECRET = "app-secret"
 
@@ -623,17 +626,17 @@ async def test_request_welcome_is_kept_as_an_event_and_handed_over_as_no_message
 @pytest.mark.parametrize("missing", ["app_secret", "verify_token", "access_token", "numbers"])
 def test_channel_is_off_without_credentials(missing: str) -> None:
     section = {**SETTINGS, missing: None}
-    assert register_channels(settings={"whatsapp": section}, env={}) is None
+    assert register_channels(settings={"whatsapp": section}, env={}, units=UNITS) is None
 
 
 def test_channel_is_off_when_a_number_has_no_id() -> None:
     numbers = [*SETTINGS["numbers"], {"phone_number_id": None, "unit": "vertrieb"}]
-    assert register_channels(settings={"whatsapp": {**SETTINGS, "numbers": numbers}}, env={}) is None
-    assert register_channels(settings={}, env={}) is None
+    assert register_channels(settings={"whatsapp": {**SETTINGS, "numbers": numbers}}, env={}, units=UNITS) is None
+    assert register_channels(settings={}, env={}, units=UNITS) is None
 
 
 def test_channel_is_on_with_complete_settings() -> None:
-    (channel,) = register_channels(settings={"whatsapp": SETTINGS}, env={})
+    (channel,) = register_channels(settings={"whatsapp": SETTINGS}, env={}, units=UNITS)
     assert channel.name == "whatsapp"
     assert channel.capabilities.identity_kinds == ("phone", "whatsapp_user")
     assert channel.capabilities.reply_window == timedelta(hours=24)
@@ -643,7 +646,7 @@ def test_channel_is_on_with_complete_settings() -> None:
 
 @pytest.mark.parametrize("value, seconds", [(5, 5.0), ("12.5", 12.5), (0, None), ("0", None), (None, 30.0), ("", 30.0)])
 def test_the_wait_for_the_status_of_an_unanswered_send_is_configurable(value: Any, seconds: float | None) -> None:
-    (channel,) = register_channels(settings={"whatsapp": {**SETTINGS, "status_wait": value}}, env={})
+    (channel,) = register_channels(settings={"whatsapp": {**SETTINGS, "status_wait": value}}, env={}, units=UNITS)
     assert channel.capabilities.status_wait == (None if seconds is None else timedelta(seconds=seconds))  # 0: off
     assert "app-secret" not in repr(channel.settings) and "token-123" not in repr(channel.settings)
 
@@ -656,14 +659,14 @@ def test_a_setting_given_but_unusable_is_refused_naming_its_key(key: str, value:
     """It was replaced by the default without a word: a timeout of "10s" ran with 10 s, one of
     0 with 10 s too."""
     with pytest.raises(WhatsAppSettingsError) as caught:
-        register_channels(settings={"whatsapp": {**SETTINGS, key: value}}, env={})
+        register_channels(settings={"whatsapp": {**SETTINGS, key: value}}, env={}, units=UNITS)
     assert caught.value.path == f"channels.whatsapp.{key}"
 
 
-@pytest.mark.parametrize(("field", "value"), [("unit", "Kunden Service"), ("language", "Deutsch")])
+@pytest.mark.parametrize(("field", "value"), [("unit", "Kunden Service"), ("language", "Deutsch"), ("unit", "nirgendwo")])
 def test_a_numbers_unit_or_language_of_the_wrong_shape_is_refused(field: str, value: str) -> None:
     """The number's unit was dropped silently, and its messages routed by the rules alone."""
     numbers = [SETTINGS["numbers"][0], {**SETTINGS["numbers"][1], field: value}]
     with pytest.raises(WhatsAppSettingsError) as caught:
-        register_channels(settings={"whatsapp": {**SETTINGS, "numbers": numbers}}, env={})
+        register_channels(settings={"whatsapp": {**SETTINGS, "numbers": numbers}}, env={}, units=UNITS)
     assert caught.value.path == f"channels.whatsapp.numbers[1].{field}"
