@@ -102,7 +102,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("contact-router on http://%s:%s (config %s, data %s)", args.host, args.port, config.file, args.data_dir)
     # A listen backlog above the default 128, so that a burst of provider connections waits
     # for the channels' own backpressure (503 + Retry-After) instead of being dropped by the kernel.
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, backlog=1024)
+    try:
+        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, backlog=1024)
+    except OSError as exc:
+        # A port in use, a host that does not resolve, a data folder that is a file: one line
+        # naming what to change, not a traceback.
+        print(f"contact-router serve (--host {args.host} --port {args.port} --data-dir {args.data_dir}): {exc}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -212,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service")
     serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="configuration file (default: the example organisation)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=_port, default=8080)
     serve.add_argument("--data-dir", default=str(_default_data_dir()), help="folder for the SQLite database and files")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="validate a configuration file")
@@ -227,8 +234,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port(value: str) -> int:
+    """A TCP port for ``--port``: 0 (any free one) to 65535. A larger one was bound to some
+    other port with uvloop, and a traceback without it."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {port}")
+    return port
+
+
+def _log_level() -> int:
+    """``CONTACT_ROUTER_LOG_LEVEL`` as a level (``debug`` or ``DEBUG``); INFO, with a word on
+    standard error, for a name logging does not know: it ended every command in a traceback."""
+    name = os.environ.get("CONTACT_ROUTER_LOG_LEVEL", "INFO").strip().upper()
+    level = logging.getLevelName(name)
+    if isinstance(level, int):
+        return level
+    print(f"CONTACT_ROUTER_LOG_LEVEL: unknown level {name!r} (DEBUG, INFO, WARNING, ERROR); logging at INFO",
+          file=sys.stderr)
+    return logging.INFO
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("CONTACT_ROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

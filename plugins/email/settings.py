@@ -34,6 +34,8 @@ def _int(section: Mapping[str, Any], key: str, default: int | None) -> int | Non
         raise EmailSettingsError(f"channels.email.{key}", f"expected a number, got {value!r}") from None
     if number < 0:
         raise EmailSettingsError(f"channels.email.{key}", "must not be negative")
+    if key.endswith("_port") and number > 65535:  # a port past 65535 was bound to some other port, or a traceback
+        raise EmailSettingsError(f"channels.email.{key}", f"a port is at most 65535, got {number}")
     return number
 
 

@@ -3,6 +3,8 @@ check-config and import-customers in test_config.py, serve in tests/reliability)
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from router.cli import demo_tokens_allowed, main
@@ -53,3 +55,40 @@ def test_a_channel_setting_naming_a_unit_that_does_not_exist_is_refused_by_both_
     assert main(["serve", "--config", str(bad), "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
     err = capsys.readouterr().err
     assert err.count(f"{bad}: {key}") == 2 and "unknown unit" in err and "Traceback" not in err
+
+
+def test_a_port_out_of_range_is_refused_naming_the_option(capsys) -> None:
+    """With uvloop the service listened on some other port; without, a traceback."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--port", "99999"])
+    assert stopped.value.code == 2 and "--port: a port is 0 to 65535, not 99999" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", logging.DEBUG), ("Warning", logging.WARNING), ("verbose", logging.INFO)])
+def test_the_log_level_is_read_in_any_case_and_an_unknown_one_is_info(monkeypatch, capsys, value, level) -> None:
+    """"debug" in lower case ended every command, check-config too, in a traceback."""
+    from router.cli import _log_level
+
+    monkeypatch.setenv("CONTACT_ROUTER_LOG_LEVEL", value)
+    assert _log_level() == level
+    assert ("unknown level" in capsys.readouterr().err) == (value == "verbose")
+
+
+def test_serve_on_a_port_in_use_or_a_data_folder_that_is_a_file_says_so_in_one_line(tmp_path, capsys) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        assert main(["serve", "--port", str(port), "--data-dir", str(tmp_path / "data")]) == 1
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert f"--port {port}" in err and "address already in use" in err and "Traceback" not in err
+    afile = tmp_path / "afile"
+    afile.write_text("", "utf-8")
+    assert main(["serve", "--port", "0", "--data-dir", str(afile)]) == 1
+    err = capsys.readouterr().err
+    assert f"--data-dir {afile}" in err and "Traceback" not in err
