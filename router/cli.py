@@ -121,6 +121,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# The directory's columns, by a header's name as ``_column_key`` writes it: "E-Mail", "email"
+# and "Customer Number" are all known.
+CUSTOMER_COLUMNS = {
+    "customernumber": "customer_number", "name": "name", "email": "email", "phone": "phone", "street": "street",
+    "postcode": "postcode", "city": "city",
+}
+
+
+def _column_key(name: str) -> str:
+    return "".join(char for char in name.lower() if char.isalnum())
+
+
+class BadRow(ValueError):
+    """A line of a CSV file that cannot be imported as it stands."""
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(f"line {line}: {problem}")
+        self.line = line
+        self.problem = problem
+
+
 class NotUtf8(ValueError):
     """A line of a CSV file that is not UTF-8; ``line`` and ``column`` count from 1."""
 
@@ -166,12 +187,25 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
         return 1
 
     def read_rows() -> Iterator[dict[str, str]]:
-        """The file's rows as they are read (from the start at each call)."""
+        """The file's rows as they are read (from the start at each call), by the columns'
+        known names. A row with more or fewer fields than the header raises ``BadRow``: an
+        unquoted comma in a name shifted every later column of its row (an e-mail address
+        stored as the phone number), and the import said it went well."""
         with open(args.csv, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh, delimiter=delimiter)
             try:
-                yield from csv.DictReader(fh, delimiter=delimiter)
+                header = [CUSTOMER_COLUMNS.get(_column_key(name), name) for name in next(reader, [])]
+                for fields in reader:
+                    if not any(field.strip() for field in fields):
+                        continue  # an empty line
+                    if len(fields) != len(header):
+                        quotes = " (a delimiter inside a value needs quotes)" if len(fields) > len(header) else ""
+                        raise BadRow(reader.line_num, f"{len(fields)} fields where the header has {len(header)}{quotes}")
+                    yield dict(zip(header, fields, strict=True))
             except UnicodeDecodeError:
                 raise _not_utf8(args.csv) from None
+            except csv.Error as exc:
+                raise BadRow(reader.line_num, str(exc)) from None
 
     async def run() -> CustomerImport:
         data_dir = Path(args.data_dir)
@@ -190,15 +224,23 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
                 fieldnames = csv.DictReader(fh, delimiter=delimiter).fieldnames
             except UnicodeDecodeError:
                 raise _not_utf8(args.csv) from None
-        if fieldnames is None or "customer_number" not in fieldnames:
+        known = {CUSTOMER_COLUMNS.get(_column_key(name)) for name in fieldnames or ()}
+        if fieldnames is None or "customer_number" not in known:
             other = ";" if delimiter == "," else ","
             hint = f" (split at {other!r}? then --delimiter '{other}')" if fieldnames and other in fieldnames[0] else ""
             print(f"{args.csv}: the header must name a customer_number column{hint}", file=sys.stderr)
             return 1
+        unknown = [name for name in fieldnames if _column_key(name) not in CUSTOMER_COLUMNS]
+        if unknown:  # "Telefon" or "Mail" held data that matched nobody's claim, without a word
+            print(f"{args.csv}: columns not imported: {', '.join(repr(n) for n in unknown)}"
+                  f" (the known ones: {', '.join(sorted(set(CUSTOMER_COLUMNS.values())))})", file=sys.stderr)
         done = asyncio.run(run())  # one transaction: a file that fails part-way imports nothing
     except NotUtf8 as exc:
         print(f"{args.csv}: line {exc.line} is not UTF-8 (byte {exc.column} of the line): save the file as UTF-8"
               " (CSV UTF-8 in Excel); nothing was imported", file=sys.stderr)
+        return 1
+    except BadRow as exc:
+        print(f"{args.csv}: line {exc.line}: {exc.problem}; nothing was imported", file=sys.stderr)
         return 1
     except (OSError, csv.Error) as exc:
         print(f"{args.csv}: {exc}; nothing was imported", file=sys.stderr)
@@ -209,6 +251,8 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if len(repeated) > 20:
         print(f"{args.csv}: {len(repeated) - 20} more customer numbers appear more than once", file=sys.stderr)
+    if done.without_number:
+        print(f"{args.csv}: {done.without_number} rows without a customer number were left out", file=sys.stderr)
     print(f"imported {done.customers} customers into {args.data_dir}")
     return 0
 

@@ -327,6 +327,8 @@ class CustomerImport:
 
     customers: int
     repeated: dict[str, int]
+    without_number: int = 0
+    """Rows left out for having no customer number."""
 
 
 def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]], now: str) -> CustomerImport:
@@ -334,11 +336,14 @@ def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]]
     customers is never held whole); a number given twice: the last row counts."""
     seen: set[str] = set()
     repeated: dict[str, int] = {}
+    without_number = 0
 
     def entries() -> Iterator[tuple[str | None, ...]]:
+        nonlocal without_number
         for row in rows:
             number = directory_number(row.get("customer_number"))
             if not number:
+                without_number += 1
                 continue
             if number in seen:
                 repeated[number] = repeated.get(number, 1) + 1
@@ -359,4 +364,4 @@ def import_customers(conn: sqlite3.Connection, rows: Iterable[Mapping[str, str]]
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         entries(),
     )
-    return CustomerImport(customers=len(seen), repeated=repeated)
+    return CustomerImport(customers=len(seen), repeated=repeated, without_number=without_number)

@@ -106,6 +106,41 @@ def test_import_customers_reports_repeated_numbers_and_counts_customers(tmp_path
     assert "K-6 appears 3 times; the last row counts" in captured.err
 
 
+@pytest.mark.parametrize(("text", "says"), [
+    # an unquoted comma in a name shifted every later column: the e-mail address stored as the phone
+    ("customer_number,name,email,phone\nK-1,Müller, Hans,hans@example.net,+4930123456\n",
+     "line 2: 5 fields where the header has 4 (a delimiter inside a value needs quotes)"),
+    ("customer_number,name,email,phone\nK-1,Erika\n", "line 2: 2 fields where the header has 4;"),
+    ("customer_number,name\n" + "K-1,Erika\n" * 3 + 'K-2,"' + "x" * 140000 + '"\n', "line 5: field larger than field limit"),
+])
+def test_import_customers_refuses_a_row_that_does_not_fit_naming_its_line(tmp_path, capsys, text, says):
+    csv_path = tmp_path / "customers.csv"
+    csv_path.write_text(text, encoding="utf-8")
+    assert main(["import-customers", str(csv_path), "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert says in err and "nothing was imported" in err and "Traceback" not in err
+    import sqlite3
+
+    assert sqlite3.connect(tmp_path / "data" / "contact-router.sqlite3").execute("SELECT COUNT(*) FROM customers").fetchone() == (0,)
+
+
+def test_import_customers_knows_its_columns_by_any_spelling_and_names_those_it_leaves(tmp_path, capsys):
+    """A header "Name,E-Mail,Telefon" was taken, and every customer stored without name, e-mail
+    and phone, matching no claim; rows without a number were left out without a word."""
+    csv_path = tmp_path / "customers.csv"
+    csv_path.write_text("Customer Number,Name,E-Mail,Telefon\nK-7,Erika,Erika@Example.net,030 1234\n,Jan,jan@example.net,\n",
+                        encoding="utf-8")
+    assert main(["import-customers", str(csv_path), "--data-dir", str(tmp_path / "data")]) == 0
+    captured = capsys.readouterr()
+    assert "imported 1 customers" in captured.out
+    assert "columns not imported: 'Telefon'" in captured.err and "1 rows without a customer number" in captured.err
+    import sqlite3
+
+    rows = sqlite3.connect(tmp_path / "data" / "contact-router.sqlite3").execute(
+        "SELECT customer_number, name, email, phone FROM customers").fetchall()
+    assert rows == [("K-7", "Erika", "erika@example.net", None)]
+
+
 @pytest.mark.parametrize("delimiter", ["", ";;", "\n"])
 def test_import_customers_refuses_a_delimiter_that_is_not_one(tmp_path, capsys, delimiter):
     csv_path = tmp_path / "customers.csv"
