@@ -44,8 +44,9 @@ class ChannelContext:
     """The core as a channel sees it. One per channel, handed to ``Channel.setup``.
 
     ``settings`` is the channel's own configuration section; ``http`` is the app's one
-    ``ClientSession`` (use it with a timeout); ``timezone`` the service's; ``ingest`` validates and commits one inbound
-    message and returns only after the commit, so a handler can answer its provider after it.
+    ``ClientSession`` (use it with a timeout); ``timezone`` the service's; ``ingest`` validates
+    and commits one inbound message and returns only after the commit, so a handler can answer
+    its provider after it.
     """
 
     def __init__(

@@ -284,25 +284,36 @@ class Core:
             ).fetchone()
             if inbound is None or inbound["conversation_id"] is None:
                 return None
-            cursor = conn.execute(
-                "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, channel_message_id, text,"
-                " delivery_status, created_at) VALUES (?, ?, 'out', 'callback', ?, ?, ?, 'delivered', ?)"
-                " ON CONFLICT DO NOTHING",
-                (inbound["conversation_id"], inbound["contact_id"], channel, f"{channel_message_id}:answered", note, stamp),
-            )
-            if cursor.rowcount == 0:
-                return {}
-            conversation_id = inbound["conversation_id"]
-            tracking.remove_flags(conn, conversation_id, ["callback_required", "undeliverable", "callback_failed"], stamp)
-            if not tracking.mark_answered(conn, conversation_id, stamp):
-                return {}
-            return {"conversation": dict(self._conversation(conn, conversation_id)),
-                    "message": {"id": cursor.lastrowid, "text": note, "channel": channel, "kind": "callback"}}
+            return self._spoken_with(conn, inbound["conversation_id"], inbound["contact_id"], channel, note, stamp,
+                                     key=f"{channel_message_id}:answered") or {}
 
         answered = await self.store.write(work)
         if answered:
             await self.on_answered(answered)
         return answered is not None
+
+    def _spoken_with(
+        self, conn: sqlite3.Connection, conversation_id: int, contact_id: int, channel: str, text: str, stamp: str,
+        *, author: str | None = None, key: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Someone of ours spoke with the person (a call-back that reached them, a call put
+        through and taken): kept as a ``callback`` message, the call-back flags go (a later
+        round of failed call-backs escalates again) and the conversation is answered. Returns
+        what ``on_answered`` is told, or None when nothing changed: the conversation was
+        answered already, or ``key`` (the message's id) was kept before, by a provider's retry."""
+        cursor = conn.execute(
+            "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, channel_message_id, author,"
+            " text, delivery_status, created_at) VALUES (?, ?, 'out', 'callback', ?, ?, ?, ?, 'delivered', ?)"
+            " ON CONFLICT DO NOTHING",
+            (conversation_id, contact_id, channel, key, author, text, stamp),
+        )
+        if cursor.rowcount == 0:
+            return None
+        tracking.remove_flags(conn, conversation_id, ["callback_required", "undeliverable", "callback_failed"], stamp)
+        if not tracking.mark_answered(conn, conversation_id, stamp):
+            return None
+        return {"conversation": dict(self._conversation(conn, conversation_id)),
+                "message": {"id": cursor.lastrowid, "text": text, "channel": channel, "kind": "callback"}}
 
     async def on_answered(self, answered: dict[str, Any]) -> None:
         self.metrics.inc("contact_router_conversations_answered_total")
@@ -564,17 +575,8 @@ class Core:
             escalated = None
             sms_queued = False
             if outcome == "reached":
-                text = note or "Call-back: reached"
-                message_id = conn.execute(
-                    "INSERT INTO messages (conversation_id, contact_id, direction, kind, channel, author, text,"
-                    " delivery_status, created_at) VALUES (?, ?, 'out', 'callback', 'phone', ?, ?, 'delivered', ?)",
-                    (conversation_id, conv["contact_id"], staff, text, stamp),
-                ).lastrowid
-                # callback_failed too: a later round of failed call-backs escalates again
-                tracking.remove_flags(conn, conversation_id, ["callback_required", "undeliverable", "callback_failed"], stamp)
-                if tracking.mark_answered(conn, conversation_id, stamp):
-                    answered = {"conversation": dict(self._conversation(conn, conversation_id)),
-                                "message": {"id": message_id, "text": text, "channel": "phone", "kind": "callback"}}
+                answered = self._spoken_with(conn, conversation_id, conv["contact_id"], "phone", note or "Call-back: reached",
+                                             stamp, author=staff)
             else:
                 failed, wrong = conn.execute(
                     "SELECT COUNT(*), COUNT(*) FILTER (WHERE outcome = 'wrong_number') FROM callback_attempts"

@@ -191,7 +191,7 @@ def _find_thread(
                 " WHERE contact_id = ? AND channel = ? AND state != 'closed' ORDER BY id DESC LIMIT 1",
                 (contact_id, msg["channel"]),
             ).fetchone()
-            return (row, referred) if row is not None else (None, referred)
+            return row, referred
         for row in conn.execute(
             "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
             " WHERE contact_id = ? AND channel = ? AND state != 'closed' AND (topic = ? OR topic IS NULL)"

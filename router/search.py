@@ -72,14 +72,14 @@ MAX_WORDS = 10
 """Words a search may have: each is a probe of the index; the inbox refuses more (400)."""
 
 
+def search_words(q: str) -> list[str]:
+    """The folded words of a search, each of which must occur as a word start."""
+    return _WORD.findall(normalize(q))
+
+
 def match_words(q: str) -> list[str]:
-    """The folded words of a search (at most ``MAX_WORDS``), each of which must occur as a word start."""
-    return _WORD.findall(normalize(q))[:MAX_WORDS]
-
-
-def word_count(q: str) -> int:
-    """How many words ``q`` has, as a search counts them."""
-    return len(_WORD.findall(normalize(q)))
+    """``search_words``, at most ``MAX_WORDS`` of them."""
+    return search_words(q)[:MAX_WORDS]
 
 
 def folded_search_text(folded: str, name: str | None) -> str:

@@ -31,7 +31,7 @@ FLAGS = frozenset({
     "callback_failed",  # the call-backs failed (too many attempts, a wrong number)
     "undeliverable",  # an acknowledgement or answer reached no address of the contact
     "owner_not_notified",  # the mail telling the owning unit about the case could not be delivered
-    "no_number",  # the sender withheld their number
+    "no_number",  # nobody to answer on the channel: a withheld number, a mail without a sender
     "unsupported",  # a message of a kind the channel does not know
     "provider_error",  # the provider reported an error with the message
     "transcription_failed",  # a voicemail without its transcript

@@ -18,7 +18,7 @@ from aiohttp import web
 from .. import idempotency, keys
 from ..channel import json_error
 from ..config import Config, StaffMember
-from ..search import MAX_WORDS, word_count
+from ..search import MAX_WORDS, search_words
 from ..store.sqlite import iso
 from ..tracking import FLAGS
 from . import queries
@@ -164,7 +164,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     search = q.get("q")
     if search is not None and len(search) > 200:
         raise _error(400, "invalid_parameter", "q is longer than 200 characters", field="q")
-    if search is not None and word_count(search) > MAX_WORDS:
+    if search is not None and len(search_words(search)) > MAX_WORDS:
         # Every word must occur: the words after the tenth were dropped without a word, and a
         # search found what did not have them.
         raise _error(400, "invalid_parameter", f"q has more than {MAX_WORDS} words", field="q")
