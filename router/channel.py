@@ -177,11 +177,17 @@ class DeliveryError(Exception):
         self.code = code
 
 
+NOT_CONFIGURED = "not_configured"
+"""The ``RetryableDeliveryError`` code of a channel that cannot send at all until an operator
+fixes its settings (no mail relay, a refused access token or sender number): its messages stay
+queued, are never given up, and the outbox logs an ERROR at each attempt."""
+
+
 class RetryableDeliveryError(DeliveryError):
     """The provider may accept the message later (timeout, 5xx, rate limit).
 
     ``retry_after`` (seconds) overrides the outbox's exponential backoff when the provider says.
-    With ``code="not_configured"`` (the channel cannot send at all yet, e.g. no mail relay) the
+    With ``code=NOT_CONFIGURED`` (the channel cannot send at all yet, e.g. no mail relay) the
     message stays queued and is never given up. ``outcome_unknown`` when the request may have
     reached the provider and no answer came (a timeout, a connection lost after sending): the
     send may have gone through, and on a channel with ``Capabilities.status_wait`` the outbox

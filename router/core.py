@@ -114,9 +114,8 @@ class Core:
         self._routed_hook = has_implementations(self.pm, "conversation_routed")
 
     def add_channels(self, channels: list[Channel]) -> None:
+        """Serve ``channels`` (``plugins.collect_channels`` checked them: one of each name)."""
         for channel in channels:
-            if channel.name in self.channels:
-                raise ValueError(f"two plugins provide a channel named {channel.name!r}")
             self.channels[channel.name] = channel
         self._threads_by_sender = frozenset(n for n, c in self.channels.items() if c.capabilities.threads_by_sender)
         self._unverified_senders = frozenset(n for n, c in self.channels.items() if not c.capabilities.sender_verified)

@@ -38,6 +38,7 @@ from typing import Any
 import pluggy
 
 from .channel import (
+    NOT_CONFIGURED,
     BodyDeadline,
     BodyTimeout,
     BodyTooLarge,
@@ -68,6 +69,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
+    "NOT_CONFIGURED",
     "PROJECT",
     "BodyDeadline",
     "BodyTimeout",

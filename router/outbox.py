@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from .channel import (
+    NOT_CONFIGURED,
     Channel,
     DeliveryUpdate,
     OutboundMessage,
@@ -41,9 +42,6 @@ from .tracking import add_flags, add_outbox_row, mark_answered, record_event, re
 log = logging.getLogger("contact_router.outbox")
 T = TypeVar("T")
 
-# A RetryableDeliveryError with this code means the channel cannot send at all until it is
-# configured (no mail relay): the row stays queued, visible in the inbox, and is never given up.
-NOT_CONFIGURED = "not_configured"
 
 STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 # The least wait before sending again after a provider reported a send failed but not for
@@ -822,6 +820,9 @@ class OutboxWorker:
             unknown = not isinstance(exc, RetryableDeliveryError) or exc.outcome_unknown
             wait = channel.capabilities.status_wait if unknown else None
             if isinstance(exc, RetryableDeliveryError):
+                if exc.code == NOT_CONFIGURED:  # every message of the channel waits for an operator
+                    log.error("channel %s cannot send until its settings are fixed (outbox row %s stays queued): %s",
+                              item["channel"], item["id"], exc.message)
                 await self._retry(item, exc.message, exc.retry_after, give_up=exc.code != NOT_CONFIGURED, status_wait=wait)
             else:
                 await self._retry(item, "timed out", None, status_wait=wait)

@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import logging
 import re
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -315,10 +316,19 @@ def _resolve_at_start(awaitables: list[Awaitable[Any]], timeout: float) -> list[
     runs (or, under a test, while it runs the caller), so they are awaited together on an event
     loop of their own, in a thread of its own, each within ``timeout`` seconds. Whatever such a
     coroutine creates bound to that loop (a ``ClientSession``, a task) is useless afterwards: a
-    channel gets ``context.http`` and starts its work in ``services()``."""
+    channel gets ``context.http`` and starts its work in ``services()``.
 
-    async def settle() -> list[Any]:
-        return await asyncio.gather(*(_bounded(a, timeout) for a in awaitables), return_exceptions=True)
+    The values are taken as soon as they are there, not when the loop ends: ending it waits
+    for every task still running, an abandoned hook that ignores its cancellation too (a
+    coroutine that never ended held the start for ever). The thread is a daemon, so such a
+    hook does not keep the process alive either."""
+    values: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
 
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="register-channels") as pool:
-        return pool.submit(asyncio.run, settle()).result()
+    async def settle() -> None:
+        try:
+            values.set_result(await asyncio.gather(*(_bounded(a, timeout) for a in awaitables), return_exceptions=True))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            values.set_exception(exc)
+
+    threading.Thread(target=asyncio.run, args=(settle(),), daemon=True, name="register-channels").start()
+    return values.result()

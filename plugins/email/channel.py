@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from router.files import write_durably
 from router.hookspecs import (
+    NOT_CONFIGURED,
     BodyTooLarge,
     Capabilities,
     Channel,
@@ -263,7 +264,7 @@ class EmailChannel(Channel):
         failure of this message, not of the address (see ``_utf8_refused``)."""
         settings = self.settings
         if not settings.relay_host:
-            raise RetryableDeliveryError("no relay configured", code="not_configured")
+            raise RetryableDeliveryError("no relay configured", code=NOT_CONFIGURED)
         sender = ascii_address(message.unit_email or settings.from_address)
         recipient = ascii_address(message.to)
         mail = build_mail(

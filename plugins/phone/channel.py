@@ -27,7 +27,6 @@ from router.hookspecs import (
     InvalidMessage,
     OutboundMessage,
     PermanentDeliveryError,
-    RetryableDeliveryError,
     SendResult,
     StorageUnavailable,
     json_error,
@@ -38,7 +37,7 @@ from .calls import CallLog
 from .numbers import is_mobile, to_e164
 from .settings import PhoneSettings
 from .signature import HEADER, verify
-from .sms import NOT_CONFIGURED, send_sms, shorten_sms
+from .sms import send_sms, shorten_sms
 
 MOBILE_ONLY_KINDS = frozenset({"callback_sms"})
 """Outbound kinds that go by SMS to mobile numbers only (a landline cannot show them). Not the
@@ -446,21 +445,15 @@ class PhoneChannel(Channel):
             raise PermanentDeliveryError(f"not a phone number: {message.to!r}", code="invalid_number")
         if message.kind in MOBILE_ONLY_KINDS and not is_mobile(to):
             raise PermanentDeliveryError("the number is not a mobile number", code="not_mobile", address_failed=False)
-        try:
-            sid = await send_sms(
-                self.context.http,
-                api_url=self.settings.api_url,
-                account_sid=self.settings.account_sid or "",
-                auth_token=self.settings.auth_token or "",
-                to=to,
-                from_=self.settings.phone_number or "",
-                body=shorten_sms(message.text, message.status_url, self.settings.sms_max_length),
-                status_callback=self.url("status"),
-                timeout=self.settings.send_timeout,
-            )
-        except RetryableDeliveryError as exc:
-            if exc.code == NOT_CONFIGURED:
-                # Every SMS waits for this: say so where operators look, not only in the outbox.
-                self.context.log.error("Twilio refused our settings; SMS stay queued until fixed: %s", exc.message)
-            raise
+        sid = await send_sms(
+            self.context.http,
+            api_url=self.settings.api_url,
+            account_sid=self.settings.account_sid or "",
+            auth_token=self.settings.auth_token or "",
+            to=to,
+            from_=self.settings.phone_number or "",
+            body=shorten_sms(message.text, message.status_url, self.settings.sms_max_length),
+            status_callback=self.url("status"),
+            timeout=self.settings.send_timeout,
+        )
         return SendResult(provider_id=sid)

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from router.hookspecs import (
+    NOT_CONFIGURED,
     DeliveryError,
     PermanentDeliveryError,
     RetryableDeliveryError,
@@ -25,10 +26,6 @@ from router.hookspecs import (
 
 MAX_SMS_LENGTH = 1600
 """Twilio's limit for one message body (it splits it into segments itself)."""
-
-NOT_CONFIGURED = "not_configured"
-"""The ``RetryableDeliveryError`` code that keeps a message queued, never given up, until the
-channel can send (the outbox's rule for a channel that is not configured yet)."""
 
 RETRYABLE_API_CODES = frozenset({20429, 20500, 20503, 21611, 30001, 30008, 30017})
 """Twilio error codes where the same request may succeed later (too many requests, internal

@@ -35,7 +35,7 @@ from router.hookspecs import (
 )
 
 from . import graph, media
-from .errors import NOT_CONFIGURED, is_settings_code
+from .errors import is_settings_code
 from .parse import parse_webhook
 from .settings import BusinessNumber, WhatsAppSettings
 from .signature import verify_signature
@@ -79,6 +79,16 @@ class AcceptedParts:
         self._expire(now)
         entry = self._sends.get(key)
         return list(entry[1]) if entry else []
+
+    def resume(self, key: str, fingerprints: list[str], now: datetime) -> list[str]:
+        """The provider ids of the first parts taken, as far as they are the parts of the text
+        now (``fingerprints``, first part first): a retry goes on after them."""
+        ids = []
+        for (fingerprint, provider_id), expected in zip(self.taken(key, now), fingerprints, strict=False):
+            if fingerprint != expected:
+                break
+            ids.append(provider_id)
+        return ids
 
     def add(self, key: str, part: int, fingerprint: str, provider_id: str, now: datetime) -> None:
         """Meta took part ``part`` (from 1) of the text sent under ``key``; what was remembered
@@ -195,8 +205,8 @@ class WhatsAppChannel(Channel):
         for error in parsed.errors:
             self.context.log.warning("webhook error entry: %s", error)
             await self.context.record_event("provider_error", error)
-        for kind, data in parsed.events:
-            await self.context.record_event(kind, data)
+        for kind, event in parsed.events:
+            await self.context.record_event(kind, event)
         if self.settings.download_media:
             await media.attach_downloads(
                 self.context.http, self.settings, self.context.data_dir, parsed.messages, self.context.log
@@ -264,9 +274,8 @@ class WhatsAppChannel(Channel):
         if message.to_kind not in graph.ADDRESS_KINDS:
             raise PermanentDeliveryError(f"cannot send WhatsApp messages to a {message.to_kind!r} address", address_failed=False)
         number = self.settings.number(message.recipient) or self.settings.numbers[0]
-        use_template = message.hint == "template" or not graph.within_window(
-            message.last_inbound_at, self.context.clock.now()
-        )
+        now = self.context.clock.now()
+        use_template = message.hint == "template" or not graph.within_window(message.last_inbound_at, now)
         if use_template:
             payloads = [self._template_payload(message, number)]
         else:
@@ -277,36 +286,22 @@ class WhatsAppChannel(Channel):
         # taken. The parts Meta took (it answered with their id) are remembered under the
         # outbox row's key, so that a retry after a later part failed resumes with the first
         # part that has no id instead of sending the person the beginning again.
-        now = self.context.clock.now()
         for part, payload in enumerate(payloads, start=1):
             payload["biz_opaque_callback_data"] = graph.part_key(message.idempotency_key, part, len(payloads))
         # Only a text of several parts needs remembering (a fingerprint cost every acknowledgement
         # about 3 % of its webhook's instructions, measured by callgrind).
-        fingerprints = [_fingerprint(number.phone_number_id, p) for p in payloads] if len(payloads) > 1 else [""]
-        provider_ids: list[str] = []
-        if len(payloads) > 1:
-            for (fingerprint, provider_id), expected in zip(
-                self.accepted_parts.taken(message.idempotency_key, now), fingerprints, strict=False
-            ):
-                if fingerprint != expected:
-                    break
-                provider_ids.append(provider_id)
-        for part, (payload, fingerprint) in enumerate(zip(payloads, fingerprints, strict=True), start=1):
-            if part <= len(provider_ids):  # taken already
-                continue
+        fingerprints = [_fingerprint(number.phone_number_id, p) for p in payloads] if len(payloads) > 1 else None
+        provider_ids = self.accepted_parts.resume(message.idempotency_key, fingerprints, now) if fingerprints else []
+        for part in range(len(provider_ids) + 1, len(payloads) + 1):
             try:
-                provider_id = await self._post(number.phone_number_id, payload)
+                provider_id = await self._post(number.phone_number_id, payloads[part - 1])
             except RetryableDeliveryError as exc:
-                if exc.code == NOT_CONFIGURED:
-                    # Every message waits for this: say so where operators look, not only in the outbox.
-                    self.context.log.error("Meta refused our WhatsApp settings; messages stay queued until fixed: %s",
-                                           exc.message)
                 if part < len(payloads):  # the last part, whose status would tell, never went
                     exc.outcome_unknown = False
                 raise
             provider_ids.append(provider_id)
-            if len(payloads) > 1:
-                self.accepted_parts.add(message.idempotency_key, part, fingerprint, provider_id, now)
+            if fingerprints:
+                self.accepted_parts.add(message.idempotency_key, part, fingerprints[part - 1], provider_id, now)
         # The last part's id is the message's: its delivery means the whole answer arrived, and
         # its failure is the message's. The first part's id is kept as a thread key, so that a
         # reply quoting the beginning of the answer finds its conversation too.

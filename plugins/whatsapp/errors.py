@@ -12,10 +12,6 @@ from typing import Literal
 
 Outcome = Literal["template", "retry", "not_configured", "permanent"]
 
-NOT_CONFIGURED = "not_configured"
-"""The ``RetryableDeliveryError`` code that keeps a message queued, never given up, until the
-channel can send again (the outbox's rule for a channel that is not configured yet)."""
-
 REENGAGEMENT = 131047
 """More than 24 hours since the person last wrote: only an approved template may go out."""
 

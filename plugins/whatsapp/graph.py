@@ -13,13 +13,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from router.hookspecs import (
+    NOT_CONFIGURED,
     DeliveryError,
     PermanentDeliveryError,
     ResendAsDeliveryError,
     RetryableDeliveryError,
 )
 
-from .errors import NOT_CONFIGURED, address_failed, outcome_for_code
+from .errors import address_failed, outcome_for_code
 
 MAX_TEXT_LENGTH = 4096
 """Longest ``text.body`` the Cloud API accepts."""

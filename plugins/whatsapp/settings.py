@@ -74,10 +74,6 @@ class TemplateSettings:
                 return language, self.languages[language]
         return next(iter(self.languages.items()), (None, "en_US"))
 
-    def language_code(self, *preferred: str | None) -> str:
-        """The template's language code, as ``choose`` picks it."""
-        return self.choose(*preferred)[1]
-
     def prompt(self, language: str | None) -> str:
         return self.prompts.get(language or "") or self.prompts.get("en") or DEFAULT_PROMPTS["en"]
 

@@ -22,7 +22,7 @@ from ..search import MAX_WORDS, search_words
 from ..store.sqlite import iso
 from ..tracking import FLAGS
 from . import queries
-from .openapi import openapi_document
+from .openapi import MAX_ID, openapi_document
 
 MAX_TEXT = 20_000
 # /healthz waits this long for its write; a database locked by another process answers later.
@@ -105,7 +105,7 @@ def _int_param(value: str, field: str) -> int:
         number = int(value)
     except ValueError:
         raise _error(400, "invalid_parameter", f"{field} must be an integer", field=field) from None
-    if number < 1 or number > 2**62:
+    if number < 1 or number > MAX_ID:
         raise _error(400, "invalid_parameter", f"{field} is out of range", field=field)
     return number
 
@@ -359,7 +359,7 @@ async def post_merge(request: web.Request) -> web.Response:
     survivor = _int_param(request.match_info["id"], "id")
     data = await _body(request)
     other = data.get("other_contact_id")
-    if not isinstance(other, int) or isinstance(other, bool) or not 1 <= other <= 2**62:
+    if not isinstance(other, int) or isinstance(other, bool) or not 1 <= other <= MAX_ID:
         raise _error(400, "invalid_field", "other_contact_id must be a contact id", field="other_contact_id")
     core = request.app[keys.CORE]
     # Merging moves every conversation of both contacts: only for staff who see them all, which

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..search import expanded_match, match_words, prefix_terms
 from ..store.sqlite import iso, parse_iso
 from ..tracking import FLAGS
+from .openapi import MAX_ID
 
 if TYPE_CHECKING:
     from ..core import Core
@@ -35,7 +36,7 @@ def decode_cursor(cursor: str) -> int:
     if not text.startswith("c:"):
         raise ValueError("bad cursor")
     value = int(text[2:])
-    if not 0 < value <= 2**62:
+    if not 0 < value <= MAX_ID:
         raise ValueError("bad cursor")
     return value
 

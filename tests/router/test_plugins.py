@@ -645,3 +645,27 @@ async def test_conversation_answered_gets_the_text_that_was_stored(tmp_path):
         await harness.core.drain_background()
         stored = await harness.rows("SELECT text FROM messages WHERE kind = 'callback'")
         assert answered == [stored[0]["text"]] == ["Call-back: reached"]
+
+
+def test_an_async_register_channels_that_ignores_its_cancellation_holds_the_start_no_longer_than_its_limit():
+    """The values were taken when the loop ended, and ending it waited for the abandoned hook:
+    one that never ended held serve and check-config for ever, without a word."""
+    import time
+
+    from router.plugins import _resolve_at_start
+
+    async def stubborn():
+        for _ in range(30):
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                pass  # ignores it
+        return ["never"]
+
+    async def quick():
+        return ["channel"]
+
+    started = time.monotonic()
+    late, early = _resolve_at_start([stubborn(), quick()], timeout=0.2)
+    assert time.monotonic() - started < 1.5
+    assert isinstance(late, TimeoutError) and early == ["channel"]

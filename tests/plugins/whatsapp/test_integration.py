@@ -870,16 +870,19 @@ async def test_a_permanent_error_flags_the_conversation_for_a_callback(
 
 
 async def test_an_expired_access_token_keeps_the_message_queued_and_the_residents_number_good(
-    wa: CoreHarness, graph: FakeGraph
+    wa: CoreHarness, graph: FakeGraph, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Our token expired (401, code 190): the acknowledgement was given up as permanent, the
     resident's number marked failed and the conversation flagged for a call-back."""
     for _ in range(10):  # more than the outbox's attempts: it waits for the fix, however long
         graph.fail(401, 190, message="Error validating access token: Session has expired")
     await post(wa, text_body("wamid.T190", "Bitte rufen Sie mich zurück."))
-    for _ in range(10):
-        await wa.run_outbox()
-        wa.clock.advance(timedelta(minutes=20))
+    with caplog.at_level("ERROR", logger="contact_router.outbox"):
+        for _ in range(10):
+            await wa.run_outbox()
+            wa.clock.advance(timedelta(minutes=20))
+    assert any("channel whatsapp cannot send" in r.getMessage() and "Meta error 190" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
     (row,) = await wa.rows("SELECT state, last_error FROM outbox WHERE kind = 'ack'")
     assert row["state"] == "pending" and "Meta error 190" in row["last_error"]
     await wa.run_outbox()  # the token was renewed meanwhile
