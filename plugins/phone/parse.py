@@ -378,8 +378,8 @@ def is_answered_dial(params: Mapping[str, Any]) -> bool:
 
 def dial_duration(params: Mapping[str, Any]) -> int | None:
     """How long the forwarded call lasted, in seconds (``DialCallDuration``), if Twilio said."""
-    text = _text(params, "DialCallDuration")
-    return int(text) if text.isdigit() and len(text) <= 6 else None
+    seconds = _int(_text(params, "DialCallDuration"))
+    return seconds if seconds is not None and seconds >= 0 else None
 
 
 def is_call_over(params: Mapping[str, Any]) -> bool:
@@ -419,7 +419,7 @@ def cti_missed_call(event: Any, *, region: str = "DE", number_format: str = "aut
         "channel_message_id": f"cti:{call_id}:missed",
         "kind": "missed_call",
         "sender": sender,
-        "recipient": (pbx_to_e164(to, region) or to[:320] or None),
+        "recipient": (pbx_to_e164(to, region, number_format) or to[:320] or None),
         "text": None,
         "flags": ["callback_required", *flags],
         "meta": meta,

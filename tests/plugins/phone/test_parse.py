@@ -262,6 +262,21 @@ def test_cti_no_answer_from_national_number_is_a_missed_call(assert_canonical):
     assert message["ack_suppressed"] == parse.LANDLINE_ACK
 
 
+@pytest.mark.parametrize(("number_format", "e164"), [("national", "+494921123456"), ("auto", "+4921123456")])
+def test_a_cti_events_called_number_is_read_as_the_pbx_writes_numbers(assert_canonical, number_format, e164):
+    """The caller was read in the PBX's format, the called number always as "auto": a number
+    of Emden without its trunk 0 became one of Düsseldorf, and recipient rules matched another."""
+    event = cti(**{"from": "4921123456", "to": "4921123456", "cause": "noAnswer"})
+    message = assert_canonical(parse.cti_missed_call(event, number_format=number_format))
+    assert message["recipient"] == message["sender"]["address"] == e164
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("95", 95), ("0", 0), ("", None), ("²", None), ("-3", None)])
+def test_the_length_of_a_forwarded_call_is_read_or_left_out(value, seconds):
+    """A digit that int() does not take ("²") raised, a 500 after staff had taken the call."""
+    assert parse.dial_duration({"DialCallDuration": value}) == seconds
+
+
 def test_cti_no_answer_from_anonymous_has_no_number(assert_canonical):
     message = assert_canonical(parse.cti_missed_call(cti(**{"from": "anonymous", "cause": "noAnswer"})))
     assert message["sender"] == {"kind": "anonymous", "address": "anonymous:cti:abc-123"}
