@@ -40,7 +40,7 @@ from router.hookspecs import (
 )
 
 from .addresses import ascii_address
-from .compose import build_mail, needs_smtputf8, render
+from .compose import build_mail
 from .imap import ImapPoller, imap_mailboxes
 from .limits import MAX_RECIPIENTS
 from .loops import AckRateLimiter
@@ -258,10 +258,10 @@ class EmailChannel(Channel):
         """Deliver through the relay. 4xx, timeouts and connection errors are retryable; 5xx
         refusals are permanent. Without a relay the mail stays queued.
 
-        The mail goes out as the bytes ``compose.render`` makes (msg-ids kept whole), to the
-        address with its domain in ASCII where its local part allows (``ascii_address``). An
-        address that needs SMTPUTF8 (``jürgen@…``) through a relay without it is a permanent
-        failure of this message, not of the address (see ``_utf8_refused``)."""
+        The mail goes to the address with its domain in ASCII where its local part allows
+        (``ascii_address``); aiosmtplib asks for SMTPUTF8 where an address still needs it
+        (``jürgen@…``), and one through a relay without it is a permanent failure of this
+        message, not of the address (see ``_utf8_refused``)."""
         settings = self.settings
         if not settings.relay_host:
             raise RetryableDeliveryError("no relay configured", code=NOT_CONFIGURED)
@@ -275,14 +275,12 @@ class EmailChannel(Channel):
             now=self.context.clock.now(),
         )
         message_id = str(mail["Message-ID"])
-        utf8 = needs_smtputf8(sender, recipient)
         try:
             await asyncio.wait_for(
                 aiosmtplib.send(
-                    render(mail, utf8=utf8),
+                    mail,
                     sender=sender,
                     recipients=[recipient],
-                    mail_options=["SMTPUTF8", "BODY=8BITMIME"] if utf8 else None,  # RFC 6531 3.1: implies 8BITMIME
                     hostname=settings.relay_host,
                     port=settings.relay_port,
                     username=settings.relay_user,
@@ -300,7 +298,7 @@ class EmailChannel(Channel):
                 raise RetryableDeliveryError(detail, code=str(codes[0])) from exc
             raise PermanentDeliveryError(detail, code=str(codes[0]) if codes else None) from exc
         except aiosmtplib.SMTPNotSupported as exc:
-            if utf8 and "smtputf8" in str(exc).lower():
+            if "smtputf8" in str(exc).lower():
                 raise _utf8_refused(recipient, exc) from exc
             raise RetryableDeliveryError(f"relay unreachable: {exc}", code="relay_unreachable") from exc
         except aiosmtplib.SMTPAuthenticationError as exc:

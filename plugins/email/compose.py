@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import html
-import io
 import re
 from datetime import datetime
 from email import policy as email_policy
-from email.generator import BytesGenerator
 from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
@@ -131,7 +129,8 @@ def build_mail(message: OutboundMessage, *, from_addr: str, from_name: str | Non
     as automatic (RFC 3834 ``Auto-Submitted``, Exchange's ``X-Auto-Response-Suppress``) so that
     auto-responders do not answer them; staff replies get an HTML alternative. Addresses are
     written with ASCII domains where the local part allows (``ascii_address``), as the
-    envelope is. Send ``render(mail)``: the msg-ids stay msg-ids only there.
+    envelope is. In-Reply-To and References fold between their msg-ids (``MessageIdsHeader``),
+    whatever writes the mail out.
     """
     mail = EmailMessage(policy=MAIL_POLICY)
     mail["Message-ID"] = message_id_for(message.idempotency_key, domain)
@@ -157,20 +156,3 @@ def build_mail(message: OutboundMessage, *, from_addr: str, from_name: str | Non
     if message.language and re.fullmatch(r"[a-z]{2}", message.language):
         mail["Content-Language"] = message.language  # after set_content, which clears Content-*
     return mail
-
-
-def needs_smtputf8(*addresses: str) -> bool:
-    """Whether mail between these (envelope) addresses needs SMTPUTF8: one is beyond ASCII."""
-    return not all(address.isascii() for address in addresses)
-
-
-def render(mail: EmailMessage, *, utf8: bool = False) -> bytes:
-    """The bytes handed to the relay: CRLF line ends, headers folded at 78 characters (msg-ids
-    never inside an id, see ``MessageIdsHeader``), non-ASCII header text as RFC 2047 words;
-    with ``utf8`` (an address beyond ASCII, sent with SMTPUTF8) header text stays UTF-8.
-
-    Handing the relay client the ``EmailMessage`` instead let it flatten the mail with its
-    own policy, which does not keep msg-ids whole."""
-    out = io.BytesIO()
-    BytesGenerator(out, policy=email_policy.SMTPUTF8 if utf8 else email_policy.SMTP).flatten(mail)
-    return out.getvalue()

@@ -41,7 +41,7 @@ from router.files import write_durably
 from router.hookspecs import StorageUnavailable
 
 from .limits import FETCH_BYTES_PER_SECOND
-from .settings import EmailSettingsError
+from .settings import EmailSettingsError, port
 
 IMPORTED_KEYWORD = "$ContactRouter"
 MAX_ATTEMPTS = 3  # failed imports of one UID before it is set aside as unprocessable
@@ -142,7 +142,7 @@ class ImapMailbox:
             host=str(section["host"]).strip(),
             user=str(section["user"]).strip(),
             password=str(section["password"]),
-            port=int(number("port", _DEFAULT_PORT[tls])),
+            port=port(f"{where}.port", int(number("port", _DEFAULT_PORT[tls]))),
             tls=tls,
             mailbox=str(section.get("mailbox") or "INBOX"),
             address=address,

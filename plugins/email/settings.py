@@ -34,8 +34,14 @@ def _int(section: Mapping[str, Any], key: str, default: int | None) -> int | Non
         raise EmailSettingsError(f"channels.email.{key}", f"expected a number, got {value!r}") from None
     if number < 0:
         raise EmailSettingsError(f"channels.email.{key}", "must not be negative")
-    if key.endswith("_port") and number > 65535:  # a port past 65535 was bound to some other port, or a traceback
-        raise EmailSettingsError(f"channels.email.{key}", f"a port is at most 65535, got {number}")
+    return number
+
+
+def port(where: str, number: int) -> int:
+    """``number`` as a TCP port: one past 65535 was bound to some other port (uvloop), or ended
+    in a traceback, or (an IMAP mailbox's) failed every poll with nothing but a log line."""
+    if not 0 <= number <= 65535:
+        raise EmailSettingsError(where, f"a port is 0 to 65535, got {number}")
     return number
 
 
@@ -117,12 +123,13 @@ class EmailSettings:
             from_name=_str(section, "from_name"),
             listen=listen not in (False, "false", "no", "0", "off"),
             listen_host=_str(section, "listen_host", "127.0.0.1") or "127.0.0.1",
-            listen_port=_int(section, "listen_port", 2525) or 0,
+            listen_port=port("channels.email.listen_port", _int(section, "listen_port", 2525) or 0),
             hostname=_str(section, "hostname"),
             max_message_bytes=_int(section, "max_message_bytes", 25 * 1024 * 1024) or 25 * 1024 * 1024,
             ack_per_hour=_int(section, "ack_per_hour", 3) or 0,
             relay_host=_str(section, "relay_host"),
-            relay_port=_int(section, "relay_port", _DEFAULT_RELAY_PORT[relay_tls]) or _DEFAULT_RELAY_PORT[relay_tls],
+            relay_port=port("channels.email.relay_port",
+                            _int(section, "relay_port", _DEFAULT_RELAY_PORT[relay_tls]) or _DEFAULT_RELAY_PORT[relay_tls]),
             relay_user=_str(section, "relay_user"),
             relay_password=_str(section, "relay_password"),
             relay_tls=relay_tls,

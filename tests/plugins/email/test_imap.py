@@ -114,6 +114,9 @@ def test_imap_settings_are_checked():
         imap_mailboxes({"host": "a", "user": "u"})
     with pytest.raises(EmailSettingsError, match=r"channels\.email\.imap\[1\]\.tls"):
         imap_mailboxes([{"host": "a", "user": "u", "password": "p"}, {"host": "b", "user": "u", "password": "p", "tls": "starttls"}])
+    # a port past 65535 failed every poll, with nothing but a log line
+    with pytest.raises(EmailSettingsError, match=r"channels\.email\.imap\.port"):
+        imap_mailboxes({"host": "a", "user": "u", "password": "p", "port": 70000})
     with pytest.raises(EmailSettingsError, match="poll_seconds"):
         ImapMailbox.from_mapping({"host": "a", "user": "u", "password": "p", "poll_seconds": "oft"}, "channels.email.imap")
 

@@ -27,6 +27,13 @@ def test_bad_settings_name_the_key(section):
         EmailSettings.from_mapping(section)
 
 
+@pytest.mark.parametrize("key", ["listen_port", "relay_port"])
+def test_a_port_past_65535_is_refused_naming_the_key(key):
+    with pytest.raises(EmailSettingsError) as info:
+        EmailSettings.from_mapping({"addresses": {"a@example.org": "x"}, key: "70000"})
+    assert info.value.path == f"channels.email.{key}"
+
+
 def test_secrets_hidden_in_repr():
     settings = EmailSettings.from_mapping({"addresses": {"a@example.org": "x"}, "relay_password": "pw-123", "inbound_secret": "in-456"})
     assert "pw-123" not in repr(settings) and "in-456" not in repr(settings)
