@@ -69,6 +69,31 @@ def normalize_address(kind: str, address: str) -> str:
     return address
 
 
+# Dots that IDNA (RFC 3490 3.1) reads as label separators besides ".".
+_IDEOGRAPHIC_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+
+
+def ascii_domain(domain: str) -> str | None:
+    """``domain`` in ASCII, each label beyond ASCII as ``xn--`` and its Punycode (RFC 3492),
+    after NFC and lower case: the IDNA 2008 form, ``müller-bau.de`` -> ``xn--mller-bau-q9a.de``.
+    None when it cannot be written so (an empty or too long label).
+
+    Not the standard library's ``idna`` codec: that is IDNA 2003, which maps ``ß`` to ``ss``,
+    and ``straße.de`` is not ``strasse.de`` (a domain of someone else, since 2010)."""
+    labels = unicodedata.normalize("NFC", domain).translate(_IDEOGRAPHIC_DOTS).lower().rstrip(".").split(".")
+    found = []
+    for label in labels:
+        if not label.isascii():
+            try:
+                label = "xn--" + label.encode("punycode").decode("ascii")
+            except UnicodeError:
+                return None
+        if not 0 < len(label) <= 63:
+            return None
+        found.append(label)
+    return ".".join(found)
+
+
 def identities_of(message: Mapping[str, Any]) -> list[tuple[str, str]]:
     """All (kind, normalised address) pairs a message names for its sender, primary first."""
     sender = message["sender"]

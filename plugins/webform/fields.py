@@ -13,6 +13,8 @@ from typing import Any
 
 import phonenumbers
 
+from router.identity import ascii_domain
+
 FIELDS = ("name", "email", "phone", "street", "postcode", "city", "customer_number", "topic", "message", "form_token", "website")
 LIMITS = {"name": 200, "email": 254, "phone": 40, "street": 200, "postcode": 10, "city": 100, "customer_number": 40,
           "topic": 32, "message": 5000, "form_token": 200, "website": 200}
@@ -53,16 +55,12 @@ def normalise(raw: str) -> str:
 
 def valid_email(address: str) -> bool:
     """Whether ``address`` looks like an e-mail address. An internationalised domain
-    (``info@müller-bau.de``) is checked in its ASCII form (the idna codec), so it is accepted
-    as typed; a domain that has no ASCII form (an empty or over-long label) is refused."""
+    (``info@müller-bau.de``) is checked in the ASCII form the answer's mail is sent to
+    (``ascii_domain``), so it is accepted as typed; a domain that has no ASCII form (an empty
+    or over-long label) is refused."""
     local, at, domain = address.rpartition("@")
-    if not at:
-        return False
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    return EMAIL_RE.match(f"{local}@{ascii_domain}") is not None
+    converted = ascii_domain(domain) if at else None
+    return converted is not None and EMAIL_RE.match(f"{local}@{converted}") is not None
 
 
 def clean(data: Mapping[str, Any], *, topics: Iterable[str], language: str) -> tuple[dict[str, str], dict[str, str]]:

