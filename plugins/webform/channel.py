@@ -60,7 +60,6 @@ class Unreadable(Exception):
     def __init__(self, code: str, message: str, charset: str, data: dict[str, str]) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message
         self.charset = charset
         self.data = data
 
@@ -285,11 +284,11 @@ class WebFormChannel(Channel):
 
     # ------------------------------------------------------------------ the form
 
-    def _form_again(
+    def _form_page(
         self, language: str, status: int, values: Mapping[str, str], *, notice: str | None = None,
         errors: Mapping[str, str] | None = None,
     ) -> web.Response:
-        """The form shown again, filled in with what was typed, with a fresh token, ``errors`` by
+        """The form with a fresh token; shown again, filled in with what was typed, ``errors`` by
         field and a ``notice`` for the whole form: a resident who left the page open overnight,
         was quick, or was counted too often keeps their text. It carries what they typed, so
         no cache keeps it."""
@@ -298,10 +297,7 @@ class WebFormChannel(Channel):
         return web.Response(text=html, content_type="text/html", status=status, headers={"Cache-Control": "no-store"})
 
     async def form(self, request: web.Request) -> web.Response:
-        language = _language(request)
-        token = tokens.issue(self.secret, self._now())
-        html = pages.form_page(language=language, token=token, topics=self.topics)
-        return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+        return self._form_page(_language(request), 200, {})
 
     async def token(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -316,7 +312,7 @@ class WebFormChannel(Channel):
             data, is_json = await self._read(request)
         except Unreadable as exc:
             values, _ = fields.clean(exc.data, topics=self.topics.keys(), language=language)
-            return self._form_again(language, 400, values,
+            return self._form_page(language, 400, values,
                                     notice=pages.TEXT[language][exc.code].format(charset=exc.charset))
         if isinstance(data.get("language"), str) and data["language"] in pages.TEXT:
             language = data["language"]
@@ -329,16 +325,16 @@ class WebFormChannel(Channel):
         except tokens.TokenError as exc:
             if is_json:
                 raise self._error(True, 400, exc.code, exc.message, field="form_token") from None
-            return self._form_again(language, 400, values, errors=errors, notice=pages.TEXT[language][exc.code])
+            return self._form_page(language, 400, values, errors=errors, notice=pages.TEXT[language][exc.code])
         if errors:
             if is_json:
                 first = next(iter(errors))
                 raise self._error(True, 400, "invalid_fields", f"{first}: {errors[first]}", field=first, fields=errors)
-            return self._form_again(language, 400, values, errors=errors)
+            return self._form_page(language, 400, values, errors=errors)
         if not self.limiter.allow(self._client(request)):
             if is_json:
                 raise self._error(True, 429, "rate_limited", "too many submissions; please try again in a minute")
-            return self._form_again(language, 429, values, notice=pages.TEXT[language]["rate_limited"])
+            return self._form_page(language, 429, values, notice=pages.TEXT[language]["rate_limited"])
         message = fields.to_message(values, nonce=token.nonce, language=language)
         try:
             result = await self.context.ingest(message)
