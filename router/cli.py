@@ -186,15 +186,17 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
         print(f"--delimiter: one character (',' or ';', or 'tab'), not {args.delimiter!r}", file=sys.stderr)
         return 1
 
+    header: list[str] = []  # the columns' known names (``CUSTOMER_COLUMNS``), else as written
+
     def read_rows() -> Iterator[dict[str, str]]:
-        """The file's rows as they are read (from the start at each call), by the columns'
-        known names. A row with more or fewer fields than the header raises ``BadRow``: an
+        """The file's rows after its header, as they are read (from the start at each call), by
+        ``header``. A row with more or fewer fields than the header raises ``BadRow``: an
         unquoted comma in a name shifted every later column of its row (an e-mail address
         stored as the phone number), and the import said it went well."""
         with open(args.csv, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh, delimiter=delimiter)
             try:
-                header = [CUSTOMER_COLUMNS.get(_column_key(name), name) for name in next(reader, [])]
+                next(reader, None)
                 for fields in reader:
                     if not any(field.strip() for field in fields):
                         continue  # an empty line
@@ -221,11 +223,11 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
     try:
         with open(args.csv, newline="", encoding="utf-8-sig") as fh:
             try:
-                fieldnames = csv.DictReader(fh, delimiter=delimiter).fieldnames
+                fieldnames = next(csv.reader(fh, delimiter=delimiter), [])
             except UnicodeDecodeError:
                 raise _not_utf8(args.csv) from None
-        known = {CUSTOMER_COLUMNS.get(_column_key(name)) for name in fieldnames or ()}
-        if fieldnames is None or "customer_number" not in known:
+        header.extend(CUSTOMER_COLUMNS.get(_column_key(name), name) for name in fieldnames)
+        if "customer_number" not in header:
             other = ";" if delimiter == "," else ","
             hint = f" (split at {other!r}? then --delimiter '{other}')" if fieldnames and other in fieldnames[0] else ""
             print(f"{args.csv}: the header must name a customer_number column{hint}", file=sys.stderr)
