@@ -377,7 +377,8 @@ async def get_units(request: web.Request) -> web.Response:
 
 # RFC 3339 and its date alone; a URL's query turns the "+" of an offset into a space, which is
 # taken back (``2026-11-01T08:00:00 01:00``).
-_MOMENT = re.compile(r"\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+ -]\d{2}:\d{2})?)?")
+# RFC 3339 (5.6) lets the "T" and the "Z" be written in lower case.
+_MOMENT = re.compile(r"\d{4}-\d{2}-\d{2}(?:[Tt]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:[Zz]|[+ -]\d{2}:\d{2})?)?")
 
 
 def _time_param(request: web.Request, field: str, timezone: str) -> datetime | None:
@@ -395,7 +396,7 @@ def _time_param(request: web.Request, field: str, timezone: str) -> datetime | N
         raise _error(400, "invalid_parameter", f"{field} must be a date (2026-11-01) or a date and time"
                      " (2026-11-01T08:00:00Z, or with an offset such as %2B01:00)", field=field)
     try:
-        moment = datetime.fromisoformat(value.replace(" ", "+"))
+        moment = datetime.fromisoformat(value.replace(" ", "+").upper())
     except ValueError:  # a month 13, a 30 February
         raise _error(400, "invalid_parameter", f"{field} is no date: {value}", field=field) from None
     if moment.tzinfo is None:

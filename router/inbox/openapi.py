@@ -25,13 +25,14 @@ a text and refuses what is left empty."""
 
 # /api/v1/stats' from and to, as api._MOMENT and datetime.fromisoformat take them: a date of the
 # years 1970 to 9998 that exists (a 29 February only in a leap year), or a date and time, to
-# the minute, second or microsecond, with Z, an offset or none. In a URL's query a "+" is a
+# the minute, second or microsecond, with Z, an offset or none ("t" and "z" in lower case too, as
+# RFC 3339 allows). In a URL's query a "+" is a
 # space; the server reads that space as the "+" it was.
 _YEAR = r"(?:19[7-9][0-9]|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])"
 _LEAP_YEAR = r"(?:19(?:7[26]|8[048]|9[26])|[2-9][0-9](?:0[48]|[2468][048]|[13579][26])|(?:[2468][048]|[3579][26])00)"
 _DATE = (rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
          rf"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)")
-_TIME = r"T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,6})?)?(?:Z|[+ -](?:[01][0-9]|2[0-3]):[0-5][0-9])?"
+_TIME = r"[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,6})?)?(?:[Zz]|[+ -](?:[01][0-9]|2[0-3]):[0-5][0-9])?"
 MOMENT = f"^{_DATE}(?:{_TIME})?$"
 
 # A unit's id as the configuration's schema allows it (router/schemas/config.schema.json).

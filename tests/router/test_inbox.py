@@ -624,6 +624,8 @@ async def test_stats_of_a_period_count_the_conversations_created_in_it(harness):
     assert count == 3
     count, _ = await received(to="2026-03-15T12:00:00Z")  # exclusive
     assert count == 2
+    count, body = await received(to="2026-03-15t12:00:00z")  # RFC 3339 allows "t" and "z" in lower case
+    assert count == 2 and body["to"] == "2026-03-15T12:00:00.000000Z"
     count, body = await received()
     assert count == 4 and body["from"] is None and body["to"] is None
 
