@@ -33,7 +33,7 @@ STATES = ("open", "acknowledged", "answered", "waiting", "closed")
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> web.HTTPException:
-    cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound, 409: web.HTTPConflict}[status]
+    cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden, 404: web.HTTPNotFound, 409: web.HTTPConflict}[status]
     headers = {"WWW-Authenticate": 'Bearer realm="contact-router"'} if status == 401 else None
     return json_error(cls, code, message, extra=extra, headers=headers)
 
@@ -361,6 +361,11 @@ async def post_merge(request: web.Request) -> web.Response:
     other = data.get("other_contact_id")
     if not isinstance(other, int) or isinstance(other, bool) or not 1 <= other <= MAX_ID:
         raise _error(400, "invalid_field", "other_contact_id must be a contact id", field="other_contact_id")
+    if not _sees_status_link(request.app[keys.CONFIG], member):
+        # A merge makes one person's addresses the other's: the next answer in any of their
+        # cases goes to the address used last. A contractor who merged a form it had sent itself
+        # into a resident's contact received the resident's answers, and their status link.
+        raise _error(403, "forbidden", "merging contacts is for staff of the company's own units")
     core = request.app[keys.CORE]
     # Merging moves every conversation of both contacts: only for staff who see them all, which
     # the merge checks in its write (404 otherwise).

@@ -52,7 +52,7 @@ def _response(name: str) -> dict[str, str]:
 
 
 # The answers that are not the operation's own, by status; each has the Error body.
-_ANSWERS = {"400": "BadRequest", "401": "Unauthorized", "404": "NotFound", "408": "BodyTimeout", "409": "Conflict",
+_ANSWERS = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden", "404": "NotFound", "408": "BodyTimeout", "409": "Conflict",
             "413": "TooLarge", "422": "KeyReused", "503": "Unavailable"}
 
 
@@ -205,10 +205,10 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                                               "responses": {"200": _json(_ref("Contact")), **_errors("400", "401", "404")}}},
             "/api/v1/contacts/{id}/merge": {"post": {
                 "summary": "Merge another contact into this one; identities and history follow (409 same_contact, or merged"
-                           " when one of them was merged already)", "parameters": _ID,
+                           " when one of them was merged already; 403 for staff of external units only)", "parameters": _ID,
                 "requestBody": _body(_object(["other_contact_id"], {"other_contact_id": {
                     **_ID_VALUE, "description": "The contact merged into this one: an integer written without a fraction."}})),
-                "responses": {"200": _json(_ref("Contact")), **_errors("400", "401", "404", "408", "409", "413", "503")}}},
+                "responses": {"200": _json(_ref("Contact")), **_errors("400", "401", "403", "404", "408", "409", "413", "503")}}},
             "/api/v1/units": {"get": {"summary": "The caller's units", "responses": {"200": _json({"type": "object", "properties": {"items": {"type": "array", "items": _ref("Unit")}}}), **_errors("401")}}},
             "/api/v1/stats": {"get": {
                 "summary": "Per channel and unit: received, acknowledged, answered, overdue, median time to first human answer",
@@ -241,6 +241,7 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                                     " parameter, header or field"),
                 "Unauthorized": {**_json(_ref("Error"), "Missing or unknown token (unauthorized)"), "headers": {
                     "WWW-Authenticate": {"schema": {"const": 'Bearer realm="contact-router"'}}}},
+                "Forbidden": _json(_ref("Error"), "Not for the caller's units (forbidden)"),
                 "NotFound": _json(_ref("Error"), "Not found, or outside the caller's units (not_found)"),
                 "BodyTimeout": _json(_ref("Error"), "The body stopped or trickled: 30 s, plus a second for every 500 bytes that"
                                      " arrived (body_timeout); the connection is closed"),

@@ -372,13 +372,36 @@ async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness)
     mine = await harness.core.ingest(webform_message(email="a@example.net"))
     theirs = await harness.core.ingest(webform_message("Tarif?", email="b@example.net", topic="contract", postcode="99999"))
     also_mine = await harness.core.ingest(webform_message("Baustelle", email="b@example.net"))
-    status, a = await harness.api("GET", f"/api/v1/conversations/{mine.conversation_id}", token="contractor")
-    status, b = await harness.api("GET", f"/api/v1/conversations/{also_mine.conversation_id}", token="contractor")
-    status, body = await harness.api("POST", f"/api/v1/contacts/{a['contact']['id']}/merge", token="contractor",
+    status, a = await harness.api("GET", f"/api/v1/conversations/{mine.conversation_id}", token="hotline")
+    status, b = await harness.api("GET", f"/api/v1/conversations/{also_mine.conversation_id}", token="hotline")
+    status, body = await harness.api("POST", f"/api/v1/contacts/{a['contact']['id']}/merge", token="hotline",
                                      json={"other_contact_id": b["contact"]["id"]})
-    assert status == 404  # b also has a sales conversation the contractor must not move
+    assert status == 404  # b also has a sales conversation the hotline must not move
     status, detail = await harness.api("GET", f"/api/v1/conversations/{theirs.conversation_id}")
     assert detail["contact"]["id"] == b["contact"]["id"]
+
+
+async def test_staff_of_external_units_merge_no_contacts(harness):
+    """A merge makes one person's addresses the other's, and an answer goes to the address used
+    last: a contractor merged a form it had sent with its own address into a resident's
+    contact, and the resident's next answer, with their status link, went to the contractor."""
+    resident = await harness.core.ingest(webform_message("Baustelle vor dem Haus", email="resident@example.net"))
+    own = await harness.core.ingest(webform_message("Baustelle Gehweg", email="dispo@contractor.example"))
+    contacts = [(await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (c.conversation_id,)))[0]["contact_id"]
+                for c in (resident, own)]
+    status, body = await harness.api("POST", f"/api/v1/contacts/{contacts[0]}/merge", token="contractor",
+                                     json={"other_contact_id": contacts[1]})
+    assert status == 403 and body["error"]["code"] == "forbidden"
+    assert [r["merged_into"] for r in await harness.rows("SELECT merged_into FROM contacts ORDER BY id")] == [None, None]
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{resident.conversation_id}/replies",
+                                      token="contractor", json={"text": "Wir kommen morgen."})
+    assert status == 201
+    rows = await harness.rows("SELECT to_address FROM outbox WHERE message_id = ?", (reply["id"],))
+    assert [r["to_address"] for r in rows] == ["resident@example.net"]
+    # The hotline, an own unit that oversees the contractor, may merge the two.
+    status, _ = await harness.api("POST", f"/api/v1/contacts/{contacts[0]}/merge", token="hotline",
+                                  json={"other_contact_id": contacts[1]})
+    assert status == 200
 
 
 def found(body):
