@@ -70,6 +70,14 @@ class _BodyWatch:
         self._handle.cancel()
 
 
+def _logged_path(request: web.Request) -> str:
+    """The request's route as registered (``/channels/phone/cti/{secret}``), not its path: a
+    path can hold a secret (the PBX's credential, a resident's status token), which an outage
+    or an error wrote into the log."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Domain errors become JSON responses; nothing unexpected leaks out as an HTML 500.
@@ -81,7 +89,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     try:
         return await handler(request)
     except BodyTimeout as exc:
-        log.info("%s %s: %s", request.method, request.path, exc)
+        log.info("%s %s: %s", request.method, _logged_path(request), exc)
         response = json_error(408, "body_timeout", str(exc))
         response.force_close()  # the rest of that body would only be read to be thrown away
         return response
@@ -89,17 +97,17 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return json_error(400, "invalid_message", exc.message, field=exc.path)
     except StorageUnavailable as exc:
         # Nothing was stored; the sender (a provider, a form, a staff member) tries again.
-        log.error("%s %s: %s", request.method, request.path, exc)
+        log.error("%s %s: %s", request.method, _logged_path(request), exc)
         response = json_error(503, "unavailable", "the service cannot store this now; try again shortly")
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
     except sqlite3.DatabaseError as exc:
         if not is_outage(exc):
-            log.exception("unhandled error on %s %s", request.method, request.path)
+            log.exception("unhandled error on %s %s", request.method, _logged_path(request))
             return json_error(500, "internal_error", "internal error; it has been logged")
         # A read the database could not serve (its file gone, unreadable, the disk failing):
         # the database's fault, not the request's, as for a write.
-        log.error("%s %s: the database cannot be read: %s", request.method, request.path, exc)
+        log.error("%s %s: the database cannot be read: %s", request.method, _logged_path(request), exc)
         response = json_error(503, "unavailable", "the service cannot read its data now; try again shortly")
         response.headers["Retry-After"] = str(StorageUnavailable.retry_after)
         return response
@@ -118,7 +126,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, _logged_path(request))
         return json_error(500, "internal_error", "internal error; it has been logged")
     finally:
         if watch is not None:

@@ -201,3 +201,31 @@ async def test_a_read_the_database_cannot_serve_is_a_503_not_a_500(tmp_path) -> 
         shutil.rmtree(tmp_path / "data")
         status, body = await harness.api("GET", "/api/v1/conversations")
         assert status == 503 and body["error"]["code"] == "unavailable", body
+
+
+async def test_the_log_names_the_route_not_a_path_that_holds_a_secret(tmp_path, caplog) -> None:
+    """The error middleware wrote ``request.path`` into the log: the PBX's credential (the CTI
+    path) and a resident's status token, whenever the database refused a write."""
+    import logging
+
+    from .helpers import webform_message
+
+    secret = "cti-very-secret-path-credential"
+    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9", "PHONE_CTI_SECRET": secret}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "phone"), env=env) as harness:
+        first = await harness.core.ingest(webform_message())
+        page = await (await harness.client.get(f"/channels/webform/status/{first.status_token}")).text()
+        form_token = page.split('name="form_token" value="', 1)[1].split('"', 1)[0]
+        harness.clock.advance(timedelta(seconds=5))
+        caplog.set_level(logging.INFO, logger="contact_router")
+        with harness.refusing_writes():
+            cti = await harness.client.post(f"/channels/phone/cti/{secret}", json={
+                "event": "hangup", "cause": "noAnswer", "from": "030 12345678", "to": "030 999999",
+                "direction": "in", "callId": "c1"})
+            reply = await harness.client.post(f"/channels/webform/status/{first.status_token}",
+                                              json={"message": "Noch eine Frage", "form_token": form_token})
+        assert (cti.status, reply.status) == (503, 503)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("contact_router"))
+    assert "POST /channels/phone/cti/{secret}" in logged and "POST /channels/webform/status/{token}" in logged
+    assert secret not in logged and first.status_token not in logged
