@@ -754,6 +754,26 @@ async def test_a_merge_checks_the_units_again_in_its_write(harness):
     await harness.core.merge_contacts(contacts[0], contacts[1], "hotline", units={"tiefbau-muster", "kundenservice"})
 
 
+async def test_a_status_link_written_into_another_link_is_hidden_from_a_contractor(harness):
+    """Outlook's Safe Links write the link percent-encoded into theirs (``?url=http%3A%2F%2F…
+    %2Fstatus%2F<token>&data=…``): a resident who answered quoting the acknowledgement gave
+    the contractor the token, after its ``%2F``."""
+    from urllib.parse import quote
+
+    first = await harness.core.ingest(webform_message())
+    safelink = "https://eur01.safelinks.protection.outlook.com/?url=" + quote(first.status_url, safe="") + "&data=05%7C02"
+    await harness.core.ingest(webform_message("Danke, noch eine Frage zur Absperrung", thread={"status_token": first.status_token},
+                                              meta={"quoted": f"> Den Stand sehen Sie hier: {safelink}"}))
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{first.conversation_id}", token="contractor")
+    assert status == 200 and first.status_token not in json.dumps(seen)
+    assert "%2Fstatus%2F[status link]&data=05%7C02" in json.dumps(seen)
+    # A digest or id longer than a token stays as it is.
+    digest = "ab" * 32
+    await harness.core.ingest(webform_message(f"Anhang {digest} und %2F{digest}", thread={"status_token": first.status_token}))
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{first.conversation_id}", token="contractor")
+    assert seen["messages"][-1]["text"] == f"Anhang {digest} und %2F{digest}"
+
+
 async def test_hiding_status_links_from_a_long_unbroken_text_takes_linear_time(harness):
     """The pattern began with \\S*: 80,000 characters without a space took 11 to 26 s of the
     event loop when a contractor opened the conversation."""
