@@ -532,7 +532,10 @@ def parse_mail(
 
     recipient = _recipient(msg, envelope_to, addresses)
     entry = addresses.get(recipient, {}) if recipient else {}
-    language = entry.get("language") or _language(msg)
+    # What the mail's Content-Language says, else the core's guess from its text; the address's
+    # language is only the default for a text that does not tell. (It decided: an English mail
+    # to a German address was acknowledged, and answered, in German.)
+    language = _language(msg)
 
     defects = list(getattr(msg, "defects", []) or [])
     too_deep = any(isinstance(d, MimeTooDeepDefect) for d in defects)
@@ -619,6 +622,7 @@ def parse_mail(
         "subject": _clip(header(msg, "Subject"), 1000),
         "text": text[:MAX_TEXT] if text else None,
         "language": language if language and re.fullmatch(r"[a-z]{2}", language) else None,
+        "default_language": entry.get("language"),
         "unit_hint": entry.get("unit"),
         "thread": {"refs": refs[:MAX_REFS]},
         "thread_keys": [message_id] if message_id else [],

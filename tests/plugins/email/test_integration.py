@@ -201,6 +201,27 @@ async def test_mail_without_keywords_is_routed_by_the_address_it_was_sent_to(har
     assert (await conversation_of(harness, "<stoerung@example.net>"))["unit"] == "stoerung"
 
 
+async def test_the_mail_not_the_address_tells_the_language(harness, sink):
+    """The address's language decided: an English mail to a German address was acknowledged,
+    and answered, in German, with or without ``Content-Language: en``."""
+    for number, headers in enumerate(({}, {"Content-Language": "en"})):
+        sender = f"john{number}@example.net"
+        raw = compose(sender=f"John Smith <{sender}>", to="service@example.org", subject="Question about my connection",
+                      text="Hello, we moved into the house last week. When will the fibre connection be ready? Thank you",
+                      headers=headers)
+        await send(harness, raw, sender=sender, to=("service@example.org",))
+        await harness.run_outbox()
+        [ack] = sink.to(sender)
+        assert "Your case reference is" in ack.get_body(("plain",)).get_content()
+    # A German mail to it, and one with no text to tell, in the address's language
+    for sender, text in (("anna@example.net", "Guten Tag, wann kommt mein Glasfaseranschluss? Vielen Dank"), ("ben@example.net", "")):
+        await send(harness, compose(sender=sender, to="service@example.org", subject="", text=text), sender=sender,
+                   to=("service@example.org",))
+        await harness.run_outbox()
+        [ack] = sink.to(sender)
+        assert "Ihre Fallnummer ist" in ack.get_body(("plain",)).get_content()
+
+
 async def test_250_after_data_comes_only_after_the_commit(harness):
     """The client's sendmail returns only when the mail is in the database (a slow commit
     delays the 250), and a failed commit answers 451 so the sending server retries."""
