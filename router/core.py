@@ -421,8 +421,11 @@ class Core:
         if has_implementations(self.pm, "reply_copies"):
             conv_view = {"id": conv["id"], "case_reference": conv["case_reference"], "channel": conv["channel"],
                          "unit": conv["unit"], "status_url": self.status_url(conv["status_token"])}
+            # A copy goes only where its channel can send to that kind of address: the phone
+            # channel without Twilio (missed calls from a PBX alone) sends no SMS.
             copies = [c for c in await self._reply_copies(conv_view, text, conv["language"], idents)
-                      if c["channel"] in self.channels and c["channel"] != conv["channel"]]
+                      if c["channel"] in self.channels and c["channel"] != conv["channel"]
+                      and c.get("to_kind", c["channel"]) in self.channels[c["channel"]].capabilities.identity_kinds]
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
             current = self._conversation(conn, conversation_id, units)

@@ -216,12 +216,15 @@ def reply_copies(
     :param identities: The contact's identities, each ``{"kind": ..., "address": ...}``.
 
     :return: A list of ``{"channel": ..., "to_kind": ..., "to": ...}``; each becomes an
-        outbox row of its own. Unknown channels are ignored.
+        outbox row of its own. Ignored: a channel that is not running, the conversation's own
+        channel (its reply goes there anyway), and a ``to_kind`` not among the channel's
+        ``Capabilities.identity_kinds`` (the phone channel without Twilio sends no SMS).
 
     Called when a staff reply is queued (not per inbound message). All results are collected.
 
-    Implemented, for example, by the e-mail plugin: a resident who used the web form and left
-    an e-mail address also gets each answer by mail, with the status link.
+    Implemented by the e-mail plugin (a resident who used the web form and left an e-mail
+    address also gets each answer by mail, with the status link) and the phone plugin (one who
+    left a mobile number and no e-mail address gets it by SMS, with the link).
     """
 
 

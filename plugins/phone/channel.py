@@ -452,7 +452,10 @@ class PhoneChannel(Channel):
             auth_token=self.settings.auth_token or "",
             to=to,
             from_=self.settings.phone_number or "",
-            body=shorten_sms(message.text, message.status_url, self.settings.sms_max_length),
+            # An answer in a conversation without SMS (a web form's, a WhatsApp one's fallback)
+            # carries the status link: that is where the resident reads the case and writes back.
+            body=shorten_sms(message.text, message.status_url, self.settings.sms_max_length,
+                             with_link=message.kind == "reply" and not message.thread_refs),
             status_callback=self.url("status"),
             timeout=self.settings.send_timeout,
         )

@@ -48,16 +48,21 @@ rather than given up, which would have marked every resident's number failed, or
 conversation for a call-back, for a typo in our configuration."""
 
 
-def shorten_sms(text: str, status_url: str | None = None, limit: int = MAX_SMS_LENGTH) -> str:
+def shorten_sms(text: str, status_url: str | None = None, limit: int = MAX_SMS_LENGTH, *, with_link: bool = False) -> str:
     """``text`` cut to ``limit`` characters at a word boundary, ending with the status link.
 
-    Short texts come back unchanged. A long text without a status link ends with an ellipsis;
-    a link longer than the limit is left out rather than cut.
+    Short texts come back unchanged, or with the link on a line of its own when ``with_link``
+    (an answer whose conversation is elsewhere: the status page is where to read and write back).
+    A long text without a status link ends with an ellipsis; a link longer than the limit is left
+    out rather than cut.
     """
     text = text or ""
     if limit <= 0:
         return ""
-    if len(text) <= limit:
+    wanted = with_link and bool(status_url) and status_url not in text
+    if wanted and len(text) + 1 + len(status_url or "") <= limit:
+        return f"{text}\n{status_url}"
+    if len(text) <= limit and not wanted:
         return text
     suffix = f"… {status_url}" if status_url and len(status_url) + 2 <= limit else "…"
     room = limit - len(suffix)

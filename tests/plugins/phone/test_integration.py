@@ -895,3 +895,49 @@ async def test_a_database_that_refuses_writes_leaves_the_caller_with_the_voicema
     # The voicemail was not stored, so the call's end is still a missed call with a call-back duty.
     await say(harness, "call-status", call(sid, CallStatus="completed", CallDuration="40"))
     assert await harness.count("messages", "kind = 'missed_call'") == 1
+
+
+async def _form(harness: CoreHarness, *, email: str = "", phone: str = "") -> dict[str, Any]:
+    token = (await (await harness.client.get("/channels/webform/token")).json())["form_token"]
+    harness.clock.advance(timedelta(seconds=5))
+    response = await harness.client.post("/channels/webform/", json={
+        "name": "Erna Beispiel", "email": email, "phone": phone, "street": "", "postcode": "", "city": "",
+        "customer_number": "", "topic": "other", "message": "Wann bekomme ich Glasfaser?", "form_token": token, "website": ""})
+    assert response.status == 201
+    return await response.json()
+
+
+async def test_a_web_form_resident_who_left_only_a_mobile_number_gets_the_answer_by_sms(harness, twilio):
+    """Staff answers were only on the status page: a resident who left a mobile number and had
+    closed the page was never told, and the case counted as answered."""
+    form = await _form(harness, phone="0151 12345678")
+    await harness.run_outbox()
+    assert twilio.messages == []  # the acknowledgement is the status page
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{form['conversation_id']}/replies",
+                                  json={"text": "Ihr Anschluss kommt im März."})
+    assert status == 201
+    await harness.run_outbox()
+    [sms] = twilio.to("+4915112345678")
+    assert sms["Body"].startswith("Ihr Anschluss kommt im März.") and form["status_url"] in sms["Body"]
+
+    # With an e-mail address the mail tells them (the e-mail plugin's copy); a landline takes no SMS.
+    for email, phone in (("erna@example.net", "0151 22345678"), ("", "030 12345678")):
+        form = await _form(harness, email=email, phone=phone)
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{form['conversation_id']}/replies",
+                                      json={"text": "Ihr Anschluss kommt im März."})
+        assert status == 201
+        assert not await harness.rows("SELECT 1 FROM outbox WHERE conversation_id = ? AND channel = 'phone'",
+                                      (form["conversation_id"],))
+
+
+async def test_without_twilio_a_web_form_answer_queues_no_sms(tmp_path, twilio):
+    """A phone channel for a PBX's missed calls alone sends no SMS: a copy queued for it would
+    wait for ever."""
+    env = {k: v for k, v in phone_env(twilio).items() if not k.startswith("TWILIO_")}
+    async with CoreHarness(tmp_path, entrypoints=("webform", "phone"), env=env) as harness:
+        assert "phone" in harness.core.channels
+        form = await _form(harness, phone="0151 12345678")
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{form['conversation_id']}/replies",
+                                      json={"text": "Ihr Anschluss kommt im März."})
+        assert status == 201
+        assert not await harness.rows("SELECT 1 FROM outbox WHERE channel = 'phone'")

@@ -30,6 +30,16 @@ def test_long_text_without_link_gets_an_ellipsis():
     assert len(short) == 100 and short.endswith("…")
 
 
+def test_an_answer_whose_conversation_is_elsewhere_carries_the_link():
+    assert shorten_sms("Hallo", STATUS, with_link=True) == f"Hallo\n{STATUS}"
+    assert shorten_sms(f"Hallo {STATUS}", STATUS, with_link=True) == f"Hallo {STATUS}"  # there already
+    fits_alone = "Wir kommen am Freitag. " * 6  # fits the limit, not with the link
+    assert len(fits_alone) <= 160 < len(fits_alone) + 1 + len(STATUS)
+    short = shorten_sms(fits_alone, STATUS, limit=160, with_link=True)
+    assert len(short) <= 160 and short.endswith(f"… {STATUS}") and short.startswith("Wir kommen am Freitag.")
+    assert shorten_sms("Hallo", None, with_link=True) == "Hallo"
+
+
 def test_link_longer_than_the_limit_is_left_out():
     assert shorten_sms("y" * 50, STATUS, limit=20) == "y" * 19 + "…"
 
