@@ -258,7 +258,12 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                 "Contact": {"type": "object", "required": ["id", "is_customer"], "properties": {
                     "id": {"type": "integer"}, "display_name": {"type": ["string", "null"]}, "is_customer": {"type": "boolean"},
                     "customer_number": {"type": ["string", "null"]}, "customer_claim": {"type": ["string", "null"]},
-                    "identities": {"type": "array", "items": {"type": "object", "properties": {"kind": {"type": "string"}, "address": {"type": "string"}}}}}},
+                    "identities": {"type": "array", "items": {"type": "object", "required": ["kind", "address", "failed", "claimed"], "properties": {
+                        "kind": {"type": "string"}, "address": {"type": "string"},
+                        "last_inbound_at": {"type": ["string", "null"], "format": "date-time"},
+                        "failed": {"type": "boolean", "description": "A provider refused the address for good."},
+                        "claimed": {"type": "boolean", "description": "Only typed into a web form beside another address; its owner has"
+                                    " not written from it yet, and it serves only this contact's form cases."}}}}}},
                 "Conversation": {"type": "object", "required": ["id", "case_reference", "channel", "unit", "state", "contact", "deadline", "overdue", "escalation_level"], "properties": {
                     "id": {"type": "integer"}, "case_reference": {"type": "string", "pattern": "^K-[2-9A-HJ-NP-Z]{6}$"},
                     "channel": {"type": "string"}, "unit": {"type": "string"},
@@ -269,7 +274,14 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                 "Message": {"type": "object", "required": ["id", "direction", "channel", "text", "created_at", "delivery_status"], "properties": {
                     "id": {"type": "integer"}, "direction": {"enum": ["in", "out", "internal"]}, "kind": {"type": "string"},
                     "channel": {"type": "string"}, "text": {"type": ["string", "null"]}, "created_at": {"type": "string", "format": "date-time"},
-                    "delivery_status": {"type": ["string", "null"], "enum": [None, "queued", "sent", "delivered", "read", "failed"]}}},
+                    "delivery_status": {"type": ["string", "null"], "enum": [None, "queued", "sent", "delivered", "read", "failed"]},
+                    "deliveries": {"type": "array", "description": "Outbound only (in the conversation's detail): one per address it went to.",
+                                   "items": {"type": "object", "required": ["channel", "to", "state", "attempts"], "properties": {
+                                       "channel": {"type": "string"}, "to": {"type": "string"},
+                                       "state": {"type": "string", "description": "the outbox row's: pending, sending, sent, failed"},
+                                       "attempts": {"type": "integer"}, "delivery_status": {"type": ["string", "null"]},
+                                       "last_error": {"type": ["string", "null"]},
+                                       "next_attempt_at": {"type": ["string", "null"], "format": "date-time"}}}}}},
                 "ConversationDetail": {"allOf": [_ref("Conversation"), {"type": "object", "required": ["messages", "routing", "escalations"], "properties": {
                     "messages": {"type": "array", "items": _ref("Message"), "description": "Oldest first. A reaction replaced by a later one of its sender is not listed, nor an edit that arrived after a later edit of the same message had taken effect (it never took effect)."},
                     "routing": {"type": "object", "required": ["rule", "reason"], "properties": {"rule": {"type": "string"}, "reason": {"type": "string"}}},

@@ -636,15 +636,7 @@ async def conversation_detail(core: Core, conversation_id: int) -> dict[str, Any
         "SELECT outcome, note, staff, at FROM callback_attempts WHERE conversation_id = ? ORDER BY id", (conversation_id,)
     )
     item["callbacks"] = [{**dict(c), "at": rfc3339(c["at"])} for c in callbacks]
-    identities = await core.store.fetchall(
-        "SELECT kind, address, last_inbound_at, failed_at FROM identities WHERE contact_id = ? ORDER BY id",
-        (row["contact_id"],),
-    )
-    item["contact"]["identities"] = [
-        {"kind": i["kind"], "address": i["address"], "last_inbound_at": rfc3339(i["last_inbound_at"]),
-         "failed": i["failed_at"] is not None}
-        for i in identities
-    ]
+    item["contact"]["identities"] = await _identities(core, row["contact_id"])
     return item
 
 
@@ -687,9 +679,7 @@ async def contact_detail(core: Core, contact_id: int) -> dict[str, Any] | None:
     row = await core.store.fetchone("SELECT * FROM contacts WHERE id = ?", (contact_id,))
     if row is None:
         return None
-    identities = await core.store.fetchall(
-        "SELECT kind, address, last_inbound_at, failed_at FROM identities WHERE contact_id = ? ORDER BY id", (contact_id,)
-    )
+    identities = await _identities(core, contact_id)
     return {
         "id": row["id"],
         "display_name": row["display_name"],
@@ -699,12 +689,23 @@ async def contact_detail(core: Core, contact_id: int) -> dict[str, Any] | None:
         "customer_claim": row["customer_claim"],
         "merged_into": row["merged_into"],
         "created_at": rfc3339(row["created_at"]),
-        "identities": [
-            {"kind": i["kind"], "address": i["address"], "last_inbound_at": rfc3339(i["last_inbound_at"]),
-             "failed": i["failed_at"] is not None}
-            for i in identities
-        ],
+        "identities": identities,
     }
+
+
+async def _identities(core: Core, contact_id: int) -> list[dict[str, Any]]:
+    """A contact's addresses as staff see them: ``failed`` once a provider refused one for good,
+    ``claimed`` while it was only typed into a web form beside another address and its owner has
+    not written from it yet (it serves only that contact's form cases)."""
+    rows = await core.store.fetchall(
+        "SELECT kind, address, last_inbound_at, failed_at, claimed FROM identities WHERE contact_id = ? ORDER BY id",
+        (contact_id,),
+    )
+    return [
+        {"kind": i["kind"], "address": i["address"], "last_inbound_at": rfc3339(i["last_inbound_at"]),
+         "failed": i["failed_at"] is not None, "claimed": bool(i["claimed"])}
+        for i in rows
+    ]
 
 
 async def contact_units(core: Core, contact_id: int) -> set[str]:

@@ -381,6 +381,19 @@ async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness)
     assert detail["contact"]["id"] == b["contact"]["id"]
 
 
+async def test_staff_see_which_addresses_are_only_claimed(harness):
+    """A number typed into a form beside an e-mail address is a claim until its owner writes from
+    it; the docs named a ``claimed`` field that the API did not have."""
+    form = webform_message(sender={"kind": "email", "address": "jemand@example.org", "display_name": "Jemand",
+                                   "other_identities": [{"kind": "phone", "address": "+4915199999999"}]})
+    case = await harness.core.ingest(form)
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{case.conversation_id}")
+    expected = [("email", "jemand@example.org", False, False), ("phone", "+4915199999999", True, False)]
+    assert [(i["kind"], i["address"], i["claimed"], i["failed"]) for i in detail["contact"]["identities"]] == expected
+    status, contact = await harness.api("GET", f"/api/v1/contacts/{detail['contact']['id']}")
+    assert [(i["kind"], i["address"], i["claimed"], i["failed"]) for i in contact["identities"]] == expected
+
+
 async def test_staff_of_external_units_merge_no_contacts(harness):
     """A merge makes one person's addresses the other's, and an answer goes to the address used
     last: a contractor merged a form it had sent with its own address into a resident's
