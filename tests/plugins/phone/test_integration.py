@@ -568,7 +568,7 @@ async def test_a_landline_caller_gets_no_sms_ack_and_the_conversation_shows_it(h
     assert "callback_required" in conv["flags"] and "undeliverable" not in conv["flags"]
     assert conv["contact"]["identities"] == [
         {"kind": "phone", "address": LANDLINE, "last_inbound_at": conv["contact"]["identities"][0]["last_inbound_at"],
-         "failed": False}
+         "failed": False, "claimed": False}
     ]
 
 
