@@ -102,6 +102,7 @@ class Core:
         self.outbox: OutboxWorker | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._threads_by_sender: frozenset[str] = frozenset()
+        self._other_chats: dict[str, tuple[str, ...]] = {}
         self._unverified_senders: frozenset[str] = frozenset()
         self._refresh_hook_flags()
 
@@ -118,6 +119,7 @@ class Core:
         for channel in channels:
             self.channels[channel.name] = channel
         self._threads_by_sender = frozenset(n for n, c in self.channels.items() if c.capabilities.threads_by_sender)
+        self._other_chats = {n: tuple(sorted(self._threads_by_sender - {n})) for n in self._threads_by_sender}
         self._unverified_senders = frozenset(n for n, c in self.channels.items() if not c.capabilities.sender_verified)
         self._refresh_hook_flags()
 
@@ -166,7 +168,7 @@ class Core:
         # (an e-mail whose From domain failed DMARC at a mail server we trust).
         verified = channel not in self._unverified_senders and "unverified_sender" not in (msg.get("flags") or ())
         prep = Prepared(msg, identities, language, customer, override, channel in self._threads_by_sender, now, folded,
-                        verified)
+                        verified, self._other_chats.get(channel, ()))
         result = await self.store.write(
             partial(ingest_tx, config=self.config, templates=self.templates, prep=prep, status_url=self.status_url)
         )

@@ -58,6 +58,7 @@ class Prepared:
     now: datetime
     folded: str  # subject and text as ``routing.message_text`` folds them, worked out once
     sender_verified: bool  # False for a channel that does not vouch for its sender (the web form)
+    other_chats: tuple[str, ...] = ()  # the other channels that thread by sender (SMS beside WhatsApp)
 
 
 def prepare(
@@ -125,6 +126,7 @@ def _find_thread(
     *,
     refs_join: str = "own",
     topic_unit: Callable[[Mapping[str, Any]], str] | None = None,
+    other_chats: tuple[str, ...] = (),
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
     """(conversation to join, conversation merely referred to). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
@@ -136,7 +138,9 @@ def _find_thread(
     changes nothing there); not one the resident sent, which a neighbour in Cc could name to put
     words on the resident's status page. "any": whoever names it (a voicemail's transcript,
     whose caller may be unknown). ``topic_unit``: the unit a message's topic routes it to, for
-    whether an open conversation without a topic is the same matter."""
+    whether an open conversation without a topic is the same matter. ``other_chats``: channels
+    whose open conversation of the sender, when this channel has none, is referred to (an SMS
+    from the number of an open WhatsApp case)."""
     thread = msg.get("thread") or {}
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
@@ -191,16 +195,47 @@ def _find_thread(
                 " WHERE contact_id = ? AND channel = ? AND state != 'closed' ORDER BY id DESC LIMIT 1",
                 (contact_id, msg["channel"]),
             ).fetchone()
-            return row, referred
-        for row in conn.execute(
-            "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
-            " WHERE contact_id = ? AND channel = ? AND state != 'closed' AND (topic = ? OR topic IS NULL)"
-            " ORDER BY topic IS NULL, id DESC LIMIT 2",
-            (contact_id, msg["channel"], topic),
-        ):
-            if row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
+            if row is not None:
                 return row, referred
+        else:
+            for row in conn.execute(
+                "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
+                " WHERE contact_id = ? AND channel = ? AND state != 'closed' AND (topic = ? OR topic IS NULL)"
+                " ORDER BY topic IS NULL, id DESC LIMIT 2",
+                (contact_id, msg["channel"], topic),
+            ):
+                if row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
+                    return row, referred
+        if referred is None and sender_verified and other_chats:
+            # Nothing open here, but the same number has a case open on another chat (an SMS an
+            # hour after a WhatsApp message): most likely the same matter. It opened a second
+            # case, routed afresh to another unit and linked to nothing. The new case is linked
+            # to it and owned by its unit; it stays on this channel, where the person wrote.
+            row = conn.execute(
+                f"SELECT * FROM conversations WHERE contact_id = ? AND channel IN ({', '.join('?' * len(other_chats))})"
+                " AND state != 'closed' ORDER BY id DESC LIMIT 1",
+                (contact_id, *other_chats),
+            ).fetchone()
+            if row is not None and (not topic or row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg))):
+                return None, row
     return None, referred
+
+
+def _referred_decision(
+    config: Config, referred: Mapping[str, Any], msg: Mapping[str, Any], contact_id: int
+) -> RoutingDecision:
+    """The unit of the case a new conversation is linked to, and why: the message names it, or
+    the sender has it open on another chat."""
+    owner = config.units[referred["unit"]].name
+    if referred["contact_id"] == contact_id and referred["channel"] != msg["channel"] and referred["state"] != "closed":
+        return RoutingDecision(
+            unit=referred["unit"], rule="open-case",
+            reason=f"The sender's case {referred['case_reference']} ({referred['channel']}) is open; {owner} owns it.",
+        )
+    return RoutingDecision(
+        unit=referred["unit"], rule="case-reference",
+        reason=f"The message refers to case {referred['case_reference']}, which {owner} owns.",
+    )
 
 
 def _later_annotation_stored(
@@ -420,6 +455,7 @@ def ingest_tx(
         refs_join="ours" if automated else "own",
         topic_unit=lambda m: prep.override.unit if prep.override is not None else route(
             config, m, is_customer=is_customer, language=prep.language, normalized_text=prep.folded)[0].unit,
+        other_chats=prep.other_chats,
     )
     needs_ack = False
     if conv is not None and automated:
@@ -446,11 +482,7 @@ def ingest_tx(
             if prep.override is not None:
                 decision = prep.override
             else:
-                decision = RoutingDecision(
-                    unit=referred["unit"],
-                    rule="case-reference",
-                    reason=f"The message refers to case {referred['case_reference']}, which {config.units[referred['unit']].name} owns.",
-                )
+                decision = _referred_decision(config, referred, msg, contact_id)
             area_hit = find_area(config, msg, prep.folded)
             area = area_hit[0] if area_hit else None
         else:

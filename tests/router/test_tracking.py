@@ -518,3 +518,50 @@ async def test_a_message_with_a_topic_joins_an_open_conversation_without_one_whe
         assert same.conversation_id == fault.conversation_id and not same.acknowledged
         other = await harness.core.ingest(_chat("message", "wamid.N3", "+4915111111111", text="Hallo", topic="contract"))
         assert other.conversation_id != fault.conversation_id and other.unit == "vertrieb"
+
+
+async def test_an_sms_from_the_number_of_an_open_whatsapp_case_is_linked_to_it_and_goes_to_its_unit(tmp_path):
+    """Same number, an hour later, by SMS: a second case, routed afresh to another unit (the
+    hotline, as the SMS named no address), with another reference and deadline, linked to
+    nothing. It stays a case of its own on its channel (the answer goes where the person
+    wrote), linked to the open one and owned by its unit."""
+    from router.testing import CoreHarness
+
+    env = {"WHATSAPP_APP_SECRET": "s", "WHATSAPP_VERIFY_TOKEN": "v", "WHATSAPP_ACCESS_TOKEN": "a",
+           "WHATSAPP_PHONE_NUMBER_ID": "1122334455", "WHATSAPP_GRAPH_URL": "http://127.0.0.1:9",
+           "TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    number = "+4915111111111"
+
+    def sms(message_id: str, text: str, sender: str = number, **extra):
+        return {"channel": "phone", "channel_message_id": message_id, "kind": "message", "text": text,
+                "sender": {"kind": "phone", "address": sender}, **extra}
+
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "whatsapp", "phone"), env=env) as harness:
+        case = await harness.core.ingest(_chat("message", "wamid.X1", number,
+                                               text="Vor meinem Haus in der Musterstraße 5 ist der Gehweg aufgegraben."))
+        assert case.unit == "tiefbau-muster"
+        harness.clock.advance(timedelta(hours=1))
+        follow = await harness.core.ingest(sms("SM1", "Hallo nochmal, wann ist der Gehweg wieder frei?"))
+        assert follow.conversation_id != case.conversation_id and follow.unit == "tiefbau-muster"
+        (row,) = await harness.rows("SELECT channel, linked_to, routing_rule FROM conversations WHERE id = ?",
+                                    (follow.conversation_id,))
+        assert (row["channel"], row["linked_to"], row["routing_rule"]) == ("phone", case.conversation_id, "open-case")
+        # the next SMS joins the SMS case, as before
+        again = await harness.core.ingest(sms("SM2", "Danke"))
+        assert again.conversation_id == follow.conversation_id
+
+        # Not: another number; a topic that goes to another unit; a case that was closed.
+        other = await harness.core.ingest(sms("SM3", "Wann ist der Gehweg wieder frei?", sender="+4915122222222"))
+        assert (await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (other.conversation_id,)))[0]["linked_to"] is None
+        third = "+4915133333333"
+        await harness.core.ingest(_chat("message", "wamid.X2", third, text="Vor meinem Haus in der Musterstraße 5 ist eine Baustelle."))
+        fault = await harness.core.ingest(sms("SM4", "Hallo", sender=third, topic="fault"))
+        assert fault.unit == "stoerung"
+        closed = await harness.core.ingest(_chat("message", "wamid.X3", "+4915144444444",
+                                                 text="Vor meinem Haus in der Musterstraße 5 ist eine Baustelle."))
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{closed.conversation_id}/close")
+        assert status == 200
+        later = await harness.core.ingest(sms("SM5", "Wann ist der Gehweg wieder frei?", sender="+4915144444444"))
+        (row,) = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (later.conversation_id,))
+        assert row["linked_to"] is None
