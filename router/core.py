@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .models import Customer, CustomerClaim, RoutingDecision
 from .outbox import OutboxWorker, apply_delivery_update
 from .plugins import call_all, call_first, has_implementations
+from .settings import positive_int
 from .store.sqlite import SQLiteStore, iso
 from .templates import Templates
 
@@ -566,7 +567,8 @@ class Core:
         attempts the duty escalates."""
         now = self.clock.now()
         stamp = iso(now)
-        limit = int(self.config.channels.get("phone", {}).get("callback_attempts", 3) or 3)
+        # Checked by the phone channel at start; it may be a string from the environment ("5").
+        limit = positive_int(self.config.channels.get("phone") or {}, "callback_attempts", 3, "channels.phone")
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
             conv = self._conversation(conn, conversation_id, units)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from router.hookspecs import Channel, hookimpl
+from router.settings import flag
 
 from .channel import EmailChannel
 from .settings import EmailSettings, EmailSettingsError
@@ -21,7 +22,9 @@ def register_channels(
 ) -> Sequence[Channel] | None:
     """The e-mail channel, when ``channels.email`` names at least one address (of the ``units``)."""
     section = settings.get("email") or {}
-    if not isinstance(section, Mapping) or not section.get("addresses") or section.get("enabled") is False:
+    if not isinstance(section, Mapping) or not section.get("addresses"):
+        return None
+    if not flag(section, "enabled", True, "channels.email", error=EmailSettingsError):  # "false" from the environment too
         return None
     return [EmailChannel(EmailSettings.from_mapping(section, units=set(units)))]
 

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ import aioimaplib
 
 from router.files import write_durably
 from router.hookspecs import StorageUnavailable
+from router.settings import flag, positive_float, positive_int
 
 from .limits import FETCH_BYTES_PER_SECOND
 from .settings import EmailSettingsError, port
@@ -118,23 +118,9 @@ class ImapMailbox:
         if tls not in _TLS_MODES:
             raise EmailSettingsError(f"{where}.tls", f"one of {', '.join(_TLS_MODES)}, got {tls!r}")
 
-        def number(key: str, default: float) -> float:
-            value = section.get(key)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                return default
-            try:
-                result = float(value)
-            except (TypeError, ValueError):
-                raise EmailSettingsError(f"{where}.{key}", f"expected a number, got {value!r}") from None
-            if result <= 0:
-                raise EmailSettingsError(f"{where}.{key}", "must be positive")
-            return result
+        def seconds(key: str, default: float) -> float:
+            return positive_float(section, key, default, where, error=EmailSettingsError)
 
-        if isinstance(section.get("max_attempts"), bool):
-            raise EmailSettingsError(f"{where}.max_attempts", f"expected a whole number, got {section.get('max_attempts')!r}")
-        attempts = number("max_attempts", MAX_ATTEMPTS)
-        if not math.isfinite(attempts) or attempts != int(attempts):
-            raise EmailSettingsError(f"{where}.max_attempts", f"expected a whole number, got {section.get('max_attempts')!r}")
         address = str(section.get("address") or "").strip().lower() or None
         if address is not None and "@" not in address:
             raise EmailSettingsError(f"{where}.address", f"{address!r} is not an e-mail address")
@@ -142,16 +128,16 @@ class ImapMailbox:
             host=str(section["host"]).strip(),
             user=str(section["user"]).strip(),
             password=str(section["password"]),
-            port=port(f"{where}.port", int(number("port", _DEFAULT_PORT[tls]))),
+            port=port(f"{where}.port", positive_int(section, "port", _DEFAULT_PORT[tls], where, error=EmailSettingsError)),
             tls=tls,
             mailbox=str(section.get("mailbox") or "INBOX"),
             address=address,
-            idle=section.get("idle", True) not in (False, "false", "no", "0", "off"),
-            poll_seconds=number("poll_seconds", 60.0),
-            idle_seconds=number("idle_seconds", 25 * 60.0),
-            timeout=number("timeout", 30.0),
-            retry_seconds=number("retry_seconds", 30.0),
-            max_attempts=int(attempts),
+            idle=flag(section, "idle", True, where, error=EmailSettingsError),
+            poll_seconds=seconds("poll_seconds", 60.0),
+            idle_seconds=seconds("idle_seconds", 25 * 60.0),
+            timeout=seconds("timeout", 30.0),
+            retry_seconds=seconds("retry_seconds", 30.0),
+            max_attempts=positive_int(section, "max_attempts", MAX_ATTEMPTS, where, error=EmailSettingsError),
         )
 
 

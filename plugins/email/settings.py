@@ -11,30 +11,16 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from router.hookspecs import SettingsError
+from router.settings import flag, given, positive_float, whole_number
 
 RELAY_TLS_MODES = ("starttls", "tls", "none")
 _DEFAULT_RELAY_PORT = {"starttls": 587, "tls": 465, "none": 25}
+_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
+_WHERE = "channels.email"
 
 
 class EmailSettingsError(SettingsError):
     """A setting of the ``email`` channel is wrong; ``path`` names the key."""
-
-
-def _blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _int(section: Mapping[str, Any], key: str, default: int | None) -> int | None:
-    value = section.get(key)
-    if _blank(value):
-        return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise EmailSettingsError(f"channels.email.{key}", f"expected a number, got {value!r}") from None
-    if number < 0:
-        raise EmailSettingsError(f"channels.email.{key}", "must not be negative")
-    return number
 
 
 def port(where: str, number: int) -> int:
@@ -46,8 +32,13 @@ def port(where: str, number: int) -> int:
 
 
 def _str(section: Mapping[str, Any], key: str, default: str | None = None) -> str | None:
-    value = section.get(key)
-    return default if _blank(value) else str(value).strip()
+    value = given(section, key)
+    return default if value is None else str(value).strip()
+
+
+def _count(section: Mapping[str, Any], key: str, default: int) -> int:
+    """A whole number of at least 0 (bytes, a port, acknowledgements per hour)."""
+    return whole_number(section, key, default, _WHERE, error=EmailSettingsError)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,7 +53,7 @@ class EmailSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 2525
     hostname: str | None = None
-    max_message_bytes: int = 25 * 1024 * 1024
+    max_message_bytes: int = _MAX_MESSAGE_BYTES
     ack_per_hour: int = 3
     relay_host: str | None = None
     relay_port: int = 587
@@ -104,11 +95,6 @@ class EmailSettings:
         tls_cert, tls_key = _str(section, "tls_cert"), _str(section, "tls_key")
         if bool(tls_cert) != bool(tls_key):
             raise EmailSettingsError("channels.email.tls_cert", "tls_cert and tls_key: set both or neither")
-        try:
-            timeout = float(section.get("relay_timeout") or 30.0)
-        except (TypeError, ValueError):
-            raise EmailSettingsError("channels.email.relay_timeout", "expected seconds") from None
-        listen = section.get("listen", True)
         trusted = section.get("trusted_authserv_ids") or []
         if isinstance(trusted, str):
             trusted = [trusted]
@@ -121,23 +107,23 @@ class EmailSettings:
             domain=_str(section, "domain") or first.rsplit("@", 1)[1],
             from_address=(_str(section, "from_address") or first).lower(),
             from_name=_str(section, "from_name"),
-            listen=listen not in (False, "false", "no", "0", "off"),
+            listen=flag(section, "listen", True, _WHERE, error=EmailSettingsError),
             listen_host=_str(section, "listen_host", "127.0.0.1") or "127.0.0.1",
-            listen_port=port("channels.email.listen_port", _int(section, "listen_port", 2525) or 0),
+            listen_port=port("channels.email.listen_port", _count(section, "listen_port", 2525)),
             hostname=_str(section, "hostname"),
-            max_message_bytes=_int(section, "max_message_bytes", 25 * 1024 * 1024) or 25 * 1024 * 1024,
-            ack_per_hour=_int(section, "ack_per_hour", 3) or 0,
+            max_message_bytes=_count(section, "max_message_bytes", _MAX_MESSAGE_BYTES) or _MAX_MESSAGE_BYTES,
+            ack_per_hour=_count(section, "ack_per_hour", 3),
             relay_host=_str(section, "relay_host"),
             relay_port=port("channels.email.relay_port",
-                            _int(section, "relay_port", _DEFAULT_RELAY_PORT[relay_tls]) or _DEFAULT_RELAY_PORT[relay_tls]),
+                            _count(section, "relay_port", _DEFAULT_RELAY_PORT[relay_tls]) or _DEFAULT_RELAY_PORT[relay_tls]),
             relay_user=_str(section, "relay_user"),
             relay_password=_str(section, "relay_password"),
             relay_tls=relay_tls,
-            relay_timeout=timeout,
+            relay_timeout=positive_float(section, "relay_timeout", 30.0, _WHERE, error=EmailSettingsError),
             inbound_secret=_str(section, "inbound_secret"),
             tls_cert=tls_cert,
             tls_key=tls_key,
-            store_files=section.get("store_files", True) is not False,
+            store_files=flag(section, "store_files", True, _WHERE, error=EmailSettingsError),
             imap=section.get("imap") or None,
             trusted_authserv_ids=tuple(t.strip().lower() for t in trusted),
         )

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 from router.hookspecs import SettingsError
+from router.settings import flag, positive_float, positive_int
 
 from .numbers import PBX_NUMBER_FORMATS
 
@@ -29,6 +30,7 @@ ENV_FALLBACKS = {
     "public_base_url": "PUBLIC_BASE_URL",
 }
 
+_WHERE = "channels.phone"
 _DIGIT = re.compile(r"^[0-9*#]$")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _TOPIC = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -112,17 +114,10 @@ class PhoneSettings:
             values["region"] = values["region"].upper()
         if "phone_number" in values:
             _check_e164(values["phone_number"], values.get("region", "DE"))
+        defaults = {field.name: field.default for field in dataclasses.fields(cls)}
         for key in ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts"):
-            if key in section:
-                value = section[key]
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise PhoneSettingsError(f"channels.phone.{key}", "expected a positive whole number")
-                values[key] = value
-        if "send_timeout" in section:
-            value = section["send_timeout"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise PhoneSettingsError("channels.phone.send_timeout", "expected a positive number of seconds")
-            values["send_timeout"] = float(value)
+            values[key] = positive_int(section, key, defaults[key], _WHERE, error=PhoneSettingsError)
+        values["send_timeout"] = positive_float(section, "send_timeout", defaults["send_timeout"], _WHERE, error=PhoneSettingsError)
         if "menu" in section:
             menu = section["menu"]
             if not isinstance(menu, Mapping) or not menu:
@@ -133,10 +128,7 @@ class PhoneSettings:
                 if not (isinstance(topic, str) and _TOPIC.match(topic)):
                     raise PhoneSettingsError(f"channels.phone.menu.{digit}", f"not a topic id: {topic!r}")
             values["menu"] = dict(menu)
-        if "screen_forwards" in section:
-            if not isinstance(section["screen_forwards"], bool):
-                raise PhoneSettingsError("channels.phone.screen_forwards", "expected true or false")
-            values["screen_forwards"] = section["screen_forwards"]
+        values["screen_forwards"] = flag(section, "screen_forwards", defaults["screen_forwards"], _WHERE, error=PhoneSettingsError)
         if "english_digit" in section:
             digit = section["english_digit"]
             if digit is not None and not (isinstance(digit, str) and _DIGIT.match(digit)):

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from router.hookspecs import hookimpl
+from router.settings import flag
 
-from .channel import WebFormChannel
+from .channel import WHERE, WebFormChannel
 
 __all__ = ["WebFormChannel", "register_channels"]
 
@@ -18,6 +19,7 @@ def register_channels(
     settings: Mapping[str, Any], topics: Mapping[str, Mapping[str, str]]
 ) -> list[WebFormChannel] | None:
     section = settings.get("webform")
-    if section is None or section.get("enabled", True) is False:
+    # ``enabled`` may come from the environment as "false": only ``is False`` left the form on.
+    if section is None or not flag(section, "enabled", True, WHERE):
         return None
     return [WebFormChannel(section, topics=topics or None)]

@@ -29,9 +29,12 @@ from router.hookspecs import (
     StorageUnavailable,
     read_limited_body,
 )
+from router.settings import flag, non_negative_float, positive_float, positive_int
 
 from . import fields, pages, tokens
 
+WHERE = "channels.webform"
+"""Where the channel's settings are, for the key paths of their errors."""
 JSON_TYPE = "application/json"
 # A status page is reached by its secret link: no cache keeps it, no link on it passes the
 # address on, no search engine lists it; every answer that shows one sends these.
@@ -160,11 +163,13 @@ class WebFormChannel(Channel):
         # Without a configured secret, tokens are signed with a per-process key: forms handed
         # out before a restart then need a reload, which is acceptable for a demo.
         self.secret = (secret or secrets.token_hex(32)).encode()
-        self.min_fill = float(settings.get("min_fill_seconds", 3))
-        self.max_age = float(settings.get("max_token_age_seconds", 86400))
-        self.max_body = int(settings.get("max_body_bytes", 64 * 1024))
-        self.limiter = RateLimiter(int(settings.get("rate_limit_per_minute", 10)))
-        self.trust_forwarded = bool(settings.get("trust_forwarded_for", False))
+        # Any of these may come from the environment as a string ("false", "20") or not at all
+        # (None): bool("false") trusted X-Forwarded-For, and float(None) stopped the start.
+        self.min_fill = non_negative_float(settings, "min_fill_seconds", 3.0, WHERE)
+        self.max_age = positive_float(settings, "max_token_age_seconds", 86400.0, WHERE)
+        self.max_body = positive_int(settings, "max_body_bytes", 64 * 1024, WHERE)
+        self.limiter = RateLimiter(positive_int(settings, "rate_limit_per_minute", 10, WHERE))
+        self.trust_forwarded = flag(settings, "trust_forwarded_for", False, WHERE)
         self._topics = topics
         self._timezone = _timezone_setting(settings.get("timezone"))
         self._refunded: set[str] = set()  # form tokens whose duplicate was not counted once already

@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from router.hookspecs import SettingsError
+from router.settings import flag, non_negative_float, positive_float, positive_int
 
 DEFAULT_GRAPH_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v21.0"
@@ -37,6 +38,7 @@ class WhatsAppSettingsError(SettingsError):
     """A value in ``channels.whatsapp`` is unusable; ``path`` names the key."""
 
 
+_WHERE = "channels.whatsapp"
 _LANGUAGE = re.compile(r"^[a-z]{2}$")
 _UNIT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
@@ -128,11 +130,12 @@ class WhatsAppSettings:
             graph_url=(_text(section.get("graph_url")) or DEFAULT_GRAPH_URL).rstrip("/"),
             api_version=(_text(section.get("api_version")) or DEFAULT_API_VERSION).strip("/"),
             template=_template(section.get("template")),
-            max_body_bytes=_positive_int(section, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-            timeout=_positive_float(section, "timeout", DEFAULT_TIMEOUT),
-            status_wait=_non_negative_float(section, "status_wait", DEFAULT_STATUS_WAIT),
-            download_media=_flag(section.get("download_media")),
-            max_media_bytes=_positive_int(section, "max_media_bytes", DEFAULT_MAX_MEDIA_BYTES),
+            max_body_bytes=positive_int(section, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, _WHERE, error=WhatsAppSettingsError),
+            timeout=positive_float(section, "timeout", DEFAULT_TIMEOUT, _WHERE, error=WhatsAppSettingsError),
+            status_wait=non_negative_float(section, "status_wait", DEFAULT_STATUS_WAIT, _WHERE, error=WhatsAppSettingsError),
+            download_media=flag(section, "download_media", False, _WHERE, error=WhatsAppSettingsError),
+            max_media_bytes=positive_int(section, "max_media_bytes", DEFAULT_MAX_MEDIA_BYTES, _WHERE,
+                                         error=WhatsAppSettingsError),
         )
 
     def number(self, phone_number_id: str | None) -> BusinessNumber | None:
@@ -152,7 +155,7 @@ def _template(raw: Any) -> TemplateSettings | None:
         name=str(raw["name"]).strip(),
         languages={str(k): str(v) for k, v in languages.items() if _text(v)},
         prompts={**DEFAULT_PROMPTS, **{str(k): str(v) for k, v in prompts.items() if _text(v)}},
-        max_parameter_chars=_positive_int(raw, "max_parameter_chars", 700, "channels.whatsapp.template"),
+        max_parameter_chars=positive_int(raw, "max_parameter_chars", 700, f"{_WHERE}.template", error=WhatsAppSettingsError),
     )
 
 
@@ -162,57 +165,3 @@ def _text(value: Any) -> str | None:
     if isinstance(value, str) and value.strip():
         return value.strip()
     return None
-
-
-def _flag(value: Any) -> bool:
-    """A switch: true, or a string such as "true", "1", "yes", "on" (from the environment)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    return value is True
-
-
-def _given(section: Mapping[str, Any], key: str) -> Any:
-    """The value of ``key``, or None when it is not given (missing, or an empty string from an
-    unset environment variable)."""
-    value = section.get(key)
-    return None if value is None or (isinstance(value, str) and not value.strip()) else value
-
-
-def _number(section: Mapping[str, Any], key: str, where: str, expected: str) -> float | None:
-    value = _given(section, key)
-    if value is None:
-        return None
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        return float(value)
-    except (TypeError, ValueError):
-        raise WhatsAppSettingsError(f"{where}.{key}", f"expected {expected}, got {value!r}") from None
-
-
-def _positive_int(section: Mapping[str, Any], key: str, default: int, where: str = "channels.whatsapp") -> int:
-    number = _number(section, key, where, "a positive whole number")
-    if number is None:
-        return default
-    if not (number > 0 and number.is_integer()):
-        raise WhatsAppSettingsError(f"{where}.{key}", f"expected a positive whole number, got {section.get(key)!r}")
-    return int(number)
-
-
-def _non_negative_float(section: Mapping[str, Any], key: str, default: float) -> float:
-    """Seconds where 0 means off (the number 0 and the string "0" alike)."""
-    number = _number(section, key, "channels.whatsapp", "seconds (0 for off)")
-    if number is None:
-        return default
-    if not 0 <= number < float("inf"):
-        raise WhatsAppSettingsError(f"channels.whatsapp.{key}", f"expected seconds (0 for off), got {section.get(key)!r}")
-    return number
-
-
-def _positive_float(section: Mapping[str, Any], key: str, default: float) -> float:
-    number = _number(section, key, "channels.whatsapp", "a positive number of seconds")
-    if number is None:
-        return default
-    if not 0 < number < float("inf"):
-        raise WhatsAppSettingsError(f"channels.whatsapp.{key}", f"expected a positive number of seconds, got {section.get(key)!r}")
-    return number

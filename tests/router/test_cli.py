@@ -31,7 +31,7 @@ def test_serve_refuses_a_channel_setting_naming_the_file_and_key(tmp_path, capsy
     text = DEFAULT_CONFIG.read_text("utf-8")
     assert "forward_timeout = 20" in text
     bad = tmp_path / "bad.toml"
-    bad.write_text(text.replace("forward_timeout = 20", 'forward_timeout = "20"'), "utf-8")
+    bad.write_text(text.replace("forward_timeout = 20", 'forward_timeout = "zwanzig"'), "utf-8")
     assert main(["serve", "--config", str(bad), "--port", "0", "--data-dir", str(tmp_path / "data")]) == 1
     err = capsys.readouterr().err
     assert f"{bad}: channels.phone.forward_timeout" in err and "Traceback" not in err

@@ -172,7 +172,7 @@ def test_import_customers_takes_tab_separated_files(tmp_path, capsys):
          "not a number"),
         (lambda d: d["service"].update(reopen_days=float("nan")), "service.reopen_days", "not a number"),
         # a channel's own settings: check-config said OK, and serve died with a traceback
-        (lambda d: d["channels"]["phone"].update(forward_timeout="20"), "channels.phone.forward_timeout", ""),
+        (lambda d: d["channels"]["phone"].update(forward_timeout="zwanzig"), "channels.phone.forward_timeout", ""),
         (lambda d: d["channels"]["email"].update(ack_per_hour="x"), "channels.email.ack_per_hour", ""),
         # an $env reference the schema does not reach: a TypeError traceback
         (lambda d: d["channels"]["phone"].update(region={"$env": ["REGION"]}), "channels.phone.region", "$env"),

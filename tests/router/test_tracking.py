@@ -565,3 +565,23 @@ async def test_an_sms_from_the_number_of_an_open_whatsapp_case_is_linked_to_it_a
         later = await harness.core.ingest(sms("SM5", "Wann ist der Gehweg wieder frei?", sender="+4915144444444"))
         (row,) = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (later.conversation_id,))
         assert row["linked_to"] is None
+
+
+async def test_the_call_back_limit_may_come_from_the_environment_as_text(tmp_path):
+    """``callback_attempts`` from the environment is a string: the phone channel read it, the
+    core's count of failed call-backs did not (``int("2.0")``: a 500 on logging an attempt)."""
+    from router.testing import CoreHarness
+
+    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "phone"), env=env,
+                           settings={"phone": {"callback_attempts": "2.0"}}) as harness:
+        result = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1", "kind": "missed_call",
+                                            "sender": {"kind": "phone", "address": "+4915111111111"}})
+        queued = []
+        for _ in range(2):
+            status, body = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/callbacks",
+                                             json={"outcome": "not_reached"})
+            assert status == 201, body
+            queued.append(await harness.count("outbox", "kind = 'callback_sms'"))
+        assert queued == [0, 1]

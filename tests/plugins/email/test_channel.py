@@ -303,3 +303,13 @@ async def test_send_relay_down_is_retryable(tmp_path):
     channel = make_channel(tmp_path, FakeCore(), relay_host="127.0.0.1", relay_port=port, relay_tls="none", relay_timeout=2)
     with pytest.raises(RetryableDeliveryError):
         await channel.send(reply())
+
+
+async def test_store_files_false_from_the_environment_stores_no_file(tmp_path):
+    """The string "false" (``{ "$env" = ... }``) kept every mail and its attachments on disk."""
+    core = FakeCore()
+    channel = make_channel(tmp_path, core, store_files="false")
+    await channel.receive(LATIN1, envelope_from="juergen.mueller@example.com", envelope_to=["bau@example.org"])
+    [message] = core.ingested
+    assert message["raw"].get("path") is None
+    assert not (tmp_path / "email").exists()

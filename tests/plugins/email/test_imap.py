@@ -146,3 +146,18 @@ async def _conversation(harness: CoreHarness, message_id: str) -> dict[str, Any]
     status, detail = await harness.api("GET", f"/api/v1/conversations/{row['conversation_id']}")
     assert status == 200
     return detail
+
+
+def test_imap_switches_and_numbers_from_the_environment_are_read():
+    """``{ "$env" = ... }`` hands over strings; an unknown word for ``idle`` meant on."""
+    base = {"host": "imap.example.org", "user": "u", "password": "p"}
+    [box] = imap_mailboxes({**base, "idle": "false", "port": "1143", "poll_seconds": "15", "max_attempts": "5",
+                            "timeout": "", "retry_seconds": None})
+    assert (box.idle, box.port, box.poll_seconds, box.max_attempts) == (False, 1143, 15.0, 5)
+    assert (box.timeout, box.retry_seconds) == (30.0, 30.0)
+    assert imap_mailboxes({**base, "idle": " On "})[0].idle is True
+    for key, value in (("idle", "ja"), ("idle", 0), ("port", "imaps"), ("max_attempts", "2.5"), ("max_attempts", True),
+                       ("poll_seconds", "inf"), ("timeout", "0")):
+        with pytest.raises(EmailSettingsError) as caught:
+            imap_mailboxes([base, {**base, key: value}])
+        assert caught.value.path == f"channels.email.imap[1].{key}", (key, value)

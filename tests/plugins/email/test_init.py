@@ -17,6 +17,21 @@ def test_register_channels_only_with_addresses():
     assert channel.settings.from_address == "bau@example.org"
 
 
+def test_enabled_from_the_environment_switches_the_channel():
+    """Only ``enabled = false`` switched it off; "false" from the environment left it on."""
+    import pytest
+
+    from plugins.email.settings import EmailSettingsError
+
+    section = {"addresses": {"bau@example.org": {"unit": "bauhotline"}}}
+    for word in (False, "false", " Off ", "0", "no"):
+        assert register_channels(settings={"email": {**section, "enabled": word}}, env={}, units=UNITS) is None
+    for word in (True, "true", "", None):
+        assert register_channels(settings={"email": {**section, "enabled": word}}, env={}, units=UNITS)
+    with pytest.raises(EmailSettingsError, match=r"channels\.email\.enabled"):
+        register_channels(settings={"email": {**section, "enabled": "nein"}}, env={}, units=UNITS)
+
+
 def test_reply_copies_for_webform_residents_with_email():
     identities = [{"kind": "webform", "address": "s-1"}, {"kind": "email", "address": "max@example.com"}]
     assert reply_copies(conversation={"channel": "webform"}, reply={}, identities=identities) == [

@@ -31,7 +31,7 @@ def test_twilio_credentials_fall_back_to_the_environment():
         ({"menu": {"12": "fault"}}, "menu.12"),
         ({"menu": {"1": "Bad Topic"}}, "menu.1"),
         ({"english_digit": "1"}, "english_digit"),
-        ({"forward_timeout": "20"}, "forward_timeout"),
+        ({"forward_timeout": "soon"}, "forward_timeout"),
         ({"forward_numbers": {"bauhotline": 4930}}, "forward_numbers"),
         ({"callback_attempts": 0}, "callback_attempts"),
         ({"timezone": "Europe/Berln"}, "timezone"),  # became UTC: deadlines told an hour early
@@ -41,6 +41,14 @@ def test_twilio_credentials_fall_back_to_the_environment():
         ({"cti_number_format": "e164"}, "cti_number_format"),
         ({"phone_number": "+49301"}, "phone_number"),
         ({"phone_number": "Stadtwerke"}, "phone_number"),
+        ({"screen_forwards": "ja"}, "screen_forwards"),  # a string is read, but only true/false and the like
+        ({"screen_forwards": 1}, "screen_forwards"),
+        ({"forward_timeout": "0"}, "forward_timeout"),
+        ({"forward_timeout": "20.5"}, "forward_timeout"),
+        ({"voicemail_max_length": True}, "voicemail_max_length"),
+        ({"sms_max_length": "-1"}, "sms_max_length"),
+        ({"send_timeout": "0"}, "send_timeout"),
+        ({"send_timeout": "nan"}, "send_timeout"),
     ],
 )
 def test_bad_values_name_their_key(section, key):
@@ -83,3 +91,29 @@ def test_e164_phone_numbers_are_taken(number):
 def test_timezone_defaults_to_the_services():
     assert PhoneSettings.from_config(TWILIO).timezone is None
     assert PhoneSettings.from_config({**TWILIO, "timezone": "Europe/Vienna"}).timezone == "Europe/Vienna"
+
+
+def test_numbers_and_switches_from_the_environment_are_read():
+    """``{ "$env" = ... }`` hands over strings: every one of them was refused as no number or
+    no switch, so a number or switch could not come from the environment at all."""
+    settings = PhoneSettings.from_config({
+        **TWILIO, "forward_timeout": "25", "voicemail_max_length": " 90 ", "sms_max_length": "480",
+        "callback_attempts": "5", "send_timeout": "7.5", "screen_forwards": "false",
+    })
+    assert (settings.forward_timeout, settings.voicemail_max_length, settings.sms_max_length) == (25, 90, 480)
+    assert (settings.callback_attempts, settings.send_timeout, settings.screen_forwards) == (5, 7.5, False)
+    assert PhoneSettings.from_config({**TWILIO, "screen_forwards": "TRUE"}).screen_forwards is True
+
+
+@pytest.mark.parametrize("value", [None, "", " "])
+def test_numbers_and_switches_the_environment_leaves_unset_are_the_defaults(value):
+    keys = ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts", "send_timeout", "screen_forwards")
+    settings = PhoneSettings.from_config({**TWILIO, **dict.fromkeys(keys, value)})
+    assert settings == PhoneSettings.from_config(TWILIO)
+    assert (settings.forward_timeout, settings.send_timeout, settings.screen_forwards) == (20, 15.0, True)
+
+
+def test_a_channel_with_settings_from_the_environment_is_registered():
+    (channel,) = register_channels(settings={"phone": {**TWILIO, "forward_timeout": "20", "screen_forwards": "false"}},
+                                   env={}, units=UNITS)
+    assert (channel.settings.forward_timeout, channel.settings.screen_forwards) == (20, False)

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from plugins.webform import WebFormChannel
+from plugins.webform import WebFormChannel, register_channels
 from plugins.webform.fields import LIMITS
 from router.hookspecs import SettingsError
 from router.testing import CoreHarness, check_channel_contract, example_config, load_raw_config
@@ -765,3 +765,64 @@ def test_an_unknown_channel_timezone_is_refused_at_start():
             WebFormChannel({"timezone": value})
         assert caught.value.path == "channels.webform.timezone"
     assert WebFormChannel({"timezone": ""})._timezone is None
+
+
+async def test_trust_forwarded_for_false_from_the_environment_trusts_no_forwarded_address(tmp_path):
+    """``{ "$env" = ... }`` hands over the string "false": ``bool("false")`` trusted
+    X-Forwarded-For, and anyone could send a fresh address per post past the rate limit."""
+    settings = {"webform": {"rate_limit_per_minute": "2", "trust_forwarded_for": "false"}}
+    async with CoreHarness(tmp_path / "d", settings=settings) as harness:
+        statuses = []
+        for i in range(3):
+            body = {**FORM, "message": f"Nachricht {i}", "form_token": await get_token(harness)}
+            response = await harness.client.post("/channels/webform/", json=body,
+                                                 headers={"X-Forwarded-For": f"198.51.100.{i}"})
+            statuses.append(response.status)
+        assert statuses == [201, 201, 429]
+
+
+@pytest.mark.parametrize(("value", "trusted"), [("false", False), (" FALSE ", False), ("0", False), ("off", False),
+                                                ("no", False), ("", False), (None, False), ("true", True), ("1", True)])
+def test_trust_forwarded_for_reads_the_strings_of_the_environment(value, trusted):
+    assert WebFormChannel({"trust_forwarded_for": value}).trust_forwarded is trusted
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_numbers_not_given_by_the_environment_are_the_defaults(value):
+    """An unset variable without a default is None (``float(None)`` stopped the start) or ""."""
+    keys = ("min_fill_seconds", "max_token_age_seconds", "max_body_bytes", "rate_limit_per_minute")
+    channel = WebFormChannel(dict.fromkeys(keys, value))
+    assert (channel.min_fill, channel.max_age, channel.max_body, channel.limiter.limit) == (3.0, 86400.0, 64 * 1024, 10)
+
+
+def test_numbers_from_the_environment_are_read_beside_unset_ones():
+    channel = WebFormChannel({"min_fill_seconds": "0", "max_token_age_seconds": None, "max_body_bytes": "1024",
+                              "rate_limit_per_minute": ""})
+    assert (channel.min_fill, channel.max_age, channel.max_body, channel.limiter.limit) == (0.0, 86400.0, 1024, 10)
+    channel = WebFormChannel({"min_fill_seconds": None, "max_token_age_seconds": "3600", "max_body_bytes": "",
+                              "rate_limit_per_minute": " 5 "})
+    assert (channel.min_fill, channel.max_age, channel.max_body, channel.limiter.limit) == (3.0, 3600.0, 64 * 1024, 5)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("trust_forwarded_for", "ja"), ("trust_forwarded_for", 1), ("min_fill_seconds", "-1"), ("min_fill_seconds", "bald"),
+    ("max_token_age_seconds", "0"), ("max_body_bytes", "64k"), ("max_body_bytes", True), ("rate_limit_per_minute", "0"),
+    ("rate_limit_per_minute", 2.5), ("max_token_age_seconds", "inf"),
+])
+def test_a_setting_of_the_wrong_shape_is_refused_at_start_naming_its_key(key, value):
+    with pytest.raises(SettingsError) as caught:
+        WebFormChannel({key: value})
+    assert caught.value.path == f"channels.webform.{key}"
+
+
+@pytest.mark.parametrize(("value", "channels"), [("false", 0), ("FALSE", 0), ("off", 0), ("0", 0), (False, 0),
+                                                 ("true", 1), ("", 1), (None, 1), (True, 1)])
+def test_enabled_false_from_the_environment_registers_no_web_form(value, channels):
+    """Only ``enabled is False`` switched the form off: the string "false" left it on."""
+    assert len(register_channels(settings={"webform": {"enabled": value}}, topics={}) or []) == channels
+
+
+def test_enabled_of_the_wrong_shape_is_refused_naming_its_key():
+    with pytest.raises(SettingsError) as caught:
+        register_channels(settings={"webform": {"enabled": "nein"}}, topics={})
+    assert caught.value.path == "channels.webform.enabled"

@@ -653,6 +653,7 @@ def test_the_wait_for_the_status_of_an_unanswered_send_is_configurable(value: An
 @pytest.mark.parametrize(("key", "value"), [
     ("status_wait", -1), ("status_wait", "soon"), ("status_wait", True), ("status_wait", "inf"),
     ("timeout", 0), ("timeout", "10s"), ("max_body_bytes", 1.5), ("max_media_bytes", "viel"),
+    ("download_media", "ja"), ("download_media", "ture"), ("download_media", 1),
 ])
 def test_a_setting_given_but_unusable_is_refused_naming_its_key(key: str, value: Any) -> None:
     """It was replaced by the default without a word: a timeout of "10s" ran with 10 s, one of
@@ -669,3 +670,15 @@ def test_a_numbers_unit_or_language_of_the_wrong_shape_is_refused(field: str, va
     with pytest.raises(WhatsAppSettingsError) as caught:
         register_channels(settings={"whatsapp": {**SETTINGS, "numbers": numbers}}, env={}, units=UNITS)
     assert caught.value.path == f"channels.whatsapp.numbers[1].{field}"
+
+
+def test_download_media_reads_the_words_of_the_environment_and_refuses_others() -> None:
+    """Any string but true, 1, yes and on read as false: "ja" or a misspelt "ture" switched the
+    download off without a word."""
+    for value, download in (("true", True), (" YES ", True), ("on", True), ("1", True), (True, True), ("false", False),
+                            ("Off", False), ("0", False), ("no", False), (False, False), ("", False), (None, False)):
+        (channel,) = register_channels(settings={"whatsapp": {**SETTINGS, "download_media": value}}, env={}, units=UNITS)
+        assert channel.settings.download_media is download, value
+    with pytest.raises(WhatsAppSettingsError) as caught:
+        register_channels(settings={"whatsapp": {**SETTINGS, "download_media": "ja"}}, env={}, units=UNITS)
+    assert (caught.value.path, caught.value.message) == ("channels.whatsapp.download_media", "expected true or false, got 'ja'")
