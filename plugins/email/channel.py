@@ -254,6 +254,16 @@ class EmailChannel(Channel):
 
     # -- outbound --------------------------------------------------------------------------
 
+    def sender_for(self, message: OutboundMessage) -> str:
+        """Our address the mail comes from: the one the person wrote to, else ``from_address``.
+
+        It came from the unit's own address (a contractor's ``dispo@tiefbau-muster.example``):
+        a resident's answer to it went to the unit's mailbox and never joined the case, and the
+        mail went through our relay under a domain that is not ours. The unit's name stays the
+        sender's name; units are written to at their address by notifications."""
+        recipient = (message.recipient or "").lower()
+        return recipient if recipient in self.settings.addresses else self.settings.from_address
+
     async def send(self, message: OutboundMessage) -> SendResult:
         """Deliver through the relay. 4xx, timeouts and connection errors are retryable; 5xx
         refusals are permanent. Without a relay the mail stays queued.
@@ -265,7 +275,7 @@ class EmailChannel(Channel):
         settings = self.settings
         if not settings.relay_host:
             raise RetryableDeliveryError("no relay configured", code=NOT_CONFIGURED)
-        sender = ascii_address(message.unit_email or settings.from_address)
+        sender = ascii_address(self.sender_for(message))
         recipient = ascii_address(message.to)
         mail = build_mail(
             message,

@@ -12,7 +12,7 @@ import html
 import re
 from datetime import datetime
 from email import policy as email_policy
-from email.headerregistry import HeaderRegistry, UnstructuredHeader
+from email.headerregistry import Address, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
 
@@ -83,7 +83,10 @@ def _one_line(value: str) -> str:
 def subject_for(message: OutboundMessage) -> str:
     """The subject: the conversation's, "Re: " when answering a mail, with ``[#<case>]``."""
     lang = message.language if message.language in _DEFAULT_SUBJECT else "en"
-    subject = _one_line(message.subject or "") or _DEFAULT_SUBJECT[lang]
+    subject = _one_line(message.subject or "")
+    if not subject or (message.case_reference and subject == f"[#{message.case_reference}]"):
+        # A subject of the reference alone (a web-form case's answer by mail) says nothing.
+        subject = _DEFAULT_SUBJECT[lang]
     if message.thread_refs and message.subject and not _REPLY_PREFIX.match(subject):
         subject = f"Re: {subject}"
     if message.case_reference and f"[#{message.case_reference}]" not in subject:
@@ -136,7 +139,9 @@ def build_mail(message: OutboundMessage, *, from_addr: str, from_name: str | Non
     mail["Message-ID"] = message_id_for(message.idempotency_key, domain)
     mail["Date"] = format_datetime(now)
     sender = ascii_address(from_addr)
-    mail["From"] = formataddr((_one_line(from_name), sender)) if from_name else sender
+    # An Address, not formataddr(): the header's folding read "Störungsannahme (Strom)" back as a
+    # name and a comment, and a comma in the name as a second address.
+    mail["From"] = Address(display_name=_one_line(from_name), addr_spec=sender) if from_name else sender
     mail["To"] = ascii_address(message.to)
     mail["Subject"] = subject_for(message)
     refs = _thread_ids(message.thread_refs)

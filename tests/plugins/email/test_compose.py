@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import email
+import email.policy
 from datetime import UTC, datetime
 
 from aiosmtplib.email import flatten_message
@@ -192,3 +194,21 @@ def test_ascii_domains_are_idna_2008():
     assert ascii_address("jürgen@exämple.de") == "jürgen@exämple.de"
     too_long = "x@" + "ü" * 70 + ".de"
     assert ascii_address(too_long) == too_long
+
+
+def test_a_senders_name_with_parentheses_and_commas_comes_through_whole():
+    """formataddr() and the header's folding made "(Strom)" a comment mail programs hide, and a
+    comma in the name a second address, whose name then stood in for the address."""
+    for name in ("Störungsannahme (Strom)", "Störungsannahme (Tiefbau Müller, Nord)", 'Bau "Nord" GmbH'):
+        mail = build_mail(outbound(), from_addr="stoerung@example.org", from_name=name, domain="example.org", now=NOW)
+        for raw in (render(mail), render(mail, utf8=True)):
+            (address,) = email.message_from_string(raw.decode(), policy=email.policy.default)["From"].addresses
+            assert (address.display_name, address.addr_spec) == (name, "stoerung@example.org")
+
+
+def test_a_subject_of_the_case_reference_alone_gets_words():
+    """A web-form case's answer by mail had the subject "[#K-7F3QX2]" and nothing else."""
+    mail = roundtrip(build(outbound(kind="reply", subject="[#K-7F3QX2]", thread_refs=())))
+    assert mail["Subject"] == "Ihre Anfrage [#K-7F3QX2]"
+    mail = roundtrip(build(outbound(kind="reply", subject="[#K-7F3QX2] Grube", thread_refs=())))
+    assert mail["Subject"] == "[#K-7F3QX2] Grube"

@@ -201,6 +201,20 @@ async def test_mail_without_keywords_is_routed_by_the_address_it_was_sent_to(har
     assert (await conversation_of(harness, "<stoerung@example.net>"))["unit"] == "stoerung"
 
 
+async def test_the_acknowledgement_comes_from_the_address_written_to(harness, sink):
+    """It came from the owning unit's own address: a resident's answer to a contractor's
+    acknowledgement went to the contractor's mailbox and never joined the case."""
+    for to in ("bau@example.org", "service@example.org"):
+        sender = f"anwohner-{to.split('@')[0]}@example.net"
+        raw = compose(sender=sender, to=to, subject="Baustelle", text="Vor meinem Haus in der Musterstraße 5 ist der Gehweg gesperrt.")
+        await send(harness, raw, sender=sender, to=(to,))
+        await harness.run_outbox()
+        [ack] = sink.to(sender)
+        (address,) = ack["From"].addresses
+        assert (address.addr_spec, address.display_name) == (to, "Tiefbau Muster GmbH")
+        assert ack["Reply-To"] is None
+
+
 async def test_the_mail_not_the_address_tells_the_language(harness, sink):
     """The address's language decided: an English mail to a German address was acknowledged,
     and answered, in German, with or without ``Content-Language: en``."""
@@ -626,8 +640,11 @@ async def test_webform_resident_with_email_gets_the_answer_by_mail_with_status_l
     assert status == 201
     await harness.run_outbox()
     [mail] = sink.to("erika@example.net")
-    assert mail["From"].addresses[0].addr_spec == "dispo@tiefbau-muster.example"
-    assert f"[#{form['case_reference']}]" in mail["Subject"]
+    # From our address in the unit's name: the contractor's own address took the resident's
+    # answer past the service; a subject of the reference alone said nothing
+    sender = mail["From"].addresses[0]
+    assert (sender.addr_spec, sender.display_name) == ("bau@example.org", "Tiefbau Muster GmbH")
+    assert mail["Subject"] == f"Ihre Anfrage [#{form['case_reference']}]"
     plain = mail.get_body(("plain",)).get_content()
     assert "Wir räumen den Gehweg bis Freitag frei." in plain
     assert form["status_url"] in plain
