@@ -532,10 +532,11 @@ def parse_mail(
 
     recipient = _recipient(msg, envelope_to, addresses)
     entry = addresses.get(recipient, {}) if recipient else {}
-    # What the mail's Content-Language says, else the core's guess from its text; the address's
-    # language is only the default for a text that does not tell. (It decided: an English mail
-    # to a German address was acknowledged, and answered, in German.)
-    language = _language(msg)
+    # The core guesses the language from the text; the mail's Content-Language, else the
+    # address's language, is only the default for a text that does not tell. The address's
+    # decided (an English mail to a German address was answered in German), and so would the
+    # header: mail programs set up in English send "en-US" with a German text.
+    language = _language(msg) or entry.get("language")
 
     defects = list(getattr(msg, "defects", []) or [])
     too_deep = any(isinstance(d, MimeTooDeepDefect) for d in defects)
@@ -621,8 +622,8 @@ def parse_mail(
         "sent_at": sent_at,
         "subject": _clip(header(msg, "Subject"), 1000),
         "text": text[:MAX_TEXT] if text else None,
-        "language": language if language and re.fullmatch(r"[a-z]{2}", language) else None,
-        "default_language": entry.get("language"),
+        "language": None,
+        "default_language": language if language and re.fullmatch(r"[a-z]{2}", language) else None,
         "unit_hint": entry.get("unit"),
         "thread": {"refs": refs[:MAX_REFS]},
         "thread_keys": [message_id] if message_id else [],

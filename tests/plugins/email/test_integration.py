@@ -131,9 +131,9 @@ def compose(*, sender: str, to: str = "bau@example.org", subject: str, text: str
     mail["Subject"] = subject
     mail["Date"] = "Mon, 30 Nov 2026 09:30:00 +0100"
     mail["Message-ID"] = message_id or make_msgid(domain="client.example.net")
+    mail.set_content(text)  # after it: set_content() drops the Content-* headers set before
     for name, value in (headers or {}).items():
         mail[name] = value
-    mail.set_content(text)
     return bytes(mail)
 
 
@@ -227,10 +227,16 @@ async def test_the_mail_not_the_address_tells_the_language(harness, sink):
         await harness.run_outbox()
         [ack] = sink.to(sender)
         assert "Your case reference is" in ack.get_body(("plain",)).get_content()
-    # A German mail to it, and one with no text to tell, in the address's language
-    for sender, text in (("anna@example.net", "Guten Tag, wann kommt mein Glasfaseranschluss? Vielen Dank"), ("ben@example.net", "")):
-        await send(harness, compose(sender=sender, to="service@example.org", subject="", text=text), sender=sender,
-                   to=("service@example.org",))
+    # A German mail to it (also from a mail program set up in English), and one with no text to
+    # tell, in the address's language
+    for sender, text, headers in (
+        ("anna@example.net", "Guten Tag, wann kommt mein Glasfaseranschluss? Vielen Dank", {}),
+        ("carl@example.net", "Sehr geehrte Damen und Herren, vor unserem Haus ist die Straße aufgegraben. Wann ist die"
+                             " Baustelle fertig? Mit freundlichen Grüßen", {"Content-Language": "en-US"}),
+        ("ben@example.net", "", {}),
+    ):
+        await send(harness, compose(sender=sender, to="service@example.org", subject="", text=text, headers=headers),
+                   sender=sender, to=("service@example.org",))
         await harness.run_outbox()
         [ack] = sink.to(sender)
         assert "Ihre Fallnummer ist" in ack.get_body(("plain",)).get_content()
