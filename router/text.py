@@ -124,3 +124,60 @@ def find_case_reference(*texts: str | None) -> str | None:
             if m:
                 return "K-" + m.group(1)
     return None
+
+
+# -- where a text may be cut -------------------------------------------------------------------
+
+_ZWJ = "\u200d"
+
+
+def _is_regional_indicator(char: str) -> bool:
+    return "\U0001f1e6" <= char <= "\U0001f1ff"
+
+
+def _extends(char: str) -> bool:
+    """Whether ``char`` belongs to the character before it (Unicode's Extend and SpacingMark,
+    roughly): combining marks (the umlaut of a decomposed "ü"), variation selectors (the
+    emoji form of "❤"), skin-tone modifiers, the zero-width joiner and non-joiner, the tags
+    of a subdivision flag, and the vowels and final consonants of a Hangul syllable."""
+    if unicodedata.category(char) in ("Mn", "Me", "Mc"):  # variation selectors are Mn
+        return True
+    point = ord(char)
+    return (
+        point in (0x200C, 0x200D)
+        or 0x1F3FB <= point <= 0x1F3FF  # skin tones (Sk)
+        or 0xE0020 <= point <= 0xE007F  # tags (Cf)
+        or 0x1160 <= point <= 0x11FF  # Hangul medial vowels and final consonants
+        or 0xD7B0 <= point <= 0xD7FF
+    )
+
+
+def _breaks_before(text: str, index: int) -> bool:
+    """Whether a part may end before ``text[index]`` without cutting a character in two."""
+    char, before = text[index], text[index - 1]
+    if _extends(char) or before == _ZWJ or (before == "\r" and char == "\n"):
+        return False
+    if 0x1100 <= ord(before) <= 0x115F and (0x1100 <= ord(char) <= 0x115F or 0xAC00 <= ord(char) <= 0xD7A3):
+        return False  # a Hangul leading consonant before another, or before a syllable
+    if _is_regional_indicator(char) and _is_regional_indicator(before):
+        # Flags are pairs of regional indicators: count the run to know which pair this is.
+        run = 0
+        while index - run - 1 >= 0 and _is_regional_indicator(text[index - run - 1]):
+            run += 1
+        return run % 2 == 0
+    return True
+
+
+def cluster_start(text: str, index: int) -> int:
+    """``index`` moved back to where the character a reader sees begins (a grapheme cluster,
+    after Unicode's rules in the cases that matter here): never between a letter and its
+    combining mark, inside a flag's pair of regional indicators or an emoji joined with
+    zero-width joiners, or before a skin-tone modifier or variation selector. ``index`` itself
+    when it is at either end of ``text``, or when one cluster fills everything before it (a
+    hard cut is all that is left then)."""
+    if index <= 0 or index >= len(text):
+        return index
+    cut = index
+    while cut > 0 and not _breaks_before(text, cut):
+        cut -= 1
+    return cut or index

@@ -14,7 +14,7 @@ from datetime import datetime
 from email import policy as email_policy
 from email.headerregistry import Address, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
-from email.utils import format_datetime, formataddr
+from email.utils import format_datetime
 
 from router.hookspecs import OutboundMessage
 

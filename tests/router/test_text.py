@@ -80,3 +80,16 @@ def test_a_forked_child_does_not_repeat_the_parents_random_bytes():
     os.close(read)
     assert len(child) == 32
     assert child != random_bytes(32)
+
+
+def test_a_cut_moves_back_to_where_a_character_begins() -> None:
+    from router.text import cluster_start
+
+    assert cluster_start("ab", 0) == 0 and cluster_start("ab", 2) == 2  # the ends stay
+    mechanic = "\U0001f468\u200d\U0001f527"  # man, zero-width joiner, wrench: one emoji
+    text = "Team: " + mechanic * 3
+    for index in range(len("Team: "), len(text)):
+        assert (cluster_start(text, index) - len("Team: ")) % len(mechanic) == 0
+    assert cluster_start("Mu\u0308ller", 2) == 1  # before the u, not between u and its umlaut
+    assert cluster_start("\U0001f1e9\U0001f1ea\U0001f1e9\U0001f1ea", 3) == 2  # between two flags, not inside one
+    assert cluster_start("a" + "\u0301" * 5, 3) == 3  # one cluster before it: a hard cut

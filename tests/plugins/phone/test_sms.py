@@ -20,14 +20,14 @@ def test_long_text_ends_with_the_status_link_within_the_limit():
     text = "Wir haben Ihre Nachricht erhalten. " * 100
     short = shorten_sms(text, STATUS, limit=160)
     assert len(short) <= 160
-    assert short.endswith(f"… {STATUS}")
+    assert short.endswith(f"... {STATUS}")
     assert short.startswith("Wir haben Ihre Nachricht erhalten.")
     assert not short[: -len(STATUS) - 2].endswith(" ")  # cut at a word boundary, no dangling space
 
 
 def test_long_text_without_link_gets_an_ellipsis():
     short = shorten_sms("x" * 2000, None, limit=100)
-    assert len(short) == 100 and short.endswith("…")
+    assert len(short) == 100 and short.endswith("...")
 
 
 def test_an_answer_whose_conversation_is_elsewhere_carries_the_link():
@@ -36,12 +36,35 @@ def test_an_answer_whose_conversation_is_elsewhere_carries_the_link():
     fits_alone = "Wir kommen am Freitag. " * 6  # fits the limit, not with the link
     assert len(fits_alone) <= 160 < len(fits_alone) + 1 + len(STATUS)
     short = shorten_sms(fits_alone, STATUS, limit=160, with_link=True)
-    assert len(short) <= 160 and short.endswith(f"… {STATUS}") and short.startswith("Wir kommen am Freitag.")
+    assert len(short) <= 160 and short.endswith(f"... {STATUS}") and short.startswith("Wir kommen am Freitag.")
     assert shorten_sms("Hallo", None, with_link=True) == "Hallo"
 
 
 def test_link_longer_than_the_limit_is_left_out():
-    assert shorten_sms("y" * 50, STATUS, limit=20) == "y" * 19 + "…"
+    assert shorten_sms("y" * 50, STATUS, limit=20) == "y" * 17 + "..."
+
+
+GSM7 = set("@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§"
+           "¿abcdefghijklmnopqrstuvwxyzäöñüà")
+
+
+def test_a_cut_german_text_stays_in_the_gsm_alphabet():
+    """The "…" made a German text go as UCS-2: 24 segments for 1,600 characters instead of 11."""
+    reply = "Sehr geehrte Frau Müller, die Straße wird ab Montag gesperrt. " * 40
+    assert set(reply) <= GSM7
+    assert set(shorten_sms(reply, "https://example.org/channels/webform/status/abc", 1600)) <= GSM7
+
+
+def test_emoji_count_twice_against_twilios_limit_and_are_never_cut_in_two():
+    """Twilio counts UTF-16 code units: an answer with emoji cut to 1,600 characters was 1,655
+    to Twilio, refused for good; a hard cut left half a joined emoji."""
+    body = shorten_sms("Danke für Ihre Geduld 🙏 " * 100, STATUS, 1600)
+    assert len(body.encode("utf-16-le")) // 2 <= 1600 and body.endswith(f"... {STATUS}")
+    mechanic = "\U0001f468\u200d\U0001f527"
+    for limit in range(20, 40):
+        body = shorten_sms("Team: " + mechanic * 100, None, limit)
+        assert len(body.encode("utf-16-le")) // 2 <= limit
+        assert (len(body.removesuffix("...")) - len("Team: ")) % len(mechanic) == 0, (limit, body)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ import pytest
 from plugins.whatsapp.graph import (
     MAX_TEXT_LENGTH,
     classify_error,
-    cluster_start,
     is_earlier_part,
     part_key,
     provider_message_id,
@@ -95,7 +94,6 @@ def test_a_hard_cut_never_splits_what_a_reader_sees_as_one_character(unit: str, 
 def test_a_cluster_longer_than_the_limit_is_cut_hard_rather_than_not_at_all() -> None:
     text = "a" + "\u0301" * 30  # one letter under thirty accents: no boundary within it
     assert split_text(text, limit=10) == [text[:10], text[10:20], text[20:30], text[30:]]
-    assert cluster_start("ab", 0) == 0 and cluster_start("ab", 2) == 2
 
 
 def test_a_flag_run_is_cut_between_pairs() -> None:
