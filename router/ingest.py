@@ -67,6 +67,11 @@ def prepare(
     """Validate and normalise; raises ``InvalidMessage`` naming the field. Returns the message,
     the sender's identities, the language and the folded subject and text."""
     msg = validate_inbound(message)
+    name = msg["sender"].get("display_name")
+    if isinstance(name, str) and name != " ".join(name.split()):
+        # A WhatsApp profile name comes as its owner typed it: "  " or " Erika " gave
+        # "Guten Tag   , vielen Dank" in the acknowledgement, and the contact that name.
+        msg["sender"] = {**msg["sender"], "display_name": " ".join(name.split()) or None}
     try:
         identities = identities_of(msg)
     except InvalidAddress as exc:

@@ -37,11 +37,23 @@ class Metrics:
         for name in sorted(self._counters):
             lines.append(f"# TYPE {name} counter")
             for key, value in sorted(self._counters[name].items()):
-                lines.append(f"{name}{_labels(dict(key))} {value:g}")
+                lines.append(f"{name}{_labels(dict(key))} {_number(value)}")
         gauges = {name: collect() for name, collect in self._gauges.items()}
         gauges.update(extra or {})
         for name in sorted(gauges):
             lines.append(f"# TYPE {name} gauge")
             for labels, value in gauges[name]:
-                lines.append(f"{name}{_labels(labels)} {value:g}")
+                lines.append(f"{name}{_labels(labels)} {_number(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """A sample's value, exact: ``{:g}`` wrote 1234567 as ``1.23457e+06``, and a counter past a
+    million then stood still in ``rate()`` until its sixth digit moved."""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))

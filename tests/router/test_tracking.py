@@ -585,3 +585,16 @@ async def test_the_call_back_limit_may_come_from_the_environment_as_text(tmp_pat
             assert status == 201, body
             queued.append(await harness.count("outbox", "kind = 'callback_sms'"))
         assert queued == [0, 1]
+
+
+async def test_a_blank_or_padded_name_gives_no_stray_spaces(harness):
+    """WhatsApp profile names come as typed: "Guten Tag   , vielen Dank" and "Guten Tag  Erika ,"."""
+    expected = {"a@example.net": ("Guten Tag, ", None), "b@example.net": ("Guten Tag Erika Muster, ", "Erika Muster")}
+    for address, name in (("a@example.net", "  "), ("b@example.net", " Erika \t Muster ")):
+        message = webform_message(email=address)
+        message["sender"]["display_name"] = name
+        result = await harness.core.ingest(message)
+        assert result.ack_text.startswith(expected[address][0]), result.ack_text
+        (row,) = await harness.rows("SELECT display_name FROM contacts c JOIN conversations v ON v.contact_id = c.id"
+                                    " WHERE v.id = ?", (result.conversation_id,))
+        assert row["display_name"] == expected[address][1]
