@@ -172,15 +172,32 @@ class DeliveryError(Exception):
     """Base class of the errors ``Channel.send`` raises."""
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
+        # Kept as text whatever a plugin passes (``PermanentDeliveryError(exc)``): an exception
+        # as the message could not be recorded, and the row was sent again at every lease, for
+        # ever, with no fallback and no call-back flag.
+        message = message if isinstance(message, str) else str(message)
         super().__init__(message)
         self.message = message
-        self.code = code
+        self.code = code if code is None or isinstance(code, str) else str(code)
 
 
 NOT_CONFIGURED = "not_configured"
 """The ``RetryableDeliveryError`` code of a channel that cannot send at all until an operator
 fixes its settings (no mail relay, a refused access token or sender number): its messages stay
 queued, are never given up, and the outbox logs an ERROR at each attempt."""
+
+
+def _seconds_or_none(value: Any) -> float | None:
+    """A provider's wait as the outbox can use it: a finite number of seconds, at least 0, also
+    from a header's text ("30"); anything else None, leaving the wait to the backoff. A string
+    passed on from ``Retry-After`` stopped the outcome from being recorded."""
+    if isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return seconds if 0 <= seconds < float("inf") else None
 
 
 class RetryableDeliveryError(DeliveryError):
@@ -198,8 +215,8 @@ class RetryableDeliveryError(DeliveryError):
         self, message: str, *, code: str | None = None, retry_after: float | None = None, outcome_unknown: bool = False
     ) -> None:
         super().__init__(message, code=code)
-        self.retry_after = retry_after
-        self.outcome_unknown = outcome_unknown
+        self.retry_after = _seconds_or_none(retry_after)
+        self.outcome_unknown = bool(outcome_unknown)
 
 
 class PermanentDeliveryError(DeliveryError):

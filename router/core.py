@@ -345,7 +345,9 @@ class Core:
                 raise
             except StorageUnavailable as exc:  # the store logged the cause; tried again next pass
                 log.warning("escalation pass skipped: %s", exc)
-            except Exception:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # also one that is no Exception: a pass that fails stops no other
                 log.exception("escalation pass failed")
             await asyncio.sleep(self.config.escalation_check_seconds)
 

@@ -605,8 +605,10 @@ class OutboxWorker:
             except StorageUnavailable as exc:  # the store logged the cause; tried again at the poll
                 log.warning("outbox batch skipped: %s", exc)
                 count = 0
-            except Exception:  # keep delivering: one bad batch must not stop the outbox
-                log.exception("outbox batch failed")
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # keep delivering: one bad batch must not stop the outbox (nor
+                log.exception("outbox batch failed")  # another framework's exception, no Exception)
                 count = 0
             # A batch that was not full took everything due: claiming again at once would
             # only cost a transaction (one in four per message at a low rate). New rows set
@@ -843,7 +845,11 @@ class OutboxWorker:
             log.error("channel %s: its send of outbox row %s was cancelled inside the plugin", item["channel"], item["id"])
             await self._retry(item, "the channel's send was cancelled inside the plugin", None)
             return False
-        except Exception as exc:  # a plugin bug: logged, then retried like any failure, and given up
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a plugin bug: logged, then retried like any failure, and given up
+            # Also one that is no Exception (another framework's cancellation or timeout): let
+            # through, it ended the worker, and nothing was sent until a restart.
             log.exception("channel %s raised while sending outbox row %s", item["channel"], item["id"])
             await self._retry(item, f"{type(exc).__name__}: {exc}", None)
             return False

@@ -1119,3 +1119,73 @@ async def test_an_acknowledgement_that_fails_after_the_case_was_closed_puts_nobo
     assert [e["kind"] for e in detail["events"]].count("undeliverable") == 1
     status, listing = await harness.api("GET", "/api/v1/conversations?flag=callback_required")
     assert listing["items"] == []
+
+
+class PluginAbort(BaseException):
+    """Another framework's exception that is no ``Exception`` (trio's, gevent's Timeout)."""
+
+
+class AbortingChat(StaggeredChat):
+    def __init__(self) -> None:
+        super().__init__()
+        self.abort_next = 1
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if self.abort_next:
+            self.abort_next -= 1
+            raise PluginAbort("boom")
+        return await super().send(message)
+
+
+async def test_an_exception_that_is_no_exception_in_a_plugin_does_not_end_the_outbox(tmp_path):
+    """It went through ``except Exception`` and ended the worker: every message after it stayed
+    queued until a restart, and webhooks still answered 2xx."""
+    plugin = Plugin(AbortingChat())
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.05)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness, idle_worker(harness) as worker:
+        await _ingest_senders(harness, 2)
+        await wait_until(lambda: _sent(harness, 2), 3.0, 0.01)
+        assert not worker.done()
+        errors = [r["last_error"] for r in await harness.rows("SELECT last_error FROM outbox ORDER BY id")]
+        assert sum("PluginAbort: boom" in (e or "") for e in errors) == 1, errors  # retried, then sent
+
+
+class CarelessChat(StaggeredChat):
+    """A plugin that passes an exception as the message, or Retry-After as the header's text."""
+
+    def __init__(self, error) -> None:
+        super().__init__()
+        self.error = error
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.calls += 1
+        raise self.error()
+
+
+@pytest.mark.parametrize(("error", "state", "last_error"), [
+    (lambda: PermanentDeliveryError(ValueError("number unknown")), "failed", "number unknown"),
+    (lambda: RetryableDeliveryError(OSError("connection reset")), "pending", "connection reset"),
+    (lambda: RetryableDeliveryError("429 Too Many Requests", retry_after="30"), "pending", "429 Too Many Requests"),
+    (lambda: RetryableDeliveryError("slow down", retry_after="soon"), "pending", "slow down"),
+])
+async def test_an_error_with_a_value_of_the_wrong_type_is_recorded_all_the_same(tmp_path, error, state, last_error):
+    """Its outcome could not be recorded (``error[:1000]`` of an exception, ``max("30", ...)``):
+    the row stayed 'sending' and went out again at every lease, for ever; a permanent one
+    never fell back and never flagged the person for a call-back."""
+    plugin = Plugin(CarelessChat(error))
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.05, max_attempts=3, retry_seconds=0)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox(rounds=1)
+        (row,) = await harness.rows("SELECT state, last_error, next_attempt_at FROM outbox")
+        assert (row["state"], row["last_error"]) == (state, last_error)
+        if state == "failed":
+            (conversation,) = await harness.rows("SELECT flags FROM conversations")
+            assert "callback_required" in conversation["flags"]
+
+
+def test_a_retry_after_is_seconds_or_nothing():
+    assert RetryableDeliveryError("x", retry_after="30").retry_after == 30.0
+    assert RetryableDeliveryError("x", retry_after=2).retry_after == 2.0
+    for value in ("soon", -1, float("nan"), float("inf"), True, None, object()):
+        assert RetryableDeliveryError("x", retry_after=value).retry_after is None, value
