@@ -350,4 +350,10 @@ class WhatsAppChannel(Channel):
         provider_id = graph.provider_message_id(body) if 200 <= status < 300 else None
         if provider_id:
             return provider_id
+        if 200 <= status < 300:
+            # Meta took it, but its answer cannot be read (cut short, changed by a proxy): the
+            # message is on its way, and its statuses, which carry our key, will say so. As a
+            # permanent failure, the person was flagged for a call-back, or sent it again.
+            raise RetryableDeliveryError(f"Graph API took the message (HTTP {status}) but named no id",
+                                         code="no_message_id", outcome_unknown=True)
         raise graph.classify_error(status, body if isinstance(body, dict) else None, retry_after=retry_after)

@@ -1336,3 +1336,22 @@ async def test_a_database_that_refuses_writes_answers_503_and_the_retry_is_store
     await wa.run_outbox()
     assert await wa.count("messages", "direction = 'in'") == 1
     assert len(graph.requests) == 1 and (await only_conversation(wa))["state"] == "acknowledged"
+
+
+async def test_a_200_without_a_message_id_waits_for_the_status_instead_of_failing(tmp_path, graph: FakeGraph):
+    """Meta took the message but its answer named no id (cut short, changed by a proxy): it was
+    a permanent failure, the person flagged for a call-back, and the status proving delivery
+    that came a moment later was ignored."""
+    graph.answers.append((200, {"messaging_product": "whatsapp"}, 0.0))
+    async with make_harness(tmp_path, graph) as wa:
+        await post(wa, text_body("wamid.IN1", "Seit heute früh wird vor unserem Haus gebaggert."))
+        await wa.run_outbox()
+        (row,) = await wa.rows("SELECT state, idempotency_key, last_error FROM outbox WHERE kind = 'ack'")
+        assert row["state"] == "pending" and "named no id" in row["last_error"]
+        status, _ = await post(wa, status_body("wamid.OUT9", "delivered", callback_data=row["idempotency_key"]))
+        assert status == 200
+        (row,) = await wa.rows("SELECT state, delivery_status FROM outbox WHERE kind = 'ack'")
+        assert (row["state"], row["delivery_status"]) == ("sent", "delivered")
+        detail = await only_conversation(wa)
+        assert not {"undeliverable", "callback_required"} & set(detail["flags"])
+        assert len(graph.sent) == 1  # not sent again
