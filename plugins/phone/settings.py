@@ -62,7 +62,9 @@ class PhoneSettings:
     region: str = "DE"
     timezone: str | None = None  # None: the service's timezone (``ChannelContext.timezone``)
     company_name: str | None = None
-    voice: str | None = None
+    voice: str | Mapping[str, str] | None = None
+    """Twilio's ``<Say>`` voice: one name for the German texts, or a table by language
+    (``{de = "Polly.Vicki", en = "Polly.Amy"}``); a language without one gets Twilio's default."""
     other_channels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     sms_max_length: int = 1600
     send_timeout: float = 15.0
@@ -91,7 +93,7 @@ class PhoneSettings:
                 section[key] = env[variable]
         values: dict[str, Any] = {}
         for key in ("account_sid", "auth_token", "phone_number", "api_url", "public_base_url", "cti_secret",
-                    "cti_number_format", "region", "timezone", "company_name", "voice"):
+                    "cti_number_format", "region", "timezone", "company_name"):
             value = section.get(key)
             if value is None or value == "":
                 continue
@@ -114,6 +116,8 @@ class PhoneSettings:
             values["region"] = values["region"].upper()
         if "phone_number" in values:
             _check_e164(values["phone_number"], values.get("region", "DE"))
+        if section.get("voice") not in (None, ""):
+            values["voice"] = _voice(section["voice"])
         defaults = {field.name: field.default for field in dataclasses.fields(cls)}
         for key in ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts"):
             values[key] = positive_int(section, key, defaults[key], _WHERE, error=PhoneSettingsError)
@@ -176,3 +180,20 @@ def _check_e164(number: str, region: str) -> None:
     except phonenumbers.NumberParseException:
         pass
     raise PhoneSettingsError("channels.phone.phone_number", f"not an E.164 number: {number!r}{hint}")
+
+
+def _voice(value: Any) -> str | dict[str, str]:
+    """``voice``: a name (for the German texts: voices speak one language, and the German
+    ``Polly.Vicki`` read the English menu too), or a table of names by language."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, Mapping) and value:
+        voices = {}
+        for language, name in value.items():
+            if not (isinstance(language, str) and re.fullmatch(r"[a-z]{2}", language)):
+                raise PhoneSettingsError(f"channels.phone.voice.{language}", "expected a two-letter language code")
+            if not (isinstance(name, str) and name.strip()):
+                raise PhoneSettingsError(f"channels.phone.voice.{language}", "expected a voice's name")
+            voices[language] = name.strip()
+        return voices
+    raise PhoneSettingsError("channels.phone.voice", "expected a voice's name or a table of them by language")

@@ -85,6 +85,10 @@ MONTHS = {
 }
 
 
+Voice = str | Mapping[str, str] | None
+"""A ``<Say>`` voice: a name for the German texts, or names by language."""
+
+
 def _lang(language: str) -> str:
     return language if language in TEXTS else "de"
 
@@ -97,10 +101,15 @@ def _document(root: ET.Element) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="unicode")
 
 
-def _say(parent: ET.Element, text: str, language: str, voice: str | None) -> ET.Element:
-    say = ET.SubElement(parent, "Say", language=VOICE_LANGUAGES[_lang(language)])
-    if voice:
-        say.set("voice", voice)
+def _say(parent: ET.Element, text: str, language: str, voice: Voice) -> ET.Element:
+    """``voice``: a name for the German texts, or names by language (``PhoneSettings.voice``).
+    A voice speaks one language: the German one read the English menu with a German accent, and
+    Twilio may refuse a voice with another language."""
+    lang = _lang(language)
+    say = ET.SubElement(parent, "Say", language=VOICE_LANGUAGES[lang])
+    chosen = voice.get(lang) if isinstance(voice, Mapping) else (voice if lang == "de" else None)
+    if chosen:
+        say.set("voice", chosen)
     say.text = text
     return say
 
@@ -155,7 +164,7 @@ def greeting_menu(
     company: str | None = None,
     withheld: bool = False,
     labels: Mapping[str, Mapping[str, str]] | None = None,
-    voice: str | None = None,
+    voice: Voice = None,
     timeout: int = 6,
 ) -> str:
     """The greeting and a one-digit menu; no key at all continues to ``action_url`` without one.
@@ -174,7 +183,7 @@ def greeting_menu(
         parts.append(_text(language, "menu_item", label=topic_label(topic, language, labels), digit=digit))
     _say(gather, " ".join(parts), language, voice)
     if english_digit and _lang(language) == "de":
-        _say(gather, _text("en", "english", digit=english_digit), "en", None)
+        _say(gather, _text("en", "english", digit=english_digit), "en", voice)  # the English voice, if one is set
     redirect = ET.SubElement(root, "Redirect", method="POST")
     redirect.text = action_url
     return _document(root)
@@ -188,7 +197,7 @@ def forward(
     timeout: int = 20,
     language: str = "de",
     caller_id: str | None = None,
-    voice: str | None = None,
+    voice: Voice = None,
 ) -> str:
     """Put the caller through to ``number``; ``action_url`` learns whether anyone answered.
     With ``screen_url``, whoever picks up there hears ``screen`` first and takes the call by
@@ -206,7 +215,7 @@ def forward(
     return _document(root)
 
 
-def screen(*, action_url: str, case_reference: str | None = None, language: str = "de", voice: str | None = None,
+def screen(*, action_url: str, case_reference: str | None = None, language: str = "de", voice: Voice = None,
            timeout: int = 8) -> str:
     """What the person a call is put through to hears when they pick up: the call, its case,
     and 1 to take it. Nothing pressed (a mailbox, an announcement): this leg hangs up, and the
@@ -237,7 +246,7 @@ def voicemail(
     language: str = "de",
     withheld: bool = False,
     other_channels: str | None = None,
-    voice: str | None = None,
+    voice: Voice = None,
 ) -> str:
     """Tell the case reference and the call-back time, then record a message with transcription.
 
@@ -271,7 +280,7 @@ def voicemail(
     return _document(root)
 
 
-def goodbye(language: str = "de", *, thanks: bool = True, voice: str | None = None) -> str:
+def goodbye(language: str = "de", *, thanks: bool = True, voice: Voice = None) -> str:
     """Thank the caller (after a voicemail) and hang up."""
     root = ET.Element("Response")
     text = _text(language, "goodbye")
@@ -282,7 +291,7 @@ def goodbye(language: str = "de", *, thanks: bool = True, voice: str | None = No
     return _document(root)
 
 
-def hangup(language: str = "de", voice: str | None = None) -> str:
+def hangup(language: str = "de", voice: Voice = None) -> str:
     """Say goodbye and end the call."""
     return goodbye(language, thanks=False, voice=voice)
 

@@ -117,3 +117,17 @@ def test_a_channel_with_settings_from_the_environment_is_registered():
     (channel,) = register_channels(settings={"phone": {**TWILIO, "forward_timeout": "20", "screen_forwards": "false"}},
                                    env={}, units=UNITS)
     assert (channel.settings.forward_timeout, channel.settings.screen_forwards) == (20, False)
+
+
+def test_a_voice_is_a_name_or_a_table_by_language():
+    from plugins.phone.settings import PhoneSettings, PhoneSettingsError
+
+    assert PhoneSettings.from_config({"voice": " Polly.Vicki "}, {}).voice == "Polly.Vicki"
+    assert PhoneSettings.from_config({"voice": {"de": "Polly.Vicki", "en": "Polly.Amy"}}, {}).voice == {
+        "de": "Polly.Vicki", "en": "Polly.Amy"}
+    assert PhoneSettings.from_config({"voice": ""}, {}).voice is None
+    for bad, key in (({"english": "Polly.Amy"}, "channels.phone.voice.english"), ({"en": ""}, "channels.phone.voice.en"),
+                     (3, "channels.phone.voice"), ({}, "channels.phone.voice")):
+        with pytest.raises(PhoneSettingsError) as caught:
+            PhoneSettings.from_config({"voice": bad}, {})
+        assert caught.value.path == key

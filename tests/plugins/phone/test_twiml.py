@@ -153,3 +153,19 @@ def test_a_passed_deadline_is_not_promised_and_the_voicemail_says_as_soon_as_pos
     assert twiml.callback_promise(deadline, "de", BERLIN, NOW) is None
     text = parsed(twiml.voicemail(action_url=ACTION, transcribe_callback_url=ACTION, callback_by=None)).find("Say").text
     assert "so bald wie möglich" in text and " um " not in text
+
+
+def test_a_voice_speaks_only_its_own_language():
+    """The one voice (the docs' German Polly.Vicki) read the English menu, voicemail prompt and
+    goodbye too: German-accented English, or a <Say> Twilio refuses."""
+    def voices(document: str) -> list[tuple[str, str | None]]:
+        return [(say.get("language"), say.get("voice")) for say in parsed(document).iter("Say")]
+
+    menu = dict(action_url=ACTION, menu=[("1", "construction")], english_digit="9")
+    assert voices(twiml.greeting_menu(language="de", voice="Polly.Vicki", **menu)) == [("de-DE", "Polly.Vicki"), ("en-GB", None)]
+    assert voices(twiml.greeting_menu(language="en", voice="Polly.Vicki", **menu)) == [("en-GB", None)]
+    assert voices(twiml.goodbye("en", voice="Polly.Vicki")) == [("en-GB", None)]
+    both = {"de": "Polly.Vicki", "en": "Polly.Amy"}
+    assert voices(twiml.greeting_menu(language="de", voice=both, **menu)) == [("de-DE", "Polly.Vicki"), ("en-GB", "Polly.Amy")]
+    assert voices(twiml.goodbye("en", voice=both)) == [("en-GB", "Polly.Amy")]
+    assert voices(twiml.goodbye("de", voice={"en": "Polly.Amy"})) == [("de-DE", None)]
