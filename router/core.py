@@ -519,7 +519,7 @@ class Core:
             # A case that waits for no answer (answered, waiting for the resident, closed) has no
             # deadline: its new owner was asked to answer "by -".
             names = ("new_owner",) if waiting else ("new_owner_nothing_due", "new_owner")
-            template = next((t for t in names if self.templates.has(t)), "ack")
+            template = next((t for t in names if self.templates.has(t)), "new_owner")
             tracking.queue_unit_notification(conn, self.config, self.templates, conversation=updated, unit_id=unit,
                                              template=template, now=now)
             return dict(updated)

@@ -30,6 +30,24 @@ def _format_minute(when: datetime, language: str, timezone: str) -> str:
     return f"{_EN_DAYS[local.weekday()]} {local.day} {_EN_MONTHS[local.month - 1]} {local.year}, {local:%H:%M}"
 
 
+NOTICES: dict[str, dict[str, str]] = {
+    "escalation": {
+        "de": "Fall {case_reference} wurde nicht bis {old_deadline} beantwortet und liegt jetzt bei {unit_name}"
+              " (Eskalationsstufe {level}). Bitte antworten Sie bis {deadline}.",
+        "en": "Case {case_reference} was not answered by {old_deadline} and is now with {unit_name}"
+              " (escalation level {level}). Please answer by {deadline}.",
+    },
+    "new_owner": {
+        "de": "Fall {case_reference} wurde {unit_name} übertragen. Bitte antworten Sie bis {deadline}.",
+        "en": "Case {case_reference} was transferred to {unit_name}. Please answer by {deadline}.",
+    },
+}
+"""What a unit is told when the configuration has no text for it (only ``ack`` is required):
+it was told the resident's acknowledgement, its placeholders (``{name_suffix}``,
+``{status_url}``) left as written. ``reminder`` and ``callback_escalation`` fall back to
+``escalation``, ``new_owner_nothing_due`` to ``new_owner``, configured or not."""
+
+
 class _Values(dict[str, Any]):
     def __missing__(self, key: str) -> str:
         return "{" + key + "}"
@@ -46,7 +64,7 @@ class Templates:
         return bool(self._templates.get(name))
 
     def language_for(self, name: str, language: str | None) -> str:
-        variants = self._templates.get(name, {})
+        variants = self._templates.get(name) or NOTICES.get(name, {})
         if language and language in variants:
             return language
         if self.default_language in variants:
@@ -54,8 +72,9 @@ class Templates:
         return next(iter(variants), self.default_language)
 
     def render(self, name: str, language: str | None, /, **values: Any) -> str:
-        """Fill ``templates.<name>.<language>``; unknown placeholders stay as written."""
-        variants = self._templates.get(name)
+        """Fill ``templates.<name>.<language>`` (for a unit's notice without one, ``NOTICES``);
+        unknown placeholders stay as written."""
+        variants = self._templates.get(name) or NOTICES.get(name)
         if not variants:
             raise KeyError(f"no template {name!r}")
         text = variants[self.language_for(name, language)]

@@ -598,3 +598,21 @@ async def test_a_blank_or_padded_name_gives_no_stray_spaces(harness):
         (row,) = await harness.rows("SELECT display_name FROM contacts c JOIN conversations v ON v.contact_id = c.id"
                                     " WHERE v.id = ?", (result.conversation_id,))
         assert row["display_name"] == expected[address][1]
+
+
+async def test_a_unit_is_told_in_words_of_its_own_where_the_configuration_has_only_the_ack(tmp_path):
+    """Only ``ack`` is required: without the other texts a unit was sent the resident's
+    acknowledgement, "Guten Tag{name_suffix}, ... {status_url}" as written."""
+    from router.testing import CoreHarness, example_config, load_raw_config
+
+    raw = load_raw_config()
+    raw["templates"] = {"ack": raw["templates"]["ack"]}
+    async with CoreHarness(tmp_path / "data", config=example_config(raw)) as harness:
+        result = await harness.core.ingest(webform_message())
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
+        await harness.core.transfer(result.conversation_id, "kundenservice", "", "admin")
+        notes = [n["text"] for n in await harness.rows("SELECT text FROM messages WHERE kind = 'notification' ORDER BY id")]
+        assert len(notes) == 2 and not any("{" in n or "status" in n for n in notes), notes
+        assert notes[0].startswith(f"Fall {result.case_reference} wurde nicht bis ")
+        assert notes[1].startswith(f"Fall {result.case_reference} wurde Kundenservice übertragen.")
