@@ -222,15 +222,34 @@ def _hide_status_link(item: dict[str, Any]) -> dict[str, Any]:
     return {key: scrub(value) for key, value in item.items() if key != "status_url"}
 
 
+def _shown(request: web.Request, member: StaffMember, detail: dict[str, Any]) -> dict[str, Any]:
+    """The detail as this member may see it (without status links for staff of external units)."""
+    if not _sees_status_link(request.app[keys.CONFIG], member):
+        return _hide_status_link(detail)
+    return detail
+
+
 async def _detail(request: web.Request, member: StaffMember, units: frozenset[str], conversation_id: int) -> dict[str, Any]:
     """The conversation as this member may see it: 404 when it is not in their units (also when
     it moved away since the request began)."""
     detail = await queries.conversation_detail(request.app[keys.CORE], conversation_id)
     if detail is None or detail["unit"] not in units:
         raise _error(404, "not_found", "conversation not found")
-    if not _sees_status_link(request.app[keys.CONFIG], member):
-        return _hide_status_link(detail)
-    return detail
+    return _shown(request, member, detail)
+
+
+async def _done(request: web.Request, member: StaffMember, units: frozenset[str], conversation_id: int) -> web.Response:
+    """The answer to an action that was done (assign, a transfer to one of the caller's units,
+    close, reopen, wait): the detail, read after the write. Another request (a transfer, an
+    escalation) may have moved the conversation out of the caller's units between the write and
+    that read: the action was done all the same, so not a 404 ("changes nothing"), which made
+    staff do it again, but ``{id, unit, moved: true}``, as a transfer away answers."""
+    detail = await queries.conversation_detail(request.app[keys.CORE], conversation_id)
+    if detail is None:  # conversations are never deleted, and the action just found this one
+        raise RuntimeError(f"conversation {conversation_id} is gone after an action on it")
+    if detail["unit"] not in units:
+        return web.json_response({"id": conversation_id, "unit": detail["unit"], "moved": True})
+    return web.json_response(_shown(request, member, detail))
 
 
 @routes.get("/api/v1/conversations/{id}")
@@ -287,7 +306,7 @@ async def post_assign(request: web.Request) -> web.Response:
     if assignee is not None and (not isinstance(assignee, str) or not assignee.strip() or len(assignee) > 100):
         raise _error(400, "invalid_field", "assignee must be a name or null", field="assignee")
     await request.app[keys.CORE].assign(conversation_id, assignee, member.name, units=units)
-    return web.json_response(await _detail(request, member, units, conversation_id))
+    return await _done(request, member, units, conversation_id)
 
 
 @routes.post("/api/v1/conversations/{id}/transfer")
@@ -301,13 +320,13 @@ async def post_transfer(request: web.Request) -> web.Response:
     await request.app[keys.CORE].transfer(conversation_id, unit, reason, member.name, units=units)
     if unit not in units:
         return web.json_response({"id": conversation_id, "unit": unit, "transferred": True})
-    return web.json_response(await _detail(request, member, units, conversation_id))
+    return await _done(request, member, units, conversation_id)
 
 
 async def _state_action(request: web.Request, action: str) -> web.Response:
     member, conversation_id, units = await _scoped_conversation(request)
     await request.app[keys.CORE].set_state(conversation_id, action, member.name, units=units)
-    return web.json_response(await _detail(request, member, units, conversation_id))
+    return await _done(request, member, units, conversation_id)
 
 
 @routes.post("/api/v1/conversations/{id}/close")
@@ -335,12 +354,14 @@ async def post_callback(request: web.Request) -> web.Response:
     note = _text(data, "note", required=False, max_len=5000)
     result = await request.app[keys.CORE].log_callback(
         conversation_id, outcome, note, member.name, units=units, key=_idempotency_key(request, member))
-    return _created(
-        result, {"attempt": result["attempt"], "answered": bool(result["answered"]), "escalated": bool(result["escalated"])}
-    )
+    # The attempt's time as every other time of the API is written (the detail's callbacks[].at).
+    attempt = {**result["attempt"], "at": queries.rfc3339(result["attempt"]["at"])}
+    return _created(result, {"attempt": attempt, "answered": bool(result["answered"]), "escalated": bool(result["escalated"])})
 
 
 async def _scoped_contact(request: web.Request, contact_id: int, units: frozenset[str]) -> dict[str, Any]:
+    """The contact, for staff who see one of its conversations; a merged contact (whose
+    conversations went to the contact it was merged into) for staff who see the survivor's."""
     core = request.app[keys.CORE]
     contact = await queries.contact_detail(core, contact_id)
     if contact is None or not (await queries.contact_units(core, contact_id)) & units:
@@ -421,7 +442,8 @@ async def get_stats(request: web.Request) -> web.Response:
     if since is not None and until is not None and since >= until:
         raise _error(400, "invalid_parameter", "to must be later than from", field="to")
     items = await queries.stats(request.app[keys.CORE], units, since, until)
-    return web.json_response({"items": items, "from": iso(since), "to": iso(until)})
+    # Written as every time of the API is (queries.rfc3339), not as the store keeps them.
+    return web.json_response({"items": items, "from": queries.rfc3339(iso(since)), "to": queries.rfc3339(iso(until))})
 
 
 @routes.get("/api/v1/me")

@@ -86,13 +86,15 @@ _REPLAYED = {"Idempotent-Replayed": {"description": "true: the answer to this ke
 
 
 def _action(
-    summary: str, body: dict[str, Any] | None = None, status: str = "200", result: str = "ConversationDetail",
+    summary: str, body: dict[str, Any] | None = None, status: str = "200", result: str = "ActionResult",
     *, idempotent: bool = False, conflict: bool = False,
 ) -> dict[str, Any]:
     """A POST on one conversation. Every one may answer 400 (the id), 401, 404 and 503 (the
     database refuses writes); one with a body also 408 and 413 (and 400 for its fields); one
     that takes an Idempotency-Key also 422; one that depends on the conversation's state
-    (``conflict``) also 409."""
+    (``conflict``) also 409. A 404 changes nothing: an action that was done answers its result,
+    the detail (``ActionResult``) or, when another request moved the conversation out of the
+    caller's units before the detail was read, ``{id, unit, moved}``."""
     statuses = ["400", "401", "404"]
     if body is not None:
         statuses += ["408", "413"]
@@ -122,6 +124,136 @@ def _unit(unit_ids: tuple[str, ...], description: str) -> dict[str, Any]:
     return {"type": "string", "pattern": _UNIT_ID,
             "description": f"{description} The id of a unit of the service's configuration (an admin's GET /api/v1/units"
                            " lists them all); another is a 400."}
+
+
+def _record(required: list[str], properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """An object the server answers, with every field it carries: ``required`` those it always
+    carries (tests check that every field of real answers is described here)."""
+    assert set(required) <= set(properties), set(required) - set(properties)
+    return {"type": "object", "required": required, "properties": properties, **extra}
+
+
+def _free(description: str) -> dict[str, Any]:
+    """An object whose keys are not the API's own (a channel's details, an event's data)."""
+    return {"type": "object", "additionalProperties": True, "description": description}
+
+
+_AT = {"type": "string", "format": "date-time", "description": "UTC, as 2026-11-30T08:00:00Z (with a fraction of a"
+       " second when it has one, up to six digits)."}
+_AT_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+_STRING_OR_NULL = {"type": ["string", "null"]}
+_STATE = {"enum": ["open", "acknowledged", "answered", "waiting", "closed"]}
+_CALLBACK_OUTCOME = {"enum": ["reached", "not_reached", "wrong_number"]}
+
+_CONTACT_SUMMARY_FIELDS = {
+    "id": {"type": "integer"}, "display_name": _STRING_OR_NULL, "is_customer": {"type": "boolean"},
+    "customer_number": _STRING_OR_NULL,
+    "customer_claim": {**_STRING_OR_NULL, "description": "A customer number the contact gave that the directory did not confirm."},
+}
+_IDENTITIES = {"type": "array", "items": _ref("Identity")}
+
+# Fields of a message beyond those every answer with a message carries.
+_MESSAGE_DETAIL = ["subject", "language", "edited_at", "deleted_at", "target_message_id", "deliveries"]
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}},
+    "Identity": _record(["kind", "address", "last_inbound_at", "failed", "claimed"], {
+        "kind": {"type": "string"}, "address": {"type": "string"}, "last_inbound_at": _AT_OR_NULL,
+        "failed": {"type": "boolean", "description": "A provider refused the address for good."},
+        "claimed": {"type": "boolean", "description": "Only typed into a web form beside another address; its owner has"
+                    " not written from it yet, and it serves only this contact's form cases."}}),
+    "ContactSummary": _record(list(_CONTACT_SUMMARY_FIELDS), _CONTACT_SUMMARY_FIELDS,
+                              description="The contact as a conversation names it."),
+    "Contact": {"allOf": [_ref("ContactSummary"), _record(["language", "merged_into", "created_at", "identities"], {
+        "language": _STRING_OR_NULL,
+        "merged_into": {"type": ["integer", "null"], "description": "The contact this one was merged into (its identities and"
+                        " conversations went there; it has none left): answered to staff who see that contact's conversations."
+                        " null: not merged."},
+        "created_at": _AT, "identities": _IDENTITIES})]},
+    "Conversation": _record(
+        ["id", "case_reference", "channel", "unit", "state", "topic", "language", "subject", "area", "assignee", "flags",
+         "contact", "deadline", "overdue", "escalation_level", "linked_to", "created_at", "updated_at", "last_inbound_at",
+         "first_answered_at"], {
+            "id": {"type": "integer"}, "case_reference": {"type": "string", "pattern": "^K-[2-9A-HJ-NP-Z]{6}$"},
+            "channel": {"type": "string"}, "unit": {"type": "string"}, "state": _STATE,
+            "topic": _STRING_OR_NULL, "language": {"type": "string"}, "subject": _STRING_OR_NULL,
+            "area": {**_STRING_OR_NULL, "description": "The configured area the routing placed it in."},
+            "assignee": _STRING_OR_NULL, "flags": {"type": "array", "items": {"type": "string"}},
+            "contact": _ref("ContactSummary"), "deadline": _AT_OR_NULL, "overdue": {"type": "boolean"},
+            "escalation_level": {"type": "integer"},
+            "linked_to": {"type": ["integer", "null"], "description": "The earlier (closed) conversation this one follows."},
+            "created_at": _AT, "updated_at": _AT, "last_inbound_at": _AT_OR_NULL, "first_answered_at": _AT_OR_NULL}),
+    "Delivery": _record(["channel", "to", "state", "attempts", "delivery_status", "last_error", "next_attempt_at"], {
+        "channel": {"type": "string"}, "to": {"type": "string"},
+        "state": {"enum": ["pending", "sending", "sent", "failed"], "description": "the outbox row's"},
+        "attempts": {"type": "integer"}, "delivery_status": _STRING_OR_NULL, "last_error": _STRING_OR_NULL,
+        "next_attempt_at": {**_AT_OR_NULL, "description": "When the next attempt is due: only while pending."}}),
+    "Message": _record(["id", "direction", "kind", "channel", "author", "text", "created_at", "delivery_status"], {
+        "id": {"type": "integer"},
+        "conversation_id": {"type": "integer", "description": "In the answer to POST replies and notes."},
+        "direction": {"enum": ["in", "out", "internal"]},
+        "kind": {"type": "string", "description": "message, reply, note, ack, notification, callback, reaction, edit, deletion, ..."},
+        "channel": {"type": "string"}, "author": {**_STRING_OR_NULL, "description": "The staff member of a reply or a note."},
+        "subject": _STRING_OR_NULL, "text": _STRING_OR_NULL, "language": _STRING_OR_NULL, "created_at": _AT,
+        "delivery_status": {"type": ["string", "null"], "enum": [None, "queued", "sent", "delivered", "read", "failed"]},
+        "edited_at": _AT_OR_NULL, "deleted_at": {**_AT_OR_NULL, "description": "When its sender deleted it (staff still see it)."},
+        "target_message_id": {"type": ["integer", "null"], "description": "The message a reaction, edit or deletion is about."},
+        "attachments": {"type": "array", "items": {"type": "object", "properties": {
+            "name": _STRING_OR_NULL, "content_type": _STRING_OR_NULL, "size": {"type": ["integer", "null"]},
+            "sha256": _STRING_OR_NULL, "media_id": _STRING_OR_NULL, "url": _STRING_OR_NULL,
+            "path": {**_STRING_OR_NULL, "description": "Where the service's data folder keeps the bytes."},
+            "caption": _STRING_OR_NULL}}, "description": "Inbound, when it has some."},
+        "location": {"type": "object", "required": ["lat", "lon"], "properties": {
+            "lat": {"type": "number"}, "lon": {"type": "number"}, "name": _STRING_OR_NULL, "address": _STRING_OR_NULL},
+            "description": "Inbound, when the sender shared one."},
+        "address": {"type": "object", "properties": {"street": _STRING_OR_NULL, "postcode": _STRING_OR_NULL, "city": _STRING_OR_NULL},
+                    "description": "Inbound, a postal address the sender gave (form fields)."},
+        "meta": _free("Inbound, a channel's details kept for staff (reaction emoji, referral, errors, ...)."),
+        "flags": {"type": "array", "items": {"type": "string"}, "description": "Inbound, the message's markers for staff."},
+        "previous_text": {**_STRING_OR_NULL, "description": "An edit's: what the edited message said before it."},
+        "deliveries": {"type": "array", "items": _ref("Delivery"),
+                       "description": "In the conversation's detail (empty for a message that went nowhere): one per address"
+                                      " an outbound message went to."}}),
+    "PostedMessage": {"allOf": [_ref("Message"), {"type": "object", "required": ["conversation_id"]}]},
+    "ConversationDetail": {"allOf": [_ref("Conversation"), _record(
+        ["contact", "routing", "messages", "pending_deliveries", "escalations", "events", "callbacks"], {
+            "contact": {"allOf": [_ref("ContactSummary"), _record(["identities"], {"identities": _IDENTITIES})]},
+            "status_url": {"type": "string", "description": "The resident's status page: not for staff of external units."},
+            "routing": _record(["rule", "reason"], {"rule": {"type": "string"}, "reason": {"type": "string"}}),
+            "messages": {"type": "array", "items": {"allOf": [_ref("Message"), {"type": "object", "required": _MESSAGE_DETAIL}]},
+                         "description": "Oldest first. A reaction replaced by a later one of its sender is not listed, nor an"
+                                        " edit that arrived after a later edit of the same message had taken effect (it never"
+                                        " took effect)."},
+            "pending_deliveries": {"type": "integer"},
+            "escalations": {"type": "array", "items": _record(["level", "from_unit", "to_unit", "reason", "at"], {
+                "level": {"type": "integer"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"},
+                "reason": {"type": "string"}, "at": _AT})},
+            "events": {"type": "array", "items": _record(["kind", "actor", "data", "at"], {
+                "kind": {"type": "string"}, "actor": _STRING_OR_NULL, "data": _free("The event's details."), "at": _AT})},
+            "callbacks": {"type": "array", "items": _ref("CallbackAttempt")}})]},
+    "Moved": {
+        "type": "object", "required": ["id", "unit", "moved"], "additionalProperties": False,
+        "description": "The action was done, but another request (a transfer, an escalation) moved the conversation out of"
+                       " the caller's units before its detail was read: where it is now.",
+        "properties": {"id": {"type": "integer"}, "unit": {"type": "string"}, "moved": {"const": True}}},
+    "ActionResult": {"oneOf": [_ref("ConversationDetail"), _ref("Moved")]},
+    "TransferResult": {"oneOf": [_ref("ConversationDetail"), {
+        "type": "object", "required": ["id", "unit", "transferred"], "additionalProperties": False, "properties": {
+            "id": {"type": "integer"}, "unit": {"type": "string"}, "transferred": {"const": True}}}, _ref("Moved")]},
+    "CallbackAttempt": _record(["outcome", "note", "staff", "at"], {
+        "outcome": _CALLBACK_OUTCOME, "note": _STRING_OR_NULL, "staff": _STRING_OR_NULL, "at": _AT}),
+    "CallbackResult": _record(["attempt", "answered", "escalated"], {
+        "attempt": _ref("CallbackAttempt"), "answered": {"type": "boolean"}, "escalated": {"type": "boolean"}}),
+    "Unit": _record(["id", "name", "kind", "languages", "first_response_hours", "escalate_to", "email", "oversees"], {
+        "id": {"type": "string"}, "name": {"type": "string"}, "kind": {"enum": ["own", "external"]},
+        "languages": {"type": "array", "items": {"type": "string"}}, "first_response_hours": {"type": "number"},
+        "escalate_to": _STRING_OR_NULL, "email": _STRING_OR_NULL, "oversees": {"type": "array", "items": {"type": "string"}}}),
+    "Stat": _record(["channel", "unit", "received", "acknowledged", "answered", "overdue", "median_first_answer_seconds"], {
+        "channel": {"type": "string"}, "unit": {"type": "string"}, "received": {"type": "integer"},
+        "acknowledged": {"type": "integer"}, "answered": {"type": "integer"}, "overdue": {"type": "integer"},
+        "median_first_answer_seconds": {"type": ["number", "null"]}}),
+}
 
 
 @cache
@@ -157,7 +289,8 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                         {"name": "overdue", "in": "query", "schema": {"enum": ["true", "false"]}},
                         {"name": "q", "in": "query", "description": "A case reference, or words that must all occur (as word starts; a"
                          " one-character word as a whole word) in a message, its subject or the sender's name; umlauts match their"
-                         " spelt-out forms. Any text of up to 200 characters and ten words (more is a 400); empty: no search.",
+                         " spelt-out forms. Any text of up to 200 characters and ten words (more is a 400); empty, or without"
+                         " any word (only blanks or punctuation, such as - or a + a URL turns into a space): no search.",
                          "schema": {"type": "string", "maxLength": 200}},
                         {"name": "contact", "in": "query", "description": "Only this contact's conversations.", "schema": _ID_VALUE},
                         {"name": "flag", "in": "query", "description": "Only the conversations carrying this flag (callback_required: the call-backs to make).", "schema": {"enum": sorted(FLAGS)}},
@@ -177,15 +310,16 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                 "get": {"summary": "One conversation with messages, routing, escalations and deliveries",
                         "parameters": _ID, "responses": {"200": _json(_ref("ConversationDetail")), **_errors("400", "401", "404")}}
             },
-            "/api/v1/conversations/{id}/replies": _action("Reply to the contact on the conversation's channel", text, "201", "Message",
+            "/api/v1/conversations/{id}/replies": _action("Reply to the contact on the conversation's channel", text, "201", "PostedMessage",
                                                           idempotent=True),
-            "/api/v1/conversations/{id}/notes": _action("Add an internal note", text, "201", "Message", idempotent=True),
+            "/api/v1/conversations/{id}/notes": _action("Add an internal note", text, "201", "PostedMessage", idempotent=True),
             "/api/v1/conversations/{id}/assign": _action("Assign to a staff member (null unassigns)", _object(["assignee"], {
                 "assignee": _text(100, "A name (with a character that is not white space, at most 100 characters), or null.",
                                   nullable=True)})),
             "/api/v1/conversations/{id}/transfer": _action(
                 "Transfer to another unit: new deadline, new owner notified. The detail, or, when the new unit is not"
-                " the caller's, only {id, unit, transferred}", _object(["unit"], {
+                " the caller's, only {id, unit, transferred} (or {id, unit, moved} when another request moved it out of"
+                " the caller's units before the detail was read)", _object(["unit"], {
                     "unit": _unit(unit_ids, "The new unit: any unit of the service, not only the caller's; the conversation's"
                                             " own is a 409 same_unit."),
                     "reason": {"type": ["string", "null"], "maxLength": 2000,
@@ -202,6 +336,9 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                                        "description": "Empty, white space or null: no note."}}),
                 "201", "CallbackResult", idempotent=True),
             "/api/v1/contacts/{id}": {"get": {"summary": "A contact with its identities", "parameters": _ID,
+                                              "description": "For staff who see one of its conversations. A merged contact"
+                                              " (its identities and conversations went to the contact it was merged into)"
+                                              " answers with its merged_into, for staff who see that contact's conversations.",
                                               "responses": {"200": _json(_ref("Contact")), **_errors("400", "401", "404")}}},
             "/api/v1/contacts/{id}/merge": {"post": {
                 "summary": "Merge another contact into this one; identities and history follow (409 same_contact, or merged"
@@ -209,7 +346,7 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                 "requestBody": _body(_object(["other_contact_id"], {"other_contact_id": {
                     **_ID_VALUE, "description": "The contact merged into this one: an integer written without a fraction."}})),
                 "responses": {"200": _json(_ref("Contact")), **_errors("400", "401", "403", "404", "408", "409", "413", "503")}}},
-            "/api/v1/units": {"get": {"summary": "The caller's units", "responses": {"200": _json({"type": "object", "properties": {"items": {"type": "array", "items": _ref("Unit")}}}), **_errors("401")}}},
+            "/api/v1/units": {"get": {"summary": "The caller's units", "responses": {"200": _json(_record(["items"], {"items": {"type": "array", "items": _ref("Unit")}})), **_errors("401")}}},
             "/api/v1/stats": {"get": {
                 "summary": "Per channel and unit: received, acknowledged, answered, overdue, median time to first human answer",
                 "description": "Of the conversations created in [from, to); all of them without a period. A date alone means its"
@@ -223,12 +360,13 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                     {"name": "to", "in": "query", "schema": {"type": "string", "minLength": 10, "maxLength": 32, "pattern": MOMENT},
                      "description": "Exclusive; later than from. Written as from is."},
                 ],
-                "responses": {"200": _json({"type": "object", "properties": {
+                "responses": {"200": _json(_record(["items", "from", "to"], {
                     "items": {"type": "array", "items": _ref("Stat")},
-                    "from": {"type": ["string", "null"], "format": "date-time"},
-                    "to": {"type": ["string", "null"], "format": "date-time"}}}),
+                    "from": {**_AT_OR_NULL, "description": "The period's start in UTC, written as every time of the API is"
+                             " (2026-10-31T23:00:00Z); null without one."},
+                    "to": {**_AT_OR_NULL, "description": "Its end, written as from is."}})),
                     **_errors("400", "401")}}},
-            "/api/v1/me": {"get": {"summary": "Who the token belongs to and which units it sees", "responses": {"200": _json({"type": "object", "properties": {"name": {"type": "string"}, "units": {"type": "array", "items": {"type": "string"}}}}), **_errors("401")}}},
+            "/api/v1/me": {"get": {"summary": "Who the token belongs to and which units it sees", "responses": {"200": _json(_record(["name", "units"], {"name": {"type": "string"}, "units": {"type": "array", "items": {"type": "string"}}})), **_errors("401")}}},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI document"}}}},
             "/healthz": {"get": {"summary": "Health", "security": [], "responses": {"200": {"description": "ok"}, "503": {"description": "storage unavailable"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "text/plain exposition format"}}}},
@@ -252,47 +390,6 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                 "Unavailable": {**_json(_ref("Error"), "The database refuses writes now (unavailable); nothing was done, try again"),
                                 "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "string", "pattern": "^[0-9]+$"}}}},
             },
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-                    "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}},
-                "Contact": {"type": "object", "required": ["id", "is_customer"], "properties": {
-                    "id": {"type": "integer"}, "display_name": {"type": ["string", "null"]}, "is_customer": {"type": "boolean"},
-                    "customer_number": {"type": ["string", "null"]}, "customer_claim": {"type": ["string", "null"]},
-                    "identities": {"type": "array", "items": {"type": "object", "required": ["kind", "address", "failed", "claimed"], "properties": {
-                        "kind": {"type": "string"}, "address": {"type": "string"},
-                        "last_inbound_at": {"type": ["string", "null"], "format": "date-time"},
-                        "failed": {"type": "boolean", "description": "A provider refused the address for good."},
-                        "claimed": {"type": "boolean", "description": "Only typed into a web form beside another address; its owner has"
-                                    " not written from it yet, and it serves only this contact's form cases."}}}}}},
-                "Conversation": {"type": "object", "required": ["id", "case_reference", "channel", "unit", "state", "contact", "deadline", "overdue", "escalation_level"], "properties": {
-                    "id": {"type": "integer"}, "case_reference": {"type": "string", "pattern": "^K-[2-9A-HJ-NP-Z]{6}$"},
-                    "channel": {"type": "string"}, "unit": {"type": "string"},
-                    "state": {"enum": ["open", "acknowledged", "answered", "waiting", "closed"]},
-                    "contact": _ref("Contact"), "deadline": {"type": ["string", "null"], "format": "date-time"},
-                    "overdue": {"type": "boolean"}, "escalation_level": {"type": "integer"},
-                    "flags": {"type": "array", "items": {"type": "string"}}, "assignee": {"type": ["string", "null"]}}},
-                "Message": {"type": "object", "required": ["id", "direction", "channel", "text", "created_at", "delivery_status"], "properties": {
-                    "id": {"type": "integer"}, "direction": {"enum": ["in", "out", "internal"]}, "kind": {"type": "string"},
-                    "channel": {"type": "string"}, "text": {"type": ["string", "null"]}, "created_at": {"type": "string", "format": "date-time"},
-                    "delivery_status": {"type": ["string", "null"], "enum": [None, "queued", "sent", "delivered", "read", "failed"]},
-                    "deliveries": {"type": "array", "description": "Outbound only (in the conversation's detail): one per address it went to.",
-                                   "items": {"type": "object", "required": ["channel", "to", "state", "attempts"], "properties": {
-                                       "channel": {"type": "string"}, "to": {"type": "string"},
-                                       "state": {"type": "string", "description": "the outbox row's: pending, sending, sent, failed"},
-                                       "attempts": {"type": "integer"}, "delivery_status": {"type": ["string", "null"]},
-                                       "last_error": {"type": ["string", "null"]},
-                                       "next_attempt_at": {"type": ["string", "null"], "format": "date-time"}}}}}},
-                "ConversationDetail": {"allOf": [_ref("Conversation"), {"type": "object", "required": ["messages", "routing", "escalations"], "properties": {
-                    "messages": {"type": "array", "items": _ref("Message"), "description": "Oldest first. A reaction replaced by a later one of its sender is not listed, nor an edit that arrived after a later edit of the same message had taken effect (it never took effect)."},
-                    "routing": {"type": "object", "required": ["rule", "reason"], "properties": {"rule": {"type": "string"}, "reason": {"type": "string"}}},
-                    "escalations": {"type": "array", "items": {"type": "object", "properties": {"level": {"type": "integer"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}, "reason": {"type": "string"}, "at": {"type": "string"}}}},
-                    "events": {"type": "array"}, "callbacks": {"type": "array"}, "pending_deliveries": {"type": "integer"}}}]},
-                "TransferResult": {"oneOf": [_ref("ConversationDetail"), {
-                    "type": "object", "required": ["id", "unit", "transferred"], "additionalProperties": False, "properties": {
-                        "id": {"type": "integer"}, "unit": {"type": "string"}, "transferred": {"const": True}}}]},
-                "CallbackResult": {"type": "object", "properties": {"attempt": {"type": "object"}, "answered": {"type": "boolean"}, "escalated": {"type": "boolean"}}},
-                "Unit": {"type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "kind": {"enum": ["own", "external"]}, "first_response_hours": {"type": "number"}, "escalate_to": {"type": ["string", "null"]}, "oversees": {"type": "array", "items": {"type": "string"}}}},
-                "Stat": {"type": "object", "properties": {"channel": {"type": "string"}, "unit": {"type": "string"}, "received": {"type": "integer"}, "acknowledged": {"type": "integer"}, "answered": {"type": "integer"}, "overdue": {"type": "integer"}, "median_first_answer_seconds": {"type": ["number", "null"]}}},
-            },
+            "schemas": _SCHEMAS,
         },
     }

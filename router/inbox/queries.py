@@ -185,7 +185,11 @@ async def list_conversations(
     before_id: int | None = None,
     limit: int = 50,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Conversations of the given units, newest first, filtered; returns (items, next cursor)."""
+    """Conversations of the given units, newest first, filtered; returns (items, next cursor).
+
+    ``q`` without a case reference or any search word (empty, blanks, punctuation: ``-``, a
+    ``+`` a URL made a space) is no search, as an empty one is: it listed nothing, while ``q=``
+    listed everything."""
     now = core.clock.now()
     units = sorted(set(units))
     reference = None
@@ -193,7 +197,7 @@ async def list_conversations(
         from ..text import find_case_reference
 
         reference = find_case_reference(q)
-        if not reference:
+        if not reference and match_words(q):
             return await _search_page(core, q, units, state, channel, overdue, contact_id, flag, before_id, limit, now)
     sql, params = list_query(
         units, state, channel, overdue, contact_id, now, flag=flag, reference=reference, before_id=before_id,
@@ -276,8 +280,8 @@ async def _search_page(
     """The list filtered by free text: conversations with a message that has every word of
     ``q`` as a word start (see ``router.search``), newest first, a page of them."""
     words = match_words(q)
-    if not words:
-        return [], None
+    if not words:  # list_conversations lists everything for a q without words: never here
+        raise ValueError("a search needs a word")
     terms = await prefix_terms(core.store.fetchall, words)
     match = expanded_match(words, terms)
     if match is None:  # a word that begins no indexed word: nothing can match
@@ -708,8 +712,23 @@ async def _identities(core: Core, contact_id: int) -> list[dict[str, Any]]:
     ]
 
 
+# A merged contact's conversations went to the contact it was merged into, which may have been
+# merged into another since: the chain is followed (in one statement, one snapshot, so a merge
+# in between cannot hide the contact), at most this many links.
+_MAX_MERGES = 64
+
+
 async def contact_units(core: Core, contact_id: int) -> set[str]:
-    rows = await core.store.fetchall("SELECT DISTINCT unit FROM conversations WHERE contact_id = ?", (contact_id,))
+    """The units of a contact's conversations; of a merged contact (it has none left), those of
+    the contact it was merged into, at the end of the chain of merges: staff who see the
+    survivor see where the merged contact went."""
+    rows = await core.store.fetchall(
+        "WITH RECURSIVE chain(id, n) AS (SELECT ?, 0 UNION ALL"
+        " SELECT k.merged_into, chain.n + 1 FROM contacts k JOIN chain ON k.id = chain.id"
+        " WHERE k.merged_into IS NOT NULL AND chain.n < ?)"
+        " SELECT DISTINCT unit FROM conversations WHERE contact_id IN (SELECT id FROM chain)",
+        (contact_id, _MAX_MERGES),
+    )
     return {r["unit"] for r in rows}
 
 

@@ -368,6 +368,94 @@ async def test_a_staff_action_on_a_conversation_that_moved_away_meanwhile_change
     assert not await harness.rows("SELECT 1 FROM events WHERE conversation_id = ? AND actor = 'contractor'", (case,))
 
 
+@pytest.mark.parametrize(("action", "token", "body", "method", "to"), [
+    ("assign", "contractor", {"assignee": "Polier Schmidt"}, "assign", "kundenservice"),
+    ("close", "contractor", None, "set_state", "kundenservice"),
+    ("wait", "contractor", None, "set_state", "kundenservice"),
+    ("reopen", "contractor", None, "set_state", "kundenservice"),
+    ("transfer", "hotline", {"unit": "bauhotline"}, "transfer", "vertrieb"),  # to a unit the caller sees
+])
+async def test_an_action_that_was_done_is_not_answered_404_when_the_case_moved_on_before_its_answer(
+        harness, monkeypatch, action, token, body, method, to):
+    """Another request's transfer committed after the action's write and before its answer read
+    the detail (what asyncio.gather of the two requests hits in most runs): the action was done,
+    and answered 404 "conversation not found", which says it changed nothing. Staff did it again."""
+    case = await _case(harness)
+    if action == "reopen":
+        await harness.core.set_state(case, "close", "admin")
+    transfer, done = harness.core.transfer, getattr(harness.core, method)
+
+    async def then_moved(*args, **kwargs):
+        await done(*args, **kwargs)
+        await transfer(case, to, "", "admin")  # the other request, between the write and the answer
+
+    monkeypatch.setattr(harness.core, method, then_moved)
+    status, answer = await harness.api("POST", f"/api/v1/conversations/{case}/{action}", token=token, json=body or {})
+    assert status == 200 and answer == {"id": case, "unit": to, "moved": True}, (status, answer)
+    kinds = {"assign": "assigned", "close": "closed", "wait": "waiting", "reopen": "reopened", "transfer": "transferred"}
+    done_by_caller = await harness.rows("SELECT kind FROM events WHERE conversation_id = ? AND actor = ?", (case, token))
+    assert [e["kind"] for e in done_by_caller] == [kinds[action]]  # ... and it was done, once
+    # Without the other request, the answer is the detail, as before.
+    monkeypatch.undo()
+    await harness.core.transfer(case, "tiefbau-muster", "", "admin")
+    if action == "reopen":
+        await harness.core.set_state(case, "close", "admin")
+    elif action in ("wait", "close"):
+        await harness.core.set_state(case, "reopen", "admin")
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/{action}", token=token, json=body or {})
+    assert status == 200 and detail["id"] == case and "messages" in detail and "moved" not in detail, detail
+
+
+async def test_a_merged_contact_answers_where_it_went_to_staff_who_see_the_survivor(harness):
+    """Its conversations went to the survivor, so it had no units left: it answered 404 even to
+    an admin, and nobody could learn where a contact id from an old link or export had gone."""
+    first = await harness.core.ingest(webform_message(email="a@example.net"))  # the contractor's unit
+    second = await harness.core.ingest(webform_message(email="b@example.net"))
+    sales = await harness.core.ingest(webform_message("Frage zu meinem Tarif", email="c@example.net", topic="contract",
+                                                      postcode="99999"))
+    a, b, c = [(await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (r.conversation_id,)))[0]["contact_id"]
+               for r in (first, second, sales)]
+    status, _ = await harness.api("POST", f"/api/v1/contacts/{a}/merge", json={"other_contact_id": b})
+    assert status == 200
+    for token in ("admin", "hotline", "contractor"):  # each sees the survivor's conversation
+        status, body = await harness.api("GET", f"/api/v1/contacts/{b}", token=token)
+        assert status == 200 and body["id"] == b and body["merged_into"] == a and body["identities"] == [], (token, body)
+    # The survivor merged on in turn: the chain is followed, and only staff who see where the
+    # conversations are now see the contacts merged on the way.
+    status, _ = await harness.api("POST", f"/api/v1/contacts/{c}/merge", json={"other_contact_id": a})
+    assert status == 200
+    await harness.core.transfer(first.conversation_id, "vertrieb", "", "admin")
+    await harness.core.transfer(second.conversation_id, "vertrieb", "", "admin")
+    for contact in (a, b):
+        status, body = await harness.api("GET", f"/api/v1/contacts/{contact}")
+        assert status == 200 and body["merged_into"] == {a: c, b: a}[contact], body
+        for token in ("hotline", "contractor"):  # the survivor's conversations are all the sales unit's now
+            status, body = await harness.api("GET", f"/api/v1/contacts/{contact}", token=token)
+            assert status == 404 and body["error"]["code"] == "not_found", (contact, token, body)
+    # A contact that has conversations is still scoped by them.
+    status, _ = await harness.api("GET", f"/api/v1/contacts/{c}", token="contractor")
+    assert status == 404
+
+
+async def test_a_call_back_attempt_writes_its_time_as_the_detail_does(harness):
+    """The POST answer wrote the store's form (2026-11-30T08:00:00.000000Z), the detail's
+    callbacks[].at the API's (2026-11-30T08:00:00Z): a client comparing them saw two attempts."""
+    from datetime import UTC, datetime
+
+    case = await _case(harness)
+    harness.clock.set(datetime(2026, 11, 30, 8, 0, tzinfo=UTC))
+    path = f"/api/v1/conversations/{case}/callbacks"
+    status, logged = await harness.api("POST", path, json={"outcome": "not_reached"}, headers={"Idempotency-Key": "k1"})
+    assert status == 201 and logged["attempt"]["at"] == "2026-11-30T08:00:00Z", logged
+    status, again = await harness.api("POST", path, json={"outcome": "not_reached"}, headers={"Idempotency-Key": "k1"})
+    assert status == 201 and again == logged  # a replay answers as the first time
+    harness.clock.set(datetime(2026, 11, 30, 8, 0, 1, 500000, tzinfo=UTC))
+    status, later = await harness.api("POST", path, json={"outcome": "wrong_number"})
+    assert later["attempt"]["at"] == "2026-11-30T08:00:01.500000Z"
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+    assert [c["at"] for c in detail["callbacks"]] == [logged["attempt"]["at"], later["attempt"]["at"]]
+
+
 async def test_merge_needs_sight_of_every_conversation_of_both_contacts(harness):
     mine = await harness.core.ingest(webform_message(email="a@example.net"))
     theirs = await harness.core.ingest(webform_message("Tarif?", email="b@example.net", topic="contract", postcode="99999"))
@@ -434,6 +522,24 @@ async def test_free_text_search_folds_umlauts_and_needs_every_word(harness):
     status, body = await harness.api("GET", "/api/v1/conversations?q=Erika")  # the sender's name
     assert set(found(body)) == {a.conversation_id, b.conversation_id}
     status, body = await harness.api("GET", '/api/v1/conversations?q=" OR * NEAR(')  # no FTS syntax gets through
+    assert status == 200 and found(body) == []
+
+
+async def test_a_search_without_any_word_is_no_search(harness):
+    """q=+ (a search box holding a space, which a URL's query turns into "+") or q=- listed
+    nothing, while q= listed everything: a q without a word is no search either."""
+    cases = [await _case(harness, text=f"Baustelle Nummer {i}") for i in range(3)]
+    await harness.core.set_state(cases[0], "close", "admin")
+    for filters in ({}, {"state": "closed"}):
+        status, everything = await harness.api("GET", "/api/v1/conversations", params=filters)
+        assert status == 200 and found(everything)
+        for q in (" ", "   ", "-", "+", "--", " - ", ".,;!?", "\t", "„“", "—"):
+            status, body = await harness.api("GET", "/api/v1/conversations", params={**filters, "q": q})
+            assert status == 200 and found(body) == found(everything), (q, filters, body)
+    # Words in it are still a search, and must all occur.
+    status, body = await harness.api("GET", "/api/v1/conversations", params={"q": "- nummer -"})
+    assert found(body) == sorted(cases, reverse=True)
+    status, body = await harness.api("GET", "/api/v1/conversations", params={"q": "+ nirgends"})
     assert status == 200 and found(body) == []
 
 
@@ -653,7 +759,8 @@ async def test_stats_of_a_period_count_the_conversations_created_in_it(harness):
 
     count, body = await received(**{"from": "2026-03-01", "to": "2026-04-01"})  # dates: the service's timezone
     assert count == 2
-    assert (body["from"], body["to"]) == ("2026-02-28T23:00:00.000000Z", "2026-03-31T22:00:00.000000Z")
+    # written as every time of the API is (the detail's, a list's): not as the store keeps them
+    assert (body["from"], body["to"]) == ("2026-02-28T23:00:00Z", "2026-03-31T22:00:00Z")
     count, _ = await received(**{"from": "2026-03-01T00:00:00%2B01:00"})  # an offset of its own; open end
     assert count == 3
     count, _ = await received(**{"from": "2026-03-01T00:00:00+01:00"})  # "+" unescaped: a space in a query
@@ -661,7 +768,9 @@ async def test_stats_of_a_period_count_the_conversations_created_in_it(harness):
     count, _ = await received(to="2026-03-15T12:00:00Z")  # exclusive
     assert count == 2
     count, body = await received(to="2026-03-15t12:00:00z")  # RFC 3339 allows "t" and "z" in lower case
-    assert count == 2 and body["to"] == "2026-03-15T12:00:00.000000Z"
+    assert count == 2 and body["to"] == "2026-03-15T12:00:00Z"
+    count, body = await received(to="2026-03-15T12:00:00.25Z")  # a fraction of a second, when it has one
+    assert count == 3 and body["to"] == "2026-03-15T12:00:00.250000Z"
     count, body = await received()
     assert count == 4 and body["from"] is None and body["to"] is None
 

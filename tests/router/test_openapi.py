@@ -86,6 +86,182 @@ async def test_notes_replies_and_a_transfer_away_answer_as_described(harness):
     _validator("TransferResult").validate(here)
 
 
+def _pointer(*parts: str) -> str:
+    return "#/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _resolve(doc: dict, pointer: str):
+    node = doc
+    for part in pointer.removeprefix("#/").split("/"):
+        key = part.replace("~1", "/").replace("~0", "~")
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node
+
+
+def _at(pointer: str) -> jsonschema.Draft202012Validator:
+    """A validator of the schema at ``pointer`` in the document."""
+    doc = openapi_document()
+    registry = Registry().with_resource("urn:openapi", Resource.from_contents({**doc, "$schema": "https://json-schema.org/draft/2020-12/schema"}))
+    return jsonschema.Draft202012Validator({"$ref": f"urn:openapi{pointer}"}, registry=registry,
+                                           format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def _undescribed(doc: dict, pointers: list[str], value, where: str = "") -> list[str]:
+    """The keys of ``value``, and of every object in it, that no schema at ``pointers`` describes:
+    properties merged across $ref and allOf, and across the oneOf branches ``value`` matches. An
+    object schema without properties describes its keys only when it says so (additionalProperties:
+    a channel's meta, an event's data); a bare {"type": "object"} describes none."""
+    flat: list[tuple[str, dict]] = []
+
+    def expand(pointer: str) -> None:
+        schema = _resolve(doc, pointer)
+        flat.append((pointer, schema))
+        if "$ref" in schema:
+            expand(schema["$ref"])
+        for i in range(len(schema.get("allOf", ()))):
+            expand(f"{pointer}/allOf/{i}")
+        branches = [f"{pointer}/oneOf/{i}" for i in range(len(schema.get("oneOf", ())))]
+        # the branches the value matches; all of them when it matches none (an undescribed key
+        # may be why), so that the keys none of them names are reported
+        for branch in [b for b in branches if _at(b).is_valid(value)] or branches:
+            expand(branch)
+
+    for pointer in pointers:
+        expand(pointer)
+    missing = []
+    if isinstance(value, dict):
+        described: dict[str, list[str]] = {}
+        for pointer, schema in flat:
+            for key in schema.get("properties", {}):
+                described.setdefault(key, []).append(f"{pointer}/properties/{_pointer(key)[2:]}")
+        free = any(schema.get("additionalProperties", False) is not False and not schema.get("properties") for _, schema in flat)
+        for key, inner in value.items():
+            if key in described:
+                missing += _undescribed(doc, described[key], inner, f"{where}.{key}")
+            elif not free:
+                missing.append(f"{where}.{key}")
+    elif isinstance(value, list):
+        items = [f"{pointer}/items" for pointer, schema in flat if "items" in schema]
+        for i, inner in enumerate(value):
+            missing += _undescribed(doc, items, inner, f"{where}[{i}]")
+    return missing
+
+
+def _chat(kind: str, message_id: str, **extra):
+    """A canonical WhatsApp message (or reaction, edit, deletion) of one resident."""
+    return {"channel": "whatsapp", "channel_message_id": message_id, "kind": kind,
+            "sender": {"kind": "phone", "address": "+4915111111111", "display_name": "Max Muster"}, **extra}
+
+
+async def test_every_field_of_real_answers_is_described_and_matches(harness):
+    """Contact (language, merged_into, created_at), Conversation (topic, subject, area, created_at,
+    linked_to, ...) and Message (author, subject, edited_at, ...) left out fields every answer
+    carries: a client generated from the document did not have them. Every key of every answer
+    below, nested ones too, must be described where the operation's answer is, and the answer
+    must match it."""
+    from datetime import timedelta
+
+    doc = openapi_document()
+    form = await harness.core.ingest(webform_message())
+    case = form.conversation_id
+    chat = (await harness.core.ingest(_chat(
+        "message", "wamid.A1", text="Foto vom Gehweg", flags=["forwarded"], meta={"referral": {"source": "ad"}},
+        attachments=[{"name": "gehweg.jpg", "content_type": "image/jpeg", "size": 1024, "sha256": "ab", "media_id": "m1",
+                      "url": None, "path": None, "caption": "hier"}],
+        location={"lat": 52.52, "lon": 13.40, "name": "Ecke Lindenweg", "address": "Lindenweg 3"}))).conversation_id
+    await harness.core.ingest(_chat("edit", "wamid.A2", target_message_id="wamid.A1", text="Foto vom Gehweg, Lindenweg"))
+    await harness.core.ingest(_chat("reaction", "wamid.A3", target_message_id="wamid.A1", meta={"emoji": "👍"}))
+    await harness.core.ingest(_chat("deletion", "wamid.A4", target_message_id="wamid.A1"))
+    await harness.run_outbox()
+    answers: list[tuple[str, str, int, object]] = []  # (method, path, status, body)
+
+    async def call(method: str, path: str, url: str, expected: int, **kwargs) -> dict:
+        status, body = await harness.api(method.upper(), url, **kwargs)
+        assert status == expected, (url, status, body)
+        answers.append((method, path, status, body))
+        return body
+
+    c = "/api/v1/conversations/{id}"
+    await call("post", f"{c}/notes", f"/api/v1/conversations/{case}/notes", 201, json={"text": "Kolonne informiert"})
+    await call("post", f"{c}/replies", f"/api/v1/conversations/{case}/replies", 201, json={"text": "Wir kommen morgen."})
+    await call("post", f"{c}/callbacks", f"/api/v1/conversations/{case}/callbacks", 201,
+               json={"outcome": "not_reached", "note": "Mailbox"})
+    await call("post", f"{c}/assign", f"/api/v1/conversations/{case}/assign", 200, json={"assignee": "Polier Schmidt"})
+    await harness.run_outbox()
+    harness.clock.set(form.deadline + timedelta(minutes=1))
+    assert await harness.escalate()
+    await call("post", f"{c}/wait", f"/api/v1/conversations/{chat}/wait", 200)
+    await call("post", f"{c}/reopen", f"/api/v1/conversations/{chat}/reopen", 200)
+    for token in ("admin", "contractor"):  # with the status link, and without
+        await call("get", "/api/v1/conversations", "/api/v1/conversations", 200, token=token)
+        await call("get", c, f"/api/v1/conversations/{case}", 200, token=token)
+    await call("get", c, f"/api/v1/conversations/{chat}", 200)
+    detail = answers[-1][3]
+    assert {"attachments", "location", "meta", "flags", "previous_text", "edited_at"} <= {k for m in detail["messages"] for k in m}
+    assert any(m["deleted_at"] for m in detail["messages"]) and any(m["target_message_id"] for m in detail["messages"])
+    contact = detail["contact"]["id"]
+    form_contact = (await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (case,)))[0]["contact_id"]
+    await call("get", "/api/v1/contacts/{id}", f"/api/v1/contacts/{form_contact}", 200)
+    await call("post", "/api/v1/contacts/{id}/merge", f"/api/v1/contacts/{form_contact}/merge", 200,
+               json={"other_contact_id": contact})
+    await call("get", "/api/v1/contacts/{id}", f"/api/v1/contacts/{contact}", 200)  # merged
+    await call("post", f"{c}/transfer", f"/api/v1/conversations/{case}/transfer", 200, json={"unit": "bauhotline"}, token="hotline")
+    await call("post", f"{c}/transfer", f"/api/v1/conversations/{case}/transfer", 200, json={"unit": "vertrieb"}, token="hotline")
+    await call("post", f"{c}/close", f"/api/v1/conversations/{case}/close", 200)
+    await call("get", "/api/v1/stats", "/api/v1/stats?from=2026-01-01", 200)
+    await call("get", "/api/v1/units", "/api/v1/units", 200)
+    await call("get", "/api/v1/me", "/api/v1/me", 200)
+    for method, path, status, body in answers:
+        pointer = _pointer("paths", path, method, "responses", str(status), "content", "application/json", "schema")
+        _at(pointer).validate(body)
+        assert not _undescribed(doc, [pointer], body), (method, path, _undescribed(doc, [pointer], body))
+    # The answers above carry what they are to be checked for.
+    shapes = {(m, p): b for m, p, _, b in answers}
+    assert shapes[("post", f"{c}/transfer")] == {"id": case, "unit": "vertrieb", "transferred": True}
+    assert shapes[("get", "/api/v1/contacts/{id}")]["merged_into"] == form_contact
+    assert shapes[("get", "/api/v1/stats")]["items"] and shapes[("post", f"{c}/notes")]["conversation_id"] == case
+
+
+def test_what_is_undescribed_is_found_through_refs_all_of_and_one_of():
+    """The check above finds what it is for: a key no schema names, at any depth, also in an
+    object described only as {"type": "object"}; and not a key one part of an allOf names."""
+    doc = openapi_document()
+    detail = _pointer("components", "schemas", "ConversationDetail")
+    assert _undescribed(doc, [detail], {"id": 1, "messages": [{"id": 1, "zzz": 1}], "contact": {"identities": [{"x": 1}]}}) == [
+        ".messages[0].zzz", ".contact.identities[0].x"]
+    assert _undescribed(doc, [detail], {"events": [{"data": {"anything": 1}}], "contact": {"display_name": None}}) == []
+    moved = {"id": 1, "unit": "vertrieb", "moved": True}
+    assert _undescribed(doc, [_pointer("components", "schemas", "ActionResult")], moved) == []
+    assert _undescribed(doc, [_pointer("components", "schemas", "ActionResult")], {**moved, "extra": 1}) == [".extra"]
+    bare = {"components": {"schemas": {"X": {"type": "object", "properties": {"o": {"type": "object"}}}}}}
+    assert _undescribed(bare, ["#/components/schemas/X"], {"o": {"k": 1}}) == [".o.k"]
+
+
+async def test_an_action_that_was_done_answers_as_described_when_the_case_moved_on(harness, monkeypatch):
+    """{id, unit, moved}: what an action answers when another request moved the conversation out
+    of the caller's units after its write; each action that answers the detail names it."""
+    doc = openapi_document()
+    case = (await harness.core.ingest(webform_message())).conversation_id
+    transfer, assign = harness.core.transfer, harness.core.assign
+
+    async def then_moved(*args, **kwargs):
+        await assign(*args, **kwargs)
+        await transfer(case, "kundenservice", "", "hotline")
+
+    monkeypatch.setattr(harness.core, "assign", then_moved)
+    status, answer = await harness.api("POST", f"/api/v1/conversations/{case}/assign", token="contractor",
+                                       json={"assignee": "Polier Schmidt"})
+    assert status == 200 and answer == {"id": case, "unit": "kundenservice", "moved": True}
+    for action in ("assign", "transfer", "close", "reopen", "wait"):
+        pointer = _pointer("paths", f"/api/v1/conversations/{{id}}/{action}", "post", "responses", "200", "content",
+                           "application/json", "schema")
+        _at(pointer).validate(answer)
+        branches = {b["$ref"] for b in _resolve(doc, _resolve(doc, pointer)["$ref"])["oneOf"] if "$ref" in b}
+        assert {"#/components/schemas/ConversationDetail", "#/components/schemas/Moved"} <= branches, action
+        with pytest.raises(jsonschema.ValidationError):  # neither a detail nor a transfer away
+            _at(pointer).validate({**answer, "moved": False})
+
+
 # What the document says a request may carry is what the server takes: checked by asking the
 # server, value by value, at the bounds the document names. A client generated from the document
 # then sends nothing the server refuses, and a validator refuses nothing the server would take.
