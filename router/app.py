@@ -182,6 +182,7 @@ def create_app(
         policy = dataclasses.replace(policy, answer_deadline=partial(tracking.deadline_for, config))
     app[keys.OUTBOX_POLICY] = policy
     app[keys.RUN_WORKERS] = run_workers
+    app[keys.WORKERS] = []
     app[keys.BODY_DEADLINE] = BodyDeadline()
 
     # Called and checked as check-config does; raises ChannelsRefused, naming each plugin.
@@ -274,6 +275,7 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
     if app[keys.RUN_WORKERS]:
         tasks.append(asyncio.create_task(core.outbox.run(), name="outbox"))
         tasks.append(asyncio.create_task(core.run_scheduler(), name="escalation-scheduler"))
+    app[keys.WORKERS].extend(tasks)
     yield
     for task in tasks:
         task.cancel()

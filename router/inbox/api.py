@@ -471,6 +471,12 @@ async def healthz(request: web.Request) -> web.Response:
                                   f"{HEALTH_TIMEOUT_SECONDS} s"}, status=503)
     except Exception as exc:  # report, do not crash the probe
         return web.json_response({"status": "error", "detail": str(exc)}, status=503)
+    # A worker that ended (it never should: each pass's failure is logged and the next one
+    # runs) leaves messages stored and acknowledged to providers but never sent or escalated.
+    ended = [task.get_name() for task in request.app[keys.WORKERS] if task.done()]
+    if ended:
+        return web.json_response({"status": "error", "detail": f"stopped: {', '.join(ended)}; restart the service"},
+                                 status=503)
     return web.json_response({"status": "ok", "channels": sorted(request.app[keys.CORE].channels)})
 
 

@@ -7,6 +7,7 @@ connection closed, whatever way the handler reads the body, and nothing is store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -229,3 +230,18 @@ async def test_the_log_names_the_route_not_a_path_that_holds_a_secret(tmp_path, 
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("contact_router"))
     assert "POST /channels/phone/cti/{secret}" in logged and "POST /channels/webform/status/{token}" in logged
     assert secret not in logged and first.status_token not in logged
+
+
+async def test_health_fails_when_a_worker_has_ended(tmp_path) -> None:
+    """The outbox's task could end (an exception that was no Exception, from a plugin) while
+    /healthz said ok: webhooks were answered and stored, and nothing was sent until a restart."""
+    async with CoreHarness(tmp_path / "data", run_workers=True) as harness:
+        response = await harness.client.get("/healthz")
+        assert response.status == 200
+        [outbox] = [task for task in harness.app[keys.WORKERS] if task.get_name() == "outbox"]
+        outbox.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await outbox
+        response = await harness.client.get("/healthz")
+        body = await response.json()
+        assert response.status == 503 and "outbox" in body["detail"]
