@@ -345,7 +345,7 @@ class Core:
                 raise
             except StorageUnavailable as exc:  # the store logged the cause; tried again next pass
                 log.warning("escalation pass skipped: %s", exc)
-            except (KeyboardInterrupt, SystemExit):
+            except (KeyboardInterrupt, SystemExit, GeneratorExit):
                 raise
             except BaseException:  # also one that is no Exception: a pass that fails stops no other
                 log.exception("escalation pass failed")
@@ -426,11 +426,14 @@ class Core:
         if has_implementations(self.pm, "reply_copies"):
             conv_view = {"id": conv["id"], "case_reference": conv["case_reference"], "channel": conv["channel"],
                          "unit": conv["unit"], "status_url": self.status_url(conv["status_token"])}
-            # A copy goes only where its channel can send to that kind of address: the phone
-            # channel without Twilio (missed calls from a PBX alone) sends no SMS.
+            # A copy goes only where its channel can send to that kind of address (the phone
+            # channel without Twilio, for a PBX's missed calls alone, sends no SMS), and never to
+            # an address a provider refused for good (a number that answered STOP).
+            refused = {(i["kind"], i["address"]) for i in idents if i["failed_at"]}
             copies = [c for c in await self._reply_copies(conv_view, text, conv["language"], idents)
                       if c["channel"] in self.channels and c["channel"] != conv["channel"]
-                      and c.get("to_kind", c["channel"]) in self.channels[c["channel"]].capabilities.identity_kinds]
+                      and c.get("to_kind", c["channel"]) in self.channels[c["channel"]].capabilities.identity_kinds
+                      and (c.get("to_kind", c["channel"]), c["to"]) not in refused]
 
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
             current = self._conversation(conn, conversation_id, units)
@@ -519,7 +522,7 @@ class Core:
             # A case that waits for no answer (answered, waiting for the resident, closed) has no
             # deadline: its new owner was asked to answer "by -".
             names = ("new_owner",) if waiting else ("new_owner_nothing_due", "new_owner")
-            template = next((t for t in names if self.templates.has(t)), "new_owner")
+            template = next((t for t in names if self.templates.has(t)), names[0])
             tracking.queue_unit_notification(conn, self.config, self.templates, conversation=updated, unit_id=unit,
                                              template=template, now=now)
             return dict(updated)

@@ -25,8 +25,10 @@ The public helpers a plugin may use are re-exported here: ``Channel``, ``Capabil
 ``RoutingDecision``, ``json_error`` (an HTTP error with the service's JSON error body),
 ``read_limited_body`` with its ``BodyTooLarge`` (a request body of at most so many bytes),
 ``BodyTimeout`` (a body that did not keep to the service's ``BodyDeadline``; the service
-answers it with 408), ``parse_retry_after`` (a provider's ``Retry-After`` in seconds) and
-``read_provider_json`` (a provider's JSON answer of at most so many bytes). The full guide is
+answers it with 408), ``parse_retry_after`` (a provider's ``Retry-After`` in seconds),
+``read_provider_json`` (a provider's JSON answer of at most so many bytes) and the readers of
+settings that may come from the environment as text (``flag``, ``given``, ``positive_int``,
+``whole_number``, ``positive_float``, ``non_negative_float``). The full guide is
 ``docs/plugins.md``.
 """
 
@@ -62,6 +64,7 @@ from .channel import (
 )
 from .context import ChannelContext, IngestResult
 from .models import Customer, CustomerClaim, RoutingDecision
+from .settings import flag, given, non_negative_float, positive_float, positive_int, whole_number
 
 PROJECT = "contact_router"
 
@@ -92,9 +95,15 @@ __all__ = [
     "Service",
     "SettingsError",
     "StorageUnavailable",
+    "flag",
+    "given",
     "hookimpl",
     "hookspec",
     "json_error",
+    "non_negative_float",
+    "positive_float",
+    "positive_int",
+    "whole_number",
     "parse_retry_after",
     "read_limited_body",
     "read_provider_json",

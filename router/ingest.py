@@ -211,18 +211,31 @@ def _find_thread(
             ):
                 if row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
                     return row, referred
-        if referred is None and sender_verified and other_chats:
-            # Nothing open here, but the same number has a case open on another chat (an SMS an
-            # hour after a WhatsApp message): most likely the same matter. It opened a second
-            # case, routed afresh to another unit and linked to nothing. The new case is linked
-            # to it and owned by its unit; it stays on this channel, where the person wrote.
+        if sender_verified:
+            # An answer to our SMS (or other message) that carried a staff answer of another
+            # channel's case (a web form's copy by SMS): that case, which the person was told about
+            # at this very address. It opened a case of its own, with a new reference.
             row = conn.execute(
-                f"SELECT * FROM conversations WHERE contact_id = ? AND channel IN ({', '.join('?' * len(other_chats))})"
-                " AND state != 'closed' ORDER BY id DESC LIMIT 1",
-                (contact_id, *other_chats),
+                "SELECT c.* FROM conversations c WHERE c.contact_id = ? AND c.channel != ? AND c.state != 'closed'"
+                " AND EXISTS (SELECT 1 FROM outbox o WHERE o.conversation_id = c.id AND o.channel = ?"
+                " AND o.to_address = ? AND o.primary_delivery = 0) ORDER BY c.id DESC LIMIT 1",
+                (contact_id, msg["channel"], msg["channel"], msg["sender"]["address"]),
             ).fetchone()
-            if row is not None and (not topic or row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg))):
-                return None, row
+            if row is not None:
+                return row, referred
+        if referred is None and sender_verified and other_chats:
+            # Nothing open here, but the same number has a case waiting for our answer on another
+            # chat (an SMS an hour after a WhatsApp message): most likely the same matter. It
+            # opened a second case, routed afresh to another unit and linked to nothing. The new
+            # case is linked to it and owned by its unit; it stays on this channel, where the
+            # person wrote. Not a case answered already: a new message months later is a new matter.
+            for row in conn.execute(
+                f"SELECT * FROM conversations WHERE contact_id = ? AND channel IN ({', '.join('?' * len(other_chats))})"
+                " AND state IN ('open', 'acknowledged') ORDER BY id DESC LIMIT 5",
+                (contact_id, *other_chats),
+            ):
+                if not topic or row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
+                    return None, row
     return None, referred
 
 

@@ -68,6 +68,8 @@ def flag(
         return default
     if isinstance(value, bool):
         return value
+    if isinstance(value, int) and value in (0, 1):  # TOML's 0 and 1, read as off and on before
+        return bool(value)
     if isinstance(value, str):
         word = value.strip().lower()
         if word in TRUE_WORDS:

@@ -37,15 +37,32 @@ NOTICES: dict[str, dict[str, str]] = {
         "en": "Case {case_reference} was not answered by {old_deadline} and is now with {unit_name}"
               " (escalation level {level}). Please answer by {deadline}.",
     },
+    "callback_escalation": {
+        "de": "Fall {case_reference}: Wir haben die Person telefonisch nicht erreicht. Der Fall liegt jetzt bei"
+              " {unit_name} (Eskalationsstufe {level}). Bitte antworten Sie bis {deadline}.",
+        "en": "Case {case_reference}: we could not reach the person by phone. The case is now with {unit_name}"
+              " (escalation level {level}). Please answer by {deadline}.",
+    },
+    "reminder": {
+        "de": "Erinnerung: Fall {case_reference} liegt bei {unit_name} und wartet auf eine Antwort (Frist {deadline},"
+              " Stufe {level}). Bitte antworten Sie jetzt.",
+        "en": "Reminder: case {case_reference} is with {unit_name} and waits for an answer (deadline {deadline},"
+              " level {level}). Please answer now.",
+    },
     "new_owner": {
         "de": "Fall {case_reference} wurde {unit_name} übertragen. Bitte antworten Sie bis {deadline}.",
         "en": "Case {case_reference} was transferred to {unit_name}. Please answer by {deadline}.",
     },
+    "new_owner_nothing_due": {
+        "de": "Fall {case_reference} wurde {unit_name} übertragen. Eine Antwort ist derzeit nicht fällig.",
+        "en": "Case {case_reference} was transferred to {unit_name}. No answer is due at the moment.",
+    },
 }
 """What a unit is told when the configuration has no text for it (only ``ack`` is required):
 it was told the resident's acknowledgement, its placeholders (``{name_suffix}``,
-``{status_url}``) left as written. ``reminder`` and ``callback_escalation`` fall back to
-``escalation``, ``new_owner_nothing_due`` to ``new_owner``, configured or not."""
+``{status_url}``) left as written. A configured ``escalation`` still stands in for a
+``reminder`` or ``callback_escalation`` that is not configured, and a configured ``new_owner``
+for ``new_owner_nothing_due``, as docs/configuration.md says; these come last."""
 
 
 class _Values(dict[str, Any]):

@@ -35,10 +35,12 @@ def normalize(text: str) -> str:
 _GERMAN = frozenset(
     "und der die das ist nicht ich sie wir bitte danke mit auf fuer vor bei eine einen ein "
     "unser unsere meine mein haus strasse seit wann warum hallo guten tag gehweg baustelle "
-    "sehr geehrte damen herren gruessen".split()
+    "sehr geehrte damen herren gruessen zu von am im es wird kein keine nach noch auch wie was "
+    "wo heute morgen gestern termin rueckruf".split()
 )
+# Not "in" and "an", which German uses as much: "Kabel in Hofeinfahrt beschaedigt" was English.
 _ENGLISH = frozenset(
-    "the and is not you we please thanks thank with on for in front of at a an our my house "
+    "the and is not you we please thanks thank with on for front of at a our my house "
     "street since when why hello dear regards there here".split()
 )
 _WORD = re.compile(r"[a-z]+")

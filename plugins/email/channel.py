@@ -260,7 +260,11 @@ class EmailChannel(Channel):
         It came from the unit's own address (a contractor's ``dispo@tiefbau-muster.example``):
         a resident's answer to it went to the unit's mailbox and never joined the case, and the
         mail went through our relay under a domain that is not ours. The unit's name stays the
-        sender's name; units are written to at their address by notifications."""
+        sender's name. A unit's notification comes from the unit's own address, as before."""
+        if message.kind == "notification":
+            # To a unit about its case: from its own address, as before, so that its answer
+            # goes to its own mailbox and not into the service as a new case from the unit.
+            return message.unit_email or self.settings.from_address
         recipient = (message.recipient or "").lower()
         return recipient if recipient in self.settings.addresses else self.settings.from_address
 

@@ -193,10 +193,11 @@ HIDDEN_STATUS_LINK = "[status link]"
 # A status page's address (its token after /status/), or a status token alone: the time in 13
 # hex digits, then 32 characters of URL-safe base64 (``sortable_token(24)``). Alone means after
 # a character a token has not, or after a percent-escape: a link written into another one
-# (Outlook's Safe Links: ``?url=https%3A%2F%2F…%2Fstatus%2F<token>&data=…``) ends in ``%2F``.
+# (Outlook's Safe Links: ``?url=https%3A%2F%2F…%2Fstatus%2F<token>&data=…``) ends in ``%2F``,
+# one written into a link that was itself written into one (a tracking redirect) in ``%252F``.
 _STATUS_LINK = re.compile(
     r"(?:https?://[^\s/]{1,253})?/channels/webform/status/[A-Za-z0-9_-]+"
-    r"|(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{2}))[0-9a-f]{13}[A-Za-z0-9_-]{32}(?![A-Za-z0-9_-])"
+    r"|(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{2})|(?<=%25[0-9A-Fa-f]{2}))[0-9a-f]{13}[A-Za-z0-9_-]{32}(?![A-Za-z0-9_-])"
 )
 
 

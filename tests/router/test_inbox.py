@@ -889,6 +889,14 @@ async def test_a_status_link_written_into_another_link_is_hidden_from_a_contract
     status, seen = await harness.api("GET", f"/api/v1/conversations/{first.conversation_id}", token="contractor")
     assert status == 200 and first.status_token not in json.dumps(seen)
     assert "%2Fstatus%2F[status link]&data=05%7C02" in json.dumps(seen)
+    # written twice over (a tracking redirect inside Safe Links): %252F before the token
+    twice = "https://eur01.safelinks.protection.outlook.com/?url=" + quote(
+        "https://t.example/r?u=" + quote(first.status_url, safe=""), safe="")
+    assert "%252F" + first.status_token in twice
+    await harness.core.ingest(webform_message("Noch eine Frage", thread={"status_token": first.status_token},
+                                              meta={"quoted": f"> {twice}"}))
+    status, seen = await harness.api("GET", f"/api/v1/conversations/{first.conversation_id}", token="contractor")
+    assert first.status_token not in json.dumps(seen)
     # A digest or id longer than a token stays as it is.
     digest = "ab" * 32
     await harness.core.ingest(webform_message(f"Anhang {digest} und %2F{digest}", thread={"status_token": first.status_token}))

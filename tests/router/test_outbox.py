@@ -21,7 +21,7 @@ from router.hookspecs import (
     SendResult,
     hookimpl,
 )
-from router.outbox import OutboxPolicy, apply_delivery_update, claim_due
+from router.outbox import OutboxPolicy, OutboxWorker, apply_delivery_update, claim_due
 from router.store.sqlite import _connect, apply_migrations
 from router.testing import CoreHarness
 
@@ -1179,6 +1179,9 @@ async def test_an_error_with_a_value_of_the_wrong_type_is_recorded_all_the_same(
         await harness.run_outbox(rounds=1)
         (row,) = await harness.rows("SELECT state, last_error, next_attempt_at FROM outbox")
         assert (row["state"], row["last_error"]) == (state, last_error)
+        if last_error == "429 Too Many Requests":  # the provider's 30 s, not the backoff's fraction of a second
+            wait = datetime.fromisoformat(row["next_attempt_at"].replace("Z", "+00:00")) - harness.clock.now()
+            assert timedelta(seconds=29) <= wait <= timedelta(seconds=31), wait
         if state == "failed":
             (conversation,) = await harness.rows("SELECT flags FROM conversations")
             assert "callback_required" in conversation["flags"]
@@ -1189,3 +1192,33 @@ def test_a_retry_after_is_seconds_or_nothing():
     assert RetryableDeliveryError("x", retry_after=2).retry_after == 2.0
     for value in ("soon", -1, float("nan"), float("inf"), True, None, object()):
         assert RetryableDeliveryError("x", retry_after=value).retry_after is None, value
+
+
+def test_a_worker_loop_closed_at_teardown_ends(caplog):
+    """``except BaseException`` took in GeneratorExit too: a loop closed at the event loop's end
+    logged "outbox batch failed" and awaited again, which a closed coroutine may not."""
+    import logging
+    import types
+
+    from router.core import Core
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)  # a batch, or an escalation pass, in flight
+
+    worker = object.__new__(OutboxWorker)
+    worker.run_once = forever
+    worker.policy = types.SimpleNamespace(batch_size=10, poll_seconds=1)
+    worker.wake = asyncio.Event()
+    core = object.__new__(Core)
+    core.escalate_due = forever
+    for coro in (worker.run(), core.run_scheduler()):
+        loop = asyncio.new_event_loop()
+        try:
+            task = loop.create_task(coro)
+            loop.run_until_complete(asyncio.sleep(0.01))
+            with caplog.at_level(logging.ERROR):
+                coro.close()  # what becomes of a pending task's coroutine dropped at shutdown
+        finally:
+            task._log_destroy_pending = False
+            loop.close()
+    assert "failed" not in caplog.text

@@ -49,7 +49,7 @@ def test_flag_not_given_is_the_default(value: Any, default: bool) -> None:
     assert flag({}, "key", default, WHERE) is default
 
 
-@pytest.mark.parametrize("value", ["ja", "nein", "ture", "y", "t", "2", "true false", 1, 0, 1.0, [], {}])
+@pytest.mark.parametrize("value", ["ja", "nein", "ture", "y", "t", "2", "true false", 2, -1, 1.0, [], {}])
 def test_flag_refuses_anything_else_naming_the_key(value: Any) -> None:
     with pytest.raises(SettingsError) as caught:
         flag({"key": value}, "key", False, WHERE)
@@ -148,3 +148,9 @@ def test_a_nested_table_is_named_in_full() -> None:
         positive_int({"max_parameter_chars": "viel"}, "max_parameter_chars", 700, "channels.whatsapp.template")
     assert caught.value.path == "channels.whatsapp.template.max_parameter_chars"
     assert str(caught.value).startswith("channels.whatsapp.template.max_parameter_chars: expected")
+
+
+def test_flag_reads_tomls_0_and_1_as_off_and_on() -> None:
+    """``listen = 0`` switched the mail listener off before; it still does."""
+    assert flag({"key": 0}, "key", True, WHERE) is False
+    assert flag({"key": 1}, "key", False, WHERE) is True

@@ -93,3 +93,13 @@ def test_a_cut_moves_back_to_where_a_character_begins() -> None:
     assert cluster_start("Mu\u0308ller", 2) == 1  # before the u, not between u and its umlaut
     assert cluster_start("\U0001f1e9\U0001f1ea\U0001f1e9\U0001f1ea", 3) == 2  # between two flags, not inside one
     assert cluster_start("a" + "\u0301" * 5, 3) == 3  # one cluster before it: a hard cut
+
+
+def test_words_german_uses_as_much_as_english_tell_nothing():
+    """ "in" and "an" counted as English: short German texts were answered in English."""
+    from router.text import guess_language
+
+    for text in ("Rückruf an 0151 12345678 erbeten", "Termin an Montag?", "Kabel in Hofeinfahrt beschädigt"):
+        assert guess_language(text, "de") == "de", text
+    assert guess_language("Rückruf an 0151 12345678 erbeten", "en") == "de"  # "rueckruf" tells
+    assert guess_language("The street in front of our house is closed", "de") == "en"

@@ -565,6 +565,16 @@ async def test_an_sms_from_the_number_of_an_open_whatsapp_case_is_linked_to_it_a
         later = await harness.core.ingest(sms("SM5", "Wann ist der Gehweg wieder frei?", sender="+4915144444444"))
         (row,) = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (later.conversation_id,))
         assert row["linked_to"] is None
+        # nor a case answered already: a fault reported months later went to the contractor
+        answered = await harness.core.ingest(_chat("message", "wamid.X4", "+4915155555555",
+                                                   text="Vor meinem Haus in der Musterstraße 5 ist eine Baustelle."))
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{answered.conversation_id}/callbacks",
+                                      json={"outcome": "reached"})
+        assert status == 201
+        harness.clock.advance(timedelta(days=200))
+        fault = await harness.core.ingest(sms("SM6", "Störung: seit heute kein Internet", sender="+4915155555555"))
+        (row,) = await harness.rows("SELECT unit, linked_to FROM conversations WHERE id = ?", (fault.conversation_id,))
+        assert (row["unit"], row["linked_to"]) == ("stoerung", None)
 
 
 async def test_the_call_back_limit_may_come_from_the_environment_as_text(tmp_path):
@@ -612,7 +622,10 @@ async def test_a_unit_is_told_in_words_of_its_own_where_the_configuration_has_on
         harness.clock.set(result.deadline + timedelta(minutes=1))
         assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
         await harness.core.transfer(result.conversation_id, "kundenservice", "", "admin")
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/wait")
+        await harness.core.transfer(result.conversation_id, "bauhotline", "", "admin")
         notes = [n["text"] for n in await harness.rows("SELECT text FROM messages WHERE kind = 'notification' ORDER BY id")]
-        assert len(notes) == 2 and not any("{" in n or "status" in n for n in notes), notes
+        assert len(notes) == 3 and not any("{" in n or "status" in n for n in notes), notes
         assert notes[0].startswith(f"Fall {result.case_reference} wurde nicht bis ")
-        assert notes[1].startswith(f"Fall {result.case_reference} wurde Kundenservice übertragen.")
+        assert notes[1].startswith(f"Fall {result.case_reference} wurde Kundenservice übertragen. Bitte antworten")
+        assert notes[2] == f"Fall {result.case_reference} wurde Bau-Hotline übertragen. Eine Antwort ist derzeit nicht fällig."

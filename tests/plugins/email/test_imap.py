@@ -156,7 +156,7 @@ def test_imap_switches_and_numbers_from_the_environment_are_read():
     assert (box.idle, box.port, box.poll_seconds, box.max_attempts) == (False, 1143, 15.0, 5)
     assert (box.timeout, box.retry_seconds) == (30.0, 30.0)
     assert imap_mailboxes({**base, "idle": " On "})[0].idle is True
-    for key, value in (("idle", "ja"), ("idle", 0), ("port", "imaps"), ("max_attempts", "2.5"), ("max_attempts", True),
+    for key, value in (("idle", "ja"), ("idle", 2), ("port", "imaps"), ("max_attempts", "2.5"), ("max_attempts", True),
                        ("poll_seconds", "inf"), ("timeout", "0")):
         with pytest.raises(EmailSettingsError) as caught:
             imap_mailboxes([base, {**base, key: value}])

@@ -697,6 +697,10 @@ async def test_a_units_notification_carries_neither_the_status_link_nor_the_resi
     for note in notes:
         assert token not in note.as_string()
         assert note["In-Reply-To"] is None and message_id not in (note["References"] or "")
+        # from the unit's own address (an answer goes to its own mailbox, not into the service
+        # as a new case), while the resident's mail comes from the address they wrote to
+        (sender,) = note["From"].addresses
+        assert sender.addr_spec == harness.config.units[target].email and sender.addr_spec in note["To"]
 
 
 async def test_a_late_bounce_of_an_earlier_owners_notification_does_not_flag_the_current_owner(harness, sink):

@@ -77,7 +77,7 @@ def test_switches_and_numbers_the_environment_leaves_unset_are_the_defaults(valu
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("store_files", "ja"), ("store_files", 0), ("listen", "nope"), ("ack_per_hour", "-1"), ("ack_per_hour", "2.5"),
+    ("store_files", "ja"), ("store_files", 2), ("listen", "nope"), ("ack_per_hour", "-1"), ("ack_per_hour", "2.5"),
     ("max_message_bytes", True), ("relay_timeout", "soon"), ("relay_timeout", "nan"), ("relay_timeout", -5),
 ])
 def test_a_switch_or_number_of_the_wrong_shape_is_refused_naming_its_key(key, value):

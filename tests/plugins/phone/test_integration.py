@@ -917,8 +917,16 @@ async def test_a_web_form_resident_who_left_only_a_mobile_number_gets_the_answer
                                   json={"text": "Ihr Anschluss kommt im März."})
     assert status == 201
     await harness.run_outbox()
-    [sms] = twilio.to("+4915112345678")
-    assert sms["Body"].startswith("Ihr Anschluss kommt im März.") and form["status_url"] in sms["Body"]
+    [copy] = twilio.to("+4915112345678")
+    assert copy["Body"].startswith("Ihr Anschluss kommt im März.") and form["status_url"] in copy["Body"]
+    # An SMS back joins that case (a case of its own, with a new reference, before), and is answered there
+    await twilio_post(harness, "sms", sms("SM" + "e" * 32, "Danke! Welcher Tag im März?", sender="+4915112345678"))
+    rows = await harness.rows("SELECT conversation_id, channel FROM messages WHERE direction = 'in' ORDER BY id")
+    assert [(r["conversation_id"], r["channel"]) for r in rows] == [(form["conversation_id"], "webform"),
+                                                                  (form["conversation_id"], "phone")]
+    assert await harness.count("conversations") == 1
+    (conv,) = await harness.rows("SELECT state, deadline FROM conversations")
+    assert conv["state"] != "answered" and conv["deadline"] is not None  # waiting for our answer again
 
     # With an e-mail address the mail tells them (the e-mail plugin's copy); a landline takes no SMS.
     for email, phone in (("erna@example.net", "0151 22345678"), ("", "030 12345678")):
@@ -928,6 +936,18 @@ async def test_a_web_form_resident_who_left_only_a_mobile_number_gets_the_answer
         assert status == 201
         assert not await harness.rows("SELECT 1 FROM outbox WHERE conversation_id = ? AND channel = 'phone'",
                                       (form["conversation_id"],))
+
+
+async def test_no_sms_copy_goes_to_a_number_that_refused_sms(harness, twilio):
+    """The core passed the plugin no failed flag: a number Twilio refused for good (STOP, 21610)
+    got a copy of every later answer."""
+    form = await _form(harness, phone="0151 12345678")
+    await harness.core.store.write(lambda conn: conn.execute(
+        "UPDATE identities SET failed_at = '2026-11-30T08:00:00.000000Z' WHERE address = '+4915112345678'"))
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{form['conversation_id']}/replies",
+                                  json={"text": "Ihr Anschluss kommt im März."})
+    assert status == 201
+    assert not await harness.rows("SELECT 1 FROM outbox WHERE channel = 'phone'")
 
 
 async def test_without_twilio_a_web_form_answer_queues_no_sms(tmp_path, twilio):

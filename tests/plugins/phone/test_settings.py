@@ -42,7 +42,7 @@ def test_twilio_credentials_fall_back_to_the_environment():
         ({"phone_number": "+49301"}, "phone_number"),
         ({"phone_number": "Stadtwerke"}, "phone_number"),
         ({"screen_forwards": "ja"}, "screen_forwards"),  # a string is read, but only true/false and the like
-        ({"screen_forwards": 1}, "screen_forwards"),
+        ({"screen_forwards": 2}, "screen_forwards"),
         ({"forward_timeout": "0"}, "forward_timeout"),
         ({"forward_timeout": "20.5"}, "forward_timeout"),
         ({"voicemail_max_length": True}, "voicemail_max_length"),

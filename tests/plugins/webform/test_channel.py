@@ -805,7 +805,7 @@ def test_numbers_from_the_environment_are_read_beside_unset_ones():
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("trust_forwarded_for", "ja"), ("trust_forwarded_for", 1), ("min_fill_seconds", "-1"), ("min_fill_seconds", "bald"),
+    ("trust_forwarded_for", "ja"), ("trust_forwarded_for", 2), ("min_fill_seconds", "-1"), ("min_fill_seconds", "bald"),
     ("max_token_age_seconds", "0"), ("max_body_bytes", "64k"), ("max_body_bytes", True), ("rate_limit_per_minute", "0"),
     ("rate_limit_per_minute", 2.5), ("max_token_age_seconds", "inf"),
 ])

@@ -653,7 +653,7 @@ def test_the_wait_for_the_status_of_an_unanswered_send_is_configurable(value: An
 @pytest.mark.parametrize(("key", "value"), [
     ("status_wait", -1), ("status_wait", "soon"), ("status_wait", True), ("status_wait", "inf"),
     ("timeout", 0), ("timeout", "10s"), ("max_body_bytes", 1.5), ("max_media_bytes", "viel"),
-    ("download_media", "ja"), ("download_media", "ture"), ("download_media", 1),
+    ("download_media", "ja"), ("download_media", "ture"), ("download_media", 2),
 ])
 def test_a_setting_given_but_unusable_is_refused_naming_its_key(key: str, value: Any) -> None:
     """It was replaced by the default without a word: a timeout of "10s" ran with 10 s, one of
