@@ -238,7 +238,7 @@ class Core:
         answers = await call_all(
             self.pm, "reply_copies", timeout=HOOK_SECONDS, on_error=failed, conversation=conversation,
             reply={"text": text, "language": language, "kind": "reply"},
-            identities=[{"kind": i["kind"], "address": i["address"]} for i in idents],
+            identities=[{"kind": i["kind"], "address": i["address"], "failed": bool(i["failed_at"])} for i in idents],
         )
         copies = []
         for answer in answers:

@@ -222,7 +222,9 @@ def reply_copies(
 
     :param conversation: ``id``, ``case_reference``, ``channel``, ``unit``, ``status_url``.
     :param reply: ``text``, ``language``, ``kind`` of the reply being queued.
-    :param identities: The contact's identities, each ``{"kind": ..., "address": ...}``.
+    :param identities: The contact's identities, each ``{"kind": ..., "address": ...,
+        "failed": ...}``; ``failed`` once a provider refused the address for good (a copy to it is
+        dropped: name another).
 
     :return: A list of ``{"channel": ..., "to_kind": ..., "to": ...}``; each becomes an
         outbox row of its own. Ignored: a channel that is not running, the conversation's own
@@ -233,7 +235,7 @@ def reply_copies(
 
     Implemented by the e-mail plugin (a resident who used the web form and left an e-mail
     address also gets each answer by mail, with the status link) and the phone plugin (one who
-    left a mobile number and no e-mail address gets it by SMS, with the link).
+    left a mobile number and no e-mail address that works gets it by SMS, with the link).
     """
 
 

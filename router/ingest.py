@@ -132,6 +132,7 @@ def _find_thread(
     refs_join: str = "own",
     topic_unit: Callable[[Mapping[str, Any]], str] | None = None,
     other_chats: tuple[str, ...] = (),
+    stale: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
     """(conversation to join, conversation merely referred to). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
@@ -144,8 +145,9 @@ def _find_thread(
     words on the resident's status page. "any": whoever names it (a voicemail's transcript,
     whose caller may be unknown). ``topic_unit``: the unit a message's topic routes it to, for
     whether an open conversation without a topic is the same matter. ``other_chats``: channels
-    whose open conversation of the sender, when this channel has none, is referred to (an SMS
-    from the number of an open WhatsApp case)."""
+    whose conversation of the sender, when this channel has none open, is referred to (an SMS
+    from the number of a WhatsApp case); ``stale``: whether a conversation settled longer ago
+    than the reopen window, which neither that link nor an answer to a copy reaches."""
     thread = msg.get("thread") or {}
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
@@ -211,30 +213,36 @@ def _find_thread(
             ):
                 if row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
                     return row, referred
-        if sender_verified:
-            # An answer to our SMS (or other message) that carried a staff answer of another
-            # channel's case (a web form's copy by SMS): that case, which the person was told about
-            # at this very address. It opened a case of its own, with a new reference.
-            row = conn.execute(
-                "SELECT c.* FROM conversations c WHERE c.contact_id = ? AND c.channel != ? AND c.state != 'closed'"
-                " AND EXISTS (SELECT 1 FROM outbox o WHERE o.conversation_id = c.id AND o.channel = ?"
-                " AND o.to_address = ? AND o.primary_delivery = 0) ORDER BY c.id DESC LIMIT 1",
-                (contact_id, msg["channel"], msg["channel"], msg["sender"]["address"]),
-            ).fetchone()
-            if row is not None:
-                return row, referred
+        def same_matter(row: Mapping[str, Any]) -> bool:
+            return (not topic or row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg))) and not (
+                stale is not None and stale(row))
+
+        if sender_verified and msg["kind"] == "message":
+            # A text back to the copy of a staff answer that went to this address (a web-form
+            # case's answer by SMS): that case, the one whose copy came last, reopened if it was
+            # closed within the reopen window. It opened a case of its own, with a new reference.
+            # The contact's conversations (a few, by index), each with its copies (by index).
+            for row in conn.execute(
+                "SELECT * FROM (SELECT c.*, (SELECT MAX(o.id) FROM outbox o WHERE o.conversation_id = c.id"
+                " AND o.channel = ? AND o.to_address = ? AND o.primary_delivery = 0) AS latest_copy"
+                " FROM conversations c WHERE c.contact_id = ? AND c.channel != ?)"
+                " WHERE latest_copy IS NOT NULL ORDER BY latest_copy DESC LIMIT 5",
+                (msg["channel"], msg["sender"]["address"], contact_id, msg["channel"]),
+            ):
+                if same_matter(row):
+                    return row, referred
         if referred is None and sender_verified and other_chats:
-            # Nothing open here, but the same number has a case waiting for our answer on another
-            # chat (an SMS an hour after a WhatsApp message): most likely the same matter. It
-            # opened a second case, routed afresh to another unit and linked to nothing. The new
-            # case is linked to it and owned by its unit; it stays on this channel, where the
-            # person wrote. Not a case answered already: a new message months later is a new matter.
+            # Nothing open here, but the same number has a case on another chat (an SMS an hour
+            # after a WhatsApp message): most likely the same matter. It opened a second case,
+            # routed afresh to another unit and linked to nothing. The new case is linked to it
+            # and owned by its unit; it stays on this channel, where the person wrote. Not a case
+            # settled longer ago than the reopen window: a message months later is a new matter.
             for row in conn.execute(
                 f"SELECT * FROM conversations WHERE contact_id = ? AND channel IN ({', '.join('?' * len(other_chats))})"
-                " AND state IN ('open', 'acknowledged') ORDER BY id DESC LIMIT 5",
+                " AND state != 'closed' ORDER BY id DESC LIMIT 5",
                 (contact_id, *other_chats),
             ):
-                if not topic or row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
+                if same_matter(row):
                     return None, row
     return None, referred
 
@@ -474,6 +482,7 @@ def ingest_tx(
         topic_unit=lambda m: prep.override.unit if prep.override is not None else route(
             config, m, is_customer=is_customer, language=prep.language, normalized_text=prep.folded)[0].unit,
         other_chats=prep.other_chats,
+        stale=lambda row: _settled_too_long(conn, config, row, now),
     )
     needs_ack = False
     if conv is not None and automated:

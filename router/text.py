@@ -35,10 +35,11 @@ def normalize(text: str) -> str:
 _GERMAN = frozenset(
     "und der die das ist nicht ich sie wir bitte danke mit auf fuer vor bei eine einen ein "
     "unser unsere meine mein haus strasse seit wann warum hallo guten tag gehweg baustelle "
-    "sehr geehrte damen herren gruessen zu von am im es wird kein keine nach noch auch wie was "
+    "sehr geehrte damen herren gruessen zu von im wird kein keine nach noch auch wie "
     "wo heute morgen gestern termin rueckruf".split()
 )
-# Not "in" and "an", which German uses as much: "Kabel in Hofeinfahrt beschaedigt" was English.
+# Neither list has a word both languages use ("in", "an", "am", "was"): "Kabel in Hofeinfahrt
+# beschaedigt" was English, and "The cable was cut" would be German.
 _ENGLISH = frozenset(
     "the and is not you we please thanks thank with on for front of at a our my house "
     "street since when why hello dear regards there here".split()

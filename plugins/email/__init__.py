@@ -37,6 +37,6 @@ def reply_copies(
     if conversation.get("channel") != "webform":
         return None
     for identity in identities:
-        if identity.get("kind") == "email" and identity.get("address"):
+        if identity.get("kind") == "email" and identity.get("address") and not identity.get("failed"):
             return [{"channel": "email", "to_kind": "email", "to": identity["address"]}]
     return None

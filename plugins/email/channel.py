@@ -260,13 +260,18 @@ class EmailChannel(Channel):
         It came from the unit's own address (a contractor's ``dispo@tiefbau-muster.example``):
         a resident's answer to it went to the unit's mailbox and never joined the case, and the
         mail went through our relay under a domain that is not ours. The unit's name stays the
-        sender's name. A unit's notification comes from the unit's own address, as before."""
+        sender's name. A unit's notification comes from ``from_address`` too, with ``Reply-To``
+        its own address (``reply_to_for``)."""
         if message.kind == "notification":
-            # To a unit about its case: from its own address, as before, so that its answer
-            # goes to its own mailbox and not into the service as a new case from the unit.
-            return message.unit_email or self.settings.from_address
+            return self.settings.from_address
         recipient = (message.recipient or "").lower()
         return recipient if recipient in self.settings.addresses else self.settings.from_address
+
+    def reply_to_for(self, message: OutboundMessage) -> str | None:
+        """Where an answer to the mail goes, when not to its sender: a unit's answer to its
+        notification goes to its own mailbox, not into the service as a new case opened by the
+        unit (which got an acknowledgement)."""
+        return message.unit_email if message.kind == "notification" else None
 
     async def send(self, message: OutboundMessage) -> SendResult:
         """Deliver through the relay. 4xx, timeouts and connection errors are retryable; 5xx
@@ -281,12 +286,15 @@ class EmailChannel(Channel):
             raise RetryableDeliveryError("no relay configured", code=NOT_CONFIGURED)
         sender = ascii_address(self.sender_for(message))
         recipient = ascii_address(message.to)
+        notification = message.kind == "notification"
         mail = build_mail(
             message,
             from_addr=sender,
-            from_name=message.unit_name or settings.from_name,
+            # A unit is told about its case by the service, not by itself.
+            from_name=settings.from_name if notification else message.unit_name or settings.from_name,
             domain=settings.domain,
             now=self.context.clock.now(),
+            reply_to=self.reply_to_for(message),
         )
         message_id = str(mail["Message-ID"])
         try:

@@ -124,7 +124,9 @@ def html_alternative(text: str) -> str:
     return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head><body>\n{body}\n</body></html>\n'
 
 
-def build_mail(message: OutboundMessage, *, from_addr: str, from_name: str | None, domain: str, now: datetime) -> EmailMessage:
+def build_mail(
+    message: OutboundMessage, *, from_addr: str, from_name: str | None, domain: str, now: datetime, reply_to: str | None = None
+) -> EmailMessage:
     """Build the mail for one outbox row.
 
     ``thread_refs`` are Message-IDs of the thread, oldest first, as in a References header; the
@@ -143,6 +145,8 @@ def build_mail(message: OutboundMessage, *, from_addr: str, from_name: str | Non
     # name and a comment, and a comma in the name as a second address.
     mail["From"] = Address(display_name=_one_line(from_name), addr_spec=sender) if from_name else sender
     mail["To"] = ascii_address(message.to)
+    if reply_to:
+        mail["Reply-To"] = ascii_address(reply_to)
     mail["Subject"] = subject_for(message)
     refs = _thread_ids(message.thread_refs)
     if refs:

@@ -37,11 +37,11 @@ def reply_copies(
     """A web-form resident who left a mobile number and no e-mail address gets each answer by SMS
     (shortened, with the status link): staff answers are only on the status page, and one who
     had closed it was never told; their case counted as answered. With an e-mail address the
-    e-mail plugin's copy tells them. Without Twilio the core drops the copy (the channel sends
-    to no ``phone``)."""
-    if conversation.get("channel") != "webform" or any(i.get("kind") == "email" for i in identities):
+    e-mail plugin's copy tells them, unless it was refused for good (a bounce). Without Twilio
+    the core drops the copy (the channel sends to no ``phone``)."""
+    if conversation.get("channel") != "webform" or any(i.get("kind") == "email" and not i.get("failed") for i in identities):
         return None
     for identity in identities:
-        if identity.get("kind") == "phone" and is_mobile(identity.get("address")):
+        if identity.get("kind") == "phone" and not identity.get("failed") and is_mobile(identity.get("address")):
             return [{"channel": "phone", "to_kind": "phone", "to": identity["address"]}]
     return None

@@ -182,7 +182,9 @@ _SCHEMAS: dict[str, Any] = {
             "assignee": _STRING_OR_NULL, "flags": {"type": "array", "items": {"type": "string"}},
             "contact": _ref("ContactSummary"), "deadline": _AT_OR_NULL, "overdue": {"type": "boolean"},
             "escalation_level": {"type": "integer"},
-            "linked_to": {"type": ["integer", "null"], "description": "The earlier (closed) conversation this one follows."},
+            "linked_to": {"type": ["integer", "null"], "description": "The conversation this one follows or belongs with:"
+                          " one settled too long ago to reopen, one a case reference named, or the sender's case on another"
+                          " chat (routing rule open-case)."},
             "created_at": _AT, "updated_at": _AT, "last_inbound_at": _AT_OR_NULL, "first_answered_at": _AT_OR_NULL}),
     "Delivery": _record(["channel", "to", "state", "attempts", "delivery_status", "last_error", "next_attempt_at"], {
         "channel": {"type": "string"}, "to": {"type": "string"},

@@ -571,6 +571,12 @@ async def test_an_sms_from_the_number_of_an_open_whatsapp_case_is_linked_to_it_a
         status, _ = await harness.api("POST", f"/api/v1/conversations/{answered.conversation_id}/callbacks",
                                       json={"outcome": "reached"})
         assert status == 201
+        harness.clock.advance(timedelta(hours=1))  # an hour after the answer: still the same matter
+        soon = await harness.core.ingest(sms("SM7", "Danke, und wann ist der Gehweg frei?", sender="+4915155555555"))
+        (row,) = await harness.rows("SELECT unit, linked_to FROM conversations WHERE id = ?", (soon.conversation_id,))
+        assert (row["unit"], row["linked_to"]) == ("tiefbau-muster", answered.conversation_id)
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{soon.conversation_id}/close")
+        assert status == 200
         harness.clock.advance(timedelta(days=200))
         fault = await harness.core.ingest(sms("SM6", "Störung: seit heute kein Internet", sender="+4915155555555"))
         (row,) = await harness.rows("SELECT unit, linked_to FROM conversations WHERE id = ?", (fault.conversation_id,))

@@ -961,3 +961,56 @@ async def test_without_twilio_a_web_form_answer_queues_no_sms(tmp_path, twilio):
                                       json={"text": "Ihr Anschluss kommt im März."})
         assert status == 201
         assert not await harness.rows("SELECT 1 FROM outbox WHERE channel = 'phone'")
+
+
+async def _answer(harness: CoreHarness, conversation_id: int, text: str = "Ihr Anschluss kommt im März.") -> None:
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{conversation_id}/replies", json={"text": text})
+    assert status == 201
+    await harness.run_outbox()
+
+
+async def test_a_resident_whose_mail_bounced_for_good_gets_the_answer_by_sms(harness, twilio):
+    """Dropping the copy to the refused mail address while the SMS copy stood back for it (the
+    contact had an address) left them with nothing but the status page."""
+    form = await _form(harness, email="erna@example.net", phone="0151 12345678")
+    await harness.core.store.write(lambda conn: conn.execute(
+        "UPDATE identities SET failed_at = '2026-11-30T08:00:00.000000Z' WHERE kind = 'email'"))
+    await _answer(harness, form["conversation_id"])
+    assert [m["To"] for m in twilio.messages] == ["+4915112345678"]
+
+
+async def test_an_sms_back_joins_the_case_whose_copy_came_last_and_only_that(harness, twilio):
+    """It joined the newest open case, whatever its copy; a call with a menu choice for another
+    unit was pulled in too; a case closed an hour ago was missed; one settled months ago caught
+    a new matter."""
+    a = await _form(harness, phone="0151 12345678")
+    b = await _form(harness, phone="0151 12345678")
+    await _answer(harness, b["conversation_id"])
+    await _answer(harness, a["conversation_id"])  # the later copy: the SMS answers this one
+    await twilio_post(harness, "sms", sms("SM" + "1" * 32, "Danke, und wann genau?", sender="+4915112345678"))
+    (row,) = await harness.rows("SELECT conversation_id FROM messages WHERE channel = 'phone' AND direction = 'in'")
+    assert row["conversation_id"] == a["conversation_id"]
+
+    # closed an hour ago: joined and reopened
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{a['conversation_id']}/close")
+    assert status == 200
+    harness.clock.advance(timedelta(hours=1))
+    await twilio_post(harness, "sms", sms("SM" + "2" * 32, "Noch eine Frage", sender="+4915112345678"))
+    (conv,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (a["conversation_id"],))
+    assert conv["state"] != "closed" and await harness.count("conversations") == 2
+
+    # a call whose menu choice goes to another unit is a matter of its own
+    call = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA" + "3" * 32, "kind": "call",
+                                      "sender": {"kind": "phone", "address": "+4915112345678"}, "topic": "fault"})
+    assert call.conversation_id not in (a["conversation_id"], b["conversation_id"])
+    assert await harness.count("conversations") == 3
+
+    # months after the answers (and the closes): routed afresh, linked to nothing
+    for conversation_id in (a["conversation_id"], call.conversation_id):
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{conversation_id}/close")
+        assert status == 200
+    harness.clock.advance(timedelta(days=200))
+    await twilio_post(harness, "sms", sms("SM" + "4" * 32, "Störung: seit heute kein Internet", sender="+4915112345678"))
+    assert await harness.count("conversations") == 4
+    (new,) = await harness.rows("SELECT unit, linked_to, routing_rule FROM conversations ORDER BY id DESC LIMIT 1")
+    assert (new["unit"], new["linked_to"]) == ("stoerung", None), dict(new)
