@@ -133,6 +133,7 @@ def _find_thread(
     topic_unit: Callable[[Mapping[str, Any]], str] | None = None,
     other_chats: tuple[str, ...] = (),
     stale: Callable[[Mapping[str, Any]], bool] | None = None,
+    reopen_since: datetime | None = None,
 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
     """(conversation to join, conversation merely referred to). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
@@ -147,7 +148,8 @@ def _find_thread(
     whether an open conversation without a topic is the same matter. ``other_chats``: channels
     whose conversation of the sender, when this channel has none open, is referred to (an SMS
     from the number of a WhatsApp case); ``stale``: whether a conversation settled longer ago
-    than the reopen window, which neither that link nor an answer to a copy reaches."""
+    than the reopen window, which neither that link nor an answer to a copy reaches;
+    ``reopen_since``: the moment before which a closed conversation is out of that window."""
     thread = msg.get("thread") or {}
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
@@ -196,6 +198,9 @@ def _find_thread(
         # with that one's unit, reference and deadline.) One without a topic (an SMS, a call
         # without a choice) is the same matter when the topic would go to its unit.
         topic = msg.get("topic")
+        # One settled longer ago than the reopen window is the answer only when nothing else is:
+        # the case a copy of an answer came from, or a case on another chat, comes first.
+        settled = None
         if not topic:
             row = conn.execute(
                 "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
@@ -203,7 +208,9 @@ def _find_thread(
                 (contact_id, msg["channel"]),
             ).fetchone()
             if row is not None:
-                return row, referred
+                if stale is None or not stale(row):
+                    return row, referred
+                settled = row
         else:
             for row in conn.execute(
                 "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
@@ -212,7 +219,10 @@ def _find_thread(
                 (contact_id, msg["channel"], topic),
             ):
                 if row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
-                    return row, referred
+                    if stale is None or not stale(row):
+                        return row, referred
+                    settled = settled or row
+
         def same_matter(row: Mapping[str, Any]) -> bool:
             return (not topic or row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg))) and not (
                 stale is not None and stale(row))
@@ -222,12 +232,15 @@ def _find_thread(
             # case's answer by SMS): that case, the one whose copy came last, reopened if it was
             # closed within the reopen window. It opened a case of its own, with a new reference.
             # The contact's conversations (a few, by index), each with its copies (by index).
+            # Only cases not closed, or closed within the reopen window: a contact's old history
+            # is not read at every message.
             for row in conn.execute(
                 "SELECT * FROM (SELECT c.*, (SELECT MAX(o.id) FROM outbox o WHERE o.conversation_id = c.id"
                 " AND o.channel = ? AND o.to_address = ? AND o.primary_delivery = 0) AS latest_copy"
-                " FROM conversations c WHERE c.contact_id = ? AND c.channel != ?)"
+                " FROM conversations c WHERE c.contact_id = ? AND c.channel != ?"
+                " AND (c.state != 'closed' OR c.closed_at > ?))"
                 " WHERE latest_copy IS NOT NULL ORDER BY latest_copy DESC LIMIT 5",
-                (msg["channel"], msg["sender"]["address"], contact_id, msg["channel"]),
+                (msg["channel"], msg["sender"]["address"], contact_id, msg["channel"], iso(reopen_since) if reopen_since else ""),
             ):
                 if same_matter(row):
                     return row, referred
@@ -244,6 +257,8 @@ def _find_thread(
             ):
                 if same_matter(row):
                     return None, row
+        if settled is not None:
+            return settled, referred  # ingest_tx opens a new conversation linked to it
     return None, referred
 
 
@@ -483,6 +498,7 @@ def ingest_tx(
             config, m, is_customer=is_customer, language=prep.language, normalized_text=prep.folded)[0].unit,
         other_chats=prep.other_chats,
         stale=lambda row: _settled_too_long(conn, config, row, now),
+        reopen_since=now - reopen_window(config),
     )
     needs_ack = False
     if conv is not None and automated:

@@ -635,3 +635,30 @@ async def test_a_unit_is_told_in_words_of_its_own_where_the_configuration_has_on
         assert notes[0].startswith(f"Fall {result.case_reference} wurde nicht bis ")
         assert notes[1].startswith(f"Fall {result.case_reference} wurde Kundenservice übertragen. Bitte antworten")
         assert notes[2] == f"Fall {result.case_reference} wurde Bau-Hotline übertragen. Eine Antwort ist derzeit nicht fällig."
+
+
+async def test_an_old_answered_case_on_the_chat_itself_does_not_hide_a_fresh_one_on_another(tmp_path):
+    """The sender's conversation on the channel itself was taken first, however long ago it was
+    answered: an SMS an hour after a WhatsApp message went to that old case's unit, "referring"
+    to it, instead of being linked to the WhatsApp case."""
+    from router.testing import CoreHarness
+
+    env = {"WHATSAPP_APP_SECRET": "s", "WHATSAPP_VERIFY_TOKEN": "v", "WHATSAPP_ACCESS_TOKEN": "a",
+           "WHATSAPP_PHONE_NUMBER_ID": "1122334455", "WHATSAPP_GRAPH_URL": "http://127.0.0.1:9",
+           "TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    number = "+4915111111111"
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "whatsapp", "phone"), env=env) as harness:
+        old = await harness.core.ingest({"channel": "phone", "channel_message_id": "SM0", "kind": "message",
+                                         "text": "Störung: kein Internet", "sender": {"kind": "phone", "address": number}})
+        assert old.unit == "stoerung"
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{old.conversation_id}/callbacks", json={"outcome": "reached"})
+        assert status == 201
+        harness.clock.advance(timedelta(days=200))  # answered long ago, never closed
+        case = await harness.core.ingest(_chat("message", "wamid.Y1", number,
+                                               text="Vor meinem Haus in der Musterstraße 5 ist der Gehweg aufgegraben."))
+        harness.clock.advance(timedelta(hours=1))
+        follow = await harness.core.ingest({"channel": "phone", "channel_message_id": "SM1", "kind": "message",
+                                            "text": "Wann ist der Gehweg wieder frei?", "sender": {"kind": "phone", "address": number}})
+        (row,) = await harness.rows("SELECT unit, linked_to, routing_rule FROM conversations WHERE id = ?", (follow.conversation_id,))
+        assert (row["unit"], row["linked_to"], row["routing_rule"]) == ("tiefbau-muster", case.conversation_id, "open-case")

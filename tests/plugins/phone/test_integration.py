@@ -999,11 +999,17 @@ async def test_an_sms_back_joins_the_case_whose_copy_came_last_and_only_that(har
     (conv,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (a["conversation_id"],))
     assert conv["state"] != "closed" and await harness.count("conversations") == 2
 
+    # a call is no text back to the copy, with a menu choice or without
+    plain = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA" + "5" * 32, "kind": "call",
+                                       "sender": {"kind": "phone", "address": "+4915112345678"}})
+    assert plain.conversation_id != a["conversation_id"]
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{plain.conversation_id}/close")
+    assert status == 200
     # a call whose menu choice goes to another unit is a matter of its own
     call = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA" + "3" * 32, "kind": "call",
                                       "sender": {"kind": "phone", "address": "+4915112345678"}, "topic": "fault"})
-    assert call.conversation_id not in (a["conversation_id"], b["conversation_id"])
-    assert await harness.count("conversations") == 3
+    assert call.conversation_id not in (a["conversation_id"], b["conversation_id"], plain.conversation_id)
+    assert await harness.count("conversations") == 4
 
     # months after the answers (and the closes): routed afresh, linked to nothing
     for conversation_id in (a["conversation_id"], call.conversation_id):
@@ -1011,6 +1017,6 @@ async def test_an_sms_back_joins_the_case_whose_copy_came_last_and_only_that(har
         assert status == 200
     harness.clock.advance(timedelta(days=200))
     await twilio_post(harness, "sms", sms("SM" + "4" * 32, "Störung: seit heute kein Internet", sender="+4915112345678"))
-    assert await harness.count("conversations") == 4
+    assert await harness.count("conversations") == 5
     (new,) = await harness.rows("SELECT unit, linked_to, routing_rule FROM conversations ORDER BY id DESC LIMIT 1")
     assert (new["unit"], new["linked_to"]) == ("stoerung", None), dict(new)
