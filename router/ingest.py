@@ -13,7 +13,7 @@ import dataclasses
 import sqlite3
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from .channel import InvalidMessage
 from .config import Config
@@ -122,6 +122,17 @@ def _result(
     )
 
 
+class Thread(NamedTuple):
+    """Where a message belongs: ``conv`` to join; else a new conversation, ``referred`` (owned by
+    that case's unit: the message names it, or it is the sender's case on another chat) or
+    ``follows`` (the sender's own conversation settled longer ago than the reopen window: a new
+    matter, routed as any other) to link it to."""
+
+    conv: sqlite3.Row | None
+    referred: sqlite3.Row | None
+    follows: sqlite3.Row | None = None
+
+
 def _find_thread(
     conn: sqlite3.Connection,
     msg: Mapping[str, Any],
@@ -134,7 +145,7 @@ def _find_thread(
     other_chats: tuple[str, ...] = (),
     stale: Callable[[Mapping[str, Any]], bool] | None = None,
     reopen_since: datetime | None = None,
-) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
+) -> Thread:
     """(conversation to join, conversation merely referred to). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
     reference (an e-mail's In-Reply-To) joins only the sender's own conversation, likewise
@@ -154,7 +165,7 @@ def _find_thread(
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
         if row is not None:
-            return row, None
+            return Thread(row, None)
     referred = None
     for ref in thread.get("refs") or ():
         # An earlier inbound message's own id, else a key our outbound messages or extra
@@ -183,15 +194,16 @@ def _find_thread(
                 # Message-ID is known to everyone the mail went to, and a forged From is easy.
                 own = row["contact_id"] == contact_id and sender_verified
                 if own or refs_join == "any" or (refs_join == "ours" and ours):
-                    return row, None
+                    return Thread(row, None)
                 referred = referred or row
     reference = find_case_reference(msg.get("subject"), msg.get("text"))
     if reference:
         row = conn.execute("SELECT * FROM conversations WHERE case_reference = ?", (reference,)).fetchone()
         if row is not None:
             if row["contact_id"] == contact_id and sender_verified:
-                return row, None
+                return Thread(row, None)
             referred = referred or row  # a case reference is not proof of identity: link, don't join
+    settled = None
     if threads_by_sender:
         # The sender's open conversation for that topic: a caller who chose another topic in
         # the menu has another matter, for the unit of that topic. (It joined the open one,
@@ -200,17 +212,15 @@ def _find_thread(
         topic = msg.get("topic")
         # One settled longer ago than the reopen window is the answer only when nothing else is:
         # the case a copy of an answer came from, or a case on another chat, comes first.
-        settled = None
         if not topic:
-            row = conn.execute(
+            for row in conn.execute(
                 "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
-                " WHERE contact_id = ? AND channel = ? AND state != 'closed' ORDER BY id DESC LIMIT 1",
+                " WHERE contact_id = ? AND channel = ? AND state != 'closed' ORDER BY id DESC LIMIT 3",
                 (contact_id, msg["channel"]),
-            ).fetchone()
-            if row is not None:
+            ):
                 if stale is None or not stale(row):
-                    return row, referred
-                settled = row
+                    return Thread(row, referred)
+                settled = settled or row
         else:
             for row in conn.execute(
                 "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
@@ -220,7 +230,7 @@ def _find_thread(
             ):
                 if row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
                     if stale is None or not stale(row):
-                        return row, referred
+                        return Thread(row, referred)
                     settled = settled or row
 
         def same_matter(row: Mapping[str, Any]) -> bool:
@@ -238,12 +248,12 @@ def _find_thread(
                 "SELECT * FROM (SELECT c.*, (SELECT MAX(o.id) FROM outbox o WHERE o.conversation_id = c.id"
                 " AND o.channel = ? AND o.to_address = ? AND o.primary_delivery = 0) AS latest_copy"
                 " FROM conversations c WHERE c.contact_id = ? AND c.channel != ?"
-                " AND (c.state != 'closed' OR c.closed_at > ?))"
+                " AND (c.state != 'closed' OR c.closed_at >= ?))"
                 " WHERE latest_copy IS NOT NULL ORDER BY latest_copy DESC LIMIT 5",
                 (msg["channel"], msg["sender"]["address"], contact_id, msg["channel"], iso(reopen_since) if reopen_since else ""),
             ):
                 if same_matter(row):
-                    return row, referred
+                    return Thread(row, referred)
         if referred is None and sender_verified and other_chats:
             # Nothing open here, but the same number has a case on another chat (an SMS an hour
             # after a WhatsApp message): most likely the same matter. It opened a second case,
@@ -256,10 +266,9 @@ def _find_thread(
                 (contact_id, *other_chats),
             ):
                 if same_matter(row):
-                    return None, row
-        if settled is not None:
-            return settled, referred  # ingest_tx opens a new conversation linked to it
-    return None, referred
+                    return Thread(None, row)
+    # The sender's conversation settled too long ago: a new matter, routed as any, linked to it.
+    return Thread(None, referred, settled)
 
 
 def _referred_decision(
@@ -334,7 +343,7 @@ def _annotate(
         ).fetchone()
     thread_conv = None
     if (msg.get("thread") or {}).get("refs"):
-        thread_conv, _ = _find_thread(conn, msg, contact_id, False, prep.sender_verified, refs_join="any")
+        thread_conv = _find_thread(conn, msg, contact_id, False, prep.sender_verified, refs_join="any").conv
     if target is not None and not _may_annotate(msg["kind"], target, contact_id, thread_conv):
         target = None  # kept, as an annotation of nothing: it changes nobody else's message
     conversation_id = target["conversation_id"] if target is not None else None
@@ -491,7 +500,7 @@ def ingest_tx(
 
     # A contact created just now has no conversation to continue.
     automated = msg.get("ack_suppressed") in AUTOMATED
-    conv, referred = _find_thread(
+    conv, referred, follows = _find_thread(
         conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.sender_verified,
         refs_join="ours" if automated else "own",
         topic_unit=lambda m: prep.override.unit if prep.override is not None else route(
@@ -501,6 +510,8 @@ def ingest_tx(
         reopen_since=now - reopen_window(config),
     )
     needs_ack = False
+    if conv is None and follows is not None and automated:
+        conv = follows  # a machine's message is kept where it belongs, however old
     if conv is not None and automated:
         pass  # a machine's message (out of office, a list, a bounce) is kept where it belongs and changes nothing
     elif conv is not None and _settled_too_long(conn, config, conv, now):
@@ -543,7 +554,7 @@ def ingest_tx(
             language=prep.language,
             subject=msg.get("subject"),
             area=area.id if area else None,
-            linked_to=referred["id"] if referred is not None else None,
+            linked_to=(referred or follows)["id"] if (referred or follows) is not None else None,
             now=now,
             automated=automated,
         )

@@ -662,3 +662,56 @@ async def test_an_old_answered_case_on_the_chat_itself_does_not_hide_a_fresh_one
                                             "text": "Wann ist der Gehweg wieder frei?", "sender": {"kind": "phone", "address": number}})
         (row,) = await harness.rows("SELECT unit, linked_to, routing_rule FROM conversations WHERE id = ?", (follow.conversation_id,))
         assert (row["unit"], row["linked_to"], row["routing_rule"]) == ("tiefbau-muster", case.conversation_id, "open-case")
+
+
+class TestASettledConversationOnTheChat:
+    """The sender's conversation on the chat itself, settled longer ago than the reopen window."""
+
+    ENV = {"WHATSAPP_APP_SECRET": "s", "WHATSAPP_VERIFY_TOKEN": "v", "WHATSAPP_ACCESS_TOKEN": "a",
+           "WHATSAPP_PHONE_NUMBER_ID": "1122334455", "WHATSAPP_GRAPH_URL": "http://127.0.0.1:9",
+           "TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    NUMBER = "+4915111111111"
+
+    def sms(self, message_id: str, text: str) -> dict:
+        return {"channel": "phone", "channel_message_id": message_id, "kind": "message", "text": text,
+                "sender": {"kind": "phone", "address": self.NUMBER}}
+
+    async def test_a_new_matter_after_it_is_routed_as_any_and_linked(self, tmp_path):
+        """It went to the old case's unit, "referring" to it: a fault reported months after a
+        construction case went to the contractor."""
+        from router.testing import CoreHarness
+
+        async with CoreHarness(tmp_path / "d", entrypoints=("webform", "whatsapp", "phone"), env=self.ENV) as harness:
+            first = await harness.core.ingest(_chat("message", "wamid.C1", self.NUMBER,
+                                                    text="Vor meinem Haus in der Musterstraße 5 ist der Gehweg aufgegraben."))
+            stamp = iso(harness.clock.now())
+            await harness.core.store.write(lambda conn: tracking.mark_answered(conn, first.conversation_id, stamp))
+            harness.clock.advance(timedelta(days=200))
+            later = await harness.core.ingest(_chat("message", "wamid.C3", self.NUMBER, text="Störung: seit heute kein Internet"))
+            (row,) = await harness.rows("SELECT unit, linked_to, routing_rule FROM conversations WHERE id = ?",
+                                        (later.conversation_id,))
+            assert (row["unit"], row["linked_to"], row["routing_rule"]) == ("stoerung", first.conversation_id, "fault")
+            assert later.acknowledged
+
+    async def test_it_does_not_hide_an_older_one_that_is_fresh(self, tmp_path):
+        """Only the newest conversation was looked at: a staff follow-up in an older case, and
+        the resident's answer to it opened a third case, owned by the settled one's unit."""
+        from router.testing import CoreHarness
+
+        async with CoreHarness(tmp_path / "d", entrypoints=("webform", "whatsapp", "phone"), env=self.ENV) as harness:
+            fault = await harness.core.ingest(self.sms("SM1", "Störung: kein Internet"))
+            call = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1", "kind": "call",
+                                              "topic": "construction", "sender": {"kind": "phone", "address": self.NUMBER}})
+            assert call.conversation_id != fault.conversation_id
+            for case in (fault, call):
+                status, _ = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/callbacks",
+                                              json={"outcome": "reached"})
+                assert status == 201
+            harness.clock.advance(timedelta(days=200))
+            status, _ = await harness.api("POST", f"/api/v1/conversations/{fault.conversation_id}/replies",
+                                          json={"text": "Ist die Störung behoben?"})
+            assert status == 201
+            harness.clock.advance(timedelta(hours=1))
+            back = await harness.core.ingest(self.sms("SM2", "Nein, immer noch kein Internet"))
+            assert back.conversation_id == fault.conversation_id

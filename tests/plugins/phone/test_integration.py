@@ -1020,3 +1020,16 @@ async def test_an_sms_back_joins_the_case_whose_copy_came_last_and_only_that(har
     assert await harness.count("conversations") == 5
     (new,) = await harness.rows("SELECT unit, linked_to, routing_rule FROM conversations ORDER BY id DESC LIMIT 1")
     assert (new["unit"], new["linked_to"]) == ("stoerung", None), dict(new)
+
+
+async def test_an_sms_back_exactly_at_the_end_of_the_reopen_window_still_joins(harness, twilio):
+    """The copy lookup dropped a case closed exactly ``reopen_days`` ago, which the reopen rule
+    still reopens."""
+    form = await _form(harness, phone="0151 12345678")
+    await _answer(harness, form["conversation_id"])
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{form['conversation_id']}/close")
+    assert status == 200
+    harness.clock.advance(timedelta(days=harness.config.reopen_days))
+    await twilio_post(harness, "sms", sms("SM" + "6" * 32, "Noch eine Frage dazu", sender="+4915112345678"))
+    (row,) = await harness.rows("SELECT conversation_id FROM messages WHERE channel = 'phone' AND direction = 'in'")
+    assert row["conversation_id"] == form["conversation_id"]
