@@ -146,7 +146,8 @@ def _find_thread(
     stale: Callable[[Mapping[str, Any]], bool] | None = None,
     reopen_since: datetime | None = None,
 ) -> Thread:
-    """(conversation to join, conversation merely referred to). A case reference joins only the
+    """Where the message belongs (``Thread``: a conversation to join, one merely referred to, one it
+    follows). A case reference joins only the
     sender's own conversation, and only where the channel vouches for the sender; a thread
     reference (an e-mail's In-Reply-To) joins only the sender's own conversation, likewise
     (``refs_join`` "own"): a third party who answers someone else's thread (a Cc, a forwarded
@@ -210,8 +211,8 @@ def _find_thread(
         # with that one's unit, reference and deadline.) One without a topic (an SMS, a call
         # without a choice) is the same matter when the topic would go to its unit.
         topic = msg.get("topic")
-        # One settled longer ago than the reopen window is the answer only when nothing else is:
-        # the case a copy of an answer came from, or a case on another chat, comes first.
+        # One settled longer ago than the reopen window is never joined: the case a copy of an
+        # answer came from, or a case on another chat, comes first; else it is only linked to.
         if not topic:
             for row in conn.execute(
                 "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
