@@ -273,12 +273,14 @@ def _find_thread(
 
 
 def _referred_decision(
-    config: Config, referred: Mapping[str, Any], msg: Mapping[str, Any], contact_id: int
+    config: Config, referred: Mapping[str, Any], msg: Mapping[str, Any], contact_id: int, *, settled: bool = False
 ) -> RoutingDecision:
     """The unit of the case a new conversation is linked to, and why: the message names it, or
-    the sender has it open on another chat."""
+    the sender has it open on another chat (not ``settled`` longer than the reopen window: a
+    reference to such a case names it)."""
     owner = config.units[referred["unit"]].name
-    if referred["contact_id"] == contact_id and referred["channel"] != msg["channel"] and referred["state"] != "closed":
+    if (referred["contact_id"] == contact_id and referred["channel"] != msg["channel"] and referred["state"] != "closed"
+            and not settled):
         return RoutingDecision(
             unit=referred["unit"], rule="open-case",
             reason=f"The sender's case {referred['case_reference']} ({referred['channel']}) is open; {owner} owns it.",
@@ -537,7 +539,8 @@ def ingest_tx(
             if prep.override is not None:
                 decision = prep.override
             else:
-                decision = _referred_decision(config, referred, msg, contact_id)
+                decision = _referred_decision(config, referred, msg, contact_id,
+                                              settled=_settled_too_long(conn, config, referred, now))
             area_hit = find_area(config, msg, prep.folded)
             area = area_hit[0] if area_hit else None
         else:

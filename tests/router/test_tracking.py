@@ -715,3 +715,22 @@ class TestASettledConversationOnTheChat:
             harness.clock.advance(timedelta(hours=1))
             back = await harness.core.ingest(self.sms("SM2", "Nein, immer noch kein Internet"))
             assert back.conversation_id == fault.conversation_id
+
+
+async def test_a_reference_to_ones_own_settled_case_on_another_chat_says_so(tmp_path):
+    """It was labelled open-case, "is open", for a case answered 200 days ago that the SMS named."""
+    from router.testing import CoreHarness
+
+    async with CoreHarness(tmp_path / "d", entrypoints=("webform", "whatsapp", "phone"),
+                           env=TestASettledConversationOnTheChat.ENV) as harness:
+        number = TestASettledConversationOnTheChat.NUMBER
+        case = await harness.core.ingest(_chat("message", "wamid.R1", number,
+                                               text="Vor meinem Haus in der Musterstraße 5 ist der Gehweg aufgegraben."))
+        stamp = iso(harness.clock.now())
+        await harness.core.store.write(lambda conn: tracking.mark_answered(conn, case.conversation_id, stamp))
+        harness.clock.advance(timedelta(days=200))
+        named = await harness.core.ingest({"channel": "phone", "channel_message_id": "SM9", "kind": "message",
+                                           "text": f"Zu {case.case_reference}: schon wieder gesperrt",
+                                           "sender": {"kind": "phone", "address": number}})
+        (row,) = await harness.rows("SELECT unit, linked_to, routing_rule FROM conversations WHERE id = ?", (named.conversation_id,))
+        assert (row["unit"], row["linked_to"], row["routing_rule"]) == ("tiefbau-muster", case.conversation_id, "case-reference")
