@@ -211,32 +211,35 @@ def _find_thread(
         # with that one's unit, reference and deadline.) One without a topic (an SMS, a call
         # without a choice) is the same matter when the topic would go to its unit.
         topic = msg.get("topic")
+
+        def same_topic(row: Mapping[str, Any]) -> bool:
+            return not topic or row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg))
+
+        def fresh(row: Mapping[str, Any]) -> bool:
+            return stale is None or not stale(row)
+
+        def same_matter(row: Mapping[str, Any]) -> bool:
+            return same_topic(row) and fresh(row)
+
         # One settled longer ago than the reopen window is never joined: the case a copy of an
         # answer came from, or a case on another chat, comes first; else it is only linked to.
-        if not topic:
-            for row in conn.execute(
+        same_channel = (
+            conn.execute(
                 "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
                 " WHERE contact_id = ? AND channel = ? AND state != 'closed' ORDER BY id DESC LIMIT 3",
                 (contact_id, msg["channel"]),
-            ):
-                if stale is None or not stale(row):
-                    return Thread(row, referred)
-                settled = settled or row
-        else:
-            for row in conn.execute(
+            ) if not topic else conn.execute(
                 "SELECT * FROM conversations INDEXED BY conversations_contact_channel"
                 " WHERE contact_id = ? AND channel = ? AND state != 'closed' AND (topic = ? OR topic IS NULL)"
-                " ORDER BY topic IS NULL, id DESC LIMIT 2",
+                " ORDER BY topic IS NULL, id DESC LIMIT 3",
                 (contact_id, msg["channel"], topic),
-            ):
-                if row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg)):
-                    if stale is None or not stale(row):
-                        return Thread(row, referred)
-                    settled = settled or row
-
-        def same_matter(row: Mapping[str, Any]) -> bool:
-            return (not topic or row["topic"] == topic or (topic_unit is not None and row["unit"] == topic_unit(msg))) and not (
-                stale is not None and stale(row))
+            )
+        )
+        for row in same_channel:
+            if same_topic(row):
+                if fresh(row):
+                    return Thread(row, referred)
+                settled = settled or row
 
         if sender_verified and msg["kind"] == "message":
             # A text back to the copy of a staff answer that went to this address (a web-form
