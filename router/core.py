@@ -521,8 +521,7 @@ class Core:
             updated = self._conversation(conn, conversation_id)
             # A case that waits for no answer (answered, waiting for the resident, closed) has no
             # deadline: its new owner was asked to answer "by -".
-            names = ("new_owner",) if waiting else ("new_owner_nothing_due", "new_owner")
-            template = next((t for t in names if self.templates.has(t)), names[0])
+            template = self.templates.first_configured(*(("new_owner",) if waiting else ("new_owner_nothing_due", "new_owner")))
             tracking.queue_unit_notification(conn, self.config, self.templates, conversation=updated, unit_id=unit,
                                              template=template, now=now)
             return dict(updated)

@@ -80,6 +80,11 @@ class Templates:
     def has(self, name: str) -> bool:
         return bool(self._templates.get(name))
 
+    def first_configured(self, *names: str) -> str:
+        """The first of ``names`` the configuration has, else the first (its ``NOTICES`` text):
+        ``reminder`` falls back to a configured ``escalation`` before the built-in words."""
+        return next((name for name in names if self.has(name)), names[0])
+
     def language_for(self, name: str, language: str | None) -> str:
         variants = self._templates.get(name) or NOTICES.get(name, {})
         if language and language in variants:

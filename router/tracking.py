@@ -313,7 +313,7 @@ def escalate(
     # The end of the chain is reminded of a deadline that stays: "please answer by" a time
     # gone by read oddly, so a ``reminder`` template says it where one is configured.
     first = "reminder" if to_unit == from_unit else "callback_escalation" if cause == "callbacks" else "escalation"
-    template = next((t for t in (first, "escalation") if templates.has(t)), first)
+    template = templates.first_configured(first, "escalation")
     queue_unit_notification(
         conn,
         config,
