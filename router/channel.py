@@ -188,16 +188,16 @@ queued, are never given up, and the outbox logs an ERROR at each attempt."""
 
 
 def _seconds_or_none(value: Any) -> float | None:
-    """A provider's wait as the outbox can use it: a finite number of seconds, at least 0, also
-    from a header's text ("30"); anything else None, leaving the wait to the backoff. A string
-    passed on from ``Retry-After`` stopped the outcome from being recorded."""
-    if isinstance(value, bool):
+    """A provider's wait as the outbox can use it, read as ``parse_retry_after`` reads the
+    header (a number or its text, at most a day); anything else None, leaving the wait to the
+    backoff. A string passed on from ``Retry-After`` stopped the outcome from being recorded, and
+    so did a wait too long for a date (``"1e12"``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
     try:
-        seconds = float(value)
-    except (TypeError, ValueError, OverflowError):
+        return parse_retry_after(value if isinstance(value, str) else repr(value))
+    except ValueError:  # an int too long to write out
         return None
-    return seconds if 0 <= seconds < float("inf") else None
 
 
 class RetryableDeliveryError(DeliveryError):

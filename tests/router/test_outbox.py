@@ -1183,7 +1183,8 @@ async def test_an_error_with_a_value_of_the_wrong_type_is_recorded_all_the_same(
 def test_a_retry_after_is_seconds_or_nothing():
     assert RetryableDeliveryError("x", retry_after="30").retry_after == 30.0
     assert RetryableDeliveryError("x", retry_after=2).retry_after == 2.0
-    for value in ("soon", -1, float("nan"), float("inf"), True, None, object()):
+    assert RetryableDeliveryError("x", retry_after=0).retry_after == 0.0
+    for value in ("soon", -1, float("nan"), float("inf"), "1e12", 10**5000, True, None, object()):
         assert RetryableDeliveryError("x", retry_after=value).retry_after is None, value
 
 
