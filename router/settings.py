@@ -93,7 +93,10 @@ def _number(section: Mapping[str, Any], key: str, where: str, expected: str, err
         number = value
     elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         text = value.strip()
-        number = int(text) if text.lstrip("+-").isdigit() else float(text)
+        try:
+            number = int(text) if text.lstrip("+-").isdigit() else float(text)
+        except ValueError:  # more digits than Python writes into an int
+            number = None
     if number is None or (isinstance(number, float) and not math.isfinite(number)):
         raise error(f"{where}.{key}", f"expected {expected}, got {value!r}")
     return number

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 from router.hookspecs import SettingsError
-from router.settings import flag, positive_float, positive_int
+from router.settings import flag, given, positive_float, positive_int
 
 from .numbers import PBX_NUMBER_FORMATS
 
@@ -94,8 +94,8 @@ class PhoneSettings:
         values: dict[str, Any] = {}
         for key in ("account_sid", "auth_token", "phone_number", "api_url", "public_base_url", "cti_secret",
                     "cti_number_format", "region", "timezone", "company_name"):
-            value = section.get(key)
-            if value is None or value == "":
+            value = given(section, key)  # a blank one from the environment is not given
+            if value is None:
                 continue
             if not isinstance(value, str):
                 raise PhoneSettingsError(f"channels.phone.{key}", "expected a string")

@@ -29,7 +29,7 @@ from router.hookspecs import (
     StorageUnavailable,
     read_limited_body,
 )
-from router.settings import flag, non_negative_float, positive_float, positive_int
+from router.settings import flag, given, non_negative_float, positive_float, positive_int
 
 from . import fields, pages, tokens
 
@@ -128,7 +128,7 @@ class RateLimiter:
 def _timezone_setting(value: Any) -> str | None:
     """The channel's own ``timezone``, checked at start (an unknown one made every status page a
     500); None when it is not given, and the service's applies."""
-    if value is None or value == "":
+    if value is None:
         return None
     if not isinstance(value, str):
         raise SettingsError("channels.webform.timezone", "expected a string")
@@ -171,7 +171,7 @@ class WebFormChannel(Channel):
         self.limiter = RateLimiter(positive_int(settings, "rate_limit_per_minute", 10, WHERE))
         self.trust_forwarded = flag(settings, "trust_forwarded_for", False, WHERE)
         self._topics = topics
-        self._timezone = _timezone_setting(settings.get("timezone"))
+        self._timezone = _timezone_setting(given(settings, "timezone"))  # a blank one from the environment is not given
         self._refunded: set[str] = set()  # form tokens whose duplicate was not counted once already
 
     @property

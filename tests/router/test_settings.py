@@ -154,3 +154,10 @@ def test_flag_reads_tomls_0_and_1_as_off_and_on() -> None:
     """``listen = 0`` switched the mail listener off before; it still does."""
     assert flag({"key": 0}, "key", True, WHERE) is False
     assert flag({"key": 1}, "key", False, WHERE) is True
+
+
+def test_a_number_too_long_to_read_is_refused_naming_the_key() -> None:
+    """``int()`` of more than 4,300 digits raised a bare ValueError, reported without the key."""
+    with pytest.raises(SettingsError) as caught:
+        positive_int({"key": "9" * 5000}, "key", 1, WHERE)
+    assert caught.value.path == f"{WHERE}.key"

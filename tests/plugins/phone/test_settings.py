@@ -131,3 +131,11 @@ def test_a_voice_is_a_name_or_a_table_by_language():
         with pytest.raises(PhoneSettingsError) as caught:
             PhoneSettings.from_config({"voice": bad}, {})
         assert caught.value.path == key
+
+
+def test_a_blank_text_from_the_environment_is_not_given():
+    """ " " from an unset-but-exported variable was an unknown timezone or region."""
+    from plugins.phone.settings import PhoneSettings
+
+    settings = PhoneSettings.from_config({"timezone": " ", "region": "  ", "company_name": " "}, {})
+    assert (settings.timezone, settings.region, settings.company_name) == (None, "DE", None)
