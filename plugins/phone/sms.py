@@ -84,12 +84,13 @@ def shorten_sms(text: str, status_url: str | None = None, limit: int = MAX_SMS_L
     text = text or ""
     if limit <= 0:
         return ""
-    wanted = with_link and bool(status_url) and status_url not in text
+    fits = bool(status_url) and sms_length(status_url or "") + len(ELLIPSIS) + 1 <= limit
+    wanted = with_link and fits and status_url not in text  # a link that never fits is not wanted
     if wanted and sms_length(text) + 1 + sms_length(status_url or "") <= limit:
         return f"{text}\n{status_url}"
     if sms_length(text) <= limit and not wanted:
         return text
-    suffix = f"{ELLIPSIS} {status_url}" if status_url and sms_length(status_url) + len(ELLIPSIS) + 1 <= limit else ELLIPSIS
+    suffix = f"{ELLIPSIS} {status_url}" if fits else ELLIPSIS
     head = _head(text, max(limit - sms_length(suffix), 0))
     cut = head.rfind(" ")
     if cut > len(head) // 2:

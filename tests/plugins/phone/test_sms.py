@@ -38,6 +38,7 @@ def test_an_answer_whose_conversation_is_elsewhere_carries_the_link():
     short = shorten_sms(fits_alone, STATUS, limit=160, with_link=True)
     assert len(short) <= 160 and short.endswith(f"... {STATUS}") and short.startswith("Wir kommen am Freitag.")
     assert shorten_sms("Hallo", None, with_link=True) == "Hallo"
+    assert shorten_sms("Hallo Welt", STATUS, limit=20, with_link=True) == "Hallo Welt"  # the link never fits: the text stays
 
 
 def test_link_longer_than_the_limit_is_left_out():
