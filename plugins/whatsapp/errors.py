@@ -15,9 +15,6 @@ Outcome = Literal["template", "retry", "not_configured", "permanent"]
 REENGAGEMENT = 131047
 """More than 24 hours since the person last wrote: only an approved template may go out."""
 
-BSUID_REFUSED = 131062
-"""This kind of message cannot be sent to a business-scoped user id (only to a phone number)."""
-
 RETRYABLE_CODES: frozenset[int] = frozenset(
     {
         1,  # API unknown: possibly a server error

@@ -96,8 +96,6 @@ def split_text(text: str, limit: int = MAX_TEXT_LENGTH) -> list[str]:
     return parts
 
 
-
-
 def text_payloads(
     to: str, text: str, *, limit: int = MAX_TEXT_LENGTH, to_kind: str = "phone"
 ) -> list[dict[str, Any]]:
