@@ -43,6 +43,19 @@ HOOK_SECONDS = 10.0
 that hangs costs a message, a staff reply or the shutdown no more than this, and the other
 implementations nothing."""
 
+EVENT_FIELDS = {
+    "conversation_routed": ("id", "case_reference", "unit", "channel", "deadline"),
+    "conversation_escalated": ("id", "case_reference", "unit", "deadline"),
+    "conversation_answered": ("id", "case_reference", "unit", "channel"),
+}
+"""The fields of the conversation each event hook gets, as its specification names them: never
+the stored row, which holds the status page's secret token and the contact's internals."""
+
+
+def event_conversation(hook: str, conversation: Mapping[str, Any]) -> dict[str, Any]:
+    """The conversation as ``hook`` hands it to plugins (``EVENT_FIELDS``)."""
+    return {field: conversation[field] for field in EVENT_FIELDS[hook]}
+
 
 class ActionError(Exception):
     """A staff action that cannot be done in the conversation's current state (409/400)."""
@@ -320,7 +333,8 @@ class Core:
     async def on_answered(self, answered: dict[str, Any]) -> None:
         self.metrics.inc("contact_router_conversations_answered_total")
         if self._answered_hook:
-            self._spawn(self._fire("conversation_answered", conversation=answered["conversation"], message=answered["message"]))
+            conversation = event_conversation("conversation_answered", answered["conversation"])
+            self._spawn(self._fire("conversation_answered", conversation=conversation, message=answered["message"]))
 
     # ------------------------------------------------------------------ scheduler
 
@@ -333,7 +347,8 @@ class Core:
             self.wake_outbox()
             if self._escalated_hook:
                 for e in done:
-                    self._spawn(self._fire("conversation_escalated", conversation=e["conversation"],
+                    self._spawn(self._fire("conversation_escalated",
+                                           conversation=event_conversation("conversation_escalated", e["conversation"]),
                                            from_unit=e["from_unit"], to_unit=e["to_unit"], level=e["level"]))
         return done
 
@@ -529,7 +544,8 @@ class Core:
         updated = await self.store.write(work)
         self.wake_outbox()
         if self._routed_hook:
-            self._spawn(self._fire("conversation_routed", conversation=updated, rule="transfer", reason=why))
+            self._spawn(self._fire("conversation_routed", conversation=event_conversation("conversation_routed", updated),
+                                   rule="transfer", reason=why))
 
     async def set_state(
         self, conversation_id: int, action: str, staff: str, *, units: Collection[str] | None = None

@@ -121,7 +121,11 @@ class CoreHarness:
         return str(self.server.make_url("")).rstrip("/")
 
     async def run_outbox(self, rounds: int = 20) -> int:
-        """Deliver everything due now (retries that fall due within the rounds included)."""
+        """Deliver everything due now by the harness's clock, in up to ``rounds`` batches.
+
+        The clock stands still, so a send that failed is due again only once the test moves it
+        past the retry (``harness.clock.advance(timedelta(seconds=1))`` with the harness's
+        policy) and calls this again: a test sees each attempt and what it left."""
         total = 0
         assert self.core.outbox is not None
         for _ in range(rounds):
@@ -133,6 +137,12 @@ class CoreHarness:
 
     async def escalate(self) -> list[dict[str, Any]]:
         return await self.core.escalate_due()
+
+    async def events_done(self) -> None:
+        """Wait for the event hooks (``message_received``, ``conversation_*``) called so far:
+        the core calls them in the background after each commit, so a test that checks what
+        a hook did waits for them first."""
+        await self.core.drain_background()
 
     async def api(self, method: str, path: str, *, token: str | None = "admin", **kwargs: Any) -> tuple[int, Any]:
         """Call the inbox API as a staff member (by name from the config) or with a raw token."""

@@ -669,3 +669,88 @@ def test_an_async_register_channels_that_ignores_its_cancellation_holds_the_star
     late, early = _resolve_at_start([stubborn(), quick()], timeout=0.2)
     assert time.monotonic() - started < 1.5
     assert isinstance(late, TimeoutError) and early == ["channel"]
+
+
+async def test_event_hooks_get_the_conversation_fields_the_hookspec_names_and_no_status_token(tmp_path):
+    """conversation_routed got the fields its spec names; conversation_answered and
+    conversation_escalated got the whole stored row: 26 columns, among them the status token
+    (the secret of the resident's status page, which an audit-log plugin then writes out),
+    contact_id and the flags as JSON text."""
+    from datetime import timedelta
+
+    seen: dict[str, list[dict]] = {}
+
+    class Spy:
+        @hookimpl
+        def conversation_routed(self, conversation, rule, reason):
+            seen.setdefault("routed", []).append(dict(conversation))
+
+        @hookimpl
+        def conversation_answered(self, conversation, message):
+            seen.setdefault("answered", []).append(dict(conversation))
+
+        @hookimpl
+        def conversation_escalated(self, conversation, from_unit, to_unit, level):
+            seen.setdefault("escalated", []).append(dict(conversation))
+
+    async with CoreHarness(tmp_path / "d", plugins=[Spy()]) as harness:
+        first = await harness.core.ingest(webform_message())
+        await harness.api("POST", f"/api/v1/conversations/{first.conversation_id}/replies", json={"text": "Antwort"})
+        await harness.run_outbox()
+        second = await harness.core.ingest(webform_message("Noch etwas", email="zwei@example.net"))
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{second.conversation_id}/transfer",
+                                      json={"unit": "bauhotline"})
+        assert status == 200
+        harness.clock.advance(timedelta(days=10))
+        await harness.escalate()
+        await harness.events_done()
+    documented = {  # router/hookspecs.py
+        "routed": {"id", "case_reference", "unit", "channel", "deadline"},
+        "answered": {"id", "case_reference", "unit", "channel"},
+        "escalated": {"id", "case_reference", "unit", "deadline"},
+    }
+    assert set(seen) == set(documented)
+    assert len(seen["routed"]) == 3  # two openings and the transfer
+    for hook, conversations in seen.items():
+        for conversation in conversations:
+            assert set(conversation) == documented[hook], (hook, sorted(conversation))
+
+
+async def test_the_harness_outbox_retries_once_the_test_moves_its_clock_as_the_guide_says(tmp_path):
+    """docs/plugins.md: the harness's outbox retries fast, by its clock, which stands still.
+    run_outbox said "retries that fall due within the rounds included" and a plugin author
+    waited for a retry that never came: each attempt is the test's to bring about."""
+    from datetime import timedelta
+
+    from router.hookspecs import RetryableDeliveryError, SendResult
+
+    class Flaky(hookspecs.Channel):
+        name = "flaky"
+        capabilities = hookspecs.Capabilities(identity_kinds=("phone",))
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def send(self, message):
+            self.calls += 1
+            if self.calls == 1:
+                raise RetryableDeliveryError("provider answered 503")
+            return SendResult(provider_id=f"f-{self.calls}")
+
+    channel = Flaky()
+
+    class Plugin:
+        @hookimpl
+        def register_channels(self, settings):
+            return [channel]
+
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin()]) as harness:
+        await harness.core.ingest({"channel": "flaky", "channel_message_id": "f1", "text": "Hallo",
+                                   "sender": {"kind": "phone", "address": "+4915112345678"}})
+        await harness.run_outbox()
+        [row] = await harness.rows("SELECT state, attempts FROM outbox WHERE channel = 'flaky'")
+        assert channel.calls == 1 and (row["state"], row["attempts"]) == ("pending", 1), (channel.calls, dict(row))
+        harness.clock.advance(timedelta(seconds=1))  # as the guide says
+        await harness.run_outbox()
+        [row] = await harness.rows("SELECT state, attempts FROM outbox WHERE channel = 'flaky'")
+        assert channel.calls == 2 and row["state"] == "sent", (channel.calls, dict(row))
