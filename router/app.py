@@ -26,7 +26,7 @@ from .core import ActionError, Core, DirectoryPlugin
 from .inbox.api import setup_inbox
 from .metrics import Metrics
 from .outbox import OutboxPolicy, OutboxWorker
-from .plugins import collect_channels, create_plugin_manager
+from .plugins import ChannelsRefused, channels_by_plugin, create_plugin_manager, one_line
 from .store.sqlite import SQLiteStore, is_outage
 
 log = logging.getLogger("contact_router.app")
@@ -159,7 +159,9 @@ def create_app(
     """Build the application. ``run_workers=False`` leaves the outbox worker and the escalation
     scheduler to the caller (tests drive them step by step). ``allow_demo_tokens=False`` refuses
     staff tokens that come from the configuration's demo defaults. Raises ``ChannelsRefused``
-    (``router.plugins``) when a channel plugin's answer to ``register_channels`` cannot be served."""
+    (``router.plugins``) when a channel plugin's answer to ``register_channels`` cannot be served
+    or a channel's ``setup`` raises. Starting it raises ``StartFailed`` when a channel's service
+    cannot start, after stopping what had started."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     clock = clock or Clock()
     metrics = Metrics()
@@ -186,15 +188,18 @@ def create_app(
     app[keys.BODY_DEADLINE] = BodyDeadline()
 
     # Called and checked as check-config does; raises ChannelsRefused, naming each plugin.
-    channels = collect_channels(pm, config, os.environ if env is None else env)
+    provided = channels_by_plugin(pm, config, os.environ if env is None else env)
+    channels = [channel for _, channel in provided]
     core.add_channels(channels)
+    app[keys.CHANNEL_PLUGINS] = {channel.name: plugin for plugin, channel in provided}
 
     def http() -> aiohttp.ClientSession:
         return app[keys.HTTP]
 
-    for channel in channels:
-        channel.setup(
-            ChannelContext(
+    refused: list[tuple[str, str]] = []
+    for plugin, channel in provided:
+        try:
+            context = ChannelContext(
                 name=channel.name,
                 settings=config.channels.get(channel.name, {}) or {},
                 data_dir=data_dir,
@@ -211,15 +216,35 @@ def create_app(
                 timezone=config.timezone,
                 record_live_answer=core.record_live_answer,
             )
-        )
+            channel.setup(context)
+        except Exception as exc:  # the plugin's code: refused as check-config refuses register_channels
+            refused.append((f"channels ({plugin})", one_line(
+                f"channel {channel.name!r}: setup raised {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+            )))
+            continue
         app.router.add_routes(_channel_routes(channel))
+    if refused:
+        raise ChannelsRefused(refused)
 
-    app.cleanup_ctx.append(_store_ctx)
-    app.cleanup_ctx.append(_http_ctx)
-    app.cleanup_ctx.append(_services_ctx)
-    app.cleanup_ctx.append(_workers_ctx)
+    app.cleanup_ctx.append(_lifetime_ctx)
     setup_inbox(app, allow_demo_tokens=allow_demo_tokens)
     return app
+
+
+class StartFailed(Exception):
+    """A channel's service could not start (a port in use, a provider refusing the plugin's
+    credentials): one line naming the channel and its plugin, for ``serve`` to print."""
+
+
+async def _lifetime_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The store, the HTTP client session, the channels' services and the workers, started in
+    this order and stopped in the reverse. One context for them all, so that a part that fails
+    to start stops the parts started before it: aiohttp runs no cleanup when its start fails,
+    and the store's threads left running kept the process alive, listening on nothing."""
+    async with contextlib.AsyncExitStack() as stack:
+        for part in (_store_ctx, _http_ctx, _services_ctx, _workers_ctx):
+            await stack.enter_async_context(contextlib.asynccontextmanager(part)(app))
+        yield
 
 
 def partial_view(core: Core) -> Callable[..., Awaitable[dict[str, Any] | None]]:
@@ -238,25 +263,36 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     moved = await store.write(partial(tracking.adopt_orphans, config=config, now=clock.now()))
     if moved:
         log.warning("%d conversations named units no longer configured; moved to %s", moved, config.fallback_unit)
-    yield
-    await app[keys.CORE].drain_background()
-    await store.close()
+    try:
+        yield
+    finally:
+        await app[keys.CORE].drain_background()
+        await store.close()
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, connect=10))
     app[keys.HTTP] = session
-    yield
-    await app[keys.CORE].drain_background()  # event hooks still running may use the session
-    await session.close()
+    try:
+        yield
+    finally:
+        await app[keys.CORE].drain_background()  # event hooks still running may use the session
+        await session.close()
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start every channel's long-running services; stop them in reverse order."""
+    plugins = app[keys.CHANNEL_PLUGINS]
     async with contextlib.AsyncExitStack() as stack:
         for channel in app[keys.CORE].channels.values():
             for service in channel.services():
-                await stack.enter_async_context(contextlib.asynccontextmanager(service)())
+                try:
+                    await stack.enter_async_context(contextlib.asynccontextmanager(service)())
+                except Exception as exc:
+                    raise StartFailed(one_line(
+                        f"channel {channel.name!r} (plugin {plugins.get(channel.name, '?')}) could not start:"
+                        f" {exc or type(exc).__name__}"
+                    )) from exc
         yield
 
 
@@ -276,9 +312,11 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(core.outbox.run(), name="outbox"))
         tasks.append(asyncio.create_task(core.run_scheduler(), name="escalation-scheduler"))
     app[keys.WORKERS].extend(tasks)
-    yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

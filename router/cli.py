@@ -53,27 +53,17 @@ async def _freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
-def _load_or_report(path: str | Path, *, channels: bool = False) -> Config | None:
-    """The configuration, or None after printing every error with its file and key path;
-    with ``channels``, the channel plugins' settings are checked too."""
+def _load_or_report(path: str | Path) -> Config | None:
+    """The configuration, or None after printing every error with its file and key path."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return None
-    if channels:  # as serve registers them (create_app), with the same checks
-        from .plugins import ChannelsRefused, collect_channels, create_plugin_manager
-
-        try:
-            collect_channels(create_plugin_manager(True), config, os.environ)
-        except ChannelsRefused as exc:
-            print(ConfigError(config.file, exc.errors), file=sys.stderr)
-            return None
-    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import create_app
+    from .app import StartFailed, create_app
 
     config = _load_or_report(args.config)
     if config is None:
@@ -99,11 +89,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(ConfigError(config.file, exc.errors), file=sys.stderr)
         return 1
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
-    log.info("contact-router on http://%s:%s (config %s, data %s)", args.host, args.port, config.file, args.data_dir)
+    from . import keys
+
+    log.info("contact-router on http://%s:%s (config %s, data %s, channels on: %s)", args.host, args.port, config.file,
+             args.data_dir, ", ".join(sorted(app[keys.CORE].channels)) or "none")
     # A listen backlog above the default 128, so that a burst of provider connections waits
     # for the channels' own backpressure (503 + Retry-After) instead of being dropped by the kernel.
     try:
         web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, backlog=1024)
+    except StartFailed as exc:  # what had started is stopped: the process ends
+        print(f"contact-router serve: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         # A port in use, a host that does not resolve, a data folder that is a file: one line
         # naming what to change, not a traceback.
@@ -114,10 +110,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.file, channels=True)
+    """The configuration and the channel plugins' settings, checked as ``serve`` checks them;
+    the OK line names the channels that would be on, and a ``[channels.<name>]`` section that
+    no installed plugin or channel answers to (a misspelt name, a plugin not installed) is
+    warned about: such a channel would be silently off."""
+    from .plugins import ChannelsRefused, channels_by_plugin, create_plugin_manager
+
+    config = _load_or_report(args.file)
     if config is None:
         return 1
-    print(f"{config.file}: OK ({len(config.units)} units, {len(config.rules)} rules, {len(config.areas)} areas)")
+    pm = create_plugin_manager(True)
+    try:  # as serve registers them (create_app), with the same checks
+        provided = channels_by_plugin(pm, config, os.environ)
+    except ChannelsRefused as exc:
+        print(ConfigError(config.file, exc.errors), file=sys.stderr)
+        return 1
+    known = {name for name, _ in pm.list_name_plugin()} | {channel.name for _, channel in provided}
+    for section in sorted(set(config.channels) - known):
+        print(f"{config.file}: channels.{section}: warning: no installed plugin or channel is named {section!r};"
+              " these settings are not read", file=sys.stderr)
+    on = ", ".join(sorted(channel.name for _, channel in provided)) or "none"
+    counts = ", ".join(f"{len(items)} {name}{'' if len(items) == 1 else 's'}"
+                       for name, items in (("unit", config.units), ("rule", config.rules), ("area", config.areas)))
+    print(f"{config.file}: OK ({counts}; channels on: {on})")
     return 0
 
 

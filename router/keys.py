@@ -28,4 +28,5 @@ OUTBOX_POLICY = web.AppKey("outbox_policy", OutboxPolicy)
 RUN_WORKERS = web.AppKey("run_workers", bool)
 BODY_DEADLINE = web.AppKey("body_deadline", BodyDeadline)  # how long a request body may take to arrive
 STAFF = web.AppKey("staff", tuple)  # the StaffMembers whose tokens the inbox API accepts
+CHANNEL_PLUGINS = web.AppKey("channel_plugins", dict)  # channel name -> the plugin that provides it
 WORKERS = web.AppKey("workers", list)  # the outbox's and the escalation scheduler's tasks, for /healthz

@@ -211,21 +211,28 @@ class ChannelsRefused(ValueError):
         self.errors = errors
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
     """A plugin's message as one line of a report: its own line breaks would split the error."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _raised(exc: BaseException) -> str:
-    return _one_line(f"register_channels raised {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
+    return one_line(f"register_channels raised {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
 
 
 def collect_channels(
     pm: pluggy.PluginManager, config: Config, env: Mapping[str, str], *, timeout: float = REGISTER_SECONDS
 ) -> list[Channel]:
-    """Every channel the plugins provide, checked: what ``serve`` mounts is what
-    ``check-config`` checks, since both call this.
+    """Every channel the plugins provide, checked (see ``channels_by_plugin``)."""
+    return [channel for _, channel in channels_by_plugin(pm, config, env, timeout=timeout)]
+
+
+def channels_by_plugin(
+    pm: pluggy.PluginManager, config: Config, env: Mapping[str, str], *, timeout: float = REGISTER_SECONDS
+) -> list[tuple[str, Channel]]:
+    """Every channel the plugins provide, checked, each with the name of its plugin: what
+    ``serve`` mounts is what ``check-config`` checks, since both call this.
 
     Each ``register_channels`` implementation is called with its own copy of the arguments; an
     awaitable answer is awaited (see ``_resolve_at_start``). Each answer must be None or a list
@@ -255,12 +262,12 @@ def collect_channels(
         for i, value in zip(waiting, resolved, strict=True):
             answers[i] = (answers[i][0], value)
 
-    channels: list[Channel] = []
+    channels: list[tuple[str, Channel]] = []
     provided_by: dict[str, str] = {}
     for plugin, answer in answers:
         where = f"channels ({plugin})"
         if isinstance(answer, SettingsError):
-            errors.append((answer.path, _one_line(f"{answer.message} (plugin {plugin})")))
+            errors.append((answer.path, one_line(f"{answer.message} (plugin {plugin})")))
             continue
         if isinstance(answer, BaseException):
             errors.append((where, _raised(answer)))
@@ -268,23 +275,23 @@ def collect_channels(
         if answer is None:
             continue
         if isinstance(answer, (str, bytes, Mapping)) or not isinstance(answer, (list, tuple)):
-            errors.append((where, _one_line(
+            errors.append((where, one_line(
                 f"register_channels returned {answer!r:.80} ({type(answer).__name__}), not a list of Channel instances"
             )))
             continue
         for channel in answer:
-            problem = _channel_problem(channel, provided_by)
+            problem = _channel_problem(channel, plugin, provided_by)
             if problem is not None:
-                errors.append((where, _one_line(problem)))
+                errors.append((where, one_line(problem)))
                 continue
             provided_by[channel.name] = plugin
-            channels.append(channel)
+            channels.append((plugin, channel))
     if errors:
         raise ChannelsRefused(errors)
     return channels
 
 
-def _channel_problem(channel: Any, provided_by: Mapping[str, str]) -> str | None:
+def _channel_problem(channel: Any, plugin: str, provided_by: Mapping[str, str]) -> str | None:
     """What keeps one channel that ``register_channels`` returned from being served, or None."""
     if not isinstance(channel, Channel):
         return f"register_channels returned {channel!r:.80} ({type(channel).__name__}), not a Channel instance"
@@ -292,8 +299,11 @@ def _channel_problem(channel: Any, provided_by: Mapping[str, str]) -> str | None
     if not isinstance(name, str) or not CHANNEL_NAME.fullmatch(name):
         return (f"a channel is named {name!r:.40}; a name is 1 to 32 lower-case letters, digits, '_' or '-',"
                 " starting with a letter")
-    if name in provided_by:
-        return f"a channel named {name!r} is provided by plugin {provided_by[name]} already"
+    if name in provided_by:  # neither is to blame alone: both are named
+        other = provided_by[name]
+        if other == plugin:
+            return f"plugin {plugin} provides two channels named {name!r}"
+        return f"a channel named {name!r} is provided by both plugin {other} and plugin {plugin}; a name is served once"
     if not isinstance(channel.capabilities, Capabilities):
         return f"channel {name!r}: capabilities is {channel.capabilities!r:.80}, not a Capabilities instance"
     try:

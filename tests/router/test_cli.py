@@ -92,3 +92,35 @@ def test_serve_on_a_port_in_use_or_a_data_folder_that_is_a_file_says_so_in_one_l
     assert main(["serve", "--port", "0", "--data-dir", str(afile)]) == 1
     err = capsys.readouterr().err
     assert f"--data-dir {afile}" in err and "Traceback" not in err
+
+
+def test_serve_whose_service_fails_to_start_exits_instead_of_hanging(tmp_path) -> None:
+    """A channel service that fails as the app starts (here the e-mail channel's SMTP listener
+    on a port in use; a third-party plugin's service that raises before its ``yield`` does the
+    same) printed its one line and returned 1, but the process never ended: the store's writer
+    thread, opened by an earlier start-up step, was never closed. A supervisor saw a service
+    that runs and listens on nothing."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    smtp_port = taken.getsockname()[1]
+    code = ("import sys; from router.cli import main; "
+            f"sys.exit(main(['serve', '--port', '0', '--data-dir', {str(tmp_path / 'data')!r}]))")
+    env = {**os.environ, "SMTP_LISTEN_PORT": str(smtp_port)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            pytest.fail(f"serve was still running 30 s after its start failed:\n{out.decode(errors='replace')[-600:]}")
+    finally:
+        taken.close()
+    assert proc.returncode == 1, out
+    assert b"channel 'email' (plugin email) could not start" in out and b"address already in use" in out, out

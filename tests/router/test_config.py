@@ -78,6 +78,21 @@ def test_check_config_command(tmp_path, capsys):
     assert main(["check-config", str(tmp_path / "missing.toml")]) == 1
 
 
+def test_check_config_names_the_channels_on_and_warns_of_settings_nobody_reads(tmp_path, capsys):
+    """A misspelt ``[channels.whatsap]`` said OK, and the channel the settings were meant for
+    stayed off without a word, in check-config and in serve's log alike."""
+    data = load_raw_config()
+    data["channels"]["whatsap"] = {"enabled": True}
+    path = _write(tmp_path, data)
+    assert main(["check-config", path]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"{path}: channels.whatsap: warning: no installed plugin or channel is named 'whatsap'; these settings are not read"
+    ]
+    [ok] = captured.out.splitlines()
+    assert ok.startswith(f"{path}: OK (5 units, 5 rules, 1 area; channels on: ") and "webform" in ok, ok
+
+
 def test_import_customers_command(tmp_path, capsys):
     csv_path = tmp_path / "customers.csv"
     csv_path.write_text("customer_number,name,email,phone,street,postcode,city\nKD-1,Erika Müller,erika@example.net,,Lindenweg 3,12345,Musterstadt\n", encoding="utf-8")

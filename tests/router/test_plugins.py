@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import re
+import threading
 import time
 import types
 from collections.abc import AsyncIterator
@@ -345,7 +346,7 @@ REFUSED = {
     "routes that are not RouteDefs": ("def register_channels(settings):\n    return [ThirdChannel(routes=['/x'])]",
                                       "channel 'thirdchat': routes() returned '/x', not an aiohttp RouteDef"),
     "a name taken": ("def register_channels(settings):\n    return [ThirdChannel('webform')]",
-                     "a channel named 'webform' is provided by plugin webform already"),
+                     "a channel named 'webform' is provided by both plugin webform and plugin thirdparty; a name is served once"),
     "a name no message can carry": ("def register_channels(settings):\n    return [ThirdChannel('Third Chat')]",
                                     "a channel is named 'Third Chat'"),
     "a unit that does not exist": (
@@ -669,6 +670,56 @@ def test_an_async_register_channels_that_ignores_its_cancellation_holds_the_star
     late, early = _resolve_at_start([stubborn(), quick()], timeout=0.2)
     assert time.monotonic() - started < 1.5
     assert isinstance(late, TimeoutError) and early == ["channel"]
+
+
+def test_serve_refuses_a_channel_whose_setup_raises_in_one_line_naming_the_plugin(tmp_path, monkeypatch, capsys):
+    """Channel.setup is the plugin's code as much as register_channels; one that raised (a
+    credential it checks there, a file it opens) ended serve with a bare traceback naming
+    neither the configuration nor the plugin, while check-config said OK."""
+    from router.cli import main
+    from router.config import DEFAULT_CONFIG
+
+    install_third_party(monkeypatch, tmp_path / "plugin",
+                        "def register_channels(settings):\n"
+                        "    class Broken(ThirdChannel):\n"
+                        "        def setup(self, context):\n"
+                        "            raise RuntimeError('no token for the provider')\n"
+                        "    return [Broken()]")
+    capsys.readouterr()
+    try:
+        code = main(["serve", "--config", str(DEFAULT_CONFIG), "--port", "0", "--data-dir", str(tmp_path / "data")])
+    except RuntimeError as exc:
+        pytest.fail(f"serve died with {exc!r} instead of refusing the plugin in one line")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "demo staff tokens" not in line]
+    assert code == 1 and len(lines) == 1 and "thirdparty" in lines[0] and "no token for the provider" in lines[0], err
+
+
+def test_serve_whose_third_party_service_fails_to_start_says_so_in_one_line_naming_the_plugin(tmp_path, monkeypatch, capsys):
+    """A service that raises before its ``yield`` (a provider refusing the plugin's credentials)
+    ended serve with aiohttp's traceback, or, for a port in use, with a line naming the
+    service's --port, which was not the port in use."""
+    from router.cli import main
+    from router.config import DEFAULT_CONFIG
+
+    install_third_party(monkeypatch, tmp_path / "plugin",
+                        "def register_channels(settings):\n"
+                        "    class Starting(ThirdChannel):\n"
+                        "        def services(self):\n"
+                        "            async def poller():\n"
+                        "                raise RuntimeError('the provider refused the token')\n"
+                        "                yield\n"
+                        "            return [poller]\n"
+                        "    return [Starting()]")
+    capsys.readouterr()
+    code = main(["serve", "--config", str(DEFAULT_CONFIG), "--port", "0", "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "demo staff tokens" not in line]
+    assert code == 1 and "Traceback" not in err, err
+    assert lines == ["contact-router serve: channel 'thirdchat' (plugin thirdparty) could not start:"
+                     " the provider refused the token"], err
+    # What had started is stopped: the store's threads kept the process alive, listening on nothing.
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("sqlite-writer") and t.is_alive()]
 
 
 async def test_event_hooks_get_the_conversation_fields_the_hookspec_names_and_no_status_token(tmp_path):
