@@ -161,6 +161,30 @@ async def test_acknowledgements_are_capped_per_address(tmp_path):
     assert [m["ack_suppressed"] for m in core.ingested] == [None, None, "rate-limit", "rate-limit"]
 
 
+async def test_an_automatic_mail_keeps_its_reason_over_the_limit(tmp_path):
+    """An auto-reply from an address past its acknowledgements is still an auto-reply: the core
+    treats the automatic reasons (``auto-reply``, ``bounce``, ...) as a machine's mail that
+    opens no deadline, and "rate-limit" is none of them."""
+    core = FakeCore()
+    channel = make_channel(tmp_path, core, ack_per_hour=1)
+    auto = LATIN1.replace(b"<20240503101200.1234@", b"<auto.1@").replace(
+        b"MIME-Version: 1.0", b"Auto-Submitted: auto-replied\r\nMIME-Version: 1.0")
+    for raw in (LATIN1, auto):
+        await channel.receive(raw, envelope_from="juergen.mueller@example.com", envelope_to=["bau@example.org"])
+    assert [m["ack_suppressed"] for m in core.ingested] == [None, "auto-reply"]
+
+
+async def test_a_temporary_bounce_marks_the_outbound_failed_but_not_for_good(tmp_path):
+    """A 4.x.x failure (mailbox full, the mail expired in a queue) says nothing final about the
+    address: the outbox tries again instead of giving the address up."""
+    core = FakeCore()
+    channel = make_channel(tmp_path, core)
+    await channel.receive(POSTFIX_DSN.replace(b"Status: 5.1.1", b"Status: 4.2.2"), envelope_from="",
+                          envelope_to=["bau@example.org"])
+    [(_, update)] = core.deliveries
+    assert (update.status, update.error_code, update.permanent) == ("failed", "4.2.2", False)
+
+
 async def test_attachments_saved_by_hash(tmp_path):
     core = FakeCore()
     channel = make_channel(tmp_path, core)
@@ -284,7 +308,8 @@ async def test_send_through_relay(tmp_path):
 
 
 @pytest.mark.parametrize(("answer", "error"), [("451 4.3.0 try later", RetryableDeliveryError),
-                                              ("554 5.7.1 rejected", PermanentDeliveryError)])
+                                              ("554 5.7.1 rejected", PermanentDeliveryError),
+                                              ("500 5.5.2 syntax error", PermanentDeliveryError)])
 async def test_send_maps_relay_answers(tmp_path, answer, error):
     async with sink_server(Sink(answer)) as port:
         channel = make_channel(tmp_path, FakeCore(), relay_host="127.0.0.1", relay_port=port, relay_tls="none")

@@ -93,6 +93,24 @@ async def test_changed_uidvalidity_looks_again_but_stores_nothing_twice(tmp_path
             assert await harness.count("outbox", "kind = 'ack'") == 2
 
 
+async def test_a_rebuilt_mailbox_imports_its_new_mail_below_the_old_mark(tmp_path):
+    """A new UIDVALIDITY (the mailbox moved or was rebuilt) starts the UIDs again at 1: the old
+    mark means nothing there, and a new mail under it is imported, not skipped for ever."""
+    async with FakeImapServer(idle=False) as server:
+        server.add(mail(1))
+        server.add(mail(2))
+        async with CoreHarness(tmp_path / "data", entrypoints=("email",), settings=settings_for(server)) as harness:
+            await eventually(lambda: _has_state(harness, {"uidvalidity": 1001, "last_uid": 2}))
+        server.uidvalidity = 2002
+        server.mails.clear()
+        server._next_uid = 1
+        server.add(mail(3))  # UID 1 of the new mailbox
+        async with CoreHarness(tmp_path / "data", entrypoints=("email",), settings=settings_for(server)) as harness:
+            await eventually(lambda: _count_in(harness, 3))
+            await eventually(lambda: _has_state(harness, {"uidvalidity": 2002, "last_uid": 1}))
+            assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = '<imap-3@example.net>'") == 1
+
+
 async def test_wrong_password_is_retried_without_importing(tmp_path):
     async with FakeImapServer(idle=False) as server:
         server.add(mail(1))

@@ -56,6 +56,19 @@ async def test_a_mail_over_max_message_bytes_is_set_aside_and_the_next_imported(
             assert any("UID 1 " in r.getMessage() and "larger than max_message_bytes" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_mail_of_exactly_max_message_bytes_is_imported(tmp_path):
+    small = mail(1)
+    exact = small.replace(b"Wer hilft mir?", b"Wer hilft mir? " + b"x" * (LIMIT - len(small) - 1))
+    assert len(exact) == LIMIT
+    async with FakeImapServer(idle=False) as server:
+        server.add(exact)
+        settings = settings_for(server)
+        settings["email"]["max_message_bytes"] = LIMIT
+        async with CoreHarness(tmp_path / "data", entrypoints=("email",), settings=settings) as harness:
+            await eventually(lambda: _stored(harness, "<imap-1@example.net>"))
+            assert server.fetched() == [1]
+
+
 def poller(server: FakeImapServer, harness: CoreHarness, **changes: Any) -> ImapPoller:
     box = ImapMailbox.from_mapping(settings_for(server, **changes)["email"]["imap"], "channels.email.imap")
     return ImapPoller(box, FailingReceive(harness), harness.data_dir / "email" / "imap", logging.getLogger("tests.imap"),

@@ -208,6 +208,14 @@ def test_html_beyond_the_limit_is_read_up_to_it_and_flagged():
     assert "text_truncated" in inbound["flags"] and inbound["meta"]["html"] is True
 
 
+def test_html_cut_at_its_limit_is_flagged_also_when_its_text_is_short():
+    """Markup is most of a newsletter: the HTML was cut, and the text left is far below
+    ``MAX_TEXT``; the flag still says that the end of the mail was not read."""
+    html = b"<p>Hallo</p>" + b"<br>" * (MAX_HTML // 4) + b"<p>Ende</p>"
+    inbound = parse(plain_mail(html, "html", b"text/html"))
+    assert inbound["text"] == "Hallo" and "text_truncated" in inbound["flags"]
+
+
 @pytest.mark.parametrize("body", [b"a" * 60_000, b"\r\n \t" * 20_000], ids=["long word", "blank lines"])
 def test_a_forged_bounce_is_read_in_linear_time(body):
     """Anyone can write From: MAILER-DAEMON; the search for the failed recipient was quadratic

@@ -37,6 +37,8 @@ def test_ordinary_mail_is_acknowledged():
         ("List-Unsubscribe: <mailto:leave@lists.example.com>\r\n", "list"),
         ("X-Auto-Response-Suppress: All\r\n", "auto-reply"),
         ("X-Auto-Response-Suppress: DR, OOF, AutoReply\r\n", "auto-reply"),
+        ("X-Auto-Response-Suppress: OOF\r\n", "auto-reply"),
+        ("List-Post: <mailto:anwohner@lists.example.com>\r\n", "list"),
         ("X-Autoreply: yes\r\n", "auto-reply"),
         ("X-Autorespond: Abwesend\r\n", "auto-reply"),
     ],

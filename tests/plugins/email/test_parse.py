@@ -154,6 +154,19 @@ def test_format_flowed_delsp():
     assert parse(raw)["text"] == "zusammengeschrieben"
 
 
+def test_format_flowed_never_flows_the_signature_separator():
+    """RFC 3676 4.3: "-- " ends in a space but is no soft break; flowed, it joined the name
+    below it into the text ("-- Max Muster"), and the signature was lost."""
+    raw = crlf(
+        "From: a@example.com\nTo: bau@example.org\nMessage-ID: <sig@example.com>\n"
+        "Content-Type: text/plain; charset=utf-8; format=flowed\n\n"
+        "Die Grube ist wieder offen. \nBitte kommen Sie.\n-- \nMax Muster\n"
+    )
+    msg = parse(raw)
+    assert msg["text"] == "Die Grube ist wieder offen. Bitte kommen Sie."
+    assert msg["meta"]["signature"] == "Max Muster"
+
+
 def test_html_only_with_script_and_style(valid):
     raw = crlf(
         """From: web@example.com
@@ -340,6 +353,18 @@ def test_recipient_from_cc_when_envelope_unknown():
     msg = parse(raw, envelope_to=None, envelope_from=None)
     assert msg["recipient"] == "service@example.org"
     assert msg["unit_hint"] == "kundenservice"
+
+
+def test_the_mails_content_language_comes_before_the_addresss_as_the_default(valid):
+    """Both are only the default for a text that does not tell its language; of the two, the
+    mail's own ``Content-Language`` is the sender's, the address's a guess for everyone."""
+    def mail(language: str | None, to: str) -> bytes:
+        head = f"From: a@example.com\nTo: {to}\nMessage-ID: <lang-{language}@example.com>\n"
+        return crlf(head + (f"Content-Language: {language}\n" if language else "") + "\n1234\n")
+
+    assert valid(parse(mail("en-GB", "bau@example.org")))["default_language"] == "en"
+    assert parse(mail(None, "bau@example.org"))["default_language"] == "de"
+    assert parse(mail("de-DE", "service@example.org"), envelope_to=("service@example.org",))["default_language"] == "de"
 
 
 def test_missing_message_id_gets_stable_hash_id(valid):

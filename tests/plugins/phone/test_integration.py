@@ -846,6 +846,16 @@ async def test_a_delivered_staff_reply_answers_the_conversation(harness, twilio)
     assert conv["state"] == "answered"
 
 
+async def test_an_answer_in_an_sms_conversation_goes_without_the_status_link(harness, twilio):
+    """The resident writes back by SMS: the link is for answers whose conversation is elsewhere
+    (a web form's), and on every SMS answer it made a short text two or three segments."""
+    await twilio_post(harness, "sms", sms("SM" + "9" * 32, "Hallo"))
+    conv = await only_conversation(harness)
+    await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Die Grube wird am Freitag geschlossen."})
+    await harness.run_outbox()
+    assert twilio.messages[-1]["Body"] == "Die Grube wird am Freitag geschlossen."
+
+
 async def test_long_sms_texts_are_shortened_with_the_status_link(harness, twilio):
     await twilio_post(harness, "sms", sms("SM" + "c" * 32, "Hallo"))
     conv = await only_conversation(harness)

@@ -172,8 +172,20 @@ def test_sms_media_become_attachments(assert_canonical):
     assert long["attachments"][0]["content_type"] == "x" * 200
 
 
-def test_sms_opt_out_is_never_acknowledged(assert_canonical):
-    assert assert_canonical(parse.sms_message(with_(SMS, Body=" Stop ")))["ack_suppressed"] == "opt-out"
+def test_sms_media_are_read_up_to_ten(assert_canonical):
+    """Twilio sends at most 10 media; ``NumMedia`` is the sender's word for how many to look
+    for, and only the first ten are read."""
+    urls = {f"MediaUrl{i}": f"https://m/{i}" for i in range(12)}
+    message = assert_canonical(parse.sms_message(with_(SMS, NumMedia="12", **urls)))
+    assert [a["url"] for a in message["attachments"]] == [f"https://m/{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("body", [" Stop ", "STOPALL", "Unsubscribe", "CANCEL", "end", "Quit"])
+def test_sms_opt_out_is_never_acknowledged(assert_canonical, body):
+    """Twilio's default opt-out keywords: Twilio itself confirms the opt-out, and blocks
+    whatever we send after it (21610)."""
+    assert assert_canonical(parse.sms_message(with_(SMS, Body=body)))["ack_suppressed"] == "opt-out"
+    assert "ack_suppressed" not in parse.sms_message(with_(SMS, Body=f"{body.strip()} the works, please"))
 
 
 def test_sms_from_alphanumeric_sender_has_no_number(assert_canonical):

@@ -48,6 +48,7 @@ def test_missing_or_garbage_signature_fails():
     for signature in (None, "", "   ", "ä" * 28):
         assert not verify(TOKEN, URL, PARAMS, signature)
     assert not verify("", URL, PARAMS, EXPECTED)
+    assert not verify("", URL, PARAMS, twilio_signature("", URL, PARAMS))  # anyone can compute that one
 
 
 names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=12)

@@ -68,6 +68,22 @@ def test_emoji_count_twice_against_twilios_limit_and_are_never_cut_in_two():
         assert (len(body.removesuffix("...")) - len("Team: ")) % len(mechanic) == 0, (limit, body)
 
 
+def test_a_text_of_few_characters_but_many_code_units_is_shortened():
+    """Under 1,600 characters but over 1,600 UTF-16 code units (Twilio's count): sent as it
+    was, Twilio refused it for good (21617)."""
+    text = "Danke 🙏 " * 200  # 1,600 characters, 1,800 code units
+    assert len(text) == 1600
+    body = shorten_sms(text, None, 1600)
+    assert len(body.encode("utf-16-le")) // 2 <= 1600 and body.endswith("...")
+
+
+def test_the_link_goes_on_when_it_fits_to_the_last_unit():
+    text = "Wir kommen am Freitag."
+    exact = len(text) + 1 + len(STATUS)
+    assert shorten_sms(text, STATUS, limit=exact, with_link=True) == f"{text}\n{STATUS}"
+    assert shorten_sms(text, STATUS, limit=exact - 1, with_link=True).endswith(f"... {STATUS}")
+
+
 @pytest.mark.parametrize(
     ("status", "body", "kind", "code"),
     [

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 import pytest
 
 from plugins.webform import WebFormChannel, register_channels
+from plugins.webform.channel import RateLimiter
 from plugins.webform.fields import LIMITS
 from router.hookspecs import SettingsError
 from router.testing import CoreHarness, check_channel_contract, example_config, load_raw_config
@@ -207,6 +208,30 @@ async def test_two_messages_from_one_status_page_are_two_messages(harness):
     assert texts[1:] == ["Erste Frage", "Zweite Frage"]
 
 
+async def test_a_status_page_reply_with_the_honeypot_filled_is_refused_and_stores_nothing(harness):
+    """The main form's bot trap, on the reply form of the status page too."""
+    status, body = await submit_json(harness)
+    path = status_path(body)
+    before = await harness.count("messages")
+    token = await status_page_token(harness, path)
+    spam = {"form_token": token, "message": "Billige Uhren hier", "website": "http://spam.example"}
+    response = await harness.client.post(path, data=spam, allow_redirects=False)
+    assert response.status == 400
+    response = await harness.client.post(path, json=spam)
+    assert response.status == 400 and (await response.json())["error"]["field"] == "website"
+    assert await harness.count("messages") == before
+
+
+async def test_a_residents_email_and_phone_are_both_her_identities(harness):
+    """The answer goes to the e-mail address, and an SMS or a call from the number she typed
+    finds her case: the number is kept beside the address, not dropped."""
+    status, _ = await submit_json(harness, email="Erika@Example.net", phone="0151 12345678")
+    assert status == 201
+    rows = await harness.rows("SELECT contact_id, kind, address FROM identities ORDER BY id")
+    assert [(r["kind"], r["address"]) for r in rows] == [("email", "erika@example.net"), ("phone", "+4915112345678")]
+    assert len({r["contact_id"] for r in rows}) == 1
+
+
 async def test_customer_number_matching_directory_is_recognised_and_wrong_one_stays_claim(harness):
     await harness.core.import_customers(lambda: [
         {"customer_number": "KD-100200", "name": "Erika Mustermann", "email": "erika@example.net", "street": "Lindenweg 3", "postcode": "12345"}
@@ -230,6 +255,7 @@ async def test_bad_input_gets_4xx_and_stores_nothing(harness):
         ({"topic": "nonsense"}, 400, "topic"),
         ({"email": "not-an-address"}, 400, "email"),
         ({"postcode": "12"}, 400, "postcode"),
+        ({"phone": "0151 123"}, 400, "phone"),  # too short for any number: no identity to text
         ({"website": "http://spam.example"}, 400, "website"),
         ({"message": "x" * 5001}, 400, "message"),
     ]
@@ -310,6 +336,17 @@ async def test_rate_limit_per_client(tmp_path):
         statuses = [(await submit_json(harness, message=f"Nachricht {i}"))[0] for i in range(3)]
         assert statuses == [201, 201, 429]
         assert await harness.count("conversations") == 2
+
+
+def test_the_rate_limit_counts_a_sliding_minute_per_client():
+    """A submission counts for one minute: then that client may send again (counted for ever,
+    a resident who sent ten forms was refused until the service restarted)."""
+    limiter = RateLimiter(2)
+    assert [limiter.allow("a", now=t) for t in (0.0, 1.0, 30.0)] == [True, True, False]
+    assert limiter.allow("b", now=30.0)
+    assert limiter.allow("a", now=60.0)  # the first went a minute ago
+    assert not limiter.allow("a", now=60.5)
+    assert limiter.allow("a", now=61.0)
 
 
 async def test_rate_limit_behind_a_proxy_counts_the_address_the_proxy_added(tmp_path):

@@ -575,6 +575,18 @@ def test_the_parts_taken_are_remembered_for_a_bounded_number_of_rows_and_time() 
     assert parts.taken("k3", NOW + timedelta(minutes=62)) == [("f9", "wamid.4")]
 
 
+def test_a_retry_resumes_only_after_the_parts_that_are_still_the_same() -> None:
+    """A part Meta took counts for the retry only while it is the same payload: a part that is
+    another text now (or goes from another number) is sent, and so is every part after it."""
+    parts = AcceptedParts()
+    parts.add("k1", 1, "f1", "wamid.1", NOW)
+    parts.add("k1", 2, "f2", "wamid.2", NOW)
+    assert parts.resume("k1", ["f1", "f2", "f3"], NOW) == ["wamid.1", "wamid.2"]
+    assert parts.resume("k1", ["f1", "g2", "g3"], NOW) == ["wamid.1"]
+    assert parts.resume("k1", ["g1", "f2", "f3"], NOW) == []
+    assert parts.resume("k2", ["f1", "f2"], NOW) == []
+
+
 async def test_a_refusal_of_our_token_keeps_the_message_queued(sender: WhatsAppChannel, graph: tuple[FakeGraph, str]) -> None:
     """(The outbox logs it as an ERROR: test_integration's expired token.)"""
     graph[0].answers.append((401, {"error": {"code": 190, "message": "Error validating access token"}}))

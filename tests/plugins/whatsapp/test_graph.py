@@ -69,6 +69,12 @@ def test_split_prefers_paragraphs_and_cuts_words_only_when_it_must() -> None:
     assert split_text("kurz", limit=10) == ["kurz"]
 
 
+def test_a_break_near_the_start_of_a_part_is_no_place_to_cut() -> None:
+    """Only a break in the second half of the limit is near the end: cut at the first space,
+    a long answer went out as a message of one word and then the rest."""
+    assert split_text("Hi " + "x" * 20, limit=10) == ["Hi xxxxxxx", "x" * 10, "x" * 3]
+
+
 FLAG = "\U0001f1e9\U0001f1ea"  # DE: two regional indicators
 FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # man, ZWJ, woman, ZWJ, girl
 WAVE = "\U0001f44b\U0001f3fd"  # waving hand, medium skin tone
@@ -154,6 +160,16 @@ def test_template_answer_too_long_becomes_a_preview_and_the_prompt() -> None:
     assert "\n" not in text and "     " not in text
 
 
+def test_an_answer_of_exactly_the_budget_goes_whole_into_the_template() -> None:
+    answer = ("Die Grube vor Ihrem Haus wird am Freitag geschlossen. " * 4)[:199] + "."
+    assert len(answer) == 200
+    payload = template_payload(
+        "+491701234567", name="t", language_code="de", case_reference="K-7F3QX2", answer=answer,
+        prompt="Antworten Sie, um alles zu lesen.", max_parameter_chars=200,
+    )
+    assert payload["template"]["components"][0]["parameters"][1]["text"] == answer
+
+
 def test_template_parameters_are_never_empty() -> None:
     payload = template_payload(
         "+491701234567", name="t", language_code="en_US", case_reference=None, answer="", prompt="Reply."
@@ -167,6 +183,11 @@ def test_template_parameters_are_never_empty() -> None:
         (400, _graph_error(131047, "Re-engagement message"), ResendAsDeliveryError, "131047"),
         (400, _graph_error(130429, "Rate limit hit"), RetryableDeliveryError, "130429"),
         (400, _graph_error(131056, "pair rate limit hit"), RetryableDeliveryError, "131056"),
+        (400, _graph_error(131048, "Spam rate limit hit"), RetryableDeliveryError, "131048"),
+        (400, _graph_error(131057, "Account in maintenance mode"), RetryableDeliveryError, "131057"),
+        (400, _graph_error(80007, "Rate limit issues"), RetryableDeliveryError, "80007"),
+        (400, _graph_error(133004, "Server temporarily unavailable"), RetryableDeliveryError, "133004"),
+        (400, _graph_error(2, "Service temporarily unavailable"), RetryableDeliveryError, "2"),
         (429, _graph_error(4, "Too many calls"), RetryableDeliveryError, "4"),
         (500, _graph_error(131000, "Something went wrong"), RetryableDeliveryError, "131000"),
         (503, _graph_error(131016, "Service unavailable"), RetryableDeliveryError, "131016"),

@@ -51,6 +51,7 @@ class FakeGraph:
         self.answers: list[tuple[int, dict[str, Any] | None, float]] = []
         self.media: dict[str, tuple[bytes, str]] = {}
         self.wrong_checksum: set[str] = set()
+        self.stated_sizes: dict[str, int | None] = {}  # file_size the media endpoint states (None: none)
         self.media_urls: dict[str, str] = {}  # download URLs other than its own
         self.redirects: dict[str, str] = {}  # GET /redirect/{name} answers 302 to this URL
         self.info_redirects: dict[str, str] = {}  # the media endpoint answers 302 for these ids
@@ -123,16 +124,15 @@ class FakeGraph:
         if media_id not in self.media:
             return web.json_response({"error": {"code": 100, "message": "Unsupported get request"}}, status=400)
         data, mime_type = self.media[media_id]
-        return web.json_response(
-            {
-                "messaging_product": "whatsapp",
-                "url": self.media_urls.get(media_id, f"{self.base_url}/download/{media_id}"),
-                "mime_type": mime_type,
-                "sha256": hashlib.sha256(data if media_id not in self.wrong_checksum else b"other").hexdigest(),
-                "file_size": len(data),
-                "id": media_id,
-            }
-        )
+        info = {
+            "messaging_product": "whatsapp",
+            "url": self.media_urls.get(media_id, f"{self.base_url}/download/{media_id}"),
+            "mime_type": mime_type,
+            "sha256": hashlib.sha256(data if media_id not in self.wrong_checksum else b"other").hexdigest(),
+            "file_size": self.stated_sizes.get(media_id, len(data)),
+            "id": media_id,
+        }
+        return web.json_response({k: v for k, v in info.items() if v is not None})
 
     async def media_bytes(self, request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
@@ -1155,6 +1155,35 @@ async def test_a_failed_media_download_keeps_the_message(
         (attachment,) = incoming["attachments"]
         assert attachment["media_id"] == "4711" and "path" not in attachment
         assert [p for p in (harness.data_dir / "media").rglob("*") if p.is_file()] == []
+        assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_media_stated_larger_than_max_media_bytes_is_not_downloaded_at_all(tmp_path: Path, graph: FakeGraph) -> None:
+    graph.media["4711"] = (PHOTO, "image/jpeg")
+    async with make_harness(tmp_path, graph, download_media=True, max_media_bytes=100) as harness:
+        status, _ = await post(harness, image_body("wamid.IMG", "4711"))
+        assert status == 200
+        assert [r["path"] for r in graph.media_requests] == ["/v21.0/4711"]  # the bytes are never asked for
+        (incoming,) = [m for m in (await only_conversation(harness))["messages"] if m["direction"] == "in"]
+        assert "path" not in incoming["attachments"][0]
+        assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+@pytest.mark.parametrize("stated", [None, 50], ids=["no-size-stated", "size-understated"])
+async def test_media_larger_than_max_media_bytes_is_cut_off_as_it_arrives_whatever_size_was_stated(
+    tmp_path: Path, graph: FakeGraph, stated: int | None
+) -> None:
+    """``file_size`` is the Graph API's word, and may be missing or wrong: the bytes themselves
+    are counted, and the download stops past the limit."""
+    graph.media["4711"] = (PHOTO, "image/jpeg")
+    graph.stated_sizes["4711"] = stated
+    async with make_harness(tmp_path, graph, download_media=True, max_media_bytes=1000) as harness:
+        status, _ = await post(harness, image_body("wamid.IMG", "4711"))
+        assert status == 200
+        assert [r["path"] for r in graph.media_requests] == ["/v21.0/4711", "/download/4711"]
+        (incoming,) = [m for m in (await only_conversation(harness))["messages"] if m["direction"] == "in"]
+        assert "path" not in incoming["attachments"][0]
+        assert not (harness.data_dir / "media").exists() or not any(p.is_file() for p in (harness.data_dir / "media").rglob("*"))
         assert await harness.count("outbox", "kind = 'ack'") == 1
 
 

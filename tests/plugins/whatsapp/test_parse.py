@@ -344,6 +344,33 @@ def test_sender_without_any_address_is_anonymous_and_flagged() -> None:
     assert schema_errors(message) == []
 
 
+def test_a_message_without_a_number_among_several_contacts_is_nobodys() -> None:
+    """Only a change's single contact stands in for a missing ``from``: among several, the first
+    one need not be the person who wrote, and the message would be filed under and acknowledged
+    to someone else."""
+    contacts = [{"wa_id": "491701111111", "profile": {"name": "Anna"}}, {"wa_id": "491702222222", "profile": {"name": "Ben"}}]
+    raw = {"id": "u3", "timestamp": "1700000000", "type": "text", "text": {"body": "x"}}
+    message = parse_message(raw, contacts=contacts, recipient="111")
+    assert message["sender"] == {"kind": "anonymous", "address": "unknown"}
+    assert message["flags"] == ["no_number"]
+    assert parse_message(raw, contacts=contacts[1:], recipient="111")["sender"] == {
+        "kind": "phone", "address": "+491702222222", "display_name": "Ben"}
+
+
+def test_a_system_notice_is_kept_for_staff_but_never_acknowledged() -> None:
+    """"User A changed from number X to Y": WhatsApp wrote it, not the person, so it gets no
+    acknowledgement (the core acknowledges whatever is not ``ack_suppressed``)."""
+    raw = {"from": "491701234567", "id": "wamid.SYS", "timestamp": "1700000000", "type": "system",
+           "system": {"body": "User A changed from 491701234567 to 491707654321", "new_wa_id": "491707654321",
+                      "type": "user_changed_number"}}
+    message = parse_message(raw, contacts=[], recipient="111")
+    assert message["ack_suppressed"] == "system notice"
+    assert message["flags"] == ["system"]
+    assert message["text"] == "User A changed from 491701234567 to 491707654321"
+    assert message["meta"]["system"]["new_wa_id"] == "491707654321"
+    assert schema_errors(message) == []
+
+
 @pytest.mark.parametrize(
     "wa_id, expected",
     [
