@@ -79,3 +79,11 @@ def test_hours_that_begin_or_end_in_the_hour_the_clocks_skip_begin_or_end_when_t
     assert closing.add(datetime(2026, 3, 29, 0, 0, tzinfo=berlin), 1) == datetime(2026, 3, 29, 3, 0, tzinfo=berlin)
     gone = BusinessHours.from_config({"sun": ["02:10-02:50"]}, "Europe/Berlin")  # wholly skipped that night
     assert gone.add(datetime(2026, 3, 28, 12, tzinfo=berlin), 0.5) == datetime(2026, 4, 5, 2, 40, tzinfo=berlin)
+
+
+def test_an_opening_interval_includes_its_start_and_not_its_end():
+    """At 18:00 sharp the office has closed (a call then is not put through to it)."""
+    monday = datetime(2026, 11, 30, tzinfo=UTC)
+    assert OFFICE.is_open(monday.replace(hour=7))  # 08:00 Berlin
+    assert OFFICE.is_open(monday.replace(hour=16, minute=59, second=59))
+    assert not OFFICE.is_open(monday.replace(hour=17))  # 18:00 Berlin

@@ -312,3 +312,16 @@ def test_a_domain_beyond_ascii_is_written_in_its_idna_2008_form():
     assert ascii_domain("bücher。example") == "xn--bcher-kva.example"
     assert ascii_domain("Müller-Bau.DE") == "xn--mller-bau-q9a.de"
     assert ascii_domain("ü" * 70 + ".de") is None and ascii_domain("") is None
+
+
+async def test_a_known_contacts_name_is_kept_when_a_later_message_shows_another(harness):
+    """A contact learns a name it has none of; a chat profile name changed since (or a
+    customer's name from the directory) is not overwritten by the next message's."""
+    sender = {"kind": "phone", "address": "+4915111111111"}
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.N1", "text": "Hallo", "sender": sender})
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.N2", "text": "Ich bin's",
+                               "sender": {**sender, "display_name": "Erika Mustermann"}})
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.N3", "text": "Noch was",
+                               "sender": {**sender, "display_name": "Eri 🦄"}})
+    (contact,) = await harness.rows("SELECT display_name FROM contacts")
+    assert contact["display_name"] == "Erika Mustermann"

@@ -39,6 +39,19 @@ async def test_scopes_contractor_hotline_sales_and_bad_tokens(harness):
     assert status == 200
 
 
+
+async def test_the_unit_filter_narrows_a_members_units_and_never_widens_them(harness):
+    """``?unit=`` picks one of the caller's units; naming another unit listed that unit's
+    conversations to a contractor, the subjects and names of residents it has no business with."""
+    contractor_case = await _case(harness)
+    sales_case = await _case(harness, text="Frage zu meinem Tarif", topic="contract", postcode="99999")
+    status, listing = await harness.api("GET", "/api/v1/conversations?unit=vertrieb", token="contractor")
+    assert status == 200 and listing["items"] == []
+    status, listing = await harness.api("GET", "/api/v1/conversations?unit=tiefbau-muster", token="contractor")
+    assert [i["id"] for i in listing["items"]] == [contractor_case]
+    status, listing = await harness.api("GET", "/api/v1/conversations?unit=vertrieb", token="admin")
+    assert [i["id"] for i in listing["items"]] == [sales_case]
+
 async def test_sales_token_does_not_see_contractor_case(tmp_path):
     from router.testing import CoreHarness, load_raw_config
 
@@ -916,3 +929,28 @@ async def test_hiding_status_links_from_a_long_unbroken_text_takes_linear_time(h
     status, seen = await harness.api("GET", f"/api/v1/conversations/{case}", token="contractor")
     assert status == 200 and time.perf_counter() - started < 2
     assert seen["messages"][-1]["text"] == "x" * 150_000
+
+
+async def test_a_reply_goes_to_an_address_no_provider_refused_when_the_contact_has_one(harness):
+    """The answer goes to the contact's latest address its channel can reach, but not to one a
+    provider refused for good while another is left: it bounced again, and the resident waited."""
+    sender = {"kind": "email", "address": "anwohner@example.net", "display_name": "Erika Mustermann",
+              "other_identities": [{"kind": "email", "address": "erika.m@example.net"}]}
+    case = await _case(harness, sender=sender)
+    await harness.core.store.write(lambda conn: conn.execute(
+        "UPDATE identities SET failed_at = '2026-11-30T07:00:00.000000Z' WHERE address = 'anwohner@example.net'"))
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": "Ab Freitag frei."})
+    assert status == 201, reply
+    (row,) = await harness.rows("SELECT to_address FROM outbox WHERE kind = 'reply'")
+    assert row["to_address"] == "erika.m@example.net"
+
+
+async def test_a_conversation_outside_the_callers_units_is_404_whatever_the_request_says(harness):
+    """It answers as if it did not exist: a malformed body to another unit's case was a 400,
+    which told a contractor which case numbers exist elsewhere."""
+    sales_case = await _case(harness, text="Frage zu meinem Tarif", topic="contract", postcode="99999")
+    for action, body in (("replies", {"text": ""}), ("notes", {}), ("assign", {"assignee": 7}),
+                         ("transfer", {"unit": "nirgendwo"}), ("callbacks", {"outcome": "vielleicht"})):
+        status, answer = await harness.api("POST", f"/api/v1/conversations/{sales_case}/{action}", token="contractor",
+                                           json=body)
+        assert (status, answer["error"]["code"]) == (404, "not_found"), action

@@ -22,7 +22,7 @@ from router.hookspecs import (
     hookimpl,
 )
 from router.outbox import OutboxPolicy, OutboxWorker, apply_delivery_update, claim_due
-from router.store.sqlite import _connect, apply_migrations
+from router.store.sqlite import _connect, apply_migrations, iso
 from router.testing import CoreHarness
 
 from ..reliability.helpers import wait_until
@@ -1216,3 +1216,160 @@ def test_a_worker_loop_closed_at_teardown_ends(caplog):
             task._log_destroy_pending = False
             loop.close()
     assert "failed" not in caplog.text
+
+
+async def test_a_late_status_of_the_acknowledgement_does_not_undo_the_answer(tmp_path):
+    """The acknowledgement makes an open conversation acknowledged, and nothing else: its
+    'read' coming after staff answered put the case back to waiting for an answer, without a
+    deadline: neither done nor ever escalated."""
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        result = await harness.core.ingest(inbound("m1"))
+        await harness.run_outbox()
+        (ack,) = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'ack'")
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Ab Montag."})
+        await harness.run_outbox()
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert detail["state"] == "answered"
+        harness.clock.advance(timedelta(minutes=1))
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=ack["provider_id"], status="read"))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert (detail["state"], detail["deadline"]) == ("answered", None)
+
+
+class MailRecorder(Channel):
+    """An e-mail channel that keeps what it was asked to send; the addresses in ``refuse``
+    bounce for good."""
+
+    name = "email"
+    capabilities = Capabilities(identity_kinds=("email",))
+
+    def __init__(self, refuse: frozenset[str] = frozenset()) -> None:
+        self.refuse = refuse
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if message.to in self.refuse:
+            raise PermanentDeliveryError("550 mailbox unavailable")
+        self.sent.append(message)
+        return SendResult(provider_id=f"mail-{message.outbox_id}-{message.attempt}")
+
+
+async def test_a_units_notification_never_carries_the_residents_status_link(tmp_path):
+    """The status link is the resident's key to the conversation: the mail telling a unit it
+    owns the case must not hand it over (the e-mail channel writes a status_url into the mail,
+    and a contractor kept it after the case moved on)."""
+    mail = MailRecorder()
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(mail)]) as harness:
+        result = await harness.core.ingest(webform_message())
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert len(await harness.escalate()) == 1
+        await harness.run_outbox()
+        notices = [m for m in mail.sent if m.kind == "notification"]
+        assert notices and result.case_reference in notices[0].text
+        assert all(m.status_url is None for m in notices)
+
+
+class SmsChat(Channel):
+    """A second channel to the same numbers (SMS beside a chat): takes every send, or refuses
+    every one for good."""
+
+    name = "smschat"
+    capabilities = Capabilities(identity_kinds=("phone",))
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if self.refuse:
+            raise PermanentDeliveryError("21610 unsubscribed")
+        self.sent.append(message)
+        return SendResult(provider_id=f"sms-{message.outbox_id}-{message.attempt}")
+
+
+def _chat_and_sms(sms: SmsChat):
+    class Both:
+        @hookimpl
+        def register_channels(self):
+            return [RaceChat(), sms]
+
+    return Both()
+
+
+async def _answered_then_failed(harness) -> int:
+    """A chat case whose answer was delivered, then reported failed for good; returns its id."""
+    result = await harness.core.ingest(inbound("m1"))
+    await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Ab Montag."})
+    await harness.run_outbox()
+    (reply,) = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+    await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=reply["provider_id"], status="failed",
+                                                                  permanent=True, at=harness.clock.now()))
+    return result.conversation_id
+
+
+async def test_an_answer_whose_fallback_fails_too_is_lost(tmp_path):
+    """The answer failed on the chat and its fallback by SMS was refused as well: nobody got it,
+    so the case waits for an answer again. The failed first try is no copy that arrived."""
+    async with CoreHarness(tmp_path / "d", plugins=[_chat_and_sms(SmsChat(refuse=True))]) as harness:
+        case = await _answered_then_failed(harness)
+        await harness.run_outbox()  # the fallback by SMS, refused
+        assert await harness.count("outbox", "kind = 'reply' AND state = 'failed'") == 2
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+        assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+        assert any(e["kind"] == "answer_lost" for e in detail["events"])
+
+
+async def test_a_second_failed_status_after_the_fallback_arrived_flags_nothing(tmp_path):
+    """A provider reports a failure twice (Twilio: undelivered, then failed); the answer went out
+    by SMS meanwhile. The second report put the case on the call-back list all the same."""
+    sms = SmsChat()
+    async with CoreHarness(tmp_path / "d", plugins=[_chat_and_sms(sms)]) as harness:
+        case = await _answered_then_failed(harness)
+        await harness.run_outbox()
+        assert [m.kind for m in sms.sent] == ["reply"]
+        harness.clock.advance(timedelta(seconds=30))
+        (reply,) = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply' AND channel = 'racechat'")
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=reply["provider_id"], status="failed",
+                                                                      permanent=True, at=harness.clock.now()))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+        assert detail["flags"] == [] and detail["state"] == "answered"
+        assert not any(e["kind"] == "undeliverable" for e in detail["events"])
+
+
+async def test_a_notification_that_reaches_the_new_owner_clears_owner_not_notified(tmp_path):
+    """The flag says the current owner was never told: once a later notification reaches the
+    unit that owns the case now, it goes, or the case stays on that list for good."""
+    mail = MailRecorder(refuse=frozenset({"bau@example.org"}))
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(mail)]) as harness:
+        result = await harness.core.ingest(webform_message())
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
+        await harness.run_outbox()  # bau@example.org bounces
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert "owner_not_notified" in detail["flags"]
+        harness.clock.advance(timedelta(days=1))
+        assert [e["to_unit"] for e in await harness.escalate()] == ["kundenservice"]
+        await harness.run_outbox()  # service@example.org takes it
+        assert [m.to for m in mail.sent if m.kind == "notification"] == ["service@example.org"]
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert "owner_not_notified" not in detail["flags"]
+
+
+class AskingForTheSameForm(StaggeredChat):
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.calls += 1
+        raise ResendAsDeliveryError("outside the 24-hour window", hint="template")
+
+
+async def test_a_channel_that_asks_again_for_the_form_it_was_sent_in_waits_its_backoff(tmp_path):
+    """A refusal asking for the form the row was just sent in is a refusal like any other: sent
+    again after the backoff, not at once (a provider call per claim, until the attempts ran out)."""
+    plugin = Plugin(AskingForTheSameForm())
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()  # the frozen clock: a backoff never falls due here
+        assert plugin.channel.calls == 2  # as text, then once as the template it asked for
+        (row,) = await harness.rows("SELECT state, hint, attempts, next_attempt_at FROM outbox")
+        assert (row["state"], row["hint"], row["attempts"]) == ("pending", "template", 2)
+        assert row["next_attempt_at"] > iso(harness.clock.now())

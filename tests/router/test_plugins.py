@@ -218,6 +218,62 @@ async def test_a_hanging_or_wrong_plugin_costs_a_reply_its_copies_and_the_others
         assert metrics.value("contact_router_hook_errors_total", hook="message_received") == 1
 
 
+
+class CopyingToEveryChannel:
+    """A reply_copies plugin that names the conversation's own channel as well as a copy."""
+
+    @hookimpl
+    def reply_copies(self, conversation, reply, identities):
+        return [{"channel": conversation["channel"], "to_kind": "email", "to": "anwohner@example.net"}]
+
+
+async def test_a_copy_on_the_conversations_own_channel_is_not_sent_twice(tmp_path):
+    """The reply goes out on the conversation's channel anyway; a copy named on that channel
+    sent the same answer to the resident a second time."""
+    async with CoreHarness(tmp_path / "d", plugins=[CopyingToEveryChannel()]) as harness:
+        result = await harness.core.ingest(webform_message())
+        status, reply = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies",
+                                          json={"text": "Wir kümmern uns darum."})
+        assert status == 201, reply
+        assert await harness.count("outbox", "kind = 'reply'") == 1
+
+
+class CopyingToTheFailedAddress:
+    """A reply_copies plugin that copies every answer by e-mail to each of the contact's addresses."""
+
+    @hookimpl
+    def reply_copies(self, conversation, reply, identities):
+        return [{"channel": "email", "to_kind": "email", "to": i["address"]} for i in identities if i["kind"] == "email"]
+
+
+async def test_no_copy_goes_to_an_address_a_provider_refused_for_good(tmp_path):
+    """An address that bounced for good (or a number that answered STOP) gets no copies."""
+    from router.hookspecs import Capabilities, Channel, SendResult
+
+    class Mail(Channel):
+        name = "email"
+        capabilities = Capabilities(identity_kinds=("email",))
+
+        async def send(self, message):
+            return SendResult(provider_id=f"mail-{message.outbox_id}")
+
+    class Plugin:
+        @hookimpl
+        def register_channels(self):
+            return [Mail()]
+
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(), CopyingToTheFailedAddress()]) as harness:
+        sender = {"kind": "email", "address": "anwohner@example.net",
+                  "other_identities": [{"kind": "email", "address": "alt@example.net"}]}
+        result = await harness.core.ingest(webform_message(sender=sender))
+        await harness.core.store.write(lambda conn: conn.execute(
+            "UPDATE identities SET failed_at = '2026-11-30T07:00:00.000000Z' WHERE address = 'alt@example.net'"))
+        status, reply = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies",
+                                          json={"text": "Wir kümmern uns darum."})
+        assert status == 201, reply
+        copies = await harness.rows("SELECT to_address FROM outbox WHERE kind = 'reply' AND channel = 'email'")
+        assert [r["to_address"] for r in copies] == ["anwohner@example.net"]
+
 def test_every_hook_is_documented_in_the_plugin_guide():
     text = DOCS.read_text("utf-8")
     hooks = [name for name in dir(hookspecs) if getattr(getattr(hookspecs, name), "contact_router_spec", None)]

@@ -74,3 +74,42 @@ def test_an_umlaut_written_as_letter_and_combining_mark_routes_as_the_one_charac
     assert decomposed != "Große Störung"
     assert normalize(decomposed) == normalize("Große Störung") == "grosse stoerung"
     assert route(decomposed).rule == route("Große Störung").rule != "fallback"
+
+
+def test_a_rule_for_customers_routes_customers_only():
+    """``customer = true``: the rule is for confirmed customers; anyone else goes on to the next."""
+    config = _with_rules({"id": "customers", "description": "Customers go to customer care.", "customer": True,
+                          "unit": "kundenservice"})
+    message = {"channel": "webform", "text": "Ich möchte meinen Vertrag ändern"}
+    assert decide(config, message, is_customer=True, language="de").rule == "customers"
+    assert decide(config, message, is_customer=False, language="de").rule == "contract"
+
+
+def _with_rules(*rules, areas=None):
+    """The example configuration with ``rules`` tried first (and ``areas`` added)."""
+    from router.testing import example_config, load_raw_config
+
+    raw = load_raw_config()
+    raw["areas"].update(areas or {})
+    raw["rules"][:0] = list(rules)
+    return example_config(raw)
+
+
+def test_a_rule_for_some_channels_routes_only_their_messages():
+    """``channels`` is a condition like any other: a rule for WhatsApp took every channel's."""
+    config = _with_rules({"id": "chat-faults", "description": "Faults by chat go to customer care.",
+                          "channels": ["whatsapp"], "keywords": ["Störung"], "unit": "kundenservice"})
+    for channel, rule in (("whatsapp", "chat-faults"), ("webform", "fault")):
+        message = {"channel": channel, "text": "Störung seit gestern"}
+        assert decide(config, message, is_customer=False, language="de").rule == rule
+
+
+def test_a_rule_for_one_area_routes_only_messages_from_that_area():
+    """``area`` named by its id (not "*") is that area alone: it took every area's messages."""
+    config = _with_rules({"id": "south", "description": "Musterstadt Süd is the hotline's.",
+                          "area": "musterstadt-sued", "unit": "bauhotline"},
+                         areas={"musterstadt-sued": {"name": "Musterstadt Süd", "unit": "bauhotline",
+                                                     "postcodes": ["54321"]}})
+    for postcode, rule in (("54321", "south"), ("12345", "construction-in-area")):
+        message = {"channel": "webform", "text": "Baustelle vor dem Haus", "address": {"postcode": postcode}}
+        assert decide(config, message, is_customer=False, language="de").rule == rule

@@ -310,6 +310,29 @@ async def test_a_database_that_refuses_writes_is_storage_unavailable_and_a_units
         await store.close()
 
 
+
+async def test_a_database_error_that_ends_only_its_statement_is_storage_unavailable_too(tmp_path):
+    """SQLite may undo only the failing statement of a full or failing disk and keep the
+    transaction: the unit's caller heard a plain OperationalError (a 500, a mail set aside as
+    unprocessable) instead of ``StorageUnavailable``, and the refusal was not counted."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        def statement_failed(conn):
+            conn.execute("INSERT INTO events (kind, at) VALUES ('half', '2026-01-01T00:00:00.000000Z')")
+            exc = sqlite3.OperationalError("disk I/O error")
+            exc.sqlite_errorcode = sqlite3.SQLITE_IOERR
+            raise exc
+
+        outages = store.outages
+        results = await asyncio.gather(store.write(good(1)), store.write(statement_failed), return_exceptions=True)
+        assert results[0] == 1 and isinstance(results[1], StorageUnavailable)
+        assert results[1].__cause__.sqlite_errorcode == sqlite3.SQLITE_IOERR
+        assert store.outages == outages + 1
+        assert [r["kind"] for r in await store.fetchall("SELECT kind FROM events")] == ["ok-1"]
+    finally:
+        await store.close()
+
 async def test_a_write_lock_held_by_another_process_is_storage_unavailable_after_the_wait(tmp_path):
     """Waiting 30 s for the lock outlasted providers' patience (Twilio waits 15 s for a
     webhook): they heard nothing useful. After ``lock_wait_seconds`` the callers hear

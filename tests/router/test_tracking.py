@@ -734,3 +734,48 @@ async def test_a_reference_to_ones_own_settled_case_on_another_chat_says_so(tmp_
                                            "sender": {"kind": "phone", "address": number}})
         (row,) = await harness.rows("SELECT unit, linked_to, routing_rule FROM conversations WHERE id = ?", (named.conversation_id,))
         assert (row["unit"], row["linked_to"], row["routing_rule"]) == ("tiefbau-muster", case.conversation_id, "case-reference")
+
+
+async def test_an_escalation_takes_the_case_from_the_old_units_assignee(harness):
+    """The new owner's case still named someone of the unit that let the deadline pass: it looked
+    taken care of, by someone who no longer sees it."""
+    result = await harness.core.ingest(webform_message())
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/assign",
+                                       token="contractor", json={"assignee": "Kolonne 3"})
+    assert status == 200 and detail["assignee"] == "Kolonne 3"
+    harness.clock.set(result.deadline + timedelta(minutes=1))
+    assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}", token="hotline")
+    assert (detail["unit"], detail["assignee"]) == ("bauhotline", None)
+
+
+async def test_the_call_back_sms_of_a_mail_case_never_goes_to_a_number_a_form_only_named(tmp_path):
+    """A stranger's form named the resident's (still unknown) e-mail address and the stranger's
+    phone; the resident's own mail landed on that contact. After the failed call-backs, the
+    SMS with the mail case's status link went to the stranger's phone."""
+    from router.testing import CoreHarness
+
+    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "phone"), env=env) as harness:
+        await harness.core.ingest({"channel": "webform", "channel_message_id": "f1", "text": "Frage",
+                                   "sender": {"kind": "email", "address": "erika@example.net",
+                                              "other_identities": [{"kind": "phone", "address": "+4915199999999"}]}})
+        mail = await harness.core.ingest(_mail("Meine Vertragsnummer ist 998877", "<m1@example.net>",
+                                               sender="erika@example.net"))
+        for _ in range(3):
+            status, body = await harness.api("POST", f"/api/v1/conversations/{mail.conversation_id}/callbacks",
+                                             json={"outcome": "not_reached"})
+            assert status == 201, body
+        assert await harness.count("outbox", "to_address = '+4915199999999'") == 0
+
+
+async def test_a_transfer_counts_the_new_owners_escalations_afresh(harness):
+    """A transfer gives the new unit a deadline of its own: its escalations count from nought,
+    not on from the old owner's, which had used up the reminders before the new one was due."""
+    result = await harness.core.ingest(webform_message())
+    harness.clock.set(result.deadline + timedelta(minutes=1))
+    assert [e["level"] for e in await harness.escalate()] == [1]
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/transfer",
+                                       json={"unit": "vertrieb", "reason": "Vertragsfrage"})
+    assert status == 200 and (detail["unit"], detail["escalation_level"]) == ("vertrieb", 0)

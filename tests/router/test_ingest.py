@@ -1,0 +1,77 @@
+"""The inbound path (``router/ingest.py``): deduplication, and what a new message does to the
+conversation it joins and to the messages it refers to."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from .helpers import webform_message
+
+
+async def test_the_same_message_id_on_two_channels_is_two_messages(harness):
+    """Deduplication is per channel: a provider's message id says nothing about another
+    channel's. Taken for a retry, the e-mail was answered as a duplicate and never stored."""
+    form = await harness.core.ingest(webform_message(channel_message_id="42"))
+    mail = await harness.core.ingest(webform_message("Baustelle, Gehweg gesperrt", channel="email",
+                                                     email="nachbar@example.net", channel_message_id="42"))
+    assert not mail.duplicate and mail.conversation_id not in (None, form.conversation_id) and mail.acknowledged
+    assert await harness.count("messages", "direction = 'in' AND channel_message_id = '42'") == 2
+
+
+async def test_a_message_in_a_conversation_staff_wait_in_gets_a_deadline_again(harness):
+    """Staff wait for the resident (no deadline); the resident's answer puts the conversation
+    back to waiting for staff, with a deadline that escalates."""
+    first = await harness.core.ingest(webform_message())
+    await harness.run_outbox()  # the acknowledgement went out
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{first.conversation_id}/wait")
+    assert status == 200 and detail["state"] == "waiting" and detail["deadline"] is None
+    harness.clock.advance(timedelta(minutes=5))
+    again = await harness.core.ingest(webform_message("Hier das Foto", thread={"status_token": first.status_token}))
+    assert again.conversation_id == first.conversation_id and not again.acknowledged
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{first.conversation_id}")
+    assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+    assert detail["events"][-1]["kind"] == "awaiting_answer"
+
+
+def _chat(kind: str, message_id: str, sender: str = "+4915111111111", **extra):
+    """A canonical WhatsApp message, reaction, edit or deletion."""
+    return {"channel": "whatsapp", "channel_message_id": message_id, "kind": kind,
+            "sender": {"kind": "phone", "address": sender}, **extra}
+
+
+async def test_a_resident_cannot_edit_or_delete_a_staff_answer(harness):
+    """An edit or deletion changes only an inbound message: the resident's own words, not the
+    answer staff sent them (which the provider knows by its id, as it knows the resident's)."""
+    case = await harness.core.ingest(_chat("message", "wamid.A1", text="Gehweg gesperrt seit Montag"))
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
+                                      json={"text": "Ab Freitag wieder frei."})
+    assert status == 201
+    # The provider took the answer under this id.
+    await harness.core.store.write(
+        lambda conn: conn.execute("UPDATE messages SET provider_id = 'wamid.OUT1' WHERE id = ?", (reply["id"],)))
+    await harness.core.ingest(_chat("edit", "wamid.A2", target_message_id="wamid.OUT1", text="Wir kommen nie."))
+    await harness.core.ingest(_chat("deletion", "wamid.A3", target_message_id="wamid.OUT1"))
+    (answer,) = await harness.rows("SELECT text, edited_at, deleted_at FROM messages WHERE id = ?", (reply["id"],))
+    assert (answer["text"], answer["edited_at"], answer["deleted_at"]) == ("Ab Freitag wieder frei.", None, None)
+
+
+async def test_a_chat_message_whose_sender_may_be_forged_is_not_taken_for_the_numbers_other_case(tmp_path):
+    """An SMS from the number of an open WhatsApp case is linked to it and goes to its unit,
+    because the number says who wrote. Not when the channel flags the message
+    ``unverified_sender``: then the number proves nothing, and it is routed as any other."""
+    from router.testing import CoreHarness
+
+    env = {"WHATSAPP_APP_SECRET": "s", "WHATSAPP_VERIFY_TOKEN": "v", "WHATSAPP_ACCESS_TOKEN": "a",
+           "WHATSAPP_PHONE_NUMBER_ID": "1122334455", "WHATSAPP_GRAPH_URL": "http://127.0.0.1:9",
+           "TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "whatsapp", "phone"), env=env) as harness:
+        case = await harness.core.ingest(_chat("message", "wamid.X1",
+                                               text="Vor meinem Haus in der Musterstraße 5 ist der Gehweg aufgegraben."))
+        assert case.unit == "tiefbau-muster"
+        sms = await harness.core.ingest({"channel": "phone", "channel_message_id": "SM1", "kind": "message",
+                                         "text": "Wann ist der Gehweg wieder frei?", "flags": ["unverified_sender"],
+                                         "sender": {"kind": "phone", "address": "+4915111111111"}})
+        (row,) = await harness.rows("SELECT linked_to, routing_rule FROM conversations WHERE id = ?", (sms.conversation_id,))
+        assert sms.conversation_id != case.conversation_id
+        assert (row["linked_to"], row["routing_rule"]) == (None, "construction-outside-area")
