@@ -146,7 +146,8 @@ async def call_first(
     last), and return the first answer that is not None.
 
     Each implementation gets its own copy of the arguments and ``timeout`` seconds of its own.
-    One that raises (a ``CancelledError`` of its own included), runs out of time, or answers
+    One that raises (a ``CancelledError`` of its own, or anything that is no ``Exception``,
+    included), runs out of time, or answers
     something ``accept`` refuses (``accept(plugin, answer)`` raises; it may also return None to
     pass the question on, or the answer to keep) is handed to ``on_error`` (its plugin's name
     and the exception) and skipped: the next one is asked. A CRM that is down or slow must not
@@ -156,7 +157,9 @@ async def call_first(
             answer = await _settle(impl, kwargs, timeout)
             if answer is not None and accept is not None:
                 answer = accept(impl.plugin_name, answer)
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError):
+            raise  # the process or the caller is stopping (a hook's own CancelledError is HookCancelled)
+        except BaseException as exc:  # also one that is no Exception, as another framework's timeout
             on_error(impl.plugin_name, exc)
             continue
         if answer is not None:

@@ -298,6 +298,35 @@ async def test_a_failing_routing_plugin_costs_the_message_nothing(tmp_path):
         assert harness.core.metrics.value("contact_router_hook_errors_total", hook="route_message") == 1
 
 
+class ForeignTimeout(BaseException):
+    """Another framework's timeout or abort, raised inside a plugin: no ``Exception``."""
+
+
+class RaisingForeign:
+    """A CRM and a router whose client library raises ``ForeignTimeout``, at once or awaited."""
+
+    @hookimpl
+    def route_message(self, message, is_customer):
+        raise ForeignTimeout("routing service timed out")
+
+    @hookimpl
+    async def lookup_customer(self, claim):
+        await asyncio.sleep(0)
+        raise ForeignTimeout("CRM timed out")
+
+
+async def test_a_plugin_that_raises_what_is_no_exception_costs_the_message_nothing(tmp_path):
+    """The outbox already took any exception from a plugin's send as the plugin's failure; the
+    CRM and routing hooks caught ``Exception`` only, so another framework's timeout went
+    through the ingest into aiohttp: the provider got a 500 and nothing was stored."""
+    async with CoreHarness(tmp_path / "d", plugins=[RaisingForeign()]) as harness:
+        result = await harness.core.ingest(webform_message(customer_number="KD-1"))
+        assert result.acknowledged and result.unit == "tiefbau-muster"  # the configured rules decided
+        assert harness.core.metrics.value("contact_router_hook_errors_total", hook="route_message") == 1
+        assert harness.core.metrics.value("contact_router_hook_errors_total", hook="lookup_customer") == 1
+        assert await harness.count("messages", "direction = 'in'") == 1
+
+
 class Answers:
     """Plugins that answer in the wrong shape: a dict, or a decision without its reason."""
 
