@@ -585,6 +585,8 @@ class OutboxWorker:
         # outcome queued: the flusher waits for the rest of the batch (``gather_seconds``).
         self._unrecorded = 0
         self._queued = asyncio.Event()
+        # Rows of the batch under way still waiting for a slot among the provider calls.
+        self._waiting: set[int] = set()
         self.sent = 0
         self.failed = 0
         self.retried = 0
@@ -704,6 +706,9 @@ class OutboxWorker:
             # Every delivery of the batch ends before the next batch begins, also when one
             # raises: a straggler would count its outcome against the next batch.
             results = await asyncio.gather(*(self._deliver(item, limit) for item in items), return_exceptions=True)
+        except asyncio.CancelledError:  # the service stops
+            await self._hand_back(items)
+            raise
         finally:
             self._unrecorded = 0  # every row of the batch has its outcome, or never will
             self._queued.set()
@@ -711,6 +716,45 @@ class OutboxWorker:
             if isinstance(result, BaseException):
                 raise result
         return len(items)
+
+    async def _hand_back(self, items: list[dict[str, Any]]) -> None:
+        """The service stops in the middle of a batch: record the outcomes that came in, and
+        hand back what is left, so that a restart sends it without waiting out the lease
+        (``lease_seconds``, two minutes, for every row of the batch at each deploy).
+
+        A row that never reached its channel (it waited for a slot) is due again at once, its
+        attempt not counted. A row whose send was cut short may have gone through: it is due
+        after its channel's ``status_wait``, when a status could prove that, as after a send
+        that timed out. Best effort: when the database refuses, the leases run out as before."""
+        self._unrecorded = 0
+        self._queued.set()
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait((self._flusher,), timeout=self.policy.gather_seconds + 5)
+        now = self.clock.now()
+        stamp = iso(now)
+        waiting = [item["id"] for item in items if item["id"] in self._waiting]
+        cut_short = []
+        for item in items:
+            if item["id"] not in self._waiting:
+                channel = self.channels.get(item["channel"])
+                wait = channel.capabilities.status_wait if channel is not None else None
+                cut_short.append((iso(now + (wait or timedelta(0))), item["id"]))
+        self._waiting.clear()
+
+        def hand_back(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE outbox SET state = 'pending', attempts = attempts - 1, claimed_until = NULL, next_attempt_at = ?,"
+                " updated_at = ? WHERE id = ? AND state = 'sending'",
+                [(stamp, stamp, row_id) for row_id in waiting],
+            )
+            conn.executemany(
+                "UPDATE outbox SET claimed_until = ?1 WHERE id = ?2 AND state = 'sending' AND claimed_until > ?1", cut_short
+            )
+
+        try:
+            await self.store.write(hand_back)
+        except Exception as exc:  # noqa: BLE001 - stopping: the leases run out as before
+            log.warning("outbox: the rows of the batch under way could not be handed back (%s); they wait out their lease", exc)
 
     def _outbound(self, item: Mapping[str, Any]) -> OutboundMessage:
         unit = self.config.units.get(item.get("unit") or "")
@@ -802,8 +846,10 @@ class OutboxWorker:
             # now, without a send more.
             await self._give_up(item, item["attempts"] - 1, item["last_error"].removesuffix(LAST_LOOK))
             return False
+        self._waiting.add(item["id"])
         try:
             async with limit, asyncio.timeout(self.policy.send_timeout):
+                self._waiting.discard(item["id"])
                 result = await channel.send(self._outbound(item))
         except ResendAsDeliveryError as exc:
             if exc.hint == item.get("hint") or item["attempts"] > self.policy.max_attempts:
