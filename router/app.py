@@ -160,8 +160,8 @@ def create_app(
     scheduler to the caller (tests drive them step by step). ``allow_demo_tokens=False`` refuses
     staff tokens that come from the configuration's demo defaults. Raises ``ChannelsRefused``
     (``router.plugins``) when a channel plugin's answer to ``register_channels`` cannot be served
-    or a channel's ``setup`` raises. Starting it raises ``StartFailed`` when a channel's service
-    cannot start, after stopping what had started."""
+    or a channel's ``setup`` raises. Starting it raises ``StartFailed`` when the database cannot
+    be opened or a channel's service cannot start, after stopping what had started."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     clock = clock or Clock()
     metrics = Metrics()
@@ -232,8 +232,9 @@ def create_app(
 
 
 class StartFailed(Exception):
-    """A channel's service could not start (a port in use, a provider refusing the plugin's
-    credentials): one line naming the channel and its plugin, for ``serve`` to print."""
+    """The database could not be opened, or a channel's service could not start (a port in
+    use, a provider refusing the plugin's credentials): one line naming the data folder or the
+    channel and its plugin, for ``serve`` to print."""
 
 
 async def _lifetime_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -258,7 +259,11 @@ def partial_view(core: Core) -> Callable[..., Awaitable[dict[str, Any] | None]]:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[keys.STORE]
-    await store.open()
+    try:
+        await store.open()
+    except sqlite3.DatabaseError as exc:  # a file that is no database, a folder, no right to write, a full disk
+        raise StartFailed(f"--data-dir {app[keys.DATA_DIR]}: the database {store.path.name} cannot be opened"
+                          f" or brought up to date: {exc}") from exc
     config, clock = app[keys.CONFIG], app[keys.CLOCK]
     moved = await store.write(partial(tracking.adopt_orphans, config=config, now=clock.now()))
     if moved:

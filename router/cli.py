@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import contextlib
 import csv
 import gc
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +55,21 @@ async def _freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
+async def _stop_once(app: web.Application) -> None:
+    """Say that the service stops, and take a second SIGTERM or SIGINT (a supervisor signalling
+    again, Ctrl-C twice) as the same request: aiohttp raised it into the cleanup under way,
+    which ended with exit code 1 and tracebacks from every context it cut short."""
+    loop = asyncio.get_running_loop()
+    log.info("stopping: answering the requests in work, then the outbox and the channels")
+
+    def again() -> None:
+        log.warning("stopping already: waiting for the requests in work (a second signal does not cut that short)")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers here (Windows, a thread)
+            loop.add_signal_handler(signum, again)
+
+
 def _load_or_report(path: str | Path) -> Config | None:
     """The configuration, or None after printing every error with its file and key path."""
     try:
@@ -89,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(ConfigError(config.file, exc.errors), file=sys.stderr)
         return 1
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
+    app.on_shutdown.insert(0, _stop_once)
     from . import keys
 
     log.info("contact-router on http://%s:%s (config %s, data %s, channels on: %s)", args.host, args.port, config.file,

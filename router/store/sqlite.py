@@ -112,7 +112,8 @@ def apply_migrations(conn: sqlite3.Connection) -> list[int]:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # else SQLite rolled back itself (a full disk), and ROLLBACK would hide why
+                conn.execute("ROLLBACK")
             raise
         applied.append(version)
     return applied
@@ -243,6 +244,15 @@ class SQLiteStore:
         """When (``time.monotonic``) a transaction that wrote rows last committed."""
 
     async def open(self) -> None:
+        """Open the writer (applying the migrations) and the reader; what was opened is closed
+        again when a step fails, so that no thread of it keeps the process alive."""
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_wait = f"PRAGMA busy_timeout={int(self.lock_wait_seconds * 1000)}"  # once, not per transaction
         loop = asyncio.get_running_loop()

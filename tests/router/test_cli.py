@@ -124,3 +124,58 @@ def test_serve_whose_service_fails_to_start_exits_instead_of_hanging(tmp_path) -
         taken.close()
     assert proc.returncode == 1, out
     assert b"channel 'email' (plugin email) could not start" in out and b"address already in use" in out, out
+
+
+@pytest.mark.parametrize("problem", ["read-only", "database is a folder", "not a database"])
+def test_serve_on_a_database_it_cannot_open_says_so_in_one_line(tmp_path, capsys, problem) -> None:
+    """A data folder the service may not write to (a volume mounted read-only, wrong owner), a
+    database path that is a folder, or a file that is no database: expected conditions for an
+    operator, which should end serve with one line naming the data folder, as a port in use
+    does. It printed a 40-line traceback of sqlite3's error instead."""
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "contact-router.sqlite3"
+    if problem == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to a read-only folder; run as another user (or on a read-only mount)")
+        data.chmod(0o555)
+    elif problem == "database is a folder":
+        db.mkdir()
+    else:
+        db.write_bytes(b"this is no SQLite database, just text long enough to have a header" * 4)
+    try:
+        assert main(["serve", "--port", "0", "--data-dir", str(data)]) == 1
+    finally:
+        data.chmod(0o755)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-800:]
+    assert f"--data-dir {data}" in err, err[-800:]
+
+
+def test_serve_on_a_full_disk_says_so_in_one_line(tmp_path, capsys, monkeypatch) -> None:
+    """A fresh data folder on a full volume: the migrations cannot be written. serve ended with
+    two chained tracebacks whose last line, the one a journal shows, blamed something else:
+    "cannot rollback - no transaction is active" (SQLite had rolled back itself, and the
+    migration's ROLLBACK raised over the real error). Here the disk is made full by capping the
+    database's pages: serve raises sqlite3's "database or disk is full" out of main() as a
+    traceback; on a real 64 KiB tmpfs it is the two tracebacks above."""
+    import router.store.sqlite as sqlite_store
+
+    connect = sqlite_store._connect
+
+    def capped(path):
+        conn = connect(path)
+        conn.execute("PRAGMA max_page_count=8")
+        return conn
+
+    monkeypatch.setattr(sqlite_store, "_connect", capped)
+    monkeypatch.setenv("SMTP_LISTEN_PORT", "0")
+    try:
+        code = main(["serve", "--port", "0", "--data-dir", str(tmp_path / "data")])
+    except Exception as exc:  # noqa: BLE001 - what an operator would see
+        pytest.fail(f"serve raised {type(exc).__name__}: {exc}")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "full" in err and "cannot rollback" not in err, err[-800:]
