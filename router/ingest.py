@@ -506,13 +506,22 @@ def ingest_tx(
 
     # A contact created just now has no conversation to continue.
     automated = msg.get("ack_suppressed") in AUTOMATED
+    settled_by_id: dict[int, bool] = {}
+
+    def settled(row: Mapping[str, Any]) -> bool:
+        """``_settled_too_long``, asked once per conversation of this message (it may read its
+        latest message): the thread lookup asks it, then the decisions below."""
+        if row["id"] not in settled_by_id:
+            settled_by_id[row["id"]] = _settled_too_long(conn, config, row, now)
+        return settled_by_id[row["id"]]
+
     conv, referred, follows = _find_thread(
         conn, msg, contact_id, prep.threads_by_sender and not new_contact, prep.sender_verified,
         refs_join="ours" if automated else "own",
         topic_unit=lambda m: prep.override.unit if prep.override is not None else route(
             config, m, is_customer=is_customer, language=prep.language, normalized_text=prep.folded)[0].unit,
         other_chats=prep.other_chats,
-        stale=lambda row: _settled_too_long(conn, config, row, now),
+        stale=settled,
         reopen_since=now - reopen_window(config),
     )
     needs_ack = False
@@ -520,7 +529,7 @@ def ingest_tx(
         conv = follows  # a machine's message is kept where it belongs, however old
     if conv is not None and automated:
         pass  # a machine's message (out of office, a list, a bounce) is kept where it belongs and changes nothing
-    elif conv is not None and _settled_too_long(conn, config, conv, now):
+    elif conv is not None and settled(conv):
         referred, conv = conv, None  # too old: a new conversation, linked to the old one
     elif conv is not None and conv["state"] == "closed":
         conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
@@ -542,8 +551,7 @@ def ingest_tx(
             if prep.override is not None:
                 decision = prep.override
             else:
-                decision = _referred_decision(config, referred, msg, contact_id,
-                                              settled=_settled_too_long(conn, config, referred, now))
+                decision = _referred_decision(config, referred, msg, contact_id, settled=settled(referred))
             area_hit = find_area(config, msg, prep.folded)
             area = area_hit[0] if area_hit else None
         else:
@@ -561,7 +569,7 @@ def ingest_tx(
             language=prep.language,
             subject=msg.get("subject"),
             area=area.id if area else None,
-            linked_to=(referred or follows)["id"] if (referred or follows) is not None else None,
+            linked_to=link["id"] if (link := referred or follows) is not None else None,
             now=now,
             automated=automated,
         )
