@@ -157,6 +157,11 @@ class InvalidMessage(Exception):
         self.message = message
 
 
+ENDINGS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+"""What is no failure of a plugin but the process or a generator ending: let through wherever
+anything else a plugin raises (also what is no ``Exception``) is caught as its failure."""
+
+
 class StorageUnavailable(Exception):
     """The service cannot store anything right now: the database refuses writes (disk full,
     read-only, an I/O error, locked beyond its timeout). Not the message's fault, and nothing of

@@ -22,7 +22,7 @@ from typing import Any
 import pluggy
 
 from . import idempotency, identity, tracking
-from .channel import Channel, DeliveryUpdate, StorageUnavailable
+from .channel import ENDINGS, Channel, DeliveryUpdate, StorageUnavailable
 from .clock import Clock
 from .config import Config
 from .context import IngestResult
@@ -360,7 +360,7 @@ class Core:
                 raise
             except StorageUnavailable as exc:  # the store logged the cause; tried again next pass
                 log.warning("escalation pass skipped: %s", exc)
-            except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            except ENDINGS:
                 raise
             except BaseException:  # also one that is no Exception: a pass that fails stops no other
                 log.exception("escalation pass failed")

@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from .channel import (
+    ENDINGS,
     NOT_CONFIGURED,
     Channel,
     DeliveryUpdate,
@@ -607,7 +608,7 @@ class OutboxWorker:
             except StorageUnavailable as exc:  # the store logged the cause; tried again at the poll
                 log.warning("outbox batch skipped: %s", exc)
                 count = 0
-            except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            except ENDINGS:
                 raise
             except BaseException:  # keep delivering: one bad batch must not stop the outbox (nor
                 log.exception("outbox batch failed")  # another framework's exception, no Exception)
@@ -891,7 +892,7 @@ class OutboxWorker:
             log.error("channel %s: its send of outbox row %s was cancelled inside the plugin", item["channel"], item["id"])
             await self._retry(item, "the channel's send was cancelled inside the plugin", None)
             return False
-        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        except ENDINGS:
             raise
         except BaseException as exc:  # a plugin bug: logged, then retried like any failure, and given up
             # Also one that is no Exception (another framework's cancellation or timeout): let

@@ -26,7 +26,7 @@ import pluggy
 from aiohttp import web
 
 from . import hookspecs
-from .channel import Capabilities, Channel, SettingsError
+from .channel import ENDINGS, Capabilities, Channel, SettingsError
 
 if TYPE_CHECKING:
     from .config import Config
@@ -157,7 +157,7 @@ async def call_first(
             answer = await _settle(impl, kwargs, timeout)
             if answer is not None and accept is not None:
                 answer = accept(impl.plugin_name, answer)
-        except (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError):
+        except (*ENDINGS, asyncio.CancelledError):
             raise  # the process or the caller is stopping (a hook's own CancelledError is HookCancelled)
         except BaseException as exc:  # also one that is no Exception, as another framework's timeout
             on_error(impl.plugin_name, exc)
