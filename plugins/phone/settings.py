@@ -116,8 +116,8 @@ class PhoneSettings:
             values["region"] = values["region"].upper()
         if "phone_number" in values:
             _check_e164(values["phone_number"], values.get("region", "DE"))
-        if section.get("voice") not in (None, ""):
-            values["voice"] = _voice(section["voice"])
+        if (voice := given(section, "voice")) is not None:  # blank from the environment: not given, as above
+            values["voice"] = _voice(voice)
         defaults = {field.name: field.default for field in dataclasses.fields(cls)}
         for key in ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts"):
             values[key] = positive_int(section, key, defaults[key], _WHERE, error=PhoneSettingsError)

@@ -126,6 +126,7 @@ def test_a_voice_is_a_name_or_a_table_by_language():
     assert PhoneSettings.from_config({"voice": {"de": "Polly.Vicki", "en": "Polly.Amy"}}, {}).voice == {
         "de": "Polly.Vicki", "en": "Polly.Amy"}
     assert PhoneSettings.from_config({"voice": ""}, {}).voice is None
+    assert PhoneSettings.from_config({"voice": "  "}, {}).voice is None  # blank from the environment: not given
     for bad, key in (({"english": "Polly.Amy"}, "channels.phone.voice.english"), ({"en": ""}, "channels.phone.voice.en"),
                      (3, "channels.phone.voice"), ({}, "channels.phone.voice")):
         with pytest.raises(PhoneSettingsError) as caught:
