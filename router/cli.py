@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -111,6 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     log.info("contact-router on http://%s:%s (config %s, data %s, channels on: %s)", args.host, args.port, config.file,
              args.data_dir, ", ".join(sorted(app[keys.CORE].channels)) or "none")
+    for warning in unserved_status_links(config, app[keys.CORE].channels):
+        log.warning("%s: %s", config.file, warning)
     # A listen backlog above the default 128, so that a burst of provider connections waits
     # for the channels' own backpressure (503 + Retry-After) instead of being dropped by the kernel.
     try:
@@ -125,6 +127,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def unserved_status_links(config: Config, channels_on: Collection[str]) -> list[str]:
+    """Warnings for templates that link to a status page while no channel serves the pages:
+    their sentence with the link is left out of what is sent (a link would answer 404)."""
+    from .core import STATUS_PAGE_CHANNEL
+    from .templates import Templates
+
+    if STATUS_PAGE_CHANNEL in channels_on:
+        return []
+    return [f"templates.{where}: warning: {{status_url}} is a status page, which only the {STATUS_PAGE_CHANNEL}"
+            " channel serves, and it is off: the sentence with the link is left out"
+            for where in Templates(config.templates, config.default_language).using("status_url")]
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -147,6 +162,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for section in sorted(set(config.channels) - known):
         print(f"{config.file}: channels.{section}: warning: no installed plugin or channel is named {section!r};"
               " these settings are not read", file=sys.stderr)
+    for warning in unserved_status_links(config, {channel.name for _, channel in provided}):
+        print(f"{config.file}: {warning}", file=sys.stderr)
     on = ", ".join(sorted(channel.name for _, channel in provided)) or "none"
     counts = ", ".join(f"{len(items)} {name}{'' if len(items) == 1 else 's'}"
                        for name, items in (("unit", config.units), ("rule", config.rules), ("area", config.areas)))

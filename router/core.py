@@ -43,6 +43,9 @@ HOOK_SECONDS = 10.0
 that hangs costs a message, a staff reply or the shutdown no more than this, and the other
 implementations nothing."""
 
+STATUS_PAGE_CHANNEL = "webform"
+"""The channel whose plugin serves the residents' status pages (``/channels/webform/status/<token>``)."""
+
 EVENT_FIELDS = {
     "conversation_routed": ("id", "case_reference", "unit", "channel", "deadline"),
     "conversation_escalated": ("id", "case_reference", "unit", "deadline"),
@@ -137,7 +140,11 @@ class Core:
         self._unverified_senders = frozenset(n for n, c in self.channels.items() if not c.capabilities.sender_verified)
         self._refresh_hook_flags()
 
-    def status_url(self, token: str) -> str:
+    def status_url(self, token: str) -> str | None:
+        """The resident's status page for a conversation's token; None while no web form channel
+        is on to serve it (the link would answer 404: texts leave out the sentence that holds it)."""
+        if STATUS_PAGE_CHANNEL not in self.channels:
+            return None
         return f"{self.config.public_base_url}/channels/webform/status/{token}"
 
     def wake_outbox(self) -> None:

@@ -220,7 +220,8 @@ def reply_copies(
 ) -> Sequence[Mapping[str, str]] | None:
     """Name further recipients of a staff reply, beside the conversation's own channel.
 
-    :param conversation: ``id``, ``case_reference``, ``channel``, ``unit``, ``status_url``.
+    :param conversation: ``id``, ``case_reference``, ``channel``, ``unit``, ``status_url`` (None
+        while no web form channel is on to serve status pages).
     :param reply: ``text``, ``language``, ``kind`` of the reply being queued.
     :param identities: The contact's identities, each ``{"kind": ..., "address": ...,
         "failed": ...}``; ``failed`` once a provider refused the address for good (a copy to it is

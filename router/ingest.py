@@ -81,7 +81,7 @@ def prepare(
     return msg, identities, language, folded
 
 
-def _result_for_existing(conn: sqlite3.Connection, config: Config, row: sqlite3.Row, status_url: Callable[[str], str]) -> IngestResult:
+def _result_for_existing(conn: sqlite3.Connection, config: Config, row: sqlite3.Row, status_url: Callable[[str], str | None]) -> IngestResult:
     conv = None
     if row["conversation_id"] is not None:
         conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
@@ -94,7 +94,7 @@ def _result(
     conv: sqlite3.Row | None,
     language: str,
     acknowledged: bool,
-    status_url: Callable[[str], str],
+    status_url: Callable[[str], str | None],
     *,
     duplicate: bool = False,
     ack_text: str | None = None,
@@ -336,7 +336,7 @@ def _may_annotate(kind: str, target: Mapping[str, Any], contact_id: int, thread_
 
 
 def _annotate(
-    conn: sqlite3.Connection, config: Config, prep: Prepared, contact_id: int, status_url: Callable[[str], str]
+    conn: sqlite3.Connection, config: Config, prep: Prepared, contact_id: int, status_url: Callable[[str], str | None]
 ) -> IngestResult:
     """Reactions, edits and deletions: kept against the message they refer to; never a new
     conversation, never an acknowledgement."""
@@ -470,7 +470,7 @@ def ingest_tx(
     config: Config,
     templates: Templates,
     prep: Prepared,
-    status_url: Callable[[str], str],
+    status_url: Callable[[str], str | None],
 ) -> IngestResult:
     """The whole inbound path as one unit of work in the group transaction."""
     msg = prep.message

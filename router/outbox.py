@@ -569,7 +569,7 @@ class OutboxWorker:
         channels: Mapping[str, Channel],
         clock: Clock,
         policy: OutboxPolicy | None = None,
-        status_url: Callable[[str], str],
+        status_url: Callable[[str], str | None],
         on_answered: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store

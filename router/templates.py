@@ -3,7 +3,9 @@ written the way a German or English reader expects, in the organisation's timezo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+import string
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -70,6 +72,33 @@ class _Values(dict[str, Any]):
         return "{" + key + "}"
 
 
+def placeholders(text: str) -> set[str]:
+    """The names of the ``{placeholders}`` a template fills."""
+    return {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(text) if field}
+
+
+# A sentence of a line: from its start or after the blank behind another's end, to its own end
+# (full stops, question or exclamation marks before a blank or the line's end) or the line's.
+# A mark inside a word ("z.B.", "www.example.de") does not end it.
+_SENTENCE = re.compile(r"(?:^|(?<=[.!?])[ \t]+)(?:[^.!?]|[.!?](?!\s|$))+(?:[.!?]+(?=\s|$)|$)")
+
+
+@lru_cache(maxsize=256)
+def without_sentences(text: str, names: frozenset[str]) -> str:
+    """``text`` without the sentences that hold one of the placeholders ``names``, and
+    without a line that held nothing else: a status link that no page serves is left out with
+    its words ("You can follow your case here:"), not sent as a link that answers 404."""
+    def keep(match: re.Match[str]) -> str:
+        return "" if placeholders(match.group(0)) & names else match.group(0)
+
+    lines = []
+    for line in text.split("\n"):
+        kept = _SENTENCE.sub(keep, line).strip() if placeholders(line) & names else line
+        if kept or not line.strip():
+            lines.append(kept)
+    return "\n".join(lines)
+
+
 class Templates:
     """The configured templates; ``render`` picks the language, then the default language."""
 
@@ -95,9 +124,20 @@ class Templates:
 
     def render(self, name: str, language: str | None, /, **values: Any) -> str:
         """Fill ``templates.<name>.<language>`` (for a unit's notice without one, ``NOTICES``);
-        unknown placeholders stay as written."""
+        unknown placeholders stay as written, and a sentence whose placeholder's value is None
+        is left out (a ``status_url`` while no status page is served)."""
         variants = self._templates.get(name) or NOTICES.get(name)
         if not variants:
             raise KeyError(f"no template {name!r}")
         text = variants[self.language_for(name, language)]
+        missing = frozenset(key for key, value in values.items() if value is None)
+        if missing:
+            text = without_sentences(text, missing)
         return text.format_map(_Values(values))
+
+    def using(self, placeholder: str) -> Iterator[str]:
+        """The configured templates that fill ``placeholder``, as ``<name>.<language>``."""
+        for name, variants in self._templates.items():
+            for language, text in variants.items():
+                if placeholder in placeholders(text):
+                    yield f"{name}.{language}"

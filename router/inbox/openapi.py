@@ -221,7 +221,7 @@ _SCHEMAS: dict[str, Any] = {
     "ConversationDetail": {"allOf": [_ref("Conversation"), _record(
         ["contact", "routing", "messages", "pending_deliveries", "escalations", "events", "callbacks"], {
             "contact": {"allOf": [_ref("ContactSummary"), _record(["identities"], {"identities": _IDENTITIES})]},
-            "status_url": {"type": "string", "description": "The resident's status page: not for staff of external units."},
+            "status_url": {"type": ["string", "null"], "description": "The resident's status page: not for staff of external units; null while no web form channel is on to serve it."},
             "routing": _record(["rule", "reason"], {"rule": {"type": "string"}, "reason": {"type": "string"}}),
             "messages": {"type": "array", "items": {"allOf": [_ref("Message"), {"type": "object", "required": _MESSAGE_DETAIL}]},
                          "description": "Oldest first. A reaction replaced by a later one of its sender is not listed, nor an"

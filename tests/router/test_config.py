@@ -93,6 +93,23 @@ def test_check_config_names_the_channels_on_and_warns_of_settings_nobody_reads(t
     assert ok.startswith(f"{path}: OK (5 units, 5 rules, 1 area; channels on: ") and "webform" in ok, ok
 
 
+def test_check_config_warns_of_status_links_no_page_serves(tmp_path, capsys):
+    """With the web form channel off, no status page is served: the example's acknowledgement
+    and call-back SMS sent residents a link that answered 404, and check-config said OK."""
+    data = load_raw_config()
+    data["channels"]["webform"]["enabled"] = False
+    path = _write(tmp_path, data)
+    assert main(["check-config", path]) == 0
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [
+        f"{path}: templates.{where}: warning: {{status_url}} is a status page, which only the webform channel serves,"
+        " and it is off: the sentence with the link is left out"
+        for where in ("ack.de", "ack.en", "callback_failed.de", "callback_failed.en")
+    ]
+    assert main(["check-config", str(DEFAULT_CONFIG)]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_import_customers_command(tmp_path, capsys):
     csv_path = tmp_path / "customers.csv"
     csv_path.write_text("customer_number,name,email,phone,street,postcode,city\nKD-1,Erika Müller,erika@example.net,,Lindenweg 3,12345,Musterstadt\n", encoding="utf-8")

@@ -75,3 +75,26 @@ async def test_a_chat_message_whose_sender_may_be_forged_is_not_taken_for_the_nu
         (row,) = await harness.rows("SELECT linked_to, routing_rule FROM conversations WHERE id = ?", (sms.conversation_id,))
         assert sms.conversation_id != case.conversation_id
         assert (row["linked_to"], row["routing_rule"]) == (None, "construction-outside-area")
+
+
+async def test_without_the_web_form_channel_no_text_or_view_links_to_a_status_page(tmp_path):
+    """Status pages are the web form channel's: with it off, the acknowledgement sent a link
+    that answered 404, and the inbox offered it to staff. The sentence is left out, the view
+    says null; with the channel on, both carry the link."""
+    from router.testing import CoreHarness
+
+    async with CoreHarness(tmp_path / "off", entrypoints=("email",), settings={"email": {"listen": False}}) as harness:
+        case = await harness.core.ingest(webform_message(channel="email"))
+        assert case.status_url is None and case.ack_text.endswith(".") and "/status/" not in case.ack_text
+        assert "Den Stand sehen Sie hier" not in case.ack_text and case.case_reference in case.ack_text
+        (ack,) = await harness.rows("SELECT m.text FROM outbox o JOIN messages m ON m.id = o.message_id WHERE o.kind = 'ack'")
+        assert ack["text"] == case.ack_text
+        assert (await harness.client.get(f"/channels/webform/status/{case.status_token}")).status == 404
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{case.conversation_id}")
+        assert status == 200 and detail["status_url"] is None
+    async with CoreHarness(tmp_path / "on") as harness:
+        case = await harness.core.ingest(webform_message(channel="email"))
+        assert case.ack_text.endswith(f"Den Stand sehen Sie hier: {case.status_url}")
+        assert (await harness.client.get(case.status_url.removeprefix(harness.config.public_base_url))).status == 200
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{case.conversation_id}")
+        assert detail["status_url"] == case.status_url
