@@ -55,12 +55,20 @@ async def _freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
+SHUTDOWN_GRACE_SECONDS = 5.0
+"""How long a stopping service waits for the requests in work before it cuts them off. A
+webhook's commit takes milliseconds; what outlasts this is a body still arriving (a slow or
+stalled sender, allowed 30 s), whose sender got no 2xx and sends again. Waiting that out made
+a stop take 30 s, past the 10 s that Docker allows before its SIGKILL."""
+
+
 async def _stop_once(app: web.Application) -> None:
     """Say that the service stops, and take a second SIGTERM or SIGINT (a supervisor signalling
     again, Ctrl-C twice) as the same request: aiohttp raised it into the cleanup under way,
     which ended with exit code 1 and tracebacks from every context it cut short."""
     loop = asyncio.get_running_loop()
-    log.info("stopping: answering the requests in work, then the outbox and the channels")
+    log.info("stopping: answering the requests in work (at most %g s), then the outbox and the channels",
+             SHUTDOWN_GRACE_SECONDS)
 
     def again() -> None:
         log.warning("stopping already: waiting for the requests in work (a second signal does not cut that short)")
@@ -116,7 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # A listen backlog above the default 128, so that a burst of provider connections waits
     # for the channels' own backpressure (503 + Retry-After) instead of being dropped by the kernel.
     try:
-        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, backlog=1024)
+        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, backlog=1024,
+                    shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     except StartFailed as exc:  # what had started is stopped: the process ends
         print(f"contact-router serve: {exc}", file=sys.stderr)
         return 1

@@ -97,3 +97,40 @@ async def test_a_second_signal_during_shutdown_ends_the_process_without_tracebac
     finally:
         service.stop()
         await graph.stop()
+
+
+async def test_sigterm_ends_within_dockers_ten_seconds_though_a_body_is_still_arriving(tmp_path: Path) -> None:
+    """A sender that stalls mid-body is allowed 30 s; a stop waited that long for it, so that
+    Docker's SIGKILL (10 s after its SIGTERM) ended every stop while such a request was open.
+    The stop now cuts it off after a short grace: its sender got no 2xx and sends again, and
+    the message is stored once."""
+    graph = FakeGraph()
+    await graph.start()
+    service = ServiceProcess(tmp_path, graph.url)
+    try:
+        await service.start()
+        body = whatsapp_body("wamid.stalled.1", wa_number(1))
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(
+            f"POST /channels/whatsapp/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"X-Hub-Signature-256: {sign(body)}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:20]
+        )
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the handler is waiting for the rest of the body
+        assert service.proc is not None
+        started = time.monotonic()
+        service.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(service.proc.wait, 60)
+        took = time.monotonic() - started
+        assert code == 0 and took < 10, f"exit {code} after {took:.1f} s"
+        assert not (await reader.read()).startswith(b"HTTP/1.1 200"), "no 2xx for a body that never arrived"
+        writer.close()
+        assert service.rows("SELECT COUNT(*) AS n FROM messages WHERE channel_message_id = 'wamid.stalled.1'")[0]["n"] == 0
+
+        await service.start()
+        async with aiohttp.ClientSession() as session:  # the provider's retry, twice
+            assert [await post_webhook(session, service.url, body) for _ in range(2)] == [200, 200]
+        assert service.rows("SELECT COUNT(*) AS n FROM messages WHERE channel_message_id = 'wamid.stalled.1'")[0]["n"] == 1
+    finally:
+        service.stop()
+        await graph.stop()
