@@ -26,6 +26,8 @@ from .store.sqlite import iso, parse_iso
 from .templates import Templates, format_deadline
 from .text import find_case_reference, guess_folded_language
 from .tracking import (
+    ANNOTATIONS,
+    AUTOMATED,
     add_flags,
     open_conversation,
     queue_outbound,
@@ -36,13 +38,10 @@ from .tracking import (
 )
 from .validation import validate_inbound
 
-ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
 # Message flags that concern the whole conversation and are copied onto it.
 CONVERSATION_FLAGS = frozenset({"callback_required", "no_number", "unsupported", "provider_error", "transcription_failed"})
 ACK_KINDS = frozenset({"message", "call", "missed_call", "voicemail"})
 UNREACHABLE_KINDS = frozenset({"anonymous"})
-# ack_suppressed reasons that mark a message as sent by a machine: it opens no deadline.
-AUTOMATED = frozenset({"auto-reply", "list", "bulk", "bounce", "loop"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -580,9 +579,12 @@ def ingest_tx(
         )
         conv = {**conv, "last_inbound_at": stamp, "updated_at": stamp}
 
+    # ``ack_suppressed`` is kept so that a machine's message can be told from a person's later
+    # (``tracking.written_since``).
     payload = {
         k: msg[k]
-        for k in ("attachments", "location", "address", "meta", "raw", "flags", "recipient", "topic", "customer_number", "sent_at")
+        for k in ("attachments", "location", "address", "meta", "raw", "flags", "recipient", "topic", "customer_number", "sent_at",
+                  "ack_suppressed")
         if msg.get(k)
     }
     message_id = conn.execute(

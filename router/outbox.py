@@ -38,7 +38,7 @@ from .config import Config
 from .identity import claims_usable
 from .store.sqlite import SQLiteStore, is_outage, iso, parse_iso, run_units
 from .text import sortable_token
-from .tracking import add_flags, add_outbox_row, mark_answered, record_event, remove_flags
+from .tracking import add_flags, add_outbox_row, mark_answered, record_event, remove_flags, written_since
 
 log = logging.getLogger("contact_router.outbox")
 T = TypeVar("T")
@@ -195,10 +195,10 @@ def _thread_refs(conn: sqlite3.Connection, conversation_id: int, channel: str) -
 
 def record_sent(
     conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str, status: str, thread_key: str | None,
-    answered_on: bool, now: datetime,
+    answered_on: bool, now: datetime, policy: OutboxPolicy | None = None,
 ) -> dict[str, Any] | None:
     """The provider accepted a message. Returns the answered conversation when this delivery
-    made it answered.
+    made it answered (``policy``: the deadline of a message written meanwhile).
 
     ``row`` is the outbox row as claimed: the columns read here (its message, conversation,
     channel, kind and whether it is the primary delivery) never change after it is queued,
@@ -226,11 +226,16 @@ def record_sent(
                 "INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
                 (row["channel"], key, row["conversation_id"]),
             )
-    return _after_status(conn, row, status, answered_on, stamp)
+    return _after_status(conn, row, status, answered_on, now, policy)
 
 
-def _after_status(conn: sqlite3.Connection, row: sqlite3.Row, status: str, answered_on: bool, stamp: str) -> dict[str, Any] | None:
-    """State changes that follow a delivery status: acknowledged, answered."""
+def _after_status(
+    conn: sqlite3.Connection, row: Mapping[str, Any], status: str, answered_on: bool, now: datetime,
+    policy: OutboxPolicy | None,
+) -> dict[str, Any] | None:
+    """State changes that follow a delivery status: acknowledged, answered (and waiting for an
+    answer again when the resident wrote while the answer was on its way)."""
+    stamp = iso(now)
     if row["conversation_id"] is None:
         return None
     if row["kind"] == "ack" and status in STATUS_RANK:
@@ -240,10 +245,32 @@ def _after_status(conn: sqlite3.Connection, row: sqlite3.Row, status: str, answe
         )
     if row["kind"] == "reply" and answered_on:
         if mark_answered(conn, row["conversation_id"], stamp):
+            _written_meanwhile(conn, row, now, policy)
             conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
             msg = conn.execute("SELECT id, text, channel, kind FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
             return {"conversation": dict(conv), "message": dict(msg)}
     return None
+
+
+def _written_meanwhile(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime, policy: OutboxPolicy | None) -> None:
+    """The answer ``row`` carried was written before the resident's latest message: that message
+    (the first a person wrote after it) waits for an answer, with the deadline it would have had
+    had it come after the answer. Only answered, the conversation kept no deadline, and a
+    question asked while the answer was queued or on its way was never answered nor escalated."""
+    later = written_since(conn, row["conversation_id"], row["message_id"])
+    if later is None:
+        return
+    conv = conn.execute("SELECT unit FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
+    written = parse_iso(later["created_at"]) or now
+    due = policy.answer_deadline(conv["unit"], written) if policy and policy.answer_deadline else written
+    stamp, deadline = iso(now), iso(due)
+    conn.execute(
+        "UPDATE conversations SET state = 'acknowledged', deadline = ?, escalate_at = ?, escalation_level = 0,"
+        " updated_at = ? WHERE id = ?",
+        (deadline, deadline, stamp, row["conversation_id"]),
+    )
+    record_event(conn, row["conversation_id"], "awaiting_answer", stamp, reason="new message from the contact while the"
+                 " answer was on its way", message_id=later["id"], deadline=deadline)
 
 
 def record_retry(
@@ -466,7 +493,7 @@ def record_send(
     it and apply the statuses kept for its provider id. Returns the answered conversation, and
     whether a failure was among those statuses (a resend or fallback may be due at once)."""
     answered_now = status in ("delivered", "read") or row["channel"] in answered_on
-    answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now)
+    answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now, policy)
     if row["kind"] == "notification" and row["conversation_id"] is not None and _latest_notification(conn, row):
         remove_flags(conn, row["conversation_id"], ["owner_not_notified"], iso(now))  # the current owner was told
     early, failed = apply_early_statuses(conn, row["id"], row["channel"], provider_id, answered_on, channels, now, policy)
@@ -530,7 +557,7 @@ def _apply_status(
     if row["primary_delivery"]:
         conn.execute("UPDATE messages SET delivery_status = ? WHERE id = ?", (update.status, row["message_id"]))
     answered = update.status in ("delivered", "read") or (update.status == "sent" and row["channel"] in answered_on)
-    return _after_status(conn, row, update.status, answered, stamp)
+    return _after_status(conn, row, update.status, answered, now, policy)
 
 
 def apply_early_statuses(

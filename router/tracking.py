@@ -26,6 +26,12 @@ to_json = json.JSONEncoder(ensure_ascii=False).encode
 
 AWAITING_ANSWER = ("open", "acknowledged")
 
+# Inbound kinds that change an earlier message (a reaction, an edit, a deletion) and are no
+# message of their own.
+ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
+# ack_suppressed reasons that mark a message as sent by a machine: it opens no deadline.
+AUTOMATED = frozenset({"auto-reply", "list", "bulk", "bounce", "loop"})
+
 FLAGS = frozenset({
     "callback_required",  # a missed call, a voicemail, or nothing could be delivered: call the person back
     "callback_failed",  # the call-backs failed (too many attempts, a wrong number)
@@ -369,6 +375,19 @@ def mark_answered(conn: sqlite3.Connection, conversation_id: int, now: str) -> b
     )
     record_event(conn, conversation_id, "answered", now)
     return True
+
+
+def written_since(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> sqlite3.Row | None:
+    """The first message (``id``, ``created_at``) a person wrote in the conversation after the
+    message ``message_id`` was stored: not a reaction, an edit or a deletion, nor one a machine
+    sent (an auto-reply), none of which waits for an answer. None when there is none."""
+    return conn.execute(
+        f"SELECT id, created_at FROM messages WHERE conversation_id = ? AND id > ? AND direction = 'in'"
+        f" AND kind NOT IN ({', '.join('?' * len(ANNOTATIONS))})"
+        f" AND (payload IS NULL OR COALESCE(json_extract(payload, '$.ack_suppressed'), '')"
+        f" NOT IN ({', '.join('?' * len(AUTOMATED))})) ORDER BY id LIMIT 1",
+        (conversation_id, message_id, *sorted(ANNOTATIONS), *sorted(AUTOMATED)),
+    ).fetchone()
 
 
 def reopen_window(config: Config) -> timedelta:

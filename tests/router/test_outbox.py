@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from router import tracking
 from router.hookspecs import (
     Capabilities,
     Channel,
@@ -21,6 +22,7 @@ from router.hookspecs import (
     SendResult,
     hookimpl,
 )
+from router.inbox.queries import rfc3339
 from router.outbox import OutboxPolicy, OutboxWorker, apply_delivery_update, claim_due
 from router.store.sqlite import _connect, apply_migrations, iso
 from router.testing import CoreHarness
@@ -1373,3 +1375,89 @@ async def test_a_channel_that_asks_again_for_the_form_it_was_sent_in_waits_its_b
         (row,) = await harness.rows("SELECT state, hint, attempts, next_attempt_at FROM outbox")
         assert (row["state"], row["hint"], row["attempts"]) == ("pending", "template", 2)
         assert row["next_attempt_at"] > iso(harness.clock.now())
+
+
+class GatedChat(Channel):
+    """A chat whose inbound messages come over HTTP and whose sends wait at a gate the test
+    opens: a staff answer is on its way while the resident writes again."""
+
+    name = "gatedchat"
+    capabilities = Capabilities(identity_kinds=("phone",), delivery_receipts=True, threads_by_sender=True)
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.in_flight = asyncio.Event()
+        self.sent: list[OutboundMessage] = []
+
+    def routes(self) -> list:
+        from aiohttp import web
+
+        async def receive(request: web.Request) -> web.Response:
+            body = await request.json()
+            await self.context.ingest({
+                "channel": self.name, "channel_message_id": body["id"], "text": body["text"],
+                "sender": {"kind": "phone", "address": "+4915112345678"}, "ack_suppressed": body.get("auto"),
+            })
+            return web.json_response({"ok": True})
+
+        return [web.post("/inbound", receive)]
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.in_flight.set()
+        await self.gate.wait()
+        self.sent.append(message)
+        return SendResult(provider_id=f"gc-{message.outbox_id}-{message.attempt}")
+
+
+async def _write_while_the_answer_is_on_its_way(harness: CoreHarness, chat: GatedChat, body: dict) -> dict:
+    """The resident's first message, acknowledged; a staff answer whose send is held at the gate
+    while ``body`` comes in over HTTP; then the answer is delivered. Returns the detail."""
+    assert (await harness.client.post("/channels/gatedchat/inbound", json={"id": "m1", "text": "Wann ist die Straße frei?"})).status == 200
+    await harness.run_outbox()
+    (conv,) = await harness.rows("SELECT id FROM conversations")
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Ab Freitag."})
+    assert status == 201
+    chat.gate.clear()
+    chat.in_flight.clear()
+    sending = asyncio.create_task(harness.run_outbox())
+    await asyncio.wait_for(chat.in_flight.wait(), 5)
+    harness.clock.advance(timedelta(minutes=3))
+    answer = await harness.client.post("/channels/gatedchat/inbound", json=body)
+    assert answer.status == 200
+    harness.clock.advance(timedelta(minutes=1))
+    chat.gate.set()
+    await sending
+    reply = await harness.rows("SELECT delivery_status FROM messages WHERE kind = 'reply'")
+    assert reply == [{"delivery_status": "sent"}]
+    sent = chat.sent[-1]
+    await harness.core.record_delivery("gatedchat", DeliveryUpdate(provider_id=f"gc-{sent.outbox_id}-{sent.attempt}",
+                                                                   status="delivered"))
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{conv['id']}")
+    assert status == 200
+    return detail
+
+
+async def test_a_message_written_while_the_answer_was_on_its_way_is_still_to_be_answered(tmp_path):
+    """The answer reached the resident, but it was written before their next message: that one
+    waits for an answer, its deadline counted from when it came. Marked answered, the
+    conversation kept no deadline, and the second question was never answered nor escalated."""
+    chat = GatedChat()
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)]) as harness:
+        written = harness.clock.now() + timedelta(minutes=3)
+        detail = await _write_while_the_answer_is_on_its_way(harness, chat, {"id": "m2", "text": "Und wer repariert den Zaun?"})
+        assert detail["state"] == "acknowledged"
+        assert detail["deadline"] == rfc3339(iso(tracking.deadline_for(harness.config, detail["unit"], written)))
+        assert [e["kind"] for e in detail["events"]][-2:] == ["answered", "awaiting_answer"]
+        assert detail["first_answered_at"] is not None  # the first answer did reach the resident
+        assert await harness.escalate() == []
+        harness.clock.advance(timedelta(days=30))
+        assert [e["conversation"]["id"] for e in await harness.escalate()] == [detail["id"]]
+
+
+async def test_an_auto_reply_that_came_while_the_answer_was_on_its_way_changes_nothing(tmp_path):
+    chat = GatedChat()
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)]) as harness:
+        detail = await _write_while_the_answer_is_on_its_way(
+            harness, chat, {"id": "m2", "text": "Ich bin bis Montag nicht im Büro.", "auto": "auto-reply"})
+        assert detail["state"] == "answered" and detail["deadline"] is None
