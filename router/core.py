@@ -190,9 +190,28 @@ class Core:
         verified = channel not in self._unverified_senders and "unverified_sender" not in (msg.get("flags") or ())
         prep = Prepared(msg, identities, language, customer, override, channel in self._threads_by_sender, now, folded,
                         verified, self._other_chats.get(channel, ()))
-        result = await self.store.write(
+        committed = self.store.submit(
             partial(ingest_tx, config=self.config, templates=self.templates, prep=prep, status_url=self.status_url)
         )
+        try:
+            result = await asyncio.shield(committed)
+        except asyncio.CancelledError:
+            # The caller went away (aiosmtpd cancels the handler of a client that hung up), but the
+            # message is committed all the same: what follows the commit follows it then. The
+            # provider's retry is a duplicate, which tells no plugin of the message.
+            committed.add_done_callback(partial(self._ingested_later, msg))
+            raise
+        self._ingested(msg, result)
+        return result
+
+    def _ingested_later(self, msg: Mapping[str, Any], committed: asyncio.Future[IngestResult]) -> None:
+        """``_ingested`` for a message whose caller was cancelled while it waited for the commit."""
+        if not committed.cancelled() and committed.exception() is None:
+            self._ingested(msg, committed.result())
+
+    def _ingested(self, msg: Mapping[str, Any], result: IngestResult) -> None:
+        """What follows the commit of an inbound message: metrics, the outbox woken for its
+        acknowledgement, and the event hooks (in the background)."""
         self.metrics.inc(
             "contact_router_messages_received_total", channel=msg["channel"], duplicate=str(result.duplicate).lower()
         )
@@ -206,7 +225,6 @@ class Core:
                 conv = {"id": result.conversation_id, "case_reference": result.case_reference, "unit": result.unit,
                         "channel": msg["channel"], "deadline": iso(result.deadline)}
                 self._spawn(self._fire("conversation_routed", conversation=conv, rule=result.rule, reason=result.reason))
-        return result
 
     async def _route_override(self, msg: Mapping[str, Any], *, is_customer: bool) -> RoutingDecision | None:
         """A routing plugin's decision. One that fails, hangs or answers in the wrong shape is

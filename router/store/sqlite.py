@@ -305,6 +305,13 @@ class SQLiteStore:
         ``StorageUnavailable`` is raised instead, with SQLite's error as its cause: nothing of
         the unit was stored.
         """
+        return await self.submit(work)
+
+    def submit(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``work`` for the next group transaction; the future is ``write``'s answer. Once
+        queued, the unit runs whether or not anyone still awaits it: a caller that is cancelled
+        meanwhile (a client that hung up) can keep the future (``asyncio.shield``) to act on the
+        commit all the same."""
         if self._wakeup is None:
             raise RuntimeError("store is not open")
         if self._task is None:  # closed: no writer would ever run it, and the caller waited for ever
@@ -312,7 +319,7 @@ class SQLiteStore:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((work, future))
         self._wakeup.set()
-        return await future
+        return future
 
     async def _write_loop(self) -> None:
         assert self._wakeup is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from email import policy
@@ -17,7 +18,10 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from router.hookspecs import hookimpl
 from router.testing import CoreHarness, check_channel_contract
+
+from ...reliability.helpers import wait_until
 
 MAX_BYTES = 100_000
 
@@ -246,32 +250,34 @@ async def test_250_after_data_comes_only_after_the_commit(harness):
     """The client's sendmail returns only when the mail is in the database (a slow commit
     delays the 250), and a failed commit answers 451 so the sending server retries."""
     store = harness.core.store
-    original = store.write
-
-    async def slow_write(work: Callable[..., Any]) -> Any:
-        await asyncio.sleep(0.3)
-        return await original(work)
-
-    store.write = slow_write  # type: ignore[method-assign]
 
     def blocking_send(raw: bytes) -> dict[str, Any]:
         with smtplib.SMTP("127.0.0.1", smtp_port(harness), timeout=5) as client:
             return client.sendmail("juergen.mueller@example.com", ["bau@example.org"], raw)
 
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock: the commit waits
     try:
-        assert await asyncio.to_thread(blocking_send, LATIN1_MAIL) == {}
-        assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = ?", ("<20261130085500.4711@mail.example.com>",)) == 1
+        sending = asyncio.ensure_future(asyncio.to_thread(blocking_send, LATIN1_MAIL))
+        await asyncio.sleep(0.3)
+        assert not sending.done()  # no 250 while the commit waits
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert await sending == {}
+    assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = ?", ("<20261130085500.4711@mail.example.com>",)) == 1
 
-        async def failing_write(work: Callable[..., Any]) -> Any:
-            raise OSError("disk full")
+    def failing_submit(work: Callable[..., Any]) -> Any:
+        raise OSError("disk full")
 
-        store.write = failing_write  # type: ignore[method-assign]
+    store.submit = failing_submit  # type: ignore[method-assign]
+    try:
         with pytest.raises(smtplib.SMTPDataError) as refused:
             await asyncio.to_thread(blocking_send, compose(sender="juergen.mueller@example.com", subject="Noch was",
                                                            text="Zweite Mail", message_id="<zwei@example.com>"))
         assert refused.value.smtp_code == 451
     finally:
-        del store.write
+        del store.submit
     assert await harness.count("messages", "json_extract(payload, '$.raw.message_id') = ?", ("<zwei@example.com>",)) == 0
 
 
@@ -895,3 +901,52 @@ async def test_an_address_that_needs_smtputf8_goes_through_a_relay_that_offers_i
     assert envelope.rcpt_tos == ["jürgen@exämple.de"] and "SMTPUTF8" in [o.upper() for o in envelope.mail_options]
     assert "To: jürgen@exämple.de".encode() in envelope.original_content.split(b"\r\n")
     assert ack["In-Reply-To"] == "<idn-3@x.de>"
+
+
+async def test_a_sender_that_hangs_up_while_its_mail_is_committed_leaves_it_stored_and_reported_once(tmp_path, sink):
+    """aiosmtpd cancels the DATA handler when the client goes away. The mail was queued for the
+    commit and is stored all the same, and what follows the commit follows it: the plugins
+    hear of the message and its new case. They never did, and the sending server's retry is a
+    duplicate, which they are not told of."""
+    heard: list[tuple[str, Any]] = []
+
+    class Audit:
+        @hookimpl
+        def message_received(self, message, result):
+            heard.append(("message_received", result.message_id))
+
+        @hookimpl
+        def conversation_routed(self, conversation, rule, reason):
+            heard.append(("conversation_routed", conversation["id"]))
+
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "email"), settings={"email": email_settings(sink)},
+                           plugins=[Audit()]) as harness:
+        store = harness.core.store
+        blocker = sqlite3.connect(store.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock: the commit waits
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", smtp_port(harness))
+            for line in (None, b"EHLO client.example.net", b"MAIL FROM:<juergen.mueller@example.com>",
+                         b"RCPT TO:<bau@example.org>", b"DATA"):
+                if line is not None:
+                    writer.write(line + b"\r\n")
+                while (await reader.readline())[3:4] != b" ":  # a reply's last line: "250 OK"
+                    pass
+            writer.write(LATIN1_MAIL.replace(b"\n.", b"\n..") + b"\r\n.\r\n")
+            await writer.drain()
+            assert await wait_until(lambda: not store.settled, 5, 0.01)  # queued for the commit
+            writer.close()  # the client gives up waiting for its 250
+            await asyncio.sleep(0.2)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert await wait_until(lambda: store.settled, 10, 0.01)
+        await harness.events_done()
+        assert await harness.count("messages", "direction = 'in'") == 1
+        [(conversation_id,)] = await harness.core.store.fetchall("SELECT id FROM conversations")
+        assert sorted(heard) == [("conversation_routed", conversation_id), ("message_received", 1)]
+        await send(harness, LATIN1_MAIL)  # the sending server's retry
+        await harness.events_done()
+        assert await harness.count("messages", "direction = 'in'") == 1 and len(heard) == 2
+        await harness.run_outbox()
+        assert len(sink.to("juergen.mueller@example.com")) == 1
