@@ -45,10 +45,15 @@ FLAGS = frozenset({
 """Every flag a conversation can carry; the inbox lists the conversations with one."""
 
 # The scheduler's scan. The hint keeps SQLite on the partial escalate_at index: left alone it
-# picks the state index and sorts, 434 ms instead of 1 ms at a million conversations.
+# picks the state index and sorts, 434 ms instead of 1 ms at a million conversations. A
+# conversation whose owner's answer is queued or on its way is not overdue for want of an
+# answer: escalated, the owner lost the case they had just answered (a 404 for an external
+# unit) and the next unit was told they did not answer. It escalates if the answer fails.
 OVERDUE_SCAN = (
     "SELECT * FROM conversations INDEXED BY conversations_escalate WHERE escalate_at IS NOT NULL AND escalate_at <= ?"
-    " AND state IN ('open', 'acknowledged') ORDER BY escalate_at LIMIT ?"
+    " AND state IN ('open', 'acknowledged') AND NOT EXISTS (SELECT 1 FROM outbox"
+    " WHERE outbox.conversation_id = conversations.id AND outbox.kind = 'reply' AND outbox.state IN ('pending', 'sending'))"
+    " ORDER BY escalate_at LIMIT ?"
 )
 
 

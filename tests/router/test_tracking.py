@@ -779,3 +779,34 @@ async def test_a_transfer_counts_the_new_owners_escalations_afresh(harness):
     status, detail = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/transfer",
                                        json={"unit": "vertrieb", "reason": "Vertragsfrage"})
     assert status == 200 and (detail["unit"], detail["escalation_level"]) == ("vertrieb", 0)
+
+
+async def test_an_answer_on_its_way_at_the_deadline_is_no_reason_to_escalate(harness):
+    """The contractor answered a minute before the deadline and the outbox had not sent it yet:
+    the scheduler took the case from them (a 404 on the case they had just answered) and told
+    the hotline that they did not answer. It escalates only if the answer is lost."""
+    case = await harness.core.ingest(webform_message())
+    await harness.run_outbox()  # the acknowledgement
+    harness.clock.set(case.deadline - timedelta(minutes=1))
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies", token="contractor",
+                                  json={"text": "Die Baugrube wird am Freitag geschlossen."})
+    assert status == 201
+    harness.clock.set(case.deadline + timedelta(minutes=5))
+    assert await harness.escalate() == []
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{case.conversation_id}", token="contractor")
+    assert status == 200 and detail["unit"] == "tiefbau-muster" and detail["escalation_level"] == 0
+    await harness.run_outbox()
+    assert await harness.escalate() == []
+    (row,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (case.conversation_id,))
+    assert row["state"] == "answered"
+
+    lost = await harness.core.ingest(webform_message("Gehweg seit Wochen gesperrt", email="zweite@example.net"))
+    await harness.run_outbox()
+    harness.clock.set(lost.deadline - timedelta(minutes=1))
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{lost.conversation_id}/replies",
+                                      token="contractor", json={"text": "Wir melden uns."})
+    harness.clock.set(lost.deadline + timedelta(minutes=5))
+    assert await harness.escalate() == []
+    await harness.core.store.write(lambda conn: conn.execute(  # the answer was given up
+        "UPDATE outbox SET state = 'failed' WHERE message_id = ?", (reply["id"],)))
+    assert [(e["from_unit"], e["to_unit"]) for e in await harness.escalate()] == [("tiefbau-muster", "bauhotline")]
