@@ -348,7 +348,10 @@ class DeliveryUpdate:
     to its message when the send's own answer never came (a timeout, a worker that died), so
     that the message is not sent twice. ``address_failed`` (default), for a permanent failure:
     the address itself is bad, as with ``PermanentDeliveryError``; False when only this message
-    could not go there (WhatsApp 131062: not to a user id).
+    could not go there (WhatsApp 131062: not to a user id). ``at``: when the provider says the
+    status happened; leave it None when its callbacks carry no time (Twilio's): the status is
+    then stamped on arrival, and the same status again for the same message is taken for the
+    provider sending the callback again.
     """
 
     provider_id: str

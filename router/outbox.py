@@ -455,10 +455,12 @@ def apply_delivery_update(
         # status for a send not recorded yet, it applies only if that send gets the same id.
         row = None
     detail = " ".join(filter(None, (update.error_title, update.error_detail))) or None
+    # A callback without a time of its own (Twilio's) is stamped on arrival: its repetition is
+    # known by what it says, since a message takes each status once.
     repeated = conn.execute(
         "SELECT 1 FROM delivery_events WHERE channel = ? AND provider_id = ? AND status = ?"
-        " AND error_code IS ? AND at = ? LIMIT 1",
-        (channel, update.provider_id, update.status, update.error_code, at),
+        " AND error_code IS ? AND (at = ? OR ?) LIMIT 1",
+        (channel, update.provider_id, update.status, update.error_code, at, update.at is None),
     ).fetchone()
     if repeated is not None:  # the provider delivered the same callback again
         return known, None

@@ -836,6 +836,20 @@ async def test_sms_status_callbacks_become_delivery_statuses_in_the_inbox(harnes
     assert "30005" in reply["deliveries"][0]["last_error"]
 
 
+async def test_a_status_callback_twilio_sends_again_is_recorded_once(harness, twilio):
+    """Twilio retries a callback it got no 2xx for; its callbacks carry no time, so each was
+    stamped on arrival and stored as one more delivery event: a duplicate changed something."""
+    assert (await twilio_post(harness, "sms", sms("SM" + "c" * 32, "Hallo, wer repariert den Gehweg?"))).status == 200
+    await harness.run_outbox()
+    (ack,) = twilio.messages
+    for _ in range(2):
+        await say(harness, "status", {"MessageSid": ack["sid"], "MessageStatus": "delivered", "To": MOBILE})
+        harness.clock.advance(timedelta(seconds=30))
+    await say(harness, "status", {"MessageSid": ack["sid"], "MessageStatus": "read", "To": MOBILE})
+    events = await harness.rows("SELECT status FROM delivery_events WHERE provider_id = ? ORDER BY id", (ack["sid"],))
+    assert [e["status"] for e in events] == ["delivered", "read"]
+
+
 async def test_a_delivered_staff_reply_answers_the_conversation(harness, twilio):
     await twilio_post(harness, "sms", sms("SM" + "b" * 32, "Hallo"))
     conv = await only_conversation(harness)
