@@ -1,8 +1,9 @@
 """Full-text search for the inbox: what is indexed for a message, and how a staff member's
 search words become an FTS5 query.
 
-Text is folded the same way routing folds it (``Straße`` = ``Strasse``), so a search finds what
-the resident wrote however either of them spelt the umlauts.
+Text is folded the same way routing folds it (``Straße`` = ``Strasse``, ``Müller`` = ``Mueller``),
+and a word with an umlaut is indexed in its spelling without the dots too (``muller``), so a
+search finds what the resident wrote however either of them spelt the umlauts.
 
 Every search word matches as a word start (``strassensperr`` finds ``Straßensperrung``). FTS5
 answers a prefix query by first merging the whole list of matching messages of every word that
@@ -17,10 +18,11 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from .text import normalize
+from .text import normalize, strip_accents
 
 _WORD = re.compile(r"\w+")
 # Words the FTS5 tokenizer (unicode61, remove_diacritics 2) indexes as exactly themselves:
@@ -54,18 +56,20 @@ WITH RECURSIVE words(i, lo, hi) AS (
     UNION ALL
     SELECT i, hi, (SELECT v.term FROM {_VOCABULARY} v WHERE v.term >= found.term || char(1) AND v.term < found.hi LIMIT 1),
            n + 1
-    FROM found WHERE found.term IS NOT NULL AND found.n <= ?2 AND NOT EXISTS (SELECT 1 FROM first WHERE term IS NULL)
+    FROM found WHERE found.term IS NOT NULL AND found.n <= ?2 AND (?3 OR NOT EXISTS (SELECT 1 FROM first WHERE term IS NULL))
 )
 SELECT i, term FROM found WHERE term IS NOT NULL"""
 
 
 def search_text(subject: str | None, text: str | None, name: str | None) -> str:
-    """The indexed text of one inbound message: its subject, text and the sender's name, folded.
+    """The indexed text of one inbound message: its subject, text and the sender's name, folded,
+    then the other spellings of its words with umlauts (``other_spellings``).
 
     Defined through ``folded_search_text``, so the ingest path (which has subject and text
     folded already) indexes exactly this. Folded apart, a part that folds to nothing (a lone
     combining mark as a name) leaves no stray space, where folding the joined parts left one."""
-    return folded_search_text(normalize(" ".join(filter(None, (subject, text)))), name)
+    original = " ".join(filter(None, (subject, text)))
+    return folded_search_text(normalize(original), name, original)
 
 
 MAX_WORDS = 10
@@ -82,22 +86,76 @@ def match_words(q: str) -> list[str]:
     return search_words(q)[:MAX_WORDS]
 
 
-def folded_search_text(folded: str, name: str | None) -> str:
+def spelling_alternatives(q: str) -> dict[str, str]:
+    """For each search word (``match_words``) written with an umlaut, the same word without the
+    dots (``strip_accents``): "Müller" is searched as "mueller" or "muller", so it finds a
+    resident who wrote "Mueller" as well as one who wrote "Muller". Empty for a search without
+    umlauts."""
+    if q.isascii():
+        return {}
+    folded = search_words(q)
+    plain = _WORD.findall(strip_accents(q))
+    if len(plain) != len(folded):  # never so, as both fold only letters to letters: but then no guess
+        return {}
+    return {word: other for word, other in zip(folded[:MAX_WORDS], plain, strict=False) if other != word}
+
+
+MAX_INDEXED = 20000
+"""Characters of a message's folded subject, text and name that are indexed."""
+
+
+def folded_search_text(folded: str, name: str | None, original: str = "") -> str:
     """``search_text`` for a message whose subject and text were folded already (as routing
-    folds them): the same result, without folding the text a second time."""
-    return " ".join(filter(None, (folded, normalize(name) if name else None)))[:20000]
+    folds them): the same result, without folding the text a second time. ``original`` is the
+    subject and text as written (joined by a space), for ``other_spellings``."""
+    indexed = " ".join(filter(None, (folded, normalize(name) if name else None)))[:MAX_INDEXED]
+    others = other_spellings(f"{original[:MAX_INDEXED]} {name or ''}")
+    return f"{indexed} {others}" if others else indexed
+
+
+_UMLAUT = re.compile("[äöüÄÖÜ]")
+_DOTLESS = str.maketrans({"ä": "a", "ö": "o", "ü": "u"})
+# A word with an umlaut, found from its start only: linear, however long the words without one.
+_UMLAUT_WORD = re.compile(r"(?<!\w)[^\Wäöü]*+[äöü]\w*")
+
+
+def other_spellings(text: str) -> str:
+    """The words of ``text`` that hold an umlaut, written without its dots (``strip_accents``),
+    each once: "Müller wartet auf Rückruf" -> "muller ruckruf". ``normalize`` writes umlauts as
+    ae, oe, ue ("mueller"), the way a German without the key writes them; but staff without
+    one on their keyboard (a contractor's crew, a phone), residents writing from abroad and
+    names that are not German ("Öztürk", "Ozturk") drop the dots. Indexed beside the folded
+    text, these words let such a search find the message; empty when there are none."""
+    if text.isascii():
+        return ""
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    if _UMLAUT.search(text) is None:
+        return ""
+    lowered = text.casefold()
+    found = (word.translate(_DOTLESS) for word in _UMLAUT_WORD.findall(lowered))
+    return " ".join(dict.fromkeys(word if word.isascii() else strip_accents(word) for word in found))
 
 
 def match_query(q: str) -> str | None:
-    """Every word of ``q`` must occur (as a word start) in a message; None when ``q`` has no
-    words. A word of one character must occur as a whole word: as a word start it would match
-    a tenth of everything (a house number ``4`` found every ``42``, ``4711`` and ``4b``), and
-    reading that many matches took 48 ms at a million messages. Words are quoted, so no FTS5
-    syntax can be injected."""
+    """Every word of ``q`` must occur (as a word start) in a message, a word with an umlaut in
+    either of its spellings (``spelling_alternatives``); None when ``q`` has no words. A word
+    of one character must occur as a whole word: as a word start it would match a tenth of
+    everything (a house number ``4`` found every ``42``, ``4711`` and ``4b``), and reading that
+    many matches took 48 ms at a million messages. Words are quoted, so no FTS5 syntax can be
+    injected."""
     words = match_words(q)
     if not words:
         return None
-    return " ".join(f'"{w}"' if len(w) == 1 else f'"{w}"*' for w in words)
+    alternatives = spelling_alternatives(q)
+
+    def term(w: str) -> str:
+        return f'"{w}"' if len(w) == 1 else f'"{w}"*'
+
+    if not alternatives:
+        return " ".join(term(w) for w in words)
+    # FTS5 takes no implicit AND after a parenthesis: the words are joined explicitly.
+    return " AND ".join(f"({term(w)} OR {term(alternatives[w])})" if w in alternatives else term(w) for w in words)
 
 
 def prefix_range(word: str) -> tuple[str, str] | None:
@@ -108,26 +166,42 @@ def prefix_range(word: str) -> tuple[str, str] | None:
     return word, word[:-1] + chr(ord(word[-1]) + 1)
 
 
-def expanded_match(words: Sequence[str], terms: Mapping[str, Sequence[str] | None]) -> str | None:
+def expanded_match(
+    words: Sequence[str], terms: Mapping[str, Sequence[str] | None], alternatives: Mapping[str, str] | None = None
+) -> str | None:
     """The FTS5 query for ``words`` that matches exactly what ``match_query`` matches: a word
-    with its list of index terms becomes their OR, a word without one (None) stays ``"word"*``.
-    None when some word begins no indexed term, so that nothing can match."""
-    parts = []
-    for word in words:
+    with its list of index terms becomes their OR, a word without one (None) stays ``"word"*``;
+    a word with an alternative spelling (``spelling_alternatives``, whose terms are in
+    ``terms`` too) matches either. None when some word begins no indexed term in either
+    spelling, so that nothing can match."""
+
+    def part(word: str) -> str | None:
         listed = terms.get(word)
         if listed is None:
-            parts.append(f'"{word}"*')
-        elif not listed:
+            return f'"{word}"*'
+        if not listed:
             return None
-        else:
-            parts.append("(" + " OR ".join('"' + t.replace('"', '""') + '"' for t in listed) + ")")
+        return "(" + " OR ".join('"' + t.replace('"', '""') + '"' for t in listed) + ")"
+
+    parts = []
+    for word in words:
+        found = part(word)
+        other = (alternatives or {}).get(word)
+        if other is not None:
+            also = part(other)
+            found = also if found is None else found if also is None else f"({found} OR {also})"
+        if found is None:
+            return None
+        parts.append(found)
     return " AND ".join(parts) if parts else None
 
 
-async def prefix_terms(fetch: Fetch, words: Sequence[str]) -> dict[str, list[str] | None]:
+async def prefix_terms(fetch: Fetch, words: Sequence[str], *, complete: bool = False) -> dict[str, list[str] | None]:
     """For each word, the indexed terms that begin with it, or None when they are more than
     ``MAX_TERMS`` or the word cannot be looked up (see ``prefix_range``). When some word begins
-    no indexed term (an empty list), nothing can match, and the other lists are cut short.
+    no indexed term (an empty list), nothing can match, and the other lists are cut short;
+    unless ``complete``: where words are alternatives of each other (``spelling_alternatives``),
+    one that begins nothing does not mean that nothing matches.
 
     ``fetch`` runs a read query (``SQLiteStore.fetchall``). The vocabulary is a TEMP virtual
     table of the reading connection, created on first use; it writes nothing to the database."""
@@ -145,7 +219,7 @@ async def prefix_terms(fetch: Fetch, words: Sequence[str]) -> dict[str, list[str
             result[word] = []
     if not ranges:
         return result
-    params = (json.dumps([[lo, hi] for _, lo, hi in ranges]), MAX_TERMS)
+    params = (json.dumps([[lo, hi] for _, lo, hi in ranges]), MAX_TERMS, complete)
     try:
         rows = await fetch(_PREFIX_TERMS, params)
     except sqlite3.OperationalError as exc:

@@ -32,6 +32,16 @@ def normalize(text: str) -> str:
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
 
+def strip_accents(text: str) -> str:
+    """``normalize``, but umlauts lose their dots instead of becoming two letters: "Müller" ->
+    "muller", "Öztürk" -> "ozturk" ("ß" is still "ss"). The spelling of whoever has no umlaut
+    on their keyboard, and of names that are not German."""
+    if text.isascii():
+        return text.lower()
+    decomposed = unicodedata.normalize("NFKD", unicodedata.normalize("NFC", text).casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
 _GERMAN = frozenset(
     "und der die das ist nicht ich sie wir bitte danke mit auf fuer vor bei eine einen ein "
     "unser unsere meine mein haus strasse seit wann warum hallo guten tag gehweg baustelle "

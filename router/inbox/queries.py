@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..search import expanded_match, match_words, prefix_terms
+from ..search import expanded_match, match_words, prefix_terms, spelling_alternatives
 from ..store.sqlite import iso, parse_iso
 from ..tracking import FLAGS
 from .openapi import MAX_ID
@@ -282,13 +282,14 @@ async def _search_page(
     words = match_words(q)
     if not words:  # list_conversations lists everything for a q without words: never here
         raise ValueError("a search needs a word")
-    terms = await prefix_terms(core.store.fetchall, words)
-    match = expanded_match(words, terms)
+    alternatives = spelling_alternatives(q)
+    terms = await prefix_terms(core.store.fetchall, [*words, *alternatives.values()], complete=bool(alternatives))
+    match = expanded_match(words, terms, alternatives)
     if match is None:  # a word that begins no indexed word: nothing can match
         return [], None
     where, params = _list_filters(units, state, channel, overdue, contact_id, now, flag=flag)
     by_id, _ = _list_filters(units, state, channel, overdue, contact_id, now, flag=flag, by_id=True)
-    if all(terms[w] is not None for w in words):
+    if all(listed is not None for listed in terms.values()):
         ids = await NewestMatches(core.store, match, where, params, before_id, limit + 1, where_by_id=by_id).run()
         if not ids:
             return [], None

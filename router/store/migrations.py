@@ -346,4 +346,15 @@ CREATE TABLE request_keys (
 CREATE INDEX request_keys_created ON request_keys(created_at);
 """,
     ),
+    (
+        13,
+        "search finds words with umlauts written without the dots: the index is built again with that spelling too",
+        """
+INSERT INTO message_search (message_search) VALUES ('delete-all');
+INSERT INTO message_search (rowid, body)
+    SELECT m.id, cr_search_text(m.subject, m.text, k.display_name)
+    FROM messages m LEFT JOIN contacts k ON k.id = m.contact_id
+    WHERE m.direction = 'in';
+""",
+    ),
 ]

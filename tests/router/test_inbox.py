@@ -538,6 +538,40 @@ async def test_free_text_search_folds_umlauts_and_needs_every_word(harness):
     assert status == 200 and found(body) == []
 
 
+async def test_a_search_finds_umlauts_written_without_their_dots(harness):
+    """Staff without an umlaut on their keyboard (a contractor's crew, a phone) type "Muller" or
+    "Ozturk", and residents do so too: "muller" did not find "Müller", nor "Müller" a resident
+    who wrote "Muller", since umlauts were only folded to ae, oe, ue."""
+    named = webform_message("Straße gesperrt – Zufahrt für Müllabfuhr? 🚧")
+    named["sender"]["display_name"] = "Jürgen Weiß-Öztürk"
+    dotted = await harness.core.ingest(named)
+    # typed on a Mac: u and a combining diaeresis (NFD)
+    mac = await harness.core.ingest(webform_message("Frau Mu\u0308ller wartet auf Rückruf", email="b@example.net"))
+    plain = await harness.core.ingest(webform_message("Herr Muller aus der Nummer 5", email="c@example.net"))
+    spelt = await harness.core.ingest(webform_message("Familie Mueller, Hausnummer 7", email="d@example.net"))
+
+    async def search(q: str) -> set[int]:
+        status, body = await harness.api("GET", "/api/v1/conversations", params={"q": q})
+        assert status == 200, body
+        return set(found(body))
+
+    assert await search("ozturk") == {dotted.conversation_id}
+    assert await search("Weiss-Ozturk") == {dotted.conversation_id}
+    assert await search("mullabfuhr") == {dotted.conversation_id}
+    assert await search("Fur Mullabfuhr") == {dotted.conversation_id}
+    assert await search("muller") == {mac.conversation_id, plain.conversation_id}
+    assert await search("Müller") == {mac.conversation_id, plain.conversation_id, spelt.conversation_id}
+    assert await search("Mu\u0308ller") == {mac.conversation_id, plain.conversation_id, spelt.conversation_id}
+    assert await search("Mueller") == {mac.conversation_id, spelt.conversation_id}  # as before
+    assert await search("Müller 5") == {plain.conversation_id}
+    assert await search("Rückruf Müller") == {mac.conversation_id}
+    assert await search("ruckruf") == {mac.conversation_id}
+    # Nobody wrote "Guenes": the other word's indexed words are all looked at all the same.
+    gunes = await harness.core.ingest(webform_message("Herr Gunes meldet eine Baustelle", email="e@example.net"))
+    await harness.core.ingest(webform_message("Bauarbeiten seit Montag", email="f@example.net"))
+    assert await search("Güneş Bau") == {gunes.conversation_id}
+
+
 async def test_a_search_without_any_word_is_no_search(harness):
     """q=+ (a search box holding a space, which a URL's query turns into "+") or q=- listed
     nothing, while q= listed everything: a q without a word is no search either."""

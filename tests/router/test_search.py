@@ -7,6 +7,7 @@ every message, in a few, only in old conversations or only in late messages."""
 from __future__ import annotations
 
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -25,9 +26,11 @@ from router.search import (
     expanded_match,
     match_query,
     match_words,
+    other_spellings,
     prefix_range,
     prefix_terms,
     search_text,
+    spelling_alternatives,
 )
 from router.store.sqlite import SQLiteStore, iso
 
@@ -224,7 +227,10 @@ async def test_prefix_terms_lists_the_indexed_words_a_search_word_begins(store):
 
 
 def test_search_words_fold_as_before():
-    assert match_query("Straße  MÜLL") == '"strasse"* "muell"*'
+    assert match_query("Straße  MUELL") == '"strasse"* "muell"*'
+    # a word with an umlaut in either spelling: "ue", or "u" as typed without the dots
+    assert match_query("Straße  MÜLL") == '"strasse"* AND ("muell"* OR "mull"*)'
+    assert match_query("ü 4") == '("ue"* OR "u") AND "4"'
     assert match_query('" OR * NEAR(') == '"or"* "near"*'
     assert match_query("!!!") is None
     assert match_words("Straßensperrung, Café") == ["strassensperrung", "cafe"]
@@ -233,3 +239,29 @@ def test_search_words_fold_as_before():
     assert prefix_range("foo_bar") is None  # the tokenizer splits it: stays a prefix query
     assert expanded_match(["bau", "x"], {"bau": ["bau", "bauhof"], "x": None}) == '("bau" OR "bauhof") AND "x"*'
     assert expanded_match(["bau", "x"], {"bau": [], "x": None}) is None
+
+
+def test_words_with_umlauts_are_indexed_in_their_spelling_without_dots_too():
+    assert other_spellings("Straße gesperrt – Zufahrt für Müllabfuhr? 🚧 FÜR") == "fur mullabfuhr"
+    assert other_spellings("Frau Mu\u0308ller") == "muller"  # typed on a Mac (NFD)
+    assert other_spellings("Straße, Café") == other_spellings("plain ascii") == ""
+    assert search_text("Öztürk", "Rückruf", "Jürgen") == "oeztuerk rueckruf juergen ozturk ruckruf jurgen"
+    started = time.perf_counter()
+    assert other_spellings("a" * 200_000 + " ä") == "a"  # linear, however long a word without one
+    assert time.perf_counter() - started < 1
+
+
+def test_a_search_word_with_an_umlaut_has_its_spelling_without_dots_as_alternative():
+    assert spelling_alternatives("Müller-Lüdenscheidt 4") == {"mueller": "muller", "luedenscheidt": "ludenscheidt"}
+    assert spelling_alternatives("Mueller Straße") == {}
+    assert expanded_match(["mueller", "x"], {"mueller": [], "muller": ["muller", "mullers"], "x": None},
+                          {"mueller": "muller"}) == '("muller" OR "mullers") AND "x"*'
+    assert expanded_match(["mueller"], {"mueller": [], "muller": []}, {"mueller": "muller"}) is None
+
+
+async def test_complete_prefix_terms_are_not_cut_short_by_a_word_that_begins_nothing(store):
+    """Where a word has an alternative spelling, one spelling that begins nothing does not mean
+    that nothing matches: the other words' lists are needed whole."""
+    assert (await prefix_terms(store.fetchall, ["nothing", "bau"]))["bau"] == ["bau"]  # cut short
+    terms = await prefix_terms(store.fetchall, ["nothing", "bau"], complete=True)
+    assert terms == {"nothing": [], "bau": ["bau", "bauhof", "baustelle"]}

@@ -479,3 +479,26 @@ async def test_a_write_after_close_is_refused_not_left_waiting(tmp_path):
     async with asyncio.timeout(2):
         with pytest.raises(StorageUnavailable):
             await store.write(good(1))
+
+
+async def test_migration_13_indexes_the_stored_messages_with_umlauts_written_without_dots(tmp_path):
+    """Messages stored before the index had the spelling without dots ("Muller" for "Müller")
+    are found by it once the service starts on the new version, and by every search as before."""
+    data = tmp_path / "data"
+    async with CoreHarness(data) as harness:
+        message = webform_message("Müllabfuhr kommt nicht durch die Straße")
+        message["sender"]["display_name"] = "Jürgen Weiß-Öztürk"
+        old = await harness.core.ingest(message)
+    conn = sqlite3.connect(data / "contact-router.sqlite3", isolation_level=None)
+    # The index as the version before wrote it: folded text and name only.
+    conn.execute("INSERT INTO message_search (message_search) VALUES ('delete-all')")
+    conn.execute("INSERT INTO message_search (rowid, body) VALUES (?, ?)",
+                 (old.message_id, "muellabfuhr kommt nicht durch die strasse juergen weiss-oeztuerk"))
+    conn.execute("DELETE FROM schema_migrations WHERE version = 13")
+    conn.close()
+
+    async with CoreHarness(data) as harness:
+        for q in ("mullabfuhr", "Ozturk", "Müllabfuhr", "muellabfuhr", "Strasse", "Weiß"):
+            status, body = await harness.api("GET", "/api/v1/conversations", params={"q": q})
+            assert status == 200 and [i["id"] for i in body["items"]] == [old.conversation_id], q
+        assert [r["version"] for r in await harness.rows("SELECT version FROM schema_migrations WHERE version = 13")] == [13]
