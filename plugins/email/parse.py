@@ -27,7 +27,7 @@ from .authentication import failed_check
 from .bounces import parse_bounce
 from .limits import MAX_ATTACHMENTS, MAX_HTML, MAX_META_TEXT, MAX_MIME_DEPTH, MAX_MIME_ENTITIES, MAX_MIME_PARTS, MAX_TEXT
 from .loops import classify, relayed_sender
-from .text import decode_bytes, fix_surrogates, html_to_text, part_text, split_reply, utf8_encoded_words
+from .text import decode_bytes, decode_encoded_words, fix_surrogates, html_to_text, part_text, split_reply, utf8_encoded_words
 
 CHANNEL = "email"
 MAX_REFS = 100
@@ -178,8 +178,9 @@ def header(msg: Message, name: str) -> str | None:
     if raw is None:
         return None
     if any("\udc80" <= ch <= "\udcff" for ch in raw):
-        # Unencoded 8-bit bytes: the stdlib would turn them into U+FFFD; decode them instead.
-        return " ".join(fix_surrogates(raw).split())
+        # Unencoded 8-bit bytes: the stdlib would turn them into U+FFFD; decode them instead,
+        # and the encoded words beside them (an unencoded "AW:" before an encoded subject).
+        return " ".join(decode_encoded_words(fix_surrogates(raw)).split())
     try:
         text = str(msg.get(name))
     except Exception:  # noqa: BLE001 - fall back to the raw value of a header the stdlib cannot parse

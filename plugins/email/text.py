@@ -56,11 +56,28 @@ def _decode_cp1252(data: bytes) -> str:
         return data.decode("latin-1")
 
 
+# Characters that are text already: neither ASCII nor an undecoded byte (a surrogate escape).
+_DECODED = re.compile(r"([^\x00-\x7f\udc80-\udcff]+)")
+
+
 def fix_surrogates(value: str) -> str:
-    """Repair header text holding undecoded 8-bit bytes (surrogate escapes) best-effort."""
+    """Repair header text holding undecoded 8-bit bytes (surrogate escapes) best-effort.
+
+    Only the bytes are decoded (as UTF-8 where all of them are, else as Windows-1252): text
+    that was decoded already stays as it is. The standard library hands over both at once, a
+    display name of unencoded Latin-1 ("J\\xfcrgen") beside an encoded word it decoded
+    ("Weiß"), and encoding it all again made the decoded text mojibake ("WeiÃŸ")."""
     if not any("\udc80" <= ch <= "\udcff" for ch in value):
         return value
-    return decode_bytes(value.encode("utf-8", "surrogateescape"), None)
+    pieces = _DECODED.split(value)  # bytes and ASCII, text, bytes and ASCII, ...
+    if len(pieces) == 1:
+        return decode_bytes(value.encode("utf-8", "surrogateescape"), None)
+    raw = [piece.encode("utf-8", "surrogateescape") for piece in pieces[0::2]]
+    try:
+        pieces[0::2] = [data.decode("utf-8") for data in raw]
+    except UnicodeDecodeError:
+        pieces[0::2] = [_decode_cp1252(data) for data in raw]
+    return "".join(pieces)
 
 
 # A run of RFC 2047 encoded words (``=?charset?Q?text?=``), with or without blanks between.
@@ -79,22 +96,45 @@ def _encoded_word_bytes(encoding: str, data: str) -> bytes | None:
         return None
 
 
-def _utf8_word_run(match: re.Match[str]) -> str:
-    """One run of encoded words as a single UTF-8 encoded word; the run unchanged when a word
-    cannot be read. Neighbouring words of one charset are decoded together: some clients split
-    a character's bytes between two words."""
+def _word_run_text(run: str) -> str | None:
+    """The text of one run of encoded words, each charset through ``decode_bytes``; None when a
+    word cannot be read. Neighbouring words of one charset are decoded together: some clients
+    split a character's bytes between two words."""
     chunks: list[tuple[str, bytearray]] = []
-    for charset, encoding, data in _ENCODED_WORD_PARTS.findall(match.group()):
+    for charset, encoding, data in _ENCODED_WORD_PARTS.findall(run):
         found = _encoded_word_bytes(encoding, data)
         if found is None:
-            return match.group()
+            return None
         label = charset.split("*", 1)[0].lower()  # RFC 2231 adds a language: utf-8*de
         if chunks and chunks[-1][0] == label:
             chunks[-1][1].extend(found)
         else:
             chunks.append((label, bytearray(found)))
-    text = "".join(decode_bytes(bytes(data), label) for label, data in chunks)
+    return "".join(decode_bytes(bytes(data), label) for label, data in chunks)
+
+
+def _utf8_word_run(match: re.Match[str]) -> str:
+    """One run of encoded words as a single UTF-8 encoded word; the run unchanged when a word
+    cannot be read."""
+    text = _word_run_text(match.group())
+    if text is None:
+        return match.group()
     return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii") + "?="
+
+
+def _decoded_word_run(match: re.Match[str]) -> str:
+    text = _word_run_text(match.group())
+    return match.group() if text is None else text
+
+
+def decode_encoded_words(value: str) -> str:
+    """``value`` with each run of RFC 2047 encoded words replaced by its text (the blanks between
+    the words of a run dropped, as RFC 2047 says), with the charset fallback bodies get; a run
+    with a word that cannot be read stays as written. For header text the standard library
+    does not parse: one that holds unencoded 8-bit bytes as well (``parse.header``)."""
+    if "=?" not in value:
+        return value
+    return _ENCODED_WORD_RUN.sub(_decoded_word_run, value)
 
 
 def utf8_encoded_words(value: str) -> str:

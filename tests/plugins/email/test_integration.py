@@ -191,6 +191,39 @@ async def test_latin1_mail_is_stored_routed_and_acknowledged_once(harness, sink)
     assert len(sink.mails) == 1
 
 
+async def test_unencoded_8bit_beside_encoded_words_reaches_staff_and_the_ack_readable(harness, sink):
+    """An old client writes the name it knows unencoded (Latin-1) and the rest as it got it, in
+    encoded words: staff saw "=?utf-8?q?Stra=C3=9Fe...?=" as the subject and "WeiÃŸ-Ã–ztÃ¼rk"
+    as the name, and the acknowledgement repeated both to the resident."""
+    raw = crlf(
+        """From: J\xfcrgen =?utf-8?q?Wei=C3=9F-=C3=96zt=C3=BCrk?= <juergen@example.net>
+To: bau@example.org
+Subject: AW: [B\xfcrgerverein] =?utf-8?q?Stra=C3=9Fe_gesperrt_=E2=80=93?=
+ =?utf-8?q?_Zufahrt_f=C3=BCr_M=C3=BCllabfuhr=3F_=F0=9F=9A=A7?=
+Date: Mon, 30 Nov 2026 09:10:00 +0100
+Message-ID: <mixed-8bit@mail.example.net>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=ISO-8859-1
+Content-Transfer-Encoding: 8bit
+
+Seit heute fr\xfch kommt die M\xfcllabfuhr nicht mehr durch.
+""",
+        "latin-1",
+    )
+    await send(harness, raw, sender="juergen@example.net")
+    detail = await conversation_of(harness, "<mixed-8bit@mail.example.net>")
+    subject = "AW: [Bürgerverein] Straße gesperrt – Zufahrt für Müllabfuhr? 🚧"
+    [inbound] = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert inbound["subject"] == subject
+    assert detail["contact"]["display_name"] == "Jürgen Weiß-Öztürk"
+    status, found = await harness.api("GET", "/api/v1/conversations", params={"q": "Straße Weiß"})
+    assert status == 200 and [i["id"] for i in found["items"]] == [detail["id"]]
+
+    ack = await ack_of(harness, sink, "juergen@example.net")
+    assert ack["Subject"] == f"Re: [#{detail['case_reference']}] {subject}"
+    assert ack.get_body(("plain",)).get_content().startswith("Guten Tag Jürgen Weiß-Öztürk,")
+
+
 async def test_mail_without_keywords_is_routed_by_the_address_it_was_sent_to(harness, sink):
     for to, unit in (("bau@example.org", "bauhotline"), ("service@example.org", "kundenservice")):
         raw = compose(sender="anna@example.net", to=to, subject="Eine Frage", text="Wer ist hier zuständig?",

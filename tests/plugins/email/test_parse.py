@@ -762,6 +762,33 @@ Gr\xc3\xbc\xc3\x9fe
     assert msg["raw"]["headers"]["Subject"] == "Straßensperrung Mühlenweg"
 
 
+def test_encoded_words_beside_unencoded_8bit_text_are_decoded(valid):
+    """A header with raw UTF-8 or Latin-1 and encoded words at once (a mailer that writes its own
+    "AW:" or a list's tag unencoded before the encoded subject it answers): the raw bytes were
+    repaired, and the encoded words left as they were, "=?utf-8?q?...?=" for staff to read."""
+    for charset in ("utf-8", "latin-1"):
+        raw = crlf(
+            """From: J\xfcrgen =?utf-8?q?Wei=C3=9F-=C3=96zt=C3=BCrk?= <juergen@example.com>
+To: bau@example.org
+Subject: AW: [B\xfcrgerverein] =?utf-8?q?Stra=C3=9Fe_gesperrt_=E2=80=93?=
+ =?utf-8?q?_Zufahrt_f=C3=BCr_M=C3=BCllabfuhr=3F_=F0=9F=9A=A7?= (Baustelle)
+Message-ID: <ew-8bit@example.com>
+Content-Type: text/plain; charset=utf-8
+
+Hallo
+""",
+            charset,
+        )
+        msg = valid(parse(raw))
+        subject = "AW: [Bürgerverein] Straße gesperrt – Zufahrt für Müllabfuhr? 🚧 (Baustelle)"
+        assert msg["subject"] == subject, charset
+        assert msg["raw"]["headers"]["Subject"] == subject
+        assert msg["sender"]["display_name"] == "Jürgen Weiß-Öztürk"
+    # an unreadable word stays as written; text that only looks like a word is not one
+    raw = crlf("From: a@example.com\nSubject: Gr\xfc\xdfe =?utf-8?b?@@@?= a=?b\n\nx", "latin-1")
+    assert parse(raw)["subject"] == "Grüße =?utf-8?b?@@@?= a=?b"
+
+
 def test_encoded_words_split_inside_a_character_and_unreadable_ones():
     # one UTF-8 character split between two words, as some clients do
     assert str(read_message(crlf("Subject: =?utf-8?q?Gr=C3?= =?utf-8?q?=BC=C3=9Fe?=\n\nx"))["Subject"]) == "Grüße"
