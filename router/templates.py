@@ -17,7 +17,9 @@ _EN_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oc
 
 
 def format_deadline(when: datetime | None, language: str, timezone: str) -> str:
-    """``Mo., 30.11.2026, 11:00 Uhr`` or ``Mon 30 Nov 2026, 11:00`` in local time."""
+    """``Mo., 30.11.2026, 11:00 Uhr`` or ``Mon 30 Nov 2026, 11:00`` in local time; in the hour
+    the clocks repeat, with its offset (``So., 25.10.2026, 02:30 Uhr (UTC+1)``), since the same
+    wall-clock time stands for two moments an hour apart."""
     if when is None:
         return "-"
     # Only the minute is shown, and the deadlines of a busy minute share it: worked out once.
@@ -27,9 +29,25 @@ def format_deadline(when: datetime | None, language: str, timezone: str) -> str:
 @lru_cache(maxsize=1024)
 def _format_minute(when: datetime, language: str, timezone: str) -> str:
     local = when.astimezone(ZoneInfo(timezone))
+    suffix = f" ({utc_offset(local)})" if repeated(local) else ""
     if language == "de":
-        return f"{_DE_DAYS[local.weekday()]}, {local:%d.%m.%Y}, {local:%H:%M} Uhr"
-    return f"{_EN_DAYS[local.weekday()]} {local.day} {_EN_MONTHS[local.month - 1]} {local.year}, {local:%H:%M}"
+        return f"{_DE_DAYS[local.weekday()]}, {local:%d.%m.%Y}, {local:%H:%M} Uhr{suffix}"
+    return f"{_EN_DAYS[local.weekday()]} {local.day} {_EN_MONTHS[local.month - 1]} {local.year}, {local:%H:%M}{suffix}"
+
+
+def repeated(local: datetime) -> bool:
+    """Whether the wall-clock time of ``local`` (aware, in its zone) comes twice that night: the
+    hour the clocks go back. "02:30" then names two moments an hour apart."""
+    return local.replace(fold=1 - local.fold).utcoffset() != local.utcoffset()
+
+
+def utc_offset(local: datetime) -> str:
+    """The offset of ``local`` as people read it: ``UTC+2``, ``UTC-3:30``."""
+    offset = local.utcoffset()
+    minutes = int(offset.total_seconds() // 60) if offset is not None else 0
+    sign, minutes = ("-", -minutes) if minutes < 0 else ("+", minutes)
+    hours, rest = divmod(minutes, 60)
+    return f"UTC{sign}{hours}" + (f":{rest:02d}" if rest else "")
 
 
 NOTICES: dict[str, dict[str, str]] = {

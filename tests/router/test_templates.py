@@ -1,9 +1,13 @@
-"""Texts sent to people (``router/templates.py``): a sentence whose link no page serves is
-left out with its words."""
+"""Texts sent to people (``router/templates.py``): dates in German and English in the
+organisation's timezone, and a sentence whose link no page serves left out with its words."""
 
 from __future__ import annotations
 
-from router.templates import Templates, without_sentences
+from datetime import UTC, datetime
+
+import pytest
+
+from router.templates import Templates, format_deadline, without_sentences
 from router.testing import load_raw_config
 
 NO_LINK = frozenset({"status_url"})
@@ -46,3 +50,29 @@ def test_using_names_each_template_that_fills_a_placeholder():
     templates = Templates(load_raw_config()["templates"], "de")
     assert sorted(templates.using("status_url")) == ["ack.de", "ack.en", "callback_failed.de", "callback_failed.en"]
     assert list(templates.using("nothing")) == []
+
+
+def test_a_deadline_is_written_in_local_time_to_the_minute():
+    when = datetime(2026, 11, 30, 10, 0, 59, tzinfo=UTC)
+    assert format_deadline(when, "de", "Europe/Berlin") == "Mo., 30.11.2026, 11:00 Uhr"
+    assert format_deadline(when, "en", "Europe/Berlin") == "Mon 30 Nov 2026, 11:00"
+    assert format_deadline(None, "de", "Europe/Berlin") == "-"
+
+
+@pytest.mark.parametrize("language", ["de", "en"])
+def test_the_two_times_of_the_hour_the_clocks_repeat_read_differently(language):
+    # 25 October 2026: at 03:00 summer time the clocks go back to 02:00, so 02:30 comes twice.
+    # Both deadlines read "02:30" and an hour lay between them: the offset tells them apart.
+    first = format_deadline(datetime(2026, 10, 25, 0, 30, tzinfo=UTC), language, "Europe/Berlin")
+    second = format_deadline(datetime(2026, 10, 25, 1, 30, tzinfo=UTC), language, "Europe/Berlin")
+    assert first != second
+    assert "02:30" in first and "UTC+2" in first
+    assert "02:30" in second and "UTC+1" in second
+
+
+def test_an_hour_that_comes_once_gets_no_offset():
+    # The hours around the change, and the hour after the clocks went forward in March.
+    for when in (datetime(2026, 10, 25, 2, 30, tzinfo=UTC), datetime(2026, 10, 24, 23, 30, tzinfo=UTC),
+                 datetime(2026, 3, 29, 1, 0, tzinfo=UTC)):
+        assert "UTC" not in format_deadline(when, "de", "Europe/Berlin")
+    assert format_deadline(datetime(2026, 3, 29, 1, 0, tzinfo=UTC), "de", "Europe/Berlin") == "So., 29.03.2026, 03:00 Uhr"
