@@ -9,6 +9,8 @@ from html import escape
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from router.templates import repeated, utc_offset
+
 from .fields import LIMITS
 
 TEXT = {
@@ -176,7 +178,10 @@ def _when(value: datetime | None, language: str, timezone: str) -> str:
     if value is None:
         return "–"
     local = value.astimezone(ZoneInfo(timezone))
-    return f"{local:%d.%m.%Y, %H:%M} Uhr" if language == "de" else f"{local:%d %b %Y, %H:%M}"
+    # In the hour the clocks go back, the same wall-clock time names two moments: with its offset,
+    # as the acknowledgement writes it.
+    suffix = f" ({utc_offset(local)})" if repeated(local) else ""
+    return f"{local:%d.%m.%Y, %H:%M} Uhr{suffix}" if language == "de" else f"{local:%d %b %Y, %H:%M}{suffix}"
 
 
 def status_page(
