@@ -28,4 +28,7 @@ class FrozenClock(Clock):
         return self._now
 
     def set(self, when: datetime) -> None:
+        """Jump to ``when`` (aware: a naive time would be read in the zone of the machine)."""
+        if when.tzinfo is None:
+            raise ValueError("FrozenClock.set needs an aware datetime")
         self._now = when.astimezone(UTC)
