@@ -959,9 +959,9 @@ async def test_hiding_status_links_from_a_long_unbroken_text_takes_linear_time(h
     case = await _case(harness)
     (row,) = await harness.rows("SELECT status_token FROM conversations WHERE id = ?", (case,))
     await harness.core.ingest(webform_message("x" * 150_000, thread={"status_token": row["status_token"]}))
-    started = time.perf_counter()
+    started = time.process_time()  # CPU seconds of the service, which runs in this process
     status, seen = await harness.api("GET", f"/api/v1/conversations/{case}", token="contractor")
-    assert status == 200 and time.perf_counter() - started < 2
+    assert status == 200 and time.process_time() - started < 2
     assert seen["messages"][-1]["text"] == "x" * 150_000
 
 

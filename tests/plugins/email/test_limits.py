@@ -63,9 +63,11 @@ def many_parts(n: int) -> bytes:
 
 
 def timed(work, *args: Any) -> tuple[Any, float]:  # type: ignore[no-untyped-def]
-    started = time.perf_counter()
+    """The result of ``work`` and the CPU seconds this process spent on it: the cost of the
+    work itself, which the wall clock also shows on a machine busy with other processes."""
+    started = time.process_time()
     result = work(*args)
-    return result, time.perf_counter() - started
+    return result, time.process_time() - started
 
 
 # -------------------------------------------------------------------------- quote detection
@@ -297,9 +299,9 @@ async def test_a_sender_with_nested_comments_is_stored_and_acknowledged(harness)
 )
 async def test_a_small_mail_that_used_to_freeze_the_service_is_stored_at_once(harness, raw, key):
     """66 KB and 160 KB: 11 s and 17 s of the event loop each, while nothing else was served."""
-    started = time.perf_counter()
+    started = time.process_time()  # the client and the service are both this process
     assert await asyncio.to_thread(deliver, harness, raw) == {}
-    assert time.perf_counter() - started < 3
+    assert time.process_time() - started < 3
     await stored_and_acknowledged(harness, f"<{key}@example.net>")
 
 
