@@ -77,12 +77,14 @@ def wa_number(index: int) -> str:
 class FakeGraph:
     """A Graph API on loopback. ``mode``: ``ok`` answers with a provider id, ``503`` answers
     Service Unavailable, ``timeout`` holds the request far longer than the channel waits,
-    ``hang`` holds it until the test ends. Every request is recorded with its outcome."""
+    ``hang`` holds it until the test ends, ``gate`` holds it until the test sets ``gate`` and
+    then answers as ``ok``. Every request is recorded with its outcome."""
 
     def __init__(self) -> None:
         self.mode = "ok"
         self.requests: list[dict[str, Any]] = []
         self.port = free_port()
+        self.gate = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._counter = 0
 
@@ -102,6 +104,9 @@ class FakeGraph:
             record["outcome"] = "held"
             await asyncio.sleep(3600 if self.mode == "hang" else 5)
             return web.json_response({"error": {"message": "late"}}, status=503)
+        if self.mode == "gate":
+            record["outcome"] = "held"
+            await self.gate.wait()
         self._counter += 1
         record["outcome"] = 200
         return web.json_response({"messaging_product": "whatsapp", "messages": [{"id": f"wamid.OUT{self._counter}"}]})
