@@ -23,7 +23,9 @@ def settings_for(server: FakeImapServer, **changes: Any) -> dict[str, Any]:
     return {"email": {"listen": False, "imap": imap}}
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
+    """Wait until ``check`` holds. The poller runs in the background at its own pace, which a
+    busy machine slows down: the bound is generous, and a check that holds ends the wait."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
@@ -52,6 +54,8 @@ async def test_imap_imports_with_idle_and_a_restart_imports_nothing_twice(tmp_pa
             await eventually(lambda: _idling(server))
             server.add(mail(3))
             await eventually(lambda: _count_in(harness, 3))
+            # The poller flags a mail and then moves its mark after the commit: wait for the mark.
+            await eventually(lambda: _has_state(harness, {"uidvalidity": 1001, "last_uid": 3}))
             assert all(IMPORTED_KEYWORD in m.flags for m in server.mails)
             assert all("\\Seen" not in m.flags for m in server.mails)
             assert state_files(harness) == [{"uidvalidity": 1001, "last_uid": 3}]

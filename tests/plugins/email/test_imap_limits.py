@@ -145,6 +145,7 @@ async def test_a_mail_whose_body_never_comes_in_time_is_set_aside_after_its_atte
         session = asyncio.create_task(box.session())
         try:
             await eventually(lambda: _stored(harness, "<imap-2@example.net>"))
+            await eventually(lambda: _mark_at(harness, 2))  # flagged in the mailbox, then marked
         finally:
             session.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -178,6 +179,7 @@ async def test_a_mail_the_server_refuses_to_send_is_set_aside_after_its_attempts
         session = asyncio.create_task(box.session())  # the third refusal sets it aside, and goes on
         try:
             await eventually(lambda: _stored(harness, "<imap-2@example.net>"))
+            await eventually(lambda: _mark_at(harness, 2))  # flagged in the mailbox, then marked
             assert box.set_aside == 1 and [IMPORTED_KEYWORD in m.flags for m in server.mails] == [False, True]
         finally:
             session.cancel()
