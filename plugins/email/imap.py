@@ -424,12 +424,16 @@ class ImapPoller:
 
     async def _within(self, call: Awaitable[Any], what: str, seconds: float | None = None) -> Any:
         """Await one IMAP call with a deadline for its whole answer (``timeout`` unless given);
-        raises ``ImapError`` when it passes. The connection is unusable afterwards."""
+        raises ``ImapTimeout`` when it passes, or when aioimaplib's own timeout (nothing
+        received for ``timeout`` seconds) ends the call first. The connection is unusable
+        afterwards."""
         seconds = self.mailbox.timeout if seconds is None else seconds
         try:
             return await asyncio.wait_for(call, seconds)
         except TimeoutError:
             raise ImapTimeout(f"{what}: no complete answer within {seconds:g} s") from None
+        except aioimaplib.CommandTimeout:
+            raise ImapTimeout(f"{what}: nothing received for {self.mailbox.timeout:g} s") from None
 
     async def _flag(self, client: aioimaplib.IMAP4, uid: int) -> str | None:
         """Set the import keyword on ``uid``; why the connection cannot be used any more (a

@@ -157,6 +157,23 @@ async def test_a_mail_whose_body_never_comes_in_time_is_set_aside_after_its_atte
     gc.collect()
 
 
+async def test_a_body_that_stops_coming_is_a_failed_attempt_of_that_mail(harness):
+    """aioimaplib ends a command itself when nothing comes for ``timeout`` seconds, before the
+    download's own deadline (which allows for the size as well). Its CommandTimeout was no
+    failed attempt of the mail: a server that stopped sending one body had that mail fetched
+    again at every session, and no later mail was ever imported."""
+    async with FakeImapServer(idle=False) as server:
+        server.report_size = False  # the deadline allows for max_message_bytes: well after aioimaplib's
+        server.trickle = 3600  # the body's first line, then nothing
+        server.add(mail(1))
+        server.add(mail(2))
+        box = poller(server, harness, timeout=2.0)
+        with pytest.raises(ImapError, match="UID FETCH"):
+            await asyncio.wait_for(box.session(), 30)
+        assert state(harness) == {"uidvalidity": 1001, "last_uid": 0, "failed": {"1": 1}}
+    gc.collect()  # see test_a_mail_whose_body_never_comes_in_time_is_set_aside_after_its_attempts
+
+
 class RefusesTheFirstBody(FakeImapServer):
     """A server that answers NO to the body of UID 1 (a corrupt mail file on its side)."""
 
