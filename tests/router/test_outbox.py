@@ -30,6 +30,10 @@ from router.testing import CoreHarness
 from ..reliability.helpers import wait_until
 from .helpers import vm_steps, webform_message
 
+# How long a test waits for the worker's background work: ample on a busy machine, and well
+# below the 30 s poll of the tests that show a new row wakes the worker without it.
+WAIT = 10.0
+
 
 class RaceChat(Channel):
     """A provider whose 'delivered' callback arrives before its send call returns."""
@@ -366,7 +370,7 @@ async def idle_worker(harness: CoreHarness):
     that what the test does next meets a worker that sleeps until something wakes it."""
     commits = harness.core.store.commits
     worker = asyncio.create_task(harness.core.outbox.run())
-    await wait_until(lambda: harness.core.store.commits > commits, 1.0, 0.005)
+    await wait_until(lambda: harness.core.store.commits > commits, WAIT, 0.005)
     await asyncio.sleep(0.005)  # from the claim's commit into the wait
     try:
         yield worker
@@ -398,7 +402,7 @@ async def test_a_slow_send_holds_back_the_outcomes_of_the_others_no_longer_than_
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
         await _ingest_senders(harness, 6)
         batch = asyncio.create_task(harness.core.outbox.run_once())
-        await wait_until(lambda: _sent(harness, 5), 2.0, 0.01)
+        await wait_until(lambda: _sent(harness, 5), WAIT, 0.01)
         assert await harness.count("outbox", "state = 'sent'") == 5
         assert await harness.count("outbox", "state = 'sending'") == 1
         assert not batch.done()
@@ -415,12 +419,12 @@ async def test_a_batch_that_was_not_full_is_not_claimed_again_at_once(tmp_path):
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness, idle_worker(harness):
         commits = harness.core.store.commits
         await _ingest_senders(harness, 1)  # one commit, and it wakes the worker
-        await wait_until(lambda: _sent(harness, 1), 2.0, 0.01)
+        await wait_until(lambda: _sent(harness, 1), WAIT, 0.01)
         await asyncio.sleep(0.2)
         assert await harness.count("outbox", "state = 'sent'") == 1
         assert harness.core.store.commits - commits == 3  # the message, the claim, the outcome
         await _ingest_senders(harness, 2)  # a new row wakes the worker again
-        await wait_until(lambda: _sent(harness, 2), 2.0, 0.01)
+        await wait_until(lambda: _sent(harness, 2), WAIT, 0.01)
         assert await harness.count("outbox", "state = 'sent'") == 2
 
 
@@ -463,7 +467,7 @@ async def test_a_row_its_own_batch_made_due_goes_out_at_once_not_at_the_next_pol
     policy = OutboxPolicy(poll_seconds=30, send_timeout=5, max_attempts=1, retry_seconds=0)
     async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=policy) as harness, idle_worker(harness):
         await _ingest_senders(harness, 1)
-        await wait_until(lambda: _sent(harness, 1), 2.0, 0.01)
+        await wait_until(lambda: _sent(harness, 1), WAIT, 0.01)
         sent = await harness.rows("SELECT channel, hint FROM outbox WHERE state = 'sent'")
         if failure == "resend":
             assert sent == [{"channel": "staggered", "hint": "template"}]
@@ -490,7 +494,7 @@ async def test_a_failure_reported_before_a_resent_row_was_recorded_sends_its_fal
         async with idle_worker(harness) as worker:
             harness.clock.advance(timedelta(seconds=121))
             harness.core.outbox.wake.set()  # the lease ran out: the poll's turn, without the wait
-            await wait_until(lambda: _sent(harness, 1), 2.0, 0.01)
+            await wait_until(lambda: _sent(harness, 1), WAIT, 0.01)
             rows = await harness.rows("SELECT channel, state FROM outbox ORDER BY id")
             assert rows == [{"channel": "staggered", "state": "failed"}, {"channel": "fallback", "state": "sent"}]
             assert not worker.done()
@@ -1139,7 +1143,7 @@ async def test_a_plugin_error_that_is_no_exception_does_not_end_the_outbox(tmp_p
     policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.05)
     async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness, idle_worker(harness) as worker:
         await _ingest_senders(harness, 2)
-        await wait_until(lambda: _sent(harness, 2), 3.0, 0.01)
+        await wait_until(lambda: _sent(harness, 2), WAIT, 0.01)
         assert not worker.done()
         errors = [r["last_error"] for r in await harness.rows("SELECT last_error FROM outbox ORDER BY id")]
         assert sum(error in (e or "") for e in errors) == 1, errors  # retried, then sent
