@@ -35,6 +35,11 @@ WEBHOOK = "/channels/whatsapp/webhook"
 SENDER = "4917612345678"
 SENDER_E164 = "+4917612345678"
 TIMESTAMP = str(int(DEFAULT_START.timestamp()))
+# The channel's timeout for the fake Graph API: its answers come in time even on a busy machine.
+# Tests of a send that times out use the short one, with the fake answering a second after it.
+TIMEOUT = 10.0
+SHORT_TIMEOUT = 3.0
+LATE = SHORT_TIMEOUT + 1.0
 
 
 class FakeGraph:
@@ -169,7 +174,7 @@ def make_harness(tmp_path: Path, graph: FakeGraph, **settings: Any) -> CoreHarne
     return CoreHarness(
         tmp_path / "data",
         entrypoints=("webform", "whatsapp"),
-        settings={"whatsapp": {"timeout": 0.3, **settings}},
+        settings={"whatsapp": {"timeout": TIMEOUT, **settings}},
         env=env,
     )
 
@@ -177,6 +182,13 @@ def make_harness(tmp_path: Path, graph: FakeGraph, **settings: Any) -> CoreHarne
 @pytest.fixture
 async def wa(tmp_path: Path, graph: FakeGraph) -> AsyncIterator[CoreHarness]:
     async with make_harness(tmp_path, graph) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def slow_wa(tmp_path: Path, graph: FakeGraph) -> AsyncIterator[CoreHarness]:
+    """The service waiting ``SHORT_TIMEOUT`` for the Graph API, for sends that time out."""
+    async with make_harness(tmp_path, graph, timeout=SHORT_TIMEOUT) as harness:
         yield harness
 
 
@@ -683,10 +695,11 @@ async def test_a_131047_answer_to_the_send_request_sends_the_template(wa: CoreHa
         pytest.param(lambda g: g.fail(503, 131016, message="Service unavailable"), id="service-unavailable"),
         pytest.param(lambda g: g.fail(400, 130429, message="Rate limit hit"), id="throughput-130429"),
         pytest.param(lambda g: g.fail(400, 131056, message="Pair rate limit hit"), id="pair-rate-limit-131056"),
-        pytest.param(lambda g: g.hang(1.0), id="timeout"),
+        pytest.param(lambda g: g.hang(LATE), id="timeout"),
     ],
 )
-async def test_a_passing_failure_is_retried_and_then_succeeds(wa: CoreHarness, graph: FakeGraph, failure: Any) -> None:
+async def test_a_passing_failure_is_retried_and_then_succeeds(slow_wa: CoreHarness, graph: FakeGraph, failure: Any) -> None:
+    wa = slow_wa
     failure(graph)
     await post(wa, text_body("wamid.RETRY", "Seit heute früh wird vor unserem Haus gebaggert."))
     await wa.run_outbox()
@@ -710,17 +723,18 @@ async def test_a_passing_failure_is_retried_and_then_succeeds(wa: CoreHarness, g
     assert not {"undeliverable", "callback_required"} & set(detail["flags"])
 
 
-async def test_a_send_that_timed_out_but_went_through_is_not_sent_again(wa: CoreHarness, graph: FakeGraph) -> None:
+async def test_a_send_that_timed_out_but_went_through_is_not_sent_again(slow_wa: CoreHarness, graph: FakeGraph) -> None:
     """Meta took the acknowledgement after the channel had stopped waiting for the answer; its
     status echoes the idempotency key (``biz_opaque_callback_data``), so the retry is not sent."""
-    graph.hang(1.0)
+    wa = slow_wa
+    graph.hang(LATE)
     await post(wa, text_body("wamid.SLOW", "Seit heute früh wird vor unserem Haus gebaggert."))
     await wa.run_outbox()
     (row,) = await wa.rows("SELECT state, idempotency_key FROM outbox WHERE kind = 'ack'")
     assert row["state"] == "pending"
-    await asyncio.sleep(1.0)  # Meta accepts it meanwhile
     [request] = graph.requests
     assert request["json"]["biz_opaque_callback_data"] == row["idempotency_key"]
+    # Meta took it all the same: its status, which echoes the key, says so.
     status, _ = await post(wa, status_body("wamid.OUT0001", "delivered", callback_data=row["idempotency_key"]))
     assert status == 200
 
@@ -733,13 +747,14 @@ async def test_a_send_that_timed_out_but_went_through_is_not_sent_again(wa: Core
 
 
 async def test_a_long_reply_whose_last_part_timed_out_is_sent_again_whatever_its_first_part_reports(
-    wa: CoreHarness, graph: FakeGraph
+    slow_wa: CoreHarness, graph: FakeGraph
 ) -> None:
     """A text beyond 4,096 characters goes as several messages. The first part's status says
     nothing about the last one: only the last part carries the message's own key."""
+    wa = slow_wa
     case = await open_case(wa)
     graph.hang(0.0)  # the first part is taken at once
-    graph.hang(1.0)  # the last part's answer does not come in time
+    graph.hang(LATE)  # the last part's answer does not come in time
     await reply(wa, case["id"], "Zum Stand der Bauarbeiten: " + "Der Gehweg bleibt gesperrt. " * 200)
     await wa.run_outbox()
     first, last = graph.requests[1:]
@@ -760,12 +775,13 @@ async def test_a_long_reply_whose_last_part_timed_out_is_sent_again_whatever_its
 
 
 async def test_a_long_reply_whose_first_part_timed_out_is_sent_again_after_the_backoff(
-    wa: CoreHarness, graph: FakeGraph
+    slow_wa: CoreHarness, graph: FakeGraph
 ) -> None:
     """Its last part never went, so no status can show the message went through: waiting
     ``status_wait`` for one would only delay the answer."""
+    wa = slow_wa
     case = await open_case(wa)
-    graph.hang(1.0)  # the first part's answer does not come in time
+    graph.hang(LATE)  # the first part's answer does not come in time
     await reply(wa, case["id"], "Zum Stand der Bauarbeiten: " + "Der Gehweg bleibt gesperrt. " * 200)
     await wa.run_outbox()
     assert len(graph.requests) == 2  # the acknowledgement, and the first part only
