@@ -27,6 +27,9 @@ from router.testing import CoreHarness, check_channel_contract, example_config
 from .helpers import webform_message
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
+# Seconds a plugin that ignores its cancellation takes to clean up: twice the bound of the tests
+# that show nobody waits for it, so that a busy machine cannot make the one look like the other.
+CLEAN_UP = 10.0
 
 
 def load_example_plugin() -> types.ModuleType:
@@ -598,7 +601,7 @@ class Failing:
         except asyncio.CancelledError:
             self.cancelled = True
             if self.how == "ignores cancellation":
-                await asyncio.sleep(1)  # a clean-up that takes its time
+                await asyncio.sleep(CLEAN_UP)  # a clean-up that takes its time
             raise
 
     @hookimpl
@@ -641,7 +644,7 @@ async def test_a_hook_that_cancels_itself_or_ignores_cancellation_fails_alone_in
         await harness.core.import_customers(lambda: [ROW])
         started = time.monotonic()
         result = await harness.core.ingest(webform_message(customer_number="KD-1"))
-        assert time.monotonic() - started < 0.8  # two hooks of 0.2 s; not the second a clean-up takes
+        assert time.monotonic() - started < CLEAN_UP / 2  # two hooks of 0.2 s; not the seconds a clean-up takes
         assert await harness.count("messages", "direction = 'in'") == 1
         assert [c["is_customer"] for c in await harness.rows("SELECT is_customer FROM contacts")] == [1]
         assert result.unit == "vertrieb"
@@ -673,13 +676,13 @@ async def test_an_event_hook_that_ignores_cancellation_holds_nobody(tmp_path, mo
             try:
                 await asyncio.sleep(3600)
             except asyncio.CancelledError:
-                await asyncio.sleep(1)
+                await asyncio.sleep(CLEAN_UP)
 
     async with CoreHarness(tmp_path / "d", plugins=[Stubborn()]) as harness:
         await harness.core.ingest(webform_message())
         started = time.monotonic()
         await harness.core.drain_background()
-        assert time.monotonic() - started < 0.8
+        assert time.monotonic() - started < CLEAN_UP / 2
         assert harness.core.metrics.value("contact_router_hook_errors_total", hook="message_received") == 1
 
 
@@ -741,7 +744,7 @@ def test_an_async_register_channels_that_ignores_its_cancellation_holds_the_star
     from router.plugins import _resolve_at_start
 
     async def stubborn():
-        for _ in range(30):
+        for _ in range(int(CLEAN_UP * 10)):
             try:
                 await asyncio.sleep(0.1)
             except asyncio.CancelledError:
@@ -753,7 +756,7 @@ def test_an_async_register_channels_that_ignores_its_cancellation_holds_the_star
 
     started = time.monotonic()
     late, early = _resolve_at_start([stubborn(), quick()], timeout=0.2)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < CLEAN_UP / 2
     assert isinstance(late, TimeoutError) and early == ["channel"]
 
 
