@@ -136,7 +136,7 @@ async def test_a_mail_whose_body_never_comes_in_time_is_set_aside_after_its_atte
         box = poller(server, harness, timeout=0.5)
         for attempt in (1, 2, 3):
             with pytest.raises(ImapError):
-                await asyncio.wait_for(box.session(), 10)
+                await asyncio.wait_for(box.session(), 30)
             if attempt < 3:
                 assert state(harness)["failed"] == {"1": attempt}
         assert state(harness) == {"uidvalidity": 1001, "last_uid": 1}
@@ -192,7 +192,7 @@ async def test_a_mail_the_server_refuses_to_send_is_set_aside_after_its_attempts
         box = poller(server, harness, timeout=0.5)
         for _ in range(2):
             with pytest.raises(ImapError, match="NO"):
-                await asyncio.wait_for(box.session(), 10)
+                await asyncio.wait_for(box.session(), 30)
         session = asyncio.create_task(box.session())  # the third refusal sets it aside, and goes on
         try:
             await eventually(lambda: _stored(harness, "<imap-2@example.net>"))
