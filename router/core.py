@@ -629,9 +629,17 @@ class Core:
                 answered = self._spoken_with(conn, conversation_id, conv["contact_id"], "phone", note or "Call-back: reached",
                                              stamp, author=staff)
             else:
+                # The failed attempts of this round: since someone of ours last spoke with the
+                # person (after the last call-back that reached them, and not before a call
+                # taken live). Counted over the conversation's life, a later round escalated at
+                # its first failed attempt and its SMS never went. A wrong number counts
+                # whenever staff found it.
                 failed, wrong = conn.execute(
-                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE outcome = 'wrong_number') FROM callback_attempts"
-                    " WHERE conversation_id = ? AND outcome != 'reached'",
+                    "SELECT COUNT(*) FILTER (WHERE id > COALESCE((SELECT MAX(id) FROM callback_attempts"
+                    " WHERE conversation_id = ?1 AND outcome = 'reached'), 0) AND at >= COALESCE((SELECT MAX(created_at)"
+                    " FROM messages WHERE conversation_id = ?1 AND kind = 'callback'), '')),"
+                    " COUNT(*) FILTER (WHERE outcome = 'wrong_number') FROM callback_attempts"
+                    " WHERE conversation_id = ?1 AND outcome != 'reached'",
                     (conversation_id,),
                 ).fetchone()
                 if outcome == "wrong_number" or failed >= limit:

@@ -177,6 +177,44 @@ async def test_a_later_round_of_failed_call_backs_escalates_again(harness):
     assert await harness.count("escalations", "conversation_id = ?", (case,)) == 2
 
 
+@pytest.mark.parametrize("spoken", ["call-back", "call taken"])
+async def test_a_later_round_of_call_backs_counts_only_its_own_failed_attempts(tmp_path, spoken):
+    """Once the person was reached, the failed attempts before no longer count: the next
+    round's first failed call-back escalated the case at once (the unit lost it after one
+    try), and the SMS after its last one never went (it went only at the limit's count)."""
+    from router.testing import CoreHarness
+
+    env = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+           "TWILIO_API_URL": "http://127.0.0.1:9"}
+    caller = {"kind": "phone", "address": "+4915111111111"}
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "phone"), env=env) as harness:
+        first = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1", "kind": "missed_call",
+                                           "sender": caller})
+        path = f"/api/v1/conversations/{first.conversation_id}/callbacks"
+        for _ in range(3):
+            await harness.api("POST", path, json={"outcome": "not_reached"})
+        assert await harness.count("escalations") == 1 and await harness.count("outbox", "kind = 'callback_sms'") == 1
+        harness.clock.advance(timedelta(hours=2))
+        if spoken == "call-back":
+            status, body = await harness.api("POST", path, json={"outcome": "reached"})
+            assert status == 201 and body["answered"]
+        else:
+            call = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA2", "kind": "call",
+                                              "sender": caller})
+            assert call.conversation_id == first.conversation_id
+            assert await harness.core.record_live_answer("phone", "CA2", "Anruf angenommen")
+        harness.clock.advance(timedelta(days=1))
+        again = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA3", "kind": "missed_call",
+                                           "sender": caller})
+        assert again.conversation_id == first.conversation_id
+        round_two = []
+        for _ in range(3):
+            status, body = await harness.api("POST", path, json={"outcome": "not_reached"})
+            assert status == 201, body
+            round_two.append((body["escalated"], await harness.count("outbox", "kind = 'callback_sms'")))
+        assert round_two == [(False, 1), (False, 1), (True, 2)]
+
+
 def _mail(text: str, message_id: str, **extra):
     """A canonical e-mail in the conversation its refs name."""
     return {"channel": "email", "channel_message_id": message_id, "text": text, "language": "de",
