@@ -190,24 +190,21 @@ class Core:
         verified = channel not in self._unverified_senders and "unverified_sender" not in (msg.get("flags") or ())
         prep = Prepared(msg, identities, language, customer, override, channel in self._threads_by_sender, now, folded,
                         verified, self._other_chats.get(channel, ()))
+        # The caller may go away (aiosmtpd cancels the handler of a client that hung up), but a
+        # message queued is committed all the same: what follows the commit follows it then. The
+        # provider's retry is a duplicate, which tells no plugin of the message.
         committed = self.store.submit(
-            partial(ingest_tx, config=self.config, templates=self.templates, prep=prep, status_url=self.status_url)
+            partial(ingest_tx, config=self.config, templates=self.templates, prep=prep, status_url=self.status_url),
+            abandoned=partial(self._ingested, msg),
         )
         try:
-            result = await asyncio.shield(committed)
+            result = await committed
         except asyncio.CancelledError:
-            # The caller went away (aiosmtpd cancels the handler of a client that hung up), but the
-            # message is committed all the same: what follows the commit follows it then. The
-            # provider's retry is a duplicate, which tells no plugin of the message.
-            committed.add_done_callback(partial(self._ingested_later, msg))
+            if committed.done() and not committed.cancelled() and committed.exception() is None:
+                self._ingested(msg, committed.result())  # committed, then cancelled before it resumed
             raise
         self._ingested(msg, result)
         return result
-
-    def _ingested_later(self, msg: Mapping[str, Any], committed: asyncio.Future[IngestResult]) -> None:
-        """``_ingested`` for a message whose caller was cancelled while it waited for the commit."""
-        if not committed.cancelled() and committed.exception() is None:
-            self._ingested(msg, committed.result())
 
     def _ingested(self, msg: Mapping[str, Any], result: IngestResult) -> None:
         """What follows the commit of an inbound message: metrics, the outbox woken for its

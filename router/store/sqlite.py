@@ -226,7 +226,7 @@ class SQLiteStore:
         self.path = path
         self._writer: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
-        self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[Work, asyncio.Future[Any], Callable[[Any], None] | None]] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.db: aiosqlite.Connection | None = None
@@ -279,7 +279,7 @@ class SQLiteStore:
             except asyncio.CancelledError:
                 pass
             self._task = None
-            for _, future in self._queue:  # asked for between the last look and the cancel
+            for _, future, _ in self._queue:  # asked for between the last look and the cancel
                 if not future.done():
                     future.set_exception(StorageUnavailable("the store closed before this write ran"))
             self._queue = []
@@ -307,17 +307,21 @@ class SQLiteStore:
         """
         return await self.submit(work)
 
-    def submit(self, work: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(
+        self, work: Callable[[sqlite3.Connection], T], *, abandoned: Callable[[T], None] | None = None
+    ) -> asyncio.Future[T]:
         """Queue ``work`` for the next group transaction; the future is ``write``'s answer. Once
-        queued, the unit runs whether or not anyone still awaits it: a caller that is cancelled
-        meanwhile (a client that hung up) can keep the future (``asyncio.shield``) to act on the
-        commit all the same."""
+        queued, the unit runs whether or not anyone still awaits it: when its caller was
+        cancelled meanwhile (a client that hung up), which cancels the future, ``abandoned`` is
+        called with the unit's result once it is committed, so that what follows the commit
+        follows it all the same. (Not ``asyncio.shield``: its extra future cost every caller a
+        turn of the loop before it could answer, 15 % of the webhooks a second at c=50.)"""
         if self._wakeup is None:
             raise RuntimeError("store is not open")
         if self._task is None:  # closed: no writer would ever run it, and the caller waited for ever
             raise StorageUnavailable("the store is closed (the service is shutting down)")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((work, future))
+        self._queue.append((work, future, abandoned))
         self._wakeup.set()
         return future
 
@@ -338,7 +342,7 @@ class SQLiteStore:
             started = time.perf_counter()
             changes = self._writer.total_changes if self._writer is not None else 0
             try:
-                outcomes = await self._commit_batch(loop, [w for w, _ in batch])
+                outcomes = await self._commit_batch(loop, [w for w, _, _ in batch])
             except BaseException as exc:  # the commit itself failed: nobody's unit is durable
                 if is_outage(exc):  # a unit's statement failed so that SQLite ended the transaction
                     exc = unavailable(exc)
@@ -348,7 +352,7 @@ class SQLiteStore:
                     log.error("group commit failed: %s", exc)
                 else:
                     log.exception("group commit failed")
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("commit failed"))
                 self._in_flight = False
@@ -363,8 +367,13 @@ class SQLiteStore:
                 # nothing, such as a claim with nothing due, commits even on a full disk.)
                 self.outage = None
                 self.committed_at = time.monotonic()
-            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            for (_, fut, abandoned), (ok, value) in zip(batch, outcomes, strict=True):
                 if fut.done():
+                    if ok and abandoned is not None and fut.cancelled():
+                        try:
+                            abandoned(value)
+                        except Exception:  # the commit stands; the next units get their answers
+                            log.exception("a committed unit's follow-up failed")
                     continue
                 if ok:
                     fut.set_result(value)
