@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -847,4 +847,32 @@ async def test_an_answer_on_its_way_at_the_deadline_is_no_reason_to_escalate(har
     assert await harness.escalate() == []
     await harness.core.store.write(lambda conn: conn.execute(  # the answer was given up
         "UPDATE outbox SET state = 'failed' WHERE message_id = ?", (reply["id"],)))
+    assert [(e["from_unit"], e["to_unit"]) for e in await harness.escalate()] == [("tiefbau-muster", "bauhotline")]
+
+
+async def test_a_copy_of_an_answer_that_was_delivered_does_not_hold_back_a_later_question(harness):
+    """The answer reached the resident on the conversation's channel, its copy by mail waits for
+    a relay that is down, and the resident asks again: that question's deadline passes
+    unanswered. The pending copy of the earlier answer is no answer to it, and it escalates."""
+    case = await harness.core.ingest(webform_message())
+    await harness.run_outbox()  # the acknowledgement
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies", token="contractor",
+                                      json={"text": "Die Baugrube wird am Freitag geschlossen."})
+    assert status == 201
+    await harness.core.store.write(lambda conn: conn.execute(  # its copy by mail, retried later
+        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
+        " attempts, next_attempt_at, created_at, updated_at, idempotency_key) SELECT message_id, conversation_id, 'email', kind,"
+        " 'email', 'anwohner@example.net', 0, 'pending', 3, '2999-01-01T00:00:00.000Z', created_at, created_at,"
+        " idempotency_key || '-copy'"
+        " FROM outbox WHERE message_id = ?",
+        (reply["id"],)))
+    await harness.run_outbox()
+    (row,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (case.conversation_id,))
+    assert row["state"] == "answered"
+
+    again = await harness.core.ingest(webform_message("Und der Gehweg?", thread={"status_token": case.status_token}))
+    assert again.conversation_id == case.conversation_id
+    (row,) = await harness.rows("SELECT state, deadline FROM conversations WHERE id = ?", (case.conversation_id,))
+    assert row["state"] == "acknowledged"
+    harness.clock.set(datetime.fromisoformat(row["deadline"].replace("Z", "+00:00")) + timedelta(minutes=5))
     assert [(e["from_unit"], e["to_unit"]) for e in await harness.escalate()] == [("tiefbau-muster", "bauhotline")]
