@@ -95,23 +95,62 @@ def placeholders(text: str) -> set[str]:
     return {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(text) if field}
 
 
-# A sentence of a line: from its start or after the blank behind another's end, to its own end
-# (full stops, question or exclamation marks before a blank or the line's end) or the line's.
-# A mark inside a word ("z.B.", "www.example.de") does not end it.
-_SENTENCE = re.compile(r"(?:^|(?<=[.!?])[ \t]+)(?:[^.!?]|[.!?](?!\s|$))+(?:[.!?]+(?=\s|$)|$)")
+# The end of a sentence: full stops, question or exclamation marks before a blank and what
+# starts a sentence (a capital letter, a placeholder, a quote or bracket), or before the line's
+# end. A full stop after a single letter is an abbreviation's ("z. B.", "d. h."), as is one
+# before a small letter or a digit ("bzw. heute", "Nr. 5").
+_SENTENCE_END = re.compile(r"(?<!\b[^\W\d_])[.!?]+(?=[ \t]+[\"'(\[{„«A-ZÄÖÜ]|[ \t]*$)")
+# A clause of a sentence: up to and with its comma or semicolon.
+_CLAUSE = re.compile(r"[^,;]*(?:[,;]|$)")
+_FIELD = re.compile(r"\{(\w+)[^{}]*\}")
+_BRACKETS = re.compile(r"[ \t]*\([^()]*\)")
+
+
+def _sentences(line: str) -> list[str]:
+    """``line`` cut after each sentence's end; the blanks between go with the next one."""
+    pieces, start = [], 0
+    for end in _SENTENCE_END.finditer(line):
+        pieces.append(line[start:end.end()])
+        start = end.end()
+    if start < len(line):
+        pieces.append(line[start:])
+    return pieces
+
+
+def _without(sentence: str, names: frozenset[str]) -> str:
+    """``sentence`` without ``names``: all of it when it holds nothing else a reader needs, else
+    the clauses that hold them ("Ihre Fallnummer: {case_reference}, Stand unter {status_url}"
+    keeps its case reference), else the placeholders alone."""
+    sentence = _BRACKETS.sub(lambda m: "" if placeholders(m.group(0)) <= names and placeholders(m.group(0)) else
+                             m.group(0), sentence)
+    if not placeholders(sentence) & names:  # it was in brackets: "Fall {case_reference} (Stand: {status_url})."
+        return sentence
+    others = placeholders(sentence) - names
+    if not others:
+        return ""
+    body = sentence.rstrip(".!? \t")
+    ending = sentence[len(body):]
+    clauses = [c for c in _CLAUSE.findall(body) if c]
+    kept = [c if not placeholders(c) & names
+            else "" if not placeholders(c) - names
+            else _FIELD.sub(lambda m: "" if m.group(1) in names else m.group(0), c) for c in clauses]
+    return "".join(kept).rstrip(",; \t") + ending
 
 
 @lru_cache(maxsize=256)
 def without_sentences(text: str, names: frozenset[str]) -> str:
-    """``text`` without the sentences that hold one of the placeholders ``names``, and
-    without a line that held nothing else: a status link that no page serves is left out with
-    its words ("You can follow your case here:"), not sent as a link that answers 404."""
-    def keep(match: re.Match[str]) -> str:
-        return "" if placeholders(match.group(0)) & names else match.group(0)
-
+    """``text`` without the sentences that hold one of the placeholders ``names`` (only their
+    clause, when the sentence holds other placeholders too), and without a line that held
+    nothing else: a status link that no page serves is left out with its words ("You can follow
+    your case here:"), not sent as a link that answers 404."""
     lines = []
     for line in text.split("\n"):
-        kept = _SENTENCE.sub(keep, line).strip() if placeholders(line) & names else line
+        if placeholders(line) & names:
+            kept = "".join(_without(piece, names) if placeholders(piece) & names else piece
+                           for piece in _sentences(line)).strip()
+            kept = re.sub(r"[ \t]{2,}", " ", kept) if kept != line.strip() else kept
+        else:
+            kept = line
         if kept or not line.strip():
             lines.append(kept)
     return "\n".join(lines)

@@ -39,6 +39,21 @@ def test_a_sentence_ends_at_a_mark_before_a_blank_and_a_line_that_held_only_the_
     assert without_sentences(text, frozenset({"deadline"})) == text
 
 
+def test_a_sentence_with_the_case_reference_keeps_it_and_an_abbreviation_ends_no_sentence():
+    """An operator's "Ihre Fallnummer: {case_reference}, Stand unter {status_url}" came out
+    empty: an acknowledgement without its case reference. And "z. B." was taken for two
+    sentence ends, so the link's sentence was cut in the middle."""
+    assert without_sentences("Ihre Fallnummer: {case_reference}, Stand unter {status_url}", NO_LINK) == (
+        "Ihre Fallnummer: {case_reference}")
+    assert without_sentences("Fall {case_reference} (Stand: {status_url}). Gruß", NO_LINK) == "Fall {case_reference}. Gruß"
+    assert without_sentences("Danke. Den Stand sehen Sie unter {status_url} (z. B. mit dem Handy). Bis bald.",
+                             NO_LINK) == "Danke. Bis bald."
+    assert without_sentences("Fall Nr. 5 ist {case_reference}. Mehr unter {status_url}, bzw. telefonisch. Gruß",
+                             NO_LINK) == "Fall Nr. 5 ist {case_reference}. Gruß"
+    assert without_sentences("Fall {case_reference} bei {unit_name} {status_url} heute.", NO_LINK) == (
+        "Fall {case_reference} bei {unit_name} heute.")
+
+
 def test_render_leaves_a_sentence_out_only_for_a_value_that_is_none():
     templates = Templates({"ack": {"de": "Fall {case_reference}. Mehr: {status_url}. Bis {deadline}."}}, "de")
     assert templates.render("ack", "de", case_reference="K-1", status_url=None, deadline="Mo.") == "Fall K-1. Bis Mo.."
