@@ -74,6 +74,19 @@ async def test_sigterm_while_the_provider_hangs_then_restart_sends_what_was_held
         await graph.stop()
 
 
+async def stalled_webhook(service: ServiceProcess, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A signed webhook whose sender stops after its first 20 bytes of body, once the service's
+    handler waits for the rest."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    writer.write(
+        f"POST /channels/whatsapp/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"X-Hub-Signature-256: {sign(body)}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:20]
+    )
+    await writer.drain()
+    await asyncio.sleep(0.5)  # the handler is waiting for the rest of the body
+    return reader, writer
+
+
 async def test_a_second_signal_during_shutdown_ends_the_process_without_tracebacks(tmp_path: Path) -> None:
     """systemd's stop after a ``kill -INT``, or Ctrl-C pressed twice: a second signal while the
     shutdown waits for a request in work (a body still arriving). The process ended with code 1
@@ -86,14 +99,7 @@ async def test_a_second_signal_during_shutdown_ends_the_process_without_tracebac
     service.env["CONTACT_ROUTER_LOG_LEVEL"] = "INFO"
     try:
         await service.start()
-        body = whatsapp_body("wamid.slow.1", wa_number(1))
-        _, writer = await asyncio.open_connection("127.0.0.1", service.port)
-        writer.write(
-            f"POST /channels/whatsapp/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"X-Hub-Signature-256: {sign(body)}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:20]
-        )
-        await writer.drain()
-        await asyncio.sleep(0.5)  # the handler is waiting for the rest of the body
+        _, writer = await stalled_webhook(service, whatsapp_body("wamid.slow.1", wa_number(1)))
         assert service.proc is not None
         service.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(1.0)
@@ -118,13 +124,7 @@ async def test_sigterm_ends_within_dockers_ten_seconds_though_a_body_is_still_ar
     try:
         await service.start()
         body = whatsapp_body("wamid.stalled.1", wa_number(1))
-        reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
-        writer.write(
-            f"POST /channels/whatsapp/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"X-Hub-Signature-256: {sign(body)}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:20]
-        )
-        await writer.drain()
-        await asyncio.sleep(0.5)  # the handler is waiting for the rest of the body
+        reader, writer = await stalled_webhook(service, body)
         assert service.proc is not None
         started = time.monotonic()
         service.proc.send_signal(signal.SIGTERM)
