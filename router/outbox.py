@@ -38,7 +38,7 @@ from .config import Config
 from .identity import claims_usable
 from .store.sqlite import SQLiteStore, is_outage, iso, parse_iso, run_units
 from .text import sortable_token
-from .tracking import add_flags, add_outbox_row, mark_answered, record_event, remove_flags, written_since
+from .tracking import add_flags, add_outbox_row, answered_by, mark_answered, record_event, remove_flags, written_since
 
 log = logging.getLogger("contact_router.outbox")
 T = TypeVar("T")
@@ -243,8 +243,10 @@ def _after_status(
             "UPDATE conversations SET state = 'acknowledged', updated_at = ? WHERE id = ? AND state = 'open'",
             (stamp, row["conversation_id"]),
         )
-    if row["kind"] == "reply" and answered_on:
-        if mark_answered(conn, row["conversation_id"], stamp):
+    # A copy of an answer delivered after the answer itself (or the other way round) answers
+    # nothing more: the resident may have written since, and that question still waits.
+    if row["kind"] == "reply" and answered_on and not answered_by(conn, row["conversation_id"], row["message_id"]):
+        if mark_answered(conn, row["conversation_id"], stamp, row["message_id"]):
             _written_meanwhile(conn, row, now, policy)
             conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
             msg = conn.execute("SELECT id, text, channel, kind FROM messages WHERE id = ?", (row["message_id"],)).fetchone()

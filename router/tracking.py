@@ -366,8 +366,9 @@ def escalate_due(
     return results
 
 
-def mark_answered(conn: sqlite3.Connection, conversation_id: int, now: str) -> bool:
-    """A human answer reached the person. Returns True when this changed the state."""
+def mark_answered(conn: sqlite3.Connection, conversation_id: int, now: str, message_id: int | None = None) -> bool:
+    """A human answer reached the person. Returns True when this changed the state; the
+    ``answered`` event names the answer's message (``answered_by``)."""
     row = conn.execute("SELECT state FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
     if row is None or row["state"] in ("answered", "closed", "waiting"):
         if row is not None and row["state"] != "answered":
@@ -382,8 +383,23 @@ def mark_answered(conn: sqlite3.Connection, conversation_id: int, now: str) -> b
         " first_answered_at = COALESCE(first_answered_at, ?), updated_at = ? WHERE id = ?",
         (now, now, now, conversation_id),
     )
-    record_event(conn, conversation_id, "answered", now)
+    if message_id is None:
+        record_event(conn, conversation_id, "answered", now)
+    else:
+        record_event(conn, conversation_id, "answered", now, message_id=message_id)
     return True
+
+
+def answered_by(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> bool:
+    """Whether the answer ``message_id`` answered the conversation and was not lost since:
+    delivered once (its copy on another channel, or the primary row), it answers nothing
+    written after; lost (``answer_lost``: its mail bounced), a copy of it that arrives answers."""
+    last = conn.execute(
+        "SELECT kind FROM events WHERE conversation_id = ? AND kind IN ('answered', 'answer_lost')"
+        " AND json_extract(data, '$.message_id') = ? ORDER BY id DESC LIMIT 1",
+        (conversation_id, message_id),
+    ).fetchone()
+    return last is not None and last["kind"] == "answered"
 
 
 def written_since(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> sqlite3.Row | None:

@@ -1465,3 +1465,74 @@ async def test_an_auto_reply_that_came_while_the_answer_was_on_its_way_changes_n
         detail = await _write_while_the_answer_is_on_its_way(
             harness, chat, {"id": "m2", "text": "Ich bin bis Montag nicht im Büro.", "auto": "auto-reply"})
         assert detail["state"] == "answered" and detail["deadline"] is None
+
+
+async def test_a_copy_of_an_answer_delivered_after_the_resident_wrote_again_answers_nothing(harness):
+    """The answer reached the resident on the form's page; its copy by mail was delivered only
+    after the resident had asked again. The copy marked the conversation answered a second
+    time (a second event and hook) and restarted the new question's deadline and escalation
+    level, though it was written before that question and answers nothing of it."""
+    from router.outbox import OutboxPolicy, record_sent
+
+    case = await harness.core.ingest(webform_message())
+    await harness.run_outbox()
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
+                                      json={"text": "Die Baugrube wird am Freitag geschlossen."})
+    assert status == 201
+    await harness.core.store.write(lambda conn: conn.execute(  # its copy by mail, still on its way
+        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
+        " attempts, next_attempt_at, created_at, updated_at, idempotency_key) SELECT message_id, conversation_id, 'email',"
+        " kind, 'email', 'anwohner@example.net', 0, 'sending', 1, created_at, created_at, created_at,"
+        " idempotency_key || '-copy' FROM outbox WHERE message_id = ?", (reply["id"],)))
+    await harness.run_outbox()  # the answer on the page: answered
+    harness.clock.advance(timedelta(minutes=10))
+    await harness.core.ingest(webform_message("Und der Gehweg?", thread={"status_token": case.status_token}))
+    harness.clock.advance(timedelta(hours=5))
+    assert [e["level"] for e in await harness.escalate()] == [1]
+    before = (await harness.rows("SELECT * FROM conversations WHERE id = ?", (case.conversation_id,)))[0]
+
+    def copy_delivered(conn):
+        copy = conn.execute("SELECT * FROM outbox WHERE channel = 'email' AND message_id = ?", (reply["id"],)).fetchone()
+        return record_sent(conn, copy, "mail-1", "sent", None, True, harness.clock.now(), OutboxPolicy())
+
+    assert await harness.core.store.write(copy_delivered) is None
+    after = (await harness.rows("SELECT * FROM conversations WHERE id = ?", (case.conversation_id,)))[0]
+    assert {k: after[k] for k in ("state", "deadline", "escalation_level", "unit")} == {
+        k: before[k] for k in ("state", "deadline", "escalation_level", "unit")}
+    assert await harness.count("events", "conversation_id = ? AND kind = 'answered'", (case.conversation_id,)) == 1
+
+
+async def test_a_copy_of_an_answer_that_was_lost_answers_when_it_arrives(harness):
+    """The answer's own delivery failed for good after it had counted (a bounce), so the
+    conversation waits again; its copy, still on its way then, arrives later: that is the
+    answer reaching the resident, and it answers the conversation."""
+    from router.outbox import OutboxPolicy, record_failure, record_sent
+
+    case = await harness.core.ingest(webform_message())
+    await harness.run_outbox()
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
+                                      json={"text": "Die Baugrube wird am Freitag geschlossen."})
+    await harness.core.store.write(lambda conn: conn.execute(
+        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
+        " attempts, next_attempt_at, created_at, updated_at, idempotency_key) SELECT message_id, conversation_id, 'email',"
+        " kind, 'email', 'anwohner@example.net', 0, 'sending', 1, created_at, created_at, created_at,"
+        " idempotency_key || '-copy' FROM outbox WHERE message_id = ?", (reply["id"],)))
+    await harness.run_outbox()
+    harness.clock.advance(timedelta(minutes=10))
+
+    def primary_lost(conn):
+        primary = conn.execute("SELECT id FROM outbox WHERE channel = 'webform' AND message_id = ?", (reply["id"],)).fetchone()
+        record_failure(conn, primary["id"], "bounced", None, harness.core.channels, harness.clock.now(),
+                       address_failed=False, policy=OutboxPolicy())
+
+    await harness.core.store.write(primary_lost)
+    (row,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (case.conversation_id,))
+    assert row["state"] == "acknowledged"
+
+    def copy_delivered(conn):
+        copy = conn.execute("SELECT * FROM outbox WHERE channel = 'email' AND message_id = ?", (reply["id"],)).fetchone()
+        return record_sent(conn, copy, "mail-1", "sent", None, True, harness.clock.now(), OutboxPolicy())
+
+    assert await harness.core.store.write(copy_delivered) is not None
+    (row,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (case.conversation_id,))
+    assert row["state"] == "answered"
