@@ -262,17 +262,25 @@ def _written_meanwhile(conn: sqlite3.Connection, row: Mapping[str, Any], now: da
     later = written_since(conn, row["conversation_id"], row["message_id"])
     if later is None:
         return
-    conv = conn.execute("SELECT unit FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
-    written = parse_iso(later["created_at"]) or now
-    due = policy.answer_deadline(conv["unit"], written) if policy and policy.answer_deadline else written
+    conv = conn.execute("SELECT id, unit FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
+    _wait_again(conn, conv, parse_iso(later["created_at"]) or now, now, policy, "awaiting_answer",
+                reason="new message from the contact while the answer was on its way", message_id=later["id"])
+
+
+def _wait_again(
+    conn: sqlite3.Connection, conv: Mapping[str, Any], since: datetime, now: datetime, policy: OutboxPolicy | None,
+    event: str, **data: Any,
+) -> None:
+    """The conversation waits for an answer again, with the deadline its unit gives from
+    ``since`` (``policy.answer_deadline``) and its escalations counted afresh; ``event`` says why."""
+    due = policy.answer_deadline(conv["unit"], since) if policy and policy.answer_deadline else since
     stamp, deadline = iso(now), iso(due)
     conn.execute(
         "UPDATE conversations SET state = 'acknowledged', deadline = ?, escalate_at = ?, escalation_level = 0,"
-        " updated_at = ? WHERE id = ?",
-        (deadline, deadline, stamp, row["conversation_id"]),
+        " closed_at = NULL, updated_at = ? WHERE id = ?",
+        (deadline, deadline, stamp, conv["id"]),
     )
-    record_event(conn, row["conversation_id"], "awaiting_answer", stamp, reason="new message from the contact while the"
-                 " answer was on its way", message_id=later["id"], deadline=deadline)
+    record_event(conn, conv["id"], event, stamp, **data, deadline=deadline)
 
 
 def record_retry(
@@ -423,14 +431,7 @@ def _answer_lost(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime
         # A later answer (or a call-back that reached the person) stands; a message from the
         # resident after it ("Danke, alles klar") shows the case went on, and staff decided since.
         return
-    due = policy.answer_deadline(conv["unit"], now) if policy and policy.answer_deadline else now
-    stamp, deadline = iso(now), iso(due)
-    conn.execute(
-        "UPDATE conversations SET state = 'acknowledged', deadline = ?, escalate_at = ?, escalation_level = 0,"
-        " closed_at = NULL, updated_at = ? WHERE id = ?",
-        (deadline, deadline, stamp, conv["id"]),
-    )
-    record_event(conn, conv["id"], "answer_lost", stamp, message_id=row["message_id"], deadline=deadline)
+    _wait_again(conn, conv, now, now, policy, "answer_lost", message_id=row["message_id"])
 
 
 def apply_delivery_update(
