@@ -20,7 +20,7 @@ from .config import Config
 from .context import IngestResult
 from .identity import InvalidAddress, identities_of, resolve_contact, survivor
 from .models import Customer, RoutingDecision
-from .routing import find_area, message_text, route
+from .routing import find_area, message_text, route, written_text
 from .search import folded_search_text
 from .store.sqlite import iso, parse_iso
 from .templates import Templates, format_deadline
@@ -404,7 +404,7 @@ def _annotate(
         # The new wording is found by search as well (the old one still is, with the original).
         conn.execute(
             "INSERT INTO message_search (rowid, body) VALUES (?, ?)",
-            (message_id, folded_search_text(prep.folded, msg["sender"].get("display_name"), _written(msg))),
+            (message_id, folded_search_text(prep.folded, msg["sender"].get("display_name"), written_text(msg))),
         )
     if msg["kind"] == "reaction" and meta.get("removed") and target is not None:
         # Keep the removal itself only as the dedupe key, not as a visible reaction.
@@ -413,12 +413,6 @@ def _annotate(
     if conversation_id is not None:
         conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
     return _result(config, message_id, conv, prep.language, False, status_url)
-
-
-def _written(msg: Mapping[str, Any]) -> str:
-    """A message's subject and text as written, joined as ``prep.folded`` joins them folded:
-    the search index takes its other spellings from it (``search.other_spellings``)."""
-    return " ".join(filter(None, (msg.get("subject"), msg.get("text"))))
 
 
 def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[str, Any], now: datetime) -> bool:
@@ -611,7 +605,7 @@ def ingest_tx(
     ).lastrowid
     conn.execute(
         "INSERT INTO message_search (rowid, body) VALUES (?, ?)",
-        (message_id, folded_search_text(prep.folded, sender.get("display_name"), _written(msg))),
+        (message_id, folded_search_text(prep.folded, sender.get("display_name"), written_text(msg))),
     )
     # The message's own id is found through the messages table; only extra keys need a row.
     keys = set(msg.get("thread_keys") or ()) - {msg["channel_message_id"]}

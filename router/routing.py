@@ -75,9 +75,14 @@ def decide(
     return route(config, message, is_customer=is_customer, language=language)[0]
 
 
+def written_text(message: Mapping[str, Any]) -> str:
+    """Subject and text as written, joined by a space."""
+    return " ".join(filter(None, (message.get("subject"), message.get("text"))))
+
+
 def message_text(message: Mapping[str, Any]) -> str:
     """Subject and text, folded for matching."""
-    return normalize(" ".join(filter(None, (message.get("subject"), message.get("text")))))
+    return normalize(written_text(message))
 
 
 def route(
