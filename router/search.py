@@ -113,9 +113,6 @@ def folded_search_text(folded: str, name: str | None, original: str = "") -> str
     return f"{indexed} {others}" if others else indexed
 
 
-_WORD_CHARACTERS = re.compile(r"\w+")
-
-
 def other_spellings(text: str) -> str:
     """The words of ``text`` that hold an umlaut, written without its dots (``strip_accents``),
     each once: "Müller wartet auf Rückruf" -> "muller ruckruf". ``normalize`` writes umlauts as
@@ -136,7 +133,7 @@ def other_spellings(text: str) -> str:
     found: dict[str, None] = {}
     for chunk in lowered.split():
         if "ä" in chunk or "ö" in chunk or "ü" in chunk:
-            for word in _WORD_CHARACTERS.findall(chunk):
+            for word in _WORD.findall(chunk):
                 if "ä" in word or "ö" in word or "ü" in word:
                     word = word.replace("ä", "a").replace("ö", "o").replace("ü", "u")
                     found[word if word.isascii() else strip_accents(word)] = None
