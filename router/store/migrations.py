@@ -10,6 +10,15 @@ from collections.abc import Callable
 
 log = logging.getLogger("contact_router.store")
 
+# Every inbound message into the search index, as the ingest path indexes one
+# (``search.search_text``): when the index is made, and when what it holds changes.
+_INDEX_INBOUND_MESSAGES = """
+INSERT INTO message_search (rowid, body)
+    SELECT m.id, cr_search_text(m.subject, m.text, k.display_name)
+    FROM messages m LEFT JOIN contacts k ON k.id = m.contact_id
+    WHERE m.direction = 'in';
+"""
+
 # The CHECK constraints of the first schema that test a column against a list of constants.
 _IN_CHECKS = {
     "conversations": ("state", ("open", "acknowledged", "answered", "waiting", "closed")),
@@ -270,11 +279,7 @@ DROP INDEX conversations_deadline;
         "full-text search over inbound messages",
         """
 CREATE VIRTUAL TABLE message_search USING fts5(body, content='', tokenize='unicode61 remove_diacritics 2');
-INSERT INTO message_search (rowid, body)
-    SELECT m.id, cr_search_text(m.subject, m.text, k.display_name)
-    FROM messages m LEFT JOIN contacts k ON k.id = m.contact_id
-    WHERE m.direction = 'in';
-""",
+""" + _INDEX_INBOUND_MESSAGES,
     ),
     (5, "CHECK constraints as comparisons instead of IN lists", checks_as_comparisons),
     (
@@ -349,12 +354,6 @@ CREATE INDEX request_keys_created ON request_keys(created_at);
     (
         13,
         "search finds words with umlauts written without the dots: the index is built again with that spelling too",
-        """
-INSERT INTO message_search (message_search) VALUES ('delete-all');
-INSERT INTO message_search (rowid, body)
-    SELECT m.id, cr_search_text(m.subject, m.text, k.display_name)
-    FROM messages m LEFT JOIN contacts k ON k.id = m.contact_id
-    WHERE m.direction = 'in';
-""",
+        "INSERT INTO message_search (message_search) VALUES ('delete-all');\n" + _INDEX_INBOUND_MESSAGES,
     ),
 ]
