@@ -90,11 +90,6 @@ class _Values(dict[str, Any]):
         return "{" + key + "}"
 
 
-def placeholders(text: str) -> set[str]:
-    """The names of the ``{placeholders}`` a template fills."""
-    return {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(text) if field}
-
-
 # The end of a sentence: full stops, question or exclamation marks before a blank and what
 # starts a sentence (a capital letter, a placeholder, a quote or bracket), or before the line's
 # end. A full stop after a single letter is an abbreviation's ("z. B.", "d. h."), as is one
@@ -102,8 +97,27 @@ def placeholders(text: str) -> set[str]:
 _SENTENCE_END = re.compile(r"(?<!\b[^\W\d_])[.!?]+(?=[ \t]+[\"'(\[{„«A-ZÄÖÜ]|[ \t]*$)")
 # A clause of a sentence: up to and with its comma or semicolon.
 _CLAUSE = re.compile(r"[^,;]*(?:[,;]|$)")
-_FIELD = re.compile(r"\{(\w+)[^{}]*\}")
 _BRACKETS = re.compile(r"[ \t]*\([^()]*\)")
+# A replacement field while a template is cut: a mark of private-use characters around its
+# number, so that no cut falls inside one ("{case_reference:,<10}" holds a comma).
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def _marked(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """``text`` with each replacement field as a mark, and the fields' names and texts."""
+    out, fields = [], []
+    for literal, field, spec, conversion in string.Formatter().parse(text):
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is not None:
+            out.append(f"\ue000{len(fields)}\ue001")
+            written = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            fields.append((field.split(".")[0].split("[")[0], "{" + written + "}"))
+    return "".join(out), fields
+
+
+def placeholders(text: str) -> set[str]:
+    """The names of the ``{placeholders}`` a template fills."""
+    return {name for name, _ in _marked(text)[1]}
 
 
 def _sentences(line: str) -> list[str]:
@@ -117,43 +131,45 @@ def _sentences(line: str) -> list[str]:
     return pieces
 
 
-def _without(sentence: str, names: frozenset[str]) -> str:
-    """``sentence`` without ``names``: all of it when it holds nothing else a reader needs, else
-    the clauses that hold them ("Ihre Fallnummer: {case_reference}, Stand unter {status_url}"
-    keeps its case reference), else the placeholders alone."""
-    sentence = _BRACKETS.sub(lambda m: "" if placeholders(m.group(0)) <= names and placeholders(m.group(0)) else
-                             m.group(0), sentence)
-    if not placeholders(sentence) & names:  # it was in brackets: "Fall {case_reference} (Stand: {status_url})."
-        return sentence
-    others = placeholders(sentence) - names
-    if not others:
-        return ""
-    body = sentence.rstrip(".!? \t")
-    ending = sentence[len(body):]
-    clauses = [c for c in _CLAUSE.findall(body) if c]
-    kept = [c if not placeholders(c) & names
-            else "" if not placeholders(c) - names
-            else _FIELD.sub(lambda m: "" if m.group(1) in names else m.group(0), c) for c in clauses]
-    return "".join(kept).rstrip(",; \t") + ending
-
-
 @lru_cache(maxsize=256)
 def without_sentences(text: str, names: frozenset[str]) -> str:
     """``text`` without the sentences that hold one of the placeholders ``names`` (only their
-    clause, when the sentence holds other placeholders too), and without a line that held
-    nothing else: a status link that no page serves is left out with its words ("You can follow
-    your case here:"), not sent as a link that answers 404."""
+    brackets or clause, when the sentence holds other placeholders too: "Ihre Fallnummer:
+    {case_reference}, Stand unter {status_url}" keeps its case reference), and without a line
+    that held nothing else: a status link that no page serves is left out with its words ("You
+    can follow your case here:"), not sent as a link that answers 404."""
+    marked, fields = _marked(text)
+
+    def named(piece: str) -> set[str]:
+        return {fields[int(number)][0] for number in _MARK.findall(piece)}
+
+    def dropped(piece: str) -> bool:
+        """Whether ``piece`` holds one of ``names`` and nothing else a reader needs."""
+        found = named(piece)
+        return bool(found & names) and found <= names
+
+    def without(sentence: str) -> str:
+        sentence = _BRACKETS.sub(lambda m: "" if dropped(m.group(0)) else m.group(0), sentence)
+        if not named(sentence) & names:  # it was in brackets: "Fall {case_reference} (Stand: {status_url})."
+            return sentence
+        if dropped(sentence):
+            return ""
+        body = sentence.rstrip(".!? \t")
+        clauses = [clause for clause in _CLAUSE.findall(body) if clause]
+        kept = "".join("" if dropped(clause) else _MARK.sub(
+            lambda m: "" if fields[int(m.group(1))][0] in names else m.group(0), clause) for clause in clauses)
+        return kept.rstrip(",; \t") + sentence[len(body):]
+
     lines = []
-    for line in text.split("\n"):
-        if placeholders(line) & names:
-            kept = "".join(_without(piece, names) if placeholders(piece) & names else piece
-                           for piece in _sentences(line)).strip()
+    for line in marked.split("\n"):
+        if named(line) & names:
+            kept = "".join(without(piece) if named(piece) & names else piece for piece in _sentences(line)).strip()
             kept = re.sub(r"[ \t]{2,}", " ", kept) if kept != line.strip() else kept
         else:
             kept = line
         if kept or not line.strip():
             lines.append(kept)
-    return "\n".join(lines)
+    return _MARK.sub(lambda m: fields[int(m.group(1))][1], "\n".join(lines))
 
 
 class Templates:

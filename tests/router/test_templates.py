@@ -54,6 +54,15 @@ def test_a_sentence_with_the_case_reference_keeps_it_and_an_abbreviation_ends_no
         "Fall {case_reference} bei {unit_name} heute.")
 
 
+def test_a_placeholder_with_a_comma_in_its_format_is_never_cut():
+    """A fill character the configuration accepts ("{case_reference:,<10}") was cut at its
+    comma as a clause's end: the acknowledgement raised, and its message answered 500."""
+    templates = Templates({"ack": {"de": "Fall {case_reference:,<10}, Stand {status_url}. Gruß {{wörtlich}}"}}, "de")
+    assert templates.render("ack", "de", case_reference="K-1", status_url=None) == "Fall K-1,,,,,,,. Gruß {wörtlich}"
+    assert templates.render("ack", "de", case_reference="K-1", status_url="https://s") == (
+        "Fall K-1,,,,,,,, Stand https://s. Gruß {wörtlich}")
+
+
 def test_render_leaves_a_sentence_out_only_for_a_value_that_is_none():
     templates = Templates({"ack": {"de": "Fall {case_reference}. Mehr: {status_url}. Bis {deadline}."}}, "de")
     assert templates.render("ack", "de", case_reference="K-1", status_url=None, deadline="Mo.") == "Fall K-1. Bis Mo.."
