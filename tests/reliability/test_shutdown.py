@@ -42,11 +42,7 @@ async def test_sigterm_while_the_provider_hangs_then_restart_sends_what_was_held
         held = service.rows("SELECT COUNT(*) AS n FROM outbox WHERE kind = 'ack' AND state = 'sending'")[0]["n"]
         assert held == MESSAGES - 1, "one batch claimed: 16 at the provider, the rest waiting for a slot"
 
-        assert service.proc is not None
-        started = time.monotonic()
-        service.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(service.proc.wait, 60)
-        took = time.monotonic() - started
+        code, took = await stop_with_sigterm(service)
         assert code == 0 and took < 30, f"exit {code} after {took:.1f} s"
         never_sent = {r["idempotency_key"] for r in service.rows("SELECT idempotency_key FROM outbox WHERE kind = 'ack'")}
         never_sent -= {r["key"] for r in graph.requests}
@@ -72,6 +68,15 @@ async def test_sigterm_while_the_provider_hangs_then_restart_sends_what_was_held
     finally:
         service.stop()
         await graph.stop()
+
+
+async def stop_with_sigterm(service: ServiceProcess) -> tuple[int, float]:
+    """SIGTERM, as systemd or Docker sends it: the exit code and the seconds until the exit."""
+    assert service.proc is not None
+    started = time.monotonic()
+    service.proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(service.proc.wait, 60)
+    return code, time.monotonic() - started
 
 
 async def stalled_webhook(service: ServiceProcess, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -125,11 +130,7 @@ async def test_sigterm_ends_within_dockers_ten_seconds_though_a_body_is_still_ar
         await service.start()
         body = whatsapp_body("wamid.stalled.1", wa_number(1))
         reader, writer = await stalled_webhook(service, body)
-        assert service.proc is not None
-        started = time.monotonic()
-        service.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(service.proc.wait, 60)
-        took = time.monotonic() - started
+        code, took = await stop_with_sigterm(service)
         assert code == 0 and took < 10, f"exit {code} after {took:.1f} s"
         assert not (await reader.read()).startswith(b"HTTP/1.1 200"), "no 2xx for a body that never arrived"
         writer.close()
