@@ -45,6 +45,54 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get("CONTACT_ROUTER_DATA_DIR", "data"))
 
 
+LOCK_FILE = "contact-router.lock"
+"""The file in the data folder that a running ``serve`` holds an exclusive lock on."""
+
+
+class DataDirInUse(Exception):
+    """Another process holds the data folder's lock: a second ``serve`` on the same folder."""
+
+    def __init__(self, data_dir: Path, holder: int | None) -> None:
+        who = f"another contact-router (PID {holder})" if holder else "another contact-router"
+        super().__init__(f"the data folder {data_dir} is in use by {who}; two on one folder would send acknowledgements"
+                         " and escalate cases twice: stop it first, or give this one a --data-dir of its own")
+        self.data_dir = data_dir
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on the data folder's ``LOCK_FILE`` for the
+    block, with this process's id written into the file for the one refused. Raises
+    ``DataDirInUse`` when another process holds it, ``OSError`` when the folder cannot be made
+    or written to.
+
+    Two services on one SQLite file would each run the outbox worker and the escalation
+    scheduler. The OS drops the lock with the process, also after SIGKILL, so a lock left
+    behind never blocks the next start; the file itself stays (removing it would let a third
+    process lock a new file while the second still holds the old one). Not on Windows, which
+    has no ``flock``: there the folder is not guarded."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            written = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise DataDirInUse(data_dir, int(written) if written.isdigit() else None) from None
+        with contextlib.suppress(OSError):  # only for the message of a second start: a full disk does not stop this one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 async def _freeze_startup_objects(app: web.Application) -> None:
     """Take what startup made (modules, configuration, plugins, aiohttp's machinery) out of
     the garbage collector's sight, so that a full collection walks only what requests made.
@@ -88,11 +136,27 @@ def _load_or_report(path: str | Path) -> Config | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import StartFailed, create_app
-
+    """Run the service, holding the data folder's lock (``data_dir_lock``) for as long as it
+    runs: a second ``serve`` on the same folder ends at once with one line, before it binds a
+    port or starts a worker."""
     config = _load_or_report(args.config)
     if config is None:
         return 1
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(data_dir_lock(Path(args.data_dir)))
+        except DataDirInUse as exc:
+            print(f"contact-router serve: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # a data folder that is a file, or that this user may not write to
+            print(f"contact-router serve (--data-dir {args.data_dir}): {exc}", file=sys.stderr)
+            return 1
+        return _serve(args, config)
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from .app import StartFailed, create_app
+
     local = demo_tokens_allowed(args.host, config.public_base_url)
     demo = [m.name for m in config.staff if m.demo]
     if demo and local:

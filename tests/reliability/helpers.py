@@ -168,12 +168,15 @@ class ServiceProcess:
     def db_path(self) -> Path:
         return self.data_dir / "contact-router.sqlite3"
 
+    def command(self) -> list[str]:
+        """The command line that starts the service."""
+        return [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config), "--host", "127.0.0.1",
+                "--port", str(self.port), "--data-dir", str(self.data_dir)]
+
     async def start(self, timeout: float = 30.0) -> None:
         with open(self.log, "ab") as out:  # noqa: ASYNC230 - opening a local log file does not wait
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - Popen starts the process and returns
-                [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--data-dir", str(self.data_dir)],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                self.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT),
             )
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:

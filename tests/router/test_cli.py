@@ -179,3 +179,24 @@ def test_serve_on_a_full_disk_says_so_in_one_line(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "full" in err and "cannot rollback" not in err, err[-800:]
+
+
+def test_serve_on_a_data_folder_another_serve_holds_is_refused_in_one_line(tmp_path, capsys) -> None:
+    """Two services on one folder each ran the outbox and the escalation scheduler on the same
+    database: acknowledgements sent twice, cases escalated twice. The lock is held here as a
+    running serve holds it (two real processes, and the lock after SIGKILL: tests/reliability)."""
+    import os
+
+    from router.cli import LOCK_FILE, data_dir_lock
+
+    data = tmp_path / "data"
+    with data_dir_lock(data):
+        assert (data / LOCK_FILE).read_text("ascii") == f"{os.getpid()}\n"
+        assert main(["serve", "--port", "0", "--data-dir", str(data)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"the data folder {data} is in use by another contact-router (PID {os.getpid()})" in err, err
+        assert not (data / "contact-router.sqlite3").exists()  # refused before it opened anything
+    # Released with its holder; the file stays, naming a process that has ended, and blocks nothing.
+    with data_dir_lock(data):
+        pass
