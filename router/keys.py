@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pluggy
@@ -15,6 +16,9 @@ from .core import Core
 from .metrics import Metrics
 from .outbox import OutboxPolicy
 from .store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:  # the inbox's module imports this one
+    from .inbox.api import OutboxWatch
 
 CONFIG = web.AppKey("config", Config)
 DATA_DIR = web.AppKey("data_dir", Path)
@@ -30,3 +34,4 @@ BODY_DEADLINE = web.AppKey("body_deadline", BodyDeadline)  # how long a request 
 STAFF = web.AppKey("staff", tuple)  # the StaffMembers whose tokens the inbox API accepts
 CHANNEL_PLUGINS = web.AppKey("channel_plugins", dict)  # channel name -> the plugin that provides it
 WORKERS = web.AppKey("workers", list)  # the outbox's and the escalation scheduler's tasks, for /healthz
+OUTBOX_WATCH: web.AppKey[OutboxWatch] = web.AppKey("outbox_watch")  # /healthz's memory of the outbox's outcomes

@@ -5,6 +5,7 @@ if it did not exist. Also ``/healthz`` and ``/metrics``."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import re
@@ -19,7 +20,7 @@ from .. import idempotency, keys
 from ..channel import json_error
 from ..config import Config, StaffMember
 from ..search import MAX_WORDS, search_words
-from ..store.sqlite import iso
+from ..store.sqlite import iso, parse_iso
 from ..tracking import FLAGS
 from . import queries
 from .openapi import MAX_ID, openapi_document
@@ -29,6 +30,13 @@ MAX_TEXT = 20_000
 HEALTH_TIMEOUT_SECONDS = 5
 # ... and writes only when no transaction committed in this many seconds (under load, never).
 HEALTH_FRESH_SECONDS = 5
+# /healthz fails when outbox rows have been due this long and the outbox has recorded no outcome
+# (sent, failed, to be tried again) for as long: a worker that is stuck, which a restart mends.
+# Not a provider that is down: its failures are outcomes, and a restart would not mend it.
+OUTBOX_STALL_SECONDS = 300.0
+# /healthz counts the outbox's rows up to this many: a backlog of a million costs it no more
+# than one of ten thousand. /metrics counts them all.
+HEALTH_COUNT_LIMIT = 10_000
 STATES = ("open", "acknowledged", "answered", "waiting", "closed")
 
 
@@ -458,27 +466,93 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
+# The outbox's rows due now (pending and due, or claimed by a worker whose lease ran out: what
+# a worker would claim), since when the oldest of each kind is due, and the rows waiting for a
+# later attempt. Each is a range of the index outbox_due (state, next_attempt_at), and each count
+# stops at :limit; only the rows in 'sending' (a batch or two) are read from the table.
+OUTBOX_HEALTH_SQL = (
+    "SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM outbox WHERE state = 'pending' AND next_attempt_at <= :now LIMIT :limit)),"
+    " (SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' AND next_attempt_at <= :now),"
+    " (SELECT COUNT(*) FROM (SELECT 1 FROM outbox WHERE state = 'sending' AND claimed_until <= :now LIMIT :limit)),"
+    " (SELECT MIN(claimed_until) FROM outbox WHERE state = 'sending' AND claimed_until <= :now),"
+    " (SELECT COUNT(*) FROM (SELECT 1 FROM outbox WHERE state = 'pending' AND next_attempt_at > :now LIMIT :limit))"
+)
+
+
+async def _outbox_health(app: web.Application) -> dict[str, Any]:
+    """The outbox as /healthz shows it: ``due``, the rows a worker should be sending now (counted
+    up to ``HEALTH_COUNT_LIMIT``); ``oldest_due_seconds``, how long the oldest of them has been
+    due (null when none is); ``retrying``, the rows waiting for a later attempt after a failure."""
+    now = app[keys.CLOCK].now()
+    row = await app[keys.STORE].fetchone(OUTBOX_HEALTH_SQL, {"now": iso(now), "limit": HEALTH_COUNT_LIMIT})
+    assert row is not None
+    pending, pending_since, expired, expired_since, retrying = row
+    since = min(filter(None, (parse_iso(pending_since), parse_iso(expired_since))), default=None)
+    return {
+        "due": min(pending + expired, HEALTH_COUNT_LIMIT),
+        "oldest_due_seconds": None if since is None else round(max(0.0, (now - since).total_seconds()), 3),
+        "retrying": retrying,
+    }
+
+
+@dataclasses.dataclass
+class OutboxWatch:
+    """How many outcomes the outbox worker had recorded when /healthz last looked, and since
+    when (``time.monotonic``) that count has stood still."""
+
+    outcomes: int = 0
+    since: float = dataclasses.field(default_factory=time.monotonic)
+
+    def quiet_for(self, outcomes: int) -> float:
+        """Seconds the count of outcomes has not moved, as far as /healthz has seen."""
+        now = time.monotonic()
+        if outcomes != self.outcomes:
+            self.outcomes, self.since = outcomes, now
+        return now - self.since
+
+
+def _outbox_stuck(app: web.Application, outbox: dict[str, Any]) -> str | None:
+    """Why the outbox counts as stuck, or None: its task runs, rows have been due for
+    ``OUTBOX_STALL_SECONDS``, and it has recorded no outcome at all for as long. A provider that
+    is down is not stuck (each failure is an outcome, and the rows wait for their retry), nor a
+    long backlog that is being sent."""
+    worker = app[keys.CORE].outbox
+    running = any(task.get_name() == "outbox" and not task.done() for task in app[keys.WORKERS])
+    if worker is None or not running:
+        return None
+    quiet = app[keys.OUTBOX_WATCH].quiet_for(worker.sent + worker.failed + worker.retried)
+    waited = outbox["oldest_due_seconds"]
+    if waited is None or waited < OUTBOX_STALL_SECONDS or quiet < OUTBOX_STALL_SECONDS:
+        return None
+    return (f"outbox stuck: {outbox['due']} deliveries due (the oldest for {waited:.0f} s) and no delivery outcome"
+            f" for {quiet:.0f} s; restart the service")
+
+
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     store = request.app[keys.STORE]
     try:
-        # A write: a database that is read-only or full still answers reads. Unless rows were
-        # committed just now, which shows the same without another fsync.
-        if store.outage is not None or time.monotonic() - store.committed_at > HEALTH_FRESH_SECONDS:
-            async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
+        async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
+            # A write: a database that is read-only or full still answers reads. Unless rows
+            # were committed just now, which shows the same without another fsync.
+            if store.outage is not None or time.monotonic() - store.committed_at > HEALTH_FRESH_SECONDS:
                 await store.probe()
+            outbox = await _outbox_health(request.app)
     except TimeoutError:
-        return web.json_response({"status": "error", "detail": f"the database did not take a write within "
-                                  f"{HEALTH_TIMEOUT_SECONDS} s"}, status=503)
+        return web.json_response({"status": "error", "detail": f"the database did not take a write or answer a read"
+                                  f" within {HEALTH_TIMEOUT_SECONDS} s"}, status=503)
     except Exception as exc:  # report, do not crash the probe
         return web.json_response({"status": "error", "detail": str(exc)}, status=503)
     # A worker that ended (it never should: each pass's failure is logged and the next one
     # runs) leaves messages stored and acknowledged to providers but never sent or escalated.
     ended = [task.get_name() for task in request.app[keys.WORKERS] if task.done()]
     if ended:
-        return web.json_response({"status": "error", "detail": f"stopped: {', '.join(ended)}; restart the service"},
-                                 status=503)
-    return web.json_response({"status": "ok", "channels": sorted(request.app[keys.CORE].channels)})
+        return web.json_response({"status": "error", "detail": f"stopped: {', '.join(ended)}; restart the service",
+                                  "outbox": outbox}, status=503)
+    stuck = _outbox_stuck(request.app, outbox)
+    if stuck is not None:
+        return web.json_response({"status": "error", "detail": stuck, "outbox": outbox}, status=503)
+    return web.json_response({"status": "ok", "channels": sorted(request.app[keys.CORE].channels), "outbox": outbox})
 
 
 @routes.get("/metrics")
@@ -499,4 +573,5 @@ def setup_inbox(app: web.Application, *, allow_demo_tokens: bool = True) -> None
     """Mount the API; demo tokens (from the configuration's defaults) only when allowed."""
     config = app[keys.CONFIG]
     app[keys.STAFF] = tuple(m for m in config.staff if allow_demo_tokens or not m.demo)
+    app[keys.OUTBOX_WATCH] = OutboxWatch()
     app.router.add_routes(routes)

@@ -251,6 +251,20 @@ _SCHEMAS: dict[str, Any] = {
         "id": {"type": "string"}, "name": {"type": "string"}, "kind": {"enum": ["own", "external"]},
         "languages": {"type": "array", "items": {"type": "string"}}, "first_response_hours": {"type": "number"},
         "escalate_to": _STRING_OR_NULL, "email": _STRING_OR_NULL, "oversees": {"type": "array", "items": {"type": "string"}}}),
+    "Health": _record(["status"], {
+        "status": {"enum": ["ok", "error"]},
+        "channels": {"type": "array", "items": {"type": "string"}, "description": "The channels that are on (with ok)."},
+        "detail": {"type": "string", "description": "What is wrong (with error)."},
+        "outbox": {**_ref("OutboxHealth"), "description": "Not when the database failed the check."}}),
+    "OutboxHealth": _record(["due", "oldest_due_seconds", "retrying"], {
+        "due": {"type": "integer", "minimum": 0, "maximum": 10000,
+                "description": "Deliveries (acknowledgements, replies, notifications) due now: queued and due, or claimed by a"
+                               " worker whose lease ran out. Counted up to 10,000; /metrics counts every row."},
+        "oldest_due_seconds": {"type": ["number", "null"], "minimum": 0,
+                               "description": "How long the oldest of them has been due; null when none is."},
+        "retrying": {"type": "integer", "minimum": 0, "maximum": 10000,
+                     "description": "Deliveries waiting for a later attempt after a failure (a provider that is down, a"
+                                    " refusal to retry). Counted up to 10,000."}}),
     "Stat": _record(["channel", "unit", "received", "acknowledged", "answered", "overdue", "median_first_answer_seconds"], {
         "channel": {"type": "string"}, "unit": {"type": "string"}, "received": {"type": "integer"},
         "acknowledged": {"type": "integer"}, "answered": {"type": "integer"}, "overdue": {"type": "integer"},
@@ -370,7 +384,15 @@ def openapi_document(unit_ids: tuple[str, ...] = ()) -> dict[str, Any]:
                     **_errors("400", "401")}}},
             "/api/v1/me": {"get": {"summary": "Who the token belongs to and which units it sees", "responses": {"200": _json(_record(["name", "units"], {"name": {"type": "string"}, "units": {"type": "array", "items": {"type": "string"}}})), **_errors("401")}}},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI document"}}}},
-            "/healthz": {"get": {"summary": "Health", "security": [], "responses": {"200": {"description": "ok"}, "503": {"description": "storage unavailable"}}}},
+            "/healthz": {"get": {
+                "summary": "Health: the database takes writes, the workers run, and what the outbox has due",
+                "description": "503 when the database does not take a write (or answer a read) within 5 s, when the outbox or"
+                               " the escalation scheduler has stopped, or when the outbox is stuck: deliveries due for 5 minutes"
+                               " and no outcome (sent, failed, to be tried again) recorded for as long. A provider that is down"
+                               " is not a 503: its failures are outcomes, and a restart would not mend it; its backlog shows in"
+                               " outbox.",
+                "security": [], "responses": {"200": _json(_ref("Health"), "ok"),
+                                              "503": _json(_ref("Health"), "error: detail says what is wrong")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "text/plain exposition format"}}}},
         },
         "components": {

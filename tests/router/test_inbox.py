@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from datetime import timedelta
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from router.hookspecs import Capabilities, Channel, OutboundMessage, RetryableDeliveryError, SendResult, hookimpl
+from router.inbox import api
+from router.outbox import OutboxPolicy
+from router.store.sqlite import _connect, apply_migrations, iso
+from router.testing import CoreHarness
+
+from ..reliability.helpers import wait_until
 from .helpers import vm_steps, webform_message
 
 
@@ -245,6 +255,168 @@ async def test_health_fails_while_the_database_refuses_writes_and_metrics_count_
     assert status == 201 and harness.core.store.outage is None
     text = await (await harness.client.get("/metrics")).text()
     assert "contact_router_storage_unavailable 3" in text
+
+
+async def test_health_shows_the_deliveries_due_and_how_long_the_oldest_has_waited(harness):
+    """/healthz looked at the database and the workers' tasks only: acknowledgements that did
+    not go out were not to be seen there."""
+    response = await harness.client.get("/healthz")
+    assert (await response.json())["outbox"] == {"due": 0, "oldest_due_seconds": None, "retrying": 0}
+    await _case(harness)
+    harness.clock.advance(timedelta(seconds=90))
+    await _case(harness)
+    harness.clock.advance(timedelta(seconds=30))
+    response = await harness.client.get("/healthz")
+    body = await response.json()
+    # No worker runs here (the test drives the outbox): shown, and no reason to fail.
+    assert response.status == 200 and body["status"] == "ok"
+    assert body["outbox"] == {"due": 2, "oldest_due_seconds": 120.0, "retrying": 0}
+    await harness.run_outbox()
+    response = await harness.client.get("/healthz")
+    assert (await response.json())["outbox"] == {"due": 0, "oldest_due_seconds": None, "retrying": 0}
+
+
+class ChatPlugin:
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    @hookimpl
+    def register_channels(self):
+        return [self.channel]
+
+
+def _chat(key: str, number: int) -> dict:
+    return {"channel": "healthchat", "channel_message_id": key, "text": "Baustelle vor dem Haus",
+            "sender": {"kind": "phone", "address": f"+49151123{number:05d}"}}
+
+
+class StuckChat(Channel):
+    """A plugin whose send never ends, not even when the outbox's timeout cancels it (it
+    swallows the cancellation, as a careless retry loop does): the worker's task runs on, but
+    waits for that send and claims nothing more."""
+
+    name = "healthchat"
+    capabilities = Capabilities(identity_kinds=("phone",))
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.calls += 1
+        while not self.release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.release.wait()
+        return SendResult(provider_id=f"stuck-{message.outbox_id}")
+
+
+async def test_health_fails_when_the_outbox_is_stuck_with_deliveries_due(tmp_path, monkeypatch):
+    """The outbox's task alive, but sending nothing: /healthz said ok while every
+    acknowledgement stayed queued, and only a restart would have sent them."""
+    monkeypatch.setattr(api, "OUTBOX_STALL_SECONDS", 0.5)
+    plugin = ChatPlugin(StuckChat())
+    policy = OutboxPolicy(poll_seconds=0.02, send_timeout=0.1)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy, run_workers=True) as harness:
+        try:
+            await harness.core.ingest(_chat("stuck-1", 1))
+            assert await wait_until(lambda: plugin.channel.calls == 1, 10, 0.01)
+            await harness.core.ingest(_chat("stuck-2", 2))  # due, and never claimed
+            response = await harness.client.get("/healthz")
+            body = await response.json()
+            assert response.status == 200 and body["outbox"]["due"] == 1  # due just now: no reason to fail yet
+            harness.clock.advance(timedelta(seconds=1))
+
+            async def unhealthy() -> bool:
+                return (await harness.client.get("/healthz")).status == 503
+
+            assert await wait_until(unhealthy, 10, 0.05)
+            body = await (await harness.client.get("/healthz")).json()
+            assert body["status"] == "error" and "outbox" in body["detail"] and "restart" in body["detail"], body
+            assert body["outbox"]["due"] == 1 and body["outbox"]["oldest_due_seconds"] >= 1
+        finally:
+            plugin.channel.release.set()
+
+        async def healthy() -> bool:
+            return (await harness.client.get("/healthz")).status == 200
+
+        assert await wait_until(lambda: plugin.channel.calls == 2, 10, 0.01)
+        assert await wait_until(healthy, 10, 0.05)
+
+
+class DownChat(Channel):
+    """A provider that is down: every send fails after a moment."""
+
+    name = "healthchat"
+    capabilities = Capabilities(identity_kinds=("phone",))
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        raise RetryableDeliveryError("503 Service Unavailable")
+
+
+async def test_health_shows_a_backlog_behind_a_provider_that_is_down_without_failing(tmp_path, monkeypatch):
+    """A provider's outage is no reason to restart the service: a restart mends no provider,
+    and an orchestrator would restart a healthy service in a loop. While the outbox keeps
+    trying (each failure is an outcome), /healthz stays 200 and shows what waits, also when
+    deliveries have been due for longer than a stuck outbox is allowed."""
+    monkeypatch.setattr(api, "OUTBOX_STALL_SECONDS", 1.0)
+    plugin = ChatPlugin(DownChat())
+    policy = OutboxPolicy(poll_seconds=0.02, send_timeout=5, batch_size=1, concurrency=1, base_delay=40, max_delay=40,
+                          retry_seconds=86400)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy, run_workers=True) as harness:
+        for i in range(5):
+            await harness.core.ingest(_chat(f"down-{i}", i))
+        assert await wait_until(lambda: plugin.channel.calls >= 1, 10, 0.01)
+        seen = []
+        until = time.monotonic() + 3 * api.OUTBOX_STALL_SECONDS
+        while time.monotonic() < until:
+            harness.clock.advance(timedelta(seconds=30))  # the retries fall due, and what is due waits longer
+            response = await harness.client.get("/healthz")
+            body = await response.json()
+            assert response.status == 200, body
+            seen.append(body["outbox"])
+            await asyncio.sleep(0.05)
+        assert max(o["oldest_due_seconds"] or 0 for o in seen) > api.OUTBOX_STALL_SECONDS
+        assert max(o["retrying"] for o in seen) > 0
+        assert await harness.count("outbox", "state = 'sent'") == 0
+
+
+def _health_cost(tmp_path, sent: int, due: int, limit: int) -> tuple[int, tuple]:
+    """SQLite VM steps of /healthz's look at the outbox, with ``sent`` rows sent and ``due``
+    rows due, counting up to ``limit``; and what it read."""
+    conn = _connect(tmp_path / f"health-{sent}-{due}.sqlite3")
+    apply_migrations(conn)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO messages (id, direction, kind, channel, text, created_at) VALUES (1, 'out', 'ack', 'c', 't', 'x')")
+    conn.executemany(
+        "INSERT INTO outbox (message_id, channel, kind, to_kind, to_address, state, next_attempt_at, idempotency_key,"
+        " created_at, updated_at) VALUES (1, 'c', 'ack', 'phone', '+491701234567', ?, ?, ?, 'x', 'x')",
+        [("sent" if i < sent else "pending", f"2026-01-01T00:{i % 60:02d}:00.{i:06d}Z", f"k{i}") for i in range(sent + due)],
+    )
+    conn.execute("COMMIT")
+    params = {"now": iso(datetime(2026, 1, 2, tzinfo=UTC)), "limit": limit}
+    steps, row = vm_steps(conn, lambda: tuple(conn.execute(api.OUTBOX_HEALTH_SQL, params).fetchone()))
+    conn.close()
+    return steps, row
+
+
+def test_health_reads_the_outbox_by_its_index_not_the_whole_table(tmp_path):
+    """/healthz is asked every few seconds: a million rows sent, or a backlog of a million
+    due, must not make each answer read them all."""
+    few, row = _health_cost(tmp_path, 0, 10, 100)
+    history, _ = _health_cost(tmp_path, 20_000, 10, 100)
+    assert history < 2 * few, (few, history)
+    at_limit, _ = _health_cost(tmp_path, 0, 100, 100)
+    backlog, row = _health_cost(tmp_path, 0, 20_000, 100)
+    assert backlog < 2 * at_limit, (at_limit, backlog)
+    assert row[0] == 100  # counted up to the limit
+    plan = " ".join(r[3] for r in sqlite3.connect(tmp_path / "health-0-10.sqlite3").execute(
+        "EXPLAIN QUERY PLAN " + api.OUTBOX_HEALTH_SQL, {"now": "x", "limit": 1}))
+    assert "SCAN outbox" not in plan and "outbox_due" in plan, plan
 
 
 async def test_callback_reached_answers_the_conversation(harness):

@@ -211,6 +211,10 @@ async def test_every_field_of_real_answers_is_described_and_matches(harness):
     await call("get", "/api/v1/stats", "/api/v1/stats?from=2026-01-01", 200)
     await call("get", "/api/v1/units", "/api/v1/units", 200)
     await call("get", "/api/v1/me", "/api/v1/me", 200)
+    await call("get", "/healthz", "/healthz", 200, token=None)
+    with harness.refusing_writes():
+        await harness.api("POST", f"/api/v1/conversations/{case}/notes", json={"text": "Kolonne informiert"})
+        await call("get", "/healthz", "/healthz", 503, token=None)
     for method, path, status, body in answers:
         pointer = _pointer("paths", path, method, "responses", str(status), "content", "application/json", "schema")
         _at(pointer).validate(body)
