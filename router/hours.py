@@ -1,4 +1,5 @@
-"""Business hours: whether a unit is open, and when a deadline of N working hours falls.
+"""Business hours: whether a unit is open, and when a deadline of N working hours falls; and
+calendar days in a timezone (the same wall-clock time N dates later: the reopen window).
 
 Deadlines count only the unit's opening hours in its timezone (Europe/Berlin by default), so a
 message on Friday evening to a unit with four working hours is due on Monday morning, and
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -125,13 +127,75 @@ def _moment(day: date, wall: time, zone: ZoneInfo) -> datetime:
     """The UTC moment of a wall-clock time; for one the clocks skip (02:30 on the night they go
     forward), the moment they jump. Taken as the hour after, an interval opening at 02:30 on
     that night closed before it opened, and counting its hours went backwards."""
-    moment = datetime.combine(day, wall, zone).astimezone(UTC)
-    if moment.astimezone(zone).replace(tzinfo=None) == datetime.combine(day, wall):
+    return at_wall_clock(datetime.combine(day, wall), zone)
+
+
+def wall_clock(moment: datetime, zone: ZoneInfo) -> datetime:
+    """What the clocks in ``zone`` show at ``moment`` (aware), as a naive datetime."""
+    return moment.astimezone(zone).replace(tzinfo=None, fold=0)
+
+
+def at_wall_clock(wall: datetime, zone: ZoneInfo, *, last: bool = False) -> datetime:
+    """The moment (aware, UTC) the clocks in ``zone`` show ``wall`` (naive). Where they show it
+    twice (the hour they go back), the first time, or with ``last`` the second; where they never
+    show it (the hour they skip), the moment they jump past it."""
+    moment = wall.replace(tzinfo=zone, fold=int(last)).astimezone(UTC)
+    if wall_clock(moment, zone) == wall:
         return moment
-    offset = moment.astimezone(zone).utcoffset()
-    while (moment - _MINUTE).astimezone(zone).utcoffset() == offset:
-        moment -= _MINUTE
-    return moment
+    # Skipped: read with the offset before the jump it is a moment after it, with the one after
+    # the jump a moment before it.
+    return _change(wall.replace(tzinfo=zone, fold=1).astimezone(UTC), wall.replace(tzinfo=zone, fold=0).astimezone(UTC), zone)
 
 
-_MINUTE = timedelta(minutes=1)
+def days_later(moment: datetime, days: float, zone: ZoneInfo) -> datetime:
+    """``days`` calendar days after ``moment`` (aware), in UTC: the same wall-clock time in
+    ``zone`` that many dates later, however the clocks changed in between (24-hour days end an
+    hour early or late across a change). The span lasts while the clocks show no later time:
+    where they show that time twice, until the second; where they skip it, until they jump past
+    it. A fraction of a day is added after that as time that passes (0.5: twelve hours)."""
+    whole = math.floor(days)
+    end = moment.astimezone(UTC)
+    if whole:
+        end = at_wall_clock(wall_clock(moment, zone) + timedelta(days=whole), zone, last=True)
+    return end + timedelta(days=days - whole)
+
+
+def days_earlier(now: datetime, days: float, zone: ZoneInfo) -> datetime:
+    """The earliest moment (UTC) whose ``days_later`` is not before ``now``: a moment before it
+    is more than ``days`` calendar days before ``now``. Not every moment after it is within
+    them: in the hour the clocks go back a later moment shows an earlier time. So it bounds a
+    query over stored stamps, and ``days_later`` decides for each."""
+    whole = math.floor(days)
+    end = now.astimezone(UTC) - timedelta(days=days - whole)
+    if not whole:
+        return end
+    return at_wall_clock(_lowest_wall_clock_from(end, zone) - timedelta(days=whole), zone)
+
+
+def _lowest_wall_clock_from(moment: datetime, zone: ZoneInfo) -> datetime:
+    """The earliest time the clocks in ``zone`` show from ``moment`` (UTC) on, or showed just
+    before it: in the first pass of the hour they go back, the start of that hour; at the moment
+    they jump forward, the time they jumped from. A span that ends at this time or later (by
+    ``days_later``) reaches ``moment``."""
+    wall = wall_clock(moment, zone)
+    lowest = min(wall, wall_clock(moment - _MICROSECOND, zone) + _MICROSECOND)
+    second = at_wall_clock(wall, zone, last=True)
+    if second > moment:  # the clocks go back before they show this time again
+        lowest = min(lowest, wall_clock(_change(moment, second, zone), zone))
+    return lowest
+
+
+def _change(before: datetime, after: datetime, zone: ZoneInfo) -> datetime:
+    """The first moment in (``before``, ``after``] with the UTC offset of ``after``: when the
+    clocks changed between the two (once), found to the microsecond by halving the interval."""
+    offset = after.astimezone(zone).utcoffset()
+    while after - before > _MICROSECOND:
+        middle = before + (after - before) // 2
+        if middle.astimezone(zone).utcoffset() == offset:
+            after = middle
+        else:
+            before = middle
+    return after
+
+
+_MICROSECOND = timedelta(microseconds=1)

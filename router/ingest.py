@@ -33,7 +33,8 @@ from .tracking import (
     queue_outbound,
     record_event,
     renew_deadline,
-    reopen_window,
+    reopen_earliest,
+    reopen_passed,
     to_json,
 )
 from .validation import validate_inbound
@@ -143,7 +144,7 @@ def _find_thread(
     topic_unit: Callable[[Mapping[str, Any]], str] | None = None,
     other_chats: tuple[str, ...] = (),
     stale: Callable[[Mapping[str, Any]], bool] | None = None,
-    reopen_since: datetime | None = None,
+    reopen_since: Callable[[], datetime] | None = None,
 ) -> Thread:
     """Where the message belongs (``Thread``: a conversation to join, one merely referred to, one it
     follows). A case reference joins only the
@@ -160,7 +161,8 @@ def _find_thread(
     whose conversation of the sender, when this channel has none open, is referred to (an SMS
     from the number of a WhatsApp case); ``stale``: whether a conversation settled longer ago
     than the reopen window, which neither that link nor an answer to a copy reaches;
-    ``reopen_since``: the moment before which a closed conversation is out of that window."""
+    ``reopen_since``: gives the moment before which a closed conversation is out of that window
+    (worked out only when needed: it takes longer than the rest of a message's time arithmetic)."""
     thread = msg.get("thread") or {}
     if thread.get("status_token"):
         row = conn.execute("SELECT * FROM conversations WHERE status_token = ?", (thread["status_token"],)).fetchone()
@@ -253,7 +255,7 @@ def _find_thread(
                 " FROM conversations c WHERE c.contact_id = ? AND c.channel != ?"
                 " AND (c.state != 'closed' OR c.closed_at >= ?))"
                 " WHERE latest_copy IS NOT NULL ORDER BY latest_copy DESC LIMIT 5",
-                (msg["channel"], msg["sender"]["address"], contact_id, msg["channel"], iso(reopen_since) if reopen_since else ""),
+                (msg["channel"], msg["sender"]["address"], contact_id, msg["channel"], iso(reopen_since()) if reopen_since else ""),
             ):
                 if same_matter(row):
                     return Thread(row, referred)
@@ -433,7 +435,7 @@ def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[st
         since = max(filter(None, (parse_iso(conv["updated_at"]), parse_iso(latest[0]) if latest else None)), default=None)
     else:
         return False
-    return since is not None and now - since > reopen_window(config)
+    return since is not None and reopen_passed(config, since, now)
 
 
 def _sent_anything(conn: sqlite3.Connection, conversation_id: int) -> bool:
@@ -521,7 +523,7 @@ def ingest_tx(
             config, m, is_customer=is_customer, language=prep.language, normalized_text=prep.folded)[0].unit,
         other_chats=prep.other_chats,
         stale=settled,
-        reopen_since=now - reopen_window(config),
+        reopen_since=lambda: reopen_earliest(config, now),
     )
     needs_ack = False
     if conv is None and follows is not None and automated:

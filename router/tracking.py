@@ -14,8 +14,10 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from .config import Config
+from .hours import days_earlier, days_later
 from .store.sqlite import iso, parse_iso
 from .templates import Templates, format_deadline
 from .text import new_case_reference, sortable_token
@@ -415,8 +417,34 @@ def written_since(conn: sqlite3.Connection, conversation_id: int, message_id: in
     ).fetchone()
 
 
-def reopen_window(config: Config) -> timedelta:
-    return timedelta(days=config.reopen_days)
+def reopen_until(config: Config, since: datetime) -> datetime:
+    """When a conversation settled at ``since`` (closed, or answered or waiting with nothing
+    since) leaves the reopen window: ``reopen_days`` calendar days later in the service's
+    timezone, at the same wall-clock time (``hours.days_later``). As 24-hour days, the window
+    ended an hour before or after that time of day across a change of the clocks."""
+    return days_later(since, config.reopen_days, ZoneInfo(config.timezone))
+
+
+def reopen_passed(config: Config, since: datetime, now: datetime) -> bool:
+    """Whether ``now`` is past the reopen window of a conversation settled at ``since``
+    (``reopen_until``). Asked for each conversation a message may join: away from the window's
+    end, elapsed time answers at once (a change of the clocks moves the end by hours, never by
+    ``_CLOCK_SLACK``); near it, the wall clock does."""
+    elapsed, window = now - since, timedelta(days=config.reopen_days)
+    if abs(elapsed - window) > _CLOCK_SLACK:
+        return elapsed > window
+    return now > reopen_until(config, since)
+
+
+# More than the clocks of any timezone have ever been moved by (Samoa skipped a day in 2011).
+_CLOCK_SLACK = timedelta(days=2)
+
+
+def reopen_earliest(config: Config, now: datetime) -> datetime:
+    """The earliest moment whose reopen window (``reopen_until``) still holds ``now``: for SQL
+    over stored UTC stamps, a conversation settled before it is out of the window. One settled
+    after it may be out as well (in the hour the clocks go back): ``reopen_until`` decides."""
+    return days_earlier(now, config.reopen_days, ZoneInfo(config.timezone))
 
 
 # The distinct units of all conversations, one seek in ``conversations_unit`` per unit (a plain

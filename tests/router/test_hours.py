@@ -87,3 +87,42 @@ def test_an_opening_interval_includes_its_start_and_not_its_end():
     assert OFFICE.is_open(monday.replace(hour=7))  # 08:00 Berlin
     assert OFFICE.is_open(monday.replace(hour=16, minute=59, second=59))
     assert not OFFICE.is_open(monday.replace(hour=17))  # 18:00 Berlin
+
+
+def test_a_wall_clock_time_the_clocks_show_twice_or_skip_has_one_moment_chosen():
+    """The first or (``last``) second of a time shown twice; the jump for one skipped."""
+    from zoneinfo import ZoneInfo
+
+    from router.hours import at_wall_clock
+
+    berlin = ZoneInfo("Europe/Berlin")
+    assert at_wall_clock(datetime(2026, 10, 25, 2, 30), berlin) == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+    assert at_wall_clock(datetime(2026, 10, 25, 2, 30), berlin, last=True) == datetime(2026, 10, 25, 1, 30, tzinfo=UTC)
+    for last in (False, True):
+        assert at_wall_clock(datetime(2026, 3, 29, 2, 30), berlin, last=last) == datetime(2026, 3, 29, 1, 0, tzinfo=UTC)
+        assert at_wall_clock(datetime(2026, 3, 29, 12, 0), berlin, last=last) == datetime(2026, 3, 29, 10, 0, tzinfo=UTC)
+
+
+def test_calendar_days_end_at_the_same_wall_clock_time_whatever_the_clocks_did():
+    """``days_later`` is the last moment the clocks show no later time than the start's, that
+    many dates on: checked against that definition, read off the clocks minute by minute, for
+    starts every quarter of an hour around both changes of 2026 in Berlin."""
+    from zoneinfo import ZoneInfo
+
+    from router.hours import days_later, wall_clock
+
+    berlin = ZoneInfo("Europe/Berlin")
+    for change in (datetime(2026, 3, 29, 1, 0, tzinfo=UTC), datetime(2026, 10, 25, 1, 0, tzinfo=UTC)):
+        for days in (1, 7):
+            for quarter in range(-12, 12):
+                start = change - timedelta(days=days, minutes=15 * quarter)
+                target = wall_clock(start, berlin) + timedelta(days=days)
+                minutes = [start + timedelta(days=days, minutes=m) for m in range(-180, 181)]
+                expected = max(m for m in minutes if wall_clock(m, berlin) <= target)
+                end = days_later(start, days, berlin)
+                if any(wall_clock(m, berlin) == target for m in minutes):
+                    assert end == expected, (start, end, expected)
+                else:  # skipped: the minute after the last that shows an earlier time, when they jump
+                    assert end == expected + timedelta(minutes=1), (start, end, expected)
+    assert days_later(datetime(2026, 3, 28, 11, 0, tzinfo=UTC), 1.5, berlin) == datetime(2026, 3, 29, 22, 0, tzinfo=UTC)
+    assert days_later(datetime(2026, 3, 28, 11, 0, tzinfo=UTC), 0, berlin) == datetime(2026, 3, 28, 11, 0, tzinfo=UTC)

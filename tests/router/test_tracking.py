@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -876,3 +877,80 @@ async def test_a_copy_of_an_answer_that_was_delivered_does_not_hold_back_a_later
     assert row["state"] == "acknowledged"
     harness.clock.set(datetime.fromisoformat(row["deadline"].replace("Z", "+00:00")) + timedelta(minutes=5))
     assert [(e["from_unit"], e["to_unit"]) for e in await harness.escalate()] == [("tiefbau-muster", "bauhotline")]
+
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def _berlin(year: int, month: int, day: int, hour: int, minute: int = 0, *, fold: int = 0) -> datetime:
+    """A wall-clock time in Berlin (``fold`` 1: the second of a time the clocks show twice)."""
+    return datetime(year, month, day, hour, minute, fold=fold, tzinfo=BERLIN)
+
+
+@pytest.mark.parametrize(
+    ("closed", "written", "reopens"),
+    [
+        # Closed at noon two weeks before the clocks go forward: the window ends at noon, an
+        # hour sooner than 14 x 24 hours (which reopened it at 12:30).
+        (_berlin(2026, 3, 15, 12), _berlin(2026, 3, 29, 11, 59), True),
+        (_berlin(2026, 3, 15, 12), _berlin(2026, 3, 29, 12, 30), False),
+        # ... and before they go back: an hour later than 14 x 24 hours (which opened a new case at 11:30).
+        (_berlin(2026, 10, 11, 12), _berlin(2026, 10, 25, 11, 30), True),
+        (_berlin(2026, 10, 11, 12), _berlin(2026, 10, 25, 12, 1), False),
+        # 02:30 comes twice on the last night: the window lasts until the second one.
+        (_berlin(2026, 10, 11, 2, 30), _berlin(2026, 10, 25, 2, 45), True),
+        (_berlin(2026, 10, 11, 2, 30), _berlin(2026, 10, 25, 2, 15, fold=1), True),
+        (_berlin(2026, 10, 11, 2, 30), _berlin(2026, 10, 25, 2, 30, fold=1), True),
+        (_berlin(2026, 10, 11, 2, 45), _berlin(2026, 10, 25, 2, 50, fold=1), False),
+        # 02:30 never comes on the last night: the window lasts until the clocks jump past it.
+        (_berlin(2026, 3, 15, 2, 30), _berlin(2026, 3, 29, 3, 0), True),
+        (_berlin(2026, 3, 15, 2, 30), _berlin(2026, 3, 29, 3, 15), False),
+    ],
+    ids=["march-before-noon", "march-after-noon", "october-before-noon", "october-after-noon",
+         "repeated-first-pass", "repeated-second-pass", "repeated-at-the-end", "repeated-after-the-end",
+         "skipped-at-the-jump", "skipped-after-the-jump"],
+)
+async def test_the_reopen_window_ends_at_the_same_wall_clock_time_across_a_clock_change(tmp_path, closed, written, reopens):
+    """``reopen_days`` counted 24-hour days: across a change of the clocks the window ended an
+    hour before or after the time of day the case was closed at, which is what staff and
+    residents count by."""
+    from router.testing import CoreHarness
+
+    async with CoreHarness(tmp_path / "data", start=closed) as harness:
+        assert harness.config.reopen_days == 14 and harness.config.timezone == "Europe/Berlin"
+        case = await harness.core.ingest(webform_message())
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/close")
+        assert status == 200
+        harness.clock.set(written)
+        later = await harness.core.ingest(webform_message("Noch eine Frage", thread={"status_token": case.status_token}))
+        if reopens:
+            assert later.conversation_id == case.conversation_id and not later.opened
+        else:
+            assert later.conversation_id != case.conversation_id and later.opened
+            linked = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (later.conversation_id,))
+            assert linked[0]["linked_to"] == case.conversation_id
+
+
+@pytest.mark.parametrize("days", [14, 1, 7.25, 0.5, 0])
+def test_the_reopen_window_and_its_bound_for_stored_stamps_agree_around_both_clock_changes(days):
+    """``reopen_earliest`` is what stored stamps are compared with in SQL: every moment whose
+    window (``reopen_until``) still holds ``now`` is at or after it, and none before it is,
+    checked every few minutes over both nights the clocks change, for a ``now`` on that night
+    and for one ``reopen_days`` after it; ``reopen_passed``, which spares the wall clock away
+    from the window's end, answers as ``reopen_until`` does."""
+    import dataclasses
+
+    from router.testing import example_config
+
+    config = dataclasses.replace(example_config(), reopen_days=days)
+    for night in (datetime(2026, 3, 28, 22, 0, tzinfo=UTC), datetime(2026, 10, 24, 22, 0, tzinfo=UTC)):
+        for step in range(0, 6 * 60, 5):  # on the minute the clocks change as well
+            for now in (night + timedelta(minutes=step), night + timedelta(minutes=step, days=days)):
+                bound = tracking.reopen_earliest(config, now)
+                assert tracking.reopen_until(config, bound) >= now, (days, now)
+                for before in (timedelta(microseconds=1), timedelta(minutes=1), timedelta(minutes=59), timedelta(hours=1)):
+                    assert tracking.reopen_until(config, bound - before) < now, (days, now, before)
+                # What a message asks of each conversation, near the end of the window and far from it.
+                for shift in (timedelta(0), timedelta(minutes=-30), timedelta(hours=1), timedelta(days=-3), timedelta(days=3)):
+                    since = bound + shift
+                    assert tracking.reopen_passed(config, since, now) == (now > tracking.reopen_until(config, since))

@@ -15,7 +15,7 @@ import json
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -1057,3 +1057,20 @@ async def test_an_sms_back_exactly_at_the_end_of_the_reopen_window_still_joins(h
     await twilio_post(harness, "sms", sms("SM" + "6" * 32, "Noch eine Frage dazu", sender="+4915112345678"))
     (row,) = await harness.rows("SELECT conversation_id FROM messages WHERE channel = 'phone' AND direction = 'in'")
     assert row["conversation_id"] == form["conversation_id"]
+
+
+async def test_an_sms_back_on_the_last_day_of_the_reopen_window_joins_after_the_clocks_went_back(tmp_path, twilio):
+    """The copy lookup compared stored stamps with ``reopen_days`` times 24 hours before now:
+    a case closed at noon two weeks before the clocks went back was missed at 11:30 on the last
+    day of its window, and the SMS opened a case of its own."""
+    noon = datetime(2026, 10, 11, 10, 0, tzinfo=UTC)  # Sunday 12:00 in Berlin, summer time
+    async with CoreHarness(tmp_path, entrypoints=("webform", "phone"), env=phone_env(twilio), start=noon) as harness:
+        assert harness.config.reopen_days == 14
+        form = await _form(harness, phone="0151 12345678")
+        await _answer(harness, form["conversation_id"])
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{form['conversation_id']}/close")
+        assert status == 200
+        harness.clock.set(datetime(2026, 10, 25, 10, 30, tzinfo=UTC))  # Sunday 11:30, winter time
+        await twilio_post(harness, "sms", sms("SM" + "7" * 32, "Noch eine Frage dazu", sender="+4915112345678"))
+        (row,) = await harness.rows("SELECT conversation_id FROM messages WHERE channel = 'phone' AND direction = 'in'")
+        assert row["conversation_id"] == form["conversation_id"]
