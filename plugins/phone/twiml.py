@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 
 VOICE_LANGUAGES = {"de": "de-DE", "en": "en-GB"}
 
@@ -42,9 +42,14 @@ TEXTS: dict[str, dict[str, str]] = {
         "Zum Beenden drücken Sie die Rautetaste oder legen einfach auf.",
         "thanks": "Vielen Dank für Ihre Nachricht.",
         "goodbye": "Auf Wiederhören.",
-        "today": "heute um {time} Uhr",
-        "tomorrow": "morgen um {time} Uhr",
-        "date": "{weekday}, den {day}. {month}, um {time} Uhr",
+        "today": "heute um {time} Uhr{clock}",
+        "tomorrow": "morgen um {time} Uhr{clock}",
+        "date": "{weekday}, den {day}. {month}, um {time} Uhr{clock}",
+        "summer_time": "Sommerzeit",
+        "standard_time": "Winterzeit",
+        "utc_offset": "UTC {sign} {offset}",
+        "plus": "plus",
+        "minus": "minus",
     },
     "en": {
         "welcome": "Hello, you are through to {company}.",
@@ -67,9 +72,14 @@ TEXTS: dict[str, dict[str, str]] = {
         "Press the hash key or simply hang up when you are done.",
         "thanks": "Thank you for your message.",
         "goodbye": "Goodbye.",
-        "today": "today at {time}",
-        "tomorrow": "tomorrow at {time}",
-        "date": "{weekday} {day} {month} at {time}",
+        "today": "today at {time}{clock}",
+        "tomorrow": "tomorrow at {time}{clock}",
+        "date": "{weekday} {day} {month} at {time}{clock}",
+        "summer_time": "summer time",
+        "standard_time": "standard time",
+        "utc_offset": "UTC {sign} {offset}",
+        "plus": "plus",
+        "minus": "minus",
     },
 }
 
@@ -120,20 +130,42 @@ def spell_reference(reference: str) -> str:
 
 
 def format_callback_time(deadline: datetime, language: str, zone: tzinfo, now: datetime | None = None) -> str:
-    """The call-back deadline as people say it, in local time: ``heute um 16:30 Uhr``."""
+    """The call-back deadline as people say it, in local time: ``heute um 16:30 Uhr``; in the
+    hour the clocks go back, which comes twice, with which of the two it is (``clock_name``)."""
     lang = _lang(language)
     local = deadline.astimezone(zone)
     time = local.strftime("%H:%M")
+    name = clock_name(local, lang)
+    clock = f" {name}" if name else ""
     if now is not None:
         days = (local.date() - now.astimezone(zone).date()).days
         if days == 0:
-            return _text(lang, "today", time=time)
+            return _text(lang, "today", time=time, clock=clock)
         if days == 1:
-            return _text(lang, "tomorrow", time=time)
+            return _text(lang, "tomorrow", time=time, clock=clock)
     return _text(
         lang, "date", weekday=WEEKDAYS[lang][local.weekday()], day=local.day,
-        month=MONTHS[lang][local.month - 1], time=time,
+        month=MONTHS[lang][local.month - 1], time=time, clock=clock,
     )
+
+
+def clock_name(local: datetime, language: str) -> str | None:
+    """For a time in the hour the clocks go back (``local``: aware, in its zone), which of the
+    two moments that show it is meant, in words a voice reads well: ``Sommerzeit`` or
+    ``Winterzeit`` (``summer time``, ``standard time``); where the clocks went back without
+    leaving summer time, the offset (``UTC plus 3``). None at any other time, which the clocks
+    show once. A text writes the offset instead (``(UTC+1)``, ``router.templates``)."""
+    other = local.replace(fold=1 - local.fold)
+    if other.utcoffset() == local.utcoffset():
+        return None
+    summer, other_summer = local.dst(), other.dst()
+    if summer is not None and other_summer is not None and summer != other_summer:
+        # The larger of the two is summer time (Ireland's winter time is a negative one).
+        return _text(language, "summer_time" if summer > other_summer else "standard_time")
+    minutes = int((local.utcoffset() or timedelta(0)).total_seconds() // 60)
+    hours, rest = divmod(abs(minutes), 60)
+    return _text(language, "utc_offset", sign=_text(language, "minus" if minutes < 0 else "plus"),
+                 offset=f"{hours}:{rest:02d}" if rest else str(hours))
 
 
 def callback_promise(deadline: datetime | None, language: str, zone: tzinfo, now: datetime) -> str | None:

@@ -247,6 +247,22 @@ async def test_a_deadline_that_has_passed_is_not_promised(client, core):
 
 
 @pytest.mark.parametrize(
+    ("deadline", "lang", "spoken"),
+    [
+        (datetime(2026, 10, 25, 0, 30, tzinfo=UTC), "de", "Wir rufen Sie bis Sonntag, den 25. Oktober, um 02:30 Uhr Sommerzeit zurück."),
+        (datetime(2026, 10, 25, 1, 30, tzinfo=UTC), "de", "Wir rufen Sie bis Sonntag, den 25. Oktober, um 02:30 Uhr Winterzeit zurück."),
+        (datetime(2026, 10, 25, 1, 30, tzinfo=UTC), "en", "We will call you back by Sunday 25 October at 02:30 standard time."),
+    ],
+)
+async def test_a_call_back_time_the_clocks_show_twice_is_told_as_summer_or_standard_time(client, core, deadline, lang, spoken):
+    """The voicemail prompt promised "02:30" on the night the clocks go back, when 02:30 comes
+    twice an hour apart."""
+    core.deadline = deadline
+    answer = await twiml_of(await twilio_post(client, f"menu?lang={lang}", {**CALLER, "Digits": "3"}))
+    assert spoken in answer.find("Say").text
+
+
+@pytest.mark.parametrize(
     ("service_zone", "channel_zone", "spoken"),
     [
         ("America/New_York", None, "heute um 08:00 Uhr"),  # the service's, like the acknowledgement

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -138,6 +138,49 @@ NOW = datetime(2025, 5, 13, 8, 0, tzinfo=UTC)  # a Tuesday, 10:00 in Berlin
 )
 def test_callback_time_in_local_words(deadline, language, spoken):
     assert twiml.format_callback_time(deadline, language, BERLIN, NOW) == spoken
+
+
+NIGHT = datetime(2026, 10, 24, 22, 0, tzinfo=UTC)  # Sunday 00:00 in Berlin, the night the clocks go back
+
+
+@pytest.mark.parametrize(
+    ("deadline", "language", "spoken"),
+    [
+        # 02:00-03:00 comes twice: first in summer time (UTC+2), then in standard time (UTC+1).
+        (datetime(2026, 10, 25, 0, 30, tzinfo=UTC), "de", "heute um 02:30 Uhr Sommerzeit"),
+        (datetime(2026, 10, 25, 1, 30, tzinfo=UTC), "de", "heute um 02:30 Uhr Winterzeit"),
+        (datetime(2026, 10, 25, 0, 0, tzinfo=UTC), "de", "heute um 02:00 Uhr Sommerzeit"),
+        (datetime(2026, 10, 25, 1, 59, tzinfo=UTC), "de", "heute um 02:59 Uhr Winterzeit"),
+        (datetime(2026, 10, 25, 0, 30, tzinfo=UTC), "en", "today at 02:30 summer time"),
+        (datetime(2026, 10, 25, 1, 30, tzinfo=UTC), "en", "today at 02:30 standard time"),
+        # Before and after that hour, and on the night the clocks go forward: one time, no words.
+        (datetime(2026, 10, 24, 23, 59, tzinfo=UTC), "de", "heute um 01:59 Uhr"),
+        (datetime(2026, 10, 25, 2, 0, tzinfo=UTC), "de", "heute um 03:00 Uhr"),
+        (datetime(2026, 3, 29, 1, 30, tzinfo=UTC), "de", "Sonntag, den 29. März, um 03:30 Uhr"),
+    ],
+)
+def test_a_call_back_time_in_the_hour_the_clocks_repeat_says_which_of_the_two_it_is(deadline, language, spoken):
+    """"heute um 02:30 Uhr" on the night the clocks go back named two moments an hour apart,
+    and the caller could not tell which: the acknowledgement's text writes the offset, a voice
+    says summer or standard time."""
+    assert twiml.format_callback_time(deadline, language, BERLIN, NIGHT) == spoken
+
+
+def test_the_repeated_hour_is_told_in_every_wording_of_a_call_back_time():
+    """Today, tomorrow and a date alike, in German and English."""
+    second = datetime(2026, 10, 25, 1, 30, tzinfo=UTC)
+    assert twiml.format_callback_time(second, "de", BERLIN, NIGHT - timedelta(days=1)) == "morgen um 02:30 Uhr Winterzeit"
+    assert twiml.format_callback_time(second, "en", BERLIN, NIGHT - timedelta(days=1)) == "tomorrow at 02:30 standard time"
+    assert twiml.format_callback_time(second, "de", BERLIN, NIGHT - timedelta(days=3)) == (
+        "Sonntag, den 25. Oktober, um 02:30 Uhr Winterzeit")
+    assert twiml.format_callback_time(second, "en", BERLIN) == "Sunday 25 October at 02:30 standard time"
+    # Clocks that go back without leaving summer time (Moscow's, for good, in October 2014):
+    # the offset, in words a voice reads.
+    moscow, evening = ZoneInfo("Europe/Moscow"), datetime(2014, 10, 25, 20, 0, tzinfo=UTC)
+    assert twiml.format_callback_time(datetime(2014, 10, 25, 21, 30, tzinfo=UTC), "en", moscow, evening) == (
+        "today at 01:30 UTC plus 4")
+    assert twiml.format_callback_time(datetime(2014, 10, 25, 22, 30, tzinfo=UTC), "de", moscow, evening) == (
+        "heute um 01:30 Uhr UTC plus 3")
 
 
 def test_a_deadline_in_the_future_is_promised():
