@@ -297,6 +297,12 @@ class OutboundMessage:
     or reported failed). ``hint`` is set when the message is re-queued after a
     ``ResendAsDeliveryError`` or a failed status asking for another form (``"template"``).
     ``last_inbound_at`` is the contact's last inbound message on this channel (reply windows).
+    ``last_inbound_sent_at`` (optional, added later: None from an older core) is when the
+    contact sent their latest message on this channel by the provider's own clock (the inbound
+    messages' ``sent_at``; their arrival where they carry none; never later than that): a
+    provider that counts its reply window from its own timestamp (WhatsApp's 24 hours) and
+    delivers webhooks late (it retries for days) closes the window before ``last_inbound_at``
+    says. Prefer it, and fall back to ``last_inbound_at`` when it is None.
     """
 
     outbox_id: int
@@ -320,6 +326,7 @@ class OutboundMessage:
     hint: str | None = None
     attempt: int = 1
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    last_inbound_sent_at: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

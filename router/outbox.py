@@ -148,12 +148,12 @@ def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> 
     # acknowledgements is mostly one row per conversation, but it saves the statement overhead
     # of two lookups per row all the same.
     refs: dict[tuple[int, str], list[str]] = {}
-    last_inbound: dict[tuple[int, str], str | None] = {}
+    last_inbound: dict[tuple[int, str], tuple[str | None, str | None]] = {}
     result = []
     for row in claimed:
         item = dict(row)
         item["thread_refs"] = []
-        item["last_inbound_at"] = None
+        item["last_inbound_at"] = item["last_inbound_sent_at"] = None
         # A unit's notification is not part of the resident's thread: its references would let
         # the unit write into it (a forged auto-reply the status page shows as the resident's).
         if row["conversation_id"] is not None and row["kind"] != "notification":
@@ -165,15 +165,41 @@ def claim_due(conn: sqlite3.Connection, now: datetime, policy: OutboxPolicy) -> 
                 # Reply windows (WhatsApp's 24 hours) count inbound messages on this channel only.
                 who = (row["contact_id"], row["channel"])
                 if who not in last_inbound:
-                    last = conn.execute(
-                        "SELECT created_at FROM messages WHERE contact_id = ? AND channel = ? AND direction = 'in'"
-                        " ORDER BY id DESC LIMIT 1",
-                        who,
-                    ).fetchone()
-                    last_inbound[who] = last[0] if last else None
-                item["last_inbound_at"] = last_inbound[who]
+                    last_inbound[who] = _last_inbound(conn, *who)
+                item["last_inbound_at"], item["last_inbound_sent_at"] = last_inbound[who]
         result.append(item)
     return result
+
+
+def _last_inbound(conn: sqlite3.Connection, contact_id: int, channel: str) -> tuple[str | None, str | None]:
+    """When the contact's latest message on the channel arrived, and when they sent the latest
+    one by the provider's clock (its ``sent_at``, never later than its arrival): a message the
+    provider delivered late (Meta retries webhooks for days) arrives last but was sent before.
+    Read newest first, and only as far as a message that arrived before that send time (at
+    most 50: more messages delivered late after the latest sent leave the window counted early,
+    which sends a template where free text would have gone, never the other way)."""
+    arrived = latest = None
+    for created_at, sent_at in conn.execute(
+        "SELECT created_at, json_extract(payload, '$.sent_at') FROM messages WHERE contact_id = ? AND channel = ?"
+        " AND direction = 'in' ORDER BY id DESC LIMIT 50",
+        (contact_id, channel),
+    ):
+        came = parse_iso(created_at)
+        if latest is not None and came <= latest:
+            break
+        arrived = arrived or created_at
+        sent = min(came, _sent_time(sent_at) or came)
+        latest = sent if latest is None else max(latest, sent)
+    return arrived, iso(latest)
+
+
+def _sent_time(value: Any) -> datetime | None:
+    """An inbound message's ``sent_at`` (RFC 3339), or None when it has none that can be read."""
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
 
 
 def _thread_refs(conn: sqlite3.Connection, conversation_id: int, channel: str) -> list[str]:
@@ -813,6 +839,7 @@ class OutboxWorker:
             recipient=item.get("recipient"),
             thread_refs=tuple(item.get("thread_refs") or ()),
             last_inbound_at=parse_iso(item.get("last_inbound_at")),
+            last_inbound_sent_at=parse_iso(item.get("last_inbound_sent_at")),
             hint=item.get("hint"),
             attempt=item["attempts"],
         )

@@ -275,7 +275,10 @@ class WhatsAppChannel(Channel):
             raise PermanentDeliveryError(f"cannot send WhatsApp messages to a {message.to_kind!r} address", address_failed=False)
         number = self.settings.number(message.recipient) or self.settings.numbers[0]
         now = self.context.clock.now()
-        use_template = message.hint == "template" or not graph.within_window(message.last_inbound_at, now)
+        # The window counts from when the person sent their latest message, by Meta's clock: one
+        # Meta delivered late (it retries webhooks for days) opened less of it than its arrival says.
+        written = message.last_inbound_sent_at or message.last_inbound_at
+        use_template = message.hint == "template" or not graph.within_window(written, now)
         if use_template:
             payloads = [self._template_payload(message, number)]
         else:

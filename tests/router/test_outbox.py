@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -1536,3 +1537,54 @@ async def test_a_copy_of_an_answer_that_was_lost_answers_when_it_arrives(harness
     assert await harness.core.store.write(copy_delivered) is not None
     (row,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (case.conversation_id,))
     assert row["state"] == "answered"
+
+
+async def test_a_channel_is_told_when_the_person_sent_their_latest_message_by_the_providers_clock(tmp_path):
+    """A reply window counted from a message's arrival stays open after the provider closed it
+    when the provider delivered the message late: the channel also gets the latest send time
+    its provider gave (``sent_at``, any offset), which is not the latest message to arrive."""
+    sms = SmsChat()
+    async with CoreHarness(tmp_path / "d", plugins=[_chat_and_sms(sms)]) as harness:
+        start = harness.clock.now()
+
+        def message(key: str, ago: timedelta | None) -> dict:
+            sent = {"sent_at": (start - ago).astimezone(timezone(timedelta(hours=2))).isoformat()} if ago else {}
+            return {"channel": "smschat", "channel_message_id": key, "sender": {"kind": "phone", "address": "+4915112345678"},
+                    "text": "Wann kommt der Anschluss?", **sent}
+
+        await harness.core.ingest(message("s1", timedelta(hours=1)))
+        harness.clock.advance(timedelta(minutes=5))
+        await harness.core.ingest(message("s2", timedelta(hours=30)))  # delivered late, after s1
+        await harness.run_outbox()
+        assert {(m.last_inbound_at, m.last_inbound_sent_at) for m in sms.sent} == {
+            (start + timedelta(minutes=5), start - timedelta(hours=1))}
+
+        harness.clock.advance(timedelta(minutes=5))
+        await harness.core.ingest(message("s3", None))  # no send time: its arrival counts
+        await harness.run_outbox()
+        assert (sms.sent[-1].last_inbound_at, sms.sent[-1].last_inbound_sent_at) == (harness.clock.now(),) * 2
+
+
+async def test_the_latest_send_time_is_looked_up_without_reading_the_persons_whole_history(tmp_path):
+    """Messages are read newest first, only back to one that arrived before the latest send
+    time found: a contact with hundreds of messages costs what one with two does."""
+    sms = SmsChat()
+    async with CoreHarness(tmp_path / "d", plugins=[_chat_and_sms(sms)]) as harness:
+        await harness.core.ingest({"channel": "smschat", "channel_message_id": "first", "text": "Hallo",
+                                   "sender": {"kind": "phone", "address": "+4915112345678"}})
+        (contact,) = await harness.rows("SELECT contact_id FROM messages WHERE channel_message_id = 'first'")
+        for n in range(300):
+            harness.clock.advance(timedelta(minutes=1))
+            await harness.core.store.write(lambda conn, n=n: conn.execute(
+                "INSERT INTO messages (contact_id, direction, kind, channel, channel_message_id, text, payload, created_at)"
+                " VALUES (?, 'in', 'message', 'smschat', ?, 'x', ?, ?)",
+                (contact["contact_id"], f"h{n}", json.dumps({"sent_at": iso(harness.clock.now() - timedelta(seconds=2))}),
+                 iso(harness.clock.now()))))
+        from router.outbox import _last_inbound
+
+        def lookup(conn):
+            return _last_inbound(conn, contact["contact_id"], "smschat")
+
+        steps, (arrived, sent) = await harness.core.store.write(lambda conn: vm_steps(conn, lambda: lookup(conn)))
+        assert arrived == iso(harness.clock.now()) and sent == iso(harness.clock.now() - timedelta(seconds=2))
+        assert steps < 20, steps

@@ -651,6 +651,55 @@ async def test_a_reply_inside_the_window_is_free_text_and_after_25_hours_the_tem
     assert [m["delivery_status"] for m in messages_of(detail, "reply")] == ["sent", "sent"]
 
 
+def sent_ago(harness: CoreHarness, ago: timedelta) -> str:
+    """A webhook ``timestamp``: when the person sent the message, ``ago`` before now."""
+    return str(int((harness.clock.now() - ago).timestamp()))
+
+
+async def test_a_message_meta_delivered_late_opens_no_window_it_did_not_open(wa: CoreHarness, graph: FakeGraph) -> None:
+    """The window was counted from when the message reached us: one Meta delivered 30 hours
+    after the person sent it (it retries webhooks for days) was acknowledged in free text,
+    which Meta refuses outside the window (131047), so the acknowledgement failed first."""
+    await post(wa, text_body("wamid.LATE", "Der Gehweg ist gesperrt.", timestamp=sent_ago(wa, timedelta(hours=30))))
+    await wa.run_outbox()
+    assert [p["type"] for p in graph.sent] == ["template"]  # at the first attempt
+    case = await only_conversation(wa)
+    assert template_parameters(graph.sent[0])[0] == case["case_reference"]
+    (row,) = await wa.rows("SELECT attempts, state FROM outbox WHERE kind = 'ack'")
+    assert (row["attempts"], row["state"]) == (1, "sent")
+
+
+async def test_a_reply_after_a_late_message_counts_the_window_from_when_the_person_sent_it(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    """Sent 23 hours before it reached us, the message left us an hour's window by Meta's
+    count; we counted 24 from its arrival, and a reply two hours later went as free text."""
+    await post(wa, text_body("wamid.LATE", "Der Gehweg ist gesperrt.", timestamp=sent_ago(wa, timedelta(hours=23))))
+    await wa.run_outbox()
+    assert [p["type"] for p in graph.sent] == ["text"]  # the acknowledgement, inside the window
+    case = await only_conversation(wa)
+    wa.clock.advance(timedelta(hours=2))
+    await reply(wa, case["id"], "Wir sind morgen früh vor Ort.")
+    await wa.run_outbox()
+    assert [p["type"] for p in graph.sent] == ["text", "template"]
+    assert len(graph.requests) == 2  # nothing refused and sent again
+
+
+async def test_the_window_counts_from_the_latest_message_sent_not_the_latest_to_arrive(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    """A message Meta delivers late arrives after a later one: the later one's send time opens
+    the window, whatever came last."""
+    await post(wa, text_body("wamid.NEW", "Ist der Gehweg wieder frei?", timestamp=sent_ago(wa, timedelta(hours=1))))
+    await post(wa, text_body("wamid.OLD", "Der Gehweg ist gesperrt.", timestamp=sent_ago(wa, timedelta(hours=30))))
+    await wa.run_outbox()
+    case = await only_conversation(wa)
+    wa.clock.advance(timedelta(hours=20))  # 21 hours after the later message was sent
+    await reply(wa, case["id"], "Ja, seit heute Morgen.")
+    await wa.run_outbox()
+    assert graph.sent[-1]["type"] == "text" and graph.sent[-1]["text"]["body"] == "Ja, seit heute Morgen."
+
+
 async def test_a_131047_failed_status_for_free_text_sends_the_template(wa: CoreHarness, graph: FakeGraph) -> None:
     case = await open_case(wa)
     await reply(wa, case["id"], "Wir melden uns morgen.")
