@@ -36,6 +36,7 @@ from .tracking import (
     reopen_earliest,
     reopen_passed,
     to_json,
+    written_since,
 )
 from .validation import validate_inbound
 
@@ -438,12 +439,19 @@ def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[st
     return since is not None and reopen_passed(config, since, now)
 
 
-def _sent_anything(conn: sqlite3.Connection, conversation_id: int) -> bool:
-    """Whether anything was ever sent in the conversation (an acknowledgement, a reply, a
-    notification): one a machine's message opened has nothing."""
+def _no_word_from_us(conn: sqlite3.Connection, conversation_id: int, channel: str) -> bool:
+    """Whether a person writing in the conversation on ``channel`` has had nothing from us
+    there: no person wrote in it before (a machine's message opened it, and was not
+    acknowledged), and no acknowledgement, staff answer or call-back SMS, each of which
+    carries the case reference, went to them on that channel. Staff may have written into it:
+    an answer that bounced, is still queued, or went on another channel told them nothing."""
+    if written_since(conn, conversation_id, 0) is not None:
+        return False  # a person wrote in it before: this is a follow-up
     return conn.execute(
-        "SELECT 1 FROM messages WHERE conversation_id = ? AND direction = 'out' LIMIT 1", (conversation_id,)
-    ).fetchone() is not None
+        "SELECT 1 FROM messages m JOIN outbox o ON o.message_id = m.id WHERE m.conversation_id = ? AND m.direction = 'out'"
+        " AND m.kind IN ('ack', 'reply', 'callback_sms') AND o.channel = ? AND o.state = 'sent' LIMIT 1",
+        (conversation_id, channel),
+    ).fetchone() is None
 
 
 def _status_page_contact(conn: sqlite3.Connection, msg: Mapping[str, Any]) -> tuple[int, bool, bool] | None:
@@ -536,11 +544,20 @@ def ingest_tx(
         conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
         record_event(conn, conv["id"], "reopened", stamp, reason="new message from the contact")
         needs_ack = True
-    elif conv is not None and conv["state"] == "waiting" and not _sent_anything(conn, conv["id"]):
-        # Opened by a machine's message (no deadline, nothing sent): a person writing in it is
-        # its real beginning, with an acknowledgement and a deadline.
-        conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
-        record_event(conn, conv["id"], "awaiting_answer", stamp, reason="first message from a person")
+    elif conv is not None and conv["state"] in ("waiting", "answered", "acknowledged") and _no_word_from_us(
+        conn, conv["id"], msg["channel"]
+    ):
+        # Opened by a machine's message (no deadline, no acknowledgement), and nothing with its
+        # case reference reached the person on this channel since: their first message is its
+        # real beginning, with an acknowledgement and a deadline. One that waits for an answer
+        # already (a staff answer that bounced, staff reopened it) keeps a deadline still ahead.
+        due = parse_iso(conv["deadline"])
+        if conv["state"] == "acknowledged" and due is not None and due > now:
+            conn.execute("UPDATE conversations SET state = 'open', updated_at = ? WHERE id = ?", (stamp, conv["id"]))
+            conv = {**conv, "state": "open", "updated_at": stamp}
+        else:
+            conv = {**conv, **renew_deadline(conn, config, conv, now, state="open", inbound=True)}
+            record_event(conn, conv["id"], "awaiting_answer", stamp, reason="first message from a person")
         needs_ack = True
     elif conv is not None and conv["state"] in ("answered", "waiting"):
         conv = {**conv, **renew_deadline(conn, config, conv, now, inbound=True)}

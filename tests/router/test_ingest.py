@@ -5,6 +5,19 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
+from router.hookspecs import (
+    Capabilities,
+    Channel,
+    OutboundMessage,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    SendResult,
+    hookimpl,
+)
+from router.testing import CoreHarness
+
 from .helpers import webform_message
 
 
@@ -98,3 +111,87 @@ async def test_without_the_web_form_channel_no_text_or_view_links_to_a_status_pa
         assert (await harness.client.get(case.status_url.removeprefix(harness.config.public_base_url))).status == 200
         status, detail = await harness.api("GET", f"/api/v1/conversations/{case.conversation_id}")
         assert detail["status_url"] == case.status_url
+
+
+class Mail(Channel):
+    """An e-mail channel of the test: takes each mail, refuses it for good (it bounces), or gets
+    no answer from its relay (``mode``); keeps what went."""
+
+    name = "email"
+    capabilities = Capabilities(identity_kinds=("email",))
+
+    def __init__(self) -> None:
+        self.mode = "take"
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if self.mode == "refuse":
+            raise PermanentDeliveryError("550 mailbox unavailable")
+        if self.mode == "down":
+            raise RetryableDeliveryError("relay not reachable")
+        self.sent.append(message)
+        return SendResult(provider_id=f"<out-{message.outbox_id}@example.org>")
+
+
+class MailPlugin:
+    def __init__(self) -> None:
+        self.channel = Mail()
+
+    @hookimpl
+    def register_channels(self) -> list[Channel]:
+        return [self.channel]
+
+
+def _list_mail(message_id: str, text: str, **extra):
+    return {"channel": "email", "channel_message_id": message_id, "text": text, "language": "de",
+            "sender": {"kind": "email", "address": "verein@verein.example"}, **extra}
+
+
+@pytest.mark.parametrize(
+    ("staff", "acknowledged"),
+    [
+        pytest.param("answer delivered", False, id="answer-delivered"),
+        pytest.param("answer bounced", True, id="answer-bounced"),
+        pytest.param("answer still queued", True, id="answer-queued"),
+        pytest.param("reopened, nothing sent", True, id="reopened"),
+    ],
+)
+async def test_a_persons_first_message_where_a_machine_opened_the_case_is_acknowledged_unless_staff_reached_them(
+    tmp_path, staff, acknowledged
+):
+    """A mailing list's mail opened the case (waiting, nothing sent); staff wrote into it, or
+    reopened it. The person's own first message got a deadline, but an acknowledgement only
+    while nothing had ever been sent: after an answer that bounced, or one still waiting for
+    the relay, they had no word from us and no case reference. Staff's answer delivered by
+    mail carries the case reference in its subject: then the message is a follow-up."""
+    plugin = MailPlugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        listed = await harness.core.ingest(_list_mail("<list-1@verein.example>", "Mitteilung an alle Anlieger",
+                                                      ack_suppressed="list"))
+        case = listed.conversation_id
+        base = f"/api/v1/conversations/{case}"
+        if staff == "reopened, nothing sent":
+            status, _ = await harness.api("POST", f"{base}/reopen")
+        else:
+            plugin.channel.mode = {"answer delivered": "take", "answer bounced": "refuse"}.get(staff, "down")
+            status, _ = await harness.api("POST", f"{base}/replies", json={"text": "Bitte melden Sie sich bei uns."})
+            await harness.run_outbox()
+        assert status in (200, 201)
+        plugin.channel.mode = "take"
+        harness.clock.advance(timedelta(minutes=5))
+        person = await harness.core.ingest(_list_mail("<p1@verein.example>", "Bei mir ist der Gehweg gesperrt.",
+                                                      thread={"refs": ["<list-1@verein.example>"]}))
+        assert person.conversation_id == case and person.deadline is not None
+        assert person.acknowledged is acknowledged
+        acks = await harness.rows("SELECT m.text, o.channel, o.to_address FROM messages m JOIN outbox o"
+                                  " ON o.message_id = m.id WHERE m.kind = 'ack'")
+        if acknowledged:
+            (ack,) = acks
+            assert (ack["channel"], ack["to_address"]) == ("email", "verein@verein.example")
+            assert listed.case_reference in ack["text"]
+            (row,) = await harness.rows("SELECT state, deadline FROM conversations WHERE id = ?", (case,))
+            assert row["state"] == "open" and row["deadline"] is not None
+        else:
+            assert acks == []
+            (row,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (case,))
+            assert row["state"] == "acknowledged"

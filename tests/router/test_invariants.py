@@ -14,7 +14,9 @@ database is checked against what docs/architecture.md and docs/inbox.md promise:
   not wait (``waiting``, ``answered``, ``closed``) has neither;
 - ``answered`` only after a staff answer was delivered or a call-back reached the person;
 - a person's message that opens or reopens a conversation gets one acknowledgement, on its
-  own channel, to its sender, in the same commit; a follow-up or a machine's message none;
+  own channel, to its sender, in the same commit; so does a person's first message in a
+  conversation a machine's message opened, unless something with the case reference reached
+  them on that channel (a staff answer); a follow-up or a machine's message none;
 - a message the provider delivers again changes nothing, anywhere;
 - an answer that reaches nobody flags the conversation for a call-back;
 - after an escalation pass nothing that waits is overdue and left where it was, the escalation
@@ -56,7 +58,7 @@ from router.hookspecs import (
 )
 from router.store.sqlite import iso, parse_iso
 from router.testing import CoreHarness, example_config, load_raw_config
-from router.tracking import ANNOTATIONS, deadline_for
+from router.tracking import ANNOTATIONS, AUTOMATED, deadline_for
 
 MAX_ESCALATION_LEVEL = 3  # small, so that sequences reach the end of the chain and beyond
 CALLBACK_ATTEMPTS = 3  # channels.phone.callback_attempts, its default
@@ -196,7 +198,16 @@ class NoDeadEnds(RuleBasedStateMachine):
     def ingest(self, message: dict[str, Any]) -> None:
         """Ingest, and check what the message did against what its conversation was before."""
         before = {c["id"]: c for c in self.conversations()}
-        sent_before = {r["conversation_id"] for r in self.rows("SELECT DISTINCT conversation_id FROM messages WHERE direction = 'out'")}
+        # A person's message that is the first of a person in a conversation a machine's message
+        # opened is acknowledged unless an acknowledgement, answer or call-back SMS (each with
+        # the case reference) reached them on its channel.
+        persons_before = {r["conversation_id"] for r in self.rows(
+            "SELECT DISTINCT conversation_id FROM messages WHERE direction = 'in' AND kind NOT IN ('reaction', 'edit',"
+            " 'deletion') AND (payload IS NULL OR COALESCE(json_extract(payload, '$.ack_suppressed'), '') NOT IN"
+            f" ({', '.join(repr(a) for a in sorted(AUTOMATED))}))")}
+        reached_before = {(r["conversation_id"], r["channel"]) for r in self.rows(
+            "SELECT DISTINCT m.conversation_id, o.channel FROM messages m JOIN outbox o ON o.message_id = m.id"
+            " WHERE m.direction = 'out' AND m.kind IN ('ack', 'reply', 'callback_sms') AND o.state = 'sent'")}
         acks_before = {r["id"] for r in self.rows("SELECT id FROM messages WHERE kind = 'ack'")}
         result = self.run(self.harness.core.ingest(message))
         self.inbound.append(message)
@@ -216,7 +227,8 @@ class NoDeadEnds(RuleBasedStateMachine):
             " JOIN outbox o ON o.message_id = m.id WHERE m.kind = 'ack' AND m.created_at = ?", (iso(self.now()),))
         new_acks = [a for a in new_acks if a["id"] not in acks_before]
         opens = prior is None or prior["state"] == "closed" or (
-            prior["state"] == "waiting" and prior["id"] not in sent_before)  # opened by a machine's message
+            prior["state"] in ("waiting", "answered", "acknowledged") and prior["id"] not in persons_before
+            and (prior["id"], message["channel"]) not in reached_before)  # opened by a machine's message
         if opens and not machine and reachable:
             assert len(new_acks) == 1, f"a person's message that opens a conversation gets one acknowledgement: {new_acks}"
             (ack,) = new_acks
