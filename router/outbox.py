@@ -38,7 +38,16 @@ from .config import Config
 from .identity import claims_usable
 from .store.sqlite import SQLiteStore, is_outage, iso, parse_iso, run_units
 from .text import sortable_token
-from .tracking import add_flags, add_outbox_row, answered_by, mark_answered, record_event, remove_flags, written_since
+from .tracking import (
+    add_flags,
+    add_outbox_row,
+    answer_standing,
+    answered_by,
+    mark_answered,
+    record_event,
+    remove_flags,
+    written_since,
+)
 
 log = logging.getLogger("contact_router.outbox")
 T = TypeVar("T")
@@ -272,12 +281,42 @@ def _after_status(
     # A copy of an answer delivered after the answer itself (or the other way round) answers
     # nothing more: the resident may have written since, and that question still waits.
     if row["kind"] == "reply" and answered_on and not answered_by(conn, row["conversation_id"], row["message_id"]):
+        # Statuses reported together come in any order: a later answer whose loss was reported
+        # first is applied as if it came after this delivery, so that both orders end alike.
+        lost = _later_answer_lost(conn, row)
+        if lost is not None and answer_standing(conn, row["conversation_id"], lost["message_id"]) == "answer_lost":
+            # That loss was applied already (the conversation was answered, waited or closed):
+            # this answer reached the person before it, and answers nothing that loss reopened.
+            conn.execute(
+                "UPDATE conversations SET answered_at = ?, first_answered_at = COALESCE(first_answered_at, ?) WHERE id = ?",
+                (stamp, stamp, row["conversation_id"]),
+            )
+            return None
         if mark_answered(conn, row["conversation_id"], stamp, row["message_id"]):
             _written_meanwhile(conn, row, now, policy)
+            if lost is not None:
+                _answer_lost(conn, lost, now, policy)
             conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
             msg = conn.execute("SELECT id, text, channel, kind FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
             return {"conversation": dict(conv), "message": dict(msg)}
     return None
+
+
+def _later_answer_lost(conn: sqlite3.Connection, row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The conversation's latest staff answer, when it is ``row``'s message or one written after
+    it and every delivery of it failed (as ``_answer_lost`` takes it: its message and one of its
+    outbox rows); None when there is none, or it is still on its way or arrived."""
+    latest = conn.execute(
+        "SELECT id FROM messages WHERE conversation_id = ? AND id >= ? AND direction = 'out' AND kind = 'reply'"
+        " ORDER BY id DESC LIMIT 1",
+        (row["conversation_id"], row["message_id"]),
+    ).fetchone()
+    if latest is None:
+        return None
+    states = conn.execute("SELECT id, state FROM outbox WHERE message_id = ? ORDER BY id", (latest["id"],)).fetchall()
+    if not states or any(r["state"] != "failed" for r in states):
+        return None
+    return {"id": states[-1]["id"], "message_id": latest["id"], "conversation_id": row["conversation_id"]}
 
 
 def _written_meanwhile(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime, policy: OutboxPolicy | None) -> None:
@@ -471,7 +510,9 @@ def apply_delivery_update(
     send's own outcome is recorded, and ``record_sent`` applies it then. So is a status for a
     row that is being sent again: it names the earlier attempt. A status that names the
     idempotency key of a row waiting to be sent again (its send timed out, or its worker died)
-    says that send went through: the row is recorded as sent instead."""
+    says that send went through: the row is recorded as sent instead. One that names the key of
+    a row the outbox gave up on applies to that row (and gives it its id, if it had none);
+    ``_apply_status`` says what a delivery after a failure does."""
     policy = policy or OutboxPolicy()
     at = iso(update.at) if update.at else iso(now)
     row = conn.execute(
@@ -495,13 +536,19 @@ def apply_delivery_update(
         return known, None
     answered = None
     if not known and update.idempotency_key:
-        waiting = conn.execute(
-            "SELECT * FROM outbox WHERE idempotency_key = ? AND channel = ? AND state = 'pending'",
-            (update.idempotency_key, channel),
+        keyed = conn.execute(
+            "SELECT * FROM outbox WHERE idempotency_key = ? AND channel = ?", (update.idempotency_key, channel)
         ).fetchone()
-        if waiting is not None:
-            answered, _ = record_send(conn, waiting, update.provider_id, "sent", None, answered_on, channels, now, policy)
-            row = conn.execute("SELECT * FROM outbox WHERE id = ?", (waiting["id"],)).fetchone()
+        if keyed is not None and keyed["state"] == "pending":
+            answered, _ = record_send(conn, keyed, update.provider_id, "sent", None, answered_on, channels, now, policy)
+            row = conn.execute("SELECT * FROM outbox WHERE id = ?", (keyed["id"],)).fetchone()
+        elif keyed is not None and keyed["state"] == "failed":
+            # Given up on while the provider had it (its answer never came, or a later send was
+            # refused): the status names a send of it. A row without an id gets this one, so
+            # that later statuses (Twilio's name no key) find it.
+            if keyed["provider_id"] is None:
+                conn.execute("UPDATE outbox SET provider_id = ? WHERE id = ?", (update.provider_id, keyed["id"]))
+            row = conn.execute("SELECT * FROM outbox WHERE id = ?", (keyed["id"],)).fetchone()
     # A failure for a send not recorded yet keeps what it asks for (resend in another form, or
     # try the other identities): ``apply_early_statuses`` acts on it once the send is recorded.
     failed = update.status == "failed"
@@ -556,6 +603,7 @@ def _apply_status(
 ) -> dict[str, Any] | None:
     """What a provider status does to an outbox row, its message and its conversation."""
     stamp = iso(now)
+    reached = update.status in ("delivered", "read") or (update.status == "sent" and row["channel"] in answered_on)
     if update.status == "failed":
         if row["state"] == "failed":
             return None
@@ -581,14 +629,124 @@ def _apply_status(
         record_failure(conn, row["id"], detail, update.error_code, channels, now, log_event=False,
                        address_failed=update.address_failed, policy=policy)
         return None
+    if row["state"] == "failed":
+        if not reached:
+            return None  # a late "sent" proves nothing where it is no delivery
+        if _reported_failed(conn, row, update.provider_id):
+            # The provider reported this very send failed: a failure is final, and its
+            # "delivered", reported with it or late, came before it (statuses come in any
+            # order). It counted as it would have then; the failure that followed stands.
+            return _after_status(conn, row, update.status, True, now, policy)
+        # Given up on (its answer never came, its attempts ran out) or failed on another send of
+        # it, while the provider had taken it: the message reached the person after all.
+        return _delivered_after_all(conn, row, update, now, policy)
     current = row["delivery_status"] or "queued"
     if STATUS_RANK.get(update.status, 0) <= STATUS_RANK.get(current, 0):
         return None
     conn.execute("UPDATE outbox SET delivery_status = ?, updated_at = ? WHERE id = ?", (update.status, stamp, row["id"]))
     if row["primary_delivery"]:
         conn.execute("UPDATE messages SET delivery_status = ? WHERE id = ?", (update.status, row["message_id"]))
-    answered = update.status in ("delivered", "read") or (update.status == "sent" and row["channel"] in answered_on)
-    return _after_status(conn, row, update.status, answered, now, policy)
+    return _after_status(conn, row, update.status, reached, now, policy)
+
+
+def _reported_failed(conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str) -> bool:
+    """Whether the provider reported the send ``provider_id`` of ``row`` failed."""
+    return conn.execute(
+        "SELECT 1 FROM delivery_events WHERE outbox_id = ? AND channel = ? AND provider_id = ? AND status = 'failed' LIMIT 1",
+        (row["id"], row["channel"], provider_id),
+    ).fetchone() is not None
+
+
+def _delivered_after_all(
+    conn: sqlite3.Connection, row: sqlite3.Row, update: DeliveryUpdate, now: datetime, policy: OutboxPolicy,
+) -> dict[str, Any] | None:
+    """The provider reports that a message reached the person (``delivered``, ``read``; ``sent``
+    where that counts) after its row had failed without the provider saying that send failed:
+    given up after its attempts (its sends timed out, yet the provider had taken one), refused
+    on a later send, or failed on another send of it.
+
+    The row is recorded as sent with the status, the message moves forward, a fallback still
+    queued for it is not sent, the address is good again if this row's failure marked it, the
+    flags that failure set go where nothing else holds them, and the message counts as a
+    delivered one would: an acknowledgement acknowledges, a staff answer answers (``_after_status``,
+    once: an answer that answered already, by a copy or a fallback, answers nothing more).
+    An event ``delivered_after_all`` says so in the conversation's history."""
+    stamp = iso(now)
+    failed_at = row["updated_at"]  # a failed row is not changed after its failure but here
+    conn.execute(
+        "UPDATE outbox SET state = 'sent', provider_id = ?, delivery_status = ?, claimed_until = NULL, last_error = NULL,"
+        " updated_at = ? WHERE id = ?",
+        (update.provider_id, update.status, stamp, row["id"]),
+    )
+    # Found again by its provider id (a reply quoting it) through the messages table while it is
+    # the message's; else (a copy's, or the message has a fallback's id) through a thread key.
+    keyed_by_message = False
+    if row["primary_delivery"]:
+        message = conn.execute("SELECT provider_id, delivery_status FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
+        # Forward only: a fallback of the message may have been read meanwhile.
+        if STATUS_RANK.get(update.status, 0) > STATUS_RANK.get(message["delivery_status"] or "queued", 0):
+            conn.execute("UPDATE messages SET delivery_status = ? WHERE id = ?", (update.status, row["message_id"]))
+        if message["provider_id"] is None:
+            conn.execute("UPDATE messages SET provider_id = ? WHERE id = ?", (update.provider_id, row["message_id"]))
+        keyed_by_message = message["provider_id"] in (None, update.provider_id)
+    if row["conversation_id"] is not None and not keyed_by_message:
+        conn.execute("INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
+                     (row["channel"], update.provider_id, row["conversation_id"]))
+    # Its fallbacks (rows of the same message after it, primary like it) not sent yet are not
+    # sent: the person has the message. One under way goes; nothing can stop it.
+    cancelled = conn.execute(
+        "UPDATE outbox SET state = 'failed', last_error = ?, claimed_until = NULL, updated_at = ?"
+        " WHERE message_id = ? AND id > ? AND primary_delivery = ? AND state = 'pending'",
+        (f"not sent: {row['channel']} reported the message {update.status} after all", stamp, row["message_id"],
+         row["id"], row["primary_delivery"]),
+    ).rowcount
+    # The address works: good again, unless a failure since this one marked it.
+    conn.execute(
+        "UPDATE identities SET failed_at = NULL WHERE kind = ? AND address = ? AND failed_at <= ?",
+        (row["to_kind"], row["to_address"], failed_at),
+    )
+    if row["conversation_id"] is None:
+        return None
+    record_event(conn, row["conversation_id"], "delivered_after_all", stamp, message_id=row["message_id"],
+                 channel=row["channel"], to=row["to_address"], status=update.status, fallbacks_not_sent=cancelled)
+    _clear_unreached_flags(conn, row, stamp)
+    sent = conn.execute("SELECT * FROM outbox WHERE id = ?", (row["id"],)).fetchone()
+    return _after_status(conn, sent, update.status, True, now, policy)
+
+
+def _clear_unreached_flags(conn: sqlite3.Connection, row: Mapping[str, Any], stamp: str) -> None:
+    """``row``'s message reached the person after all: the flags its failure set go, where
+    nothing else holds them. ``owner_not_notified`` when it is the latest notification;
+    ``undeliverable`` when no other acknowledgement, answer or call-back SMS of the
+    conversation reached nobody (every delivery of it failed, or it had no address) since a
+    call-back last reached the person; ``callback_required`` when, besides, no missed call,
+    voicemail or other message asking for a call-back waits for one that reached them."""
+    conversation_id = row["conversation_id"]
+    if row["kind"] == "notification":
+        if _latest_notification(conn, row):
+            remove_flags(conn, conversation_id, ["owner_not_notified"], stamp)
+        return
+    reached_since = (
+        "NOT EXISTS (SELECT 1 FROM messages c WHERE c.conversation_id = m.conversation_id AND c.kind = 'callback'"
+        " AND c.direction = 'out' AND c.id > m.id)"
+    )
+    unreached = conn.execute(
+        "SELECT 1 FROM messages m WHERE m.conversation_id = ? AND m.id != ? AND m.direction = 'out'"
+        " AND m.kind IN ('ack', 'reply', 'callback_sms') AND m.delivery_status = 'failed'"
+        " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = m.id AND o.state != 'failed')"
+        f" AND {reached_since} LIMIT 1",
+        (conversation_id, row["message_id"]),
+    ).fetchone()
+    if unreached is not None:
+        return
+    calls = conn.execute(
+        "SELECT 1 FROM messages m WHERE m.conversation_id = ? AND m.direction = 'in' AND (m.kind IN ('missed_call', 'voicemail')"
+        " OR EXISTS (SELECT 1 FROM json_each(m.payload, '$.flags') WHERE value = 'callback_required'))"
+        f" AND {reached_since} LIMIT 1",
+        (conversation_id,),
+    ).fetchone()
+    remove_flags(conn, conversation_id, ["undeliverable"] if calls is not None else ["undeliverable", "callback_required"],
+                 stamp)
 
 
 def apply_early_statuses(

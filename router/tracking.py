@@ -392,16 +392,23 @@ def mark_answered(conn: sqlite3.Connection, conversation_id: int, now: str, mess
     return True
 
 
-def answered_by(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> bool:
-    """Whether the answer ``message_id`` answered the conversation and was not lost since:
-    delivered once (its copy on another channel, or the primary row), it answers nothing
-    written after; lost (``answer_lost``: its mail bounced), a copy of it that arrives answers."""
+def answer_standing(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> str | None:
+    """What the answer ``message_id`` last did to the conversation: ``answered`` (it was
+    delivered and answered it), ``answer_lost`` (it reached nobody, and the conversation waited
+    for an answer again), or None (neither yet)."""
     last = conn.execute(
         "SELECT kind FROM events WHERE conversation_id = ? AND kind IN ('answered', 'answer_lost')"
         " AND json_extract(data, '$.message_id') = ? ORDER BY id DESC LIMIT 1",
         (conversation_id, message_id),
     ).fetchone()
-    return last is not None and last["kind"] == "answered"
+    return last["kind"] if last is not None else None
+
+
+def answered_by(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> bool:
+    """Whether the answer ``message_id`` answered the conversation and was not lost since:
+    delivered once (its copy on another channel, or the primary row), it answers nothing
+    written after; lost (``answer_lost``: its mail bounced), a copy of it that arrives answers."""
+    return answer_standing(conn, conversation_id, message_id) == "answered"
 
 
 def written_since(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> sqlite3.Row | None:

@@ -18,7 +18,9 @@ database is checked against what docs/architecture.md and docs/inbox.md promise:
   conversation a machine's message opened, unless something with the case reference reached
   them on that channel (a staff answer); a follow-up or a machine's message none;
 - a message the provider delivers again changes nothing, anywhere;
-- an answer that reaches nobody flags the conversation for a call-back;
+- an answer that reaches nobody flags the conversation for a call-back; reported delivered
+  after all (after the outbox gave up on it), it is not sent again, nor is its fallback, and
+  the conversation is flagged ``undeliverable`` only while something else reached nobody;
 - after an escalation pass nothing that waits is overdue and left where it was, the escalation
   level never passes the configured maximum, and every escalation told its new owner (an owner
   whose latest notification failed is shown as not notified);
@@ -498,6 +500,38 @@ class NoDeadEnds(RuleBasedStateMachine):
         update = DeliveryUpdate(provider_id=row["provider_id"], status=status.split("-")[0],
                                 permanent=status != "failed-temporary", error_code="30003" if "failed" in status else None)
         self.run(self.harness.core.record_delivery(row["channel"], update))
+
+    @precondition(lambda self: self.sender_of)
+    @rule(index=st.integers(0, 100), status=st.sampled_from(("delivered", "read", "sent")), given_up=st.booleans())
+    def provider_reports_a_send_it_took(self, index: int, status: str, given_up: bool) -> None:
+        """A status naming a row's idempotency key with an id of its own: the provider took a
+        send of it whose answer never came (WhatsApp and Twilio statuses carry the key), also
+        one the outbox has given up on since (``given_up``: one of those), or one it refused later."""
+        rows = self.rows("SELECT * FROM outbox WHERE channel != 'webform'" + (" AND state = 'failed'" if given_up else "")
+                         + " ORDER BY id")
+        if not rows:
+            return
+        row = self.pick(rows, index)
+        update = DeliveryUpdate(provider_id=f"took-{self.next_id()}", status=status, idempotency_key=row["idempotency_key"])
+        self.run(self.harness.core.record_delivery(row["channel"], update))
+        (after,) = self.rows("SELECT * FROM outbox WHERE id = ?", (row["id"],))
+        reached = status != "sent" or not self.receipts(row["channel"])
+        if row["state"] == "failed" and reached:
+            # It reached the person after all: recorded so, and nothing of it is sent again.
+            assert (after["state"], after["provider_id"]) == ("sent", update.provider_id), after
+            assert self.rows("SELECT id FROM outbox WHERE message_id = ? AND id > ? AND primary_delivery = ?"
+                             " AND state = 'pending'", (row["message_id"], row["id"], row["primary_delivery"])) == []
+            if row["conversation_id"] is not None and row["kind"] != "notification":
+                (conv,) = self.rows("SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],))
+                if "undeliverable" in json.loads(conv["flags"]):
+                    assert self.rows(
+                        "SELECT 1 FROM messages m WHERE m.conversation_id = ? AND m.kind IN ('ack', 'reply', 'callback_sms')"
+                        " AND m.delivery_status = 'failed' AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = m.id"
+                        " AND o.state != 'failed') AND NOT EXISTS (SELECT 1 FROM messages c WHERE c.conversation_id ="
+                        " m.conversation_id AND c.kind = 'callback' AND c.id > m.id)", (conv["id"],)), (
+                        "flagged undeliverable, though everything reached the person", conv)
+        elif row["state"] == "pending":
+            assert after["state"] == "sent", "a send the provider took is not made again"
 
     @rule(minutes=st.sampled_from((1, 20, 90, 240, 60 * 17, 60 * 24, 60 * 24 * 3, 60 * 24 * 16)))
     def time_passes(self, minutes: int) -> None:

@@ -1588,3 +1588,218 @@ async def test_the_latest_send_time_is_looked_up_without_reading_the_persons_who
         steps, (arrived, sent) = await harness.core.store.write(lambda conn: vm_steps(conn, lambda: lookup(conn)))
         assert arrived == iso(harness.clock.now()) and sent == iso(harness.clock.now() - timedelta(seconds=2))
         assert steps < 20, steps
+
+
+class QuietChat(StaggeredChat):
+    """A chat whose provider takes every send and reports nothing by itself: the test sends
+    the statuses."""
+
+    name = "quietchat"
+
+
+async def _end_state(harness: CoreHarness, conversation_id: int) -> dict:
+    """What a conversation, its messages, deliveries and addresses came to: every column of the
+    conversation but its random reference and token, and which answers answered it or were
+    lost (``answered`` and ``answer_lost`` events, what ``answered_by`` reads). The other events
+    are its history, which tells the order the statuses came in."""
+    (conv,) = await harness.rows("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
+    for random_column in ("case_reference", "status_token"):
+        conv.pop(random_column)
+    messages = await harness.rows("SELECT id, kind, delivery_status FROM messages WHERE conversation_id = ? ORDER BY id",
+                                  (conversation_id,))
+    rows = await harness.rows("SELECT message_id, channel, state, delivery_status FROM outbox WHERE conversation_id = ?"
+                              " ORDER BY id", (conversation_id,))
+    events = await harness.rows("SELECT kind, json_extract(data, '$.message_id') AS message_id FROM events"
+                                " WHERE conversation_id = ? AND kind IN ('answered', 'answer_lost')", (conversation_id,))
+    identities = await harness.rows("SELECT kind, address, failed_at FROM identities ORDER BY id")
+    return {"conversation": conv, "messages": messages, "outbox": rows, "identities": identities,
+            "events": sorted((e["kind"], e["message_id"]) for e in events)}
+
+
+# Two staff answers (0 and 1) in one conversation, both taken by the provider, and what it then
+# reports of them together (a WhatsApp webhook's list of statuses, Twilio callbacks at once).
+OUTCOMES_TOGETHER = {
+    "first delivered, second failed": [(0, "delivered"), (1, "failed")],
+    "first failed, second delivered": [(0, "failed"), (1, "delivered")],
+    "first read, second failed": [(0, "read"), (1, "failed")],
+    "one answer delivered and failed": [(0, "delivered"), (0, "failed")],
+    "both failed": [(0, "failed"), (1, "failed")],
+}
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["open", "closed"])
+@pytest.mark.parametrize("outcomes", list(OUTCOMES_TOGETHER.values()), ids=list(OUTCOMES_TOGETHER))
+async def test_delivery_outcomes_reported_together_give_the_same_result_in_either_order(tmp_path, outcomes, close):
+    """The order in which a provider lists the statuses of one batch is no order of events:
+    the first answer delivered and the second lost left the case answered when the loss came
+    first, and waiting for an answer again when it came last."""
+    results = []
+    for order in (outcomes, outcomes[::-1]):
+        async with CoreHarness(tmp_path / f"d{len(results)}", plugins=[Plugin(QuietChat())]) as harness:
+            case = await harness.core.ingest({"channel": "quietchat", "channel_message_id": "q1", "text": "Baustelle?",
+                                              "sender": {"kind": "phone", "address": "+4915112345678"}})
+            await harness.run_outbox()
+            for text in ("Ab Montag.", "Und der Gehweg ab Dienstag."):
+                status, _ = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
+                                              json={"text": text})
+                assert status == 201
+            await harness.run_outbox()
+            if close:
+                await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/close")
+            replies = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply' ORDER BY id")
+            harness.clock.advance(timedelta(minutes=5))
+            for answer, status in order:
+                update = DeliveryUpdate(provider_id=replies[answer]["provider_id"], status=status,
+                                        permanent=True, error_code="131026" if status == "failed" else None)
+                assert await harness.core.record_delivery("quietchat", update) is True
+            results.append(await _end_state(harness, case.conversation_id))
+    assert results[0] == results[1]
+
+
+class AnswersOnlyAcks(NeverAnswers):
+    """Takes acknowledgements; a staff answer's send never gets an answer (a timeout), though
+    the provider may have taken it. Statuses echo the key (``status_wait``)."""
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if message.kind == "ack":
+            return SendResult(provider_id=f"ack-{message.outbox_id}")
+        return await super().send(message)
+
+
+# At most two attempts, then a last look for a status after status_wait (20 s), then given up.
+LAST_LOOK_POLICY = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=2,
+                                retry_seconds=0)
+
+
+async def _until_given_up(harness: CoreHarness, kind: str) -> dict:
+    """Run the outbox, 30 s apart, until the row of ``kind`` failed; returns it."""
+    for _ in range(6):
+        await harness.run_outbox()
+        (row,) = await harness.rows("SELECT * FROM outbox WHERE kind = ?", (kind,))
+        if row["state"] == "failed":
+            return row
+        harness.clock.advance(timedelta(seconds=30))
+    raise AssertionError(f"the {kind} was not given up: {row}")
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["waiting-for-it", "answered-and-closed"])
+async def test_a_delivered_reported_after_the_outbox_gave_up_counts_as_delivered(tmp_path, closed):
+    """The answer's sends got no answer in time and the outbox gave up: the case was flagged for
+    a call-back (and, answered and closed at once, waited for an answer again). Then the
+    provider reported it delivered after all. That report was kept and tied to nothing: the
+    person had the answer, and the case stayed on the call-back list, unanswered."""
+    chat = AnswersOnlyAcks(timedelta(seconds=20), True)
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)], outbox_policy=LAST_LOOK_POLICY) as harness:
+        await _ingest_senders(harness, 1)
+        (conv,) = await harness.rows("SELECT id FROM conversations")
+        base = f"/api/v1/conversations/{conv['id']}"
+        await harness.run_outbox()
+        status, reply = await harness.api("POST", f"{base}/replies", json={"text": "Ab Montag ist frei."})
+        assert status == 201
+        if closed:
+            await harness.api("POST", f"{base}/close")
+        row = await _until_given_up(harness, "reply")
+        assert len(chat.sent) == 2 and row["last_error"] == "gave up after 2 attempts: no answer"
+        status, detail = await harness.api("GET", base)
+        assert {"undeliverable", "callback_required"} <= set(detail["flags"])
+        assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+
+        # A late "sent" proves nothing on a channel with receipts; it gives the row its id.
+        late_sent = DeliveryUpdate(provider_id="wamid.late", status="sent", idempotency_key=row["idempotency_key"])
+        assert await harness.core.record_delivery("staggered", late_sent) is True
+        (after,) = await harness.rows("SELECT state, provider_id FROM outbox WHERE id = ?", (row["id"],))
+        assert after == {"state": "failed", "provider_id": "wamid.late"}
+        # The delivery, found by that id (Twilio's callbacks carry no key of their own).
+        harness.clock.advance(timedelta(minutes=2))
+        assert await harness.core.record_delivery("staggered", DeliveryUpdate(provider_id="wamid.late", status="delivered"))
+        (after,) = await harness.rows("SELECT state, provider_id, delivery_status, last_error FROM outbox WHERE id = ?",
+                                      (row["id"],))
+        assert after == {"state": "sent", "provider_id": "wamid.late", "delivery_status": "delivered", "last_error": None}
+        status, detail = await harness.api("GET", base)
+        assert (detail["state"], detail["deadline"], detail["flags"]) == ("answered", None, [])
+        (answer,) = [m for m in detail["messages"] if m["id"] == reply["id"]]
+        assert answer["delivery_status"] == "delivered"
+        kinds = [e["kind"] for e in detail["events"]]
+        assert kinds.count("answered") == 1 and kinds.count("delivered_after_all") == 1
+        assert await harness.count("delivery_events", "outbox_id IS NULL") == 0
+
+        # Nothing is sent again, and the same report again changes nothing.
+        before = await _end_state(harness, conv["id"])
+        events = await harness.count("events")
+        for status in ("delivered", "read"):
+            await harness.core.record_delivery("staggered", DeliveryUpdate(provider_id="wamid.late", status=status))
+        harness.clock.advance(timedelta(hours=1))
+        await harness.run_outbox()
+        assert len(chat.sent) == 2
+        after_state = await _end_state(harness, conv["id"])
+        assert after_state["messages"][-1]["delivery_status"] == "read"
+        after_state["messages"][-1]["delivery_status"] = "delivered"
+        after_state["outbox"][-1]["delivery_status"] = "delivered"
+        assert after_state == before and await harness.count("events") == events
+
+
+async def test_a_fallback_queued_when_the_outbox_gave_up_is_not_sent_once_the_send_is_reported_delivered(tmp_path):
+    """Given up on the chat, the acknowledgement was queued by SMS; the chat's delivery report
+    came before the SMS went: the person would have had it twice."""
+    plugins = TwoChannels()
+    plugins.channel = NeverAnswers(timedelta(seconds=20), True)
+    async with CoreHarness(tmp_path / "d", plugins=[plugins], outbox_policy=LAST_LOOK_POLICY) as harness:
+        await _ingest_senders(harness, 1)
+        for _ in range(3):  # two attempts, the last look, then given up: the fallback is queued
+            await harness.core.outbox.run_once()
+            harness.clock.advance(timedelta(seconds=30))
+        rows = await harness.rows("SELECT channel, state, idempotency_key FROM outbox ORDER BY id")
+        assert [(r["channel"], r["state"]) for r in rows] == [("staggered", "failed"), ("fallback", "pending")]
+        delivered = DeliveryUpdate(provider_id="wamid.ack", status="delivered", idempotency_key=rows[0]["idempotency_key"])
+        assert await harness.core.record_delivery("staggered", delivered) is True
+        await harness.run_outbox()
+        assert plugins.fallback.calls == 0
+        rows = await harness.rows("SELECT channel, state, last_error FROM outbox ORDER BY id")
+        assert [(r["channel"], r["state"]) for r in rows] == [("staggered", "sent"), ("fallback", "failed")]
+        assert rows[1]["last_error"] == "not sent: staggered reported the message delivered after all"
+        (conv,) = await harness.rows("SELECT state, flags FROM conversations")
+        assert conv == {"state": "acknowledged", "flags": "[]"}
+        (event,) = await harness.rows("SELECT data FROM events WHERE kind = 'delivered_after_all'")
+        assert json.loads(event["data"])["fallbacks_not_sent"] == 1
+
+
+async def test_a_call_back_still_to_make_stays_on_the_list_when_the_acknowledgement_arrives_late(tmp_path):
+    """A missed call's acknowledgement, given up on, then reported delivered: the person has
+    it, so ``undeliverable`` goes; the missed call is still to be called back."""
+    plugin = Plugin(NeverAnswers(timedelta(seconds=20), True))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=LAST_LOOK_POLICY) as harness:
+        await harness.core.ingest({"channel": "staggered", "channel_message_id": "call-1", "kind": "missed_call",
+                                   "sender": {"kind": "phone", "address": "+4915112345678"}})
+        row = await _until_given_up(harness, "ack")
+        (conv,) = await harness.rows("SELECT state, flags FROM conversations")
+        assert conv == {"state": "open", "flags": '["callback_required", "undeliverable"]'}
+        delivered = DeliveryUpdate(provider_id="wamid.ack", status="read", idempotency_key=row["idempotency_key"])
+        assert await harness.core.record_delivery("staggered", delivered) is True
+        (conv,) = await harness.rows("SELECT state, flags FROM conversations")
+        assert conv == {"state": "acknowledged", "flags": '["callback_required"]'}
+
+
+class TimesOutThenRefused(NeverAnswers):
+    """The first send gets no answer (the provider took it); the next is refused for good, and
+    the refusal says the number is bad."""
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if self.sent:
+            self.sent.append(message)
+            raise PermanentDeliveryError("131026 message undeliverable", code="131026")
+        return await super().send(message)
+
+
+async def test_a_number_refused_after_a_send_to_it_that_arrived_is_good_again(tmp_path):
+    plugin = Plugin(TimesOutThenRefused(timedelta(seconds=20), True))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=LAST_LOOK_POLICY) as harness:
+        await _ingest_senders(harness, 1)
+        row = await _until_given_up(harness, "ack")
+        (identity,) = await harness.rows("SELECT failed_at FROM identities")
+        assert identity["failed_at"] is not None
+        delivered = DeliveryUpdate(provider_id="wamid.first", status="delivered", idempotency_key=row["idempotency_key"])
+        assert await harness.core.record_delivery("staggered", delivered) is True
+        (identity,) = await harness.rows("SELECT failed_at FROM identities")
+        assert identity["failed_at"] is None
+        (conv,) = await harness.rows("SELECT state, flags FROM conversations")
+        assert conv == {"state": "acknowledged", "flags": "[]"}

@@ -990,6 +990,33 @@ async def test_a_permanent_failed_status_after_sending_flags_the_conversation(wa
     assert detail["state"] != "answered"
 
 
+async def test_the_statuses_of_one_webhook_give_the_same_result_in_either_order(tmp_path: Path, graph: FakeGraph) -> None:
+    """Two answers; Meta reports the first delivered and the second failed (131026) in one
+    webhook. Listed failure first, the case came out answered; listed delivery first, waiting
+    for an answer again, with a new deadline: the order of a list decided the case."""
+    outcomes = []
+    for order in ((0, 1), (1, 0)):
+        async with make_harness(tmp_path / f"order-{order[0]}", graph) as harness:
+            case = await open_case(harness)
+            for text in ("Ab Montag ist der Gehweg frei.", "Korrektur: ab Dienstag."):
+                await reply(harness, case["id"], text)
+            await harness.run_outbox()
+            rows = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply' ORDER BY id")
+            reports = [status_body(rows[0]["provider_id"], "delivered"),
+                       status_body(rows[1]["provider_id"], "failed", code=131026)]
+            statuses = [r["entry"][0]["changes"][0]["value"]["statuses"][0] for r in reports]
+            body = envelope({**reports[0]["entry"][0]["changes"][0]["value"], "statuses": [statuses[i] for i in order]})
+            status, _ = await post(harness, body)  # one webhook, both statuses, in this order
+            assert status == 200
+            detail = await only_conversation(harness)
+            outcomes.append({"state": detail["state"], "deadline": detail["deadline"], "flags": detail["flags"],
+                             "events": sorted(e["kind"] for e in detail["events"] if e["kind"] in ("answered", "answer_lost")),
+                             "replies": [m["delivery_status"] for m in messages_of(detail, "reply")]})
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0]["state"] == "acknowledged" and outcomes[0]["deadline"] is not None
+    assert outcomes[0]["events"] == ["answer_lost", "answered"] and outcomes[0]["replies"] == ["delivered", "failed"]
+
+
 # -------------------------------------------------------------------------------------------
 # People who use a WhatsApp username: a business-scoped user id, perhaps no number
 # -------------------------------------------------------------------------------------------
