@@ -229,17 +229,19 @@ def _thread_refs(conn: sqlite3.Connection, conversation_id: int, channel: str) -
 
 
 def record_sent(
-    conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str, status: str, thread_key: str | None,
+    conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str | None, status: str, thread_key: str | None,
     answered_on: bool, now: datetime, policy: OutboxPolicy | None = None,
 ) -> dict[str, Any] | None:
     """The provider accepted a message. Returns the answered conversation when this delivery
-    made it answered (``policy``: the deadline of a message written meanwhile).
+    made it answered (``policy``: the deadline of a message written meanwhile). ``provider_id``
+    is None when the provider took it without naming an id (kept NULL, not an empty id).
 
     ``row`` is the outbox row as claimed: the columns read here (its message, conversation,
     channel, kind and whether it is the primary delivery) never change after it is queued,
     so it is not read again."""
     stamp = iso(now)
     outbox_id = row["id"]
+    provider_id = provider_id or None
     conn.execute(
         "UPDATE outbox SET state = 'sent', provider_id = ?, delivery_status = ?, claimed_until = NULL,"
         " last_error = NULL, updated_at = ? WHERE id = ?",
@@ -511,8 +513,8 @@ def apply_delivery_update(
     row that is being sent again: it names the earlier attempt. A status that names the
     idempotency key of a row waiting to be sent again (its send timed out, or its worker died)
     says that send went through: the row is recorded as sent instead. One that names the key of
-    a row the outbox gave up on applies to that row (and gives it its id, if it had none);
-    ``_apply_status`` says what a delivery after a failure does."""
+    a row the outbox gave up on, or of one sent without an id, applies to that row (the first
+    gives the row its id); ``_apply_status`` says what a delivery after a failure does."""
     policy = policy or OutboxPolicy()
     at = iso(update.at) if update.at else iso(now)
     row = conn.execute(
@@ -542,12 +544,15 @@ def apply_delivery_update(
         if keyed is not None and keyed["state"] == "pending":
             answered, _ = record_send(conn, keyed, update.provider_id, "sent", None, answered_on, channels, now, policy)
             row = conn.execute("SELECT * FROM outbox WHERE id = ?", (keyed["id"],)).fetchone()
-        elif keyed is not None and keyed["state"] == "failed":
-            # Given up on while the provider had it (its answer never came, or a later send was
-            # refused): the status names a send of it. A row without an id gets this one, so
-            # that later statuses (Twilio's name no key) find it.
+        elif keyed is not None and (keyed["state"] == "failed" or (keyed["state"] == "sent" and keyed["provider_id"] is None)):
+            # Given up on while the provider had it (its answer never came, or a failure it
+            # contradicts now), or taken without an id (a 2xx that named none): the status
+            # names a send of it. One without an id gets this one, so that later statuses find it.
             if keyed["provider_id"] is None:
                 conn.execute("UPDATE outbox SET provider_id = ? WHERE id = ?", (update.provider_id, keyed["id"]))
+                if keyed["state"] == "sent" and keyed["primary_delivery"]:
+                    conn.execute("UPDATE messages SET provider_id = COALESCE(provider_id, ?) WHERE id = ?",
+                                 (update.provider_id, keyed["message_id"]))
             row = conn.execute("SELECT * FROM outbox WHERE id = ?", (keyed["id"],)).fetchone()
     # A failure for a send not recorded yet keeps what it asks for (resend in another form, or
     # try the other identities): ``apply_early_statuses`` acts on it once the send is recorded.
@@ -564,16 +569,26 @@ def apply_delivery_update(
 
 
 def record_send(
-    conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str, status: str, thread_key: str | None,
+    conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str | None, status: str, thread_key: str | None,
     answered_on: frozenset[str], channels: Mapping[str, Channel], now: datetime, policy: OutboxPolicy,
 ) -> tuple[dict[str, Any] | None, bool]:
     """A send of ``row`` the provider took (its answer, or a status naming the row's key): record
     it and apply the statuses kept for its provider id. Returns the answered conversation, and
-    whether a failure was among those statuses (a resend or fallback may be due at once)."""
+    whether a failure was among those statuses (a resend or fallback may be due at once).
+
+    Taken without an id (``provider_id`` empty: a 2xx that named none), the send gets the id of
+    a status kept under the row's key, if its provider echoes the key and one came first; else
+    none, until a status naming the key gives it one (``apply_delivery_update``)."""
+    if not provider_id:
+        kept = conn.execute(f"SELECT provider_id {_KEPT_UNDER_KEY} ORDER BY id LIMIT 1",
+                            (row["channel"], row["idempotency_key"])).fetchone()
+        provider_id = kept["provider_id"] if kept is not None else None
     answered_now = status in ("delivered", "read") or row["channel"] in answered_on
     answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now, policy)
     if row["kind"] == "notification" and row["conversation_id"] is not None and _latest_notification(conn, row):
         remove_flags(conn, row["conversation_id"], ["owner_not_notified"], iso(now))  # the current owner was told
+    if provider_id is None:
+        return answered, False
     early, failed = apply_early_statuses(conn, row["id"], row["channel"], provider_id, answered_on, channels, now, policy)
     return early or answered, failed
 

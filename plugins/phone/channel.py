@@ -391,7 +391,9 @@ class PhoneChannel(Channel):
     async def sms_status(self, request: web.Request) -> web.Response:
         """A status callback for one of our SMS."""
         params = await self._verified(request)
-        update = parse.delivery_update(params)  # no time of its own: stamped on arrival by the core
+        # No time of its own: stamped on arrival by the core. The key is in the URL we gave
+        # Twilio with the send (``send``), which the signature covers.
+        update = parse.delivery_update(params, idempotency_key=request.query.get("key"))
         if update is not None:
             await self.context.record_delivery(update)
         return _twiml(twiml.empty())
@@ -456,7 +458,13 @@ class PhoneChannel(Channel):
             # carries the status link: that is where the resident reads the case and writes back.
             body=shorten_sms(message.text, message.status_url, self.settings.sms_max_length,
                              with_link=message.kind == "reply" and not message.thread_refs),
-            status_callback=self.url("status"),
+            # Our key in the callback's URL (signed with it) ties each status to this send, also
+            # when Twilio's answer never came or named no SID: a status then records the send.
+            status_callback=self.url("status", key=message.idempotency_key),
             timeout=self.settings.send_timeout,
         )
-        return SendResult(provider_id=sid)
+        if sid is None:
+            self.context.log.warning(
+                "Twilio took the SMS of outbox row %s but its answer named no sid: recorded as sent, not sent again;"
+                " its status callback will name it", message.outbox_id)
+        return SendResult(provider_id=sid or "")

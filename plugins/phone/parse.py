@@ -350,8 +350,11 @@ def sms_message(params: Mapping[str, Any], *, region: str = "DE") -> dict[str, A
     return message
 
 
-def delivery_update(params: Mapping[str, Any], *, at: datetime | None = None) -> DeliveryUpdate | None:
-    """An SMS status callback as a delivery update; None for statuses that add nothing."""
+def delivery_update(
+    params: Mapping[str, Any], *, at: datetime | None = None, idempotency_key: str | None = None
+) -> DeliveryUpdate | None:
+    """An SMS status callback as a delivery update; None for statuses that add nothing.
+    ``idempotency_key``: the send's key, from the query of the callback URL it was sent with."""
     sid = _text(params, "MessageSid") or _text(params, "SmsSid")
     status = SMS_STATUSES.get((_text(params, "MessageStatus") or _text(params, "SmsStatus")).lower())
     if not sid or status is None:
@@ -368,6 +371,7 @@ def delivery_update(params: Mapping[str, Any], *, at: datetime | None = None) ->
         permanent=status == "failed" and error_code not in TRANSIENT_SMS_ERRORS,
         raw={key: _text(params, key) for key in params},
         address_failed=error_code in RECIPIENT_SMS_ERRORS,
+        idempotency_key=_bounded_id(idempotency_key, 100) if idempotency_key else None,
     )
 
 

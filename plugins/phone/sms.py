@@ -147,8 +147,12 @@ async def send_sms(
     body: str,
     status_callback: str | None = None,
     timeout: float = 15.0,
-) -> str:
-    """Send one SMS and return Twilio's message SID; raise a ``DeliveryError`` when refused."""
+) -> str | None:
+    """Send one SMS and return Twilio's message SID; raise a ``DeliveryError`` when refused.
+
+    None when Twilio took the message (a 2xx) but its answer named no SID (cut short, changed
+    by a proxy): the SMS is on its way, and sending it again would send it twice, since the
+    Messages resource has no idempotency key. Its status callbacks name the SID."""
     form = {"To": to, "From": from_, "Body": body}
     if status_callback:
         form["StatusCallback"] = status_callback
@@ -165,6 +169,4 @@ async def send_sms(
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise RetryableDeliveryError(f"Twilio not reachable: {exc!r}", code="network") from exc
     sid = answer.get("sid") if isinstance(answer, Mapping) else None
-    if not isinstance(sid, str) or not sid:
-        raise RetryableDeliveryError("Twilio accepted the message but sent no sid", code="no_sid")
-    return sid
+    return sid if isinstance(sid, str) and sid else None

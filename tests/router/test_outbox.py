@@ -1803,3 +1803,40 @@ async def test_a_number_refused_after_a_send_to_it_that_arrived_is_good_again(tm
         assert identity["failed_at"] is None
         (conv,) = await harness.rows("SELECT state, flags FROM conversations")
         assert conv == {"state": "acknowledged", "flags": "[]"}
+
+
+class NamesNoId(StaggeredChat):
+    """A provider that takes every send without naming its id in the answer (Twilio's 2xx cut
+    short); its statuses carry the send's key, and the first may overtake the answer."""
+
+    def __init__(self, status_first: bool) -> None:
+        super().__init__()
+        self.status_first = status_first
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.sent.append(message)
+        if self.status_first:
+            await self.context.record_delivery(DeliveryUpdate(provider_id=f"SM{len(self.sent)}", status="delivered",
+                                                              idempotency_key=message.idempotency_key))
+        return SendResult(provider_id="")
+
+
+@pytest.mark.parametrize("status_first", [False, True], ids=["status-after-the-answer", "status-before-the-answer"])
+async def test_a_send_taken_without_an_id_gets_the_id_of_its_first_status(tmp_path, status_first):
+    chat = NamesNoId(status_first)
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        (row,) = await harness.rows("SELECT state, provider_id, delivery_status, idempotency_key FROM outbox")
+        assert row["state"] == "sent"
+        if not status_first:
+            assert (row["provider_id"], row["delivery_status"]) == (None, "sent")
+            update = DeliveryUpdate(provider_id="SM1", status="delivered", idempotency_key=row["idempotency_key"])
+            assert await harness.core.record_delivery("staggered", update) is True
+        (row,) = await harness.rows("SELECT provider_id, delivery_status FROM outbox")
+        assert row == {"provider_id": "SM1", "delivery_status": "delivered"}
+        (message,) = await harness.rows("SELECT provider_id, delivery_status FROM messages WHERE kind = 'ack'")
+        assert message == {"provider_id": "SM1", "delivery_status": "delivered"}
+        assert await harness.count("delivery_events", "outbox_id IS NULL") == 0
+        assert len(chat.sent) == 1

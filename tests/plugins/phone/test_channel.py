@@ -399,7 +399,7 @@ async def test_sms_out_through_the_rest_api(core, aiohttp_server):
     (form,) = received
     assert form["To"] == "+4915112345678" and form["From"] == "+4930999999"
     assert len(form["Body"]) <= 1600 and form["Body"].endswith("/channels/webform/status/t")
-    assert form["StatusCallback"] == f"{PUBLIC}/channels/phone/twilio/status"
+    assert form["StatusCallback"] == f"{PUBLIC}/channels/phone/twilio/status?key=k1"  # its statuses name the send
 
 
 # -- CTI --------------------------------------------------------------------------------------

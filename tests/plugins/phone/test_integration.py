@@ -9,6 +9,7 @@ requests travel to the harness's loopback port, as they would through a reverse 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -50,6 +51,11 @@ class FakeTwilio:
         self.server: TestServer | None = None
         self.refusal: dict[str, Any] | None = None
         """A Twilio error body (``code``, ``message``, ``status``) to answer every SMS with."""
+        self.without_sid = False
+        """Take every SMS, but answer 201 with a body that names no sid (cut short by a proxy)."""
+        self.answer_after = 0.0
+        """Seconds between taking an SMS and answering (longer than the send timeout: the
+        answer never comes, though the SMS went)."""
 
     @property
     def url(self) -> str:
@@ -74,6 +80,9 @@ class FakeTwilio:
         form = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
         sid = f"SM{len(self.messages) + 1:032x}"
         self.messages.append({**form, "sid": sid})
+        await asyncio.sleep(self.answer_after)
+        if self.without_sid:
+            return web.json_response({"status": "queued", "to": form.get("To")}, status=201)
         return web.json_response({"sid": sid, "status": "queued", "to": form.get("To")}, status=201)
 
     def to(self, number: str) -> list[dict[str, str]]:
@@ -302,7 +311,8 @@ async def test_whole_call_ends_as_one_conversation_with_the_transcript_and_an_sm
     assert twilio.refused == 0  # basic auth as Twilio wants it
     assert (ack["To"], ack["From"]) == (MOBILE, OUR_NUMBER)
     assert reference in ack["Body"] and "Bau-Hotline" in ack["Body"]
-    assert ack["StatusCallback"] == f"{PUBLIC}/channels/phone/twilio/status"
+    (row,) = await harness.rows("SELECT idempotency_key FROM outbox WHERE kind = 'ack'")
+    assert ack["StatusCallback"] == f"{PUBLIC}/channels/phone/twilio/status?key={row['idempotency_key']}"
 
     conv = await only_conversation(harness)
     assert [m["kind"] for m in inbound(conv)] == ["call", "voicemail", "edit"]
@@ -858,6 +868,62 @@ async def test_a_delivered_staff_reply_answers_the_conversation(harness, twilio)
     await say(harness, "status", {"MessageSid": twilio.messages[-1]["sid"], "MessageStatus": "delivered"})
     conv = await conversation(harness, conv["id"])
     assert conv["state"] == "answered"
+
+
+async def test_an_sms_twilio_took_without_naming_its_sid_is_not_sent_twice(harness, twilio, caplog):
+    """Twilio answered 201 but its answer named no sid (cut short on the way). The send was
+    retried: a second SMS, since Twilio's Messages API has no idempotency key. A 2xx means
+    Twilio took it: it is recorded as sent, and its status callback, whose URL carries our key,
+    gives it its sid, so that "delivered" answers the conversation."""
+    await twilio_post(harness, "sms", sms("SM" + "d" * 32, "Hallo, wer repariert den Gehweg?"))
+    await harness.run_outbox()
+    conv = await only_conversation(harness)
+    twilio.without_sid = True
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Erledigt."})
+    assert status == 201
+    with caplog.at_level(logging.WARNING, logger="contact_router"):
+        await harness.run_outbox()
+        for _ in range(3):
+            harness.clock.advance(timedelta(minutes=10))
+            await harness.run_outbox()
+    assert len(twilio.messages) == 2  # the acknowledgement and the answer, once
+    assert any("named no sid" in r.getMessage() for r in caplog.records)
+    (row,) = await harness.rows("SELECT state, provider_id, idempotency_key FROM outbox WHERE kind = 'reply'")
+    assert (row["state"], row["provider_id"]) == ("sent", None)
+    answer = twilio.messages[-1]
+    assert answer["StatusCallback"] == f"{PUBLIC}/channels/phone/twilio/status?key={row['idempotency_key']}"
+    await say(harness, answer["StatusCallback"], {"MessageSid": answer["sid"], "MessageStatus": "delivered", "To": MOBILE})
+    conv = await conversation(harness, conv["id"])
+    assert conv["state"] == "answered"
+    (sent,) = outbound(conv, "reply")
+    assert sent["delivery_status"] == "delivered"
+    (row,) = await harness.rows("SELECT provider_id, delivery_status FROM outbox WHERE kind = 'reply'")
+    assert row == {"provider_id": answer["sid"], "delivery_status": "delivered"}
+
+
+async def test_a_late_delivered_sms_the_outbox_gave_up_on_counts(tmp_path, twilio):
+    """Twilio took the answer, but its answer never came back in time, and the outbox gave up:
+    the case went on the call-back list. Twilio's "delivered" came afterwards; it named a sid we
+    never had and was dropped. Its callback URL carries our key: the answer counts."""
+    from router.outbox import OutboxPolicy
+
+    policy = OutboxPolicy(base_delay=0.01, max_delay=0.05, poll_seconds=0.05, send_timeout=5, max_attempts=1,
+                          retry_seconds=0)
+    async with CoreHarness(tmp_path, entrypoints=("webform", "phone"), env=phone_env(twilio), outbox_policy=policy,
+                           settings={"phone": {"send_timeout": 0.3}}) as harness:
+        await twilio_post(harness, "sms", sms("SM" + "e" * 32, "Hallo, wer repariert den Gehweg?"))
+        await harness.run_outbox()
+        conv = await only_conversation(harness)
+        await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Erledigt."})
+        twilio.answer_after = 1.0
+        await harness.run_outbox()
+        conv = await conversation(harness, conv["id"])
+        assert {"undeliverable", "callback_required"} <= set(conv["flags"])
+        answer = twilio.messages[-1]
+        await say(harness, answer["StatusCallback"], {"MessageSid": answer["sid"], "MessageStatus": "delivered", "To": MOBILE})
+        conv = await conversation(harness, conv["id"])
+        assert (conv["state"], conv["flags"]) == ("answered", [])
+        assert len(twilio.messages) == 2
 
 
 async def test_an_answer_in_an_sms_conversation_goes_without_the_status_link(harness, twilio):

@@ -204,6 +204,14 @@ async def test_send_posts_the_form_with_basic_auth(fake_twilio):
     assert form == {"To": "+4915112345678", "From": "+4930999999", "Body": "Hallo", "StatusCallback": "https://example.org/s"}
 
 
+@pytest.mark.parametrize("body", [{"status": "queued"}, {"sid": ""}, {"sid": None}, "not json"])
+async def test_send_that_twilio_took_without_naming_a_sid_is_sent(fake_twilio, body):
+    """A 2xx is Twilio taking the SMS; its answer cut short or without a sid was a retryable
+    error, and the outbox sent the SMS again: a second SMS, since Twilio has no idempotency key."""
+    fake_twilio["answer"] = (201, body)
+    assert await _send(fake_twilio) is None
+
+
 async def test_send_refused_recipient_is_permanent(fake_twilio):
     fake_twilio["answer"] = (400, {"code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
     with pytest.raises(PermanentDeliveryError) as caught:
