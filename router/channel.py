@@ -335,7 +335,10 @@ class SendResult:
 
     ``status`` is ``sent`` unless the channel knows more (the web form's status page is
     ``delivered`` at once). ``thread_key``: an id later inbound messages may refer to (an
-    e-mail Message-ID) when it differs from ``provider_id``.
+    e-mail Message-ID) when it differs from ``provider_id``. An empty ``provider_id`` says the
+    provider took the message without naming its id (a 2xx cut short): the send is recorded and
+    not made again, and a later status that carries the send's ``idempotency_key`` gives it its
+    id. Raise ``RetryableDeliveryError`` instead only when the provider may not have taken it.
     """
 
     provider_id: str
