@@ -2,7 +2,8 @@
 
 An unknown sender becomes a new contact (not a customer), never a refusal. Phone numbers are
 E.164 through ``phonenumbers``, so a WhatsApp message, an SMS and a call from one number are
-one contact; e-mail addresses are lower-cased. Merged contacts point to the survivor.
+one contact; e-mail addresses are lower-cased, their domains in one form (``canonical_email``).
+Merged contacts point to the survivor.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+import idna
 import phonenumbers
 
 from .models import Customer
@@ -62,11 +64,51 @@ def normalize_address(kind: str, address: str) -> str:
     if kind == "email":
         if "@" not in address or len(address) > 320:
             raise InvalidAddress(f"not an e-mail address: {address!r}")
-        # NFC: "müller@…" typed on a Mac (u and a combining mark) is the same address.
-        return unicodedata.normalize("NFC", address).lower() if not address.isascii() else address.lower()
+        return canonical_email(address)
     if not address:
         raise InvalidAddress("empty address")
     return address
+
+
+def canonical_email(address: str) -> str:
+    """The one form of an e-mail address that identifies its mailbox: lower case, NFC ("müller@…"
+    typed on a Mac, u and a combining mark, is the same address), and the domain in its Unicode
+    form (``canonical_domain``), so ``info@xn--mller-bau-q9a.de`` and ``Info@Müller-Bau.DE`` are
+    one sender. Never raises: what cannot be converted is kept as written (lower-cased)."""
+    lowered = address.lower()
+    if lowered.isascii() and "xn--" not in lowered:
+        return lowered  # nearly every address: nothing to convert
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return unicodedata.normalize("NFC", lowered)
+    return f"{unicodedata.normalize('NFC', local.lower())}@{canonical_domain(domain)}"
+
+
+@lru_cache(maxsize=4096)
+def canonical_domain(domain: str) -> str:
+    """A mail domain in the form that identifies it: each label as IDNA 2008 (UTS #46 mapping,
+    non-transitional) writes it in Unicode, ``XN--MLLER-BAU-Q9A.de`` and ``Müller-Bau.DE`` ->
+    ``müller-bau.de``; ``straße.de`` stays itself (IDNA 2003 made it ``strasse.de``, another
+    domain). A label that is not valid IDNA 2008 (``xn--zz``, an emoji, ``a_b``) is kept as
+    written, lower-cased: it must not cost the message, and it is one address still.
+
+    The Unicode form rather than the ASCII one, because it is what staff read in the inbox and
+    what the resident wrote; the one step that needs ASCII, a relay without SMTPUTF8, converts
+    (``ascii_domain``). Both forms name the same labels one to one, so either identifies.
+    Cached like phone numbers: the same senders write again, and idna costs tens of us."""
+    labels = unicodedata.normalize("NFC", domain).translate(_IDEOGRAPHIC_DOTS).split(".")
+    return ".".join(_canonical_label(label) for label in labels)
+
+
+def _canonical_label(label: str) -> str:
+    """One label of ``canonical_domain``: ASCII other than Punycode as it is (lower case)."""
+    lowered = label.lower()
+    if lowered.isascii() and not lowered.startswith("xn--"):
+        return lowered
+    try:
+        return idna.decode(label, uts46=True)
+    except (UnicodeError, ValueError):  # idna.IDNAError is a UnicodeError
+        return unicodedata.normalize("NFC", lowered)
 
 
 # Dots that IDNA (RFC 3490 3.1) reads as label separators besides ".".
@@ -323,7 +365,7 @@ def directory_match(row: Mapping[str, Any], claim: Any) -> Customer | None:
 
     matches = (
         same(claim.name, row["name"])
-        or (claim.email and row["email"] and claim.email.strip().lower() == row["email"].lower())
+        or (claim.email and row["email"] and canonical_email(claim.email.strip()) == canonical_email(row["email"].strip()))
         or (claim.phone and row["phone"] and _same_phone(claim.phone, row["phone"]))
         or (same(claim.street, row["street"]) and (claim.postcode or "").strip() == (row["postcode"] or ""))
     )

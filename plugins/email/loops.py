@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from email.message import Message
 
+from router.identity import canonical_domain
+
 from .addresses import addresses_of
 from .compose import is_own_message_id
 
@@ -78,7 +80,9 @@ def relayed_sender(msg: Message) -> str | None:
 
 
 def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    """The domain of ``address`` in one form, so that a portal's ``noreply@`` and a ``Reply-To``
+    at its own domain written the other way (Punycode, Unicode) are still one domain."""
+    return canonical_domain(address.rpartition("@")[2])
 
 
 def classify(

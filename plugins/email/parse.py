@@ -22,6 +22,8 @@ from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from router.identity import canonical_email
+
 from .addresses import addresses_of
 from .authentication import failed_check
 from .bounces import parse_bounce
@@ -526,6 +528,10 @@ def parse_mail(
     if not _valid_address(address):
         fallback = (envelope_from or "").strip().strip("<>").lower()
         address = fallback if _valid_address(fallback) else ""
+    # One form of the address (its domain as IDNA writes it in Unicode), as the core keeps it:
+    # the rate limit of acknowledgements counts info@xn--mller-bau-q9a.de and info@müller-bau.de
+    # as the one mailbox they are.
+    address = canonical_email(address) if address else ""
     sender: dict[str, Any] = {"kind": "email", "address": address[:320], "display_name": _clip(display_name or None, 200)}
     if not address:
         sender.update(kind="anonymous", address=anonymous_address(channel_message_id))

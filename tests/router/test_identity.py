@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from router.identity import InvalidAddress, ascii_domain, normalize_address, normalize_phone
+from router.identity import InvalidAddress, ascii_domain, canonical_domain, directory_match, normalize_address, normalize_phone
+from router.models import CustomerClaim
 
 
 @pytest.mark.parametrize("raw", ["030 12345678", "+49 30 12345678", "0049 30 12345678", "493012345678"])
@@ -26,6 +30,73 @@ def test_an_email_address_with_a_decomposed_umlaut_is_the_same_address():
     import unicodedata
 
     assert normalize_address("email", unicodedata.normalize("NFD", "Jörg.Müller@Bäckerei.de")) == "jörg.müller@bäckerei.de"
+
+
+@pytest.mark.parametrize("written", [
+    "info@xn--mller-bau-q9a.de",  # the ASCII form most mail programs put into From
+    "INFO@XN--MLLER-BAU-Q9A.DE",
+    "Info@Müller-Bau.DE",
+    unicodedata.normalize("NFD", "info@müller-bau.de"),  # a Mac writes u and a combining mark
+    "info@müller-bau\u3002de",  # an ideographic full stop, a dot to IDNA
+    "info@\uff4düller-bau.de",  # a full-width m, mapped by UTS #46
+])
+def test_an_internationalised_domain_is_one_address_in_any_of_its_forms(written):
+    """info@müller-bau.de and its punycode form were two contacts: one resident, two histories."""
+    assert normalize_address("email", written) == "info@müller-bau.de"
+
+
+def test_the_canonical_domain_is_idna_2008_not_2003():
+    assert canonical_domain("xn--strae-oqa.de") == canonical_domain("Straße.de") == "straße.de"  # IDNA 2003: strasse.de
+    assert canonical_domain("STRASSE.de") == "strasse.de"
+    assert normalize_address("email", "Jürgen@XN--EXMPLE-CUA.DE") == "jürgen@exämple.de"
+    assert normalize_address("email", "x@a_b.xn--mller-bau-q9a.de") == "x@a_b.müller-bau.de"  # label by label
+
+
+@pytest.mark.parametrize(("written", "kept"), [
+    ("Info@XN--ZZ.de", "info@xn--zz.de"),  # not Punycode at all
+    ("info@xn--i-7iq.ws", "info@xn--i-7iq.ws"),  # Punycode of an emoji, which IDNA 2008 disallows
+    ("Info@I\u2764.ws", "info@i\u2764.ws"),
+    ("x@-ü.de", "x@-ü.de"),  # a hyphen first
+    ("x@ab--ü.de", "x@ab--ü.de"),  # hyphens in the third and fourth place
+    ("x@" + "ü" * 70 + ".de", "x@" + "ü" * 70 + ".de"),
+    ("x@\udcff.de", "x@\udcff.de"),
+    ("x@", "x@"),
+])
+def test_an_invalid_internationalised_domain_is_kept_as_written(written, kept):
+    assert normalize_address("email", written) == kept
+
+
+_DOMAIN_PIECES = st.sampled_from(["xn--", "xn--mller-bau-q9a", "ü", "Ü", "u\u0308", "ß", "-", ".", "\u3002", "\u2764", "_",
+                                  "a", "Z", "\u0644", "\u05d0", "1", "\u200d", "\uff41", "\u2488", "\u0130", "\udcff"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_DOMAIN_PIECES | st.text(max_size=3), max_size=12))
+def test_any_mail_domain_has_one_canonical_form_and_never_raises(pieces):
+    address = "Max@" + "".join(pieces)
+    canonical = normalize_address("email", address)
+    assert normalize_address("email", canonical) == canonical
+
+
+async def test_a_resident_writing_from_either_form_of_their_domain_is_one_contact(harness):
+    first = await harness.core.ingest({"channel": "webform", "channel_message_id": "i1", "text": "Hallo",
+                                       "sender": {"kind": "email", "address": "info@xn--mller-bau-q9a.de"}})
+    second = await harness.core.ingest({"channel": "webform", "channel_message_id": "i2", "text": "Hallo nochmal",
+                                        "sender": {"kind": "email", "address": "Info@Müller-Bau.de"}})
+    assert await harness.count("contacts") == 1
+    rows = await harness.rows("SELECT DISTINCT contact_id FROM messages WHERE id IN (?, ?)", (first.message_id, second.message_id))
+    assert len(rows) == 1
+    assert [r["address"] for r in await harness.rows("SELECT address FROM identities")] == ["info@müller-bau.de"]
+    assert [r["to_address"] for r in await harness.rows("SELECT DISTINCT to_address FROM outbox")] == ["info@müller-bau.de"]
+
+
+def test_the_directory_matches_an_e_mail_address_in_either_form():
+    row = {"customer_number": "K-1", "name": "Bau GmbH", "email": "Info@XN--MLLER-BAU-Q9A.de", "phone": None,
+           "street": None, "postcode": None}
+    claim = CustomerClaim(customer_number="K-1", name=None, email="info@müller-bau.de", phone=None, street=None,
+                          postcode=None, city=None)
+    found = directory_match(row, claim)
+    assert found is not None and found.customer_number == "K-1"
 
 
 async def test_same_number_on_two_channels_is_one_contact(harness):

@@ -898,6 +898,47 @@ async def test_an_acknowledgement_to_an_internationalised_domain_goes_through_a_
     assert (row["state"], row["attempts"]) == ("sent", 1)
 
 
+async def test_a_resident_writing_from_both_forms_of_an_internationalised_domain_is_one_contact_and_thread(harness, sink):
+    """info@müller-bau.de and info@xn--mller-bau-q9a.de were two contacts: the answer from the
+    other form did not join the case its acknowledgement named, but opened a second one. Every
+    acknowledgement goes out in the ASCII form, through a relay without SMTPUTF8."""
+    first = ("From: Bau GmbH <info@xn--mller-bau-q9a.de>\r\nTo: bau@example.org\r\nSubject: Baustelle\r\n"
+             "Message-ID: <idn-a@x.de>\r\n\r\nWann ist die Grube zu?\r\n")
+    await send(harness, first.encode(), sender="info@xn--mller-bau-q9a.de")
+    await harness.run_outbox()
+    [(envelope, ack)] = sink.mails
+    assert envelope.rcpt_tos == ["info@xn--mller-bau-q9a.de"] and ack["To"] == "info@xn--mller-bau-q9a.de"
+    answer = ("From: Bau GmbH <Info@Müller-Bau.de>\r\nTo: bau@example.org\r\nSubject: Re: Baustelle\r\n"
+              f"Message-ID: <idn-b@x.de>\r\nIn-Reply-To: {ack['Message-ID']}\r\n\r\nDanke!\r\n")
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+        await client.sendmail("Info@Müller-Bau.de", ["bau@example.org"], answer.encode(), mail_options=["SMTPUTF8"])
+    detail = await conversation_of(harness, "<idn-b@x.de>")
+    assert detail["id"] == (await conversation_of(harness, "<idn-a@x.de>"))["id"]
+    assert [m["text"] for m in detail["messages"] if m["direction"] == "in"] == ["Wann ist die Grube zu?", "Danke!"]
+    assert await harness.count("contacts") == 1 and await harness.count("conversations") == 1
+    assert [r["address"] for r in await harness.rows("SELECT address FROM identities")] == ["info@müller-bau.de"]
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{detail['id']}/replies", json={"text": "Morgen."})
+    assert status == 201, reply
+    await harness.run_outbox()
+    assert [env.rcpt_tos for env, _ in sink.mails] == [["info@xn--mller-bau-q9a.de"]] * 2
+
+
+async def test_a_mail_domain_that_is_not_valid_idna_is_kept_and_answered_as_written(harness, sink):
+    """A From whose domain IDNA 2008 refuses (not Punycode, an emoji) is stored and
+    acknowledged: its address is kept as written (lower case), never a 500 or a 451."""
+    for number, address in enumerate(("info@XN--ZZ.de", "herz@i\u2764.ws")):
+        raw = (f"From: <{address}>\r\nTo: bau@example.org\r\nSubject: Test\r\nMessage-ID: <bad-idn-{number}@x.de>\r\n"
+               "\r\nHallo\r\n")
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+            refused, _ = await client.sendmail(address, ["bau@example.org"], raw.encode(), mail_options=["SMTPUTF8"])
+        assert refused == {}
+    assert sorted(r["address"] for r in await harness.rows("SELECT address FROM identities")) == [
+        "herz@i\u2764.ws", "info@xn--zz.de"]
+    await harness.run_outbox()
+    # the IDNA 2003 domain goes out in its Punycode form, which resolves
+    assert sorted(env.rcpt_tos[0] for env, _ in sink.mails) == ["herz@xn--i-7iq.ws", "info@xn--zz.de"]
+
+
 async def test_an_address_that_needs_smtputf8_fails_at_once_without_it(harness, sink):
     """jürgen@… has no ASCII form: through a relay without SMTPUTF8 it is a permanent failure
     of the message (the fallback starts), not of the address, and nothing is retried."""
@@ -927,6 +968,12 @@ async def test_an_address_that_needs_smtputf8_goes_through_a_relay_that_offers_i
             async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
                 await client.sendmail("jürgen@exämple.de", ["bau@example.org"], raw.encode(), mail_options=["SMTPUTF8"])
             await harness.run_outbox()
+            # the same mailbox with its domain in ASCII: one contact, answered on the open case
+            again = ("From: Jürgen Müller <jürgen@xn--exmple-cua.de>\r\nTo: bau@example.org\r\nSubject: Re: Grüße\r\n"
+                     "Message-ID: <idn-4@x.de>\r\nIn-Reply-To: <idn-3@x.de>\r\n\r\nNoch da?\r\n")
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+                await client.sendmail("jürgen@xn--exmple-cua.de", ["bau@example.org"], again.encode(), mail_options=["SMTPUTF8"])
+            assert await harness.count("contacts") == 1 and await harness.count("conversations") == 1
     finally:
         server.close()
         await server.wait_closed()

@@ -146,6 +146,13 @@ def test_a_portal_relaying_a_persons_message_from_noreply_is_a_persons_mail():
     assert "unverified_sender" in parsed["flags"]
 
 
+def test_a_reply_to_at_the_senders_own_internationalised_domain_is_no_person_relayed():
+    """noreply@ and support@ at one domain, one written in Punycode and one in Unicode, are a
+    ticket system's receipt, not a person at another domain."""
+    msg = mail("Reply-To: support@Müller-Bau.de\r\n", sender="noreply@xn--mller-bau-q9a.de")
+    assert reason(msg, envelope_from="noreply@xn--mller-bau-q9a.de") == "auto-reply"
+
+
 @pytest.mark.parametrize("extra", ["", "Reply-To: noreply@portal.example\r\n",
                                    "Reply-To: support@portal.example\r\n",  # a ticket system's receipt
                                    "Reply-To: erika@example.net\r\nAuto-Submitted: auto-generated\r\n"])

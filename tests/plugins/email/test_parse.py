@@ -827,3 +827,12 @@ def test_an_attribution_without_quoted_history_after_it_is_text():
     """A third person's words, even: only quoted history makes it an attribution."""
     body = "Guten Tag,\n\nAm 12.05. schrieb Herr Maier vom Bauamt:\nDie Grube wird bis Freitag geschlossen.\n\nStimmt das?"
     assert split_reply(body) == (body, None, None)
+
+
+@pytest.mark.parametrize("sender", ["Info@XN--MLLER-BAU-Q9A.de", "info@Müller-Bau.de"])
+def test_the_senders_internationalised_domain_is_given_in_one_form(sender, valid):
+    """The core keeps one form of an address; the channel's own count of acknowledgements per
+    address (``ack_per_hour``) must count the one mailbox once, whichever form it wrote."""
+    raw = f"From: Bau GmbH <{sender}>\r\nTo: bau@example.org\r\nSubject: Test\r\nMessage-ID: <i@x.de>\r\n\r\nHallo\r\n"
+    msg = valid(parse(raw.encode()))
+    assert msg["sender"]["address"] == "info@müller-bau.de"
