@@ -7,6 +7,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime
+
+from ..identity import canonical_email
 
 log = logging.getLogger("contact_router.store")
 
@@ -78,6 +81,145 @@ def checks_as_comparisons(conn: sqlite3.Connection) -> None:
             conn.execute("RELEASE checks")
     finally:
         conn.execute("PRAGMA writable_schema=OFF")
+
+
+# An e-mail address that may not be in its canonical form: one beyond ASCII (its text is shorter
+# than its UTF-8 bytes), or one with a Punycode label.
+_MAYBE_NOT_CANONICAL = "(instr({0}, 'xn--') > 0 OR length({0}) != length(CAST({0} AS BLOB)))"
+
+
+def canonical_mail_identities(conn: sqlite3.Connection) -> None:
+    """Rewrite stored e-mail identities to their canonical form (``identity.canonical_email``):
+    ``info@xn--mller-bau-q9a.de`` and ``info@müller-bau.de`` were two identities, often of two
+    contacts, so one resident had two histories and an answer from the other form opened a case
+    of its own. Addresses that become one are one identity; contacts whose own (not merely
+    claimed) addresses become one are merged (``_merge_contact``). Outbox rows follow, so that a
+    failure still marks the identity and a fallback does not try the same mailbox twice."""
+    now = datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    found = conn.execute(
+        f"SELECT id, address FROM identities WHERE kind = 'email' AND {_MAYBE_NOT_CANONICAL.format('address')}"
+    ).fetchall()
+    groups: dict[str, list[int]] = {}
+    for identity_id, address in found:
+        canonical = canonical_email(address)
+        if canonical != address:
+            groups.setdefault(canonical, []).append(identity_id)
+    for canonical, ids in groups.items():
+        already = conn.execute("SELECT id FROM identities WHERE kind = 'email' AND address = ?", (canonical,)).fetchone()
+        _one_identity(conn, [*ids, already[0]] if already else ids, canonical, now)
+    sent = conn.execute(
+        f"SELECT DISTINCT to_address FROM outbox WHERE to_kind = 'email' AND {_MAYBE_NOT_CANONICAL.format('to_address')}"
+    ).fetchall()
+    for (address,) in sent:
+        canonical = canonical_email(address)
+        if canonical != address:
+            conn.execute("UPDATE outbox SET to_address = ? WHERE to_kind = 'email' AND to_address = ?", (canonical, address))
+    if groups:
+        log.info("e-mail identities in their canonical form: %d rewritten", sum(len(ids) for ids in groups.values()))
+
+
+_IDENTITY_COLUMNS = "id, contact_id, claimed, last_inbound_at, last_inbound_channel, failed_at, created_at"
+
+
+def _identity_rows(conn: sqlite3.Connection, ids: list[int]) -> list[tuple]:
+    return conn.execute(
+        f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE id IN ({', '.join('?' * len(ids))})", ids
+    ).fetchall()
+
+
+def _survivor(conn: sqlite3.Connection, contact_id: int) -> int:
+    """The contact ``contact_id`` was merged into, through every later merge (as ``identity.survivor``)."""
+    for _ in range(20):
+        row = conn.execute("SELECT merged_into FROM contacts WHERE id = ?", (contact_id,)).fetchone()
+        if row is None or row[0] is None:
+            return contact_id
+        contact_id = row[0]
+    return contact_id
+
+
+def _one_identity(conn: sqlite3.Connection, ids: list[int], canonical: str, now: str) -> None:
+    """Make the identities ``ids`` (one address in several forms) one identity ``canonical``.
+
+    Whose it is, as if the address had been written one way from the start:
+    - the contacts that hold it as their own address (not ``claimed``) are one person, merged
+      into the oldest of them (``_merge_contact``);
+    - a form of it that some other contact merely named (typed into a web form) is dropped, as
+      resolution takes a claimed address from its claimant when the owner writes from it; the
+      claimant's contact is never merged, so nobody gains the owner's history by naming them;
+    - when every form is only claimed, the latest claimant keeps the claim.
+    The identity keeps the latest inbound of its forms, the earliest creation, and a failure
+    only where it came after that latest inbound (an inbound message clears one)."""
+    rows = _identity_rows(conn, ids)
+    own = [row for row in rows if not row[2]]
+    if own:
+        contacts = sorted({_survivor(conn, row[1]) for row in own})
+        target = contacts[0]
+        if len(contacts) > 1:
+            latest = max(contacts, key=lambda c: conn.execute(
+                "SELECT COALESCE(MAX(last_inbound_at), '') FROM identities WHERE contact_id = ?", (c,)).fetchone()[0])
+            for other in contacts[1:]:
+                _merge_contact(conn, target, other, now)
+            _take_language(conn, target, latest)
+            log.info("contacts %s merged into contact %d: one e-mail address (%s)", contacts[1:], target, canonical)
+        rows = _identity_rows(conn, ids)
+        kept = [row for row in rows if not row[2] and _survivor(conn, row[1]) == target]
+        claimed = 0
+    else:
+        latest_claim = max(rows, key=lambda row: (row[3] or "", row[6] or "", row[0]))
+        target = _survivor(conn, latest_claim[1])
+        kept = [row for row in rows if _survivor(conn, row[1]) == target]
+        claimed = 1
+    keeper = max(kept, key=lambda row: (row[3] or "", row[0]))
+    last_inbound = keeper[3]
+    failed = max((row[5] for row in kept if row[5]), default=None)
+    if failed is not None and last_inbound is not None and failed < last_inbound:
+        failed = None
+    created = min(row[6] for row in kept)
+    conn.execute(f"DELETE FROM identities WHERE id IN ({', '.join('?' * (len(ids) - 1))})",
+                 [i for i in ids if i != keeper[0]])
+    conn.execute(
+        "UPDATE identities SET address = ?, contact_id = ?, claimed = ?, last_inbound_at = ?, last_inbound_channel = ?,"
+        " failed_at = ?, created_at = ? WHERE id = ?",
+        (canonical, target, claimed, last_inbound, keeper[4], failed, created, keeper[0]),
+    )
+
+
+def _merge_contact(conn: sqlite3.Connection, target: int, other: int, now: str) -> None:
+    """Merge ``other`` into ``target`` because their own addresses turned out to be one: its
+    identities (claims stay claims: unlike a staff merge, nobody said the rest are one
+    person's), conversations and messages move, and ``other`` points to ``target``
+    (``merged_into``), keeping its own fields. ``target`` keeps its name, or takes the other's
+    (the service never overwrites a known name); it is a customer if either was, with its own
+    customer number or else the other's (no claim left beside a confirmed number); its language
+    is settled by ``_take_language``."""
+    conn.execute("UPDATE identities SET contact_id = ? WHERE contact_id = ?", (target, other))
+    conn.execute("UPDATE conversations SET contact_id = ? WHERE contact_id = ?", (target, other))
+    conn.execute("UPDATE messages SET contact_id = ? WHERE contact_id = ?", (target, other))
+    conn.execute("UPDATE contacts SET merged_into = ?, updated_at = ? WHERE id = ?", (target, now, other))
+    name, language, is_customer, number, claim = conn.execute(
+        "SELECT display_name, language, is_customer, customer_number, customer_claim FROM contacts WHERE id = ?", (other,)
+    ).fetchone()
+    kept_number = conn.execute("SELECT customer_number FROM contacts WHERE id = ?", (target,)).fetchone()[0]
+    if number and kept_number and number != kept_number:
+        log.warning("contact %d keeps customer number %s; contact %d, merged into it, keeps %s on its own row",
+                    target, kept_number, other, number)
+    conn.execute(
+        "UPDATE contacts SET display_name = COALESCE(display_name, ?), language = COALESCE(language, ?),"
+        " is_customer = MAX(is_customer, ?), customer_number = COALESCE(customer_number, ?),"
+        " customer_claim = COALESCE(customer_claim, ?), updated_at = ? WHERE id = ?",
+        (name, language, is_customer, number, claim, now, target),
+    )
+    conn.execute("UPDATE contacts SET customer_claim = NULL WHERE id = ? AND is_customer = 1", (target,))
+
+
+def _take_language(conn: sqlite3.Connection, target: int, latest: int) -> None:
+    """``target`` speaks the language of whichever merged contact wrote last (``latest``), as a
+    contact's language follows its latest message; kept when that one has none."""
+    if latest != target:
+        conn.execute(
+            "UPDATE contacts SET language = COALESCE((SELECT language FROM contacts WHERE id = ?), language) WHERE id = ?",
+            (latest, target),
+        )
 
 
 MIGRATIONS: list[tuple[int, str, str | Callable[[sqlite3.Connection], None]]] = [
@@ -355,5 +497,10 @@ CREATE INDEX request_keys_created ON request_keys(created_at);
         13,
         "search finds words with umlauts written without the dots: the index is built again with that spelling too",
         "INSERT INTO message_search (message_search) VALUES ('delete-all');\n" + _INDEX_INBOUND_MESSAGES,
+    ),
+    (
+        14,
+        "an e-mail address is one identity whichever form its domain was written in (Punycode or Unicode)",
+        canonical_mail_identities,
     ),
 ]

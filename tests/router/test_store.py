@@ -502,3 +502,99 @@ async def test_migration_13_indexes_the_stored_messages_with_umlauts_written_wit
             status, body = await harness.api("GET", "/api/v1/conversations", params={"q": q})
             assert status == 200 and [i["id"] for i in body["items"]] == [old.conversation_id], q
         assert [r["version"] for r in await harness.rows("SELECT version FROM schema_migrations WHERE version = 13")] == [13]
+
+
+async def test_migration_14_makes_each_mail_address_one_identity_and_merges_the_contacts_it_split(tmp_path):
+    """A file written before e-mail domains had one form: a resident who wrote from
+    info@müller-bau.de and from info@xn--mller-bau-q9a.de was two contacts, and a third form
+    of it was typed into someone's web form. Once the service starts on the new version, the
+    address is one identity of one contact with both histories, the typist's contact keeps
+    nothing of it, and nothing else changes."""
+    data = tmp_path / "data"
+    async with CoreHarness(data) as harness:
+        first = await harness.core.ingest(webform_message("Müllabfuhr kommt nicht", email="first@placeholder.example"))
+        second = await harness.core.ingest(webform_message("Grube offen", email="second@placeholder.example", language="en"))
+        form = webform_message("Frage", email="typist@example.net")
+        form["sender"]["other_identities"] = [{"kind": "email", "address": "other@placeholder.example"}]
+        typist = await harness.core.ingest(form)
+        lone = await harness.core.ingest(webform_message("Hallo", email="lone@placeholder.example"))
+        invalid = await harness.core.ingest(webform_message("Hallo", email="info@xn--zz.de"))
+        await harness.run_outbox()
+    conn = sqlite3.connect(data / "contact-router.sqlite3", isolation_level=None)
+    contact = {result: conn.execute("SELECT contact_id FROM messages WHERE id = ?", (result.message_id,)).fetchone()[0]
+               for result in (first, second, typist, lone, invalid)}
+    # What the version before stored: each address as written, lower-cased and NFC.
+    for placeholder, written in (("first@placeholder.example", "info@müller-bau.de"),
+                                 ("second@placeholder.example", "info@xn--mller-bau-q9a.de"),
+                                 ("other@placeholder.example", "info@\uff4d\u00fcller-bau.de"),
+                                 ("lone@placeholder.example", "jürgen@xn--exmple-cua.de")):
+        conn.execute("UPDATE identities SET address = ? WHERE address = ?", (written, placeholder))
+        conn.execute("UPDATE outbox SET to_address = ? WHERE to_address = ?", (written, placeholder))
+    conn.execute("UPDATE identities SET last_inbound_at = '2026-12-01T00:00:00.000000Z' WHERE address = ?",
+                 ("info@xn--mller-bau-q9a.de",))
+    conn.execute("UPDATE contacts SET display_name = NULL, is_customer = 1, customer_number = 'K-0815' WHERE id = ?",
+                 (contact[second],))
+    conn.execute("UPDATE contacts SET customer_claim = 'K-0815' WHERE id = ?", (contact[first],))
+    assert conn.execute("SELECT claimed FROM identities WHERE address = ?", ("info@\uff4d\u00fcller-bau.de",)).fetchone() == (1,)
+    conn.execute("DELETE FROM schema_migrations WHERE version = 14")
+    conn.close()
+
+    async with CoreHarness(data) as harness:
+        resident = contact[first]  # the older of the two
+        identities = await harness.rows("SELECT contact_id, address, claimed, last_inbound_at FROM identities WHERE kind = 'email'"
+                                        " ORDER BY address")
+        assert [(i["contact_id"], i["address"], i["claimed"]) for i in identities] == [
+            (resident, "info@müller-bau.de", 0),
+            (contact[invalid], "info@xn--zz.de", 0),
+            (contact[lone], "jürgen@exämple.de", 0),
+            (contact[typist], "typist@example.net", 0),
+        ]
+        assert identities[0]["last_inbound_at"] == "2026-12-01T00:00:00.000000Z"
+        [kept] = await harness.rows("SELECT * FROM contacts WHERE id = ?", (resident,))
+        assert kept["merged_into"] is None
+        # the first contact's name, the language of the one that wrote last, the other's customer number
+        assert (kept["display_name"], kept["language"]) == ("Erika Mustermann", "en")
+        assert (kept["is_customer"], kept["customer_number"], kept["customer_claim"]) == (1, "K-0815", None)
+        [merged] = await harness.rows("SELECT merged_into, customer_number FROM contacts WHERE id = ?", (contact[second],))
+        assert merged == {"merged_into": resident, "customer_number": "K-0815"}
+        for result in (first, second):
+            [row] = await harness.rows("SELECT m.contact_id, c.contact_id AS owner FROM messages m"
+                                       " JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?", (result.message_id,))
+            assert row == {"contact_id": resident, "owner": resident}
+        assert sorted(r["to_address"] for r in await harness.rows("SELECT to_address FROM outbox")) == [
+            "info@müller-bau.de", "info@müller-bau.de", "info@xn--zz.de", "jürgen@exämple.de", "typist@example.net"]
+        status, body = await harness.api("GET", f"/api/v1/contacts/{resident}")
+        assert status == 200 and [i["address"] for i in body["identities"]] == ["info@müller-bau.de"]
+        status, body = await harness.api("GET", f"/api/v1/contacts/{contact[second]}")
+        assert status == 200 and body["merged_into"] == resident
+        # the next mail from either form is the resident's, in their open case
+        again = await harness.core.ingest(webform_message("Noch offen", email="INFO@XN--MLLER-BAU-Q9A.DE"))
+        assert (await harness.rows("SELECT contact_id FROM messages WHERE id = ?", (again.message_id,)))[0]["contact_id"] == resident
+        assert await harness.rows("PRAGMA foreign_key_check") == []
+        assert [r["version"] for r in await harness.rows("SELECT version FROM schema_migrations WHERE version = 14")] == [14]
+
+
+def test_migration_14_keeps_a_claim_with_its_latest_claimant_and_a_failure_that_came_last(tmp_path):
+    """Forms that were only typed into web forms stay one claim, of whoever named the address
+    last, and merge no contacts; a contact's two forms of one address become one identity that
+    is failed when the last thing that happened to either was a failed delivery."""
+    conn = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    apply_migrations(conn)
+    at = "2026-01-0{}T00:00:00.000000Z".format
+    for contact in (1, 2, 3):
+        conn.execute("INSERT INTO contacts (id, created_at, updated_at) VALUES (?, ?, ?)", (contact, at(contact), at(contact)))
+    conn.executemany(
+        "INSERT INTO identities (contact_id, kind, address, claimed, last_inbound_at, failed_at, created_at)"
+        " VALUES (?, 'email', ?, ?, ?, ?, ?)",
+        [(1, "a@xn--mller-bau-q9a.de", 1, None, None, at(1)),
+         (2, "a@müller-bau.de", 1, None, None, at(2)),
+         (3, "b@müller-bau.de", 0, at(3), None, at(3)),
+         (3, "b@xn--mller-bau-q9a.de", 0, at(4), at(5), at(4))],
+    )
+    conn.execute("BEGIN")
+    migrations.canonical_mail_identities(conn)
+    conn.execute("COMMIT")
+    rows = conn.execute("SELECT contact_id, address, claimed, last_inbound_at, failed_at, created_at FROM identities"
+                        " ORDER BY address").fetchall()
+    assert rows == [(2, "a@müller-bau.de", 1, None, None, at(2)), (3, "b@müller-bau.de", 0, at(4), at(5), at(3))]
+    assert conn.execute("SELECT COUNT(*) FROM contacts WHERE merged_into IS NOT NULL").fetchone() == (0,)
