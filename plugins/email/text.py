@@ -10,50 +10,106 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import re
 from email.message import Message
 from html import unescape
 
 from .limits import MAX_ATTRIBUTION_CHARS
 
-# Labels that mail clients put on text that is really Windows-1252 (as browsers do, per WHATWG).
-_SINGLE_BYTE_LABELS = {"iso-8859-1", "latin-1", "latin1", "l1", "iso8859-1", "us-ascii", "ascii", "windows-1252", "cp1252"}
+# Labels of text that is really Windows-1252: the WHATWG Encoding Standard's labels of
+# windows-1252 (browsers, Thunderbird and webmail decode all of them so), and Python's spellings.
+_SINGLE_BYTE_LABELS = frozenset({
+    "ansi_x3.4-1968", "ascii", "cp1252", "cp819", "csisolatin1", "ibm819", "iso-8859-1", "iso-ir-100", "iso8859-1",
+    "iso88591", "iso_8859-1", "iso_8859-1:1987", "l1", "latin1", "latin-1", "us-ascii", "windows-1252", "x-cp1252",
+})
+
+# The Windows code page beside each ISO-8859 charset (the same letters at 0xA0-0xFF, or nearly):
+# what a byte 0x80-0x9F under that label really is. Any other charset: Windows-1252.
+_WINDOWS_SIBLINGS = {
+    "iso8859-2": "cp1250", "iso8859-5": "cp1251", "iso8859-7": "cp1253", "iso8859-9": "cp1254",
+    "iso8859-8": "cp1255", "iso8859-6": "cp1256", "iso8859-13": "cp1257",
+}
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_C1 = re.compile("[\x80-\x9f]")
 
 
 def decode_bytes(data: bytes, charset: str | None) -> str:
     """Decode ``data`` labelled ``charset``, falling back when the label is wrong or unknown.
 
     UTF-8 content labelled as Latin-1 (a common client bug) is recognised because valid
-    multi-byte UTF-8 sequences almost never occur in real Latin-1 text.
+    multi-byte UTF-8 sequences almost never occur in real Latin-1 text. As the WHATWG Encoding
+    Standard says: a byte order mark decides the encoding, whatever the label, and is no text;
+    Latin-1 and ASCII labels mean Windows-1252. And since no mail is text with C1 control
+    characters (RFC 5198), those that a label gives (Outlook's „quotes“ and dashes under
+    ISO-8859-15, or converted to UTF-8 as if Latin-1) are read as the Windows code page's
+    characters (``_without_c1``).
     """
     label = (charset or "").strip().strip('"').lower()
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            data, label = data[len(bom):], encoding
+            break
+    text, codec = _decode(data, label)
+    return _without_c1(text, codec)
+
+
+def _decode(data: bytes, label: str) -> tuple[str, str]:
+    """The text of ``data`` and the name of the codec that read it."""
     if label in _SINGLE_BYTE_LABELS or not label:
         if not data.isascii():
             try:
-                return data.decode("utf-8")
+                return data.decode("utf-8"), "utf-8"
             except UnicodeDecodeError:
                 pass
-        return _decode_cp1252(data)
+        return _decode_cp1252(data), "cp1252"
     try:
-        codecs.lookup(label)
+        codec = codecs.lookup(label).name
     except LookupError:
-        label = "utf-8"
+        codec = "utf-8"
     try:
-        return data.decode(label)
+        return data.decode(codec), codec
     except (UnicodeDecodeError, LookupError):
         pass
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return _decode_cp1252(data)
+        return _decode_cp1252(data), "cp1252"
+
+
+def _without_c1(text: str, codec: str) -> str:
+    """``text`` without the invisible: a byte order mark left inside it (the start of a second
+    file pasted in: U+FEFF as a character is deprecated), and C1 controls (U+0080-U+009F) as the
+    characters of the Windows code page beside ``codec`` (those it defines)."""
+    if text.isascii():
+        return text
+    if "\ufeff" in text:
+        text = text.replace("\ufeff", "")
+    if _C1.search(text):
+        text = text.translate(_c1_table(_WINDOWS_SIBLINGS.get(codec, "cp1252")))
+    return text
+
+
+@functools.cache
+def _c1_table(windows: str) -> dict[int, str]:
+    """U+0080-U+009F -> the character of that byte in the code page ``windows``, where it has one."""
+    table = {}
+    for byte in range(0x80, 0xA0):
+        try:
+            table[byte] = bytes([byte]).decode(windows)
+        except UnicodeDecodeError:
+            continue
+    return table
+
+
+# Windows-1252 with its five undefined bytes as the code points of the same number (as WHATWG
+# decodes them): one such byte made the whole text Latin-1, every „quote“ a control character.
+_WINDOWS_1252 = "".join(bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(256))
 
 
 def _decode_cp1252(data: bytes) -> str:
-    try:
-        return data.decode("cp1252")
-    except UnicodeDecodeError:
-        # cp1252 leaves five bytes undefined; Latin-1 decodes every byte.
-        return data.decode("latin-1")
+    return codecs.charmap_decode(data, "strict", _WINDOWS_1252)[0]
 
 
 # Characters that are text already: neither ASCII nor an undecoded byte (a surrogate escape).
@@ -74,9 +130,9 @@ def fix_surrogates(value: str) -> str:
         return decode_bytes(value.encode("utf-8", "surrogateescape"), None)
     raw = [piece.encode("utf-8", "surrogateescape") for piece in pieces[0::2]]
     try:
-        pieces[0::2] = [data.decode("utf-8") for data in raw]
+        pieces[0::2] = [_without_c1(data.decode("utf-8"), "utf-8") for data in raw]
     except UnicodeDecodeError:
-        pieces[0::2] = [_decode_cp1252(data) for data in raw]
+        pieces[0::2] = [_without_c1(_decode_cp1252(data), "cp1252") for data in raw]
     return "".join(pieces)
 
 

@@ -328,6 +328,23 @@ async def test_a_database_that_refuses_writes_answers_451_and_the_retry_is_store
     assert await harness.count("messages", "direction = 'in'") == 1
 
 
+async def test_outlook_quotes_under_a_latin_9_label_and_a_byte_order_mark_reach_staff_as_text(harness, sink):
+    """What staff read of such a mail had invisible controls where „ “ – stood, and a U+FEFF
+    before the subject and the text."""
+    raw = (b"From: =?iso-8859-15?Q?J=FCrgen_M=FCller?= <juergen@example.com>\r\nTo: bau@example.org\r\n"
+           b"Subject: =?utf-8?B?77u/QmF1c3RlbGxl?=\r\nMessage-ID: <outlook-1@example.com>\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\n"
+           b"Content-Type: text/plain; charset=iso-8859-15\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+           b"Die \x84Grube\x93 \x96 seit Montag offen.\r\n--b\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+           b"\xef\xbb\xbf<p>Die \xe2\x80\x9eGrube\xe2\x80\x9c</p>\r\n--b--\r\n")
+    await send(harness, raw, sender="juergen@example.com")
+    detail = await conversation_of(harness, "<outlook-1@example.com>")
+    [inbound] = [m for m in detail["messages"] if m["direction"] == "in"]
+    assert inbound["text"] == "Die „Grube“ – seit Montag offen."
+    assert detail["subject"] == "Baustelle" and detail["contact"]["display_name"] == "Jürgen Müller"
+
+
 async def test_redelivered_mail_is_stored_and_acknowledged_once(harness, sink):
     await send(harness, LATIN1_MAIL)
     await send(harness, LATIN1_MAIL)

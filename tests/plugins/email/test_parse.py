@@ -100,6 +100,83 @@ Die Rechnung \x96 \x84viel zu hoch\x93 \x80 120
     assert msg["language"] is None
 
 
+_OUTLOOK_QUOTES = b"\x84M\xfcller\x93 \x96 der Bagger \x85"  # Windows-1252: „Müller“ – der Bagger …
+
+
+@pytest.mark.parametrize("label", ["iso-8859-15", "ISO_8859-1", "iso88591", "cp819", "iso-8859-9", "latin9"])
+def test_windows_1252_quotes_in_a_body_labelled_iso_8859_are_not_control_characters(label):
+    """Outlook's „ “ – … are bytes 0x80-0x9F of Windows-1252; ISO-8859-x decodes them as C1
+    controls (invisible). Browsers, Thunderbird and webmail follow the WHATWG Encoding Standard
+    and read iso-8859-1 (in all its spellings) and iso-8859-9 as the Windows code page; no mail
+    is text with C1 controls (RFC 5198), so under ISO-8859-15 they are the Windows ones too."""
+    raw = crlf(f"From: a@example.com\nTo: bau@example.org\nMessage-ID: <q@example.com>\nSubject: x\n"
+               f"Content-Type: text/plain; charset={label}\nContent-Transfer-Encoding: 8bit\n\n") + _OUTLOOK_QUOTES + b"\r\n"
+    assert parse(raw)["text"] == "„Müller“ – der Bagger …"
+
+
+def test_a_latin_9_body_keeps_its_own_letters_beside_the_windows_quotes():
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <q@example.com>\nSubject: x\n"
+               "Content-Type: text/plain; charset=iso-8859-15\nContent-Transfer-Encoding: quoted-printable\n\n"
+               "=84Preis=93: 20 =A4 f=FCr =BCuvre\n")
+    assert parse(raw)["text"] == "„Preis“: 20 € für Œuvre"
+
+
+def test_windows_quotes_in_central_european_and_undefined_bytes():
+    """ISO-8859-2 is Windows-1250's sibling; a byte Windows-1252 leaves undefined (0x81) costs
+    the rest of the text nothing (it made the whole body Latin-1, every quote a control)."""
+    head = "From: a@example.com\nTo: bau@example.org\nMessage-ID: <q@example.com>\nSubject: x\n"
+    raw = crlf(head + "Content-Type: text/plain; charset=iso-8859-2\nContent-Transfer-Encoding: 8bit\n\n") + \
+        b"\x84Kone\xe8n\xe1\x93 \x9club\r\n"
+    assert parse(raw)["text"] == "„Konečná“ ślub"
+    raw = crlf(head + "Content-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: 8bit\n\n") + \
+        b"\x84M\xfcller\x93 \x81\r\n"
+    assert parse(raw)["text"].startswith("„Müller“ ")
+
+
+def test_windows_quotes_converted_to_utf8_as_latin_1_are_read_as_meant():
+    """A gateway that read Windows-1252 as ISO-8859-1 and wrote UTF-8 sends U+0084 and U+0093."""
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <q@example.com>\nSubject: x\n"
+               "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n") + \
+        "\x84Müller\x93 \x96 ok".encode() + b"\r\n"
+    assert parse(raw)["text"] == "„Müller“ – ok"
+
+
+def test_windows_quotes_in_an_iso_8859_15_header_are_not_control_characters():
+    raw = crlf("From: =?iso-8859-15?Q?=84Bau=93_M=FCller?= <a@example.com>\nTo: bau@example.org\n"
+               "Message-ID: <q@example.com>\nSubject: =?ISO-8859-15?Q?Grube_=96_offen_=A4?=\n\nHallo\n")
+    msg = parse(raw)
+    assert msg["subject"] == "Grube – offen €"
+    assert msg["sender"]["display_name"] == "„Bau“ Müller"
+
+
+@pytest.mark.parametrize(("headers", "body"), [
+    ("Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit", b"\xef\xbb\xbfGr\xc3\xbc\xc3\x9fe"),
+    ("Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64", b"77u/R3LDvMOfZQ=="),
+    ("Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable", b"=EF=BB=BFGr=C3=BC=C3=9Fe"),
+    # a BOM decides the encoding, whatever the label says (WHATWG: "BOM sniffing")
+    ("Content-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: 8bit", b"\xef\xbb\xbfGr\xc3\xbc\xc3\x9fe"),
+    ("Content-Type: text/plain\nContent-Transfer-Encoding: 8bit", b"\xef\xbb\xbfGr\xc3\xbc\xc3\x9fe"),
+    ("Content-Type: text/plain; charset=windows-1252\nContent-Transfer-Encoding: base64", b"//5HAHIA/ADfAGUA"),  # UTF-16LE
+], ids=["8bit", "base64", "quoted-printable", "latin-1 label", "no label", "utf-16"])
+def test_a_byte_order_mark_at_the_start_of_a_text_part_is_not_text(headers, body):
+    """Notepad and some form mailers start UTF-8 text with a BOM: it was kept as U+FEFF (or,
+    under a Latin-1 label, as "ï»¿"), the first character of the stored text."""
+    raw = crlf(f"From: a@example.com\nTo: bau@example.org\nMessage-ID: <b@example.com>\nSubject: x\n{headers}\n\n") + body + b"\r\n"
+    assert parse(raw)["text"] == "Grüße"
+
+
+def test_a_byte_order_mark_in_a_header_is_not_text():
+    raw = crlf("From: =?utf-8?B?77u/SsO8cmdlbg==?= <j@example.com>\nTo: bau@example.org\nMessage-ID: <b@example.com>\n"
+               "Subject: AW: =?UTF-8?B?77u/QmF1c3RlbGxl?=\n\nHallo\n")
+    msg = parse(raw)
+    assert (msg["subject"], msg["sender"]["display_name"]) == ("AW: Baustelle", "Jürgen")
+    # raw UTF-8 (SMTPUTF8 mail)
+    raw = b"From: \xef\xbb\xbfJ\xc3\xbcrgen <j@example.com>\r\nTo: bau@example.org\r\nMessage-ID: <c@example.com>\r\n" \
+          b"Subject: \xef\xbb\xbfBaustelle \xc3\xbc\r\n\r\nHallo\r\n"
+    msg = parse(raw)
+    assert (msg["subject"], msg["sender"]["display_name"]) == ("Baustelle ü", "Jürgen")
+
+
 def test_utf8_labelled_as_latin1_is_recognised():
     body = "Schöne Grüße".encode()
     raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <x@example.com>\n"
