@@ -1,9 +1,10 @@
 """Full-text search for the inbox: what is indexed for a message, and how a staff member's
 search words become an FTS5 query.
 
-Text is folded the same way routing folds it (``Straße`` = ``Strasse``, ``Müller`` = ``Mueller``),
-and a word with an umlaut is indexed in its spelling without the dots too (``muller``), so a
-search finds what the resident wrote however either of them spelt the umlauts.
+Text is folded the same way routing folds it (``Straße`` = ``Strasse``, ``Müller`` = ``Mueller``,
+``Sørensen`` = ``Soerensen``, ``Łódź`` = ``Lodz``), and a word with an umlaut or an ø is indexed
+in its spelling without the dots or stroke too (``muller``, ``sorensen``), so a search finds
+what the resident wrote however either of them spelt them.
 
 Every search word matches as a word start (``strassensperr`` finds ``Straßensperrung``). FTS5
 answers a prefix query by first merging the whole list of matching messages of every word that
@@ -119,23 +120,25 @@ def other_spellings(text: str) -> str:
     ae, oe, ue ("mueller"), the way a German without the key writes them; but staff without
     one on their keyboard (a contractor's crew, a phone), residents writing from abroad and
     names that are not German ("Öztürk", "Ozturk") drop the dots. Indexed beside the folded
-    text, these words let such a search find the message; empty when there are none."""
+    text, these words let such a search find the message; empty when there are none. The same
+    for ø, written oe or o ("Sørensen": "soerensen", "sorensen"); the other letters Unicode does
+    not decompose (æ, ł, ...) have one plain spelling, which ``normalize`` gives."""
     if text.isascii():
         return ""
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
     lowered = text.casefold()
-    if "ä" not in lowered and "ö" not in lowered and "ü" not in lowered:
+    if "ä" not in lowered and "ö" not in lowered and "ü" not in lowered and "ø" not in lowered:
         return ""
     # Membership tests on the blank-separated words first, the pattern only inside those with an
     # umlaut: a pattern over the whole text and str.translate took 6 to 8 us for a sentence
     # with one or two such words (this, under 3), on every message that holds one.
     found: dict[str, None] = {}
     for chunk in lowered.split():
-        if "ä" in chunk or "ö" in chunk or "ü" in chunk:
+        if "ä" in chunk or "ö" in chunk or "ü" in chunk or "ø" in chunk:
             for word in _WORD.findall(chunk):
-                if "ä" in word or "ö" in word or "ü" in word:
-                    word = word.replace("ä", "a").replace("ö", "o").replace("ü", "u")
+                if "ä" in word or "ö" in word or "ü" in word or "ø" in word:
+                    word = word.replace("ä", "a").replace("ö", "o").replace("ü", "u").replace("ø", "o")
                     found[word if word.isascii() else strip_accents(word)] = None
     return " ".join(found)
 

@@ -10,7 +10,40 @@ import threading
 import time
 import unicodedata
 
-_FOLD = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", "ẞ": "ss"})
+# Umlauts as a German writes them without the key. (Case folding writes ß and ẞ as "ss" already.)
+_UMLAUTS = (("ä", "ae"), ("ö", "oe"), ("ü", "ue"))
+# Letters that Unicode does not decompose, so that NFKD leaves them as they are: Nordic ø, æ, œ,
+# Polish ł, Croatian đ, Icelandic ð and þ, Turkish ı, Maltese ħ, Sami ŧ. ``normalize`` writes
+# them like the umlauts (ø as oe, as it is ö's sibling and Danes and Norwegians transliterate
+# it), ``strip_accents`` without the mark (ø as o).
+_OWN_LETTERS = (("æ", "ae"), ("œ", "oe"), ("ł", "l"), ("đ", "d"), ("ð", "d"), ("þ", "th"), ("ı", "i"), ("ħ", "h"),
+                ("ŧ", "t"))
+_FOLDS = (*_UMLAUTS, ("ø", "oe"), *_OWN_LETTERS)
+_PLAIN_OWN_LETTERS = (("ø", "o"), *_OWN_LETTERS)
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _replaced(text: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """``text`` with each letter of ``pairs`` written as given. A test and a replace for each
+    letter: str.translate with a table looks each character up in a dictionary, and took 21 us
+    of the 24 that folding a message of 250 characters cost; these take about 1."""
+    for letter, written in pairs:
+        if letter in text:
+            text = text.replace(letter, written)
+    return text
+
+
+def _without_marks(match: re.Match[str]) -> str:
+    return "".join(ch for ch in match.group() if not unicodedata.combining(ch))
+
+
+def _bare(text: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """``text`` decomposed (NFKD) without its combining marks, then its own letters (``pairs``)
+    folded: a letter with an accent on ø (ǿ) is ø once the accent is gone. Only the runs beyond
+    ASCII are looked at character by character: a message with a few "„" or "é" took 25 us."""
+    bare = _NOT_ASCII.sub(_without_marks, unicodedata.normalize("NFKD", text))
+    return bare if bare.isascii() else _replaced(bare, pairs)
+
 
 # K- and six characters from an alphabet without 0/O/1/I, as DESIGN.md specifies.
 CASE_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
@@ -18,28 +51,29 @@ CASE_REFERENCE_RE = re.compile(r"\bK-([2-9A-HJ-NP-Z]{6})\b")
 
 
 def normalize(text: str) -> str:
-    """Case-fold, write umlauts as ae/oe/ue/ss and drop other accents: "Straße" -> "strasse".
+    """Case-fold, write umlauts as ae/oe/ue/ss, letters Unicode does not decompose likewise
+    (ø as oe, æ as ae, ł as l: ``_OWN_LETTERS``) and drop other accents: "Straße" -> "strasse",
+    "Sørensen" -> "soerensen".
     An umlaut written as a letter and a combining mark (NFD, as macOS and iOS often send it)
     folds as the one character does: "Störung" is "stoerung" either way."""
     if text.isascii():
         return text.lower()
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
-    folded = text.casefold().translate(_FOLD)
+    folded = _replaced(text.casefold(), _FOLDS)
     if folded.isascii():
         return folded
-    decomposed = unicodedata.normalize("NFKD", folded)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return _bare(folded, _FOLDS)
 
 
 def strip_accents(text: str) -> str:
     """``normalize``, but umlauts lose their dots instead of becoming two letters: "Müller" ->
-    "muller", "Öztürk" -> "ozturk" ("ß" is still "ss"). The spelling of whoever has no umlaut
-    on their keyboard, and of names that are not German."""
+    "muller", "Öztürk" -> "ozturk", and ø its stroke: "Sørensen" -> "sorensen" ("ß" is still
+    "ss", "æ" "ae", "ł" "l"). The spelling of whoever has no umlaut on their keyboard, and of
+    names that are not German."""
     if text.isascii():
         return text.lower()
-    decomposed = unicodedata.normalize("NFKD", unicodedata.normalize("NFC", text).casefold())
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return _bare(unicodedata.normalize("NFC", text).casefold(), _PLAIN_OWN_LETTERS)
 
 
 _GERMAN = frozenset(

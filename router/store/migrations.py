@@ -503,4 +503,9 @@ CREATE INDEX request_keys_created ON request_keys(created_at);
         "an e-mail address is one identity whichever form its domain was written in (Punycode or Unicode)",
         canonical_mail_identities,
     ),
+    (
+        15,
+        "search finds ø, æ, ł and the other letters Unicode does not decompose written plain: the index is built again",
+        "INSERT INTO message_search (message_search) VALUES ('delete-all');\n" + _INDEX_INBOUND_MESSAGES,
+    ),
 ]

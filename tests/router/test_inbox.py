@@ -744,6 +744,32 @@ async def test_a_search_finds_umlauts_written_without_their_dots(harness):
     assert await search("Güneş Bau") == {gunes.conversation_id}
 
 
+async def test_a_search_finds_letters_that_unicode_does_not_decompose_written_plain(harness):
+    """ "Sorensen" did not find "Sørensen", nor "Lodz" "Łódź", nor "Yilmaz" a sender named
+    "Yılmaz": NFKD leaves ø, ł and ı as they are, so they were never folded."""
+    named = webform_message("Grøft foran huset, Bjørn Løkken")
+    named["sender"]["display_name"] = "Søren Sørensen"
+    danish = await harness.core.ingest(named)
+    polish = await harness.core.ingest(webform_message("Koparka stoi w Łodzi, Żółtowski", email="b@example.net"))
+    turkish = webform_message("Baustelle vor dem Haus", email="c@example.net")
+    turkish["sender"]["display_name"] = "Ömer Yılmaz"
+    turkish = await harness.core.ingest(turkish)
+    plain = await harness.core.ingest(webform_message("Herr Sorensen, Haus 4", email="d@example.net"))
+
+    async def search(q: str) -> set[int]:
+        status, body = await harness.api("GET", "/api/v1/conversations", params={"q": q})
+        assert status == 200, body
+        return set(found(body))
+
+    assert await search("Sorensen") == {danish.conversation_id, plain.conversation_id}
+    assert await search("Soerensen") == {danish.conversation_id}
+    assert await search("Sørensen") == {danish.conversation_id, plain.conversation_id}
+    assert await search("SØREN groft") == {danish.conversation_id}
+    assert await search("Lokken") == await search("Løkken") == {danish.conversation_id}
+    assert await search("lodzi zoltowski") == {polish.conversation_id}
+    assert await search("Yilmaz") == await search("Yılmaz") == {turkish.conversation_id}
+
+
 async def test_a_search_without_any_word_is_no_search(harness):
     """q=+ (a search box holding a space, which a URL's query turns into "+") or q=- listed
     nothing, while q= listed everything: a q without a word is no search either."""

@@ -251,6 +251,15 @@ def test_words_with_umlauts_are_indexed_in_their_spelling_without_dots_too():
     assert time.perf_counter() - started < 1
 
 
+def test_words_with_a_letter_like_an_umlaut_are_indexed_in_their_plain_spelling_too():
+    """ø is written oe or o, as ö is; æ, ł and the rest have one plain spelling, so ``normalize``
+    alone finds them."""
+    assert other_spellings("Søren Sørensen, Łódź") == "soren sorensen"
+    assert search_text("Grøft", "Bjørn Løkken, Łódź", "Søren") == "groeft bjoern loekken, lodz soeren groft bjorn lokken soren"
+    assert spelling_alternatives("Sørensen Łódź") == {"soerensen": "sorensen"}
+    assert match_query("Sørensen") == '("soerensen"* OR "sorensen"*)'
+
+
 def test_a_search_word_with_an_umlaut_has_its_spelling_without_dots_as_alternative():
     assert spelling_alternatives("Müller-Lüdenscheidt 4") == {"mueller": "muller", "luedenscheidt": "ludenscheidt"}
     assert spelling_alternatives("Mueller Straße") == {}

@@ -598,3 +598,25 @@ def test_migration_14_keeps_a_claim_with_its_latest_claimant_and_a_failure_that_
                         " ORDER BY address").fetchall()
     assert rows == [(2, "a@müller-bau.de", 1, None, None, at(2)), (3, "b@müller-bau.de", 0, at(4), at(5), at(3))]
     assert conn.execute("SELECT COUNT(*) FROM contacts WHERE merged_into IS NOT NULL").fetchone() == (0,)
+
+
+async def test_migration_15_indexes_the_stored_messages_with_letters_unicode_does_not_decompose_folded(tmp_path):
+    """Messages stored before ø, ł and the like were folded ("Sørensen" indexed as itself) are
+    found by their plain spellings once the service starts on the new version."""
+    data = tmp_path / "data"
+    async with CoreHarness(data) as harness:
+        message = webform_message("Grøft foran huset i Łódź")
+        message["sender"]["display_name"] = "Søren Sørensen"
+        old = await harness.core.ingest(message)
+    conn = sqlite3.connect(data / "contact-router.sqlite3", isolation_level=None)
+    # The index as the version before wrote it: ø and ł left as they are.
+    conn.execute("INSERT INTO message_search (message_search) VALUES ('delete-all')")
+    conn.execute("INSERT INTO message_search (rowid, body) VALUES (?, ?)", (old.message_id, "grøft foran huset i łodz søren sørensen"))
+    conn.execute("DELETE FROM schema_migrations WHERE version = 15")
+    conn.close()
+
+    async with CoreHarness(data) as harness:
+        for q in ("Sorensen", "Soerensen", "Sørensen", "groft", "Lodz", "Łódź", "huset"):
+            status, body = await harness.api("GET", "/api/v1/conversations", params={"q": q})
+            assert status == 200 and [i["id"] for i in body["items"]] == [old.conversation_id], q
+        assert [r["version"] for r in await harness.rows("SELECT version FROM schema_migrations WHERE version = 15")] == [15]
