@@ -24,6 +24,7 @@ from typing import Any
 import jsonschema
 
 from .hours import BusinessHours
+from .identity import canonical_email
 from .text import normalize
 
 
@@ -300,7 +301,7 @@ def build_config(data: Any, env: Mapping[str, str], name: str = "<config>") -> C
             customer=r.get("customer"),
             has_topic=r.get("has_topic"),
             has_location=r.get("has_location"),
-            recipients=frozenset(x.lower() for x in r.get("recipients", ())),
+            recipients=frozenset(canonical_email(x) for x in r.get("recipients", ())),
             unit=r.get("unit"),
         )
         for r in resolved.get("rules", [])

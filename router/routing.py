@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import Area, Config, Rule, normalize_street
+from .identity import canonical_email
 from .models import RoutingDecision
 from .text import normalize
 
@@ -101,7 +102,7 @@ def route(
     topic = message.get("topic")
     has_topic = bool(topic) and topic != "other"
     channel = message["channel"]
-    recipient = (message.get("recipient") or "").lower()
+    recipient = canonical_email(message.get("recipient") or "")
     area_hit = find_area(config, message, normalized_text)
     area = area_hit[0] if area_hit else None
 

@@ -38,6 +38,7 @@ from router.hookspecs import (
     json_error,
     read_limited_body,
 )
+from router.identity import canonical_email
 
 from .addresses import ascii_address
 from .compose import build_mail
@@ -264,7 +265,7 @@ class EmailChannel(Channel):
         its own address (``reply_to_for``)."""
         if message.kind == "notification":
             return self.settings.from_address
-        recipient = (message.recipient or "").lower()
+        recipient = canonical_email(message.recipient or "")
         return recipient if recipient in self.settings.addresses else self.settings.from_address
 
     def reply_to_for(self, message: OutboundMessage) -> str | None:
@@ -361,7 +362,7 @@ class SMTPHandler:
         self.channel = channel
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
-        if address.strip().lower() not in self.channel.settings.addresses:
+        if canonical_email(address.strip().strip("<>")) not in self.channel.settings.addresses:
             return f"550 5.1.1 <{address}>: recipient unknown here"
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             # RFC 5321 4.5.3.1.10: the client sends the others in another transaction

@@ -409,11 +409,11 @@ def _language(msg: Message) -> str | None:
 def _recipient(
     msg: Message, envelope_to: list[str] | None, addresses: Mapping[str, Mapping[str, Any]]
 ) -> str | None:
-    ours = {a.lower() for a in addresses}
-    candidates = [a.strip().strip("<>").lower() for a in envelope_to or []]
+    ours = {canonical_email(a) for a in addresses}
+    candidates = [a.strip().strip("<>") for a in envelope_to or []]
     for name in ("Delivered-To", "X-Original-To", "To", "Cc"):
         candidates.extend(a for _, a in _addresses(msg, name))
-    return next((a for a in candidates if a in ours), None)
+    return next((a for a in map(canonical_email, candidates) if a in ours), None)
 
 
 _NOT_IN_ADDRESS = frozenset('<>()[],;:"\\')

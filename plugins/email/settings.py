@@ -11,6 +11,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from router.hookspecs import SettingsError
+from router.identity import canonical_email
 from router.settings import flag, given, positive_float, whole_number
 
 RELAY_TLS_MODES = ("starttls", "tls", "none")
@@ -87,7 +88,9 @@ class EmailSettings:
                 # Passed, every mail to the address was refused (a unit hint that is no unit id)
                 # or went to the fallback unit.
                 raise EmailSettingsError(f"channels.email.addresses.{address}.unit", f"unknown unit {entry['unit']!r}")
-            addresses[str(address).strip().lower()] = {"unit": entry["unit"], "language": entry.get("language")}
+            # Kept in the form that identifies a mailbox: mail to the Punycode form of an address
+            # written in Unicode (or in another case) is mail to it.
+            addresses[canonical_email(str(address).strip())] = {"unit": entry["unit"], "language": entry.get("language")}
         first = next(iter(addresses))
         relay_tls = (_str(section, "relay_tls", "starttls") or "starttls").lower()
         if relay_tls not in RELAY_TLS_MODES:

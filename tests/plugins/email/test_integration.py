@@ -1047,3 +1047,24 @@ async def test_a_sender_that_hangs_up_while_its_mail_is_committed_leaves_it_stor
         assert await harness.count("messages", "direction = 'in'") == 1 and len(heard) == 2
         await harness.run_outbox()
         assert len(sink.to("juergen.mueller@example.com")) == 1
+
+
+async def test_our_own_address_on_an_internationalised_domain_takes_mail_to_either_form(tmp_path, sink):
+    """An address of ours on an internationalised domain was compared lower-cased only: mail to
+    its Punycode form (what a sending server without SMTPUTF8 writes) was refused at RCPT with
+    550, and mail to it in another case or normalisation went to the fallback unit."""
+    settings = email_settings(sink, addresses={"bau@müller-bau.example": "bauhotline"})
+    async with CoreHarness(tmp_path / "data", entrypoints=("email",), settings={"email": settings}) as harness:
+        for number, (to, options) in enumerate((("bau@xn--mller-bau-q9a.example", []), ("Bau@MÜLLER-Bau.example", ["SMTPUTF8"]))):
+            sender = f"anwohner{number}@example.net"
+            raw = (f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: Frage\r\nMessage-ID: <own-idn-{number}@example.net>\r\n"
+                   "\r\nWer ist hier zuständig?\r\n")
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(harness), start_tls=False, timeout=5) as client:
+                refused, _ = await client.sendmail(sender, [to], raw.encode(), mail_options=options)
+            assert refused == {}
+            detail = await conversation_of(harness, f"<own-idn-{number}@example.net>")
+            assert (detail["unit"], detail["routing"]["rule"]) == ("bauhotline", "entry-point")
+            await harness.run_outbox()
+            [ack] = sink.to(sender)
+            # from the address written to, in the form a relay without SMTPUTF8 takes
+            assert ack["From"].addresses[0].addr_spec == "bau@xn--mller-bau-q9a.example"
