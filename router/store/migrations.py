@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from ..identity import canonical_email
+from ..identity import canonical_email, survivor
 
 log = logging.getLogger("contact_router.store")
 
@@ -127,16 +127,6 @@ def _identity_rows(conn: sqlite3.Connection, ids: list[int]) -> list[tuple]:
     ).fetchall()
 
 
-def _survivor(conn: sqlite3.Connection, contact_id: int) -> int:
-    """The contact ``contact_id`` was merged into, through every later merge (as ``identity.survivor``)."""
-    for _ in range(20):
-        row = conn.execute("SELECT merged_into FROM contacts WHERE id = ?", (contact_id,)).fetchone()
-        if row is None or row[0] is None:
-            return contact_id
-        contact_id = row[0]
-    return contact_id
-
-
 def _one_identity(conn: sqlite3.Connection, ids: list[int], canonical: str, now: str) -> None:
     """Make the identities ``ids`` (one address in several forms) one identity ``canonical``.
 
@@ -152,7 +142,7 @@ def _one_identity(conn: sqlite3.Connection, ids: list[int], canonical: str, now:
     rows = _identity_rows(conn, ids)
     own = [row for row in rows if not row[2]]
     if own:
-        contacts = sorted({_survivor(conn, row[1]) for row in own})
+        contacts = sorted({survivor(conn, row[1]) for row in own})
         target = contacts[0]
         if len(contacts) > 1:
             latest = max(contacts, key=lambda c: conn.execute(
@@ -162,12 +152,12 @@ def _one_identity(conn: sqlite3.Connection, ids: list[int], canonical: str, now:
             _take_language(conn, target, latest)
             log.info("contacts %s merged into contact %d: one e-mail address (%s)", contacts[1:], target, canonical)
         rows = _identity_rows(conn, ids)
-        kept = [row for row in rows if not row[2] and _survivor(conn, row[1]) == target]
+        kept = [row for row in rows if not row[2] and survivor(conn, row[1]) == target]
         claimed = 0
     else:
         latest_claim = max(rows, key=lambda row: (row[3] or "", row[6] or "", row[0]))
-        target = _survivor(conn, latest_claim[1])
-        kept = [row for row in rows if _survivor(conn, row[1]) == target]
+        target = survivor(conn, latest_claim[1])
+        kept = [row for row in rows if survivor(conn, row[1]) == target]
         claimed = 1
     keeper = max(kept, key=lambda row: (row[3] or "", row[0]))
     last_inbound = keeper[3]
