@@ -447,9 +447,11 @@ def _no_word_from_us(conn: sqlite3.Connection, conversation_id: int, channel: st
     an answer that bounced, is still queued, or went on another channel told them nothing."""
     if written_since(conn, conversation_id, 0) is not None:
         return False  # a person wrote in it before: this is a follow-up
+    # The conversation's messages first, then their rows by outbox_message: joined, SQLite read
+    # the outbox by its state (every row ever sent) and looked for the conversation's among them.
     return conn.execute(
-        "SELECT 1 FROM messages m JOIN outbox o ON o.message_id = m.id WHERE m.conversation_id = ? AND m.direction = 'out'"
-        " AND m.kind IN ('ack', 'reply', 'callback_sms') AND o.channel = ? AND o.state = 'sent' LIMIT 1",
+        "SELECT 1 FROM messages m WHERE m.conversation_id = ? AND m.direction = 'out' AND m.kind IN ('ack', 'reply', 'callback_sms')"
+        " AND EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = m.id AND o.channel = ? AND +o.state = 'sent') LIMIT 1",
         (conversation_id, channel),
     ).fetchone() is None
 

@@ -16,9 +16,11 @@ from router.hookspecs import (
     SendResult,
     hookimpl,
 )
+from router.ingest import _no_word_from_us
+from router.store.sqlite import _connect, apply_migrations
 from router.testing import CoreHarness
 
-from .helpers import webform_message
+from .helpers import vm_steps, webform_message
 
 
 async def test_the_same_message_id_on_two_channels_is_two_messages(harness):
@@ -195,3 +197,42 @@ async def test_a_persons_first_message_where_a_machine_opened_the_case_is_acknow
             assert acks == []
             (row,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (case,))
             assert row["state"] == "acknowledged"
+
+
+def _no_word_cost(tmp_path, sent: int) -> int:
+    """SQLite VM steps of asking whether a person was told anything in a case a machine opened,
+    with ``sent`` deliveries of other cases in the outbox."""
+    conn = _connect(tmp_path / f"no-word-{sent}.sqlite3")
+    apply_migrations(conn)
+    stamp = "2026-01-01T00:00:00.000000Z"
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO contacts (id, created_at, updated_at) VALUES (1, ?, ?)", (stamp, stamp))
+    conn.executemany(
+        "INSERT INTO conversations (id, case_reference, status_token, contact_id, channel, unit, state, language,"
+        " routing_rule, routing_reason, created_at, updated_at)"
+        " VALUES (?, ?, ?, 1, 'email', 'kundenservice', 'waiting', 'de', 'r', 'r', ?, ?)",
+        [(i, f"K-{i}", f"t-{i}", stamp, stamp) for i in (1, 2)],
+    )
+    conn.execute("INSERT INTO messages (id, conversation_id, contact_id, direction, kind, channel, payload, created_at)"
+                 " VALUES (1, 1, 1, 'in', 'text', 'email', '{\"ack_suppressed\": \"list\"}', ?)", (stamp,))
+    conn.execute("INSERT INTO messages (id, conversation_id, contact_id, direction, kind, channel, created_at)"
+                 " VALUES (2, 2, 1, 'out', 'ack', 'email', ?)", (stamp,))
+    conn.executemany(
+        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, state, next_attempt_at,"
+        " idempotency_key, created_at, updated_at) VALUES (2, 2, 'email', 'ack', 'email', 'a@example.net', 'sent', ?, ?, ?, ?)",
+        [(stamp, f"k{i}", stamp, stamp) for i in range(sent)],
+    )
+    conn.execute("COMMIT")
+    steps, silent = vm_steps(conn, lambda: _no_word_from_us(conn, 1, "email"))
+    conn.close()
+    assert silent
+    return steps
+
+
+def test_whether_a_machines_case_told_the_person_anything_reads_its_own_messages_not_the_outbox(tmp_path):
+    """Asked inside the ingest transaction for a person's first message in a case a machine
+    opened: it read every delivery ever sent (200 ms at 200,000), holding up every message
+    in the same group commit."""
+    few = _no_word_cost(tmp_path, 10)
+    history = _no_word_cost(tmp_path, 20_000)
+    assert history < 2 * few, (few, history)
