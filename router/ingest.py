@@ -30,6 +30,7 @@ from .tracking import (
     AUTOMATED,
     add_flags,
     open_conversation,
+    provider_time,
     queue_outbound,
     record_event,
     renew_deadline,
@@ -301,7 +302,7 @@ def _later_annotation_stored(
 ) -> bool:
     """Whether this contact's reactions (or edits) of the target include one the provider sent
     after ``sent_at``. Without a send time, arrival order decides, as before."""
-    sent = _provider_time(sent_at)
+    sent = provider_time(sent_at)
     if sent is None:
         return False
     # An edit without text (a failed transcription) changed nothing, so it replaces nothing.
@@ -311,18 +312,7 @@ def _later_annotation_stored(
         " AND (kind != 'edit' OR text IS NOT NULL)",
         (kind, target_id, contact_id),
     )
-    return any((other := _provider_time(value)) is not None and other > sent for (value,) in rows)
-
-
-def _provider_time(value: Any) -> datetime | None:
-    """A provider's RFC 3339 send time (validated at the door), comparable across offsets."""
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
+    return any((other := provider_time(value)) is not None and other > sent for (value,) in rows)
 
 
 def _may_annotate(kind: str, target: Mapping[str, Any], contact_id: int, thread_conv: Mapping[str, Any] | None) -> bool:

@@ -44,6 +44,7 @@ from .tracking import (
     answer_standing,
     answered_by,
     mark_answered,
+    provider_time,
     record_event,
     remove_flags,
     written_since,
@@ -197,18 +198,9 @@ def _last_inbound(conn: sqlite3.Connection, contact_id: int, channel: str) -> tu
         if latest is not None and came <= latest:
             break
         arrived = arrived or created_at
-        sent = min(came, _sent_time(sent_at) or came)
+        sent = min(came, provider_time(sent_at) or came)
         latest = sent if latest is None else max(latest, sent)
     return arrived, iso(latest)
-
-
-def _sent_time(value: Any) -> datetime | None:
-    """An inbound message's ``sent_at`` (RFC 3339), or None when it has none that can be read."""
-    try:
-        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
-    return moment if moment is not None and moment.tzinfo is not None else None
 
 
 def _thread_refs(conn: sqlite3.Connection, conversation_id: int, channel: str) -> list[str]:

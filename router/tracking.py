@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -409,6 +409,19 @@ def answered_by(conn: sqlite3.Connection, conversation_id: int, message_id: int)
     delivered once (its copy on another channel, or the primary row), it answers nothing
     written after; lost (``answer_lost``: its mail bounced), a copy of it that arrives answers."""
     return answer_standing(conn, conversation_id, message_id) == "answered"
+
+
+def provider_time(value: Any) -> datetime | None:
+    """A provider's RFC 3339 send time (a message's ``sent_at``) in UTC, comparable across
+    offsets; None when it is not a time with an offset, or one UTC cannot write: any offset is
+    valid, and 0001-01-01T00:30:00+01:00 falls before year 1 in UTC (writing it raised)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+        return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
+    except (ValueError, OverflowError):
+        return None
 
 
 def written_since(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> sqlite3.Row | None:

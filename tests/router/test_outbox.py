@@ -1840,3 +1840,16 @@ async def test_a_send_taken_without_an_id_gets_the_id_of_its_first_status(tmp_pa
         assert message == {"provider_id": "SM1", "delivery_status": "delivered"}
         assert await harness.count("delivery_events", "outbox_id IS NULL") == 0
         assert len(chat.sent) == 1
+
+
+async def test_a_send_time_at_the_start_of_the_calendar_does_not_stop_the_outbox(tmp_path):
+    """``sent_at`` is any RFC 3339 time a provider gave: 0001-01-01T00:30:00+01:00 is one, and
+    in UTC it falls before year 1. Written as UTC for the channel, it raised in every claim of
+    the outbox, so no acknowledgement of anyone's was sent again; it counts as no send time."""
+    sms = SmsChat()
+    async with CoreHarness(tmp_path / "d", plugins=[_chat_and_sms(sms)]) as harness:
+        await harness.core.ingest({"channel": "smschat", "channel_message_id": "s1", "text": "Wann kommt der Anschluss?",
+                                   "sender": {"kind": "phone", "address": "+4915112345678"},
+                                   "sent_at": "0001-01-01T00:30:00+01:00"})
+        await harness.run_outbox()
+        assert [(m.last_inbound_at, m.last_inbound_sent_at) for m in sms.sent] == [(harness.clock.now(),) * 2]
