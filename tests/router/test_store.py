@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -484,24 +485,34 @@ async def test_a_write_after_close_is_refused_not_left_waiting(tmp_path):
 async def test_migration_13_indexes_the_stored_messages_with_umlauts_written_without_dots(tmp_path):
     """Messages stored before the index had the spelling without dots ("Muller" for "Müller")
     are found by it once the service starts on the new version, and by every search as before."""
-    data = tmp_path / "data"
+    # The index as the version before wrote it: folded text and name only.
+    await _search_index_rebuilt_by_migration(
+        tmp_path / "data", 13, "Müllabfuhr kommt nicht durch die Straße", "Jürgen Weiß-Öztürk",
+        "muellabfuhr kommt nicht durch die strasse juergen weiss-oeztuerk",
+        ("mullabfuhr", "Ozturk", "Müllabfuhr", "muellabfuhr", "Strasse", "Weiß"))
+
+
+async def _search_index_rebuilt_by_migration(
+    data: Path, version: int, text: str, name: str, indexed_before: str, found_by: tuple[str, ...]
+) -> None:
+    """Store a message, write its search entry as ``indexed_before`` (what the version before
+    ``version`` indexed) and forget ``version``; start again: each of ``found_by`` finds it."""
     async with CoreHarness(data) as harness:
-        message = webform_message("Müllabfuhr kommt nicht durch die Straße")
-        message["sender"]["display_name"] = "Jürgen Weiß-Öztürk"
+        message = webform_message(text)
+        message["sender"]["display_name"] = name
         old = await harness.core.ingest(message)
     conn = sqlite3.connect(data / "contact-router.sqlite3", isolation_level=None)
-    # The index as the version before wrote it: folded text and name only.
     conn.execute("INSERT INTO message_search (message_search) VALUES ('delete-all')")
-    conn.execute("INSERT INTO message_search (rowid, body) VALUES (?, ?)",
-                 (old.message_id, "muellabfuhr kommt nicht durch die strasse juergen weiss-oeztuerk"))
-    conn.execute("DELETE FROM schema_migrations WHERE version = 13")
+    conn.execute("INSERT INTO message_search (rowid, body) VALUES (?, ?)", (old.message_id, indexed_before))
+    conn.execute("DELETE FROM schema_migrations WHERE version = ?", (version,))
     conn.close()
 
     async with CoreHarness(data) as harness:
-        for q in ("mullabfuhr", "Ozturk", "Müllabfuhr", "muellabfuhr", "Strasse", "Weiß"):
+        for q in found_by:
             status, body = await harness.api("GET", "/api/v1/conversations", params={"q": q})
             assert status == 200 and [i["id"] for i in body["items"]] == [old.conversation_id], q
-        assert [r["version"] for r in await harness.rows("SELECT version FROM schema_migrations WHERE version = 13")] == [13]
+        assert [r["version"] for r in await harness.rows("SELECT version FROM schema_migrations WHERE version = ?",
+                                                          (version,))] == [version]
 
 
 async def test_migration_14_makes_each_mail_address_one_identity_and_merges_the_contacts_it_split(tmp_path):
@@ -603,23 +614,10 @@ def test_migration_14_keeps_a_claim_with_its_latest_claimant_and_a_failure_that_
 async def test_migration_15_indexes_the_stored_messages_with_letters_unicode_does_not_decompose_folded(tmp_path):
     """Messages stored before ø, ł and the like were folded ("Sørensen" indexed as itself) are
     found by their plain spellings once the service starts on the new version."""
-    data = tmp_path / "data"
-    async with CoreHarness(data) as harness:
-        message = webform_message("Grøft foran huset i Łódź")
-        message["sender"]["display_name"] = "Søren Sørensen"
-        old = await harness.core.ingest(message)
-    conn = sqlite3.connect(data / "contact-router.sqlite3", isolation_level=None)
     # The index as the version before wrote it: ø and ł left as they are.
-    conn.execute("INSERT INTO message_search (message_search) VALUES ('delete-all')")
-    conn.execute("INSERT INTO message_search (rowid, body) VALUES (?, ?)", (old.message_id, "grøft foran huset i łodz søren sørensen"))
-    conn.execute("DELETE FROM schema_migrations WHERE version = 15")
-    conn.close()
-
-    async with CoreHarness(data) as harness:
-        for q in ("Sorensen", "Soerensen", "Sørensen", "groft", "Lodz", "Łódź", "huset"):
-            status, body = await harness.api("GET", "/api/v1/conversations", params={"q": q})
-            assert status == 200 and [i["id"] for i in body["items"]] == [old.conversation_id], q
-        assert [r["version"] for r in await harness.rows("SELECT version FROM schema_migrations WHERE version = 15")] == [15]
+    await _search_index_rebuilt_by_migration(
+        tmp_path / "data", 15, "Grøft foran huset i Łódź", "Søren Sørensen", "grøft foran huset i łodz søren sørensen",
+        ("Sorensen", "Soerensen", "Sørensen", "groft", "Lodz", "Łódź", "huset"))
 
 
 def test_migration_14_rewrites_the_outbox_in_one_pass_however_many_addresses_change(tmp_path):
