@@ -593,7 +593,8 @@ def adopt_earlier_send(
     same idempotency key (a send that timed out but went through; statuses that arrived while a
     dead worker held the row). If it did, that send is recorded as the row's and the result is
     what recording a send returns; if not, None, and the row is sent. Only providers that echo
-    the key in their statuses (WhatsApp's ``biz_opaque_callback_data``) are spared a duplicate."""
+    the key in their statuses (WhatsApp's ``biz_opaque_callback_data``, Twilio's callback URL) are spared a
+    duplicate."""
     event = conn.execute(
         f"SELECT provider_id {_KEPT_UNDER_KEY}"
         " ORDER BY id LIMIT 1",

@@ -9,12 +9,14 @@ for a voicemail.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
+import ipaddress
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
@@ -62,6 +64,18 @@ def _unstamp(text: str | None) -> datetime | None:
         return None
 
 
+def _reachable(url: str) -> bool:
+    """Whether Twilio could call back ``url``: not a loopback host (the core's default
+    ``http://127.0.0.1:8080`` when no public base URL is configured)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost") or not host:
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 def _twiml(document: str) -> web.Response:
     return web.Response(text=document, content_type="text/xml", charset="utf-8")
 
@@ -89,12 +103,20 @@ class PhoneChannel(Channel):
     def setup(self, context: ChannelContext) -> None:
         """Keep the context and choose the timezone times are spoken in: the channel's own
         ``timezone`` when set, else the service's, so that a caller hears the deadline in the
-        same local time as the acknowledgement SMS states it."""
+        same local time as the acknowledgement SMS states it. Declare ``status_wait`` once the
+        base URL Twilio calls back is known."""
         super().setup(context)
         try:
             self.zone = ZoneInfo(self.settings.timezone or context.timezone)
         except (ZoneInfoNotFoundError, ValueError):  # checked at start; the service's by the core
             self.zone = ZoneInfo("UTC")
+        # Status callbacks carry the send's key in their URL (``send``), so after a POST that got
+        # no answer the outbox waits ``status_wait`` for one before sending the SMS again (a
+        # second SMS: Twilio's Messages resource has no idempotency key). Only where Twilio can
+        # call back: without a public base URL no callback comes, and the wait would only delay.
+        if self.settings.twilio_enabled and self.settings.status_wait and _reachable(self.base_url):
+            wait = timedelta(seconds=self.settings.status_wait)
+            self.capabilities = dataclasses.replace(self.capabilities, status_wait=wait)
 
     def routes(self) -> list[web.AbstractRouteDef]:
         routes: list[web.AbstractRouteDef] = []

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 from router.hookspecs import SettingsError
-from router.settings import flag, given, positive_float, positive_int
+from router.settings import flag, given, non_negative_float, positive_float, positive_int
 
 from .numbers import PBX_NUMBER_FORMATS
 
@@ -68,6 +68,10 @@ class PhoneSettings:
     other_channels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     sms_max_length: int = 1600
     send_timeout: float = 15.0
+    status_wait: float = 30.0
+    """After an SMS whose POST got no answer (Twilio may have taken it), how long to wait for
+    its status callback, which names our key, before sending it again: Twilio calls back
+    ``sent`` within seconds of taking an SMS. 0 turns the wait off (backoff alone)."""
 
     @property
     def twilio_enabled(self) -> bool:
@@ -122,6 +126,8 @@ class PhoneSettings:
         for key in ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts"):
             values[key] = positive_int(section, key, defaults[key], _WHERE, error=PhoneSettingsError)
         values["send_timeout"] = positive_float(section, "send_timeout", defaults["send_timeout"], _WHERE, error=PhoneSettingsError)
+        values["status_wait"] = non_negative_float(section, "status_wait", defaults["status_wait"], _WHERE,
+                                                   error=PhoneSettingsError)
         if "menu" in section:
             menu = section["menu"]
             if not isinstance(menu, Mapping) or not menu:

@@ -3,7 +3,9 @@
 ``POST {api_url}/2010-04-01/Accounts/{sid}/Messages.json``, form-encoded, HTTP basic auth with the
 account SID and auth token. Rate limits, server errors and timeouts are retryable; a refused
 recipient (invalid number, landline, opted out) is permanent and fails the address, so the outbox
-tries another channel. A refusal of our own settings (the sender number, the credentials) says
+tries another channel. A timeout, or a connection lost after the request went out, leaves it
+unknown whether Twilio took the SMS (``outcome_unknown``): the channel's ``status_wait`` then
+holds the retry back until a status callback could have proved it. A refusal of our own settings (the sender number, the credentials) says
 nothing about the recipient: the message waits until the settings are fixed.
 """
 
@@ -166,7 +168,11 @@ async def send_sms(
             answer = await read_provider_json(response)
             if response.status >= 300:
                 raise error_for_response(response.status, answer, response.headers)
-    except (TimeoutError, aiohttp.ClientError) as exc:
+    except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:  # no connection: nothing was sent
         raise RetryableDeliveryError(f"Twilio not reachable: {exc!r}", code="network") from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        # No answer in time, or the connection broke after the request went: Twilio may have
+        # taken the SMS, and its status callback (which names our key) may yet prove it.
+        raise RetryableDeliveryError(f"Twilio not reachable: {exc!r}", code="network", outcome_unknown=True) from exc
     sid = answer.get("sid") if isinstance(answer, Mapping) else None
     return sid if isinstance(sid, str) and sid else None

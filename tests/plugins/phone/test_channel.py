@@ -402,6 +402,33 @@ async def test_sms_out_through_the_rest_api(core, aiohttp_server):
     assert form["StatusCallback"] == f"{PUBLIC}/channels/phone/twilio/status?key=k1"  # its statuses name the send
 
 
+@pytest.mark.parametrize(
+    "overrides, service_url, wait",
+    [
+        ({}, "http://127.0.0.1:8080", timedelta(seconds=30)),  # its own public base URL
+        ({"status_wait": 12}, "http://127.0.0.1:8080", timedelta(seconds=12)),
+        ({"status_wait": 0}, "http://127.0.0.1:8080", None),  # off: backoff alone
+        ({"public_base_url": None}, "http://127.0.0.1:8080", None),  # Twilio cannot call back
+        ({"public_base_url": None}, "https://kontakt.example.org", timedelta(seconds=30)),  # the core's
+    ],
+)
+def test_status_wait_only_where_twilio_can_call_back(core, overrides, service_url, wait):
+    """Status callbacks carry the send's key: after a POST that got no answer the outbox waits
+    for one before a second SMS. Without a public URL no callback comes, and a wait only delays."""
+    settings = PhoneSettings.from_config(
+        {"account_sid": "AC1", "auth_token": TOKEN, "phone_number": "+4930999999", "public_base_url": PUBLIC, **overrides}
+    )
+    channel = PhoneChannel(settings)
+    channel.setup(
+        ChannelContext(
+            name="phone", settings={}, data_dir=Path("."), public_base_url=service_url, clock=FrozenClock(NOW),
+            ingest=core.ingest, record_delivery=core.record_delivery, conversation_view=None, http=lambda: core.http,
+            render=lambda *a, **k: "", units={}, timezone="Europe/Berlin",
+        )
+    )
+    assert channel.capabilities.status_wait == wait
+
+
 # -- CTI --------------------------------------------------------------------------------------
 
 

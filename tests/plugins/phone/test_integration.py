@@ -56,6 +56,9 @@ class FakeTwilio:
         self.answer_after = 0.0
         """Seconds between taking an SMS and answering (longer than the send timeout: the
         answer never comes, though the SMS went)."""
+        self.lose_after = 0.0
+        """Seconds to hold each SMS request before refusing it with a 503 without taking the
+        SMS (longer than the send timeout: no answer comes, and nothing went)."""
 
     @property
     def url(self) -> str:
@@ -78,6 +81,9 @@ class FakeTwilio:
             self.refused += 1
             return web.json_response(self.refusal, status=self.refusal["status"])
         form = {key: value for key, value in (await request.post()).items() if isinstance(value, str)}
+        if self.lose_after:
+            await asyncio.sleep(self.lose_after)
+            return web.json_response({"code": 20500, "message": "Internal error", "status": 503}, status=503)
         sid = f"SM{len(self.messages) + 1:032x}"
         self.messages.append({**form, "sid": sid})
         await asyncio.sleep(self.answer_after)
@@ -917,6 +923,10 @@ async def test_a_late_delivered_sms_the_outbox_gave_up_on_counts(tmp_path, twili
         await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Erledigt."})
         twilio.answer_after = 1.0
         await harness.run_outbox()
+        # No attempts left: one more look for its status after status_wait, then given up.
+        twilio.answer_after = 0.0
+        harness.clock.advance(timedelta(seconds=60))
+        await harness.run_outbox()
         conv = await conversation(harness, conv["id"])
         assert {"undeliverable", "callback_required"} <= set(conv["flags"])
         answer = twilio.messages[-1]
@@ -924,6 +934,66 @@ async def test_a_late_delivered_sms_the_outbox_gave_up_on_counts(tmp_path, twili
         conv = await conversation(harness, conv["id"])
         assert (conv["state"], conv["flags"]) == ("answered", [])
         assert len(twilio.messages) == 2
+
+
+async def _answer_whose_send_timed_out(harness: CoreHarness, twilio: FakeTwilio, *, taken: bool) -> dict[str, Any]:
+    """An SMS conversation acknowledged, then a staff answer whose POST to Twilio got no answer
+    within ``send_timeout`` (Twilio took the SMS, or did not); returns the conversation."""
+    await twilio_post(harness, "sms", sms("SM" + "7" * 32, "Hallo, wer repariert den Gehweg?"))
+    await harness.run_outbox()
+    conv = await only_conversation(harness)
+    await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Erledigt."})
+    if taken:
+        twilio.answer_after = 1.0
+    else:
+        twilio.lose_after = 1.0
+    await harness.run_outbox()
+    twilio.answer_after = twilio.lose_after = 0.0
+    (row,) = await harness.rows("SELECT state, last_error FROM outbox WHERE kind = 'reply'")
+    assert row["state"] == "pending" and "Twilio" in row["last_error"]
+    return conv
+
+
+async def test_an_sms_twilio_took_whose_answer_timed_out_is_not_sent_twice(tmp_path, twilio):
+    """Twilio took the answer, but its answer to the POST never came within ``send_timeout``.
+    The retry came after the backoff, a second or two later: a second SMS, since Twilio's
+    Messages API has no idempotency key. The retry now waits ``status_wait`` for a status
+    callback naming the send's key (its URL carries it), and that callback records the send."""
+    async with CoreHarness(tmp_path, entrypoints=("webform", "phone"), env=phone_env(twilio),
+                           settings={"phone": {"send_timeout": 0.3}}) as harness:
+        conv = await _answer_whose_send_timed_out(harness, twilio, taken=True)
+        assert len(twilio.messages) == 2
+        harness.clock.advance(timedelta(seconds=5))  # past the backoff, below status_wait
+        await harness.run_outbox()
+        assert len(twilio.messages) == 2
+        answer = twilio.messages[-1]
+        await say(harness, answer["StatusCallback"], {"MessageSid": answer["sid"], "MessageStatus": "sent", "To": MOBILE})
+        harness.clock.advance(timedelta(seconds=60))  # past status_wait
+        await harness.run_outbox()
+        assert len(twilio.messages) == 2  # the acknowledgement and the answer, once
+        (row,) = await harness.rows("SELECT state, provider_id FROM outbox WHERE kind = 'reply'")
+        assert row == {"state": "sent", "provider_id": answer["sid"]}
+        await say(harness, answer["StatusCallback"], {"MessageSid": answer["sid"], "MessageStatus": "delivered", "To": MOBILE})
+        assert (await conversation(harness, conv["id"]))["state"] == "answered"
+
+
+async def test_an_sms_twilio_did_not_take_is_sent_again_after_the_status_wait(tmp_path, twilio):
+    """The POST got no answer and Twilio had not taken the SMS: no callback comes, and the
+    answer goes again once ``status_wait`` has passed."""
+    async with CoreHarness(tmp_path, entrypoints=("webform", "phone"), env=phone_env(twilio),
+                           settings={"phone": {"send_timeout": 0.3}}) as harness:
+        conv = await _answer_whose_send_timed_out(harness, twilio, taken=False)
+        assert len(twilio.messages) == 1  # the acknowledgement only
+        harness.clock.advance(timedelta(seconds=5))
+        await harness.run_outbox()
+        assert len(twilio.messages) == 1  # waiting for a status that may prove the send went
+        harness.clock.advance(timedelta(seconds=60))
+        await harness.run_outbox()
+        assert len(twilio.messages) == 2
+        assert twilio.messages[-1]["Body"].startswith("Erledigt.")
+        (row,) = await harness.rows("SELECT state, provider_id FROM outbox WHERE kind = 'reply'")
+        assert row == {"state": "sent", "provider_id": twilio.messages[-1]["sid"]}
+        assert "undeliverable" not in (await conversation(harness, conv["id"]))["flags"]
 
 
 async def test_an_answer_in_an_sms_conversation_goes_without_the_status_link(harness, twilio):

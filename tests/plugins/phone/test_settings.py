@@ -49,6 +49,8 @@ def test_twilio_credentials_fall_back_to_the_environment():
         ({"sms_max_length": "-1"}, "sms_max_length"),
         ({"send_timeout": "0"}, "send_timeout"),
         ({"send_timeout": "nan"}, "send_timeout"),
+        ({"status_wait": "-1"}, "status_wait"),
+        ({"status_wait": "soon"}, "status_wait"),
     ],
 )
 def test_bad_values_name_their_key(section, key):
@@ -98,8 +100,9 @@ def test_numbers_and_switches_from_the_environment_are_read():
     no switch, so a number or switch could not come from the environment at all."""
     settings = PhoneSettings.from_config({
         **TWILIO, "forward_timeout": "25", "voicemail_max_length": " 90 ", "sms_max_length": "480",
-        "callback_attempts": "5", "send_timeout": "7.5", "screen_forwards": "false",
+        "callback_attempts": "5", "send_timeout": "7.5", "screen_forwards": "false", "status_wait": "0",
     })
+    assert settings.status_wait == 0
     assert (settings.forward_timeout, settings.voicemail_max_length, settings.sms_max_length) == (25, 90, 480)
     assert (settings.callback_attempts, settings.send_timeout, settings.screen_forwards) == (5, 7.5, False)
     assert PhoneSettings.from_config({**TWILIO, "screen_forwards": "TRUE"}).screen_forwards is True
@@ -107,7 +110,8 @@ def test_numbers_and_switches_from_the_environment_are_read():
 
 @pytest.mark.parametrize("value", [None, "", " "])
 def test_numbers_and_switches_the_environment_leaves_unset_are_the_defaults(value):
-    keys = ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts", "send_timeout", "screen_forwards")
+    keys = ("forward_timeout", "voicemail_max_length", "sms_max_length", "callback_attempts", "send_timeout", "screen_forwards",
+            "status_wait")
     settings = PhoneSettings.from_config({**TWILIO, **dict.fromkeys(keys, value)})
     assert settings == PhoneSettings.from_config(TWILIO)
     assert (settings.forward_timeout, settings.send_timeout, settings.screen_forwards) == (20, 15.0, True)

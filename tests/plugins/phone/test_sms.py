@@ -237,11 +237,28 @@ async def test_send_timeout_is_retryable(fake_twilio):
     with pytest.raises(RetryableDeliveryError) as caught:
         await _send(fake_twilio, timeout=0.1)
     assert caught.value.code == "network"
+    assert caught.value.outcome_unknown is True  # Twilio may have taken it: its status callback will tell
+
+
+async def test_send_whose_connection_broke_after_the_request_leaves_the_outcome_unknown():
+    async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(read_then_hang_up, "127.0.0.1", 0)
+    try:
+        with pytest.raises(RetryableDeliveryError) as caught:
+            await _send({"url": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"})
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert caught.value.outcome_unknown is True
 
 
 async def test_send_unreachable_is_retryable(unused_tcp_port):
-    with pytest.raises(RetryableDeliveryError):
+    with pytest.raises(RetryableDeliveryError) as caught:
         await _send({"url": f"http://127.0.0.1:{unused_tcp_port}"})
+    assert caught.value.outcome_unknown is False  # no connection, so nothing was sent
 
 
 def test_messages_url():
