@@ -302,13 +302,20 @@ class WhatsAppChannel(Channel):
                 if part < len(payloads):  # the last part, whose status would tell, never went
                     exc.outcome_unknown = False
                 raise
+            if not provider_id:
+                # Meta took it (a 2xx) without naming its id (cut short, changed by a proxy):
+                # posted again, the person would read it twice. A part is taken all the same,
+                # and the last part's status, which carries our key, gives the message its id.
+                self.context.log.warning(
+                    "Meta took part %d of %d of the WhatsApp message of outbox row %s but named no id: not sent again",
+                    part, len(payloads), message.outbox_id)
             provider_ids.append(provider_id)
             if fingerprints:
                 self.accepted_parts.add(message.idempotency_key, part, fingerprints[part - 1], provider_id, now)
-        # The last part's id is the message's: its delivery means the whole answer arrived, and
-        # its failure is the message's. The first part's id is kept as a thread key, so that a
-        # reply quoting the beginning of the answer finds its conversation too.
-        first = provider_ids[0] if len(provider_ids) > 1 else None
+        # The last part's id is the message's (empty: taken without one): its delivery means the
+        # whole answer arrived, and its failure is the message's. The first part's id is kept as
+        # a thread key, so that a reply quoting the beginning of the answer finds its conversation.
+        first = provider_ids[0] if len(provider_ids) > 1 and provider_ids[0] else None
         return SendResult(provider_id=provider_ids[-1], thread_key=first)
 
     def _template_payload(self, message: OutboundMessage, number: BusinessNumber) -> dict[str, Any]:
@@ -331,7 +338,8 @@ class WhatsAppChannel(Channel):
         )
 
     async def _post(self, phone_number_id: str, payload: dict[str, Any]) -> str:
-        """POST one message payload; its provider id, or the typed error for the answer."""
+        """POST one message payload; its provider id (empty when Meta took it, a 2xx, but its
+        answer named none), or the typed error for the answer."""
         settings = self.settings
         url = f"{settings.graph_url}/{settings.api_version}/{phone_number_id}/messages"
         headers = {"Authorization": f"Bearer {settings.access_token}"}
@@ -350,13 +358,10 @@ class WhatsAppChannel(Channel):
             raise RetryableDeliveryError(f"Graph API unreachable: {exc}", code="connection") from None
         except aiohttp.ClientError as exc:  # the connection broke, perhaps after Meta took the request
             raise RetryableDeliveryError(f"Graph API unreachable: {exc}", code="connection", outcome_unknown=True) from None
-        provider_id = graph.provider_message_id(body) if 200 <= status < 300 else None
-        if provider_id:
-            return provider_id
         if 200 <= status < 300:
-            # Meta took it, but its answer cannot be read (cut short, changed by a proxy): the
-            # message is on its way, and its statuses, which carry our key, will say so. As a
-            # permanent failure, the person was flagged for a call-back, or sent it again.
-            raise RetryableDeliveryError(f"Graph API took the message (HTTP {status}) but named no id",
-                                         code="no_message_id", outcome_unknown=True)
+            # A 2xx is Meta taking the message, also when its answer cannot be read (cut short,
+            # changed by a proxy): the message is on its way, and its statuses carry our key. As
+            # a permanent failure the person was flagged for a call-back; as a retry, a status
+            # slower than ``status_wait`` sent it twice.
+            return graph.provider_message_id(body) or ""
         raise graph.classify_error(status, body if isinstance(body, dict) else None, retry_after=retry_after)

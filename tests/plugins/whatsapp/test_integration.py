@@ -1459,20 +1459,69 @@ async def test_a_database_that_refuses_writes_answers_503_and_the_retry_is_store
     assert len(graph.requests) == 1 and (await only_conversation(wa))["state"] == "acknowledged"
 
 
-async def test_a_200_without_a_message_id_waits_for_the_status_instead_of_failing(tmp_path, graph: FakeGraph):
+async def test_a_200_without_a_message_id_is_taken_and_its_status_gives_it_the_id(tmp_path, graph: FakeGraph):
     """Meta took the message but its answer named no id (cut short, changed by a proxy): it was
     a permanent failure, the person flagged for a call-back, and the status proving delivery
-    that came a moment later was ignored."""
+    that came a moment later was ignored. A 2xx is Meta taking it: recorded as sent without an
+    id, and its status, which carries our key, gives it the id."""
     graph.answers.append((200, {"messaging_product": "whatsapp"}, 0.0))
     async with make_harness(tmp_path, graph) as wa:
         await post(wa, text_body("wamid.IN1", "Seit heute früh wird vor unserem Haus gebaggert."))
         await wa.run_outbox()
-        (row,) = await wa.rows("SELECT state, idempotency_key, last_error FROM outbox WHERE kind = 'ack'")
-        assert row["state"] == "pending" and "named no id" in row["last_error"]
+        (row,) = await wa.rows("SELECT state, provider_id, idempotency_key FROM outbox WHERE kind = 'ack'")
+        assert (row["state"], row["provider_id"]) == ("sent", None)
         status, _ = await post(wa, status_body("wamid.OUT9", "delivered", callback_data=row["idempotency_key"]))
         assert status == 200
-        (row,) = await wa.rows("SELECT state, delivery_status FROM outbox WHERE kind = 'ack'")
-        assert (row["state"], row["delivery_status"]) == ("sent", "delivered")
+        (row,) = await wa.rows("SELECT state, provider_id, delivery_status FROM outbox WHERE kind = 'ack'")
+        assert row == {"state": "sent", "provider_id": "wamid.OUT9", "delivery_status": "delivered"}
         detail = await only_conversation(wa)
         assert not {"undeliverable", "callback_required"} & set(detail["flags"])
         assert len(graph.sent) == 1  # not sent again
+
+
+async def test_a_200_without_a_message_id_is_not_sent_again_when_no_status_comes_in_time(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    """Its status came later than ``status_wait`` (Meta's statuses lag in an incident): the
+    message was sent again, and the person had it twice. A 2xx is Meta taking it."""
+    case = await open_case(wa)
+    graph.answers.append((200, {"messaging_product": "whatsapp", "messages": [{}]}, 0.0))
+    await reply(wa, case["id"], "Die Baustelle ist ab Montag geräumt.")
+    await wa.run_outbox()
+    for _ in range(3):
+        wa.clock.advance(timedelta(minutes=5))
+        await wa.run_outbox()
+    assert len(graph.sent) == 2  # the acknowledgement and the answer, once
+    (row,) = await wa.rows("SELECT state, provider_id, idempotency_key FROM outbox WHERE kind = 'reply'")
+    assert (row["state"], row["provider_id"]) == ("sent", None)
+    assert (await only_conversation(wa))["state"] == "acknowledged"  # not answered until delivered
+    await post(wa, status_body("wamid.LATE", "delivered", callback_data=row["idempotency_key"]))
+    assert (await only_conversation(wa))["state"] == "answered"
+
+
+@pytest.mark.parametrize("part", [1, 2], ids=["first-part", "last-part"])
+async def test_a_part_of_a_long_answer_taken_without_an_id_is_not_sent_again(
+    wa: CoreHarness, graph: FakeGraph, part: int
+) -> None:
+    """A long answer goes as two messages. One answered 200 without an id: it was retried, the
+    first part after the backoff (the person read it twice), the last after ``status_wait``."""
+    case = await open_case(wa)
+    if part == 2:
+        graph.answers.append((200, None, 0.0))  # the first part, taken with its id
+    graph.answers.append((200, {"messaging_product": "whatsapp"}, 0.0))
+    await reply(wa, case["id"], LONG_ANSWER)
+    await wa.run_outbox()
+    for _ in range(3):
+        wa.clock.advance(timedelta(minutes=5))
+        await wa.run_outbox()
+    assert len(graph.sent) == 3  # the acknowledgement and the two parts, each once
+    (row,) = await wa.rows("SELECT state, provider_id, idempotency_key FROM outbox WHERE kind = 'reply'")
+    assert row["state"] == "sent"
+    assert await wa.count("thread_keys", "key = ''") == 0  # no empty id kept to find the case by
+    if part == 2:
+        assert row["provider_id"] is None
+        await post(wa, status_body("wamid.LAST", "delivered", callback_data=row["idempotency_key"]))
+        (row,) = await wa.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+        assert row["provider_id"] == "wamid.LAST"
+    else:
+        assert row["provider_id"].startswith("wamid.OUT")
