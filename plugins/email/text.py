@@ -44,7 +44,9 @@ def decode_bytes(data: bytes, charset: str | None) -> str:
     Latin-1 and ASCII labels mean Windows-1252. And since no mail is text with C1 control
     characters (RFC 5198), those that a label gives (Outlook's „quotes“ and dashes under
     ISO-8859-15, or converted to UTF-8 as if Latin-1) are read as the Windows code page's
-    characters (``_without_c1``).
+    characters (``_without_c1``). A text under a Windows label (windows-1250 ... 1258) that
+    holds a byte its code page leaves undefined, and is no UTF-8, is read in that code page,
+    the undefined byte as its code point (as WHATWG does), not as Windows-1252.
     """
     label = (charset or "").strip().strip('"').lower()
     for bom, encoding in _BOMS:
@@ -75,7 +77,12 @@ def _decode(data: bytes, label: str) -> tuple[str, str]:
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return _decode_cp1252(data), "cp1252"
+        pass
+    if codec in _WINDOWS_CODE_PAGES:
+        # A byte the labelled code page leaves undefined costs only itself: Windows-1252 made
+        # every letter of a Polish, Russian or Greek text a wrong one.
+        return _decode_windows(data, codec), codec
+    return _decode_cp1252(data), "cp1252"
 
 
 def _without_c1(text: str, codec: str) -> str:
@@ -87,7 +94,9 @@ def _without_c1(text: str, codec: str) -> str:
     if "\ufeff" in text:
         text = text.replace("\ufeff", "")
     if _C1.search(text):
-        text = text.translate(_c1_table(_WINDOWS_SIBLINGS.get(codec, "cp1252")))
+        # Under a Windows code page they are its undefined bytes, kept as their code points.
+        windows = codec if codec in _WINDOWS_CODE_PAGES else _WINDOWS_SIBLINGS.get(codec, "cp1252")
+        text = text.translate(_c1_table(windows))
     return text
 
 
@@ -103,13 +112,26 @@ def _c1_table(windows: str) -> dict[int, str]:
     return table
 
 
-# Windows-1252 with its five undefined bytes as the code points of the same number (as WHATWG
-# decodes them): one such byte made the whole text Latin-1, every „quote“ a control character.
-_WINDOWS_1252 = "".join(bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(256))
+# The Windows code pages (Python's names), decoded with ``_decode_windows`` where the codec refuses.
+_WINDOWS_CODE_PAGES = frozenset(f"cp125{n}" for n in range(9))
+
+
+@functools.cache
+def _windows_table(codec: str) -> str:
+    """A Windows code page with its undefined bytes as the code points of the same number (as
+    WHATWG decodes them), for ``codecs.charmap_decode``."""
+    return "".join(bytes([b]).decode(codec, errors="ignore") or chr(b) for b in range(256))
+
+
+def _decode_windows(data: bytes, codec: str) -> str:
+    """``data`` in the Windows code page ``codec``; a byte it leaves undefined is its code point."""
+    return codecs.charmap_decode(data, "strict", _windows_table(codec))[0]
 
 
 def _decode_cp1252(data: bytes) -> str:
-    return codecs.charmap_decode(data, "strict", _WINDOWS_1252)[0]
+    """Windows-1252 with its five undefined bytes as their code points: one such byte made the
+    whole text Latin-1, every „quote“ a control character."""
+    return _decode_windows(data, "cp1252")
 
 
 # Characters that are text already: neither ASCII nor an undecoded byte (a surrogate escape).

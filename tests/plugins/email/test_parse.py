@@ -133,6 +133,32 @@ def test_windows_quotes_in_central_european_and_undefined_bytes():
     assert parse(raw)["text"].startswith("„Müller“ ")
 
 
+@pytest.mark.parametrize(("label", "body", "text"), [
+    # Windows-1250: „Łódź“ – ślub, with 0x81 (undefined) between
+    ("windows-1250", b"\x84\xa3\xf3d\x9f\x93 \x96 \x9club \x81 \xbf\xf3\xb3w", "„Łódź“ – ślub \x81 żółw"),
+    ("cp1250", b"\x84Kone\xe8n\xe1\x93 \x98", "„Konečná“ \x98"),
+    # Windows-1251: «Привет» with 0x98 (its one undefined byte)
+    ("windows-1251", b"\xab\xcf\xf0\xe8\xe2\xe5\xf2\xbb \x98", "«Привет» \x98"),
+    # Windows-1253: Γειά with 0xaa (undefined)
+    ("windows-1253", b"\xc3\xe5\xe9\xdc \xaa", "Γειά \xaa"),
+])
+def test_an_undefined_byte_under_a_windows_label_costs_only_itself(label, body, text):
+    """One byte the labelled Windows code page leaves undefined made the whole text Windows-1252:
+    a Polish, Czech, Russian or Greek mail came out as wrong letters throughout. The labelled
+    code page decodes every byte it defines, the undefined one is its code point (WHATWG)."""
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <q@example.com>\nSubject: x\n"
+               f"Content-Type: text/plain; charset={label}\nContent-Transfer-Encoding: 8bit\n\n") + body + b"\r\n"
+    assert parse(raw)["text"] == text
+
+
+def test_utf8_labelled_windows_1250_is_still_read_as_utf8():
+    """UTF-8 under a Windows label (a client's bug) that the code page cannot read is UTF-8."""
+    raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <q@example.com>\nSubject: x\n"
+               "Content-Type: text/plain; charset=windows-1250\nContent-Transfer-Encoding: 8bit\n\n") + \
+        "Łódź".encode() + b"\r\n"
+    assert parse(raw)["text"] == "Łódź"
+
+
 def test_windows_quotes_converted_to_utf8_as_latin_1_are_read_as_meant():
     """A gateway that read Windows-1252 as ISO-8859-1 and wrote UTF-8 sends U+0084 and U+0093."""
     raw = crlf("From: a@example.com\nTo: bau@example.org\nMessage-ID: <q@example.com>\nSubject: x\n"
