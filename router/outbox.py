@@ -223,10 +223,12 @@ def _thread_refs(conn: sqlite3.Connection, conversation_id: int, channel: str) -
 def record_sent(
     conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str | None, status: str, thread_key: str | None,
     answered_on: bool, now: datetime, policy: OutboxPolicy | None = None,
+    channels: Mapping[str, Channel] | None = None,
 ) -> dict[str, Any] | None:
     """The provider accepted a message. Returns the answered conversation when this delivery
-    made it answered (``policy``: the deadline of a message written meanwhile). ``provider_id``
-    is None when the provider took it without naming an id (kept NULL, not an empty id).
+    made it answered (``policy``: the deadline of a message written meanwhile; ``channels``:
+    which of them have delivery receipts, see ``_answer_lost``). ``provider_id`` is None when
+    the provider took it without naming an id (kept NULL, not an empty id).
 
     ``row`` is the outbox row as claimed: the columns read here (its message, conversation,
     channel, kind and whether it is the primary delivery) never change after it is queued,
@@ -255,12 +257,12 @@ def record_sent(
                 "INSERT OR IGNORE INTO thread_keys (channel, key, conversation_id) VALUES (?, ?, ?)",
                 (row["channel"], key, row["conversation_id"]),
             )
-    return _after_status(conn, row, status, answered_on, now, policy)
+    return _after_status(conn, row, status, answered_on, now, policy, channels)
 
 
 def _after_status(
     conn: sqlite3.Connection, row: Mapping[str, Any], status: str, answered_on: bool, now: datetime,
-    policy: OutboxPolicy | None,
+    policy: OutboxPolicy | None, channels: Mapping[str, Channel] | None = None,
 ) -> dict[str, Any] | None:
     """State changes that follow a delivery status: acknowledged, answered (and waiting for an
     answer again when the resident wrote while the answer was on its way)."""
@@ -289,7 +291,7 @@ def _after_status(
         if mark_answered(conn, row["conversation_id"], stamp, row["message_id"]):
             _written_meanwhile(conn, row, now, policy)
             if lost is not None:
-                _answer_lost(conn, lost, now, policy)
+                _answer_lost(conn, lost, now, policy, channels)
             conv = conn.execute("SELECT * FROM conversations WHERE id = ?", (row["conversation_id"],)).fetchone()
             msg = conn.execute("SELECT id, text, channel, kind FROM messages WHERE id = ?", (row["message_id"],)).fetchone()
             return {"conversation": dict(conv), "message": dict(msg)}
@@ -298,19 +300,20 @@ def _after_status(
 
 def _later_answer_lost(conn: sqlite3.Connection, row: Mapping[str, Any]) -> dict[str, Any] | None:
     """The conversation's latest staff answer, when it is ``row``'s message or one written after
-    it and every delivery of it failed (as ``_answer_lost`` takes it: its message and one of its
-    outbox rows); None when there is none, or it is still on its way or arrived."""
+    it and every delivery of it failed, else ``row``'s message when every delivery of it failed
+    (its delivery, reported with a failure of the same send, came before it), as ``_answer_lost``
+    takes it: its message and one of its outbox rows; None when neither is lost. ``row``'s own
+    loss counts while a newer answer is only on its way: it reopens the case (``_answer_lost``)."""
     latest = conn.execute(
         "SELECT id FROM messages WHERE conversation_id = ? AND id >= ? AND direction = 'out' AND kind = 'reply'"
         " ORDER BY id DESC LIMIT 1",
         (row["conversation_id"], row["message_id"]),
     ).fetchone()
-    if latest is None:
-        return None
-    states = conn.execute("SELECT id, state FROM outbox WHERE message_id = ? ORDER BY id", (latest["id"],)).fetchall()
-    if not states or any(r["state"] != "failed" for r in states):
-        return None
-    return {"id": states[-1]["id"], "message_id": latest["id"], "conversation_id": row["conversation_id"]}
+    for message_id in dict.fromkeys((latest["id"] if latest is not None else row["message_id"], row["message_id"])):
+        states = conn.execute("SELECT id, state FROM outbox WHERE message_id = ? ORDER BY id", (message_id,)).fetchall()
+        if states and all(r["state"] == "failed" for r in states):
+            return {"id": states[-1]["id"], "message_id": message_id, "conversation_id": row["conversation_id"]}
+    return None
 
 
 def _written_meanwhile(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime, policy: OutboxPolicy | None) -> None:
@@ -454,7 +457,7 @@ def record_failure(
         add_flags(conn, row["conversation_id"], ["undeliverable", "callback_required"], stamp)
         record_event(conn, row["conversation_id"], "undeliverable", stamp, reason=error[:500])
     if row["primary_delivery"] and row["kind"] == "reply":
-        _answer_lost(conn, row, now, policy)
+        _answer_lost(conn, row, now, policy, channels)
 
 
 def _latest_notification(conn: sqlite3.Connection, row: Mapping[str, Any]) -> bool:
@@ -465,32 +468,88 @@ def _latest_notification(conn: sqlite3.Connection, row: Mapping[str, Any]) -> bo
     return latest == row["id"]
 
 
-def _answer_lost(conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime, policy: OutboxPolicy | None) -> None:
-    """A staff reply that reached nobody (nor did a copy of it): if it was the conversation's
-    latest answer and the conversation counts as answered, waiting for the resident, or closed
+def _answer_lost(
+    conn: sqlite3.Connection, row: Mapping[str, Any], now: datetime, policy: OutboxPolicy | None,
+    channels: Mapping[str, Channel] | None = None,
+) -> None:
+    """A staff reply that reached nobody (nor did a copy of it): unless something after it
+    stands, and if the conversation counts as answered, waiting for the resident, or closed
     (answered and closed at once), it waits for an answer again. Before, a bounced answer left
     the case answered or closed, with no deadline, never escalated and never overdue, while the
-    resident had heard nothing."""
+    resident had heard nothing.
+
+    On an answered case a later answer stands only once it reached the person (delivered, or
+    sent where ``channels`` says its channel has no delivery receipts): ``answered`` says one
+    did, and one only queued or on its way may fail or never arrive. The case waits, its
+    escalation held while that answer is queued, and that answer answers it once delivered. A
+    waiting or closed case claims no answer arrived: staff left it so, and a later answer not
+    failed stands until its own outcome (its loss reopens the case).
+
+    Where the case does not wait again, an answer that stood as the one that answered it
+    (``answered_by``) stands no more: an ``answer_lost`` event (``reopened`` false) says so, and
+    on an answered case the first later answer that reached the person answers it now. That is
+    where the other order of the same reports ends: this loss first, then that delivery."""
     conv = conn.execute(
         "SELECT id, unit, state FROM conversations WHERE id = ?", (row["conversation_id"],)
     ).fetchone()
-    if conv is None or conv["state"] not in ("answered", "waiting", "closed"):
+    if conv is None:
         return
     copy = conn.execute(
         "SELECT 1 FROM outbox WHERE message_id = ? AND id != ? AND state = 'sent' LIMIT 1", (row["message_id"], row["id"])
     ).fetchone()
     if copy is not None:
         return  # a copy of it (the mail of a web-form answer) went out: the answer arrived
-    later = conn.execute(
-        "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? AND (direction = 'in'"
-        " OR (direction = 'out' AND kind IN ('reply', 'callback') AND delivery_status IS NOT 'failed')) LIMIT 1",
-        (conv["id"], row["message_id"]),
-    ).fetchone()
-    if later is not None:
+    answered = conv["state"] == "answered"
+    reached = _later_answer_reached(conn, conv["id"], row["message_id"], channels) if answered else None
+    if conv["state"] in ("answered", "waiting", "closed") and reached is None:
+        answers = "'callback'" if answered else "'reply', 'callback'"
+        later = conn.execute(
+            "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? AND (direction = 'in'"
+            f" OR (direction = 'out' AND kind IN ({answers}) AND delivery_status IS NOT 'failed')) LIMIT 1",
+            (conv["id"], row["message_id"]),
+        ).fetchone()
         # A later answer (or a call-back that reached the person) stands; a message from the
         # resident after it ("Danke, alles klar") shows the case went on, and staff decided since.
+        if later is None:
+            _wait_again(conn, conv, now, now, policy, "answer_lost", message_id=row["message_id"])
+            return
+    if not answered_by(conn, conv["id"], row["message_id"]):
         return
-    _wait_again(conn, conv, now, now, policy, "answer_lost", message_id=row["message_id"])
+    stamp = iso(now)
+    record_event(conn, conv["id"], "answer_lost", stamp, message_id=row["message_id"], reopened=False)
+    if reached is not None and _answer_of_record(conn, conv["id"]) == row["message_id"]:
+        conn.execute("UPDATE conversations SET answered_at = ?, updated_at = ? WHERE id = ?", (stamp, stamp, conv["id"]))
+        record_event(conn, conv["id"], "answered", stamp, message_id=reached)
+
+
+def _answer_of_record(conn: sqlite3.Connection, conversation_id: int) -> int | None:
+    """The message the conversation's latest ``answered`` event names (None: a call-back, or none)."""
+    last = conn.execute(
+        "SELECT json_extract(data, '$.message_id') FROM events WHERE conversation_id = ? AND kind = 'answered'"
+        " ORDER BY id DESC LIMIT 1",
+        (conversation_id,),
+    ).fetchone()
+    return last[0] if last is not None else None
+
+
+def _later_answer_reached(
+    conn: sqlite3.Connection, conversation_id: int, message_id: int, channels: Mapping[str, Channel] | None,
+) -> int | None:
+    """The first staff answer written after ``message_id`` that reached the person: a delivery
+    of it (or of a copy) reported ``delivered`` or ``read``, or ``sent`` on a channel that
+    ``channels`` says has no delivery receipts. None when none did (yet)."""
+    for answer, channel, status in conn.execute(
+        "SELECT m.id, o.channel, o.delivery_status FROM messages m JOIN outbox o ON o.message_id = m.id"
+        " WHERE m.conversation_id = ? AND m.id > ? AND m.direction = 'out' AND m.kind = 'reply' AND o.state = 'sent'"
+        " ORDER BY m.id, o.id",
+        (conversation_id, message_id),
+    ):
+        if status in ("delivered", "read"):
+            return answer
+        known = channels.get(channel) if channels is not None else None
+        if status == "sent" and known is not None and not known.capabilities.delivery_receipts:
+            return answer
+    return None
 
 
 def apply_delivery_update(
@@ -576,7 +635,7 @@ def record_send(
                             (row["channel"], row["idempotency_key"])).fetchone()
         provider_id = kept["provider_id"] if kept is not None else None
     answered_now = status in ("delivered", "read") or row["channel"] in answered_on
-    answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now, policy)
+    answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now, policy, channels)
     if row["kind"] == "notification" and row["conversation_id"] is not None and _latest_notification(conn, row):
         remove_flags(conn, row["conversation_id"], ["owner_not_notified"], iso(now))  # the current owner was told
     if provider_id is None:
@@ -644,17 +703,17 @@ def _apply_status(
             # The provider reported this very send failed: a failure is final, and its
             # "delivered", reported with it or late, came before it (statuses come in any
             # order). It counted as it would have then; the failure that followed stands.
-            return _after_status(conn, row, update.status, True, now, policy)
+            return _after_status(conn, row, update.status, True, now, policy, channels)
         # Given up on (its answer never came, its attempts ran out) or failed on another send of
         # it, while the provider had taken it: the message reached the person after all.
-        return _delivered_after_all(conn, row, update, now, policy)
+        return _delivered_after_all(conn, row, update, now, policy, channels)
     current = row["delivery_status"] or "queued"
     if STATUS_RANK.get(update.status, 0) <= STATUS_RANK.get(current, 0):
         return None
     conn.execute("UPDATE outbox SET delivery_status = ?, updated_at = ? WHERE id = ?", (update.status, stamp, row["id"]))
     if row["primary_delivery"]:
         conn.execute("UPDATE messages SET delivery_status = ? WHERE id = ?", (update.status, row["message_id"]))
-    return _after_status(conn, row, update.status, reached, now, policy)
+    return _after_status(conn, row, update.status, reached, now, policy, channels)
 
 
 def _reported_failed(conn: sqlite3.Connection, row: Mapping[str, Any], provider_id: str) -> bool:
@@ -667,6 +726,7 @@ def _reported_failed(conn: sqlite3.Connection, row: Mapping[str, Any], provider_
 
 def _delivered_after_all(
     conn: sqlite3.Connection, row: sqlite3.Row, update: DeliveryUpdate, now: datetime, policy: OutboxPolicy,
+    channels: Mapping[str, Channel] | None = None,
 ) -> dict[str, Any] | None:
     """The provider reports that a message reached the person (``delivered``, ``read``; ``sent``
     where that counts) after its row had failed without the provider saying that send failed:
@@ -719,7 +779,7 @@ def _delivered_after_all(
                  channel=row["channel"], to=row["to_address"], status=update.status, fallbacks_not_sent=cancelled)
     _clear_unreached_flags(conn, row, stamp)
     sent = conn.execute("SELECT * FROM outbox WHERE id = ?", (row["id"],)).fetchone()
-    return _after_status(conn, sent, update.status, True, now, policy)
+    return _after_status(conn, sent, update.status, True, now, policy, channels)
 
 
 def _clear_unreached_flags(conn: sqlite3.Connection, row: Mapping[str, Any], stamp: str) -> None:

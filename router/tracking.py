@@ -395,7 +395,7 @@ def mark_answered(conn: sqlite3.Connection, conversation_id: int, now: str, mess
 def answer_standing(conn: sqlite3.Connection, conversation_id: int, message_id: int) -> str | None:
     """What the answer ``message_id`` last did to the conversation: ``answered`` (it was
     delivered and answered it), ``answer_lost`` (it reached nobody, and the conversation waited
-    for an answer again), or None (neither yet)."""
+    for an answer again, or it had answered it and no longer stands), or None (neither yet)."""
     last = conn.execute(
         "SELECT kind FROM events WHERE conversation_id = ? AND kind IN ('answered', 'answer_lost')"
         " AND json_extract(data, '$.message_id') = ? ORDER BY id DESC LIMIT 1",

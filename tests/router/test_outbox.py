@@ -236,6 +236,79 @@ async def test_a_failed_answer_followed_by_one_that_arrived_leaves_the_case_answ
         assert detail["state"] == "answered"
 
 
+class SilentAfterChat(RaceChat):
+    """RaceChat, whose provider reports nothing more for a send while ``quiet``: taken, on its
+    way, and not (yet) delivered. ``receipts`` False: a provider without delivery receipts."""
+
+    def __init__(self, receipts: bool = True) -> None:
+        super().__init__()
+        self.capabilities = dataclasses.replace(RaceChat.capabilities, delivery_receipts=receipts)
+        self.quiet = False
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        if not self.quiet:
+            return await super().send(message)
+        self.sent.append(message)
+        return SendResult(provider_id=f"rc-{message.outbox_id}-{message.attempt}")
+
+
+@pytest.mark.parametrize("receipts", [True, False], ids=["receipts", "no-receipts"])
+async def test_an_answer_lost_while_a_newer_one_is_only_on_its_way_waits_for_that_one(tmp_path, receipts):
+    """The delivered answer was reported failed after all (a late bounce) while a newer answer
+    was only sent, not delivered: the case stayed answered with no answer known to have reached
+    the person, and nothing escalated it if the newer one never arrived. It waits again, and
+    the newer answer answers it once delivered. Without delivery receipts, sent is delivered."""
+    chat = SilentAfterChat(receipts)
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)]) as harness:
+        result = await harness.core.ingest(inbound("m1"))
+        case = result.conversation_id
+        await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": "Ab Montag."})
+        await harness.run_outbox()
+        chat.quiet = True
+        await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": "Korrektur: ab Dienstag."})
+        await harness.run_outbox()
+        first, second = await harness.rows("SELECT provider_id, delivery_status FROM outbox WHERE kind = 'reply' ORDER BY id")
+        assert (first["delivery_status"], second["delivery_status"]) == ("delivered", "sent")
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=first["provider_id"], status="failed",
+                                                                      permanent=True))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+        if not receipts:
+            assert detail["state"] == "answered"  # the newer answer went, and that is as good as delivered
+            return
+        assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+        assert [e["kind"] for e in detail["events"]].count("answer_lost") == 1
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=second["provider_id"], status="delivered"))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+        assert detail["state"] == "answered" and detail["deadline"] is None
+
+
+@pytest.mark.parametrize("settled", ["wait", "close"])
+async def test_an_answer_lost_on_a_settled_case_while_a_newer_one_is_on_its_way_waits_for_its_outcome(tmp_path, settled):
+    """Staff answered twice and set the case waiting (or closed it); the first answer bounced
+    while the second was on its way. Unlike an answered case, a waiting or closed one claims no
+    answer arrived: it stays as staff left it until the newer answer's outcome is known, and
+    that answer's loss reopens it."""
+    chat = SilentAfterChat()
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)]) as harness:
+        case = (await harness.core.ingest(inbound("m1"))).conversation_id
+        await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": "Ab Montag."})
+        await harness.run_outbox()
+        chat.quiet = True
+        await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": "Korrektur: ab Dienstag."})
+        await harness.run_outbox()
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/{settled}")
+        assert status == 200
+        first, second = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply' ORDER BY id")
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=first["provider_id"], status="failed",
+                                                                      permanent=True))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+        assert detail["state"] == ("waiting" if settled == "wait" else "closed")
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=second["provider_id"], status="failed",
+                                                                      permanent=True))
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+        assert detail["state"] == "acknowledged" and detail["deadline"] is not None
+
+
 class BouncingMail(Channel):
     """A mail channel whose every send is refused for good (the address bounces)."""
 
@@ -1654,6 +1727,59 @@ async def test_delivery_outcomes_reported_together_give_the_same_result_in_eithe
                 assert await harness.core.record_delivery("quietchat", update) is True
             results.append(await _end_state(harness, case.conversation_id))
     assert results[0] == results[1]
+
+
+# The first answer delivered before, then reported lost (a late bounce) together with what
+# became of the second: a loss first reopens the answered case while the second answer is on its
+# way. (Both lost on an answered case is left out: each order names the answer whose loss it took
+# first, though the conversation, its deliveries and its addresses end alike.)
+LATE_LOSS_WITH_OUTCOME = {
+    "second delivered": ([(0, "failed"), (1, "delivered")], ("open", "close", "wait")),
+    "second read": ([(0, "failed"), (1, "read")], ("open", "close", "wait")),
+    "second failed": ([(0, "failed"), (1, "failed")], ("close", "wait")),
+}
+
+
+@pytest.mark.parametrize(("outcomes", "settle"), [
+    pytest.param(outcomes, settle, id=f"{name}-{settle}")
+    for name, (outcomes, settles) in LATE_LOSS_WITH_OUTCOME.items() for settle in settles])
+async def test_a_late_loss_and_a_newer_answers_outcome_reported_together_give_the_same_result_in_either_order(
+    tmp_path, outcomes, settle,
+):
+    """The first answer was delivered (and the case answered, set waiting or closed); then the
+    provider reports it failed after all, together with the second answer's outcome. Its loss
+    listed first reopened the answered case and the second answer's delivery answered it again;
+    listed last, the first answer still stood as the one that answered it. Either way now it
+    stands no more, and the second answers the case."""
+    results = []
+    for order in (outcomes, outcomes[::-1]):
+        async with CoreHarness(tmp_path / f"d{len(results)}", plugins=[Plugin(QuietChat())]) as harness:
+            case = await harness.core.ingest({"channel": "quietchat", "channel_message_id": "q1", "text": "Baustelle?",
+                                              "sender": {"kind": "phone", "address": "+4915112345678"}})
+            base = f"/api/v1/conversations/{case.conversation_id}"
+            await harness.run_outbox()
+            for text in ("Ab Montag.", "Und der Gehweg ab Dienstag."):
+                status, _ = await harness.api("POST", f"{base}/replies", json={"text": text})
+                assert status == 201
+            await harness.run_outbox()
+            replies = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply' ORDER BY id")
+            harness.clock.advance(timedelta(minutes=1))
+            assert await harness.core.record_delivery("quietchat", DeliveryUpdate(provider_id=replies[0]["provider_id"],
+                                                                                  status="delivered"))
+            if settle != "open":
+                status, _ = await harness.api("POST", f"{base}/{settle}")
+                assert status == 200
+            harness.clock.advance(timedelta(minutes=5))
+            for answer, status in order:
+                update = DeliveryUpdate(provider_id=replies[answer]["provider_id"], status=status,
+                                        permanent=True, error_code="131026" if status == "failed" else None)
+                assert await harness.core.record_delivery("quietchat", update) is True
+            results.append(await _end_state(harness, case.conversation_id))
+    assert results[0] == results[1]
+    first, second = (m["id"] for m in results[0]["messages"] if m["kind"] == "reply")
+    if settle == "open":
+        assert results[0]["conversation"]["state"] == "answered"
+        assert results[0]["events"] == [("answer_lost", first), ("answered", first), ("answered", second)]
 
 
 class AnswersOnlyAcks(NeverAnswers):
