@@ -1721,13 +1721,19 @@ async def test_delivery_outcomes_reported_together_give_the_same_result_in_eithe
                 await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/close")
             replies = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply' ORDER BY id")
             harness.clock.advance(timedelta(minutes=5))
-            for answer, status in order:
-                update = DeliveryUpdate(provider_id=replies[answer]["provider_id"], status=status,
-                                        permanent=True, error_code="131026" if status == "failed" else None)
-                assert await harness.core.record_delivery("quietchat", update) is True
+            await _report_outcomes(harness, replies, order)
             results.append(await _end_state(harness, case.conversation_id))
     assert results[0] == results[1]
 
+
+
+async def _report_outcomes(harness: CoreHarness, replies: list[dict], order: list[tuple[int, str]]) -> None:
+    """Report what became of the answers (``replies[i]``), in ``order``, as the provider would:
+    a failure for good, as WhatsApp's 131026 (the number cannot receive messages)."""
+    for answer, status in order:
+        update = DeliveryUpdate(provider_id=replies[answer]["provider_id"], status=status,
+                                permanent=True, error_code="131026" if status == "failed" else None)
+        assert await harness.core.record_delivery("quietchat", update) is True
 
 # The first answer delivered before, then reported lost (a late bounce) together with what
 # became of the second: a loss first reopens the answered case while the second answer is on its
@@ -1770,10 +1776,7 @@ async def test_a_late_loss_and_a_newer_answers_outcome_reported_together_give_th
                 status, _ = await harness.api("POST", f"{base}/{settle}")
                 assert status == 200
             harness.clock.advance(timedelta(minutes=5))
-            for answer, status in order:
-                update = DeliveryUpdate(provider_id=replies[answer]["provider_id"], status=status,
-                                        permanent=True, error_code="131026" if status == "failed" else None)
-                assert await harness.core.record_delivery("quietchat", update) is True
+            await _report_outcomes(harness, replies, order)
             results.append(await _end_state(harness, case.conversation_id))
     assert results[0] == results[1]
     first, second = (m["id"] for m in results[0]["messages"] if m["kind"] == "reply")
