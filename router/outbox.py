@@ -630,10 +630,7 @@ def record_send(
     Taken without an id (``provider_id`` empty: a 2xx that named none), the send gets the id of
     a status kept under the row's key, if its provider echoes the key and one came first; else
     none, until a status naming the key gives it one (``apply_delivery_update``)."""
-    if not provider_id:
-        kept = conn.execute(f"SELECT provider_id {_KEPT_UNDER_KEY} ORDER BY id LIMIT 1",
-                            (row["channel"], row["idempotency_key"])).fetchone()
-        provider_id = kept["provider_id"] if kept is not None else None
+    provider_id = provider_id or _kept_provider_id(conn, row)
     answered_now = status in ("delivered", "read") or row["channel"] in answered_on
     answered = record_sent(conn, row, provider_id, status, thread_key, answered_now, now, policy, channels)
     if row["kind"] == "notification" and row["conversation_id"] is not None and _latest_notification(conn, row):
@@ -654,14 +651,19 @@ def adopt_earlier_send(
     what recording a send returns; if not, None, and the row is sent. Only providers that echo
     the key in their statuses (WhatsApp's ``biz_opaque_callback_data``, Twilio's callback URL) are spared a
     duplicate."""
-    event = conn.execute(
-        f"SELECT provider_id {_KEPT_UNDER_KEY}"
-        " ORDER BY id LIMIT 1",
-        (row["channel"], row["idempotency_key"]),
-    ).fetchone()
-    if event is None:
+    provider_id = _kept_provider_id(conn, row)
+    if provider_id is None:
         return None
-    return record_send(conn, row, event["provider_id"], "sent", None, answered_on, channels, now, policy)
+    return record_send(conn, row, provider_id, "sent", None, answered_on, channels, now, policy)
+
+
+def _kept_provider_id(conn: sqlite3.Connection, row: Mapping[str, Any]) -> str | None:
+    """The provider id of the first status kept under ``row``'s idempotency key (a send of it
+    the provider reported before its outcome was recorded), or None when none came."""
+    kept = conn.execute(
+        f"SELECT provider_id {_KEPT_UNDER_KEY} ORDER BY id LIMIT 1", (row["channel"], row["idempotency_key"])
+    ).fetchone()
+    return kept["provider_id"] if kept is not None else None
 
 
 def _apply_status(
