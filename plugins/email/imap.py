@@ -199,6 +199,10 @@ def _imap_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# How long a stopping poller is given to end before it is cancelled again (``ImapPoller.service``).
+STOP_RETRY_SECONDS = 1.0
+
+
 class ImapPoller:
     """Imports one mailbox for the app's lifetime; reconnects after errors."""
 
@@ -230,11 +234,14 @@ class ImapPoller:
         try:
             yield
         finally:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            # Cancelled again until it ends: Python 3.11's asyncio.wait_for (around every IMAP
+            # call) loses a cancellation that arrives as the call completes, and the poller then
+            # polled on while the stop waited for it for ever.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait((task,), timeout=STOP_RETRY_SECONDS)
+            if not task.cancelled() and task.exception() is not None:
+                self.log.warning("IMAP %s: the poller ended with %r", self.mailbox.host, task.exception())
 
     async def run(self) -> None:
         """Poll until cancelled; a failed session is retried after ``retry_seconds``."""

@@ -203,3 +203,32 @@ async def test_a_mail_the_server_refuses_to_send_is_set_aside_after_its_attempts
             with contextlib.suppress(asyncio.CancelledError):
                 await session
     gc.collect()  # see test_a_mail_whose_body_never_comes_in_time_is_set_aside_after_its_attempts
+
+
+class LosesOneCancellation(ImapPoller):
+    """A poller whose first cancellation is lost, as Python 3.11's asyncio.wait_for loses one
+    that arrives as the IMAP call it bounds completes: it then polls on."""
+
+    async def run(self) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+        await asyncio.Event().wait()  # polling on, until cancelled again
+
+
+async def test_a_poller_that_lost_a_cancellation_still_stops(harness, tmp_path):
+    """The channel's stop cancelled the poller once and waited for it: a lost cancellation held
+    the service's stop for ever (a test hung until its timeout). It is cancelled again until it ends."""
+    box = ImapMailbox.from_mapping({"host": "127.0.0.1", "user": "u", "password": "p"}, "channels.email.imap")
+    lossy = LosesOneCancellation(box, FailingReceive(harness), tmp_path, logging.getLogger("tests.imap"))
+
+    async def run_and_stop() -> None:
+        async with contextlib.asynccontextmanager(lossy.service)():
+            await asyncio.sleep(0.05)
+
+    stop = asyncio.create_task(run_and_stop())
+    done, _ = await asyncio.wait((stop,), timeout=5)
+    if not done:
+        stop.cancel()
+    assert done == {stop} and stop.exception() is None
