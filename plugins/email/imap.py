@@ -199,8 +199,9 @@ def _imap_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-# How long a stopping poller is given to end before it is cancelled again (``ImapPoller.service``).
-STOP_RETRY_SECONDS = 1.0
+# How long a stopping poller is given to end before it is cancelled again (``ImapPoller.service``):
+# longer than its LOGOUT may take (2 s), which a second cancellation would cut short.
+STOP_RETRY_SECONDS = 3.0
 
 
 class ImapPoller:
@@ -285,11 +286,12 @@ class ImapPoller:
                 await asyncio.wait_for(client.logout(), 2)
             except Exception:  # noqa: BLE001 - the connection may be gone already
                 pass
-            # After a command cancelled at its deadline aioimaplib never closes the connection
-            # itself: each reconnect left one open, until the server refused further logins.
-            transport = getattr(getattr(client, "protocol", None), "transport", None)
-            if transport is not None:
-                transport.close()
+            finally:
+                # After a command cancelled at its deadline aioimaplib never closes the connection
+                # itself: each reconnect left one open, until the server refused further logins.
+                transport = getattr(getattr(client, "protocol", None), "transport", None)
+                if transport is not None:
+                    transport.close()
 
     async def _idle(self, client: aioimaplib.IMAP4) -> None:
         """Wait in IDLE until the server reports something or ``idle_seconds`` pass."""

@@ -228,7 +228,7 @@ async def test_a_poller_that_lost_a_cancellation_still_stops(harness, tmp_path):
             await asyncio.sleep(0.05)
 
     stop = asyncio.create_task(run_and_stop())
-    done, _ = await asyncio.wait((stop,), timeout=5)
+    done, _ = await asyncio.wait((stop,), timeout=10)
     if not done:
         stop.cancel()
     assert done == {stop} and stop.exception() is None
