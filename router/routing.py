@@ -5,6 +5,7 @@ Pure functions over the configuration; no I/O, so the ingest transaction can cal
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) 
         if street and street in area.streets and not _elsewhere(area, postcode):
             return area, f"street {address.get('street')}"
     if normalized_text:
-        squashed = normalized_text.replace("-", "").replace(" ", "")
+        squashed = _squashed_streets(normalized_text)
         for area in config.areas.values():
             if _elsewhere(area, postcode):
                 continue
@@ -38,6 +39,19 @@ def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) 
                 if s in squashed:
                     return area, f"street {s} named in the text"
     return None
+
+
+# "Str." (or "Str") closing a word or standing after one: the street abbreviated, as residents
+# write it in a chat ("Musterstr. 12", "Muster-Str.4", "Muster Str 7").
+_STREET_ABBREVIATION = re.compile(r"(?<=[^\W\d_])[\s-]*str(?![^\W\d_])\.?")
+
+
+def _squashed_streets(normalized_text: str) -> str:
+    """The folded text without spaces and hyphens, "str." written out as "strasse": the form
+    of the areas' streets (``normalize_street``), so that a street named in it is found."""
+    if "str" in normalized_text:
+        normalized_text = _STREET_ABBREVIATION.sub("strasse", normalized_text)
+    return normalized_text.replace("-", "").replace(" ", "")
 
 
 def _elsewhere(area: Area, postcode: str) -> bool:

@@ -21,6 +21,10 @@ def route(text="", **extra):
         ({"text": "Baustelle, Gehweg gesperrt", "address": {"postcode": "12345"}}, "tiefbau-muster", "construction-in-area"),
         ({"text": "Bagger vor der Tür", "address": {"street": "Muster-Strasse 4"}}, "tiefbau-muster", "construction-in-area"),
         ({"text": "Die Baustelle in der Musterstrasse 12 ist laut"}, "tiefbau-muster", "construction-in-area"),
+        # the street abbreviated in a chat message, as residents write it
+        ({"text": "Baustelle in der Musterstr. 12 seit Tagen"}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Bagger vor Muster-Str.4, Baustelle ohne Schild"}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Baustelle MUSTER STR 7"}, "tiefbau-muster", "construction-in-area"),
         ({"text": "Baustelle vor dem Haus", "address": {"postcode": "99999"}}, "bauhotline", "construction-outside-area"),
         ({"text": "the ROADWORKS block our driveway"}, "bauhotline", "construction-outside-area"),
         ({"text": "Seit gestern STÖRUNG, kein Internet"}, "stoerung", "fault"),
