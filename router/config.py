@@ -8,6 +8,7 @@ here, so the same file serves tests, the demo and production.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -82,6 +83,12 @@ class Area:
     postcodes: frozenset[str]
     streets: tuple[str, ...]  # normalised street names ("musterstrasse")
     point: tuple[float, float, float] | None  # lat, lon, radius in metres
+
+    @functools.cached_property
+    def postcode_lengths(self) -> frozenset[int]:
+        """The lengths of the area's postcodes made of digits: a number of such a length named
+        in a text is taken for a postcode."""
+        return frozenset(len(code) for code in self.postcodes if code.isdigit())
 
     def contains_point(self, lat: float, lon: float) -> bool:
         if self.point is None:

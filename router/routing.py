@@ -31,15 +31,25 @@ def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) 
         if street and street in area.streets and not _elsewhere(area, postcode):
             return area, f"street {address.get('street')}"
     if normalized_text:
+        named = () if postcode else _NUMBER_BEFORE_WORD.findall(normalized_text)
+        for number in named:
+            for area in config.areas.values():
+                if number in area.postcodes:
+                    return area, f"postcode {number} named in the text"
         squashed = _squashed_streets(normalized_text)
         for area in config.areas.values():
-            if _elsewhere(area, postcode):
+            if _elsewhere(area, postcode) or any(len(number) in area.postcode_lengths for number in named):
                 continue
             for s in area.streets:
                 if s in squashed:
                     return area, f"street {s} named in the text"
     return None
 
+
+# A number standing alone before a word, as a postcode stands before its town ("80331 München",
+# "D-12345 Musterstadt"). It counts as a postcode where an area's postcodes are as long: a
+# year or a house number before a word is shorter than a German postcode.
+_NUMBER_BEFORE_WORD = re.compile(r"(?<![\w.,:/])(\d{3,10})(?=[ \t]*[^\W\d_])")
 
 # "Str." (or "Str") closing a word or standing after one: the street abbreviated, as residents
 # write it in a chat ("Musterstr. 12", "Muster-Str.4", "Muster Str 7").

@@ -25,6 +25,11 @@ def route(text="", **extra):
         ({"text": "Baustelle in der Musterstr. 12 seit Tagen"}, "tiefbau-muster", "construction-in-area"),
         ({"text": "Bagger vor Muster-Str.4, Baustelle ohne Schild"}, "tiefbau-muster", "construction-in-area"),
         ({"text": "Baustelle MUSTER STR 7"}, "tiefbau-muster", "construction-in-area"),
+        # a postcode named in the text places it, or puts a street of the same name elsewhere;
+        # a year or a house number is no postcode
+        ({"text": "Baustelle in 12345 Musterstadt, Gehweg gesperrt"}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Baustelle im Lindenweg 3, 80331 München"}, "bauhotline", "construction-outside-area"),
+        ({"text": "Seit 2024 Baustelle im Lindenweg 12 ohne Ende"}, "tiefbau-muster", "construction-in-area"),
         ({"text": "Baustelle vor dem Haus", "address": {"postcode": "99999"}}, "bauhotline", "construction-outside-area"),
         ({"text": "the ROADWORKS block our driveway"}, "bauhotline", "construction-outside-area"),
         ({"text": "Seit gestern STÖRUNG, kein Internet"}, "stoerung", "fault"),
