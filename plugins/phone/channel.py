@@ -65,13 +65,14 @@ def _unstamp(text: str | None) -> datetime | None:
 
 
 def _reachable(url: str) -> bool:
-    """Whether Twilio could call back ``url``: not a loopback host (the core's default
-    ``http://127.0.0.1:8080`` when no public base URL is configured)."""
+    """Whether Twilio could call back ``url``: a host name, or an address on the internet; not
+    a loopback (the core's default ``http://127.0.0.1:8080`` when no public base URL is
+    configured), private, link-local or unspecified (``0.0.0.0``) address."""
     host = urlsplit(url).hostname or ""
     if host == "localhost" or host.endswith(".localhost") or not host:
         return False
     try:
-        return not ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_global
     except ValueError:
         return True
 

@@ -410,6 +410,9 @@ async def test_sms_out_through_the_rest_api(core, aiohttp_server):
         ({"status_wait": 0}, "http://127.0.0.1:8080", None),  # off: backoff alone
         ({"public_base_url": None}, "http://127.0.0.1:8080", None),  # Twilio cannot call back
         ({"public_base_url": None}, "https://kontakt.example.org", timedelta(seconds=30)),  # the core's
+        ({"public_base_url": None}, "http://0.0.0.0:8080", None),  # every interface: no address
+        ({"public_base_url": None}, "http://192.168.1.20:8080", None),  # a private network's
+        ({"public_base_url": None}, "http://[fd00::5]:8080", None),
     ],
 )
 def test_status_wait_only_where_twilio_can_call_back(core, overrides, service_url, wait):
