@@ -82,14 +82,34 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class SchemaTooNew(sqlite3.DatabaseError):
+    """The database records migrations this release does not know: a newer release wrote it."""
+
+
+def _refuse_newer(conn: sqlite3.Connection, done: set[int]) -> None:
+    """Raise ``SchemaTooNew`` when ``done`` holds a version this release has no migration for:
+    its schema may differ in ways this code cannot know, so it must not read or write it."""
+    unknown = done - {version for version, _, _ in MIGRATIONS}
+    if not unknown:
+        return
+    file = next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "") or "(in memory)"
+    raise SchemaTooNew(
+        f"the database {file} is at schema version {max(unknown)}, newer than this release of contact-router knows"
+        f" (up to {MIGRATIONS[-1][0]}): run the release that wrote it, or restore a backup from before that"
+        " upgrade; the file was left as it is"
+    )
+
+
 def apply_migrations(conn: sqlite3.Connection) -> list[int]:
-    """Apply the migrations not yet recorded; returns the versions applied now."""
+    """Apply the migrations not yet recorded; returns the versions applied now. A file that
+    records a version this release does not know is refused (``SchemaTooNew``), unchanged."""
     # Migrations may call the same text folding the application uses (search backfill).
     conn.create_function("cr_search_text", 3, search_text, deterministic=True)
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
     )
     done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    _refuse_newer(conn, done)
     applied = []
     for version, name, sql in MIGRATIONS:
         if version in done:

@@ -1,6 +1,6 @@
 """The upgrade path of a running installation: a file written at any older schema version, with
 rows in it, is brought up to date at start with every row kept; a migration that is killed or
-fails leaves the old version."""
+fails leaves the old version; a file of a newer version is refused."""
 
 from __future__ import annotations
 
@@ -357,3 +357,43 @@ def test_a_full_disk_part_way_through_a_migration_leaves_the_old_version(tmp_pat
     _assert_upgraded(conn, before, fresh_schema)
     conn.close()
 
+
+async def test_a_file_of_a_newer_version_is_refused_naming_both_versions_and_left_as_it_is(tmp_path):
+    """A file the next release migrated (a rollback of the deploy, a backup restored onto an old
+    machine) was opened as if it were known: its newer migrations silently ignored, this release
+    wrote rows in a schema it does not know. It is refused at start, naming the file's version and
+    the newest this release knows, before anything is written."""
+    path = tmp_path / DB
+    conn = sqlite3.connect(path, isolation_level=None)
+    apply_migrations(conn)
+    conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, 'a later release', ?)",
+                 (LATEST + 1, at(1)))
+    dump = list(conn.iterdump())
+    conn.close()
+
+    store = SQLiteStore(path)
+    with pytest.raises(sqlite3.DatabaseError) as caught:
+        await store.open()
+    message = str(caught.value)
+    assert f"schema version {LATEST + 1}" in message and f"up to {LATEST}" in message and str(path) in message, message
+    assert store.db is None and store._writer is None
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert list(conn.iterdump()) == dump
+    conn.close()
+
+
+def test_serve_on_a_file_of_a_newer_version_ends_with_one_line_naming_the_versions(tmp_path, capsys):
+    """What the operator sees: one line, no traceback, and nothing of the service started."""
+    from router.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    conn = sqlite3.connect(data / DB, isolation_level=None)
+    apply_migrations(conn)
+    conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, 'a later release', ?)",
+                 (LATEST + 2, at(1)))
+    conn.close()
+    assert main(["serve", "--port", "0", "--data-dir", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err[-800:]
+    assert f"schema version {LATEST + 2}" in err and f"up to {LATEST}" in err, err
