@@ -139,6 +139,27 @@ def apply_migrations(conn: sqlite3.Connection) -> list[int]:
     return applied
 
 
+def rewrite_header(conn: sqlite3.Connection) -> None:
+    """Write the header's user version as it is: a write that changes nothing, which fails when
+    the database cannot store (read-only, full) where a read would not notice."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
+def check_writable(conn: sqlite3.Connection) -> None:
+    """Raise SQLite's error when the database cannot be written: a file this process may read
+    but not write (its mode, an immutable flag, a read-only mount) opens without complaint, and
+    the service would start only to refuse every message."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rewrite_header(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def run_units(conn: sqlite3.Connection, works: list[Work], savepoint: str = "unit") -> list[tuple[bool, Any]]:
     """Run each unit of work inside the caller's transaction so that a unit that raises is
     rolled back alone. Returns (True, result) or (False, exception) per unit.
@@ -278,8 +299,10 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         self._writer = await loop.run_in_executor(self._executor, _connect, self.path)
         applied = await loop.run_in_executor(self._executor, apply_migrations, self._writer)
-        if applied:
+        if applied:  # which wrote to the file: it takes writes
             log.info("applied migrations %s to %s", applied, self.path)
+        else:
+            await loop.run_in_executor(self._executor, check_writable, self._writer)
         self.db = await aiosqlite.connect(self.path)
         self.db.row_factory = sqlite3.Row
         await self.db.execute("PRAGMA foreign_keys=ON")
@@ -459,11 +482,6 @@ class SQLiteStore:
         """A write that touches the file (the header's user version, rewritten as it is) in the
         next transaction: raises ``StorageUnavailable`` when the database cannot store, such as
         read-only or full, which a read does not notice. For ``/healthz``."""
-
-        def rewrite_header(conn: sqlite3.Connection) -> None:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            conn.execute(f"PRAGMA user_version = {int(version)}")
-
         await self.write(rewrite_header)
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:

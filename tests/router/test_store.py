@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -645,3 +649,56 @@ def test_migration_14_rewrites_the_outbox_in_one_pass_however_many_addresses_cha
     # One pass over the outbox and an update by id for each changed row: a few hundred
     # thousand steps; a pass for each changed address took hundreds of millions.
     assert steps < 1_000, steps
+
+
+@contextlib.contextmanager
+def _read_only_file(path: Path) -> Iterator[None]:
+    """``path`` as a file this process may read but not write: its mode, or for root, who
+    writes whatever the mode, the immutable flag (as a read-only mount of the file would)."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(0o644)
+        return
+    try:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make a file read-only for root here: {exc}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_database_file_that_cannot_be_written_is_refused_at_start(tmp_path, capsys):
+    """A database file the service may read but not write (restored by another user, an
+    immutable flag, a file mounted read-only) opened without a word when no migration was due:
+    the service started, looked healthy to its supervisor and answered every message 503. The
+    start fails instead, naming the file and SQLite's reason, and the file is left as it was."""
+    from router.cli import main
+
+    data = tmp_path / "data"
+    path = data / "contact-router.sqlite3"
+
+    async def open_and_close() -> SQLiteStore:
+        store = SQLiteStore(path)
+        try:
+            await store.open()
+        finally:
+            await store.close()
+        return store
+
+    asyncio.run(open_and_close())
+    for name in ("contact-router.sqlite3-wal", "contact-router.sqlite3-shm"):
+        (data / name).unlink(missing_ok=True)
+    content = path.read_bytes()
+    with _read_only_file(path):
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            asyncio.run(open_and_close())
+        assert main(["serve", "--port", "0", "--data-dir", str(data)]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1, err[-800:]
+        assert f"--data-dir {data}" in err and "contact-router.sqlite3" in err and "readonly" in err, err
+        assert path.read_bytes() == content
