@@ -702,3 +702,24 @@ def test_a_database_file_that_cannot_be_written_is_refused_at_start(tmp_path, ca
         assert "Traceback" not in err and err.count("\n") == 1, err[-800:]
         assert f"--data-dir {data}" in err and "contact-router.sqlite3" in err and "readonly" in err, err
         assert path.read_bytes() == content
+
+
+async def test_every_connection_has_the_pragmas_it_depends_on(tmp_path):
+    """The writer commits durably in WAL with foreign keys enforced and waits for another
+    process's lock; the shared reader and a report's connection of its own wait for a lock
+    rather than fail a read at once, and the shared reader checks foreign keys as the writer does."""
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        assert await store.write(good(1)) == 1
+        writer = store._writer
+        assert writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert writer.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert writer.execute("PRAGMA busy_timeout").fetchone()[0] == int(store.lock_wait_seconds * 1000)
+        for pragma, value in (("journal_mode", "wal"), ("foreign_keys", 1), ("busy_timeout", 30000)):
+            assert (await store.fetchall(f"PRAGMA {pragma}"))[0][0] == value, pragma
+        for pragma, value in (("journal_mode", "wal"), ("busy_timeout", 30000)):
+            assert (await store.fetchall_apart(f"PRAGMA {pragma}"))[0][0] == value, pragma
+    finally:
+        await store.close()
