@@ -723,3 +723,17 @@ async def test_every_connection_has_the_pragmas_it_depends_on(tmp_path):
             assert (await store.fetchall_apart(f"PRAGMA {pragma}"))[0][0] == value, pragma
     finally:
         await store.close()
+
+
+async def test_a_file_that_is_no_database_is_refused_and_left_as_it_is(tmp_path):
+    """Something else at the database's path (a text file, a truncated copy): SQLite's error
+    comes out of ``open``, nothing of the store stays open, and not a byte of the file changes."""
+    path = tmp_path / "contact-router.sqlite3"
+    content = "Kundenliste;Stand März\n".encode() * 200
+    path.write_bytes(content)
+    store = SQLiteStore(path)
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        await store.open()
+    assert store.db is None and store._writer is None
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["contact-router.sqlite3"]
