@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .channel import StorageUnavailable
 from .config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 log = logging.getLogger("contact_router")
@@ -366,6 +368,12 @@ def cmd_import_customers(args: argparse.Namespace) -> int:
         return 1
     except BadRow as exc:
         print(f"{args.csv}: line {exc.line}: {exc.problem}; nothing was imported", file=sys.stderr)
+        return 1
+    except (sqlite3.DatabaseError, StorageUnavailable) as exc:
+        # A file that is no database or was written by a newer release, or one that takes no
+        # write (read-only, full, locked by the service beyond its timeout): one transaction, so
+        # nothing of the file went in.
+        print(f"{Path(args.data_dir) / 'contact-router.sqlite3'}: {exc}; nothing was imported", file=sys.stderr)
         return 1
     except (OSError, csv.Error) as exc:
         print(f"{args.csv}: {exc}; nothing was imported", file=sys.stderr)

@@ -339,3 +339,30 @@ def test_a_response_time_no_year_can_hold_is_refused_without_counting_out_the_da
     assert f"{path}: units.vertrieb.first_response_hours" in err and "no deadline within a year" in err
     assert "Traceback" not in err
     assert counted and 8760 not in counted  # the other units' deadlines were counted out, this one not
+
+
+def test_import_customers_on_a_database_it_cannot_use_says_so_in_one_line(tmp_path, capsys):
+    """A data folder whose database is no database, or was written by a newer release, ended
+    the import in a traceback; it is one line naming the file, and nothing is imported."""
+    import sqlite3
+
+    csv_path = tmp_path / "customers.csv"
+    csv_path.write_text("customer_number,name\nKD-1,Erika Müller\n", encoding="utf-8")
+    newer, garbage = tmp_path / "newer", tmp_path / "garbage"
+    assert main(["import-customers", str(csv_path), "--data-dir", str(newer)]) == 0
+    conn = sqlite3.connect(newer / "contact-router.sqlite3")
+    conn.execute("DELETE FROM customers")
+    conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'later', '2027-01-01T00:00:00Z')")
+    conn.commit()
+    conn.close()
+    garbage.mkdir()
+    (garbage / "contact-router.sqlite3").write_bytes(b"not a database, " * 512)
+    capsys.readouterr()
+    for data, says in ((newer, "schema version 999"), (garbage, "file is not a database")):
+        assert main(["import-customers", str(csv_path), "--data-dir", str(data)]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert str(data / "contact-router.sqlite3") in err and says in err and "nothing was imported" in err, err
+    conn = sqlite3.connect(newer / "contact-router.sqlite3")
+    assert conn.execute("SELECT COUNT(*) FROM customers").fetchone() == (0,)
+    conn.close()
