@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -912,6 +913,7 @@ def test_list_filters_read_the_workload_or_the_contact_not_the_history(tmp_path)
         ({"overdue": True}, ["K-OVERDUE"]),
         ({"state": "acknowledged", "channel": "phone"}, ["K-OVERDUE"]),
         ({"overdue": True, "channel": "phone", "units": ["kundenservice", "vertrieb"]}, ["K-OVERDUE"]),
+        ({"overdue": True, "units": ["kundenservice", "vertrieb"]}, ["K-OVERDUE"]),  # not each unit's history
         # a token of several units that have few conversations among many (the history is
         # kundenservice's): the primary key walked the whole table
         ({"units": ["bauhotline", "tiefbau-muster"]}, ["K-HOTLINE"]),
@@ -1186,3 +1188,292 @@ async def test_a_conversation_outside_the_callers_units_is_404_whatever_the_requ
         status, answer = await harness.api("POST", f"/api/v1/conversations/{sales_case}/{action}", token="contractor",
                                            json=body)
         assert (status, answer["error"]["code"]) == (404, "not_found"), action
+
+
+async def _listed(harness, query: str, token: str = "admin") -> tuple[list[int], str | None]:
+    """One list page's ids and its next_cursor; the page must be a 200."""
+    status, page = await harness.api("GET", f"/api/v1/conversations?{query}", token=token)
+    assert status == 200, (query, page)
+    return [i["id"] for i in page["items"]], page["next_cursor"]
+
+
+async def test_the_page_that_ends_the_list_has_no_cursor(harness):
+    """Every page but the last has a next_cursor, and the last has none, also when it is full:
+    for a token of one unit, of several (each unit's newest, then the newest of those, also when
+    all of them lie in one unit) and of all, in a list and in a search."""
+    ids = [await _case(harness, text=f"Baustelle Nummer {n}") for n in range(4)]
+    for token in ("contractor", "hotline", "admin"):  # one unit; several (each unit's newest); all
+        for query in ("limit=2", "limit=2&q=Baustelle", "limit=2&state=open"):
+            first, cursor = await _listed(harness, query, token)
+            assert first == ids[:1:-1] and cursor, (token, query)
+            rest, cursor = await _listed(harness, f"{query}&cursor={cursor}", token)
+            assert (rest, cursor) == (ids[1::-1], None), (token, query)
+        assert await _listed(harness, "limit=4", token) == (ids[::-1], None)
+        first, cursor = await _listed(harness, "limit=3", token)
+        assert first == ids[:0:-1] and await _listed(harness, f"limit=3&cursor={cursor}", token) == (ids[:1], None)
+
+
+async def _page_through(harness, query: str, token: str, between) -> list[int]:
+    """Every id of a listing, page by page (``limit=3``), calling ``between(seen)`` before each
+    further page."""
+    seen, cursor = [], None
+    for _ in range(40):
+        page, cursor = await _listed(harness, f"limit=3{query}" + (f"&cursor={cursor}" if cursor else ""), token)
+        seen += page
+        if not cursor:
+            return seen
+        await between(seen)
+    raise AssertionError("the pages did not end")
+
+
+@pytest.mark.parametrize(("token", "query"), [
+    ("admin", ""), ("hotline", ""), ("contractor", ""),
+    ("admin", "&q=Anliegen"), ("hotline", "&q=Anliegen"), ("contractor", "&q=Anliegen"),
+    ("hotline", "&q=zq"),  # a word that begins too many indexed words to list them
+])
+async def test_paging_lists_each_conversation_once_while_cases_arrive_and_change(harness, token, query):
+    """A staff member pages through the inbox while residents write and colleagues act: every
+    conversation that was there when the first page was read comes exactly once, in order,
+    whatever arrives or changes state between two pages (new ones are above the cursor, and
+    come with the next first page)."""
+    topics = ["construction", "contract", "construction", "other", "construction"]
+    cases = [await harness.core.ingest(webform_message(
+        f"Anliegen zq{n:02d}", topic=topics[n % 5], postcode="12345" if n % 3 else "99999")) for n in range(16)]
+    # more words beginning with "zq" than a search lists itself (router.search.MAX_TERMS)
+    cases.append(await harness.core.ingest(webform_message(
+        "Anliegen " + " ".join(f"zqx{n:02d}" for n in range(40)), topic="other")))
+    units = api.visible_units(harness.config, next(m for m in harness.config.staff if m.name == token))
+    expected = [c.conversation_id for c in reversed(cases)
+                if (await harness.rows("SELECT unit FROM conversations WHERE id = ?", (c.conversation_id,)))[0]["unit"] in units]
+    assert 5 < len(expected)
+    token_of = {c.conversation_id: c.status_token for c in cases}
+    arrived = iter(range(100))
+
+    async def meanwhile(seen: list[int]) -> None:
+        n = next(arrived)
+        await harness.core.ingest(webform_message(f"Anliegen zq neu {n}"))  # a new case, in every token's units
+        ahead = [i for i in expected if i not in seen]
+        for target in (seen[-1], ahead[0]):  # a resident writes again in a listed case and in one to come
+            await harness.core.ingest(webform_message(f"Anliegen zq Nachtrag {n}", thread={"status_token": token_of[target]}))
+        for target, action in ((ahead[-1], "close"), (seen[0], "wait"), (ahead[0], "assign")):
+            status, body = await harness.api("POST", f"/api/v1/conversations/{target}/{action}",
+                                             json={"assignee": "Kim"} if action == "assign" else None)
+            assert status in (200, 409), body
+        await harness.api("POST", f"/api/v1/conversations/{seen[-1]}/replies", json={"text": "Wir kümmern uns."})
+        await harness.run_outbox()
+
+    assert await _page_through(harness, query, token, meanwhile) == expected
+
+
+async def test_filters_combined_list_the_intersection(harness):
+    """The filters unit, state, overdue, channel and q, in every combination, list what passes
+    each of them and lies in the token's units (one, several or all)."""
+    def whatsapp(text: str, number: str) -> dict:
+        return webform_message(text, channel="whatsapp", sender={"kind": "whatsapp", "address": number, "display_name": "W"})
+
+    async def batch(tag: str) -> None:
+        for message in (webform_message(f"Zaun an der Baustelle {tag}"), webform_message(f"Zaun am Gehweg {tag}"),
+                        webform_message(f"Bagger vor der Tür {tag}"),
+                        webform_message(f"Zaun kaputt {tag}", topic="other", postcode="99999"),
+                        webform_message(f"Zaun an der Baustelle {tag}", postcode="99999"),
+                        whatsapp(f"Zaun an der Baustelle {tag}", f"49151{tag}1"), whatsapp(f"Bagger {tag}", f"49151{tag}2")):
+            await harness.core.ingest(message)
+
+    await batch("111")
+    await harness.run_outbox()
+    harness.clock.advance(timedelta(days=3))  # the first batch is overdue now
+    await batch("222")
+    await harness.run_outbox()
+    for case in (2, 4, 9):  # closed: never overdue
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/close")
+        assert status == 200
+    with_word = {r["conversation_id"] for r in await harness.rows(
+        "SELECT conversation_id FROM messages WHERE direction = 'in' AND text LIKE 'Zaun%'")}
+    _, everything = await harness.api("GET", "/api/v1/conversations?limit=200")
+    items = everything["items"]
+    assert len(items) == 14
+    wanted = {"unit": "tiefbau-muster", "state": "acknowledged", "overdue": "true", "channel": "webform", "q": "Zaun"}
+    results: dict[tuple[str, str, int], list[int]] = {}
+    for token in ("admin", "hotline", "contractor"):
+        units = api.visible_units(harness.config, next(m for m in harness.config.staff if m.name == token))
+        for overdue in ("true", "false"):
+            filters = {**wanted, "overdue": overdue}
+            for mask in range(32):
+                chosen = {k: v for n, (k, v) in enumerate(filters.items()) if mask >> n & 1}
+                expected = [i["id"] for i in items if i["unit"] in units
+                            and all(i["id"] in with_word if k == "q" else str(i[k]).lower() == v for k, v in chosen.items())]
+                query = "&".join(f"{k}={v}" for k, v in chosen.items())
+                assert await _listed(harness, query, token) == (expected, None), (token, query)
+                results[token, overdue, mask] = expected
+    assert results["admin", "true", 31] == [1]  # all five
+    for n, name in enumerate(wanted):  # each filter decides somewhere, beside the others
+        assert any(results[key] != results[key[0], key[1], key[2] & ~(1 << n)] for key in results if key[2] >> n & 1), name
+
+
+# RFC 3339's date-time: a full date, "T", a full time with an optional fraction, and an offset.
+_RFC3339 = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})"
+
+
+async def test_times_carry_an_offset_and_overdue_begins_after_the_deadline(harness):
+    """Deadlines and times are RFC 3339 with an offset; a conversation is overdue once its
+    deadline has passed, not at it, and the list, the detail, both overdue filters and /stats
+    agree at that instant and just after it. An answered or closed case is never overdue."""
+    case = await _case(harness)
+    answered = await _case(harness)
+    closed = await _case(harness)
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{answered}/replies", json={"text": "Ab Freitag frei."})
+    assert status == 201
+    await harness.run_outbox()
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{closed}/close")
+    assert status == 200
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+    times = [detail[k] for k in ("deadline", "created_at", "updated_at", "last_inbound_at")]
+    times += [m["created_at"] for m in detail["messages"]] + [e["at"] for e in detail["events"]]
+    for value in times:
+        assert re.fullmatch(_RFC3339, value), value
+    deadline = datetime.fromisoformat(detail["deadline"])
+    assert deadline.utcoffset() == timedelta(0) and deadline > datetime.fromisoformat(detail["created_at"])
+    _, answered_detail = await harness.api("GET", f"/api/v1/conversations/{answered}")
+    assert answered_detail["state"] == "answered"
+
+    async def seen() -> tuple:
+        _, page = await harness.api("GET", "/api/v1/conversations")
+        _, detail = await harness.api("GET", f"/api/v1/conversations/{case}")
+        late, _ = await _listed(harness, "overdue=true")
+        in_time, _ = await _listed(harness, "overdue=false")
+        _, stats = await harness.api("GET", "/api/v1/stats")
+        (row,) = [r for r in stats["items"] if r["unit"] == "tiefbau-muster"]
+        return ([i["id"] for i in page["items"] if i["overdue"]], detail["overdue"], late, in_time, row["overdue"])
+
+    on_time = ([], False, [], [closed, answered, case], 0)
+    harness.clock.set(deadline - timedelta(microseconds=1))
+    assert await seen() == on_time
+    harness.clock.set(deadline)
+    assert await seen() == on_time
+    harness.clock.set(deadline + timedelta(microseconds=1))
+    assert await seen() == ([case], True, [case], [closed, answered], 1)
+    harness.clock.set(deadline + timedelta(seconds=1))
+    assert await seen() == ([case], True, [case], [closed, answered], 1)
+
+
+async def test_a_contractor_sees_nothing_of_another_units_conversation_anywhere(harness):
+    """Not in the list (by any filter or search), the detail, an action, /stats, a contact's view
+    or a conversation linked to one of its own: another unit's case answers as if it did not
+    exist, and nothing of it (words, names, addresses, case references) is in any answer."""
+    own = await harness.core.ingest(webform_message("Baustelle vor dem Haus"))
+    sales = await harness.core.ingest(webform_message(
+        "Zebrastreifen Tarifwechsel", topic="contract", postcode="99999",
+        sender={"kind": "email", "address": "geheim@example.com", "display_name": "Gisela Geheimrat"}))
+    # the contractor's resident also wrote to customer care
+    care = await harness.core.ingest(webform_message("Zebrastreifen Rechnung", topic="other", postcode="99999"))
+    # a case of the contractor's, settled long ago: the resident writes again (a new case, linked to
+    # it), and it is then moved to customer care, where it goes on without the contractor
+    old = await harness.core.ingest(webform_message("Baustelle im Lindenweg", email="alt@example.net"))
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{old.conversation_id}/close")
+    assert status == 200
+    harness.clock.advance(timedelta(days=30))
+    again = await harness.core.ingest(webform_message("Baustelle schon wieder", email="alt@example.net",
+                                                      thread={"status_token": old.status_token}))
+    assert (await harness.rows("SELECT linked_to, unit FROM conversations WHERE id = ?", (again.conversation_id,)))[0] == {
+        "linked_to": old.conversation_id, "unit": "tiefbau-muster"}
+    for action, body in (("reopen", None), ("transfer", {"unit": "kundenservice"}),
+                         ("notes", {"text": "Zebrastreifen intern geklärt"})):
+        status, answer = await harness.api("POST", f"/api/v1/conversations/{old.conversation_id}/{action}", json=body)
+        assert status in (200, 201), answer
+    others = [sales.conversation_id, care.conversation_id, old.conversation_id]
+    references = [r["case_reference"] for r in await harness.rows(
+        "SELECT case_reference FROM conversations WHERE id IN (?, ?)", (sales.conversation_id, care.conversation_id))]
+    sales_contact, own_contact = [(await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (c,)))[0]["contact_id"]
+                                  for c in (sales.conversation_id, own.conversation_id)]
+    answers: list[object] = []
+
+    async def ask(method: str, path: str, expected: int, **kwargs) -> object:
+        status, body = await harness.api(method, path, token="contractor", **kwargs)
+        assert status == expected, (path, body)
+        answers.append(body)
+        return body
+
+    mine = [again.conversation_id, own.conversation_id]
+    for query in ("", "unit=tiefbau-muster", "q=Baustelle", "state=open", "overdue=true", "overdue=false", "channel=webform"):
+        listed = await ask("GET", f"/api/v1/conversations?{query}", 200)
+        assert {i["id"] for i in listed["items"]} <= set(mine), query
+    for query in ("unit=vertrieb", "unit=kundenservice", "q=Zebrastreifen", "q=Gisela", "q=geheim", "q=Rechnung",
+                  f"contact={sales_contact}", *(f"q={r}" for r in references), f"q={references[0].lower()}"):
+        assert (await ask("GET", f"/api/v1/conversations?{query}", 200))["items"] == [], query
+    listed = await ask("GET", f"/api/v1/conversations?contact={own_contact}", 200)
+    assert [i["id"] for i in listed["items"]] == [own.conversation_id]
+    (linked,) = [i for i in (await ask("GET", "/api/v1/conversations", 200))["items"] if i["id"] == again.conversation_id]
+    assert linked["linked_to"] == old.conversation_id
+    for conversation_id in (*others, 999_999):  # as if it did not exist
+        nowhere = await ask("GET", f"/api/v1/conversations/{conversation_id}", 404)
+        assert nowhere == {"error": {"code": "not_found", "message": "conversation not found"}}
+        for action, body in (("replies", {"text": "x"}), ("notes", {"text": "x"}), ("close", None), ("assign", {"assignee": "K"})):
+            answer = await ask("POST", f"/api/v1/conversations/{conversation_id}/{action}", 404, json=body)
+            assert answer["error"]["code"] == "not_found"
+        answer = await ask("POST", f"/api/v1/conversations/{conversation_id}/replies", 404, json={"text": "x"},
+                           headers={"Idempotency-Key": f"k-{conversation_id}"})
+        assert answer["error"]["code"] == "not_found"
+    await ask("GET", f"/api/v1/conversations/{again.conversation_id}", 200)
+    await ask("GET", f"/api/v1/contacts/{sales_contact}", 404)
+    await ask("GET", f"/api/v1/contacts/{own_contact}", 200)
+    for query in ("", "?from=2026-01-01", "?from=2026-01-01&to=2027-12-31"):
+        stats = await ask("GET", f"/api/v1/stats{query}", 200)
+        assert {r["unit"] for r in stats["items"]} == {"tiefbau-muster"} and sum(r["received"] for r in stats["items"]) == 2
+    assert (await ask("GET", "/api/v1/units", 200))["items"][0]["id"] == "tiefbau-muster"
+    assert len((await ask("GET", "/api/v1/units", 200))["items"]) == 1
+    assert (await ask("GET", "/api/v1/me", 200))["units"] == ["tiefbau-muster"]
+    seen = json.dumps(answers, ensure_ascii=False)
+    for secret in ("Zebrastreifen", "Gisela", "Geheimrat", "geheim@example.com", "Rechnung", "intern", *references):
+        assert secret not in seen, secret
+    # the hotline, which oversees the contractor, does not see the sales case either
+    status, listed = await harness.api("GET", "/api/v1/conversations?q=Zebrastreifen", token="hotline")
+    assert status == 200 and [i["id"] for i in listed["items"]] == [care.conversation_id]
+
+
+async def test_every_4xx_is_the_json_error_naming_its_parameter(harness):
+    """A client shows the staff member what to change: every refusal is a JSON error with a code
+    and a message, and names the query parameter, path id or field it refuses."""
+    import base64
+
+    def cursor(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    case = await _case(harness)
+    refused = [
+        *(("GET", f"/api/v1/conversations?{p}={v}", p) for p, v in (
+            ("unit", "nope"), ("unit", ""), ("state", "weird"), ("state", ""), ("overdue", "yes"), ("overdue", ""),
+            ("overdue", "TRUE"), ("limit", "0"), ("limit", "201"), ("limit", "abc"), ("limit", ""), ("limit", "1.5"),
+            ("cursor", "!!!"), ("cursor", cursor("c:0")), ("cursor", cursor("c:-1")), ("cursor", cursor("x:5")),
+            ("cursor", cursor("c:4611686018427387905")), ("cursor", cursor("c:")), ("contact", "0"), ("contact", "abc"),
+            ("contact", "4611686018427387905"), ("flag", "urgent"), ("flag", ""), ("q", "x" * 201),
+            ("q", "+".join(["Wort"] * 11)))),
+        ("GET", "/api/v1/stats?from=yesterday", "from"),
+        ("GET", "/api/v1/stats?to=2026-02-30", "to"),
+        ("GET", "/api/v1/stats?from=2026-03-02&to=2026-03-01", "to"),
+        ("GET", "/api/v1/conversations/abc", "id"),
+        ("GET", "/api/v1/conversations/0", "id"),
+        ("GET", "/api/v1/contacts/4611686018427387905", "id"),
+        ("POST", "/api/v1/conversations/0/replies", "id"),
+        ("POST", f"/api/v1/conversations/{case}/replies", "text"),
+        ("POST", f"/api/v1/conversations/{case}/assign", "assignee"),
+        ("POST", f"/api/v1/conversations/{case}/transfer", "unit"),
+        ("POST", f"/api/v1/conversations/{case}/callbacks", "outcome"),
+    ]
+    for method, path, field in refused:
+        response = await harness.client.request(method, path, json={} if method == "POST" else None,
+                                                headers={"Authorization": f"Bearer {harness.tokens['admin']}"})
+        body = await response.json() if response.content_type == "application/json" else await response.text()
+        assert response.status == 400 and isinstance(body, dict), (path, response.status, body)
+        error = body["error"]
+        assert set(body) == {"error"} and error["field"] == field, (path, body)
+        assert error["code"] in ("invalid_parameter", "invalid_field") and error["message"], (path, body)
+    for method, path, token, status, code in (
+        ("GET", "/api/v1/conversations", None, 401, "unauthorized"),
+        ("GET", f"/api/v1/conversations/{case}", "wrong-token", 401, "unauthorized"),
+        ("GET", "/api/v1/conversations/999999", "admin", 404, "not_found"),
+        ("GET", "/api/v1/contacts/999999", "admin", 404, "not_found"),
+        ("DELETE", f"/api/v1/conversations/{case}", "admin", 405, "method_not_allowed"),
+    ):
+        answer_status, body = await harness.api(method, path, token=token)
+        assert answer_status == status and body["error"]["code"] == code and body["error"]["message"], (path, body)
+    assert await harness.count("messages", "direction = 'out' AND kind = 'reply'") == 0
