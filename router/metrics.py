@@ -32,12 +32,22 @@ class Metrics:
     def gauge(self, name: str, collect: Callable[[], list[tuple[dict[str, str], float]]]) -> None:
         self._gauges[name] = collect
 
-    def render(self, extra: dict[str, list[tuple[dict[str, str], float]]] | None = None) -> str:
+    def render(
+        self,
+        extra: dict[str, list[tuple[dict[str, str], float]]] | None = None,
+        counters: dict[str, list[tuple[dict[str, str], float]]] | None = None,
+    ) -> str:
+        """The exposition text: the counters, then ``counters`` (counts kept elsewhere that only
+        grow), then the gauges and ``extra`` (gauges read when scraped)."""
         lines = []
         for name in sorted(self._counters):
             lines.append(f"# TYPE {name} counter")
             for key, value in sorted(self._counters[name].items()):
                 lines.append(f"{name}{_labels(dict(key))} {_number(value)}")
+        for name in sorted(counters or {}):
+            lines.append(f"# TYPE {name} counter")
+            for labels, value in counters[name]:
+                lines.append(f"{name}{_labels(labels)} {_number(value)}")
         gauges = {name: collect() for name, collect in self._gauges.items()}
         gauges.update(extra or {})
         for name in sorted(gauges):

@@ -559,14 +559,21 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     core = request.app[keys.CORE]
     rows = await core.store.fetchall("SELECT state, channel, COUNT(*) AS n FROM outbox WHERE state IN ('pending', 'sending', 'failed') GROUP BY state, channel")
-    extra = {
+    # The workload past its deadline, by the state index: what an operator alerts on.
+    overdue = await core.store.fetchall(
+        "SELECT unit, COUNT(*) AS n FROM conversations WHERE state IN ('open', 'acknowledged')"
+        " AND deadline IS NOT NULL AND deadline < ? GROUP BY unit ORDER BY unit", (iso(core.clock.now()),))
+    gauges = {
         "contact_router_outbox_rows": [({"state": r["state"], "channel": r["channel"]}, r["n"]) for r in rows],
+        "contact_router_conversations_overdue": [({"unit": r["unit"]}, r["n"]) for r in overdue],
+    }
+    counters = {  # since start, as the counters of the process are
         "contact_router_group_commits": [({}, core.store.commits)],
         "contact_router_group_commit_units": [({}, core.store.units_committed)],
         "contact_router_storage_unavailable": [({}, core.store.outages)],
     }
-    return web.Response(text=request.app[keys.METRICS].render(extra), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(text=request.app[keys.METRICS].render(gauges, counters), content_type="text/plain",
+                        charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
 def setup_inbox(app: web.Application, *, allow_demo_tokens: bool = True) -> None:

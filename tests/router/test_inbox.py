@@ -228,6 +228,36 @@ async def test_units_me_health_metrics(harness):
     assert "# TYPE contact_router_outbox_rows gauge" in text
 
 
+async def test_metrics_count_each_units_overdue_conversations(harness):
+    """What an operator alerts on is an answer that is late: /metrics counted messages and
+    deliveries, and not the conversations past their deadline. Counters that only grow are
+    typed as counters, so that ``rate()`` and ``increase()`` treat a restart as one."""
+    contractor = await _case(harness)
+    await _case(harness)
+    sales = await _case(harness, text="Frage zu meinem Tarif", topic="contract", postcode="99999")
+    closed = await _case(harness, text="Frage zu meinem Vertrag", topic="contract", postcode="99999")
+    text = await (await harness.client.get("/metrics")).text()
+    assert "# TYPE contact_router_conversations_overdue gauge" in text
+    assert "contact_router_conversations_overdue{" not in text  # none is late yet
+    for kind in ("group_commits", "group_commit_units", "storage_unavailable"):
+        assert f"# TYPE contact_router_{kind} counter" in text
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{closed}/close", json={})
+    assert status == 200
+    harness.clock.advance(timedelta(days=30))
+    text = await (await harness.client.get("/metrics")).text()
+    lines = [line for line in text.splitlines() if line.startswith("contact_router_conversations_overdue")]
+    assert lines == ['contact_router_conversations_overdue{unit="tiefbau-muster"} 2',
+                     'contact_router_conversations_overdue{unit="vertrieb"} 1'], lines
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{contractor}/replies", json={"text": "Wir kümmern uns."})
+    assert status == 201
+    await harness.run_outbox()  # answered once the answer is delivered
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{sales}/wait", json={})
+    assert status == 200
+    text = await (await harness.client.get("/metrics")).text()
+    lines = [line for line in text.splitlines() if line.startswith("contact_router_conversations_overdue")]
+    assert lines == ['contact_router_conversations_overdue{unit="tiefbau-muster"} 1'], lines
+
+
 async def test_health_fails_while_the_database_refuses_writes_and_metrics_count_the_refusals(harness):
     """A read-only or full database still answers reads: /healthz answered "ok" while every
     message was refused. It now writes, unless a transaction committed just now."""
