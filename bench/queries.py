@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from router.clock import Clock
-from router.inbox.queries import conversation_detail, list_conversations, stats
+from router.inbox.queries import conversation_detail, list_conversations, outbox_backlog, overdue_by_unit, stats
 from router.search import search_text
 from router.store.sqlite import SQLiteStore, apply_migrations, iso
 from router.tracking import OVERDUE_SCAN
@@ -140,6 +140,9 @@ async def run(db: Path, repeat: int, target_ms: float) -> dict[str, Any]:
         ("stats, all units, last day", lambda: stats(core, ALL_UNITS, now - timedelta(days=1), now)),
         ("stats, all units, last 7 days", lambda: stats(core, ALL_UNITS, now - timedelta(days=7), now)),
         ("stats, contractor unit, last 30 days", lambda: stats(core, ("tiefbau-muster",), now - timedelta(days=30), now)),
+        # A scrape of /metrics: the outbox backlog and the overdue workload by unit.
+        ("metrics, outbox rows not sent", lambda: outbox_backlog(core)),
+        ("metrics, overdue conversations by unit", lambda: overdue_by_unit(core)),
     ]
     results: dict[str, Any] = {"conversations": newest, "queries": []}
     for name, call in cases:

@@ -558,14 +558,10 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     core = request.app[keys.CORE]
-    rows = await core.store.fetchall("SELECT state, channel, COUNT(*) AS n FROM outbox WHERE state IN ('pending', 'sending', 'failed') GROUP BY state, channel")
-    # The workload past its deadline, by the state index: what an operator alerts on.
-    overdue = await core.store.fetchall(
-        "SELECT unit, COUNT(*) AS n FROM conversations WHERE state IN ('open', 'acknowledged')"
-        " AND deadline IS NOT NULL AND deadline < ? GROUP BY unit ORDER BY unit", (iso(core.clock.now()),))
     gauges = {
-        "contact_router_outbox_rows": [({"state": r["state"], "channel": r["channel"]}, r["n"]) for r in rows],
-        "contact_router_conversations_overdue": [({"unit": r["unit"]}, r["n"]) for r in overdue],
+        "contact_router_outbox_rows": [({"state": state, "channel": channel}, n)
+                                       for state, channel, n in await queries.outbox_backlog(core)],
+        "contact_router_conversations_overdue": [({"unit": unit}, n) for unit, n in await queries.overdue_by_unit(core)],
     }
     counters = {  # since start, as the counters of the process are
         "contact_router_group_commits": [({}, core.store.commits)],

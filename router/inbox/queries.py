@@ -792,3 +792,20 @@ async def stats(
             "median_first_answer_seconds": median,
         })
     return result
+
+
+async def outbox_backlog(core: Core) -> list[tuple[str, str, int]]:
+    """The outbox rows not sent, by state and channel: pending, sending and failed (for
+    ``/metrics``)."""
+    rows = await core.store.fetchall("SELECT state, channel, COUNT(*) AS n FROM outbox"
+                                     " WHERE state IN ('pending', 'sending', 'failed') GROUP BY state, channel")
+    return [(r["state"], r["channel"], r["n"]) for r in rows]
+
+
+async def overdue_by_unit(core: Core) -> list[tuple[str, int]]:
+    """The open and acknowledged conversations past their deadline, by unit, as ``overdue=true``
+    lists them: the workload, read by the state index (for ``/metrics``)."""
+    rows = await core.store.fetchall(
+        "SELECT unit, COUNT(*) AS n FROM conversations WHERE state IN ('open', 'acknowledged')"
+        " AND deadline IS NOT NULL AND deadline < ? GROUP BY unit ORDER BY unit", (iso(core.clock.now()),))
+    return [(r["unit"], r["n"]) for r in rows]
