@@ -13,6 +13,7 @@ import pytest
 
 from router import tracking
 from router.hookspecs import (
+    NOT_CONFIGURED,
     Capabilities,
     Channel,
     DeliveryUpdate,
@@ -1982,3 +1983,151 @@ async def test_a_send_time_at_the_start_of_the_calendar_does_not_stop_the_outbox
                                    "sent_at": "0001-01-01T00:30:00+01:00"})
         await harness.run_outbox()
         assert [(m.last_inbound_at, m.last_inbound_sent_at) for m in sms.sent] == [(harness.clock.now(),) * 2]
+
+
+def test_each_retry_waits_twice_as_long_as_the_one_before_up_to_max_delay():
+    """The first retry waits ``base_delay`` (with jitter down to half), each further one twice
+    as long, and none longer than ``max_delay``."""
+    policy = OutboxPolicy(base_delay=2.0, max_delay=900.0)
+    for attempts, longest in [(1, 2.0), (2, 4.0), (3, 8.0), (9, 512.0), (10, 900.0), (40, 900.0)]:
+        waits = [policy.delay(attempts) for _ in range(50)]
+        assert all(longest / 2 <= wait <= longest for wait in waits), (attempts, min(waits), max(waits))
+
+
+async def test_a_number_refused_again_since_stays_failed_when_an_earlier_send_arrives_after_all(tmp_path):
+    """A send reported delivered after its row failed makes its number good again, but not
+    when the provider refused that number once more since: that refusal still stands."""
+    plugin = Plugin(TimesOutThenRefused(timedelta(seconds=20), True))
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=LAST_LOOK_POLICY) as harness:
+        await _ingest_senders(harness, 1)
+        row = await _until_given_up(harness, "ack")
+        (conv,) = await harness.rows("SELECT id FROM conversations")
+        harness.clock.advance(timedelta(minutes=5))
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{conv['id']}/replies", json={"text": "Ab Montag."})
+        assert status == 201
+        await harness.run_outbox()  # refused for good, later than the acknowledgement's failure
+        (identity,) = await harness.rows("SELECT failed_at FROM identities")
+        refused_at = identity["failed_at"]
+        assert refused_at > row["updated_at"]
+        delivered = DeliveryUpdate(provider_id="wamid.first", status="delivered", idempotency_key=row["idempotency_key"])
+        assert await harness.core.record_delivery("staggered", delivered) is True
+        assert await harness.rows("SELECT failed_at FROM identities") == [{"failed_at": refused_at}]
+
+
+async def test_a_late_delivered_of_a_send_refused_for_its_form_marks_nothing_delivered(tmp_path):
+    """The provider reported the send failed and asked for another form (WhatsApp's 131047):
+    the message is queued again as that form. A "delivered" for the failed send, late, is no
+    delivery of the message: it stays queued, and goes as the template."""
+    chat = ReportsFailedChat()
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        (first,) = await harness.rows("SELECT provider_id FROM outbox")
+        refused = DeliveryUpdate(provider_id=first["provider_id"], status="failed", error_code="131047",
+                                 resend_hint="template", permanent=False, at=harness.clock.now())
+        assert await harness.core.record_delivery("staggered", refused) is True
+        harness.clock.advance(timedelta(seconds=5))
+        late = DeliveryUpdate(provider_id=first["provider_id"], status="delivered", at=harness.clock.now())
+        await harness.core.record_delivery("staggered", late)
+        (message,) = await harness.rows("SELECT delivery_status FROM messages WHERE kind = 'ack'")
+        assert message["delivery_status"] == "queued"
+        (row,) = await harness.rows("SELECT state, delivery_status FROM outbox")
+        assert row["state"] == "pending" and row["delivery_status"] != "delivered"
+        await harness.run_outbox()
+        assert [m.hint for m in chat.sent] == [None, "template"]
+        (row,) = await harness.rows("SELECT state, provider_id, delivery_status FROM outbox")
+        assert row == {"state": "sent", "provider_id": f"rf-{chat.sent[-1].outbox_id}-2", "delivery_status": "sent"}
+
+
+class OneIdPerRow(ReportsFailedChat):
+    """A provider that names every send of a row with the same id (as the web form's status
+    page does): a second send of it reuses the first one's id."""
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.sent.append(message)
+        return SendResult(provider_id=f"row-{message.outbox_id}")
+
+
+async def test_a_failure_reported_for_an_earlier_send_is_not_applied_again_to_the_next(tmp_path):
+    """A failure that was applied (the row went again later) is not kept for the row's next
+    send: recorded again under the same id, that send would be failed by it in turn."""
+    chat = OneIdPerRow()
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        await _report_failed(harness, DeliveryUpdate(provider_id="", status="failed", error_code="131000", permanent=False,
+                                                     at=harness.clock.now()))
+        harness.clock.advance(timedelta(seconds=120))
+        await harness.run_outbox()
+        assert len(chat.sent) == 2
+        assert await harness.rows("SELECT state, delivery_status FROM outbox") == [{"state": "sent", "delivery_status": "sent"}]
+        harness.clock.advance(timedelta(hours=1))
+        await harness.run_outbox()
+        assert len(chat.sent) == 2
+
+
+async def test_an_answer_whose_copy_went_out_is_not_lost_when_its_own_delivery_fails(harness):
+    """The answer's copy (a web-form answer's mail) went out; then its own delivery failed for
+    good. The answer reached the person by the copy: the conversation stays answered."""
+    from router.outbox import OutboxPolicy, record_failure, record_sent
+
+    case = await harness.core.ingest(webform_message())
+    await harness.run_outbox()
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
+                                      json={"text": "Die Baugrube wird am Freitag geschlossen."})
+    await harness.core.store.write(lambda conn: conn.execute(
+        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
+        " attempts, next_attempt_at, created_at, updated_at, idempotency_key) SELECT message_id, conversation_id, 'email',"
+        " kind, 'email', 'anwohner@example.net', 0, 'sending', 1, created_at, created_at, created_at,"
+        " idempotency_key || '-copy' FROM outbox WHERE message_id = ?", (reply["id"],)))
+    await harness.run_outbox()  # the answer on the page: answered
+
+    def copy_sent(conn):
+        copy = conn.execute("SELECT * FROM outbox WHERE channel = 'email' AND message_id = ?", (reply["id"],)).fetchone()
+        return record_sent(conn, copy, "mail-1", "sent", None, True, harness.clock.now(), OutboxPolicy())
+
+    await harness.core.store.write(copy_sent)
+    harness.clock.advance(timedelta(minutes=10))
+
+    def primary_lost(conn):
+        primary = conn.execute("SELECT id FROM outbox WHERE channel = 'webform' AND message_id = ?", (reply["id"],)).fetchone()
+        record_failure(conn, primary["id"], "bounced", None, harness.core.channels, harness.clock.now(),
+                       address_failed=False, policy=OutboxPolicy())
+
+    await harness.core.store.write(primary_lost)
+    (row,) = await harness.rows("SELECT state, deadline FROM conversations WHERE id = ?", (case.conversation_id,))
+    assert row == {"state": "answered", "deadline": None}
+    assert await harness.count("events", "conversation_id = ? AND kind = 'answer_lost'", (case.conversation_id,)) == 0
+
+
+class NotConfiguredYet(StaggeredChat):
+    """A channel that cannot send until an operator fixes its settings (no mail relay yet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.configured = False
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.calls += 1
+        if not self.configured:
+            raise RetryableDeliveryError("no relay configured", code=NOT_CONFIGURED)
+        return await super().send(message)
+
+
+async def test_a_channel_that_is_not_configured_yet_keeps_its_messages_queued_past_every_attempt(tmp_path):
+    """Its messages wait for the operator, however many attempts and however long: given up,
+    they would fall back or land on the call-back list for a fault of ours, never to be sent."""
+    plugin = Plugin(NotConfiguredYet())
+    policy = OutboxPolicy(poll_seconds=0.05, send_timeout=5, base_delay=0.01, max_delay=0.02, max_attempts=2, retry_seconds=0)
+    async with CoreHarness(tmp_path / "d", plugins=[plugin], outbox_policy=policy) as harness:
+        await _ingest_senders(harness, 1)
+        for _ in range(5):
+            await harness.run_outbox()
+            harness.clock.advance(timedelta(seconds=1))
+        assert plugin.channel.calls == 5
+        assert await harness.rows("SELECT state, attempts FROM outbox") == [{"state": "pending", "attempts": 5}]
+        (conversation,) = await harness.rows("SELECT flags FROM conversations")
+        assert conversation["flags"] == "[]"
+        plugin.channel.configured = True
+        await harness.run_outbox()
+        assert await harness.rows("SELECT state FROM outbox") == [{"state": "sent"}]
