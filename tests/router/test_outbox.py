@@ -383,6 +383,24 @@ def test_a_claim_reads_its_batch_not_the_whole_backlog(tmp_path):
     assert large < 2 * small, (small, large)
 
 
+def test_a_claim_takes_the_rows_that_have_waited_longest_first(tmp_path):
+    """With more rows due than a batch holds, those due earliest go first, after the rows a
+    dead worker held: claimed newest first, a row due for an hour waited behind every new
+    acknowledgement for as long as they kept coming."""
+    conn = _database(tmp_path / "order.sqlite3")
+    conn.executemany(
+        "INSERT INTO outbox (id, message_id, channel, kind, to_kind, to_address, state, next_attempt_at, claimed_until,"
+        " idempotency_key, created_at, updated_at) VALUES (?, 1, 'c', 'ack', 'phone', '+491701234567', ?, ?, ?, ?, 'x', 'x')",
+        [(1, "pending", "2026-01-01T00:00:50.000000Z", None, "k1"),
+         (2, "pending", "2026-01-01T00:00:10.000000Z", None, "k2"),
+         (3, "pending", "2026-01-01T00:00:30.000000Z", None, "k3"),
+         (4, "sending", "2026-01-01T00:00:55.000000Z", "2026-01-01T00:00:58.000000Z", "k4"),
+         (5, "pending", "2026-01-01T00:00:20.000000Z", None, "k5")],
+    )
+    claimed = claim_due(conn, datetime(2026, 1, 1, 0, 1, tzinfo=UTC), OutboxPolicy(batch_size=3))
+    assert sorted(row["id"] for row in claimed) == [2, 4, 5]
+
+
 def _status_cost(tmp_path, history: int) -> tuple[int, str]:
     """VM steps of one status callback with ``history`` earlier statuses of other messages
     stored, and the outbox row's delivery status afterwards."""
@@ -2131,3 +2149,24 @@ async def test_a_channel_that_is_not_configured_yet_keeps_its_messages_queued_pa
         plugin.channel.configured = True
         await harness.run_outbox()
         assert await harness.rows("SELECT state FROM outbox") == [{"state": "sent"}]
+
+
+async def test_an_answer_lost_after_the_case_escalated_counts_its_escalations_afresh(tmp_path):
+    """The case had escalated before it was answered; the answer then bounced. It waits for an
+    answer again as a new question does: from the first escalation step, not from where the
+    earlier wait left off."""
+    plugin = Plugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        result = await harness.core.ingest(inbound("m1"))
+        await harness.run_outbox()
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert [e["level"] for e in await harness.escalate()] == [1]
+        await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/replies", json={"text": "Ab Montag."})
+        await harness.run_outbox()
+        (reply,) = await harness.rows("SELECT provider_id FROM outbox WHERE kind = 'reply'")
+        harness.clock.advance(timedelta(minutes=5))
+        await harness.core.record_delivery("racechat", DeliveryUpdate(provider_id=reply["provider_id"], status="failed",
+                                                                      permanent=True, at=harness.clock.now()))
+        (conv,) = await harness.rows("SELECT state, deadline, escalate_at, escalation_level FROM conversations")
+        assert conv["state"] == "acknowledged" and conv["deadline"] is not None
+        assert (conv["escalation_level"], conv["escalate_at"]) == (0, conv["deadline"])
