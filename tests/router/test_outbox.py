@@ -2170,3 +2170,40 @@ async def test_an_answer_lost_after_the_case_escalated_counts_its_escalations_af
         (conv,) = await harness.rows("SELECT state, deadline, escalate_at, escalation_level FROM conversations")
         assert conv["state"] == "acknowledged" and conv["deadline"] is not None
         assert (conv["escalation_level"], conv["escalate_at"]) == (0, conv["deadline"])
+
+
+async def test_a_units_notification_is_no_reply_in_the_residents_mail_thread(tmp_path):
+    """The mail telling a unit it owns a case must not name the resident's messages as the
+    ones it answers: with their ids in In-Reply-To and References, the unit's reply (or its
+    auto-reply) would thread into the resident's conversation as if the resident had written."""
+    mail = MailRecorder()
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(mail)]) as harness:
+        result = await harness.core.ingest({"channel": "email", "channel_message_id": "<frage-1@example.net>",
+                                            "sender": {"kind": "email", "address": "anwohner@example.net"},
+                                            "subject": "Baustelle", "text": "Wann ist der Gehweg wieder frei?"})
+        await harness.run_outbox()
+        (ack,) = [m for m in mail.sent if m.kind == "ack"]
+        assert ack.thread_refs == ("<frage-1@example.net>",)
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert len(await harness.escalate()) == 1
+        await harness.run_outbox()
+        notices = [m for m in mail.sent if m.kind == "notification"]
+        assert notices and all(m.thread_refs == () for m in notices)
+
+
+async def test_a_status_callback_without_a_time_of_its_own_sent_again_changes_nothing(tmp_path):
+    """Twilio's callbacks carry no time: each is stamped on arrival. The same failure sent
+    again a little later is the provider repeating itself, not a second failure that
+    pushes the next attempt back (or counts towards giving up)."""
+    chat = ReportsFailedChat()
+    async with CoreHarness(tmp_path / "d", plugins=[Plugin(chat)]) as harness:
+        await _ingest_senders(harness, 1)
+        await harness.run_outbox()
+        failed = DeliveryUpdate(provider_id="", status="failed", error_code="30008", permanent=False)
+        await _report_failed(harness, failed)
+        before = await harness.rows("SELECT state, next_attempt_at, idempotency_key FROM outbox")
+        events = await harness.count("delivery_events")
+        harness.clock.advance(timedelta(seconds=10))
+        await _report_failed(harness, failed)
+        assert await harness.rows("SELECT state, next_attempt_at, idempotency_key FROM outbox") == before
+        assert await harness.count("delivery_events") == events
