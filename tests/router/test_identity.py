@@ -396,3 +396,16 @@ async def test_a_known_contacts_name_is_kept_when_a_later_message_shows_another(
                                "sender": {**sender, "display_name": "Eri 🦄"}})
     (contact,) = await harness.rows("SELECT display_name FROM contacts")
     assert contact["display_name"] == "Erika Mustermann"
+
+
+async def test_a_message_from_an_address_is_its_senders_though_it_names_a_status_page(harness):
+    """Only the status page's own session is the case's contact by its token: a message from
+    a real address that carries the token (a plugin threading by it) is filed under whoever
+    has that address, which it gets as any sender does."""
+    case = await harness.core.ingest(_form("f1", "jemand@example.org", None))
+    mail = await harness.core.ingest({"channel": "email", "channel_message_id": "<m1@example.net>", "text": "Hallo",
+                                      "thread": {"status_token": case.status_token},
+                                      "sender": {"kind": "email", "address": "nachbar@example.net"}})
+    (row,) = await harness.rows("SELECT contact_id FROM messages WHERE id = ?", (mail.message_id,))
+    assert row["contact_id"] == await _contact_of(harness, "email", "nachbar@example.net")
+    assert row["contact_id"] != await _contact_of(harness, "email", "jemand@example.org")

@@ -236,3 +236,155 @@ def test_whether_a_machines_case_told_the_person_anything_reads_its_own_messages
     few = _no_word_cost(tmp_path, 10)
     history = _no_word_cost(tmp_path, 20_000)
     assert history < 2 * few, (few, history)
+
+
+async def test_a_persons_first_message_in_a_machines_case_that_waits_already_keeps_its_deadline(tmp_path):
+    """Staff reopened a case a mailing list opened: it waits for an answer, with a deadline.
+    The person's first message there is acknowledged, but the deadline stays where it was (a
+    new one would put off the answer already due, and start its escalation over)."""
+    plugin = MailPlugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        listed = await harness.core.ingest(_list_mail("<list-1@verein.example>", "Mitteilung an alle Anlieger",
+                                                      ack_suppressed="list"))
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{listed.conversation_id}/reopen")
+        assert status == 200
+        (before,) = await harness.rows("SELECT deadline FROM conversations WHERE id = ?", (listed.conversation_id,))
+        assert before["deadline"] is not None
+        harness.clock.advance(timedelta(hours=2))
+        person = await harness.core.ingest(_list_mail("<p1@verein.example>", "Bei mir ist der Gehweg gesperrt.",
+                                                      thread={"refs": ["<list-1@verein.example>"]}))
+        assert person.conversation_id == listed.conversation_id and person.acknowledged
+        (after,) = await harness.rows("SELECT state, deadline FROM conversations WHERE id = ?", (listed.conversation_id,))
+        assert (after["state"], after["deadline"]) == ("open", before["deadline"])
+
+
+class Chat(Channel):
+    """A chat channel of the test (an SMS gateway): messages join the sender's open
+    conversation; it takes every message it is given and keeps it."""
+
+    name = "chat"
+    capabilities = Capabilities(identity_kinds=("phone",), threads_by_sender=True)
+
+    def __init__(self) -> None:
+        self.sent: list[OutboundMessage] = []
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.sent.append(message)
+        return SendResult(provider_id=f"chat-{message.outbox_id}")
+
+
+class ChatPlugin:
+    """The chat channel, and a copy by chat of each answer to a web-form case, to the contact's numbers."""
+
+    def __init__(self) -> None:
+        self.channel = Chat()
+
+    @hookimpl
+    def register_channels(self) -> list[Channel]:
+        return [self.channel]
+
+    @hookimpl
+    def reply_copies(self, conversation, reply, identities):
+        if conversation["channel"] != "webform":
+            return None
+        return [{"channel": "chat", "to_kind": "phone", "to": i["address"]} for i in identities
+                if i["kind"] == "phone" and not i["failed"]]
+
+
+def _text(message_id: str, text: str, sender: str = "+4915111111111", **extra):
+    return {"channel": "chat", "channel_message_id": message_id, "kind": "message", "text": text,
+            "sender": {"kind": "phone", "address": sender}, **extra}
+
+
+async def _answered_chat_case(harness: CoreHarness) -> int:
+    """A chat case whose staff answer went out: answered."""
+    case = await harness.core.ingest(_text("c1", "Hallo, eine Frage zu meinem Anschluss"))
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
+                                  json={"text": "Gern, worum geht es?"})
+    assert status == 201
+    await harness.run_outbox()
+    (row,) = await harness.rows("SELECT state FROM conversations")
+    assert row["state"] == "answered"
+    return case.conversation_id
+
+
+async def test_a_machines_message_on_a_chat_long_after_the_case_was_answered_opens_no_case(tmp_path):
+    """An auto-reply from the number of a case answered months ago is kept with that case, as
+    it is however old by e-mail: no new case, no acknowledgement, nothing for a unit to answer."""
+    async with CoreHarness(tmp_path / "d", plugins=[ChatPlugin()]) as harness:
+        case = await _answered_chat_case(harness)
+        harness.clock.advance(timedelta(days=harness.config.reopen_days + 30))
+        away = await harness.core.ingest(_text("c2", "Ich bin im Urlaub.", ack_suppressed="auto-reply"))
+        assert away.conversation_id == case and not away.acknowledged and not away.opened
+        assert await harness.count("conversations") == 1
+        (row,) = await harness.rows("SELECT state, deadline FROM conversations")
+        assert (row["state"], row["deadline"]) == ("answered", None)
+
+
+async def test_a_message_with_a_topic_finds_the_open_case_of_that_topic_behind_newer_ones_without_one(tmp_path):
+    """A caller with an open fault case and several newer open cases without a topic (each for
+    another unit) chose "fault" again: the lookup saw only the newest few and opened a second
+    fault case, with a second acknowledgement and deadline."""
+    async with CoreHarness(tmp_path / "d", plugins=[ChatPlugin()]) as harness:
+        fault = await harness.core.ingest(_text("t1", "Kein Netz", topic="fault"))
+        assert fault.unit == "stoerung"
+        cases = [fault.conversation_id]
+        for n in range(3):
+            status, _ = await harness.api("POST", f"/api/v1/conversations/{cases[-1]}/close")
+            assert status == 200
+            other = await harness.core.ingest(_text(f"o{n}", "Hallo, eine Frage"))
+            assert other.opened and other.unit != "stoerung"
+            cases.append(other.conversation_id)
+        for conversation_id in cases[:-1]:
+            status, _ = await harness.api("POST", f"/api/v1/conversations/{conversation_id}/reopen")
+            assert status == 200
+        again = await harness.core.ingest(_text("t2", "Immer noch kein Netz", topic="fault"))
+        assert again.conversation_id == fault.conversation_id and not again.opened
+
+
+async def test_a_text_from_another_number_of_the_contact_is_no_answer_to_a_copy_sent_elsewhere(tmp_path):
+    """Only a text back from the number a staff answer's copy went to joins that case: a text
+    from the contact's other number answers nothing it was sent, and is a case of its own."""
+    async with CoreHarness(tmp_path / "d", plugins=[ChatPlugin()]) as harness:
+        def form(message_id: str, email: str, phone: str) -> dict:
+            return webform_message(channel_message_id=message_id, email=email,
+                                   sender={"kind": "email", "address": email,
+                                           "other_identities": [{"kind": "phone", "address": phone}]})
+
+        first = await harness.core.ingest(form("f1", "erna@example.net", "+4915111111111"))
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{first.conversation_id}/replies",
+                                      json={"text": "Der Gehweg ist ab Freitag frei."})
+        assert status == 201
+        await harness.run_outbox()
+        assert [m.to for m in harness.core.channels["chat"].sent] == ["+4915111111111"]
+        second = await harness.core.ingest(form("f2", "erna.b@example.net", "+4915122222222"))
+        contacts = [r["contact_id"] for r in await harness.rows(
+            "SELECT contact_id FROM conversations WHERE id IN (?, ?) ORDER BY id", (first.conversation_id, second.conversation_id))]
+        await harness.core.merge_contacts(contacts[0], contacts[1], "staff")
+        back = await harness.core.ingest(_text("s1", "Danke! Und die Einfahrt?", sender="+4915111111111"))
+        assert back.conversation_id == first.conversation_id
+        other = await harness.core.ingest(_text("s2", "Wann kommt der Techniker?", sender="+4915122222222"))
+        assert other.conversation_id not in (first.conversation_id, second.conversation_id) and other.opened
+
+
+async def test_a_persons_first_mail_is_acknowledged_when_the_answer_reached_them_only_on_another_channel(tmp_path):
+    """A mailing list's mail opened the case; staff's answer bounced and went by chat to the
+    number beside the address instead. The person's first mail then had no word from us by
+    mail, where they write: it is acknowledged, with the case reference."""
+    mail, chat = MailPlugin(), ChatPlugin()
+    async with CoreHarness(tmp_path / "d", plugins=[mail, chat]) as harness:
+        listed = await harness.core.ingest(_list_mail(
+            "<list-1@verein.example>", "Mitteilung an alle Anlieger", ack_suppressed="list",
+            sender={"kind": "email", "address": "verein@verein.example",
+                    "other_identities": [{"kind": "phone", "address": "+4915111111111"}]}))
+        mail.channel.mode = "refuse"
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{listed.conversation_id}/replies",
+                                      json={"text": "Bitte melden Sie sich bei uns."})
+        assert status == 201
+        await harness.run_outbox()
+        assert [m.to for m in chat.channel.sent] == ["+4915111111111"]
+        mail.channel.mode = "take"
+        harness.clock.advance(timedelta(minutes=5))
+        person = await harness.core.ingest(_list_mail("<p1@verein.example>", "Bei mir ist der Gehweg gesperrt.",
+                                                      thread={"refs": ["<list-1@verein.example>"]}))
+        assert person.conversation_id == listed.conversation_id and person.acknowledged
