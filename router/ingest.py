@@ -417,11 +417,13 @@ def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[st
         since = parse_iso(conv["closed_at"])
     elif conv["state"] in ("answered", "waiting"):
         # The latest message of either side (a staff reply does not touch the conversation's row);
-        # not an internal note or a notification to a unit, which the resident never saw.
+        # not an internal note or a notification to a unit, which the resident never saw, nor a
+        # machine's message (an auto-reply), which is no word of the resident.
         latest = conn.execute(
-            "SELECT created_at FROM messages WHERE conversation_id = ? AND (direction = 'in' OR kind IN ('reply', 'callback'))"
-            " ORDER BY id DESC LIMIT 1",
-            (conv["id"],),
+            "SELECT created_at FROM messages WHERE conversation_id = ? AND (kind IN ('reply', 'callback') OR (direction = 'in'"
+            " AND (payload IS NULL OR COALESCE(json_extract(payload, '$.ack_suppressed'), '') NOT IN"
+            f" ({', '.join('?' * len(AUTOMATED))})))) ORDER BY id DESC LIMIT 1",
+            (conv["id"], *sorted(AUTOMATED)),
         ).fetchone()
         since = max(filter(None, (parse_iso(conv["updated_at"]), parse_iso(latest[0]) if latest else None)), default=None)
     else:
@@ -584,7 +586,8 @@ def ingest_tx(
             automated=automated,
         )
         needs_ack = True
-    elif conv["last_inbound_at"] != stamp:  # else written already, with the renewed deadline
+    elif not automated and conv["last_inbound_at"] != stamp:  # else written already, with the renewed deadline
+        # (A machine's message leaves the row alone: its updated_at would start the reopen window over.)
         conn.execute(
             "UPDATE conversations SET last_inbound_at = ?, updated_at = ? WHERE id = ?", (stamp, stamp, conv["id"])
         )

@@ -321,6 +321,22 @@ async def test_a_machines_message_on_a_chat_long_after_the_case_was_answered_ope
         assert (row["state"], row["deadline"]) == ("answered", None)
 
 
+async def test_a_machines_message_does_not_keep_a_settled_case_open_for_a_new_matter(tmp_path):
+    """An auto-reply counted as the resident's word: a case answered weeks before it took the
+    resident's new matter after it, unacknowledged and with the old owner, as if the reopen
+    window had started again."""
+    async with CoreHarness(tmp_path / "d", plugins=[ChatPlugin()]) as harness:
+        case = await _answered_chat_case(harness)
+        harness.clock.advance(timedelta(days=harness.config.reopen_days - 1))
+        away = await harness.core.ingest(_text("c2", "Ich bin im Urlaub.", ack_suppressed="auto-reply"))
+        assert away.conversation_id == case
+        harness.clock.advance(timedelta(days=2))
+        person = await harness.core.ingest(_text("c3", "Neue Frage: wann kommt der Techniker?"))
+        assert person.opened and person.acknowledged and person.conversation_id != case
+        (row,) = await harness.rows("SELECT linked_to FROM conversations WHERE id = ?", (person.conversation_id,))
+        assert row["linked_to"] == case
+
+
 async def test_a_message_with_a_topic_finds_the_open_case_of_that_topic_behind_newer_ones_without_one(tmp_path):
     """A caller with an open fault case and several newer open cases without a topic (each for
     another unit) chose "fault" again: the lookup saw only the newest few and opened a second
