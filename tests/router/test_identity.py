@@ -409,3 +409,29 @@ async def test_a_message_from_an_address_is_its_senders_though_it_names_a_status
     (row,) = await harness.rows("SELECT contact_id FROM messages WHERE id = ?", (mail.message_id,))
     assert row["contact_id"] == await _contact_of(harness, "email", "nachbar@example.net")
     assert row["contact_id"] != await _contact_of(harness, "email", "jemand@example.org")
+
+
+def test_a_national_number_written_as_digits_alone_is_read_in_the_default_region():
+    """Only a long number without a leading 0 is international digits without the "+"."""
+    assert normalize_phone("015112345678") == "+4915112345678"
+    assert normalize_phone("4915112345678") == "+4915112345678"
+
+
+def test_an_e_mail_address_longer_than_any_mailbox_is_refused():
+    with pytest.raises(InvalidAddress):
+        normalize_address("email", "a" * 320 + "@example.org")
+
+
+async def test_an_account_id_named_where_the_sender_is_not_vouched_for_says_nothing(harness):
+    """WhatsApp's user id says who a sender is only where the channel vouches for it: a form
+    naming someone's user id beside a number is not filed under them, nor does their contact
+    gain the number (which would send their answers to whoever typed it)."""
+    await harness.core.ingest(_whatsapp("wamid.A1", "+4915111111111", "DE.777"))
+    owner = await _contact_of(harness, "whatsapp_user", "DE.777")
+    form = await harness.core.ingest({"channel": "webform", "channel_message_id": "f1", "text": "Hallo",
+                                      "sender": {"kind": "phone", "address": "+4915199999999",
+                                                 "other_identities": [{"kind": "whatsapp_user", "address": "DE.777"}]}})
+    (row,) = await harness.rows("SELECT contact_id FROM messages WHERE id = ?", (form.message_id,))
+    assert row["contact_id"] != owner
+    assert await _contact_of(harness, "phone", "+4915199999999") != owner
+    assert await _contact_of(harness, "whatsapp_user", "DE.777") == owner

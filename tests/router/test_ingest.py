@@ -3,7 +3,7 @@ conversation it joins and to the messages it refers to."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -404,3 +404,55 @@ async def test_a_persons_first_mail_is_acknowledged_when_the_answer_reached_them
         person = await harness.core.ingest(_list_mail("<p1@verein.example>", "Bei mir ist der Gehweg gesperrt.",
                                                       thread={"refs": ["<list-1@verein.example>"]}))
         assert person.conversation_id == listed.conversation_id and person.acknowledged
+
+
+async def test_a_transcript_without_the_callers_number_still_goes_on_its_voicemail(harness):
+    """A transcript names its call, but may come without the caller's number (then its sender
+    is another, anonymous one): it is the voicemail's all the same, because the call it names
+    is that voicemail's; arriving before the voicemail, it is kept in the call's conversation."""
+    caller = {"kind": "phone", "address": "+4915111111111"}
+
+    def transcript(call: str, text: str) -> dict:
+        return {"channel": "phone", "channel_message_id": f"TR-{call}", "kind": "edit", "text": text,
+                "sender": {"kind": "anonymous", "address": f"anonymous:{call}"}, "flags": ["no_number"],
+                "target_message_id": f"{call}:voicemail", "thread": {"refs": [call]}}
+
+    call = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1", "kind": "call", "sender": caller})
+    await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1:voicemail", "kind": "voicemail",
+                               "sender": caller, "thread": {"refs": ["CA1"]}})
+    await harness.core.ingest(transcript("CA1", "Bitte rufen Sie mich zurück."))
+    (voicemail,) = await harness.rows("SELECT conversation_id, text FROM messages WHERE channel_message_id = 'CA1:voicemail'")
+    assert (voicemail["conversation_id"], voicemail["text"]) == (call.conversation_id, "Bitte rufen Sie mich zurück.")
+
+    early = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA2", "kind": "call", "sender": caller})
+    await harness.core.ingest(transcript("CA2", "Es geht um den Anschluss."))
+    (row,) = await harness.rows("SELECT conversation_id FROM messages WHERE channel_message_id = 'TR-CA2'")
+    assert row["conversation_id"] == early.conversation_id
+
+
+async def test_a_persons_first_message_in_a_machines_case_whose_deadline_passed_gets_a_new_one(tmp_path):
+    """Staff reopened a case a mailing list opened, and its deadline went by: the person's
+    first message is acknowledged with a deadline ahead, not with one already missed."""
+    plugin = MailPlugin()
+    async with CoreHarness(tmp_path / "d", plugins=[plugin]) as harness:
+        listed = await harness.core.ingest(_list_mail("<list-1@verein.example>", "Mitteilung an alle Anlieger",
+                                                      ack_suppressed="list"))
+        status, _ = await harness.api("POST", f"/api/v1/conversations/{listed.conversation_id}/reopen")
+        assert status == 200
+        (before,) = await harness.rows("SELECT deadline FROM conversations WHERE id = ?", (listed.conversation_id,))
+        harness.clock.set(datetime.fromisoformat(before["deadline"]) + timedelta(hours=1))
+        person = await harness.core.ingest(_list_mail("<p1@verein.example>", "Bei mir ist der Gehweg gesperrt.",
+                                                      thread={"refs": ["<list-1@verein.example>"]}))
+        assert person.acknowledged and person.deadline > harness.clock.now()
+
+
+async def test_a_follow_up_shows_when_the_resident_last_wrote(harness):
+    """A message joining a conversation that waits for its answer moves the conversation's
+    ``last_inbound_at`` (shown in the inbox) to it."""
+    first = await harness.core.ingest(webform_message())
+    harness.clock.advance(timedelta(hours=3))
+    again = await harness.core.ingest(webform_message("Hier das Foto", thread={"status_token": first.status_token}))
+    assert again.conversation_id == first.conversation_id and not again.acknowledged
+    status, detail = await harness.api("GET", f"/api/v1/conversations/{first.conversation_id}")
+    assert status == 200
+    assert datetime.fromisoformat(detail["last_inbound_at"].replace("Z", "+00:00")) == harness.clock.now()
