@@ -435,3 +435,34 @@ async def test_an_account_id_named_where_the_sender_is_not_vouched_for_says_noth
     assert row["contact_id"] != owner
     assert await _contact_of(harness, "phone", "+4915199999999") != owner
     assert await _contact_of(harness, "whatsapp_user", "DE.777") == owner
+
+
+def test_an_international_number_of_eleven_digits_without_a_plus_is_read_as_international():
+    """A WhatsApp id or Twilio "From" without the plus: a US number has eleven digits."""
+    assert normalize_phone("14155550123") == "+14155550123"
+
+
+async def test_an_account_id_a_form_merely_named_does_not_say_who_writes_with_it(harness):
+    """A form named a WhatsApp user id nobody had written with: that claim must not file the
+    id's owner, writing with it and their number, under the one who typed it."""
+    await harness.core.ingest({"channel": "webform", "channel_message_id": "f1", "text": "Hallo",
+                               "sender": {"kind": "email", "address": "jemand@example.org",
+                                          "other_identities": [{"kind": "whatsapp_user", "address": "DE.777"}]}})
+    typist = await _contact_of(harness, "email", "jemand@example.org")
+    owner = await harness.core.ingest(_whatsapp("wamid.W1", "+4915111111111", "DE.777"))
+    (row,) = await harness.rows("SELECT contact_id FROM messages WHERE id = ?", (owner.message_id,))
+    assert row["contact_id"] != typist
+    assert await _contact_of(harness, "phone", "+4915111111111") != typist
+
+
+async def test_a_number_a_form_named_works_again_once_its_owner_writes_from_it(harness):
+    """A named number a provider had refused for good is its owner's, and good again, once
+    they write from it."""
+    await harness.core.ingest(_form("f1", "jemand@example.org", "+4915199999999"))
+    await harness.core.store.write(lambda conn: conn.execute(
+        "UPDATE identities SET failed_at = '2026-11-30T08:00:00.000000Z' WHERE kind = 'phone'"))
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.F1", "text": "Hallo",
+                               "sender": {"kind": "phone", "address": "+4915199999999"}})
+    (number,) = await harness.rows("SELECT contact_id, claimed, failed_at FROM identities WHERE kind = 'phone'")
+    assert number["contact_id"] != await _contact_of(harness, "email", "jemand@example.org")
+    assert (number["claimed"], number["failed_at"]) == (0, None)
