@@ -466,3 +466,57 @@ async def test_a_number_a_form_named_works_again_once_its_owner_writes_from_it(h
     (number,) = await harness.rows("SELECT contact_id, claimed, failed_at FROM identities WHERE kind = 'phone'")
     assert number["contact_id"] != await _contact_of(harness, "email", "jemand@example.org")
     assert (number["claimed"], number["failed_at"]) == (0, None)
+
+
+async def test_a_sender_whose_address_had_failed_makes_it_good_again_by_writing_from_it(harness):
+    """A number a provider refused for good (a lapsed WhatsApp account) is used again once its
+    contact writes from it: answers go there, not only to fallbacks."""
+    await harness.core.ingest(_whatsapp("wamid.G1", "+4915111111111", None))
+    await harness.core.store.write(lambda conn: conn.execute(
+        "UPDATE identities SET failed_at = '2026-11-30T08:00:00.000000Z' WHERE kind = 'phone'"))
+    await harness.core.ingest(_whatsapp("wamid.G2", "+4915111111111", None))
+    (number,) = await harness.rows("SELECT failed_at FROM identities WHERE kind = 'phone'")
+    assert number["failed_at"] is None
+
+
+async def test_a_customer_found_in_the_directory_keeps_no_claim_beside_the_number_and_gains_none(harness):
+    """A contact who first stated a number nobody could confirm, and then one the directory
+    confirms, is that customer with no claim left beside; a number stated later that the
+    directory does not confirm is no claim beside the confirmed one."""
+    await harness.core.import_customers(lambda: [{"customer_number": "K-100", "name": "Erika Mustermann"}])
+    sender = {"kind": "phone", "address": "+4915111111111", "display_name": "Erika Mustermann"}
+    for message_id, number in (("wamid.K1", "K-999"), ("wamid.K2", "K-100"), ("wamid.K3", "K-555")):
+        await harness.core.ingest({"channel": "whatsapp", "channel_message_id": message_id, "text": "Frage",
+                                   "customer_number": number, "sender": sender})
+        if message_id == "wamid.K1":
+            (contact,) = await harness.rows("SELECT is_customer, customer_claim FROM contacts")
+            assert (contact["is_customer"], contact["customer_claim"]) == (0, "K-999")
+    (contact,) = await harness.rows("SELECT is_customer, customer_number, customer_claim FROM contacts")
+    assert dict(contact) == {"is_customer": 1, "customer_number": "K-100", "customer_claim": None}
+
+
+async def test_a_message_naming_the_contacts_own_user_id_after_anothers_stays_with_the_contact(harness):
+    """Which of several account ids comes first does not matter: one of them the contact's own
+    keeps the number where it is, though another contact holds the other."""
+    await harness.core.ingest(_whatsapp("wamid.H1", "+4915111111111", "DE.111"))
+    await harness.core.ingest(_whatsapp("wamid.H2", None, "DE.222"))
+    first, other = await _contacts_of_messages(harness)
+    await harness.core.ingest({**_whatsapp("wamid.H3", "+4915111111111", None), "sender": {
+        "kind": "phone", "address": "+4915111111111",
+        "other_identities": [{"kind": "whatsapp_user", "address": "DE.222"}, {"kind": "whatsapp_user", "address": "DE.111"}]}})
+    assert (await _contacts_of_messages(harness))[-1] == first != other
+    assert await _contact_of(harness, "phone", "+4915111111111") == first
+
+
+async def test_a_merge_moves_the_others_messages_and_keeps_that_it_is_a_customer(harness):
+    """Staff say two contacts are one person: every message is then the survivor's, and a
+    customer number the directory confirmed for either makes the survivor that customer."""
+    await harness.core.import_customers(lambda: [{"customer_number": "K-100", "name": "Erika Mustermann"}])
+    await harness.core.ingest(_whatsapp("wamid.J1", "+4915111111111", None))
+    await harness.core.ingest({"channel": "webform", "channel_message_id": "f1", "text": "Frage", "customer_number": "K-100",
+                               "sender": {"kind": "email", "address": "erika@example.org", "display_name": "Erika Mustermann"}})
+    survivor, other = await _contacts_of_messages(harness)
+    await harness.core.merge_contacts(survivor, other, "staff")
+    assert set(await _contacts_of_messages(harness)) == {survivor}
+    (contact,) = await harness.rows("SELECT is_customer, customer_number FROM contacts WHERE id = ?", (survivor,))
+    assert dict(contact) == {"is_customer": 1, "customer_number": "K-100"}
