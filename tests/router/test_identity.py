@@ -520,3 +520,16 @@ async def test_a_merge_moves_the_others_messages_and_keeps_that_it_is_a_customer
     assert set(await _contacts_of_messages(harness)) == {survivor}
     (contact,) = await harness.rows("SELECT is_customer, customer_number FROM contacts WHERE id = ?", (survivor,))
     assert dict(contact) == {"is_customer": 1, "customer_number": "K-100"}
+
+
+def test_the_directory_takes_a_street_only_with_its_postcode():
+    """A street name alone (a Hauptstraße is in every town) proves nothing about a claim."""
+    row = {"customer_number": "K-1", "name": "Bau GmbH", "email": None, "phone": None, "street": "Hauptstraße 1",
+           "postcode": "12345"}
+
+    def claim(postcode: str) -> CustomerClaim:
+        return CustomerClaim(customer_number="K-1", name=None, email=None, phone=None, street="Hauptstrasse 1",
+                             postcode=postcode, city=None)
+
+    assert directory_match(row, claim("12345")) is not None
+    assert directory_match(row, claim("99999")) is None
