@@ -125,6 +125,13 @@ class RateLimiter:
             hits.pop()
 
 
+def _remember(seen: set[str], key: str, limit: int = 100_000) -> None:
+    """Add ``key`` to an in-memory set kept bounded: emptied when full, as the rate limit is."""
+    if len(seen) >= limit:
+        seen.clear()
+    seen.add(key)
+
+
 def _timezone_setting(value: Any) -> str | None:
     """The channel's own ``timezone``, checked at start (an unknown one made every status page a
     500); None when it is not given, and the service's applies."""
@@ -173,6 +180,7 @@ class WebFormChannel(Channel):
         self._topics = topics
         self._timezone = _timezone_setting(given(settings, "timezone"))  # a blank one from the environment is not given
         self._refunded: set[str] = set()  # form tokens whose duplicate was not counted once already
+        self._stored: set[str] = set()  # message ids of submissions this process stored
 
     @property
     def topics(self) -> Mapping[str, Mapping[str, str]]:
@@ -276,15 +284,30 @@ class WebFormChannel(Channel):
         return web.Response(text=page(), content_type="text/html", status=503,
                             headers={"Retry-After": str(exc.retry_after), **STATUS_PAGE_HEADERS})
 
+    def _allow(self, request: web.Request, message_id: str, nonce: str) -> bool:
+        """Whether a submission may be taken now: within the rate limit, or the first resend of
+        one this process stored, which is answered as the first was without being counted (the
+        second click of a double submit that reached the limit got the form again with a fresh
+        token, and sending it again opened a second case)."""
+        if message_id in self._stored and nonce not in self._refunded:
+            _remember(self._refunded, nonce)
+            return True
+        return self.limiter.allow(self._client(request))
+
+    def _taken(self, request: web.Request, result: IngestResult, message_id: str, nonce: str) -> None:
+        """Book an ingested submission: a stored one is remembered for its resends, a duplicate
+        refunded (``_refund_duplicate``)."""
+        if not result.duplicate:
+            _remember(self._stored, message_id)
+        self._refund_duplicate(request, result, nonce)
+
     def _refund_duplicate(self, request: web.Request, result: IngestResult, nonce: str) -> None:
         """A duplicate (a retried post of a stored submission) stored nothing: it does not count
         against the rate limit, or a client's honest retry of an acknowledged case got a 429.
         Once per token: refunded every time, one stored submission posted again and again (a
         token holds a day) went round the limit, and each post still cost a transaction."""
         if result.duplicate and nonce not in self._refunded:
-            if len(self._refunded) >= 100_000:
-                self._refunded.clear()
-            self._refunded.add(nonce)
+            _remember(self._refunded, nonce)
             self.limiter.refund(self._client(request))
 
     # ------------------------------------------------------------------ the form
@@ -336,11 +359,11 @@ class WebFormChannel(Channel):
                 first = next(iter(errors))
                 raise self._error(True, 400, "invalid_fields", f"{first}: {errors[first]}", field=first, fields=errors)
             return self._form_page(language, 400, values, errors=errors)
-        if not self.limiter.allow(self._client(request)):
+        message = fields.to_message(values, nonce=token.nonce, language=language)
+        if not self._allow(request, message["channel_message_id"], token.nonce):
             if is_json:
                 raise self._error(True, 429, "rate_limited", "too many submissions; please try again in a minute")
             return self._form_page(language, 429, values, notice=pages.TEXT[language]["rate_limited"])
-        message = fields.to_message(values, nonce=token.nonce, language=language)
         try:
             result = await self.context.ingest(message)
         except InvalidMessage as exc:
@@ -349,7 +372,7 @@ class WebFormChannel(Channel):
             return self._unavailable(request, is_json, exc, lambda: pages.form_page(
                 language=language, token=str(data["form_token"]), topics=self.topics, values=values,
                 notice=pages.TEXT[language]["unavailable"]))
-        self._refund_duplicate(request, result, token.nonce)
+        self._taken(request, result, message["channel_message_id"], token.nonce)
         status_path = _status_path(result.status_token)
         if is_json:
             return web.json_response(
@@ -427,7 +450,8 @@ class WebFormChannel(Channel):
             if is_json:
                 raise self._error(True, 400, "invalid_fields", f"message: {problem}", field="message")
             return self._status_again(request, view, language, 400, text=text, error=problem)
-        if not self.limiter.allow(self._client(request)):
+        message_id = fields.submission_id("status", token.nonce, text)
+        if not self._allow(request, message_id, token.nonce):
             if is_json:
                 raise self._error(True, 429, "rate_limited", "too many submissions; please try again in a minute")
             return self._status_again(request, view, language, 429, text=text,
@@ -435,7 +459,7 @@ class WebFormChannel(Channel):
         try:
             result = await self.context.ingest({
                 "channel": "webform",
-                "channel_message_id": fields.submission_id("status", token.nonce, text),
+                "channel_message_id": message_id,
                 "kind": "message",
                 "sender": status_sender(status_token),
                 "text": text,
@@ -447,7 +471,7 @@ class WebFormChannel(Channel):
                 language=language, view=view, token=str(data["form_token"]),
                 timezone=self.timezone, action=request.path,
                 error=pages.TEXT[language]["unavailable"], text=text))
-        self._refund_duplicate(request, result, token.nonce)
+        self._taken(request, result, message_id, token.nonce)
         if is_json:
             return web.json_response({"case_reference": result.case_reference, "conversation_id": result.conversation_id,
                                       "status_url": result.status_url, "duplicate": result.duplicate},

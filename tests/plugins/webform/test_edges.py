@@ -229,3 +229,25 @@ async def test_a_body_with_more_fields_than_any_form_of_ours_is_refused(harness)
     assert response.status == 400 and "could not be read" in await response.text()
     assert await harness.count("messages") == 0
 
+
+async def test_a_double_submit_at_the_rate_limit_answers_with_the_first_submissions_case(tmp_path):
+    """The second click of a double submit that reached the limit answered 429 with the form
+    again and a fresh token: the case was stored, and sending the form again a minute later
+    opened a second one. A resend of a stored submission answers as the first did (once per
+    token; later resends count)."""
+    async with CoreHarness(tmp_path / "d", settings={"webform": {"rate_limit_per_minute": 1}}) as harness:
+        body = {**FORM, "form_token": await get_token(harness)}
+        first = await harness.client.post("/channels/webform/", data=body, allow_redirects=False)
+        second = await harness.client.post("/channels/webform/", data=body, allow_redirects=False)
+        assert (first.status, second.status) == (303, 303)
+        assert second.headers["Location"] == first.headers["Location"]
+        third = await harness.client.post("/channels/webform/", data=body, allow_redirects=False)
+        assert third.status == 429
+        assert await harness.count("conversations") == 1
+    async with CoreHarness(tmp_path / "e", settings={"webform": {"rate_limit_per_minute": 2}}) as harness:
+        status, created = await submit_json(harness)
+        path = status_path(created)
+        reply = {"form_token": await status_page_token(harness, path), "message": "Noch eine Frage", "website": ""}
+        statuses = [(await harness.client.post(path, data=reply, allow_redirects=False)).status for _ in range(3)]
+        assert statuses == [303, 303, 429]
+        assert await harness.count("messages", "direction = 'in'") == 2
