@@ -954,3 +954,23 @@ def test_the_reopen_window_and_its_bound_for_stored_stamps_agree_around_both_clo
                 for shift in (timedelta(0), timedelta(minutes=-30), timedelta(hours=1), timedelta(days=-3), timedelta(days=3)):
                     since = bound + shift
                     assert tracking.reopen_passed(config, since, now) == (now > tracking.reopen_until(config, since))
+
+
+async def test_an_answer_the_outbox_is_handing_to_the_provider_at_the_deadline_is_no_reason_to_escalate(harness):
+    """Claimed by the outbox (``sending``), the answer is as much on its way as one still
+    queued: the scheduler must not take the case from the unit that just answered it."""
+    from router.outbox import claim_due
+
+    case = await harness.core.ingest(webform_message())
+    await harness.run_outbox()  # the acknowledgement
+    harness.clock.set(case.deadline - timedelta(minutes=1))
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies", token="contractor",
+                                      json={"text": "Die Baugrube wird am Freitag geschlossen."})
+    assert status == 201
+    now = harness.clock.now()
+    claimed = await harness.core.store.write(lambda conn: claim_due(conn, now, harness.core.outbox.policy))
+    assert [row["message_id"] for row in claimed] == [reply["id"]]
+    harness.clock.set(case.deadline + timedelta(seconds=30))
+    assert await harness.escalate() == []
+    (row,) = await harness.rows("SELECT unit, escalation_level FROM conversations WHERE id = ?", (case.conversation_id,))
+    assert (row["unit"], row["escalation_level"]) == ("tiefbau-muster", 0)
