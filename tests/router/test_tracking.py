@@ -974,3 +974,21 @@ async def test_an_answer_the_outbox_is_handing_to_the_provider_at_the_deadline_i
     assert await harness.escalate() == []
     (row,) = await harness.rows("SELECT unit, escalation_level FROM conversations WHERE id = ?", (case.conversation_id,))
     assert (row["unit"], row["escalation_level"]) == ("tiefbau-muster", 0)
+
+
+async def test_an_escalated_case_is_due_in_the_new_owners_response_time_and_business_hours(harness):
+    """The new owner is given its own first response time, counted in its own business hours
+    from the escalation: the hotline's four hours are not customer care's eight."""
+    from router.store.sqlite import parse_iso
+
+    result = await harness.core.ingest(webform_message())
+    harness.clock.set(result.deadline + timedelta(minutes=1))  # Monday 13:01 Berlin
+    assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
+    (conv,) = await harness.rows("SELECT deadline, escalate_at FROM conversations")
+    # four office hours: Monday 17:01 Berlin
+    assert parse_iso(conv["deadline"]) == parse_iso(conv["escalate_at"]) == datetime(2026, 11, 30, 16, 1, tzinfo=UTC)
+    harness.clock.set(datetime(2026, 11, 30, 16, 2, tzinfo=UTC))  # Monday 17:02 Berlin
+    assert [e["to_unit"] for e in await harness.escalate()] == ["kundenservice"]
+    (conv,) = await harness.rows("SELECT deadline, escalate_at FROM conversations")
+    # eight office hours: 58 minutes on Monday, the rest from 08:00 on Tuesday: 15:02 Berlin
+    assert parse_iso(conv["deadline"]) == parse_iso(conv["escalate_at"]) == datetime(2026, 12, 1, 14, 2, tzinfo=UTC)
