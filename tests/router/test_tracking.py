@@ -992,3 +992,19 @@ async def test_an_escalated_case_is_due_in_the_new_owners_response_time_and_busi
     (conv,) = await harness.rows("SELECT deadline, escalate_at FROM conversations")
     # eight office hours: 58 minutes on Monday, the rest from 08:00 on Tuesday: 15:02 Berlin
     assert parse_iso(conv["deadline"]) == parse_iso(conv["escalate_at"]) == datetime(2026, 12, 1, 14, 2, tzinfo=UTC)
+
+
+async def test_the_scheduler_escalates_or_reminds_a_case_once_per_missed_deadline(harness):
+    """Passes run every ``escalation_check_seconds``: one that comes again before the new
+    deadline (or the next reminder) is due moves nothing and tells nobody again."""
+    result = await harness.core.ingest(webform_message())
+    expected = [("tiefbau-muster", "bauhotline"), ("bauhotline", "kundenservice"), ("kundenservice", "kundenservice")]
+    for step, moved in enumerate(expected, start=1):
+        (conv,) = await harness.rows("SELECT escalate_at FROM conversations")
+        harness.clock.set(datetime.fromisoformat(conv["escalate_at"].replace("Z", "+00:00")) + timedelta(minutes=1))
+        assert [(e["from_unit"], e["to_unit"]) for e in await harness.escalate()] == [moved]
+        for _ in range(2):  # the next passes, a scheduler interval later
+            harness.clock.advance(timedelta(seconds=harness.config.escalation_check_seconds))
+            assert await harness.escalate() == []
+        assert await harness.count("escalations", "conversation_id = ?", (result.conversation_id,)) == step
+        assert await harness.count("messages", "kind = 'notification'") == step
