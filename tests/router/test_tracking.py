@@ -1008,3 +1008,20 @@ async def test_the_scheduler_escalates_or_reminds_a_case_once_per_missed_deadlin
             assert await harness.escalate() == []
         assert await harness.count("escalations", "conversation_id = ?", (result.conversation_id,)) == step
         assert await harness.count("messages", "kind = 'notification'") == step
+
+
+async def test_a_question_delivered_while_staff_wait_for_the_resident_leaves_the_case_waiting(harness):
+    """Staff ask for a photo and wait for the resident: their question, once delivered, is
+    counted as a first answer but does not turn the case to ``answered``: staff still wait."""
+    case = await harness.core.ingest(webform_message())
+    await harness.run_outbox()  # the acknowledgement
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
+                                  json={"text": "Können Sie uns ein Foto schicken?"})
+    assert status == 201
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/wait")
+    assert status == 200
+    await harness.run_outbox()
+    (row,) = await harness.rows("SELECT state, deadline, first_answered_at FROM conversations WHERE id = ?",
+                                (case.conversation_id,))
+    assert (row["state"], row["deadline"]) == ("waiting", None) and row["first_answered_at"] is not None
+    assert await harness.count("events", "conversation_id = ? AND kind = 'answered'", (case.conversation_id,)) == 0
