@@ -115,10 +115,12 @@ async def test_conversations_of_a_unit_removed_from_the_configuration_go_to_the_
         case = (await first.core.ingest(webform_message())).conversation_id
     # as if the conversation's unit had been removed from the configuration since
     with sqlite3.connect(tmp_path / "d" / "contact-router.sqlite3") as conn:
-        conn.execute("UPDATE conversations SET unit = 'alte-baufirma', escalate_at = '2000-01-01T00:00:00.000000Z'")
+        conn.execute("UPDATE conversations SET unit = 'alte-baufirma', assignee = 'Polier Schmidt',"
+                     " escalate_at = '2000-01-01T00:00:00.000000Z'")
     async with CoreHarness(tmp_path / "d") as second:
         status, detail = await second.api("GET", f"/api/v1/conversations/{case}")
         assert status == 200 and detail["unit"] == second.config.fallback_unit
+        assert detail["assignee"] is None  # someone of the old unit: the fallback unit takes it up
         assert any(e["kind"] == "transferred" and e["data"]["from_unit"] == "alte-baufirma" for e in detail["events"])
         token = (await second.core.store.fetchone("SELECT status_token FROM conversations WHERE id = ?", (case,)))[0]
         again = await second.core.ingest(webform_message("Noch eine Frage", thread={"status_token": token}))
