@@ -27,3 +27,52 @@ async def test_closing_a_conversation_takes_it_off_the_list_of_call_backs_to_mak
     assert status == 200
     status, listing = await harness.api("GET", "/api/v1/conversations?flag=callback_required")
     assert status == 200 and listing["items"] == []
+
+
+async def test_a_transfer_takes_the_case_from_the_old_units_assignee(harness):
+    """The new unit's case still named someone of the unit that gave it away: it looked taken
+    care of, by someone who no longer sees it."""
+    case = (await harness.core.ingest(webform_message())).conversation_id
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/assign", token="contractor",
+                                       json={"assignee": "Kolonne 3"})
+    assert status == 200 and detail["assignee"] == "Kolonne 3"
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/transfer", json={"unit": "vertrieb"})
+    assert status == 200 and (detail["unit"], detail["assignee"]) == ("vertrieb", None)
+
+
+async def test_failed_call_backs_on_an_answered_case_do_not_escalate_it(harness):
+    """The unit answered; a follow-up call that does not get through is no missed deadline:
+    the case stays with its unit and nobody is told it failed to answer."""
+    case = (await harness.core.ingest(webform_message())).conversation_id
+    await harness.run_outbox()  # the acknowledgement
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/replies", json={"text": "Erledigt."})
+    assert status == 201
+    await harness.run_outbox()
+    for _ in range(3):
+        status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "not_reached"})
+        assert status == 201 and body["escalated"] is False
+    (row,) = await harness.rows("SELECT state, unit, flags FROM conversations WHERE id = ?", (case,))
+    assert (row["state"], row["unit"]) == ("answered", "tiefbau-muster") and "callback_failed" in row["flags"]
+    assert await harness.count("escalations") == 0 and await harness.count("messages", "kind = 'notification'") == 0
+
+
+async def test_failed_call_backs_do_not_escalate_past_the_configured_level(tmp_path):
+    """``max_escalation_level`` bounds the escalations of a deadline, those of failed
+    call-backs as well."""
+    from datetime import timedelta
+
+    from router.testing import CoreHarness, example_config, load_raw_config
+
+    raw = load_raw_config()
+    raw["service"]["max_escalation_level"] = 1
+    async with CoreHarness(tmp_path / "data", config=example_config(raw)) as harness:
+        result = await harness.core.ingest(webform_message())
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert [e["level"] for e in await harness.escalate()] == [1]
+        for _ in range(3):
+            status, body = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/callbacks",
+                                             json={"outcome": "not_reached"})
+            assert status == 201 and body["escalated"] is False
+        (row,) = await harness.rows("SELECT unit, escalation_level FROM conversations")
+        assert (row["unit"], row["escalation_level"]) == ("bauhotline", 1)
+        assert await harness.count("escalations") == 1
