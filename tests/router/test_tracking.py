@@ -1027,3 +1027,21 @@ async def test_a_question_delivered_while_staff_wait_for_the_resident_leaves_the
                                 (case.conversation_id,))
     assert (row["state"], row["deadline"]) == ("waiting", None) and row["first_answered_at"] is not None
     assert await harness.count("events", "conversation_id = ? AND kind = 'answered'", (case.conversation_id,)) == 0
+
+
+async def test_a_new_owner_without_a_notify_address_is_not_mailed_and_the_history_says_so(tmp_path):
+    """A unit that watches the inbox instead of a mailbox gets no notification; its event
+    tells staff why nobody was mailed about the case."""
+    from router.testing import CoreHarness, example_config, load_raw_config
+
+    raw = load_raw_config()
+    del raw["units"]["bauhotline"]["notify"]
+    async with CoreHarness(tmp_path / "data", config=example_config(raw)) as harness:
+        result = await harness.core.ingest(webform_message())
+        harness.clock.set(result.deadline + timedelta(minutes=1))
+        assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
+        assert await harness.count("messages", "kind = 'notification'") == 0
+        status, detail = await harness.api("GET", f"/api/v1/conversations/{result.conversation_id}")
+        assert status == 200
+        (event,) = [e for e in detail["events"] if e["kind"] == "owner_not_notified"]
+        assert event["data"] == {"unit": "bauhotline", "reason": "the unit has no notify address"}
