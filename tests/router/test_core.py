@@ -76,3 +76,36 @@ async def test_failed_call_backs_do_not_escalate_past_the_configured_level(tmp_p
         (row,) = await harness.rows("SELECT unit, escalation_level FROM conversations")
         assert (row["unit"], row["escalation_level"]) == ("bauhotline", 1)
         assert await harness.count("escalations") == 1
+
+
+PHONE_ENV = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHONE_NUMBER": "+4930123456",
+             "TWILIO_API_URL": "http://127.0.0.1:9"}
+
+
+async def test_the_call_back_sms_goes_once_however_many_call_backs_fail_after_the_limit(tmp_path):
+    """The SMS with the status link follows the attempt that reaches the limit; staff who try
+    again afterwards do not send the person the same SMS after each further attempt."""
+    from router.testing import CoreHarness
+
+    async with CoreHarness(tmp_path / "data", entrypoints=("webform", "phone"), env=PHONE_ENV) as harness:
+        result = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1", "kind": "missed_call",
+                                            "sender": {"kind": "phone", "address": "+4915111111111"}})
+        queued = []
+        for _ in range(5):
+            status, body = await harness.api("POST", f"/api/v1/conversations/{result.conversation_id}/callbacks",
+                                             json={"outcome": "not_reached"})
+            assert status == 201, body
+            queued.append(await harness.count("outbox", "kind = 'callback_sms'"))
+        assert queued == [0, 0, 1, 1, 1]
+
+
+async def test_a_call_back_that_reaches_the_person_of_an_answered_case_answers_nothing_again(harness):
+    """The case was answered already: the call-back is kept, but it is no new answer, and the
+    ``conversation_answered`` hooks and the answered count are not told twice."""
+    case = (await harness.core.ingest(webform_message())).conversation_id
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "reached"})
+    assert status == 201 and body["answered"] is True
+    status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "reached"})
+    assert status == 201 and body["answered"] is False
+    assert harness.core.metrics.value("contact_router_conversations_answered_total") == 1
+    assert await harness.count("messages", "kind = 'callback' AND conversation_id = ?", (case,)) == 2
