@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from router.outbox import OutboxPolicy
+from router.testing import CoreHarness, example_config, load_raw_config
+
+from ..reliability.helpers import wait_until
 from .helpers import webform_message
 
 
@@ -59,10 +67,6 @@ async def test_failed_call_backs_on_an_answered_case_do_not_escalate_it(harness)
 async def test_failed_call_backs_do_not_escalate_past_the_configured_level(tmp_path):
     """``max_escalation_level`` bounds the escalations of a deadline, those of failed
     call-backs as well."""
-    from datetime import timedelta
-
-    from router.testing import CoreHarness, example_config, load_raw_config
-
     raw = load_raw_config()
     raw["service"]["max_escalation_level"] = 1
     async with CoreHarness(tmp_path / "data", config=example_config(raw)) as harness:
@@ -85,8 +89,6 @@ PHONE_ENV = {"TWILIO_ACCOUNT_SID": "AC9", "TWILIO_AUTH_TOKEN": "t", "TWILIO_PHON
 async def test_the_call_back_sms_goes_once_however_many_call_backs_fail_after_the_limit(tmp_path):
     """The SMS with the status link follows the attempt that reaches the limit; staff who try
     again afterwards do not send the person the same SMS after each further attempt."""
-    from router.testing import CoreHarness
-
     async with CoreHarness(tmp_path / "data", entrypoints=("webform", "phone"), env=PHONE_ENV) as harness:
         result = await harness.core.ingest({"channel": "phone", "channel_message_id": "CA1", "kind": "missed_call",
                                             "sender": {"kind": "phone", "address": "+4915111111111"}})
@@ -100,8 +102,8 @@ async def test_the_call_back_sms_goes_once_however_many_call_backs_fail_after_th
 
 
 async def test_a_call_back_that_reaches_the_person_of_an_answered_case_answers_nothing_again(harness):
-    """The case was answered already: the call-back is kept, but it is no new answer, and the
-    ``conversation_answered`` hooks and the answered count are not told twice."""
+    """The case was answered already: the call-back is kept, but it is no new answer (nor told
+    to ``on_answered``, which counts answers and calls the ``conversation_answered`` hooks)."""
     case = (await harness.core.ingest(webform_message())).conversation_id
     status, body = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "reached"})
     assert status == 201 and body["answered"] is True
@@ -109,3 +111,25 @@ async def test_a_call_back_that_reaches_the_person_of_an_answered_case_answers_n
     assert status == 201 and body["answered"] is False
     assert harness.core.metrics.value("contact_router_conversations_answered_total") == 1
     assert await harness.count("messages", "kind = 'callback' AND conversation_id = ?", (case,)) == 2
+
+
+async def test_an_escalation_wakes_the_outbox_for_the_new_owners_notification(tmp_path):
+    """The outbox worker sleeps until something is queued (or its poll, 30 s here): the
+    notification of an escalation is handled at once, not at the next poll."""
+    policy = OutboxPolicy(poll_seconds=30, send_timeout=5, retry_seconds=0)
+    async with CoreHarness(tmp_path / "d", outbox_policy=policy) as harness:
+        result = await harness.core.ingest(webform_message())
+        await harness.run_outbox()  # the acknowledgement
+        commits = harness.core.store.commits
+        worker = asyncio.create_task(harness.core.outbox.run())
+        try:
+            await wait_until(lambda: harness.core.store.commits > commits, 10, 0.005)  # its first, empty claim
+            await asyncio.sleep(0.01)  # from that claim into its wait
+            harness.clock.set(result.deadline + timedelta(minutes=1))
+            assert [e["to_unit"] for e in await harness.escalate()] == ["bauhotline"]
+            # tried at once (with no e-mail channel here it is retried later: tried is what counts)
+            assert await wait_until(lambda: harness.count("outbox", "kind = 'notification' AND attempts > 0"), 10, 0.01)
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
