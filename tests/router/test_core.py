@@ -133,3 +133,17 @@ async def test_an_escalation_wakes_the_outbox_for_the_new_owners_notification(tm
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
+
+
+async def test_a_transfer_of_an_answered_case_sets_no_deadline_and_keeps_its_escalation_level(harness):
+    """Nothing is due on an answered case: its new owner gets no deadline, and the level of the
+    escalations before the answer stays as it was (only a new deadline counts from nought)."""
+    result = await harness.core.ingest(webform_message())
+    case = result.conversation_id
+    harness.clock.set(result.deadline + timedelta(minutes=1))
+    assert [e["level"] for e in await harness.escalate()] == [1]
+    status, _ = await harness.api("POST", f"/api/v1/conversations/{case}/callbacks", json={"outcome": "reached"})
+    assert status == 201
+    status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/transfer", json={"unit": "vertrieb"})
+    assert status == 200
+    assert (detail["unit"], detail["state"], detail["deadline"], detail["escalation_level"]) == ("vertrieb", "answered", None, 1)
