@@ -147,3 +147,15 @@ async def test_a_transfer_of_an_answered_case_sets_no_deadline_and_keeps_its_esc
     status, detail = await harness.api("POST", f"/api/v1/conversations/{case}/transfer", json={"unit": "vertrieb"})
     assert status == 200
     assert (detail["unit"], detail["state"], detail["deadline"], detail["escalation_level"]) == ("vertrieb", "answered", None, 1)
+
+
+async def test_a_live_answer_to_a_message_outside_any_conversation_is_not_recorded(harness):
+    """A reaction to a message we do not have is kept outside any conversation: a live answer
+    said to follow it answers nothing and leaves no call-back without a conversation."""
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.R1", "kind": "reaction",
+                               "sender": {"kind": "phone", "address": "+4915111111111"},
+                               "target_message_id": "wamid.unknown", "meta": {"emoji": "👍"}})
+    (row,) = await harness.rows("SELECT conversation_id FROM messages WHERE channel_message_id = 'wamid.R1'")
+    assert row["conversation_id"] is None
+    assert await harness.core.record_live_answer("whatsapp", "wamid.R1", "Call put through and answered") is False
+    assert await harness.count("messages", "kind = 'callback'") == 0
