@@ -159,3 +159,21 @@ async def test_a_live_answer_to_a_message_outside_any_conversation_is_not_record
     assert row["conversation_id"] is None
     assert await harness.core.record_live_answer("whatsapp", "wamid.R1", "Call put through and answered") is False
     assert await harness.count("messages", "kind = 'callback'") == 0
+
+
+async def test_staff_of_some_units_cannot_merge_a_contact_they_see_no_conversation_of(harness):
+    """A contact without conversations (a reaction to a message we do not have) is seen by no
+    unit's staff: merging it into a contact of theirs answers 404, as for any contact out of sight."""
+    case = await harness.core.ingest(webform_message("Hallo, eine Frage", topic="other",
+                                                     address={"street": "Weg 1", "postcode": "99999", "city": "X"}))
+    assert case.unit == "kundenservice"
+    await harness.core.ingest({"channel": "whatsapp", "channel_message_id": "wamid.R1", "kind": "reaction",
+                               "sender": {"kind": "phone", "address": "+4915111111111"},
+                               "target_message_id": "wamid.unknown", "meta": {"emoji": "👍"}})
+    (seen,) = await harness.rows("SELECT contact_id FROM conversations WHERE id = ?", (case.conversation_id,))
+    (unseen,) = await harness.rows("SELECT contact_id FROM messages WHERE channel_message_id = 'wamid.R1'")
+    assert unseen["contact_id"] != seen["contact_id"]
+    status, body = await harness.api("POST", f"/api/v1/contacts/{seen['contact_id']}/merge", token="hotline",
+                                     json={"other_contact_id": unseen["contact_id"]})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    assert await harness.count("contacts", "merged_into IS NOT NULL") == 0
