@@ -190,6 +190,9 @@ def test_template_parameters_are_never_empty() -> None:
         (400, _graph_error(2, "Service temporarily unavailable"), RetryableDeliveryError, "2"),
         (429, _graph_error(4, "Too many calls"), RetryableDeliveryError, "4"),
         (500, _graph_error(131000, "Something went wrong"), RetryableDeliveryError, "131000"),
+        (400, _graph_error(131000, "Something went wrong"), RetryableDeliveryError, "131000"),
+        (429, None, RetryableDeliveryError, "429"),
+        (429, _graph_error(613, "Calls to this api have exceeded the rate limit"), RetryableDeliveryError, "613"),
         (503, _graph_error(131016, "Service unavailable"), RetryableDeliveryError, "131016"),
         (502, None, RetryableDeliveryError, "502"),
         (0, None, RetryableDeliveryError, "0"),
@@ -294,6 +297,11 @@ def test_provider_message_id(body: Any, expected: str | None) -> None:
 )
 def test_within_window(last: datetime | None, inside: bool) -> None:
     assert within_window(last, NOW) is inside
+
+
+def test_a_naive_now_is_taken_as_utc() -> None:
+    assert within_window(NOW - timedelta(hours=1), NOW.replace(tzinfo=None)) is True
+    assert within_window(NOW - timedelta(hours=25), NOW.replace(tzinfo=None)) is False
 
 
 def test_window_length_can_be_changed() -> None:

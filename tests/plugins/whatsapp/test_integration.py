@@ -486,6 +486,21 @@ async def test_the_same_body_three_times_is_one_message_and_one_acknowledgement(
     assert len(graph.requests) == 1
 
 
+async def test_the_same_message_twice_in_one_body_is_one_message_and_one_acknowledgement(
+    wa: CoreHarness, graph: FakeGraph
+) -> None:
+    """Meta may batch a redelivery with the original: the second copy is the same message."""
+    body = text_body("wamid.TWICE", "Wann wird bei uns der Gehweg wieder geöffnet?")
+    value = body["entry"][0]["changes"][0]["value"]
+    value["messages"] *= 2
+    status, answer = await post(wa, body)
+    assert status == 200, answer
+    assert await wa.count("messages", "direction = 'in'") == 1
+    assert await wa.count("outbox", "kind = 'ack'") == 1
+    await wa.run_outbox()
+    assert len(graph.requests) == 1
+
+
 async def test_later_messages_from_the_same_number_join_its_conversation(wa: CoreHarness, graph: FakeGraph) -> None:
     await post(wa, text_body("wamid.A", "Bei uns ist seit gestern der Gehweg aufgegraben."))
     await wa.run_outbox()
@@ -1259,6 +1274,16 @@ async def test_media_stated_larger_than_max_media_bytes_is_not_downloaded_at_all
         (incoming,) = [m for m in (await only_conversation(harness))["messages"] if m["direction"] == "in"]
         assert "path" not in incoming["attachments"][0]
         assert await harness.count("outbox", "kind = 'ack'") == 1
+
+
+async def test_media_of_exactly_max_media_bytes_is_downloaded(tmp_path: Path, graph: FakeGraph) -> None:
+    """``max_media_bytes`` is the largest item fetched, not the first size refused."""
+    graph.media["4711"] = (PHOTO, "image/jpeg")
+    async with make_harness(tmp_path, graph, download_media=True, max_media_bytes=len(PHOTO)) as harness:
+        status, _ = await post(harness, image_body("wamid.IMG", "4711"))
+        assert status == 200
+        (incoming,) = [m for m in (await only_conversation(harness))["messages"] if m["direction"] == "in"]
+        assert (harness.data_dir / incoming["attachments"][0]["path"]).read_bytes() == PHOTO
 
 
 @pytest.mark.parametrize("stated", [None, 50], ids=["no-size-stated", "size-understated"])

@@ -399,6 +399,47 @@ def test_a_number_phonenumbers_does_not_know_is_kept_and_flagged() -> None:
     assert message["flags"] == ["unverified_number"]
 
 
+
+def test_a_voice_message_of_the_older_type_is_audio_marked_as_voice() -> None:
+    """WhatsApp first sent voice notes as type ``voice``, now as ``audio`` with ``voice: true``:
+    both are stored alike, as an audio attachment that is a voice message."""
+    older = {"from": "491701234567", "id": "v1", "timestamp": "1700000000", "type": "voice",
+             "voice": {"id": "4711", "mime_type": "audio/ogg; codecs=opus", "sha256": "abc"}}
+    message = parse_message(older, contacts=[], recipient="1")
+    assert message["meta"]["media"] == {"type": "audio", "voice": True}
+    assert message["attachments"] == [{"media_id": "4711", "content_type": "audio/ogg; codecs=opus", "sha256": "abc"}]
+    assert schema_errors(message) == []
+
+
+@pytest.mark.parametrize("lat, lon", [(90, 180), (-90, -180), (90.0, 0.0)])
+def test_a_location_at_the_edge_of_the_map_is_a_location(lat: float, lon: float) -> None:
+    raw = {"from": "491701234567", "id": "l1", "timestamp": "1700000000", "type": "location",
+           "location": {"latitude": lat, "longitude": lon}}
+    message = parse_message(raw, contacts=[], recipient="1")
+    assert (message["location"]["lat"], message["location"]["lon"]) == (lat, lon)
+    assert "flags" not in message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"type": "reaction", "reaction": {"message_id": "wamid.TARGET", "emoji": "\U0001f44d"}},
+        {"type": "revoke", "revoke": {"original_message_id": "wamid.TARGET"}},
+        {"type": "edit", "edit": {"original_message_id": "wamid.TARGET", "message": {"type": "text", "text": {"body": "neu"}}}},
+    ],
+    ids=["reaction", "revoke", "edit"],
+)
+def test_a_reaction_edit_or_deletion_with_a_context_refers_only_to_its_target(raw: dict[str, Any]) -> None:
+    """A quoted message in the context of a reaction, edit or deletion names no thread: these
+    refer to their target, and must not be taken for a reply in a conversation."""
+    message = parse_message(
+        {"from": "491701234567", "id": "x1", "timestamp": "1700000000", "context": {"id": "wamid.OTHER"}, **raw},
+        contacts=[], recipient="1",
+    )
+    assert message["target_message_id"] == "wamid.TARGET"
+    assert "thread" not in message
+
+
 @pytest.mark.parametrize(
     "code, permanent, hint",
     [(131047, False, "template"), ("131047", False, "template"), (131056, False, None), (131026, True, None)],
