@@ -31,14 +31,14 @@ def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) 
         if street and street in area.streets and not _elsewhere(area, postcode):
             return area, f"street {address.get('street')}"
     if normalized_text:
-        named = () if postcode else _NUMBER_BEFORE_WORD.findall(normalized_text)
+        named = () if postcode else _numbers_before_words(normalized_text)
         for number in named:
             for area in config.areas.values():
                 if number in area.postcodes:
                     return area, f"postcode {number} named in the text"
         squashed = _squashed_streets(normalized_text)
         for area in config.areas.values():
-            if _elsewhere(area, postcode) or any(len(number) in area.postcode_lengths for number in named):
+            if _elsewhere(area, postcode) or (named and any(len(number) in area.postcode_lengths for number in named)):
                 continue
             for s in area.streets:
                 if s in squashed:
@@ -48,20 +48,50 @@ def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) 
 
 # A number standing alone before a word, as a postcode stands before its town ("80331 München",
 # "D-12345 Musterstadt"). It counts as a postcode where an area's postcodes are as long: a
-# year or a house number before a word is shorter than a German postcode.
-_NUMBER_BEFORE_WORD = re.compile(r"(?<![\w.,:/])(\d{3,10})(?=[ \t]*[^\W\d_])")
+# year or a house number before a word is shorter than a German postcode. Found from its
+# digits on (a pattern that opens with a look behind is tried at every character).
+_DIGIT = re.compile(r"[0-9]")  # most texts have none: this look is the cheapest
+_DIGITS = re.compile(r"[0-9]{3,}")
+_LETTER_AFTER = re.compile(r"[ \t]*[^\W\d_]")
+
+
+def _numbers_before_words(text: str) -> list[str]:
+    """The numbers of 3 to 10 digits in ``text`` that stand alone (not within a word, an amount
+    or a time) before a word."""
+    found: list[str] = []
+    if not _DIGIT.search(text):
+        return found
+    for match in _DIGITS.finditer(text):
+        start, end = match.span()
+        before = text[start - 1] if start else " "
+        if end - start <= 10 and not (before.isalnum() or before in "_.,:/") and _LETTER_AFTER.match(text, end):
+            found.append(match.group())
+    return found
+
 
 # "Str." (or "Str") closing a word or standing after one: the street abbreviated, as residents
-# write it in a chat ("Musterstr. 12", "Muster-Str.4", "Muster Str 7").
-_STREET_ABBREVIATION = re.compile(r"(?<=[^\W\d_])[\s-]*str(?![^\W\d_])\.?")
+# write it in a chat ("Musterstr. 12", "Muster-Str.4", "Muster Str 7"). Found from its letters
+# on, as above; whether a word stands before it is looked at for each one found.
+_STREET_ABBREVIATION = re.compile(r"str(?![^\W\d_])\.?")
 
 
 def _squashed_streets(normalized_text: str) -> str:
     """The folded text without spaces and hyphens, "str." written out as "strasse": the form
     of the areas' streets (``normalize_street``), so that a street named in it is found."""
-    if "str" in normalized_text:
-        normalized_text = _STREET_ABBREVIATION.sub("strasse", normalized_text)
-    return normalized_text.replace("-", "").replace(" ", "")
+    text = normalized_text
+    if "str" not in text:
+        return text.replace("-", "").replace(" ", "")
+    pieces, done = [], 0
+    for match in _STREET_ABBREVIATION.finditer(text):
+        before = match.start() - 1
+        while before >= 0 and text[before] in " -":
+            before -= 1
+        if before >= 0 and text[before].isalpha():
+            pieces += (text[done:match.start()], "strasse")
+            done = match.end()
+    if pieces:
+        text = "".join(pieces) + text[done:]
+    return text.replace("-", "").replace(" ", "")
 
 
 def _elsewhere(area: Area, postcode: str) -> bool:
