@@ -652,6 +652,14 @@ async def test_cti_with_a_wrong_secret_stores_nothing_and_looks_like_no_endpoint
     assert (nowhere.status, await nowhere.json()) == (404, await response.json())
 
 
+@pytest.mark.parametrize("secret", [CTI_SECRET + "x", CTI_SECRET[:-1], CTI_SECRET.upper(), CTI_SECRET[:4]])
+async def test_cti_with_a_secret_that_is_nearly_right_is_refused(harness, secret):
+    response = await cti(harness, {"event": "hangup", "cause": "noAnswer", "from": "030 12345678", "callId": "x"},
+                         secret=secret)
+    assert response.status == 404
+    assert await harness.count("messages") == 0
+
+
 async def test_a_sipgate_hangup_that_reached_nobody_is_a_missed_call_from_the_international_number(harness, twilio):
     """sipgate.io posts numbers as digits without "+" and says notFound or congestion when the
     caller reached nobody: the number became +4949..., and those causes were dropped."""

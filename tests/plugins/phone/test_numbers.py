@@ -27,6 +27,18 @@ def test_withheld_and_unreadable_numbers_are_none(raw):
     assert to_e164(raw) is None
 
 
+def test_00_is_read_as_the_international_prefix_whatever_the_region():
+    # "00" is Germany's international prefix, not the United States' (011): a caller id written
+    # with it is still the international number, not a national one of the configured region.
+    assert to_e164("0049 151 12345678", "US") == "+4915112345678"
+
+
+def test_a_short_international_string_is_no_identity():
+    # "+491234" is possible by phonenumbers' lengths but no valid number: too short to be one of
+    # a range its metadata does not know yet, so it names nobody.
+    assert to_e164("+491234") is None
+
+
 def test_withheld_spellings():
     assert is_withheld("Anonymous") and is_withheld(" ") and is_withheld(None)
     assert not is_withheld("+4930123456")

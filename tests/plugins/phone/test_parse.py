@@ -235,6 +235,26 @@ def test_only_a_failed_status_about_the_number_fails_the_address(code, address_f
     assert update.address_failed is address_failed
 
 
+def test_a_canceled_sms_failed_for_good_without_failing_the_number():
+    update = parse.delivery_update({"MessageSid": "SM1", "MessageStatus": "canceled"})
+    assert (update.status, update.permanent, update.address_failed) == ("failed", True, False)
+
+
+def test_error_code_0_is_no_error():
+    # Twilio sends ErrorCode=0 with some successful statuses: no error code is recorded.
+    update = parse.delivery_update({"MessageSid": "SM1", "MessageStatus": "delivered", "ErrorCode": "0"})
+    assert update.status == "delivered" and update.error_code is None
+
+
+@pytest.mark.parametrize(("status", "over"), [
+    ("completed", True), ("busy", True), ("failed", True), ("no-answer", True), ("canceled", True),
+    ("Canceled", True), ("queued", False), ("ringing", False), ("in-progress", False), ("", False),
+])
+def test_every_end_of_a_call_is_an_end(status, over):
+    # Each end can be a missed call (``call_status``); a caller who hung up while it rang is one.
+    assert parse.is_call_over({"CallSid": "CA1", "CallStatus": status}) is over
+
+
 def test_old_style_sms_status_is_understood():
     assert parse.delivery_update({"SmsSid": "SM1", "SmsStatus": "delivered"}).status == "delivered"
 

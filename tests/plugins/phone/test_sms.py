@@ -142,6 +142,14 @@ def test_a_refusal_of_our_own_settings_keeps_the_message_queued(status, body):
     assert str(body["code"]) in error.message
 
 
+@pytest.mark.parametrize("body", [None, "not json", {"message": "Not Found"}])
+def test_a_404_without_a_twilio_code_is_our_settings(body):
+    # No Messages resource at our account SID or api_url: a typo in our settings, not the resident's.
+    error = error_for_response(404, body)
+    assert type(error) is RetryableDeliveryError
+    assert error.code == "not_configured"
+
+
 @pytest.mark.parametrize(
     "body",
     [
