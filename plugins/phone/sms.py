@@ -3,7 +3,7 @@
 ``POST {api_url}/2010-04-01/Accounts/{sid}/Messages.json``, form-encoded, HTTP basic auth with the
 account SID and auth token. Rate limits, server errors and timeouts are retryable; a refused
 recipient (invalid number, landline, opted out) is permanent and fails the address, so the outbox
-tries another channel. A timeout, or a connection lost after the request went out, leaves it
+tries another channel. No answer in time, or a connection lost after the request went out, leaves it
 unknown whether Twilio took the SMS (``outcome_unknown``): the channel's ``status_wait`` then
 holds the retry back until a status callback could have proved it. A refusal of our own settings (the sender number, the credentials) says
 nothing about the recipient: the message waits until the settings are fixed.
@@ -163,7 +163,9 @@ async def send_sms(
             messages_url(api_url, account_sid),
             data=form,
             headers={"Authorization": basic_auth(account_sid, auth_token)},
-            timeout=aiohttp.ClientTimeout(total=timeout),
+            # A connect of its own, shorter limit: under ``total`` alone a connection that never
+            # opened timed out like an unanswered request, as if Twilio might have taken the SMS.
+            timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=timeout / 2),
         ) as response:
             answer = await read_provider_json(response)
             if response.status >= 300:
