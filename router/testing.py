@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import select
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +68,31 @@ def example_config(raw: Mapping[str, Any] | None = None, env: Mapping[str, str] 
     for name, section in (settings or {}).items():
         data.setdefault("channels", {}).setdefault(name, {}).update(section)
     return build_config(data, {**TEST_ENV, **(env or {})}, "test-config")
+
+
+@contextlib.contextmanager
+def unopened_connections() -> Iterator[str | None]:
+    """A loopback base URL (``http://127.0.0.1:PORT``) whose connections never open, for testing
+    that a channel's send tells "no connection: nothing was sent" from "no answer: the provider
+    may have taken it" (only the second should wait for a status before sending again). Its
+    listener's accept queue is full, and Linux then leaves a new connection unanswered. Yields
+    None where this system completes such connections after all: the test should skip."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    sockets = [listener]
+    try:
+        for _ in range(5):  # the queue filled; the last one shows whether a further one opens
+            waiting = socket.socket()
+            waiting.setblocking(False)
+            sockets.append(waiting)
+            waiting.connect_ex(address)
+        _, opened, _ = select.select([], [waiting], [], 0.3)
+        yield None if opened else f"http://127.0.0.1:{address[1]}"
+    finally:
+        for each in sockets:
+            each.close()
 
 
 class CoreHarness:

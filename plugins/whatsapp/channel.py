@@ -345,7 +345,10 @@ class WhatsAppChannel(Channel):
         headers = {"Authorization": f"Bearer {settings.access_token}"}
         try:
             async with self.context.http.post(
-                url, json=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=settings.timeout)
+                url, json=payload, headers=headers,
+                # A connect of its own, shorter limit: under ``total`` alone a connection that
+                # never opened timed out as an unanswered request, as if Meta might have taken it.
+                timeout=aiohttp.ClientTimeout(total=settings.timeout, sock_connect=settings.timeout / 2),
             ) as response:
                 status = response.status
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import select
-import socket
 
 import aiohttp
 import pytest
@@ -10,6 +8,7 @@ from aiohttp import web
 
 from plugins.phone.sms import error_for_response, messages_url, send_sms, shorten_sms
 from router.hookspecs import PermanentDeliveryError, RetryableDeliveryError
+from router.testing import unopened_connections
 
 STATUS = "https://example.org/channels/webform/status/abcdef"
 
@@ -265,34 +264,12 @@ async def test_send_whose_connection_broke_after_the_request_leaves_the_outcome_
     assert caught.value.outcome_unknown is True
 
 
-def _listener_that_takes_no_connection() -> tuple[socket.socket, list[socket.socket]]:
-    """A loopback listener whose accept queue is full: a further connect is never completed."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(listener.getsockname())
-        fillers.append(filler)
-    return listener, fillers
-
-
 async def test_send_whose_connection_never_opened_is_known_not_sent():
-    listener, fillers = _listener_that_takes_no_connection()
-    probe = socket.socket()
-    probe.setblocking(False)
-    try:
-        probe.connect_ex(listener.getsockname())
-        _, writable, _ = select.select([], [probe], [], 0.3)
-        if writable:
+    with unopened_connections() as url:
+        if url is None:
             pytest.skip("this system completes connections to a full accept queue")
         with pytest.raises(RetryableDeliveryError) as caught:
-            await _send({"url": f"http://127.0.0.1:{listener.getsockname()[1]}"}, timeout=0.6)
-    finally:
-        for sock in (probe, *fillers, listener):
-            sock.close()
+            await _send({"url": url}, timeout=0.6)
     assert caught.value.code == "network"
     assert caught.value.outcome_unknown is False  # the request never went: no reason to wait for a status
 

@@ -35,6 +35,7 @@ from router.hookspecs import (
     ResendAsDeliveryError,
     RetryableDeliveryError,
 )
+from router.testing import unopened_connections
 
 from .conftest import fixture_cases, schema_errors
 
@@ -484,6 +485,22 @@ async def test_a_connection_lost_after_the_request_leaves_the_outcome_unknown(
         server.close()
         await server.wait_closed()
     assert caught.value.code == "connection" and caught.value.outcome_unknown is True
+
+
+async def test_a_connection_that_never_opens_is_known_not_sent(
+    core: RecordingCore, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Only a total timeout was set for the POST: a connection that never opened (a firewall
+    dropping packets) timed out as an unanswered request did, as if Meta might have taken the
+    message, and each retry waited ``status_wait`` for a status that could not come."""
+    with unopened_connections() as url:
+        if url is None:
+            pytest.skip("this system completes connections to a full accept queue")
+        channel = make_channel(core, session, tmp_path, graph_url=url, timeout=0.6)
+        with pytest.raises(RetryableDeliveryError) as caught:
+            await channel.send(outbound())
+    assert caught.value.code == "connection"
+    assert caught.value.outcome_unknown is False  # the request never went: no reason to wait for a status
 
 
 async def test_unreachable_graph_is_retryable(
