@@ -85,7 +85,8 @@ def _dsn_groups(part: Message) -> list[Message]:
 def _original_message_id(report: Message) -> str | None:
     for part in itertools.islice(report.walk(), MAX_MIME_PARTS):
         ctype = part.get_content_type()
-        if ctype == "message/rfc822":
+        # The parser reads every message/* part as a message, message/rfc822-headers too.
+        if ctype in ("message/rfc822", "message/rfc822-headers"):
             inner = part.get_payload()
             if isinstance(inner, list) and inner:
                 found = _get(inner[0], "Message-ID")
@@ -94,7 +95,7 @@ def _original_message_id(report: Message) -> str | None:
             text = inner if isinstance(inner, str) else ""
             if match := _INLINE_MESSAGE_ID.search(text):
                 return match.group(1)
-        elif ctype in ("text/rfc822-headers", "message/rfc822-headers"):
+        elif ctype == "text/rfc822-headers":
             if match := _INLINE_MESSAGE_ID.search(part_text(part)):
                 return match.group(1)
     return None
@@ -147,11 +148,12 @@ def _body_text(msg: Message) -> str:
     size = 0
     for part in itertools.islice(msg.walk(), MAX_MIME_PARTS):
         ctype = part.get_content_type()
-        if ctype in ("text/plain", "text/rfc822-headers", "message/rfc822-headers"):
+        parsed = isinstance(part.get_payload(), list)
+        if ctype in ("text/plain", "text/rfc822-headers") or (ctype == "message/rfc822-headers" and not parsed):
             texts.append(part_text(part))
         elif ctype == "text/html":
             texts.append(html_to_text(part_text(part)[: 4 * MAX_BOUNCE_TEXT]))
-        elif ctype == "message/rfc822" and isinstance(part.get_payload(), list):
+        elif ctype in ("message/rfc822", "message/rfc822-headers") and parsed:
             inner = part.get_payload()[0]
             texts.append("\n".join(f"{k}: {v}" for k, v in inner.raw_items()))
         else:

@@ -209,3 +209,80 @@ def test_broken_report_does_not_raise():
     )
     # A report without a failed recipient is not a failure bounce; it is stored like any mail.
     assert parse_bounce(read_message(raw)) is None
+
+
+def test_dsn_recipient_is_the_final_recipient_where_it_failed():
+    """Original-Recipient is the address before forwarding; the failure happened at Final-Recipient."""
+    raw = POSTFIX_DSN.replace(b"Original-Recipient: rfc822;tippfehler@example.net",
+                              b"Original-Recipient: rfc822;alias@example.com")
+    assert parse_bounce(read_message(raw)).recipient == "tippfehler@example.net"
+
+
+def test_dsn_status_with_a_comment_keeps_only_the_code():
+    raw = POSTFIX_DSN.replace(b"Status: 5.1.1\r\n", b"Status: 5.1.1 (Mailbox unknown)\r\n")
+    assert parse_bounce(read_message(raw)).status == "5.1.1"
+
+
+def test_dsn_original_headers_as_message_rfc822_headers():
+    raw = POSTFIX_DSN.replace(b"Content-Type: text/rfc822-headers", b"Content-Type: message/rfc822-headers")
+    assert parse_bounce(read_message(raw)).original_message_id == "<9f2c41d7a0b3e5c8.cr@example.org>"
+
+
+def test_nonstandard_status_is_not_taken_from_the_quoted_original():
+    """A number in our own quoted mail ("450 Euro") is no SMTP code: it made a failure temporary."""
+    raw = QMAIL_FAILURE.replace(b"Remote host said: 550 5.1.1 mailbox unavailable\r\n", b"") + crlf(
+        "die Gebuehr betraegt 450 Euro.\n")
+    bounce = parse_bounce(read_message(raw))
+    assert bounce.recipient == "alt@example.net"
+    assert bounce.status is None and bounce.permanent is True
+
+
+def test_nonstandard_bounce_recognised_by_its_empty_return_path():
+    raw = QMAIL_FAILURE.replace(b"From: MAILER-DAEMON@mail.example.net", b"From: Mail System <mail@mail.example.net>")
+    bounce = parse_bounce(read_message(raw))
+    assert bounce is not None and bounce.original_message_id == "<qmail-original.cr@example.org>"
+
+
+def test_nonstandard_recipient_is_not_the_daemon_named_in_the_text():
+    raw = crlf(
+        """From: postmaster@firma.example
+To: service@example.org
+Subject: Unzustellbar: Ihre Anfrage
+Message-ID: <ex2@firma.example>
+
+Diese Nachricht wurde von postmaster@firma.example erzeugt.
+Ihre Nachricht an m.meier@firma.example konnte nicht zugestellt werden.
+
+Message-ID: <exchange-two.cr@example.org>
+"""
+    )
+    bounce = parse_bounce(read_message(raw))
+    assert bounce.recipient == "m.meier@firma.example"
+    assert bounce.original_message_id == "<exchange-two.cr@example.org>"
+
+
+def test_nonstandard_bounce_quoting_message_rfc822_headers():
+    raw = crlf(
+        """From: MAILER-DAEMON@mx.example.net
+To: service@example.org
+Subject: Undeliverable: Antwort
+Content-Type: multipart/mixed; boundary="nb"
+
+--nb
+Content-Type: text/plain
+
+Delivery to weg@example.net failed: 550 5.1.1 user unknown
+
+--nb
+Content-Type: message/rfc822-headers
+
+From: service@example.org
+To: weg@example.net
+Message-ID: <headers-only.cr@example.org>
+
+--nb--
+"""
+    )
+    bounce = parse_bounce(read_message(raw))
+    assert bounce.original_message_id == "<headers-only.cr@example.org>"
+    assert bounce.recipient == "weg@example.net" and bounce.status == "5.1.1"
