@@ -158,3 +158,13 @@ def test_a_reply_to_at_the_senders_own_internationalised_domain_is_no_person_rel
                                    "Reply-To: erika@example.net\r\nAuto-Submitted: auto-generated\r\n"])
 def test_a_noreply_sender_without_a_person_to_answer_stays_automatic(extra):
     assert reason(mail(extra, sender="noreply@portal.example"), envelope_from="noreply@portal.example") == "auto-reply"
+
+
+def test_auto_submitted_no_with_a_parameter_is_a_persons_mail():
+    """RFC 3834 allows parameters after the keyword: "no" with one is still a person's mail."""
+    assert reason(mail("Auto-Submitted: no; comment=manual\r\n")) is None
+
+
+def test_a_daemon_in_the_sender_header_is_a_bounce():
+    """A mail system that puts a person's address in From but names itself in Sender still bounces."""
+    assert reason(mail("Sender: MAILER-DAEMON@mx.example.net\r\n"), envelope_from=None) == "bounce"

@@ -939,3 +939,42 @@ def test_the_senders_internationalised_domain_is_given_in_one_form(sender, valid
     raw = f"From: Bau GmbH <{sender}>\r\nTo: bau@example.org\r\nSubject: Test\r\nMessage-ID: <i@x.de>\r\n\r\nHallo\r\n"
     msg = valid(parse(raw.encode()))
     assert msg["sender"]["address"] == "info@müller-bau.de"
+
+
+def test_reply_to_does_not_replace_the_sender():
+    """The sender is who the From names; a Reply-To elsewhere is kept for staff beside it."""
+    raw = crlf("From: Max Muster <max@example.com>\nReply-To: sekretariat@example.net\nTo: bau@example.org\n"
+               "Message-ID: <rt@example.com>\nSubject: Frage\n\nHallo\n")
+    msg = parse(raw)
+    assert msg["sender"]["address"] == "max@example.com"
+    assert msg["sender"]["display_name"] == "Max Muster"
+    assert msg["meta"]["reply_to"] == "sekretariat@example.net"
+
+
+def test_a_mail_referencing_its_own_message_id_does_not_thread_to_itself():
+    raw = crlf("From: max@example.com\nTo: bau@example.org\nMessage-ID: <self@example.com>\n"
+               "References: <self@example.com> <ack-1@example.org>\nSubject: Frage\n\nHallo\n")
+    assert parse(raw)["thread"]["refs"] == ["<ack-1@example.org>"]
+
+
+def test_reply_to_equal_to_the_sender_is_not_noted():
+    raw = crlf("From: max@example.com\nReply-To: Max@Example.com\nTo: bau@example.org\n"
+               "Message-ID: <rt2@example.com>\nSubject: Frage\n\nHallo\n")
+    assert "reply_to" not in parse(raw)["meta"]
+
+
+def test_a_bounce_threads_first_to_the_message_it_reports():
+    """The reported message decides the conversation, before any other reference the bounce carries."""
+    raw = POSTFIX_DSN.replace(b"Message-ID: <20240503101530.AB12C3D4E5@mx.example.org>\r\n",
+                              b"Message-ID: <20240503101530.AB12C3D4E5@mx.example.org>\r\n"
+                              b"In-Reply-To: <elsewhere@example.com>\r\n")
+    msg = parse(raw, envelope_from="")
+    assert msg["thread"]["refs"] == ["<9f2c41d7a0b3e5c8.cr@example.org>", "<elsewhere@example.com>"]
+
+
+def test_recipient_from_delivered_to_before_to_and_cc_when_envelope_unknown():
+    """A mail to one of our addresses forwarded into another's mailbox belongs where it was delivered."""
+    raw = crlf("Delivered-To: bau@example.org\nFrom: a@example.com\nTo: service@example.org\n"
+               "Message-ID: <dt@example.com>\n\nHallo\n")
+    msg = parse(raw, envelope_to=None, envelope_from=None)
+    assert msg["recipient"] == "bau@example.org" and msg["unit_hint"] == "bauhotline"
