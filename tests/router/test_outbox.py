@@ -1595,21 +1595,28 @@ async def test_a_copy_of_an_answer_delivered_after_the_resident_wrote_again_answ
     assert await harness.count("events", "conversation_id = ? AND kind = 'answered'", (case.conversation_id,)) == 1
 
 
+async def _answer_with_a_copy_on_its_way(harness):
+    """A web-form case, acknowledged, and a staff answer with a mail copy of it being sent."""
+    case = await harness.core.ingest(webform_message())
+    await harness.run_outbox()
+    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
+                                      json={"text": "Die Baugrube wird am Freitag geschlossen."})
+    assert status == 201
+    await harness.core.store.write(lambda conn: conn.execute(
+        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
+        " attempts, next_attempt_at, created_at, updated_at, idempotency_key) SELECT message_id, conversation_id, 'email',"
+        " kind, 'email', 'anwohner@example.net', 0, 'sending', 1, created_at, created_at, created_at,"
+        " idempotency_key || '-copy' FROM outbox WHERE message_id = ?", (reply["id"],)))
+    return case, reply
+
+
 async def test_a_copy_of_an_answer_that_was_lost_answers_when_it_arrives(harness):
     """The answer's own delivery failed for good after it had counted (a bounce), so the
     conversation waits again; its copy, still on its way then, arrives later: that is the
     answer reaching the resident, and it answers the conversation."""
     from router.outbox import OutboxPolicy, record_failure, record_sent
 
-    case = await harness.core.ingest(webform_message())
-    await harness.run_outbox()
-    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
-                                      json={"text": "Die Baugrube wird am Freitag geschlossen."})
-    await harness.core.store.write(lambda conn: conn.execute(
-        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
-        " attempts, next_attempt_at, created_at, updated_at, idempotency_key) SELECT message_id, conversation_id, 'email',"
-        " kind, 'email', 'anwohner@example.net', 0, 'sending', 1, created_at, created_at, created_at,"
-        " idempotency_key || '-copy' FROM outbox WHERE message_id = ?", (reply["id"],)))
+    case, reply = await _answer_with_a_copy_on_its_way(harness)
     await harness.run_outbox()
     harness.clock.advance(timedelta(minutes=10))
 
@@ -2089,15 +2096,7 @@ async def test_an_answer_whose_copy_went_out_is_not_lost_when_its_own_delivery_f
     good. The answer reached the person by the copy: the conversation stays answered."""
     from router.outbox import OutboxPolicy, record_failure, record_sent
 
-    case = await harness.core.ingest(webform_message())
-    await harness.run_outbox()
-    status, reply = await harness.api("POST", f"/api/v1/conversations/{case.conversation_id}/replies",
-                                      json={"text": "Die Baugrube wird am Freitag geschlossen."})
-    await harness.core.store.write(lambda conn: conn.execute(
-        "INSERT INTO outbox (message_id, conversation_id, channel, kind, to_kind, to_address, primary_delivery, state,"
-        " attempts, next_attempt_at, created_at, updated_at, idempotency_key) SELECT message_id, conversation_id, 'email',"
-        " kind, 'email', 'anwohner@example.net', 0, 'sending', 1, created_at, created_at, created_at,"
-        " idempotency_key || '-copy' FROM outbox WHERE message_id = ?", (reply["id"],)))
+    case, reply = await _answer_with_a_copy_on_its_way(harness)
     await harness.run_outbox()  # the answer on the page: answered
 
     def copy_sent(conn):
