@@ -38,12 +38,34 @@ def find_area(config: Config, message: Mapping[str, Any], normalized_text: str) 
                     return area, f"postcode {number} named in the text"
         squashed = _squashed_streets(normalized_text)
         for area in config.areas.values():
-            if _elsewhere(area, postcode) or (named and any(len(number) in area.postcode_lengths for number in named)):
+            if _elsewhere(area, postcode):
                 continue
+            others = [number for number in named if len(number) in area.postcode_lengths]  # none of the area's
             for s in area.streets:
-                if s in squashed:
+                if _named_here(squashed, s, others):
                     return area, f"street {s} named in the text"
     return None
+
+
+# What stands between a street and the postcode of its address in the squashed text: a house
+# number ("3", "3a", "12-14"), a comma, "in", "D-" ("Lindenweg 12-14, D-80331", "Lindenweg 3 in 80331").
+_BEFORE_POSTCODE = re.compile(r"[0-9]{0,4}[a-z]?(?:[0-9]{1,4}[a-z]?)?[,;.]?(?:in)?d?")
+
+
+def _named_here(squashed: str, street: str, others: list[str]) -> bool:
+    """Whether ``street`` is named in ``squashed`` without a postcode of another town (``others``)
+    right after it, as an address gives one ("Lindenweg 3, 80331 München"). A number elsewhere in
+    the text (an amount, a meter reading, a customer number) does not say where the street is."""
+    if not others:
+        return street in squashed
+    at = squashed.find(street)
+    while at >= 0:
+        end = at + len(street)
+        if not any(_BEFORE_POSTCODE.fullmatch(squashed, end, squashed.find(number, end))
+                   for number in others if number in squashed[end:]):
+            return True
+        at = squashed.find(street, at + 1)
+    return False
 
 
 # A number standing alone before a word, as a postcode stands before its town ("80331 München",

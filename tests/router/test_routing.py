@@ -30,6 +30,15 @@ def route(text="", **extra):
         ({"text": "Baustelle in 12345 Musterstadt, Gehweg gesperrt"}, "tiefbau-muster", "construction-in-area"),
         ({"text": "Baustelle im Lindenweg 3, 80331 München"}, "bauhotline", "construction-outside-area"),
         ({"text": "Seit 2024 Baustelle im Lindenweg 12 ohne Ende"}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Baustelle Lindenweg 3 in 80331 München"}, "bauhotline", "construction-outside-area"),
+        ({"text": "Baustelle Lindenweg 12-14, D-80331 München"}, "bauhotline", "construction-outside-area"),
+        # a number as long as a postcode elsewhere in the text (an amount, a meter reading, a
+        # customer number) is not the address of the street named
+        ({"text": "Zählerstand 45678 kWh, Baustelle vor Musterstraße 5"}, "tiefbau-muster", "construction-in-area"),
+        ({"text": "Kundennummer 54321 bei Ihnen, die Baustelle im Lindenweg 3 ist laut"}, "tiefbau-muster",
+         "construction-in-area"),
+        ({"text": "Baustelle Musterstr. 5, ich zahle 10000 Euro im Jahr und nun das"}, "tiefbau-muster",
+         "construction-in-area"),
         ({"text": "Baustelle vor dem Haus", "address": {"postcode": "99999"}}, "bauhotline", "construction-outside-area"),
         ({"text": "the ROADWORKS block our driveway"}, "bauhotline", "construction-outside-area"),
         ({"text": "Seit gestern STÖRUNG, kein Internet"}, "stoerung", "fault"),
