@@ -149,8 +149,20 @@ def rewrite_header(conn: sqlite3.Connection) -> None:
 def check_writable(conn: sqlite3.Connection) -> None:
     """Raise SQLite's error when the database cannot be written: a file this process may read
     but not write (its mode, an immutable flag, a read-only mount) opens without complaint, and
-    the service would start only to refuse every message."""
-    conn.execute("BEGIN IMMEDIATE")
+    the service would start only to refuse every message.
+
+    A write lock another process holds (``import-customers`` with a large file) shows that the
+    file takes writes: the check does not wait for it, or a restart waited and then failed."""
+    wait = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(wait)}")
     try:
         rewrite_header(conn)
         conn.execute("COMMIT")

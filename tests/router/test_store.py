@@ -7,6 +7,7 @@ import contextlib
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
@@ -737,3 +738,28 @@ async def test_a_file_that_is_no_database_is_refused_and_left_as_it_is(tmp_path)
     assert store.db is None and store._writer is None
     assert path.read_bytes() == content
     assert sorted(p.name for p in tmp_path.iterdir()) == ["contact-router.sqlite3"]
+
+
+async def test_a_database_another_process_is_writing_opens_without_waiting_for_it(tmp_path):
+    """The check at start that the file takes writes waited for the write lock: a ``serve``
+    restarted while ``import-customers`` held it (a large file) waited 30 s and then refused to
+    start. A lock held by another writer shows the file takes writes; the start goes on."""
+    path = tmp_path / "contact-router.sqlite3"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    importer = sqlite3.connect(path, isolation_level=None)
+    importer.execute("BEGIN IMMEDIATE")
+    try:
+        store = SQLiteStore(path)
+        started = time.monotonic()
+        await asyncio.wait_for(store.open(), 10)
+        assert time.monotonic() - started < 2
+        assert store._writer.execute("PRAGMA busy_timeout").fetchone()[0] == 30000  # as it was: writes wait again
+    finally:
+        importer.execute("ROLLBACK")
+        importer.close()
+    try:
+        assert await store.write(lambda conn: conn.execute("SELECT 1").fetchone()[0]) == 1
+    finally:
+        await store.close()
