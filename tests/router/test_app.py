@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from router import keys
-from router.channel import BodyDeadline
+from router.app import StartFailed
+from router.channel import BodyDeadline, Channel
 from router.hookspecs import hookimpl
 from router.testing import CoreHarness
 
@@ -202,6 +203,8 @@ async def test_a_read_the_database_cannot_serve_is_a_503_not_a_500(tmp_path) -> 
         shutil.rmtree(tmp_path / "data")
         status, body = await harness.api("GET", "/api/v1/conversations")
         assert status == 503 and body["error"]["code"] == "unavailable", body
+        response = await harness.client.get("/api/v1/conversations", headers={"Authorization": f"Bearer {harness.tokens['admin']}"})
+        assert response.status == 503 and response.headers.get("Retry-After") == "5"
 
 
 async def test_the_log_names_the_route_not_a_path_that_holds_a_secret(tmp_path, caplog) -> None:
@@ -227,6 +230,7 @@ async def test_the_log_names_the_route_not_a_path_that_holds_a_secret(tmp_path, 
             reply = await harness.client.post(f"/channels/webform/status/{first.status_token}",
                                               json={"message": "Noch eine Frage", "form_token": form_token})
         assert (cti.status, reply.status) == (503, 503)
+        assert cti.headers.get("Retry-After") == reply.headers.get("Retry-After") == "5"  # the sender tries again
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("contact_router"))
     assert "POST /channels/phone/cti/{secret}" in logged and "POST /channels/webform/status/{token}" in logged
     assert secret not in logged and first.status_token not in logged
@@ -245,3 +249,58 @@ async def test_health_fails_when_a_worker_has_ended(tmp_path) -> None:
         response = await harness.client.get("/healthz")
         body = await response.json()
         assert response.status == 503 and "outbox" in body["detail"]
+
+
+class _ProbeChannel(Channel):
+    """A channel whose services record when they start and stop, whether the HTTP session was
+    open then, and (``fail_second``) one that cannot start, as a port in use."""
+
+    name = "probe"
+
+    def __init__(self, events: list[str], *, fail_second: bool = False) -> None:
+        self.events, self.fail_second = events, fail_second
+
+    def services(self) -> list[Any]:
+        async def first() -> AsyncIterator[None]:
+            self.events.append(f"first started, session closed={self.context.http.closed}")
+            try:  # as docs/plugins.md asks, so that it stops when a later part fails to start
+                yield
+            finally:
+                self.events.append(f"first stopped, session closed={self.context.http.closed}")
+
+        async def second() -> AsyncIterator[None]:
+            if self.fail_second:
+                raise OSError("address already in use")
+            yield
+
+        return [first, second]
+
+
+class _ProbePlugin:
+    def __init__(self, channel: _ProbeChannel) -> None:
+        self.channel = channel
+
+    @hookimpl
+    def register_channels(self) -> list[Channel]:
+        return [self.channel]
+
+
+async def test_channel_services_run_inside_the_http_session_s_lifetime(tmp_path: Path) -> None:
+    """Services start after the HTTP session and stop before it: a service that announces
+    itself to its provider at start, or says goodbye at stop, needs an open session."""
+    events: list[str] = []
+    async with CoreHarness(tmp_path / "data", plugins=[_ProbePlugin(_ProbeChannel(events))]):
+        assert events == ["first started, session closed=False"]
+    assert events[-1] == "first stopped, session closed=False"
+
+
+async def test_a_service_that_cannot_start_stops_the_services_started_before_it(tmp_path: Path) -> None:
+    """A channel's second service failing (a port in use) must stop its first, which was
+    running, and the error names the channel; nothing keeps running behind the failed start."""
+    events: list[str] = []
+    harness = CoreHarness(tmp_path / "data", plugins=[_ProbePlugin(_ProbeChannel(events, fail_second=True))])
+    with pytest.raises(StartFailed) as raised:
+        await harness.__aenter__()
+    await harness.client.close()
+    assert "'probe'" in str(raised.value) and "address already in use" in str(raised.value)
+    assert events == ["first started, session closed=False", "first stopped, session closed=False"]
