@@ -893,3 +893,18 @@ async def test_the_harness_outbox_retries_once_the_test_moves_its_clock_as_the_g
         await harness.run_outbox()
         [row] = await harness.rows("SELECT state, attempts FROM outbox WHERE channel = 'flaky'")
         assert channel.calls == 2 and row["state"] == "sent", (channel.calls, dict(row))
+
+
+def test_an_entry_point_installed_twice_is_loaded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same plugin found twice (an old copy of a distribution left on the path next to the
+    new one) must be registered once: registering its name again stopped the start."""
+    dist = tmp_path / "contact_router_webform_copy-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: contact-router-webform-copy\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[contact_router]\nwebform = plugins.webform\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from importlib.metadata import entry_points
+
+    assert len([ep for ep in entry_points(group=hookspecs.PROJECT) if ep.name == "webform"]) >= 2
+    pm = create_plugin_manager(("webform",))
+    assert [name for name, _ in pm.list_name_plugin() if name == "webform"] == ["webform"]
