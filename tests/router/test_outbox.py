@@ -1610,15 +1610,9 @@ async def _answer_with_a_copy_on_its_way(harness):
     return case, reply
 
 
-async def test_a_copy_of_an_answer_that_was_lost_answers_when_it_arrives(harness):
-    """The answer's own delivery failed for good after it had counted (a bounce), so the
-    conversation waits again; its copy, still on its way then, arrives later: that is the
-    answer reaching the resident, and it answers the conversation."""
-    from router.outbox import OutboxPolicy, record_failure, record_sent
-
-    case, reply = await _answer_with_a_copy_on_its_way(harness)
-    await harness.run_outbox()
-    harness.clock.advance(timedelta(minutes=10))
+async def _lose_the_answer_on_the_page(harness, reply):
+    """The answer's own delivery (on the web form's page) fails for good."""
+    from router.outbox import OutboxPolicy, record_failure
 
     def primary_lost(conn):
         primary = conn.execute("SELECT id FROM outbox WHERE channel = 'webform' AND message_id = ?", (reply["id"],)).fetchone()
@@ -1626,6 +1620,19 @@ async def test_a_copy_of_an_answer_that_was_lost_answers_when_it_arrives(harness
                        address_failed=False, policy=OutboxPolicy())
 
     await harness.core.store.write(primary_lost)
+
+
+async def test_a_copy_of_an_answer_that_was_lost_answers_when_it_arrives(harness):
+    """The answer's own delivery failed for good after it had counted (a bounce), so the
+    conversation waits again; its copy, still on its way then, arrives later: that is the
+    answer reaching the resident, and it answers the conversation."""
+    from router.outbox import OutboxPolicy, record_sent
+
+    case, reply = await _answer_with_a_copy_on_its_way(harness)
+    await harness.run_outbox()
+    harness.clock.advance(timedelta(minutes=10))
+
+    await _lose_the_answer_on_the_page(harness, reply)
     (row,) = await harness.rows("SELECT state FROM conversations WHERE id = ?", (case.conversation_id,))
     assert row["state"] == "acknowledged"
 
@@ -2094,7 +2101,7 @@ async def test_a_failure_reported_for_an_earlier_send_is_not_applied_again_to_th
 async def test_an_answer_whose_copy_went_out_is_not_lost_when_its_own_delivery_fails(harness):
     """The answer's copy (a web-form answer's mail) went out; then its own delivery failed for
     good. The answer reached the person by the copy: the conversation stays answered."""
-    from router.outbox import OutboxPolicy, record_failure, record_sent
+    from router.outbox import OutboxPolicy, record_sent
 
     case, reply = await _answer_with_a_copy_on_its_way(harness)
     await harness.run_outbox()  # the answer on the page: answered
@@ -2106,12 +2113,7 @@ async def test_an_answer_whose_copy_went_out_is_not_lost_when_its_own_delivery_f
     await harness.core.store.write(copy_sent)
     harness.clock.advance(timedelta(minutes=10))
 
-    def primary_lost(conn):
-        primary = conn.execute("SELECT id FROM outbox WHERE channel = 'webform' AND message_id = ?", (reply["id"],)).fetchone()
-        record_failure(conn, primary["id"], "bounced", None, harness.core.channels, harness.clock.now(),
-                       address_failed=False, policy=OutboxPolicy())
-
-    await harness.core.store.write(primary_lost)
+    await _lose_the_answer_on_the_page(harness, reply)
     (row,) = await harness.rows("SELECT state, deadline FROM conversations WHERE id = ?", (case.conversation_id,))
     assert row == {"state": "answered", "deadline": None}
     assert await harness.count("events", "conversation_id = ? AND kind = 'answer_lost'", (case.conversation_id,)) == 0
