@@ -28,6 +28,8 @@ from .text import find_case_reference, guess_folded_language
 from .tracking import (
     ANNOTATIONS,
     AUTOMATED,
+    FROM_A_PERSON,
+    FROM_A_PERSON_PARAMS,
     add_flags,
     open_conversation,
     provider_time,
@@ -408,6 +410,13 @@ def _annotate(
     return _result(config, message_id, conv, prep.language, False, status_url)
 
 
+# The latest word of either side in a conversation: a person's message, or an answer of staff.
+_LATEST_WORD = (
+    f"SELECT created_at FROM messages WHERE conversation_id = ? AND (kind IN ('reply', 'callback') OR ({FROM_A_PERSON}))"
+    " ORDER BY id DESC LIMIT 1"
+)
+
+
 def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[str, Any], now: datetime) -> bool:
     """Closed, or answered or waiting with no message either way, for longer than the reopen
     window: a new message opens a new conversation (routed, acknowledged, linked to the old
@@ -419,12 +428,7 @@ def _settled_too_long(conn: sqlite3.Connection, config: Config, conv: Mapping[st
         # The latest message of either side (a staff reply does not touch the conversation's row);
         # not an internal note or a notification to a unit, which the resident never saw, nor a
         # machine's message (an auto-reply), which is no word of the resident.
-        latest = conn.execute(
-            "SELECT created_at FROM messages WHERE conversation_id = ? AND (kind IN ('reply', 'callback') OR (direction = 'in'"
-            " AND (payload IS NULL OR COALESCE(json_extract(payload, '$.ack_suppressed'), '') NOT IN"
-            f" ({', '.join('?' * len(AUTOMATED))})))) ORDER BY id DESC LIMIT 1",
-            (conv["id"], *sorted(AUTOMATED)),
-        ).fetchone()
+        latest = conn.execute(_LATEST_WORD, (conv["id"], *FROM_A_PERSON_PARAMS)).fetchone()
         since = max(filter(None, (parse_iso(conv["updated_at"]), parse_iso(latest[0]) if latest else None)), default=None)
     else:
         return False

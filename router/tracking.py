@@ -33,6 +33,18 @@ AWAITING_ANSWER = ("open", "acknowledged")
 ANNOTATIONS = frozenset({"reaction", "edit", "deletion"})
 # ack_suppressed reasons that mark a message as sent by a machine: it opens no deadline.
 AUTOMATED = frozenset({"auto-reply", "list", "bulk", "bounce", "loop"})
+# A message a person sent, as a condition on ``messages`` with its parameters: inbound, and not
+# one a machine sent (an auto-reply, a list mail, a bounce), which is nobody's word.
+FROM_A_PERSON = (
+    "direction = 'in' AND (payload IS NULL OR COALESCE(json_extract(payload, '$.ack_suppressed'), '')"
+    f" NOT IN ({', '.join('?' * len(AUTOMATED))}))"
+)
+FROM_A_PERSON_PARAMS = tuple(sorted(AUTOMATED))
+# The first message a person wrote after a given one, not a reaction, an edit or a deletion.
+_WRITTEN_SINCE = (
+    f"SELECT id, created_at FROM messages WHERE conversation_id = ? AND id > ? AND {FROM_A_PERSON}"
+    f" AND kind NOT IN ({', '.join('?' * len(ANNOTATIONS))}) ORDER BY id LIMIT 1"
+)
 
 FLAGS = frozenset({
     "callback_required",  # a missed call, a voicemail, or nothing could be delivered: call the person back
@@ -429,11 +441,7 @@ def written_since(conn: sqlite3.Connection, conversation_id: int, message_id: in
     message ``message_id`` was stored: not a reaction, an edit or a deletion, nor one a machine
     sent (an auto-reply), none of which waits for an answer. None when there is none."""
     return conn.execute(
-        f"SELECT id, created_at FROM messages WHERE conversation_id = ? AND id > ? AND direction = 'in'"
-        f" AND kind NOT IN ({', '.join('?' * len(ANNOTATIONS))})"
-        f" AND (payload IS NULL OR COALESCE(json_extract(payload, '$.ack_suppressed'), '')"
-        f" NOT IN ({', '.join('?' * len(AUTOMATED))})) ORDER BY id LIMIT 1",
-        (conversation_id, message_id, *sorted(ANNOTATIONS), *sorted(AUTOMATED)),
+        _WRITTEN_SINCE, (conversation_id, message_id, *FROM_A_PERSON_PARAMS, *sorted(ANNOTATIONS))
     ).fetchone()
 
 
