@@ -146,6 +146,21 @@ def rewrite_header(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA user_version = {int(version)}")
 
 
+def begin_if_free(conn: sqlite3.Connection, wait: str) -> bool:
+    """BEGIN IMMEDIATE at once when the write lock is free; False, and no transaction, when
+    another connection holds it. ``wait`` (a ``PRAGMA busy_timeout``) is set again afterwards."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise
+        return False
+    finally:
+        conn.execute(wait)
+
+
 def check_writable(conn: sqlite3.Connection) -> None:
     """Raise SQLite's error when the database cannot be written: a file this process may read
     but not write (its mode, an immutable flag, a read-only mount) opens without complaint, and
@@ -154,15 +169,8 @@ def check_writable(conn: sqlite3.Connection) -> None:
     A write lock another process holds (``import-customers`` with a large file) shows that the
     file takes writes: the check does not wait for it, or a restart waited and then failed."""
     wait = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-    conn.execute("PRAGMA busy_timeout=0")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-            return
-        raise
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={int(wait)}")
+    if not begin_if_free(conn, f"PRAGMA busy_timeout={int(wait)}"):
+        return
     try:
         rewrite_header(conn)
         conn.execute("COMMIT")
@@ -477,15 +485,8 @@ class SQLiteStore:
         through a busy event loop, and the thread first has to win the GIL from it (measured
         under load at c=50: BEGIN 5 to 8 ms per batch in the thread, about 60 us here)."""
         try:
-            conn.execute("PRAGMA busy_timeout=0")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+            if begin_if_free(conn, self._lock_wait):
                 return
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                    raise
-            finally:
-                conn.execute(self._lock_wait)
             await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
         except Exception as exc:  # never a unit's fault
             raise unavailable(exc)  # noqa: B904 - its cause is set
