@@ -61,8 +61,8 @@ def _named_here(squashed: str, street: str, others: list[str]) -> bool:
     at = squashed.find(street)
     while at >= 0:
         end = at + len(street)
-        if not any(_BEFORE_POSTCODE.fullmatch(squashed, end, squashed.find(number, end))
-                   for number in others if number in squashed[end:]):
+        if not any(0 <= (found := squashed.find(number, end)) and _BEFORE_POSTCODE.fullmatch(squashed, end, found)
+                   for number in others):
             return True
         at = squashed.find(street, at + 1)
     return False
