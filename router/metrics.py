@@ -34,26 +34,21 @@ class Metrics:
 
     def render(
         self,
-        extra: dict[str, list[tuple[dict[str, str], float]]] | None = None,
+        gauges: dict[str, list[tuple[dict[str, str], float]]] | None = None,
         counters: dict[str, list[tuple[dict[str, str], float]]] | None = None,
     ) -> str:
-        """The exposition text: the counters, then ``counters`` (counts kept elsewhere that only
-        grow), then the gauges and ``extra`` (gauges read when scraped)."""
+        """The exposition text: the counters, with ``counters`` (counts kept elsewhere that only
+        grow), then the gauges, with ``gauges`` (read when scraped)."""
+        families: dict[str, dict[str, list[tuple[dict[str, str], float]]]] = {
+            "counter": {name: [(dict(key), value) for key, value in sorted(series.items())]
+                        for name, series in self._counters.items()} | (counters or {}),
+            "gauge": {name: collect() for name, collect in self._gauges.items()} | (gauges or {}),
+        }
         lines = []
-        for name in sorted(self._counters):
-            lines.append(f"# TYPE {name} counter")
-            for key, value in sorted(self._counters[name].items()):
-                lines.append(f"{name}{_labels(dict(key))} {_number(value)}")
-        for name in sorted(counters or {}):
-            lines.append(f"# TYPE {name} counter")
-            for labels, value in counters[name]:
-                lines.append(f"{name}{_labels(labels)} {_number(value)}")
-        gauges = {name: collect() for name, collect in self._gauges.items()}
-        gauges.update(extra or {})
-        for name in sorted(gauges):
-            lines.append(f"# TYPE {name} gauge")
-            for labels, value in gauges[name]:
-                lines.append(f"{name}{_labels(labels)} {_number(value)}")
+        for kind, samples_by_name in families.items():
+            for name in sorted(samples_by_name):
+                lines.append(f"# TYPE {name} {kind}")
+                lines.extend(f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples_by_name[name])
         return "\n".join(lines) + "\n"
 
 
